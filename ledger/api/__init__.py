@@ -1,0 +1,1 @@
+"""The gRPC API layer: decode and validate requests, map results and errors to statuses."""

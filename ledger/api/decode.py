@@ -1,0 +1,288 @@
+"""Protobuf requests -> domain values, collecting every field violation on the way.
+
+Validation is at the edge: anything malformed is refused here, whole, with the
+field path and the reason, before any shard is touched.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from ledger import limits
+from ledger.api.status import invalid_argument
+from ledger.domain.accounts import AccountKey, AccountSpec
+from ledger.domain.money import is_known_currency
+from ledger.domain.transfers import (
+    Direction,
+    JournalRequest,
+    Posting,
+    TransferAction,
+    TransferKey,
+    TransferRequest,
+)
+from ledger.v1 import ledger_pb2 as pb
+
+_PENDING_TIMEOUT_MS_MAX = int(limits.pending_timeout_max.total_seconds() * 1000)
+
+
+class Violations:
+    """Collects (field path, reason) pairs; raise_if_any() refuses the whole request."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[str, str]] = []
+
+    def add(self, field: str, reason: str) -> None:
+        self.items.append((field, reason))
+
+    def raise_if_any(self) -> None:
+        if self.items:
+            raise invalid_argument(self.items)
+
+    def id(self, field: str, value: str) -> None:
+        size = len(value.encode("utf-8", "surrogatepass"))
+        if size == 0:
+            self.add(field, "must not be empty")
+        elif size > limits.id_bytes_max:
+            self.add(field, f"must be at most {limits.id_bytes_max} bytes")
+        elif any(ord(c) < 32 or ord(c) == 127 for c in value):
+            self.add(field, "must not contain control characters")
+
+    def currency(self, field: str, value: str) -> None:
+        if not value:
+            self.add(field, "is required")
+        elif not is_known_currency(value):
+            self.add(field, f"{value[:8]!r} is not an ISO 4217 currency code")
+
+    def metadata(self, field: str, value: Mapping[str, str]) -> None:
+        if len(value) > limits.metadata_keys_max:
+            self.add(field, f"must have at most {limits.metadata_keys_max} keys")
+            return
+        for key, item in value.items():
+            size = len(key.encode("utf-8", "surrogatepass"))
+            if size == 0 or size > limits.metadata_key_bytes_max:
+                self.add(
+                    f"{field}[{key[:32]!r}]",
+                    f"key must be 1 to {limits.metadata_key_bytes_max} bytes",
+                )
+            if len(item.encode("utf-8", "surrogatepass")) > limits.metadata_value_bytes_max:
+                self.add(
+                    f"{field}[{key[:32]!r}]",
+                    f"value must be at most {limits.metadata_value_bytes_max} bytes",
+                )
+
+    def count(self, field: str, size: int, *, minimum: int, maximum: int) -> bool:
+        if size < minimum or size > maximum:
+            self.add(field, f"must have {minimum} to {maximum} items, has {size}")
+            return False
+        return True
+
+    def page_size(self, field: str, value: int) -> int:
+        if value < 0 or value > limits.page_size_max:
+            self.add(field, f"must be 0 to {limits.page_size_max}")
+            return limits.page_size_default
+        return value or limits.page_size_default
+
+
+def account_ref(
+    v: Violations, field: str, ref: pb.AccountRef, *, required: bool = True
+) -> AccountKey | None:
+    if not required and not ref.merchant_id and not ref.account_id:
+        return None
+    v.id(f"{field}.merchant_id", ref.merchant_id)
+    v.id(f"{field}.account_id", ref.account_id)
+    return AccountKey(ref.merchant_id, ref.account_id)
+
+
+def create_accounts(request: pb.CreateAccountsRequest) -> list[AccountSpec]:
+    v = Violations()
+    if not v.count(
+        "accounts", len(request.accounts), minimum=1, maximum=limits.accounts_per_request_max
+    ):
+        v.raise_if_any()
+    specs: list[AccountSpec] = []
+    seen: set[AccountKey] = set()
+    for i, account in enumerate(request.accounts):
+        field = f"accounts[{i}]"
+        key = account_ref(v, f"{field}.ref", account.ref)
+        assert key is not None
+        if key in seen:
+            v.add(f"{field}.ref", "duplicates an earlier account in this request")
+        seen.add(key)
+        v.currency(f"{field}.currency", account.currency)
+        if account.debits_must_not_exceed_credits and account.credits_must_not_exceed_debits:
+            v.add(f"{field}.credits_must_not_exceed_debits", "at most one limit flag may be set")
+        v.metadata(f"{field}.metadata", account.metadata)
+        specs.append(
+            AccountSpec(
+                key=key,
+                currency=account.currency,
+                debits_must_not_exceed_credits=account.debits_must_not_exceed_credits,
+                credits_must_not_exceed_debits=account.credits_must_not_exceed_debits,
+                metadata=dict(account.metadata),
+            )
+        )
+    v.raise_if_any()
+    return specs
+
+
+def account_refs(field: str, refs: Sequence[pb.AccountRef]) -> list[AccountKey]:
+    v = Violations()
+    items = list(refs)
+    if not v.count(field, len(items), minimum=1, maximum=limits.refs_per_lookup_max):
+        v.raise_if_any()
+    keys = []
+    for i, ref in enumerate(items):
+        key = account_ref(v, f"{field}[{i}]", ref)
+        assert key is not None
+        keys.append(key)
+    v.raise_if_any()
+    return keys
+
+
+def transfer_refs(request: pb.LookupTransfersRequest) -> list[TransferKey]:
+    v = Violations()
+    if not v.count("refs", len(request.refs), minimum=1, maximum=limits.refs_per_lookup_max):
+        v.raise_if_any()
+    keys = []
+    for i, ref in enumerate(request.refs):
+        v.id(f"refs[{i}].merchant_id", ref.merchant_id)
+        v.id(f"refs[{i}].transfer_id", ref.transfer_id)
+        keys.append(TransferKey(ref.merchant_id, ref.transfer_id))
+    v.raise_if_any()
+    return keys
+
+
+def create_transfers(request: pb.CreateTransfersRequest) -> list[TransferRequest]:
+    v = Violations()
+    if not v.count(
+        "transfers", len(request.transfers), minimum=1, maximum=limits.transfers_per_request_max
+    ):
+        v.raise_if_any()
+    decoded: list[TransferRequest] = []
+    seen: set[TransferKey] = set()
+    for i, transfer in enumerate(request.transfers):
+        item = _transfer(v, f"transfers[{i}]", transfer)
+        if item is not None:
+            if item.key in seen:
+                v.add(f"transfers[{i}].id", "duplicates an earlier transfer id in this request")
+            seen.add(item.key)
+            decoded.append(item)
+    v.raise_if_any()
+    return decoded
+
+
+def _transfer(v: Violations, field: str, t: pb.Transfer) -> TransferRequest | None:
+    before = len(v.items)
+    v.id(f"{field}.id", t.id)
+    debit = account_ref(v, f"{field}.debit_account", t.debit_account)
+    if int(t.action) not in {a.value for a in TransferAction}:
+        v.add(f"{field}.action", "must be POST, PENDING, POST_PENDING or VOID_PENDING")
+        return None
+    action = TransferAction(t.action)
+    settles = action in (TransferAction.POST_PENDING, TransferAction.VOID_PENDING)
+    credit = account_ref(v, f"{field}.credit_account", t.credit_account, required=not settles)
+    if t.amount_minor < 0:
+        v.add(f"{field}.amount_minor", "must not be negative")
+    elif t.amount_minor == 0 and not settles:
+        v.add(f"{field}.amount_minor", "must be positive")
+    if settles:
+        if t.currency:
+            v.currency(f"{field}.currency", t.currency)
+        v.id(f"{field}.pending_id", t.pending_id)
+    else:
+        v.currency(f"{field}.currency", t.currency)
+        if t.pending_id:
+            v.add(f"{field}.pending_id", "is only for POST_PENDING and VOID_PENDING")
+    if t.timeout_ms < 0 or t.timeout_ms > _PENDING_TIMEOUT_MS_MAX:
+        v.add(f"{field}.timeout_ms", f"must be 0 to {_PENDING_TIMEOUT_MS_MAX}")
+    elif t.timeout_ms and action is not TransferAction.PENDING:
+        v.add(f"{field}.timeout_ms", "is only for PENDING transfers")
+    if t.reversal_of:
+        v.id(f"{field}.reversal_of", t.reversal_of)
+        if action is not TransferAction.POST:
+            v.add(f"{field}.reversal_of", "a reversal is a POST transfer")
+        elif t.reversal_of == t.id:
+            v.add(f"{field}.reversal_of", "a transfer cannot reverse itself")
+    v.metadata(f"{field}.metadata", t.metadata)
+    if len(v.items) > before or debit is None:
+        return None
+    return TransferRequest(
+        id=t.id,
+        debit=debit,
+        credit=credit,
+        amount_minor=t.amount_minor,
+        currency=t.currency,
+        action=action,
+        pending_id=t.pending_id,
+        timeout_ms=t.timeout_ms,
+        linked=t.linked,
+        reversal_of=t.reversal_of,
+        metadata=dict(t.metadata),
+    )
+
+
+def post_journal(request: pb.PostJournalRequest) -> JournalRequest:
+    v = Violations()
+    v.id("journal_id", request.journal_id)
+    v.id("merchant_id", request.merchant_id)
+    v.metadata("metadata", request.metadata)
+    if not v.count(
+        "postings", len(request.postings), minimum=2, maximum=limits.postings_per_journal_max
+    ):
+        v.raise_if_any()
+    postings: list[Posting] = []
+    totals: dict[str, int] = {}
+    for i, posting in enumerate(request.postings):
+        field = f"postings[{i}]"
+        key = account_ref(v, f"{field}.account", posting.account)
+        if posting.amount_minor <= 0:
+            v.add(f"{field}.amount_minor", "must be positive")
+        v.currency(f"{field}.currency", posting.currency)
+        if int(posting.direction) not in {d.value for d in Direction}:
+            v.add(f"{field}.direction", "must be DEBIT or CREDIT")
+            continue
+        direction = Direction(posting.direction)
+        sign = 1 if direction is Direction.DEBIT else -1
+        totals[posting.currency] = totals.get(posting.currency, 0) + sign * posting.amount_minor
+        assert key is not None
+        postings.append(Posting(key, posting.amount_minor, posting.currency, direction))
+    v.raise_if_any()
+    for currency, total in sorted(totals.items()):
+        if total != 0:
+            v.add("postings", f"debits and credits in {currency} differ by {abs(total)}")
+    v.raise_if_any()
+    return JournalRequest(
+        id=request.journal_id,
+        merchant_id=request.merchant_id,
+        postings=tuple(postings),
+        metadata=dict(request.metadata),
+    )
+
+
+def timestamp(value: Timestamp) -> datetime:
+    return datetime.fromtimestamp(value.seconds, UTC).replace(microsecond=value.nanos // 1000)
+
+
+def encode_page_token(kind: str, cursor: str) -> str:
+    raw = f"v1|{kind}|{cursor}".encode()
+    return base64.urlsafe_b64encode(raw).decode("ascii")
+
+
+def decode_page_token(field: str, token: str, kind: str) -> str | None:
+    """Returns the cursor inside a token made by encode_page_token for the same kind."""
+    if not token:
+        return None
+    try:
+        version, token_kind, cursor = (
+            base64.urlsafe_b64decode(token.encode("ascii")).decode().split("|", 2)
+        )
+    except (ValueError, UnicodeError, binascii.Error):
+        raise invalid_argument([(field, "is not a page token this service issued")]) from None
+    if version != "v1" or token_kind != kind:
+        raise invalid_argument([(field, "belongs to a different listing or order")])
+    return cursor

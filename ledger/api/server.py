@@ -1,0 +1,66 @@
+"""The gRPC server: LedgerService, health, reflection, a concurrency limit, graceful stop."""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from ledger import limits
+from ledger.api.servicer import LedgerServicer
+from ledger.core.cluster import Cluster
+from ledger.core.expiry import ExpirySweeper
+from ledger.core.ledger import Ledger
+from ledger.v1 import ledger_pb2, ledger_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = ledger_pb2.DESCRIPTOR.services_by_name["LedgerService"].full_name
+
+
+class LedgerServer:
+    """Serves one cluster. start() returns the bound port (useful with port 0)."""
+
+    def __init__(
+        self,
+        cluster: Cluster,
+        *,
+        listen: str,
+        concurrent_rpcs_max: int = limits.concurrent_rpcs_max,
+    ) -> None:
+        self.cluster = cluster
+        self.listen = listen
+        self.sweeper = ExpirySweeper(cluster)
+        self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
+        # Calls beyond the limit fail fast with RESOURCE_EXHAUSTED instead of queueing.
+        self.server = grpc.aio.server(maximum_concurrent_rpcs=concurrent_rpcs_max)
+        ledger_pb2_grpc.add_LedgerServiceServicer_to_server(
+            LedgerServicer(Ledger(cluster)), self.server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+        )
+        self.port = 0
+
+    async def start(self) -> int:
+        self.port = self.server.add_insecure_port(self.listen)
+        if self.port == 0:
+            raise RuntimeError(f"could not listen on {self.listen}")
+        await self.server.start()
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self.sweeper.start()
+        log.info("serving ledger.v1 on port %d (epoch %d)", self.port, self.cluster.epoch)
+        return self.port
+
+    async def stop(self, grace_s: float = limits.shutdown_grace_s) -> None:
+        """Stops taking calls, lets in-flight ones finish within grace_s, stops workers."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace_s)
+        await self.sweeper.stop()
+
+    async def wait(self) -> None:
+        await self.server.wait_for_termination()

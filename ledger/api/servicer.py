@@ -1,0 +1,280 @@
+"""LedgerService: decode, call the core, encode; map every failure to a clear status."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from ledger.api import decode, encode
+from ledger.api.status import (
+    AbortError,
+    failed_precondition,
+    invalid_argument,
+    unavailable,
+    with_reason,
+)
+from ledger.core.errors import (
+    ClusterUnavailable,
+    CrossShardTransfer,
+    JournalSpansShards,
+    LinkedChainSpansShards,
+)
+from ledger.core.ledger import Ledger
+from ledger.domain.transfers import TransferResult
+from ledger.invariant import InvariantViolation
+from ledger.storage.errors import ShardUnavailable
+from ledger.v1 import ledger_pb2 as pb
+from ledger.v1 import ledger_pb2_grpc
+
+log = logging.getLogger(__name__)
+Request = TypeVar("Request")
+Response = TypeVar("Response")
+Handler = Callable[[Any, Request, grpc.aio.ServicerContext[Any, Any]], Awaitable[Response]]
+
+_ACCOUNT_UNAVAILABLE = pb.ACCOUNT_RESULT_SHARD_UNAVAILABLE
+
+
+def _statuses(handler: Handler[Request, Response]) -> Handler[Request, Response]:
+    """Turns exceptions into statuses with details; only true bugs become INTERNAL."""
+
+    @functools.wraps(handler)
+    async def wrapper(
+        self: Any, request: Request, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> Response:
+        try:
+            return await handler(self, request, context)
+        except AbortError as error:
+            await _abort(context, error)
+        except CrossShardTransfer as error:
+            await _abort(
+                context,
+                failed_precondition(
+                    "CROSS_SHARD_TRANSFER",
+                    "transfers between merchants on different shards are not supported yet",
+                    subjects=[f"transfers[{i}]" for i in error.indexes],
+                ),
+            )
+        except LinkedChainSpansShards as error:
+            await _abort(
+                context,
+                failed_precondition(
+                    "LINKED_CHAIN_SPANS_SHARDS",
+                    "all transfers of a linked chain must live on one shard",
+                    subjects=[f"transfers[{i}]" for i in error.indexes],
+                ),
+            )
+        except JournalSpansShards as error:
+            await _abort(
+                context,
+                failed_precondition(
+                    "JOURNAL_SPANS_SHARDS",
+                    "all postings of a journal must live on the journal merchant's shard",
+                    subjects=[f"postings[{i}]" for i in error.posting_indexes],
+                ),
+            )
+        except (ClusterUnavailable, ShardUnavailable) as error:
+            await _abort(context, unavailable(str(error)))
+        except InvariantViolation:
+            log.exception("invariant violated in %s", handler.__name__)
+            await _abort(
+                context, AbortError(grpc.StatusCode.INTERNAL, "internal invariant violated")
+            )
+        raise AssertionError("unreachable: abort raises")
+
+    return wrapper
+
+
+async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: AbortError) -> None:
+    status = error.to_rpc_status()
+    await context.abort(
+        error.code,
+        error.message,
+        trailing_metadata=(("grpc-status-details-bin", status.SerializeToString()),),
+    )
+
+
+class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+
+    @_statuses
+    async def CreateAccounts(
+        self, request: pb.CreateAccountsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.CreateAccountsResponse:
+        specs = decode.create_accounts(request)
+        outcomes = await self.ledger.create_accounts(specs)
+        if all(o.shard_unavailable for o in outcomes):
+            raise unavailable("the shards holding these merchants are unavailable")
+        results = []
+        for index, outcome in enumerate(outcomes):
+            if outcome.shard_unavailable:
+                code = _ACCOUNT_UNAVAILABLE
+            elif outcome.created:
+                code = pb.ACCOUNT_RESULT_OK
+            elif outcome.differing_field:
+                code = pb.ACCOUNT_RESULT_EXISTS_WITH_DIFFERENT_FIELDS
+            else:
+                code = pb.ACCOUNT_RESULT_EXISTS
+            results.append(
+                pb.CreateAccountResult(
+                    index=index, result=code, differing_field=outcome.differing_field or ""
+                )
+            )
+        return pb.CreateAccountsResponse(results=results)
+
+    @_statuses
+    async def LookupAccounts(
+        self, request: pb.LookupAccountsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.LookupAccountsResponse:
+        keys = decode.account_refs("refs", request.refs)
+        accounts = await self.ledger.lookup_accounts(keys)
+        return pb.LookupAccountsResponse(accounts=[encode.account(a) for a in accounts])
+
+    @_statuses
+    async def ListAccounts(
+        self, request: pb.ListAccountsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ListAccountsResponse:
+        v = decode.Violations()
+        v.id("merchant_id", request.merchant_id)
+        page_size = v.page_size("page_size", request.page_size)
+        v.raise_if_any()
+        after = decode.decode_page_token("page_token", request.page_token, "accounts") or ""
+        accounts = await self.ledger.list_accounts(
+            request.merchant_id, after=after, limit=page_size + 1
+        )
+        token = ""
+        if len(accounts) > page_size:
+            accounts = accounts[:page_size]
+            token = decode.encode_page_token("accounts", accounts[-1].key.account_id)
+        return pb.ListAccountsResponse(
+            accounts=[encode.account(a) for a in accounts], next_page_token=token
+        )
+
+    @_statuses
+    async def SetAccountsClosed(
+        self, request: pb.SetAccountsClosedRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.SetAccountsClosedResponse:
+        keys = decode.account_refs("refs", request.refs)
+        found = await self.ledger.set_accounts_closed(keys, closed=request.closed)
+        return pb.SetAccountsClosedResponse(found=found)
+
+    @_statuses
+    async def CreateTransfers(
+        self, request: pb.CreateTransfersRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.CreateTransfersResponse:
+        transfers = decode.create_transfers(request)
+        outcomes = await self.ledger.create_transfers(transfers)
+        if all(o.result is TransferResult.SHARD_UNAVAILABLE for o in outcomes):
+            raise unavailable("the shards holding these transfers are unavailable")
+        return pb.CreateTransfersResponse(
+            results=[
+                pb.CreateTransferResult(
+                    index=o.index,
+                    id=o.id,
+                    result=int(o.result),  # type: ignore[arg-type]
+                    replayed=o.replayed,
+                    differing_field=o.differing_field,
+                    created_at=encode.timestamp(o.created_at),
+                )
+                for o in outcomes
+            ]
+        )
+
+    @_statuses
+    async def LookupTransfers(
+        self, request: pb.LookupTransfersRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.LookupTransfersResponse:
+        keys = decode.transfer_refs(request)
+        views = await self.ledger.lookup_transfers(keys)
+        return pb.LookupTransfersResponse(transfers=[encode.transfer_view(v) for v in views])
+
+    @_statuses
+    async def PostJournal(
+        self, request: pb.PostJournalRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.PostJournalResponse:
+        journal = decode.post_journal(request)
+        outcome = await self.ledger.post_journal(journal)
+        if outcome.result is TransferResult.EXISTS_WITH_DIFFERENT_FIELDS:
+            raise with_reason(
+                grpc.StatusCode.ALREADY_EXISTS,
+                outcome.result.name,
+                f"journal {journal.id!r} exists with a different {outcome.differing_field}",
+                field=outcome.differing_field or "",
+            )
+        if outcome.result is not TransferResult.OK:
+            subjects = (
+                [f"postings[{outcome.failed_posting_index}]"]
+                if outcome.failed_posting_index >= 0
+                else []
+            )
+            raise failed_precondition(
+                outcome.result.name,
+                f"journal refused: {outcome.result.name}",
+                subjects=subjects,
+                metadata={
+                    "posting_index": str(outcome.failed_posting_index),
+                    "replayed": str(outcome.replayed).lower(),
+                },
+            )
+        return pb.PostJournalResponse(
+            result=pb.TRANSFER_RESULT_OK,
+            replayed=outcome.replayed,
+            created_at=encode.timestamp(outcome.created_at),
+        )
+
+    @_statuses
+    async def GetBalance(
+        self, request: pb.GetBalanceRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.GetBalanceResponse:
+        v = decode.Violations()
+        key = decode.account_ref(v, "account", request.account)
+        v.raise_if_any()
+        assert key is not None
+        as_of = decode.timestamp(request.as_of) if request.HasField("as_of") else None
+        found = await self.ledger.balance(key, as_of=as_of)
+        if found is None:
+            raise with_reason(grpc.StatusCode.NOT_FOUND, "ACCOUNT_NOT_FOUND", "no such account")
+        account, balances = found
+        return pb.GetBalanceResponse(
+            currency=account.spec.currency,
+            debits_posted=balances.debits_posted,
+            credits_posted=balances.credits_posted,
+            debits_pending=balances.debits_pending,
+            credits_pending=balances.credits_pending,
+        )
+
+    @_statuses
+    async def ListEntries(
+        self, request: pb.ListEntriesRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ListEntriesResponse:
+        v = decode.Violations()
+        key = decode.account_ref(v, "account", request.account)
+        page_size = v.page_size("page_size", request.page_size)
+        if int(request.order) not in (0, 1, 2):
+            v.add("order", "must be NEWEST_FIRST or OLDEST_FIRST")
+        v.raise_if_any()
+        assert key is not None
+        newest_first = request.order != pb.ORDER_OLDEST_FIRST
+        kind = "entries-newest" if newest_first else "entries-oldest"
+        cursor = decode.decode_page_token("page_token", request.page_token, kind)
+        after = None
+        if cursor is not None:
+            if not cursor.isdigit():
+                raise invalid_argument([("page_token", "is corrupt")])
+            after = int(cursor)
+        entries = await self.ledger.list_entries(
+            key, after_sequence=after, newest_first=newest_first, limit=page_size + 1
+        )
+        if entries is None:
+            raise with_reason(grpc.StatusCode.NOT_FOUND, "ACCOUNT_NOT_FOUND", "no such account")
+        token = ""
+        if len(entries) > page_size:
+            entries = entries[:page_size]
+            token = decode.encode_page_token(kind, str(entries[-1].sequence))
+        return pb.ListEntriesResponse(
+            entries=[encode.entry(e) for e in entries], next_page_token=token
+        )

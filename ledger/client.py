@@ -1,0 +1,101 @@
+"""A small typed client for calling services: deadlines, and retries with the same ids.
+
+Every write the ledger takes is idempotent by the caller's ids, so retrying a
+call that failed with a retryable status (the shard or server was briefly
+unavailable, or the server was over its limit) can never move money twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Self, TypeVar
+
+import grpc
+
+from ledger.v1 import ledger_pb2 as pb
+from ledger.v1 import ledger_pb2_grpc
+
+Response = TypeVar("Response")
+
+RETRYABLE_CODES = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED}
+)
+
+
+@dataclass(frozen=True)
+class ClientOptions:
+    # Deadline of each attempt.
+    timeout_s: float = 5.0
+    # Attempts per call, the first included; bounded so a dead cluster fails.
+    attempts_max: int = 5
+    # Exponential back-off between attempts, with full jitter, capped.
+    retry_delay_s_min: float = 0.05
+    retry_delay_s_max: float = 1.0
+
+
+class LedgerClient:
+    """Async client. Use `async with LedgerClient("127.0.0.1:50051") as client:`."""
+
+    def __init__(self, target: str, *, options: ClientOptions | None = None) -> None:
+        self.target = target
+        self.options = options or ClientOptions()
+        self._channel = grpc.aio.insecure_channel(target)
+        self.stub = ledger_pb2_grpc.LedgerServiceStub(self._channel)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close(None)
+
+    async def _call(self, method: Callable[..., Awaitable[Response]], request: object) -> Response:
+        delay_s = self.options.retry_delay_s_min
+        for attempt in range(1, self.options.attempts_max + 1):
+            try:
+                return await method(request, timeout=self.options.timeout_s)
+            except grpc.aio.AioRpcError as error:
+                if error.code() not in RETRYABLE_CODES or attempt == self.options.attempts_max:
+                    raise
+            await asyncio.sleep(random.uniform(0, delay_s))
+            delay_s = min(delay_s * 2, self.options.retry_delay_s_max)
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    async def create_accounts(self, accounts: Sequence[pb.Account]) -> pb.CreateAccountsResponse:
+        request = pb.CreateAccountsRequest(accounts=accounts)
+        return await self._call(self.stub.CreateAccounts, request)
+
+    async def lookup_accounts(self, refs: Sequence[pb.AccountRef]) -> pb.LookupAccountsResponse:
+        return await self._call(self.stub.LookupAccounts, pb.LookupAccountsRequest(refs=refs))
+
+    async def create_transfers(
+        self, transfers: Sequence[pb.Transfer]
+    ) -> pb.CreateTransfersResponse:
+        request = pb.CreateTransfersRequest(transfers=transfers)
+        return await self._call(self.stub.CreateTransfers, request)
+
+    async def lookup_transfers(self, refs: Sequence[pb.TransferRef]) -> pb.LookupTransfersResponse:
+        return await self._call(self.stub.LookupTransfers, pb.LookupTransfersRequest(refs=refs))
+
+    async def post_journal(self, request: pb.PostJournalRequest) -> pb.PostJournalResponse:
+        return await self._call(self.stub.PostJournal, request)
+
+    async def get_balance(self, merchant_id: str, account_id: str) -> pb.GetBalanceResponse:
+        request = pb.GetBalanceRequest(
+            account=pb.AccountRef(merchant_id=merchant_id, account_id=account_id)
+        )
+        return await self._call(self.stub.GetBalance, request)
+
+    async def list_entries(self, request: pb.ListEntriesRequest) -> pb.ListEntriesResponse:
+        return await self._call(self.stub.ListEntries, request)

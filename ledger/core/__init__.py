@@ -1,0 +1,1 @@
+"""The service core: routes domain operations to shards and gathers per-item results."""

@@ -1,0 +1,87 @@
+"""The live cluster: the current shard config, its ring, and an open Shard per name."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+from ledger.routing.config import ShardConfig, load_config
+from ledger.routing.ring import ShardRing
+from ledger.storage.shard import Fence, Shard
+
+log = logging.getLogger(__name__)
+
+
+class Cluster:
+    """Owns the shard pools. Reloading swaps the ring and opens or closes pools by name."""
+
+    def __init__(self, config: ShardConfig, *, config_path: Path | None = None) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.ring = ShardRing(config)
+        self.shards: dict[str, Shard] = {}
+        self._reload_lock = asyncio.Lock()
+
+    @property
+    def epoch(self) -> int:
+        return self.config.epoch
+
+    async def open(self, *, migrate: bool = True) -> None:
+        for spec in self.config.shards:
+            shard = Shard(name=spec.name, dsn=spec.dsn)
+            await shard.open()
+            self.shards[spec.name] = shard
+        if migrate:
+            await self.migrate()
+
+    async def migrate(self) -> None:
+        """Applies migrations everywhere and brings every shard to this config's epoch."""
+        for shard in self.shards.values():
+            applied = await shard.migrate(epoch=self.epoch)
+            if applied:
+                log.info("shard %s: applied %s", shard.name, ", ".join(applied))
+            shard_epoch = await shard.adopt_epoch(self.epoch)
+            if shard_epoch > self.epoch:
+                raise RuntimeError(
+                    f"shard {shard.name} has seen epoch {shard_epoch}, newer than this "
+                    f"config's {self.epoch}: the config file is stale"
+                )
+
+    async def close(self) -> None:
+        shards, self.shards = list(self.shards.values()), {}
+        await asyncio.gather(*(s.close() for s in shards))
+
+    def shard_for(self, merchant_id: str) -> Shard:
+        return self.shards[self.ring.shard_for(merchant_id)]
+
+    def fence(self, shard: Shard, merchant_ids: set[str]) -> Fence:
+        claimable = frozenset(m for m in merchant_ids if self.ring.shard_for(m) == shard.name)
+        return Fence(epoch=self.epoch, claimable=claimable)
+
+    async def reload(self) -> bool:
+        """Re-reads the config file; returns True if the epoch changed."""
+        if self.config_path is None:
+            return False
+        async with self._reload_lock:
+            config = load_config(self.config_path)
+            if config.epoch == self.config.epoch:
+                return False
+            if config.epoch < self.config.epoch:
+                log.warning("ignoring config %s: epoch went backwards", self.config_path)
+                return False
+            for spec in config.shards:
+                current = self.shards.get(spec.name)
+                if current is None or current.dsn != spec.dsn:
+                    shard = Shard(name=spec.name, dsn=spec.dsn)
+                    await shard.open()
+                    self.shards[spec.name] = shard
+                    if current is not None:
+                        await current.close()
+            removed = [n for n in self.shards if n not in {s.name for s in config.shards}]
+            for name in removed:
+                await self.shards.pop(name).close()
+            self.config = config
+            self.ring = ShardRing(config)
+            log.info("loaded shard config epoch %d from %s", config.epoch, self.config_path)
+            return True

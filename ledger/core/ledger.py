@@ -1,0 +1,298 @@
+"""The Ledger: domain operations routed to shards, with redirects and per-item results."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TypeVar
+
+from ledger import limits
+from ledger.core.cluster import Cluster
+from ledger.core.errors import (
+    ClusterUnavailable,
+    CrossShardTransfer,
+    JournalSpansShards,
+    LinkedChainSpansShards,
+)
+from ledger.domain.accounts import Account, AccountKey, AccountSpec, Balances
+from ledger.domain.engine import ItemOutcome
+from ledger.domain.transfers import (
+    Entry,
+    JournalRequest,
+    TransferKey,
+    TransferRequest,
+    TransferResult,
+)
+from ledger.storage.errors import (
+    MerchantsMoving,
+    MerchantsNotOwned,
+    ShardUnavailable,
+    StaleEpoch,
+)
+from ledger.storage.shard import (
+    AccountCreateOutcome,
+    Fence,
+    JournalOutcome,
+    Shard,
+    TransferView,
+)
+
+log = logging.getLogger(__name__)
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+# A merchant being moved is fenced for a short, bounded pause; a write waits
+# this long between tries rather than failing at once.
+_MOVING_RETRY_DELAY_S = 0.05
+
+
+@dataclass(frozen=True, slots=True)
+class AccountCreateResult:
+    created: bool
+    differing_field: str | None
+    shard_unavailable: bool = False
+
+
+class Ledger:
+    """What the API layer calls. Every method resolves shards at the moment of use."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+
+    # Accounts.
+
+    async def create_accounts(self, specs: Sequence[AccountSpec]) -> list[AccountCreateResult]:
+        async def run(
+            shard: Shard, group: list[AccountSpec], fence: Fence
+        ) -> list[AccountCreateResult]:
+            outcomes: list[AccountCreateOutcome] = await shard.create_accounts(group, fence)
+            return [AccountCreateResult(o.created, o.differing_field) for o in outcomes]
+
+        return await self._route(
+            specs,
+            home_of=lambda s: s.key.merchant_id,
+            merchants_of=lambda s: {s.key.merchant_id},
+            run=run,
+            unavailable=lambda s: AccountCreateResult(False, None, shard_unavailable=True),
+        )
+
+    async def lookup_accounts(self, keys: Sequence[AccountKey]) -> list[Account]:
+        found: dict[AccountKey, Account] = {}
+        groups = self._group(keys, lambda k: k.merchant_id)
+        results = await asyncio.gather(
+            *(
+                self.cluster.shards[name].lookup_accounts([keys[i] for i in idx])
+                for name, idx in groups.items()
+            )
+        )
+        for result in results:
+            found.update(result)
+        return [found[k] for k in keys if k in found]
+
+    async def list_accounts(self, merchant_id: str, *, after: str, limit: int) -> list[Account]:
+        return await self.cluster.shard_for(merchant_id).list_accounts(
+            merchant_id, after=after, limit=limit
+        )
+
+    async def set_accounts_closed(self, keys: Sequence[AccountKey], *, closed: bool) -> list[bool]:
+        async def run(shard: Shard, group: list[AccountKey], fence: Fence) -> list[bool | None]:
+            changed = await shard.set_accounts_closed(group, closed=closed, fence=fence)
+            return [k in changed for k in group]
+
+        outcomes = await self._route(
+            keys,
+            home_of=lambda k: k.merchant_id,
+            merchants_of=lambda k: {k.merchant_id},
+            run=run,
+            unavailable=lambda k: None,
+        )
+        if any(o is None for o in outcomes):
+            raise ClusterUnavailable("a shard holding some of these accounts is unavailable")
+        return [bool(o) for o in outcomes]
+
+    # Transfers.
+
+    async def create_transfers(self, requests: Sequence[TransferRequest]) -> list[ItemOutcome]:
+        self._check_single_shard(requests)
+
+        async def run(
+            shard: Shard, group: list[TransferRequest], fence: Fence
+        ) -> list[ItemOutcome]:
+            return await shard.create_transfers(group, fence)
+
+        outcomes = await self._route(
+            requests,
+            home_of=lambda r: r.debit.merchant_id,
+            merchants_of=_transfer_merchants,
+            run=run,
+            unavailable=lambda r: ItemOutcome(-1, r.id, TransferResult.SHARD_UNAVAILABLE),
+        )
+        return [
+            ItemOutcome(i, o.id, o.result, o.replayed, o.differing_field, o.created_at)
+            for i, o in enumerate(outcomes)
+        ]
+
+    def _check_single_shard(self, requests: Sequence[TransferRequest]) -> None:
+        ring = self.cluster.ring
+        homes = [ring.shard_for(r.debit.merchant_id) for r in requests]
+        crossing = [
+            i
+            for i, r in enumerate(requests)
+            if r.credit is not None and ring.shard_for(r.credit.merchant_id) != homes[i]
+        ]
+        if crossing:
+            raise CrossShardTransfer(crossing)
+        start = 0
+        for i, r in enumerate(requests):
+            if not r.linked:
+                if len(set(homes[start : i + 1])) > 1:
+                    raise LinkedChainSpansShards(list(range(start, i + 1)))
+                start = i + 1
+
+    async def lookup_transfers(self, keys: Sequence[TransferKey]) -> list[TransferView]:
+        found: dict[TransferKey, TransferView] = {}
+        groups = self._group(keys, lambda k: k.merchant_id)
+        results = await asyncio.gather(
+            *(
+                self.cluster.shards[name].lookup_transfers([keys[i] for i in idx])
+                for name, idx in groups.items()
+            )
+        )
+        for result in results:
+            found.update(result)
+        return [found[k] for k in keys if k in found]
+
+    async def post_journal(self, request: JournalRequest) -> JournalOutcome:
+        ring = self.cluster.ring
+        home = ring.shard_for(request.merchant_id)
+        away = [
+            i
+            for i, p in enumerate(request.postings)
+            if ring.shard_for(p.account.merchant_id) != home
+        ]
+        if away:
+            raise JournalSpansShards(away)
+
+        async def run(
+            shard: Shard, group: list[JournalRequest], fence: Fence
+        ) -> list[JournalOutcome | None]:
+            return [await shard.post_journal(group[0], fence)]
+
+        outcome = (
+            await self._route(
+                [request],
+                home_of=lambda j: j.merchant_id,
+                merchants_of=lambda j: (
+                    {j.merchant_id} | {p.account.merchant_id for p in j.postings}
+                ),
+                run=run,
+                unavailable=lambda j: None,
+            )
+        )[0]
+        if outcome is None:
+            raise ClusterUnavailable("the journal's shard is unavailable")
+        return outcome
+
+    # History.
+
+    async def balance(
+        self, key: AccountKey, *, as_of: datetime | None
+    ) -> tuple[Account, Balances] | None:
+        shard = self.cluster.shard_for(key.merchant_id)
+        accounts = await shard.lookup_accounts([key])
+        account = accounts.get(key)
+        if account is None:
+            return None
+        if as_of is None:
+            return account, account.balances
+        return account, await shard.balance_as_of(key, as_of)
+
+    async def list_entries(
+        self, key: AccountKey, *, after_sequence: int | None, newest_first: bool, limit: int
+    ) -> list[Entry] | None:
+        shard = self.cluster.shard_for(key.merchant_id)
+        if not await shard.lookup_accounts([key]):
+            return None
+        return await shard.list_entries(
+            key, after_sequence=after_sequence, newest_first=newest_first, limit=limit
+        )
+
+    # Routing.
+
+    def _group(
+        self, items: Sequence[Item], merchant_of: Callable[[Item], str]
+    ) -> dict[str, list[int]]:
+        groups: dict[str, list[int]] = {}
+        for index, item in enumerate(items):
+            groups.setdefault(self.cluster.ring.shard_for(merchant_of(item)), []).append(index)
+        return groups
+
+    async def _route(
+        self,
+        items: Sequence[Item],
+        *,
+        home_of: Callable[[Item], str],
+        merchants_of: Callable[[Item], set[str]],
+        run: Callable[[Shard, list[Item], Fence], Awaitable[list[Result]]],
+        unavailable: Callable[[Item], Result],
+    ) -> list[Result]:
+        """Sends each item to its home merchant's shard, all shards at once.
+
+        A group refused for routing (stale epoch, merchant not owned) is sent
+        again after a config reload, at most redirect_attempts_max times; a
+        group whose shard is down gets unavailable(item) per item while the
+        other shards' groups go through.
+        """
+        results: dict[int, Result] = {}
+        todo = list(range(len(items)))
+        for attempt in range(1, limits.redirect_attempts_max + 1):
+            groups = self._group([items[i] for i in todo], home_of)
+            jobs = []
+            for name, positions in groups.items():
+                shard = self.cluster.shards[name]
+                indexes = [todo[p] for p in positions]
+                group = [items[i] for i in indexes]
+                merchants: set[str] = set().union(*(merchants_of(it) for it in group))
+                jobs.append(
+                    (shard, indexes, run(shard, group, self.cluster.fence(shard, merchants)))
+                )
+            outcomes = await asyncio.gather(*(job for _, _, job in jobs), return_exceptions=True)
+            retry: list[int] = []
+            reload_needed = False
+            for (shard, indexes, _), outcome in zip(jobs, outcomes, strict=True):
+                if isinstance(outcome, ShardUnavailable):
+                    log.warning("shard %s unavailable: %s", shard.name, outcome)
+                    results.update({i: unavailable(items[i]) for i in indexes})
+                elif isinstance(outcome, StaleEpoch):
+                    if outcome.shard_epoch < self.cluster.epoch:
+                        await shard.adopt_epoch(self.cluster.epoch)
+                    else:
+                        reload_needed = True
+                    retry += indexes
+                elif isinstance(outcome, MerchantsNotOwned):
+                    reload_needed = True
+                    retry += indexes
+                elif isinstance(outcome, MerchantsMoving):
+                    retry += indexes
+                elif isinstance(outcome, BaseException):
+                    raise outcome
+                else:
+                    results.update(zip(indexes, outcome, strict=True))
+            if not retry:
+                return [results[i] for i in range(len(items))]
+            if reload_needed:
+                await self.cluster.reload()
+            else:
+                await asyncio.sleep(_MOVING_RETRY_DELAY_S * attempt)
+            todo = sorted(retry)
+        raise ClusterUnavailable("routing did not settle: the shard config may be behind")
+
+
+def _transfer_merchants(request: TransferRequest) -> set[str]:
+    merchants = {request.debit.merchant_id}
+    if request.credit is not None:
+        merchants.add(request.credit.merchant_id)
+    return merchants

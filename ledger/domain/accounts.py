@@ -1,0 +1,72 @@
+"""Accounts: identity, the fields a caller sets, and the balances the ledger keeps."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from ledger.domain.money import fits_amount
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class AccountKey:
+    merchant_id: str
+    account_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class AccountSpec:
+    """What a caller gives to create an account."""
+
+    key: AccountKey
+    currency: str
+    debits_must_not_exceed_credits: bool = False
+    credits_must_not_exceed_debits: bool = False
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+    def differing_field(self, other: AccountSpec) -> str | None:
+        """Names the first caller-visible field where two specs for one key differ."""
+        if self.currency != other.currency:
+            return "currency"
+        if self.debits_must_not_exceed_credits != other.debits_must_not_exceed_credits:
+            return "debits_must_not_exceed_credits"
+        if self.credits_must_not_exceed_debits != other.credits_must_not_exceed_debits:
+            return "credits_must_not_exceed_debits"
+        if dict(self.metadata) != dict(other.metadata):
+            return "metadata"
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class Balances:
+    debits_posted: int = 0
+    credits_posted: int = 0
+    debits_pending: int = 0
+    credits_pending: int = 0
+
+    def fits(self) -> bool:
+        return all(
+            fits_amount(v)
+            for v in (
+                self.debits_posted,
+                self.credits_posted,
+                self.debits_pending,
+                self.credits_pending,
+            )
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Account:
+    """An account as stored: its spec, state and balances."""
+
+    spec: AccountSpec
+    closed: bool
+    balances: Balances
+    entry_count: int
+    created_at: datetime
+
+    @property
+    def key(self) -> AccountKey:
+        return self.spec.key

@@ -1,0 +1,592 @@
+"""The rules that apply transfers and journals to locked account state.
+
+Storage calls these inside one transaction, after locking every account the
+batch touches; the functions are pure, so hypothesis can test them directly.
+Each check happens before any change, so a refused item changes nothing; a
+failed linked chain is undone with an undo log of the changes its members made.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+from typing import Any
+
+from ledger.domain.accounts import Account, AccountKey, Balances
+from ledger.domain.transfers import (
+    Direction,
+    Entry,
+    EntryKind,
+    JournalRequest,
+    PendingState,
+    Resolution,
+    TransferAction,
+    TransferKey,
+    TransferRecord,
+    TransferRequest,
+    TransferResult,
+)
+from ledger.invariant import invariant
+
+
+@dataclass(frozen=True, slots=True)
+class AccountState:
+    """An account's mutable part while a batch is applied."""
+
+    balances: Balances
+    entry_count: int
+
+
+@dataclass(frozen=True, slots=True)
+class PendingView:
+    record: TransferRecord
+    state: PendingState
+
+
+@dataclass(frozen=True, slots=True)
+class TransferBatchState:
+    """Everything the rules read, loaded under the batch's locks."""
+
+    accounts: Mapping[AccountKey, Account]
+    existing: Mapping[TransferKey, TransferRecord]
+    taken_by_journal: frozenset[TransferKey]
+    pendings: Mapping[TransferKey, PendingView]
+    reversal_targets: Mapping[TransferKey, TransferRecord]
+    reversed_minor: Mapping[TransferKey, int]
+    now: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class ItemOutcome:
+    index: int
+    id: str
+    result: TransferResult
+    replayed: bool = False
+    differing_field: str = ""
+    created_at: datetime | None = None
+
+
+@dataclass(slots=True)
+class TransferBatchPlan:
+    """What to write: new records, entries, resolutions and final account states."""
+
+    outcomes: list[ItemOutcome] = field(default_factory=list)
+    records: list[TransferRecord] = field(default_factory=list)
+    entries: list[Entry] = field(default_factory=list)
+    resolutions: list[Resolution] = field(default_factory=list)
+    accounts: dict[AccountKey, AccountState] = field(default_factory=dict)
+
+    @property
+    def expiring_pendings(self) -> list[TransferRecord]:
+        return [r for r in self.records if r.expires_at is not None]
+
+
+class _Refused(Exception):
+    def __init__(self, result: TransferResult) -> None:
+        super().__init__(result.name)
+        self.result = result
+
+
+_MISSING: Any = object()
+
+
+class _BatchRun:
+    """Working state for one batch, with an undo log for linked chains."""
+
+    def __init__(self, state: TransferBatchState) -> None:
+        self.state = state
+        self.plan = TransferBatchPlan()
+        self.work: dict[AccountKey, AccountState] = {
+            key: AccountState(a.balances, a.entry_count) for key, a in state.accounts.items()
+        }
+        self.new_records: dict[TransferKey, TransferRecord] = {}
+        self.pending_states: dict[TransferKey, PendingState] = {}
+        self.reversed_extra: dict[TransferKey, int] = {}
+        self.undo: list[tuple[dict[Any, Any], Any, Any]] = []
+
+    def set(self, target: dict[Any, Any], key: Any, value: Any) -> None:
+        self.undo.append((target, key, target.get(key, _MISSING)))
+        target[key] = value
+
+    def checkpoint(self) -> tuple[int, int, int, int]:
+        p = self.plan
+        return (len(self.undo), len(p.entries), len(p.resolutions), len(p.records))
+
+    def rollback(self, mark: tuple[int, int, int, int]) -> None:
+        undo_len, entries_len, resolutions_len, records_len = mark
+        while len(self.undo) > undo_len:
+            target, key, old = self.undo.pop()
+            if old is _MISSING:
+                del target[key]
+            else:
+                target[key] = old
+        del self.plan.entries[entries_len:]
+        del self.plan.resolutions[resolutions_len:]
+        del self.plan.records[records_len:]
+
+    # Lookups that see earlier items of the same batch.
+
+    def record(self, key: TransferKey) -> TransferRecord | None:
+        return self.new_records.get(key) or self.state.reversal_targets.get(key)
+
+    def pending(self, key: TransferKey) -> PendingView | None:
+        new = self.new_records.get(key)
+        if new is not None:
+            return PendingView(new, self.pending_states.get(key, PendingState.PENDING))
+        view = self.state.pendings.get(key)
+        if view is None:
+            return None
+        return PendingView(view.record, self.pending_states.get(key, view.state))
+
+    def post_entry(
+        self,
+        key: AccountKey,
+        transfer: TransferKey,
+        direction: Direction,
+        kind: EntryKind,
+        amount_minor: int,
+        balances_after: Balances,
+    ) -> None:
+        current = self.work[key]
+        sequence = current.entry_count + 1
+        self.set(self.work, key, AccountState(balances_after, sequence))
+        self.plan.entries.append(
+            Entry(
+                account=key,
+                sequence=sequence,
+                transfer=transfer,
+                direction=direction,
+                kind=kind,
+                amount_minor=amount_minor,
+                balances_after=balances_after,
+                created_at=self.state.now,
+            )
+        )
+
+
+def apply_transfers(
+    requests: Sequence[TransferRequest], state: TransferBatchState
+) -> TransferBatchPlan:
+    """Applies requests in order; linked runs succeed or fail together."""
+    run = _BatchRun(state)
+    outcomes: list[ItemOutcome | None] = [None] * len(requests)
+    start = 0
+    while start < len(requests):
+        end = start
+        while end < len(requests) and requests[end].linked:
+            end += 1
+        if end == len(requests):
+            _refuse_open_chain(run, requests, start, outcomes)
+            break
+        _apply_chain(run, requests, start, end, outcomes)
+        start = end + 1
+    run.plan.outcomes = [o for o in outcomes if o is not None]
+    invariant(len(run.plan.outcomes) == len(requests), "every request has one outcome")
+    run.plan.accounts = {
+        key: s for key, s in run.work.items() if s.entry_count != state.accounts[key].entry_count
+    }
+    return run.plan
+
+
+def _refuse_open_chain(
+    run: _BatchRun,
+    requests: Sequence[TransferRequest],
+    start: int,
+    outcomes: list[ItemOutcome | None],
+) -> None:
+    last = len(requests) - 1
+    for index in range(start, len(requests)):
+        result = (
+            TransferResult.LINKED_EVENT_CHAIN_OPEN
+            if index == last
+            else TransferResult.LINKED_EVENT_FAILED
+        )
+        outcomes[index] = _replay_or_fail(run, index, requests[index], result)
+
+
+def _replay_or_fail(
+    run: _BatchRun, index: int, request: TransferRequest, result: TransferResult
+) -> ItemOutcome:
+    replay = _replay(run, index, request)
+    if replay is not None:
+        return replay
+    return _record_failure(run, index, request, result)
+
+
+def _apply_chain(
+    run: _BatchRun,
+    requests: Sequence[TransferRequest],
+    start: int,
+    end: int,
+    outcomes: list[ItemOutcome | None],
+) -> None:
+    mark = run.checkpoint()
+    chain_outcomes: list[ItemOutcome] = []
+    failed_at = -1
+    for index in range(start, end + 1):
+        request = requests[index]
+        outcome = _replay(run, index, request)
+        if outcome is None:
+            try:
+                outcome = _apply_one(run, index, request)
+            except _Refused as refused:
+                outcome = ItemOutcome(index, request.id, refused.result)
+        chain_outcomes.append(outcome)
+        if outcome.result is not TransferResult.OK:
+            failed_at = index
+            break
+    if failed_at < 0:
+        for outcome in chain_outcomes:
+            outcomes[outcome.index] = outcome
+        return
+    run.rollback(mark)
+    for index in range(start, end + 1):
+        request = requests[index]
+        failure = chain_outcomes[-1]
+        if index == failed_at:
+            if failure.replayed or failure.differing_field:
+                outcomes[index] = failure
+            else:
+                outcomes[index] = _record_failure(run, index, request, failure.result)
+        else:
+            outcomes[index] = _replay_or_fail(
+                run, index, request, TransferResult.LINKED_EVENT_FAILED
+            )
+
+
+def _replay(run: _BatchRun, index: int, request: TransferRequest) -> ItemOutcome | None:
+    key = request.key
+    if key in run.state.taken_by_journal:
+        return ItemOutcome(
+            index, request.id, TransferResult.EXISTS_WITH_DIFFERENT_FIELDS, differing_field="kind"
+        )
+    existing = run.state.existing.get(key)
+    if existing is None:
+        return None
+    differing = existing.differing_field(request)
+    if differing is not None:
+        return ItemOutcome(
+            index,
+            request.id,
+            TransferResult.EXISTS_WITH_DIFFERENT_FIELDS,
+            differing_field=differing,
+            created_at=existing.created_at,
+        )
+    return ItemOutcome(
+        index, request.id, existing.result, replayed=True, created_at=existing.created_at
+    )
+
+
+def _record_failure(
+    run: _BatchRun, index: int, request: TransferRequest, result: TransferResult
+) -> ItemOutcome:
+    """A failed id stays failed: the failure is stored like a success, without money."""
+    invariant(result is not TransferResult.OK, "a failure has a failure code")
+    record = TransferRecord(
+        request=request, result=result, amount_effective_minor=0, created_at=run.state.now
+    )
+    run.plan.records.append(record)
+    run.set(run.new_records, record.key, record)
+    return ItemOutcome(index, request.id, result, created_at=run.state.now)
+
+
+def _apply_one(run: _BatchRun, index: int, request: TransferRequest) -> ItemOutcome:
+    if request.settles_pending:
+        record = _settle_pending(run, request)
+    else:
+        record = _post_or_reserve(run, request)
+    run.plan.records.append(record)
+    run.set(run.new_records, record.key, record)
+    return ItemOutcome(index, request.id, TransferResult.OK, created_at=record.created_at)
+
+
+def _check_accounts(run: _BatchRun, request: TransferRequest) -> tuple[Account, Account]:
+    credit_key = request.credit
+    invariant(credit_key is not None, "validated: post and pending name a credit account")
+    assert credit_key is not None
+    if request.debit == credit_key:
+        raise _Refused(TransferResult.ACCOUNTS_MUST_BE_DIFFERENT)
+    debit = run.state.accounts.get(request.debit)
+    if debit is None:
+        raise _Refused(TransferResult.DEBIT_ACCOUNT_NOT_FOUND)
+    credit = run.state.accounts.get(credit_key)
+    if credit is None:
+        raise _Refused(TransferResult.CREDIT_ACCOUNT_NOT_FOUND)
+    if request.currency != debit.spec.currency or request.currency != credit.spec.currency:
+        raise _Refused(TransferResult.CURRENCY_MISMATCH)
+    if debit.closed:
+        raise _Refused(TransferResult.DEBIT_ACCOUNT_CLOSED)
+    if credit.closed:
+        raise _Refused(TransferResult.CREDIT_ACCOUNT_CLOSED)
+    return debit, credit
+
+
+def _check_reversal(run: _BatchRun, request: TransferRequest) -> TransferKey | None:
+    if not request.reversal_of:
+        return None
+    target_key = TransferKey(request.debit.merchant_id, request.reversal_of)
+    target = run.record(target_key)
+    if target is None or target.result is not TransferResult.OK:
+        raise _Refused(TransferResult.REVERSAL_TARGET_NOT_FOUND)
+    posted_minor = target.amount_effective_minor
+    t = target.request
+    if (
+        t.action not in (TransferAction.POST, TransferAction.POST_PENDING)
+        or posted_minor == 0
+        or request.debit != t.credit
+        or request.credit != t.debit
+        or request.currency != t.currency
+    ):
+        raise _Refused(TransferResult.REVERSAL_ACCOUNTS_MISMATCH)
+    reversed_minor = run.state.reversed_minor.get(target_key, 0) + run.reversed_extra.get(
+        target_key, 0
+    )
+    if reversed_minor + request.amount_minor > posted_minor:
+        raise _Refused(TransferResult.REVERSAL_EXCEEDS_ORIGINAL)
+    return target_key
+
+
+def _check_fits(*balances: Balances) -> None:
+    for b in balances:
+        if not b.fits() or not (
+            Balances(
+                b.debits_posted + b.debits_pending, b.credits_posted + b.credits_pending
+            ).fits()
+        ):
+            raise _Refused(TransferResult.OVERFLOW)
+
+
+def _check_limits(
+    debit: Account, debit_after: Balances, credit: Account, credit_after: Balances
+) -> None:
+    if debit.spec.debits_must_not_exceed_credits and (
+        debit_after.debits_posted + debit_after.debits_pending > debit_after.credits_posted
+    ):
+        raise _Refused(TransferResult.EXCEEDS_CREDITS)
+    if credit.spec.credits_must_not_exceed_debits and (
+        credit_after.credits_posted + credit_after.credits_pending > credit_after.debits_posted
+    ):
+        raise _Refused(TransferResult.EXCEEDS_DEBITS)
+
+
+def _post_or_reserve(run: _BatchRun, request: TransferRequest) -> TransferRecord:
+    debit, credit = _check_accounts(run, request)
+    reversal_target = _check_reversal(run, request)
+    amount = request.amount_minor
+    db = run.work[debit.key].balances
+    cb = run.work[credit.key].balances
+    if request.action is TransferAction.POST:
+        kind = EntryKind.POSTED
+        db_after = replace(db, debits_posted=db.debits_posted + amount)
+        cb_after = replace(cb, credits_posted=cb.credits_posted + amount)
+    else:
+        invariant(request.action is TransferAction.PENDING, "only post and pending here")
+        kind = EntryKind.PENDING
+        db_after = replace(db, debits_pending=db.debits_pending + amount)
+        cb_after = replace(cb, credits_pending=cb.credits_pending + amount)
+    _check_fits(db_after, cb_after)
+    _check_limits(debit, db_after, credit, cb_after)
+    key = request.key
+    run.post_entry(debit.key, key, Direction.DEBIT, kind, amount, db_after)
+    run.post_entry(credit.key, key, Direction.CREDIT, kind, amount, cb_after)
+    if reversal_target is not None:
+        run.set(
+            run.reversed_extra,
+            reversal_target,
+            run.reversed_extra.get(reversal_target, 0) + amount,
+        )
+    expires_at = None
+    if request.action is TransferAction.PENDING and request.timeout_ms > 0:
+        expires_at = run.state.now + timedelta(milliseconds=request.timeout_ms)
+    return TransferRecord(
+        request=request,
+        result=TransferResult.OK,
+        amount_effective_minor=amount,
+        created_at=run.state.now,
+        expires_at=expires_at,
+    )
+
+
+def _settle_pending(run: _BatchRun, request: TransferRequest) -> TransferRecord:
+    pending_key = TransferKey(request.debit.merchant_id, request.pending_id)
+    view = run.pending(pending_key)
+    if view is None or view.record.result is not TransferResult.OK:
+        raise _Refused(TransferResult.PENDING_TRANSFER_NOT_FOUND)
+    pending = view.record
+    p = pending.request
+    if p.action is not TransferAction.PENDING:
+        raise _Refused(TransferResult.PENDING_TRANSFER_NOT_PENDING)
+    if (
+        request.debit != p.debit
+        or (request.credit is not None and request.credit != p.credit)
+        or (request.currency != "" and request.currency != p.currency)
+    ):
+        raise _Refused(TransferResult.PENDING_TRANSFER_HAS_DIFFERENT_ACCOUNTS)
+    if view.state is PendingState.POSTED:
+        raise _Refused(TransferResult.PENDING_TRANSFER_ALREADY_POSTED)
+    if view.state is PendingState.VOIDED:
+        raise _Refused(TransferResult.PENDING_TRANSFER_ALREADY_VOIDED)
+    if view.state is PendingState.EXPIRED or is_expired(pending, run.state.now):
+        raise _Refused(TransferResult.PENDING_TRANSFER_EXPIRED)
+    pending_minor = pending.amount_effective_minor
+    posting = request.action is TransferAction.POST_PENDING
+    if posting:
+        amount = request.amount_minor or pending_minor
+        if amount > pending_minor:
+            raise _Refused(TransferResult.EXCEEDS_PENDING_AMOUNT)
+    else:
+        if request.amount_minor not in (0, pending_minor):
+            raise _Refused(TransferResult.EXCEEDS_PENDING_AMOUNT)
+        amount = 0
+    invariant(p.credit is not None, "a pending transfer has a credit account")
+    assert p.credit is not None
+    invariant(
+        p.debit in run.work and p.credit in run.work, "a pending transfer's accounts are locked"
+    )
+    key = request.key
+    db = run.work[p.debit].balances
+    cb = run.work[p.credit].balances
+    db_released = replace(db, debits_pending=db.debits_pending - pending_minor)
+    cb_released = replace(cb, credits_pending=cb.credits_pending - pending_minor)
+    db_after = replace(db_released, debits_posted=db_released.debits_posted + amount)
+    cb_after = replace(cb_released, credits_posted=cb_released.credits_posted + amount)
+    invariant(db_released.debits_pending >= 0 and cb_released.credits_pending >= 0, "pending >= 0")
+    _check_fits(db_after, cb_after)
+    run.post_entry(
+        p.debit, key, Direction.DEBIT, EntryKind.PENDING_RELEASED, pending_minor, db_released
+    )
+    run.post_entry(
+        p.credit, key, Direction.CREDIT, EntryKind.PENDING_RELEASED, pending_minor, cb_released
+    )
+    if amount > 0:
+        run.post_entry(p.debit, key, Direction.DEBIT, EntryKind.POSTED, amount, db_after)
+        run.post_entry(p.credit, key, Direction.CREDIT, EntryKind.POSTED, amount, cb_after)
+    state = PendingState.POSTED if posting else PendingState.VOIDED
+    run.set(run.pending_states, pending_key, state)
+    run.plan.resolutions.append(Resolution(pending_key, state, request.id, run.state.now))
+    filled = replace(request, credit=p.credit, currency=p.currency)
+    return TransferRecord(
+        request=filled,
+        result=TransferResult.OK,
+        amount_effective_minor=amount,
+        created_at=run.state.now,
+    )
+
+
+def is_expired(pending: TransferRecord, now: datetime) -> bool:
+    return pending.expires_at is not None and pending.expires_at <= now
+
+
+def pending_state_at(view: PendingView, now: datetime) -> PendingState:
+    """The state a caller sees: a due timeout counts as expired before the sweep runs."""
+    if view.state is PendingState.PENDING and is_expired(view.record, now):
+        return PendingState.EXPIRED
+    return view.state
+
+
+@dataclass(slots=True)
+class ExpiryPlan:
+    entries: list[Entry]
+    resolution: Resolution
+    accounts: dict[AccountKey, AccountState]
+
+
+def expire_pending(
+    pending: TransferRecord, accounts: Mapping[AccountKey, Account], now: datetime
+) -> ExpiryPlan:
+    """Releases a due pending transfer's reservation on both accounts."""
+    p = pending.request
+    invariant(p.action is TransferAction.PENDING and pending.result is TransferResult.OK, "pending")
+    invariant(is_expired(pending, now), "only due pending transfers expire")
+    assert p.credit is not None
+    run = _BatchRun(TransferBatchState(accounts, {}, frozenset(), {}, {}, {}, now))
+    amount = pending.amount_effective_minor
+    db = run.work[p.debit].balances
+    cb = run.work[p.credit].balances
+    run.post_entry(
+        p.debit,
+        pending.key,
+        Direction.DEBIT,
+        EntryKind.PENDING_RELEASED,
+        amount,
+        replace(db, debits_pending=db.debits_pending - amount),
+    )
+    run.post_entry(
+        p.credit,
+        pending.key,
+        Direction.CREDIT,
+        EntryKind.PENDING_RELEASED,
+        amount,
+        replace(cb, credits_pending=cb.credits_pending - amount),
+    )
+    return ExpiryPlan(
+        entries=run.plan.entries,
+        resolution=Resolution(pending.key, PendingState.EXPIRED, "", now),
+        accounts={k: run.work[k] for k in (p.debit, p.credit)},
+    )
+
+
+@dataclass(slots=True)
+class JournalPlan:
+    result: TransferResult
+    failed_posting_index: int = -1
+    entries: list[Entry] = field(default_factory=list)
+    accounts: dict[AccountKey, AccountState] = field(default_factory=dict)
+
+
+def apply_journal(
+    request: JournalRequest, accounts: Mapping[AccountKey, Account], now: datetime
+) -> JournalPlan:
+    """Applies all postings or none; limits are checked on the final balances."""
+    totals: dict[str, int] = {}
+    for posting in request.postings:
+        sign = 1 if posting.direction is Direction.DEBIT else -1
+        totals[posting.currency] = totals.get(posting.currency, 0) + sign * posting.amount_minor
+    invariant(all(v == 0 for v in totals.values()), "validated: journal postings balance")
+    run = _BatchRun(TransferBatchState(accounts, {}, frozenset(), {}, {}, {}, now))
+    key = request.key
+    for index, posting in enumerate(request.postings):
+        account = accounts.get(posting.account)
+        debit = posting.direction is Direction.DEBIT
+        if account is None:
+            return JournalPlan(
+                TransferResult.DEBIT_ACCOUNT_NOT_FOUND
+                if debit
+                else TransferResult.CREDIT_ACCOUNT_NOT_FOUND,
+                index,
+            )
+        if account.spec.currency != posting.currency:
+            return JournalPlan(TransferResult.CURRENCY_MISMATCH, index)
+        if account.closed:
+            return JournalPlan(
+                TransferResult.DEBIT_ACCOUNT_CLOSED
+                if debit
+                else TransferResult.CREDIT_ACCOUNT_CLOSED,
+                index,
+            )
+        b = run.work[posting.account].balances
+        after = (
+            replace(b, debits_posted=b.debits_posted + posting.amount_minor)
+            if debit
+            else replace(b, credits_posted=b.credits_posted + posting.amount_minor)
+        )
+        try:
+            _check_fits(after)
+        except _Refused as refused:
+            return JournalPlan(refused.result, index)
+        run.post_entry(
+            posting.account, key, posting.direction, EntryKind.POSTED, posting.amount_minor, after
+        )
+    for index, posting in enumerate(request.postings):
+        account = accounts[posting.account]
+        final = run.work[posting.account].balances
+        try:
+            _check_limits(account, final, account, final)
+        except _Refused as refused:
+            return JournalPlan(refused.result, index)
+    return JournalPlan(
+        TransferResult.OK,
+        entries=run.plan.entries,
+        accounts={k: s for k, s in run.work.items() if s.entry_count != accounts[k].entry_count},
+    )

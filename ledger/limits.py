@@ -1,0 +1,76 @@
+"""Every hard limit of the service, in one place, each with the reason for its value.
+
+The proto documents the caller-visible ones; tests import them from here so the
+two cannot drift apart silently. Relationships between limits are checked at
+import, so a bad edit fails at start-up rather than under load.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+# PostgreSQL bigint, the type of every amount and balance column.
+AMOUNT_MINOR_MAX = 2**63 - 1
+
+# Batches: 1000 keeps one shard transaction well under a second on a small
+# machine while still amortising round trips (TigerBeetle uses ~8k with a much
+# cheaper apply path).
+transfers_per_request_max = 1000
+accounts_per_request_max = 1000
+refs_per_lookup_max = 1000
+# A journal is one atomic multi-leg transaction; 100 legs covers payroll-style
+# splits without letting one call hold many row locks.
+postings_per_journal_max = 100
+
+# Identifiers are bytes of UTF-8; 128 fits UUIDs, ULIDs and prefixed keys.
+id_bytes_max = 128
+# Metadata is for tagging, not storage: bounded so a row stays small.
+metadata_keys_max = 16
+metadata_key_bytes_max = 64
+metadata_value_bytes_max = 256
+
+# Paging: the default keeps responses small; the max bounds one query's work.
+page_size_default = 100
+page_size_max = 1000
+
+# A pending transfer cannot reserve funds for longer than a month; longer holds
+# are a product decision that should be an explicit new transfer.
+pending_timeout_max = timedelta(days=30)
+
+# Server: more concurrent RPCs than this get RESOURCE_EXHAUSTED at once instead
+# of queueing without bound behind the shard pools.
+concurrent_rpcs_max = 256
+# Per-shard connection pool. 2 cores: more connections than this only add
+# contention inside PostgreSQL.
+pool_connections_min = 1
+pool_connections_max = 16
+# Fail fast on a dead shard so its merchants get UNAVAILABLE quickly while the
+# other shards keep serving.
+shard_connect_timeout_s = 2.0
+# A single shard statement that takes longer is treated as the shard being
+# unavailable; locks are held for at most this long.
+shard_command_timeout_s = 10.0
+
+# A write that lands on a shard that does not own its merchant is refused; the
+# service reloads its config and tries again this many times.
+redirect_attempts_max = 3
+# Deadlocks cannot happen with ordered locks, but serialization failures and
+# concurrent-duplicate inserts are retried, boundedly, in a fresh transaction.
+transaction_attempts_max = 5
+
+# Expired pending transfers are released by a sweeper on each shard at this
+# interval, at most this many per sweep transaction.
+expiry_sweep_interval_s = 0.5
+expiry_sweep_batch_max = 500
+expiry_sweeps_per_round_max = 20
+
+# Graceful shutdown: in-flight RPCs get this long to finish.
+shutdown_grace_s = 5.0
+
+assert 1 <= refs_per_lookup_max <= 10_000
+assert 1 <= transfers_per_request_max <= 10_000
+assert 2 <= postings_per_journal_max <= transfers_per_request_max
+assert 1 <= page_size_default <= page_size_max
+assert pool_connections_min <= pool_connections_max
+assert shard_connect_timeout_s < shard_command_timeout_s
+assert expiry_sweep_batch_max <= transfers_per_request_max

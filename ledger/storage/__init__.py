@@ -1,0 +1,1 @@
+"""One Shard per PostgreSQL server: pool, migrations and set-based SQL."""

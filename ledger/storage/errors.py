@@ -1,0 +1,59 @@
+"""What storage reports upward, matched from database errors by SQLSTATE, never text."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import asyncpg
+
+
+class ShardUnavailable(Exception):
+    """The shard could not be reached or stopped answering; retrying later is safe."""
+
+    def __init__(self, shard_name: str, cause: BaseException | None = None) -> None:
+        super().__init__(f"shard {shard_name} is unavailable: {type(cause).__name__}")
+        self.shard_name = shard_name
+
+
+class StaleEpoch(Exception):
+    """The shard has seen a newer config epoch than the caller's; reload and retry."""
+
+    def __init__(self, shard_name: str, shard_epoch: int, caller_epoch: int) -> None:
+        super().__init__(f"shard {shard_name} is at epoch {shard_epoch}, caller at {caller_epoch}")
+        self.shard_epoch = shard_epoch
+
+
+class MerchantsNotOwned(Exception):
+    """The shard does not own these merchants; values name the new owner if known."""
+
+    def __init__(self, shard_name: str, owners: Mapping[str, str | None]) -> None:
+        super().__init__(f"shard {shard_name} does not own {len(owners)} merchant(s)")
+        self.shard_name = shard_name
+        self.owners = dict(owners)
+
+
+class MerchantsMoving(Exception):
+    """The merchants are being handed to another shard; retry shortly."""
+
+    def __init__(self, shard_name: str, merchant_ids: list[str]) -> None:
+        super().__init__(f"shard {shard_name}: {len(merchant_ids)} merchant(s) moving")
+        self.merchant_ids = merchant_ids
+
+
+class RetryTransaction(Exception):
+    """A concurrent writer raced this transaction; run it again from the start."""
+
+
+# SQLSTATEs that mean "the server is gone or refusing work", not "your SQL is wrong".
+_UNAVAILABLE_STATES = frozenset({"57P01", "57P02", "57P03", "53300", "58000", "58030"})
+# Retrying in a fresh transaction is correct for these.
+RETRYABLE_STATES = frozenset({"40001", "40P01"})
+
+
+def is_unavailable(error: BaseException) -> bool:
+    if isinstance(error, OSError | TimeoutError | asyncpg.exceptions.InterfaceError):
+        return True
+    if isinstance(error, asyncpg.exceptions.ConnectionDoesNotExistError):
+        return True
+    state = getattr(error, "sqlstate", None)
+    return isinstance(state, str) and (state.startswith("08") or state in _UNAVAILABLE_STATES)

@@ -1,0 +1,828 @@
+"""A Shard: one PostgreSQL server, its pool, and the ledger's operations on it."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
+
+import asyncpg
+
+from ledger import limits
+from ledger.domain.accounts import Account, AccountKey, AccountSpec, Balances
+from ledger.domain.engine import (
+    AccountState,
+    ItemOutcome,
+    JournalPlan,
+    PendingView,
+    TransferBatchState,
+    apply_journal,
+    apply_transfers,
+    expire_pending,
+    pending_state_at,
+)
+from ledger.domain.transfers import (
+    Direction,
+    Entry,
+    EntryKind,
+    JournalRecord,
+    JournalRequest,
+    PendingState,
+    Posting,
+    RecordKind,
+    Resolution,
+    TransferAction,
+    TransferKey,
+    TransferRecord,
+    TransferRequest,
+    TransferResult,
+)
+from ledger.invariant import invariant
+from ledger.storage import statements as sql
+from ledger.storage.errors import (
+    RETRYABLE_STATES,
+    MerchantsMoving,
+    MerchantsNotOwned,
+    RetryTransaction,
+    ShardUnavailable,
+    StaleEpoch,
+    is_unavailable,
+)
+from ledger.storage.migrate import apply_migrations
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+if TYPE_CHECKING:
+    from asyncpg.pool import PoolConnectionProxy
+
+    Connection: TypeAlias = PoolConnectionProxy[asyncpg.Record]
+
+
+@dataclass(frozen=True, slots=True)
+class Fence:
+    """What a write tells the shard about the caller's routing.
+
+    epoch: the caller's config epoch; the shard refuses a different one.
+    claimable: merchants the caller's ring places on this shard. A merchant the
+    shard has never seen is taken on only if it is claimable; otherwise the
+    write is refused as sent to the wrong shard.
+    """
+
+    epoch: int
+    claimable: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True)
+class AccountCreateOutcome:
+    created: bool
+    differing_field: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TransferView:
+    record: TransferRecord
+    pending_state: PendingState | None
+
+
+@dataclass(frozen=True, slots=True)
+class JournalOutcome:
+    result: TransferResult
+    replayed: bool
+    failed_posting_index: int
+    differing_field: str | None
+    created_at: datetime
+
+
+class Shard:
+    """One PostgreSQL server. Every write is one transaction that starts with the fence."""
+
+    def __init__(self, *, name: str, dsn: str) -> None:
+        self.name = name
+        self.dsn = dsn
+        self._pool: asyncpg.Pool | None = None
+
+    async def open(self) -> None:
+        invariant(self._pool is None, "a shard is opened once")
+        self._pool = await asyncpg.create_pool(
+            self.dsn,
+            min_size=0,
+            max_size=limits.pool_connections_max,
+            timeout=limits.shard_connect_timeout_s,
+            command_timeout=limits.shard_command_timeout_s,
+            init=_init_connection,
+            # Each shard is ours alone; prepared statements stay valid.
+            max_inactive_connection_lifetime=300.0,
+        )
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            await pool.close()
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        invariant(self._pool is not None, f"shard {self.name} is open")
+        assert self._pool is not None
+        return self._pool
+
+    def pool_stats(self) -> tuple[int, int]:
+        """(connections in use, connections open)."""
+        pool = self.pool
+        return pool.get_size() - pool.get_idle_size(), pool.get_size()
+
+    # Set-up.
+
+    async def migrate(self, *, epoch: int) -> list[str]:
+        """Applies migrations and records the shard's name and epoch on first use.
+
+        Refuses a database that belongs to another shard name, and returns the
+        migrations applied.
+        """
+
+        async def run(conn: Connection) -> list[str]:
+            applied = await apply_migrations(conn)
+            await conn.execute(sql.INIT_META, self.name, epoch)
+            row = await conn.fetchrow(sql.READ_META)
+            assert row is not None
+            if row["shard_name"] != self.name:
+                raise RuntimeError(
+                    f"database at {self.name}'s DSN belongs to shard {row['shard_name']!r}"
+                )
+            return applied
+
+        return await self._with_connection(run)
+
+    async def epoch(self) -> int:
+        async def run(conn: Connection) -> int:
+            value = await conn.fetchval("SELECT epoch FROM shard_meta")
+            return int(value)
+
+        return await self._with_connection(run)
+
+    async def adopt_epoch(self, epoch: int) -> int:
+        """Raises the shard's epoch to at least epoch; returns the shard's epoch."""
+
+        async def run(conn: Connection) -> int:
+            await conn.fetchval(sql.ADOPT_EPOCH, epoch)
+            return int(await conn.fetchval("SELECT epoch FROM shard_meta"))
+
+        return await self._in_transaction(run)
+
+    # Accounts.
+
+    async def create_accounts(
+        self, specs: Sequence[AccountSpec], fence: Fence
+    ) -> list[AccountCreateOutcome]:
+        async def run(conn: Connection) -> list[AccountCreateOutcome]:
+            await self._fence(conn, fence, {s.key.merchant_id for s in specs})
+            inserted = await conn.fetch(
+                sql.INSERT_ACCOUNTS,
+                [s.key.merchant_id for s in specs],
+                [s.key.account_id for s in specs],
+                [s.currency for s in specs],
+                [s.debits_must_not_exceed_credits for s in specs],
+                [s.credits_must_not_exceed_debits for s in specs],
+                [dict(s.metadata) for s in specs],
+            )
+            created = {AccountKey(r["merchant_id"], r["account_id"]) for r in inserted}
+            others = [s.key for s in specs if s.key not in created]
+            existing = await self._select_accounts(conn, others) if others else {}
+            outcomes = []
+            for spec in specs:
+                if spec.key in created:
+                    outcomes.append(AccountCreateOutcome(created=True))
+                    continue
+                stored = existing.get(spec.key)
+                invariant(stored is not None, "an account that was not inserted exists")
+                assert stored is not None
+                outcomes.append(
+                    AccountCreateOutcome(
+                        created=False, differing_field=stored.spec.differing_field(spec)
+                    )
+                )
+            return outcomes
+
+        return await self._in_transaction(run)
+
+    async def lookup_accounts(self, keys: Collection[AccountKey]) -> dict[AccountKey, Account]:
+        async def run(conn: Connection) -> dict[AccountKey, Account]:
+            return await self._select_accounts(conn, keys)
+
+        return await self._with_connection(run)
+
+    async def list_accounts(self, merchant_id: str, *, after: str, limit: int) -> list[Account]:
+        async def run(conn: Connection) -> list[Account]:
+            rows = await conn.fetch(sql.LIST_ACCOUNTS, merchant_id, after, limit)
+            return [_account(r) for r in rows]
+
+        return await self._with_connection(run)
+
+    async def set_accounts_closed(
+        self, keys: Sequence[AccountKey], *, closed: bool, fence: Fence
+    ) -> set[AccountKey]:
+        async def run(conn: Connection) -> set[AccountKey]:
+            await self._fence(conn, fence, {k.merchant_id for k in keys})
+            rows = await conn.fetch(
+                sql.SET_ACCOUNTS_CLOSED,
+                [k.merchant_id for k in keys],
+                [k.account_id for k in keys],
+                closed,
+            )
+            return {AccountKey(r["merchant_id"], r["account_id"]) for r in rows}
+
+        return await self._in_transaction(run)
+
+    # Transfers.
+
+    async def create_transfers(
+        self, requests: Sequence[TransferRequest], fence: Fence
+    ) -> list[ItemOutcome]:
+        merchants = {r.debit.merchant_id for r in requests} | {
+            r.credit.merchant_id for r in requests if r.credit is not None
+        }
+
+        async def run(conn: Connection) -> list[ItemOutcome]:
+            await self._fence(conn, fence, merchants)
+            pending_keys = {
+                TransferKey(r.debit.merchant_id, r.pending_id)
+                for r in requests
+                if r.settles_pending
+            }
+            reversal_keys = {
+                TransferKey(r.debit.merchant_id, r.reversal_of) for r in requests if r.reversal_of
+            }
+            referenced = await self._select_transfers(conn, pending_keys | reversal_keys)
+            account_keys: set[AccountKey] = set()
+            for r in requests:
+                account_keys.add(r.debit)
+                if r.credit is not None:
+                    account_keys.add(r.credit)
+            for key in pending_keys:
+                target = referenced.get(key)
+                if target is not None and target.request.credit is not None:
+                    account_keys |= {target.request.debit, target.request.credit}
+            accounts = await self._lock_accounts(conn, account_keys)
+            # Read after the locks: whatever committed before them is visible now.
+            existing, journals = await self._select_records(conn, {r.key for r in requests})
+            now: datetime = await conn.fetchval(sql.NOW)
+            states = await self._pending_states(conn, pending_keys & referenced.keys())
+            reversed_minor = await self._reversed(conn, reversal_keys & referenced.keys())
+            state = TransferBatchState(
+                accounts=accounts,
+                existing=existing,
+                taken_by_journal=frozenset(journals),
+                pendings={
+                    k: PendingView(referenced[k], states.get(k, PendingState.PENDING))
+                    for k in pending_keys & referenced.keys()
+                },
+                reversal_targets={k: referenced[k] for k in reversal_keys & referenced.keys()},
+                reversed_minor=reversed_minor,
+                now=now,
+            )
+            plan = apply_transfers(requests, state)
+            await _write(
+                conn,
+                records=plan.records,
+                entries=plan.entries,
+                accounts=plan.accounts,
+                resolutions=plan.resolutions,
+                expiring=plan.expiring_pendings,
+            )
+            return plan.outcomes
+
+        return await self._in_transaction(run)
+
+    async def lookup_transfers(
+        self, keys: Collection[TransferKey]
+    ) -> dict[TransferKey, TransferView]:
+        async def run(conn: Connection) -> dict[TransferKey, TransferView]:
+            found = await self._select_transfers(conn, keys)
+            pendings = {
+                k
+                for k, v in found.items()
+                if v.request.action is TransferAction.PENDING and v.result is TransferResult.OK
+            }
+            states = await self._pending_states(conn, pendings)
+            now: datetime = await conn.fetchval(sql.NOW)
+            views = {}
+            for key, record in found.items():
+                pending_state = None
+                if key in pendings:
+                    view = PendingView(record, states.get(key, PendingState.PENDING))
+                    pending_state = pending_state_at(view, now)
+                views[key] = TransferView(record, pending_state)
+            return views
+
+        return await self._with_connection(run)
+
+    async def expire_due_pendings(self) -> int:
+        """Releases up to expiry_sweep_batch_max due pending transfers; returns how many."""
+
+        async def run(conn: Connection) -> int:
+            if not await conn.fetchval(sql.TRY_SWEEPER_LOCK):
+                return 0
+            due = await conn.fetch(sql.DUE_EXPIRIES, limits.expiry_sweep_batch_max)
+            if not due:
+                return 0
+            keys = {TransferKey(r["merchant_id"], r["transfer_id"]) for r in due}
+            records = await self._select_transfers(conn, keys)
+            merchants = {k.merchant_id for k in keys}
+            await conn.fetch(sql.FENCE, sorted(merchants))
+            account_keys: set[AccountKey] = set()
+            for record in records.values():
+                assert record.request.credit is not None
+                account_keys |= {record.request.debit, record.request.credit}
+            accounts = dict(await self._lock_accounts(conn, account_keys))
+            states = await self._pending_states(conn, keys)
+            now: datetime = await conn.fetchval(sql.NOW)
+            entries: list[Entry] = []
+            resolutions: list[Resolution] = []
+            changed: dict[AccountKey, AccountState] = {}
+            for key in sorted(keys):
+                record = records[key]
+                if key in states or record.expires_at is None or record.expires_at > now:
+                    continue
+                plan = expire_pending(record, accounts, now)
+                entries += plan.entries
+                resolutions.append(plan.resolution)
+                for account_key, account_state in plan.accounts.items():
+                    changed[account_key] = account_state
+                    old = accounts[account_key]
+                    accounts[account_key] = Account(
+                        old.spec,
+                        old.closed,
+                        account_state.balances,
+                        account_state.entry_count,
+                        old.created_at,
+                    )
+            stale = [k for k in keys if k in states]
+            await _write(
+                conn,
+                records=[],
+                entries=entries,
+                accounts=changed,
+                resolutions=resolutions,
+                expiring=[],
+                ended_extra=stale,
+            )
+            return len(resolutions)
+
+        return await self._in_transaction(run)
+
+    # Journals.
+
+    async def post_journal(self, request: JournalRequest, fence: Fence) -> JournalOutcome:
+        merchants = {request.merchant_id} | {p.account.merchant_id for p in request.postings}
+
+        async def run(conn: Connection) -> JournalOutcome:
+            await self._fence(conn, fence, merchants)
+            accounts = await self._lock_accounts(conn, {p.account for p in request.postings})
+            transfers, journals = await self._select_records(conn, {request.key})
+            if request.key in transfers:
+                return JournalOutcome(
+                    TransferResult.EXISTS_WITH_DIFFERENT_FIELDS,
+                    False,
+                    -1,
+                    "kind",
+                    transfers[request.key].created_at,
+                )
+            if request.key in journals:
+                return _journal_replay(journals[request.key], request)
+            now: datetime = await conn.fetchval(sql.NOW)
+            plan: JournalPlan = apply_journal(request, accounts, now)
+            await _write(
+                conn,
+                records=[],
+                journals=[(request, plan.result, plan.failed_posting_index, now)],
+                entries=plan.entries,
+                accounts=plan.accounts,
+                resolutions=[],
+                expiring=[],
+            )
+            return JournalOutcome(plan.result, False, plan.failed_posting_index, None, now)
+
+        return await self._in_transaction(run)
+
+    # Reads of history.
+
+    async def balance_as_of(self, key: AccountKey, as_of: datetime) -> Balances:
+        async def run(conn: Connection) -> Balances:
+            row = await conn.fetchrow(sql.BALANCE_AS_OF, key.merchant_id, key.account_id, as_of)
+            if row is None:
+                return Balances()
+            return Balances(
+                row["debits_posted"],
+                row["credits_posted"],
+                row["debits_pending"],
+                row["credits_pending"],
+            )
+
+        return await self._with_connection(run)
+
+    async def list_entries(
+        self, key: AccountKey, *, after_sequence: int | None, newest_first: bool, limit: int
+    ) -> list[Entry]:
+        async def run(conn: Connection) -> list[Entry]:
+            if newest_first:
+                cursor = after_sequence if after_sequence is not None else 2**63 - 1
+                rows = await conn.fetch(
+                    sql.ENTRIES_NEWEST_FIRST, key.merchant_id, key.account_id, cursor, limit
+                )
+            else:
+                cursor = after_sequence if after_sequence is not None else 0
+                rows = await conn.fetch(
+                    sql.ENTRIES_OLDEST_FIRST, key.merchant_id, key.account_id, cursor, limit
+                )
+            return [_entry(r) for r in rows]
+
+        return await self._with_connection(run)
+
+    # Plumbing.
+
+    async def _fence(self, conn: Connection, fence: Fence, merchant_ids: Iterable[str]) -> None:
+        ids = sorted(set(merchant_ids))
+        rows = await conn.fetch(sql.FENCE, ids)
+        invariant(len(rows) >= 1, "shard_meta has its row")
+        shard_epoch = int(rows[0]["epoch"])
+        if shard_epoch != fence.epoch:
+            raise StaleEpoch(self.name, shard_epoch, fence.epoch)
+        known = {r["merchant_id"]: r for r in rows if r["merchant_id"] is not None}
+        not_owned: dict[str, str | None] = {}
+        moving: list[str] = []
+        claim: list[str] = []
+        for merchant_id in ids:
+            row = known.get(merchant_id)
+            if row is None:
+                if merchant_id in fence.claimable:
+                    claim.append(merchant_id)
+                else:
+                    not_owned[merchant_id] = None
+            elif row["state"] == "moved":
+                not_owned[merchant_id] = row["moved_to"]
+            elif row["state"] == "moving":
+                moving.append(merchant_id)
+        if not_owned:
+            raise MerchantsNotOwned(self.name, not_owned)
+        if moving:
+            raise MerchantsMoving(self.name, moving)
+        if claim:
+            await conn.execute(sql.CLAIM_MERCHANTS, claim, fence.epoch)
+
+    async def _lock_accounts(
+        self, conn: Connection, keys: Collection[AccountKey]
+    ) -> dict[AccountKey, Account]:
+        if not keys:
+            return {}
+        rows = await conn.fetch(
+            sql.LOCK_ACCOUNTS, [k.merchant_id for k in keys], [k.account_id for k in keys]
+        )
+        return {a.key: a for a in map(_account, rows)}
+
+    async def _select_accounts(
+        self, conn: Connection, keys: Collection[AccountKey]
+    ) -> dict[AccountKey, Account]:
+        if not keys:
+            return {}
+        rows = await conn.fetch(
+            sql.SELECT_ACCOUNTS, [k.merchant_id for k in keys], [k.account_id for k in keys]
+        )
+        return {a.key: a for a in map(_account, rows)}
+
+    async def _select_transfers(
+        self, conn: Connection, keys: Collection[TransferKey]
+    ) -> dict[TransferKey, TransferRecord]:
+        transfers, _ = await self._select_records(conn, keys)
+        return transfers
+
+    async def _select_records(
+        self, conn: Connection, keys: Collection[TransferKey]
+    ) -> tuple[dict[TransferKey, TransferRecord], dict[TransferKey, JournalRecord]]:
+        """Transfers and journals share one id namespace; returns each kind apart."""
+        if not keys:
+            return {}, {}
+        rows = await conn.fetch(
+            sql.SELECT_TRANSFERS, [k.merchant_id for k in keys], [k.transfer_id for k in keys]
+        )
+        transfers: dict[TransferKey, TransferRecord] = {}
+        journals: dict[TransferKey, JournalRecord] = {}
+        for row in rows:
+            if row["kind"] == RecordKind.JOURNAL:
+                journal = _journal(row)
+                journals[journal.request.key] = journal
+            else:
+                record = _transfer(row)
+                transfers[record.key] = record
+        return transfers, journals
+
+    async def _pending_states(
+        self, conn: Connection, keys: Collection[TransferKey]
+    ) -> dict[TransferKey, PendingState]:
+        if not keys:
+            return {}
+        rows = await conn.fetch(
+            sql.SELECT_RESOLUTIONS, [k.merchant_id for k in keys], [k.transfer_id for k in keys]
+        )
+        return {
+            TransferKey(r["merchant_id"], r["pending_id"]): PendingState(r["state"]) for r in rows
+        }
+
+    async def _reversed(
+        self, conn: Connection, keys: Collection[TransferKey]
+    ) -> dict[TransferKey, int]:
+        if not keys:
+            return {}
+        rows = await conn.fetch(
+            sql.SUM_REVERSALS, [k.merchant_id for k in keys], [k.transfer_id for k in keys]
+        )
+        return {
+            TransferKey(r["merchant_id"], r["reversal_of"]): int(r["reversed_minor"]) for r in rows
+        }
+
+    async def _with_connection(self, fn: Callable[[Connection], Awaitable[T]]) -> T:
+        try:
+            async with self.pool.acquire(timeout=limits.shard_connect_timeout_s) as conn:
+                return await fn(conn)
+        except BaseException as error:
+            if is_unavailable(error):
+                raise ShardUnavailable(self.name, error) from error
+            raise
+
+    async def _in_transaction(self, fn: Callable[[Connection], Awaitable[T]]) -> T:
+        """Runs fn in one transaction, again from the start after a retryable race."""
+        for attempt in range(1, limits.transaction_attempts_max + 1):
+            try:
+                async with self.pool.acquire(timeout=limits.shard_connect_timeout_s) as conn:
+                    async with conn.transaction():
+                        return await fn(conn)
+            except RetryTransaction:
+                log.info("shard %s: retrying a raced transaction (attempt %d)", self.name, attempt)
+            except asyncpg.PostgresError as error:
+                if error.sqlstate in RETRYABLE_STATES:
+                    continue
+                if is_unavailable(error):
+                    raise ShardUnavailable(self.name, error) from error
+                raise
+            except BaseException as error:
+                if is_unavailable(error):
+                    raise ShardUnavailable(self.name, error) from error
+                raise
+        raise ShardUnavailable(self.name, RetryTransaction("attempts exhausted"))
+
+
+async def _init_connection(conn: asyncpg.Connection[asyncpg.Record]) -> None:
+    await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+
+
+def _account(row: asyncpg.Record) -> Account:
+    return Account(
+        spec=AccountSpec(
+            key=AccountKey(row["merchant_id"], row["account_id"]),
+            currency=row["currency"],
+            debits_must_not_exceed_credits=row["debits_must_not_exceed_credits"],
+            credits_must_not_exceed_debits=row["credits_must_not_exceed_debits"],
+            metadata=row["metadata"],
+        ),
+        closed=row["closed"],
+        balances=Balances(
+            row["debits_posted"],
+            row["credits_posted"],
+            row["debits_pending"],
+            row["credits_pending"],
+        ),
+        entry_count=row["entry_count"],
+        created_at=row["created_at"],
+    )
+
+
+def _transfer(row: asyncpg.Record) -> TransferRecord:
+    credit = (
+        AccountKey(row["credit_merchant_id"], row["credit_account_id"])
+        if row["credit_merchant_id"]
+        else None
+    )
+    request = TransferRequest(
+        id=row["transfer_id"],
+        debit=AccountKey(row["debit_merchant_id"], row["debit_account_id"]),
+        credit=credit,
+        amount_minor=row["amount_minor"],
+        currency=row["currency"],
+        action=TransferAction(row["action"]),
+        pending_id=row["pending_id"],
+        timeout_ms=row["timeout_ms"],
+        linked=row["linked"],
+        reversal_of=row["reversal_of"],
+        metadata=row["metadata"],
+    )
+    return TransferRecord(
+        request=request,
+        result=TransferResult(row["result"]),
+        amount_effective_minor=row["amount_effective_minor"],
+        created_at=row["created_at"],
+        expires_at=row["expires_at"],
+        trace_id=row["trace_id"],
+    )
+
+
+def _entry(row: asyncpg.Record) -> Entry:
+    return Entry(
+        account=AccountKey(row["merchant_id"], row["account_id"]),
+        sequence=row["sequence"],
+        transfer=TransferKey(row["transfer_merchant_id"], row["transfer_id"]),
+        direction=Direction(row["direction"]),
+        kind=EntryKind(row["kind"]),
+        amount_minor=row["amount_minor"],
+        balances_after=Balances(
+            row["debits_posted"],
+            row["credits_posted"],
+            row["debits_pending"],
+            row["credits_pending"],
+        ),
+        created_at=row["created_at"],
+    )
+
+
+def _journal_replay(existing: JournalRecord, request: JournalRequest) -> JournalOutcome:
+    stored = existing.request
+    differing = None
+    if stored.postings != request.postings:
+        differing = "postings"
+    elif dict(stored.metadata) != dict(request.metadata):
+        differing = "metadata"
+    if differing is not None:
+        return JournalOutcome(
+            TransferResult.EXISTS_WITH_DIFFERENT_FIELDS, False, -1, differing, existing.created_at
+        )
+    return JournalOutcome(
+        existing.result, True, existing.failed_posting_index, None, existing.created_at
+    )
+
+
+def _journal(row: asyncpg.Record) -> JournalRecord:
+    postings = tuple(
+        Posting(
+            account=AccountKey(p["merchant_id"], p["account_id"]),
+            amount_minor=p["amount_minor"],
+            currency=p["currency"],
+            direction=Direction(p["direction"]),
+        )
+        for p in row["postings"]
+    )
+    return JournalRecord(
+        request=JournalRequest(
+            id=row["transfer_id"],
+            merchant_id=row["merchant_id"],
+            postings=postings,
+            metadata=row["metadata"],
+        ),
+        result=TransferResult(row["result"]),
+        failed_posting_index=row["failed_posting_index"],
+        created_at=row["created_at"],
+    )
+
+
+JournalRow = tuple[JournalRequest, TransferResult, int, datetime]
+
+
+async def _write(
+    conn: Connection,
+    *,
+    records: Sequence[TransferRecord],
+    entries: Sequence[Entry],
+    accounts: Mapping[AccountKey, AccountState],
+    resolutions: Sequence[Resolution],
+    expiring: Sequence[TransferRecord],
+    journals: Sequence[JournalRow] = (),
+    ended_extra: Sequence[TransferKey] = (),
+) -> None:
+    """Writes a batch in one round trip and checks every row landed."""
+    t_cols: list[list[Any]] = [[] for _ in range(22)]
+    for r in records:
+        q = r.request
+        row: list[Any] = [
+            q.debit.merchant_id,
+            q.id,
+            RecordKind.TRANSFER,
+            q.action,
+            q.debit.merchant_id,
+            q.debit.account_id,
+            q.credit.merchant_id if q.credit else "",
+            q.credit.account_id if q.credit else "",
+            q.amount_minor,
+            r.amount_effective_minor,
+            q.currency,
+            q.pending_id,
+            q.timeout_ms,
+            q.linked,
+            q.reversal_of,
+            dict(q.metadata),
+            None,
+            r.result,
+            -1,
+            r.expires_at,
+            r.trace_id,
+            r.created_at,
+        ]
+        for column, value in zip(t_cols, row, strict=True):
+            column.append(value)
+    for request, result, failed_index, created_at in journals:
+        row = [
+            request.merchant_id,
+            request.id,
+            RecordKind.JOURNAL,
+            0,
+            request.merchant_id,
+            "",
+            "",
+            "",
+            0,
+            0,
+            "",
+            "",
+            0,
+            False,
+            "",
+            dict(request.metadata),
+            _postings_json(request),
+            result,
+            failed_index,
+            None,
+            "",
+            created_at,
+        ]
+        for column, value in zip(t_cols, row, strict=True):
+            column.append(value)
+    e_cols: list[list[Any]] = [[] for _ in range(13)]
+    for e in entries:
+        b = e.balances_after
+        row = [
+            e.account.merchant_id,
+            e.account.account_id,
+            e.sequence,
+            e.transfer.merchant_id,
+            e.transfer.transfer_id,
+            e.direction,
+            e.kind,
+            e.amount_minor,
+            b.debits_posted,
+            b.credits_posted,
+            b.debits_pending,
+            b.credits_pending,
+            e.created_at,
+        ]
+        for column, value in zip(e_cols, row, strict=True):
+            column.append(value)
+    a_cols: list[list[Any]] = [[] for _ in range(7)]
+    for key, s in accounts.items():
+        b = s.balances
+        row = [
+            key.merchant_id,
+            key.account_id,
+            b.debits_posted,
+            b.credits_posted,
+            b.debits_pending,
+            b.credits_pending,
+            s.entry_count,
+        ]
+        for column, value in zip(a_cols, row, strict=True):
+            column.append(value)
+    ended = [r.pending for r in resolutions] + list(ended_extra)
+    counts = await conn.fetchrow(
+        sql.WRITE_BATCH,
+        *t_cols,
+        *e_cols,
+        *a_cols,
+        [r.pending.merchant_id for r in resolutions],
+        [r.pending.transfer_id for r in resolutions],
+        [r.state for r in resolutions],
+        [r.by_transfer_id for r in resolutions],
+        [r.created_at for r in resolutions],
+        [r.key.merchant_id for r in expiring],
+        [r.key.transfer_id for r in expiring],
+        [r.expires_at for r in expiring],
+        [k.merchant_id for k in ended],
+        [k.transfer_id for k in ended],
+    )
+    assert counts is not None
+    if counts["transfers"] != len(records) + len(journals):
+        # A concurrent request with the same id committed first (only possible
+        # when the two shared no account lock); the retry will see it as a replay.
+        raise RetryTransaction()
+    invariant(counts["entries"] == len(entries), "every entry was written")
+    invariant(counts["accounts"] == len(accounts), "every changed account was updated")
+    invariant(counts["resolutions"] == len(resolutions), "every resolution was written")
+
+
+def _postings_json(request: JournalRequest) -> list[dict[str, Any]]:
+    return [
+        {
+            "merchant_id": p.account.merchant_id,
+            "account_id": p.account.account_id,
+            "amount_minor": p.amount_minor,
+            "currency": p.currency,
+            "direction": int(p.direction),
+        }
+        for p in request.postings
+    ]

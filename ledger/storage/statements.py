@@ -1,0 +1,187 @@
+"""The SQL that Shard runs, as named constants. Parameterised only; arrays via unnest."""
+
+from __future__ import annotations
+
+FENCE = "SELECT epoch, merchant_id, state, moved_to FROM ledger_fence($1::text[])"
+
+CLAIM_MERCHANTS = """
+INSERT INTO merchants (merchant_id, state, epoch)
+SELECT m, 'active', $2 FROM unnest($1::text[]) AS m
+ON CONFLICT (merchant_id) DO NOTHING
+"""
+
+NOW = "SELECT clock_timestamp()"
+
+ACCOUNT_COLUMNS = """
+merchant_id, account_id, currency, debits_must_not_exceed_credits,
+credits_must_not_exceed_debits, closed, metadata, debits_posted, credits_posted,
+debits_pending, credits_pending, entry_count, created_at
+"""
+
+# Row locks in one fixed order (merchant, account, byte-wise) so that any two
+# transactions lock shared accounts in the same order and never deadlock.
+LOCK_ACCOUNTS = f"""
+SELECT {ACCOUNT_COLUMNS} FROM accounts
+WHERE (merchant_id, account_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))
+ORDER BY merchant_id COLLATE "C", account_id COLLATE "C"
+FOR UPDATE
+"""
+
+SELECT_ACCOUNTS = f"""
+SELECT {ACCOUNT_COLUMNS} FROM accounts
+WHERE (merchant_id, account_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))
+"""
+
+LIST_ACCOUNTS = f"""
+SELECT {ACCOUNT_COLUMNS} FROM accounts
+WHERE merchant_id = $1 AND account_id COLLATE "C" > $2
+ORDER BY account_id COLLATE "C"
+LIMIT $3
+"""
+
+INSERT_ACCOUNTS = """
+INSERT INTO accounts (merchant_id, account_id, currency, debits_must_not_exceed_credits,
+                      credits_must_not_exceed_debits, metadata, created_at)
+SELECT m, a, c, d, k, md, clock_timestamp()
+FROM unnest($1::text[], $2::text[], $3::text[], $4::boolean[], $5::boolean[], $6::jsonb[])
+    AS u(m, a, c, d, k, md)
+ON CONFLICT (merchant_id, account_id) DO NOTHING
+RETURNING merchant_id, account_id
+"""
+
+SET_ACCOUNTS_CLOSED = """
+UPDATE accounts SET closed = $3
+WHERE (merchant_id, account_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))
+RETURNING merchant_id, account_id
+"""
+
+TRANSFER_COLUMNS = """
+merchant_id, transfer_id, kind, action, debit_merchant_id, debit_account_id,
+credit_merchant_id, credit_account_id, amount_minor, amount_effective_minor, currency,
+pending_id, timeout_ms, linked, reversal_of, metadata, postings, result,
+failed_posting_index, expires_at, trace_id, created_at
+"""
+
+SELECT_TRANSFERS = f"""
+SELECT {TRANSFER_COLUMNS} FROM transfers
+WHERE (merchant_id, transfer_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))
+"""
+
+SELECT_RESOLUTIONS = """
+SELECT merchant_id, pending_id, state FROM pending_resolutions
+WHERE (merchant_id, pending_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))
+"""
+
+SUM_REVERSALS = """
+SELECT merchant_id, reversal_of, sum(amount_effective_minor)::bigint AS reversed_minor
+FROM transfers
+WHERE (merchant_id, reversal_of) IN (SELECT * FROM unnest($1::text[], $2::text[]))
+  AND result = 1
+GROUP BY merchant_id, reversal_of
+"""
+
+# One round trip writes a whole batch. Data-modifying CTEs always run to
+# completion; the counts let the caller check every row landed.
+WRITE_BATCH = """
+WITH new_transfers AS (
+    INSERT INTO transfers (merchant_id, transfer_id, kind, action, debit_merchant_id,
+        debit_account_id, credit_merchant_id, credit_account_id, amount_minor,
+        amount_effective_minor, currency, pending_id, timeout_ms, linked, reversal_of,
+        metadata, postings, result, failed_posting_index, expires_at, trace_id, created_at)
+    SELECT * FROM unnest($1::text[], $2::text[], $3::smallint[], $4::smallint[], $5::text[],
+        $6::text[], $7::text[], $8::text[], $9::bigint[], $10::bigint[], $11::text[],
+        $12::text[], $13::bigint[], $14::boolean[], $15::text[], $16::jsonb[], $17::jsonb[],
+        $18::smallint[], $19::integer[], $20::timestamptz[], $21::text[], $22::timestamptz[])
+    ON CONFLICT (merchant_id, transfer_id) DO NOTHING
+    RETURNING 1
+), new_entries AS (
+    INSERT INTO entries (merchant_id, account_id, sequence, transfer_merchant_id, transfer_id,
+        direction, kind, amount_minor, debits_posted, credits_posted, debits_pending,
+        credits_pending, created_at)
+    SELECT * FROM unnest($23::text[], $24::text[], $25::bigint[], $26::text[], $27::text[],
+        $28::smallint[], $29::smallint[], $30::bigint[], $31::bigint[], $32::bigint[],
+        $33::bigint[], $34::bigint[], $35::timestamptz[])
+    RETURNING 1
+), updated_accounts AS (
+    UPDATE accounts AS a
+    SET debits_posted = u.dp, credits_posted = u.cp, debits_pending = u.dpe,
+        credits_pending = u.cpe, entry_count = u.n
+    FROM unnest($36::text[], $37::text[], $38::bigint[], $39::bigint[], $40::bigint[],
+        $41::bigint[], $42::bigint[]) AS u(m, a, dp, cp, dpe, cpe, n)
+    WHERE a.merchant_id = u.m AND a.account_id = u.a
+    RETURNING 1
+), new_resolutions AS (
+    INSERT INTO pending_resolutions (merchant_id, pending_id, state, by_transfer_id, created_at)
+    SELECT * FROM unnest($43::text[], $44::text[], $45::smallint[], $46::text[],
+        $47::timestamptz[])
+    RETURNING 1
+), new_expiries AS (
+    INSERT INTO pending_expiries (merchant_id, transfer_id, expires_at)
+    SELECT * FROM unnest($48::text[], $49::text[], $50::timestamptz[])
+    RETURNING 1
+), ended_expiries AS (
+    DELETE FROM pending_expiries AS x
+    USING unnest($51::text[], $52::text[]) AS r(m, p)
+    WHERE x.merchant_id = r.m AND x.transfer_id = r.p
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM new_transfers) AS transfers,
+       (SELECT count(*) FROM new_entries) AS entries,
+       (SELECT count(*) FROM updated_accounts) AS accounts,
+       (SELECT count(*) FROM new_resolutions) AS resolutions
+"""
+
+DUE_EXPIRIES = """
+SELECT merchant_id, transfer_id FROM pending_expiries
+WHERE expires_at <= clock_timestamp()
+ORDER BY expires_at
+LIMIT $1
+"""
+
+# Only one sweeper per shard works at a time; others skip this round.
+TRY_SWEEPER_LOCK = "SELECT pg_try_advisory_xact_lock(7303, 0)"
+
+BALANCE_AS_OF = """
+SELECT debits_posted, credits_posted, debits_pending, credits_pending
+FROM entries
+WHERE merchant_id = $1 AND account_id = $2 AND created_at <= $3
+ORDER BY created_at DESC, sequence DESC
+LIMIT 1
+"""
+
+ENTRY_COLUMNS = """
+merchant_id, account_id, sequence, transfer_merchant_id, transfer_id, direction, kind,
+amount_minor, debits_posted, credits_posted, debits_pending, credits_pending, created_at
+"""
+
+ENTRIES_OLDEST_FIRST = f"""
+SELECT {ENTRY_COLUMNS} FROM entries
+WHERE merchant_id = $1 AND account_id = $2 AND sequence > $3
+ORDER BY sequence
+LIMIT $4
+"""
+
+ENTRIES_NEWEST_FIRST = f"""
+SELECT {ENTRY_COLUMNS} FROM entries
+WHERE merchant_id = $1 AND account_id = $2 AND sequence < $3
+ORDER BY sequence DESC
+LIMIT $4
+"""
+
+READ_META = "SELECT shard_name, epoch FROM shard_meta"
+
+INIT_META = """
+INSERT INTO shard_meta (shard_name, epoch) VALUES ($1, $2)
+ON CONFLICT (singleton) DO NOTHING
+"""
+
+# Raising the epoch waits for in-flight writes (they hold the shared lock).
+ADOPT_EPOCH = """
+WITH lock AS (SELECT pg_advisory_xact_lock(7301, 0))
+UPDATE shard_meta SET epoch = $1 FROM lock WHERE epoch < $1
+RETURNING epoch
+"""
+
+MERCHANT_STATES = """
+SELECT merchant_id, state, moved_to FROM merchants WHERE merchant_id = ANY($1::text[])
+"""
