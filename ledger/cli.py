@@ -182,3 +182,7 @@ def _ref(text: str) -> pb.AccountRef:
     if not sep:
         raise typer.BadParameter(f"{text!r} must be MERCHANT/ACCOUNT")
     return pb.AccountRef(merchant_id=merchant_id, account_id=account_id)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""Fixtures: one throwaway PostgreSQL server per test session, fresh shard databases per module."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+from ledger.embedded.postgres import EmbeddedPostgres
+from ledger.routing.config import ShardConfig
+from tests.support import Service, fresh_databases, start_service, write_config
+
+SHARD_NAMES = ("shard-a", "shard-b", "shard-c")
+
+
+@pytest.fixture(scope="session")
+def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedPostgres]:
+    """A PostgreSQL server of the tests' own (durability off: it is thrown away)."""
+    server = EmbeddedPostgres(data_dir=tmp_path_factory.mktemp("pg") / "data", durable=False)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop(mode="immediate")
+
+
+@pytest.fixture(scope="module")
+async def service(
+    pg_server: EmbeddedPostgres, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Service]:
+    """A real LedgerServer on three fresh shard databases, reached over a real channel.
+
+    Shared by the tests of one module; tests keep apart by using fresh merchant ids.
+    """
+    specs = fresh_databases(pg_server, SHARD_NAMES)
+    path = write_config(
+        tmp_path_factory.mktemp("config") / "shards.toml", ShardConfig(epoch=1, shards=tuple(specs))
+    )
+    running = await start_service(path)
+    try:
+        yield running
+    finally:
+        await running.stop()

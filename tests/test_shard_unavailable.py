@@ -1,0 +1,180 @@
+"""A shard whose PostgreSQL server is down fails fast for its merchants only, and recovers."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import grpc
+import pytest
+
+from ledger.embedded.postgres import EmbeddedPostgres
+from ledger.routing.config import ShardConfig, ShardSpec
+from ledger.v1 import ledger_pb2 as pb
+from tests.support import (
+    Service,
+    account,
+    balance,
+    create_accounts,
+    ref,
+    result_names,
+    start_service,
+    transfer,
+    transfers,
+    uid,
+    wait_until,
+    write_config,
+)
+
+SHARD_NAMES = ("shard-a", "shard-b", "shard-c")
+DATABASE = "ledger"
+# The service gives up connecting to a dead shard after limits.shard_connect_timeout_s (2 s);
+# a caller must hear UNAVAILABLE well before this, not after a hang.
+UNAVAILABLE_WITHIN_S = 10.0
+
+
+@dataclass
+class Cluster3:
+    servers: dict[str, EmbeddedPostgres]
+    service: Service
+
+
+@pytest.fixture(scope="module")
+async def cluster3(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Cluster3]:
+    """Three PostgreSQL servers, one shard database each, and a service over them."""
+    servers: dict[str, EmbeddedPostgres] = {}
+    service: Service | None = None
+    try:
+        for name in SHARD_NAMES:
+            server = EmbeddedPostgres(
+                data_dir=tmp_path_factory.mktemp(f"pg-{name}") / "data", durable=False
+            )
+            servers[name] = server
+            await asyncio.to_thread(server.start)
+            await asyncio.to_thread(server.create_database, DATABASE)
+        config = ShardConfig(
+            epoch=1,
+            shards=tuple(
+                ShardSpec(name=n, dsn=servers[n].dsn(DATABASE), weight=1) for n in SHARD_NAMES
+            ),
+        )
+        path = write_config(tmp_path_factory.mktemp("config3") / "shards.toml", config)
+        service = await start_service(path)
+        yield Cluster3(servers=servers, service=service)
+    finally:
+        try:
+            if service is not None:
+                await service.stop()
+        finally:
+            for server in servers.values():
+                await asyncio.to_thread(server.stop, mode="immediate")
+
+
+@asynccontextmanager
+async def shard_down(cluster: Cluster3, name: str) -> AsyncIterator[None]:
+    """Crashes one shard's server (immediate stop) and always starts it again afterwards."""
+    # The test servers run with synchronous_commit off: a checkpoint first makes sure the
+    # accounts committed just before the crash survive it, as they would on a durable server.
+    async with cluster.service.cluster.shards[name].pool.acquire() as conn:
+        await conn.execute("CHECKPOINT")
+    server = cluster.servers[name]
+    await asyncio.to_thread(server.stop, mode="immediate")
+    try:
+        assert not server.is_running()
+        yield
+    finally:
+        await asyncio.to_thread(server.start)
+
+
+async def _merchants_with_accounts(cluster: Cluster3) -> dict[str, str]:
+    merchants = {name: cluster.service.merchant_on(name) for name in SHARD_NAMES}
+    for m in merchants.values():
+        await create_accounts(cluster.service.stub, account(m, "cash"), account(m, "wallet"))
+    return merchants
+
+
+async def test_down_shard_gets_unavailable_quickly_while_other_shards_serve(
+    cluster3: Cluster3,
+) -> None:
+    stub = cluster3.service.stub
+    merchants = await _merchants_with_accounts(cluster3)
+    down = "shard-b"
+    async with shard_down(cluster3, down):
+        m = merchants[down]
+        started_s = time.monotonic()
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await transfers(stub, transfer(uid("t"), ref(m, "cash"), ref(m, "wallet"), 5))
+        elapsed_s = time.monotonic() - started_s
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert elapsed_s < UNAVAILABLE_WITHIN_S, elapsed_s
+
+        for name in SHARD_NAMES:
+            if name == down:
+                continue
+            up = merchants[name]
+            results = await transfers(
+                stub, transfer(uid("t"), ref(up, "cash"), ref(up, "wallet"), 5)
+            )
+            assert result_names(results) == ["TRANSFER_RESULT_OK"], name
+            assert (await balance(stub, up, "wallet")).credits_posted == 5
+
+
+async def test_batch_with_a_down_shard_item_gets_shard_unavailable_for_it_and_ok_for_the_rest(
+    cluster3: Cluster3,
+) -> None:
+    stub = cluster3.service.stub
+    merchants = await _merchants_with_accounts(cluster3)
+    down, up = merchants["shard-c"], merchants["shard-a"]
+    async with shard_down(cluster3, "shard-c"):
+        started_s = time.monotonic()
+        results = await transfers(
+            stub,
+            transfer(uid("t"), ref(down, "cash"), ref(down, "wallet"), 3),
+            transfer(uid("t"), ref(up, "cash"), ref(up, "wallet"), 4),
+        )
+        assert time.monotonic() - started_s < UNAVAILABLE_WITHIN_S
+    assert result_names(results) == ["TRANSFER_RESULT_SHARD_UNAVAILABLE", "TRANSFER_RESULT_OK"]
+    assert [r.index for r in results] == [0, 1]
+    assert (await balance(stub, up, "wallet")).credits_posted == 4
+
+
+async def test_transfer_retried_after_shard_restarts_applies_exactly_once(
+    cluster3: Cluster3,
+) -> None:
+    stub = cluster3.service.stub
+    merchants = await _merchants_with_accounts(cluster3)
+    m = merchants["shard-a"]
+    transfer_id = uid("t")
+    item = transfer(transfer_id, ref(m, "cash"), ref(m, "wallet"), 70)
+    async with shard_down(cluster3, "shard-a"):
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await transfers(stub, item)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+
+    outcomes: list[pb.CreateTransferResult] = []
+
+    async def retry_succeeds() -> bool:
+        try:
+            results = await transfers(stub, item)
+        except grpc.aio.AioRpcError as error:
+            if error.code() == grpc.StatusCode.UNAVAILABLE:
+                return False
+            raise
+        outcomes.append(results[0])
+        return bool(results[0].result == pb.TRANSFER_RESULT_OK)
+
+    await wait_until(retry_succeeds, what="the transfer to succeed after the shard restarted")
+    # Retries that reached the shard before success must all have been "unavailable".
+    assert result_names(outcomes[:-1]) == ["TRANSFER_RESULT_SHARD_UNAVAILABLE"] * (
+        len(outcomes) - 1
+    )
+    again = await transfers(stub, item)
+    assert result_names(again) == ["TRANSFER_RESULT_OK"]
+    assert again[0].replayed
+    wallet = await balance(stub, m, "wallet")
+    cash = await balance(stub, m, "cash")
+    assert (wallet.credits_posted, wallet.debits_posted) == (70, 0)
+    assert (cash.debits_posted, cash.credits_posted) == (70, 0)
