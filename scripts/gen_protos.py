@@ -26,7 +26,9 @@ def generate(out_root: Path) -> list[Path]:
     protos = sorted(PROTO_ROOT.rglob("*.proto"))
     out_root.mkdir(parents=True, exist_ok=True)
     command = [
-        sys.executable, "-m", "grpc_tools.protoc",
+        sys.executable,
+        "-m",
+        "grpc_tools.protoc",
         f"--proto_path={PROTO_ROOT}",
         f"--python_out={out_root}",
         f"--mypy_out={out_root}",

@@ -82,14 +82,10 @@ class Service:
         await self.cluster.close()
 
 
-async def start_service(
-    config_path: Path, *, concurrent_rpcs_max: int = 256
-) -> Service:
+async def start_service(config_path: Path, *, concurrent_rpcs_max: int = 256) -> Service:
     cluster = Cluster(load_config(config_path), config_path=config_path)
     await cluster.open()
-    server = LedgerServer(
-        cluster, listen="127.0.0.1:0", concurrent_rpcs_max=concurrent_rpcs_max
-    )
+    server = LedgerServer(cluster, listen="127.0.0.1:0", concurrent_rpcs_max=concurrent_rpcs_max)
     await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
     return Service(

@@ -20,8 +20,8 @@ from ledger.domain.engine import (
     expire_pending,
 )
 from ledger.domain.transfers import (
-    EntryKind,
     Direction,
+    EntryKind,
     PendingState,
     TransferAction,
     TransferKey,
@@ -240,17 +240,28 @@ def test_accepted_transfers_keep_every_currency_balanced_and_limits_hold(
     for spec in specs:
         source = next(
             (
-                s for s in specs
-                if s.currency == spec.currency and s.key != spec.key
-                and not s.debits_must_not_exceed_credits and not s.credits_must_not_exceed_debits
+                s
+                for s in specs
+                if s.currency == spec.currency
+                and s.key != spec.key
+                and not s.debits_must_not_exceed_credits
+                and not s.credits_must_not_exceed_debits
             ),
             None,
         )
         if spec.debits_must_not_exceed_credits and source is not None and funding:
-            store.apply([
-                TransferRequest(f"fund-{spec.key.account_id}", source.key, spec.key, funding,
-                                spec.currency, TransferAction.POST)
-            ])
+            store.apply(
+                [
+                    TransferRequest(
+                        f"fund-{spec.key.account_id}",
+                        source.key,
+                        spec.key,
+                        funding,
+                        spec.currency,
+                        TransferAction.POST,
+                    )
+                ]
+            )
     store.check_invariants()
     known: list[str] = [k.transfer_id for k in store.records]
     for serial, raw in enumerate(batches):

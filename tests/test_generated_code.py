@@ -23,7 +23,10 @@ def test_generated_code_is_up_to_date_with_protos() -> None:
 def test_generated_files_are_marked_do_not_edit() -> None:
     generated = sorted((ROOT / "ledger" / "v1").glob("*.py*"))
     assert {p.name for p in generated} >= {
-        "ledger_pb2.py", "ledger_pb2.pyi", "ledger_pb2_grpc.py", "ledger_pb2_grpc.pyi"
+        "ledger_pb2.py",
+        "ledger_pb2.pyi",
+        "ledger_pb2_grpc.py",
+        "ledger_pb2_grpc.pyi",
     }
     for path in generated:
         assert "DO NOT EDIT" in path.read_text().splitlines()[0], path
