@@ -24,6 +24,7 @@ from tests.support import (
     RPC_TIMEOUT_S,
     Service,
     account,
+    count_rows,
     create_accounts,
     field_violations,
     ref,
@@ -157,8 +158,6 @@ async def books(service: Service) -> AsyncIterator[Books]:
 
 
 async def row_counts(service: Service) -> dict[str, int]:
-    from tests.support import count_rows
-
     return {table: await count_rows(service, table) for table in TABLES}
 
 
@@ -349,8 +348,13 @@ BAD_IDS = [
 def _id_locations() -> list[Any]:
     """(where the id goes, the expected field path, whether empty means 'absent and fine')."""
 
-    def at(build: Callable[[Books, str], tuple[str, Message]], field: str, name: str,
-           *, empty_ok: bool = False) -> Any:
+    def at(
+        build: Callable[[Books, str], tuple[str, Message]],
+        field: str,
+        name: str,
+        *,
+        empty_ok: bool = False,
+    ) -> Any:
         return pytest.param(build, field, empty_ok, id=name)
 
     def create_transfer(**item: Callable[[Books, str], Any]) -> Callable[[Books, str], Any]:
@@ -516,8 +520,9 @@ async def test_posting_without_account_is_refused(service: Service, books: Books
             ]
         )
 
-    await check(service, books, build, ["postings[0].account.merchant_id",
-                                         "postings[0].account.account_id"])
+    await check(
+        service, books, build, ["postings[0].account.merchant_id", "postings[0].account.account_id"]
+    )
 
 
 # Metadata: at most 16 keys, keys 1 to 64 bytes, values at most 256 bytes.
@@ -527,7 +532,9 @@ BAD_METADATA = [
     pytest.param({"": "v"}, "['']", id="empty-key"),
     pytest.param({"k" * (limits.metadata_key_bytes_max + 1): "v"}, "[*", id="65-byte-key"),
     pytest.param({"é" * 33: "v"}, "[*", id="33-chars-66-byte-key"),
-    pytest.param({"note": "v" * (limits.metadata_value_bytes_max + 1)}, "['note']", id="long-value"),
+    pytest.param(
+        {"note": "v" * (limits.metadata_value_bytes_max + 1)}, "['note']", id="long-value"
+    ),
     pytest.param({"note": "€" * 86}, "['note']", id="86-chars-258-byte-value"),
 ]
 
@@ -585,7 +592,8 @@ def _batches() -> list[Any]:
     over_postings = limits.postings_per_journal_max + 1
     return [
         pytest.param(
-            lambda b: ("CreateTransfers", pb.CreateTransfersRequest()), "transfers",
+            lambda b: ("CreateTransfers", pb.CreateTransfersRequest()),
+            "transfers",
             id="no-transfers",
         ),
         pytest.param(
@@ -633,7 +641,8 @@ def _batches() -> list[Any]:
             id="too-many-close-refs",
         ),
         pytest.param(
-            lambda b: ("LookupTransfers", pb.LookupTransfersRequest()), "refs",
+            lambda b: ("LookupTransfers", pb.LookupTransfersRequest()),
+            "refs",
             id="no-transfer-refs",
         ),
         pytest.param(
@@ -771,7 +780,10 @@ async def test_pending_id_on_a_transfer_that_settles_nothing_is_refused(
     service: Service, books: Books, action: int
 ) -> None:
     await check(
-        service, books, one_transfer(action=action, pending_id=uid("p")), ["transfers[0].pending_id"]
+        service,
+        books,
+        one_transfer(action=action, pending_id=uid("p")),
+        ["transfers[0].pending_id"],
     )
 
 
@@ -826,7 +838,9 @@ async def test_reversal_that_is_not_a_post_is_refused(
 
 async def test_transfer_reversing_itself_is_refused(service: Service, books: Books) -> None:
     same = uid("t")
-    await check(service, books, one_transfer(id=same, reversal_of=same), ["transfers[0].reversal_of"])
+    await check(
+        service, books, one_transfer(id=same, reversal_of=same), ["transfers[0].reversal_of"]
+    )
 
 
 async def test_account_with_both_limit_flags_is_refused(service: Service, books: Books) -> None:
@@ -891,7 +905,8 @@ async def test_journal_of_only_debits_is_refused(service: Service, books: Books)
 
 
 @pytest.mark.parametrize(
-    "page_size", [-1, -(2**31), limits.page_size_max + 1, 2**31 - 1],
+    "page_size",
+    [-1, -(2**31), limits.page_size_max + 1, 2**31 - 1],
     ids=["minus-one", "int32-min", "max-plus-one", "int32-max"],
 )
 @pytest.mark.parametrize("method", ["ListAccounts", "ListEntries"])
@@ -948,7 +963,9 @@ def _foreign_tokens() -> list[Any]:
         pytest.param(
             lambda b: (
                 "ListAccounts",
-                pb.ListAccountsRequest(merchant_id=b.merchant_id, page_token=b.entries_newest_token),
+                pb.ListAccountsRequest(
+                    merchant_id=b.merchant_id, page_token=b.entries_newest_token
+                ),
             ),
             id="entries-token-for-accounts",
         ),
@@ -1075,9 +1092,7 @@ async def test_bad_action_does_not_hide_the_transfers_other_bad_fields(
     )
 
 
-async def test_every_bad_field_of_every_account_is_reported(
-    service: Service, books: Books
-) -> None:
+async def test_every_bad_field_of_every_account_is_reported(service: Service, books: Books) -> None:
     def build(b: Books) -> tuple[str, Message]:
         return "CreateAccounts", pb.CreateAccountsRequest(
             accounts=[

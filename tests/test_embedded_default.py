@@ -114,9 +114,7 @@ async def ledger_serve(data_dir: Path) -> AsyncIterator[Serving]:
     )
     serving = Serving(process=process, port=0)
     try:
-        serving.port = await asyncio.wait_for(
-            _read_until_serving(serving), SERVE_START_DEADLINE_S
-        )
+        serving.port = await asyncio.wait_for(_read_until_serving(serving), SERVE_START_DEADLINE_S)
         serving.drain = asyncio.create_task(_drain(serving))
         yield serving
     finally:
@@ -129,9 +127,7 @@ async def ledger_serve(data_dir: Path) -> AsyncIterator[Serving]:
         # Whatever the test did, no PostgreSQL of this data dir may outlive it.
         postgres_dir = data_dir / "postgres"
         if (postgres_dir / "postmaster.pid").exists():
-            await asyncio.to_thread(
-                EmbeddedPostgres(data_dir=postgres_dir).stop, mode="immediate"
-            )
+            await asyncio.to_thread(EmbeddedPostgres(data_dir=postgres_dir).stop, mode="immediate")
 
 
 async def _interrupt_and_wait(serving: Serving) -> int:
@@ -236,9 +232,10 @@ def test_route_prints_the_same_shard_as_the_ring(tmp_path: Path) -> None:
 async def _schema_state(dsn: str) -> tuple[list[int], str, int]:
     conn = await asyncpg.connect(dsn)
     try:
-        versions = [r["version"] for r in await conn.fetch(
-            "SELECT version FROM schema_migrations ORDER BY version"
-        )]
+        versions = [
+            r["version"]
+            for r in await conn.fetch("SELECT version FROM schema_migrations ORDER BY version")
+        ]
         meta = await conn.fetchrow("SELECT shard_name, epoch FROM shard_meta")
         assert meta is not None
         return versions, meta["shard_name"], int(meta["epoch"])

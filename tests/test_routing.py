@@ -122,9 +122,7 @@ def test_adding_a_fourth_shard_moves_about_a_quarter_and_only_to_it() -> None:
 def test_weights_skew_the_distribution_toward_the_heavier_shard() -> None:
     merchants = _merchants(2000)
     even = Counter(ShardRing(_config()).shard_for(m) for m in merchants)
-    skewed = Counter(
-        ShardRing(_config(weights={"shard-a": 4})).shard_for(m) for m in merchants
-    )
+    skewed = Counter(ShardRing(_config(weights={"shard-a": 4})).shard_for(m) for m in merchants)
     assert max(even.values()) < 0.45 * len(merchants), even
     # Weight 4 of 6 is two thirds of the ring; allow hashing noise around it.
     assert skewed["shard-a"] > 0.55 * len(merchants), skewed

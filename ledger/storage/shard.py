@@ -815,8 +815,9 @@ async def _write(
     invariant(counts["resolutions"] == len(resolutions), "every resolution was written")
 
 
-def _postings_json(request: JournalRequest) -> list[dict[str, Any]]:
-    return [
+def _postings_json(request: JournalRequest) -> tuple[dict[str, Any], ...]:
+    # A tuple, not a list: asyncpg reads a nested list as another array dimension.
+    return tuple(
         {
             "merchant_id": p.account.merchant_id,
             "account_id": p.account.account_id,
@@ -825,4 +826,4 @@ def _postings_json(request: JournalRequest) -> list[dict[str, Any]]:
             "direction": int(p.direction),
         }
         for p in request.postings
-    ]
+    )

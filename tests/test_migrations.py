@@ -1,0 +1,219 @@
+"""Migrations: numbered, applied once, creating the schema; history tables are append-only."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from importlib import resources
+
+import asyncpg
+import pytest
+
+from ledger.embedded.postgres import EmbeddedPostgres
+from ledger.storage.migrate import apply_migrations, migrations
+from ledger.storage.shard import Shard
+from ledger.v1 import ledger_pb2 as pb
+from tests.support import (
+    Service,
+    account,
+    create_accounts,
+    ref,
+    result_names,
+    transfer,
+    transfers,
+    uid,
+)
+
+APPEND_ONLY_STATE = "55000"  # object_not_in_prerequisite_state, raised by the history trigger
+CHECK_VIOLATION_STATE = "23514"
+HISTORY_TABLES = ("transfers", "entries", "pending_resolutions")
+_CREATE_TABLE = re.compile(r"^\s*CREATE TABLE (?:IF NOT EXISTS )?(\w+)", re.MULTILINE | re.I)
+
+
+@pytest.fixture
+async def fresh_conn(pg_server: EmbeddedPostgres) -> AsyncIterator[asyncpg.Connection]:
+    database = f"mig_{uid()}"
+    pg_server.create_database(database)
+    conn = await asyncpg.connect(pg_server.dsn(database))
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+async def _tables(conn: asyncpg.Connection) -> set[str]:
+    rows = await conn.fetch(
+        "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'"
+    )
+    return {r["table_name"] for r in rows}
+
+
+def _declared_tables() -> set[str]:
+    return {name for m in migrations() for name in _CREATE_TABLE.findall(m.sql)}
+
+
+def test_migrations_are_numbered_one_to_n_without_gaps() -> None:
+    found = migrations()
+    assert found, "there is at least one migration"
+    assert [m.version for m in found] == list(range(1, len(found) + 1))
+    for m in found:
+        assert re.fullmatch(r"\d{4}_[a-z0-9_]+\.sql", m.name), m.name
+        assert int(m.name[:4]) == m.version
+
+
+def test_every_sql_file_in_the_migrations_folder_is_a_migration() -> None:
+    # A misnamed file would otherwise be skipped silently and never applied.
+    folder = resources.files("ledger.storage").joinpath("migrations")
+    sql_files = {entry.name for entry in folder.iterdir() if entry.name.endswith(".sql")}
+    assert sql_files == {m.name for m in migrations()}
+
+
+async def test_applying_migrations_creates_every_table_and_records_versions(
+    fresh_conn: asyncpg.Connection,
+) -> None:
+    applied = await apply_migrations(fresh_conn)
+    assert applied == [m.name for m in migrations()]
+    expected = _declared_tables() | {"schema_migrations"}
+    assert {"accounts", "transfers", "entries", "pending_resolutions", "merchants"} <= expected
+    assert expected <= await _tables(fresh_conn)
+    rows = await fresh_conn.fetch("SELECT version, name FROM schema_migrations ORDER BY version")
+    assert [(r["version"], r["name"]) for r in rows] == [(m.version, m.name) for m in migrations()]
+
+
+async def test_applying_migrations_twice_applies_nothing_the_second_time(
+    fresh_conn: asyncpg.Connection,
+) -> None:
+    await apply_migrations(fresh_conn)
+    recorded_before = await fresh_conn.fetch("SELECT * FROM schema_migrations ORDER BY version")
+    assert await apply_migrations(fresh_conn) == []
+    recorded_after = await fresh_conn.fetch("SELECT * FROM schema_migrations ORDER BY version")
+    assert recorded_after == recorded_before
+
+
+# --- History is append-only (on a running service's shard). ---
+
+
+@dataclass(frozen=True)
+class History:
+    shard: Shard
+    merchant_id: str
+
+
+@pytest.fixture(scope="module")
+async def history(service: Service) -> History:
+    """One merchant with a posted transfer and a pending transfer that was then posted."""
+    m = uid("m")
+    await create_accounts(service.stub, account(m, "cash"), account(m, "wallet"))
+    pending_id = uid("p")
+    results = await transfers(
+        service.stub,
+        transfer(uid("t"), ref(m, "cash"), ref(m, "wallet"), 100),
+        transfer(
+            pending_id, ref(m, "cash"), ref(m, "wallet"), 40, action=pb.TRANSFER_ACTION_PENDING
+        ),
+    )
+    assert result_names(results) == ["TRANSFER_RESULT_OK"] * 2
+    results = await transfers(
+        service.stub,
+        transfer(
+            uid("t"),
+            ref(m, "cash"),
+            ref(m, "wallet"),
+            0,
+            "",
+            action=pb.TRANSFER_ACTION_POST_PENDING,
+            pending_id=pending_id,
+        ),
+    )
+    assert result_names(results) == ["TRANSFER_RESULT_OK"]
+    return History(shard=service.cluster.shard_for(m), merchant_id=m)
+
+
+async def _sqlstate_in_rolled_back_transaction(
+    shard: Shard, statement: str, *args: object
+) -> str | None:
+    """Runs statement and always rolls back, so a missing guard cannot damage the shard."""
+    async with shard.pool.acquire() as conn:
+        transaction = conn.transaction()
+        await transaction.start()
+        try:
+            await conn.execute(statement, *args)
+        except asyncpg.PostgresError as error:
+            return str(error.sqlstate)
+        finally:
+            await transaction.rollback()
+    return None
+
+
+async def _count(shard: Shard, table: str, merchant_id: str) -> int:
+    async with shard.pool.acquire() as conn:
+        return int(
+            await conn.fetchval(f"SELECT count(*) FROM {table} WHERE merchant_id = $1", merchant_id)
+        )
+
+
+@pytest.mark.parametrize("table", HISTORY_TABLES)
+async def test_history_rows_cannot_be_updated(history: History, table: str) -> None:
+    rows_before = await _count(history.shard, table, history.merchant_id)
+    assert rows_before > 0
+    state = await _sqlstate_in_rolled_back_transaction(
+        history.shard,
+        f"UPDATE {table} SET created_at = created_at + interval '1 day' WHERE merchant_id = $1",
+        history.merchant_id,
+    )
+    assert state == APPEND_ONLY_STATE
+
+
+@pytest.mark.parametrize("table", HISTORY_TABLES)
+async def test_history_rows_cannot_be_deleted(history: History, table: str) -> None:
+    rows_before = await _count(history.shard, table, history.merchant_id)
+    assert rows_before > 0
+    state = await _sqlstate_in_rolled_back_transaction(
+        history.shard, f"DELETE FROM {table} WHERE merchant_id = $1", history.merchant_id
+    )
+    assert state == APPEND_ONLY_STATE
+    assert await _count(history.shard, table, history.merchant_id) == rows_before
+
+
+@pytest.mark.parametrize("table", HISTORY_TABLES)
+async def test_history_tables_cannot_be_truncated(history: History, table: str) -> None:
+    rows_before = await _count(history.shard, table, history.merchant_id)
+    state = await _sqlstate_in_rolled_back_transaction(history.shard, f"TRUNCATE {table}")
+    assert state == APPEND_ONLY_STATE
+    assert await _count(history.shard, table, history.merchant_id) == rows_before
+
+
+async def test_account_row_breaking_its_no_overdraft_flag_is_refused_by_a_check(
+    service: Service,
+) -> None:
+    m = uid("m")
+    await create_accounts(service.stub, account(m, "wallet", no_overdraft=True))
+    shard = service.cluster.shard_for(m)
+    state = await _sqlstate_in_rolled_back_transaction(
+        shard,
+        "UPDATE accounts SET debits_posted = credits_posted + 1 "
+        "WHERE merchant_id = $1 AND account_id = 'wallet'",
+        m,
+    )
+    assert state == CHECK_VIOLATION_STATE
+    # Pending debits count against the flag too.
+    state = await _sqlstate_in_rolled_back_transaction(
+        shard,
+        "UPDATE accounts SET debits_pending = 1 WHERE merchant_id = $1 AND account_id = 'wallet'",
+        m,
+    )
+    assert state == CHECK_VIOLATION_STATE
+
+
+async def test_account_row_breaking_its_no_credit_overdraft_flag_is_refused_by_a_check(
+    service: Service,
+) -> None:
+    m = uid("m")
+    await create_accounts(service.stub, account(m, "income", no_credit_overdraft=True))
+    state = await _sqlstate_in_rolled_back_transaction(
+        service.cluster.shard_for(m),
+        "UPDATE accounts SET credits_posted = 5 WHERE merchant_id = $1 AND account_id = 'income'",
+        m,
+    )
+    assert state == CHECK_VIOLATION_STATE
