@@ -17,7 +17,7 @@ from pathlib import Path
 import asyncpg
 import grpc
 
-from ledger.embedded.postgres import EmbeddedPostgres
+from ledger.embedded.postgres import EmbeddedPostgres, EmbeddedPostgresError
 from ledger.routing.config import ShardConfig, ShardSpec
 from ledger.routing.ring import ShardRing
 from ledger.v1 import ledger_pb2_grpc
@@ -127,7 +127,17 @@ async def ledger_serve(data_dir: Path) -> AsyncIterator[Serving]:
         # Whatever the test did, no PostgreSQL of this data dir may outlive it.
         postgres_dir = data_dir / "postgres"
         if (postgres_dir / "postmaster.pid").exists():
-            await asyncio.to_thread(EmbeddedPostgres(data_dir=postgres_dir).stop, mode="immediate")
+            await asyncio.to_thread(_stop_or_kill, EmbeddedPostgres(data_dir=postgres_dir))
+
+
+def _stop_or_kill(server: EmbeddedPostgres) -> None:
+    try:
+        server.stop(mode="immediate")
+    except EmbeddedPostgresError:
+        # pg_ctl itself could not run; never leak the server: SIGQUIT is an immediate stop.
+        pid = int((server.data_dir / "postmaster.pid").read_text().split()[0])
+        os.kill(pid, signal.SIGQUIT)
+        raise
 
 
 async def _interrupt_and_wait(serving: Serving) -> int:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -11,7 +13,7 @@ from dataclasses import dataclass
 import grpc
 import pytest
 
-from ledger.embedded.postgres import EmbeddedPostgres
+from ledger.embedded.postgres import EmbeddedPostgres, EmbeddedPostgresError
 from ledger.routing.config import ShardConfig, ShardSpec
 from ledger.v1 import ledger_pb2 as pb
 from tests.support import (
@@ -69,8 +71,22 @@ async def cluster3(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Cl
             if service is not None:
                 await service.stop()
         finally:
-            for server in servers.values():
-                await asyncio.to_thread(server.stop, mode="immediate")
+            stops = [asyncio.to_thread(_stop_or_kill, server) for server in servers.values()]
+            failures = [
+                r for r in await asyncio.gather(*stops, return_exceptions=True) if r is not None
+            ]
+            if failures:
+                raise failures[0]
+
+
+def _stop_or_kill(server: EmbeddedPostgres) -> None:
+    try:
+        server.stop(mode="immediate")
+    except EmbeddedPostgresError:
+        # pg_ctl itself could not run; never leak the server: SIGQUIT is an immediate stop.
+        pid = int((server.data_dir / "postmaster.pid").read_text().split()[0])
+        os.kill(pid, signal.SIGQUIT)
+        raise
 
 
 @asynccontextmanager

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
+import unicodedata
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 
@@ -25,6 +27,7 @@ from ledger.domain.transfers import (
     TransferKey,
     TransferRequest,
 )
+from ledger.limits import AMOUNT_MINOR_MAX
 from ledger.v1 import ledger_pb2 as pb
 
 _PENDING_TIMEOUT_MS_MAX = int(limits.pending_timeout_max.total_seconds() * 1000)
@@ -49,7 +52,7 @@ class Violations:
             self.add(field, "must not be empty")
         elif size > limits.id_bytes_max:
             self.add(field, f"must be at most {limits.id_bytes_max} bytes")
-        elif any(ord(c) < 32 or ord(c) == 127 for c in value):
+        elif any(unicodedata.category(c) == "Cc" for c in value):
             self.add(field, "must not contain control characters")
 
     def currency(self, field: str, value: str) -> None:
@@ -180,10 +183,11 @@ def _transfer(v: Violations, field: str, t: pb.Transfer) -> TransferRequest | No
     before = len(v.items)
     v.id(f"{field}.id", t.id)
     debit = account_ref(v, f"{field}.debit_account", t.debit_account)
-    if int(t.action) not in {a.value for a in TransferAction}:
+    known_action = int(t.action) in {a.value for a in TransferAction}
+    if not known_action:
         v.add(f"{field}.action", "must be POST, PENDING, POST_PENDING or VOID_PENDING")
-        return None
-    action = TransferAction(t.action)
+    # An unknown action is checked as a POST so that every other bad field is reported too.
+    action = TransferAction(t.action) if known_action else TransferAction.POST
     settles = action in (TransferAction.POST_PENDING, TransferAction.VOID_PENDING)
     credit = account_ref(v, f"{field}.credit_account", t.credit_account, required=not settles)
     if t.amount_minor < 0:
@@ -264,7 +268,20 @@ def post_journal(request: pb.PostJournalRequest) -> JournalRequest:
     )
 
 
-def timestamp(value: Timestamp) -> datetime:
+# The range google.protobuf.Timestamp allows: 0001-01-01 to 9999-12-31.
+_TIMESTAMP_SECONDS_MIN = -62135596800
+_TIMESTAMP_SECONDS_MAX = 253402300799
+_NANOS_MAX = 999_999_999
+_SEQUENCE_CURSOR = re.compile(r"[0-9]{1,19}")
+
+
+def timestamp(v: Violations, field: str, value: Timestamp) -> datetime | None:
+    if not (
+        _TIMESTAMP_SECONDS_MIN <= value.seconds <= _TIMESTAMP_SECONDS_MAX
+        and 0 <= value.nanos <= _NANOS_MAX
+    ):
+        v.add(field, "must be a valid timestamp between years 1 and 9999")
+        return None
     return datetime.fromtimestamp(value.seconds, UTC).replace(microsecond=value.nanos // 1000)
 
 
@@ -273,16 +290,40 @@ def encode_page_token(kind: str, cursor: str) -> str:
     return base64.urlsafe_b64encode(raw).decode("ascii")
 
 
-def decode_page_token(field: str, token: str, kind: str) -> str | None:
-    """Returns the cursor inside a token made by encode_page_token for the same kind."""
+def decode_page_token(v: Violations, field: str, token: str, kind: str) -> str | None:
+    """The cursor inside a token made by encode_page_token for the same kind, else a violation."""
     if not token:
         return None
     try:
-        version, token_kind, cursor = (
-            base64.urlsafe_b64decode(token.encode("ascii")).decode().split("|", 2)
-        )
+        raw = base64.urlsafe_b64decode(token.encode("ascii")).decode()
+        version, token_kind, cursor = raw.split("|", 2)
     except (ValueError, UnicodeError, binascii.Error):
-        raise invalid_argument([(field, "is not a page token this service issued")]) from None
+        v.add(field, "is not a page token this service issued")
+        return None
     if version != "v1" or token_kind != kind:
-        raise invalid_argument([(field, "belongs to a different listing or order")])
+        v.add(field, "belongs to a different listing or order")
+        return None
     return cursor
+
+
+def account_cursor(v: Violations, field: str, token: str) -> str:
+    cursor = decode_page_token(v, field, token, "accounts")
+    if cursor is None:
+        return ""
+    before = len(v.items)
+    v.id(field, cursor)
+    if len(v.items) > before:
+        del v.items[before:]
+        v.add(field, "is corrupt")
+        return ""
+    return cursor
+
+
+def sequence_cursor(v: Violations, field: str, token: str, kind: str) -> int | None:
+    cursor = decode_page_token(v, field, token, kind)
+    if cursor is None:
+        return None
+    if not _SEQUENCE_CURSOR.fullmatch(cursor) or int(cursor) > AMOUNT_MINOR_MAX:
+        v.add(field, "is corrupt")
+        return None
+    return int(cursor)

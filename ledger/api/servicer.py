@@ -13,7 +13,6 @@ from ledger.api import decode, encode
 from ledger.api.status import (
     AbortError,
     failed_precondition,
-    invalid_argument,
     unavailable,
     with_reason,
 )
@@ -141,8 +140,8 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         v = decode.Violations()
         v.id("merchant_id", request.merchant_id)
         page_size = v.page_size("page_size", request.page_size)
+        after = decode.account_cursor(v, "page_token", request.page_token)
         v.raise_if_any()
-        after = decode.decode_page_token("page_token", request.page_token, "accounts") or ""
         accounts = await self.ledger.list_accounts(
             request.merchant_id, after=after, limit=page_size + 1
         )
@@ -232,9 +231,9 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
     ) -> pb.GetBalanceResponse:
         v = decode.Violations()
         key = decode.account_ref(v, "account", request.account)
+        as_of = decode.timestamp(v, "as_of", request.as_of) if request.HasField("as_of") else None
         v.raise_if_any()
         assert key is not None
-        as_of = decode.timestamp(request.as_of) if request.HasField("as_of") else None
         found = await self.ledger.balance(key, as_of=as_of)
         if found is None:
             raise with_reason(grpc.StatusCode.NOT_FOUND, "ACCOUNT_NOT_FOUND", "no such account")
@@ -256,16 +255,11 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         page_size = v.page_size("page_size", request.page_size)
         if int(request.order) not in (0, 1, 2):
             v.add("order", "must be NEWEST_FIRST or OLDEST_FIRST")
-        v.raise_if_any()
-        assert key is not None
         newest_first = request.order != pb.ORDER_OLDEST_FIRST
         kind = "entries-newest" if newest_first else "entries-oldest"
-        cursor = decode.decode_page_token("page_token", request.page_token, kind)
-        after = None
-        if cursor is not None:
-            if not cursor.isdigit():
-                raise invalid_argument([("page_token", "is corrupt")])
-            after = int(cursor)
+        after = decode.sequence_cursor(v, "page_token", request.page_token, kind)
+        v.raise_if_any()
+        assert key is not None
         entries = await self.ledger.list_entries(
             key, after_sequence=after, newest_first=newest_first, limit=page_size + 1
         )
