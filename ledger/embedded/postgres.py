@@ -219,6 +219,7 @@ class EmbeddedPostgres:
         with self._lock:
             if self._running_postmaster() is None:
                 return
+            self._ensure_traversable()
             result = self._run(
                 [
                     *(self._binary("pg_ctl"), "stop", "-D", str(self._data_dir)),
@@ -233,6 +234,12 @@ class EmbeddedPostgres:
 
     def is_running(self) -> bool:
         return self._running_postmaster() is not None
+
+    def _ensure_traversable(self) -> None:
+        # Another program (pytest resets /tmp/pytest-of-root to 0700) may have taken away
+        # the server user's search permission on the data dir's parents since start().
+        if _server_user() is not None:
+            _grant_traverse_on_prefixes(self._data_dir)
 
     def create_database(self, name: str) -> None:
         """Create database `name` unless it exists. Blocks briefly; safe inside an event loop."""
@@ -358,6 +365,7 @@ class EmbeddedPostgres:
         # A server that started too late or never became ready must not outlive our error.
         if self._running_postmaster() is None:
             return
+        self._ensure_traversable()
         self._run(
             [
                 *(self._binary("pg_ctl"), "stop", "-D", str(self._data_dir)),
