@@ -409,3 +409,24 @@ async def test_all_items_on_an_unreachable_path_get_a_status_not_internal(servic
             pb.GetBalanceRequest(account=ref(m, "a")), timeout=RPC_TIMEOUT_S
         )
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_reversal_of_a_transfer_between_two_merchants_is_found_by_the_original_debit_merchant(
+    service: Service,
+) -> None:
+    payer = service.merchant_on("shard-a", "payer")
+    payee = service.merchant_on("shard-a", "payee")
+    await create_accounts(service.stub, account(payer, "cash"), account(payee, "sales"))
+    original = uid("t")
+    assert result_names(
+        await transfers(
+            service.stub, transfer(original, ref(payer, "cash"), ref(payee, "sales"), 90)
+        )
+    ) == [OK]
+    refund = transfer(uid("r"), ref(payee, "sales"), ref(payer, "cash"), 90, reversal_of=original)
+    too_much = transfer(uid("r"), ref(payee, "sales"), ref(payer, "cash"), 1, reversal_of=original)
+    assert result_names(await transfers(service.stub, refund, too_much)) == [
+        OK,
+        "TRANSFER_RESULT_REVERSAL_EXCEEDS_ORIGINAL",
+    ]
+    assert (await balance(service.stub, payee, "sales")).debits_posted == 90

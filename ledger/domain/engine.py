@@ -325,7 +325,10 @@ def _check_accounts(run: _BatchRun, request: TransferRequest) -> tuple[Account, 
 def _check_reversal(run: _BatchRun, request: TransferRequest) -> TransferKey | None:
     if not request.reversal_of:
         return None
-    target_key = TransferKey(request.debit.merchant_id, request.reversal_of)
+    credit = request.credit
+    assert credit is not None
+    # The original debited this reversal's credit merchant: that is its home.
+    target_key = TransferKey(credit.merchant_id, request.reversal_of)
     target = run.record(target_key)
     if target is None or target.result is not TransferResult.OK:
         raise _Refused(TransferResult.REVERSAL_TARGET_NOT_FOUND)

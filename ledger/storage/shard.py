@@ -252,7 +252,9 @@ class Shard:
                 if r.settles_pending
             }
             reversal_keys = {
-                TransferKey(r.debit.merchant_id, r.reversal_of) for r in requests if r.reversal_of
+                TransferKey(r.credit.merchant_id, r.reversal_of)
+                for r in requests
+                if r.reversal_of and r.credit is not None
             }
             referenced = await self._select_transfers(conn, pending_keys | reversal_keys)
             account_keys: set[AccountKey] = set()

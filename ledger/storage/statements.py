@@ -72,12 +72,14 @@ SELECT merchant_id, pending_id, state FROM pending_resolutions
 WHERE (merchant_id, pending_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))
 """
 
+# Reversals credit the original's debit merchant, so they are found by that merchant.
 SUM_REVERSALS = """
-SELECT merchant_id, reversal_of, sum(amount_effective_minor)::bigint AS reversed_minor
+SELECT credit_merchant_id AS merchant_id, reversal_of,
+       sum(amount_effective_minor)::bigint AS reversed_minor
 FROM transfers
-WHERE (merchant_id, reversal_of) IN (SELECT * FROM unnest($1::text[], $2::text[]))
+WHERE (credit_merchant_id, reversal_of) IN (SELECT * FROM unnest($1::text[], $2::text[]))
   AND result = 1
-GROUP BY merchant_id, reversal_of
+GROUP BY credit_merchant_id, reversal_of
 """
 
 # One round trip writes a whole batch. Data-modifying CTEs always run to

@@ -778,9 +778,10 @@ class Transfer(_message.Message):
     or fails as a unit. All members must live on one shard.
     """
     reversal_of: _builtins.str
-    """Makes this a reversal of the transfer with this id (same debit merchant
-    as this transfer): the accounts must be the original's, swapped, and the
-    amounts of all reversals may not exceed the original's posted amount.
+    """Makes this a reversal of the transfer with this id. The original belongs
+    to this transfer's credit merchant (it debited that merchant); the
+    accounts must be the original's, swapped, and the amounts of all
+    reversals may not exceed the original's posted amount.
     """
     @_builtins.property
     def debit_account(self) -> Global___AccountRef:

@@ -75,7 +75,7 @@ CREATE TABLE transfers (
     PRIMARY KEY (merchant_id, transfer_id)
 );
 
-CREATE INDEX transfers_reversals ON transfers (merchant_id, reversal_of)
+CREATE INDEX transfers_reversals ON transfers (credit_merchant_id, reversal_of)
     WHERE reversal_of <> '' AND result = 1;
 
 -- How each pending transfer ended (posted, voided, expired): at most once.
