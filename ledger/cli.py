@@ -13,8 +13,8 @@ import typer
 from ledger import limits
 from ledger.api.server import LedgerServer
 from ledger.client import LedgerClient
-from ledger.core.cluster import Cluster
 from ledger.embedded.cluster import EmbeddedCluster
+from ledger.routing.cluster import Cluster
 from ledger.routing.config import load_config
 from ledger.routing.ring import ShardRing
 from ledger.settings import Settings

@@ -64,6 +64,29 @@ expiry_sweep_interval_s = 0.5
 expiry_sweep_batch_max = 500
 expiry_sweeps_per_round_max = 20
 
+# Sagas. Attempts before a saga goes to the dead-letter list: with the back-off
+# below this is over ten minutes of a credit shard being unreachable.
+saga_attempts_max = 30
+saga_retry_delay_s_min = 0.1
+saga_retry_delay_s_max = 30.0
+# A worker that claims a saga holds it this long; a crashed worker's sagas are
+# picked up by another replica after it runs out.
+saga_lease_s = 10.0
+# How long a CreateTransfers call waits for its sagas when the caller set no
+# deadline (and the most it waits when it did).
+saga_inline_wait_s_max = 5.0
+# Kept back from the caller's deadline so the answer still reaches it in time.
+saga_deadline_margin_s = 0.05
+# Sagas started at once by one call, so one batch cannot take every connection.
+saga_starts_per_request_max = 16
+# The recovery worker looks for due sagas this often, and claims this many per shard.
+saga_recovery_interval_s = 0.2
+saga_claims_per_round_max = 50
+# LookupTransfers.wait_timeout_ms may not exceed this.
+lookup_wait_ms_max = 30_000
+# A RUNNING saga older than this is reported stuck by reconcile.
+saga_stuck_after_s = 3600.0
+
 # Graceful shutdown: in-flight RPCs get this long to finish.
 shutdown_grace_s = 5.0
 
@@ -74,3 +97,5 @@ assert 1 <= page_size_default <= page_size_max
 assert pool_connections_min <= pool_connections_max
 assert shard_connect_timeout_s < shard_command_timeout_s
 assert expiry_sweep_batch_max <= transfers_per_request_max
+assert saga_retry_delay_s_min < saga_retry_delay_s_max < saga_lease_s * 10
+assert saga_deadline_margin_s < saga_inline_wait_s_max

@@ -14,7 +14,7 @@ import grpc
 from google.rpc import error_details_pb2, status_pb2
 
 from ledger.api.server import LedgerServer
-from ledger.core.cluster import Cluster
+from ledger.routing.cluster import Cluster
 from ledger.embedded.postgres import EmbeddedPostgres
 from ledger.routing.config import ShardConfig, ShardSpec, load_config, render_config
 from ledger.routing.ring import ShardRing

@@ -265,7 +265,25 @@ async def _history_rows(service: Service) -> tuple[int, int]:
     return await count_rows(service, "transfers"), await count_rows(service, "entries")
 
 
-async def test_cross_shard_transfer_is_refused_and_nothing_in_the_batch_is_written(
+async def test_cross_shard_item_in_a_batch_runs_as_a_saga_beside_the_local_items(
+    service: Service,
+) -> None:
+    on_a, on_b = service.merchant_on("shard-a"), service.merchant_on("shard-b")
+    await create_accounts(
+        service.stub, account(on_a, "cash"), account(on_a, "wallet"), account(on_b, "wallet")
+    )
+    results = await transfers(
+        service.stub,
+        transfer(uid("t"), ref(on_a, "cash"), ref(on_a, "wallet"), 5),
+        transfer(uid("t"), ref(on_a, "cash"), ref(on_b, "wallet"), 7),
+        transfer(uid("t"), ref(on_a, "wallet"), ref(on_a, "cash"), 1),
+    )
+    assert [r.result for r in results] == [pb.TRANSFER_RESULT_OK] * 3
+    assert (await balance(service.stub, on_b, "wallet")).credits_posted == 7
+    assert (await balance(service.stub, on_a, "cash")).debits_posted == 12
+
+
+async def test_cross_shard_transfer_inside_a_linked_chain_is_refused_and_nothing_is_written(
     service: Service,
 ) -> None:
     on_a, on_b = service.merchant_on("shard-a"), service.merchant_on("shard-b")
@@ -276,15 +294,13 @@ async def test_cross_shard_transfer_is_refused_and_nothing_in_the_batch_is_writt
     with pytest.raises(grpc.aio.AioRpcError) as refused:
         await transfers(
             service.stub,
-            transfer(uid("t"), ref(on_a, "cash"), ref(on_a, "wallet"), 5),
+            transfer(uid("t"), ref(on_a, "cash"), ref(on_a, "wallet"), 5, linked=True),
             transfer(uid("t"), ref(on_a, "cash"), ref(on_b, "wallet"), 7),
-            transfer(uid("t"), ref(on_a, "wallet"), ref(on_a, "cash"), 1),
         )
     assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert error_reason(refused.value) == "CROSS_SHARD_TRANSFER"
-    assert _precondition_subjects(refused.value) == ["transfers[1]"]
+    assert error_reason(refused.value) == "LINKED_CHAIN_SPANS_SHARDS"
+    assert _precondition_subjects(refused.value) == ["transfers[0]", "transfers[1]"]
     assert await _history_rows(service) == before
-    assert (await balance(service.stub, on_a, "wallet")).credits_posted == 0
 
 
 async def test_linked_chain_across_shards_is_refused_and_nothing_is_written(

@@ -19,6 +19,7 @@ from ledger import limits
 from ledger.api.status import invalid_argument
 from ledger.domain.accounts import AccountKey, AccountSpec
 from ledger.domain.money import is_known_currency
+from ledger.domain.sagas import RESERVED_ID_PREFIX
 from ledger.domain.transfers import (
     Direction,
     JournalRequest,
@@ -54,6 +55,12 @@ class Violations:
             self.add(field, f"must be at most {limits.id_bytes_max} bytes")
         elif any(unicodedata.category(c) == "Cc" for c in value):
             self.add(field, "must not contain control characters")
+
+    def merchant_id(self, field: str, value: str) -> None:
+        before = len(self.items)
+        self.id(field, value)
+        if len(self.items) == before and value.startswith(RESERVED_ID_PREFIX):
+            self.add(field, f"must not start with {RESERVED_ID_PREFIX!r} (reserved)")
 
     def currency(self, field: str, value: str) -> None:
         if not value:
@@ -96,7 +103,7 @@ def account_ref(
 ) -> AccountKey | None:
     if not required and not ref.merchant_id and not ref.account_id:
         return None
-    v.id(f"{field}.merchant_id", ref.merchant_id)
+    v.merchant_id(f"{field}.merchant_id", ref.merchant_id)
     v.id(f"{field}.account_id", ref.account_id)
     return AccountKey(ref.merchant_id, ref.account_id)
 
@@ -149,11 +156,13 @@ def account_refs(field: str, refs: Sequence[pb.AccountRef]) -> list[AccountKey]:
 
 def transfer_refs(request: pb.LookupTransfersRequest) -> list[TransferKey]:
     v = Violations()
+    if not 0 <= request.wait_timeout_ms <= limits.lookup_wait_ms_max:
+        v.add("wait_timeout_ms", f"must be 0 to {limits.lookup_wait_ms_max}")
     if not v.count("refs", len(request.refs), minimum=1, maximum=limits.refs_per_lookup_max):
         v.raise_if_any()
     keys = []
     for i, ref in enumerate(request.refs):
-        v.id(f"refs[{i}].merchant_id", ref.merchant_id)
+        v.merchant_id(f"refs[{i}].merchant_id", ref.merchant_id)
         v.id(f"refs[{i}].transfer_id", ref.transfer_id)
         keys.append(TransferKey(ref.merchant_id, ref.transfer_id))
     v.raise_if_any()
@@ -233,7 +242,7 @@ def _transfer(v: Violations, field: str, t: pb.Transfer) -> TransferRequest | No
 def post_journal(request: pb.PostJournalRequest) -> JournalRequest:
     v = Violations()
     v.id("journal_id", request.journal_id)
-    v.id("merchant_id", request.merchant_id)
+    v.merchant_id("merchant_id", request.merchant_id)
     v.metadata("metadata", request.metadata)
     if not v.count(
         "postings", len(request.postings), minimum=2, maximum=limits.postings_per_journal_max

@@ -7,6 +7,7 @@ from datetime import datetime
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from ledger.domain.accounts import Account, AccountKey
+from ledger.domain.sagas import Saga, SagaStep
 from ledger.domain.transfers import Entry, TransferRecord
 from ledger.storage.shard import TransferView
 from ledger.v1 import ledger_pb2 as pb
@@ -62,11 +63,47 @@ def transfer(record: TransferRecord) -> pb.Transfer:
 
 
 def transfer_view(view: TransferView) -> pb.TransferRecord:
+    summary = None
+    if view.saga is not None:
+        summary = pb.SagaSummary(
+            state=int(view.saga.state),  # type: ignore[arg-type]
+            attempts=view.saga.attempts,
+            last_error=view.saga.last_error,
+            credit_shard=view.saga.peer_shard,
+        )
     return pb.TransferRecord(
         transfer=transfer(view.record),
         result=int(view.record.result),  # type: ignore[arg-type]
         pending_state=int(view.pending_state or 0),  # type: ignore[arg-type]
         expires_at=timestamp(view.record.expires_at),
+        saga=summary,
+    )
+
+
+def saga(s: Saga, steps: list[SagaStep] | None = None) -> pb.Saga:
+    return pb.Saga(
+        ref=pb.SagaRef(
+            merchant_id=s.key.merchant_id,
+            transfer_id=s.key.transfer_id,
+            kind=int(s.key.kind),  # type: ignore[arg-type]
+        ),
+        state=int(s.state),  # type: ignore[arg-type]
+        next_step=s.next_step,
+        debit_shard=s.home_shard,
+        credit_shard=s.peer_shard,
+        debit_account=account_ref(s.debit),
+        credit_account=account_ref(s.credit),
+        amount_minor=s.amount_minor or s.pending_minor,
+        currency=s.currency,
+        result=int(s.result or 0),  # type: ignore[arg-type]
+        attempts=s.attempts,
+        next_attempt_at=timestamp(s.next_attempt_at),
+        last_error=s.last_error,
+        created_at=timestamp(s.created_at),
+        steps=[
+            pb.SagaStep(step=st.step, outcome=st.outcome, detail=st.detail, at=timestamp(st.at))
+            for st in steps or []
+        ],
     )
 
 

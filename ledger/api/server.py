@@ -3,21 +3,33 @@
 from __future__ import annotations
 
 import logging
+import os
+import socket
+import uuid
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from ledger import limits
+from ledger.api.admin_servicer import LedgerAdminServicer
 from ledger.api.servicer import LedgerServicer
-from ledger.core.cluster import Cluster
 from ledger.core.expiry import ExpirySweeper
 from ledger.core.ledger import Ledger
+from ledger.routing.cluster import Cluster
+from ledger.sagas.recovery import RecoveryWorker
+from ledger.sagas.runner import SagaRunner, SagaSettings
 from ledger.v1 import ledger_pb2, ledger_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = ledger_pb2.DESCRIPTOR.services_by_name["LedgerService"].full_name
+ADMIN_SERVICE_NAME = ledger_pb2.DESCRIPTOR.services_by_name["LedgerAdminService"].full_name
+
+
+def _replica_id() -> str:
+    """Names this process in saga leases, so a claim shows who holds it."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
 class LedgerServer:
@@ -29,19 +41,26 @@ class LedgerServer:
         *,
         listen: str,
         concurrent_rpcs_max: int = limits.concurrent_rpcs_max,
+        saga_settings: SagaSettings | None = None,
     ) -> None:
         self.cluster = cluster
         self.listen = listen
         self.sweeper = ExpirySweeper(cluster)
+        self.sagas = SagaRunner(cluster, owner=_replica_id(), settings=saga_settings)
+        self.recovery = RecoveryWorker(self.sagas)
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         # Calls beyond the limit fail fast with RESOURCE_EXHAUSTED instead of queueing.
         self.server = grpc.aio.server(maximum_concurrent_rpcs=concurrent_rpcs_max)
         ledger_pb2_grpc.add_LedgerServiceServicer_to_server(
-            LedgerServicer(Ledger(cluster)), self.server
+            LedgerServicer(Ledger(cluster, self.sagas)), self.server
+        )
+        ledger_pb2_grpc.add_LedgerAdminServiceServicer_to_server(
+            LedgerAdminServicer(self.sagas), self.server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+            (SERVICE_NAME, ADMIN_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
+            self.server,
         )
         self.port = 0
 
@@ -53,6 +72,7 @@ class LedgerServer:
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self.sweeper.start()
+        self.recovery.start()
         log.info("serving ledger.v1 on port %d (epoch %d)", self.port, self.cluster.epoch)
         return self.port
 
@@ -60,6 +80,8 @@ class LedgerServer:
         """Stops taking calls, lets in-flight ones finish within grace_s, stops workers."""
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace_s)
+        await self.recovery.stop()
+        await self.sagas.close()
         await self.sweeper.stop()
 
     async def wait(self) -> None:

@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from ledger import limits
 from ledger.api import decode, encode
 from ledger.api.status import (
     AbortError,
@@ -16,15 +17,11 @@ from ledger.api.status import (
     unavailable,
     with_reason,
 )
-from ledger.core.errors import (
-    ClusterUnavailable,
-    CrossShardTransfer,
-    JournalSpansShards,
-    LinkedChainSpansShards,
-)
+from ledger.core.errors import JournalSpansShards, LinkedChainSpansShards
 from ledger.core.ledger import Ledger
 from ledger.domain.transfers import TransferResult
 from ledger.invariant import InvariantViolation
+from ledger.routing.errors import ClusterUnavailable
 from ledger.storage.errors import ShardUnavailable
 from ledger.v1 import ledger_pb2 as pb
 from ledger.v1 import ledger_pb2_grpc
@@ -37,7 +34,7 @@ Handler = Callable[[Any, Request, grpc.aio.ServicerContext[Any, Any]], Awaitable
 _ACCOUNT_UNAVAILABLE = pb.ACCOUNT_RESULT_SHARD_UNAVAILABLE
 
 
-def _statuses(handler: Handler[Request, Response]) -> Handler[Request, Response]:
+def statuses(handler: Handler[Request, Response]) -> Handler[Request, Response]:
     """Turns exceptions into statuses with details; only true bugs become INTERNAL."""
 
     @functools.wraps(handler)
@@ -48,15 +45,6 @@ def _statuses(handler: Handler[Request, Response]) -> Handler[Request, Response]
             return await handler(self, request, context)
         except AbortError as error:
             await _abort(context, error)
-        except CrossShardTransfer as error:
-            await _abort(
-                context,
-                failed_precondition(
-                    "CROSS_SHARD_TRANSFER",
-                    "transfers between merchants on different shards are not supported yet",
-                    subjects=[f"transfers[{i}]" for i in error.indexes],
-                ),
-            )
         except LinkedChainSpansShards as error:
             await _abort(
                 context,
@@ -96,11 +84,19 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: AbortError)
     )
 
 
+def _saga_wait_s(context: grpc.aio.ServicerContext[Any, Any]) -> float:
+    """How long a call may wait for its sagas: within its deadline, and bounded."""
+    remaining_s = context.time_remaining()
+    if remaining_s is None:
+        return limits.saga_inline_wait_s_max
+    return max(0.0, min(limits.saga_inline_wait_s_max, remaining_s - limits.saga_deadline_margin_s))
+
+
 class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
     def __init__(self, ledger: Ledger) -> None:
         self.ledger = ledger
 
-    @_statuses
+    @statuses
     async def CreateAccounts(
         self, request: pb.CreateAccountsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.CreateAccountsResponse:
@@ -125,7 +121,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             )
         return pb.CreateAccountsResponse(results=results)
 
-    @_statuses
+    @statuses
     async def LookupAccounts(
         self, request: pb.LookupAccountsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.LookupAccountsResponse:
@@ -133,12 +129,12 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         accounts = await self.ledger.lookup_accounts(keys)
         return pb.LookupAccountsResponse(accounts=[encode.account(a) for a in accounts])
 
-    @_statuses
+    @statuses
     async def ListAccounts(
         self, request: pb.ListAccountsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ListAccountsResponse:
         v = decode.Violations()
-        v.id("merchant_id", request.merchant_id)
+        v.merchant_id("merchant_id", request.merchant_id)
         page_size = v.page_size("page_size", request.page_size)
         after = decode.account_cursor(v, "page_token", request.page_token)
         v.raise_if_any()
@@ -153,7 +149,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             accounts=[encode.account(a) for a in accounts], next_page_token=token
         )
 
-    @_statuses
+    @statuses
     async def SetAccountsClosed(
         self, request: pb.SetAccountsClosedRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.SetAccountsClosedResponse:
@@ -161,12 +157,12 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         found = await self.ledger.set_accounts_closed(keys, closed=request.closed)
         return pb.SetAccountsClosedResponse(found=found)
 
-    @_statuses
+    @statuses
     async def CreateTransfers(
         self, request: pb.CreateTransfersRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.CreateTransfersResponse:
         transfers = decode.create_transfers(request)
-        outcomes = await self.ledger.create_transfers(transfers)
+        outcomes = await self.ledger.create_transfers(transfers, wait_s=_saga_wait_s(context))
         if all(o.result is TransferResult.SHARD_UNAVAILABLE for o in outcomes):
             raise unavailable("the shards holding these transfers are unavailable")
         return pb.CreateTransfersResponse(
@@ -183,15 +179,19 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             ]
         )
 
-    @_statuses
+    @statuses
     async def LookupTransfers(
         self, request: pb.LookupTransfersRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.LookupTransfersResponse:
         keys = decode.transfer_refs(request)
-        views = await self.ledger.lookup_transfers(keys)
+        remaining_s = context.time_remaining()
+        wait_s = request.wait_timeout_ms / 1000
+        if remaining_s is not None:
+            wait_s = min(wait_s, remaining_s - limits.saga_deadline_margin_s)
+        views = await self.ledger.lookup_transfers(keys, wait_s=max(0.0, wait_s))
         return pb.LookupTransfersResponse(transfers=[encode.transfer_view(v) for v in views])
 
-    @_statuses
+    @statuses
     async def PostJournal(
         self, request: pb.PostJournalRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.PostJournalResponse:
@@ -225,7 +225,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             created_at=encode.timestamp(outcome.created_at),
         )
 
-    @_statuses
+    @statuses
     async def GetBalance(
         self, request: pb.GetBalanceRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.GetBalanceResponse:
@@ -246,7 +246,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             credits_pending=balances.credits_pending,
         )
 
-    @_statuses
+    @statuses
     async def ListEntries(
         self, request: pb.ListEntriesRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ListEntriesResponse:

@@ -7,8 +7,9 @@ import contextlib
 import logging
 
 from ledger import limits
-from ledger.core.cluster import Cluster
+from ledger.routing.cluster import Cluster
 from ledger.storage.errors import ShardUnavailable
+from ledger.storage.sagas import SagaStore
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,8 @@ class ExpirySweeper:
                     released += count
                     if count < limits.expiry_sweep_batch_max:
                         break
+                # Cross-shard pending transfers: the debit side now, the credit side by a saga.
+                released += await SagaStore(shard).expire_due(limit=limits.expiry_sweep_batch_max)
             except ShardUnavailable as error:
                 log.warning("expiry sweep skipped: %s", error)
         return released

@@ -10,10 +10,7 @@ from datetime import datetime
 from typing import TypeVar
 
 from ledger import limits
-from ledger.core.cluster import Cluster
 from ledger.core.errors import (
-    ClusterUnavailable,
-    CrossShardTransfer,
     JournalSpansShards,
     LinkedChainSpansShards,
 )
@@ -26,6 +23,9 @@ from ledger.domain.transfers import (
     TransferRequest,
     TransferResult,
 )
+from ledger.routing.cluster import Cluster
+from ledger.routing.errors import ClusterUnavailable
+from ledger.sagas.runner import SagaRunner
 from ledger.storage.errors import (
     MerchantsMoving,
     MerchantsNotOwned,
@@ -59,8 +59,9 @@ class AccountCreateResult:
 class Ledger:
     """What the API layer calls. Every method resolves shards at the moment of use."""
 
-    def __init__(self, cluster: Cluster) -> None:
+    def __init__(self, cluster: Cluster, sagas: SagaRunner) -> None:
         self.cluster = cluster
+        self.sagas = sagas
 
     # Accounts.
 
@@ -115,44 +116,100 @@ class Ledger:
 
     # Transfers.
 
-    async def create_transfers(self, requests: Sequence[TransferRequest]) -> list[ItemOutcome]:
-        self._check_single_shard(requests)
+    async def create_transfers(
+        self, requests: Sequence[TransferRequest], *, wait_s: float = 0.0
+    ) -> list[ItemOutcome]:
+        """Applies local items per shard in one transaction each, and runs every
+        cross-shard item as a saga, waiting up to wait_s for the sagas to finish."""
+        cross = await self._cross_shard(requests)
+        local = [i for i in range(len(requests)) if i not in cross]
+        results: dict[int, ItemOutcome] = {}
 
         async def run(
             shard: Shard, group: list[TransferRequest], fence: Fence
         ) -> list[ItemOutcome]:
             return await shard.create_transfers(group, fence)
 
-        outcomes = await self._route(
-            requests,
-            home_of=lambda r: r.debit.merchant_id,
-            merchants_of=_transfer_merchants,
-            run=run,
-            unavailable=lambda r: ItemOutcome(-1, r.id, TransferResult.SHARD_UNAVAILABLE),
-        )
+        async def run_local() -> None:
+            if not local:
+                return
+            outcomes = await self._route(
+                [requests[i] for i in local],
+                home_of=lambda r: r.debit.merchant_id,
+                merchants_of=_transfer_merchants,
+                run=run,
+                unavailable=lambda r: ItemOutcome(-1, r.id, TransferResult.SHARD_UNAVAILABLE),
+            )
+            results.update(zip(local, outcomes, strict=True))
+
+        starts = asyncio.Semaphore(limits.saga_starts_per_request_max)
+
+        async def run_saga(index: int) -> None:
+            request = requests[index]
+            async with starts:
+                try:
+                    results[index] = await self.sagas.start(request, wait_s=wait_s)
+                except (ShardUnavailable, ClusterUnavailable) as error:
+                    log.warning("saga for %s not started: %s", request.id, error)
+                    results[index] = ItemOutcome(-1, request.id, TransferResult.SHARD_UNAVAILABLE)
+
+        await asyncio.gather(run_local(), *(run_saga(i) for i in sorted(cross)))
         return [
             ItemOutcome(i, o.id, o.result, o.replayed, o.differing_field, o.created_at)
-            for i, o in enumerate(outcomes)
+            for i, o in ((i, results[i]) for i in range(len(requests)))
         ]
 
-    def _check_single_shard(self, requests: Sequence[TransferRequest]) -> None:
+    async def _cross_shard(self, requests: Sequence[TransferRequest]) -> set[int]:
+        """Which items are sagas: their accounts (or their pending transfer's) span shards.
+
+        A linked chain must live on one shard and hold no saga; otherwise the whole
+        call is refused before anything is written.
+        """
         ring = self.cluster.ring
         homes = [ring.shard_for(r.debit.merchant_id) for r in requests]
-        crossing = [
+        cross = {
             i
             for i, r in enumerate(requests)
             if r.credit is not None and ring.shard_for(r.credit.merchant_id) != homes[i]
-        ]
-        if crossing:
-            raise CrossShardTransfer(crossing)
+        }
+        settles = [i for i, r in enumerate(requests) if r.settles_pending and r.credit is None]
+        if settles:
+            keys = [
+                TransferKey(requests[i].debit.merchant_id, requests[i].pending_id) for i in settles
+            ]
+            found = {v.record.key: v for v in await self.lookup_transfers(keys)}
+            for i, key in zip(settles, keys, strict=True):
+                view = found.get(key)
+                credit = view.record.request.credit if view is not None else None
+                if credit is not None and ring.shard_for(credit.merchant_id) != homes[i]:
+                    cross.add(i)
         start = 0
         for i, r in enumerate(requests):
             if not r.linked:
-                if len(set(homes[start : i + 1])) > 1:
-                    raise LinkedChainSpansShards(list(range(start, i + 1)))
+                chain = range(start, i + 1)
+                if len(chain) > 1 and (
+                    len({homes[j] for j in chain}) > 1 or any(j in cross for j in chain)
+                ):
+                    raise LinkedChainSpansShards(list(chain))
                 start = i + 1
+        return cross
 
-    async def lookup_transfers(self, keys: Sequence[TransferKey]) -> list[TransferView]:
+    async def lookup_transfers(
+        self, keys: Sequence[TransferKey], *, wait_s: float = 0.0
+    ) -> list[TransferView]:
+        """Looks transfers up; with wait_s, first waits for in-progress sagas to finish."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + wait_s
+        delay_s = 0.01
+        while True:
+            views = await self._lookup_transfers(keys)
+            running = any(v.record.result is TransferResult.IN_PROGRESS for v in views)
+            if not running or loop.time() + delay_s > end:
+                return views
+            await asyncio.sleep(delay_s)
+            delay_s = min(delay_s * 2, 0.25)
+
+    async def _lookup_transfers(self, keys: Sequence[TransferKey]) -> list[TransferView]:
         found: dict[TransferKey, TransferView] = {}
         groups = self._group(keys, lambda k: k.merchant_id)
         results = await asyncio.gather(

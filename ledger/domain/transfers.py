@@ -43,6 +43,8 @@ class TransferResult(IntEnum):
     REVERSAL_EXCEEDS_ORIGINAL = 23
     SHARD_UNAVAILABLE = 24
     POSTINGS_UNBALANCED = 25
+    IN_PROGRESS = 26
+    ABORTED = 27
 
 
 class PendingState(IntEnum):

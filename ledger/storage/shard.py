@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
@@ -24,6 +24,7 @@ from ledger.domain.engine import (
     expire_pending,
     pending_state_at,
 )
+from ledger.domain.sagas import Saga
 from ledger.domain.transfers import (
     Direction,
     Entry,
@@ -41,6 +42,7 @@ from ledger.domain.transfers import (
     TransferResult,
 )
 from ledger.invariant import invariant
+from ledger.storage import saga_statements as saga_sql
 from ledger.storage import statements as sql
 from ledger.storage.errors import (
     RETRYABLE_STATES,
@@ -52,6 +54,7 @@ from ledger.storage.errors import (
     is_unavailable,
 )
 from ledger.storage.migrate import apply_migrations
+from ledger.storage.saga_rows import saga_from_row
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -85,6 +88,7 @@ class AccountCreateOutcome:
 class TransferView:
     record: TransferRecord
     pending_state: PendingState | None
+    saga: Saga | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,6 +274,9 @@ class Shard:
             # Read after the locks: whatever committed before them is visible now.
             existing, journals = await self._select_records(conn, {r.key for r in requests})
             now: datetime = await conn.fetchval(sql.NOW)
+            # A pending transfer carried by a saga is settled by a saga, never here.
+            for key in await self._saga_backed(conn, pending_keys & referenced.keys()):
+                del referenced[key]
             states = await self._pending_states(conn, pending_keys & referenced.keys())
             reversed_minor = await self._reversed(conn, reversal_keys & referenced.keys())
             state = TransferBatchState(
@@ -285,7 +292,7 @@ class Shard:
                 now=now,
             )
             plan = apply_transfers(requests, state)
-            await _write(
+            await write_plan(
                 conn,
                 records=plan.records,
                 entries=plan.entries,
@@ -309,13 +316,19 @@ class Shard:
             }
             states = await self._pending_states(conn, pendings)
             now: datetime = await conn.fetchval(sql.NOW)
+            saga_rows = await conn.fetch(
+                saga_sql.SELECT_SAGAS_OF_TRANSFERS,
+                [k.merchant_id for k in found],
+                [k.transfer_id for k in found],
+            )
+            sagas = {s.key.transfer: s for s in (saga_from_row(r, self.name) for r in saga_rows)}
             views = {}
             for key, record in found.items():
                 pending_state = None
                 if key in pendings:
                     view = PendingView(record, states.get(key, PendingState.PENDING))
                     pending_state = pending_state_at(view, now)
-                views[key] = TransferView(record, pending_state)
+                views[key] = TransferView(record, pending_state, sagas.get(key))
             return views
 
         return await self._with_connection(run)
@@ -361,7 +374,7 @@ class Shard:
                         old.created_at,
                     )
             stale = [k for k in keys if k in states]
-            await _write(
+            await write_plan(
                 conn,
                 records=[],
                 entries=entries,
@@ -395,7 +408,7 @@ class Shard:
                 return _journal_replay(journals[request.key], request)
             now: datetime = await conn.fetchval(sql.NOW)
             plan: JournalPlan = apply_journal(request, accounts, now)
-            await _write(
+            await write_plan(
                 conn,
                 records=[],
                 journals=[(request, plan.result, plan.failed_posting_index, now)],
@@ -517,7 +530,30 @@ class Shard:
             else:
                 record = _transfer(row)
                 transfers[record.key] = record
+        in_progress = [k for k, r in transfers.items() if r.result is TransferResult.IN_PROGRESS]
+        if in_progress:
+            # A cross-shard transfer's result is its saga's, once the saga finished.
+            finals = await conn.fetch(
+                saga_sql.FINAL_RESULTS,
+                [k.merchant_id for k in in_progress],
+                [k.transfer_id for k in in_progress],
+            )
+            for row in finals:
+                key = TransferKey(row["merchant_id"], row["transfer_id"])
+                transfers[key] = replace(transfers[key], result=TransferResult(row["result"]))
         return transfers, journals
+
+    async def _saga_backed(
+        self, conn: Connection, keys: Collection[TransferKey]
+    ) -> set[TransferKey]:
+        if not keys:
+            return set()
+        rows = await conn.fetch(
+            saga_sql.SELECT_SAGA_KEYS_FOR,
+            [k.merchant_id for k in keys],
+            [k.transfer_id for k in keys],
+        )
+        return {TransferKey(r["merchant_id"], r["transfer_id"]) for r in rows}
 
     async def _pending_states(
         self, conn: Connection, keys: Collection[TransferKey]
@@ -688,7 +724,7 @@ def _journal(row: asyncpg.Record) -> JournalRecord:
 JournalRow = tuple[JournalRequest, TransferResult, int, datetime]
 
 
-async def _write(
+async def write_plan(
     conn: Connection,
     *,
     records: Sequence[TransferRecord],

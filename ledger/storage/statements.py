@@ -133,10 +133,13 @@ SELECT (SELECT count(*) FROM new_transfers) AS transfers,
        (SELECT count(*) FROM new_resolutions) AS resolutions
 """
 
+# Local pending transfers only; those a saga carries expire through a saga.
 DUE_EXPIRIES = """
-SELECT merchant_id, transfer_id FROM pending_expiries
-WHERE expires_at <= clock_timestamp()
-ORDER BY expires_at
+SELECT e.merchant_id, e.transfer_id FROM pending_expiries e
+WHERE e.expires_at <= clock_timestamp()
+  AND NOT EXISTS (SELECT 1 FROM sagas s WHERE s.merchant_id = e.merchant_id
+                  AND s.transfer_id = e.transfer_id AND s.kind = 1)
+ORDER BY e.expires_at
 LIMIT $1
 """
 

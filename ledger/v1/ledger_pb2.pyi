@@ -172,6 +172,16 @@ class _TransferResultEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Transf
     """
     TRANSFER_RESULT_POSTINGS_UNBALANCED: _TransferResult.ValueType  # 25
     """The journal's postings do not sum to zero per currency (PostJournal only)."""
+    TRANSFER_RESULT_IN_PROGRESS: _TransferResult.ValueType  # 26
+    """A transfer between merchants on different shards whose saga had not
+    finished when the call's deadline came. The funds are reserved on the
+    debit side; the saga goes on in the background. Look the transfer up
+    (LookupTransfers, optionally with wait_timeout_ms) for its final result.
+    """
+    TRANSFER_RESULT_ABORTED: _TransferResult.ValueType  # 27
+    """A cross-shard transfer whose saga an admin aborted before the credit
+    shard applied it; the reservation was released and nothing moved.
+    """
 
 class TransferResult(_TransferResult, metaclass=_TransferResultEnumTypeWrapper):
     """The outcome of creating one transfer. All but OK mean nothing was written
@@ -239,6 +249,16 @@ is recorded; retry with the same id.
 """
 TRANSFER_RESULT_POSTINGS_UNBALANCED: TransferResult.ValueType  # 25
 """The journal's postings do not sum to zero per currency (PostJournal only)."""
+TRANSFER_RESULT_IN_PROGRESS: TransferResult.ValueType  # 26
+"""A transfer between merchants on different shards whose saga had not
+finished when the call's deadline came. The funds are reserved on the
+debit side; the saga goes on in the background. Look the transfer up
+(LookupTransfers, optionally with wait_timeout_ms) for its final result.
+"""
+TRANSFER_RESULT_ABORTED: TransferResult.ValueType  # 27
+"""A cross-shard transfer whose saga an admin aborted before the credit
+shard applied it; the reservation was released and nothing moved.
+"""
 Global___TransferResult: _TypeAlias = TransferResult  # noqa: Y015
 
 class _PendingState:
@@ -272,6 +292,46 @@ PENDING_STATE_VOIDED: PendingState.ValueType  # 3
 PENDING_STATE_EXPIRED: PendingState.ValueType  # 4
 """Released by its timeout."""
 Global___PendingState: _TypeAlias = PendingState  # noqa: Y015
+
+class _SagaState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _SagaStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SagaState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SAGA_STATE_UNSPECIFIED: _SagaState.ValueType  # 0
+    """Not a saga (or no filter, in ListSagas)."""
+    SAGA_STATE_RUNNING: _SagaState.ValueType  # 1
+    """Steps remain; a worker retries them with back-off."""
+    SAGA_STATE_COMPLETED: _SagaState.ValueType  # 2
+    """The credit was applied and the debit posted."""
+    SAGA_STATE_COMPENSATED: _SagaState.ValueType  # 3
+    """The credit shard refused (or recorded an abort) and the debit reservation
+    was released.
+    """
+    SAGA_STATE_DEAD: _SagaState.ValueType  # 4
+    """Retries ran out: the dead-letter list. The money stays visibly pending on
+    the debit shard until an admin retries or resolves the saga.
+    """
+
+class SagaState(_SagaState, metaclass=_SagaStateEnumTypeWrapper):
+    """Where a cross-shard saga is."""
+
+SAGA_STATE_UNSPECIFIED: SagaState.ValueType  # 0
+"""Not a saga (or no filter, in ListSagas)."""
+SAGA_STATE_RUNNING: SagaState.ValueType  # 1
+"""Steps remain; a worker retries them with back-off."""
+SAGA_STATE_COMPLETED: SagaState.ValueType  # 2
+"""The credit was applied and the debit posted."""
+SAGA_STATE_COMPENSATED: SagaState.ValueType  # 3
+"""The credit shard refused (or recorded an abort) and the debit reservation
+was released.
+"""
+SAGA_STATE_DEAD: SagaState.ValueType  # 4
+"""Retries ran out: the dead-letter list. The money stays visibly pending on
+the debit shard until an admin retries or resolves the saga.
+"""
+Global___SagaState: _TypeAlias = SagaState  # noqa: Y015
 
 class _Direction:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -348,6 +408,34 @@ ORDER_NEWEST_FIRST: Order.ValueType  # 1
 ORDER_OLDEST_FIRST: Order.ValueType  # 2
 """Oldest first."""
 Global___Order: _TypeAlias = Order  # noqa: Y015
+
+class _SagaKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _SagaKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SagaKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SAGA_KIND_UNSPECIFIED: _SagaKind.ValueType  # 0
+    """Never sent."""
+    SAGA_KIND_TRANSFER: _SagaKind.ValueType  # 1
+    """A POST or PENDING transfer between shards."""
+    SAGA_KIND_SETTLE: _SagaKind.ValueType  # 2
+    """A POST_PENDING or VOID_PENDING of a cross-shard pending transfer."""
+    SAGA_KIND_EXPIRE: _SagaKind.ValueType  # 3
+    """The timeout of a cross-shard pending transfer."""
+
+class SagaKind(_SagaKind, metaclass=_SagaKindEnumTypeWrapper):
+    """What kind of work a saga carries."""
+
+SAGA_KIND_UNSPECIFIED: SagaKind.ValueType  # 0
+"""Never sent."""
+SAGA_KIND_TRANSFER: SagaKind.ValueType  # 1
+"""A POST or PENDING transfer between shards."""
+SAGA_KIND_SETTLE: SagaKind.ValueType  # 2
+"""A POST_PENDING or VOID_PENDING of a cross-shard pending transfer."""
+SAGA_KIND_EXPIRE: SagaKind.ValueType  # 3
+"""The timeout of a cross-shard pending transfer."""
+Global___SagaKind: _TypeAlias = SagaKind  # noqa: Y015
 
 @_typing.final
 class AccountRef(_message.Message):
@@ -835,9 +923,13 @@ class CreateTransfersRequest(_message.Message):
     @_builtins.property
     def transfers(self) -> _containers.RepeatedCompositeFieldContainer[Global___Transfer]:
         """1 to 1000 transfers, applied in order. Ids must be unique per debit
-        merchant within the request. Every transfer's two accounts must live on
-        one shard; otherwise the whole call fails with FAILED_PRECONDITION
-        (reason CROSS_SHARD_TRANSFER) and nothing is written.
+        merchant within the request. A transfer whose two accounts live on
+        different shards runs as a saga (reserve on the debit shard, credit on
+        the credit shard, then post or release the reservation); its result is
+        final if the saga finishes before the call's deadline, else IN_PROGRESS.
+        A linked chain must live on one shard and may not contain a cross-shard
+        transfer; otherwise the whole call fails with FAILED_PRECONDITION
+        (reason LINKED_CHAIN_SPANS_SHARDS) and nothing is written.
         """
 
     def __init__(
@@ -959,6 +1051,7 @@ class TransferRecord(_message.Message):
     RESULT_FIELD_NUMBER: _builtins.int
     PENDING_STATE_FIELD_NUMBER: _builtins.int
     EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    SAGA_FIELD_NUMBER: _builtins.int
     result: Global___TransferResult.ValueType
     """Its result; only OK transfers moved money."""
     pending_state: Global___PendingState.ValueType
@@ -973,6 +1066,10 @@ class TransferRecord(_message.Message):
     def expires_at(self) -> _timestamp_pb2.Timestamp:
         """For PENDING transfers: when the timeout expires it (unset if none)."""
 
+    @_builtins.property
+    def saga(self) -> Global___SagaSummary:
+        """For transfers between shards: the saga that carries it out."""
+
     def __init__(
         self,
         *,
@@ -980,14 +1077,49 @@ class TransferRecord(_message.Message):
         result: Global___TransferResult.ValueType = ...,
         pending_state: Global___PendingState.ValueType = ...,
         expires_at: _timestamp_pb2.Timestamp | None = ...,
+        saga: Global___SagaSummary | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "transfer", b"transfer"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "saga", b"saga", "transfer", b"transfer"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "pending_state", b"pending_state", "result", b"result", "transfer", b"transfer"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "pending_state", b"pending_state", "result", b"result", "saga", b"saga", "transfer", b"transfer"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TransferRecord: _TypeAlias = TransferRecord  # noqa: Y015
+
+@_typing.final
+class SagaSummary(_message.Message):
+    """The short form of a saga, shown with its transfer."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATE_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
+    LAST_ERROR_FIELD_NUMBER: _builtins.int
+    CREDIT_SHARD_FIELD_NUMBER: _builtins.int
+    state: Global___SagaState.ValueType
+    """Where it is."""
+    attempts: _builtins.int
+    """Failed attempts so far."""
+    last_error: _builtins.str
+    """The last attempt's error, if any (no secrets, no card numbers)."""
+    credit_shard: _builtins.str
+    """The shard holding the credit side."""
+    def __init__(
+        self,
+        *,
+        state: Global___SagaState.ValueType = ...,
+        attempts: _builtins.int = ...,
+        last_error: _builtins.str = ...,
+        credit_shard: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "credit_shard", b"credit_shard", "last_error", b"last_error", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SagaSummary: _TypeAlias = SagaSummary  # noqa: Y015
 
 @_typing.final
 class LookupTransfersRequest(_message.Message):
@@ -996,6 +1128,12 @@ class LookupTransfersRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     REFS_FIELD_NUMBER: _builtins.int
+    WAIT_TIMEOUT_MS_FIELD_NUMBER: _builtins.int
+    wait_timeout_ms: _builtins.int
+    """0 to 30000. When positive, the call waits up to this long (and within its
+    own deadline) for every referenced cross-shard transfer to leave
+    IN_PROGRESS, then answers with whatever state they have.
+    """
     @_builtins.property
     def refs(self) -> _containers.RepeatedCompositeFieldContainer[Global___TransferRef]:
         """1 to 1000 references."""
@@ -1004,10 +1142,11 @@ class LookupTransfersRequest(_message.Message):
         self,
         *,
         refs: _abc.Iterable[Global___TransferRef] | None = ...,
+        wait_timeout_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["refs", b"refs"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["refs", b"refs", "wait_timeout_ms", b"wait_timeout_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1360,3 +1499,261 @@ class ListEntriesResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListEntriesResponse: _TypeAlias = ListEntriesResponse  # noqa: Y015
+
+@_typing.final
+class SagaRef(_message.Message):
+    """Addresses one saga."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MERCHANT_ID_FIELD_NUMBER: _builtins.int
+    TRANSFER_ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    merchant_id: _builtins.str
+    """The debit merchant (the saga's home)."""
+    transfer_id: _builtins.str
+    """The transfer id (for EXPIRE: the pending transfer's id)."""
+    kind: Global___SagaKind.ValueType
+    """Which saga of that transfer."""
+    def __init__(
+        self,
+        *,
+        merchant_id: _builtins.str = ...,
+        transfer_id: _builtins.str = ...,
+        kind: Global___SagaKind.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "merchant_id", b"merchant_id", "transfer_id", b"transfer_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SagaRef: _TypeAlias = SagaRef  # noqa: Y015
+
+@_typing.final
+class SagaStep(_message.Message):
+    """One recorded step of a saga."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STEP_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    AT_FIELD_NUMBER: _builtins.int
+    step: _builtins.int
+    """1 reserve on the debit shard, 2 credit on the credit shard, 3 finish."""
+    outcome: _builtins.str
+    """What happened ("reserved", "applied", "refused", "retry", "dead", ...)."""
+    detail: _builtins.str
+    """Detail: a result code or an error (no secrets, no card numbers)."""
+    @_builtins.property
+    def at(self) -> _timestamp_pb2.Timestamp:
+        """When."""
+
+    def __init__(
+        self,
+        *,
+        step: _builtins.int = ...,
+        outcome: _builtins.str = ...,
+        detail: _builtins.str = ...,
+        at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "detail", b"detail", "outcome", b"outcome", "step", b"step"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SagaStep: _TypeAlias = SagaStep  # noqa: Y015
+
+@_typing.final
+class Saga(_message.Message):
+    """A saga in full."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REF_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    NEXT_STEP_FIELD_NUMBER: _builtins.int
+    DEBIT_SHARD_FIELD_NUMBER: _builtins.int
+    CREDIT_SHARD_FIELD_NUMBER: _builtins.int
+    DEBIT_ACCOUNT_FIELD_NUMBER: _builtins.int
+    CREDIT_ACCOUNT_FIELD_NUMBER: _builtins.int
+    AMOUNT_MINOR_FIELD_NUMBER: _builtins.int
+    CURRENCY_FIELD_NUMBER: _builtins.int
+    RESULT_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
+    NEXT_ATTEMPT_AT_FIELD_NUMBER: _builtins.int
+    LAST_ERROR_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    STEPS_FIELD_NUMBER: _builtins.int
+    state: Global___SagaState.ValueType
+    """Where it is."""
+    next_step: _builtins.int
+    """The next step to run (2 or 3) while RUNNING."""
+    debit_shard: _builtins.str
+    """The debit shard (this saga's home) and the credit shard."""
+    credit_shard: _builtins.str
+    """The credit shard."""
+    amount_minor: _builtins.int
+    """Amount moved (or reserved) in minor units."""
+    currency: _builtins.str
+    """ISO 4217 code."""
+    result: Global___TransferResult.ValueType
+    """The final result (OK or the credit shard's refusal) once finished."""
+    attempts: _builtins.int
+    """Failed attempts so far."""
+    last_error: _builtins.str
+    """The last error."""
+    @_builtins.property
+    def ref(self) -> Global___SagaRef:
+        """Which saga."""
+
+    @_builtins.property
+    def debit_account(self) -> Global___AccountRef:
+        """The transfer's accounts."""
+
+    @_builtins.property
+    def credit_account(self) -> Global___AccountRef:
+        """The transfer's accounts."""
+
+    @_builtins.property
+    def next_attempt_at(self) -> _timestamp_pb2.Timestamp:
+        """When the next attempt is due."""
+
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp:
+        """When the saga started."""
+
+    @_builtins.property
+    def steps(self) -> _containers.RepeatedCompositeFieldContainer[Global___SagaStep]:
+        """Its history, oldest first."""
+
+    def __init__(
+        self,
+        *,
+        ref: Global___SagaRef | None = ...,
+        state: Global___SagaState.ValueType = ...,
+        next_step: _builtins.int = ...,
+        debit_shard: _builtins.str = ...,
+        credit_shard: _builtins.str = ...,
+        debit_account: Global___AccountRef | None = ...,
+        credit_account: Global___AccountRef | None = ...,
+        amount_minor: _builtins.int = ...,
+        currency: _builtins.str = ...,
+        result: Global___TransferResult.ValueType = ...,
+        attempts: _builtins.int = ...,
+        next_attempt_at: _timestamp_pb2.Timestamp | None = ...,
+        last_error: _builtins.str = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+        steps: _abc.Iterable[Global___SagaStep] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "credit_account", b"credit_account", "debit_account", b"debit_account", "next_attempt_at", b"next_attempt_at", "ref", b"ref"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_minor", b"amount_minor", "attempts", b"attempts", "created_at", b"created_at", "credit_account", b"credit_account", "credit_shard", b"credit_shard", "currency", b"currency", "debit_account", b"debit_account", "debit_shard", b"debit_shard", "last_error", b"last_error", "next_attempt_at", b"next_attempt_at", "next_step", b"next_step", "ref", b"ref", "result", b"result", "state", b"state", "steps", b"steps"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Saga: _TypeAlias = Saga  # noqa: Y015
+
+@_typing.final
+class ListSagasRequest(_message.Message):
+    """ListSagas input."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATE_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    state: Global___SagaState.ValueType
+    """Which state to list; unspecified lists RUNNING and DEAD."""
+    page_size: _builtins.int
+    """1 to 1000; 0 means 100."""
+    def __init__(
+        self,
+        *,
+        state: Global___SagaState.ValueType = ...,
+        page_size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSagasRequest: _TypeAlias = ListSagasRequest  # noqa: Y015
+
+@_typing.final
+class ListSagasResponse(_message.Message):
+    """ListSagas output."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SAGAS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def sagas(self) -> _containers.RepeatedCompositeFieldContainer[Global___Saga]:
+        """Oldest first, without step histories."""
+
+    def __init__(
+        self,
+        *,
+        sagas: _abc.Iterable[Global___Saga] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["sagas", b"sagas"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSagasResponse: _TypeAlias = ListSagasResponse  # noqa: Y015
+
+@_typing.final
+class GetSagaRequest(_message.Message):
+    """GetSaga and RetrySaga input."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REF_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def ref(self) -> Global___SagaRef:
+        """Which saga."""
+
+    def __init__(
+        self,
+        *,
+        ref: Global___SagaRef | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ref", b"ref"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ref", b"ref"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetSagaRequest: _TypeAlias = GetSagaRequest  # noqa: Y015
+
+@_typing.final
+class ResolveSagaRequest(_message.Message):
+    """ResolveSaga input."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REF_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    outcome: Global___SagaState.ValueType
+    """COMPLETED or COMPENSATED."""
+    @_builtins.property
+    def ref(self) -> Global___SagaRef:
+        """Which saga."""
+
+    def __init__(
+        self,
+        *,
+        ref: Global___SagaRef | None = ...,
+        outcome: Global___SagaState.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ref", b"ref"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["outcome", b"outcome", "ref", b"ref"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResolveSagaRequest: _TypeAlias = ResolveSagaRequest  # noqa: Y015

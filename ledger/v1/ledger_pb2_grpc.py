@@ -457,3 +457,216 @@ class LedgerService:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class LedgerAdminServiceStub:
+    """Operations for admins and on-call engineers: the saga list and its repairs.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.ListSagas = channel.unary_unary(
+                '/ledger.v1.LedgerAdminService/ListSagas',
+                request_serializer=ledger_dot_v1_dot_ledger__pb2.ListSagasRequest.SerializeToString,
+                response_deserializer=ledger_dot_v1_dot_ledger__pb2.ListSagasResponse.FromString,
+                _registered_method=True)
+        self.GetSaga = channel.unary_unary(
+                '/ledger.v1.LedgerAdminService/GetSaga',
+                request_serializer=ledger_dot_v1_dot_ledger__pb2.GetSagaRequest.SerializeToString,
+                response_deserializer=ledger_dot_v1_dot_ledger__pb2.Saga.FromString,
+                _registered_method=True)
+        self.RetrySaga = channel.unary_unary(
+                '/ledger.v1.LedgerAdminService/RetrySaga',
+                request_serializer=ledger_dot_v1_dot_ledger__pb2.GetSagaRequest.SerializeToString,
+                response_deserializer=ledger_dot_v1_dot_ledger__pb2.Saga.FromString,
+                _registered_method=True)
+        self.ResolveSaga = channel.unary_unary(
+                '/ledger.v1.LedgerAdminService/ResolveSaga',
+                request_serializer=ledger_dot_v1_dot_ledger__pb2.ResolveSagaRequest.SerializeToString,
+                response_deserializer=ledger_dot_v1_dot_ledger__pb2.Saga.FromString,
+                _registered_method=True)
+
+
+class LedgerAdminServiceServicer:
+    """Operations for admins and on-call engineers: the saga list and its repairs.
+    """
+
+    def ListSagas(self, request, context):
+        """Lists sagas in one state (or all unfinished: RUNNING and DEAD), oldest
+        first, across every shard.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetSaga(self, request, context):
+        """Shows one saga with its step history.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RetrySaga(self, request, context):
+        """Puts a DEAD (or RUNNING) saga back to RUNNING with its attempts reset, to
+        be retried at once.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResolveSaga(self, request, context):
+        """Finishes a saga that cannot make progress by itself. COMPLETED is allowed
+        only if the credit shard confirms it applied the credit; COMPENSATED only
+        after the credit shard has recorded a refusal or an abort (this call asks
+        it to record the abort first). Otherwise FAILED_PRECONDITION.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_LedgerAdminServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'ListSagas': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSagas,
+                    request_deserializer=ledger_dot_v1_dot_ledger__pb2.ListSagasRequest.FromString,
+                    response_serializer=ledger_dot_v1_dot_ledger__pb2.ListSagasResponse.SerializeToString,
+            ),
+            'GetSaga': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSaga,
+                    request_deserializer=ledger_dot_v1_dot_ledger__pb2.GetSagaRequest.FromString,
+                    response_serializer=ledger_dot_v1_dot_ledger__pb2.Saga.SerializeToString,
+            ),
+            'RetrySaga': grpc.unary_unary_rpc_method_handler(
+                    servicer.RetrySaga,
+                    request_deserializer=ledger_dot_v1_dot_ledger__pb2.GetSagaRequest.FromString,
+                    response_serializer=ledger_dot_v1_dot_ledger__pb2.Saga.SerializeToString,
+            ),
+            'ResolveSaga': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResolveSaga,
+                    request_deserializer=ledger_dot_v1_dot_ledger__pb2.ResolveSagaRequest.FromString,
+                    response_serializer=ledger_dot_v1_dot_ledger__pb2.Saga.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'ledger.v1.LedgerAdminService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('ledger.v1.LedgerAdminService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class LedgerAdminService:
+    """Operations for admins and on-call engineers: the saga list and its repairs.
+    """
+
+    @staticmethod
+    def ListSagas(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ledger.v1.LedgerAdminService/ListSagas',
+            ledger_dot_v1_dot_ledger__pb2.ListSagasRequest.SerializeToString,
+            ledger_dot_v1_dot_ledger__pb2.ListSagasResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSaga(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ledger.v1.LedgerAdminService/GetSaga',
+            ledger_dot_v1_dot_ledger__pb2.GetSagaRequest.SerializeToString,
+            ledger_dot_v1_dot_ledger__pb2.Saga.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RetrySaga(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ledger.v1.LedgerAdminService/RetrySaga',
+            ledger_dot_v1_dot_ledger__pb2.GetSagaRequest.SerializeToString,
+            ledger_dot_v1_dot_ledger__pb2.Saga.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResolveSaga(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ledger.v1.LedgerAdminService/ResolveSaga',
+            ledger_dot_v1_dot_ledger__pb2.ResolveSagaRequest.SerializeToString,
+            ledger_dot_v1_dot_ledger__pb2.Saga.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -197,3 +197,94 @@ class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
         """Pages through an account's entries, newest or oldest first."""
 
 def add_LedgerServiceServicer_to_server(servicer: LedgerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class LedgerAdminServiceStub:
+    """Operations for admins and on-call engineers: the saga list and its repairs."""
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> LedgerAdminServiceAsyncStub: ...
+    ListSagas: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.ListSagasRequest, _ledger_pb2.ListSagasResponse]
+    """Lists sagas in one state (or all unfinished: RUNNING and DEAD), oldest
+    first, across every shard.
+    """
+    GetSaga: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.GetSagaRequest, _ledger_pb2.Saga]
+    """Shows one saga with its step history."""
+    RetrySaga: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.GetSagaRequest, _ledger_pb2.Saga]
+    """Puts a DEAD (or RUNNING) saga back to RUNNING with its attempts reset, to
+    be retried at once.
+    """
+    ResolveSaga: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.ResolveSagaRequest, _ledger_pb2.Saga]
+    """Finishes a saga that cannot make progress by itself. COMPLETED is allowed
+    only if the credit shard confirms it applied the credit; COMPENSATED only
+    after the credit shard has recorded a refusal or an abort (this call asks
+    it to record the abort first). Otherwise FAILED_PRECONDITION.
+    """
+
+@_typing.type_check_only
+class LedgerAdminServiceAsyncStub(LedgerAdminServiceStub):
+    """Operations for admins and on-call engineers: the saga list and its repairs."""
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    ListSagas: _aio.UnaryUnaryMultiCallable[_ledger_pb2.ListSagasRequest, _ledger_pb2.ListSagasResponse]  # type: ignore[assignment]
+    """Lists sagas in one state (or all unfinished: RUNNING and DEAD), oldest
+    first, across every shard.
+    """
+    GetSaga: _aio.UnaryUnaryMultiCallable[_ledger_pb2.GetSagaRequest, _ledger_pb2.Saga]  # type: ignore[assignment]
+    """Shows one saga with its step history."""
+    RetrySaga: _aio.UnaryUnaryMultiCallable[_ledger_pb2.GetSagaRequest, _ledger_pb2.Saga]  # type: ignore[assignment]
+    """Puts a DEAD (or RUNNING) saga back to RUNNING with its attempts reset, to
+    be retried at once.
+    """
+    ResolveSaga: _aio.UnaryUnaryMultiCallable[_ledger_pb2.ResolveSagaRequest, _ledger_pb2.Saga]  # type: ignore[assignment]
+    """Finishes a saga that cannot make progress by itself. COMPLETED is allowed
+    only if the credit shard confirms it applied the credit; COMPENSATED only
+    after the credit shard has recorded a refusal or an abort (this call asks
+    it to record the abort first). Otherwise FAILED_PRECONDITION.
+    """
+
+class LedgerAdminServiceServicer(metaclass=_abc_1.ABCMeta):
+    """Operations for admins and on-call engineers: the saga list and its repairs."""
+
+    @_abc_1.abstractmethod
+    def ListSagas(
+        self,
+        request: _ledger_pb2.ListSagasRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_pb2.ListSagasResponse, _abc.Awaitable[_ledger_pb2.ListSagasResponse]]:
+        """Lists sagas in one state (or all unfinished: RUNNING and DEAD), oldest
+        first, across every shard.
+        """
+
+    @_abc_1.abstractmethod
+    def GetSaga(
+        self,
+        request: _ledger_pb2.GetSagaRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_pb2.Saga, _abc.Awaitable[_ledger_pb2.Saga]]:
+        """Shows one saga with its step history."""
+
+    @_abc_1.abstractmethod
+    def RetrySaga(
+        self,
+        request: _ledger_pb2.GetSagaRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_pb2.Saga, _abc.Awaitable[_ledger_pb2.Saga]]:
+        """Puts a DEAD (or RUNNING) saga back to RUNNING with its attempts reset, to
+        be retried at once.
+        """
+
+    @_abc_1.abstractmethod
+    def ResolveSaga(
+        self,
+        request: _ledger_pb2.ResolveSagaRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_pb2.Saga, _abc.Awaitable[_ledger_pb2.Saga]]:
+        """Finishes a saga that cannot make progress by itself. COMPLETED is allowed
+        only if the credit shard confirms it applied the credit; COMPENSATED only
+        after the credit shard has recorded a refusal or an abort (this call asks
+        it to record the abort first). Otherwise FAILED_PRECONDITION.
+        """
+
+def add_LedgerAdminServiceServicer_to_server(servicer: LedgerAdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

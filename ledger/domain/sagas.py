@@ -1,0 +1,246 @@
+"""Cross-shard sagas: their vocabulary, and the pure rules of each side's step.
+
+A transfer from merchant A on shard S to merchant B on shard T is carried by
+settlement accounts, so each shard stays balanced on its own at every moment:
+
+    step 1, on S: A's account  --(pending)-->  S's settlement account for T
+    step 2, on T: T's settlement account for S  -->  B's account (or a refusal)
+    step 3, on S: the reservation is posted (completed) or released (compensated)
+
+Settling a cross-shard pending transfer (post, void, timeout) applies S's side
+first, where the decision is made once, then T's side, which cannot refuse.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from datetime import datetime
+from enum import IntEnum
+
+from ledger.domain.accounts import Account, AccountKey
+from ledger.domain.engine import (
+    PendingView,
+    TransferBatchPlan,
+    TransferBatchState,
+    apply_transfers,
+)
+from ledger.domain.transfers import (
+    PendingState,
+    TransferAction,
+    TransferKey,
+    TransferRecord,
+    TransferRequest,
+    TransferResult,
+)
+from ledger.invariant import invariant
+
+# The reserved merchant that owns every shard's settlement accounts. Caller
+# ids may not start with '$', so callers can never address these accounts.
+SETTLEMENT_MERCHANT_ID = "$settlement"
+RESERVED_ID_PREFIX = "$"
+
+
+class SagaKind(IntEnum):
+    TRANSFER = 1
+    SETTLE = 2
+    EXPIRE = 3
+
+
+class SagaState(IntEnum):
+    RUNNING = 1
+    COMPLETED = 2
+    COMPENSATED = 3
+    DEAD = 4
+
+
+class CreditAction(IntEnum):
+    """What step 2 does on the credit shard."""
+
+    POST = 1
+    PENDING = 2
+    POST_PENDING = 3
+    RELEASE = 4
+
+
+class CreditOutcome(IntEnum):
+    APPLIED = 1
+    REFUSED = 2
+    ABORTED = 3
+
+
+def settlement_account(peer_shard: str, currency: str) -> AccountKey:
+    """This shard's settlement account for money moving to or from peer_shard."""
+    return AccountKey(SETTLEMENT_MERCHANT_ID, f"{peer_shard}/{currency}")
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class SagaKey:
+    merchant_id: str
+    transfer_id: str
+    kind: SagaKind
+
+    @property
+    def transfer(self) -> TransferKey:
+        return TransferKey(self.merchant_id, self.transfer_id)
+
+
+@dataclass(frozen=True, slots=True)
+class Saga:
+    key: SagaKey
+    state: SagaState
+    next_step: int
+    # The debit shard (where the saga row lives) and the credit shard at step 1;
+    # each one's settlement account for the other carries the money.
+    home_shard: str
+    peer_shard: str
+    debit: AccountKey
+    credit: AccountKey
+    currency: str
+    credit_action: CreditAction
+    amount_minor: int
+    pending_minor: int
+    pending_id: str
+    result: TransferResult | None
+    credit_outcome: CreditOutcome | None
+    attempts: int
+    next_attempt_at: datetime
+    last_error: str
+    version: int
+    trace_context: str
+    created_at: datetime
+    updated_at: datetime
+
+    @property
+    def finished(self) -> bool:
+        return self.state in (SagaState.COMPLETED, SagaState.COMPENSATED)
+
+
+@dataclass(frozen=True, slots=True)
+class SagaStep:
+    step: int
+    outcome: str
+    detail: str
+    at: datetime
+
+
+def local_view(record: TransferRecord, peer_shard: str) -> TransferRecord:
+    """A cross-shard transfer as its debit shard books it: credited to settlement."""
+    request = record.request
+    return replace(
+        record, request=replace(request, credit=settlement_account(peer_shard, request.currency))
+    )
+
+
+def rekey(plan: TransferBatchPlan, key: TransferKey) -> TransferBatchPlan:
+    """Entries made through a settlement account name the saga's transfer."""
+    plan.entries = [replace(e, transfer=key) for e in plan.entries]
+    return plan
+
+
+def credit_plan(
+    *,
+    key: TransferKey,
+    action: CreditAction,
+    settlement: AccountKey,
+    destination: AccountKey,
+    currency: str,
+    amount_minor: int,
+    pending_minor: int,
+    pending_id: str,
+    accounts: Mapping[AccountKey, Account],
+    now: datetime,
+) -> TransferBatchPlan:
+    """Step 2 on the credit shard: settlement account -> destination, by the usual rules.
+
+    POST and PENDING can be refused (no account, closed, currency, a limit);
+    settling a pending credit cannot, because the funds are already held.
+    """
+    empty = TransferBatchState(accounts, {}, frozenset(), {}, {}, {}, now)
+    if action in (CreditAction.POST, CreditAction.PENDING):
+        request = TransferRequest(
+            id=key.transfer_id,
+            debit=settlement,
+            credit=destination,
+            amount_minor=amount_minor,
+            currency=currency,
+            action=TransferAction.POST if action is CreditAction.POST else TransferAction.PENDING,
+        )
+        return rekey(apply_transfers([request], empty), key)
+    held = TransferRecord(
+        request=TransferRequest(
+            id=pending_id,
+            debit=settlement,
+            credit=destination,
+            amount_minor=pending_minor,
+            currency=currency,
+            action=TransferAction.PENDING,
+        ),
+        result=TransferResult.OK,
+        amount_effective_minor=pending_minor,
+        created_at=now,
+    )
+    settle = TransferRequest(
+        id=key.transfer_id,
+        debit=settlement,
+        credit=None,
+        amount_minor=amount_minor if action is CreditAction.POST_PENDING else 0,
+        currency="",
+        action=(
+            TransferAction.POST_PENDING
+            if action is CreditAction.POST_PENDING
+            else TransferAction.VOID_PENDING
+        ),
+        pending_id=pending_id,
+    )
+    state = replace(empty, pendings={held.key: PendingView(held, PendingState.PENDING)})
+    plan = apply_transfers([settle], state)
+    invariant(
+        plan.outcomes[0].result is TransferResult.OK,
+        f"settling a held cross-shard credit cannot be refused: {plan.outcomes[0].result.name}",
+    )
+    plan.resolutions = []
+    return rekey(plan, key)
+
+
+def reservation_settle_plan(
+    *,
+    reservation: TransferRecord,
+    post: bool,
+    accounts: Mapping[AccountKey, Account],
+    now: datetime,
+) -> TransferBatchPlan:
+    """Step 3 on the debit shard: post or release the reservation step 1 made."""
+    # A saga's own reservation ends by the saga, never by a timeout.
+    # (Its record reads IN_PROGRESS until the saga finishes; the hold itself stands.)
+    reservation = replace(
+        reservation,
+        expires_at=None,
+        result=TransferResult.OK,
+        request=replace(reservation.request, action=TransferAction.PENDING),
+    )
+    request = reservation.request
+    settle = TransferRequest(
+        id=request.id,
+        debit=request.debit,
+        credit=None,
+        amount_minor=reservation.amount_effective_minor if post else 0,
+        currency="",
+        action=TransferAction.POST_PENDING if post else TransferAction.VOID_PENDING,
+        pending_id=request.id,
+    )
+    state = TransferBatchState(
+        accounts,
+        {},
+        frozenset(),
+        {reservation.key: PendingView(reservation, PendingState.PENDING)},
+        {},
+        {},
+        now,
+    )
+    plan = apply_transfers([settle], state)
+    invariant(
+        plan.outcomes[0].result is TransferResult.OK,
+        f"a saga's own reservation settles: {plan.outcomes[0].result.name}",
+    )
+    return plan

@@ -1,0 +1,1 @@
+"""Workflows across shards: the cross-shard transfer saga, its recovery worker, reconcile."""

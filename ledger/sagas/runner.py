@@ -1,0 +1,264 @@
+"""Drives cross-shard sagas: step 1 on the debit shard, 2 on the credit shard, 3 back.
+
+Every step resolves its shard from the live ring at the moment of use and is
+fenced there, so a merchant that moved is followed, never written behind.
+A step that cannot run now (a shard down, a move in progress) is recorded as
+a failed attempt with back-off; the recovery worker of any replica picks the
+saga up again when it is due. Nothing here ever gives up on money: a saga
+that runs out of attempts goes to the dead-letter list with its funds still
+visibly reserved.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
+from typing import TypeVar
+
+from opentelemetry import propagate
+
+from ledger import limits
+from ledger.domain.engine import ItemOutcome
+from ledger.domain.sagas import CreditOutcome, Saga, SagaKey, SagaState, SagaStep
+from ledger.domain.transfers import TransferRequest, TransferResult
+from ledger.routing.cluster import Cluster
+from ledger.routing.errors import ClusterUnavailable
+from ledger.storage.errors import MerchantsMoving, MerchantsNotOwned, ShardUnavailable, StaleEpoch
+from ledger.storage.sagas import SagaRaced, SagaStart, SagaStore
+from ledger.storage.shard import Fence, Shard
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Errors after which a later attempt may succeed.
+RETRYABLE = (ShardUnavailable, MerchantsMoving, MerchantsNotOwned, StaleEpoch, ClusterUnavailable)
+# A moving merchant is fenced briefly; wait this long between routing tries.
+_MOVING_RETRY_DELAY_S = 0.05
+
+
+class SagaResolutionRefused(Exception):
+    """An admin asked for an outcome the credit shard does not confirm as safe."""
+
+
+@dataclass(frozen=True)
+class SagaSettings:
+    attempts_max: int = limits.saga_attempts_max
+    lease_s: float = limits.saga_lease_s
+    retry_delay_s_min: float = limits.saga_retry_delay_s_min
+    retry_delay_s_max: float = limits.saga_retry_delay_s_max
+
+
+class SagaRunner:
+    def __init__(
+        self, cluster: Cluster, *, owner: str, settings: SagaSettings | None = None
+    ) -> None:
+        self.cluster = cluster
+        self.owner = owner
+        self.settings = settings or SagaSettings()
+        self._tasks: set[asyncio.Task[Saga]] = set()
+
+    # Starting.
+
+    async def start(self, request: TransferRequest, *, wait_s: float) -> ItemOutcome:
+        """Runs step 1, then drives the saga for up to wait_s; IN_PROGRESS if not done."""
+        trace_context = _current_traceparent()
+
+        async def begin(shard: Shard, fence: Fence) -> SagaStart:
+            store = SagaStore(shard)
+            if request.settles_pending:
+                return await store.begin_settle(
+                    request,
+                    fence=fence,
+                    trace_context=trace_context,
+                    lease_owner=self.owner,
+                    lease_s=self.settings.lease_s,
+                )
+            assert request.credit is not None
+            return await store.begin_transfer(
+                request,
+                peer_shard=self.cluster.ring.shard_for(request.credit.merchant_id),
+                fence=fence,
+                trace_context=trace_context,
+                lease_owner=self.owner,
+                lease_s=self.settings.lease_s,
+            )
+
+        start = await self._on_home(request.debit.merchant_id, begin)
+        saga = start.saga
+        if saga is None or saga.state is not SagaState.RUNNING or wait_s <= 0:
+            return start.outcome
+        if start.outcome.replayed:
+            final = await self.wait(saga.key, wait_s=wait_s)
+        else:
+            task = asyncio.create_task(self.drive(saga))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            try:
+                final = await asyncio.wait_for(asyncio.shield(task), wait_s)
+            except TimeoutError:
+                final = saga
+        if start.outcome.result is TransferResult.IN_PROGRESS and final.finished:
+            assert final.result is not None
+            return replace(start.outcome, result=final.result)
+        return start.outcome
+
+    async def wait(self, key: SagaKey, *, wait_s: float) -> Saga:
+        """Polls a saga until it finishes or wait_s passes; returns what it last saw."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + wait_s
+        delay_s = 0.01
+        while True:
+            found = await self.get(key)
+            if found is None:
+                raise KeyError(key)
+            saga = found[0]
+            if saga.state is not SagaState.RUNNING or loop.time() + delay_s > end:
+                return saga
+            await asyncio.sleep(delay_s)
+            delay_s = min(delay_s * 2, 0.25)
+
+    # Driving.
+
+    async def drive(self, saga: Saga) -> Saga:
+        """One pass over the remaining steps; a failure is recorded for a later retry."""
+        try:
+            outcome, result = await self._credit(saga)
+            return await self._finish(saga, outcome, result)
+        except SagaRaced:
+            found = await self.get(saga.key)
+            return found[0] if found else saga
+        except RETRYABLE as error:
+            return await self._retry_later(saga, f"{type(error).__name__}: {error}")
+        except Exception as error:
+            log.exception("saga %s failed unexpectedly", saga.key)
+            return await self._retry_later(saga, f"unexpected {type(error).__name__}")
+
+    async def _credit(
+        self, saga: Saga, *, abort: bool = False
+    ) -> tuple[CreditOutcome, TransferResult]:
+        async def credit(shard: Shard, fence: Fence) -> tuple[CreditOutcome, TransferResult]:
+            return await SagaStore(shard).credit(
+                saga, home_shard=saga.home_shard, fence=fence, abort=abort
+            )
+
+        return await self._on_home(saga.credit.merchant_id, credit)
+
+    async def _finish(
+        self,
+        saga: Saga,
+        outcome: CreditOutcome,
+        result: TransferResult,
+        *,
+        allow_dead: bool = False,
+    ) -> Saga:
+        async def finish(shard: Shard, fence: Fence) -> Saga:
+            return await SagaStore(shard).finish(
+                saga.key,
+                version=saga.version,
+                outcome=outcome,
+                result=result,
+                fence=fence,
+                allow_dead=allow_dead,
+            )
+
+        return await self._on_home(saga.key.merchant_id, finish)
+
+    async def _retry_later(self, saga: Saga, error: str) -> Saga:
+        delay_s = min(
+            self.settings.retry_delay_s_max,
+            self.settings.retry_delay_s_min * 2 ** min(saga.attempts, 30),
+        )
+        delay_s = random.uniform(delay_s / 2, delay_s)
+        try:
+            updated = await SagaStore(self.cluster.shard_for(saga.key.merchant_id)).retry_later(
+                saga, error=error, attempts_max=self.settings.attempts_max, delay_s=delay_s
+            )
+        except RETRYABLE:
+            # The debit shard is down too: the lease runs out and a worker retries.
+            return saga
+        if updated is not None and updated.state is SagaState.DEAD:
+            log.error("saga %s moved to the dead-letter list: %s", saga.key, error)
+        return updated or saga
+
+    # Admin.
+
+    async def get(self, key: SagaKey) -> tuple[Saga, list[SagaStep]] | None:
+        return await SagaStore(self.cluster.shard_for(key.merchant_id)).get(key)
+
+    async def list(self, states: list[SagaState], *, limit: int) -> list[Saga]:
+        found: list[Saga] = []
+        for shard in list(self.cluster.shards.values()):
+            found += await SagaStore(shard).list(states, limit=limit)
+        return sorted(found, key=lambda s: s.created_at)[:limit]
+
+    async def retry(self, key: SagaKey) -> Saga | None:
+        saga = await SagaStore(self.cluster.shard_for(key.merchant_id)).reset_for_retry(key)
+        if saga is None:
+            return None
+        return await self.drive(saga)
+
+    async def resolve(self, key: SagaKey, *, outcome: SagaState) -> Saga:
+        """Finishes a stuck saga, only to an outcome the credit shard confirms is safe."""
+        found = await self.get(key)
+        if found is None:
+            raise KeyError(key)
+        saga = found[0]
+        if saga.finished:
+            if saga.state is not outcome:
+                raise SagaResolutionRefused(f"the saga already finished as {saga.state.name}")
+            return saga
+        if outcome is SagaState.COMPENSATED:
+            # Make the credit shard record the abort first, so step 2 can never land later.
+            credit_outcome, result = await self._credit(saga, abort=True)
+            if credit_outcome is CreditOutcome.APPLIED:
+                raise SagaResolutionRefused(
+                    "the credit shard applied the credit: resolve to COMPLETED instead"
+                )
+        elif outcome is SagaState.COMPLETED:
+            recorded = await self._credit_recorded(saga)
+            if recorded is None or recorded[0] is not CreditOutcome.APPLIED:
+                raise SagaResolutionRefused(
+                    "the credit shard has not applied the credit: retry the saga instead"
+                )
+            credit_outcome, result = recorded
+        else:
+            raise SagaResolutionRefused("a saga resolves to COMPLETED or COMPENSATED")
+        return await self._finish(saga, credit_outcome, result, allow_dead=True)
+
+    async def _credit_recorded(self, saga: Saga) -> tuple[CreditOutcome, TransferResult] | None:
+        shard = self.cluster.shard_for(saga.credit.merchant_id)
+        return await SagaStore(shard).credit_outcome(saga.key)
+
+    async def close(self) -> None:
+        """Waits for sagas this replica is driving; their leases protect the rest."""
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=limits.shutdown_grace_s)
+
+    # Routing.
+
+    async def _on_home(self, merchant_id: str, step: Callable[[Shard, Fence], Awaitable[T]]) -> T:
+        """Runs step on the merchant's shard as the ring says now, following redirects."""
+        for attempt in range(1, limits.redirect_attempts_max + 1):
+            shard = self.cluster.shard_for(merchant_id)
+            fence = self.cluster.fence(shard, {merchant_id})
+            try:
+                return await step(shard, fence)
+            except StaleEpoch as error:
+                if error.shard_epoch < self.cluster.epoch:
+                    await shard.adopt_epoch(self.cluster.epoch)
+                else:
+                    await self.cluster.reload()
+            except MerchantsNotOwned:
+                await self.cluster.reload()
+            except MerchantsMoving:
+                await asyncio.sleep(_MOVING_RETRY_DELAY_S * attempt)
+        raise ClusterUnavailable(f"routing for a saga step did not settle ({merchant_id!r})")
+
+
+def _current_traceparent() -> str:
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return carrier.get("traceparent", "")

@@ -1,0 +1,136 @@
+"""The SQL of the saga tables (migration 0002), as named constants."""
+
+from __future__ import annotations
+
+SAGA_COLUMNS = """
+merchant_id, transfer_id, kind, state, next_step, peer_shard, debit_account_id,
+credit_merchant_id, credit_account_id, currency, credit_action, amount_minor,
+pending_minor, pending_id, result, credit_outcome, attempts, next_attempt_at, last_error,
+version, trace_context, created_at, updated_at
+"""
+
+ENSURE_SETTLEMENT_ACCOUNT = """
+INSERT INTO accounts (merchant_id, account_id, currency, debits_must_not_exceed_credits,
+                      credits_must_not_exceed_debits, metadata, created_at)
+VALUES ($1, $2, $3, false, false, '{}'::jsonb, clock_timestamp())
+ON CONFLICT (merchant_id, account_id) DO NOTHING
+"""
+
+INSERT_SAGA = f"""
+INSERT INTO sagas (merchant_id, transfer_id, kind, state, next_step, peer_shard,
+    debit_account_id, credit_merchant_id, credit_account_id, currency, credit_action,
+    amount_minor, pending_minor, pending_id, next_attempt_at, lease_owner, lease_until,
+    trace_context, created_at, updated_at)
+VALUES ($1, $2, $3, 1, 2, $4, $5, $6, $7, $8, $9, $10, $11, $12,
+    $13::timestamptz + make_interval(secs => $15), $14,
+    $13::timestamptz + make_interval(secs => $15), $16, $13, $13)
+RETURNING {SAGA_COLUMNS}
+"""
+
+INSERT_STEP = """
+INSERT INTO saga_steps (merchant_id, transfer_id, kind, step, outcome, detail)
+VALUES ($1, $2, $3, $4, $5, $6)
+"""
+
+SELECT_SAGA = f"""
+SELECT {SAGA_COLUMNS} FROM sagas WHERE merchant_id = $1 AND transfer_id = $2 AND kind = $3
+"""
+
+LOCK_SAGA = SELECT_SAGA + " FOR UPDATE"
+
+SELECT_SAGAS_OF_TRANSFERS = f"""
+SELECT {SAGA_COLUMNS} FROM sagas
+WHERE (merchant_id, transfer_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))
+  AND kind IN (1, 2)
+"""
+
+SELECT_STEPS = """
+SELECT step, outcome, detail, at FROM saga_steps
+WHERE merchant_id = $1 AND transfer_id = $2 AND kind = $3
+ORDER BY id
+"""
+
+FINISH_SAGA = f"""
+UPDATE sagas SET state = $5, result = $6, credit_outcome = $7, next_step = 3,
+    version = version + 1, lease_owner = '', lease_until = NULL, updated_at = clock_timestamp()
+WHERE merchant_id = $1 AND transfer_id = $2 AND kind = $3 AND version = $4
+RETURNING {SAGA_COLUMNS}
+"""
+
+# One failed attempt: back off, or move to the dead-letter list when the
+# attempts run out. The version check keeps a stale worker from writing.
+RETRY_LATER = f"""
+UPDATE sagas SET attempts = attempts + 1,
+    state = CASE WHEN attempts + 1 >= $5 THEN 4 ELSE 1 END,
+    next_attempt_at = clock_timestamp() + make_interval(secs => $6),
+    last_error = $7, version = version + 1, lease_owner = '', lease_until = NULL,
+    updated_at = clock_timestamp()
+WHERE merchant_id = $1 AND transfer_id = $2 AND kind = $3 AND version = $4 AND state = 1
+RETURNING {SAGA_COLUMNS}
+"""
+
+RESET_FOR_RETRY = f"""
+UPDATE sagas SET state = 1, attempts = 0, next_attempt_at = clock_timestamp(),
+    last_error = '', version = version + 1, lease_owner = '', lease_until = NULL,
+    updated_at = clock_timestamp()
+WHERE merchant_id = $1 AND transfer_id = $2 AND kind = $3 AND state IN (1, 4)
+RETURNING {SAGA_COLUMNS}
+"""
+
+# Claims due sagas whose lease is free; SKIP LOCKED lets several replicas'
+# workers claim disjoint sets, and the version bump fences out the previous
+# holder of each.
+CLAIM_DUE = f"""
+WITH due AS (
+    SELECT merchant_id, transfer_id, kind FROM sagas
+    WHERE state = 1 AND next_attempt_at <= clock_timestamp()
+      AND (lease_until IS NULL OR lease_until < clock_timestamp())
+    ORDER BY next_attempt_at
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE sagas AS s SET lease_owner = $1,
+    lease_until = clock_timestamp() + make_interval(secs => $3),
+    version = s.version + 1, updated_at = clock_timestamp()
+FROM due
+WHERE s.merchant_id = due.merchant_id AND s.transfer_id = due.transfer_id AND s.kind = due.kind
+RETURNING {", ".join("s." + c.strip() for c in SAGA_COLUMNS.split(","))}
+"""
+
+LIST_SAGAS = f"""
+SELECT {SAGA_COLUMNS} FROM sagas WHERE state = ANY($1::smallint[])
+ORDER BY created_at LIMIT $2
+"""
+
+SELECT_CREDIT = """
+SELECT outcome, result FROM saga_credits
+WHERE merchant_id = $1 AND transfer_id = $2 AND kind = $3
+"""
+
+INSERT_CREDIT = """
+INSERT INTO saga_credits (merchant_id, transfer_id, kind, credit_merchant_id, outcome, result,
+                          peer_shard)
+VALUES ($1, $2, $3, $4, $5, $6, $7)
+"""
+
+SELECT_SAGA_KEYS_FOR = """
+SELECT merchant_id, transfer_id FROM sagas
+WHERE (merchant_id, transfer_id) IN (SELECT * FROM unnest($1::text[], $2::text[])) AND kind = 1
+"""
+
+# Due pending transfers that a saga carries (cross-shard); the plain sweeper
+# skips them.
+DUE_CROSS_SHARD_EXPIRIES = """
+SELECT e.merchant_id, e.transfer_id FROM pending_expiries e
+WHERE e.expires_at <= clock_timestamp()
+  AND EXISTS (SELECT 1 FROM sagas s WHERE s.merchant_id = e.merchant_id
+              AND s.transfer_id = e.transfer_id AND s.kind = 1 AND s.state = 2)
+ORDER BY e.expires_at
+LIMIT $1
+"""
+
+FINAL_RESULTS = """
+SELECT merchant_id, transfer_id, result FROM sagas
+WHERE (merchant_id, transfer_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))
+  AND kind = 1 AND state IN (2, 3)
+"""

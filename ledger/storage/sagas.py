@@ -1,0 +1,670 @@
+"""The saga steps each shard runs, every one a single local transaction.
+
+Debit shard (S): begin (step 1), finish (step 3), the saga row's retries and
+claims. Credit shard (T): credit (step 2), which records exactly one outcome
+per saga in saga_credits, so a repeated or late step 2 can never apply twice
+or after an abort.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
+
+from ledger import faults
+from ledger.domain.accounts import AccountKey
+from ledger.domain.engine import (
+    ItemOutcome,
+    PendingView,
+    TransferBatchState,
+    apply_transfers,
+    expire_pending,
+)
+from ledger.domain.sagas import (
+    SETTLEMENT_MERCHANT_ID,
+    CreditAction,
+    CreditOutcome,
+    Saga,
+    SagaKey,
+    SagaKind,
+    SagaState,
+    SagaStep,
+    credit_plan,
+    local_view,
+    reservation_settle_plan,
+    settlement_account,
+)
+from ledger.domain.transfers import (
+    PendingState,
+    TransferAction,
+    TransferKey,
+    TransferRecord,
+    TransferRequest,
+    TransferResult,
+)
+from ledger.invariant import invariant
+from ledger.storage import saga_statements as sql
+from ledger.storage import statements as ledger_sql
+from ledger.storage.saga_rows import saga_from_row
+from ledger.storage.shard import Fence, Shard, write_plan
+
+if TYPE_CHECKING:
+    from ledger.storage.shard import Connection
+
+
+class SagaRaced(Exception):
+    """Another worker moved the saga on (its version changed); this one must stop."""
+
+
+@dataclass(frozen=True, slots=True)
+class SagaStart:
+    """Step 1's answer: the item's outcome, and the saga if one runs (or ran)."""
+
+    outcome: ItemOutcome
+    saga: Saga | None
+
+
+class SagaStore:
+    """The saga operations of one shard."""
+
+    def __init__(self, shard: Shard) -> None:
+        self.shard = shard
+
+    # Step 1 (debit shard).
+
+    async def begin_transfer(
+        self,
+        request: TransferRequest,
+        *,
+        peer_shard: str,
+        fence: Fence,
+        trace_context: str,
+        lease_owner: str,
+        lease_s: float,
+    ) -> SagaStart:
+        """Records the transfer and its saga, and reserves the funds, in one transaction.
+
+        Limits are checked here, so an overdraft is refused before anything else.
+        """
+        invariant(request.credit is not None, "a cross-shard transfer names its credit account")
+        credit = request.credit
+        assert credit is not None
+        settlement = settlement_account(peer_shard, request.currency)
+
+        async def run(conn: Connection) -> SagaStart:
+            await self.shard._fence(
+                conn, fence, {request.debit.merchant_id, SETTLEMENT_MERCHANT_ID}
+            )
+            existing = await self._existing(conn, request)
+            if existing is not None:
+                return existing
+            await conn.execute(
+                sql.ENSURE_SETTLEMENT_ACCOUNT,
+                settlement.merchant_id,
+                settlement.account_id,
+                request.currency,
+            )
+            accounts = await self.shard._lock_accounts(conn, {request.debit, settlement})
+            now: datetime = await conn.fetchval(ledger_sql.NOW)
+            reservation = replace(
+                request,
+                credit=settlement,
+                action=TransferAction.PENDING,
+                timeout_ms=0,
+                reversal_of="",
+            )
+            state = TransferBatchState(accounts, {}, frozenset(), {}, {}, {}, now)
+            plan = apply_transfers([reservation], state)
+            result = plan.outcomes[0].result
+            if result is not TransferResult.OK:
+                failed = TransferRecord(request, result, 0, now)
+                await write_plan(
+                    conn, records=[failed], entries=[], accounts={}, resolutions=[], expiring=[]
+                )
+                return SagaStart(ItemOutcome(0, request.id, result, created_at=now), None)
+            record = TransferRecord(
+                request=request,
+                result=TransferResult.IN_PROGRESS,
+                amount_effective_minor=request.amount_minor,
+                created_at=now,
+                expires_at=(
+                    now + timedelta(milliseconds=request.timeout_ms)
+                    if request.action is TransferAction.PENDING and request.timeout_ms
+                    else None
+                ),
+            )
+            await write_plan(
+                conn,
+                records=[record],
+                entries=plan.entries,
+                accounts=plan.accounts,
+                resolutions=[],
+                expiring=[record] if record.expires_at else [],
+            )
+            action = (
+                CreditAction.POST if request.action is TransferAction.POST else CreditAction.PENDING
+            )
+            saga = await self._insert_saga(
+                conn,
+                key=SagaKey(request.debit.merchant_id, request.id, SagaKind.TRANSFER),
+                peer_shard=peer_shard,
+                debit=request.debit,
+                credit=credit,
+                currency=request.currency,
+                action=action,
+                amount_minor=request.amount_minor,
+                pending_minor=0,
+                pending_id="",
+                now=now,
+                lease_owner=lease_owner,
+                lease_s=lease_s,
+                trace_context=trace_context,
+                detail="reserved",
+            )
+            faults.crash_point("saga.step1.before_commit")
+            return SagaStart(
+                ItemOutcome(0, request.id, TransferResult.IN_PROGRESS, created_at=now), saga
+            )
+
+        start = await self.shard._in_transaction(run)
+        faults.crash_point("saga.step1.after_commit")
+        return start
+
+    async def begin_settle(
+        self,
+        request: TransferRequest,
+        *,
+        fence: Fence,
+        trace_context: str,
+        lease_owner: str,
+        lease_s: float,
+    ) -> SagaStart:
+        """Posts or voids a cross-shard pending transfer's debit side, and starts the saga
+        that does the same on the credit side. The decision is made here, once."""
+        invariant(request.settles_pending, "a settle saga settles a pending transfer")
+        pending_key = TransferKey(request.debit.merchant_id, request.pending_id)
+
+        async def run(conn: Connection) -> SagaStart:
+            await self.shard._fence(
+                conn, fence, {request.debit.merchant_id, SETTLEMENT_MERCHANT_ID}
+            )
+            existing = await self._existing(conn, request)
+            if existing is not None:
+                return existing
+            pending = (await self.shard._select_transfers(conn, {pending_key})).get(pending_key)
+            origin = await self._saga(
+                conn, SagaKey(pending_key.merchant_id, pending_key.transfer_id, SagaKind.TRANSFER)
+            )
+            if pending is None or origin is None:
+                now_missing: datetime = await conn.fetchval(ledger_sql.NOW)
+                missing = TransferResult.PENDING_TRANSFER_NOT_FOUND
+                await write_plan(
+                    conn,
+                    records=[TransferRecord(request, missing, 0, now_missing)],
+                    entries=[],
+                    accounts={},
+                    resolutions=[],
+                    expiring=[],
+                )
+                return SagaStart(ItemOutcome(0, request.id, missing, created_at=now_missing), None)
+            view = local_view(pending, origin.peer_shard)
+            if origin.result is not TransferResult.OK:
+                # Still in flight, or refused: there is nothing to settle yet.
+                view = replace(view, result=TransferResult.PENDING_TRANSFER_NOT_FOUND)
+            assert view.request.credit is not None
+            accounts = await self.shard._lock_accounts(
+                conn, {view.request.debit, view.request.credit}
+            )
+            states = await self.shard._pending_states(conn, {pending_key})
+            now: datetime = await conn.fetchval(ledger_sql.NOW)
+            given_credit = request.credit
+            local_request = replace(
+                request,
+                credit=view.request.credit
+                if given_credit == pending.request.credit
+                else given_credit,
+            )
+            state = TransferBatchState(
+                accounts,
+                {},
+                frozenset(),
+                {pending_key: PendingView(view, states.get(pending_key, PendingState.PENDING))},
+                {},
+                {},
+                now,
+            )
+            plan = apply_transfers([local_request], state)
+            result = plan.outcomes[0].result
+            if result is not TransferResult.OK:
+                failed = TransferRecord(request, result, 0, now)
+                await write_plan(
+                    conn, records=[failed], entries=[], accounts={}, resolutions=[], expiring=[]
+                )
+                return SagaStart(ItemOutcome(0, request.id, result, created_at=now), None)
+            settled = plan.records[0]
+            record = replace(
+                settled, request=replace(settled.request, credit=pending.request.credit)
+            )
+            await write_plan(
+                conn,
+                records=[record],
+                entries=plan.entries,
+                accounts=plan.accounts,
+                resolutions=plan.resolutions,
+                expiring=[],
+            )
+            posted_minor = record.amount_effective_minor
+            saga = await self._insert_saga(
+                conn,
+                key=SagaKey(request.debit.merchant_id, request.id, SagaKind.SETTLE),
+                peer_shard=origin.peer_shard,
+                debit=origin.debit,
+                credit=origin.credit,
+                currency=origin.currency,
+                action=CreditAction.POST_PENDING if posted_minor else CreditAction.RELEASE,
+                amount_minor=posted_minor,
+                pending_minor=pending.amount_effective_minor,
+                pending_id=pending_key.transfer_id,
+                now=now,
+                lease_owner=lease_owner,
+                lease_s=lease_s,
+                trace_context=trace_context,
+                detail="settled on debit shard",
+            )
+            return SagaStart(ItemOutcome(0, request.id, TransferResult.OK, created_at=now), saga)
+
+        return await self.shard._in_transaction(run)
+
+    async def expire_due(self, *, limit: int) -> int:
+        """Expires due cross-shard pending transfers on this (debit) shard: releases the
+        debit side now and starts an EXPIRE saga that releases the credit side."""
+
+        async def run(conn: Connection) -> int:
+            due = await conn.fetch(sql.DUE_CROSS_SHARD_EXPIRIES, limit)
+            if not due:
+                return 0
+            keys = {TransferKey(r["merchant_id"], r["transfer_id"]) for r in due}
+            await self.shard._fence(
+                conn,
+                Fence(epoch=await self._epoch(conn), claimable=frozenset()),
+                {k.merchant_id for k in keys} | {SETTLEMENT_MERCHANT_ID},
+            )
+            records = await self.shard._select_transfers(conn, keys)
+            origins = {
+                k: s
+                for k in keys
+                if (
+                    s := await self._saga(
+                        conn, SagaKey(k.merchant_id, k.transfer_id, SagaKind.TRANSFER)
+                    )
+                )
+                is not None
+            }
+            views = {
+                k: local_view(records[k], origins[k].peer_shard)
+                for k in keys
+                if k in origins and origins[k].result is TransferResult.OK
+            }
+            locked: set[AccountKey] = set()
+            for view in views.values():
+                assert view.request.credit is not None
+                locked |= {view.request.debit, view.request.credit}
+            accounts = dict(await self.shard._lock_accounts(conn, locked))
+            states = await self.shard._pending_states(conn, set(views))
+            now: datetime = await conn.fetchval(ledger_sql.NOW)
+            expired = 0
+            for key in sorted(views):
+                view = views[key]
+                if key in states or view.expires_at is None or view.expires_at > now:
+                    continue
+                plan = expire_pending(view, accounts, now)
+                await write_plan(
+                    conn,
+                    records=[],
+                    entries=plan.entries,
+                    accounts=plan.accounts,
+                    resolutions=[plan.resolution],
+                    expiring=[],
+                )
+                for account_key, account_state in plan.accounts.items():
+                    accounts[account_key] = replace(
+                        accounts[account_key],
+                        balances=account_state.balances,
+                        entry_count=account_state.entry_count,
+                    )
+                origin = origins[key]
+                await self._insert_saga(
+                    conn,
+                    key=SagaKey(key.merchant_id, key.transfer_id, SagaKind.EXPIRE),
+                    peer_shard=origin.peer_shard,
+                    debit=origin.debit,
+                    credit=origin.credit,
+                    currency=origin.currency,
+                    action=CreditAction.RELEASE,
+                    amount_minor=0,
+                    pending_minor=view.amount_effective_minor,
+                    pending_id=key.transfer_id,
+                    now=now,
+                    lease_owner="",
+                    lease_s=0.0,
+                    trace_context=origin.trace_context,
+                    detail="expired on debit shard",
+                )
+                expired += 1
+            return expired
+
+        return await self.shard._in_transaction(run)
+
+    async def _epoch(self, conn: Connection) -> int:
+        return int(await conn.fetchval("SELECT epoch FROM shard_meta"))
+
+    # Step 2 (credit shard).
+
+    async def credit(
+        self, saga: Saga, *, home_shard: str, fence: Fence, abort: bool = False
+    ) -> tuple[CreditOutcome, TransferResult]:
+        """Applies or refuses the credit side, or records an abort, exactly once."""
+        key = saga.key
+        settlement = settlement_account(home_shard, saga.currency)
+
+        async def run(conn: Connection) -> tuple[CreditOutcome, TransferResult]:
+            await self.shard._fence(conn, fence, {saga.credit.merchant_id, SETTLEMENT_MERCHANT_ID})
+            row = await conn.fetchrow(sql.SELECT_CREDIT, key.merchant_id, key.transfer_id, key.kind)
+            if row is not None:
+                return CreditOutcome(row["outcome"]), TransferResult(row["result"])
+            if abort:
+                outcome, result = CreditOutcome.ABORTED, TransferResult.ABORTED
+            else:
+                await conn.execute(
+                    sql.ENSURE_SETTLEMENT_ACCOUNT,
+                    settlement.merchant_id,
+                    settlement.account_id,
+                    saga.currency,
+                )
+                accounts = await self.shard._lock_accounts(conn, {saga.credit, settlement})
+                now: datetime = await conn.fetchval(ledger_sql.NOW)
+                plan = credit_plan(
+                    key=key.transfer,
+                    action=saga.credit_action,
+                    settlement=settlement,
+                    destination=saga.credit,
+                    currency=saga.currency,
+                    amount_minor=saga.amount_minor,
+                    pending_minor=saga.pending_minor,
+                    pending_id=saga.pending_id,
+                    accounts=accounts,
+                    now=now,
+                )
+                result = plan.outcomes[0].result
+                if result is TransferResult.OK:
+                    outcome = CreditOutcome.APPLIED
+                    await write_plan(
+                        conn,
+                        records=[],
+                        entries=plan.entries,
+                        accounts=plan.accounts,
+                        resolutions=[],
+                        expiring=[],
+                    )
+                else:
+                    outcome = CreditOutcome.REFUSED
+            await conn.execute(
+                sql.INSERT_CREDIT,
+                key.merchant_id,
+                key.transfer_id,
+                key.kind,
+                saga.credit.merchant_id,
+                outcome,
+                result,
+                home_shard,
+            )
+            faults.crash_point("saga.step2.before_commit")
+            return outcome, result
+
+        answer = await self.shard._in_transaction(run)
+        faults.crash_point("saga.step2.after_commit")
+        return answer
+
+    async def credit_outcome(self, key: SagaKey) -> tuple[CreditOutcome, TransferResult] | None:
+        """What step 2 recorded on this (credit) shard, if anything. Reads only."""
+
+        async def run(conn: Connection) -> tuple[CreditOutcome, TransferResult] | None:
+            row = await conn.fetchrow(sql.SELECT_CREDIT, key.merchant_id, key.transfer_id, key.kind)
+            if row is None:
+                return None
+            return CreditOutcome(row["outcome"]), TransferResult(row["result"])
+
+        return await self.shard._with_connection(run)
+
+    # Step 3 (debit shard).
+
+    async def finish(
+        self,
+        key: SagaKey,
+        *,
+        version: int,
+        outcome: CreditOutcome,
+        result: TransferResult,
+        fence: Fence,
+        allow_dead: bool = False,
+    ) -> Saga:
+        """Posts the reservation (completed) or releases it (compensated)."""
+
+        async def run(conn: Connection) -> Saga:
+            await self.shard._fence(conn, fence, {key.merchant_id, SETTLEMENT_MERCHANT_ID})
+            saga = await self._saga(conn, key, lock=True)
+            invariant(saga is not None, "a saga being finished exists")
+            assert saga is not None
+            if saga.finished:
+                return saga
+            if saga.version != version or (saga.state is SagaState.DEAD and not allow_dead):
+                raise SagaRaced(f"saga {key} moved on (version {saga.version})")
+            entries_written = False
+            if key.kind is SagaKind.TRANSFER:
+                post = outcome is CreditOutcome.APPLIED
+                if not (post and saga.credit_action is CreditAction.PENDING):
+                    record = (await self.shard._select_transfers(conn, {key.transfer}))[
+                        key.transfer
+                    ]
+                    view = local_view(record, saga.peer_shard)
+                    assert view.request.credit is not None
+                    accounts = await self.shard._lock_accounts(
+                        conn, {view.request.debit, view.request.credit}
+                    )
+                    now: datetime = await conn.fetchval(ledger_sql.NOW)
+                    plan = reservation_settle_plan(
+                        reservation=view, post=post, accounts=accounts, now=now
+                    )
+                    await write_plan(
+                        conn,
+                        records=[],
+                        entries=plan.entries,
+                        accounts=plan.accounts,
+                        resolutions=plan.resolutions,
+                        expiring=[],
+                    )
+                    entries_written = True
+                final = TransferResult.OK if post else result
+            else:
+                invariant(outcome is CreditOutcome.APPLIED, "settling a held credit never fails")
+                final = TransferResult.OK
+            state = SagaState.COMPLETED if final is TransferResult.OK else SagaState.COMPENSATED
+            row = await conn.fetchrow(
+                sql.FINISH_SAGA,
+                key.merchant_id,
+                key.transfer_id,
+                key.kind,
+                saga.version,
+                state,
+                final,
+                outcome,
+            )
+            invariant(row is not None, "the locked saga row is updated")
+            assert row is not None
+            detail = final.name + (
+                " (debit posted)" if entries_written and final is TransferResult.OK else ""
+            )
+            await self._step(conn, key, 3, state.name.lower(), detail)
+            faults.crash_point("saga.step3.before_commit")
+            return saga_from_row(row, self.shard.name)
+
+        finished = await self.shard._in_transaction(run)
+        faults.crash_point("saga.step3.after_commit")
+        return finished
+
+    async def retry_later(
+        self, saga: Saga, *, error: str, attempts_max: int, delay_s: float
+    ) -> Saga | None:
+        """Records a failed attempt; None if another worker moved the saga on."""
+
+        async def run(conn: Connection) -> Saga | None:
+            key = saga.key
+            row = await conn.fetchrow(
+                sql.RETRY_LATER,
+                key.merchant_id,
+                key.transfer_id,
+                key.kind,
+                saga.version,
+                attempts_max,
+                delay_s,
+                error[:500],
+            )
+            if row is None:
+                return None
+            updated = saga_from_row(row, self.shard.name)
+            outcome = "dead" if updated.state is SagaState.DEAD else "retry"
+            await self._step(conn, key, saga.next_step, outcome, error[:500])
+            return updated
+
+        return await self.shard._in_transaction(run)
+
+    async def reset_for_retry(self, key: SagaKey) -> Saga | None:
+        async def run(conn: Connection) -> Saga | None:
+            row = await conn.fetchrow(
+                sql.RESET_FOR_RETRY, key.merchant_id, key.transfer_id, key.kind
+            )
+            if row is None:
+                return None
+            await self._step(conn, key, 0, "retry requested", "by an admin")
+            return saga_from_row(row, self.shard.name)
+
+        return await self.shard._in_transaction(run)
+
+    async def claim_due(self, *, owner: str, limit: int, lease_s: float) -> list[Saga]:
+        async def run(conn: Connection) -> list[Saga]:
+            rows = await conn.fetch(sql.CLAIM_DUE, owner, limit, lease_s)
+            return [saga_from_row(r, self.shard.name) for r in rows]
+
+        return await self.shard._in_transaction(run)
+
+    # Reads.
+
+    async def get(self, key: SagaKey) -> tuple[Saga, list[SagaStep]] | None:
+        async def run(conn: Connection) -> tuple[Saga, list[SagaStep]] | None:
+            saga = await self._saga(conn, key)
+            if saga is None:
+                return None
+            rows = await conn.fetch(sql.SELECT_STEPS, key.merchant_id, key.transfer_id, key.kind)
+            return saga, [SagaStep(r["step"], r["outcome"], r["detail"], r["at"]) for r in rows]
+
+        return await self.shard._with_connection(run)
+
+    async def list(self, states: list[SagaState], *, limit: int) -> list[Saga]:
+        async def run(conn: Connection) -> list[Saga]:
+            rows = await conn.fetch(sql.LIST_SAGAS, [int(s) for s in states], limit)
+            return [saga_from_row(r, self.shard.name) for r in rows]
+
+        return await self.shard._with_connection(run)
+
+    # Plumbing.
+
+    async def _existing(self, conn: Connection, request: TransferRequest) -> SagaStart | None:
+        """A replay: the original outcome (the saga's, once it finished)."""
+        records, journals = await self.shard._select_records(conn, {request.key})
+        if request.key in journals:
+            return SagaStart(
+                ItemOutcome(
+                    0,
+                    request.id,
+                    TransferResult.EXISTS_WITH_DIFFERENT_FIELDS,
+                    differing_field="kind",
+                ),
+                None,
+            )
+        record = records.get(request.key)
+        if record is None:
+            return None
+        differing = record.differing_field(request)
+        if differing is not None:
+            return SagaStart(
+                ItemOutcome(
+                    0,
+                    request.id,
+                    TransferResult.EXISTS_WITH_DIFFERENT_FIELDS,
+                    differing_field=differing,
+                    created_at=record.created_at,
+                ),
+                None,
+            )
+        kind = SagaKind.SETTLE if request.settles_pending else SagaKind.TRANSFER
+        saga = await self._saga(conn, SagaKey(request.debit.merchant_id, request.id, kind))
+        return SagaStart(
+            ItemOutcome(0, request.id, record.result, replayed=True, created_at=record.created_at),
+            saga,
+        )
+
+    async def _saga(self, conn: Connection, key: SagaKey, *, lock: bool = False) -> Saga | None:
+        row = await conn.fetchrow(
+            sql.LOCK_SAGA if lock else sql.SELECT_SAGA, key.merchant_id, key.transfer_id, key.kind
+        )
+        return saga_from_row(row, self.shard.name) if row is not None else None
+
+    async def _insert_saga(
+        self,
+        conn: Connection,
+        *,
+        key: SagaKey,
+        peer_shard: str,
+        debit: AccountKey,
+        credit: AccountKey,
+        currency: str,
+        action: CreditAction,
+        amount_minor: int,
+        pending_minor: int,
+        pending_id: str,
+        now: datetime,
+        lease_owner: str,
+        lease_s: float,
+        trace_context: str,
+        detail: str,
+    ) -> Saga:
+        row = await conn.fetchrow(
+            sql.INSERT_SAGA,
+            key.merchant_id,
+            key.transfer_id,
+            key.kind,
+            peer_shard,
+            debit.account_id,
+            credit.merchant_id,
+            credit.account_id,
+            currency,
+            action,
+            amount_minor,
+            pending_minor,
+            pending_id,
+            now,
+            lease_owner,
+            lease_s,
+            trace_context,
+        )
+        assert row is not None
+        await self._step(conn, key, 1, "started", detail)
+        return saga_from_row(row, self.shard.name)
+
+    async def _step(
+        self, conn: Connection, key: SagaKey, step: int, outcome: str, detail: str
+    ) -> None:
+        await conn.execute(
+            sql.INSERT_STEP, key.merchant_id, key.transfer_id, key.kind, step, outcome, detail
+        )
