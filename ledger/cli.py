@@ -5,24 +5,39 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, TypeVar
 
+import grpc
 import typer
 
 from ledger import limits
 from ledger.api.server import LedgerServer
 from ledger.client import LedgerClient
+from ledger.domain.sagas import SagaKind, SagaState
 from ledger.embedded.cluster import EmbeddedCluster
 from ledger.routing.cluster import Cluster
 from ledger.routing.config import load_config
 from ledger.routing.ring import ShardRing
+from ledger.sagas.reconcile import ReconcileReport
+from ledger.sagas.reconcile import reconcile as run_reconcile
+from ledger.sagas.runner import SagaSettings
 from ledger.settings import Settings
 from ledger.v1 import ledger_pb2 as pb
+from ledger.v1 import ledger_pb2_grpc
 
 app = typer.Typer(help="A sharded double-entry ledger service.", no_args_is_help=True)
 accounts_app = typer.Typer(help="Create and inspect accounts.", no_args_is_help=True)
 app.add_typer(accounts_app, name="accounts")
+sagas_app = typer.Typer(
+    help="List, show, retry and resolve cross-shard sagas.", no_args_is_help=True
+)
+app.add_typer(sagas_app, name="sagas")
+_KindOption = Annotated[str, typer.Option("--kind", help="transfer, settle or expire.")]
+# Admin calls are quick reads or single repairs.
+_ADMIN_TIMEOUT_S = 30.0
+R = TypeVar("R")
 
 ConfigOption = Annotated[
     Path | None, typer.Option("--config", help="Shard config file (default: embedded cluster).")
@@ -54,17 +69,25 @@ def serve(
         embedded.start()
         config_path = embedded.config_path
     try:
-        asyncio.run(_serve(config_path, listen or env.listen, env.concurrent_rpcs_max))
+        asyncio.run(_serve(config_path, listen or env.listen, env))
     finally:
         if embedded is not None:
             embedded.stop()
             typer.echo("embedded PostgreSQL stopped", err=True)
 
 
-async def _serve(config_path: Path, listen: str, concurrent_rpcs_max: int) -> None:
+async def _serve(config_path: Path, listen: str, settings: Settings) -> None:
     cluster = Cluster(load_config(config_path), config_path=config_path)
     await cluster.open()
-    server = LedgerServer(cluster, listen=listen, concurrent_rpcs_max=concurrent_rpcs_max)
+    server = LedgerServer(
+        cluster,
+        listen=listen,
+        concurrent_rpcs_max=settings.concurrent_rpcs_max,
+        saga_settings=SagaSettings(
+            attempts_max=settings.saga_attempts_max,
+            retry_delay_s_max=settings.saga_retry_delay_s_max,
+        ),
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -95,6 +118,123 @@ def migrate(config: Annotated[Path, typer.Option("--config")]) -> None:
 
     asyncio.run(run())
     typer.echo("migrated")
+
+
+@app.command()
+def reconcile(config: Annotated[Path, typer.Option("--config")]) -> None:
+    """Check that the books balance on every shard and across the cluster."""
+
+    async def run() -> ReconcileReport:
+        cluster = Cluster(load_config(config), config_path=config)
+        try:
+            await cluster.open(migrate=False)
+            return await run_reconcile(cluster)
+        finally:
+            await cluster.close()
+
+    report = asyncio.run(run())
+    typer.echo(report.render())
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@sagas_app.command("list")
+def sagas_list(
+    state: Annotated[
+        str, typer.Option(help="running, completed, compensated, dead, or unfinished.")
+    ] = "unfinished",
+    limit: Annotated[int, typer.Option(help="At most this many.")] = 100,
+    target: TargetOption = DEFAULT_TARGET,
+) -> None:
+    """List sagas by state, oldest first."""
+    states = {"unfinished": 0, **{s.name.lower(): s.value for s in SagaState}}
+    if state not in states:
+        raise typer.BadParameter(f"state must be one of {', '.join(states)}")
+    request = pb.ListSagasRequest(state=states[state], page_size=limit)  # type: ignore[arg-type]
+    response = asyncio.run(
+        _admin(target, lambda stub: stub.ListSagas(request, timeout=_ADMIN_TIMEOUT_S))
+    )
+    for saga in response.sagas:
+        typer.echo(_saga_line(saga))
+    typer.echo(f"{len(response.sagas)} saga(s)")
+
+
+@sagas_app.command("show")
+def sagas_show(
+    merchant_id: str,
+    transfer_id: str,
+    kind: _KindOption = "transfer",
+    target: TargetOption = DEFAULT_TARGET,
+) -> None:
+    """Show one saga with its step history and errors."""
+    request = pb.GetSagaRequest(ref=_saga_ref(merchant_id, transfer_id, kind))
+    saga = asyncio.run(_admin(target, lambda stub: stub.GetSaga(request, timeout=_ADMIN_TIMEOUT_S)))
+    typer.echo(_saga_line(saga))
+    for step in saga.steps:
+        when = step.at.ToDatetime().isoformat(timespec="milliseconds")
+        typer.echo(f"  {when} step {step.step} {step.outcome} {step.detail}")
+
+
+@sagas_app.command("retry")
+def sagas_retry(
+    merchant_id: str,
+    transfer_id: str,
+    kind: _KindOption = "transfer",
+    target: TargetOption = DEFAULT_TARGET,
+) -> None:
+    """Retry a dead (or running) saga now, with its attempts reset."""
+    request = pb.GetSagaRequest(ref=_saga_ref(merchant_id, transfer_id, kind))
+    saga = asyncio.run(
+        _admin(target, lambda stub: stub.RetrySaga(request, timeout=_ADMIN_TIMEOUT_S))
+    )
+    typer.echo(_saga_line(saga))
+
+
+@sagas_app.command("resolve")
+def sagas_resolve(
+    merchant_id: str,
+    transfer_id: str,
+    outcome: Annotated[str, typer.Argument(help="completed or compensated")],
+    kind: _KindOption = "transfer",
+    target: TargetOption = DEFAULT_TARGET,
+) -> None:
+    """Finish a stuck saga, only as the credit shard confirms is safe."""
+    outcomes = {"completed": pb.SAGA_STATE_COMPLETED, "compensated": pb.SAGA_STATE_COMPENSATED}
+    if outcome not in outcomes:
+        raise typer.BadParameter("outcome must be completed or compensated")
+    request = pb.ResolveSagaRequest(
+        ref=_saga_ref(merchant_id, transfer_id, kind), outcome=outcomes[outcome]
+    )
+    saga = asyncio.run(
+        _admin(target, lambda stub: stub.ResolveSaga(request, timeout=_ADMIN_TIMEOUT_S))
+    )
+    typer.echo(_saga_line(saga))
+
+
+def _saga_ref(merchant_id: str, transfer_id: str, kind: str) -> pb.SagaRef:
+    kinds = {k.name.lower(): k.value for k in SagaKind}
+    if kind not in kinds:
+        raise typer.BadParameter(f"kind must be one of {', '.join(kinds)}")
+    return pb.SagaRef(merchant_id=merchant_id, transfer_id=transfer_id, kind=kinds[kind])  # type: ignore[arg-type]
+
+
+def _saga_line(saga: pb.Saga) -> str:
+    return (
+        f"{saga.ref.merchant_id}/{saga.ref.transfer_id} {pb.SagaKind.Name(saga.ref.kind)} "
+        f"{pb.SagaState.Name(saga.state)} {saga.debit_shard}->{saga.credit_shard} "
+        f"{saga.amount_minor} {saga.currency} attempts={saga.attempts} "
+        f"result={pb.TransferResult.Name(saga.result)}"
+        + (f" last_error={saga.last_error!r}" if saga.last_error else "")
+    )
+
+
+async def _admin(target: str, call: Callable[[Any], Awaitable[R]]) -> R:
+    async with grpc.aio.insecure_channel(target) as channel:
+        try:
+            return await call(ledger_pb2_grpc.LedgerAdminServiceStub(channel))
+        except grpc.aio.AioRpcError as error:
+            typer.echo(f"{error.code().name}: {error.details()}", err=True)
+            raise typer.Exit(1) from None
 
 
 @app.command()

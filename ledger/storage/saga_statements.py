@@ -134,3 +134,62 @@ SELECT merchant_id, transfer_id, result FROM sagas
 WHERE (merchant_id, transfer_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))
   AND kind = 1 AND state IN (2, 3)
 """
+
+# Reconcile: what one shard reports about itself.
+SUMS_BY_CURRENCY = """
+SELECT currency,
+       sum(credits_posted::numeric - debits_posted) AS posted,
+       sum(credits_pending::numeric - debits_pending) AS pending
+FROM accounts GROUP BY currency ORDER BY currency
+"""
+
+# Accounts whose stored balances disagree with their last entry.
+ACCOUNTS_OFF_THEIR_ENTRIES = """
+SELECT a.merchant_id, a.account_id FROM accounts a
+LEFT JOIN LATERAL (
+    SELECT sequence, debits_posted, credits_posted, debits_pending, credits_pending
+    FROM entries e WHERE e.merchant_id = a.merchant_id AND e.account_id = a.account_id
+    ORDER BY sequence DESC LIMIT 1
+) last ON true
+WHERE (a.entry_count = 0 AND last.sequence IS NOT NULL)
+   OR (a.entry_count > 0 AND (last.sequence IS DISTINCT FROM a.entry_count
+       OR last.debits_posted <> a.debits_posted OR last.credits_posted <> a.credits_posted
+       OR last.debits_pending <> a.debits_pending OR last.credits_pending <> a.credits_pending))
+LIMIT 20
+"""
+
+SETTLEMENT_BALANCES = """
+SELECT account_id, debits_posted, credits_posted, debits_pending, credits_pending
+FROM accounts WHERE merchant_id = '$settlement'
+"""
+
+SAGA_COUNTS = """
+SELECT state, peer_shard, count(*) AS sagas FROM sagas GROUP BY state, peer_shard
+"""
+
+STUCK_SAGAS = """
+SELECT merchant_id, transfer_id, kind FROM sagas
+WHERE state = 1 AND created_at < clock_timestamp() - make_interval(secs => $1)
+ORDER BY created_at LIMIT 20
+"""
+
+# Finished sagas, a page at a time, to check their legs on both shards.
+FINISHED_SAGAS_PAGE = """
+SELECT merchant_id, transfer_id, kind, state, credit_action, peer_shard FROM sagas
+WHERE state IN (2, 3) AND (merchant_id, transfer_id, kind) > ($1, $2, $3)
+ORDER BY merchant_id, transfer_id, kind
+LIMIT $4
+"""
+
+CREDITS_FOR = """
+SELECT merchant_id, transfer_id, kind, outcome FROM saga_credits
+WHERE (merchant_id, transfer_id, kind) IN
+      (SELECT * FROM unnest($1::text[], $2::text[], $3::smallint[]))
+"""
+
+# For completed POST sagas: the debit side posted (a POSTED debit entry exists).
+POSTED_DEBITS_FOR = """
+SELECT DISTINCT transfer_merchant_id AS merchant_id, transfer_id FROM entries
+WHERE (transfer_merchant_id, transfer_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))
+  AND direction = 1 AND kind = 1 AND merchant_id <> '$settlement'
+"""

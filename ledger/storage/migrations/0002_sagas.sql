@@ -88,3 +88,6 @@ CREATE TRIGGER saga_steps_no_truncate BEFORE TRUNCATE ON saga_steps
     FOR EACH STATEMENT EXECUTE FUNCTION ledger_refuse_history_change();
 CREATE TRIGGER saga_credits_no_truncate BEFORE TRUNCATE ON saga_credits
     FOR EACH STATEMENT EXECUTE FUNCTION ledger_refuse_history_change();
+
+-- Finds a transfer's entries on any shard (reconcile checks a saga's legs).
+CREATE INDEX entries_by_transfer ON entries (transfer_merchant_id, transfer_id);

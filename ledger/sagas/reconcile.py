@@ -1,0 +1,175 @@
+"""`ledger reconcile`: proves the books balance on every shard and across the cluster.
+
+Checks, each reported as a line:
+- per shard and per currency, posted and pending balances sum to zero (every
+  write, saga steps included, is balanced on its own shard via settlement
+  accounts, so this holds at every moment, not only at rest);
+- every account's balances equal its last entry's;
+- each shard's settlement account for a peer mirrors the peer's account for it,
+  for every pair with no saga still running or dead between them;
+- every finished saga has its legs: the credit shard recorded the matching
+  outcome, and a completed single-phase transfer posted its debit;
+- no saga has been running longer than the stuck limit without being in the
+  dead-letter list.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from decimal import Decimal
+
+from ledger import limits
+from ledger.domain.sagas import CreditAction, CreditOutcome, SagaKind, SagaState
+from ledger.routing.cluster import Cluster
+from ledger.storage.audit import SAGA_PAGE_SIZE, FinishedSaga, ShardAudit
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    check: str
+    ok: bool
+    detail: str
+
+
+@dataclass
+class ReconcileReport:
+    findings: list[Finding] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(f.ok for f in self.findings)
+
+    def add(self, check: str, ok: bool, detail: str) -> None:
+        self.findings.append(Finding(check, ok, detail))
+
+    def render(self) -> str:
+        lines = [f"{'ok  ' if f.ok else 'FAIL'} {f.check}: {f.detail}" for f in self.findings]
+        failures = sum(not f.ok for f in self.findings)
+        lines.append(
+            "reconcile passed" if failures == 0 else f"reconcile FAILED: {failures} discrepancies"
+        )
+        return "\n".join(lines)
+
+
+async def reconcile(
+    cluster: Cluster, *, stuck_after_s: float = limits.saga_stuck_after_s
+) -> ReconcileReport:
+    report = ReconcileReport()
+    audits = {name: ShardAudit(shard) for name, shard in cluster.shards.items()}
+    cluster_sums: dict[str, list[Decimal]] = defaultdict(lambda: [Decimal(0), Decimal(0)])
+    settlements: dict[tuple[str, str, str], tuple[int, int]] = {}
+    unsettled_pairs: set[frozenset[str]] = set()
+    for name, audit in audits.items():
+        for currency, (posted, pending) in (await audit.sums_by_currency()).items():
+            cluster_sums[currency][0] += posted
+            cluster_sums[currency][1] += pending
+            report.add(
+                f"balance {name} {currency}",
+                posted == 0 and pending == 0,
+                f"posted {posted}, pending {pending}",
+            )
+        off = await audit.accounts_off_their_entries()
+        report.add(
+            f"entries {name}",
+            not off,
+            "every account matches its last entry" if not off else f"mismatch: {off}",
+        )
+        for s in await audit.settlement_balances():
+            settlements[(name, s.peer_shard, s.currency)] = (s.net_posted, s.net_pending)
+        for (state, peer), count in (await audit.saga_counts()).items():
+            if state in (SagaState.RUNNING, SagaState.DEAD):
+                unsettled_pairs.add(frozenset((name, peer)))
+            if state is SagaState.DEAD:
+                report.add(
+                    f"dead letters {name}->{peer}",
+                    True,
+                    f"{count} saga(s) in the dead-letter list, funds pending",
+                )
+        stuck = await audit.stuck_sagas(older_than_s=stuck_after_s)
+        report.add(
+            f"stuck sagas {name}",
+            not stuck,
+            "none" if not stuck else f"running past {stuck_after_s:.0f}s: {stuck}",
+        )
+    for currency, (posted, pending) in sorted(cluster_sums.items()):
+        report.add(
+            f"balance cluster {currency}",
+            posted == 0 and pending == 0,
+            f"posted {posted}, pending {pending}",
+        )
+    _check_mirrors(report, settlements, unsettled_pairs)
+    await _check_legs(report, audits)
+    return report
+
+
+def _check_mirrors(
+    report: ReconcileReport,
+    settlements: dict[tuple[str, str, str], tuple[int, int]],
+    unsettled_pairs: set[frozenset[str]],
+) -> None:
+    seen: set[tuple[frozenset[str], str]] = set()
+    for (shard, peer, currency), (posted, pending) in sorted(settlements.items()):
+        pair = frozenset((shard, peer))
+        if (pair, currency) in seen:
+            continue
+        seen.add((pair, currency))
+        other_posted, other_pending = settlements.get((peer, shard, currency), (0, 0))
+        name = f"settlement {shard}<->{peer} {currency}"
+        if pair in unsettled_pairs:
+            report.add(name, True, "skipped: sagas between them are still in flight")
+            continue
+        ok = posted + other_posted == 0 and pending + other_pending == 0
+        report.add(name, ok, f"{shard} {posted}/{pending}, {peer} {other_posted}/{other_pending}")
+
+
+async def _check_legs(report: ReconcileReport, audits: dict[str, ShardAudit]) -> None:
+    for name, audit in audits.items():
+        checked = missing = 0
+        problems: list[str] = []
+        after = None
+        while True:
+            page = await audit.finished_sagas(after=after)
+            if not page:
+                break
+            after = page[-1].key
+            by_peer: dict[str, list[FinishedSaga]] = defaultdict(list)
+            for saga in page:
+                by_peer[saga.peer_shard].append(saga)
+            for peer, sagas in by_peer.items():
+                peer_audit = audits.get(peer)
+                if peer_audit is None:
+                    problems.append(f"{len(sagas)} saga(s) name unknown shard {peer}")
+                    continue
+                outcomes = await peer_audit.credit_outcomes([s.key for s in sagas])
+                posted = await audit.posted_debits(
+                    [
+                        s.key
+                        for s in sagas
+                        if s.key.kind is SagaKind.TRANSFER
+                        and s.credit_action == CreditAction.POST
+                        and s.state is SagaState.COMPLETED
+                    ]
+                )
+                for saga in sagas:
+                    checked += 1
+                    outcome = outcomes.get(saga.key)
+                    expected_ok = saga.state is SagaState.COMPLETED
+                    if outcome is None or (outcome == CreditOutcome.APPLIED) != expected_ok:
+                        missing += 1
+                        problems.append(f"{saga.key} {saga.state.name}: credit outcome {outcome}")
+                    elif (
+                        saga.key.kind is SagaKind.TRANSFER
+                        and expected_ok
+                        and saga.credit_action == CreditAction.POST
+                        and (saga.key.merchant_id, saga.key.transfer_id) not in posted
+                    ):
+                        missing += 1
+                        problems.append(f"{saga.key}: completed without a posted debit")
+            if len(page) < SAGA_PAGE_SIZE:
+                break
+        report.add(
+            f"saga legs {name}",
+            missing == 0,
+            f"{checked} finished saga(s) checked" + (f"; {problems[:5]}" if problems else ""),
+        )

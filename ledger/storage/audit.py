@@ -1,0 +1,112 @@
+"""Read-only queries reconcile runs on one shard."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from decimal import Decimal
+
+from ledger.domain.sagas import SagaKey, SagaKind, SagaState
+from ledger.storage import saga_statements as sql
+from ledger.storage.shard import Shard
+
+# Reconcile reads finished sagas in pages of this many.
+SAGA_PAGE_SIZE = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class SettlementBalance:
+    peer_shard: str
+    currency: str
+    net_posted: int
+    net_pending: int
+
+
+@dataclass(frozen=True, slots=True)
+class FinishedSaga:
+    key: SagaKey
+    state: SagaState
+    credit_action: int
+    peer_shard: str
+
+
+class ShardAudit:
+    def __init__(self, shard: Shard) -> None:
+        self.shard = shard
+
+    async def sums_by_currency(self) -> dict[str, tuple[Decimal, Decimal]]:
+        async with self.shard.pool.acquire() as conn:
+            rows = await conn.fetch(sql.SUMS_BY_CURRENCY)
+        return {r["currency"]: (r["posted"], r["pending"]) for r in rows}
+
+    async def accounts_off_their_entries(self) -> list[str]:
+        async with self.shard.pool.acquire() as conn:
+            rows = await conn.fetch(sql.ACCOUNTS_OFF_THEIR_ENTRIES)
+        return [f"{r['merchant_id']}/{r['account_id']}" for r in rows]
+
+    async def settlement_balances(self) -> list[SettlementBalance]:
+        async with self.shard.pool.acquire() as conn:
+            rows = await conn.fetch(sql.SETTLEMENT_BALANCES)
+        found = []
+        for r in rows:
+            peer, _, currency = r["account_id"].rpartition("/")
+            found.append(
+                SettlementBalance(
+                    peer,
+                    currency,
+                    r["credits_posted"] - r["debits_posted"],
+                    r["credits_pending"] - r["debits_pending"],
+                )
+            )
+        return found
+
+    async def saga_counts(self) -> dict[tuple[SagaState, str], int]:
+        async with self.shard.pool.acquire() as conn:
+            rows = await conn.fetch(sql.SAGA_COUNTS)
+        return {(SagaState(r["state"]), r["peer_shard"]): r["sagas"] for r in rows}
+
+    async def stuck_sagas(self, *, older_than_s: float) -> list[SagaKey]:
+        async with self.shard.pool.acquire() as conn:
+            rows = await conn.fetch(sql.STUCK_SAGAS, older_than_s)
+        return [SagaKey(r["merchant_id"], r["transfer_id"], SagaKind(r["kind"])) for r in rows]
+
+    async def finished_sagas(self, *, after: SagaKey | None) -> list[FinishedSaga]:
+        cursor = after or SagaKey("", "", SagaKind.TRANSFER)
+        async with self.shard.pool.acquire() as conn:
+            rows = await conn.fetch(
+                sql.FINISHED_SAGAS_PAGE,
+                cursor.merchant_id,
+                cursor.transfer_id,
+                int(cursor.kind) if after else 0,
+                SAGA_PAGE_SIZE,
+            )
+        return [
+            FinishedSaga(
+                SagaKey(r["merchant_id"], r["transfer_id"], SagaKind(r["kind"])),
+                SagaState(r["state"]),
+                r["credit_action"],
+                r["peer_shard"],
+            )
+            for r in rows
+        ]
+
+    async def credit_outcomes(self, keys: list[SagaKey]) -> dict[SagaKey, int]:
+        async with self.shard.pool.acquire() as conn:
+            rows = await conn.fetch(
+                sql.CREDITS_FOR,
+                [k.merchant_id for k in keys],
+                [k.transfer_id for k in keys],
+                [int(k.kind) for k in keys],
+            )
+        return {
+            SagaKey(r["merchant_id"], r["transfer_id"], SagaKind(r["kind"])): r["outcome"]
+            for r in rows
+        }
+
+    async def posted_debits(self, keys: list[SagaKey]) -> set[tuple[str, str]]:
+        async with self.shard.pool.acquire() as conn:
+            rows = await conn.fetch(
+                sql.POSTED_DEBITS_FOR,
+                [k.merchant_id for k in keys],
+                [k.transfer_id for k in keys],
+            )
+        return {(r["merchant_id"], r["transfer_id"]) for r in rows}
