@@ -8,6 +8,7 @@ import pytest
 
 from ledger.embedded.postgres import EmbeddedPostgres
 from ledger.routing.config import ShardConfig
+from tests.process_cluster import ProcessCluster
 from tests.support import Service, fresh_databases, start_service, write_config
 
 SHARD_NAMES = ("shard-a", "shard-b", "shard-c")
@@ -41,3 +42,17 @@ async def service(
         yield running
     finally:
         await running.stop()
+
+
+@pytest.fixture(scope="module")
+async def process_cluster(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> AsyncIterator[ProcessCluster]:
+    """Three shard servers of their own and the service as a real process (started)."""
+    cluster = ProcessCluster(tmp_path_factory.mktemp("cluster"))
+    cluster.start_shards()
+    await cluster.service.start()
+    try:
+        yield cluster
+    finally:
+        await cluster.close()

@@ -14,8 +14,8 @@ import grpc
 from google.rpc import error_details_pb2, status_pb2
 
 from ledger.api.server import LedgerServer
-from ledger.routing.cluster import Cluster
 from ledger.embedded.postgres import EmbeddedPostgres
+from ledger.routing.cluster import Cluster
 from ledger.routing.config import ShardConfig, ShardSpec, load_config, render_config
 from ledger.routing.ring import ShardRing
 from ledger.v1 import ledger_pb2 as pb
