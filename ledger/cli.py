@@ -86,6 +86,7 @@ async def _serve(config_path: Path, listen: str, settings: Settings) -> None:
         saga_settings=SagaSettings(
             attempts_max=settings.saga_attempts_max,
             retry_delay_s_max=settings.saga_retry_delay_s_max,
+            lease_s=settings.saga_lease_s,
         ),
     )
     stop = asyncio.Event()
