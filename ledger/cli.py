@@ -11,6 +11,8 @@ from typing import Annotated, Any, TypeVar
 
 import grpc
 import typer
+import uvloop
+from opentelemetry.instrumentation.asyncpg import AsyncPGInstrumentor
 
 from ledger import limits
 from ledger.api.server import LedgerServer
@@ -24,9 +26,13 @@ from ledger.sagas.reconcile import ReconcileReport
 from ledger.sagas.reconcile import reconcile as run_reconcile
 from ledger.sagas.runner import SagaSettings
 from ledger.settings import Settings
+from ledger.telemetry.logs import setup_logging
+from ledger.telemetry.metrics import setup_metrics
+from ledger.telemetry.tracing import setup_tracing
 from ledger.v1 import ledger_pb2 as pb
 from ledger.v1 import ledger_pb2_grpc
 
+log = logging.getLogger("ledger")
 app = typer.Typer(help="A sharded double-entry ledger service.", no_args_is_help=True)
 accounts_app = typer.Typer(help="Create and inspect accounts.", no_args_is_help=True)
 app.add_typer(accounts_app, name="accounts")
@@ -57,23 +63,37 @@ def serve(
     data_dir: Annotated[Path | None, typer.Option(help="Embedded cluster data directory.")] = None,
 ) -> None:
     """Serve the ledger. Without --config, start the embedded PostgreSQL cluster first."""
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    setup_logging()
     env = Settings.from_env()
+    if setup_tracing() is not None:
+        # Statement text only, never parameters: they hold money and merchant ids.
+        AsyncPGInstrumentor(capture_parameters=False).instrument()  # type: ignore[no-untyped-call]
+    _start_metrics(env.metrics_listen)
     config_path = config or env.config_path
     embedded = None
     if config_path is None:
         embedded = EmbeddedCluster(data_dir or env.data_dir)
-        typer.echo(f"starting embedded PostgreSQL in {embedded.data_dir}", err=True)
+        log.info("starting embedded PostgreSQL in %s", embedded.data_dir)
         embedded.start()
         config_path = embedded.config_path
     try:
-        asyncio.run(_serve(config_path, listen or env.listen, env))
+        uvloop.run(_serve(config_path, listen or env.listen, env))
     finally:
         if embedded is not None:
             embedded.stop()
-            typer.echo("embedded PostgreSQL stopped", err=True)
+            log.info("embedded PostgreSQL stopped")
+
+
+def _start_metrics(listen: str) -> None:
+    if listen == "off":
+        return
+    host, _, port = listen.rpartition(":")
+    try:
+        bound = setup_metrics(host=host, port=int(port))
+    except OSError as error:
+        log.warning("metrics endpoint not started on %s: %s", listen, error)
+        return
+    log.info("metrics on http://%s:%d/metrics", host, bound)
 
 
 async def _serve(config_path: Path, listen: str, settings: Settings) -> None:
@@ -98,9 +118,9 @@ async def _serve(config_path: Path, listen: str, settings: Settings) -> None:
     try:
         port = await server.start()
         host = listen.rsplit(":", 1)[0]
-        typer.echo(f"ledger serving on {host}:{port} (config {config_path})", err=True)
+        log.info("ledger serving on %s:%d (config %s)", host, port, config_path)
         await stop.wait()
-        typer.echo("stopping: letting in-flight calls finish", err=True)
+        log.info("stopping: letting in-flight calls finish")
         await server.stop(limits.shutdown_grace_s)
     finally:
         await cluster.close()

@@ -21,6 +21,8 @@ class Settings:
     # Saga retries: attempts before the dead-letter list, and the back-off cap.
     saga_attempts_max: int = limits.saga_attempts_max
     saga_retry_delay_s_max: float = limits.saga_retry_delay_s_max
+    # Where Prometheus scrapes /metrics ("off" to disable; port 0 picks one).
+    metrics_listen: str = "127.0.0.1:9464"
     # How long a replica's claim on a saga lasts before another may resume it.
     saga_lease_s: float = limits.saga_lease_s
 
@@ -41,5 +43,6 @@ class Settings:
             saga_retry_delay_s_max=float(
                 env.get("LEDGER_SAGA_RETRY_DELAY_S_MAX", str(limits.saga_retry_delay_s_max))
             ),
+            metrics_listen=env.get("LEDGER_METRICS_LISTEN", cls.metrics_listen),
             saga_lease_s=float(env.get("LEDGER_SAGA_LEASE_S", str(limits.saga_lease_s))),
         )

@@ -13,12 +13,14 @@ from grpc_reflection.v1alpha import reflection
 
 from ledger import limits
 from ledger.api.admin_servicer import LedgerAdminServicer
+from ledger.api.interceptor import TelemetryInterceptor
 from ledger.api.servicer import LedgerServicer
 from ledger.core.expiry import ExpirySweeper
 from ledger.core.ledger import Ledger
 from ledger.routing.cluster import Cluster
 from ledger.sagas.recovery import RecoveryWorker
 from ledger.sagas.runner import SagaRunner, SagaSettings
+from ledger.telemetry import metrics
 from ledger.v1 import ledger_pb2, ledger_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -50,7 +52,9 @@ class LedgerServer:
         self.recovery = RecoveryWorker(self.sagas)
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         # Calls beyond the limit fail fast with RESOURCE_EXHAUSTED instead of queueing.
-        self.server = grpc.aio.server(maximum_concurrent_rpcs=concurrent_rpcs_max)
+        self.server = grpc.aio.server(
+            interceptors=[TelemetryInterceptor()], maximum_concurrent_rpcs=concurrent_rpcs_max
+        )
         ledger_pb2_grpc.add_LedgerServiceServicer_to_server(
             LedgerServicer(Ledger(cluster, self.sagas)), self.server
         )
@@ -73,6 +77,7 @@ class LedgerServer:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self.sweeper.start()
         self.recovery.start()
+        metrics.register_gauge_source("pool", self._pool_gauge)
         log.info("serving ledger.v1 on port %d (epoch %d)", self.port, self.cluster.epoch)
         return self.port
 
@@ -83,6 +88,19 @@ class LedgerServer:
         await self.recovery.stop()
         await self.sagas.close()
         await self.sweeper.stop()
+
+    def _pool_gauge(self) -> list[tuple[float, dict[str, str]]]:
+        values: list[tuple[float, dict[str, str]]] = []
+        for name, shard in self.cluster.shards.items():
+            try:
+                in_use, size = shard.pool_stats()
+            except Exception:
+                continue
+            values += [
+                (in_use, {"shard": name, "state": "in_use"}),
+                (size, {"shard": name, "state": "open"}),
+            ]
+        return values
 
     async def wait(self) -> None:
         await self.server.wait_for_termination()

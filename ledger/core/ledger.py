@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TypeVar
 
+from opentelemetry.trace import Span
+
 from ledger import limits
 from ledger.core.errors import (
     JournalSpansShards,
@@ -39,6 +41,8 @@ from ledger.storage.shard import (
     Shard,
     TransferView,
 )
+from ledger.telemetry import metrics
+from ledger.telemetry.tracing import tracer
 
 log = logging.getLogger(__name__)
 Item = TypeVar("Item")
@@ -154,6 +158,8 @@ class Ledger:
                     results[index] = ItemOutcome(-1, request.id, TransferResult.SHARD_UNAVAILABLE)
 
         await asyncio.gather(run_local(), *(run_saga(i) for i in sorted(cross)))
+        for outcome in results.values():
+            metrics.transfers.add(1, {"result": outcome.result.name})
         return [
             ItemOutcome(i, o.id, o.result, o.replayed, o.differing_field, o.created_at)
             for i, o in ((i, results[i]) for i in range(len(requests)))
@@ -303,10 +309,32 @@ class Ledger:
         group whose shard is down gets unavailable(item) per item while the
         other shards' groups go through.
         """
+        with tracer.start_as_current_span("route", attributes={"ledger.items": len(items)}) as span:
+            return await self._route_attempts(
+                items,
+                home_of=home_of,
+                merchants_of=merchants_of,
+                run=run,
+                unavailable=unavailable,
+                span=span,
+            )
+
+    async def _route_attempts(
+        self,
+        items: Sequence[Item],
+        *,
+        home_of: Callable[[Item], str],
+        merchants_of: Callable[[Item], set[str]],
+        run: Callable[[Shard, list[Item], Fence], Awaitable[list[Result]]],
+        unavailable: Callable[[Item], Result],
+        span: Span,
+    ) -> list[Result]:
         results: dict[int, Result] = {}
         todo = list(range(len(items)))
         for attempt in range(1, limits.redirect_attempts_max + 1):
+            span.set_attribute("ledger.route.attempts", attempt)
             groups = self._group([items[i] for i in todo], home_of)
+            span.set_attribute("ledger.route.shards", sorted(groups))
             jobs = []
             for name, positions in groups.items():
                 shard = self.cluster.shards[name]

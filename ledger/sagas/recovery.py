@@ -12,11 +12,17 @@ import contextlib
 import logging
 
 from ledger import limits
-from ledger.sagas.runner import SagaRunner
+from ledger.domain.sagas import Saga, SagaState
+from ledger.sagas.runner import SagaRunner, saga_attributes
+from ledger.storage.audit import ShardAudit
 from ledger.storage.errors import ShardUnavailable
 from ledger.storage.sagas import SagaStore
+from ledger.telemetry import metrics
+from ledger.telemetry.tracing import context_from_traceparent, tracer
 
 log = logging.getLogger(__name__)
+# The saga gauge is refreshed every this many recovery rounds (about every 2 s).
+_GAUGE_REFRESH_ROUNDS = 10
 
 
 class RecoveryWorker:
@@ -32,6 +38,9 @@ class RecoveryWorker:
         self.claims_per_round_max = claims_per_round_max
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._gauge_values: list[tuple[float, dict[str, str]]] = []
+        self._rounds = 0
+        metrics.register_gauge_source("sagas", lambda: self._gauge_values)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="saga-recovery")
@@ -55,14 +64,40 @@ class RecoveryWorker:
                 log.warning("saga recovery skipped a shard: %s", error)
                 continue
             if claimed:
-                await asyncio.gather(*(self.runner.drive(saga) for saga in claimed))
+                await asyncio.gather(*(self._resume(saga) for saga in claimed))
                 driven += len(claimed)
         return driven
+
+    async def _resume(self, saga: Saga) -> Saga:
+        """Drives a claimed saga inside the trace of the request that started it."""
+        parent = context_from_traceparent(saga.trace_context)
+        with tracer.start_as_current_span(
+            "saga resume",
+            context=parent,
+            attributes=saga_attributes(saga) | {"ledger.saga.attempts": saga.attempts},
+        ):
+            return await self.runner.drive(saga)
+
+    async def refresh_gauges(self) -> None:
+        """Counts unfinished sagas per shard for the ledger_sagas gauge."""
+        values: list[tuple[float, dict[str, str]]] = []
+        for name, shard in list(self.runner.cluster.shards.items()):
+            try:
+                counts = await ShardAudit(shard).saga_counts()
+            except ShardUnavailable:
+                continue
+            for state in (SagaState.RUNNING, SagaState.DEAD):
+                total = sum(n for (s, _), n in counts.items() if s is state)
+                values.append((total, {"shard": name, "state": state.name.lower()}))
+        self._gauge_values = values
 
     async def _run(self) -> None:
         while not self._stop.is_set():
             try:
                 await self.run_once()
+                self._rounds += 1
+                if self._rounds % _GAUGE_REFRESH_ROUNDS == 0:
+                    await self.refresh_gauges()
             except Exception:
                 log.exception("saga recovery round failed")
             with contextlib.suppress(TimeoutError):

@@ -18,8 +18,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import TypeVar
 
-from opentelemetry import propagate
-
 from ledger import limits
 from ledger.domain.engine import ItemOutcome
 from ledger.domain.sagas import CreditOutcome, Saga, SagaKey, SagaState, SagaStep
@@ -29,6 +27,9 @@ from ledger.routing.errors import ClusterUnavailable
 from ledger.storage.errors import MerchantsMoving, MerchantsNotOwned, ShardUnavailable, StaleEpoch
 from ledger.storage.sagas import SagaRaced, SagaStart, SagaStore
 from ledger.storage.shard import Fence, Shard
+from ledger.telemetry import metrics
+from ledger.telemetry.pseudonym import pseudonymise
+from ledger.telemetry.tracing import current_traceparent, tracer
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -64,7 +65,7 @@ class SagaRunner:
 
     async def start(self, request: TransferRequest, *, wait_s: float) -> ItemOutcome:
         """Runs step 1, then drives the saga for up to wait_s; IN_PROGRESS if not done."""
-        trace_context = _current_traceparent()
+        trace_context = current_traceparent()
 
         async def begin(shard: Shard, fence: Fence) -> SagaStart:
             store = SagaStore(shard)
@@ -86,7 +87,14 @@ class SagaRunner:
                 lease_s=self.settings.lease_s,
             )
 
-        start = await self._on_home(request.debit.merchant_id, begin)
+        with tracer.start_as_current_span(
+            "saga step 1 reserve" if not request.settles_pending else "saga step 1 settle",
+            attributes={
+                "ledger.transfer_id": request.id,
+                "ledger.merchant": pseudonymise(request.debit.merchant_id),
+            },
+        ):
+            start = await self._on_home(request.debit.merchant_id, begin)
         saga = start.saga
         if saga is None or saga.state is not SagaState.RUNNING or wait_s <= 0:
             return start.outcome
@@ -125,15 +133,31 @@ class SagaRunner:
     async def drive(self, saga: Saga) -> Saga:
         """One pass over the remaining steps; a failure is recorded for a later retry."""
         try:
-            outcome, result = await self._credit(saga)
-            return await self._finish(saga, outcome, result)
+            with tracer.start_as_current_span(
+                "saga step 2 credit", attributes=saga_attributes(saga)
+            ):
+                outcome, result = await self._credit(saga)
+            with tracer.start_as_current_span(
+                "saga step 3 finish",
+                attributes=saga_attributes(saga) | {"ledger.saga.credit_outcome": outcome.name},
+            ):
+                finished = await self._finish(saga, outcome, result)
+            if finished.finished:
+                metrics.sagas_finished.add(
+                    1, {"kind": finished.key.kind.name, "state": finished.state.name}
+                )
+            return finished
         except SagaRaced:
             found = await self.get(saga.key)
             return found[0] if found else saga
         except RETRYABLE as error:
             return await self._retry_later(saga, f"{type(error).__name__}: {error}")
         except Exception as error:
-            log.exception("saga %s failed unexpectedly", saga.key)
+            log.exception(
+                "saga for transfer %s (%s) failed unexpectedly",
+                saga.key.transfer_id,
+                saga.key.kind.name,
+            )
             return await self._retry_later(saga, f"unexpected {type(error).__name__}")
 
     async def _credit(
@@ -179,8 +203,14 @@ class SagaRunner:
         except RETRYABLE:
             # The debit shard is down too: the lease runs out and a worker retries.
             return saga
+        metrics.saga_attempts_failed.add(1, {"kind": saga.key.kind.name})
         if updated is not None and updated.state is SagaState.DEAD:
-            log.error("saga %s moved to the dead-letter list: %s", saga.key, error)
+            log.error(
+                "saga for transfer %s (%s) moved to the dead-letter list: %s",
+                saga.key.transfer_id,
+                saga.key.kind.name,
+                error,
+            )
         return updated or saga
 
     # Admin.
@@ -255,10 +285,17 @@ class SagaRunner:
                 await self.cluster.reload()
             except MerchantsMoving:
                 await asyncio.sleep(_MOVING_RETRY_DELAY_S * attempt)
-        raise ClusterUnavailable(f"routing for a saga step did not settle ({merchant_id!r})")
+        # No merchant id in the message: it ends up in logs and the saga row.
+        raise ClusterUnavailable("routing for a saga step did not settle")
 
 
-def _current_traceparent() -> str:
-    carrier: dict[str, str] = {}
-    propagate.inject(carrier)
-    return carrier.get("traceparent", "")
+def saga_attributes(saga: Saga) -> dict[str, str | int]:
+    """Span attributes of a saga; the merchant only as a pseudonym."""
+    return {
+        "ledger.transfer_id": saga.key.transfer_id,
+        "ledger.merchant": pseudonymise(saga.key.merchant_id),
+        "ledger.saga.kind": saga.key.kind.name,
+        "ledger.saga.debit_shard": saga.home_shard,
+        "ledger.saga.credit_shard": saga.peer_shard,
+        "ledger.amount_minor": saga.amount_minor or saga.pending_minor,
+    }

@@ -111,7 +111,12 @@ INSERT_CREDIT = """
 INSERT INTO saga_credits (merchant_id, transfer_id, kind, credit_merchant_id, outcome, result,
                           peer_shard)
 VALUES ($1, $2, $3, $4, $5, $6, $7)
+ON CONFLICT (merchant_id, transfer_id, kind) DO NOTHING
 """
+
+# Serialises step 2 of one saga on the credit shard, so a concurrent duplicate
+# waits and then reads the recorded outcome instead of racing to write its own.
+LOCK_CREDIT = "SELECT pg_advisory_xact_lock(7304, hashtext($1 || '/' || $2 || '/' || $3::smallint))"
 
 SELECT_SAGA_KEYS_FOR = """
 SELECT merchant_id, transfer_id FROM sagas

@@ -46,6 +46,7 @@ from ledger.domain.transfers import (
 from ledger.invariant import invariant
 from ledger.storage import saga_statements as sql
 from ledger.storage import statements as ledger_sql
+from ledger.storage.errors import RetryTransaction
 from ledger.storage.saga_rows import saga_from_row
 from ledger.storage.shard import Fence, Shard, write_plan
 
@@ -370,6 +371,7 @@ class SagaStore:
 
         async def run(conn: Connection) -> tuple[CreditOutcome, TransferResult]:
             await self.shard._fence(conn, fence, {saga.credit.merchant_id, SETTLEMENT_MERCHANT_ID})
+            await conn.execute(sql.LOCK_CREDIT, key.merchant_id, key.transfer_id, int(key.kind))
             row = await conn.fetchrow(sql.SELECT_CREDIT, key.merchant_id, key.transfer_id, key.kind)
             if row is not None:
                 return CreditOutcome(row["outcome"]), TransferResult(row["result"])
@@ -409,7 +411,7 @@ class SagaStore:
                     )
                 else:
                     outcome = CreditOutcome.REFUSED
-            await conn.execute(
+            status = await conn.execute(
                 sql.INSERT_CREDIT,
                 key.merchant_id,
                 key.transfer_id,
@@ -419,6 +421,10 @@ class SagaStore:
                 result,
                 home_shard,
             )
+            if status == "INSERT 0 0":
+                # Another step 2 recorded first (the lock makes this rare); its outcome
+                # stands, and the retry rolls back what this one wrote and reads it.
+                raise RetryTransaction()
             faults.crash_point("saga.step2.before_commit")
             return outcome, result
 

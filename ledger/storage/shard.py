@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
+import time
+from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
 import asyncpg
+from opentelemetry.trace import Span, Status, StatusCode
 
 from ledger import limits
 from ledger.domain.accounts import Account, AccountKey, AccountSpec, Balances
@@ -55,6 +58,8 @@ from ledger.storage.errors import (
 )
 from ledger.storage.migrate import apply_migrations
 from ledger.storage.saga_rows import saga_from_row
+from ledger.telemetry import metrics
+from ledger.telemetry.tracing import current_trace_id, tracer
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -580,34 +585,71 @@ class Shard:
         }
 
     async def _with_connection(self, fn: Callable[[Connection], Awaitable[T]]) -> T:
-        try:
-            async with self.pool.acquire(timeout=limits.shard_connect_timeout_s) as conn:
-                return await fn(conn)
-        except BaseException as error:
-            if is_unavailable(error):
-                raise ShardUnavailable(self.name, error) from error
-            raise
+        with self._span(fn, transaction=False) as span:
+            try:
+                async with self.pool.acquire(timeout=limits.shard_connect_timeout_s) as conn:
+                    return await fn(conn)
+            except BaseException as error:
+                if is_unavailable(error):
+                    self._failed(span, "unavailable", error)
+                    raise ShardUnavailable(self.name, error) from error
+                raise
 
     async def _in_transaction(self, fn: Callable[[Connection], Awaitable[T]]) -> T:
         """Runs fn in one transaction, again from the start after a retryable race."""
-        for attempt in range(1, limits.transaction_attempts_max + 1):
+        with self._span(fn, transaction=True) as span:
+            for attempt in range(1, limits.transaction_attempts_max + 1):
+                span.set_attribute("ledger.attempts", attempt)
+                try:
+                    async with self.pool.acquire(timeout=limits.shard_connect_timeout_s) as conn:
+                        async with conn.transaction():
+                            return await fn(conn)
+                except RetryTransaction:
+                    log.info(
+                        "shard %s: retrying a raced transaction (attempt %d)", self.name, attempt
+                    )
+                except asyncpg.PostgresError as error:
+                    if error.sqlstate in RETRYABLE_STATES:
+                        continue
+                    if is_unavailable(error):
+                        self._failed(span, "unavailable", error)
+                        raise ShardUnavailable(self.name, error) from error
+                    self._failed(span, "error", error)
+                    raise
+                except BaseException as error:
+                    if is_unavailable(error):
+                        self._failed(span, "unavailable", error)
+                        raise ShardUnavailable(self.name, error) from error
+                    raise
+            self._failed(span, "contention", RetryTransaction("attempts exhausted"))
+            raise ShardUnavailable(self.name, RetryTransaction("attempts exhausted"))
+
+    @contextlib.contextmanager
+    def _span(self, fn: Callable[..., object], *, transaction: bool) -> Iterator[Span]:
+        """One span per shard transaction (or read), naming the shard and the operation."""
+        operation = fn.__qualname__.split(".<locals>")[0].rsplit(".", 1)[-1].lstrip("_")
+        started = time.perf_counter()
+        with tracer.start_as_current_span(
+            f"shard {operation}",
+            attributes={
+                "db.system": "postgresql",
+                "ledger.shard": self.name,
+                "ledger.operation": operation,
+                "ledger.transaction": transaction,
+            },
+            record_exception=False,
+            set_status_on_exception=False,
+        ) as span:
             try:
-                async with self.pool.acquire(timeout=limits.shard_connect_timeout_s) as conn:
-                    async with conn.transaction():
-                        return await fn(conn)
-            except RetryTransaction:
-                log.info("shard %s: retrying a raced transaction (attempt %d)", self.name, attempt)
-            except asyncpg.PostgresError as error:
-                if error.sqlstate in RETRYABLE_STATES:
-                    continue
-                if is_unavailable(error):
-                    raise ShardUnavailable(self.name, error) from error
-                raise
-            except BaseException as error:
-                if is_unavailable(error):
-                    raise ShardUnavailable(self.name, error) from error
-                raise
-        raise ShardUnavailable(self.name, RetryTransaction("attempts exhausted"))
+                yield span
+            finally:
+                metrics.shard_transactions.record(
+                    time.perf_counter() - started, {"shard": self.name, "operation": operation}
+                )
+
+    def _failed(self, span: Span, kind: str, error: BaseException) -> None:
+        metrics.shard_errors.add(1, {"shard": self.name, "kind": kind})
+        span.set_status(Status(StatusCode.ERROR, f"{kind}: {type(error).__name__}"))
 
 
 async def _init_connection(conn: asyncpg.Connection[asyncpg.Record]) -> None:
@@ -736,6 +778,8 @@ async def write_plan(
     ended_extra: Sequence[TransferKey] = (),
 ) -> None:
     """Writes a batch in one round trip and checks every row landed."""
+    # Every transfer records the trace that made it: "which postings did trace X make".
+    trace_id = current_trace_id()
     t_cols: list[list[Any]] = [[] for _ in range(22)]
     for r in records:
         q = r.request
@@ -760,7 +804,7 @@ async def write_plan(
             r.result,
             -1,
             r.expires_at,
-            r.trace_id,
+            r.trace_id or trace_id,
             r.created_at,
         ]
         for column, value in zip(t_cols, row, strict=True):
@@ -787,7 +831,7 @@ async def write_plan(
             result,
             failed_index,
             None,
-            "",
+            trace_id,
             created_at,
         ]
         for column, value in zip(t_cols, row, strict=True):

@@ -1,0 +1,340 @@
+"""What the benchmark runs against: shards, the service process, and its memory.
+
+By default one durable embedded PostgreSQL server holds three shard databases
+in a temporary directory that is removed afterwards; with --config the run
+targets existing shards instead (and leaves nothing of its raw tables there).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+from urllib.parse import urlsplit
+
+import asyncpg
+import grpc
+
+from bench import raw_sql
+from bench.workload import ACCOUNT_IDS, CURRENCY, Workload
+from ledger.embedded.postgres import EmbeddedPostgres
+from ledger.routing.config import ShardConfig, ShardSpec, load_config, render_config
+from ledger.v1 import ledger_pb2 as pb
+from ledger.v1 import ledger_pb2_grpc
+
+ROOT = Path(__file__).resolve().parent.parent
+EMBEDDED_SHARD_NAMES = ("shard-a", "shard-b", "shard-c")
+# The service must be serving within this long: it connects and migrates every shard.
+SERVICE_START_TIMEOUT_S = 60.0
+# After SIGINT the service lets in-flight calls finish (its grace is seconds)
+# and closes its pools; past this it is killed.
+SERVICE_STOP_TIMEOUT_S = 30.0
+# The stderr reader has copied everything once the process is gone; it needs
+# no longer than this to drain the pipe.
+LOG_DRAIN_TIMEOUT_S = 5.0
+# The service's memory is read this often; peaks shorter than this can be
+# missed, but a Python heap does not grow and shrink that fast.
+RSS_SAMPLE_INTERVAL_S = 0.1
+# Set-up calls (CreateAccounts of up to 1000 accounts) and set-up SQL
+# (CHECKPOINT of a busy server, seeding raw accounts) get this long each.
+SETUP_CALL_TIMEOUT_S = 120.0
+MERCHANTS_PER_CREATE_CALL = 500
+# The bench's own PostgreSQL keeps checkpoints out of the measured windows (a
+# CHECKPOINT runs before every phase instead), so no phase pays for another's WAL.
+EMBEDDED_MAX_WAL_SIZE = "8GB"
+# A process tree walk stops at this depth; the service has no grandchildren.
+PROCESS_TREE_DEPTH_MAX = 4
+_SERVING = re.compile(r"ledger serving on ([\d.]+):(\d+)")
+
+
+@dataclass
+class Shards:
+    config: ShardConfig
+    config_path: Path
+    # Set when this run started its own PostgreSQL (and owns the temp dir).
+    embedded: EmbeddedPostgres | None = None
+    temp_dir: Path | None = None
+
+    @property
+    def dsns(self) -> tuple[tuple[str, str], ...]:
+        return tuple((s.name, s.dsn) for s in self.config.shards)
+
+    def close(self) -> None:
+        if self.embedded is not None:
+            self.embedded.stop(mode="fast")
+        if self.temp_dir is not None:
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def start_embedded_shards() -> Shards:
+    temp_dir = Path(tempfile.mkdtemp(prefix="ledger-bench-"))
+    shards = Shards(ShardConfig(epoch=1, shards=()), temp_dir / "shards.toml", temp_dir=temp_dir)
+    try:
+        server = EmbeddedPostgres(data_dir=temp_dir / "pg", durable=True)
+        shards.embedded = server
+        server.start()
+        specs = []
+        for name in EMBEDDED_SHARD_NAMES:
+            database = name.replace("-", "_")
+            server.create_database(database)
+            specs.append(ShardSpec(name=name, dsn=server.dsn(database), weight=1))
+        shards.config = ShardConfig(epoch=1, shards=tuple(specs))
+        shards.config_path.write_text(render_config(shards.config))
+        asyncio.run(_raise_max_wal_size(server.dsn("postgres")))
+    except BaseException:
+        shards.close()
+        raise
+    return shards
+
+
+def existing_shards(config_path: Path) -> Shards:
+    return Shards(load_config(config_path), config_path.resolve())
+
+
+async def _raise_max_wal_size(dsn: str) -> None:
+    connection = await asyncpg.connect(dsn, timeout=SETUP_CALL_TIMEOUT_S)
+    try:
+        await connection.execute(f"ALTER SYSTEM SET max_wal_size = '{EMBEDDED_MAX_WAL_SIZE}'")
+        await connection.execute("SELECT pg_reload_conf()")
+    finally:
+        await connection.close()
+
+
+class ServiceProcess:
+    """`python -m ledger.cli serve` on the shards; its log goes to log_path."""
+
+    def __init__(self, config_path: Path, log_path: Path) -> None:
+        self.config_path = config_path
+        self.log_path = log_path
+        self.process: subprocess.Popen[bytes] | None = None
+        self.target = ""
+        self._serving = threading.Event()
+        self._reader: threading.Thread | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def start(self) -> str:
+        """Starts the service and returns host:port once it says it serves."""
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        log = self.log_path.open("wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "ledger.cli", "serve", "--config", str(self.config_path),
+             "--listen", "127.0.0.1:0"],
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.PIPE,
+        )
+        assert self.process.stderr is not None
+        self._reader = threading.Thread(
+            target=self._copy_log, args=(self.process.stderr, log), daemon=True
+        )
+        self._reader.start()
+        # The reader sets the event on the serving line, and also at EOF (the process died).
+        if not self._serving.wait(SERVICE_START_TIMEOUT_S):
+            self.stop()
+            raise RuntimeError(f"service not serving after {SERVICE_START_TIMEOUT_S}s; "
+                               f"see {self.log_path}")
+        if not self.target:
+            self.stop()
+            raise RuntimeError(f"service exited at start:\n{self.log_path.read_text()[-4000:]}")
+        return self.target
+
+    def _copy_log(self, stream: IO[bytes], log: IO[bytes]) -> None:
+        with log:
+            for line in stream:
+                log.write(line)
+                if not self.target:
+                    match = _SERVING.search(line.decode(errors="replace"))
+                    if match:
+                        self.target = f"{match.group(1)}:{match.group(2)}"
+                        self._serving.set()
+                log.flush()
+        self._serving.set()
+
+    def stop(self) -> None:
+        process = self.process
+        if process is None:
+            return
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+            try:
+                process.wait(timeout=SERVICE_STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=SERVICE_STOP_TIMEOUT_S)
+        if self._reader is not None:
+            self._reader.join(timeout=LOG_DRAIN_TIMEOUT_S)
+
+
+def process_tree(pid: int) -> list[int]:
+    """pid and its descendants, from /proc/PID/task/*/children."""
+    found = [pid]
+    frontier = [pid]
+    for _ in range(PROCESS_TREE_DEPTH_MAX):
+        children: list[int] = []
+        for parent in frontier:
+            children += _children(parent)
+        if not children:
+            break
+        found += children
+        frontier = children
+    return found
+
+
+def _children(pid: int) -> list[int]:
+    result: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return result
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                result += [int(p) for p in f.read().split()]
+        except OSError:
+            continue
+    return result
+
+
+def status_kb(pid: int, field: str) -> int:
+    """A field of /proc/PID/status in kB (VmRSS, VmHWM), 0 if the process is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return 0
+    return 0
+
+
+class RssSampler:
+    """Samples the summed VmRSS of a process tree; peak() gives the largest since reset()."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._peak_kb = 0
+        self._thread = threading.Thread(target=self._sample_until_stopped, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _sample_until_stopped(self) -> None:
+        # Event.wait is the sampling interval, and returns at once on stop().
+        while not self._stop.wait(RSS_SAMPLE_INTERVAL_S):
+            self.sample()
+
+    def sample(self) -> None:
+        rss_kb = sum(status_kb(p, "VmRSS") for p in process_tree(self.pid))
+        with self._lock:
+            self._peak_kb = max(self._peak_kb, rss_kb)
+
+    def reset(self) -> None:
+        with self._lock:
+            self._peak_kb = 0
+        self.sample()
+
+    def peak_mb(self) -> float:
+        self.sample()
+        with self._lock:
+            return self._peak_kb / 1024.0
+
+    def hwm_mb(self) -> float:
+        """The kernel's lifetime peak (VmHWM) over the tree, which sampling cannot miss."""
+        return sum(status_kb(p, "VmHWM") for p in process_tree(self.pid)) / 1024.0
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=RSS_SAMPLE_INTERVAL_S * 10)
+
+
+# Set-up over gRPC and SQL.
+
+
+async def create_accounts(target: str, workload: Workload) -> None:
+    """Two accounts per merchant through the service (which claims the merchants)."""
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = ledger_pb2_grpc.LedgerServiceStub(channel)
+        merchants = workload.merchants
+        for start in range(0, len(merchants), MERCHANTS_PER_CREATE_CALL):
+            chunk = merchants[start : start + MERCHANTS_PER_CREATE_CALL]
+            request = pb.CreateAccountsRequest(
+                accounts=[
+                    pb.Account(
+                        ref=pb.AccountRef(merchant_id=m.merchant_id, account_id=a),
+                        currency=CURRENCY,
+                    )
+                    for m in chunk
+                    for a in ACCOUNT_IDS
+                ]
+            )
+            response = await stub.CreateAccounts(request, timeout=SETUP_CALL_TIMEOUT_S)
+            refused = [r for r in response.results if r.result != pb.ACCOUNT_RESULT_OK]
+            if refused:
+                raise RuntimeError(f"{len(refused)} accounts not created, first: {refused[0]}")
+
+
+async def create_raw_tables(workload: Workload) -> None:
+    """Fresh bench_ tables on every shard, seeded with the same accounts as the service's."""
+    for name, dsn in workload.shard_dsns:
+        mine = [m.merchant_id for m in workload.merchants if m.shard == name]
+        connection = await asyncpg.connect(dsn, timeout=SETUP_CALL_TIMEOUT_S)
+        try:
+            async with connection.transaction():
+                await connection.execute(raw_sql.DROP_TABLES)
+                await connection.execute(raw_sql.CREATE_TABLES)
+                await connection.execute(
+                    raw_sql.INSERT_ACCOUNTS,
+                    [m for m in mine for _ in ACCOUNT_IDS],
+                    [a for _ in mine for a in ACCOUNT_IDS],
+                    timeout=SETUP_CALL_TIMEOUT_S,
+                )
+            # The service's tables get analysed by autovacuum as they grow; the
+            # baseline starts with statistics too.
+            await connection.execute("ANALYZE bench_accounts, accounts")
+        finally:
+            await connection.close()
+
+
+async def drop_raw_tables(dsns: Iterable[str]) -> None:
+    for dsn in dsns:
+        connection = await asyncpg.connect(dsn, timeout=SETUP_CALL_TIMEOUT_S)
+        try:
+            await connection.execute(raw_sql.DROP_TABLES)
+        finally:
+            await connection.close()
+
+
+async def checkpoint(dsns: Iterable[str]) -> list[str]:
+    """CHECKPOINT once per PostgreSQL server; returns the servers that refused it."""
+    refused = []
+    servers: dict[str, str] = {}
+    for dsn in dsns:
+        parts = urlsplit(dsn)
+        servers.setdefault(f"{parts.hostname}:{parts.port}", dsn)
+    for server, dsn in servers.items():
+        connection = await asyncpg.connect(dsn, timeout=SETUP_CALL_TIMEOUT_S)
+        try:
+            await connection.execute("CHECKPOINT", timeout=SETUP_CALL_TIMEOUT_S)
+        except asyncpg.InsufficientPrivilegeError:
+            refused.append(server)
+        finally:
+            await connection.close()
+    return refused

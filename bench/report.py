@@ -1,0 +1,175 @@
+"""Figures from the client processes' results: summary per mode, a table, JSON and a chart."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from bench.worker import PhaseResult
+
+# The order modes are measured and shown in: each raw limit right before the
+# mode compared with it, so both see the same table sizes and server state.
+MODES = ("raw_single", "single", "raw_batch", "batch", "cross", "single_half_peak")
+# Which mode each mode's ratio compares with.
+RATIO_TO = {"single": "raw_single", "batch": "raw_batch", "cross": "single"}
+HALF_PEAK_FRACTION = 0.5
+
+# Issue 6's targets on the 2-core development machine. Shown beside the
+# figures for reading; the benchmark never fails on them.
+TARGETS = {
+    "single_vs_raw_single_min": 0.6,
+    "batch_vs_raw_batch_min": 0.75,
+    "cross_vs_single_min": 0.4,
+    "single_half_peak_p99_ms_max": 10.0,
+    "service_rss_mb_max": 300.0,
+}
+_TARGET_OF_RATIO = {
+    "single": "single_vs_raw_single_min",
+    "batch": "batch_vs_raw_batch_min",
+    "cross": "cross_vs_single_min",
+}
+
+
+def percentile(sorted_values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile of already sorted values (0 for none)."""
+    if not sorted_values:
+        return 0.0
+    rank = max(1, math.ceil(q * len(sorted_values)))
+    return sorted_values[rank - 1]
+
+
+def summarize(
+    results: Sequence[PhaseResult], *, duration_s: float, rss_mb_peak: float
+) -> dict[str, Any]:
+    latencies = sorted(x for r in results for x in r.latencies_ms)
+    transfers = sum(r.transfers_ok for r in results)
+    calls = sum(r.calls_ok for r in results)
+    failed: Counter[str] = Counter()
+    errors: Counter[str] = Counter()
+    for r in results:
+        failed.update(r.failed)
+        errors.update(r.errors)
+    return {
+        "transfers_per_s": transfers / duration_s,
+        "calls_per_s": calls / duration_s,
+        "transfers": transfers,
+        "calls": calls,
+        "latency_ms": {
+            "p50": percentile(latencies, 0.50),
+            "p95": percentile(latencies, 0.95),
+            "p99": percentile(latencies, 0.99),
+            "max": latencies[-1] if latencies else 0.0,
+        },
+        "failed_items": dict(failed),
+        "failed_calls": dict(errors),
+        "service_rss_mb_peak": rss_mb_peak,
+    }
+
+
+def add_ratios(modes: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """Sets ratio and ratio_to on the compared modes; returns the ratios by name."""
+    ratios = {}
+    for mode, base in RATIO_TO.items():
+        base_tps = modes[base]["transfers_per_s"]
+        ratio = modes[mode]["transfers_per_s"] / base_tps if base_tps > 0 else 0.0
+        modes[mode]["ratio"] = ratio
+        modes[mode]["ratio_to"] = base
+        ratios[f"{mode}_vs_{base}"] = ratio
+    return ratios
+
+
+def render_table(report: Mapping[str, Any]) -> str:
+    modes = report["modes"]
+    settings = report["settings"]
+    lines = [
+        f"ledger bench ({report['run_mode']}): {settings['merchants']} merchants, "
+        f"{settings['concurrency']} callers in {settings['clients']} client processes, "
+        f"batch {settings['batch_size']}, {settings['duration_s']:g} s per mode "
+        f"(+{settings['warmup_s']:g} s warm-up), shards: {', '.join(settings['shards'])}",
+        "",
+        f"{'mode':<17}{'transfers/s':>12}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}"
+        f"{'RSS MB':>9}  ratio",
+    ]
+    for mode in MODES:
+        m = modes[mode]
+        lat = m["latency_ms"]
+        ratio = ""
+        if "ratio" in m:
+            target = TARGETS[_TARGET_OF_RATIO[mode]]
+            ratio = f"{m['ratio']:.2f} of {m['ratio_to']} (target >= {target:g})"
+        elif mode == "single_half_peak":
+            ratio = (f"at {m['target_rate_per_s']:,.0f}/s offered "
+                     f"(p99 target < {TARGETS['single_half_peak_p99_ms_max']:g} ms)")
+        rss = "" if mode.startswith("raw_") else f"{m['service_rss_mb_peak']:.0f}"
+        lines.append(
+            f"{mode:<17}{m['transfers_per_s']:>12,.0f}{lat['p50']:>9.2f}{lat['p95']:>9.2f}"
+            f"{lat['p99']:>9.2f}{rss:>9}  {ratio}"
+        )
+        problems = {**m["failed_items"], **m["failed_calls"]}
+        if problems:
+            lines.append(f"{'':<17}not applied: {problems}")
+    service = report["service"]
+    lines += [
+        "",
+        f"service memory: peak RSS sampled {service['rss_mb_peak']:.0f} MB, "
+        f"VmHWM {service['vmhwm_mb']:.0f} MB "
+        f"(target < {TARGETS['service_rss_mb_max']:g} MB)",
+    ]
+    if report.get("notes"):
+        lines += [f"note: {n}" for n in report["notes"]]
+    return "\n".join(lines)
+
+
+def write_json(report: Mapping[str, Any], path: Path) -> None:
+    path.write_text(json.dumps(report, indent=2, sort_keys=False) + "\n")
+
+
+def write_chart(report: Mapping[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = report["modes"]
+    names = list(MODES)
+    tps = [modes[n]["transfers_per_s"] for n in names]
+    colors = ["#9aa5b1" if n.startswith("raw_") else "#2f6db3" for n in names]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
+    bars = left.bar(names, tps, color=colors)
+    for bar, name in zip(bars, names, strict=True):
+        label = f"{modes[name]['transfers_per_s']:,.0f}"
+        if "ratio" in modes[name]:
+            label += f"\n{modes[name]['ratio']:.2f}x {modes[name]['ratio_to']}"
+        left.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                      ha="center", va="bottom", fontsize=8)
+    left.set_ylabel("transfers per second")
+    left.set_title("Throughput (grey: raw PostgreSQL limit)")
+    left.tick_params(axis="x", rotation=30)
+    left.margins(y=0.2)
+
+    width = 0.27
+    for offset, (key, color) in enumerate(
+        (("p50", "#7fb3e6"), ("p95", "#2f6db3"), ("p99", "#173a63"))
+    ):
+        xs = [i + (offset - 1) * width for i in range(len(names))]
+        right.bar(xs, [modes[n]["latency_ms"][key] for n in names], width, label=key,
+                  color=color)
+    right.set_xticks(range(len(names)), names, rotation=30)
+    right.set_ylabel("latency per call, ms")
+    right.set_yscale("log")
+    right.set_title("Latency per call")
+    right.legend()
+    settings = report["settings"]
+    figure.suptitle(
+        f"ledger bench ({report['run_mode']}): C={settings['concurrency']}, "
+        f"B={settings['batch_size']}, K={settings['clients']}, "
+        f"{settings['duration_s']:g} s per mode; service peak RSS "
+        f"{report['service']['rss_mb_peak']:.0f} MB"
+    )
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)

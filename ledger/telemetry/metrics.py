@@ -1,0 +1,83 @@
+"""OpenTelemetry metrics, exposed for Prometheus scraping on an HTTP port.
+
+Instruments are created at import against the global meter provider, so they
+cost a no-op call until setup_metrics() installs the Prometheus reader.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from opentelemetry import metrics
+from opentelemetry.metrics import CallbackOptions, Observation
+
+METER_NAME = "ledger"
+
+_meter = metrics.get_meter(METER_NAME)
+
+requests = _meter.create_counter(
+    "ledger_requests", unit="1", description="gRPC calls by method and status code"
+)
+request_duration = _meter.create_histogram(
+    "ledger_request_duration", unit="s", description="gRPC call latency by method"
+)
+transfers = _meter.create_counter(
+    "ledger_transfers", unit="1", description="Transfer items by result code"
+)
+sagas_finished = _meter.create_counter(
+    "ledger_sagas_finished", unit="1", description="Sagas that ended, by kind and state"
+)
+saga_attempts_failed = _meter.create_counter(
+    "ledger_saga_attempts_failed", unit="1", description="Saga steps that failed and will retry"
+)
+shard_errors = _meter.create_counter(
+    "ledger_shard_errors", unit="1", description="Shard calls that failed, by shard and kind"
+)
+shard_transactions = _meter.create_histogram(
+    "ledger_shard_transaction_duration", unit="s", description="Shard transaction latency"
+)
+
+# Values the gauges report, refreshed by whoever knows them (pools, the
+# recovery worker); the callbacks only read.
+_gauges: dict[str, Callable[[], Iterable[tuple[float, dict[str, str]]]]] = {}
+
+
+def register_gauge_source(
+    name: str, source: Callable[[], Iterable[tuple[float, dict[str, str]]]]
+) -> None:
+    _gauges[name] = source
+
+
+def _observe(name: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
+    def callback(options: CallbackOptions) -> Iterable[Observation]:
+        source = _gauges.get(name)
+        if source is None:
+            return []
+        return [Observation(value, attributes) for value, attributes in source()]
+
+    return callback
+
+
+_meter.create_observable_gauge(
+    "ledger_pool_connections",
+    callbacks=[_observe("pool")],
+    unit="1",
+    description="Connections per shard pool, by state (in_use, open)",
+)
+_meter.create_observable_gauge(
+    "ledger_sagas",
+    callbacks=[_observe("sagas")],
+    unit="1",
+    description="Sagas not yet finished, by state (running, dead) and shard",
+)
+
+
+def setup_metrics(*, host: str, port: int) -> int:
+    """Serves /metrics for Prometheus on host:port (0 picks a port); returns the port."""
+    from opentelemetry.exporter.prometheus import PrometheusMetricReader
+    from opentelemetry.sdk.metrics import MeterProvider
+    from prometheus_client import start_http_server
+
+    server, _thread = start_http_server(port=port, addr=host)
+    metrics.set_meter_provider(MeterProvider(metric_readers=[PrometheusMetricReader()]))
+    return int(server.server_port)

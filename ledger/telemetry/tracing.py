@@ -1,0 +1,70 @@
+"""OpenTelemetry tracing, set up from the standard OTEL_* environment variables.
+
+Tracing is on when OTEL_TRACES_EXPORTER is "otlp" (or unset while
+OTEL_EXPORTER_OTLP_ENDPOINT / OTEL_EXPORTER_OTLP_TRACES_ENDPOINT is set),
+unless OTEL_SDK_DISABLED is true. Off, the API's no-op tracer is used and a
+span costs a function call. Sampling follows OTEL_TRACES_SAMPLER(_ARG).
+"""
+
+from __future__ import annotations
+
+import os
+
+from opentelemetry import propagate, trace
+from opentelemetry.context import Context
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+TRACER_NAME = "ledger"
+DEFAULT_SERVICE_NAME = "ledger"
+
+tracer = trace.get_tracer(TRACER_NAME)
+
+
+def tracing_requested() -> bool:
+    env = os.environ
+    if env.get("OTEL_SDK_DISABLED", "").lower() == "true":
+        return False
+    exporter = env.get("OTEL_TRACES_EXPORTER", "").lower()
+    if exporter:
+        return exporter == "otlp"
+    return bool(
+        env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    )
+
+
+def setup_tracing(*, extra_processor: SpanProcessor | None = None) -> TracerProvider | None:
+    """Installs the SDK provider when tracing is requested (or a processor is given)."""
+    if not tracing_requested() and extra_processor is None:
+        return None
+    resource = Resource.create(
+        {"service.name": os.environ.get("OTEL_SERVICE_NAME", DEFAULT_SERVICE_NAME)}
+    )
+    provider = TracerProvider(resource=resource)
+    if tracing_requested():
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    if extra_processor is not None:
+        provider.add_span_processor(extra_processor)
+    trace.set_tracer_provider(provider)
+    return provider
+
+
+def current_trace_id() -> str:
+    """The hex trace id of the current span, or "" when there is none."""
+    context = trace.get_current_span().get_span_context()
+    return format(context.trace_id, "032x") if context.is_valid else ""
+
+
+def current_traceparent() -> str:
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return carrier.get("traceparent", "")
+
+
+def context_from_traceparent(traceparent: str) -> Context | None:
+    if not traceparent:
+        return None
+    return propagate.extract({"traceparent": traceparent})
