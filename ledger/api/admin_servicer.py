@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import grpc
@@ -9,12 +10,14 @@ import grpc
 from ledger.api import decode, encode
 from ledger.api.servicer import statuses
 from ledger.api.status import failed_precondition, invalid_argument, with_reason
+from ledger.core.ledger import Ledger
 from ledger.domain.sagas import SagaKey, SagaKind, SagaState
 from ledger.sagas.runner import SagaResolutionRefused, SagaRunner
 from ledger.v1 import ledger_pb2 as pb
 from ledger.v1 import ledger_pb2_grpc
 
 Context = grpc.aio.ServicerContext[Any, Any]
+_TRACE_ID = re.compile(r"[0-9a-f]{32}")
 
 
 def _key(request: pb.GetSagaRequest | pb.ResolveSagaRequest) -> SagaKey:
@@ -32,8 +35,21 @@ def _not_found() -> Exception:
 
 
 class LedgerAdminServicer(ledger_pb2_grpc.LedgerAdminServiceServicer):
-    def __init__(self, runner: SagaRunner) -> None:
+    def __init__(self, runner: SagaRunner, ledger: Ledger) -> None:
         self.runner = runner
+        self.ledger = ledger
+
+    @statuses
+    async def ListTransfersByTrace(
+        self, request: pb.ListTransfersByTraceRequest, context: Context
+    ) -> pb.LookupTransfersResponse:
+        v = decode.Violations()
+        if not _TRACE_ID.fullmatch(request.trace_id):
+            v.add("trace_id", "must be 32 lower-case hex digits")
+        page_size = v.page_size("page_size", request.page_size)
+        v.raise_if_any()
+        views = await self.ledger.transfers_by_trace(request.trace_id, limit=page_size)
+        return pb.LookupTransfersResponse(transfers=[encode.transfer_view(v) for v in views])
 
     @statuses
     async def ListSagas(

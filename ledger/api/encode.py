@@ -59,6 +59,7 @@ def transfer(record: TransferRecord) -> pb.Transfer:
         reversal_of=r.reversal_of,
         metadata=dict(r.metadata),
         created_at=timestamp(record.created_at),
+        trace_id=record.trace_id,
     )
 
 

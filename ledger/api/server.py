@@ -55,11 +55,10 @@ class LedgerServer:
         self.server = grpc.aio.server(
             interceptors=[TelemetryInterceptor()], maximum_concurrent_rpcs=concurrent_rpcs_max
         )
-        ledger_pb2_grpc.add_LedgerServiceServicer_to_server(
-            LedgerServicer(Ledger(cluster, self.sagas)), self.server
-        )
+        ledger = Ledger(cluster, self.sagas)
+        ledger_pb2_grpc.add_LedgerServiceServicer_to_server(LedgerServicer(ledger), self.server)
         ledger_pb2_grpc.add_LedgerAdminServiceServicer_to_server(
-            LedgerAdminServicer(self.sagas), self.server
+            LedgerAdminServicer(self.sagas, ledger), self.server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(

@@ -215,6 +215,14 @@ class Ledger:
             await asyncio.sleep(delay_s)
             delay_s = min(delay_s * 2, 0.25)
 
+    async def transfers_by_trace(self, trace_id: str, *, limit: int) -> list[TransferView]:
+        """Every transfer one trace recorded, across shards."""
+        found = await asyncio.gather(
+            *(s.transfers_by_trace(trace_id, limit=limit) for s in self.cluster.shards.values())
+        )
+        keys = [key for keys in found for key in keys][:limit]
+        return await self._lookup_transfers(keys)
+
     async def _lookup_transfers(self, keys: Sequence[TransferKey]) -> list[TransferView]:
         found: dict[TransferKey, TransferView] = {}
         groups = self._group(keys, lambda k: k.merchant_id)

@@ -338,6 +338,13 @@ class Shard:
 
         return await self._with_connection(run)
 
+    async def transfers_by_trace(self, trace_id: str, *, limit: int) -> list[TransferKey]:
+        async def run(conn: Connection) -> list[TransferKey]:
+            rows = await conn.fetch(sql.TRANSFERS_BY_TRACE, trace_id, limit)
+            return [TransferKey(r["merchant_id"], r["transfer_id"]) for r in rows]
+
+        return await self._with_connection(run)
+
     async def expire_due_pendings(self) -> int:
         """Releases up to expiry_sweep_batch_max due pending transfers; returns how many."""
 

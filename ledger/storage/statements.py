@@ -190,3 +190,8 @@ RETURNING epoch
 MERCHANT_STATES = """
 SELECT merchant_id, state, moved_to FROM merchants WHERE merchant_id = ANY($1::text[])
 """
+
+TRANSFERS_BY_TRACE = f"""
+SELECT {TRANSFER_COLUMNS} FROM transfers WHERE trace_id = $1 AND kind = 1
+ORDER BY created_at LIMIT $2
+"""

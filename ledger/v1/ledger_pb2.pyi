@@ -837,6 +837,7 @@ class Transfer(_message.Message):
     REVERSAL_OF_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
+    TRACE_ID_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Caller-chosen id and idempotency key, unique per debit merchant.
     1 to 128 bytes.
@@ -871,6 +872,10 @@ class Transfer(_message.Message):
     accounts must be the original's, swapped, and the amounts of all
     reversals may not exceed the original's posted amount.
     """
+    trace_id: _builtins.str
+    """The W3C trace id (32 hex digits) of the request that recorded the
+    transfer, empty if it was not traced. Output only.
+    """
     @_builtins.property
     def debit_account(self) -> Global___AccountRef:
         """The account debited. Its merchant is the transfer's home."""
@@ -904,10 +909,11 @@ class Transfer(_message.Message):
         reversal_of: _builtins.str = ...,
         metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
+        trace_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "credit_account", b"credit_account", "debit_account", b"debit_account"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "amount_minor", b"amount_minor", "created_at", b"created_at", "credit_account", b"credit_account", "currency", b"currency", "debit_account", b"debit_account", "id", b"id", "linked", b"linked", "metadata", b"metadata", "pending_id", b"pending_id", "reversal_of", b"reversal_of", "timeout_ms", b"timeout_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "amount_minor", b"amount_minor", "created_at", b"created_at", "credit_account", b"credit_account", "currency", b"currency", "debit_account", b"debit_account", "id", b"id", "linked", b"linked", "metadata", b"metadata", "pending_id", b"pending_id", "reversal_of", b"reversal_of", "timeout_ms", b"timeout_ms", "trace_id", b"trace_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1499,6 +1505,32 @@ class ListEntriesResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListEntriesResponse: _TypeAlias = ListEntriesResponse  # noqa: Y015
+
+@_typing.final
+class ListTransfersByTraceRequest(_message.Message):
+    """ListTransfersByTrace input."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TRACE_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    trace_id: _builtins.str
+    """32 lower-case hex digits."""
+    page_size: _builtins.int
+    """1 to 1000; 0 means 100."""
+    def __init__(
+        self,
+        *,
+        trace_id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "trace_id", b"trace_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListTransfersByTraceRequest: _TypeAlias = ListTransfersByTraceRequest  # noqa: Y015
 
 @_typing.final
 class SagaRef(_message.Message):

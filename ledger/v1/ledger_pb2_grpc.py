@@ -489,6 +489,11 @@ class LedgerAdminServiceStub:
                 request_serializer=ledger_dot_v1_dot_ledger__pb2.ResolveSagaRequest.SerializeToString,
                 response_deserializer=ledger_dot_v1_dot_ledger__pb2.Saga.FromString,
                 _registered_method=True)
+        self.ListTransfersByTrace = channel.unary_unary(
+                '/ledger.v1.LedgerAdminService/ListTransfersByTrace',
+                request_serializer=ledger_dot_v1_dot_ledger__pb2.ListTransfersByTraceRequest.SerializeToString,
+                response_deserializer=ledger_dot_v1_dot_ledger__pb2.LookupTransfersResponse.FromString,
+                _registered_method=True)
 
 
 class LedgerAdminServiceServicer:
@@ -528,6 +533,14 @@ class LedgerAdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListTransfersByTrace(self, request, context):
+        """Lists the transfers (on every shard) recorded by one trace: "which
+        postings did trace X make".
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LedgerAdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -550,6 +563,11 @@ def add_LedgerAdminServiceServicer_to_server(servicer, server):
                     servicer.ResolveSaga,
                     request_deserializer=ledger_dot_v1_dot_ledger__pb2.ResolveSagaRequest.FromString,
                     response_serializer=ledger_dot_v1_dot_ledger__pb2.Saga.SerializeToString,
+            ),
+            'ListTransfersByTrace': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTransfersByTrace,
+                    request_deserializer=ledger_dot_v1_dot_ledger__pb2.ListTransfersByTraceRequest.FromString,
+                    response_serializer=ledger_dot_v1_dot_ledger__pb2.LookupTransfersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -661,6 +679,33 @@ class LedgerAdminService:
             '/ledger.v1.LedgerAdminService/ResolveSaga',
             ledger_dot_v1_dot_ledger__pb2.ResolveSagaRequest.SerializeToString,
             ledger_dot_v1_dot_ledger__pb2.Saga.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTransfersByTrace(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ledger.v1.LedgerAdminService/ListTransfersByTrace',
+            ledger_dot_v1_dot_ledger__pb2.ListTransfersByTraceRequest.SerializeToString,
+            ledger_dot_v1_dot_ledger__pb2.LookupTransfersResponse.FromString,
             options,
             channel_credentials,
             insecure,

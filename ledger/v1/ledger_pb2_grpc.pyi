@@ -221,6 +221,10 @@ class LedgerAdminServiceStub:
     after the credit shard has recorded a refusal or an abort (this call asks
     it to record the abort first). Otherwise FAILED_PRECONDITION.
     """
+    ListTransfersByTrace: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.ListTransfersByTraceRequest, _ledger_pb2.LookupTransfersResponse]
+    """Lists the transfers (on every shard) recorded by one trace: "which
+    postings did trace X make".
+    """
 
 @_typing.type_check_only
 class LedgerAdminServiceAsyncStub(LedgerAdminServiceStub):
@@ -242,6 +246,10 @@ class LedgerAdminServiceAsyncStub(LedgerAdminServiceStub):
     only if the credit shard confirms it applied the credit; COMPENSATED only
     after the credit shard has recorded a refusal or an abort (this call asks
     it to record the abort first). Otherwise FAILED_PRECONDITION.
+    """
+    ListTransfersByTrace: _aio.UnaryUnaryMultiCallable[_ledger_pb2.ListTransfersByTraceRequest, _ledger_pb2.LookupTransfersResponse]  # type: ignore[assignment]
+    """Lists the transfers (on every shard) recorded by one trace: "which
+    postings did trace X make".
     """
 
 class LedgerAdminServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -285,6 +293,16 @@ class LedgerAdminServiceServicer(metaclass=_abc_1.ABCMeta):
         only if the credit shard confirms it applied the credit; COMPENSATED only
         after the credit shard has recorded a refusal or an abort (this call asks
         it to record the abort first). Otherwise FAILED_PRECONDITION.
+        """
+
+    @_abc_1.abstractmethod
+    def ListTransfersByTrace(
+        self,
+        request: _ledger_pb2.ListTransfersByTraceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_pb2.LookupTransfersResponse, _abc.Awaitable[_ledger_pb2.LookupTransfersResponse]]:
+        """Lists the transfers (on every shard) recorded by one trace: "which
+        postings did trace X make".
         """
 
 def add_LedgerAdminServiceServicer_to_server(servicer: LedgerAdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

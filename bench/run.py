@@ -1,0 +1,319 @@
+"""The benchmark: `python -m bench.run --mode smoke|full [options]`.
+
+One run on one machine: start (or target) the shards, start the service as a
+process, create N merchants with two accounts each, then drive each mode for a
+fixed time from K client processes with C callers in total, and measure the
+raw PostgreSQL limit for the same writes with the same processes. Prints a
+table, writes <out>/latest.json and <out>/latest.png. See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import multiprocessing
+import os
+import platform
+import sys
+import time
+import uuid
+from collections.abc import Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from bench import cluster, report
+from bench.worker import (
+    CALL_TIMEOUT_S,
+    PHASE_END_GRACE_S,
+    Phase,
+    PhaseResult,
+    WorkerSpec,
+    worker_main,
+)
+from bench.workload import Workload, place_merchants
+from ledger.routing.ring import ShardRing
+
+# A client process must be ready for a phase within this long; the first phase
+# includes starting Python, importing grpc and asyncpg, and opening connections.
+CLIENT_READY_TIMEOUT_S = 60.0
+# Joining a client process that was told to stop.
+CLIENT_STOP_TIMEOUT_S = 15.0
+# On top of a phase's own length, the orchestrator waits this long for results
+# (a few MB of latencies per process through a pipe).
+RESULT_MARGIN_S = 30.0
+DEFAULT_OUT_DIR = Path("bench/results")
+
+
+@dataclass(frozen=True, slots=True)
+class Profile:
+    """Defaults per --mode; any option given on the command line wins."""
+
+    duration_s: float
+    warmup_s: float
+    merchants: int
+    concurrency: int
+    batch_size: int
+    clients: int
+
+
+PROFILES = {
+    # Seconds in CI: a handful of merchants, two client processes, tiny batches.
+    "smoke": Profile(duration_s=2.0, warmup_s=0.5, merchants=12, concurrency=4, batch_size=10,
+                     clients=2),
+    # The 2-core development machine: 32 callers keep the service and
+    # PostgreSQL busy without queueing far past the shard pools (16 per
+    # shard); 3000 merchants give every caller its own ~31 per shard for
+    # batches, so batches of different callers do not wait on each other's locks.
+    "full": Profile(duration_s=30.0, warmup_s=3.0, merchants=3000, concurrency=32,
+                    batch_size=100, clients=2),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    run_mode: str
+    profile: Profile
+    out_dir: Path
+    config_path: Path | None
+
+
+def parse_args(argv: Sequence[str] | None) -> Options:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.run",
+        description="Benchmark the ledger service against raw PostgreSQL in one run.",
+    )
+    parser.add_argument("--mode", choices=sorted(PROFILES), default="full")
+    parser.add_argument("--duration-s", type=float, help="measured seconds per mode")
+    parser.add_argument("--warmup-s", type=float, help="unmeasured seconds before each mode")
+    parser.add_argument("--merchants", type=int, help="merchants, two accounts each")
+    parser.add_argument("--concurrency", type=int, help="concurrent callers in total")
+    parser.add_argument("--batch-size", type=int, help="transfers per call in batch modes")
+    parser.add_argument("--clients", type=int, help="client processes")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT_DIR, help="results directory")
+    parser.add_argument("--config", type=Path,
+                        help="shard config of existing shards (default: a temporary cluster)")
+    args = parser.parse_args(argv)
+    base = PROFILES[args.mode]
+    profile = Profile(
+        duration_s=args.duration_s if args.duration_s is not None else base.duration_s,
+        warmup_s=args.warmup_s if args.warmup_s is not None else base.warmup_s,
+        merchants=args.merchants if args.merchants is not None else base.merchants,
+        concurrency=args.concurrency if args.concurrency is not None else base.concurrency,
+        batch_size=args.batch_size if args.batch_size is not None else base.batch_size,
+        clients=args.clients if args.clients is not None else base.clients,
+    )
+    problems = []
+    if profile.duration_s <= 0 or profile.warmup_s < 0:
+        problems.append("--duration-s must be > 0 and --warmup-s >= 0")
+    if profile.clients < 1 or profile.concurrency < profile.clients:
+        problems.append("need --clients >= 1 and --concurrency >= --clients")
+    if not 1 <= profile.batch_size <= 1000:
+        problems.append("--batch-size must be 1 to 1000 (the service's per-call limit)")
+    if profile.merchants < 2:
+        problems.append("--merchants must be at least 2")
+    if problems:
+        parser.error("; ".join(problems))
+    return Options(args.mode, profile, args.out, args.config)
+
+
+class ClientPool:
+    """K client processes (spawned, so none inherits this process's gRPC or loops)."""
+
+    def __init__(self, specs: Sequence[WorkerSpec]) -> None:
+        context = multiprocessing.get_context("spawn")
+        self._processes: list[multiprocessing.process.BaseProcess] = []
+        self._pipes: list[Connection] = []
+        for spec in specs:
+            parent, child = context.Pipe()
+            process = context.Process(
+                target=worker_main, args=(child, spec), name=f"bench-client-{spec.index}",
+                daemon=True,
+            )
+            process.start()
+            child.close()
+            self._processes.append(process)
+            self._pipes.append(parent)
+
+    def run_phase(self, phase: Phase) -> list[PhaseResult]:
+        for pipe in self._pipes:
+            pipe.send(("phase", phase))
+        for pipe in self._pipes:
+            self._expect(pipe, "ready", CLIENT_READY_TIMEOUT_S)
+        # Every process is connected and waiting: start them together.
+        for pipe in self._pipes:
+            pipe.send(("go", None))
+        wait_s = (phase.warmup_s + phase.duration_s + CALL_TIMEOUT_S + PHASE_END_GRACE_S
+                  + RESULT_MARGIN_S)
+        results: list[PhaseResult] = [self._expect(p, "result", wait_s) for p in self._pipes]
+        return results
+
+    @staticmethod
+    def _expect(pipe: Connection, kind: str, timeout_s: float) -> Any:
+        if not pipe.poll(timeout_s):
+            raise TimeoutError(f"no {kind!r} from a client process within {timeout_s}s")
+        try:
+            got, payload = pipe.recv()
+        except EOFError as error:
+            raise RuntimeError("a client process exited unexpectedly") from error
+        if got == "error":
+            raise RuntimeError(payload)
+        if got != kind:
+            raise RuntimeError(f"expected {kind!r} from a client process, got {got!r}")
+        return payload
+
+    def close(self) -> None:
+        for pipe in self._pipes:
+            try:
+                pipe.send(("stop", None))
+            except (OSError, ValueError):
+                pass
+        for process in self._processes:
+            process.join(CLIENT_STOP_TIMEOUT_S)
+            if process.is_alive():
+                process.terminate()
+                process.join(CLIENT_STOP_TIMEOUT_S)
+        for pipe in self._pipes:
+            pipe.close()
+
+
+def worker_specs(target: str, workload: Workload, profile: Profile) -> list[WorkerSpec]:
+    specs = []
+    offset = 0
+    for index in range(profile.clients):
+        callers = profile.concurrency // profile.clients + (
+            1 if index < profile.concurrency % profile.clients else 0
+        )
+        specs.append(WorkerSpec(index=index, callers=callers, caller_offset=offset,
+                                target=target, workload=workload, seed=index + 1))
+        offset += callers
+    return specs
+
+
+def run(options: Options) -> dict[str, Any]:
+    profile = options.profile
+    notes: list[str] = []
+    started_at = dt.datetime.now(dt.UTC)
+    wall_start = time.monotonic()
+    with ExitStack() as stack:
+        if options.config_path is None:
+            print("starting a durable embedded PostgreSQL with 3 shard databases...",
+                  file=sys.stderr)
+            shards = cluster.start_embedded_shards()
+        else:
+            shards = cluster.existing_shards(options.config_path)
+        stack.callback(shards.close)
+        log_path = options.out_dir / "service.log"
+        service = cluster.ServiceProcess(shards.config_path, log_path)
+        stack.callback(service.stop)
+        target = service.start()
+        print(f"service pid {service.pid} serving on {target} (log {log_path})", file=sys.stderr)
+        sampler = cluster.RssSampler(service.pid)
+        sampler.start()
+        stack.callback(sampler.stop)
+
+        run_id = uuid.uuid4().hex[:8]
+        ring = ShardRing(shards.config)
+        names = tuple(s.name for s in shards.config.shards)
+        workload = Workload(
+            run_id=run_id,
+            merchants=place_merchants(run_id=run_id, count=profile.merchants, ring=ring,
+                                      shards=names),
+            shard_dsns=shards.dsns,
+            batch_size=profile.batch_size,
+            callers_total=profile.concurrency,
+        )
+        if len({m.shard for m in workload.merchants}) < 2:
+            raise RuntimeError("cross-shard transfers need merchants on at least two shards")
+        asyncio.run(cluster.create_accounts(target, workload))
+        dsns = [dsn for _, dsn in shards.dsns]
+        asyncio.run(cluster.create_raw_tables(workload))
+        if options.config_path is not None:
+            stack.callback(lambda: asyncio.run(cluster.drop_raw_tables(dsns)))
+        print(f"created {2 * len(workload.merchants)} accounts and the raw tables",
+              file=sys.stderr)
+
+        clients = ClientPool(worker_specs(target, workload, profile))
+        stack.callback(clients.close)
+        modes: dict[str, dict[str, Any]] = {}
+        for mode in report.MODES:
+            rate_per_s = None
+            if mode == "single_half_peak":
+                rate_per_s = report.HALF_PEAK_FRACTION * modes["single"]["transfers_per_s"]
+            refused = asyncio.run(cluster.checkpoint(dsns))
+            if refused and not notes:
+                notes.append(f"CHECKPOINT refused on {refused}; phases may share checkpoints")
+            sampler.reset()
+            results = clients.run_phase(
+                Phase(
+                    mode=mode,
+                    warmup_s=profile.warmup_s,
+                    duration_s=profile.duration_s,
+                    rate_per_s=rate_per_s / profile.clients if rate_per_s else None,
+                )
+            )
+            modes[mode] = report.summarize(
+                results, duration_s=profile.duration_s, rss_mb_peak=sampler.peak_mb()
+            )
+            if rate_per_s is not None:
+                modes[mode]["target_rate_per_s"] = rate_per_s
+            print(f"  {mode}: {modes[mode]['transfers_per_s']:,.0f} transfers/s",
+                  file=sys.stderr)
+        rss_mb_peak = max(m["service_rss_mb_peak"] for k, m in modes.items()
+                          if not k.startswith("raw_"))
+        vmhwm_mb = sampler.hwm_mb()
+    ratios = report.add_ratios(modes)
+    return {
+        "benchmark": "ledger bench",
+        "format_version": 1,
+        "run_mode": options.run_mode,
+        "started_at": started_at.isoformat(timespec="seconds"),
+        "wall_s": round(time.monotonic() - wall_start, 1),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
+        "settings": {
+            "duration_s": profile.duration_s,
+            "warmup_s": profile.warmup_s,
+            "merchants": profile.merchants,
+            "concurrency": profile.concurrency,
+            "batch_size": profile.batch_size,
+            "clients": profile.clients,
+            "target": str(options.config_path) if options.config_path else "embedded",
+            "shards": list(names),
+            "tracing_env": sorted(k for k in os.environ if k.startswith("OTEL_")),
+        },
+        "modes": modes,
+        "ratios": ratios,
+        "single_half_peak_p99_ms": modes["single_half_peak"]["latency_ms"]["p99"],
+        "service": {"rss_mb_peak": rss_mb_peak, "vmhwm_mb": vmhwm_mb},
+        "targets": report.TARGETS,
+        "notes": notes,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    options = parse_args(argv)
+    options.out_dir.mkdir(parents=True, exist_ok=True)
+    figures = run(options)
+    json_path = options.out_dir / "latest.json"
+    png_path = options.out_dir / "latest.png"
+    report.write_json(figures, json_path)
+    report.write_chart(figures, png_path)
+    print(report.render_table(figures))
+    print(f"\nwrote {json_path} and {png_path} in {figures['wall_s']:.0f} s")
+    idle = [m for m, v in figures["modes"].items() if v["transfers"] == 0]
+    if idle:
+        # Not a threshold: a mode that applied nothing means the benchmark is broken.
+        print(f"no transfer was applied in: {', '.join(idle)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
