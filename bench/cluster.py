@@ -131,8 +131,16 @@ class ServiceProcess:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         log = self.log_path.open("wb")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "ledger.cli", "serve", "--config", str(self.config_path),
-             "--listen", "127.0.0.1:0"],
+            [
+                sys.executable,
+                "-m",
+                "ledger.cli",
+                "serve",
+                "--config",
+                str(self.config_path),
+                "--listen",
+                "127.0.0.1:0",
+            ],
             cwd=ROOT,
             env=env,
             stdin=subprocess.DEVNULL,
@@ -147,8 +155,9 @@ class ServiceProcess:
         # The reader sets the event on the serving line, and also at EOF (the process died).
         if not self._serving.wait(SERVICE_START_TIMEOUT_S):
             self.stop()
-            raise RuntimeError(f"service not serving after {SERVICE_START_TIMEOUT_S}s; "
-                               f"see {self.log_path}")
+            raise RuntimeError(
+                f"service not serving after {SERVICE_START_TIMEOUT_S}s; see {self.log_path}"
+            )
         if not self.target:
             self.stop()
             raise RuntimeError(f"service exited at start:\n{self.log_path.read_text()[-4000:]}")

@@ -102,8 +102,10 @@ def render_table(report: Mapping[str, Any]) -> str:
             target = TARGETS[_TARGET_OF_RATIO[mode]]
             ratio = f"{m['ratio']:.2f} of {m['ratio_to']} (target >= {target:g})"
         elif mode == "single_half_peak":
-            ratio = (f"at {m['target_rate_per_s']:,.0f}/s offered "
-                     f"(p99 target < {TARGETS['single_half_peak_p99_ms_max']:g} ms)")
+            ratio = (
+                f"at {m['target_rate_per_s']:,.0f}/s offered "
+                f"(p99 target < {TARGETS['single_half_peak_p99_ms_max']:g} ms)"
+            )
         rss = "" if mode.startswith("raw_") else f"{m['service_rss_mb_peak']:.0f}"
         lines.append(
             f"{mode:<17}{m['transfers_per_s']:>12,.0f}{lat['p50']:>9.2f}{lat['p95']:>9.2f}"
@@ -133,6 +135,7 @@ def write_chart(report: Mapping[str, Any], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
     modes = report["modes"]
     names = list(MODES)
@@ -144,8 +147,13 @@ def write_chart(report: Mapping[str, Any], path: Path) -> None:
         label = f"{modes[name]['transfers_per_s']:,.0f}"
         if "ratio" in modes[name]:
             label += f"\n{modes[name]['ratio']:.2f}x {modes[name]['ratio_to']}"
-        left.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                      ha="center", va="bottom", fontsize=8)
+        left.annotate(
+            label,
+            (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+            ha="center",
+            va="bottom",
+            fontsize=8,
+        )
     left.set_ylabel("transfers per second")
     left.set_title("Throughput (grey: raw PostgreSQL limit)")
     left.tick_params(axis="x", rotation=30)
@@ -156,11 +164,13 @@ def write_chart(report: Mapping[str, Any], path: Path) -> None:
         (("p50", "#7fb3e6"), ("p95", "#2f6db3"), ("p99", "#173a63"))
     ):
         xs = [i + (offset - 1) * width for i in range(len(names))]
-        right.bar(xs, [modes[n]["latency_ms"][key] for n in names], width, label=key,
-                  color=color)
+        right.bar(xs, [modes[n]["latency_ms"][key] for n in names], width, label=key, color=color)
     right.set_xticks(range(len(names)), names, rotation=30)
     right.set_ylabel("latency per call, ms")
     right.set_yscale("log")
+    plain = FuncFormatter(lambda value, _: f"{value:g}")
+    right.yaxis.set_major_formatter(plain)
+    right.yaxis.set_minor_formatter(plain)
     right.set_title("Latency per call")
     right.legend()
     settings = report["settings"]

@@ -62,14 +62,16 @@ class Profile:
 
 PROFILES = {
     # Seconds in CI: a handful of merchants, two client processes, tiny batches.
-    "smoke": Profile(duration_s=2.0, warmup_s=0.5, merchants=12, concurrency=4, batch_size=10,
-                     clients=2),
+    "smoke": Profile(
+        duration_s=2.0, warmup_s=0.5, merchants=12, concurrency=4, batch_size=10, clients=2
+    ),
     # The 2-core development machine: 32 callers keep the service and
     # PostgreSQL busy without queueing far past the shard pools (16 per
     # shard); 3000 merchants give every caller its own ~31 per shard for
     # batches, so batches of different callers do not wait on each other's locks.
-    "full": Profile(duration_s=30.0, warmup_s=3.0, merchants=3000, concurrency=32,
-                    batch_size=100, clients=2),
+    "full": Profile(
+        duration_s=30.0, warmup_s=3.0, merchants=3000, concurrency=32, batch_size=100, clients=2
+    ),
 }
 
 
@@ -94,8 +96,9 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     parser.add_argument("--batch-size", type=int, help="transfers per call in batch modes")
     parser.add_argument("--clients", type=int, help="client processes")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT_DIR, help="results directory")
-    parser.add_argument("--config", type=Path,
-                        help="shard config of existing shards (default: a temporary cluster)")
+    parser.add_argument(
+        "--config", type=Path, help="shard config of existing shards (default: a temporary cluster)"
+    )
     args = parser.parse_args(argv)
     base = PROFILES[args.mode]
     profile = Profile(
@@ -130,7 +133,9 @@ class ClientPool:
         for spec in specs:
             parent, child = context.Pipe()
             process = context.Process(
-                target=worker_main, args=(child, spec), name=f"bench-client-{spec.index}",
+                target=worker_main,
+                args=(child, spec),
+                name=f"bench-client-{spec.index}",
                 daemon=True,
             )
             process.start()
@@ -146,8 +151,9 @@ class ClientPool:
         # Every process is connected and waiting: start them together.
         for pipe in self._pipes:
             pipe.send(("go", None))
-        wait_s = (phase.warmup_s + phase.duration_s + CALL_TIMEOUT_S + PHASE_END_GRACE_S
-                  + RESULT_MARGIN_S)
+        wait_s = (
+            phase.warmup_s + phase.duration_s + CALL_TIMEOUT_S + PHASE_END_GRACE_S + RESULT_MARGIN_S
+        )
         results: list[PhaseResult] = [self._expect(p, "result", wait_s) for p in self._pipes]
         return results
 
@@ -187,8 +193,16 @@ def worker_specs(target: str, workload: Workload, profile: Profile) -> list[Work
         callers = profile.concurrency // profile.clients + (
             1 if index < profile.concurrency % profile.clients else 0
         )
-        specs.append(WorkerSpec(index=index, callers=callers, caller_offset=offset,
-                                target=target, workload=workload, seed=index + 1))
+        specs.append(
+            WorkerSpec(
+                index=index,
+                callers=callers,
+                caller_offset=offset,
+                target=target,
+                workload=workload,
+                seed=index + 1,
+            )
+        )
         offset += callers
     return specs
 
@@ -200,8 +214,9 @@ def run(options: Options) -> dict[str, Any]:
     wall_start = time.monotonic()
     with ExitStack() as stack:
         if options.config_path is None:
-            print("starting a durable embedded PostgreSQL with 3 shard databases...",
-                  file=sys.stderr)
+            print(
+                "starting a durable embedded PostgreSQL with 3 shard databases...", file=sys.stderr
+            )
             shards = cluster.start_embedded_shards()
         else:
             shards = cluster.existing_shards(options.config_path)
@@ -220,8 +235,9 @@ def run(options: Options) -> dict[str, Any]:
         names = tuple(s.name for s in shards.config.shards)
         workload = Workload(
             run_id=run_id,
-            merchants=place_merchants(run_id=run_id, count=profile.merchants, ring=ring,
-                                      shards=names),
+            merchants=place_merchants(
+                run_id=run_id, count=profile.merchants, ring=ring, shards=names
+            ),
             shard_dsns=shards.dsns,
             batch_size=profile.batch_size,
             callers_total=profile.concurrency,
@@ -233,8 +249,7 @@ def run(options: Options) -> dict[str, Any]:
         asyncio.run(cluster.create_raw_tables(workload))
         if options.config_path is not None:
             stack.callback(lambda: asyncio.run(cluster.drop_raw_tables(dsns)))
-        print(f"created {2 * len(workload.merchants)} accounts and the raw tables",
-              file=sys.stderr)
+        print(f"created {2 * len(workload.merchants)} accounts and the raw tables", file=sys.stderr)
 
         clients = ClientPool(worker_specs(target, workload, profile))
         stack.callback(clients.close)
@@ -260,10 +275,10 @@ def run(options: Options) -> dict[str, Any]:
             )
             if rate_per_s is not None:
                 modes[mode]["target_rate_per_s"] = rate_per_s
-            print(f"  {mode}: {modes[mode]['transfers_per_s']:,.0f} transfers/s",
-                  file=sys.stderr)
-        rss_mb_peak = max(m["service_rss_mb_peak"] for k, m in modes.items()
-                          if not k.startswith("raw_"))
+            print(f"  {mode}: {modes[mode]['transfers_per_s']:,.0f} transfers/s", file=sys.stderr)
+        rss_mb_peak = max(
+            m["service_rss_mb_peak"] for k, m in modes.items() if not k.startswith("raw_")
+        )
         vmhwm_mb = sampler.hwm_mb()
     ratios = report.add_ratios(modes)
     return {

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import time
 import traceback
 from array import array
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
@@ -102,14 +103,14 @@ def worker_main(conn: Connection, spec: WorkerSpec) -> None:
         conn.close()
 
 
-def _run(coro: Awaitable[None]) -> None:
+def _run(coro: Coroutine[Any, Any, None]) -> None:
     try:
         import uvloop
     except ImportError:
-        asyncio.run(coro)  # type: ignore[arg-type]
+        asyncio.run(coro)
         return
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(coro)  # type: ignore[arg-type]
+        runner.run(coro)
 
 
 def _receive(conn: Connection) -> tuple[str, Any]:
@@ -126,7 +127,7 @@ class _Client:
         self.spec = spec
         self.channel = grpc.aio.insecure_channel(spec.target)
         self.stub = ledger_pb2_grpc.LedgerServiceStub(self.channel)
-        self.raw: list[dict[str, asyncpg.Connection]] = []  # type: ignore[type-arg]
+        self.raw: list[dict[str, asyncpg.Connection]] = []
         self.pickers = [
             Picker(spec.workload, caller_global=spec.caller_offset + i, seed=spec.seed * 1000 + i)
             for i in range(spec.callers)
@@ -147,7 +148,7 @@ class _Client:
         for per_shard in self.raw:
             for connection in per_shard.values():
                 await connection.close(timeout=RAW_CONNECT_TIMEOUT_S)
-        await self.channel.close()
+        await self.channel.close(grace=None)
 
 
 async def _serve(conn: Connection, spec: WorkerSpec) -> None:
@@ -174,9 +175,10 @@ async def _serve(conn: Connection, spec: WorkerSpec) -> None:
 
 
 async def _run_phase(client: _Client, phase: Phase) -> PhaseResult:
-    loop = asyncio.get_running_loop()
+    # time.monotonic, not loop.time(): uvloop's clock has millisecond steps.
+    clock = time.monotonic
     result = PhaseResult(worker=client.spec.index, mode=phase.mode)
-    t0 = loop.time()
+    t0 = clock()
     window_start = t0 + phase.warmup_s
     end = window_start + phase.duration_s
     calls_max = int(CALLS_PER_CALLER_PER_S_MAX * (phase.warmup_s + phase.duration_s)) + 1
@@ -191,14 +193,14 @@ async def _run_phase(client: _Client, phase: Phase) -> PhaseResult:
                 if slot >= end:
                     return
                 # Pacing to a schedule (open loop), not waiting for a condition.
-                await asyncio.sleep(max(0.0, slot - loop.time()))
-            started = loop.time()
+                await asyncio.sleep(max(0.0, slot - clock()))
+            started = clock()
             if started >= end:
                 return
             shard, transfers = pick()
             result.calls_started += 1
             ok = await call(shard, transfers, result)
-            finished = loop.time()
+            finished = clock()
             if ok >= 0 and window_start <= finished <= end:
                 result.calls_ok += 1
                 result.transfers_ok += ok
@@ -275,7 +277,7 @@ def _to_proto(t: TransferSpec) -> pb.Transfer:
     )
 
 
-def _raw_call(connections: dict[str, asyncpg.Connection]) -> Call:  # type: ignore[type-arg]
+def _raw_call(connections: dict[str, asyncpg.Connection]) -> Call:
     async def call(shard: str, transfers: list[TransferSpec], result: PhaseResult) -> int:
         try:
             return await raw_transfer_batch(connections[shard], transfers)
@@ -287,7 +289,7 @@ def _raw_call(connections: dict[str, asyncpg.Connection]) -> Call:  # type: igno
 
 
 async def raw_transfer_batch(
-    connection: asyncpg.Connection,  # type: ignore[type-arg]
+    connection: asyncpg.Connection,
     transfers: list[TransferSpec],
 ) -> int:
     """The service's rows for these transfers, in one transaction, straight to PostgreSQL:
@@ -322,8 +324,16 @@ async def raw_transfer_batch(
                 b = balances[key]
                 b[direction - 1] += t.amount_minor
                 b[2] += 1
-                row = (*key, b[2], t.debit_merchant, t.transfer_id, direction, t.amount_minor,
-                       b[0], b[1])
+                row = (
+                    *key,
+                    b[2],
+                    t.debit_merchant,
+                    t.transfer_id,
+                    direction,
+                    t.amount_minor,
+                    b[0],
+                    b[1],
+                )
                 for column, value in zip(entries, row, strict=True):
                     column.append(value)
         written = await connection.fetchrow(

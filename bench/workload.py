@@ -51,12 +51,14 @@ class Workload:
         return own if own else self.merchants
 
 
-def place_merchants(*, run_id: str, count: int, ring: ShardRing, shards: tuple[str, ...]) -> (
-    tuple[Merchant, ...]
-):
+def place_merchants(
+    *, run_id: str, count: int, ring: ShardRing, shards: tuple[str, ...]
+) -> tuple[Merchant, ...]:
     """count merchants with ids unique to this run, spread evenly over shards."""
-    quota = {name: count // len(shards) + (1 if i < count % len(shards) else 0)
-             for i, name in enumerate(shards)}
+    quota = {
+        name: count // len(shards) + (1 if i < count % len(shards) else 0)
+        for i, name in enumerate(shards)
+    }
     placed: list[Merchant] = []
     for draw in range(count * PLACEMENT_DRAWS_PER_MERCHANT_MAX):
         if len(placed) == count:

@@ -1,0 +1,49 @@
+"""The benchmark keeps working: its smoke mode runs end to end and writes its figures.
+
+No thresholds: the figures only have to exist and show that every mode applied
+transfers.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+# The smoke run takes well under a minute; this leaves room for a loaded CI machine.
+SMOKE_TIMEOUT_S = 180.0
+MODES = ("single", "batch", "cross", "raw_single", "raw_batch", "single_half_peak")
+RATIOS = {"single": "raw_single", "batch": "raw_batch", "cross": "single"}
+
+
+@pytest.mark.timeout(SMOKE_TIMEOUT_S + 30)
+def test_bench_smoke_run_writes_figures_for_every_mode(tmp_path: Path) -> None:
+    completed = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--mode", "smoke", "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=SMOKE_TIMEOUT_S,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+
+    figures = json.loads((tmp_path / "latest.json").read_text())
+    for mode in MODES:
+        assert figures["modes"][mode]["transfers_per_s"] > 0, mode
+        latency = figures["modes"][mode]["latency_ms"]
+        assert 0 < latency["p50"] <= latency["p95"] <= latency["p99"], mode
+    for mode, base in RATIOS.items():
+        assert figures["modes"][mode]["ratio_to"] == base
+        assert figures["modes"][mode]["ratio"] > 0
+        assert figures["ratios"][f"{mode}_vs_{base}"] == figures["modes"][mode]["ratio"]
+    assert figures["service"]["rss_mb_peak"] > 0
+    assert figures["modes"]["single_half_peak"]["target_rate_per_s"] > 0
+
+    chart = tmp_path / "latest.png"
+    assert chart.stat().st_size > 0
+    assert chart.read_bytes().startswith(b"\x89PNG")
