@@ -274,6 +274,83 @@ class RssSampler:
         self._thread.join(timeout=RSS_SAMPLE_INTERVAL_S * 10)
 
 
+_CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of one process (0 if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            # The command name may hold spaces; the fields after it do not.
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    # utime and stime are fields 14 and 15 of stat, 12 and 13 after the name.
+    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS_PER_S
+
+
+def machine_cpu_s() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine since boot, all cores."""
+    with open("/proc/stat") as f:
+        values = [int(v) for v in f.readline().split()[1:9]]
+    user, nice, system, idle, iowait, irq, softirq, steal = values
+    busy = user + nice + system + irq + softirq + steal
+    return busy / _CLOCK_TICKS_PER_S, (busy + idle + iowait) / _CLOCK_TICKS_PER_S
+
+
+class CpuMeter:
+    """Where the machine's CPU went during a phase: the service, PostgreSQL, the
+    client processes, and everything else (other work on the same machine)."""
+
+    def __init__(self, *, service_pid: int, postgres_pid: int | None) -> None:
+        self.service_pid = service_pid
+        self.postgres_pid = postgres_pid
+        self.client_pids: list[int] = []
+        self._start: dict[str, float] = {}
+
+    def _snapshot(self) -> dict[str, float]:
+        busy, total = machine_cpu_s()
+        postgres = (
+            sum(cpu_s(p) for p in process_tree(self.postgres_pid))
+            if self.postgres_pid is not None
+            else 0.0
+        )
+        return {
+            "service": sum(cpu_s(p) for p in process_tree(self.service_pid)),
+            "postgres": postgres,
+            "clients": sum(cpu_s(p) for p in self.client_pids),
+            "busy": busy,
+            "total": total,
+        }
+
+    def start(self) -> None:
+        self._start = self._snapshot()
+
+    def cores(self) -> dict[str, float]:
+        """Average cores used since start() by each part, plus other and idle."""
+        end = self._snapshot()
+        used = {k: end[k] - self._start[k] for k in end}
+        cores_total = os.cpu_count() or 1
+        wall_s = used["total"] / cores_total
+        if wall_s <= 0:
+            return {}
+        parts = {k: used[k] / wall_s for k in ("service", "postgres", "clients")}
+        if self.postgres_pid is None:
+            del parts["postgres"]
+        parts["other"] = max(0.0, used["busy"] / wall_s - sum(parts.values()))
+        parts["idle"] = max(0.0, cores_total - used["busy"] / wall_s)
+        return {k: round(v, 2) for k, v in parts.items()}
+
+
+def postmaster_pid(shards: Shards) -> int | None:
+    if shards.embedded is None:
+        return None
+    try:
+        return int((shards.embedded.data_dir / "postmaster.pid").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 # Set-up over gRPC and SQL.
 
 

@@ -111,6 +111,9 @@ def render_table(report: Mapping[str, Any]) -> str:
             f"{mode:<17}{m['transfers_per_s']:>12,.0f}{lat['p50']:>9.2f}{lat['p95']:>9.2f}"
             f"{lat['p99']:>9.2f}{rss:>9}  {ratio}"
         )
+        if m.get("cpu_cores"):
+            split = ", ".join(f"{k} {v:.2f}" for k, v in m["cpu_cores"].items())
+            lines.append(f"{'':<17}CPU cores: {split}")
         problems = {**m["failed_items"], **m["failed_calls"]}
         if problems:
             lines.append(f"{'':<17}not applied: {problems}")

@@ -46,6 +46,9 @@ CLIENT_STOP_TIMEOUT_S = 15.0
 # (a few MB of latencies per process through a pipe).
 RESULT_MARGIN_S = 30.0
 DEFAULT_OUT_DIR = Path("bench/results")
+# CPU used by processes outside the benchmark (kernel threads, a shell) stays
+# well under this on a quiet machine; above it the run says it was disturbed.
+OTHER_CPU_CORES_NOTE_MIN = 0.15
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,12 +146,17 @@ class ClientPool:
             self._processes.append(process)
             self._pipes.append(parent)
 
-    def run_phase(self, phase: Phase) -> list[PhaseResult]:
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self._processes if p.pid is not None]
+
+    def run_phase(self, phase: Phase, cpu: cluster.CpuMeter) -> list[PhaseResult]:
         for pipe in self._pipes:
             pipe.send(("phase", phase))
         for pipe in self._pipes:
             self._expect(pipe, "ready", CLIENT_READY_TIMEOUT_S)
         # Every process is connected and waiting: start them together.
+        cpu.start()
         for pipe in self._pipes:
             pipe.send(("go", None))
         wait_s = (
@@ -253,6 +261,8 @@ def run(options: Options) -> dict[str, Any]:
 
         clients = ClientPool(worker_specs(target, workload, profile))
         stack.callback(clients.close)
+        cpu = cluster.CpuMeter(service_pid=service.pid, postgres_pid=cluster.postmaster_pid(shards))
+        cpu.client_pids = clients.pids
         modes: dict[str, dict[str, Any]] = {}
         for mode in report.MODES:
             rate_per_s = None
@@ -268,14 +278,24 @@ def run(options: Options) -> dict[str, Any]:
                     warmup_s=profile.warmup_s,
                     duration_s=profile.duration_s,
                     rate_per_s=rate_per_s / profile.clients if rate_per_s else None,
-                )
+                ),
+                cpu,
             )
+            cores = cpu.cores()
             modes[mode] = report.summarize(
                 results, duration_s=profile.duration_s, rss_mb_peak=sampler.peak_mb()
             )
+            modes[mode]["cpu_cores"] = cores
             if rate_per_s is not None:
                 modes[mode]["target_rate_per_s"] = rate_per_s
             print(f"  {mode}: {modes[mode]['transfers_per_s']:,.0f} transfers/s", file=sys.stderr)
+        busiest = max(modes, key=lambda k: modes[k]["cpu_cores"].get("other", 0.0))
+        other_cores = modes[busiest]["cpu_cores"].get("other", 0.0)
+        if other_cores > OTHER_CPU_CORES_NOTE_MIN:
+            notes.append(
+                f"other processes used up to {other_cores:.2f} cores (in {busiest}): "
+                "the machine was not quiet, so ratios and latencies are disturbed"
+            )
         rss_mb_peak = max(
             m["service_rss_mb_peak"] for k, m in modes.items() if not k.startswith("raw_")
         )

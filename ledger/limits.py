@@ -47,6 +47,9 @@ pool_connections_max = 16
 # Fail fast on a dead shard so its merchants get UNAVAILABLE quickly while the
 # other shards keep serving.
 shard_connect_timeout_s = 2.0
+# Waiting this long for a free pool connection means the shard is busy (not
+# down): the call fails with a retryable overload status.
+pool_acquire_timeout_s = 5.0
 # A single shard statement that takes longer is treated as the shard being
 # unavailable; locks are held for at most this long.
 shard_command_timeout_s = 10.0
@@ -76,7 +79,7 @@ saga_lease_s = 10.0
 # deadline (and the most it waits when it did).
 saga_inline_wait_s_max = 5.0
 # Kept back from the caller's deadline so the answer still reaches it in time.
-saga_deadline_margin_s = 0.05
+saga_deadline_margin_s = 0.25
 # Sagas started at once by one call, so one batch cannot take every connection.
 saga_starts_per_request_max = 16
 # The recovery worker looks for due sagas this often, and claims this many per shard.

@@ -469,9 +469,10 @@ async def test_reconcile_passes_flags_a_corrupted_settlement_account_and_a_stuck
     service: Service,
 ) -> None:
     pair = await new_pair(service)
+    transfer_id = uid("t-")
     results = await transfers(
         service.stub,
-        transfer(uid("t-"), ref(pair.payer, "cash"), ref(pair.payee, "sales"), AMOUNT_MINOR),
+        transfer(transfer_id, ref(pair.payer, "cash"), ref(pair.payee, "sales"), AMOUNT_MINOR),
     )
     assert [r.result for r in results] == [pb.TRANSFER_RESULT_OK]
 
@@ -480,7 +481,7 @@ async def test_reconcile_passes_flags_a_corrupted_settlement_account_and_a_stuck
     assert (await reconcile(service.cluster, stuck_after_s=0.0)).ok, "no saga is running"
 
     shard = pair.debit_shard
-    settlement = settlement_account(pair.credit_shard.name, CURRENCY)
+    settlement = settlement_account(pair.credit_shard.name, CURRENCY, transfer_id)
     corrupt = (
         "UPDATE accounts SET credits_posted = credits_posted + $3"
         " WHERE merchant_id = $1 AND account_id = $2"

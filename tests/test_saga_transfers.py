@@ -17,6 +17,7 @@ import asyncpg
 import grpc
 import pytest
 
+from ledger import limits
 from ledger.v1 import ledger_pb2 as pb
 from ledger.v1 import ledger_pb2_grpc
 from tests.process_cluster import ProcessCluster
@@ -102,16 +103,28 @@ async def read_row(cluster: ProcessCluster, shard: str, merchant_id: str, accoun
     return Row(**dict(found)) if found is not None else Row()
 
 
+async def read_settlement(cluster: ProcessCluster, shard: str, peer: str, currency: str) -> Row:
+    """A shard's settlement position for a peer: the sum over its stripes."""
+    async with shard_connection(cluster, shard) as conn:
+        found = await conn.fetchrow(
+            "SELECT coalesce(sum(debits_posted), 0)::bigint AS debits_posted,"
+            " coalesce(sum(credits_posted), 0)::bigint AS credits_posted,"
+            " coalesce(sum(debits_pending), 0)::bigint AS debits_pending,"
+            " coalesce(sum(credits_pending), 0)::bigint AS credits_pending"
+            " FROM accounts WHERE merchant_id = $1 AND account_id LIKE $2",
+            SETTLEMENT_MERCHANT_ID,
+            f"{peer}/{currency}/%",
+        )
+    assert found is not None
+    return Row(**dict(found))
+
+
 async def settlements(
     cluster: ProcessCluster, debit_shard: str, credit_shard: str, currency: str = "USD"
 ) -> SettlementPair:
     return SettlementPair(
-        on_debit_shard=await read_row(
-            cluster, debit_shard, SETTLEMENT_MERCHANT_ID, f"{credit_shard}/{currency}"
-        ),
-        on_credit_shard=await read_row(
-            cluster, credit_shard, SETTLEMENT_MERCHANT_ID, f"{debit_shard}/{currency}"
-        ),
+        on_debit_shard=await read_settlement(cluster, debit_shard, credit_shard, currency),
+        on_credit_shard=await read_settlement(cluster, credit_shard, debit_shard, currency),
     )
 
 
@@ -285,7 +298,7 @@ class Refusal:
     """A credit shard refusal: how to set up the destination, and the code T gives."""
 
     name: str
-    expected: int
+    expected: pb.TransferResult.ValueType
 
 
 REFUSALS = [
@@ -455,6 +468,57 @@ async def test_replay_before_during_and_after_the_saga_moves_money_once(
     assert_settlements_moved(before, settled, posted_minor=90, pending_minor=0)
     assert_settlements_mirror(settled)
     await assert_reconciled(process_cluster)
+
+
+async def test_batch_of_blocked_sagas_answers_in_progress_within_the_call_deadline(
+    process_cluster: ProcessCluster,
+) -> None:
+    """More cross-shard items than start at once, all blocked at step 2: the call still
+    answers before its deadline (IN_PROGRESS), and every saga finishes once unblocked."""
+    stub = stub_of(process_cluster)
+    count = limits.saga_starts_per_request_max + 1
+    payer = await funded_payer(process_cluster, "shard-c", 1_000)
+    payee = process_cluster.merchant_on("shard-a", "payee")
+    await create_accounts(stub, account(payee, "sales"))
+    before = await settlements(process_cluster, "shard-c", "shard-a")
+    items = [
+        transfer(uid("b"), ref(payer, "wallet"), ref(payee, "sales"), 10) for _ in range(count)
+    ]
+
+    failure: grpc.aio.AioRpcError | None = None
+    answers: list[pb.CreateTransferResult] = []
+    async with row_locked(process_cluster, "shard-a", payee, "sales"):
+        try:
+            response = await stub.CreateTransfers(
+                pb.CreateTransfersRequest(transfers=items), timeout=SHORT_RPC_TIMEOUT_S
+            )
+            answers = list(response.results)
+        except grpc.aio.AioRpcError as error:
+            failure = error
+
+    # Unblocked: every recorded saga finishes, and its money moves exactly once.
+    final = await stub.LookupTransfers(
+        pb.LookupTransfersRequest(
+            refs=[pb.TransferRef(merchant_id=payer, transfer_id=i.id) for i in items],
+            wait_timeout_ms=LOOKUP_WAIT_MS,
+        ),
+        timeout=RPC_TIMEOUT_S,
+    )
+    assert {r.result for r in final.transfers} <= {pb.TRANSFER_RESULT_OK}, final
+    moved_minor = 10 * len(final.transfers)
+    assert_balances(await balance(stub, payer, "wallet"), Row(moved_minor, 1_000, 0, 0))
+    assert_balances(await balance(stub, payee, "sales"), Row(0, moved_minor, 0, 0))
+    after = await settlements(process_cluster, "shard-c", "shard-a")
+    assert_settlements_moved(before, after, posted_minor=moved_minor, pending_minor=0)
+    await assert_reconciled(process_cluster)
+
+    assert failure is None, (
+        f"a batch of {count} blocked sagas with a {SHORT_RPC_TIMEOUT_S}s deadline got"
+        f" {failure.code().name if failure else ''} instead of IN_PROGRESS results;"
+        f" {len(final.transfers)} of the transfers were recorded"
+    )
+    assert result_names(answers) == ["TRANSFER_RESULT_IN_PROGRESS"] * count
+    assert len(final.transfers) == count
 
 
 async def test_replay_with_a_different_amount_is_refused_naming_amount_minor(

@@ -22,7 +22,7 @@ from ledger.core.ledger import Ledger
 from ledger.domain.transfers import TransferResult
 from ledger.invariant import InvariantViolation
 from ledger.routing.errors import ClusterUnavailable
-from ledger.storage.errors import ShardUnavailable
+from ledger.storage.errors import ShardBusy, ShardUnavailable
 from ledger.v1 import ledger_pb2 as pb
 from ledger.v1 import ledger_pb2_grpc
 
@@ -62,6 +62,11 @@ def statuses(handler: Handler[Request, Response]) -> Handler[Request, Response]:
                     "all postings of a journal must live on the journal merchant's shard",
                     subjects=[f"postings[{i}]" for i in error.posting_indexes],
                 ),
+            )
+        except ShardBusy as error:
+            await _abort(
+                context,
+                AbortError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{error}; retry shortly"),
             )
         except (ClusterUnavailable, ShardUnavailable) as error:
             await _abort(context, unavailable(str(error)))

@@ -147,15 +147,19 @@ class Ledger:
             results.update(zip(local, outcomes, strict=True))
 
         starts = asyncio.Semaphore(limits.saga_starts_per_request_max)
+        deadline = asyncio.get_running_loop().time() + wait_s
 
         async def run_saga(index: int) -> None:
             request = requests[index]
-            async with starts:
-                try:
-                    results[index] = await self.sagas.start(request, wait_s=wait_s)
-                except (ShardUnavailable, ClusterUnavailable) as error:
-                    log.warning("saga for %s not started: %s", request.id, error)
-                    results[index] = ItemOutcome(-1, request.id, TransferResult.SHARD_UNAVAILABLE)
+            try:
+                # Only step 1 is bounded per call; the waits below overlap freely.
+                async with starts:
+                    start = await self.sagas.begin(request)
+            except (ShardUnavailable, ClusterUnavailable) as error:
+                log.warning("saga for %s not started: %s", request.id, error)
+                results[index] = ItemOutcome(-1, request.id, TransferResult.SHARD_UNAVAILABLE)
+                return
+            results[index] = await self.sagas.outcome_by(start, deadline=deadline)
 
         await asyncio.gather(run_local(), *(run_saga(i) for i in sorted(cross)))
         for outcome in results.values():

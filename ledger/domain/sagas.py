@@ -13,6 +13,7 @@ first, where the decision is made once, then T's side, which cannot refuse.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -69,9 +70,24 @@ class CreditOutcome(IntEnum):
     ABORTED = 3
 
 
-def settlement_account(peer_shard: str, currency: str) -> AccountKey:
-    """This shard's settlement account for money moving to or from peer_shard."""
-    return AccountKey(SETTLEMENT_MERCHANT_ID, f"{peer_shard}/{currency}")
+# Each (peer shard, currency) has this many settlement accounts, so concurrent
+# sagas between two shards do not all queue on one row lock.
+SETTLEMENT_STRIPES = 16
+
+
+def settlement_stripe(transfer_id: str) -> int:
+    """The stripe a transfer's money goes through; stable, so every step agrees."""
+    return zlib.crc32(transfer_id.encode()) % SETTLEMENT_STRIPES
+
+
+def settlement_account(peer_shard: str, currency: str, transfer_id: str) -> AccountKey:
+    """This shard's settlement account for a transfer to or from peer_shard.
+
+    transfer_id is the transfer that reserved the money (for a settle or an
+    expiry: the pending transfer), so all steps of all its sagas use one stripe.
+    """
+    stripe = settlement_stripe(transfer_id)
+    return AccountKey(SETTLEMENT_MERCHANT_ID, f"{peer_shard}/{currency}/{stripe}")
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -128,7 +144,10 @@ def local_view(record: TransferRecord, peer_shard: str) -> TransferRecord:
     """A cross-shard transfer as its debit shard books it: credited to settlement."""
     request = record.request
     return replace(
-        record, request=replace(request, credit=settlement_account(peer_shard, request.currency))
+        record,
+        request=replace(
+            request, credit=settlement_account(peer_shard, request.currency, request.id)
+        ),
     )
 
 

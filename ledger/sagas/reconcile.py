@@ -76,7 +76,12 @@ async def reconcile(
             "every account matches its last entry" if not off else f"mismatch: {off}",
         )
         for s in await audit.settlement_balances():
-            settlements[(name, s.peer_shard, s.currency)] = (s.net_posted, s.net_pending)
+            # Stripes of one (peer, currency) add up to one position.
+            net_posted, net_pending = settlements.get((name, s.peer_shard, s.currency), (0, 0))
+            settlements[(name, s.peer_shard, s.currency)] = (
+                net_posted + s.net_posted,
+                net_pending + s.net_pending,
+            )
         for (state, peer), count in (await audit.saga_counts()).items():
             if state in (SagaState.RUNNING, SagaState.DEAD):
                 unsettled_pairs.add(frozenset((name, peer)))

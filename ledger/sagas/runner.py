@@ -63,8 +63,8 @@ class SagaRunner:
 
     # Starting.
 
-    async def start(self, request: TransferRequest, *, wait_s: float) -> ItemOutcome:
-        """Runs step 1, then drives the saga for up to wait_s; IN_PROGRESS if not done."""
+    async def begin(self, request: TransferRequest) -> SagaStart:
+        """Step 1 on the debit shard (or the replay of an earlier step 1)."""
         trace_context = current_traceparent()
 
         async def begin(shard: Shard, fence: Fence) -> SagaStart:
@@ -94,18 +94,26 @@ class SagaRunner:
                 "ledger.merchant": pseudonymise(request.debit.merchant_id),
             },
         ):
-            start = await self._on_home(request.debit.merchant_id, begin)
+            return await self._on_home(request.debit.merchant_id, begin)
+
+    async def outcome_by(self, start: SagaStart, *, deadline: float) -> ItemOutcome:
+        """Drives a fresh saga in the background and waits for it until deadline
+        (event loop time); the item's final outcome, or IN_PROGRESS."""
         saga = start.saga
-        if saga is None or saga.state is not SagaState.RUNNING or wait_s <= 0:
+        if saga is None or saga.state is not SagaState.RUNNING:
             return start.outcome
+        loop = asyncio.get_running_loop()
         if start.outcome.replayed:
-            final = await self.wait(saga.key, wait_s=wait_s)
+            final = await self.wait(saga.key, wait_s=max(0.0, deadline - loop.time()))
         else:
+            # Started even with no time left to wait: the saga moves on at once.
             task = asyncio.create_task(self.drive(saga))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
             try:
-                final = await asyncio.wait_for(asyncio.shield(task), wait_s)
+                final = await asyncio.wait_for(
+                    asyncio.shield(task), max(0.0, deadline - loop.time())
+                )
             except TimeoutError:
                 final = saga
         if start.outcome.result is TransferResult.IN_PROGRESS and final.finished:

@@ -48,7 +48,7 @@ class ShardAudit:
             rows = await conn.fetch(sql.SETTLEMENT_BALANCES)
         found = []
         for r in rows:
-            peer, _, currency = r["account_id"].rpartition("/")
+            peer, currency, _stripe = r["account_id"].rsplit("/", 2)
             found.append(
                 SettlementBalance(
                     peer,

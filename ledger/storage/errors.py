@@ -15,6 +15,10 @@ class ShardUnavailable(Exception):
         self.shard_name = shard_name
 
 
+class ShardBusy(ShardUnavailable):
+    """Every pool connection stayed busy past the acquire timeout: overload, not an outage."""
+
+
 class StaleEpoch(Exception):
     """The shard has seen a newer config epoch than the caller's; reload and retry."""
 

@@ -91,7 +91,7 @@ class SagaStore:
         invariant(request.credit is not None, "a cross-shard transfer names its credit account")
         credit = request.credit
         assert credit is not None
-        settlement = settlement_account(peer_shard, request.currency)
+        settlement = settlement_account(peer_shard, request.currency, request.id)
 
         async def run(conn: Connection) -> SagaStart:
             await self.shard._fence(
@@ -161,7 +161,7 @@ class SagaStore:
                 lease_owner=lease_owner,
                 lease_s=lease_s,
                 trace_context=trace_context,
-                detail="reserved",
+                outcome="reserved",
             )
             faults.crash_point("saga.step1.before_commit")
             return SagaStart(
@@ -271,7 +271,7 @@ class SagaStore:
                 lease_owner=lease_owner,
                 lease_s=lease_s,
                 trace_context=trace_context,
-                detail="settled on debit shard",
+                outcome="settled on debit shard",
             )
             return SagaStart(ItemOutcome(0, request.id, TransferResult.OK, created_at=now), saga)
 
@@ -350,7 +350,7 @@ class SagaStore:
                     lease_owner="",
                     lease_s=0.0,
                     trace_context=origin.trace_context,
-                    detail="expired on debit shard",
+                    outcome="expired on debit shard",
                 )
                 expired += 1
             return expired
@@ -367,7 +367,9 @@ class SagaStore:
     ) -> tuple[CreditOutcome, TransferResult]:
         """Applies or refuses the credit side, or records an abort, exactly once."""
         key = saga.key
-        settlement = settlement_account(home_shard, saga.currency)
+        settlement = settlement_account(
+            home_shard, saga.currency, saga.pending_id or key.transfer_id
+        )
 
         async def run(conn: Connection) -> tuple[CreditOutcome, TransferResult]:
             await self.shard._fence(conn, fence, {saga.credit.merchant_id, SETTLEMENT_MERCHANT_ID})
@@ -511,6 +513,8 @@ class SagaStore:
             detail = final.name + (
                 " (debit posted)" if entries_written and final is TransferResult.OK else ""
             )
+            # Step 2 ran on the credit shard; its outcome joins this saga's history here.
+            await self._step(conn, key, 2, outcome.name.lower(), result.name)
             await self._step(conn, key, 3, state.name.lower(), detail)
             faults.crash_point("saga.step3.before_commit")
             return saga_from_row(row, self.shard.name)
@@ -643,7 +647,7 @@ class SagaStore:
         lease_owner: str,
         lease_s: float,
         trace_context: str,
-        detail: str,
+        outcome: str,
     ) -> Saga:
         row = await conn.fetchrow(
             sql.INSERT_SAGA,
@@ -665,7 +669,7 @@ class SagaStore:
             trace_context,
         )
         assert row is not None
-        await self._step(conn, key, 1, "started", detail)
+        await self._step(conn, key, 1, outcome, "")
         return saga_from_row(row, self.shard.name)
 
     async def _step(

@@ -6,7 +6,16 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Collection,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
@@ -52,6 +61,7 @@ from ledger.storage.errors import (
     MerchantsMoving,
     MerchantsNotOwned,
     RetryTransaction,
+    ShardBusy,
     ShardUnavailable,
     StaleEpoch,
     is_unavailable,
@@ -594,8 +604,11 @@ class Shard:
     async def _with_connection(self, fn: Callable[[Connection], Awaitable[T]]) -> T:
         with self._span(fn, transaction=False) as span:
             try:
-                async with self.pool.acquire(timeout=limits.shard_connect_timeout_s) as conn:
+                async with self._acquire() as conn:
                     return await fn(conn)
+            except ShardBusy:
+                self._failed(span, "busy", TimeoutError())
+                raise
             except BaseException as error:
                 if is_unavailable(error):
                     self._failed(span, "unavailable", error)
@@ -608,9 +621,11 @@ class Shard:
             for attempt in range(1, limits.transaction_attempts_max + 1):
                 span.set_attribute("ledger.attempts", attempt)
                 try:
-                    async with self.pool.acquire(timeout=limits.shard_connect_timeout_s) as conn:
-                        async with conn.transaction():
-                            return await fn(conn)
+                    async with self._acquire() as conn, conn.transaction():
+                        return await fn(conn)
+                except ShardBusy:
+                    self._failed(span, "busy", TimeoutError())
+                    raise
                 except RetryTransaction:
                     log.info(
                         "shard %s: retrying a raced transaction (attempt %d)", self.name, attempt
@@ -630,6 +645,21 @@ class Shard:
                     raise
             self._failed(span, "contention", RetryTransaction("attempts exhausted"))
             raise ShardUnavailable(self.name, RetryTransaction("attempts exhausted"))
+
+    @contextlib.asynccontextmanager
+    async def _acquire(self) -> AsyncIterator[Connection]:
+        """A pool connection; a wait for one that times out on a full pool is ShardBusy."""
+        pool = self.pool
+        try:
+            conn = await pool.acquire(timeout=limits.pool_acquire_timeout_s)
+        except TimeoutError as error:
+            if pool.get_size() >= limits.pool_connections_max and pool.get_idle_size() == 0:
+                raise ShardBusy(self.name, error) from error
+            raise
+        try:
+            yield conn
+        finally:
+            await pool.release(conn)
 
     @contextlib.contextmanager
     def _span(self, fn: Callable[..., object], *, transaction: bool) -> Iterator[Span]:
