@@ -178,6 +178,8 @@ def sagas_list(
     for saga in response.sagas:
         typer.echo(_saga_line(saga))
     typer.echo(f"{len(response.sagas)} saga(s)")
+    if response.unreachable_shards:
+        typer.echo(f"unreachable shards: {', '.join(response.unreachable_shards)}", err=True)
 
 
 @sagas_app.command("show")

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
+# The tests fork PostgreSQL tools from a process that runs gRPC threads; gRPC's
+# fork handlers can crash the child, and nothing here needs gRPC after a fork.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
 from collections.abc import AsyncIterator, Iterator
 
 import pytest

@@ -63,8 +63,10 @@ class LedgerAdminServicer(ledger_pb2_grpc.LedgerAdminServiceServicer):
         states = (
             [SagaState(request.state)] if request.state else [SagaState.RUNNING, SagaState.DEAD]
         )
-        sagas = await self.runner.list(states, limit=page_size)
-        return pb.ListSagasResponse(sagas=[encode.saga(s) for s in sagas])
+        sagas, unreachable = await self.runner.list(states, limit=page_size)
+        return pb.ListSagasResponse(
+            sagas=[encode.saga(s) for s in sagas], unreachable_shards=unreachable
+        )
 
     @statuses
     async def GetSaga(self, request: pb.GetSagaRequest, context: Context) -> pb.Saga:

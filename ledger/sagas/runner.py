@@ -226,14 +226,22 @@ class SagaRunner:
     async def get(self, key: SagaKey) -> tuple[Saga, list[SagaStep]] | None:
         return await SagaStore(self.cluster.shard_for(key.merchant_id)).get(key)
 
-    async def list(self, states: list[SagaState], *, limit: int) -> list[Saga]:
+    async def list(self, states: list[SagaState], *, limit: int) -> tuple[list[Saga], list[str]]:
+        """Sagas in these states on every reachable shard, oldest first, and the shards
+        that could not be read (the dead-letter list must be readable in an outage)."""
         found: list[Saga] = []
-        for shard in list(self.cluster.shards.values()):
-            found += await SagaStore(shard).list(states, limit=limit)
-        return sorted(found, key=lambda s: s.created_at)[:limit]
+        unreachable: list[str] = []
+        for name, shard in list(self.cluster.shards.items()):
+            try:
+                found += await SagaStore(shard).list(states, limit=limit)
+            except ShardUnavailable:
+                unreachable.append(name)
+        return sorted(found, key=lambda s: s.created_at)[:limit], unreachable
 
     async def retry(self, key: SagaKey) -> Saga | None:
-        saga = await SagaStore(self.cluster.shard_for(key.merchant_id)).reset_for_retry(key)
+        saga = await SagaStore(self.cluster.shard_for(key.merchant_id)).reset_for_retry(
+            key, lease_owner=self.owner, lease_s=self.settings.lease_s
+        )
         if saga is None:
             return None
         return await self.drive(saga)

@@ -70,8 +70,10 @@ RETURNING {SAGA_COLUMNS}
 """
 
 RESET_FOR_RETRY = f"""
-UPDATE sagas SET state = 1, attempts = 0, next_attempt_at = clock_timestamp(),
-    last_error = '', version = version + 1, lease_owner = '', lease_until = NULL,
+UPDATE sagas SET state = 1, attempts = 0,
+    next_attempt_at = clock_timestamp() + make_interval(secs => $5),
+    last_error = '', version = version + 1, lease_owner = $4,
+    lease_until = clock_timestamp() + make_interval(secs => $5),
     updated_at = clock_timestamp()
 WHERE merchant_id = $1 AND transfer_id = $2 AND kind = $3 AND state IN (1, 4)
 RETURNING {SAGA_COLUMNS}

@@ -549,10 +549,19 @@ class SagaStore:
 
         return await self.shard._in_transaction(run)
 
-    async def reset_for_retry(self, key: SagaKey) -> Saga | None:
+    async def reset_for_retry(
+        self, key: SagaKey, *, lease_owner: str, lease_s: float
+    ) -> Saga | None:
+        """Back to RUNNING with attempts reset, leased to the caller who drives it now."""
+
         async def run(conn: Connection) -> Saga | None:
             row = await conn.fetchrow(
-                sql.RESET_FOR_RETRY, key.merchant_id, key.transfer_id, key.kind
+                sql.RESET_FOR_RETRY,
+                key.merchant_id,
+                key.transfer_id,
+                key.kind,
+                lease_owner,
+                lease_s,
             )
             if row is None:
                 return None

@@ -1721,18 +1721,24 @@ class ListSagasResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SAGAS_FIELD_NUMBER: _builtins.int
+    UNREACHABLE_SHARDS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def sagas(self) -> _containers.RepeatedCompositeFieldContainer[Global___Saga]:
         """Oldest first, without step histories."""
+
+    @_builtins.property
+    def unreachable_shards(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Shards that could not be read now; their sagas are missing from the list."""
 
     def __init__(
         self,
         *,
         sagas: _abc.Iterable[Global___Saga] | None = ...,
+        unreachable_shards: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["sagas", b"sagas"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["sagas", b"sagas", "unreachable_shards", b"unreachable_shards"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
