@@ -316,3 +316,18 @@ def test_partial_post_releases_the_rest_of_the_pending_amount() -> None:
     again = TransferRequest("s2", a, None, 0, "", TransferAction.VOID_PENDING, pending_id="p")
     assert store.apply([again]) == [TransferResult.PENDING_TRANSFER_ALREADY_POSTED]
     store.check_invariants()
+
+
+def test_a_duplicate_id_within_one_batch_replays_the_first_and_moves_money_once() -> None:
+    a, b = AccountKey(MERCHANT, "a"), AccountKey(MERCHANT, "b")
+    store = Store([AccountSpec(a, "USD"), AccountSpec(b, "USD")])
+    item = TransferRequest("dup", a, b, 10, "USD", TransferAction.POST)
+    changed = replace(item, amount_minor=11)
+    plan_results = store.apply([item, item, changed])
+    assert plan_results == [
+        TransferResult.OK,
+        TransferResult.OK,
+        TransferResult.EXISTS_WITH_DIFFERENT_FIELDS,
+    ]
+    assert store.accounts[b].balances.credits_posted == 10
+    store.check_invariants()

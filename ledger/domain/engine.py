@@ -261,7 +261,9 @@ def _replay(run: _BatchRun, index: int, request: TransferRequest) -> ItemOutcome
         return ItemOutcome(
             index, request.id, TransferResult.EXISTS_WITH_DIFFERENT_FIELDS, differing_field="kind"
         )
-    existing = run.state.existing.get(key)
+    # An id seen earlier in this same batch (concurrent duplicates batched
+    # together) replays that item's outcome, exactly as a stored one would.
+    existing = run.state.existing.get(key) or run.new_records.get(key)
     if existing is None:
         return None
     differing = existing.differing_field(request)
