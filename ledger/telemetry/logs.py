@@ -40,6 +40,8 @@ def setup_logging(level: int = logging.INFO) -> None:
         root.removeHandler(existing)
     root.addHandler(handler)
     root.setLevel(level)
+    # Python warnings become log records too, so they are JSON and redacted.
+    logging.captureWarnings(True)
     # Library loggers that bypass propagation would bypass redaction too.
     for name in list(logging.root.manager.loggerDict):
         logger = logging.getLogger(name)

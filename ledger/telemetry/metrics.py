@@ -18,8 +18,30 @@ _meter = metrics.get_meter(METER_NAME)
 requests = _meter.create_counter(
     "ledger_requests", unit="1", description="gRPC calls by method and status code"
 )
+# Seconds, from half a millisecond to ten seconds (the SDK's default buckets
+# are meant for milliseconds).
+LATENCY_BUCKETS_S = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+
 request_duration = _meter.create_histogram(
-    "ledger_request_duration", unit="s", description="gRPC call latency by method"
+    "ledger_request_duration",
+    unit="s",
+    description="gRPC call latency by method",
+    explicit_bucket_boundaries_advisory=LATENCY_BUCKETS_S,
 )
 transfers = _meter.create_counter(
     "ledger_transfers", unit="1", description="Transfer items by result code"
@@ -34,7 +56,10 @@ shard_errors = _meter.create_counter(
     "ledger_shard_errors", unit="1", description="Shard calls that failed, by shard and kind"
 )
 shard_transactions = _meter.create_histogram(
-    "ledger_shard_transaction_duration", unit="s", description="Shard transaction latency"
+    "ledger_shard_transaction_duration",
+    unit="s",
+    description="Shard transaction latency",
+    explicit_bucket_boundaries_advisory=LATENCY_BUCKETS_S,
 )
 
 # Values the gauges report, refreshed by whoever knows them (pools, the

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import re
 
-# 13 to 19 digits, optionally grouped by single spaces or dashes.
-_CARD_CANDIDATE = re.compile(r"(?<![\d])\d(?:[ -]?\d){12,18}(?![\d])")
+# Runs of at least 13 digits, optionally grouped by single spaces or dashes;
+# _mask_card looks inside each run for the card number itself.
+_CARD_CANDIDATE = re.compile(r"(?<![\d])\d(?:[ -]?\d){12,}(?![\d])")
 _DSN_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://[^/\s:@]*):(?P<secret>[^@\s/]+)@", re.I)
+# Also compound and quoted keys: access_token=, client_secret=, PGPASSWORD=, 'password': '...'.
 _KEY_VALUE_SECRET = re.compile(
-    r"(?P<key>\b(?:password|passwd|pwd|secret|token|api[_-]?key|authorization)\b\s*[=:]\s*)"
+    r"(?P<key>(?:password|passwd|pwd|secret|token|api[_-]?key|authorization)[\"']?\s*[=:]\s*[\"']?)"
     r"(?P<value>(?:bearer\s+)?[^\s,;&\"']+)",
     re.I,
 )
@@ -31,8 +33,42 @@ def luhn_valid(digits: str) -> bool:
 
 
 def _mask_card(match: re.Match[str]) -> str:
-    digits = re.sub(r"[ -]", "", match.group(0))
-    return CARD_MASK if luhn_valid(digits) else match.group(0)
+    """Masks every window of whole digit groups that is 13-19 digits and passes Luhn.
+
+    The run may hold more than a card number ("qty 2 4111 1111 1111 1111 12/26"),
+    so each contiguous window of groups is tried, longest first.
+    """
+    run = match.group(0)
+    groups = [(m.start(), m.end()) for m in re.finditer(r"\d+", run)]
+    masked = [False] * len(run)
+    for first in range(len(groups)):
+        # Windows of 13-19 digits only: bounded work however long the run is.
+        digits_total = 0
+        longest_valid = -1
+        for last in range(first, len(groups)):
+            digits_total += groups[last][1] - groups[last][0]
+            if digits_total > 19:
+                break
+            if digits_total >= 13:
+                digits = re.sub(r"[ -]", "", run[groups[first][0] : groups[last][1]])
+                if luhn_valid(digits):
+                    longest_valid = last
+        if longest_valid >= 0:
+            for i in range(groups[first][0], groups[longest_valid][1]):
+                masked[i] = True
+    if not any(masked):
+        return run
+    out: list[str] = []
+    i = 0
+    while i < len(run):
+        if masked[i]:
+            while i < len(run) and masked[i]:
+                i += 1
+            out.append(CARD_MASK)
+        else:
+            out.append(run[i])
+            i += 1
+    return "".join(out)
 
 
 def redact(text: str) -> str:
