@@ -289,18 +289,22 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS_PER_S
 
 
-def machine_cpu_s() -> tuple[float, float]:
-    """(busy, total) CPU seconds of the whole machine since boot, all cores."""
+def machine_cpu_s() -> tuple[float, float, float]:
+    """(busy, total, interrupts) CPU seconds of the whole machine since boot, all cores."""
     with open("/proc/stat") as f:
         values = [int(v) for v in f.readline().split()[1:9]]
     user, nice, system, idle, iowait, irq, softirq, steal = values
     busy = user + nice + system + irq + softirq + steal
-    return busy / _CLOCK_TICKS_PER_S, (busy + idle + iowait) / _CLOCK_TICKS_PER_S
+    return (
+        busy / _CLOCK_TICKS_PER_S,
+        (busy + idle + iowait) / _CLOCK_TICKS_PER_S,
+        (irq + softirq) / _CLOCK_TICKS_PER_S,
+    )
 
 
 class CpuMeter:
     """Where the machine's CPU went during a phase: the service, PostgreSQL, the
-    client processes, and everything else (other work on the same machine)."""
+    client processes, interrupts, and everything else (other work on the machine)."""
 
     def __init__(self, *, service_pid: int, postgres_pid: int | None) -> None:
         self.service_pid = service_pid
@@ -309,7 +313,7 @@ class CpuMeter:
         self._start: dict[str, float] = {}
 
     def _snapshot(self) -> dict[str, float]:
-        busy, total = machine_cpu_s()
+        busy, total, interrupts = machine_cpu_s()
         postgres = (
             sum(cpu_s(p) for p in process_tree(self.postgres_pid))
             if self.postgres_pid is not None
@@ -319,6 +323,8 @@ class CpuMeter:
             "service": sum(cpu_s(p) for p in process_tree(self.service_pid)),
             "postgres": postgres,
             "clients": sum(cpu_s(p) for p in self.client_pids),
+            # Mostly loopback TCP between the processes, charged to no process.
+            "interrupts": interrupts,
             "busy": busy,
             "total": total,
         }
@@ -334,7 +340,7 @@ class CpuMeter:
         wall_s = used["total"] / cores_total
         if wall_s <= 0:
             return {}
-        parts = {k: used[k] / wall_s for k in ("service", "postgres", "clients")}
+        parts = {k: used[k] / wall_s for k in ("service", "postgres", "clients", "interrupts")}
         if self.postgres_pid is None:
             del parts["postgres"]
         parts["other"] = max(0.0, used["busy"] / wall_s - sum(parts.values()))

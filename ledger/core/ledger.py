@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TypeVar
@@ -46,6 +46,8 @@ from ledger.telemetry.tracing import tracer
 
 log = logging.getLogger(__name__)
 Item = TypeVar("Item")
+Key = TypeVar("Key", AccountKey, TransferKey)
+Found = TypeVar("Found")
 Result = TypeVar("Result")
 
 # A merchant being moved is fenced for a short, bounded pause; a write waits
@@ -85,17 +87,9 @@ class Ledger:
         )
 
     async def lookup_accounts(self, keys: Sequence[AccountKey]) -> list[Account]:
-        found: dict[AccountKey, Account] = {}
-        groups = self._group(keys, lambda k: k.merchant_id)
-        results = await asyncio.gather(
-            *(
-                self.cluster.shards[name].lookup_accounts([keys[i] for i in idx])
-                for name, idx in groups.items()
-            )
+        return await self._read_per_shard(
+            keys, lambda k: k.merchant_id, lambda shard, group: shard.lookup_accounts(group)
         )
-        for result in results:
-            found.update(result)
-        return [found[k] for k in keys if k in found]
 
     async def list_accounts(self, merchant_id: str, *, after: str, limit: int) -> list[Account]:
         return await self.cluster.shard_for(merchant_id).list_accounts(
@@ -228,11 +222,22 @@ class Ledger:
         return await self._lookup_transfers(keys)
 
     async def _lookup_transfers(self, keys: Sequence[TransferKey]) -> list[TransferView]:
-        found: dict[TransferKey, TransferView] = {}
-        groups = self._group(keys, lambda k: k.merchant_id)
+        return await self._read_per_shard(
+            keys, lambda k: k.merchant_id, lambda shard, group: shard.lookup_transfers(group)
+        )
+
+    async def _read_per_shard(
+        self,
+        keys: Sequence[Key],
+        merchant_of: Callable[[Key], str],
+        read: Callable[[Shard, list[Key]], Awaitable[Mapping[Key, Found]]],
+    ) -> list[Found]:
+        """Reads keys from their shards at once; found values in key order, missing left out."""
+        found: dict[Key, Found] = {}
+        groups = self._group(keys, merchant_of)
         results = await asyncio.gather(
             *(
-                self.cluster.shards[name].lookup_transfers([keys[i] for i in idx])
+                read(self.cluster.shards[name], [keys[i] for i in idx])
                 for name, idx in groups.items()
             )
         )

@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 from ledger import faults
-from ledger.domain.accounts import AccountKey
+from ledger.domain.accounts import Account, AccountKey
 from ledger.domain.engine import (
     ItemOutcome,
     PendingView,
@@ -100,14 +100,9 @@ class SagaStore:
             existing = await self._existing(conn, request)
             if existing is not None:
                 return existing
-            await conn.execute(
-                sql.ENSURE_SETTLEMENT_ACCOUNT,
-                settlement.merchant_id,
-                settlement.account_id,
-                request.currency,
+            accounts, now = await self._lock_with_settlement(
+                conn, request.debit, settlement, request.currency
             )
-            accounts = await self.shard._lock_accounts(conn, {request.debit, settlement})
-            now: datetime = await conn.fetchval(ledger_sql.NOW)
             reservation = replace(
                 request,
                 credit=settlement,
@@ -380,14 +375,9 @@ class SagaStore:
             if abort:
                 outcome, result = CreditOutcome.ABORTED, TransferResult.ABORTED
             else:
-                await conn.execute(
-                    sql.ENSURE_SETTLEMENT_ACCOUNT,
-                    settlement.merchant_id,
-                    settlement.account_id,
-                    saga.currency,
+                accounts, now = await self._lock_with_settlement(
+                    conn, saga.credit, settlement, saga.currency
                 )
-                accounts = await self.shard._lock_accounts(conn, {saga.credit, settlement})
-                now: datetime = await conn.fetchval(ledger_sql.NOW)
                 plan = credit_plan(
                     key=key.transfer,
                     action=saga.credit_action,
@@ -632,6 +622,17 @@ class SagaStore:
             ItemOutcome(0, request.id, record.result, replayed=True, created_at=record.created_at),
             saga,
         )
+
+    async def _lock_with_settlement(
+        self, conn: Connection, account: AccountKey, settlement: AccountKey, currency: str
+    ) -> tuple[dict[AccountKey, Account], datetime]:
+        """Creates the settlement account on first use, locks both accounts, reads the time."""
+        await conn.execute(
+            sql.ENSURE_SETTLEMENT_ACCOUNT, settlement.merchant_id, settlement.account_id, currency
+        )
+        accounts = await self.shard._lock_accounts(conn, {account, settlement})
+        now: datetime = await conn.fetchval(ledger_sql.NOW)
+        return accounts, now
 
     async def _saga(self, conn: Connection, key: SagaKey, *, lock: bool = False) -> Saga | None:
         row = await conn.fetchrow(

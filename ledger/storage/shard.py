@@ -511,20 +511,20 @@ class Shard:
     async def _lock_accounts(
         self, conn: Connection, keys: Collection[AccountKey]
     ) -> dict[AccountKey, Account]:
-        if not keys:
-            return {}
-        rows = await conn.fetch(
-            sql.LOCK_ACCOUNTS, [k.merchant_id for k in keys], [k.account_id for k in keys]
-        )
-        return {a.key: a for a in map(_account, rows)}
+        return await self._accounts(conn, keys, statement=sql.LOCK_ACCOUNTS)
 
     async def _select_accounts(
         self, conn: Connection, keys: Collection[AccountKey]
     ) -> dict[AccountKey, Account]:
+        return await self._accounts(conn, keys, statement=sql.SELECT_ACCOUNTS)
+
+    async def _accounts(
+        self, conn: Connection, keys: Collection[AccountKey], *, statement: str
+    ) -> dict[AccountKey, Account]:
         if not keys:
             return {}
         rows = await conn.fetch(
-            sql.SELECT_ACCOUNTS, [k.merchant_id for k in keys], [k.account_id for k in keys]
+            statement, [k.merchant_id for k in keys], [k.account_id for k in keys]
         )
         return {a.key: a for a in map(_account, rows)}
 
