@@ -67,6 +67,12 @@ expiry_sweep_interval_s = 0.5
 expiry_sweep_batch_max = 500
 expiry_sweeps_per_round_max = 20
 
+# Group commit: concurrent transfer calls for one shard share a transaction of
+# at most this many transfers, with at most this many such transactions per
+# shard at once (more would only queue on the pool and on row locks).
+group_commit_transfers_max = 1000
+group_commit_batches_in_flight_max = 8
+
 # Sagas. Attempts before a saga goes to the dead-letter list: with the back-off
 # below this is over ten minutes of a credit shard being unreachable.
 saga_attempts_max = 30
@@ -102,3 +108,5 @@ assert shard_connect_timeout_s < shard_command_timeout_s
 assert expiry_sweep_batch_max <= transfers_per_request_max
 assert saga_retry_delay_s_min < saga_retry_delay_s_max < saga_lease_s * 10
 assert saga_deadline_margin_s < saga_inline_wait_s_max
+assert group_commit_transfers_max >= transfers_per_request_max
+assert group_commit_batches_in_flight_max <= pool_connections_max

@@ -12,6 +12,7 @@ from typing import TypeVar
 from opentelemetry.trace import Span
 
 from ledger import limits
+from ledger.core.batcher import TransferBatcher
 from ledger.core.errors import (
     JournalSpansShards,
     LinkedChainSpansShards,
@@ -68,6 +69,7 @@ class Ledger:
     def __init__(self, cluster: Cluster, sagas: SagaRunner) -> None:
         self.cluster = cluster
         self.sagas = sagas
+        self.batcher = TransferBatcher()
 
     # Accounts.
 
@@ -126,7 +128,7 @@ class Ledger:
         async def run(
             shard: Shard, group: list[TransferRequest], fence: Fence
         ) -> list[ItemOutcome]:
-            return await shard.create_transfers(group, fence)
+            return await self.batcher.submit(shard, group, fence)
 
         async def run_local() -> None:
             if not local:
