@@ -132,6 +132,9 @@ class Shard:
             timeout=limits.shard_connect_timeout_s,
             command_timeout=limits.shard_command_timeout_s,
             init=_init_connection,
+            # No session state outlives a transaction here (advisory locks are
+            # transaction-scoped), so skip the reset round trip on every release.
+            reset=_no_reset,
             # Each shard is ours alone; prepared statements stay valid.
             max_inactive_connection_lifetime=300.0,
         )
@@ -287,8 +290,9 @@ class Shard:
                     account_keys |= {target.request.debit, target.request.credit}
             accounts = await self._lock_accounts(conn, account_keys)
             # Read after the locks: whatever committed before them is visible now.
-            existing, journals = await self._select_records(conn, {r.key for r in requests})
-            now: datetime = await conn.fetchval(sql.NOW)
+            existing, journals, now = await self._select_records_and_now(
+                conn, {r.key for r in requests}
+            )
             # A pending transfer carried by a saga is settled by a saga, never here.
             for key in await self._saga_backed(conn, pending_keys & referenced.keys()):
                 del referenced[key]
@@ -543,6 +547,26 @@ class Shard:
         rows = await conn.fetch(
             sql.SELECT_TRANSFERS, [k.merchant_id for k in keys], [k.transfer_id for k in keys]
         )
+        return await self._records(conn, rows)
+
+    async def _select_records_and_now(
+        self, conn: Connection, keys: Collection[TransferKey]
+    ) -> tuple[dict[TransferKey, TransferRecord], dict[TransferKey, JournalRecord], datetime]:
+        """_select_records and the transaction's clock in one round trip (the hot path)."""
+        rows = await conn.fetch(
+            sql.SELECT_TRANSFERS_AND_NOW,
+            [k.merchant_id for k in keys],
+            [k.transfer_id for k in keys],
+        )
+        now: datetime = rows[0]["now"]
+        transfers, journals = await self._records(
+            conn, [r for r in rows if r["transfer_id"] is not None]
+        )
+        return transfers, journals, now
+
+    async def _records(
+        self, conn: Connection, rows: Sequence[asyncpg.Record]
+    ) -> tuple[dict[TransferKey, TransferRecord], dict[TransferKey, JournalRecord]]:
         transfers: dict[TransferKey, TransferRecord] = {}
         journals: dict[TransferKey, JournalRecord] = {}
         for row in rows:
@@ -687,6 +711,10 @@ class Shard:
     def _failed(self, span: Span, kind: str, error: BaseException) -> None:
         metrics.shard_errors.add(1, {"shard": self.name, "kind": kind})
         span.set_status(Status(StatusCode.ERROR, f"{kind}: {type(error).__name__}"))
+
+
+async def _no_reset(conn: asyncpg.Connection[asyncpg.Record]) -> None:
+    return None
 
 
 async def _init_connection(conn: asyncpg.Connection[asyncpg.Record]) -> None:

@@ -67,6 +67,16 @@ SELECT {TRANSFER_COLUMNS} FROM transfers
 WHERE (merchant_id, transfer_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))
 """
 
+# The same, plus the clock, in one round trip; always at least one row (the
+# clock's), with NULL transfer columns when no id exists yet.
+SELECT_TRANSFERS_AND_NOW = f"""
+WITH found AS (
+    SELECT {TRANSFER_COLUMNS} FROM transfers
+    WHERE (merchant_id, transfer_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))
+)
+SELECT clock_timestamp() AS now, found.* FROM (SELECT 1) AS one LEFT JOIN found ON true
+"""
+
 SELECT_RESOLUTIONS = """
 SELECT merchant_id, pending_id, state FROM pending_resolutions
 WHERE (merchant_id, pending_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))
