@@ -26,7 +26,7 @@ from ledger.domain.transfers import (
     TransferRequest,
     TransferResult,
 )
-from ledger.routing.cluster import Cluster
+from ledger.routing.cluster import MOVING_RETRY_DELAY_S, Cluster
 from ledger.routing.errors import ClusterUnavailable
 from ledger.sagas.runner import SagaRunner
 from ledger.storage.errors import (
@@ -50,10 +50,6 @@ Item = TypeVar("Item")
 Key = TypeVar("Key", AccountKey, TransferKey)
 Found = TypeVar("Found")
 Result = TypeVar("Result")
-
-# A merchant being moved is fenced for a short, bounded pause; a write waits
-# this long between tries rather than failing at once.
-_MOVING_RETRY_DELAY_S = 0.05
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,9 +90,10 @@ class Ledger:
         )
 
     async def list_accounts(self, merchant_id: str, *, after: str, limit: int) -> list[Account]:
-        return await self.cluster.shard_for(merchant_id).list_accounts(
-            merchant_id, after=after, limit=limit
-        )
+        async def read(shard: Shard, fence: Fence) -> list[Account]:
+            return await shard.list_accounts(merchant_id, after=after, limit=limit)
+
+        return await self.cluster.run_on_owner(merchant_id, read)
 
     async def set_accounts_closed(self, keys: Sequence[AccountKey], *, closed: bool) -> list[bool]:
         async def run(shard: Shard, group: list[AccountKey], fence: Fence) -> list[bool | None]:
@@ -234,18 +231,32 @@ class Ledger:
         merchant_of: Callable[[Key], str],
         read: Callable[[Shard, list[Key]], Awaitable[Mapping[Key, Found]]],
     ) -> list[Found]:
-        """Reads keys from their shards at once; found values in key order, missing left out."""
+        """Reads keys from their owners' shards at once, following redirects; found
+        values in key order, missing ones left out."""
         found: dict[Key, Found] = {}
-        groups = self._group(keys, merchant_of)
-        results = await asyncio.gather(
-            *(
-                read(self.cluster.shards[name], [keys[i] for i in idx])
-                for name, idx in groups.items()
+        owners: dict[str, str] = {}
+        todo = list(keys)
+        for _ in range(limits.redirect_attempts_max):
+            groups = self._group(todo, merchant_of, owners)
+            batches = {name: [todo[i] for i in idx] for name, idx in groups.items()}
+            results = await asyncio.gather(
+                *(read(self.cluster.shards[name], batch) for name, batch in batches.items()),
+                return_exceptions=True,
             )
-        )
-        for result in results:
-            found.update(result)
-        return [found[k] for k in keys if k in found]
+            retry: list[Key] = []
+            for batch, result in zip(batches.values(), results, strict=True):
+                if isinstance(result, MerchantsNotOwned):
+                    if self._learn_owners(result, owners):
+                        await self.cluster.reload()
+                    retry += batch
+                elif isinstance(result, BaseException):
+                    raise result
+                else:
+                    found.update(result)
+            if not retry:
+                return [found[k] for k in keys if k in found]
+            todo = retry
+        raise ClusterUnavailable("routing did not settle: the merchant may be moving")
 
     async def post_journal(self, request: JournalRequest) -> JournalOutcome:
         ring = self.cluster.ring
@@ -283,34 +294,53 @@ class Ledger:
     async def balance(
         self, key: AccountKey, *, as_of: datetime | None
     ) -> tuple[Account, Balances] | None:
-        shard = self.cluster.shard_for(key.merchant_id)
-        accounts = await shard.lookup_accounts([key])
-        account = accounts.get(key)
-        if account is None:
-            return None
-        if as_of is None:
-            return account, account.balances
-        return account, await shard.balance_as_of(key, as_of)
+        async def read(shard: Shard, fence: Fence) -> tuple[Account, Balances] | None:
+            account = (await shard.lookup_accounts([key])).get(key)
+            if account is None:
+                return None
+            if as_of is None:
+                return account, account.balances
+            return account, await shard.balance_as_of(key, as_of)
+
+        return await self.cluster.run_on_owner(key.merchant_id, read)
 
     async def list_entries(
         self, key: AccountKey, *, after_sequence: int | None, newest_first: bool, limit: int
     ) -> list[Entry] | None:
-        shard = self.cluster.shard_for(key.merchant_id)
-        if not await shard.lookup_accounts([key]):
-            return None
-        return await shard.list_entries(
-            key, after_sequence=after_sequence, newest_first=newest_first, limit=limit
-        )
+        async def read(shard: Shard, fence: Fence) -> list[Entry] | None:
+            if not await shard.lookup_accounts([key]):
+                return None
+            return await shard.list_entries(
+                key, after_sequence=after_sequence, newest_first=newest_first, limit=limit
+            )
+
+        return await self.cluster.run_on_owner(key.merchant_id, read)
 
     # Routing.
 
     def _group(
-        self, items: Sequence[Item], merchant_of: Callable[[Item], str]
+        self,
+        items: Sequence[Item],
+        merchant_of: Callable[[Item], str],
+        owners: Mapping[str, str] | None = None,
     ) -> dict[str, list[int]]:
+        """Item positions per shard: the owner a shard named for the merchant, else the ring's."""
         groups: dict[str, list[int]] = {}
         for index, item in enumerate(items):
-            groups.setdefault(self.cluster.ring.shard_for(merchant_of(item)), []).append(index)
+            merchant_id = merchant_of(item)
+            shard = (owners or {}).get(merchant_id) or self.cluster.ring.shard_for(merchant_id)
+            groups.setdefault(shard, []).append(index)
         return groups
+
+    def _learn_owners(self, error: MerchantsNotOwned, owners: dict[str, str]) -> bool:
+        """Records the owners a refusing shard named; True if some were unknown (reload)."""
+        unknown = False
+        for merchant_id, owner in error.owners.items():
+            if owner is not None and owner in self.cluster.shards:
+                owners[merchant_id] = owner
+            else:
+                unknown = True
+        return unknown
 
     async def _route(
         self,
@@ -350,9 +380,10 @@ class Ledger:
     ) -> list[Result]:
         results: dict[int, Result] = {}
         todo = list(range(len(items)))
+        owners: dict[str, str] = {}
         for attempt in range(1, limits.redirect_attempts_max + 1):
             span.set_attribute("ledger.route.attempts", attempt)
-            groups = self._group([items[i] for i in todo], home_of)
+            groups = self._group([items[i] for i in todo], home_of, owners)
             span.set_attribute("ledger.route.shards", sorted(groups))
             jobs = []
             for name, positions in groups.items():
@@ -377,7 +408,7 @@ class Ledger:
                         reload_needed = True
                     retry += indexes
                 elif isinstance(outcome, MerchantsNotOwned):
-                    reload_needed = True
+                    reload_needed |= self._learn_owners(outcome, owners)
                     retry += indexes
                 elif isinstance(outcome, MerchantsMoving):
                     retry += indexes
@@ -389,8 +420,8 @@ class Ledger:
                 return [results[i] for i in range(len(items))]
             if reload_needed:
                 await self.cluster.reload()
-            else:
-                await asyncio.sleep(_MOVING_RETRY_DELAY_S * attempt)
+            elif not owners:
+                await asyncio.sleep(MOVING_RETRY_DELAY_S * attempt)
             todo = sorted(retry)
         raise ClusterUnavailable("routing did not settle: the shard config may be behind")
 

@@ -4,13 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TypeVar
 
+from ledger import limits
 from ledger.routing.config import ShardConfig, load_config
+from ledger.routing.errors import ClusterUnavailable
 from ledger.routing.ring import ShardRing
+from ledger.storage.errors import MerchantsMoving, MerchantsNotOwned, StaleEpoch
 from ledger.storage.shard import Fence, Shard
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+# A moving merchant is fenced only briefly: wait this long (times the attempt)
+# between tries rather than failing at once.
+MOVING_RETRY_DELAY_S = 0.05
 
 
 class Cluster:
@@ -58,6 +67,46 @@ class Cluster:
     def fence(self, shard: Shard, merchant_ids: set[str]) -> Fence:
         claimable = frozenset(m for m in merchant_ids if self.ring.shard_for(m) == shard.name)
         return Fence(epoch=self.epoch, claimable=claimable)
+
+    def shard_named(self, name: str | None) -> Shard | None:
+        return self.shards.get(name) if name is not None else None
+
+    async def run_on_owner(
+        self,
+        merchant_id: str,
+        step: Callable[[Shard, Fence], Awaitable[T]],
+        *,
+        shard_name: str | None = None,
+    ) -> T:
+        """Runs step on the shard that owns the merchant, following redirects.
+
+        Starts at shard_name if given, else where the ring says. A shard that
+        does not own the merchant names the owner when it knows it (the
+        merchant moved there, or is still there while being copied here);
+        otherwise the config is reloaded. A fenced (moving) merchant is retried
+        after a short, growing pause. At most redirect_attempts_max tries.
+        """
+        target = self.shard_named(shard_name) or self.shard_for(merchant_id)
+        for attempt in range(1, limits.redirect_attempts_max + 1):
+            fence = self.fence(target, {merchant_id})
+            try:
+                return await step(target, fence)
+            except StaleEpoch as error:
+                if error.shard_epoch < self.epoch:
+                    await target.adopt_epoch(self.epoch)
+                else:
+                    await self.reload()
+                    target = self.shard_for(merchant_id)
+            except MerchantsNotOwned as error:
+                hinted = self.shard_named(error.owners.get(merchant_id))
+                if hinted is None:
+                    await self.reload()
+                    hinted = self.shard_named(error.owners.get(merchant_id))
+                target = hinted or self.shard_for(merchant_id)
+            except MerchantsMoving:
+                await asyncio.sleep(MOVING_RETRY_DELAY_S * attempt)
+        # No merchant id in the message: it ends up in logs and saga rows.
+        raise ClusterUnavailable("routing did not settle: the merchant may be moving")
 
     async def reload(self) -> bool:
         """Re-reads the config file; returns True if the epoch changed."""

@@ -36,8 +36,6 @@ T = TypeVar("T")
 
 # Errors after which a later attempt may succeed.
 RETRYABLE = (ShardUnavailable, MerchantsMoving, MerchantsNotOwned, StaleEpoch, ClusterUnavailable)
-# A moving merchant is fenced briefly; wait this long between routing tries.
-_MOVING_RETRY_DELAY_S = 0.05
 
 
 class SagaResolutionRefused(Exception):
@@ -176,7 +174,16 @@ class SagaRunner:
                 saga, home_shard=saga.home_shard, fence=fence, abort=abort
             )
 
-        return await self._on_home(saga.credit.merchant_id, credit)
+        # Step 2 runs on the credit shard chosen at step 1, never on another: its
+        # settlement account for the debit shard is the one that must mirror.
+        # A merchant not (yet) owned there is retried later, not redirected.
+        peer = self.cluster.shard_named(saga.peer_shard)
+        if peer is None:
+            await self.cluster.reload()
+            peer = self.cluster.shard_named(saga.peer_shard)
+        if peer is None:
+            raise ClusterUnavailable("the saga's credit shard is not in the shard config")
+        return await credit(peer, self.cluster.fence(peer, {saga.credit.merchant_id}))
 
     async def _finish(
         self,
@@ -275,7 +282,9 @@ class SagaRunner:
         return await self._finish(saga, credit_outcome, result, allow_dead=True)
 
     async def _credit_recorded(self, saga: Saga) -> tuple[CreditOutcome, TransferResult] | None:
-        shard = self.cluster.shard_for(saga.credit.merchant_id)
+        shard = self.cluster.shard_named(saga.peer_shard)
+        if shard is None:
+            raise ClusterUnavailable("the saga's credit shard is not in the shard config")
         return await SagaStore(shard).credit_outcome(saga.key)
 
     async def close(self) -> None:
@@ -286,23 +295,7 @@ class SagaRunner:
     # Routing.
 
     async def _on_home(self, merchant_id: str, step: Callable[[Shard, Fence], Awaitable[T]]) -> T:
-        """Runs step on the merchant's shard as the ring says now, following redirects."""
-        for attempt in range(1, limits.redirect_attempts_max + 1):
-            shard = self.cluster.shard_for(merchant_id)
-            fence = self.cluster.fence(shard, {merchant_id})
-            try:
-                return await step(shard, fence)
-            except StaleEpoch as error:
-                if error.shard_epoch < self.cluster.epoch:
-                    await shard.adopt_epoch(self.cluster.epoch)
-                else:
-                    await self.cluster.reload()
-            except MerchantsNotOwned:
-                await self.cluster.reload()
-            except MerchantsMoving:
-                await asyncio.sleep(_MOVING_RETRY_DELAY_S * attempt)
-        # No merchant id in the message: it ends up in logs and the saga row.
-        raise ClusterUnavailable("routing for a saga step did not settle")
+        return await self.cluster.run_on_owner(merchant_id, step)
 
 
 def saga_attributes(saga: Saga) -> dict[str, str | int]:

@@ -231,12 +231,14 @@ class Shard:
 
     async def lookup_accounts(self, keys: Collection[AccountKey]) -> dict[AccountKey, Account]:
         async def run(conn: Connection) -> dict[AccountKey, Account]:
+            await self._check_readable(conn, {k.merchant_id for k in keys})
             return await self._select_accounts(conn, keys)
 
         return await self._with_connection(run)
 
     async def list_accounts(self, merchant_id: str, *, after: str, limit: int) -> list[Account]:
         async def run(conn: Connection) -> list[Account]:
+            await self._check_readable(conn, {merchant_id})
             rows = await conn.fetch(sql.LIST_ACCOUNTS, merchant_id, after, limit)
             return [_account(r) for r in rows]
 
@@ -327,6 +329,7 @@ class Shard:
         self, keys: Collection[TransferKey]
     ) -> dict[TransferKey, TransferView]:
         async def run(conn: Connection) -> dict[TransferKey, TransferView]:
+            await self._check_readable(conn, {k.merchant_id for k in keys})
             found = await self._select_transfers(conn, keys)
             pendings = {
                 k
@@ -451,6 +454,7 @@ class Shard:
 
     async def balance_as_of(self, key: AccountKey, as_of: datetime) -> Balances:
         async def run(conn: Connection) -> Balances:
+            await self._check_readable(conn, {key.merchant_id})
             row = await conn.fetchrow(sql.BALANCE_AS_OF, key.merchant_id, key.account_id, as_of)
             if row is None:
                 return Balances()
@@ -467,6 +471,7 @@ class Shard:
         self, key: AccountKey, *, after_sequence: int | None, newest_first: bool, limit: int
     ) -> list[Entry]:
         async def run(conn: Connection) -> list[Entry]:
+            await self._check_readable(conn, {key.merchant_id})
             if newest_first:
                 cursor = after_sequence if after_sequence is not None else 2**63 - 1
                 rows = await conn.fetch(
@@ -491,17 +496,21 @@ class Shard:
         if shard_epoch != fence.epoch:
             raise StaleEpoch(self.name, shard_epoch, fence.epoch)
         known = {r["merchant_id"]: r for r in rows if r["merchant_id"] is not None}
+        claims_paused = bool(rows[0]["claims_paused"])
         not_owned: dict[str, str | None] = {}
         moving: list[str] = []
         claim: list[str] = []
         for merchant_id in ids:
             row = known.get(merchant_id)
             if row is None:
-                if merchant_id in fence.claimable:
-                    claim.append(merchant_id)
-                else:
+                if merchant_id not in fence.claimable:
                     not_owned[merchant_id] = None
-            elif row["state"] == "moved":
+                elif claims_paused:
+                    moving.append(merchant_id)
+                else:
+                    claim.append(merchant_id)
+            elif row["state"] in ("moved", "incoming"):
+                # moved_to names the shard that owns it now (moved) or still (incoming).
                 not_owned[merchant_id] = row["moved_to"]
             elif row["state"] == "moving":
                 moving.append(merchant_id)
@@ -511,6 +520,15 @@ class Shard:
             raise MerchantsMoving(self.name, moving)
         if claim:
             await conn.execute(sql.CLAIM_MERCHANTS, claim, fence.epoch)
+
+    async def _check_readable(self, conn: Connection, merchant_ids: Iterable[str]) -> None:
+        """Refuses a read of merchants this shard does not own, naming the owner."""
+        rows = await conn.fetch(sql.MERCHANT_STATES, sorted(set(merchant_ids)))
+        elsewhere = {
+            r["merchant_id"]: r["moved_to"] for r in rows if r["state"] in ("moved", "incoming")
+        }
+        if elsewhere:
+            raise MerchantsNotOwned(self.name, elsewhere)
 
     async def _lock_accounts(
         self, conn: Connection, keys: Collection[AccountKey]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-FENCE = "SELECT epoch, merchant_id, state, moved_to FROM ledger_fence($1::text[])"
+FENCE = "SELECT epoch, claims_paused, merchant_id, state, moved_to FROM ledger_fence($1::text[])"
 
 CLAIM_MERCHANTS = """
 INSERT INTO merchants (merchant_id, state, epoch)
@@ -197,11 +197,14 @@ UPDATE shard_meta SET epoch = $1 FROM lock WHERE epoch < $1
 RETURNING epoch
 """
 
-MERCHANT_STATES = """
-SELECT merchant_id, state, moved_to FROM merchants WHERE merchant_id = ANY($1::text[])
-"""
 
 TRANSFERS_BY_TRACE = f"""
 SELECT {TRANSFER_COLUMNS} FROM transfers WHERE trace_id = $1 AND kind = 1
 ORDER BY created_at LIMIT $2
+"""
+
+# Reads check ownership too (without locks): a merchant that moved or is only
+# being copied here is redirected, so a read never returns a stale or partial copy.
+MERCHANT_STATES = """
+SELECT merchant_id, state, moved_to FROM merchants WHERE merchant_id = ANY($1::text[])
 """

@@ -9,18 +9,26 @@ CREATE TABLE shard_meta (
     shard_name  text NOT NULL,
     -- The newest config epoch this shard has seen; a router on an older epoch
     -- is refused and reloads its config.
-    epoch       bigint NOT NULL CHECK (epoch >= 1)
+    epoch       bigint NOT NULL CHECK (epoch >= 1),
+    -- Set by a rebalance while it decides which merchants move: a write for a
+    -- merchant this shard has never seen waits (retryable) instead of taking
+    -- it on, so no merchant can be taken on by two shards.
+    claims_paused boolean NOT NULL DEFAULT false
 );
 
 -- Which merchants this shard owns. Every write locks its merchants (shared
 -- advisory lock) and checks state = 'active' in the same transaction.
+--   active:   owned here;
+--   moving:   owned here but fenced by a move in progress (writes retry);
+--   moved:    handed to the shard in moved_to (writes are redirected there);
+--   incoming: being copied here from the shard in moved_to, which still owns it.
 CREATE TABLE merchants (
     merchant_id text PRIMARY KEY,
-    state       text NOT NULL CHECK (state IN ('active', 'moving', 'moved')),
+    state       text NOT NULL CHECK (state IN ('active', 'moving', 'moved', 'incoming')),
     moved_to    text,
     epoch       bigint NOT NULL,
     updated_at  timestamptz NOT NULL DEFAULT clock_timestamp(),
-    CHECK ((state = 'moved') = (moved_to IS NOT NULL))
+    CHECK ((state IN ('moved', 'incoming')) = (moved_to IS NOT NULL))
 );
 
 CREATE TABLE accounts (
@@ -150,14 +158,14 @@ CREATE TRIGGER pending_resolutions_no_truncate BEFORE TRUNCATE ON pending_resolu
 -- lock queue is fair, so writers cannot starve a waiting move), then the
 -- shard's epoch and the merchants' ownership rows.
 CREATE FUNCTION ledger_fence(p_merchants text[])
-RETURNS TABLE (epoch bigint, merchant_id text, state text, moved_to text)
+RETURNS TABLE (epoch bigint, claims_paused boolean, merchant_id text, state text, moved_to text)
 LANGUAGE plpgsql AS $$
 BEGIN
     PERFORM pg_advisory_xact_lock_shared(7301, 0);
     PERFORM count(pg_advisory_xact_lock_shared(7302, hashtext(m)))
         FROM unnest(p_merchants) AS m;
     RETURN QUERY
-        SELECT s.epoch, m.merchant_id, m.state, m.moved_to
+        SELECT s.epoch, s.claims_paused, m.merchant_id, m.state, m.moved_to
         FROM shard_meta s
         LEFT JOIN merchants m ON m.merchant_id = ANY (p_merchants);
 END $$;
