@@ -19,6 +19,7 @@ from ledger.api.server import LedgerServer
 from ledger.client import LedgerClient
 from ledger.domain.sagas import SagaKind, SagaState
 from ledger.embedded.cluster import EmbeddedCluster
+from ledger.moves.rebalance import MoveResult, Rebalancer
 from ledger.routing.cluster import Cluster
 from ledger.routing.config import load_config
 from ledger.routing.ring import ShardRing
@@ -36,6 +37,13 @@ log = logging.getLogger("ledger")
 app = typer.Typer(help="A sharded double-entry ledger service.", no_args_is_help=True)
 accounts_app = typer.Typer(help="Create and inspect accounts.", no_args_is_help=True)
 app.add_typer(accounts_app, name="accounts")
+shards_app = typer.Typer(help="Plan and run online rebalancing of merchants.", no_args_is_help=True)
+app.add_typer(shards_app, name="shards")
+_NewConfig = Annotated[Path, typer.Option("--config", help="The new shard config.")]
+_OldConfig = Annotated[
+    Path | None,
+    typer.Option("--from", help="The previous config, for shards the new one removes."),
+]
 sagas_app = typer.Typer(
     help="List, show, retry and resolve cross-shard sagas.", no_args_is_help=True
 )
@@ -258,6 +266,61 @@ async def _admin(target: str, call: Callable[[Any], Awaitable[R]]) -> R:
         except grpc.aio.AioRpcError as error:
             typer.echo(f"{error.code().name}: {error.details()}", err=True)
             raise typer.Exit(1) from None
+
+
+async def _with_rebalancer(
+    config: Path, old: Path | None, work: Callable[[Rebalancer], Awaitable[R]]
+) -> R:
+    rebalancer = Rebalancer(load_config(config), old=load_config(old) if old else None)
+    try:
+        await rebalancer.open()
+        return await work(rebalancer)
+    finally:
+        await rebalancer.close()
+
+
+@shards_app.command("plan")
+def shards_plan(config: _NewConfig, old: _OldConfig = None) -> None:
+    """Print which merchants move where under CONFIG, and how much data; changes nothing."""
+    plan = asyncio.run(_with_rebalancer(config, old, lambda r: r.plan()))
+    typer.echo(plan.render())
+
+
+@shards_app.command("rebalance")
+def shards_rebalance(config: _NewConfig, old: _OldConfig = None) -> None:
+    """Move merchants online to their owners under CONFIG (rerun to resume)."""
+
+    def progress(done: int, total: int, result: MoveResult, elapsed_s: float) -> None:
+        rate = done / elapsed_s if elapsed_s > 0 else 0.0
+        left_s = (total - done) / rate if rate > 0 else 0.0
+        width = 30
+        bar = "#" * (width * done // max(total, 1))
+        pause = f", pause {result.pause_ms:.1f} ms" if result.pause_ms is not None else ""
+        typer.echo(
+            f"[{bar:<{width}}] {done}/{total} {rate:.1f}/s, ~{left_s:.0f}s left | "
+            f"{result.move.merchant_id} {result.move.source}->{result.move.destination}: "
+            f"{result.outcome}, {result.rows_copied} rows{pause}",
+            err=True,
+        )
+
+    summary = asyncio.run(_with_rebalancer(config, old, lambda r: r.rebalance(progress=progress)))
+    typer.echo(summary.render())
+    if summary.pending:
+        raise typer.Exit(1)
+
+
+@shards_app.command("status")
+def shards_status(config: _NewConfig, old: _OldConfig = None) -> None:
+    """Show each shard's epoch, its merchants by state and moves in progress."""
+    for line in asyncio.run(_with_rebalancer(config, old, lambda r: r.status())):
+        typer.echo(line)
+
+
+@shards_app.command("cleanup")
+def shards_cleanup(config: _NewConfig, old: _OldConfig = None) -> None:
+    """Delete old copies of merchants that moved, after checking the new owner has them."""
+    merchants, rows = asyncio.run(_with_rebalancer(config, old, lambda r: r.cleanup()))
+    typer.echo(f"removed old copies of {merchants} merchants ({rows} rows)")
 
 
 @app.command()

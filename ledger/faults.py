@@ -19,6 +19,12 @@ POINTS = (
     "saga.step2.after_commit",
     "saga.step3.before_commit",
     "saga.step3.after_commit",
+    "rebalance.after_plan",
+    "move.after_first_copy",
+    "move.after_fence",
+    "move.after_verify",
+    "move.after_activate",
+    "move.after_hand_over",
 )
 
 

@@ -18,6 +18,7 @@ from ledger.api.servicer import LedgerServicer
 from ledger.core.expiry import ExpirySweeper
 from ledger.core.ledger import Ledger
 from ledger.routing.cluster import Cluster
+from ledger.routing.config_watch import ConfigWatcher
 from ledger.sagas.recovery import RecoveryWorker
 from ledger.sagas.runner import SagaRunner, SagaSettings
 from ledger.telemetry import metrics
@@ -48,6 +49,7 @@ class LedgerServer:
         self.cluster = cluster
         self.listen = listen
         self.sweeper = ExpirySweeper(cluster)
+        self.config_watch = ConfigWatcher(cluster)
         self.sagas = SagaRunner(cluster, owner=_replica_id(), settings=saga_settings)
         self.recovery = RecoveryWorker(self.sagas)
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
@@ -76,6 +78,7 @@ class LedgerServer:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self.sweeper.start()
         self.recovery.start()
+        self.config_watch.start()
         metrics.register_gauge_source("pool", self._pool_gauge)
         log.info("serving ledger.v1 on port %d (epoch %d)", self.port, self.cluster.epoch)
         return self.port
@@ -84,6 +87,7 @@ class LedgerServer:
         """Stops taking calls, lets in-flight ones finish within grace_s, stops workers."""
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace_s)
+        await self.config_watch.stop()
         await self.recovery.stop()
         await self.sagas.close()
         await self.sweeper.stop()

@@ -397,18 +397,19 @@ class Ledger:
             outcomes = await asyncio.gather(*(job for _, _, job in jobs), return_exceptions=True)
             retry: list[int] = []
             reload_needed = False
+            redirected = False
             for (shard, indexes, _), outcome in zip(jobs, outcomes, strict=True):
                 if isinstance(outcome, ShardUnavailable):
                     log.warning("shard %s unavailable: %s", shard.name, outcome)
                     results.update({i: unavailable(items[i]) for i in indexes})
                 elif isinstance(outcome, StaleEpoch):
-                    if outcome.shard_epoch < self.cluster.epoch:
-                        await shard.adopt_epoch(self.cluster.epoch)
-                    else:
-                        reload_needed = True
+                    # Older shard: a rebalance is about to bring it here, so wait;
+                    # newer shard: this replica's config is behind, so reload.
+                    reload_needed |= outcome.shard_epoch > self.cluster.epoch
                     retry += indexes
                 elif isinstance(outcome, MerchantsNotOwned):
                     reload_needed |= self._learn_owners(outcome, owners)
+                    redirected = True
                     retry += indexes
                 elif isinstance(outcome, MerchantsMoving):
                     retry += indexes
@@ -420,7 +421,8 @@ class Ledger:
                 return [results[i] for i in range(len(items))]
             if reload_needed:
                 await self.cluster.reload()
-            elif not owners:
+            elif not redirected:
+                # Fenced merchants or a rebalance about to start: a short, growing pause.
                 await asyncio.sleep(MOVING_RETRY_DELAY_S * attempt)
             todo = sorted(retry)
         raise ClusterUnavailable("routing did not settle: the shard config may be behind")

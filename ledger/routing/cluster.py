@@ -45,16 +45,29 @@ class Cluster:
             await self.migrate()
 
     async def migrate(self) -> None:
-        """Applies migrations everywhere and brings every shard to this config's epoch."""
+        """Applies migrations everywhere; a new shard starts at this config's epoch.
+
+        Only a rebalance raises a shard's epoch (with claims of new merchants
+        paused while it decides who moves), so that no two shards can ever take
+        on the same new merchant; a replica never does it on its own.
+        """
         for shard in self.shards.values():
             applied = await shard.migrate(epoch=self.epoch)
             if applied:
                 log.info("shard %s: applied %s", shard.name, ", ".join(applied))
-            shard_epoch = await shard.adopt_epoch(self.epoch)
+            shard_epoch = await shard.epoch()
             if shard_epoch > self.epoch:
                 raise RuntimeError(
                     f"shard {shard.name} has seen epoch {shard_epoch}, newer than this "
                     f"config's {self.epoch}: the config file is stale"
+                )
+            if shard_epoch < self.epoch:
+                log.warning(
+                    "shard %s is at epoch %d, this config at %d: writes wait until "
+                    "`ledger shards rebalance` brings the shards to the new epoch",
+                    shard.name,
+                    shard_epoch,
+                    self.epoch,
                 )
 
     async def close(self) -> None:
@@ -93,7 +106,8 @@ class Cluster:
                 return await step(target, fence)
             except StaleEpoch as error:
                 if error.shard_epoch < self.epoch:
-                    await target.adopt_epoch(self.epoch)
+                    # A rebalance to this config is about to start: wait for it.
+                    await asyncio.sleep(MOVING_RETRY_DELAY_S * attempt)
                 else:
                     await self.reload()
                     target = self.shard_for(merchant_id)

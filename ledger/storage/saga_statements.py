@@ -143,11 +143,15 @@ WHERE (merchant_id, transfer_id) IN (SELECT * FROM unnest($1::text[], $2::text[]
 """
 
 # Reconcile: what one shard reports about itself.
+# Merchants that moved away (old copies) or are still being copied here are
+# not this shard's: their rows do not count.
 SUMS_BY_CURRENCY = """
 SELECT currency,
        sum(credits_posted::numeric - debits_posted) AS posted,
        sum(credits_pending::numeric - debits_pending) AS pending
-FROM accounts GROUP BY currency ORDER BY currency
+FROM accounts
+WHERE merchant_id NOT IN (SELECT merchant_id FROM merchants WHERE state IN ('moved', 'incoming'))
+GROUP BY currency ORDER BY currency
 """
 
 # Accounts whose stored balances disagree with their last entry.

@@ -184,15 +184,6 @@ class Shard:
 
         return await self._with_connection(run)
 
-    async def adopt_epoch(self, epoch: int) -> int:
-        """Raises the shard's epoch to at least epoch; returns the shard's epoch."""
-
-        async def run(conn: Connection) -> int:
-            await conn.fetchval(sql.ADOPT_EPOCH, epoch)
-            return int(await conn.fetchval("SELECT epoch FROM shard_meta"))
-
-        return await self._in_transaction(run)
-
     # Accounts.
 
     async def create_accounts(
@@ -736,7 +727,26 @@ async def _no_reset(conn: asyncpg.Connection[asyncpg.Record]) -> None:
 
 
 async def _init_connection(conn: asyncpg.Connection[asyncpg.Record]) -> None:
-    await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+    # Binary format (a version byte, then JSON text) so COPY, which moves
+    # merchants between shards, can carry jsonb too.
+    await conn.set_type_codec(
+        "jsonb",
+        encoder=_encode_jsonb,
+        decoder=_decode_jsonb,
+        schema="pg_catalog",
+        format="binary",
+    )
+
+
+_JSONB_VERSION = b"\x01"
+
+
+def _encode_jsonb(value: object) -> bytes:
+    return _JSONB_VERSION + json.dumps(value).encode()
+
+
+def _decode_jsonb(data: bytes) -> object:
+    return json.loads(data[1:])
 
 
 def _account(row: asyncpg.Record) -> Account:

@@ -190,14 +190,6 @@ INSERT INTO shard_meta (shard_name, epoch) VALUES ($1, $2)
 ON CONFLICT (singleton) DO NOTHING
 """
 
-# Raising the epoch waits for in-flight writes (they hold the shared lock).
-ADOPT_EPOCH = """
-WITH lock AS (SELECT pg_advisory_xact_lock(7301, 0))
-UPDATE shard_meta SET epoch = $1 FROM lock WHERE epoch < $1
-RETURNING epoch
-"""
-
-
 TRANSFERS_BY_TRACE = f"""
 SELECT {TRANSFER_COLUMNS} FROM transfers WHERE trace_id = $1 AND kind = 1
 ORDER BY created_at LIMIT $2

@@ -1,0 +1,1 @@
+"""Online rebalancing: moving merchants between shards when the shard config changes."""

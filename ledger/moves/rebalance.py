@@ -1,0 +1,350 @@
+"""`ledger shards plan|rebalance|status|cleanup`: merchant moves, as Vitess and Citus do them.
+
+The protocol, per rebalance:
+1. Raise every shard's epoch to the new config's, with claims of unknown
+   merchants paused (writes from replicas on the old config are refused from
+   here on and reload their config; writes for new merchants wait briefly).
+2. Plan: every active merchant whose owner under the new ring is another shard
+   moves there; mark it `incoming` on its destination (which then redirects
+   its writes and reads to the source). Resume moves a crash left half done.
+3. Resume claims.
+4. Per merchant: copy its rows while writes go on; fence it on the source
+   (`moving`: writes wait, in-flight ones finish first); copy what changed;
+   verify counts, digests and every account's balance against its entries;
+   activate it on the destination, then mark it `moved` on the source (in that
+   order, so it can only roll forward). A merchant with pending amounts or
+   sagas in flight is deferred and retried; a failed verification unfences it.
+
+Every step is idempotent and decided by the merchant's states on the two
+shards, so rerunning the command after a crash at any point finishes the job,
+and running it twice moves nothing the second time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+from ledger import faults
+from ledger.routing.config import ShardConfig, ShardSpec
+from ledger.routing.ring import ShardRing
+from ledger.storage.moves import COPY_OVERLAP_S, MoveStore
+from ledger.storage.shard import Shard
+from ledger.telemetry.pseudonym import pseudonymise
+from ledger.telemetry.tracing import tracer
+
+# Deferred merchants (pending amounts, sagas in flight) are retried this many
+# rounds, this long apart, before the run reports them for a later rerun.
+DEFER_ROUNDS_MAX = 5
+DEFER_ROUND_PAUSE_S = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class Move:
+    merchant_id: str
+    source: str
+    destination: str
+    accounts: int = 0
+    entries: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    epoch: int
+    moves: list[Move]
+    merchants_total: int
+
+    @property
+    def share_moved(self) -> float:
+        return len(self.moves) / self.merchants_total if self.merchants_total else 0.0
+
+    def by_pair(self) -> dict[tuple[str, str], tuple[int, int, int]]:
+        pairs: dict[tuple[str, str], tuple[int, int, int]] = {}
+        for move in self.moves:
+            merchants, accounts, entries = pairs.get((move.source, move.destination), (0, 0, 0))
+            pairs[(move.source, move.destination)] = (
+                merchants + 1,
+                accounts + move.accounts,
+                entries + move.entries,
+            )
+        return pairs
+
+    def render(self) -> str:
+        lines = [
+            f"plan to epoch {self.epoch}: {len(self.moves)} of {self.merchants_total} "
+            f"merchants move ({100 * self.share_moved:.1f}%)"
+        ]
+        for (source, destination), (merchants, accounts, entries) in sorted(self.by_pair().items()):
+            lines.append(
+                f"  {source} -> {destination}: {merchants} merchants, "
+                f"{accounts} accounts, {entries} entries"
+            )
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True, slots=True)
+class MoveResult:
+    move: Move
+    outcome: str  # "moved", "already moved", "deferred: ...", "failed: ..."
+    rows_copied: int = 0
+    pause_ms: float | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.outcome in ("moved", "already moved")
+
+
+@dataclass
+class Summary:
+    results: list[MoveResult] = field(default_factory=list)
+    duration_s: float = 0.0
+
+    @property
+    def moved(self) -> list[MoveResult]:
+        return [r for r in self.results if r.done]
+
+    @property
+    def pending(self) -> list[MoveResult]:
+        return [r for r in self.results if not r.done]
+
+    def render(self) -> str:
+        pauses = sorted(r.pause_ms for r in self.moved if r.pause_ms is not None)
+        rows = sum(r.rows_copied for r in self.results)
+        rate = len(self.moved) / self.duration_s if self.duration_s else 0.0
+        lines = [
+            f"moved {len(self.moved)} merchants, {rows} rows copied, in {self.duration_s:.1f} s "
+            f"({rate:.1f} merchants/s)",
+        ]
+        if pauses:
+            lines.append(
+                f"write pause per merchant: p50 {_percentile(pauses, 50):.1f} ms, "
+                f"p99 {_percentile(pauses, 99):.1f} ms, max {pauses[-1]:.1f} ms"
+            )
+        for result in self.pending:
+            lines.append(
+                f"NOT MOVED {result.move.merchant_id} {result.move.source} -> "
+                f"{result.move.destination}: {result.outcome} (rerun to finish)"
+            )
+        return "\n".join(lines)
+
+
+Progress = Callable[[int, int, MoveResult, float], None]
+
+
+class Rebalancer:
+    """Moves merchants from the shards of old (and new) to their owners under new."""
+
+    def __init__(self, new: ShardConfig, *, old: ShardConfig | None = None) -> None:
+        self.new = new
+        self.ring = ShardRing(new)
+        names = {s.name for s in new.shards}
+        extra = [s for s in (old.shards if old else ()) if s.name not in names]
+        # Shards only in the old config are drained: they are sources, never owners.
+        self.specs: tuple[ShardSpec, ...] = (*new.shards, *extra)
+        self.shards: dict[str, Shard] = {}
+
+    async def open(self) -> None:
+        for spec in self.specs:
+            shard = Shard(name=spec.name, dsn=spec.dsn)
+            await shard.open()
+            self.shards[spec.name] = shard
+            await shard.migrate(epoch=self.new.epoch)
+
+    async def close(self) -> None:
+        await asyncio.gather(*(s.close() for s in self.shards.values()))
+        self.shards = {}
+
+    def _store(self, name: str) -> MoveStore:
+        return MoveStore(self.shards[name])
+
+    async def plan(self) -> Plan:
+        """What moves where, from the merchants' states on the shards now; changes nothing."""
+        moves: list[Move] = []
+        total = 0
+        for name in self.shards:
+            store = self._store(name)
+            active = await store.active_merchants()
+            moving = [m for m, _ in await store.merchants_in("moving")]
+            total += len(active) + len(moving)
+            leaving = [m for m in active + moving if self.ring.shard_for(m) != name]
+            sizes = await store.sizes(leaving) if leaving else {}
+            for merchant_id in leaving:
+                accounts, entries = sizes.get(merchant_id, (0, 0))
+                moves.append(
+                    Move(merchant_id, name, self.ring.shard_for(merchant_id), accounts, entries)
+                )
+        return Plan(self.new.epoch, sorted(moves, key=lambda m: m.merchant_id), total)
+
+    async def rebalance(self, *, progress: Progress | None = None) -> Summary:
+        started = time.monotonic()
+        with tracer.start_as_current_span("rebalance", attributes={"ledger.epoch": self.new.epoch}):
+            for name in self.shards:
+                await self._store(name).set_epoch_and_claims(
+                    epoch=self.new.epoch, claims_paused=True
+                )
+            try:
+                plan = await self.plan()
+                for move in plan.moves:
+                    await self._store(move.destination).mark_incoming(
+                        move.merchant_id, source=move.source, epoch=self.new.epoch
+                    )
+                faults.crash_point("rebalance.after_plan")
+            finally:
+                for name in self.shards:
+                    await self._store(name).set_epoch_and_claims(
+                        epoch=self.new.epoch, claims_paused=False
+                    )
+            summary = Summary()
+            todo = list(plan.moves)
+            done = 0
+            for round_number in range(1, DEFER_ROUNDS_MAX + 1):
+                deferred: list[Move] = []
+                for move in todo:
+                    result = await self.move(move)
+                    if result.outcome.startswith("deferred") and round_number < DEFER_ROUNDS_MAX:
+                        deferred.append(move)
+                        continue
+                    summary.results.append(result)
+                    done += 1
+                    if progress is not None:
+                        progress(done, len(plan.moves), result, time.monotonic() - started)
+                if not deferred:
+                    break
+                todo = deferred
+                await asyncio.sleep(DEFER_ROUND_PAUSE_S)
+        summary.duration_s = time.monotonic() - started
+        return summary
+
+    async def move(self, move: Move) -> MoveResult:
+        """Moves one merchant, from wherever a previous run left it."""
+        with tracer.start_as_current_span(
+            "rebalance move",
+            attributes={
+                "ledger.merchant": pseudonymise(move.merchant_id),
+                "ledger.move.source": move.source,
+                "ledger.move.destination": move.destination,
+            },
+        ):
+            return await self._move(move)
+
+    async def _move(self, move: Move) -> MoveResult:
+        m, epoch = move.merchant_id, self.new.epoch
+        source, destination = self._store(move.source), self._store(move.destination)
+        source_state = await source.state_of(m)
+        if source_state is not None and source_state[0] == "moved":
+            return MoveResult(move, "already moved")
+        await destination.mark_incoming(m, source=move.source, epoch=epoch)
+        destination_state = await destination.state_of(m)
+        assert destination_state is not None
+        rows_copied = 0
+        copied_at = None
+        fenced_at = time.monotonic()
+        if source_state is not None and source_state[0] == "active":
+            with tracer.start_as_current_span("move copy"):
+                first = await source.read_rows(m, since=None)
+                copied_at = first.read_at
+                rows_copied += await destination.write_rows(m, first)
+            faults.crash_point("move.after_first_copy")
+            with tracer.start_as_current_span("move fence"):
+                refused = await source.fence(m, epoch=epoch)
+                if refused is None:
+                    refused = await self._open_credits(m, move.source)
+                    if refused is not None:
+                        await source.unfence(m, epoch=epoch)
+            if refused is not None:
+                return MoveResult(move, f"deferred: {refused}", rows_copied)
+            fenced_at = time.monotonic()
+            faults.crash_point("move.after_fence")
+        if destination_state[0] == "incoming":
+            with tracer.start_as_current_span("move copy changes"):
+                since = (
+                    copied_at - timedelta(seconds=COPY_OVERLAP_S) if copied_at is not None else None
+                )
+                rows_copied += await destination.write_rows(
+                    m, await source.read_rows(m, since=since)
+                )
+            with tracer.start_as_current_span("move verify"):
+                problem = await self._verify(source, destination, m)
+            if problem is not None:
+                await source.unfence(m, epoch=epoch)
+                return MoveResult(move, f"failed: {problem}", rows_copied)
+            faults.crash_point("move.after_verify")
+            with tracer.start_as_current_span("move activate"):
+                await destination.activate(m, source=move.source, epoch=epoch)
+            faults.crash_point("move.after_activate")
+        pause_ms = (time.monotonic() - fenced_at) * 1000
+        with tracer.start_as_current_span("move hand over"):
+            await source.mark_moved(m, destination=move.destination, epoch=epoch)
+        faults.crash_point("move.after_hand_over")
+        return MoveResult(move, "moved", rows_copied, pause_ms)
+
+    async def _open_credits(self, merchant_id: str, source: str) -> str | None:
+        """Sagas anywhere that must still credit the merchant on its old shard."""
+        for name in self.shards:
+            count = await self._store(name).open_credits_to(merchant_id, source)
+            if count:
+                return f"{count} saga(s) on {name} still to credit it on {source}"
+        return None
+
+    async def _verify(self, source: MoveStore, destination: MoveStore, m: str) -> str | None:
+        before, after = await source.digest(m), await destination.digest(m)
+        if before != after:
+            return f"copies differ: source {before}, destination {after}"
+        off = await destination.balance_mismatches(m)
+        if off:
+            return f"balances differ from entries on the destination: {off}"
+        return None
+
+    async def status(self) -> list[str]:
+        lines = []
+        for name, shard in self.shards.items():
+            store = MoveStore(shard)
+            epoch, paused = await store.meta()
+            counts = await store.merchant_counts()
+            in_flight = (await store.merchants_in("moving")) + (
+                await store.merchants_in("incoming")
+            )
+            lines.append(
+                f"{name}: epoch {epoch}{' (claims paused)' if paused else ''}, merchants "
+                + ", ".join(f"{state} {count}" for state, count in sorted(counts.items()))
+                + (f", {len(in_flight)} move(s) in progress" if in_flight else "")
+            )
+        return lines
+
+    async def cleanup(self) -> tuple[int, int]:
+        """Deletes old copies of merchants that moved and are active where they went."""
+        merchants = rows = 0
+        for name in self.shards:
+            store = self._store(name)
+            for merchant_id, owner in await store.merchants_in("moved"):
+                if owner is None or owner not in self.shards:
+                    continue
+                state = await self._store(owner).state_of(merchant_id)
+                if state is None or state[0] != "active":
+                    continue
+                # Verified again before deleting: the new owner has at least every row
+                # the old copy has (it may have more: writes went on there).
+                old_copy = await store.digest(merchant_id)
+                new_copy = await self._store(owner).digest(merchant_id)
+                if (
+                    new_copy.accounts < old_copy.accounts
+                    or new_copy.transfers < old_copy.transfers
+                    or new_copy.entries < old_copy.entries
+                    or new_copy.resolutions < old_copy.resolutions
+                ):
+                    continue
+                rows += await store.cleanup(merchant_id)
+                merchants += 1
+        return merchants, rows
+
+
+def _percentile(sorted_values: list[float], percent: float) -> float:
+    if len(sorted_values) == 1:
+        return sorted_values[0]
+    return statistics.quantiles(sorted_values, n=100, method="inclusive")[
+        min(98, max(0, int(percent) - 1))
+    ]

@@ -1,0 +1,123 @@
+"""The SQL of merchant moves (rebalancing), as named constants."""
+
+from __future__ import annotations
+
+# Tables holding a merchant's rows, with the column that names the merchant,
+# whether rows are history (copied once, never changed) and the conflict key.
+# Order matters on insert: accounts before the entries that reference them.
+MOVED_TABLES: tuple[tuple[str, str, str], ...] = (
+    ("accounts", "merchant_id", "merchant_id, account_id"),
+    ("transfers", "merchant_id", "merchant_id, transfer_id"),
+    ("entries", "merchant_id", "merchant_id, account_id, sequence"),
+    ("pending_resolutions", "merchant_id", "merchant_id, pending_id"),
+    ("sagas", "merchant_id", "merchant_id, transfer_id, kind"),
+    ("saga_credits", "credit_merchant_id", "merchant_id, transfer_id, kind"),
+)
+
+ACTIVE_MERCHANTS = """
+SELECT merchant_id FROM merchants WHERE state = 'active' AND merchant_id NOT LIKE '$%'
+ORDER BY merchant_id
+"""
+
+MERCHANTS_IN_STATE = """
+SELECT merchant_id, moved_to FROM merchants WHERE state = $1 ORDER BY merchant_id
+"""
+
+MERCHANT_ROW = "SELECT state, moved_to, epoch FROM merchants WHERE merchant_id = $1"
+
+MERCHANT_SIZES = """
+SELECT m AS merchant_id,
+       (SELECT count(*) FROM accounts a WHERE a.merchant_id = m) AS accounts,
+       (SELECT count(*) FROM entries e WHERE e.merchant_id = m) AS entries
+FROM unnest($1::text[]) AS m
+"""
+
+MARK_INCOMING = """
+INSERT INTO merchants (merchant_id, state, moved_to, epoch) VALUES ($1, 'incoming', $2, $3)
+ON CONFLICT (merchant_id) DO NOTHING
+"""
+
+# The epoch lock is the one every write holds shared: raising the epoch and
+# pausing claims waits for writes in flight and is seen by every later one.
+SET_EPOCH_AND_CLAIMS = """
+WITH lock AS (SELECT pg_advisory_xact_lock(7301, 0))
+UPDATE shard_meta SET epoch = greatest(epoch, $1), claims_paused = $2 FROM lock
+RETURNING epoch
+"""
+
+READ_META = "SELECT shard_name, epoch, claims_paused FROM shard_meta"
+
+MERCHANT_COUNTS = "SELECT state, count(*) AS merchants FROM merchants GROUP BY state"
+
+# The fence of one merchant: its advisory lock exclusively (PostgreSQL queues
+# new shared requests behind a waiting exclusive one, so writers cannot starve
+# it), within lock_timeout.
+LOCK_MERCHANT_EXCLUSIVE = "SELECT pg_advisory_xact_lock(7302, hashtext($1))"
+
+# What keeps a merchant from moving now: money held in pending amounts, or a
+# saga of its own not finished.
+MERCHANT_BLOCKERS = """
+SELECT
+  (SELECT count(*) FROM accounts WHERE merchant_id = $1
+     AND (debits_pending <> 0 OR credits_pending <> 0)) AS pending_accounts,
+  (SELECT count(*) FROM sagas WHERE merchant_id = $1 AND state IN (1, 4)) AS open_sagas
+"""
+
+# Sagas on any shard still to credit the merchant on the shard it leaves.
+OPEN_CREDITS_TO = """
+SELECT count(*) FROM sagas
+WHERE credit_merchant_id = $1 AND peer_shard = $2 AND state IN (1, 4)
+"""
+
+SET_STATE = """
+UPDATE merchants SET state = $2, moved_to = $3, epoch = greatest(epoch, $4),
+    updated_at = clock_timestamp()
+WHERE merchant_id = $1 AND state = ANY($5::text[])
+RETURNING state
+"""
+
+ACCOUNT_ENTRY_MISMATCHES = """
+SELECT a.account_id FROM accounts a
+LEFT JOIN (
+    SELECT account_id,
+        sum(CASE WHEN direction = 1 AND kind = 1 THEN amount_minor ELSE 0 END) AS dp,
+        sum(CASE WHEN direction = 2 AND kind = 1 THEN amount_minor ELSE 0 END) AS cp,
+        sum(CASE WHEN direction = 1 AND kind = 2 THEN amount_minor
+                 WHEN direction = 1 AND kind = 3 THEN -amount_minor ELSE 0 END) AS dpe,
+        sum(CASE WHEN direction = 2 AND kind = 2 THEN amount_minor
+                 WHEN direction = 2 AND kind = 3 THEN -amount_minor ELSE 0 END) AS cpe,
+        max(sequence) AS last
+    FROM entries WHERE merchant_id = $1 GROUP BY account_id
+) e USING (account_id)
+WHERE a.merchant_id = $1
+  AND (coalesce(e.dp, 0) <> a.debits_posted OR coalesce(e.cp, 0) <> a.credits_posted
+       OR coalesce(e.dpe, 0) <> a.debits_pending OR coalesce(e.cpe, 0) <> a.credits_pending
+       OR coalesce(e.last, 0) <> a.entry_count)
+LIMIT 10
+"""
+
+MERCHANT_DIGEST = """
+SELECT
+  (SELECT count(*) FROM accounts WHERE merchant_id = $1) AS accounts,
+  (SELECT count(*) FROM transfers WHERE merchant_id = $1) AS transfers,
+  (SELECT count(*) FROM entries WHERE merchant_id = $1) AS entries,
+  (SELECT count(*) FROM pending_resolutions WHERE merchant_id = $1) AS resolutions,
+  (SELECT md5(coalesce(string_agg(
+      account_id || ':' || sequence || ':' || transfer_id || ':' || amount_minor || ':'
+      || direction || ':' || kind || ':' || debits_posted || ':' || credits_posted,
+      ',' ORDER BY account_id, sequence), ''))
+   FROM entries WHERE merchant_id = $1) AS entries_md5,
+  (SELECT md5(coalesce(string_agg(
+      account_id || ':' || debits_posted || ':' || credits_posted || ':' || debits_pending
+      || ':' || credits_pending || ':' || entry_count || ':' || closed,
+      ',' ORDER BY account_id), ''))
+   FROM accounts WHERE merchant_id = $1) AS accounts_md5
+"""
+
+NET_POSITIONS = """
+SELECT currency, sum(credits_posted::numeric - debits_posted)::bigint AS net_posted,
+       sum(credits_pending::numeric - debits_pending)::bigint AS net_pending
+FROM accounts WHERE merchant_id = $1 GROUP BY currency ORDER BY currency
+"""
+
+ALLOW_HISTORY_CLEANUP = "SET LOCAL ledger.allow_history_cleanup = 'on'"

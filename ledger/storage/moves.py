@@ -1,0 +1,355 @@
+"""The per-shard operations of a merchant move; each is one transaction and idempotent."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+import asyncpg
+
+from ledger.domain.accounts import AccountKey
+from ledger.domain.engine import AccountState
+from ledger.domain.moves import move_key, settlement_booking
+from ledger.domain.sagas import SETTLEMENT_MERCHANT_ID, settlement_account
+from ledger.domain.transfers import Entry
+from ledger.invariant import invariant
+from ledger.storage import move_statements as sql
+from ledger.storage import saga_statements as saga_sql
+from ledger.storage import statements as ledger_sql
+from ledger.storage.shard import Shard, write_plan
+
+if TYPE_CHECKING:
+    from ledger.storage.shard import Connection
+
+# How long the fence waits for writes in flight on the merchant; a move that
+# cannot fence within this is retried later rather than stalling writers.
+FENCE_LOCK_TIMEOUT_MS = 5000
+# Copies made while writes go on read transfers and entries back this far
+# before the previous copy began, to cover transactions committed late.
+COPY_OVERLAP_S = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class MerchantRows:
+    """A merchant's rows on one shard, table by table."""
+
+    tables: Mapping[str, list[asyncpg.Record]]
+    steps: list[asyncpg.Record]
+    expiries: list[asyncpg.Record]
+    # The source's clock when the read began: the next copy starts from here.
+    read_at: datetime
+
+    @property
+    def count(self) -> int:
+        return sum(len(rows) for rows in self.tables.values()) + len(self.steps)
+
+
+@dataclass(frozen=True, slots=True)
+class MerchantDigest:
+    accounts: int
+    transfers: int
+    entries: int
+    resolutions: int
+    entries_md5: str
+    accounts_md5: str
+
+
+class MoveStore:
+    def __init__(self, shard: Shard) -> None:
+        self.shard = shard
+
+    # Cluster-wide switches.
+
+    async def set_epoch_and_claims(self, *, epoch: int, claims_paused: bool) -> int:
+        async def run(conn: Connection) -> int:
+            return int(await conn.fetchval(sql.SET_EPOCH_AND_CLAIMS, epoch, claims_paused))
+
+        return await self.shard._in_transaction(run)
+
+    async def meta(self) -> tuple[int, bool]:
+        async def run(conn: Connection) -> tuple[int, bool]:
+            row = await conn.fetchrow(sql.READ_META)
+            assert row is not None
+            return int(row["epoch"]), bool(row["claims_paused"])
+
+        return await self.shard._with_connection(run)
+
+    # What is where.
+
+    async def active_merchants(self) -> list[str]:
+        async def run(conn: Connection) -> list[str]:
+            return [r["merchant_id"] for r in await conn.fetch(sql.ACTIVE_MERCHANTS)]
+
+        return await self.shard._with_connection(run)
+
+    async def merchants_in(self, state: str) -> list[tuple[str, str | None]]:
+        async def run(conn: Connection) -> list[tuple[str, str | None]]:
+            rows = await conn.fetch(sql.MERCHANTS_IN_STATE, state)
+            return [(r["merchant_id"], r["moved_to"]) for r in rows]
+
+        return await self.shard._with_connection(run)
+
+    async def merchant_counts(self) -> dict[str, int]:
+        async def run(conn: Connection) -> dict[str, int]:
+            return {r["state"]: r["merchants"] for r in await conn.fetch(sql.MERCHANT_COUNTS)}
+
+        return await self.shard._with_connection(run)
+
+    async def state_of(self, merchant_id: str) -> tuple[str, str | None] | None:
+        async def run(conn: Connection) -> tuple[str, str | None] | None:
+            row = await conn.fetchrow(sql.MERCHANT_ROW, merchant_id)
+            return (row["state"], row["moved_to"]) if row is not None else None
+
+        return await self.shard._with_connection(run)
+
+    async def sizes(self, merchants: list[str]) -> dict[str, tuple[int, int]]:
+        async def run(conn: Connection) -> dict[str, tuple[int, int]]:
+            rows = await conn.fetch(sql.MERCHANT_SIZES, merchants)
+            return {r["merchant_id"]: (r["accounts"], r["entries"]) for r in rows}
+
+        return await self.shard._with_connection(run)
+
+    # Copying (source reads, destination writes).
+
+    async def mark_incoming(self, merchant_id: str, *, source: str, epoch: int) -> None:
+        async def run(conn: Connection) -> None:
+            await conn.execute(sql.MARK_INCOMING, merchant_id, source, epoch)
+
+        await self.shard._in_transaction(run)
+
+    async def read_rows(self, merchant_id: str, *, since: datetime | None) -> MerchantRows:
+        async def run(conn: Connection) -> MerchantRows:
+            read_at: datetime = await conn.fetchval(ledger_sql.NOW)
+            tables: dict[str, list[asyncpg.Record]] = {}
+            for table, column, _ in sql.MOVED_TABLES:
+                query = f"SELECT * FROM {table} WHERE {column} = $1"
+                args: list[object] = [merchant_id]
+                if since is not None and table in ("transfers", "entries"):
+                    query += " AND created_at >= $2"
+                    args.append(since)
+                tables[table] = await conn.fetch(query, *args)
+            steps = await conn.fetch(
+                "SELECT merchant_id, transfer_id, kind, step, outcome, detail, at"
+                " FROM saga_steps WHERE merchant_id = $1 ORDER BY id",
+                merchant_id,
+            )
+            expiries = await conn.fetch(
+                "SELECT * FROM pending_expiries WHERE merchant_id = $1", merchant_id
+            )
+            return MerchantRows(tables, steps, expiries, read_at)
+
+        return await self.shard._in_transaction(run)
+
+    async def write_rows(self, merchant_id: str, rows: MerchantRows) -> int:
+        """Inserts what is missing (history) and refreshes what changes (accounts)."""
+
+        async def run(conn: Connection) -> int:
+            state = await conn.fetchrow(sql.MERCHANT_ROW, merchant_id)
+            invariant(
+                state is not None and state["state"] == "incoming",
+                "rows are copied only to a shard where the merchant is incoming",
+            )
+            written = 0
+            for table, _, key in sql.MOVED_TABLES:
+                records = rows.tables[table]
+                if not records:
+                    continue
+                columns = list(records[0].keys())
+                staging = f"staging_{table}"
+                await conn.execute(
+                    f"CREATE TEMP TABLE {staging} (LIKE {table} INCLUDING DEFAULTS) ON COMMIT DROP"
+                )
+                await conn.copy_records_to_table(
+                    staging, records=[tuple(r) for r in records], columns=columns
+                )
+                names = ", ".join(columns)
+                if table == "accounts" or table == "sagas":
+                    updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in columns)
+                    conflict = f"ON CONFLICT ({key}) DO UPDATE SET {updates}"
+                else:
+                    conflict = f"ON CONFLICT ({key}) DO NOTHING"
+                status = await conn.execute(
+                    f"INSERT INTO {table} ({names}) SELECT {names} FROM {staging} {conflict}"
+                )
+                written += int(status.rsplit(" ", 1)[-1])
+            # Saga step history and expiry timers are replaced whole on each copy.
+            await conn.execute(sql.ALLOW_HISTORY_CLEANUP)
+            await conn.execute("DELETE FROM saga_steps WHERE merchant_id = $1", merchant_id)
+            await conn.execute("DELETE FROM pending_expiries WHERE merchant_id = $1", merchant_id)
+            if rows.steps:
+                await conn.executemany(
+                    "INSERT INTO saga_steps (merchant_id, transfer_id, kind, step, outcome,"
+                    " detail, at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                    [tuple(r) for r in rows.steps],
+                )
+            if rows.expiries:
+                await conn.executemany(
+                    "INSERT INTO pending_expiries (merchant_id, transfer_id, expires_at)"
+                    " VALUES ($1, $2, $3)",
+                    [(r["merchant_id"], r["transfer_id"], r["expires_at"]) for r in rows.expiries],
+                )
+            return written + len(rows.steps)
+
+        return await self.shard._in_transaction(run)
+
+    # Fencing (source).
+
+    async def fence(self, merchant_id: str, *, epoch: int) -> str | None:
+        """Marks the merchant moving once writes in flight finish; returns why not, or None."""
+
+        async def run(conn: Connection) -> str | None:
+            await conn.execute(f"SET LOCAL lock_timeout = {FENCE_LOCK_TIMEOUT_MS}")
+            await conn.execute(sql.LOCK_MERCHANT_EXCLUSIVE, merchant_id)
+            row = await conn.fetchrow(sql.MERCHANT_ROW, merchant_id)
+            if row is None:
+                return "unknown here"
+            if row["state"] == "moving":
+                return None
+            if row["state"] != "active":
+                return f"state {row['state']}"
+            blockers = await conn.fetchrow(sql.MERCHANT_BLOCKERS, merchant_id)
+            assert blockers is not None
+            if blockers["pending_accounts"]:
+                return f"{blockers['pending_accounts']} account(s) hold pending amounts"
+            if blockers["open_sagas"]:
+                return f"{blockers['open_sagas']} saga(s) of its own not finished"
+            await conn.fetchrow(sql.SET_STATE, merchant_id, "moving", None, epoch, ["active"])
+            return None
+
+        try:
+            return await self.shard._in_transaction(run)
+        except asyncpg.exceptions.LockNotAvailableError:
+            return "writes in flight did not finish within the fence timeout"
+
+    async def unfence(self, merchant_id: str, *, epoch: int) -> None:
+        async def run(conn: Connection) -> None:
+            await conn.fetchrow(sql.SET_STATE, merchant_id, "active", None, epoch, ["moving"])
+
+        await self.shard._in_transaction(run)
+
+    async def open_credits_to(self, merchant_id: str, shard_name: str) -> int:
+        """Unfinished sagas here that must still credit the merchant on shard_name."""
+
+        async def run(conn: Connection) -> int:
+            return int(await conn.fetchval(sql.OPEN_CREDITS_TO, merchant_id, shard_name))
+
+        return await self.shard._with_connection(run)
+
+    # Verifying.
+
+    async def digest(self, merchant_id: str) -> MerchantDigest:
+        async def run(conn: Connection) -> MerchantDigest:
+            row = await conn.fetchrow(sql.MERCHANT_DIGEST, merchant_id)
+            assert row is not None
+            return MerchantDigest(**dict(row))
+
+        return await self.shard._with_connection(run)
+
+    async def balance_mismatches(self, merchant_id: str) -> list[str]:
+        """Accounts whose balances differ from the sum of their entries."""
+
+        async def run(conn: Connection) -> list[str]:
+            rows = await conn.fetch(sql.ACCOUNT_ENTRY_MISMATCHES, merchant_id)
+            return [r["account_id"] for r in rows]
+
+        return await self.shard._with_connection(run)
+
+    # Switching, in this order: activate on the destination, then moved on the source.
+
+    async def activate(self, merchant_id: str, *, source: str, epoch: int) -> bool:
+        """incoming -> active, with the settlement booking; False if already done."""
+        return await self._switch(
+            merchant_id,
+            to_state="active",
+            moved_to=None,
+            from_states=["incoming"],
+            peer=source,
+            leaving=False,
+            epoch=epoch,
+        )
+
+    async def mark_moved(self, merchant_id: str, *, destination: str, epoch: int) -> bool:
+        """moving -> moved (redirecting to destination), with the booking; False if done."""
+        return await self._switch(
+            merchant_id,
+            to_state="moved",
+            moved_to=destination,
+            from_states=["moving"],
+            peer=destination,
+            leaving=True,
+            epoch=epoch,
+        )
+
+    async def _switch(
+        self,
+        merchant_id: str,
+        *,
+        to_state: str,
+        moved_to: str | None,
+        from_states: list[str],
+        peer: str,
+        leaving: bool,
+        epoch: int,
+    ) -> bool:
+        async def run(conn: Connection) -> bool:
+            await conn.execute(sql.LOCK_MERCHANT_EXCLUSIVE, merchant_id)
+            switched = await conn.fetchrow(
+                sql.SET_STATE, merchant_id, to_state, moved_to, epoch, from_states
+            )
+            if switched is None:
+                return False
+            positions = await conn.fetch(sql.NET_POSITIONS, merchant_id)
+            now: datetime = await conn.fetchval(ledger_sql.NOW)
+            entries: list[Entry] = []
+            accounts: dict[AccountKey, AccountState] = {}
+            key = move_key(merchant_id, epoch)
+            for position in positions:
+                invariant(position["net_pending"] == 0, "only merchants with nothing pending move")
+                settlement = settlement_account(peer, position["currency"], merchant_id)
+                await conn.execute(
+                    saga_sql.ENSURE_SETTLEMENT_ACCOUNT,
+                    SETTLEMENT_MERCHANT_ID,
+                    settlement.account_id,
+                    position["currency"],
+                )
+                locked = await self.shard._lock_accounts(conn, {settlement})
+                booking = settlement_booking(
+                    locked[settlement],
+                    net_posted=int(position["net_posted"]),
+                    leaving=leaving,
+                    key=key,
+                    now=now,
+                )
+                if booking is not None:
+                    entries.append(booking[0])
+                    accounts[settlement] = booking[1]
+            await write_plan(
+                conn, records=[], entries=entries, accounts=accounts, resolutions=[], expiring=[]
+            )
+            return True
+
+        return await self.shard._in_transaction(run)
+
+    # Cleaning up (source, on command).
+
+    async def cleanup(self, merchant_id: str) -> int:
+        """Deletes the old copy of a merchant that moved away; returns rows deleted."""
+
+        async def run(conn: Connection) -> int:
+            row = await conn.fetchrow(sql.MERCHANT_ROW, merchant_id)
+            invariant(row is not None and row["state"] == "moved", "only moved merchants")
+            await conn.execute(sql.ALLOW_HISTORY_CLEANUP)
+            deleted = 0
+            for table, column, _ in reversed(sql.MOVED_TABLES):
+                status = await conn.execute(f"DELETE FROM {table} WHERE {column} = $1", merchant_id)
+                deleted += int(status.rsplit(" ", 1)[-1])
+            for table in ("saga_steps", "pending_expiries"):
+                status = await conn.execute(
+                    f"DELETE FROM {table} WHERE merchant_id = $1", merchant_id
+                )
+                deleted += int(status.rsplit(" ", 1)[-1])
+            return deleted
+
+        return await self.shard._in_transaction(run)
