@@ -1,0 +1,702 @@
+"""Online rebalancing: add, drain and reweight shards while the books stay whole.
+
+Every test gets four fresh shard databases (shard-a..shard-d) and a service that
+starts on the first three (epoch 1). A test changes the cluster the way an
+admin does: it writes the new config over the live file (the service's watcher
+reloads it) and then runs the rebalance, in-process or through the CLI.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import re
+import sys
+import time
+from collections import Counter, defaultdict
+from collections.abc import AsyncIterator, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import pytest
+
+from ledger.domain.accounts import AccountKey, AccountSpec
+from ledger.domain.transfers import TransferAction, TransferRequest
+from ledger.embedded.postgres import EmbeddedPostgres
+from ledger.moves.rebalance import Plan, Rebalancer, Summary
+from ledger.routing.cluster import Cluster
+from ledger.routing.config import ShardConfig, ShardSpec, load_config
+from ledger.routing.ring import ShardRing
+from ledger.sagas.reconcile import reconcile
+from ledger.storage.errors import MerchantsNotOwned, StaleEpoch
+from ledger.storage.moves import MoveStore
+from ledger.storage.shard import Fence
+from ledger.v1 import ledger_pb2 as pb
+from tests.support import (
+    RPC_TIMEOUT_S,
+    Service,
+    account,
+    create_accounts,
+    fresh_databases,
+    ref,
+    result_names,
+    start_service,
+    transfer,
+    transfers,
+    uid,
+    wait_until,
+    write_config,
+)
+
+ALL_SHARDS = ("shard-a", "shard-b", "shard-c", "shard-d")
+FIRST_SHARDS = ALL_SHARDS[:3]
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# Statuses a client retries with the same ids (as LedgerClient does).
+RETRYABLE_CODES = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED}
+)
+# The load of the add-a-shard test: enough writers to keep every shard busy on
+# two cores, each with a bounded number of calls (the test stops them earlier).
+LOAD_WRITERS = 8
+LOAD_CALLS_PER_WRITER_MAX = 3000
+LOAD_MERCHANTS = 120
+# A call is retried at most this often, with back-off up to the cap, before it
+# counts as an error: a move pauses a merchant's writes for milliseconds.
+CALL_ATTEMPTS_MAX = 60
+CALL_RETRY_DELAY_S_MAX = 0.25
+# Calls that must succeed before the move starts and after it ends, so the
+# writers demonstrably straddle the whole rebalance.
+LOAD_CALLS_AROUND_MOVE_MIN = 80
+# How long LookupTransfers waits (server side) for a saga to leave IN_PROGRESS.
+SAGA_WAIT_MS = 10_000
+# References per lookup (the API limit is 1000).
+LOOKUP_BATCH_MAX = 500
+# A CLI subprocess must finish within this, or the test fails instead of hanging.
+SUBPROCESS_TIMEOUT_S = 60.0
+
+
+# --- The cluster of a test. ---
+
+
+@dataclass
+class Ledger4:
+    """Four shard databases, a live config file and a service on its first config."""
+
+    specs: dict[str, ShardSpec]
+    config_path: Path
+    tmp_path: Path
+    service: Service
+
+    def config(
+        self, epoch: int, names: Sequence[str], *, weights: dict[str, int] | None = None
+    ) -> ShardConfig:
+        weights = weights or {}
+        return ShardConfig(
+            epoch=epoch,
+            shards=tuple(
+                ShardSpec(name=n, dsn=self.specs[n].dsn, weight=weights.get(n, 1)) for n in names
+            ),
+        )
+
+    def copy_of(self, config: ShardConfig, name: str) -> Path:
+        """The config written to a file of its own (the admin's copy of an old config)."""
+        return write_config(self.tmp_path / name, config)
+
+    async def switch_to(self, config: ShardConfig) -> None:
+        """Writes config over the live file and waits until the service has loaded it."""
+        write_config(self.config_path, config)
+
+        async def loaded() -> bool:
+            return self.service.cluster.epoch == config.epoch
+
+        await wait_until(loaded, what=f"the service to load config epoch {config.epoch}")
+
+
+@pytest.fixture
+async def ledger4(pg_server: EmbeddedPostgres, tmp_path: Path) -> AsyncIterator[Ledger4]:
+    specs = {s.name: s for s in fresh_databases(pg_server, ALL_SHARDS)}
+    config_path = tmp_path / "shards.toml"
+    first = ShardConfig(epoch=1, shards=tuple(specs[n] for n in FIRST_SHARDS))
+    write_config(config_path, first)
+    service = await start_service(config_path)
+    try:
+        yield Ledger4(specs=specs, config_path=config_path, tmp_path=tmp_path, service=service)
+    finally:
+        await service.stop()
+
+
+@contextlib.asynccontextmanager
+async def opened(new: ShardConfig, *, old: ShardConfig | None = None) -> AsyncIterator[Rebalancer]:
+    rebalancer = Rebalancer(new, old=old)
+    try:
+        await rebalancer.open()
+        yield rebalancer
+    finally:
+        await rebalancer.close()
+
+
+async def assert_reconciled(env: Ledger4, config: ShardConfig, name: str) -> None:
+    path = env.copy_of(config, name)
+    cluster = Cluster(load_config(path), config_path=path)
+    try:
+        await cluster.open(migrate=False)
+        report = await reconcile(cluster)
+    finally:
+        await cluster.close()
+    assert report.ok, report.render()
+
+
+# --- Merchants, accounts and history. ---
+
+
+async def create_merchants(service: Service, merchant_ids: Iterable[str]) -> None:
+    accounts = [account(m, name) for m in merchant_ids for name in ("cash", "sales")]
+    for start in range(0, len(accounts), LOOKUP_BATCH_MAX):
+        await create_accounts(service.stub, *accounts[start : start + LOOKUP_BATCH_MAX])
+
+
+def merchants_moving(
+    old: ShardConfig, new: ShardConfig, count: int, *, destination: str | None = None
+) -> list[str]:
+    """Fresh merchant ids whose owner changes from old to new (to destination, if given)."""
+    old_ring, new_ring = ShardRing(old), ShardRing(new)
+    found: list[str] = []
+    for _ in range(20_000):
+        candidate = uid("mv")
+        owner = new_ring.shard_for(candidate)
+        if owner != old_ring.shard_for(candidate) and destination in (None, owner):
+            found.append(candidate)
+            if len(found) == count:
+                return found
+    raise AssertionError("not enough moving merchants found")
+
+
+async def settled(service: Service, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], int]:
+    """Looks transfers up, waiting for sagas to finish; their results by (merchant, id)."""
+    results: dict[tuple[str, str], int] = {}
+    for start in range(0, len(keys), LOOKUP_BATCH_MAX):
+        chunk = keys[start : start + LOOKUP_BATCH_MAX]
+        response = await service.stub.LookupTransfers(
+            pb.LookupTransfersRequest(
+                refs=[pb.TransferRef(merchant_id=m, transfer_id=t) for m, t in chunk],
+                wait_timeout_ms=SAGA_WAIT_MS,
+            ),
+            timeout=RPC_TIMEOUT_S,
+        )
+        for record in response.transfers:
+            key = (record.transfer.debit_account.merchant_id, record.transfer.id)
+            assert key not in results, f"transfer {key} found twice"
+            results[key] = record.result
+    return results
+
+
+async def make_history(service: Service, merchant_ids: Sequence[str], rng: random.Random) -> None:
+    """A local transfer per merchant and cross-merchant (mostly cross-shard) transfers."""
+    local = [
+        transfer(uid("h"), ref(m, "cash"), ref(m, "sales"), rng.randint(1, 500))
+        for m in merchant_ids
+    ]
+    across = [
+        transfer(uid("x"), ref(m, "cash"), ref(rng.choice(merchant_ids), "sales"), 7)
+        for m in merchant_ids[: max(2, len(merchant_ids) // 3)]
+    ]
+    for batch in (local, across):
+        results = await transfers(service.stub, *batch)
+        names = result_names(results)
+        assert set(names) <= {"TRANSFER_RESULT_OK", "TRANSFER_RESULT_IN_PROGRESS"}, names
+    final = await settled(service, [(t.debit_account.merchant_id, t.id) for t in local + across])
+    assert set(final.values()) == {pb.TRANSFER_RESULT_OK}, final
+
+
+async def all_balances(
+    service: Service, merchant_ids: Sequence[str]
+) -> dict[tuple[str, str], tuple[int, int, int, int]]:
+    refs = [ref(m, name) for m in merchant_ids for name in ("cash", "sales")]
+    found: dict[tuple[str, str], tuple[int, int, int, int]] = {}
+    for start in range(0, len(refs), LOOKUP_BATCH_MAX):
+        response = await service.stub.LookupAccounts(
+            pb.LookupAccountsRequest(refs=refs[start : start + LOOKUP_BATCH_MAX]),
+            timeout=RPC_TIMEOUT_S,
+        )
+        for a in response.accounts:
+            found[(a.ref.merchant_id, a.ref.account_id)] = (
+                a.debits_posted,
+                a.credits_posted,
+                a.debits_pending,
+                a.credits_pending,
+            )
+    assert len(found) == len(refs), f"{len(refs) - len(found)} accounts not found"
+    return found
+
+
+async def states_on_owners(
+    rebalancer: Rebalancer, config: ShardConfig, merchant_ids: Iterable[str]
+) -> Counter[tuple[str, str | None] | None]:
+    """The state each merchant has on its owner under config (all 'active' after a move)."""
+    ring = ShardRing(config)
+    states: Counter[tuple[str, str | None] | None] = Counter()
+    for m in merchant_ids:
+        states[await MoveStore(rebalancer.shards[ring.shard_for(m)]).state_of(m)] += 1
+    return states
+
+
+def assert_plan_matches(plan: Plan, summary: Summary) -> None:
+    planned = {(m.merchant_id, m.source, m.destination) for m in plan.moves}
+    moved = {(r.move.merchant_id, r.move.source, r.move.destination) for r in summary.moved}
+    assert moved == planned, summary.render()
+    assert not summary.pending, summary.render()
+
+
+# --- Continuous load. ---
+
+
+@dataclass(frozen=True, slots=True)
+class Sent:
+    debit: tuple[str, str]
+    credit: tuple[str, str]
+    amount_minor: int
+
+
+@dataclass
+class Load:
+    merchant_ids: list[str]
+    rng: random.Random
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    acknowledged: dict[tuple[str, str], Sent] = field(default_factory=dict)
+    in_progress: dict[tuple[str, str], Sent] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+    retries: Counter[str] = field(default_factory=Counter)
+    calls_done: int = 0
+
+    def next_transfer(self) -> tuple[pb.Transfer, Sent]:
+        debit_merchant = self.rng.choice(self.merchant_ids)
+        # Half local to one merchant, half to another (mostly on another shard).
+        credit_merchant = (
+            debit_merchant if self.rng.random() < 0.5 else self.rng.choice(self.merchant_ids)
+        )
+        amount_minor = self.rng.randint(1, 1000)
+        item = transfer(
+            uid("w"), ref(debit_merchant, "cash"), ref(credit_merchant, "sales"), amount_minor
+        )
+        return item, Sent((debit_merchant, "cash"), (credit_merchant, "sales"), amount_minor)
+
+    async def send(self, service: Service, item: pb.Transfer, sent: Sent) -> None:
+        """One transfer until it has an answer, retrying retryable failures with the same id."""
+        key = (item.debit_account.merchant_id, item.id)
+        request = pb.CreateTransfersRequest(transfers=[item])
+        for attempt in range(1, CALL_ATTEMPTS_MAX + 1):
+            delay_s = min(CALL_RETRY_DELAY_S_MAX, 0.005 * 2**attempt) * self.rng.uniform(0.5, 1)
+            try:
+                response = await service.stub.CreateTransfers(request, timeout=RPC_TIMEOUT_S)
+            except grpc.aio.AioRpcError as error:
+                if error.code() in RETRYABLE_CODES:
+                    self.retries[error.code().name] += 1
+                    await asyncio.sleep(delay_s)
+                    continue
+                self.errors.append(f"{item.id}: {error.code().name} {error.details()}")
+                return
+            result = response.results[0].result
+            if result == pb.TRANSFER_RESULT_SHARD_UNAVAILABLE:
+                self.retries["SHARD_UNAVAILABLE"] += 1
+                await asyncio.sleep(delay_s)
+                continue
+            if result == pb.TRANSFER_RESULT_OK:
+                self.acknowledged[key] = sent
+            elif result == pb.TRANSFER_RESULT_IN_PROGRESS:
+                self.in_progress[key] = sent
+            else:
+                self.errors.append(f"{item.id}: {pb.TransferResult.Name(result)}")
+            return
+        self.errors.append(f"{item.id}: still retryable after {CALL_ATTEMPTS_MAX} attempts")
+
+    async def writer(self, service: Service) -> None:
+        for _ in range(LOAD_CALLS_PER_WRITER_MAX):
+            if self.stop.is_set():
+                return
+            item, sent = self.next_transfer()
+            await self.send(service, item, sent)
+            self.calls_done += 1
+
+    async def calls_at_least(self, count: int) -> None:
+        async def reached() -> bool:
+            return self.calls_done >= count
+
+        await wait_until(reached, what=f"{count} calls answered by the writers")
+
+
+def expected_deltas(sent: Iterable[Sent]) -> dict[tuple[str, str], tuple[int, int]]:
+    deltas: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
+    for s in sent:
+        deltas[s.debit][0] += s.amount_minor
+        deltas[s.credit][1] += s.amount_minor
+    return {k: (v[0], v[1]) for k, v in deltas.items()}
+
+
+async def copies_on_owners(
+    rebalancer: Rebalancer, keys: Iterable[tuple[str, str]]
+) -> Counter[tuple[str, str]]:
+    """How many shards that own the merchant (state 'active') hold each transfer."""
+    by_merchant: dict[str, list[str]] = defaultdict(list)
+    for merchant_id, transfer_id in keys:
+        by_merchant[merchant_id].append(transfer_id)
+    copies: Counter[tuple[str, str]] = Counter()
+    for shard in rebalancer.shards.values():
+        async with shard.pool.acquire() as conn:
+            rows = await conn.fetch(
+                "SELECT t.merchant_id, t.transfer_id FROM transfers t"
+                " JOIN merchants m ON m.merchant_id = t.merchant_id AND m.state = 'active'"
+                " WHERE t.merchant_id = ANY($1::text[])",
+                list(by_merchant),
+            )
+        copies.update((r["merchant_id"], r["transfer_id"]) for r in rows)
+    return copies
+
+
+# --- The tests. ---
+
+
+async def test_adding_a_shard_under_load_keeps_every_acknowledged_transfer_exactly_once(
+    ledger4: Ledger4,
+) -> None:
+    service = ledger4.service
+    rng = random.Random(4)
+    merchant_ids = [uid("m") for _ in range(LOAD_MERCHANTS)]
+    await create_merchants(service, merchant_ids)
+    await make_history(service, merchant_ids, rng)
+    before = await all_balances(service, merchant_ids)
+    new = ledger4.config(2, ALL_SHARDS)
+
+    load = Load(merchant_ids, rng)
+    writers = [asyncio.create_task(load.writer(service)) for _ in range(LOAD_WRITERS)]
+    try:
+        await load.calls_at_least(LOAD_CALLS_AROUND_MOVE_MIN)
+        await ledger4.switch_to(new)
+        async with opened(new) as rebalancer:
+            plan = await rebalancer.plan()
+            summary = await rebalancer.rebalance()
+            print(f"\n{plan.render()}\n{summary.render()}")
+            await load.calls_at_least(load.calls_done + LOAD_CALLS_AROUND_MOVE_MIN)
+            load.stop.set()
+            await asyncio.gather(*writers)
+            print(f"load: {load.calls_done} calls, retries {dict(load.retries)}")
+
+            assert load.errors == [], load.errors[:10]
+            assert abs(plan.share_moved - 1 / 4) <= 0.1, plan.render()
+            assert plan.merchants_total == LOAD_MERCHANTS
+            assert {m.destination for m in plan.moves} == {"shard-d"}, plan.render()
+            deferred = {r.move.merchant_id for r in summary.pending}
+            assert all(r.outcome.startswith("deferred") for r in summary.pending), summary.render()
+            assert len(summary.moved) + len(deferred) == len(plan.moves)
+            if deferred:
+                catch_up = await rebalancer.rebalance()
+                print(catch_up.render())
+                assert not catch_up.pending, catch_up.render()
+                assert {r.move.merchant_id for r in catch_up.results} == deferred
+            again = await rebalancer.rebalance()
+            assert again.results == [], again.render()
+            assert await states_on_owners(rebalancer, new, merchant_ids) == Counter(
+                {("active", None): LOAD_MERCHANTS}
+            )
+
+            final = await settled(service, list(load.in_progress))
+            assert set(final.values()) <= {pb.TRANSFER_RESULT_OK}, Counter(final.values())
+            assert len(final) == len(load.in_progress)
+            accepted = {**load.acknowledged, **load.in_progress}
+            found = await settled(service, list(accepted))
+            assert set(found) == set(accepted), f"{len(set(accepted) - set(found))} missing"
+            assert set(found.values()) == {pb.TRANSFER_RESULT_OK}
+            copies = await copies_on_owners(rebalancer, accepted)
+            assert {k: copies[k] for k in accepted if copies[k] != 1} == {}
+        after = await all_balances(service, merchant_ids)
+        deltas = expected_deltas(accepted.values())
+        off = {
+            key: (before[key], after[key], deltas.get(key))
+            for key in before
+            if (
+                after[key][0] - before[key][0],
+                after[key][1] - before[key][1],
+                after[key][2],
+                after[key][3],
+            )
+            != (*deltas.get(key, (0, 0)), 0, 0)
+        }
+        assert off == {}, list(off.items())[:5]
+        await assert_reconciled(ledger4, new, "reconcile.toml")
+    finally:
+        load.stop.set()
+        await asyncio.gather(*writers, return_exceptions=True)
+
+
+async def test_moved_merchant_is_refused_by_its_old_shard_and_read_on_its_new_one(
+    ledger4: Ledger4,
+) -> None:
+    service = ledger4.service
+    old, new = service.cluster.config, ledger4.config(2, ALL_SHARDS)
+    merchant_id, peer = merchants_moving(old, new, 2, destination="shard-d")
+    source = ShardRing(old).shard_for(merchant_id)
+    await create_merchants(service, [merchant_id, peer])
+    history = [
+        transfer(uid("h"), ref(merchant_id, "cash"), ref(merchant_id, "sales"), 150),
+        transfer(uid("h"), ref(merchant_id, "sales"), ref(merchant_id, "cash"), 40),
+        transfer(uid("h"), ref(merchant_id, "cash"), ref(peer, "sales"), 25),
+    ]
+    assert result_names(await transfers(service.stub, *history)) == ["TRANSFER_RESULT_OK"] * 3
+
+    await ledger4.switch_to(new)
+    async with opened(new) as rebalancer:
+        summary = await rebalancer.rebalance()
+        assert {r.move.merchant_id: r.move.destination for r in summary.moved} == {
+            merchant_id: "shard-d",
+            peer: "shard-d",
+        }, summary.render()
+        assert await MoveStore(rebalancer.shards["shard-d"]).state_of(merchant_id) == (
+            "active",
+            None,
+        )
+
+        old_shard = service.cluster.shards[source]
+        old_copy = await MoveStore(old_shard).digest(merchant_id)
+        write = TransferRequest(
+            id=uid("late"),
+            debit=AccountKey(merchant_id, "cash"),
+            credit=AccountKey(merchant_id, "sales"),
+            amount_minor=10,
+            currency="USD",
+            action=TransferAction.POST,
+        )
+        # Even a caller that claims the merchant at the current epoch is refused.
+        claiming = Fence(epoch=new.epoch, claimable=frozenset({merchant_id}))
+        with pytest.raises(MerchantsNotOwned) as refused:
+            await old_shard.create_transfers([write], claiming)
+        assert refused.value.owners == {merchant_id: "shard-d"}
+        with pytest.raises(MerchantsNotOwned) as refused_accounts:
+            await old_shard.create_accounts(
+                [AccountSpec(key=AccountKey(merchant_id, "late"), currency="USD")], claiming
+            )
+        assert refused_accounts.value.owners == {merchant_id: "shard-d"}
+        with pytest.raises(StaleEpoch):
+            await old_shard.create_transfers(
+                [write], Fence(epoch=old.epoch, claimable=frozenset({merchant_id}))
+            )
+        assert await MoveStore(old_shard).digest(merchant_id) == old_copy
+
+        # With the old copy gone, reads can only be answered by the new shard.
+        merchants_cleaned, rows_cleaned = await rebalancer.cleanup()
+        assert (merchants_cleaned, rows_cleaned > 0) == (2, True)
+
+    entries = await service.stub.ListEntries(
+        pb.ListEntriesRequest(account=ref(merchant_id, "cash"), order=pb.ORDER_OLDEST_FIRST),
+        timeout=RPC_TIMEOUT_S,
+    )
+    assert [(e.transfer_id, e.amount_minor) for e in entries.entries] == [
+        (history[0].id, 150),
+        (history[1].id, 40),
+        (history[2].id, 25),
+    ]
+    cash = await service.stub.GetBalance(
+        pb.GetBalanceRequest(account=ref(merchant_id, "cash")), timeout=RPC_TIMEOUT_S
+    )
+    assert (cash.debits_posted, cash.credits_posted) == (175, 40)
+    peer_sales = await service.stub.GetBalance(
+        pb.GetBalanceRequest(account=ref(peer, "sales")), timeout=RPC_TIMEOUT_S
+    )
+    assert peer_sales.credits_posted == 25
+    found = await settled(service, [(merchant_id, t.id) for t in history])
+    assert list(found.values()) == [pb.TRANSFER_RESULT_OK] * 3
+    # And the API writes to it again, on its new shard.
+    after = transfer(uid("t"), ref(merchant_id, "cash"), ref(merchant_id, "sales"), 5)
+    assert result_names(await transfers(service.stub, after)) == ["TRANSFER_RESULT_OK"]
+
+
+async def test_draining_a_shard_moves_every_merchant_off_it_and_keeps_balances(
+    ledger4: Ledger4,
+) -> None:
+    service = ledger4.service
+    rng = random.Random(3)
+    four, three = ledger4.config(2, ALL_SHARDS), ledger4.config(3, FIRST_SHARDS)
+    merchant_ids = [uid("d") for _ in range(60)]
+    await create_merchants(service, merchant_ids)
+    await ledger4.switch_to(four)
+    async with opened(four) as rebalancer:
+        assert not (await rebalancer.rebalance()).pending
+    # History made on four shards, cross-shard transfers to and from shard-d included.
+    await make_history(service, merchant_ids, rng)
+    before = await all_balances(service, merchant_ids)
+    on_d = {m for m in merchant_ids if ShardRing(four).shard_for(m) == "shard-d"}
+    assert on_d
+
+    await ledger4.switch_to(three)
+    async with opened(three, old=four) as rebalancer:
+        plan = await rebalancer.plan()
+        assert {m.merchant_id for m in plan.moves} == on_d, plan.render()
+        assert {m.source for m in plan.moves} == {"shard-d"}
+        summary = await rebalancer.rebalance()
+        print(f"\n{plan.render()}\n{summary.render()}")
+        assert_plan_matches(plan, summary)
+        counts = await MoveStore(rebalancer.shards["shard-d"]).merchant_counts()
+        assert counts.get("active", 0) == 0 and counts.get("moving", 0) == 0, counts
+        assert counts.get("moved") == len(on_d), counts
+        assert await states_on_owners(rebalancer, three, merchant_ids) == Counter(
+            {("active", None): len(merchant_ids)}
+        )
+        assert await all_balances(service, merchant_ids) == before
+        # shard-d still holds the old copies (and settlement accounts): reconcile with it.
+        await assert_reconciled(ledger4, four, "reconcile-before-cleanup.toml")
+
+        merchants_cleaned, rows_cleaned = await rebalancer.cleanup()
+        assert merchants_cleaned == len(on_d) and rows_cleaned > 0
+        assert await rebalancer.cleanup() == (0, 0)
+        assert (await rebalancer.rebalance()).results == []
+    assert await all_balances(service, merchant_ids) == before
+    await assert_reconciled(ledger4, four, "reconcile-after-cleanup.toml")
+
+
+async def test_raising_a_weight_moves_merchants_only_towards_that_shard(ledger4: Ledger4) -> None:
+    service = ledger4.service
+    rng = random.Random(2)
+    heavier = ledger4.config(2, FIRST_SHARDS, weights={"shard-a": 3})
+    merchant_ids = [uid("w") for _ in range(60)]
+    await create_merchants(service, merchant_ids)
+    await make_history(service, merchant_ids, rng)
+    before = await all_balances(service, merchant_ids)
+
+    await ledger4.switch_to(heavier)
+    async with opened(heavier) as rebalancer:
+        plan = await rebalancer.plan()
+        print(f"\n{plan.render()}")
+        assert plan.moves, plan.render()
+        assert {m.destination for m in plan.moves} == {"shard-a"}, plan.render()
+        assert "shard-a" not in {m.source for m in plan.moves}
+        summary = await rebalancer.rebalance()
+        print(summary.render())
+        assert_plan_matches(plan, summary)
+        assert sum(merchants for merchants, _, _ in plan.by_pair().values()) == len(summary.moved)
+        assert await states_on_owners(rebalancer, heavier, merchant_ids) == Counter(
+            {("active", None): len(merchant_ids)}
+        )
+    assert await all_balances(service, merchant_ids) == before
+    await assert_reconciled(ledger4, heavier, "reconcile.toml")
+
+
+async def test_merchant_with_pending_funds_is_deferred_until_they_are_released(
+    ledger4: Ledger4,
+) -> None:
+    service = ledger4.service
+    old, new = service.cluster.config, ledger4.config(2, ALL_SHARDS)
+    held, *others = merchants_moving(old, new, 4)
+    await create_merchants(service, [held, *others])
+    pending_id = uid("p")
+    pending = transfer(
+        pending_id, ref(held, "cash"), ref(held, "sales"), 300, action=pb.TRANSFER_ACTION_PENDING
+    )
+    assert result_names(await transfers(service.stub, pending)) == ["TRANSFER_RESULT_OK"]
+
+    await ledger4.switch_to(new)
+    async with opened(new) as rebalancer:
+        summary = await rebalancer.rebalance()
+        print(f"\n{summary.render()}")
+        assert [(r.move.merchant_id, r.outcome.split(":")[0]) for r in summary.pending] == [
+            (held, "deferred")
+        ], summary.render()
+        assert {r.move.merchant_id for r in summary.moved} == set(others)
+        assert f"NOT MOVED {held}" in summary.render()
+        # Still owned, and writable, where it was.
+        source = ShardRing(old).shard_for(held)
+        assert await MoveStore(rebalancer.shards[source]).state_of(held) == ("active", None)
+
+        void = pb.Transfer(
+            id=uid("v"),
+            debit_account=ref(held, "cash"),
+            action=pb.TRANSFER_ACTION_VOID_PENDING,
+            pending_id=pending_id,
+        )
+        assert result_names(await transfers(service.stub, void)) == ["TRANSFER_RESULT_OK"]
+        again = await rebalancer.rebalance()
+        print(again.render())
+        assert [(r.move.merchant_id, r.outcome) for r in again.results] == [(held, "moved")]
+        assert await MoveStore(rebalancer.shards["shard-d"]).state_of(held) == ("active", None)
+    balances = await all_balances(service, [held])
+    assert balances[(held, "cash")] == (0, 0, 0, 0)
+    found = await settled(service, [(held, pending_id)])
+    assert found == {(held, pending_id): pb.TRANSFER_RESULT_OK}
+    await assert_reconciled(ledger4, new, "reconcile.toml")
+
+
+async def run_cli(*args: str) -> tuple[int, str, str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "GRPC_ENABLE_FORK_SUPPORT": "false"}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "ledger.cli",
+        *args,
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        stdout, stderr = await asyncio.wait_for(process.communicate(), SUBPROCESS_TIMEOUT_S)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        raise
+    assert process.returncode is not None
+    return process.returncode, stdout.decode(), stderr.decode()
+
+
+async def test_cli_plans_rebalances_reports_status_and_cleans_up(ledger4: Ledger4) -> None:
+    service = ledger4.service
+    old, new = service.cluster.config, ledger4.config(2, ALL_SHARDS)
+    movers = merchants_moving(old, new, 6)
+    stayers = [uid("s") for _ in range(10)]
+    merchant_ids = movers + [m for m in stayers if m not in movers]
+    await create_merchants(service, merchant_ids)
+    await make_history(service, merchant_ids, random.Random(6))
+    before = await all_balances(service, merchant_ids)
+    moving = [m for m in merchant_ids if ShardRing(new).shard_for(m) != ShardRing(old).shard_for(m)]
+
+    await ledger4.switch_to(new)
+    config = str(ledger4.config_path)
+    started = time.monotonic()
+    code, out, err = await run_cli("shards", "plan", "--config", config)
+    assert code == 0, err
+    assert (
+        f"plan to epoch 2: {len(moving)} of {len(merchant_ids)} merchants move "
+        f"({100 * len(moving) / len(merchant_ids):.1f}%)"
+    ) in out, out
+    pairs = Counter((ShardRing(old).shard_for(m), "shard-d") for m in moving)
+    for (source, destination), merchants in pairs.items():
+        assert re.search(rf"{source} -> {destination}: {merchants} merchants, \d+ accounts", out)
+
+    code, out, err = await run_cli("shards", "rebalance", "--config", config)
+    print(f"\n{out}{err}(CLI rebalance took {time.monotonic() - started:.1f} s with the plan)")
+    assert code == 0, out + err
+    progress = [line for line in err.splitlines() if line.startswith("[")]
+    assert len(progress) == len(moving), err
+    assert f"{len(moving)}/{len(moving)}" in progress[-1]
+    assert all(re.search(r": moved, \d+ rows, pause \d+\.\d ms$", line) for line in progress), err
+    assert re.search(rf"^moved {len(moving)} merchants, \d+ rows copied, in ", out, re.M), out
+    assert re.search(r"merchants/s\)", out), out
+    assert re.search(r"write pause per merchant: p50 \d+\.\d ms, p99 \d+\.\d ms", out), out
+
+    code, out, err = await run_cli("shards", "status", "--config", config)
+    assert code == 0, err
+    lines = out.splitlines()
+    assert [line.split(":")[0] for line in lines] == list(ALL_SHARDS), out
+    assert all(re.match(r"shard-[a-d]: epoch 2, merchants ", line) for line in lines), out
+    assert "in progress" not in out, out
+
+    code, out, err = await run_cli("shards", "cleanup", "--config", config)
+    assert code == 0, err
+    match = re.search(r"removed old copies of (\d+) merchants \((\d+) rows\)", out)
+    assert match is not None, out
+    assert int(match.group(1)) == len(moving) and int(match.group(2)) > 0, out
+    code, out, err = await run_cli("shards", "rebalance", "--config", config)
+    assert code == 0 and out.startswith("moved 0 merchants"), out + err
+
+    assert await all_balances(service, merchant_ids) == before
+    await assert_reconciled(ledger4, new, "reconcile.toml")
