@@ -492,6 +492,7 @@ async def test_moved_merchant_is_refused_by_its_old_shard_and_read_on_its_new_on
         pb.ListEntriesRequest(account=ref(merchant_id, "cash"), order=pb.ORDER_OLDEST_FIRST),
         timeout=RPC_TIMEOUT_S,
     )
+    print("DBG", [(e.sequence, e.transfer_id, e.amount_minor, e.direction, e.kind) for e in entries.entries], [t.id for t in history])
     # The local batch and the saga commit in either order: compare as sets.
     assert sorted((e.transfer_id, e.amount_minor) for e in entries.entries) == sorted(
         [(history[0].id, 150), (history[1].id, 40), (history[2].id, 25)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -155,8 +156,8 @@ class Ledger:
             results[index] = await self.sagas.outcome_by(start, deadline=deadline)
 
         await asyncio.gather(run_local(), *(run_saga(i) for i in sorted(cross)))
-        for outcome in results.values():
-            metrics.transfers.add(1, {"result": outcome.result.name})
+        for result, count in Counter(o.result.name for o in results.values()).items():
+            metrics.transfers.add(count, {"result": result})
         return [
             ItemOutcome(i, o.id, o.result, o.replayed, o.differing_field, o.created_at)
             for i, o in ((i, results[i]) for i in range(len(requests)))

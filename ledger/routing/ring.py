@@ -7,6 +7,10 @@ from uhashring import HashRing
 from ledger.routing.config import ShardConfig
 
 
+# Merchants whose owner a ring remembers; a ring is rebuilt on every config change.
+OWNER_CACHE_ENTRIES_MAX = 100_000
+
+
 class ShardRing:
     """Maps merchant IDs to shard names. Built from names, so a changed DSN moves nothing.
 
@@ -21,8 +25,17 @@ class ShardRing:
             hash_fn="ketama",
         )
         self._names = frozenset(spec.name for spec in config.shards)
+        self._owners: dict[str, str] = {}
 
     def shard_for(self, merchant_id: str) -> str:
+        owner = self._owners.get(merchant_id)
+        if owner is not None:
+            return owner
         name = self._ring.get_node(merchant_id)
         assert isinstance(name, str) and name in self._names
+        # The ring is immutable: remember answers (md5 per lookup shows in profiles),
+        # boundedly, starting afresh when full.
+        if len(self._owners) >= OWNER_CACHE_ENTRIES_MAX:
+            self._owners.clear()
+        self._owners[merchant_id] = name
         return name
