@@ -6,7 +6,6 @@ from uhashring import HashRing
 
 from ledger.routing.config import ShardConfig
 
-
 # Merchants whose owner a ring remembers; a ring is rebuilt on every config change.
 OWNER_CACHE_ENTRIES_MAX = 100_000
 
