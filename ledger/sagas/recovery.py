@@ -16,6 +16,7 @@ from ledger.domain.sagas import Saga, SagaState
 from ledger.sagas.runner import SagaRunner, saga_attributes
 from ledger.storage.audit import ShardAudit
 from ledger.storage.errors import ShardUnavailable
+from ledger.storage.moves import MoveStore
 from ledger.storage.sagas import SagaStore
 from ledger.telemetry import metrics
 from ledger.telemetry.tracing import context_from_traceparent, tracer
@@ -40,7 +41,9 @@ class RecoveryWorker:
         self._task: asyncio.Task[None] | None = None
         self._gauge_values: list[tuple[float, dict[str, str]]] = []
         self._rounds = 0
+        self._merchant_values: list[tuple[float, dict[str, str]]] = []
         metrics.register_gauge_source("sagas", lambda: self._gauge_values)
+        metrics.register_gauge_source("merchants", lambda: self._merchant_values)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="saga-recovery")
@@ -79,17 +82,24 @@ class RecoveryWorker:
             return await self.runner.drive(saga)
 
     async def refresh_gauges(self) -> None:
-        """Counts unfinished sagas per shard for the ledger_sagas gauge."""
-        values: list[tuple[float, dict[str, str]]] = []
+        """Counts unfinished sagas (ledger_sagas) and merchants by state (ledger_merchants)."""
+        sagas: list[tuple[float, dict[str, str]]] = []
+        merchants: list[tuple[float, dict[str, str]]] = []
         for name, shard in list(self.runner.cluster.shards.items()):
             try:
                 counts = await ShardAudit(shard).saga_counts()
+                states = await MoveStore(shard).merchant_counts()
             except ShardUnavailable:
                 continue
             for state in (SagaState.RUNNING, SagaState.DEAD):
                 total = sum(n for (s, _), n in counts.items() if s is state)
-                values.append((total, {"shard": name, "state": state.name.lower()}))
-        self._gauge_values = values
+                sagas.append((total, {"shard": name, "state": state.name.lower()}))
+            for merchant_state in ("active", "moving", "incoming", "moved"):
+                merchants.append(
+                    (states.get(merchant_state, 0), {"shard": name, "state": merchant_state})
+                )
+        self._gauge_values = sagas
+        self._merchant_values = merchants
 
     async def _run(self) -> None:
         while not self._stop.is_set():

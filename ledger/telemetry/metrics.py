@@ -90,6 +90,13 @@ _meter.create_observable_gauge(
     description="Connections per shard pool, by state (in_use, open)",
 )
 _meter.create_observable_gauge(
+    "ledger_merchants",
+    callbacks=[_observe("merchants")],
+    unit="1",
+    description="Merchants per shard by ownership state (active, moving, incoming, moved): "
+    "rebalance progress",
+)
+_meter.create_observable_gauge(
     "ledger_sagas",
     callbacks=[_observe("sagas")],
     unit="1",
