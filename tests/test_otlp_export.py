@@ -54,6 +54,7 @@ EXPORTED_METRICS = (
     "ledger_shard_transaction_duration_seconds_sum",
     "ledger_pool_connections",
     "ledger_sagas",
+    "ledger_merchants",
 )
 # The ones that appear after the traffic below (the rest count failures only).
 METRICS_AFTER_TRAFFIC = tuple(
@@ -324,6 +325,7 @@ async def test_metrics_endpoint_exports_the_named_metrics_after_traffic(stack: S
         assert with_name(samples, "ledger_pool_connections", shard=shard, state="open")
         assert with_name(samples, "ledger_pool_connections", shard=shard, state="in_use")
     assert with_name(samples, "ledger_sagas", state="dead")
+    assert with_name(samples, "ledger_merchants", state="active")
     assert with_name(samples, "ledger_sagas", state="running")
     ledger_names = {name for name, _, _ in samples if name.startswith("ledger_")}
     assert ledger_names <= set(EXPORTED_METRICS), ledger_names - set(EXPORTED_METRICS)
