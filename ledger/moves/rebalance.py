@@ -152,7 +152,10 @@ class Rebalancer:
             shard = Shard(name=spec.name, dsn=spec.dsn)
             await shard.open()
             self.shards[spec.name] = shard
-            await shard.migrate(epoch=self.new.epoch)
+            # A shard set up here is being added: claims stay paused until the
+            # rebalance has marked the merchants that move in (plan alone leaves
+            # them paused; writes for new merchants there wait for the rebalance).
+            await shard.migrate(epoch=self.new.epoch, claims_paused_if_new=True)
 
     async def close(self) -> None:
         await asyncio.gather(*(s.close() for s in self.shards.values()))
@@ -240,6 +243,13 @@ class Rebalancer:
         await destination.mark_incoming(m, source=move.source, epoch=epoch)
         destination_state = await destination.state_of(m)
         assert destination_state is not None
+        if (
+            destination_state[0] == "active"
+            and source_state is not None
+            and (source_state[0] == "active")
+        ):
+            # Never expected (new shards start with claims paused): say so loudly.
+            return MoveResult(move, "failed: active on both shards; resolve by hand")
         rows_copied = 0
         copied_at = None
         fenced_at = time.monotonic()

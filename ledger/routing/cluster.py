@@ -51,8 +51,12 @@ class Cluster:
         paused while it decides who moves), so that no two shards can ever take
         on the same new merchant; a replica never does it on its own.
         """
+        recorded = [await shard.recorded_epoch() for shard in self.shards.values()]
+        # Shards already at an older epoch: this config awaits a rebalance, so a
+        # shard set up now is one being added and starts with claims paused.
+        rebalance_pending = any(e is not None and e < self.epoch for e in recorded)
         for shard in self.shards.values():
-            applied = await shard.migrate(epoch=self.epoch)
+            applied = await shard.migrate(epoch=self.epoch, claims_paused_if_new=rebalance_pending)
             if applied:
                 log.info("shard %s: applied %s", shard.name, ", ".join(applied))
             shard_epoch = await shard.epoch()
@@ -138,6 +142,10 @@ class Cluster:
                 if current is None or current.dsn != spec.dsn:
                     shard = Shard(name=spec.name, dsn=spec.dsn)
                     await shard.open()
+                    if current is None:
+                        # A shard added by this config change: set it up with claims
+                        # paused until the rebalance decides which merchants move in.
+                        await shard.migrate(epoch=config.epoch, claims_paused_if_new=True)
                     self.shards[spec.name] = shard
                     if current is not None:
                         await current.close()

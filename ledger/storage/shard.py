@@ -157,16 +157,18 @@ class Shard:
 
     # Set-up.
 
-    async def migrate(self, *, epoch: int) -> list[str]:
+    async def migrate(self, *, epoch: int, claims_paused_if_new: bool = False) -> list[str]:
         """Applies migrations and records the shard's name and epoch on first use.
 
-        Refuses a database that belongs to another shard name, and returns the
-        migrations applied.
+        A shard added for a rebalance starts with claims paused, so that no
+        replica can take on a merchant there before the rebalance has marked
+        the merchants that move in. Refuses a database that belongs to another
+        shard name, and returns the migrations applied.
         """
 
         async def run(conn: Connection) -> list[str]:
             applied = await apply_migrations(conn)
-            await conn.execute(sql.INIT_META, self.name, epoch)
+            await conn.execute(sql.INIT_META, self.name, epoch, claims_paused_if_new)
             row = await conn.fetchrow(sql.READ_META)
             assert row is not None
             if row["shard_name"] != self.name:
@@ -174,6 +176,17 @@ class Shard:
                     f"database at {self.name}'s DSN belongs to shard {row['shard_name']!r}"
                 )
             return applied
+
+        return await self._with_connection(run)
+
+    async def recorded_epoch(self) -> int | None:
+        """The epoch this shard has recorded, or None if it was never set up."""
+
+        async def run(conn: Connection) -> int | None:
+            if not await conn.fetchval("SELECT to_regclass('shard_meta') IS NOT NULL"):
+                return None
+            value = await conn.fetchval("SELECT epoch FROM shard_meta")
+            return int(value) if value is not None else None
 
         return await self._with_connection(run)
 
@@ -481,7 +494,12 @@ class Shard:
 
     async def _fence(self, conn: Connection, fence: Fence, merchant_ids: Iterable[str]) -> None:
         ids = sorted(set(merchant_ids))
-        rows = await conn.fetch(sql.FENCE, ids)
+        try:
+            rows = await conn.fetch(sql.FENCE, ids)
+        except (asyncpg.exceptions.UndefinedFunctionError, asyncpg.exceptions.UndefinedTableError):
+            # A shard just added to the config and not set up yet: like a shard on
+            # an older epoch, it is waited for (retryably), never written around.
+            raise StaleEpoch(self.name, 0, fence.epoch) from None
         invariant(len(rows) >= 1, "shard_meta has its row")
         shard_epoch = int(rows[0]["epoch"])
         if shard_epoch != fence.epoch:

@@ -186,7 +186,7 @@ LIMIT $4
 READ_META = "SELECT shard_name, epoch FROM shard_meta"
 
 INIT_META = """
-INSERT INTO shard_meta (shard_name, epoch) VALUES ($1, $2)
+INSERT INTO shard_meta (shard_name, epoch, claims_paused) VALUES ($1, $2, $3)
 ON CONFLICT (singleton) DO NOTHING
 """
 
