@@ -47,6 +47,9 @@ from ledger.telemetry import metrics
 from ledger.telemetry.tracing import tracer
 
 log = logging.getLogger(__name__)
+# Marks an item that routing found to span shards (a merchant moved away from
+# its partner); it is then run as a saga.
+_SPANS_SHARDS_NOW = -2
 Item = TypeVar("Item")
 Key = TypeVar("Key", AccountKey, TransferKey)
 Found = TypeVar("Found")
@@ -137,6 +140,7 @@ class Ledger:
                 merchants_of=_transfer_merchants,
                 run=run,
                 unavailable=lambda r: ItemOutcome(-1, r.id, TransferResult.SHARD_UNAVAILABLE),
+                split=lambda r: ItemOutcome(_SPANS_SHARDS_NOW, r.id, TransferResult.IN_PROGRESS),
             )
             results.update(zip(local, outcomes, strict=True))
 
@@ -156,6 +160,11 @@ class Ledger:
             results[index] = await self.sagas.outcome_by(start, deadline=deadline)
 
         await asyncio.gather(run_local(), *(run_saga(i) for i in sorted(cross)))
+        # Items found spanning shards only while routing (a merchant moved) run as sagas.
+        moved_apart = [
+            i for i in local if results[i].index == _SPANS_SHARDS_NOW and not requests[i].linked
+        ]
+        await asyncio.gather(*(run_saga(i) for i in moved_apart))
         for result, count in Counter(o.result.name for o in results.values()).items():
             metrics.transfers.add(count, {"result": result})
         return [
@@ -351,6 +360,7 @@ class Ledger:
         merchants_of: Callable[[Item], set[str]],
         run: Callable[[Shard, list[Item], Fence], Awaitable[list[Result]]],
         unavailable: Callable[[Item], Result],
+        split: Callable[[Item], Result] | None = None,
     ) -> list[Result]:
         """Sends each item to its home merchant's shard, all shards at once.
 
@@ -366,6 +376,7 @@ class Ledger:
                 merchants_of=merchants_of,
                 run=run,
                 unavailable=unavailable,
+                split=split,
                 span=span,
             )
 
@@ -377,6 +388,7 @@ class Ledger:
         merchants_of: Callable[[Item], set[str]],
         run: Callable[[Shard, list[Item], Fence], Awaitable[list[Result]]],
         unavailable: Callable[[Item], Result],
+        split: Callable[[Item], Result] | None,
         span: Span,
     ) -> list[Result]:
         results: dict[int, Result] = {}
@@ -418,6 +430,16 @@ class Ledger:
                     raise outcome
                 else:
                     results.update(zip(indexes, outcome, strict=True))
+            if split is not None and owners:
+                # A merchant moved away from its partner: the item spans shards now.
+                for i in list(retry):
+                    shards = {
+                        owners.get(m) or self.cluster.ring.shard_for(m)
+                        for m in merchants_of(items[i])
+                    }
+                    if len(shards) > 1:
+                        results[i] = split(items[i])
+                        retry.remove(i)
             if not retry:
                 return [results[i] for i in range(len(items))]
             if reload_needed:

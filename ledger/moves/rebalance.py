@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 
 from ledger import faults
+from ledger.invariant import InvariantViolation
 from ledger.routing.config import ShardConfig, ShardSpec
 from ledger.routing.ring import ShardRing
 from ledger.storage.moves import COPY_OVERLAP_S, MoveStore
@@ -41,6 +42,12 @@ from ledger.telemetry.tracing import tracer
 # rounds, this long apart, before the run reports them for a later rerun.
 DEFER_ROUNDS_MAX = 5
 DEFER_ROUND_PAUSE_S = 1.0
+# Copy-and-verify rounds under the fence before a move gives up (a saga step
+# under way at the fence may land between a copy and its check).
+VERIFY_ATTEMPTS_MAX = 3
+# Fenced, a merchant's sagas in flight get this long to settle before the
+# move gives up for this round (new writes for it wait meanwhile).
+DRAIN_WAIT_S = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,6 +231,12 @@ class Rebalancer:
 
     async def move(self, move: Move) -> MoveResult:
         """Moves one merchant, from wherever a previous run left it."""
+        try:
+            return await self._traced_move(move)
+        except InvariantViolation as error:
+            return MoveResult(move, f"failed: {error}")
+
+    async def _traced_move(self, move: Move) -> MoveResult:
         with tracer.start_as_current_span(
             "rebalance move",
             attributes={
@@ -262,7 +275,7 @@ class Rebalancer:
             with tracer.start_as_current_span("move fence"):
                 refused = await source.fence(m, epoch=epoch)
                 if refused is None:
-                    refused = await self._open_credits(m, move.source)
+                    refused = await self._drain(source, m, move.source)
                     if refused is not None:
                         await source.unfence(m, epoch=epoch)
             if refused is not None:
@@ -270,15 +283,24 @@ class Rebalancer:
             fenced_at = time.monotonic()
             faults.crash_point("move.after_fence")
         if destination_state[0] == "incoming":
-            with tracer.start_as_current_span("move copy changes"):
-                since = (
-                    copied_at - timedelta(seconds=COPY_OVERLAP_S) if copied_at is not None else None
-                )
-                rows_copied += await destination.write_rows(
-                    m, await source.read_rows(m, since=since)
-                )
-            with tracer.start_as_current_span("move verify"):
-                problem = await self._verify(source, destination, m)
+            problem = None
+            for _ in range(VERIFY_ATTEMPTS_MAX):
+                with tracer.start_as_current_span("move copy changes"):
+                    since = (
+                        copied_at - timedelta(seconds=COPY_OVERLAP_S)
+                        if copied_at is not None
+                        else None
+                    )
+                    rows_copied += await destination.write_rows(
+                        m, await source.read_rows(m, since=since)
+                    )
+                with tracer.start_as_current_span("move verify"):
+                    problem = await self._verify(source, destination, m)
+                if problem is None:
+                    break
+                # A saga step that was under way at the fence may have landed since
+                # the copy: let it settle and copy again.
+                await self._drain(source, m, move.source)
             if problem is not None:
                 await source.unfence(m, epoch=epoch)
                 return MoveResult(move, f"failed: {problem}", rows_copied)
@@ -291,6 +313,20 @@ class Rebalancer:
             await source.mark_moved(m, destination=move.destination, epoch=epoch)
         faults.crash_point("move.after_hand_over")
         return MoveResult(move, "moved", rows_copied, pause_ms)
+
+    async def _drain(self, source: MoveStore, merchant_id: str, source_name: str) -> str | None:
+        """Waits, fenced, for the merchant's money in flight to settle; why not, or None."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + DRAIN_WAIT_S
+        delay_s = 0.01
+        while True:
+            reason = await source.blockers(merchant_id) or await self._open_credits(
+                merchant_id, source_name
+            )
+            if reason is None or loop.time() + delay_s > end:
+                return reason
+            await asyncio.sleep(delay_s)
+            delay_s = min(delay_s * 2, 0.2)
 
     async def _open_credits(self, merchant_id: str, source: str) -> str | None:
         """Sagas anywhere that must still credit the merchant on its old shard."""
@@ -347,8 +383,10 @@ class Rebalancer:
                     or new_copy.resolutions < old_copy.resolutions
                 ):
                     continue
-                rows += await store.cleanup(merchant_id)
-                merchants += 1
+                deleted = await store.cleanup(merchant_id)
+                if deleted:
+                    rows += deleted
+                    merchants += 1
         return merchants, rows
 
 

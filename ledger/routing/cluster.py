@@ -81,9 +81,9 @@ class Cluster:
     def shard_for(self, merchant_id: str) -> Shard:
         return self.shards[self.ring.shard_for(merchant_id)]
 
-    def fence(self, shard: Shard, merchant_ids: set[str]) -> Fence:
+    def fence(self, shard: Shard, merchant_ids: set[str], *, allow_moving: bool = False) -> Fence:
         claimable = frozenset(m for m in merchant_ids if self.ring.shard_for(m) == shard.name)
-        return Fence(epoch=self.epoch, claimable=claimable)
+        return Fence(epoch=self.epoch, claimable=claimable, allow_moving=allow_moving)
 
     def shard_named(self, name: str | None) -> Shard | None:
         return self.shards.get(name) if name is not None else None
@@ -94,6 +94,7 @@ class Cluster:
         step: Callable[[Shard, Fence], Awaitable[T]],
         *,
         shard_name: str | None = None,
+        allow_moving: bool = False,
     ) -> T:
         """Runs step on the shard that owns the merchant, following redirects.
 
@@ -105,7 +106,7 @@ class Cluster:
         """
         target = self.shard_named(shard_name) or self.shard_for(merchant_id)
         for attempt in range(1, limits.redirect_attempts_max + 1):
-            fence = self.fence(target, {merchant_id})
+            fence = self.fence(target, {merchant_id}, allow_moving=allow_moving)
             try:
                 return await step(target, fence)
             except StaleEpoch as error:

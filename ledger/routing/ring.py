@@ -6,6 +6,8 @@ from uhashring import HashRing
 
 from ledger.routing.config import ShardConfig
 
+# Ring points per unit of weight (uhashring's default for weight 1).
+VNODES_PER_WEIGHT = 40
 # Merchants whose owner a ring remembers; a ring is rebuilt on every config change.
 OWNER_CACHE_ENTRIES_MAX = 100_000
 
@@ -20,7 +22,13 @@ class ShardRing:
     def __init__(self, config: ShardConfig) -> None:
         self.epoch = config.epoch
         self._ring = HashRing(
-            nodes={spec.name: {"weight": spec.weight} for spec in config.shards},
+            # Points per shard in proportion to its own weight alone (ketama's
+            # "weight" rescales every shard's points, so raising one shard's
+            # weight would also move merchants between the others).
+            nodes={
+                spec.name: {"vnodes": VNODES_PER_WEIGHT * spec.weight, "weight": 1}
+                for spec in config.shards
+            },
             hash_fn="ketama",
         )
         self._names = frozenset(spec.name for spec in config.shards)

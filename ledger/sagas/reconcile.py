@@ -147,6 +147,14 @@ async def _check_legs(report: ReconcileReport, audits: dict[str, ShardAudit]) ->
                     problems.append(f"{len(sagas)} saga(s) name unknown shard {peer}")
                     continue
                 outcomes = await peer_audit.credit_outcomes([s.key for s in sagas])
+                missing_here = [s.key for s in sagas if s.key not in outcomes]
+                for other_name, other in audits.items():
+                    if not missing_here or other_name == peer:
+                        continue
+                    # The credit merchant may have moved since: its outcomes moved too.
+                    found = await other.credit_outcomes(missing_here)
+                    outcomes.update(found)
+                    missing_here = [k for k in missing_here if k not in found]
                 posted = await audit.posted_debits(
                     [
                         s.key

@@ -22,7 +22,7 @@ from ledger import limits
 from ledger.domain.engine import ItemOutcome
 from ledger.domain.sagas import CreditOutcome, Saga, SagaKey, SagaState, SagaStep
 from ledger.domain.transfers import TransferRequest, TransferResult
-from ledger.routing.cluster import Cluster
+from ledger.routing.cluster import MOVING_RETRY_DELAY_S, Cluster
 from ledger.routing.errors import ClusterUnavailable
 from ledger.storage.errors import MerchantsMoving, MerchantsNotOwned, ShardUnavailable, StaleEpoch
 from ledger.storage.sagas import SagaRaced, SagaStart, SagaStore
@@ -65,6 +65,10 @@ class SagaRunner:
         """Step 1 on the debit shard (or the replay of an earlier step 1)."""
         trace_context = current_traceparent()
 
+        peer_shard = ""
+        if request.credit is not None and not request.settles_pending:
+            peer_shard = await self._credit_owner(request.credit.merchant_id)
+
         async def begin(shard: Shard, fence: Fence) -> SagaStart:
             store = SagaStore(shard)
             if request.settles_pending:
@@ -78,7 +82,7 @@ class SagaRunner:
             assert request.credit is not None
             return await store.begin_transfer(
                 request,
-                peer_shard=self.cluster.ring.shard_for(request.credit.merchant_id),
+                peer_shard=peer_shard,
                 fence=fence,
                 trace_context=trace_context,
                 lease_owner=self.owner,
@@ -93,6 +97,27 @@ class SagaRunner:
             },
         ):
             return await self._on_home(request.debit.merchant_id, begin)
+
+    async def _credit_owner(self, merchant_id: str) -> str:
+        """The credit merchant's owner now (a move may have it elsewhere than the ring
+        says): step 2 runs there, and its settlement account mirrors the debit shard's.
+        A merchant being handed over is waited for, briefly."""
+
+        async def owner(shard: Shard, fence: Fence) -> str:
+            return await shard.owner_of(merchant_id)
+
+        shard = self.cluster.shard_for(merchant_id)
+        for attempt in range(1, limits.redirect_attempts_max + 1):
+            try:
+                name = await owner(shard, self.cluster.fence(shard, {merchant_id}))
+            except MerchantsMoving:
+                await asyncio.sleep(MOVING_RETRY_DELAY_S * attempt)
+                continue
+            named = self.cluster.shard_named(name)
+            if named is None or named is shard:
+                return name
+            shard = named
+        raise ClusterUnavailable("the credit merchant is being moved; retry shortly")
 
     async def outcome_by(self, start: SagaStart, *, deadline: float) -> ItemOutcome:
         """Drives a fresh saga in the background and waits for it until deadline
@@ -183,7 +208,9 @@ class SagaRunner:
             peer = self.cluster.shard_named(saga.peer_shard)
         if peer is None:
             raise ClusterUnavailable("the saga's credit shard is not in the shard config")
-        return await credit(peer, self.cluster.fence(peer, {saga.credit.merchant_id}))
+        return await credit(
+            peer, self.cluster.fence(peer, {saga.credit.merchant_id}, allow_moving=True)
+        )
 
     async def _finish(
         self,
@@ -203,7 +230,7 @@ class SagaRunner:
                 allow_dead=allow_dead,
             )
 
-        return await self._on_home(saga.key.merchant_id, finish)
+        return await self.cluster.run_on_owner(saga.key.merchant_id, finish, allow_moving=True)
 
     async def _retry_later(self, saga: Saga, error: str) -> Saga:
         delay_s = min(
@@ -211,10 +238,14 @@ class SagaRunner:
             self.settings.retry_delay_s_min * 2 ** min(saga.attempts, 30),
         )
         delay_s = random.uniform(delay_s / 2, delay_s)
-        try:
-            updated = await SagaStore(self.cluster.shard_for(saga.key.merchant_id)).retry_later(
+
+        async def record(shard: Shard, fence: Fence) -> Saga | None:
+            return await SagaStore(shard).retry_later(
                 saga, error=error, attempts_max=self.settings.attempts_max, delay_s=delay_s
             )
+
+        try:
+            updated = await self._on_home(saga.key.merchant_id, record)
         except RETRYABLE:
             # The debit shard is down too: the lease runs out and a worker retries.
             return saga
@@ -231,7 +262,10 @@ class SagaRunner:
     # Admin.
 
     async def get(self, key: SagaKey) -> tuple[Saga, list[SagaStep]] | None:
-        return await SagaStore(self.cluster.shard_for(key.merchant_id)).get(key)
+        async def read(shard: Shard, fence: Fence) -> tuple[Saga, list[SagaStep]] | None:
+            return await SagaStore(shard).get(key)
+
+        return await self._on_home(key.merchant_id, read)
 
     async def list(self, states: list[SagaState], *, limit: int) -> tuple[list[Saga], list[str]]:
         """Sagas in these states on every reachable shard, oldest first, and the shards
@@ -246,9 +280,12 @@ class SagaRunner:
         return sorted(found, key=lambda s: s.created_at)[:limit], unreachable
 
     async def retry(self, key: SagaKey) -> Saga | None:
-        saga = await SagaStore(self.cluster.shard_for(key.merchant_id)).reset_for_retry(
-            key, lease_owner=self.owner, lease_s=self.settings.lease_s
-        )
+        async def reset(shard: Shard, fence: Fence) -> Saga | None:
+            return await SagaStore(shard).reset_for_retry(
+                key, lease_owner=self.owner, lease_s=self.settings.lease_s
+            )
+
+        saga = await self._on_home(key.merchant_id, reset)
         if saga is None:
             return None
         return await self.drive(saga)

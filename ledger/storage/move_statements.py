@@ -32,9 +32,14 @@ SELECT m AS merchant_id,
 FROM unnest($1::text[]) AS m
 """
 
+# A merchant that once left this shard (state moved) can come back: its row
+# turns incoming again; old rows it left here are a prefix of its history.
 MARK_INCOMING = """
 INSERT INTO merchants (merchant_id, state, moved_to, epoch) VALUES ($1, 'incoming', $2, $3)
-ON CONFLICT (merchant_id) DO NOTHING
+ON CONFLICT (merchant_id) DO UPDATE
+    SET state = 'incoming', moved_to = EXCLUDED.moved_to, epoch = EXCLUDED.epoch,
+        updated_at = clock_timestamp()
+    WHERE merchants.state = 'moved'
 """
 
 # The epoch lock is the one every write holds shared: raising the epoch and

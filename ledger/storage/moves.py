@@ -197,7 +197,11 @@ class MoveStore:
     # Fencing (source).
 
     async def fence(self, merchant_id: str, *, epoch: int) -> str | None:
-        """Marks the merchant moving once writes in flight finish; returns why not, or None."""
+        """Marks the merchant moving once writes in flight finish; returns why not, or None.
+
+        New writes for it then wait; saga steps already under way still pass
+        (see Fence.allow_moving), so its money in flight can settle while fenced.
+        """
 
         async def run(conn: Connection) -> str | None:
             await conn.execute(f"SET LOCAL lock_timeout = {FENCE_LOCK_TIMEOUT_MS}")
@@ -209,12 +213,6 @@ class MoveStore:
                 return None
             if row["state"] != "active":
                 return f"state {row['state']}"
-            blockers = await conn.fetchrow(sql.MERCHANT_BLOCKERS, merchant_id)
-            assert blockers is not None
-            if blockers["pending_accounts"]:
-                return f"{blockers['pending_accounts']} account(s) hold pending amounts"
-            if blockers["open_sagas"]:
-                return f"{blockers['open_sagas']} saga(s) of its own not finished"
             await conn.fetchrow(sql.SET_STATE, merchant_id, "moving", None, epoch, ["active"])
             return None
 
@@ -222,6 +220,20 @@ class MoveStore:
             return await self.shard._in_transaction(run)
         except asyncpg.exceptions.LockNotAvailableError:
             return "writes in flight did not finish within the fence timeout"
+
+    async def blockers(self, merchant_id: str) -> str | None:
+        """Why the merchant cannot move yet (money pending, sagas of its own open), or None."""
+
+        async def run(conn: Connection) -> str | None:
+            row = await conn.fetchrow(sql.MERCHANT_BLOCKERS, merchant_id)
+            assert row is not None
+            if row["pending_accounts"]:
+                return f"{row['pending_accounts']} account(s) hold pending amounts"
+            if row["open_sagas"]:
+                return f"{row['open_sagas']} saga(s) of its own not finished"
+            return None
+
+        return await self.shard._with_connection(run)
 
     async def unfence(self, merchant_id: str, *, epoch: int) -> None:
         async def run(conn: Connection) -> None:

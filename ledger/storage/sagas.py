@@ -520,6 +520,7 @@ class SagaStore:
 
         async def run(conn: Connection) -> Saga | None:
             key = saga.key
+            await self.shard._check_readable(conn, {key.merchant_id})
             row = await conn.fetchrow(
                 sql.RETRY_LATER,
                 key.merchant_id,
@@ -545,6 +546,7 @@ class SagaStore:
         """Back to RUNNING with attempts reset, leased to the caller who drives it now."""
 
         async def run(conn: Connection) -> Saga | None:
+            await self.shard._check_readable(conn, {key.merchant_id})
             row = await conn.fetchrow(
                 sql.RESET_FOR_RETRY,
                 key.merchant_id,
@@ -571,6 +573,7 @@ class SagaStore:
 
     async def get(self, key: SagaKey) -> tuple[Saga, list[SagaStep]] | None:
         async def run(conn: Connection) -> tuple[Saga, list[SagaStep]] | None:
+            await self.shard._check_readable(conn, {key.merchant_id})
             saga = await self._saga(conn, key)
             if saga is None:
                 return None

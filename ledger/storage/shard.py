@@ -91,6 +91,9 @@ class Fence:
 
     epoch: int
     claimable: frozenset[str]
+    # Saga steps that continue work already under way (steps 2 and 3) pass the
+    # fence of a merchant being moved, so its money in flight can settle first.
+    allow_moving: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +179,21 @@ class Shard:
                     f"database at {self.name}'s DSN belongs to shard {row['shard_name']!r}"
                 )
             return applied
+
+        return await self._with_connection(run)
+
+    async def owner_of(self, merchant_id: str) -> str:
+        """The shard that owns the merchant now, as this shard knows it: itself, or
+        the shard a move handed it to (or is taking it from)."""
+
+        async def run(conn: Connection) -> str:
+            rows = await conn.fetch(sql.MERCHANT_STATES, [merchant_id])
+            if rows and rows[0]["state"] in ("moved", "incoming"):
+                return str(rows[0]["moved_to"])
+            if rows and rows[0]["state"] == "moving":
+                # No new saga may aim at a merchant while it is being handed over.
+                raise MerchantsMoving(self.name, [merchant_id])
+            return self.name
 
         return await self._with_connection(run)
 
@@ -521,7 +539,7 @@ class Shard:
             elif row["state"] in ("moved", "incoming"):
                 # moved_to names the shard that owns it now (moved) or still (incoming).
                 not_owned[merchant_id] = row["moved_to"]
-            elif row["state"] == "moving":
+            elif row["state"] == "moving" and not fence.allow_moving:
                 moving.append(merchant_id)
         if not_owned:
             raise MerchantsNotOwned(self.name, not_owned)
