@@ -113,6 +113,10 @@ class SagaRunner:
             except MerchantsMoving:
                 await asyncio.sleep(MOVING_RETRY_DELAY_S * attempt)
                 continue
+            except ShardUnavailable:
+                # The credit shard is down: reserve now anyway (step 1 needs only the
+                # debit shard); step 2 waits on that shard until it is back.
+                return shard.name
             named = self.cluster.shard_named(name)
             if named is None or named is shard:
                 return name
