@@ -879,11 +879,15 @@ async def test_cli_plans_rebalances_reports_status_and_cleans_up(ledger4: Ledger
     assert re.search(r"merchants/s\)", out), out
     assert re.search(r"write pause per merchant: p50 \d+\.\d ms, p99 \d+\.\d ms", out), out
 
+    # The running replica reports its config epoch to every shard every few seconds.
+    await ledger4.service.server.recovery.refresh_gauges()
     code, out, err = await run_cli("shards", "status", "--config", config)
     assert code == 0, err
-    lines = out.splitlines()
-    assert [line.split(":")[0] for line in lines] == list(ALL_SHARDS), out
-    assert all(re.match(r"shard-[a-d]: epoch 2, merchants ", line) for line in lines), out
+    shard_lines = [line for line in out.splitlines() if not line.startswith("  ")]
+    assert [line.split(":")[0] for line in shard_lines] == list(ALL_SHARDS), out
+    assert all(re.match(r"shard-[a-d]: epoch 2, merchants ", line) for line in shard_lines), out
+    replica_lines = [line for line in out.splitlines() if line.startswith("  replica ")]
+    assert replica_lines and all(line.endswith("config epoch 2") for line in replica_lines), out
     assert "in progress" not in out, out
 
     code, out, err = await run_cli("shards", "cleanup", "--config", config)

@@ -42,6 +42,8 @@ from ledger.telemetry.tracing import tracer
 # rounds, this long apart, before the run reports them for a later rerun.
 DEFER_ROUNDS_MAX = 5
 DEFER_ROUND_PAUSE_S = 1.0
+# `status` lists replicas that reported within this long (they do every ~2 s).
+REPLICA_SEEN_WITHIN_S = 60.0
 # Copy-and-verify rounds under the fence before a move gives up (a saga step
 # under way at the fence may land between a copy and its check).
 VERIFY_ATTEMPTS_MAX = 3
@@ -359,6 +361,10 @@ class Rebalancer:
                 + ", ".join(f"{state} {count}" for state, count in sorted(counts.items()))
                 + (f", {len(in_flight)} move(s) in progress" if in_flight else "")
             )
+            for replica_id, replica_epoch in await shard.recent_replicas(
+                within_s=REPLICA_SEEN_WITHIN_S
+            ):
+                lines.append(f"  replica {replica_id}: config epoch {replica_epoch}")
         return lines
 
     async def cleanup(self) -> tuple[int, int]:

@@ -82,13 +82,15 @@ class RecoveryWorker:
             return await self.runner.drive(saga)
 
     async def refresh_gauges(self) -> None:
-        """Counts unfinished sagas (ledger_sagas) and merchants by state (ledger_merchants)."""
+        """Counts unfinished sagas (ledger_sagas) and merchants by state (ledger_merchants),
+        and notes this replica's config epoch on every shard (`ledger shards status`)."""
         sagas: list[tuple[float, dict[str, str]]] = []
         merchants: list[tuple[float, dict[str, str]]] = []
         for name, shard in list(self.runner.cluster.shards.items()):
             try:
                 counts = await ShardAudit(shard).saga_counts()
                 states = await MoveStore(shard).merchant_counts()
+                await shard.record_replica(self.runner.owner, self.runner.cluster.epoch)
             except ShardUnavailable:
                 continue
             for state in (SagaState.RUNNING, SagaState.DEAD):

@@ -197,6 +197,21 @@ class Shard:
 
         return await self._with_connection(run)
 
+    async def record_replica(self, replica_id: str, epoch: int) -> None:
+        """Notes that a service replica uses this shard with this config epoch."""
+
+        async def run(conn: Connection) -> None:
+            await conn.execute(sql.RECORD_REPLICA, replica_id, epoch)
+
+        await self._with_connection(run)
+
+    async def recent_replicas(self, *, within_s: float) -> list[tuple[str, int]]:
+        async def run(conn: Connection) -> list[tuple[str, int]]:
+            rows = await conn.fetch(sql.RECENT_REPLICAS, within_s)
+            return [(r["replica_id"], int(r["epoch"])) for r in rows]
+
+        return await self._with_connection(run)
+
     async def recorded_epoch(self) -> int | None:
         """The epoch this shard has recorded, or None if it was never set up."""
 

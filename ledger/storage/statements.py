@@ -200,3 +200,17 @@ ORDER BY created_at LIMIT $2
 MERCHANT_STATES = """
 SELECT merchant_id, state, moved_to FROM merchants WHERE merchant_id = ANY($1::text[])
 """
+
+RECORD_REPLICA = """
+WITH gone AS (
+    DELETE FROM replicas WHERE seen_at < clock_timestamp() - interval '1 day'
+)
+INSERT INTO replicas (replica_id, epoch, seen_at) VALUES ($1, $2, clock_timestamp())
+ON CONFLICT (replica_id) DO UPDATE SET epoch = EXCLUDED.epoch, seen_at = EXCLUDED.seen_at
+"""
+
+RECENT_REPLICAS = """
+SELECT replica_id, epoch, seen_at FROM replicas
+WHERE seen_at > clock_timestamp() - make_interval(secs => $1)
+ORDER BY replica_id
+"""

@@ -16,6 +16,14 @@ CREATE TABLE shard_meta (
     claims_paused boolean NOT NULL DEFAULT false
 );
 
+-- The service replicas using this shard and the config epoch each has loaded,
+-- refreshed every few seconds (shown by `ledger shards status`).
+CREATE TABLE replicas (
+    replica_id  text PRIMARY KEY,
+    epoch       bigint NOT NULL,
+    seen_at     timestamptz NOT NULL
+);
+
 -- Which merchants this shard owns. Every write locks its merchants (shared
 -- advisory lock) and checks state = 'active' in the same transaction.
 --   active:   owned here;
