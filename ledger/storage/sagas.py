@@ -114,11 +114,7 @@ class SagaStore:
             plan = apply_transfers([reservation], state)
             result = plan.outcomes[0].result
             if result is not TransferResult.OK:
-                failed = TransferRecord(request, result, 0, now)
-                await write_plan(
-                    conn, records=[failed], entries=[], accounts={}, resolutions=[], expiring=[]
-                )
-                return SagaStart(ItemOutcome(0, request.id, result, created_at=now), None)
+                return await _refused(conn, request, result, now)
             record = TransferRecord(
                 request=request,
                 result=TransferResult.IN_PROGRESS,
@@ -193,17 +189,12 @@ class SagaStore:
                 conn, SagaKey(pending_key.merchant_id, pending_key.transfer_id, SagaKind.TRANSFER)
             )
             if pending is None or origin is None:
-                now_missing: datetime = await conn.fetchval(ledger_sql.NOW)
-                missing = TransferResult.PENDING_TRANSFER_NOT_FOUND
-                await write_plan(
+                return await _refused(
                     conn,
-                    records=[TransferRecord(request, missing, 0, now_missing)],
-                    entries=[],
-                    accounts={},
-                    resolutions=[],
-                    expiring=[],
+                    request,
+                    TransferResult.PENDING_TRANSFER_NOT_FOUND,
+                    await conn.fetchval(ledger_sql.NOW),
                 )
-                return SagaStart(ItemOutcome(0, request.id, missing, created_at=now_missing), None)
             view = local_view(pending, origin.peer_shard)
             if origin.result is not TransferResult.OK:
                 # Still in flight, or refused: there is nothing to settle yet.
@@ -233,11 +224,7 @@ class SagaStore:
             plan = apply_transfers([local_request], state)
             result = plan.outcomes[0].result
             if result is not TransferResult.OK:
-                failed = TransferRecord(request, result, 0, now)
-                await write_plan(
-                    conn, records=[failed], entries=[], accounts={}, resolutions=[], expiring=[]
-                )
-                return SagaStart(ItemOutcome(0, request.id, result, created_at=now), None)
+                return await _refused(conn, request, result, now)
             settled = plan.records[0]
             record = replace(
                 settled, request=replace(settled.request, credit=pending.request.credit)
@@ -691,3 +678,12 @@ class SagaStore:
         await conn.execute(
             sql.INSERT_STEP, key.merchant_id, key.transfer_id, key.kind, step, outcome, detail
         )
+
+
+async def _refused(
+    conn: Connection, request: TransferRequest, result: TransferResult, now: datetime
+) -> SagaStart:
+    """Step 1 refused the transfer: the failure is recorded (a failed id stays failed)."""
+    failed = TransferRecord(request, result, 0, now)
+    await write_plan(conn, records=[failed], entries=[], accounts={}, resolutions=[], expiring=[])
+    return SagaStart(ItemOutcome(0, request.id, result, created_at=now), None)
