@@ -42,7 +42,6 @@ pending_timeout_max = timedelta(days=30)
 concurrent_rpcs_max = 256
 # Per-shard connection pool. 2 cores: more connections than this only add
 # contention inside PostgreSQL.
-pool_connections_min = 1
 pool_connections_max = 16
 # Fail fast on a dead shard so its merchants get UNAVAILABLE quickly while the
 # other shards keep serving.
@@ -103,7 +102,6 @@ assert 1 <= refs_per_lookup_max <= 10_000
 assert 1 <= transfers_per_request_max <= 10_000
 assert 2 <= postings_per_journal_max <= transfers_per_request_max
 assert 1 <= page_size_default <= page_size_max
-assert pool_connections_min <= pool_connections_max
 assert shard_connect_timeout_s < shard_command_timeout_s
 assert expiry_sweep_batch_max <= transfers_per_request_max
 assert saga_retry_delay_s_min < saga_retry_delay_s_max < saga_lease_s * 10

@@ -55,11 +55,12 @@ class Cluster:
         # Shards already at an older epoch: this config awaits a rebalance, so a
         # shard set up now is one being added and starts with claims paused.
         rebalance_pending = any(e is not None and e < self.epoch for e in recorded)
-        for shard in self.shards.values():
+        for shard, recorded_epoch in zip(self.shards.values(), recorded, strict=True):
             applied = await shard.migrate(epoch=self.epoch, claims_paused_if_new=rebalance_pending)
             if applied:
                 log.info("shard %s: applied %s", shard.name, ", ".join(applied))
-            shard_epoch = await shard.epoch()
+            # A shard set up just now took this config's epoch.
+            shard_epoch = self.epoch if recorded_epoch is None else recorded_epoch
             if shard_epoch > self.epoch:
                 raise RuntimeError(
                     f"shard {shard.name} has seen epoch {shard_epoch}, newer than this "

@@ -268,21 +268,19 @@ class SagaStore:
             if not due:
                 return 0
             keys = {TransferKey(r["merchant_id"], r["transfer_id"]) for r in due}
-            await self.shard._fence(
-                conn,
-                Fence(epoch=await self._epoch(conn), claimable=frozenset()),
-                {k.merchant_id for k in keys} | {SETTLEMENT_MERCHANT_ID},
-            )
+            # The same shared locks as every write (as the local sweeper takes), so a
+            # merchant move waits for this transaction.
+            await conn.fetch(ledger_sql.FENCE, sorted({k.merchant_id for k in keys}))
             records = await self.shard._select_transfers(conn, keys)
+            origin_rows = await conn.fetch(
+                sql.SELECT_SAGAS_OF_TRANSFERS,
+                [k.merchant_id for k in keys],
+                [k.transfer_id for k in keys],
+            )
             origins = {
-                k: s
-                for k in keys
-                if (
-                    s := await self._saga(
-                        conn, SagaKey(k.merchant_id, k.transfer_id, SagaKind.TRANSFER)
-                    )
-                )
-                is not None
+                s.key.transfer: s
+                for s in (saga_from_row(r, self.shard.name) for r in origin_rows)
+                if s.key.kind is SagaKind.TRANSFER
             }
             views = {
                 k: local_view(records[k], origins[k].peer_shard)
@@ -338,9 +336,6 @@ class SagaStore:
             return expired
 
         return await self.shard._in_transaction(run)
-
-    async def _epoch(self, conn: Connection) -> int:
-        return int(await conn.fetchval("SELECT epoch FROM shard_meta"))
 
     # Step 2 (credit shard).
 

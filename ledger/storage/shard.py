@@ -223,15 +223,6 @@ class Shard:
 
         return await self._with_connection(run)
 
-    async def epoch(self) -> int:
-        async def run(conn: Connection) -> int:
-            value = await conn.fetchval("SELECT epoch FROM shard_meta")
-            return int(value)
-
-        return await self._with_connection(run)
-
-    # Accounts.
-
     async def create_accounts(
         self, specs: Sequence[AccountSpec], fence: Fence
     ) -> list[AccountCreateOutcome]:
