@@ -32,6 +32,7 @@ CREATE TABLE bench_accounts (
     credits_pending                 bigint NOT NULL DEFAULT 0 CHECK (credits_pending >= 0),
     entry_count                     bigint NOT NULL DEFAULT 0,
     created_at                      timestamptz NOT NULL,
+    entry_hash                      bytea NOT NULL DEFAULT decode(repeat('00', 32), 'hex'),
     PRIMARY KEY (merchant_id, account_id),
     CHECK (NOT (debits_must_not_exceed_credits AND credits_must_not_exceed_debits)),
     CHECK (NOT debits_must_not_exceed_credits
@@ -83,6 +84,7 @@ CREATE TABLE bench_entries (
     debits_pending        bigint NOT NULL,
     credits_pending       bigint NOT NULL,
     created_at            timestamptz NOT NULL,
+    entry_hash            bytea NOT NULL,
     PRIMARY KEY (merchant_id, account_id, sequence)
 );
 
@@ -101,7 +103,7 @@ FROM unnest($1::text[], $2::text[]) AS u(m, a)
 LOCK_ACCOUNTS = """
 SELECT merchant_id, account_id, currency, debits_must_not_exceed_credits,
        credits_must_not_exceed_debits, closed, metadata, debits_posted, credits_posted,
-       debits_pending, credits_pending, entry_count, created_at
+       debits_pending, credits_pending, entry_count, created_at, entry_hash
 FROM bench_accounts
 WHERE (merchant_id, account_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))
 ORDER BY merchant_id COLLATE "C", account_id COLLATE "C"
@@ -124,17 +126,17 @@ WITH new_transfers AS (
 ), new_entries AS (
     INSERT INTO bench_entries (merchant_id, account_id, sequence, transfer_merchant_id,
         transfer_id, direction, kind, amount_minor, debits_posted, credits_posted,
-        debits_pending, credits_pending, created_at)
-    SELECT m, a, s, tm, t, d, 1, amt, dp, cp, 0, 0, $7::timestamptz
+        debits_pending, credits_pending, created_at, entry_hash)
+    SELECT m, a, s, tm, t, d, 1, amt, dp, cp, 0, 0, $7::timestamptz, h
     FROM unnest($8::text[], $9::text[], $10::bigint[], $11::text[], $12::text[],
-        $13::smallint[], $14::bigint[], $15::bigint[], $16::bigint[])
-        AS u(m, a, s, tm, t, d, amt, dp, cp)
+        $13::smallint[], $14::bigint[], $15::bigint[], $16::bigint[], $17::bytea[])
+        AS u(m, a, s, tm, t, d, amt, dp, cp, h)
     RETURNING 1
 ), updated_accounts AS (
     UPDATE bench_accounts AS a
-    SET debits_posted = u.dp, credits_posted = u.cp, entry_count = u.n
-    FROM unnest($17::text[], $18::text[], $19::bigint[], $20::bigint[], $21::bigint[])
-        AS u(m, a, dp, cp, n)
+    SET debits_posted = u.dp, credits_posted = u.cp, entry_count = u.n, entry_hash = u.h
+    FROM unnest($18::text[], $19::text[], $20::bigint[], $21::bigint[], $22::bigint[],
+        $23::bytea[]) AS u(m, a, dp, cp, n, h)
     WHERE a.merchant_id = u.m AND a.account_id = u.a
     RETURNING 1
 )

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import hashlib
 import time
 import traceback
 from array import array
@@ -304,18 +305,19 @@ async def raw_transfer_batch(
         rows = await connection.fetch(
             raw_sql.LOCK_ACCOUNTS, [k[0] for k in keys], [k[1] for k in keys]
         )
-        # [debits_posted, credits_posted, entry_count] per account, as the locks found them.
+        # [debits_posted, credits_posted, entry_count, head hash] per account, as locked.
         balances = {
             (r["merchant_id"], r["account_id"]): [
                 r["debits_posted"],
                 r["credits_posted"],
                 r["entry_count"],
+                r["entry_hash"],
             ]
             for r in rows
         }
         if len(balances) != len(keys):
             raise RuntimeError(f"raw accounts missing: {set(keys) - set(balances)}")
-        entries: list[list[Any]] = [[] for _ in range(9)]
+        entries: list[list[Any]] = [[] for _ in range(10)]
         for t in transfers:
             for key, direction in (
                 ((t.debit_merchant, t.debit_account), 1),
@@ -324,6 +326,11 @@ async def raw_transfer_batch(
                 b = balances[key]
                 b[direction - 1] += t.amount_minor
                 b[2] += 1
+                # The same chain as the service's entries (ledger/domain/chain.py): one
+                # SHA-256 over the previous hash and the entry's fields.
+                b[3] = hashlib.sha256(
+                    b[3] + f"{key}\x1f{b[2]}\x1f{t.transfer_id}\x1f{b[0]}\x1f{b[1]}".encode()
+                ).digest()
                 row = (
                     *key,
                     b[2],
@@ -333,6 +340,7 @@ async def raw_transfer_batch(
                     t.amount_minor,
                     b[0],
                     b[1],
+                    b[3],
                 )
                 for column, value in zip(entries, row, strict=True):
                     column.append(value)
@@ -351,6 +359,7 @@ async def raw_transfer_batch(
             [b[0] for b in balances.values()],
             [b[1] for b in balances.values()],
             [b[2] for b in balances.values()],
+            [b[3] for b in balances.values()],
         )
         # Checked inside the transaction, so a short write rolls back.
         assert written is not None

@@ -15,8 +15,10 @@ import uvloop
 from opentelemetry.instrumentation.asyncpg import AsyncPGInstrumentor
 
 from ledger import limits
+from ledger.api.auth import Scope, TokenFileError, TokenTable, new_token, token_entry
 from ledger.api.server import LedgerServer
-from ledger.client import LedgerClient
+from ledger.api.tls import ServerTls
+from ledger.client import ClientCredentials, LedgerClient
 from ledger.domain.sagas import SagaKind, SagaState
 from ledger.embedded.cluster import EmbeddedCluster
 from ledger.moves.rebalance import MoveResult, Rebalancer
@@ -27,6 +29,7 @@ from ledger.sagas.reconcile import ReconcileReport
 from ledger.sagas.reconcile import reconcile as run_reconcile
 from ledger.sagas.runner import SagaSettings
 from ledger.settings import Settings
+from ledger.storage.chain import ChainStore
 from ledger.telemetry.logs import setup_logging
 from ledger.telemetry.metrics import setup_metrics
 from ledger.telemetry.tracing import setup_tracing
@@ -48,6 +51,8 @@ sagas_app = typer.Typer(
     help="List, show, retry and resolve cross-shard sagas.", no_args_is_help=True
 )
 app.add_typer(sagas_app, name="sagas")
+auth_app = typer.Typer(help="Make bearer tokens for the token file.", no_args_is_help=True)
+app.add_typer(auth_app, name="auth")
 _KindOption = Annotated[str, typer.Option("--kind", help="transfer, settle or expire.")]
 # Admin calls are quick reads or single repairs.
 _ADMIN_TIMEOUT_S = 30.0
@@ -69,10 +74,22 @@ def serve(
     config: ConfigOption = None,
     listen: Annotated[str | None, typer.Option(help="host:port to listen on.")] = None,
     data_dir: Annotated[Path | None, typer.Option(help="Embedded cluster data directory.")] = None,
+    auth_file: Annotated[
+        Path | None, typer.Option(help="Bearer token file (see `ledger auth token`).")
+    ] = None,
 ) -> None:
     """Serve the ledger. Without --config, start the embedded PostgreSQL cluster first."""
     setup_logging()
     env = Settings.from_env()
+    listen = listen or env.listen
+    tokens = _tokens(auth_file or env.auth_file, listen, env.allow_unauthenticated)
+    tls = None
+    if env.tls_cert_file is not None or env.tls_key_file is not None:
+        if env.tls_cert_file is None or env.tls_key_file is None:
+            raise typer.BadParameter("LEDGER_TLS_CERT_FILE and LEDGER_TLS_KEY_FILE go together")
+        tls = ServerTls(env.tls_cert_file, env.tls_key_file, env.tls_client_ca_file)
+    elif env.tls_client_ca_file is not None:
+        raise typer.BadParameter("LEDGER_TLS_CLIENT_CA_FILE needs LEDGER_TLS_CERT_FILE")
     if setup_tracing() is not None:
         # Statement text only, never parameters: they hold money and merchant ids.
         AsyncPGInstrumentor(capture_parameters=False).instrument()  # type: ignore[no-untyped-call]
@@ -85,7 +102,7 @@ def serve(
         embedded.start()
         config_path = embedded.config_path
     try:
-        uvloop.run(_serve(config_path, listen or env.listen, env))
+        uvloop.run(_serve(config_path, listen, env, tokens, tls))
     finally:
         if embedded is not None:
             embedded.stop()
@@ -104,7 +121,31 @@ def _start_metrics(listen: str) -> None:
     log.info("metrics on http://%s:%d/metrics", host, bound)
 
 
-async def _serve(config_path: Path, listen: str, settings: Settings) -> None:
+def _tokens(auth_file: Path | None, listen: str, allow_unauthenticated: bool) -> TokenTable | None:
+    """The token table, or None; refuses to serve other hosts without authentication."""
+    if auth_file is not None:
+        try:
+            return TokenTable.load(auth_file)
+        except TokenFileError as error:
+            raise typer.BadParameter(str(error)) from None
+    host = listen.rpartition(":")[0].strip("[]")
+    if host not in ("127.0.0.1", "localhost", "::1") and not allow_unauthenticated:
+        raise typer.BadParameter(
+            f"listening on {host} without authentication: set LEDGER_AUTH_FILE "
+            "(or LEDGER_ALLOW_UNAUTHENTICATED=true on a trusted network)"
+        )
+    if auth_file is None:
+        log.warning("authentication is off: every caller may move money")
+    return None
+
+
+async def _serve(
+    config_path: Path,
+    listen: str,
+    settings: Settings,
+    tokens: TokenTable | None,
+    tls: ServerTls | None,
+) -> None:
     cluster = Cluster(load_config(config_path), config_path=config_path)
     await cluster.open()
     server = LedgerServer(
@@ -116,6 +157,9 @@ async def _serve(config_path: Path, listen: str, settings: Settings) -> None:
             retry_delay_s_max=settings.saga_retry_delay_s_max,
             lease_s=settings.saga_lease_s,
         ),
+        tokens=tokens,
+        tls=tls,
+        checkpoint_interval_s=settings.checkpoint_interval_s,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -132,6 +176,30 @@ async def _serve(config_path: Path, listen: str, settings: Settings) -> None:
         await server.stop(limits.shutdown_grace_s)
     finally:
         await cluster.close()
+
+
+@auth_app.command("token")
+def auth_token(
+    name: Annotated[str, typer.Argument(help="Who the token is for, e.g. a service name.")],
+    scopes: Annotated[
+        str, typer.Option(help="Comma-separated: read, write, admin.")
+    ] = "read,write",
+    merchants: Annotated[
+        str, typer.Option(help="Comma-separated merchant ids the token is limited to.")
+    ] = "",
+) -> None:
+    """Make a new token: prints it once, and the entry (its hash only) for the token file."""
+    try:
+        scope_list = [Scope(s.strip()) for s in scopes.split(",") if s.strip()]
+    except ValueError:
+        raise typer.BadParameter("scopes must be among read, write, admin") from None
+    if not scope_list:
+        raise typer.BadParameter("at least one scope")
+    token = new_token()
+    merchant_list = [m.strip() for m in merchants.split(",") if m.strip()]
+    typer.echo(f"# token for {name} (shown once; give it to the caller as LEDGER_TOKEN):")
+    typer.echo(f"# {token}")
+    typer.echo(token_entry(name, token, scope_list, merchant_list))
 
 
 @app.command()
@@ -167,6 +235,44 @@ def reconcile(config: Annotated[Path, typer.Option("--config")]) -> None:
         raise typer.Exit(1)
 
 
+@app.command()
+def verify(
+    config: Annotated[Path, typer.Option("--config")],
+    checkpoint: Annotated[
+        bool, typer.Option(help="Record a checkpoint of the current heads first.")
+    ] = False,
+) -> None:
+    """Check every shard's hash chains: names each edited, inserted or deleted entry."""
+
+    async def run() -> bool:
+        cluster = Cluster(load_config(config), config_path=config)
+        intact = True
+        try:
+            await cluster.open(migrate=False)
+            for name, shard in cluster.shards.items():
+                store = ChainStore(shard)
+                if checkpoint:
+                    await store.checkpoint()
+                report = await store.verify()
+                for violation in report.violations:
+                    typer.echo(f"FAIL {name} {violation.render()}")
+                last = report.last_checkpoint
+                anchor = (
+                    f"checkpoint {last.checkpoint_id} digest {last.digest.hex()}"
+                    if last
+                    else "no checkpoint yet"
+                )
+                status = "ok  " if not report.violations else "FAIL"
+                typer.echo(f"{status} {name}: {len(report.violations)} violation(s); {anchor}")
+                intact = intact and not report.violations
+        finally:
+            await cluster.close()
+        return intact
+
+    if not asyncio.run(run()):
+        raise typer.Exit(1)
+
+
 @sagas_app.command("list")
 def sagas_list(
     state: Annotated[
@@ -180,9 +286,7 @@ def sagas_list(
     if state not in states:
         raise typer.BadParameter(f"state must be one of {', '.join(states)}")
     request = pb.ListSagasRequest(state=states[state], page_size=limit)  # type: ignore[arg-type]
-    response = asyncio.run(
-        _admin(target, lambda stub: stub.ListSagas(request, timeout=_ADMIN_TIMEOUT_S))
-    )
+    response = asyncio.run(_admin(target, "ListSagas", request))
     for saga in response.sagas:
         typer.echo(_saga_line(saga))
     typer.echo(f"{len(response.sagas)} saga(s)")
@@ -199,7 +303,7 @@ def sagas_show(
 ) -> None:
     """Show one saga with its step history and errors."""
     request = pb.GetSagaRequest(ref=_saga_ref(merchant_id, transfer_id, kind))
-    saga = asyncio.run(_admin(target, lambda stub: stub.GetSaga(request, timeout=_ADMIN_TIMEOUT_S)))
+    saga = asyncio.run(_admin(target, "GetSaga", request))
     typer.echo(_saga_line(saga))
     for step in saga.steps:
         when = step.at.ToDatetime().isoformat(timespec="milliseconds")
@@ -215,9 +319,7 @@ def sagas_retry(
 ) -> None:
     """Retry a dead (or running) saga now, with its attempts reset."""
     request = pb.GetSagaRequest(ref=_saga_ref(merchant_id, transfer_id, kind))
-    saga = asyncio.run(
-        _admin(target, lambda stub: stub.RetrySaga(request, timeout=_ADMIN_TIMEOUT_S))
-    )
+    saga = asyncio.run(_admin(target, "RetrySaga", request))
     typer.echo(_saga_line(saga))
 
 
@@ -236,9 +338,7 @@ def sagas_resolve(
     request = pb.ResolveSagaRequest(
         ref=_saga_ref(merchant_id, transfer_id, kind), outcome=outcomes[outcome]
     )
-    saga = asyncio.run(
-        _admin(target, lambda stub: stub.ResolveSaga(request, timeout=_ADMIN_TIMEOUT_S))
-    )
+    saga = asyncio.run(_admin(target, "ResolveSaga", request))
     typer.echo(_saga_line(saga))
 
 
@@ -259,10 +359,13 @@ def _saga_line(saga: pb.Saga) -> str:
     )
 
 
-async def _admin(target: str, call: Callable[[Any], Awaitable[R]]) -> R:
-    async with grpc.aio.insecure_channel(target) as channel:
+async def _admin(target: str, method: str, request: Any) -> Any:
+    """Calls an admin method with the caller's credentials from the environment."""
+    credentials = ClientCredentials.from_env()
+    async with credentials.channel(target) as channel:
+        call = getattr(ledger_pb2_grpc.LedgerAdminServiceStub(channel), method)
         try:
-            return await call(ledger_pb2_grpc.LedgerAdminServiceStub(channel))
+            return await call(request, timeout=_ADMIN_TIMEOUT_S, metadata=credentials.metadata)
         except grpc.aio.AioRpcError as error:
             typer.echo(f"{error.code().name}: {error.details()}", err=True)
             raise typer.Exit(1) from None
@@ -346,11 +449,7 @@ def accounts_create(
         debits_must_not_exceed_credits=no_overdraft,
     )
 
-    async def run() -> pb.CreateAccountsResponse:
-        async with LedgerClient(target) as client:
-            return await client.create_accounts([account])
-
-    response = asyncio.run(run())
+    response = _call_service(target, lambda c: c.create_accounts([account]))
     typer.echo(pb.AccountResult.Name(response.results[0].result))
 
 
@@ -360,11 +459,7 @@ def accounts_balance(
 ) -> None:
     """Print an account's balances."""
 
-    async def run() -> pb.GetBalanceResponse:
-        async with LedgerClient(target) as client:
-            return await client.get_balance(merchant_id, account_id)
-
-    b = asyncio.run(run())
+    b = _call_service(target, lambda c: c.get_balance(merchant_id, account_id))
     typer.echo(
         f"{merchant_id}/{account_id} {b.currency}: debits_posted={b.debits_posted} "
         f"credits_posted={b.credits_posted} debits_pending={b.debits_pending} "
@@ -392,15 +487,25 @@ def transfer(
         action=pb.TRANSFER_ACTION_POST,
     )
 
-    async def run() -> pb.CreateTransfersResponse:
-        async with LedgerClient(target) as client:
-            return await client.create_transfers([request])
-
-    result = asyncio.run(run()).results[0]
+    result = _call_service(target, lambda c: c.create_transfers([request])).results[0]
     replayed = " (replayed)" if result.replayed else ""
     typer.echo(pb.TransferResult.Name(result.result) + replayed)
     if result.result != pb.TRANSFER_RESULT_OK:
         raise typer.Exit(1)
+
+
+def _call_service(target: str, call: Callable[[LedgerClient], Awaitable[R]]) -> R:
+    """Runs one client call with the caller's credentials; a failed call exits 1 with its status."""
+
+    async def run() -> R:
+        async with LedgerClient(target, credentials=ClientCredentials.from_env()) as client:
+            return await call(client)
+
+    try:
+        return asyncio.run(run())
+    except grpc.aio.AioRpcError as error:
+        typer.echo(f"{error.code().name}: {error.details()}", err=True)
+        raise typer.Exit(1) from None
 
 
 def _ref(text: str) -> pb.AccountRef:

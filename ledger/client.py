@@ -8,9 +8,11 @@ unavailable, or the server was over its limit) can never move money twice.
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 from typing import Self, TypeVar
 
@@ -37,13 +39,64 @@ class ClientOptions:
     retry_delay_s_max: float = 1.0
 
 
+@dataclass(frozen=True)
+class ClientCredentials:
+    """How a client proves itself: a bearer token, and TLS when the server uses it."""
+
+    token: str | None = None
+    # The CA that signed the server's certificate (None: the system's trusted CAs).
+    # TLS is used when this or a client certificate is set, never silently dropped.
+    tls_ca_file: Path | None = None
+    # A client certificate and key, for servers that require mutual TLS.
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+
+    @classmethod
+    def from_env(cls) -> ClientCredentials:
+        """LEDGER_TOKEN and LEDGER_CLIENT_TLS_{CA,CERT,KEY}_FILE."""
+
+        def path(name: str) -> Path | None:
+            value = os.environ.get(name)
+            return Path(value) if value else None
+
+        return cls(
+            token=os.environ.get("LEDGER_TOKEN") or None,
+            tls_ca_file=path("LEDGER_CLIENT_TLS_CA_FILE"),
+            tls_cert_file=path("LEDGER_CLIENT_TLS_CERT_FILE"),
+            tls_key_file=path("LEDGER_CLIENT_TLS_KEY_FILE"),
+        )
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self.token}"),) if self.token else ()
+
+    def channel(self, target: str) -> grpc.aio.Channel:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("a client certificate and its key go together")
+        if self.tls_ca_file is None and self.tls_cert_file is None:
+            return grpc.aio.insecure_channel(target)
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=self.tls_ca_file.read_bytes() if self.tls_ca_file else None,
+            private_key=self.tls_key_file.read_bytes() if self.tls_key_file else None,
+            certificate_chain=self.tls_cert_file.read_bytes() if self.tls_cert_file else None,
+        )
+        return grpc.aio.secure_channel(target, credentials)
+
+
 class LedgerClient:
     """Async client. Use `async with LedgerClient("127.0.0.1:50051") as client:`."""
 
-    def __init__(self, target: str, *, options: ClientOptions | None = None) -> None:
+    def __init__(
+        self,
+        target: str,
+        *,
+        options: ClientOptions | None = None,
+        credentials: ClientCredentials | None = None,
+    ) -> None:
         self.target = target
         self.options = options or ClientOptions()
-        self._channel = grpc.aio.insecure_channel(target)
+        self.credentials = credentials or ClientCredentials()
+        self._channel = self.credentials.channel(target)
         self.stub = ledger_pb2_grpc.LedgerServiceStub(self._channel)
 
     async def __aenter__(self) -> Self:
@@ -64,7 +117,9 @@ class LedgerClient:
         delay_s = self.options.retry_delay_s_min
         for attempt in range(1, self.options.attempts_max + 1):
             try:
-                return await method(request, timeout=self.options.timeout_s)
+                return await method(
+                    request, timeout=self.options.timeout_s, metadata=self.credentials.metadata
+                )
             except grpc.aio.AioRpcError as error:
                 if error.code() not in RETRYABLE_CODES or attempt == self.options.attempts_max:
                     raise

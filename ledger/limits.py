@@ -95,6 +95,13 @@ lookup_wait_ms_max = 30_000
 # A RUNNING saga older than this is reported stuck by reconcile.
 saga_stuck_after_s = 3600.0
 
+# Hash-chain checkpoints: how often each shard records its grown account heads,
+# and at most how many heads one checkpoint takes (the rest go in the next).
+chain_checkpoint_interval_s = 60.0
+chain_checkpoint_heads_max = 100_000
+# Verification stops listing after this many violations per check.
+chain_violations_max = 100
+
 # Graceful shutdown: in-flight RPCs get this long to finish.
 shutdown_grace_s = 5.0
 

@@ -25,14 +25,28 @@ class Settings:
     metrics_listen: str = "127.0.0.1:9464"
     # How long a replica's claim on a saga lasts before another may resume it.
     saga_lease_s: float = limits.saga_lease_s
+    # Bearer tokens (hashes, scopes, merchants); None serves without authentication,
+    # which is allowed on a loopback address only, unless allow_unauthenticated.
+    auth_file: Path | None = None
+    allow_unauthenticated: bool = False
+    # Server TLS from PEM files; with a client CA, clients must present certificates.
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_client_ca_file: Path | None = None
+    # How often each shard's hash-chain heads are checkpointed.
+    checkpoint_interval_s: float = limits.chain_checkpoint_interval_s
 
     @classmethod
     def from_env(cls) -> Settings:
         env = os.environ
-        config = env.get("LEDGER_CONFIG")
+
+        def path(name: str) -> Path | None:
+            value = env.get(name)
+            return Path(value) if value else None
+
         return cls(
             listen=env.get("LEDGER_LISTEN", cls.listen),
-            config_path=Path(config) if config else None,
+            config_path=path("LEDGER_CONFIG"),
             data_dir=Path(env.get("LEDGER_DATA_DIR", str(cls.data_dir))),
             concurrent_rpcs_max=int(
                 env.get("LEDGER_CONCURRENT_RPCS_MAX", str(limits.concurrent_rpcs_max))
@@ -45,4 +59,13 @@ class Settings:
             ),
             metrics_listen=env.get("LEDGER_METRICS_LISTEN", cls.metrics_listen),
             saga_lease_s=float(env.get("LEDGER_SAGA_LEASE_S", str(limits.saga_lease_s))),
+            auth_file=path("LEDGER_AUTH_FILE"),
+            allow_unauthenticated=env.get("LEDGER_ALLOW_UNAUTHENTICATED", "").lower()
+            in ("1", "true", "yes"),
+            tls_cert_file=path("LEDGER_TLS_CERT_FILE"),
+            tls_key_file=path("LEDGER_TLS_KEY_FILE"),
+            tls_client_ca_file=path("LEDGER_TLS_CLIENT_CA_FILE"),
+            checkpoint_interval_s=float(
+                env.get("LEDGER_CHECKPOINT_INTERVAL_S", str(limits.chain_checkpoint_interval_s))
+            ),
         )

@@ -13,14 +13,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ledger.domain.accounts import Account, AccountKey, AccountSpec, Balances
+from ledger.domain.chain import GENESIS_HASH, chained_entry
 from ledger.domain.engine import (
     PendingView,
     TransferBatchState,
+    advanced,
     apply_transfers,
     expire_pending,
 )
 from ledger.domain.transfers import (
     Direction,
+    Entry,
     EntryKind,
     PendingState,
     TransferAction,
@@ -40,7 +43,14 @@ class Store:
 
     def __init__(self, specs: list[AccountSpec]) -> None:
         self.accounts = {
-            s.key: Account(s, closed=False, balances=Balances(), entry_count=0, created_at=T0)
+            s.key: Account(
+                s,
+                closed=False,
+                balances=Balances(),
+                entry_count=0,
+                created_at=T0,
+                head_hash=GENESIS_HASH,
+            )
             for s in specs
         }
         self.records: dict[TransferKey, TransferRecord] = {}
@@ -49,6 +59,7 @@ class Store:
             k: [] for k in self.accounts
         }
         self.now = T0
+        self.heads: dict[AccountKey, bytes] = {}
 
     def apply(self, requests: list[TransferRequest]) -> list[TransferResult]:
         self.now += timedelta(milliseconds=10)
@@ -78,15 +89,9 @@ class Store:
         for resolution in plan.resolutions:
             assert resolution.pending not in self.states, "a pending transfer ends once"
             self.states[resolution.pending] = resolution.state
-        for entry in plan.entries:
-            log = self.entries[entry.account]
-            assert entry.sequence == len(log) + 1, "entry sequences have no gaps"
-            log.append((entry.direction, entry.kind, entry.amount_minor, entry.balances_after))
+        self.record_entries(plan.entries)
         for key, account_state in plan.accounts.items():
-            old = self.accounts[key]
-            self.accounts[key] = replace(
-                old, balances=account_state.balances, entry_count=account_state.entry_count
-            )
+            self.accounts[key] = advanced(self.accounts[key], account_state)
         return [o.result for o in plan.outcomes]
 
     def expire_due(self, advance: timedelta) -> None:
@@ -101,14 +106,29 @@ class Store:
             ):
                 plan = expire_pending(record, self.accounts, self.now)
                 self.states[key] = PendingState.EXPIRED
-                for entry in plan.entries:
-                    self.entries[entry.account].append(
-                        (entry.direction, entry.kind, entry.amount_minor, entry.balances_after)
-                    )
+                self.record_entries(plan.entries)
                 for account_key, s in plan.accounts.items():
-                    self.accounts[account_key] = replace(
-                        self.accounts[account_key], balances=s.balances, entry_count=s.entry_count
-                    )
+                    self.accounts[account_key] = advanced(self.accounts[account_key], s)
+
+    def record_entries(self, entries: list[Entry]) -> None:
+        for entry in entries:
+            log = self.entries[entry.account]
+            assert entry.sequence == len(log) + 1, "entry sequences have no gaps"
+            previous = self.heads.get(entry.account, GENESIS_HASH)
+            rehashed = chained_entry(
+                previous,
+                account=entry.account,
+                sequence=entry.sequence,
+                transfer=entry.transfer,
+                direction=entry.direction,
+                kind=entry.kind,
+                amount_minor=entry.amount_minor,
+                balances_after=entry.balances_after,
+                created_at=entry.created_at,
+            )
+            assert entry.hash == rehashed.hash, "each entry chains from its account's last one"
+            self.heads[entry.account] = entry.hash
+            log.append((entry.direction, entry.kind, entry.amount_minor, entry.balances_after))
 
     def check_invariants(self) -> None:
         per_currency: dict[str, list[int]] = {}
@@ -118,6 +138,9 @@ class Store:
             totals = per_currency.setdefault(account.spec.currency, [0, 0])
             totals[0] += b.credits_posted - b.debits_posted
             totals[1] += b.credits_pending - b.debits_pending
+            assert account.head_hash == self.heads.get(account.key, GENESIS_HASH), (
+                "an account's head is the hash of its last entry"
+            )
             if account.spec.debits_must_not_exceed_credits:
                 assert b.debits_posted + b.debits_pending <= b.credits_posted
             if account.spec.credits_must_not_exceed_debits:

@@ -8,6 +8,7 @@ from typing import Any
 import grpc
 
 from ledger.api import decode, encode
+from ledger.api.auth import require_merchants, require_unrestricted
 from ledger.api.servicer import statuses
 from ledger.api.status import failed_precondition, invalid_argument, with_reason
 from ledger.core.ledger import Ledger
@@ -27,6 +28,7 @@ def _key(request: pb.GetSagaRequest | pb.ResolveSagaRequest) -> SagaKey:
     if int(request.ref.kind) not in {k.value for k in SagaKind}:
         v.add("ref.kind", "must be TRANSFER, SETTLE or EXPIRE")
     v.raise_if_any()
+    require_merchants([("ref.merchant_id", request.ref.merchant_id)])
     return SagaKey(request.ref.merchant_id, request.ref.transfer_id, SagaKind(request.ref.kind))
 
 
@@ -48,6 +50,7 @@ class LedgerAdminServicer(ledger_pb2_grpc.LedgerAdminServiceServicer):
             v.add("trace_id", "must be 32 lower-case hex digits")
         page_size = v.page_size("page_size", request.page_size)
         v.raise_if_any()
+        require_unrestricted()
         views = await self.ledger.transfers_by_trace(request.trace_id, limit=page_size)
         return pb.LookupTransfersResponse(transfers=[encode.transfer_view(v) for v in views])
 
@@ -60,6 +63,7 @@ class LedgerAdminServicer(ledger_pb2_grpc.LedgerAdminServiceServicer):
         if int(request.state) not in {0, *(s.value for s in SagaState)}:
             v.add("state", "must be a SagaState")
         v.raise_if_any()
+        require_unrestricted()
         states = (
             [SagaState(request.state)] if request.state else [SagaState.RUNNING, SagaState.DEAD]
         )

@@ -13,8 +13,12 @@ from grpc_reflection.v1alpha import reflection
 
 from ledger import limits
 from ledger.api.admin_servicer import LedgerAdminServicer
+from ledger.api.auth import AuthInterceptor, TokenTable
 from ledger.api.interceptor import TelemetryInterceptor
+from ledger.api.request_decode import RequestDecodeInterceptor
 from ledger.api.servicer import LedgerServicer
+from ledger.api.tls import ServerTls
+from ledger.core.checkpoints import ChainCheckpointer
 from ledger.core.expiry import ExpirySweeper
 from ledger.core.ledger import Ledger
 from ledger.routing.cluster import Cluster
@@ -45,17 +49,28 @@ class LedgerServer:
         listen: str,
         concurrent_rpcs_max: int = limits.concurrent_rpcs_max,
         saga_settings: SagaSettings | None = None,
+        tokens: TokenTable | None = None,
+        tls: ServerTls | None = None,
+        checkpoint_interval_s: float = limits.chain_checkpoint_interval_s,
     ) -> None:
         self.cluster = cluster
         self.listen = listen
+        self.tls = tls
         self.sweeper = ExpirySweeper(cluster)
+        self.checkpointer = ChainCheckpointer(cluster, interval_s=checkpoint_interval_s)
         self.config_watch = ConfigWatcher(cluster)
         self.sagas = SagaRunner(cluster, owner=_replica_id(), settings=saga_settings)
         self.recovery = RecoveryWorker(self.sagas)
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
+        # Outermost first: every call is traced and counted, then authenticated, and
+        # only then are its bytes parsed.
+        interceptors: list[grpc.aio.ServerInterceptor] = [TelemetryInterceptor()]  # type: ignore[type-arg]
+        if tokens is not None:
+            interceptors.append(AuthInterceptor(tokens))
+        interceptors.append(RequestDecodeInterceptor())
         # Calls beyond the limit fail fast with RESOURCE_EXHAUSTED instead of queueing.
         self.server = grpc.aio.server(
-            interceptors=[TelemetryInterceptor()], maximum_concurrent_rpcs=concurrent_rpcs_max
+            interceptors=interceptors, maximum_concurrent_rpcs=concurrent_rpcs_max
         )
         ledger = Ledger(cluster, self.sagas)
         ledger_pb2_grpc.add_LedgerServiceServicer_to_server(LedgerServicer(ledger), self.server)
@@ -70,13 +85,17 @@ class LedgerServer:
         self.port = 0
 
     async def start(self) -> int:
-        self.port = self.server.add_insecure_port(self.listen)
+        if self.tls is None:
+            self.port = self.server.add_insecure_port(self.listen)
+        else:
+            self.port = self.server.add_secure_port(self.listen, self.tls.credentials())
         if self.port == 0:
             raise RuntimeError(f"could not listen on {self.listen}")
         await self.server.start()
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self.sweeper.start()
+        self.checkpointer.start()
         self.recovery.start()
         self.config_watch.start()
         metrics.register_gauge_source("pool", self._pool_gauge)
@@ -91,6 +110,7 @@ class LedgerServer:
         await self.recovery.stop()
         await self.sagas.close()
         await self.sweeper.stop()
+        await self.checkpointer.stop()
 
     def _pool_gauge(self) -> list[tuple[float, dict[str, str]]]:
         values: list[tuple[float, dict[str, str]]] = []

@@ -11,15 +11,18 @@ import grpc
 
 from ledger import limits
 from ledger.api import decode, encode
+from ledger.api.auth import require_merchants
 from ledger.api.status import (
     AbortError,
     failed_precondition,
+    send_abort,
     unavailable,
     with_reason,
 )
 from ledger.core.errors import JournalSpansShards, LinkedChainSpansShards
 from ledger.core.ledger import Ledger
-from ledger.domain.transfers import TransferResult
+from ledger.domain.accounts import AccountKey
+from ledger.domain.transfers import TransferRequest, TransferResult
 from ledger.invariant import InvariantViolation
 from ledger.routing.errors import ClusterUnavailable
 from ledger.storage.errors import ShardBusy, ShardUnavailable
@@ -44,9 +47,9 @@ def statuses(handler: Handler[Request, Response]) -> Handler[Request, Response]:
         try:
             return await handler(self, request, context)
         except AbortError as error:
-            await _abort(context, error)
+            await send_abort(context, error)
         except LinkedChainSpansShards as error:
-            await _abort(
+            await send_abort(
                 context,
                 failed_precondition(
                     "LINKED_CHAIN_SPANS_SHARDS",
@@ -55,7 +58,7 @@ def statuses(handler: Handler[Request, Response]) -> Handler[Request, Response]:
                 ),
             )
         except JournalSpansShards as error:
-            await _abort(
+            await send_abort(
                 context,
                 failed_precondition(
                     "JOURNAL_SPANS_SHARDS",
@@ -64,15 +67,15 @@ def statuses(handler: Handler[Request, Response]) -> Handler[Request, Response]:
                 ),
             )
         except ShardBusy as error:
-            await _abort(
+            await send_abort(
                 context,
                 AbortError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{error}; retry shortly"),
             )
         except (ClusterUnavailable, ShardUnavailable) as error:
-            await _abort(context, unavailable(str(error)))
+            await send_abort(context, unavailable(str(error)))
         except InvariantViolation:
             log.exception("invariant violated in %s", handler.__name__)
-            await _abort(
+            await send_abort(
                 context, AbortError(grpc.StatusCode.INTERNAL, "internal invariant violated")
             )
         raise AssertionError("unreachable: abort raises")
@@ -80,13 +83,17 @@ def statuses(handler: Handler[Request, Response]) -> Handler[Request, Response]:
     return wrapper
 
 
-async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: AbortError) -> None:
-    status = error.to_rpc_status()
-    await context.abort(
-        error.code,
-        error.message,
-        trailing_metadata=(("grpc-status-details-bin", status.SerializeToString()),),
-    )
+def _require_account_refs(keys: list[AccountKey]) -> None:
+    require_merchants((f"refs[{i}].merchant_id", k.merchant_id) for i, k in enumerate(keys))
+
+
+def _transfer_merchants(transfers: list[TransferRequest]) -> list[tuple[str, str]]:
+    fields = []
+    for i, t in enumerate(transfers):
+        fields.append((f"transfers[{i}].debit_account.merchant_id", t.debit.merchant_id))
+        if t.credit is not None:
+            fields.append((f"transfers[{i}].credit_account.merchant_id", t.credit.merchant_id))
+    return fields
 
 
 def _saga_wait_s(context: grpc.aio.ServicerContext[Any, Any]) -> float:
@@ -106,6 +113,9 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         self, request: pb.CreateAccountsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.CreateAccountsResponse:
         specs = decode.create_accounts(request)
+        require_merchants(
+            (f"accounts[{i}].ref.merchant_id", s.key.merchant_id) for i, s in enumerate(specs)
+        )
         outcomes = await self.ledger.create_accounts(specs)
         if all(o.shard_unavailable for o in outcomes):
             raise unavailable("the shards holding these merchants are unavailable")
@@ -131,6 +141,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         self, request: pb.LookupAccountsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.LookupAccountsResponse:
         keys = decode.account_refs("refs", request.refs)
+        _require_account_refs(keys)
         accounts = await self.ledger.lookup_accounts(keys)
         return pb.LookupAccountsResponse(accounts=[encode.account(a) for a in accounts])
 
@@ -143,6 +154,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         page_size = v.page_size("page_size", request.page_size)
         after = decode.account_cursor(v, "page_token", request.page_token)
         v.raise_if_any()
+        require_merchants([("merchant_id", request.merchant_id)])
         accounts = await self.ledger.list_accounts(
             request.merchant_id, after=after, limit=page_size + 1
         )
@@ -159,6 +171,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         self, request: pb.SetAccountsClosedRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.SetAccountsClosedResponse:
         keys = decode.account_refs("refs", request.refs)
+        _require_account_refs(keys)
         found = await self.ledger.set_accounts_closed(keys, closed=request.closed)
         return pb.SetAccountsClosedResponse(found=found)
 
@@ -167,6 +180,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         self, request: pb.CreateTransfersRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.CreateTransfersResponse:
         transfers = decode.create_transfers(request)
+        require_merchants(_transfer_merchants(transfers))
         outcomes = await self.ledger.create_transfers(transfers, wait_s=_saga_wait_s(context))
         if all(o.result is TransferResult.SHARD_UNAVAILABLE for o in outcomes):
             raise unavailable("the shards holding these transfers are unavailable")
@@ -189,6 +203,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         self, request: pb.LookupTransfersRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.LookupTransfersResponse:
         keys = decode.transfer_refs(request)
+        require_merchants((f"refs[{i}].merchant_id", k.merchant_id) for i, k in enumerate(keys))
         remaining_s = context.time_remaining()
         wait_s = request.wait_timeout_ms / 1000
         if remaining_s is not None:
@@ -201,6 +216,13 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         self, request: pb.PostJournalRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.PostJournalResponse:
         journal = decode.post_journal(request)
+        require_merchants(
+            [("merchant_id", journal.merchant_id)]
+            + [
+                (f"postings[{i}].account.merchant_id", p.account.merchant_id)
+                for i, p in enumerate(journal.postings)
+            ]
+        )
         outcome = await self.ledger.post_journal(journal)
         if outcome.result is TransferResult.EXISTS_WITH_DIFFERENT_FIELDS:
             raise with_reason(
@@ -239,6 +261,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         as_of = decode.timestamp(v, "as_of", request.as_of) if request.HasField("as_of") else None
         v.raise_if_any()
         assert key is not None
+        require_merchants([("account.merchant_id", key.merchant_id)])
         found = await self.ledger.balance(key, as_of=as_of)
         if found is None:
             raise with_reason(grpc.StatusCode.NOT_FOUND, "ACCOUNT_NOT_FOUND", "no such account")
@@ -265,6 +288,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         after = decode.sequence_cursor(v, "page_token", request.page_token, kind)
         v.raise_if_any()
         assert key is not None
+        require_merchants([("account.merchant_id", key.merchant_id)])
         entries = await self.ledger.list_entries(
             key, after_sequence=after, newest_first=newest_first, limit=page_size + 1
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import grpc
 from google.protobuf import any_pb2
@@ -30,6 +31,15 @@ class AbortError(Exception):
             wrapper.Pack(detail)
             packed.append(wrapper)
         return status_pb2.Status(code=self.code.value[0], message=self.message, details=packed)
+
+
+async def send_abort(context: grpc.aio.ServicerContext[Any, Any], error: AbortError) -> None:
+    """Ends the call with the error's status and its details in the standard trailer."""
+    await context.abort(
+        error.code,
+        error.message,
+        trailing_metadata=(("grpc-status-details-bin", error.to_rpc_status().SerializeToString()),),
+    )
 
 
 def invalid_argument(violations: Sequence[tuple[str, str]]) -> AbortError:

@@ -66,6 +66,8 @@ class Account:
     balances: Balances
     entry_count: int
     created_at: datetime
+    # The hash of the last entry (the chain's head); GENESIS_HASH before any.
+    head_hash: bytes
 
     @property
     def key(self) -> AccountKey:

@@ -14,6 +14,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from ledger.domain.accounts import Account, AccountKey, Balances
+from ledger.domain.chain import chained_entry
 from ledger.domain.transfers import (
     Direction,
     Entry,
@@ -36,6 +37,17 @@ class AccountState:
 
     balances: Balances
     entry_count: int
+    head_hash: bytes
+
+
+def advanced(account: Account, state: AccountState) -> Account:
+    """The account after a plan's writes, for applying a further plan to it."""
+    return replace(
+        account,
+        balances=state.balances,
+        entry_count=state.entry_count,
+        head_hash=state.head_hash,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +110,8 @@ class _BatchRun:
         self.state = state
         self.plan = TransferBatchPlan()
         self.work: dict[AccountKey, AccountState] = {
-            key: AccountState(a.balances, a.entry_count) for key, a in state.accounts.items()
+            key: AccountState(a.balances, a.entry_count, a.head_hash)
+            for key, a in state.accounts.items()
         }
         self.new_records: dict[TransferKey, TransferRecord] = {}
         self.pending_states: dict[TransferKey, PendingState] = {}
@@ -149,20 +162,19 @@ class _BatchRun:
         balances_after: Balances,
     ) -> None:
         current = self.work[key]
-        sequence = current.entry_count + 1
-        self.set(self.work, key, AccountState(balances_after, sequence))
-        self.plan.entries.append(
-            Entry(
-                account=key,
-                sequence=sequence,
-                transfer=transfer,
-                direction=direction,
-                kind=kind,
-                amount_minor=amount_minor,
-                balances_after=balances_after,
-                created_at=self.state.now,
-            )
+        entry = chained_entry(
+            current.head_hash,
+            account=key,
+            sequence=current.entry_count + 1,
+            transfer=transfer,
+            direction=direction,
+            kind=kind,
+            amount_minor=amount_minor,
+            balances_after=balances_after,
+            created_at=self.state.now,
         )
+        self.set(self.work, key, AccountState(balances_after, entry.sequence, entry.hash))
+        self.plan.entries.append(entry)
 
 
 def apply_transfers(

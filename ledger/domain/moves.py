@@ -15,6 +15,7 @@ from dataclasses import replace
 from datetime import datetime
 
 from ledger.domain.accounts import Account, Balances
+from ledger.domain.chain import chained_entry
 from ledger.domain.engine import AccountState
 from ledger.domain.transfers import Direction, Entry, EntryKind, TransferKey
 
@@ -44,10 +45,10 @@ def settlement_booking(
     else:
         direction = Direction.DEBIT
         after = replace(b, debits_posted=b.debits_posted - amount)
-    sequence = settlement.entry_count + 1
-    entry = Entry(
+    entry = chained_entry(
+        settlement.head_hash,
         account=settlement.key,
-        sequence=sequence,
+        sequence=settlement.entry_count + 1,
         transfer=key,
         direction=direction,
         kind=EntryKind.POSTED,
@@ -55,4 +56,4 @@ def settlement_booking(
         balances_after=after,
         created_at=now,
     )
-    return entry, AccountState(after, sequence)
+    return entry, AccountState(after, entry.sequence, entry.hash)

@@ -20,6 +20,7 @@ from datetime import datetime
 from enum import IntEnum
 
 from ledger.domain.accounts import Account, AccountKey
+from ledger.domain.chain import chained_entry
 from ledger.domain.engine import (
     PendingView,
     TransferBatchPlan,
@@ -151,9 +152,32 @@ def local_view(record: TransferRecord, peer_shard: str) -> TransferRecord:
     )
 
 
-def rekey(plan: TransferBatchPlan, key: TransferKey) -> TransferBatchPlan:
-    """Entries made through a settlement account name the saga's transfer."""
-    plan.entries = [replace(e, transfer=key) for e in plan.entries]
+def rekey(
+    plan: TransferBatchPlan, key: TransferKey, accounts: Mapping[AccountKey, Account]
+) -> TransferBatchPlan:
+    """Entries made through a settlement account name the saga's transfer.
+
+    The transfer is part of each entry's hash, so the chain is rebuilt from the
+    accounts' heads before the plan.
+    """
+    heads = {k: accounts[k].head_hash for k in plan.accounts}
+    rekeyed = []
+    for e in plan.entries:
+        entry = chained_entry(
+            heads[e.account],
+            account=e.account,
+            sequence=e.sequence,
+            transfer=key,
+            direction=e.direction,
+            kind=e.kind,
+            amount_minor=e.amount_minor,
+            balances_after=e.balances_after,
+            created_at=e.created_at,
+        )
+        heads[e.account] = entry.hash
+        rekeyed.append(entry)
+    plan.entries = rekeyed
+    plan.accounts = {k: replace(s, head_hash=heads[k]) for k, s in plan.accounts.items()}
     return plan
 
 
@@ -185,7 +209,7 @@ def credit_plan(
             currency=currency,
             action=TransferAction.POST if action is CreditAction.POST else TransferAction.PENDING,
         )
-        return rekey(apply_transfers([request], empty), key)
+        return rekey(apply_transfers([request], empty), key, accounts)
     held = TransferRecord(
         request=TransferRequest(
             id=pending_id,
@@ -219,7 +243,7 @@ def credit_plan(
         f"settling a held cross-shard credit cannot be refused: {plan.outcomes[0].result.name}",
     )
     plan.resolutions = []
-    return rekey(plan, key)
+    return rekey(plan, key, accounts)
 
 
 def reservation_settle_plan(

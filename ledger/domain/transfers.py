@@ -188,6 +188,8 @@ class Entry:
     amount_minor: int
     balances_after: Balances
     created_at: datetime
+    # Chains the account's history (see ledger/domain/chain.py).
+    hash: bytes
 
 
 @dataclass(frozen=True, slots=True)

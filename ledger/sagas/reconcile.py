@@ -10,7 +10,9 @@ Checks, each reported as a line:
 - every finished saga has its legs: the credit shard recorded the matching
   outcome, and a completed single-phase transfer posted its debit;
 - no saga has been running longer than the stuck limit without being in the
-  dead-letter list.
+  dead-letter list;
+- every account's hash chain is intact, ends at the account's head, and agrees
+  with every checkpoint (no entry edited, inserted or deleted).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from ledger import limits
 from ledger.domain.sagas import CreditAction, CreditOutcome, SagaKind, SagaState
 from ledger.routing.cluster import Cluster
 from ledger.storage.audit import SAGA_PAGE_SIZE, FinishedSaga, ShardAudit
+from ledger.storage.chain import ChainStore
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +94,14 @@ async def reconcile(
                     True,
                     f"{count} saga(s) in the dead-letter list, funds pending",
                 )
+        chains = await ChainStore(audit.shard).verify()
+        report.add(
+            f"hash chains {name}",
+            not chains.violations,
+            "every entry chains to its account's head and checkpoints"
+            if not chains.violations
+            else "; ".join(v.render() for v in chains.violations[:10]),
+        )
         stuck = await audit.stuck_sagas(older_than_s=stuck_after_s)
         report.add(
             f"stuck sagas {name}",

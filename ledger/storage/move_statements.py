@@ -109,12 +109,14 @@ SELECT
   (SELECT count(*) FROM pending_resolutions WHERE merchant_id = $1) AS resolutions,
   (SELECT md5(coalesce(string_agg(
       account_id || ':' || sequence || ':' || transfer_id || ':' || amount_minor || ':'
-      || direction || ':' || kind || ':' || debits_posted || ':' || credits_posted,
+      || direction || ':' || kind || ':' || debits_posted || ':' || credits_posted
+      || ':' || encode(entry_hash, 'hex'),
       ',' ORDER BY account_id, sequence), ''))
    FROM entries WHERE merchant_id = $1) AS entries_md5,
   (SELECT md5(coalesce(string_agg(
       account_id || ':' || debits_posted || ':' || credits_posted || ':' || debits_pending
-      || ':' || credits_pending || ':' || entry_count || ':' || closed,
+      || ':' || credits_pending || ':' || entry_count || ':' || closed
+      || ':' || encode(entry_hash, 'hex'),
       ',' ORDER BY account_id), ''))
    FROM accounts WHERE merchant_id = $1) AS accounts_md5
 """

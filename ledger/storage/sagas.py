@@ -18,6 +18,7 @@ from ledger.domain.engine import (
     ItemOutcome,
     PendingView,
     TransferBatchState,
+    advanced,
     apply_transfers,
     expire_pending,
 )
@@ -309,11 +310,7 @@ class SagaStore:
                     expiring=[],
                 )
                 for account_key, account_state in plan.accounts.items():
-                    accounts[account_key] = replace(
-                        accounts[account_key],
-                        balances=account_state.balances,
-                        entry_count=account_state.entry_count,
-                    )
+                    accounts[account_key] = advanced(accounts[account_key], account_state)
                 origin = origins[key]
                 await self._insert_saga(
                     conn,

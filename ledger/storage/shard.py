@@ -31,6 +31,7 @@ from ledger.domain.engine import (
     JournalPlan,
     PendingView,
     TransferBatchState,
+    advanced,
     apply_journal,
     apply_transfers,
     expire_pending,
@@ -422,14 +423,7 @@ class Shard:
                 resolutions.append(plan.resolution)
                 for account_key, account_state in plan.accounts.items():
                     changed[account_key] = account_state
-                    old = accounts[account_key]
-                    accounts[account_key] = Account(
-                        old.spec,
-                        old.closed,
-                        account_state.balances,
-                        account_state.entry_count,
-                        old.created_at,
-                    )
+                    accounts[account_key] = advanced(accounts[account_key], account_state)
             stale = [k for k in keys if k in states]
             await write_plan(
                 conn,
@@ -809,6 +803,7 @@ def _account(row: asyncpg.Record) -> Account:
         ),
         entry_count=row["entry_count"],
         created_at=row["created_at"],
+        head_hash=row["entry_hash"],
     )
 
 
@@ -856,6 +851,7 @@ def _entry(row: asyncpg.Record) -> Entry:
             row["credits_pending"],
         ),
         created_at=row["created_at"],
+        hash=row["entry_hash"],
     )
 
 
@@ -971,7 +967,12 @@ async def write_plan(
         ]
         for column, value in zip(t_cols, row, strict=True):
             column.append(value)
-    e_cols: list[list[Any]] = [[] for _ in range(13)]
+    e_cols: list[list[Any]] = [[] for _ in range(14)]
+    last_hashes = {e.account: e.hash for e in entries}
+    invariant(
+        all(accounts[k].head_hash == h for k, h in last_hashes.items()),
+        "each account's new head is the hash of its last new entry",
+    )
     for e in entries:
         b = e.balances_after
         row = [
@@ -988,10 +989,11 @@ async def write_plan(
             b.debits_pending,
             b.credits_pending,
             e.created_at,
+            e.hash,
         ]
         for column, value in zip(e_cols, row, strict=True):
             column.append(value)
-    a_cols: list[list[Any]] = [[] for _ in range(7)]
+    a_cols: list[list[Any]] = [[] for _ in range(8)]
     for key, s in accounts.items():
         b = s.balances
         row = [
@@ -1002,6 +1004,7 @@ async def write_plan(
             b.debits_pending,
             b.credits_pending,
             s.entry_count,
+            s.head_hash,
         ]
         for column, value in zip(a_cols, row, strict=True):
             column.append(value)

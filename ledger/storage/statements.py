@@ -15,7 +15,7 @@ NOW = "SELECT clock_timestamp()"
 ACCOUNT_COLUMNS = """
 merchant_id, account_id, currency, debits_must_not_exceed_credits,
 credits_must_not_exceed_debits, closed, metadata, debits_posted, credits_posted,
-debits_pending, credits_pending, entry_count, created_at
+debits_pending, credits_pending, entry_count, created_at, entry_hash
 """
 
 # Row locks in one fixed order (merchant, account, byte-wise) so that any two
@@ -109,31 +109,31 @@ WITH new_transfers AS (
 ), new_entries AS (
     INSERT INTO entries (merchant_id, account_id, sequence, transfer_merchant_id, transfer_id,
         direction, kind, amount_minor, debits_posted, credits_posted, debits_pending,
-        credits_pending, created_at)
+        credits_pending, created_at, entry_hash)
     SELECT * FROM unnest($23::text[], $24::text[], $25::bigint[], $26::text[], $27::text[],
         $28::smallint[], $29::smallint[], $30::bigint[], $31::bigint[], $32::bigint[],
-        $33::bigint[], $34::bigint[], $35::timestamptz[])
+        $33::bigint[], $34::bigint[], $35::timestamptz[], $36::bytea[])
     RETURNING 1
 ), updated_accounts AS (
     UPDATE accounts AS a
     SET debits_posted = u.dp, credits_posted = u.cp, debits_pending = u.dpe,
-        credits_pending = u.cpe, entry_count = u.n
-    FROM unnest($36::text[], $37::text[], $38::bigint[], $39::bigint[], $40::bigint[],
-        $41::bigint[], $42::bigint[]) AS u(m, a, dp, cp, dpe, cpe, n)
+        credits_pending = u.cpe, entry_count = u.n, entry_hash = u.h
+    FROM unnest($37::text[], $38::text[], $39::bigint[], $40::bigint[], $41::bigint[],
+        $42::bigint[], $43::bigint[], $44::bytea[]) AS u(m, a, dp, cp, dpe, cpe, n, h)
     WHERE a.merchant_id = u.m AND a.account_id = u.a
     RETURNING 1
 ), new_resolutions AS (
     INSERT INTO pending_resolutions (merchant_id, pending_id, state, by_transfer_id, created_at)
-    SELECT * FROM unnest($43::text[], $44::text[], $45::smallint[], $46::text[],
-        $47::timestamptz[])
+    SELECT * FROM unnest($45::text[], $46::text[], $47::smallint[], $48::text[],
+        $49::timestamptz[])
     RETURNING 1
 ), new_expiries AS (
     INSERT INTO pending_expiries (merchant_id, transfer_id, expires_at)
-    SELECT * FROM unnest($48::text[], $49::text[], $50::timestamptz[])
+    SELECT * FROM unnest($50::text[], $51::text[], $52::timestamptz[])
     RETURNING 1
 ), ended_expiries AS (
     DELETE FROM pending_expiries AS x
-    USING unnest($51::text[], $52::text[]) AS r(m, p)
+    USING unnest($53::text[], $54::text[]) AS r(m, p)
     WHERE x.merchant_id = r.m AND x.transfer_id = r.p
     RETURNING 1
 )
@@ -166,7 +166,8 @@ LIMIT 1
 
 ENTRY_COLUMNS = """
 merchant_id, account_id, sequence, transfer_merchant_id, transfer_id, direction, kind,
-amount_minor, debits_posted, credits_posted, debits_pending, credits_pending, created_at
+amount_minor, debits_posted, credits_posted, debits_pending, credits_pending, created_at,
+entry_hash
 """
 
 ENTRIES_OLDEST_FIRST = f"""
