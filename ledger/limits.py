@@ -37,6 +37,15 @@ page_size_max = 1000
 # are a product decision that should be an explicit new transfer.
 pending_timeout_max = timedelta(days=30)
 
+# Message sizes: a full batch (1000 transfers, each with 16 metadata pairs of
+# 64 + 256 bytes and 128-byte ids) is about 6 MB, so 8 MiB admits every legal
+# request and refuses anything bigger before it is parsed. Responses (1000 looked-up
+# transfers with metadata) stay under 16 MiB. Headers carry a token and a trace
+# context; 16 KiB is plenty and bounds what an unauthenticated caller can send.
+request_bytes_max = 8 * 1024 * 1024
+response_bytes_max = 16 * 1024 * 1024
+request_metadata_bytes_max = 16 * 1024
+
 # Server: more concurrent RPCs than this get RESOURCE_EXHAUSTED at once instead
 # of queueing without bound behind the shard pools.
 concurrent_rpcs_max = 256

@@ -70,7 +70,16 @@ class LedgerServer:
         interceptors.append(RequestDecodeInterceptor())
         # Calls beyond the limit fail fast with RESOURCE_EXHAUSTED instead of queueing.
         self.server = grpc.aio.server(
-            interceptors=interceptors, maximum_concurrent_rpcs=concurrent_rpcs_max
+            interceptors=interceptors,
+            maximum_concurrent_rpcs=concurrent_rpcs_max,
+            options=[
+                ("grpc.max_receive_message_length", limits.request_bytes_max),
+                ("grpc.max_send_message_length", limits.response_bytes_max),
+                # gRPC refuses headers between the soft and the hard limit at
+                # random; one value for both makes the limit exact.
+                ("grpc.max_metadata_size", limits.request_metadata_bytes_max),
+                ("grpc.absolute_max_metadata_size", limits.request_metadata_bytes_max),
+            ],
         )
         ledger = Ledger(cluster, self.sagas)
         ledger_pb2_grpc.add_LedgerServiceServicer_to_server(LedgerServicer(ledger), self.server)

@@ -18,7 +18,15 @@ Conventions every caller should know:
   malformed input; NOT_FOUND; FAILED_PRECONDITION (google.rpc.ErrorInfo whose
   reason is a TransferResult name) when a rule makes the whole call fail;
   UNAVAILABLE (retryable with the same ids) when a shard cannot be reached;
-  RESOURCE_EXHAUSTED when the server is over its concurrency limit.
+  RESOURCE_EXHAUSTED when the server is over its concurrency limit or a
+  message is over its size limit; UNAUTHENTICATED without a valid bearer
+  token and PERMISSION_DENIED for a scope or merchant the token lacks, when
+  the server requires tokens (ErrorInfo reason in both).
+- Size limits of every call, beside the per-field limits: a request message
+  of at most 8 MiB (a full batch of 1000 transfers with maximal metadata
+  fits), a response of at most 16 MiB, request metadata (headers) of at most
+  16 KiB. Strings that are not valid UTF-8 make the request INVALID_ARGUMENT
+  (field "request").
 """
 
 from collections import abc as _abc
