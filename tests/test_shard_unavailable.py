@@ -16,7 +16,9 @@ import pytest
 from ledger.embedded.postgres import EmbeddedPostgres, EmbeddedPostgresError
 from ledger.routing.config import ShardConfig, ShardSpec
 from ledger.v1 import ledger_pb2 as pb
+from tests.process_cluster import ProcessCluster
 from tests.support import (
+    RPC_TIMEOUT_S,
     Service,
     account,
     balance,
@@ -194,3 +196,46 @@ async def test_transfer_retried_after_shard_restarts_applies_exactly_once(
     cash = await balance(stub, m, "cash")
     assert (wallet.credits_posted, wallet.debits_posted) == (70, 0)
     assert (cash.debits_posted, cash.credits_posted) == (70, 0)
+
+
+async def test_a_replica_starts_while_a_never_set_up_shard_is_down_and_sets_it_up_later(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """Start-up does not wait for every shard: the others serve at once, and the
+    down shard is migrated when it comes back, without a restart."""
+    cluster = ProcessCluster(tmp_path_factory.mktemp("late-shard"))
+    try:
+        cluster.start_shards()
+        cluster.shards.stop("shard-c")
+        await cluster.service.start()
+        stub = cluster.service.stub
+        assert stub is not None
+        up = cluster.merchant_on("shard-a")
+        await create_accounts(stub, account(up, "cash"), account(up, "wallet"))
+        answer = await transfers(stub, transfer(uid("t"), ref(up, "cash"), ref(up, "wallet"), 5))
+        assert result_names(answer) == ["TRANSFER_RESULT_OK"]
+        down = cluster.merchant_on("shard-c")
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.CreateAccounts(
+                pb.CreateAccountsRequest(accounts=[account(down, "cash")]), timeout=RPC_TIMEOUT_S
+            )
+        assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
+
+        await asyncio.to_thread(cluster.shards.start_one, "shard-c")
+
+        async def shard_c_serves() -> bool:
+            try:
+                await create_accounts(stub, account(down, "cash"), account(down, "wallet"))
+            except grpc.aio.AioRpcError as error:
+                assert error.code() is grpc.StatusCode.UNAVAILABLE, error
+                return False
+            return True
+
+        await wait_until(shard_c_serves, what="the late shard to be set up and serve")
+        answer = await transfers(
+            stub, transfer(uid("t"), ref(down, "cash"), ref(down, "wallet"), 7)
+        )
+        assert result_names(answer) == ["TRANSFER_RESULT_OK"]
+        assert (await cluster.reconcile()).ok
+    finally:
+        await cluster.close()

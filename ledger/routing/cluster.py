@@ -12,7 +12,12 @@ from ledger import limits
 from ledger.routing.config import ShardConfig, load_config
 from ledger.routing.errors import ClusterUnavailable
 from ledger.routing.ring import ShardRing
-from ledger.storage.errors import MerchantsMoving, MerchantsNotOwned, StaleEpoch
+from ledger.storage.errors import (
+    MerchantsMoving,
+    MerchantsNotOwned,
+    ShardUnavailable,
+    StaleEpoch,
+)
 from ledger.storage.shard import Fence, Shard
 
 log = logging.getLogger(__name__)
@@ -30,6 +35,10 @@ class Cluster:
         self.config_path = config_path
         self.ring = ShardRing(config)
         self.shards: dict[str, Shard] = {}
+        # Shards that could not be reached to set up at start-up: their merchants
+        # get UNAVAILABLE meanwhile, and set-up is retried (migrate_unreached).
+        self.unreached: set[str] = set()
+        self._rebalance_pending = False
         self._reload_lock = asyncio.Lock()
 
     @property
@@ -51,12 +60,40 @@ class Cluster:
         paused while it decides who moves), so that no two shards can ever take
         on the same new merchant; a replica never does it on its own.
         """
-        recorded = [await shard.recorded_epoch() for shard in self.shards.values()]
+        await self._migrate(list(self.shards.values()))
+
+    async def migrate_unreached(self) -> None:
+        """Sets up the shards that were down at start-up, once they answer."""
+        if self.unreached:
+            await self._migrate([s for n, s in self.shards.items() if n in self.unreached])
+
+    async def _migrate(self, shards: list[Shard]) -> None:
+        # One shard down must not keep a replica from serving the others.
+        recorded: dict[str, int | None] = {}
+        for shard in shards:
+            try:
+                recorded[shard.name] = await shard.recorded_epoch()
+            except ShardUnavailable as error:
+                log.warning("shard %s not set up yet: %s", shard.name, error)
+                self.unreached.add(shard.name)
         # Shards already at an older epoch: this config awaits a rebalance, so a
         # shard set up now is one being added and starts with claims paused.
-        rebalance_pending = any(e is not None and e < self.epoch for e in recorded)
-        for shard, recorded_epoch in zip(self.shards.values(), recorded, strict=True):
-            applied = await shard.migrate(epoch=self.epoch, claims_paused_if_new=rebalance_pending)
+        # (A shard set up later, after being down, goes by what the others showed.)
+        self._rebalance_pending |= any(e is not None and e < self.epoch for e in recorded.values())
+        rebalance_pending = self._rebalance_pending
+        for shard in shards:
+            if shard.name not in recorded:
+                continue
+            recorded_epoch = recorded[shard.name]
+            try:
+                applied = await shard.migrate(
+                    epoch=self.epoch, claims_paused_if_new=rebalance_pending
+                )
+            except ShardUnavailable as error:
+                log.warning("shard %s not set up yet: %s", shard.name, error)
+                self.unreached.add(shard.name)
+                continue
+            self.unreached.discard(shard.name)
             if applied:
                 log.info("shard %s: applied %s", shard.name, ", ".join(applied))
             # A shard set up just now took this config's epoch.

@@ -1,4 +1,7 @@
-"""Reloads the shard config when its file changes, so replicas follow an admin's edit."""
+"""Reloads the shard config when its file changes, so replicas follow an admin's edit.
+
+The same loop finishes setting up shards that were down when the replica started.
+"""
 
 from __future__ import annotations
 
@@ -53,5 +56,9 @@ class ConfigWatcher:
                     log.exception(
                         "shard config reload failed; keeping epoch %d", self.cluster.epoch
                     )
+            try:
+                await self.cluster.migrate_unreached()
+            except Exception:
+                log.exception("setting up shards that were down failed; retrying")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), self.interval_s)

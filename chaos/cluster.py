@@ -1,0 +1,320 @@
+"""The system under test: one PostgreSQL server per shard, a proxy in front of each,
+and the service replicas as real processes, with the faults the nemesis injects.
+
+The replicas' shard config points at the proxies (service.toml); the checker reads
+the shards directly (direct.toml), so a fault never hides what is stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from chaos.plan import REPLICA_NAMES, SHARD_NAMES
+from chaos.proxy import TcpProxy
+from ledger.embedded.postgres import EmbeddedPostgres, EmbeddedPostgresError
+from ledger.routing.config import ShardConfig, ShardSpec, render_config
+from ledger.v1 import ledger_pb2_grpc
+
+ROOT = Path(__file__).resolve().parent.parent
+DATABASE = "ledger"
+# A replica connects to and migrates every shard before it serves: seconds, or more
+# on a loaded machine while another replica or a shard is starting.
+SERVICE_START_DEADLINE_S = 60.0
+# After SIGINT a replica lets in-flight calls finish (limits.shutdown_grace_s = 5 s)
+# and closes its pools; past this it is killed.
+SERVICE_STOP_DEADLINE_S = 30.0
+# How often the runner looks for a starting replica's "serving" line.
+SERVING_POLL_INTERVAL_S = 0.05
+# A replica that exits at start (it connects to every shard first, so it cannot start
+# while one is down) is started again, as a process supervisor would, after this
+# pause, until this deadline; past it the run fails.
+REPLICA_RESTART_PAUSE_S = 0.5
+REPLICA_RESTART_DEADLINE_S = 60.0
+# pg_ctl and initdb run in a forked child of a process with gRPC threads, where
+# gRPC's fork handlers now and then crash the child before it execs (nothing was
+# done then); one more try is safe (as tests/test_saga_faults.py does).
+PG_CTL_ATTEMPTS_MAX = 2
+# Every replica gets these. A killed replica's sagas are resumed by the other once
+# its lease runs out, and saga back-off is capped, so recovery takes seconds here
+# rather than the production defaults' tens of seconds.
+SERVICE_ENV = {
+    "GRPC_ENABLE_FORK_SUPPORT": "false",
+    "LEDGER_METRICS_LISTEN": "off",
+    "LEDGER_SAGA_LEASE_S": "2",
+    "LEDGER_SAGA_RETRY_DELAY_S_MAX": "1",
+    "PYTHONUNBUFFERED": "1",
+}
+_SERVING = re.compile(r"ledger serving on [\d.]+:(\d+)")
+
+
+class HarnessError(RuntimeError):
+    """The test system itself could not be set up or driven (not a finding about the service)."""
+
+
+class ReplicaExited(HarnessError):
+    """A replica exited before it served; reason is the last line of its log."""
+
+    def __init__(self, name: str, code: int, reason: str) -> None:
+        super().__init__(f"{name} exited {code} at start: {reason}")
+        self.reason = reason
+
+
+@dataclass
+class Replica:
+    """`python -m ledger.cli serve` in a child process, and a stub for its current port."""
+
+    name: str
+    config_path: Path
+    log_path: Path
+    process: subprocess.Popen[bytes] | None = None
+    port: int = 0
+    stub: ledger_pb2_grpc.LedgerServiceStub | None = None
+    admin: ledger_pb2_grpc.LedgerAdminServiceStub | None = None
+    starts: int = 0
+    # Starts that ended before serving, with the reason each gave.
+    failed_starts: list[str] = field(default_factory=list)
+    # Every channel ever opened; the old ones fail fast after a kill and are closed
+    # only at the end, so a client mid-call never sees its channel closed under it.
+    _channels: list[grpc.aio.Channel] = field(default_factory=list)
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    async def start(self) -> None:
+        if self.running:
+            raise HarnessError(f"{self.name} is already running")
+        env = {**os.environ, **SERVICE_ENV}
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        with self.log_path.open("ab") as log:
+            # Popen only forks and execs; the wait for readiness below is asynchronous.
+            self.process = subprocess.Popen(  # noqa: ASYNC220
+                [
+                    sys.executable,
+                    "-m",
+                    "ledger.cli",
+                    "serve",
+                    "--config",
+                    str(self.config_path),
+                    "--listen",
+                    "127.0.0.1:0",
+                ],
+                cwd=ROOT,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+            )
+        deadline = time.monotonic() + SERVICE_START_DEADLINE_S
+        while True:
+            text = self.log_path.read_bytes()[offset:].decode(errors="replace")
+            match = _SERVING.search(text)
+            if match:
+                break
+            if self.process.poll() is not None:
+                lines = [line.strip() for line in text.splitlines() if line.strip()]
+                reason = lines[-1] if lines else "no output"
+                raise ReplicaExited(self.name, self.process.returncode, reason)
+            if time.monotonic() > deadline:
+                raise HarnessError(f"{self.name} not serving after {SERVICE_START_DEADLINE_S}s")
+            await asyncio.sleep(SERVING_POLL_INTERVAL_S)
+        self.port = int(match.group(1))
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{self.port}")
+        self._channels.append(channel)
+        self.stub = ledger_pb2_grpc.LedgerServiceStub(channel)
+        self.admin = ledger_pb2_grpc.LedgerAdminServiceStub(channel)
+        self.starts += 1
+
+    async def start_supervised(self) -> None:
+        """Starts the replica, and again after each exit at start, until the deadline."""
+        deadline = time.monotonic() + REPLICA_RESTART_DEADLINE_S
+        while True:
+            try:
+                await self.start()
+                return
+            except ReplicaExited as error:
+                self.failed_starts.append(error.reason)
+                if time.monotonic() > deadline:
+                    raise
+            # A supervisor's back-off between restarts (it paces, it waits for nothing).
+            await asyncio.sleep(REPLICA_RESTART_PAUSE_S)
+
+    async def kill(self) -> None:
+        """SIGKILL, as a crash would."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+        await self._wait_exit()
+
+    async def stop(self) -> None:
+        """SIGINT (graceful), then SIGKILL past the deadline."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+        await self._wait_exit()
+
+    async def _wait_exit(self) -> None:
+        process = self.process
+        if process is None:
+            return
+        try:
+            await asyncio.to_thread(process.wait, SERVICE_STOP_DEADLINE_S)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            await asyncio.to_thread(process.wait, SERVICE_STOP_DEADLINE_S)
+
+    async def close_channels(self) -> None:
+        channels, self._channels = self._channels, []
+        for channel in channels:
+            await channel.close(None)
+
+
+@dataclass
+class ShardServer:
+    name: str
+    postgres: EmbeddedPostgres
+    proxy: TcpProxy | None = None
+
+    @property
+    def direct_dsn(self) -> str:
+        return self.postgres.dsn(DATABASE)
+
+    @property
+    def proxied_dsn(self) -> str:
+        assert self.proxy is not None
+        return f"postgresql://postgres@127.0.0.1:{self.proxy.port}/{DATABASE}"
+
+
+async def _pg_ctl(action: Callable[[], None]) -> None:
+    """A blocking PostgreSQL server action off the event loop, retried as above."""
+    for attempt in range(1, PG_CTL_ATTEMPTS_MAX + 1):
+        try:
+            await asyncio.to_thread(action)
+            return
+        except EmbeddedPostgresError:
+            if attempt == PG_CTL_ATTEMPTS_MAX:
+                raise
+
+
+class ChaosCluster:
+    """Three shard servers behind proxies and two replicas, all under base_dir."""
+
+    def __init__(self, base_dir: Path) -> None:
+        self.base_dir = base_dir
+        self.shards = {
+            name: ShardServer(name, EmbeddedPostgres(data_dir=base_dir / "pg" / name, durable=True))
+            for name in SHARD_NAMES
+        }
+        self.service_config_path = base_dir / "service.toml"
+        self.direct_config_path = base_dir / "direct.toml"
+        self.replicas = [
+            Replica(name, self.service_config_path, base_dir / f"{name}.log")
+            for name in REPLICA_NAMES
+        ]
+
+    def replica(self, name: str) -> Replica:
+        for replica in self.replicas:
+            if replica.name == name:
+                return replica
+        raise KeyError(name)
+
+    @property
+    def direct_config(self) -> ShardConfig:
+        return ShardConfig(
+            epoch=1,
+            shards=tuple(
+                ShardSpec(name=s.name, dsn=s.direct_dsn, weight=1) for s in self.shards.values()
+            ),
+        )
+
+    async def start(self) -> None:
+        """Shards (at once), proxies, configs, then the replicas one after the other
+        (the first migrates the shards)."""
+        self.base_dir.mkdir(parents=True, exist_ok=True)
+        await asyncio.gather(*(self._start_new_shard(s) for s in self.shards.values()))
+        for shard in self.shards.values():
+            shard.proxy = TcpProxy(
+                name=shard.name, upstream_host="127.0.0.1", upstream_port=shard.postgres.port
+            )
+            await shard.proxy.start()
+        proxied = ShardConfig(
+            epoch=1,
+            shards=tuple(
+                ShardSpec(name=s.name, dsn=s.proxied_dsn, weight=1) for s in self.shards.values()
+            ),
+        )
+        self.service_config_path.write_text(render_config(proxied))
+        self.direct_config_path.write_text(render_config(self.direct_config))
+        for replica in self.replicas:
+            await replica.start()
+
+    async def _start_new_shard(self, shard: ShardServer) -> None:
+        await _pg_ctl(shard.postgres.start)
+        await _pg_ctl(lambda: shard.postgres.create_database(DATABASE))
+
+    # Faults and their repair.
+
+    async def stop_shard(self, name: str) -> None:
+        """pg_ctl stop -m immediate: every backend dies at once, as in a crash."""
+        postgres = self.shards[name].postgres
+        await _pg_ctl(lambda: postgres.stop(mode="immediate"))
+
+    async def start_shard(self, name: str) -> None:
+        await _pg_ctl(self.shards[name].postgres.start)
+
+    def proxy(self, name: str) -> TcpProxy:
+        proxy = self.shards[name].proxy
+        assert proxy is not None, "proxies start with the cluster"
+        return proxy
+
+    async def heal(self) -> list[str]:
+        """Everything back: proxies clean, every shard up, every replica serving.
+        Returns what had to be repaired."""
+        repaired = []
+        for name, shard in self.shards.items():
+            if shard.proxy is not None and not shard.proxy.clean:
+                shard.proxy.heal()
+                repaired.append(f"proxy {name} cleaned")
+            if not shard.postgres.is_running():
+                await self.start_shard(name)
+                repaired.append(f"shard {name} started")
+        for replica in self.replicas:
+            if not replica.running:
+                await replica.start_supervised()
+                repaired.append(f"{replica.name} started")
+        return repaired
+
+    async def close(self) -> list[str]:
+        """Stops everything, whatever state it is in; returns what could not be stopped."""
+        problems: list[str] = []
+        await _each(problems, [r.stop for r in self.replicas])
+        await _each(problems, [r.close_channels for r in self.replicas])
+        await _each(problems, [s.proxy.close for s in self.shards.values() if s.proxy])
+        await _each(problems, [self._stopper(name) for name in self.shards])
+        return problems
+
+    def _stopper(self, name: str) -> Callable[[], Awaitable[None]]:
+        async def stop() -> None:
+            postgres = self.shards[name].postgres
+            if postgres.data_dir.exists():
+                await _pg_ctl(lambda: postgres.stop(mode="immediate"))
+
+        return stop
+
+
+async def _each(problems: list[str], actions: list[Callable[[], Awaitable[None]]]) -> None:
+    """Runs every action even when some fail; notes the failures."""
+    for action in actions:
+        try:
+            await action()
+        except Exception as error:
+            problems.append(f"{type(error).__name__}: {error}")

@@ -1,0 +1,358 @@
+"""The chaos bank workload: `python -m chaos.run --seed N --duration-s S [options]`.
+
+1. Plan from the seed: accounts, the fault schedule, every client's operations.
+2. Start three shards (a PostgreSQL server each) behind proxies, and two service
+   replicas as processes; create and fund the accounts.
+3. For --duration-s, run the clients and inject the faults on schedule.
+4. Heal everything, wait until no saga runs, and check the books (chaos/checker.py).
+5. Print a summary (and write it as JSON with --json). Exit 0 when every check
+   passed, 1 on any violation, 2 when the harness itself failed.
+"""
+
+from __future__ import annotations
+
+import os
+
+# The runner forks pg_ctl while gRPC threads run; gRPC's fork handlers can crash
+# such a child, and nothing here needs gRPC after a fork. Set before grpc loads.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
+import argparse
+import asyncio
+import json
+import random
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from chaos.checker import CheckReport, check_all
+from chaos.clients import Caller, OpRecord, run_client, send_operation
+from chaos.cluster import ChaosCluster, HarnessError
+from chaos.nemesis import FaultRecord, Nemesis
+from chaos.plan import (
+    PLAN_DIGEST_OPS_PER_CLIENT,
+    SHARD_NAMES,
+    ClientPlanner,
+    Layout,
+    RunPlan,
+    plan_run,
+)
+from ledger.v1 import ledger_pb2 as pb
+
+DEFAULT_CLIENTS = 4
+# Each client is one coroutine with one call in flight; more than this on a small
+# machine measures the machine, not the service.
+CLIENTS_MAX = 64
+# A run shorter than the first fault injects nothing; longer than a day is a mistake.
+DURATION_S_MIN = 1.0
+DURATION_S_MAX = 86_400.0
+EXIT_OK = 0
+EXIT_VIOLATIONS = 1
+EXIT_HARNESS_FAILED = 2
+# Violations printed per check; the JSON summary has all of them.
+VIOLATIONS_PRINTED_PER_CHECK_MAX = 20
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    seed: int
+    duration_s: float
+    clients: int
+    json_path: Path | None
+    work_dir: Path | None
+    keep: bool
+
+
+def parse_args(argv: Sequence[str] | None) -> Options:
+    parser = argparse.ArgumentParser(
+        prog="python -m chaos.run",
+        description="Seeded chaos bank workload against three shards and two replicas.",
+    )
+    parser.add_argument("--seed", type=int, required=True, help="drives the faults and the plan")
+    parser.add_argument("--duration-s", type=float, required=True, help="seconds of workload")
+    parser.add_argument("--clients", type=int, default=DEFAULT_CLIENTS, help="concurrent clients")
+    parser.add_argument("--json", type=Path, help="also write the summary here as JSON")
+    parser.add_argument(
+        "--work-dir", type=Path, help="keep data and logs here (default: a temporary directory)"
+    )
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the temporary directory even after a clean run"
+    )
+    args = parser.parse_args(argv)
+    if not DURATION_S_MIN <= args.duration_s <= DURATION_S_MAX:
+        parser.error(f"--duration-s must be {DURATION_S_MIN} to {DURATION_S_MAX}")
+    if not 1 <= args.clients <= CLIENTS_MAX:
+        parser.error(f"--clients must be 1 to {CLIENTS_MAX}")
+    return Options(args.seed, args.duration_s, args.clients, args.json, args.work_dir, args.keep)
+
+
+@dataclass
+class RunResult:
+    plan: RunPlan
+    options: Options
+    work_dir: Path
+    history: list[OpRecord] = field(default_factory=list)
+    faults: list[FaultRecord] = field(default_factory=list)
+    healed: list[str] = field(default_factory=list)
+    report: CheckReport | None = None
+    harness_errors: list[str] = field(default_factory=list)
+    # Replica starts that ended before serving (each was started again).
+    failed_starts: list[str] = field(default_factory=list)
+    elapsed_s: float = 0.0
+
+
+async def create_accounts(caller: Caller, layout: Layout) -> None:
+    request = pb.CreateAccountsRequest(
+        accounts=[
+            pb.Account(
+                ref=pb.AccountRef(merchant_id=a.ref.merchant_id, account_id=a.ref.account_id),
+                currency=a.currency,
+                debits_must_not_exceed_credits=a.no_overdraft,
+            )
+            for a in layout.accounts
+        ]
+    )
+    call = await caller.call("CreateAccounts", request, first_replica=0)
+    created = (pb.ACCOUNT_RESULT_OK, pb.ACCOUNT_RESULT_EXISTS)
+    if call.response is None or any(r.result not in created for r in call.response.results):
+        raise HarnessError(f"accounts not created: {call.error or call.failures or call.response}")
+
+
+async def execute(options: Options, plan: RunPlan, result: RunResult) -> None:
+    # SIGTERM cancels the run like Ctrl-C does, so the cleanup below still runs.
+    main_task = asyncio.current_task()
+    assert main_task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
+    cluster = ChaosCluster(result.work_dir)
+    try:
+        await cluster.start()
+        setup = Caller(cluster.replicas, jitter=random.Random(f"chaos/{plan.seed}/jitter/setup"))
+        await create_accounts(setup, plan.layout)
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+
+        def now_s() -> float:
+            return loop.time() - start
+
+        for op in plan.layout.funding:
+            record = await send_operation(setup, op, now_s=now_s)
+            result.history.append(record)
+            if record.outcome != "ok":
+                raise HarnessError(f"funding {op.op_id} failed: {record}")
+        start = loop.time()
+        nemesis = Nemesis(cluster, plan.faults)
+        result.faults = nemesis.records
+        histories: list[list[OpRecord]] = [[] for _ in range(options.clients)]
+        async with asyncio.TaskGroup() as group:
+            group.create_task(nemesis.run(start=start))
+            for client in range(options.clients):
+                group.create_task(
+                    run_client(
+                        planner=ClientPlanner(seed=plan.seed, client=client, layout=plan.layout),
+                        caller=Caller(
+                            cluster.replicas,
+                            jitter=random.Random(f"chaos/{plan.seed}/jitter/{client}"),
+                        ),
+                        stop_at=start + options.duration_s,
+                        history=histories[client],
+                        now_s=now_s,
+                    )
+                )
+        result.history += sorted((r for h in histories for r in h), key=lambda r: r.started_s)
+        result.healed = await cluster.heal()
+        result.report = await check_all(
+            dsns={name: shard.direct_dsn for name, shard in cluster.shards.items()},
+            direct_config_path=cluster.direct_config_path,
+            layout=plan.layout,
+            history=result.history,
+            caller=setup,
+        )
+    finally:
+        result.failed_starts = [
+            f"{r.name}: {reason}" for r in cluster.replicas for reason in r.failed_starts
+        ]
+        result.harness_errors += await cluster.close()
+
+
+# The summary.
+
+
+def summarize(result: RunResult) -> dict[str, Any]:
+    operations: dict[str, Counter[str]] = defaultdict(Counter)
+    items: Counter[str] = Counter()
+    failures: Counter[str] = Counter()
+    for record in result.history:
+        operations[record.op.kind][record.outcome] += 1
+        failures.update(record.failures)
+        for answer in record.answers or ():
+            items[answer.result_name.removeprefix("TRANSFER_RESULT_")] += 1
+    report = result.report
+    fault_errors = [f.describe() for f in result.faults if f.error or f.healed_s is None]
+    return {
+        "seed": result.plan.seed,
+        "duration_s": result.options.duration_s,
+        "clients": result.options.clients,
+        "shards": list(SHARD_NAMES),
+        "plan_digest": result.plan.digest(),
+        "plan_digest_ops_per_client": PLAN_DIGEST_OPS_PER_CLIENT,
+        "work_dir": str(result.work_dir),
+        "elapsed_s": round(result.elapsed_s, 1),
+        "schedule": [{**asdict(f), "fault": f.fault.value} for f in result.plan.faults],
+        "faults": [
+            {
+                "fault": f.fault.describe(),
+                "started_s": f.started_s,
+                "healed_s": f.healed_s,
+                "detail": f.detail,
+                "error": f.error,
+            }
+            for f in result.faults
+        ],
+        "faults_injected": sum(f.healed_s is not None for f in result.faults),
+        "fault_errors": fault_errors,
+        "operations_total": len(result.history),
+        "operations": {k: dict(sorted(v.items())) for k, v in sorted(operations.items())},
+        "answers": dict(items.most_common()),
+        "failed_attempts": dict(failures.most_common()),
+        "healed_after_run": result.healed,
+        # Not violations: a replica connects to every shard at start, so it cannot
+        # start while one is down (it exits and is started again).
+        "failed_replica_starts": dict(Counter(result.failed_starts).most_common()),
+        "quiesce_s": round(report.quiesce_s, 2) if report else None,
+        "sagas": report.sagas_by_state if report else {},
+        "dead_sagas": report.dead_sagas if report else [],
+        "checks": report.notes if report else [],
+        "reconcile": report.reconcile_findings if report else [],
+        "violations": [asdict(v) for v in report.violations] if report else [],
+        "harness_errors": result.harness_errors + fault_errors,
+    }
+
+
+def render(summary: dict[str, Any]) -> str:
+    lines = [
+        f"chaos run: seed {summary['seed']}, {summary['duration_s']:g} s, "
+        f"{summary['clients']} clients, {len(summary['shards'])} shards, 2 replicas "
+        f"(plan {summary['plan_digest'][:12]}, {summary['elapsed_s']} s in all)",
+        f"faults: {len(summary['schedule'])} planned, {summary['faults_injected']} injected",
+    ]
+    lines += [f"  {f['fault']}: " + _fault_outcome(f) for f in summary["faults"]]
+    healed = ", ".join(summary["healed_after_run"]) or "nothing left to repair"
+    lines.append(f"after the run: {healed}; quiet after {summary['quiesce_s']} s")
+    lines.append(f"operations: {summary['operations_total']}")
+    outcomes = ("ok", "refused", "mixed", "in_progress", "unknown", "error")
+    lines.append(f"  {'kind':28}" + "".join(f"{o:>12}" for o in outcomes))
+    for kind, counts in summary["operations"].items():
+        lines.append(f"  {kind:28}" + "".join(f"{counts.get(o, 0):>12}" for o in outcomes))
+    lines.append(
+        "answers per transfer: " + ", ".join(f"{k} {v}" for k, v in summary["answers"].items())
+    )
+    lines.append(
+        "failed attempts (retried): "
+        + (", ".join(f"{k} {v}" for k, v in summary["failed_attempts"].items()) or "none")
+    )
+    lines.append("sagas: " + (", ".join(f"{k} {v}" for k, v in summary["sagas"].items()) or "none"))
+    failed_starts = summary["failed_replica_starts"]
+    lines.append(
+        f"replica starts that failed and were retried: {sum(failed_starts.values())}"
+        + "".join(f"\n  {n} x {reason}" for reason, n in failed_starts.items())
+    )
+    lines.append(f"dead-letter list: {len(summary['dead_sagas'])}")
+    lines += [f"  {d}" for d in summary["dead_sagas"]]
+    lines.append("checks:")
+    lines += [f"  {note}" for note in summary["checks"]]
+    if summary["harness_errors"]:
+        lines.append(f"harness errors: {len(summary['harness_errors'])}")
+        lines += [f"  {e}" for e in summary["harness_errors"]]
+    violations = summary["violations"]
+    lines.append(f"violations: {len(violations)}")
+    by_check: dict[str, list[dict[str, str]]] = defaultdict(list)
+    for v in violations:
+        by_check[v["check"]].append(v)
+    for check, found in by_check.items():
+        for v in found[:VIOLATIONS_PRINTED_PER_CHECK_MAX]:
+            lines.append(f"  [{check}] {v['where']}: {v['detail']}")
+        if len(found) > VIOLATIONS_PRINTED_PER_CHECK_MAX:
+            lines.append(
+                f"  [{check}] ... and {len(found) - VIOLATIONS_PRINTED_PER_CHECK_MAX} more"
+            )
+    return "\n".join(lines)
+
+
+def _fault_outcome(fault: dict[str, Any]) -> str:
+    if fault["error"]:
+        return f"ERROR {fault['error']}"
+    if fault["healed_s"] is None:
+        return "not injected"
+    text = f"began {fault['started_s']:.2f}s, healed {fault['healed_s']:.2f}s"
+    return f"{text}; {fault['detail']}" if fault["detail"] else text
+
+
+def write_history(history: Sequence[OpRecord], path: Path) -> None:
+    """Every request and its final answer, one JSON object a line (kept with the data)."""
+    with path.open("w") as out:
+        for record in history:
+            line = {
+                **asdict(record.op),
+                "started_s": round(record.started_s, 3),
+                "ended_s": round(record.ended_s, 3),
+                "attempts": record.attempts,
+                "outcome": record.outcome,
+                "failures": record.failures,
+                "answers": [
+                    {
+                        "result": a.result_name,
+                        "replayed": a.replayed,
+                        "differing": a.differing_field,
+                    }
+                    for a in record.answers or ()
+                ],
+                "error": record.error,
+            }
+            out.write(json.dumps(line) + "\n")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    options = parse_args(argv)
+    plan = plan_run(seed=options.seed, duration_s=options.duration_s, clients=options.clients)
+    work_dir = options.work_dir or Path(tempfile.mkdtemp(prefix=f"ledger-chaos-{options.seed}-"))
+    result = RunResult(plan=plan, options=options, work_dir=work_dir)
+    began = time.monotonic()
+    try:
+        asyncio.run(execute(options, plan, result))
+    except (HarnessError, OSError, RuntimeError) as error:
+        result.harness_errors.append(f"{type(error).__name__}: {error}")
+    except BaseExceptionGroup as group:
+        result.harness_errors += [f"{type(e).__name__}: {e}" for e in group.exceptions]
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        result.harness_errors.append("interrupted: the run was stopped before its checks")
+    result.elapsed_s = time.monotonic() - began
+    if work_dir.exists():
+        write_history(result.history, work_dir / "history.jsonl")
+    summary = summarize(result)
+    if result.report is None and not summary["harness_errors"]:
+        summary["harness_errors"].append("the run ended before the checks")
+    print(render(summary))
+    if options.json_path is not None:
+        options.json_path.write_text(json.dumps(summary, indent=2) + "\n")
+    if summary["violations"]:
+        code = EXIT_VIOLATIONS
+    elif summary["harness_errors"]:
+        code = EXIT_HARNESS_FAILED
+    else:
+        code = EXIT_OK
+    if code == EXIT_OK and options.work_dir is None and not options.keep:
+        shutil.rmtree(work_dir, ignore_errors=True)
+    else:
+        print(f"data, replica logs and history.jsonl kept in {work_dir}")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,170 @@
+"""The chaos bank workload (chaos/): a seed fixes the whole plan, the checker catches
+broken books, and a short seeded run under replica kills, shard stops, partitions and
+slow shards finds no violation."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from chaos.checker import (
+    CheckReport,
+    Effect,
+    Snapshot,
+    TransferRow,
+    check_entries,
+    check_history,
+)
+from chaos.clients import ItemAnswer, OpRecord
+from chaos.plan import Action, Fault, FaultKind, Operation, Ref, TransferSpec, plan_run
+from ledger.v1 import ledger_pb2 as pb
+
+ROOT = Path(__file__).resolve().parent.parent
+# Seed 33's first 20 s hold every fault kind, overlapping: a partition of one shard
+# while another is stopped, and each replica killed in turn.
+SEED = 33
+DURATION_S = 20.0
+CLIENTS = 4
+# Start-up (three PostgreSQL servers, two replicas), 20 s of workload, healing, the
+# wait for sagas and the checks take about 35 s on the 2-core development machine.
+RUN_TIMEOUT_S = 80.0
+# A run stopped with SIGINT kills its replicas and stops its PostgreSQL servers.
+CLEANUP_TIMEOUT_S = 30.0
+
+
+def test_same_seed_plans_the_same_faults_and_operations() -> None:
+    first = plan_run(seed=SEED, duration_s=DURATION_S, clients=CLIENTS)
+    second = plan_run(seed=SEED, duration_s=DURATION_S, clients=CLIENTS)
+
+    assert first.faults == second.faults
+    assert first.operations == second.operations
+    assert first.layout == second.layout
+    assert first.digest() == second.digest()
+    assert {f.fault for f in first.faults} == set(FaultKind)
+    assert all(0 < f.at_s and f.at_s + f.duration_s <= DURATION_S for f in first.faults)
+    other = plan_run(seed=SEED + 1, duration_s=DURATION_S, clients=CLIENTS)
+    assert other.faults != first.faults
+    assert other.operations != first.operations
+
+
+# The checker, on hand-made books: one local transfer of 100 from a to b.
+
+_A = Ref("m1", "usd-wallet-0")
+_B = Ref("m1", "usd-wallet-1")
+_KEY = ("m1", "t1")
+_SPEC = TransferSpec("t1", _A, _B, 100, "USD", Action.POST)
+
+
+def _books(*, entries_applied: int = 1) -> Snapshot:
+    snapshot = Snapshot()
+    snapshot.transfers[_KEY] = TransferRow(
+        "shard-a", _KEY, 1, 1, _A, _B, 100, 100, "USD", "", 0, False, pb.TRANSFER_RESULT_OK
+    )
+    snapshot.entries[(_A, _KEY)] = Effect(debits_posted=100 * entries_applied)
+    snapshot.entries[(_B, _KEY)] = Effect(credits_posted=100 * entries_applied)
+    return snapshot
+
+
+def _answered(spec: TransferSpec, result: int, op_id: str = "c0-1") -> OpRecord:
+    operation = Operation(op_id, 0, "local", (spec,), 0)
+    return OpRecord(operation, 0.0, 0.1, 1, (ItemAnswer(result, False),), "ok")
+
+
+def test_checker_passes_books_that_match_the_answers() -> None:
+    report = CheckReport()
+    check_entries(_books(), report)
+    check_history(_books(), [_answered(_SPEC, pb.TRANSFER_RESULT_OK)], report)
+    assert report.violations == []
+
+
+def test_checker_flags_a_transfer_applied_twice() -> None:
+    report = CheckReport()
+    check_entries(_books(entries_applied=2), report)
+    assert {v.check for v in report.violations} == {"idempotency"}
+    assert len(report.violations) == 2  # one per account
+
+
+def test_checker_flags_an_acknowledged_transfer_that_is_lost_or_different() -> None:
+    lost = CheckReport()
+    check_history(Snapshot(), [_answered(_SPEC, pb.TRANSFER_RESULT_OK)], lost)
+    assert [v.check for v in lost.violations] == ["acknowledged"]
+
+    refused = CheckReport()
+    check_history(_books(), [_answered(_SPEC, pb.TRANSFER_RESULT_EXCEEDS_CREDITS)], refused)
+    assert [v.check for v in refused.violations] == ["acknowledged"]
+
+
+def test_checker_flags_a_linked_chain_applied_in_part() -> None:
+    snapshot = _books()
+    second = ("m1", "t2")
+    snapshot.transfers[second] = TransferRow(
+        "shard-a",
+        second,
+        1,
+        1,
+        _B,
+        _A,
+        5,
+        0,
+        "USD",
+        "",
+        0,
+        False,
+        pb.TRANSFER_RESULT_EXCEEDS_CREDITS,
+    )
+    chain = (
+        TransferSpec("t1", _A, _B, 100, "USD", Action.POST, linked=True),
+        TransferSpec("t2", _B, _A, 5, "USD", Action.POST),
+    )
+    record = OpRecord(Operation("c0-1", 0, "chain", chain, 0), 0.0, 0.1, 1, None, "unknown")
+    report = CheckReport()
+    check_history(snapshot, [record], report)
+    assert "linked chains" in {v.check for v in report.violations}
+
+
+@pytest.mark.timeout(RUN_TIMEOUT_S + CLEANUP_TIMEOUT_S + 10)
+def test_short_chaos_run_finds_no_violation(tmp_path: Path) -> None:
+    summary_path = tmp_path / "summary.json"
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "chaos.run",
+            *("--seed", str(SEED), "--duration-s", str(DURATION_S)),
+            *("--clients", str(CLIENTS), "--json", str(summary_path)),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        output, _ = process.communicate(timeout=RUN_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        # SIGINT, not SIGKILL: the runner still stops its replicas and PostgreSQL servers.
+        process.send_signal(signal.SIGINT)
+        output, _ = process.communicate(timeout=CLEANUP_TIMEOUT_S)
+        pytest.fail(f"the chaos run took longer than {RUN_TIMEOUT_S}s:\n{output}")
+    assert summary_path.exists(), output
+    summary = json.loads(summary_path.read_text())
+
+    assert summary["violations"] == [], output
+    assert summary["harness_errors"] == [], output
+    assert process.returncode == 0, output
+    # The run executed this process's plan of the same seed (planned in another
+    # process, so nothing in planning depends on Python's per-process hashing).
+    plan = plan_run(seed=SEED, duration_s=DURATION_S, clients=CLIENTS)
+    schedule = tuple(Fault(**{**f, "fault": FaultKind(f["fault"])}) for f in summary["schedule"])
+    assert schedule == plan.faults
+    assert summary["plan_digest"] == plan.digest()
+    assert summary["faults_injected"] == len(plan.faults)
+    # The workload did real work of every kind while the faults ran.
+    for kind in ("local", "cross", "pending_local", "pending_cross", "chain", "replay"):
+        assert summary["operations"][kind].get("ok", 0) > 0, kind
+    assert summary["sagas"].get("TRANSFER COMPLETED", 0) > 0
+    assert summary["sagas"].get("TRANSFER COMPENSATED", 0) > 0
