@@ -18,13 +18,22 @@ from typing import Self, TypeVar
 
 import grpc
 
+from ledger import limits
 from ledger.v1 import ledger_pb2 as pb
 from ledger.v1 import ledger_pb2_grpc
 
 Response = TypeVar("Response")
 
+# CANCELLED is retried too: this client never cancels its own calls, and a
+# server under a burst of new streams can cancel some before running them.
+# Every call is a read or idempotent by the caller's ids, so a retry is safe.
 RETRYABLE_CODES = frozenset(
-    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED}
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.CANCELLED,
+    }
 )
 
 
@@ -73,14 +82,17 @@ class ClientCredentials:
     def channel(self, target: str) -> grpc.aio.Channel:
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError("a client certificate and its key go together")
+        # The largest legal answer (1000 transfers with full metadata) is over
+        # gRPC's default 4 MiB; accept what the server may send.
+        options = [("grpc.max_receive_message_length", limits.response_bytes_max)]
         if self.tls_ca_file is None and self.tls_cert_file is None:
-            return grpc.aio.insecure_channel(target)
+            return grpc.aio.insecure_channel(target, options=options)
         credentials = grpc.ssl_channel_credentials(
             root_certificates=self.tls_ca_file.read_bytes() if self.tls_ca_file else None,
             private_key=self.tls_key_file.read_bytes() if self.tls_key_file else None,
             certificate_chain=self.tls_cert_file.read_bytes() if self.tls_cert_file else None,
         )
-        return grpc.aio.secure_channel(target, credentials)
+        return grpc.aio.secure_channel(target, credentials, options=options)
 
 
 class LedgerClient:

@@ -32,6 +32,8 @@ metadata_value_bytes_max = 256
 # Paging: the default keeps responses small; the max bounds one query's work.
 page_size_default = 100
 page_size_max = 1000
+# Issued tokens hold a kind and a cursor (an id of at most 128 bytes), base64.
+page_token_bytes_max = 512
 
 # A pending transfer cannot reserve funds for longer than a month; longer holds
 # are a product decision that should be an explicit new transfer.
@@ -49,6 +51,14 @@ request_metadata_bytes_max = 16 * 1024
 # Server: more concurrent RPCs than this get RESOURCE_EXHAUSTED at once instead
 # of queueing without bound behind the shard pools.
 concurrent_rpcs_max = 256
+# Health checks are answered beyond that limit (a busy replica is not a dead
+# one); gRPC's own hard cap leaves them this much room.
+health_rpcs_headroom = 32
+# Streams one client connection may open at once: no more than the server
+# admits in all. Unbounded, a burst on one connection can end in CANCELLED
+# streams; bounded, a client queues locally or, in the moment before it learns
+# the bound, gets a retryable UNAVAILABLE (REFUSED_STREAM).
+streams_per_connection_max = concurrent_rpcs_max + health_rpcs_headroom
 # Per-shard connection pool. 2 cores: more connections than this only add
 # contention inside PostgreSQL.
 pool_connections_max = 16

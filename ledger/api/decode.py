@@ -73,6 +73,10 @@ class Violations:
             self.add(field, f"must have at most {limits.metadata_keys_max} keys")
             return
         for key, item in value.items():
+            if "\x00" in key or "\x00" in item:
+                # PostgreSQL's jsonb cannot hold U+0000.
+                self.add(f"{field}[{key[:32]!r}]", "must not contain NUL characters")
+                continue
             size = len(key.encode("utf-8", "surrogatepass"))
             if size == 0 or size > limits.metadata_key_bytes_max:
                 self.add(
@@ -302,6 +306,9 @@ def encode_page_token(kind: str, cursor: str) -> str:
 def decode_page_token(v: Violations, field: str, token: str, kind: str) -> str | None:
     """The cursor inside a token made by encode_page_token for the same kind, else a violation."""
     if not token:
+        return None
+    if len(token) > limits.page_token_bytes_max:
+        v.add(field, f"must be at most {limits.page_token_bytes_max} bytes")
         return None
     try:
         raw = base64.urlsafe_b64decode(token.encode("ascii")).decode()

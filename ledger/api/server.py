@@ -14,6 +14,7 @@ from grpc_reflection.v1alpha import reflection
 from ledger import limits
 from ledger.api.admin_servicer import LedgerAdminServicer
 from ledger.api.auth import AuthInterceptor, TokenTable
+from ledger.api.concurrency_limit import ConcurrencyLimitInterceptor
 from ledger.api.interceptor import TelemetryInterceptor
 from ledger.api.request_decode import RequestDecodeInterceptor
 from ledger.api.servicer import LedgerServicer
@@ -62,17 +63,22 @@ class LedgerServer:
         self.sagas = SagaRunner(cluster, owner=_replica_id(), settings=saga_settings)
         self.recovery = RecoveryWorker(self.sagas)
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
-        # Outermost first: every call is traced and counted, then authenticated, and
-        # only then are its bytes parsed.
-        interceptors: list[grpc.aio.ServerInterceptor] = [TelemetryInterceptor()]  # type: ignore[type-arg]
+        # Outermost first: every call is traced and counted, then admitted under the
+        # concurrency limit, then authenticated, and only then are its bytes parsed.
+        interceptors: list[grpc.aio.ServerInterceptor] = [  # type: ignore[type-arg]
+            TelemetryInterceptor(),
+            ConcurrencyLimitInterceptor(concurrent_rpcs_max),
+        ]
         if tokens is not None:
             interceptors.append(AuthInterceptor(tokens))
         interceptors.append(RequestDecodeInterceptor())
-        # Calls beyond the limit fail fast with RESOURCE_EXHAUSTED instead of queueing.
         self.server = grpc.aio.server(
             interceptors=interceptors,
-            maximum_concurrent_rpcs=concurrent_rpcs_max,
+            # The hard cap; the interceptor above enforces the limit itself, so
+            # health checks still answer when the ledger calls are at it.
+            maximum_concurrent_rpcs=concurrent_rpcs_max + limits.health_rpcs_headroom,
             options=[
+                ("grpc.max_concurrent_streams", limits.streams_per_connection_max),
                 ("grpc.max_receive_message_length", limits.request_bytes_max),
                 ("grpc.max_send_message_length", limits.response_bytes_max),
                 # gRPC refuses headers between the soft and the hard limit at

@@ -539,7 +539,8 @@ class Account(_message.Message):
     @_builtins.property
     def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Free-form string metadata: at most 16 keys, each key 1 to 64 bytes, each
-        value at most 256 bytes. Output only balances follow.
+        value at most 256 bytes; no NUL characters (U+0000) in keys or values.
+        Output only balances follow.
         """
 
     @_builtins.property
@@ -705,11 +706,13 @@ class ListAccountsRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     merchant_id: _builtins.str
-    """Whose accounts to list."""
+    """Whose accounts to list. 1 to 128 bytes of UTF-8, no control characters."""
     page_size: _builtins.int
     """1 to 1000; 0 means 100."""
     page_token: _builtins.str
-    """Empty for the first page, else next_page_token of the previous page."""
+    """Empty for the first page, else next_page_token of the previous page (at
+    most 512 bytes; only tokens this service issued are accepted).
+    """
     def __init__(
         self,
         *,
@@ -863,7 +866,7 @@ class Transfer(_message.Message):
     """What this transfer does."""
     pending_id: _builtins.str
     """For POST_PENDING and VOID_PENDING: the id of the pending transfer (same
-    debit merchant). Must be empty otherwise.
+    debit merchant), 1 to 128 bytes. Must be empty otherwise.
     """
     timeout_ms: _builtins.int
     """For PENDING: after this many milliseconds the transfer expires and its
@@ -878,7 +881,8 @@ class Transfer(_message.Message):
     """Makes this a reversal of the transfer with this id. The original belongs
     to this transfer's credit merchant (it debited that merchant); the
     accounts must be the original's, swapped, and the amounts of all
-    reversals may not exceed the original's posted amount.
+    reversals may not exceed the original's posted amount. 1 to 128 bytes
+    when set.
     """
     trace_id: _builtins.str
     """The W3C trace id (32 hex digits) of the request that recorded the
@@ -1038,9 +1042,9 @@ class TransferRef(_message.Message):
     MERCHANT_ID_FIELD_NUMBER: _builtins.int
     TRANSFER_ID_FIELD_NUMBER: _builtins.int
     merchant_id: _builtins.str
-    """The debit account's merchant."""
+    """The debit account's merchant. 1 to 128 bytes."""
     transfer_id: _builtins.str
-    """The transfer id."""
+    """The transfer id. 1 to 128 bytes."""
     def __init__(
         self,
         *,
@@ -1261,8 +1265,8 @@ class PostJournalRequest(_message.Message):
     bytes. Journal ids and transfer ids share one namespace per merchant.
     """
     merchant_id: _builtins.str
-    """The journal's home merchant (it decides the shard). Every posting's
-    account must live on that merchant's shard.
+    """The journal's home merchant (it decides the shard), 1 to 128 bytes.
+    Every posting's account must live on that merchant's shard.
     """
     @_builtins.property
     def postings(self) -> _containers.RepeatedCompositeFieldContainer[Global___Posting]:
@@ -1463,7 +1467,9 @@ class ListEntriesRequest(_message.Message):
     page_size: _builtins.int
     """1 to 1000; 0 means 100."""
     page_token: _builtins.str
-    """Empty for the first page, else next_page_token of the previous page."""
+    """Empty for the first page, else next_page_token of the previous page (at
+    most 512 bytes; only tokens this service issued are accepted).
+    """
     order: Global___Order.ValueType
     """Page direction; must stay the same across pages."""
     @_builtins.property
@@ -1550,9 +1556,9 @@ class SagaRef(_message.Message):
     TRANSFER_ID_FIELD_NUMBER: _builtins.int
     KIND_FIELD_NUMBER: _builtins.int
     merchant_id: _builtins.str
-    """The debit merchant (the saga's home)."""
+    """The debit merchant (the saga's home). 1 to 128 bytes."""
     transfer_id: _builtins.str
-    """The transfer id (for EXPIRE: the pending transfer's id)."""
+    """The transfer id (for EXPIRE: the pending transfer's id). 1 to 128 bytes."""
     kind: Global___SagaKind.ValueType
     """Which saga of that transfer."""
     def __init__(
