@@ -87,9 +87,13 @@ expiry_sweeps_per_round_max = 20
 
 # Group commit: concurrent transfer calls for one shard share a transaction of
 # at most this many transfers, with at most this many such transactions per
-# shard at once (more would only queue on the pool and on row locks).
+# shard and replica at once. One, as TigerBeetle's clients batch: while a
+# transaction runs, the next one fills up, so each costs its fixed round trips
+# once for many transfers. Measured (bench, 32 callers, 2 cores): single
+# transfers 315/s with 8 in flight, 384/s with 2, 501/s with 1, and lower p50.
+# Parallelism comes from shards and replicas.
 group_commit_transfers_max = 1000
-group_commit_batches_in_flight_max = 8
+group_commit_batches_in_flight_max = 1
 
 # Sagas. Attempts before a saga goes to the dead-letter list: with the back-off
 # below this is over ten minutes of a credit shard being unreachable.
