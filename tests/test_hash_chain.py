@@ -13,18 +13,23 @@ from __future__ import annotations
 import asyncio
 import sys
 from collections.abc import AsyncIterator
+from datetime import UTC
 
 import asyncpg
 import pytest
 
-from ledger.domain.chain import GENESIS_HASH, checkpoint_digest
+from ledger.domain.accounts import AccountKey, Balances
+from ledger.domain.chain import GENESIS_HASH, chained_entry, checkpoint_digest
+from ledger.domain.transfers import Direction, EntryKind, TransferKey
 from ledger.embedded.postgres import EmbeddedPostgres
 from ledger.routing.config import ShardConfig
 from ledger.sagas.reconcile import reconcile
 from ledger.storage.chain import ChainStore, ChainViolation
 from ledger.storage.migrate import apply_migrations, migrations
 from ledger.storage.shard import Shard
+from ledger.v1 import ledger_pb2 as pb
 from tests.support import (
+    RPC_TIMEOUT_S,
     Service,
     account,
     create_accounts,
@@ -341,3 +346,36 @@ async def test_ledger_verify_reports_each_shard_and_fails_on_a_violation(fresh: 
     assert process.returncode == 1, text
     assert f"FAIL shard-a {merchant}/cash entry 1" in text
     assert "ok   shard-b: 0 violation(s)" in text
+
+
+async def test_a_client_can_recompute_an_accounts_chain_from_list_entries(fresh: Service) -> None:
+    """The hashes and fields ListEntries returns are enough to check the chain outside."""
+    merchant, shard = await books(fresh)
+    page = await fresh.stub.ListEntries(
+        pb.ListEntriesRequest(account=ref(merchant, "wallet"), order=pb.ORDER_OLDEST_FIRST),
+        timeout=RPC_TIMEOUT_S,
+    )
+    assert [e.sequence for e in page.entries] == list(range(1, TRANSFERS + 1))
+    previous = GENESIS_HASH
+    for e in page.entries:
+        recomputed = chained_entry(
+            previous,
+            account=AccountKey(merchant, "wallet"),
+            sequence=e.sequence,
+            transfer=TransferKey(e.transfer_merchant_id, e.transfer_id),
+            direction=Direction(e.direction),
+            kind=EntryKind(e.kind),
+            amount_minor=e.amount_minor,
+            balances_after=Balances(
+                e.debits_posted, e.credits_posted, e.debits_pending, e.credits_pending
+            ),
+            created_at=e.created_at.ToDatetime(tzinfo=UTC),
+        )
+        assert e.hash == recomputed.hash, e.sequence
+        previous = e.hash
+    async with shard.pool.acquire() as conn:
+        head = await conn.fetchval(
+            "SELECT entry_hash FROM accounts WHERE merchant_id = $1 AND account_id = 'wallet'",
+            merchant,
+        )
+    assert previous == head

@@ -121,4 +121,6 @@ def entry(e: Entry) -> pb.Entry:
         debits_pending=b.debits_pending,
         credits_pending=b.credits_pending,
         created_at=timestamp(e.created_at),
+        hash=e.hash,
+        transfer_merchant_id=e.transfer.merchant_id,
     )

@@ -1410,6 +1410,8 @@ class Entry(_message.Message):
     DEBITS_PENDING_FIELD_NUMBER: _builtins.int
     CREDITS_PENDING_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
+    HASH_FIELD_NUMBER: _builtins.int
+    TRANSFER_MERCHANT_ID_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     """Increases with every entry of the account; stable."""
     transfer_id: _builtins.str
@@ -1428,6 +1430,16 @@ class Entry(_message.Message):
     """Balances after this entry."""
     credits_pending: _builtins.int
     """Balances after this entry."""
+    hash: _builtins.bytes
+    """The chain hash: SHA-256 over the previous entry's hash (32 zero bytes for
+    the first) and this entry's fields (encoding in README, "Tamper
+    evidence"). Keep an account's latest hash to detect any later change to
+    its history.
+    """
+    transfer_merchant_id: _builtins.str
+    """The merchant of the transfer that made the entry (the debit merchant; for
+    a saga's entries on the credit side, the saga's home merchant).
+    """
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp:
         """When recorded."""
@@ -1445,10 +1457,12 @@ class Entry(_message.Message):
         debits_pending: _builtins.int = ...,
         credits_pending: _builtins.int = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
+        hash: _builtins.bytes = ...,
+        transfer_merchant_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_minor", b"amount_minor", "created_at", b"created_at", "credits_pending", b"credits_pending", "credits_posted", b"credits_posted", "debits_pending", b"debits_pending", "debits_posted", b"debits_posted", "direction", b"direction", "kind", b"kind", "sequence", b"sequence", "transfer_id", b"transfer_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_minor", b"amount_minor", "created_at", b"created_at", "credits_pending", b"credits_pending", "credits_posted", b"credits_posted", "debits_pending", b"debits_pending", "debits_posted", b"debits_posted", "direction", b"direction", "hash", b"hash", "kind", b"kind", "sequence", b"sequence", "transfer_id", b"transfer_id", "transfer_merchant_id", b"transfer_merchant_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
