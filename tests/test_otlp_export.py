@@ -247,7 +247,10 @@ async def test_spans_arrive_over_otlp_with_the_service_name_and_continue_the_cal
     assert {s.attributes["ledger.shard"] for s in writes} == {"shard-a"}
     by_id = {s.span_id: s for s in spans}
     for write in writes:
-        route = by_id[write.parent_span_id]
+        # server -> route -> group commit (this call ran alone) -> shard transaction.
+        batch = by_id[write.parent_span_id]
+        assert batch.span.name == "group commit"
+        route = by_id[batch.parent_span_id]
         assert route.span.name == "route"
         assert route.parent_span_id == server[0].span_id
 

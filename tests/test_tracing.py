@@ -11,11 +11,13 @@ assertion picks spans by trace id, never by position.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import secrets
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Iterable, Iterator, Sequence
 
+import asyncpg
 import grpc
 import pytest
 from opentelemetry import trace
@@ -61,6 +63,8 @@ _OTLP_ENV = (
 )
 
 test_tracer = trace.get_tracer("tests.test_tracing")
+# Calls that queue behind a held transaction and then share one.
+JOINED_CALLS = 5
 
 
 # --- the exporter -------------------------------------------------------------------
@@ -226,8 +230,11 @@ async def test_local_transfer_has_server_route_and_shard_spans_and_records_its_t
     route = one(children(tree, server), "route")
     assert attributes(route)["ledger.items"] == 1
     assert list(attributes(route)["ledger.route.shards"]) == [DEBIT_SHARD]  # type: ignore[call-overload]
-    writes = named(children(tree, route), "shard create_transfers")
-    assert writes, [s.name for s in children(tree, route)]
+    # The call ran alone, so its group-commit batch (and the shard transaction) is in its trace.
+    batch = one(children(tree, route), "group commit")
+    assert attributes(batch)["ledger.calls"] == 1
+    writes = named(children(tree, batch), "shard create_transfers")
+    assert writes, [s.name for s in children(tree, batch)]
     for write in writes:
         attrs = attributes(write)
         assert attrs["ledger.shard"] == DEBIT_SHARD
@@ -244,6 +251,91 @@ async def test_local_transfer_has_server_route_and_shard_spans_and_records_its_t
         (payer, transfer_id)
     ]
     assert by_trace.transfers[0].transfer.trace_id == record.transfer.trace_id
+
+
+async def test_every_call_of_a_shared_transaction_shows_it_in_its_own_trace(
+    service: Service, spans: InMemorySpanExporter
+) -> None:
+    """Group commit: calls that share one shard transaction each get a span for it.
+
+    A row lock holds the first call's transaction, so the calls sent after it queue
+    and share the next transaction (one runs per shard at a time).
+    """
+    payer, payee = await funded_pair(service, DEBIT_SHARD, DEBIT_SHARD)
+    shard = service.cluster.shards[DEBIT_SHARD]
+    locker = await asyncpg.connect(shard.dsn)
+    try:
+        hold = locker.transaction()
+        await hold.start()
+        await locker.execute(
+            "SELECT 1 FROM accounts WHERE merchant_id = $1 AND account_id = 'cash' FOR UPDATE",
+            payer,
+        )
+        traces = [new_traceparent() for _ in range(JOINED_CALLS + 1)]
+        first = asyncio.create_task(
+            create_transfer(
+                service,
+                transfer(uid("t"), ref(payer, "cash"), ref(payee, "sales"), 1),
+                traceparent=traces[0][2],
+            )
+        )
+
+        async def first_waits_on_the_lock() -> bool:
+            return bool(
+                await locker.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+                )
+            )
+
+        await wait_until(first_waits_on_the_lock, what="the first call to wait on the lock")
+        others = [
+            asyncio.create_task(
+                create_transfer(
+                    service,
+                    transfer(uid("t"), ref(payer, "cash"), ref(payee, "sales"), 1),
+                    traceparent=traceparent,
+                )
+            )
+            for _, _, traceparent in traces[1:]
+        ]
+
+        async def others_queued() -> bool:
+            return service.server.ledger.batcher.queued_calls() == JOINED_CALLS
+
+        await wait_until(others_queued, what="the other calls to queue behind the first")
+        await hold.rollback()
+        results = await asyncio.gather(first, *others)
+    finally:
+        await locker.close()
+    assert {r.result for r in results} == {pb.TRANSFER_RESULT_OK}
+
+    trace_ids = [trace_id for trace_id, _, _ in traces]
+    await wait_until(
+        lambda: _all(has_spans(spans, t, CREATE_TRANSFERS_SPAN) for t in trace_ids),
+        what="every call's spans",
+    )
+    batches = {
+        t: named(in_trace(spans, t), "group commit")
+        + named(in_trace(spans, t), "group commit (joined)")
+        for t in trace_ids
+    }
+    assert all(len(found) == 1 for found in batches.values()), batches
+    shared = [s for found in batches.values() for s in found if s.name == "group commit"]
+    joined = [s for found in batches.values() for s in found if s.name == "group commit (joined)"]
+    assert len(joined) == JOINED_CALLS - 1, "one call holds the shared batch, the rest join it"
+    (holder,) = [s for s in shared if attributes(s)["ledger.calls"] == JOINED_CALLS]
+    for span in joined:
+        assert [link.context.span_id for link in span.links] == [holder.context.span_id]
+        assert attributes(span)["ledger.calls"] == JOINED_CALLS
+        # It covers the shared transaction's time.
+        assert span.start_time is not None and span.end_time is not None
+        assert holder.start_time is not None and holder.end_time is not None
+        assert span.start_time <= holder.start_time and span.end_time >= holder.end_time
+
+
+async def _all(checks: Iterable[Awaitable[bool]]) -> bool:
+    return all([await check for check in checks])
 
 
 async def test_incoming_traceparent_continues_the_callers_trace(

@@ -87,7 +87,7 @@ class LedgerServer:
                 ("grpc.absolute_max_metadata_size", limits.request_metadata_bytes_max),
             ],
         )
-        ledger = Ledger(cluster, self.sagas)
+        self.ledger = ledger = Ledger(cluster, self.sagas)
         ledger_pb2_grpc.add_LedgerServiceServicer_to_server(LedgerServicer(ledger), self.server)
         ledger_pb2_grpc.add_LedgerAdminServiceServicer_to_server(
             LedgerAdminServicer(self.sagas, ledger), self.server

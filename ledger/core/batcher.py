@@ -8,18 +8,29 @@ many one-transfer transactions into a few large ones, as TigerBeetle's client
 batching does. Each call still gets its own outcomes: the rules treat every
 call's items as if it ran alone (a duplicate id replays, chains stay inside
 their call).
+
+Tracing: each batch's transaction runs under a "group commit" span in the trace
+of its first call; every other call of the batch gets a span of the same
+duration in its own trace, linked to that one, so each journey's trace shows
+the shard transaction it waited for.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from dataclasses import dataclass, field
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.util.types import AttributeValue
 
 from ledger import limits
 from ledger.domain.engine import ItemOutcome
 from ledger.domain.transfers import TransferRequest
 from ledger.storage.shard import Fence, Shard
+from ledger.telemetry.tracing import tracer
 
 
 @dataclass
@@ -27,6 +38,9 @@ class _Call:
     group: list[TransferRequest]
     fence: Fence
     done: asyncio.Future[list[ItemOutcome]]
+    # The caller's trace context: the runner task that applies the call belongs
+    # to whichever call started it, not necessarily this one.
+    trace_context: otel_context.Context = field(default_factory=otel_context.get_current)
 
 
 @dataclass
@@ -47,6 +61,10 @@ class TransferBatcher:
         # One queue per (shard, epoch): calls routed under different configs never mix.
         self._queues: dict[tuple[str, int], _ShardQueue] = {}
         self._runners: set[asyncio.Task[None]] = set()
+
+    def queued_calls(self) -> int:
+        """Calls waiting for a transaction, over every shard."""
+        return sum(len(q.calls) for q in self._queues.values())
 
     async def submit(
         self, shard: Shard, group: list[TransferRequest], fence: Fence
@@ -85,12 +103,25 @@ class TransferBatcher:
             epoch=batch[0].fence.epoch,
             claimable=frozenset().union(*(call.fence.claimable for call in batch)),
         )
-        try:
-            outcomes = await shard.create_transfers(requests, fence)
-        except Exception as error:
+        attributes: dict[str, AttributeValue] = {
+            "ledger.shard": shard.name,
+            "ledger.calls": len(batch),
+            "ledger.transfers": len(requests),
+        }
+        started_ns = time.time_ns()
+        failure: Exception | None = None
+        with tracer.start_as_current_span(
+            "group commit", context=batch[0].trace_context, attributes=attributes
+        ) as span:
+            try:
+                outcomes = await shard.create_transfers(requests, fence)
+            except Exception as error:
+                failure = error
+        _joined_spans(batch[1:], span, started_ns, attributes)
+        if failure is not None:
             for call in batch:
                 if not call.done.done():
-                    call.done.set_exception(error)
+                    call.done.set_exception(failure)
             return
         offset = 0
         for call in batch:
@@ -103,3 +134,22 @@ class TransferBatcher:
                         for i, o in enumerate(mine)
                     ]
                 )
+
+
+def _joined_spans(
+    calls: list[_Call],
+    batch_span: trace.Span,
+    started_ns: int,
+    attributes: dict[str, AttributeValue],
+) -> None:
+    """A span in each joined call's own trace, covering the shared transaction."""
+    link = trace.Link(batch_span.get_span_context())
+    ended_ns = time.time_ns()
+    for call in calls:
+        tracer.start_span(
+            "group commit (joined)",
+            context=call.trace_context,
+            start_time=started_ns,
+            links=[link],
+            attributes=attributes,
+        ).end(end_time=ended_ns)
