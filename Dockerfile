@@ -35,6 +35,9 @@ USER ledger
 
 # Inside a container the service must listen on every interface, or the published
 # port reaches nothing; outside a container the safer default (127.0.0.1) applies.
+# Off loopback the service refuses to start without a token file: mount one and
+# set LEDGER_AUTH_FILE (see `ledger auth token`), or set
+# LEDGER_ALLOW_UNAUTHENTICATED=true on a trusted network (docker-compose.yml does).
 ENV LEDGER_LISTEN=0.0.0.0:50051
 EXPOSE 50051
 
