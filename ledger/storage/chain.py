@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -113,10 +114,15 @@ class ChainStore:
                     "(history before it was rewritten)",
                 )
             )
+        heads_of: dict[int, list[tuple[str, str, int, bytes]]] = defaultdict(list)
+        for h in await conn.fetch(sql.CHECKPOINT_HEADS):
+            heads_of[h["checkpoint_id"]].append(
+                (h["merchant_id"], h["account_id"], h["sequence"], h["entry_hash"])
+            )
         previous = GENESIS_HASH
         last: Checkpoint | None = None
         for c in await conn.fetch(sql.CHECKPOINTS):
-            heads = [tuple(h) for h in await conn.fetch(sql.CHECKPOINT_HEADS, c["checkpoint_id"])]
+            heads = heads_of[c["checkpoint_id"]]
             digest = checkpoint_digest(previous, heads)
             if digest != c["digest"] or len(heads) != c["heads"]:
                 found.append(

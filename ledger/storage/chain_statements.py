@@ -87,8 +87,8 @@ CHECKPOINTS = """
 SELECT checkpoint_id, heads, digest FROM chain_checkpoints ORDER BY checkpoint_id
 """
 
+# Every checkpoint's heads in one pass, in the order its digest was computed.
 CHECKPOINT_HEADS = """
-SELECT merchant_id, account_id, sequence, entry_hash FROM chain_checkpoint_heads
-WHERE checkpoint_id = $1
-ORDER BY merchant_id COLLATE "C", account_id COLLATE "C"
+SELECT checkpoint_id, merchant_id, account_id, sequence, entry_hash FROM chain_checkpoint_heads
+ORDER BY checkpoint_id, merchant_id COLLATE "C", account_id COLLATE "C"
 """
