@@ -23,13 +23,14 @@ import hmac
 import json
 import secrets
 import tomllib
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
 
+from ledger.api.handlers import Behavior, Continuation, is_open, with_behavior
 from ledger.api.status import AbortError, send_abort, with_reason
 from ledger.v1 import ledger_pb2
 
@@ -40,8 +41,6 @@ TOKEN_RANDOM_BYTES = 32
 TOKENS_MAX = 1000
 # Longer presented tokens are refused before hashing.
 TOKEN_CHARS_MAX = 256
-# Services anyone may call: load balancers probe health without credentials.
-OPEN_SERVICES = frozenset({"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"})
 
 
 class Scope(enum.StrEnum):
@@ -233,10 +232,6 @@ def _bearer(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
     return None
 
 
-Behavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
-Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[Any]]
-
-
 class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """UNAUTHENTICATED without a valid token, PERMISSION_DENIED without the method's scope."""
 
@@ -248,7 +243,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     ) -> Any:
         handler = await continuation(handler_call_details)
         method: str = handler_call_details.method
-        if handler is None or method.lstrip("/").partition("/")[0] in OPEN_SERVICES:
+        if handler is None or is_open(method):
             return handler
         scope = METHOD_SCOPES.get(method)
         token = _bearer(handler_call_details.invocation_metadata)
@@ -269,11 +264,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             finally:
                 current_principal.reset(reset)
 
-        return grpc.unary_unary_rpc_method_handler(
-            guarded,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        return with_behavior(handler, guarded)
 
 
 def _refusal(

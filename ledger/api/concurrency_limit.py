@@ -8,15 +8,12 @@ open services; gRPC's cap, set a little higher, stays as the hard bound.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
 
-from ledger.api.auth import OPEN_SERVICES
+from ledger.api.handlers import Continuation, is_open, with_behavior
 from ledger.api.status import AbortError, send_abort
-
-Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[Any]]
 
 
 class ConcurrencyLimitInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
@@ -30,20 +27,12 @@ class ConcurrencyLimitInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[t
     ) -> Any:
         handler = await continuation(handler_call_details)
         method: str = handler_call_details.method
-        if (
-            handler is None
-            or handler.unary_unary is None
-            or method.lstrip("/").partition("/")[0] in OPEN_SERVICES
-        ):
+        if handler is None or handler.unary_unary is None or is_open(method):
             return handler
         inner = handler.unary_unary
         if self.in_flight >= self.calls_max:
             # Refused on arrival: the request bytes are not even parsed.
-            return grpc.unary_unary_rpc_method_handler(
-                self._refuse,
-                request_deserializer=None,
-                response_serializer=handler.response_serializer,
-            )
+            return with_behavior(handler, self._refuse, parse_request=False)
 
         async def limited(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             if self.in_flight >= self.calls_max:
@@ -54,11 +43,7 @@ class ConcurrencyLimitInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[t
             finally:
                 self.in_flight -= 1
 
-        return grpc.unary_unary_rpc_method_handler(
-            limited,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        return with_behavior(handler, limited)
 
     async def _refuse(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         # Fail fast: queueing would only grow latency and memory.

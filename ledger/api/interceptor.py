@@ -9,7 +9,6 @@ errors with their real code, which the stock instrumentation misses.
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -17,11 +16,10 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
+from ledger.api.handlers import Continuation, with_behavior
 from ledger.telemetry import metrics
 from ledger.telemetry.redaction import redact
 from ledger.telemetry.tracing import tracer
-
-Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[Any]]
 
 
 class TelemetryInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
@@ -72,11 +70,7 @@ class TelemetryInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
                 metrics.requests.add(1, labels)
                 metrics.request_duration.record(time.perf_counter() - started, {"method": method})
 
-        return grpc.unary_unary_rpc_method_handler(
-            traced,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        return with_behavior(handler, traced)
 
 
 def _code_of(context: grpc.aio.ServicerContext[Any, Any]) -> grpc.StatusCode | None:

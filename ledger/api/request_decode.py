@@ -8,15 +8,14 @@ caller's bytes. This interceptor takes the raw bytes and parses them itself.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError
 
+from ledger.api.handlers import Continuation, with_behavior
 from ledger.api.status import invalid_argument, send_abort
-
-Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[Any]]
 
 
 class RequestDecodeInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
@@ -37,6 +36,4 @@ class RequestDecodeInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type
                 await send_abort(context, invalid_argument([("request", reason)]))
             return await inner(request, context)
 
-        return grpc.unary_unary_rpc_method_handler(
-            decoded, request_deserializer=None, response_serializer=handler.response_serializer
-        )
+        return with_behavior(handler, decoded, parse_request=False)
