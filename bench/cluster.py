@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 from collections.abc import Iterable
@@ -28,6 +26,7 @@ import grpc
 from bench import raw_sql
 from bench.workload import ACCOUNT_IDS, CURRENCY, Workload
 from ledger.embedded.postgres import EmbeddedPostgres
+from ledger.embedded.service_process import SERVING, serve_command
 from ledger.routing.config import ShardConfig, ShardSpec, load_config, render_config
 from ledger.v1 import ledger_pb2 as pb
 from ledger.v1 import ledger_pb2_grpc
@@ -54,7 +53,6 @@ MERCHANTS_PER_CREATE_CALL = 500
 EMBEDDED_MAX_WAL_SIZE = "8GB"
 # A process tree walk stops at this depth; the service has no grandchildren.
 PROCESS_TREE_DEPTH_MAX = 4
-_SERVING = re.compile(r"ledger serving on ([\d.]+):(\d+)")
 
 
 @dataclass
@@ -131,16 +129,7 @@ class ServiceProcess:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         log = self.log_path.open("wb")
         self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "ledger.cli",
-                "serve",
-                "--config",
-                str(self.config_path),
-                "--listen",
-                "127.0.0.1:0",
-            ],
+            serve_command(self.config_path),
             cwd=ROOT,
             env=env,
             stdin=subprocess.DEVNULL,
@@ -168,7 +157,7 @@ class ServiceProcess:
             for line in stream:
                 log.write(line)
                 if not self.target:
-                    match = _SERVING.search(line.decode(errors="replace"))
+                    match = SERVING.search(line.decode(errors="replace"))
                     if match:
                         self.target = f"{match.group(1)}:{match.group(2)}"
                         self._serving.set()

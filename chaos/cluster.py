@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -23,6 +21,12 @@ import grpc
 from chaos.plan import REPLICA_NAMES, SHARD_NAMES
 from chaos.proxy import TcpProxy
 from ledger.embedded.postgres import EmbeddedPostgres, EmbeddedPostgresError
+from ledger.embedded.service_process import (
+    ServiceExited,
+    ServiceNotServing,
+    spawn_service,
+    wait_serving,
+)
 from ledger.routing.config import ShardConfig, ShardSpec, render_config
 from ledger.v1 import ledger_pb2_grpc
 
@@ -34,11 +38,8 @@ SERVICE_START_DEADLINE_S = 60.0
 # After SIGINT a replica lets in-flight calls finish (limits.shutdown_grace_s = 5 s)
 # and closes its pools; past this it is killed.
 SERVICE_STOP_DEADLINE_S = 30.0
-# How often the runner looks for a starting replica's "serving" line.
-SERVING_POLL_INTERVAL_S = 0.05
-# A replica that exits at start (it connects to every shard first, so it cannot start
-# while one is down) is started again, as a process supervisor would, after this
-# pause, until this deadline; past it the run fails.
+# A replica that exits at start is started again, as a process supervisor would,
+# after this pause, until this deadline; past it the run fails.
 REPLICA_RESTART_PAUSE_S = 0.5
 REPLICA_RESTART_DEADLINE_S = 60.0
 # pg_ctl and initdb run in a forked child of a process with gRPC threads, where
@@ -55,7 +56,6 @@ SERVICE_ENV = {
     "LEDGER_SAGA_RETRY_DELAY_S_MAX": "1",
     "PYTHONUNBUFFERED": "1",
 }
-_SERVING = re.compile(r"ledger serving on [\d.]+:(\d+)")
 
 
 class HarnessError(RuntimeError):
@@ -96,40 +96,19 @@ class Replica:
         if self.running:
             raise HarnessError(f"{self.name} is already running")
         env = {**os.environ, **SERVICE_ENV}
-        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-        with self.log_path.open("ab") as log:
-            # Popen only forks and execs; the wait for readiness below is asynchronous.
-            self.process = subprocess.Popen(  # noqa: ASYNC220
-                [
-                    sys.executable,
-                    "-m",
-                    "ledger.cli",
-                    "serve",
-                    "--config",
-                    str(self.config_path),
-                    "--listen",
-                    "127.0.0.1:0",
-                ],
-                cwd=ROOT,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
+        self.process, offset = spawn_service(self.config_path, self.log_path, env=env, cwd=ROOT)
+        try:
+            self.port = await wait_serving(
+                self.process, self.log_path, offset, deadline_s=SERVICE_START_DEADLINE_S
             )
-        deadline = time.monotonic() + SERVICE_START_DEADLINE_S
-        while True:
-            text = self.log_path.read_bytes()[offset:].decode(errors="replace")
-            match = _SERVING.search(text)
-            if match:
-                break
-            if self.process.poll() is not None:
-                lines = [line.strip() for line in text.splitlines() if line.strip()]
-                reason = lines[-1] if lines else "no output"
-                raise ReplicaExited(self.name, self.process.returncode, reason)
-            if time.monotonic() > deadline:
-                raise HarnessError(f"{self.name} not serving after {SERVICE_START_DEADLINE_S}s")
-            await asyncio.sleep(SERVING_POLL_INTERVAL_S)
-        self.port = int(match.group(1))
+        except ServiceExited as exited:
+            lines = [line.strip() for line in exited.output.splitlines() if line.strip()]
+            reason = lines[-1] if lines else "no output"
+            raise ReplicaExited(self.name, exited.returncode, reason) from None
+        except ServiceNotServing:
+            raise HarnessError(
+                f"{self.name} not serving after {SERVICE_START_DEADLINE_S}s"
+            ) from None
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{self.port}")
         self._channels.append(channel)
         self.stub = ledger_pb2_grpc.LedgerServiceStub(channel)

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -22,6 +20,12 @@ from pathlib import Path
 import grpc
 
 from ledger.embedded.postgres import EmbeddedPostgres
+from ledger.embedded.service_process import (
+    ServiceExited,
+    ServiceNotServing,
+    spawn_service,
+    wait_serving,
+)
 from ledger.routing.cluster import Cluster
 from ledger.routing.config import ShardConfig, ShardSpec, load_config
 from ledger.routing.ring import ShardRing
@@ -33,7 +37,6 @@ from tests.support import uid, write_config
 SERVICE_START_DEADLINE_S = 60.0
 # A process asked to stop (SIGINT) must be gone within this long.
 SERVICE_STOP_DEADLINE_S = 30.0
-_SERVING = re.compile(r"ledger serving on [\d.]+:(\d+)")
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -86,42 +89,13 @@ class ServiceProcess:
     async def start(self, **extra_env: str) -> None:
         assert self.process is None or self.process.poll() is not None, "already running"
         env = {**os.environ, **self.env, **extra_env, "PYTHONUNBUFFERED": "1"}
-        log = self.log_path.open("ab")
-        offset = self.log_path.stat().st_size
-        # Popen only forks; the wait for readiness below is asynchronous.
-        self.process = subprocess.Popen(  # noqa: ASYNC220
-            [
-                sys.executable,
-                "-m",
-                "ledger.cli",
-                "serve",
-                "--config",
-                str(self.config_path),
-                "--listen",
-                "127.0.0.1:0",
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=log,
-            stderr=log,
-            stdin=subprocess.DEVNULL,
-        )
-        log.close()
-        deadline = time.monotonic() + SERVICE_START_DEADLINE_S
-        while True:
-            text = self.log_path.read_bytes()[offset:].decode(errors="replace")
-            match = _SERVING.search(text)
-            if match:
-                self.port = int(match.group(1))
-                break
-            if self.process.poll() is not None:
-                code = self.process.returncode
-                raise AssertionError(f"service exited {code} at start:\n{text}")
-            if time.monotonic() > deadline:
-                raise AssertionError(
-                    f"service not serving after {SERVICE_START_DEADLINE_S}s:\n{text}"
-                )
-            await asyncio.sleep(0.05)
+        self.process, offset = spawn_service(self.config_path, self.log_path, env=env, cwd=ROOT)
+        try:
+            self.port = await wait_serving(
+                self.process, self.log_path, offset, deadline_s=SERVICE_START_DEADLINE_S
+            )
+        except (ServiceExited, ServiceNotServing) as error:
+            raise AssertionError(f"{error}:\n{error.output}") from None
         self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{self.port}")
         self.stub = ledger_pb2_grpc.LedgerServiceStub(self.channel)
         self.admin = ledger_pb2_grpc.LedgerAdminServiceStub(self.channel)
