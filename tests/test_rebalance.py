@@ -24,6 +24,7 @@ import grpc
 import pytest
 
 from ledger.domain.accounts import AccountKey, AccountSpec
+from ledger.domain.sagas import Saga, SagaState
 from ledger.domain.transfers import TransferAction, TransferRequest
 from ledger.embedded.postgres import EmbeddedPostgres
 from ledger.moves.rebalance import Plan, Rebalancer, Summary
@@ -31,8 +32,10 @@ from ledger.routing.cluster import Cluster
 from ledger.routing.config import ShardConfig, ShardSpec, load_config
 from ledger.routing.ring import ShardRing
 from ledger.sagas.reconcile import reconcile
+from ledger.sagas.runner import SagaRunner, SagaSettings
 from ledger.storage.errors import MerchantsNotOwned, StaleEpoch
 from ledger.storage.moves import MoveStore
+from ledger.storage.sagas import SagaStore
 from ledger.storage.shard import Fence
 from ledger.v1 import ledger_pb2 as pb
 from ledger.v1 import ledger_pb2_grpc
@@ -81,6 +84,9 @@ SAGA_WAIT_MS = 10_000
 SAGA_LOOKUPS_MAX = 4
 # References per lookup (the API limit is 1000).
 LOOKUP_BATCH_MAX = 500
+# A hold between a merchant's own accounts that must outlive its move (well
+# under a second here) and then expire on its new shard.
+OWN_HOLD_TIMEOUT_MS = 4000
 # A CLI subprocess must finish within this, or the test fails instead of hanging.
 SUBPROCESS_TIMEOUT_S = 60.0
 
@@ -717,18 +723,32 @@ async def test_raising_a_weight_moves_merchants_only_towards_that_shard(ledger4:
     await assert_reconciled(ledger4, heavier, "reconcile.toml")
 
 
-async def test_merchant_with_pending_funds_is_deferred_until_they_are_released(
+def staying_merchant(old: ShardConfig, new: ShardConfig) -> str:
+    """A fresh merchant id whose owner is the same under old and new."""
+    old_ring, new_ring = ShardRing(old), ShardRing(new)
+    return next(
+        m
+        for m in (uid("st") for _ in range(1000))
+        if old_ring.shard_for(m) == new_ring.shard_for(m)
+    )
+
+
+async def test_merchant_with_funds_pending_with_another_merchant_is_deferred_until_released(
     ledger4: Ledger4,
 ) -> None:
     service = ledger4.service
     old, new = service.cluster.config, ledger4.config(2, ALL_SHARDS)
     held, *others = merchants_moving(old, new, 4)
-    await create_merchants(service, [held, *others])
+    partner = staying_merchant(old, new)
+    await create_merchants(service, [held, *others, partner])
     pending_id = uid("p")
     pending = transfer(
-        pending_id, ref(held, "cash"), ref(held, "sales"), 300, action=pb.TRANSFER_ACTION_PENDING
+        pending_id, ref(held, "cash"), ref(partner, "sales"), 300, action=pb.TRANSFER_ACTION_PENDING
     )
-    assert result_names(await transfers(service.stub, pending)) == ["TRANSFER_RESULT_OK"]
+    await send_retrying(service, pending, random.Random(3), attempts_max=DEFERRED_CALL_ATTEMPTS_MAX)
+    assert await settled(service, [(held, pending_id)]) == {
+        (held, pending_id): pb.TRANSFER_RESULT_OK
+    }
 
     await ledger4.switch_to(new)
     async with opened(new) as rebalancer:
@@ -761,6 +781,180 @@ async def test_merchant_with_pending_funds_is_deferred_until_they_are_released(
     await assert_reconciled(ledger4, new, "reconcile.toml")
 
 
+async def test_pending_transfers_between_a_merchants_own_accounts_move_with_it(
+    ledger4: Ledger4,
+) -> None:
+    """Holds, their records and their timers move; they are settled on the new shard."""
+    service = ledger4.service
+    old, new = service.cluster.config, ledger4.config(2, ALL_SHARDS)
+    (held,) = merchants_moving(old, new, 1)
+    source, destination = ShardRing(old).shard_for(held), ShardRing(new).shard_for(held)
+    await create_merchants(service, [held])
+    to_post, to_void, to_expire, to_keep = (uid(p) for p in ("post", "void", "exp", "keep"))
+    holds = [
+        transfer(
+            i, ref(held, "cash"), ref(held, "sales"), amount, action=pb.TRANSFER_ACTION_PENDING
+        )
+        for i, amount in ((to_post, 300), (to_void, 50), (to_keep, 7))
+    ]
+    # Long enough to outlive the move, short enough for the test to see it expire.
+    holds.append(
+        transfer(
+            to_expire,
+            ref(held, "cash"),
+            ref(held, "sales"),
+            20,
+            action=pb.TRANSFER_ACTION_PENDING,
+            timeout_ms=OWN_HOLD_TIMEOUT_MS,
+        )
+    )
+    assert result_names(await transfers(service.stub, *holds)) == ["TRANSFER_RESULT_OK"] * 4
+    assert (await all_balances(service, [held]))[(held, "cash")] == (0, 0, 377, 0)
+
+    await ledger4.switch_to(new)
+    async with opened(new) as rebalancer:
+        summary = await rebalancer.rebalance()
+        print(f"\n{summary.render()}")
+        assert [(r.move.merchant_id, r.outcome) for r in summary.results] == [(held, "moved")]
+        moved_to = MoveStore(rebalancer.shards[destination])
+        assert await moved_to.state_of(held) == ("active", None)
+        old_copy = MoveStore(rebalancer.shards[source])
+        assert await old_copy.state_of(held) == ("moved", destination)
+        digest = await moved_to.digest(held)
+        assert (digest.open_pendings, digest.expiries) == (4, 1), digest
+        assert await old_copy.digest(held) == digest
+        # Still held on the new shard, timer included (it had not expired yet).
+        assert (await all_balances(service, [held]))[(held, "cash")] == (0, 0, 377, 0)
+
+        post = pb.Transfer(
+            id=uid("po"),
+            debit_account=ref(held, "cash"),
+            action=pb.TRANSFER_ACTION_POST_PENDING,
+            pending_id=to_post,
+            amount_minor=250,
+        )
+        void = pb.Transfer(
+            id=uid("vo"),
+            debit_account=ref(held, "cash"),
+            action=pb.TRANSFER_ACTION_VOID_PENDING,
+            pending_id=to_void,
+        )
+        assert result_names(await transfers(service.stub, post, void)) == ["TRANSFER_RESULT_OK"] * 2
+
+        async def expired() -> bool:
+            return (await all_balances(service, [held]))[(held, "cash")] == (250, 0, 7, 0)
+
+        await wait_until(expired, what="the moved hold to expire on its new shard")
+        # The old copy was left alone: its sweeper does not expire a merchant it handed over.
+        assert await old_copy.digest(held) == digest
+        assert (await moved_to.digest(held)).open_pendings == 1
+    balances = await all_balances(service, [held])
+    assert balances[(held, "sales")] == (0, 250, 0, 7)
+    await assert_reconciled(ledger4, new, "reconcile.toml")
+
+
+async def test_sagas_in_flight_to_a_merchant_that_moves_continue_on_its_new_shard(
+    ledger4: Ledger4,
+) -> None:
+    """Step 2 follows the credit merchant; step 3 moves the hold to the settlement
+    account that mirrors the shard that credited; none of it passes a move's fence."""
+    service = ledger4.service
+    old, new = service.cluster.config, ledger4.config(2, ALL_SHARDS)
+    old_ring, new_ring = ShardRing(old), ShardRing(new)
+    (payee,) = merchants_moving(old, new, 1, destination="shard-d")
+    credit_shard = old_ring.shard_for(payee)
+    payer = next(
+        m
+        for m in (uid("py") for _ in range(1000))
+        if old_ring.shard_for(m) == new_ring.shard_for(m) != credit_shard
+    )
+    await create_merchants(service, [payer, payee])
+    # Long leases: no recovery worker drives these sagas while the test holds them.
+    runner = SagaRunner(service.cluster, owner="test", settings=SagaSettings(lease_s=120.0))
+
+    async def step1(amount_minor: int, action: TransferAction) -> Saga:
+        request = TransferRequest(
+            id=uid("sg"),
+            debit=AccountKey(payer, "cash"),
+            credit=AccountKey(payee, "sales"),
+            amount_minor=amount_minor,
+            currency="USD",
+            action=action,
+        )
+        start = await runner.begin(request)
+        assert start.saga is not None and start.saga.peer_shard == credit_shard
+        return start.saga
+
+    late_post = await step1(100, TransferAction.POST)
+    late_pending = await step1(40, TransferAction.PENDING)
+    early = await step1(25, TransferAction.POST)
+    # Step 2 of one saga lands on the old shard before the move; its outcome moves too.
+    recorded = await SagaStore(service.cluster.shards[credit_shard]).credit(
+        early,
+        home_shard=early.home_shard,
+        fence=service.cluster.fence(service.cluster.shards[credit_shard], {payee}),
+    )
+    assert recorded.credited_on == credit_shard
+
+    await ledger4.switch_to(new)
+    async with opened(new) as rebalancer:
+        summary = await rebalancer.rebalance()
+        print(f"\n{summary.render()}")
+        assert [(r.move.merchant_id, r.outcome) for r in summary.results] == [(payee, "moved")]
+        assert (await MoveStore(rebalancer.shards["shard-d"]).digest(payee)).credits == 1
+        # A step 2 never passes a move's fence: fenced on its new shard, it waits.
+        fenced = MoveStore(rebalancer.shards["shard-d"])
+        assert await fenced.fence(payee, epoch=new.epoch) is None
+        waited = await runner.drive(late_post)
+        assert (waited.state, waited.attempts) == (SagaState.RUNNING, 1)
+        assert await fenced.digest(payee) == await MoveStore(
+            rebalancer.shards[credit_shard]
+        ).digest(payee)
+        await fenced.unfence(payee, epoch=new.epoch)
+
+    finished = [await runner.drive(s) for s in (waited, late_pending, early)]
+    assert [(f.state, f.peer_shard) for f in finished] == [
+        (SagaState.COMPLETED, "shard-d"),
+        (SagaState.COMPLETED, "shard-d"),
+        (SagaState.COMPLETED, credit_shard),
+    ]
+    found = await runner.get(late_post.key)
+    assert found is not None
+    assert any(step.step == 2 and "on shard-d" in step.detail for step in found[1]), found[1]
+    balances = await all_balances(service, [payer, payee])
+    assert balances[(payer, "cash")] == (125, 0, 40, 0)
+    assert balances[(payee, "sales")] == (0, 125, 0, 40)
+
+    # The pending one settles where its hold now is, on both sides.
+    post = pb.Transfer(
+        id=uid("po"),
+        debit_account=ref(payer, "cash"),
+        action=pb.TRANSFER_ACTION_POST_PENDING,
+        pending_id=late_pending.key.transfer_id,
+    )
+    assert set(result_names(await transfers(service.stub, post))) <= {
+        "TRANSFER_RESULT_OK",
+        "TRANSFER_RESULT_IN_PROGRESS",
+    }
+
+    async def posted() -> bool:
+        both = await all_balances(service, [payer, payee])
+        return both[(payee, "sales")] == (0, 165, 0, 0)
+
+    await wait_until(posted, what="the cross-shard post to reach the moved merchant")
+    assert (await all_balances(service, [payer]))[(payer, "cash")] == (165, 0, 0, 0)
+    path = ledger4.copy_of(new, "reconcile.toml")
+    cluster = Cluster(load_config(path), config_path=path)
+    try:
+        await cluster.open(migrate=False)
+        report = await reconcile(cluster)
+    finally:
+        await cluster.close()
+    assert report.ok, report.render()
+    mirrors = [f for f in report.findings if f.check.startswith("settlement ")]
+    assert mirrors and not [f for f in mirrors if "skipped" in f.detail], report.render()
+
+
 async def test_merchant_deferred_by_a_move_still_transacts_and_its_sagas_stay_visible(
     ledger4: Ledger4,
 ) -> None:
@@ -778,10 +972,17 @@ async def test_merchant_deferred_by_a_move_still_transacts_and_its_sagas_stay_vi
         if old_ring.shard_for(m) == new_ring.shard_for(m) != source
     )
     await create_merchants(service, [held, *movers, stayer])
+    # Money held for another merchant (here on another shard) keeps it where it is.
     pending = transfer(
-        uid("p"), ref(held, "cash"), ref(held, "sales"), 300, action=pb.TRANSFER_ACTION_PENDING
+        uid("p"), ref(held, "cash"), ref(stayer, "sales"), 300, action=pb.TRANSFER_ACTION_PENDING
     )
-    assert result_names(await transfers(service.stub, pending)) == ["TRANSFER_RESULT_OK"]
+    assert set(result_names(await transfers(service.stub, pending))) <= {
+        "TRANSFER_RESULT_OK",
+        "TRANSFER_RESULT_IN_PROGRESS",
+    }
+    assert await settled(service, [(held, pending.id)]) == {
+        (held, pending.id): pb.TRANSFER_RESULT_OK
+    }
 
     await ledger4.switch_to(new)
     async with opened(new) as rebalancer:

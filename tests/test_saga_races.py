@@ -20,6 +20,7 @@ from ledger.domain.accounts import AccountKey
 from ledger.domain.sagas import (
     SETTLEMENT_MERCHANT_ID,
     CreditOutcome,
+    CreditRecord,
     Saga,
     SagaKey,
     SagaKind,
@@ -107,9 +108,7 @@ async def begin(service: Service, pair: Pair, *, lease_s: float = HELD_LEASE_S) 
     return start.saga
 
 
-async def credit(
-    service: Service, pair: Pair, saga: Saga, *, abort: bool = False
-) -> tuple[CreditOutcome, TransferResult]:
+async def credit(service: Service, pair: Pair, saga: Saga, *, abort: bool = False) -> CreditRecord:
     """Step 2 on T, straight through the store."""
     return await SagaStore(pair.credit_shard).credit(
         saga,
@@ -213,12 +212,10 @@ async def test_late_credit_after_recorded_abort_is_refused_and_saga_compensates(
     payer_reserved, payee_before = await balances(service, pair)
     assert payer_reserved == (0, 0, AMOUNT_MINOR, 0)
 
-    assert await credit(service, pair, saga, abort=True) == (
-        CreditOutcome.ABORTED,
-        TransferResult.ABORTED,
-    )
+    aborted = CreditRecord(CreditOutcome.ABORTED, TransferResult.ABORTED, pair.credit_shard.name)
+    assert await credit(service, pair, saga, abort=True) == aborted
     # The late step 2 (a worker that read the saga before the abort) finds the abort.
-    assert await credit(service, pair, saga) == (CreditOutcome.ABORTED, TransferResult.ABORTED)
+    assert await credit(service, pair, saga) == aborted
     _, payee_after = await balances(service, pair)
     assert payee_after == payee_before == (0, 0, 0, 0)
     assert await entries_for(pair.credit_shard, saga) == 0
@@ -234,7 +231,7 @@ async def test_late_credit_after_recorded_abort_is_refused_and_saga_compensates(
     assert payer_after == (0, 0, 0, 0), "the reservation is released, nothing posted"
     assert payee_final == (0, 0, 0, 0)
     # Still refused after the saga finished.
-    assert await credit(service, pair, saga) == (CreditOutcome.ABORTED, TransferResult.ABORTED)
+    assert (await credit(service, pair, saga)).outcome is CreditOutcome.ABORTED
     assert await entries_for(pair.credit_shard, saga) == 0
     record = await lookup(service, saga)
     assert record.result == pb.TRANSFER_RESULT_ABORTED
@@ -257,7 +254,8 @@ async def test_abort_racing_a_credit_records_one_outcome_that_every_caller_sees(
         recorded = await SagaStore(pair.credit_shard).credit_outcome(saga.key)
         assert recorded is not None
         assert await credit_rows(pair.credit_shard, saga) == 1
-        applied = recorded[0] is CreditOutcome.APPLIED
+        applied = recorded.outcome is CreditOutcome.APPLIED
+        assert recorded.credited_on == pair.credit_shard.name
         assert await entries_for(pair.credit_shard, saga) == (2 if applied else 0)
         _, payee = await balances(service, pair)
         assert payee == ((0, AMOUNT_MINOR, 0, 0) if applied else (0, 0, 0, 0))
@@ -269,7 +267,7 @@ async def test_abort_racing_a_credit_records_one_outcome_that_every_caller_sees(
         recorded = await SagaStore(pair.credit_shard).credit_outcome(saga.key)
         target = (
             SagaState.COMPLETED
-            if recorded is not None and recorded[0] is CreditOutcome.APPLIED
+            if recorded is not None and recorded.outcome is CreditOutcome.APPLIED
             else SagaState.COMPENSATED
         )
         assert (await runner.resolve(saga.key, outcome=target)).state is target
@@ -284,7 +282,11 @@ async def test_repeated_credit_applies_once(service: Service) -> None:
     try:
         first = await credit(service, pair, saga)
         second = await credit(service, pair, saga)
-        assert first == second == (CreditOutcome.APPLIED, TransferResult.OK)
+        assert (
+            first
+            == second
+            == CreditRecord(CreditOutcome.APPLIED, TransferResult.OK, pair.credit_shard.name)
+        )
         _, payee = await balances(service, pair)
         assert payee == (0, AMOUNT_MINOR, 0, 0)
         assert await credit_rows(pair.credit_shard, saga) == 1
@@ -311,7 +313,8 @@ async def test_concurrent_credits_for_a_fresh_saga_apply_once_and_all_report_app
         assert payee == (0, AMOUNT_MINOR, 0, 0)
         assert await credit_rows(pair.credit_shard, saga) == 1
         assert await entries_for(pair.credit_shard, saga) == 2
-        assert answers == [(CreditOutcome.APPLIED, TransferResult.OK)] * CONCURRENT_CREDITS, (
+        applied = CreditRecord(CreditOutcome.APPLIED, TransferResult.OK, pair.credit_shard.name)
+        assert answers == [applied] * CONCURRENT_CREDITS, (
             f"every concurrent step 2 must answer APPLIED: {answers}"
         )
     finally:
@@ -399,7 +402,10 @@ async def test_two_recovery_workers_and_a_driver_finish_each_saga_once(service: 
     ):
         try:
             again = await store.finish(
-                stale.key, version=stale.version, outcome=outcome, result=result, fence=fence
+                stale.key,
+                version=stale.version,
+                credit=CreditRecord(outcome, result, pair.credit_shard.name),
+                fence=fence,
             )
         except SagaRaced:
             pass
@@ -426,8 +432,9 @@ async def test_finish_with_a_stale_version_is_refused_while_the_saga_runs(
         await store.finish(
             saga.key,
             version=saga.version,
-            outcome=CreditOutcome.ABORTED,
-            result=TransferResult.ABORTED,
+            credit=CreditRecord(
+                CreditOutcome.ABORTED, TransferResult.ABORTED, pair.credit_shard.name
+            ),
             fence=service.cluster.fence(pair.debit_shard, {pair.payer}),
         )
     assert await balances(service, pair) == before

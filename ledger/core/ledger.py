@@ -173,7 +173,8 @@ class Ledger:
         ]
 
     async def _cross_shard(self, requests: Sequence[TransferRequest]) -> set[int]:
-        """Which items are sagas: their accounts (or their pending transfer's) span shards.
+        """Which items are sagas: their accounts span shards (or their pending transfer
+        was made by a saga).
 
         A linked chain must live on one shard and hold no saga; otherwise the whole
         call is refused before anything is written.
@@ -192,9 +193,10 @@ class Ledger:
             ]
             found = {v.record.key: v for v in await self.lookup_transfers(keys)}
             for i, key in zip(settles, keys, strict=True):
+                # Settled the way it was made: by a saga if one carried it. (The ring
+                # can disagree with where merchants are: one a move deferred stays put.)
                 view = found.get(key)
-                credit = view.record.request.credit if view is not None else None
-                if credit is not None and ring.shard_for(credit.merchant_id) != homes[i]:
+                if view is not None and view.saga is not None:
                     cross.add(i)
         start = 0
         for i, r in enumerate(requests):

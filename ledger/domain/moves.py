@@ -6,7 +6,8 @@ opposite of that position and D with the position itself. One entry on each
 side's settlement account for the other carries the difference, exactly as a
 cross-shard transfer would: S's settlement account for D takes the merchant's
 net position, D's settlement account for S its opposite, and the two mirror.
-Only merchants with nothing pending move, so pending positions are zero.
+A merchant moves only with pending transfers between its own accounts, whose
+holds cancel out, so its net pending position is zero.
 """
 
 from __future__ import annotations

@@ -22,12 +22,16 @@ from enum import IntEnum
 from ledger.domain.accounts import Account, AccountKey
 from ledger.domain.chain import chained_entry
 from ledger.domain.engine import (
+    AccountState,
     PendingView,
     TransferBatchPlan,
     TransferBatchState,
     apply_transfers,
 )
 from ledger.domain.transfers import (
+    Direction,
+    Entry,
+    EntryKind,
     PendingState,
     TransferAction,
     TransferKey,
@@ -69,6 +73,20 @@ class CreditOutcome(IntEnum):
     APPLIED = 1
     REFUSED = 2
     ABORTED = 3
+
+
+@dataclass(frozen=True, slots=True)
+class CreditRecord:
+    """What step 2 recorded for a saga, and the shard that applied the credit.
+
+    credited_on differs from the saga's peer shard when the credit merchant
+    moved between step 1 and step 2: the credit follows the merchant, and step
+    3 moves the reservation to the settlement account that mirrors it.
+    """
+
+    outcome: CreditOutcome
+    result: TransferResult
+    credited_on: str
 
 
 # Each (peer shard, currency) has this many settlement accounts, so concurrent
@@ -287,3 +305,47 @@ def reservation_settle_plan(
         f"a saga's own reservation settles: {plan.outcomes[0].result.name}",
     )
     return plan
+
+
+def hold_moved_plan(
+    *,
+    key: TransferKey,
+    held_by: Account,
+    moved_to: Account,
+    amount_minor: int,
+    now: datetime,
+) -> tuple[list[Entry], dict[AccountKey, AccountState]]:
+    """Step 3 on the debit shard when the credit landed on another shard than
+    step 1 reserved towards: the hold moves from the settlement account for
+    the old peer to the one for the shard that credited, so each mirrors its
+    peer again. Both are this shard's accounts: the shard stays balanced."""
+    invariant(amount_minor > 0, "a saga's hold is positive")
+    invariant(
+        held_by.balances.credits_pending >= amount_minor,
+        "the settlement account for step 1's peer holds the reservation",
+    )
+    released = replace(
+        held_by.balances, credits_pending=held_by.balances.credits_pending - amount_minor
+    )
+    held = replace(
+        moved_to.balances, credits_pending=moved_to.balances.credits_pending + amount_minor
+    )
+    entries = [
+        chained_entry(
+            account.head_hash,
+            account=account.key,
+            sequence=account.entry_count + 1,
+            transfer=key,
+            direction=Direction.CREDIT,
+            kind=kind,
+            amount_minor=amount_minor,
+            balances_after=after,
+            created_at=now,
+        )
+        for account, kind, after in (
+            (held_by, EntryKind.PENDING_RELEASED, released),
+            (moved_to, EntryKind.PENDING, held),
+        )
+    ]
+    states = {e.account: AccountState(e.balances_after, e.sequence, e.hash) for e in entries}
+    return entries, states

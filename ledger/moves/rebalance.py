@@ -12,8 +12,11 @@ The protocol, per rebalance:
    (`moving`: writes wait, in-flight ones finish first); copy what changed;
    verify counts, digests and every account's balance against its entries;
    activate it on the destination, then mark it `moved` on the source (in that
-   order, so it can only roll forward). A merchant with pending amounts or
-   sagas in flight is deferred and retried; a failed verification unfences it.
+   order, so it can only roll forward). Pending transfers between the
+   merchant's own accounts move with it; sagas crediting it follow it to its
+   new shard. A merchant with money pending with another merchant or shard,
+   or with sagas of its own in flight past a short drain, is deferred and
+   retried; a failed verification unfences it.
 
 Every step is idempotent and decided by the merchant's states on the two
 shards, so rerunning the command after a crash at any point finishes the job,
@@ -38,7 +41,7 @@ from ledger.storage.shard import Shard
 from ledger.telemetry.pseudonym import pseudonymise
 from ledger.telemetry.tracing import tracer
 
-# Deferred merchants (pending amounts, sagas in flight) are retried this many
+# Deferred merchants (money pending with others, sagas in flight) are retried this many
 # rounds, this long apart, before the run reports them for a later rerun.
 DEFER_ROUNDS_MAX = 5
 DEFER_ROUND_PAUSE_S = 1.0
@@ -277,7 +280,7 @@ class Rebalancer:
             with tracer.start_as_current_span("move fence"):
                 refused = await source.fence(m, epoch=epoch)
                 if refused is None:
-                    refused = await self._drain(source, m, move.source)
+                    refused = await self._drain(source, m)
                     if refused is not None:
                         await source.unfence(m, epoch=epoch)
             if refused is not None:
@@ -302,7 +305,7 @@ class Rebalancer:
                     break
                 # A saga step that was under way at the fence may have landed since
                 # the copy: let it settle and copy again.
-                await self._drain(source, m, move.source)
+                await self._drain(source, m)
             if problem is not None:
                 await source.unfence(m, epoch=epoch)
                 return MoveResult(move, f"failed: {problem}", rows_copied)
@@ -316,27 +319,17 @@ class Rebalancer:
         faults.crash_point("move.after_hand_over")
         return MoveResult(move, "moved", rows_copied, pause_ms)
 
-    async def _drain(self, source: MoveStore, merchant_id: str, source_name: str) -> str | None:
+    async def _drain(self, source: MoveStore, merchant_id: str) -> str | None:
         """Waits, fenced, for the merchant's money in flight to settle; why not, or None."""
         loop = asyncio.get_running_loop()
         end = loop.time() + DRAIN_WAIT_S
         delay_s = 0.01
         while True:
-            reason = await source.blockers(merchant_id) or await self._open_credits(
-                merchant_id, source_name
-            )
+            reason = await source.blockers(merchant_id)
             if reason is None or loop.time() + delay_s > end:
                 return reason
             await asyncio.sleep(delay_s)
             delay_s = min(delay_s * 2, 0.2)
-
-    async def _open_credits(self, merchant_id: str, source: str) -> str | None:
-        """Sagas anywhere that must still credit the merchant on its old shard."""
-        for name in self.shards:
-            count = await self._store(name).open_credits_to(merchant_id, source)
-            if count:
-                return f"{count} saga(s) on {name} still to credit it on {source}"
-        return None
 
     async def _verify(self, source: MoveStore, destination: MoveStore, m: str) -> str | None:
         before, after = await source.digest(m), await destination.digest(m)

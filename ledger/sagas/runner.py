@@ -20,7 +20,15 @@ from typing import TypeVar
 
 from ledger import limits
 from ledger.domain.engine import ItemOutcome
-from ledger.domain.sagas import CreditOutcome, Saga, SagaKey, SagaState, SagaStep
+from ledger.domain.sagas import (
+    CreditOutcome,
+    CreditRecord,
+    Saga,
+    SagaKey,
+    SagaKind,
+    SagaState,
+    SagaStep,
+)
 from ledger.domain.transfers import TransferRequest, TransferResult
 from ledger.routing.cluster import MOVING_RETRY_DELAY_S, Cluster
 from ledger.routing.errors import ClusterUnavailable
@@ -171,12 +179,16 @@ class SagaRunner:
             with tracer.start_as_current_span(
                 "saga step 2 credit", attributes=saga_attributes(saga)
             ):
-                outcome, result = await self._credit(saga)
+                credit = await self._credit(saga)
             with tracer.start_as_current_span(
                 "saga step 3 finish",
-                attributes=saga_attributes(saga) | {"ledger.saga.credit_outcome": outcome.name},
+                attributes=saga_attributes(saga)
+                | {
+                    "ledger.saga.credit_outcome": credit.outcome.name,
+                    "ledger.saga.credited_on": credit.credited_on,
+                },
             ):
-                finished = await self._finish(saga, outcome, result)
+                finished = await self._finish(saga, credit)
             if finished.finished:
                 metrics.sagas_finished.add(
                     1, {"kind": finished.key.kind.name, "state": finished.state.name}
@@ -195,17 +207,23 @@ class SagaRunner:
             )
             return await self._retry_later(saga, f"unexpected {type(error).__name__}")
 
-    async def _credit(
-        self, saga: Saga, *, abort: bool = False
-    ) -> tuple[CreditOutcome, TransferResult]:
-        async def credit(shard: Shard, fence: Fence) -> tuple[CreditOutcome, TransferResult]:
+    async def _credit(self, saga: Saga, *, abort: bool = False) -> CreditRecord:
+        async def credit(shard: Shard, fence: Fence) -> CreditRecord:
             return await SagaStore(shard).credit(
                 saga, home_shard=saga.home_shard, fence=fence, abort=abort
             )
 
-        # Step 2 runs on the credit shard chosen at step 1, never on another: its
-        # settlement account for the debit shard is the one that must mirror.
-        # A merchant not (yet) owned there is retried later, not redirected.
+        if saga.key.kind is SagaKind.TRANSFER:
+            # A new credit follows its merchant to wherever it is now (step 3 then
+            # moves the hold to the settlement account that mirrors that shard). It
+            # never passes a move's fence: it waits and lands on the new shard, so
+            # nothing is written behind a copy. Its recorded outcome moves with the
+            # merchant, so a repeated step 2 finds it wherever it asks.
+            return await self.cluster.run_on_owner(
+                saga.credit.merchant_id, credit, shard_name=saga.peer_shard
+            )
+        # Settling a held credit runs where the hold is (a merchant holding money
+        # pending from another shard does not move): on the saga's peer shard.
         peer = self.cluster.shard_named(saga.peer_shard)
         if peer is None:
             await self.cluster.reload()
@@ -216,20 +234,12 @@ class SagaRunner:
             peer, self.cluster.fence(peer, {saga.credit.merchant_id}, allow_moving=True)
         )
 
-    async def _finish(
-        self,
-        saga: Saga,
-        outcome: CreditOutcome,
-        result: TransferResult,
-        *,
-        allow_dead: bool = False,
-    ) -> Saga:
+    async def _finish(self, saga: Saga, credit: CreditRecord, *, allow_dead: bool = False) -> Saga:
         async def finish(shard: Shard, fence: Fence) -> Saga:
             return await SagaStore(shard).finish(
                 saga.key,
                 version=saga.version,
-                outcome=outcome,
-                result=result,
+                credit=credit,
                 fence=fence,
                 allow_dead=allow_dead,
             )
@@ -306,24 +316,29 @@ class SagaRunner:
             return saga
         if outcome is SagaState.COMPENSATED:
             # Make the credit shard record the abort first, so step 2 can never land later.
-            credit_outcome, result = await self._credit(saga, abort=True)
-            if credit_outcome is CreditOutcome.APPLIED:
+            credit = await self._credit(saga, abort=True)
+            if credit.outcome is CreditOutcome.APPLIED:
                 raise SagaResolutionRefused(
                     "the credit shard applied the credit: resolve to COMPLETED instead"
                 )
         elif outcome is SagaState.COMPLETED:
             recorded = await self._credit_recorded(saga)
-            if recorded is None or recorded[0] is not CreditOutcome.APPLIED:
+            if recorded is None or recorded.outcome is not CreditOutcome.APPLIED:
                 raise SagaResolutionRefused(
                     "the credit shard has not applied the credit: retry the saga instead"
                 )
-            credit_outcome, result = recorded
+            credit = recorded
         else:
             raise SagaResolutionRefused("a saga resolves to COMPLETED or COMPENSATED")
-        return await self._finish(saga, credit_outcome, result, allow_dead=True)
+        return await self._finish(saga, credit, allow_dead=True)
 
-    async def _credit_recorded(self, saga: Saga) -> tuple[CreditOutcome, TransferResult] | None:
-        shard = self.cluster.shard_named(saga.peer_shard)
+    async def _credit_recorded(self, saga: Saga) -> CreditRecord | None:
+        """What step 2 recorded, read where the credit merchant is now (its outcomes
+        move with it)."""
+        name = saga.peer_shard
+        if saga.key.kind is SagaKind.TRANSFER:
+            name = await self._credit_owner(saga.credit.merchant_id)
+        shard = self.cluster.shard_named(name)
         if shard is None:
             raise ClusterUnavailable("the saga's credit shard is not in the shard config")
         return await SagaStore(shard).credit_outcome(saga.key)

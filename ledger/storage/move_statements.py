@@ -59,19 +59,28 @@ MERCHANT_COUNTS = "SELECT state, count(*) AS merchants FROM merchants GROUP BY s
 # it), within lock_timeout.
 LOCK_MERCHANT_EXCLUSIVE = "SELECT pg_advisory_xact_lock(7302, hashtext($1))"
 
-# What keeps a merchant from moving now: money held in pending amounts, or a
-# saga of its own not finished.
-MERCHANT_BLOCKERS = """
-SELECT
-  (SELECT count(*) FROM accounts WHERE merchant_id = $1
-     AND (debits_pending <> 0 OR credits_pending <> 0)) AS pending_accounts,
-  (SELECT count(*) FROM sagas WHERE merchant_id = $1 AND state IN (1, 4)) AS open_sagas
+# Open pending transfers between two of the merchant's own accounts: they move
+# with it (the hold, its record and its timeout), and are settled on its new
+# shard like any other. $2 is TransferAction.PENDING, $3 TransferResult.OK.
+OWN_OPEN_PENDINGS = """
+SELECT t.amount_effective_minor FROM transfers t
+WHERE t.merchant_id = $1 AND t.credit_merchant_id = $1 AND t.kind = 1
+  AND t.action = $2 AND t.result = $3
+  AND NOT EXISTS (SELECT 1 FROM pending_resolutions r
+                  WHERE r.merchant_id = t.merchant_id AND r.pending_id = t.transfer_id)
 """
 
-# Sagas on any shard still to credit the merchant on the shard it leaves.
-OPEN_CREDITS_TO = """
-SELECT count(*) FROM sagas
-WHERE credit_merchant_id = $1 AND peer_shard = $2 AND state IN (1, 4)
+# What keeps a merchant from moving now: money pending with another merchant
+# or shard (the merchant's pending amounts are more than its own open pending
+# transfers hold: each holds its amount on a debit and on a credit), or a
+# saga of its own not finished.
+MERCHANT_BLOCKERS = f"""
+SELECT
+  (SELECT coalesce(sum(debits_pending::numeric + credits_pending), 0)
+     FROM accounts WHERE merchant_id = $1) AS pending_minor,
+  (SELECT coalesce(2 * sum(amount_effective_minor::numeric), 0)
+     FROM ({OWN_OPEN_PENDINGS}) own) AS own_pending_minor,
+  (SELECT count(*) FROM sagas WHERE merchant_id = $1 AND state IN (1, 4)) AS open_sagas
 """
 
 SET_STATE = """
@@ -101,12 +110,15 @@ WHERE a.merchant_id = $1
 LIMIT 10
 """
 
-MERCHANT_DIGEST = """
+MERCHANT_DIGEST = f"""
 SELECT
   (SELECT count(*) FROM accounts WHERE merchant_id = $1) AS accounts,
   (SELECT count(*) FROM transfers WHERE merchant_id = $1) AS transfers,
   (SELECT count(*) FROM entries WHERE merchant_id = $1) AS entries,
   (SELECT count(*) FROM pending_resolutions WHERE merchant_id = $1) AS resolutions,
+  (SELECT count(*) FROM ({OWN_OPEN_PENDINGS}) own) AS open_pendings,
+  (SELECT count(*) FROM pending_expiries WHERE merchant_id = $1) AS expiries,
+  (SELECT count(*) FROM saga_credits WHERE credit_merchant_id = $1) AS credits,
   (SELECT md5(coalesce(string_agg(
       account_id || ':' || sequence || ':' || transfer_id || ':' || amount_minor || ':'
       || direction || ':' || kind || ':' || debits_posted || ':' || credits_posted

@@ -13,7 +13,7 @@ from ledger.domain.accounts import AccountKey
 from ledger.domain.engine import AccountState
 from ledger.domain.moves import move_key, settlement_booking
 from ledger.domain.sagas import SETTLEMENT_MERCHANT_ID, settlement_account
-from ledger.domain.transfers import Entry
+from ledger.domain.transfers import Entry, TransferAction, TransferResult
 from ledger.invariant import invariant
 from ledger.storage import move_statements as sql
 from ledger.storage import saga_statements as saga_sql
@@ -52,6 +52,11 @@ class MerchantDigest:
     transfers: int
     entries: int
     resolutions: int
+    # Open pending transfers between the merchant's own accounts, their timers,
+    # and the outcomes of saga credits to it (they move with it).
+    open_pendings: int
+    expiries: int
+    credits: int
     entries_md5: str
     accounts_md5: str
 
@@ -222,13 +227,16 @@ class MoveStore:
             return "writes in flight did not finish within the fence timeout"
 
     async def blockers(self, merchant_id: str) -> str | None:
-        """Why the merchant cannot move yet (money pending, sagas of its own open), or None."""
+        """Why the merchant cannot move yet (money pending with another merchant or
+        shard, sagas of its own open), or None."""
 
         async def run(conn: Connection) -> str | None:
-            row = await conn.fetchrow(sql.MERCHANT_BLOCKERS, merchant_id)
+            row = await conn.fetchrow(
+                sql.MERCHANT_BLOCKERS, merchant_id, TransferAction.PENDING, TransferResult.OK
+            )
             assert row is not None
-            if row["pending_accounts"]:
-                return f"{row['pending_accounts']} account(s) hold pending amounts"
+            if row["pending_minor"] != row["own_pending_minor"]:
+                return "money pending with another merchant or shard"
             if row["open_sagas"]:
                 return f"{row['open_sagas']} saga(s) of its own not finished"
             return None
@@ -241,19 +249,13 @@ class MoveStore:
 
         await self.shard._in_transaction(run)
 
-    async def open_credits_to(self, merchant_id: str, shard_name: str) -> int:
-        """Unfinished sagas here that must still credit the merchant on shard_name."""
-
-        async def run(conn: Connection) -> int:
-            return int(await conn.fetchval(sql.OPEN_CREDITS_TO, merchant_id, shard_name))
-
-        return await self.shard._with_connection(run)
-
     # Verifying.
 
     async def digest(self, merchant_id: str) -> MerchantDigest:
         async def run(conn: Connection) -> MerchantDigest:
-            row = await conn.fetchrow(sql.MERCHANT_DIGEST, merchant_id)
+            row = await conn.fetchrow(
+                sql.MERCHANT_DIGEST, merchant_id, TransferAction.PENDING, TransferResult.OK
+            )
             assert row is not None
             return MerchantDigest(**dict(row))
 
@@ -318,7 +320,10 @@ class MoveStore:
             accounts: dict[AccountKey, AccountState] = {}
             key = move_key(merchant_id, epoch)
             for position in positions:
-                invariant(position["net_pending"] == 0, "only merchants with nothing pending move")
+                invariant(
+                    position["net_pending"] == 0,
+                    "a merchant moves only with pending transfers between its own accounts",
+                )
                 settlement = settlement_account(peer, position["currency"], merchant_id)
                 await conn.execute(
                     saga_sql.ENSURE_SETTLEMENT_ACCOUNT,

@@ -50,8 +50,10 @@ WHERE merchant_id = $1 AND transfer_id = $2 AND kind = $3
 ORDER BY id
 """
 
+# peer_shard becomes the shard that applied the credit (step 2 follows a credit
+# merchant that moved), so a later settle or expiry finds the hold there.
 FINISH_SAGA = f"""
-UPDATE sagas SET state = $5, result = $6, credit_outcome = $7, next_step = 3,
+UPDATE sagas SET state = $5, result = $6, credit_outcome = $7, peer_shard = $8, next_step = 3,
     version = version + 1, lease_owner = '', lease_until = NULL, updated_at = clock_timestamp()
 WHERE merchant_id = $1 AND transfer_id = $2 AND kind = $3 AND version = $4
 RETURNING {SAGA_COLUMNS}
@@ -105,14 +107,14 @@ ORDER BY created_at LIMIT $2
 """
 
 SELECT_CREDIT = """
-SELECT outcome, result FROM saga_credits
+SELECT outcome, result, credited_on FROM saga_credits
 WHERE merchant_id = $1 AND transfer_id = $2 AND kind = $3
 """
 
 INSERT_CREDIT = """
 INSERT INTO saga_credits (merchant_id, transfer_id, kind, credit_merchant_id, outcome, result,
-                          peer_shard)
-VALUES ($1, $2, $3, $4, $5, $6, $7)
+                          peer_shard, credited_on)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
 ON CONFLICT (merchant_id, transfer_id, kind) DO NOTHING
 """
 

@@ -12,9 +12,12 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
+import asyncpg
+
 from ledger import faults
 from ledger.domain.accounts import Account, AccountKey
 from ledger.domain.engine import (
+    AccountState,
     ItemOutcome,
     PendingView,
     TransferBatchState,
@@ -26,17 +29,20 @@ from ledger.domain.sagas import (
     SETTLEMENT_MERCHANT_ID,
     CreditAction,
     CreditOutcome,
+    CreditRecord,
     Saga,
     SagaKey,
     SagaKind,
     SagaState,
     SagaStep,
     credit_plan,
+    hold_moved_plan,
     local_view,
     reservation_settle_plan,
     settlement_account,
 )
 from ledger.domain.transfers import (
+    Entry,
     PendingState,
     TransferAction,
     TransferKey,
@@ -49,7 +55,7 @@ from ledger.storage import saga_statements as sql
 from ledger.storage import statements as ledger_sql
 from ledger.storage.errors import RetryTransaction
 from ledger.storage.saga_rows import saga_from_row
-from ledger.storage.shard import Fence, Shard, write_plan
+from ledger.storage.shard import Fence, Shard, owned_keys, write_plan
 
 if TYPE_CHECKING:
     from ledger.storage.shard import Connection
@@ -268,10 +274,12 @@ class SagaStore:
             due = await conn.fetch(sql.DUE_CROSS_SHARD_EXPIRIES, limit)
             if not due:
                 return 0
-            keys = {TransferKey(r["merchant_id"], r["transfer_id"]) for r in due}
             # The same shared locks as every write (as the local sweeper takes), so a
             # merchant move waits for this transaction.
-            await conn.fetch(ledger_sql.FENCE, sorted({k.merchant_id for k in keys}))
+            keys = owned_keys(
+                {TransferKey(r["merchant_id"], r["transfer_id"]) for r in due},
+                await conn.fetch(ledger_sql.FENCE, sorted({r["merchant_id"] for r in due})),
+            )
             records = await self.shard._select_transfers(conn, keys)
             origin_rows = await conn.fetch(
                 sql.SELECT_SAGAS_OF_TRANSFERS,
@@ -338,19 +346,19 @@ class SagaStore:
 
     async def credit(
         self, saga: Saga, *, home_shard: str, fence: Fence, abort: bool = False
-    ) -> tuple[CreditOutcome, TransferResult]:
+    ) -> CreditRecord:
         """Applies or refuses the credit side, or records an abort, exactly once."""
         key = saga.key
         settlement = settlement_account(
             home_shard, saga.currency, saga.pending_id or key.transfer_id
         )
 
-        async def run(conn: Connection) -> tuple[CreditOutcome, TransferResult]:
+        async def run(conn: Connection) -> CreditRecord:
             await self.shard._fence(conn, fence, {saga.credit.merchant_id, SETTLEMENT_MERCHANT_ID})
             await conn.execute(sql.LOCK_CREDIT, key.merchant_id, key.transfer_id, int(key.kind))
             row = await conn.fetchrow(sql.SELECT_CREDIT, key.merchant_id, key.transfer_id, key.kind)
             if row is not None:
-                return CreditOutcome(row["outcome"]), TransferResult(row["result"])
+                return self._credit_record(row)
             if abort:
                 outcome, result = CreditOutcome.ABORTED, TransferResult.ABORTED
             else:
@@ -391,28 +399,36 @@ class SagaStore:
                 outcome,
                 result,
                 home_shard,
+                self.shard.name,
             )
             if status == "INSERT 0 0":
                 # Another step 2 recorded first (the lock makes this rare); its outcome
                 # stands, and the retry rolls back what this one wrote and reads it.
                 raise RetryTransaction()
             faults.crash_point("saga.step2.before_commit")
-            return outcome, result
+            return CreditRecord(outcome, result, self.shard.name)
 
         answer = await self.shard._in_transaction(run)
         faults.crash_point("saga.step2.after_commit")
         return answer
 
-    async def credit_outcome(self, key: SagaKey) -> tuple[CreditOutcome, TransferResult] | None:
+    async def credit_outcome(self, key: SagaKey) -> CreditRecord | None:
         """What step 2 recorded on this (credit) shard, if anything. Reads only."""
 
-        async def run(conn: Connection) -> tuple[CreditOutcome, TransferResult] | None:
+        async def run(conn: Connection) -> CreditRecord | None:
             row = await conn.fetchrow(sql.SELECT_CREDIT, key.merchant_id, key.transfer_id, key.kind)
-            if row is None:
-                return None
-            return CreditOutcome(row["outcome"]), TransferResult(row["result"])
+            return self._credit_record(row) if row is not None else None
 
         return await self.shard._with_connection(run)
+
+    def _credit_record(self, row: asyncpg.Record) -> CreditRecord:
+        # '' predates migration 0005: such a row was written on the shard holding it,
+        # or copied here by a move with its saga already finished.
+        return CreditRecord(
+            CreditOutcome(row["outcome"]),
+            TransferResult(row["result"]),
+            row["credited_on"] or self.shard.name,
+        )
 
     # Step 3 (debit shard).
 
@@ -421,12 +437,14 @@ class SagaStore:
         key: SagaKey,
         *,
         version: int,
-        outcome: CreditOutcome,
-        result: TransferResult,
+        credit: CreditRecord,
         fence: Fence,
         allow_dead: bool = False,
     ) -> Saga:
-        """Posts the reservation (completed) or releases it (compensated)."""
+        """Posts the reservation (completed) or releases it (compensated); moves the
+        hold first to the settlement account for the shard that credited, if the
+        credit merchant had moved there since step 1."""
+        outcome, result = credit.outcome, credit.result
 
         async def run(conn: Connection) -> Saga:
             await self.shard._fence(conn, fence, {key.merchant_id, SETTLEMENT_MERCHANT_ID})
@@ -437,34 +455,21 @@ class SagaStore:
                 return saga
             if saga.version != version or (saga.state is SagaState.DEAD and not allow_dead):
                 raise SagaRaced(f"saga {key} moved on (version {saga.version})")
-            entries_written = False
+            debit_posted = False
+            peer_shard = saga.peer_shard
             if key.kind is SagaKind.TRANSFER:
                 post = outcome is CreditOutcome.APPLIED
-                if not (post and saga.credit_action is CreditAction.PENDING):
-                    record = (await self.shard._select_transfers(conn, {key.transfer}))[
-                        key.transfer
-                    ]
-                    view = local_view(record, saga.peer_shard)
-                    assert view.request.credit is not None
-                    accounts = await self.shard._lock_accounts(
-                        conn, {view.request.debit, view.request.credit}
-                    )
-                    now: datetime = await conn.fetchval(ledger_sql.NOW)
-                    plan = reservation_settle_plan(
-                        reservation=view, post=post, accounts=accounts, now=now
-                    )
-                    await write_plan(
-                        conn,
-                        records=[],
-                        entries=plan.entries,
-                        accounts=plan.accounts,
-                        resolutions=plan.resolutions,
-                        expiring=[],
-                    )
-                    entries_written = True
+                if post:
+                    peer_shard = credit.credited_on
+                await self._settle_reservation(conn, saga, post=post, peer_shard=peer_shard)
+                debit_posted = post and saga.credit_action is CreditAction.POST
                 final = TransferResult.OK if post else result
             else:
                 invariant(outcome is CreditOutcome.APPLIED, "settling a held credit never fails")
+                invariant(
+                    credit.credited_on == saga.peer_shard,
+                    "a held credit is settled on the shard that holds it",
+                )
                 final = TransferResult.OK
             state = SagaState.COMPLETED if final is TransferResult.OK else SagaState.COMPENSATED
             row = await conn.fetchrow(
@@ -476,14 +481,16 @@ class SagaStore:
                 state,
                 final,
                 outcome,
+                peer_shard,
             )
             invariant(row is not None, "the locked saga row is updated")
             assert row is not None
-            detail = final.name + (
-                " (debit posted)" if entries_written and final is TransferResult.OK else ""
-            )
+            detail = final.name + (" (debit posted)" if debit_posted else "")
+            credited = result.name
+            if peer_shard != saga.peer_shard:
+                credited += f" on {peer_shard} (the credit merchant moved there)"
             # Step 2 ran on the credit shard; its outcome joins this saga's history here.
-            await self._step(conn, key, 2, outcome.name.lower(), result.name)
+            await self._step(conn, key, 2, outcome.name.lower(), credited)
             await self._step(conn, key, 3, state.name.lower(), detail)
             faults.crash_point("saga.step3.before_commit")
             return saga_from_row(row, self.shard.name)
@@ -491,6 +498,59 @@ class SagaStore:
         finished = await self.shard._in_transaction(run)
         faults.crash_point("saga.step3.after_commit")
         return finished
+
+    async def _settle_reservation(
+        self, conn: Connection, saga: Saga, *, post: bool, peer_shard: str
+    ) -> None:
+        """Step 3's entries for a transfer saga."""
+        moves_hold = peer_shard != saga.peer_shard
+        keeps_hold = post and saga.credit_action is CreditAction.PENDING
+        if keeps_hold and not moves_hold:
+            return  # A cross-shard pending transfer: the hold stays until settled.
+        key = saga.key.transfer
+        record = (await self.shard._select_transfers(conn, {key}))[key]
+        held_by = local_view(record, saga.peer_shard).request.credit
+        view = local_view(record, peer_shard)
+        assert held_by is not None and view.request.credit is not None
+        if moves_hold:
+            await conn.execute(
+                sql.ENSURE_SETTLEMENT_ACCOUNT,
+                view.request.credit.merchant_id,
+                view.request.credit.account_id,
+                saga.currency,
+            )
+        accounts = dict(
+            await self.shard._lock_accounts(
+                conn, {view.request.debit, view.request.credit, held_by}
+            )
+        )
+        now: datetime = await conn.fetchval(ledger_sql.NOW)
+        entries: list[Entry] = []
+        changed: dict[AccountKey, AccountState] = {}
+        if moves_hold:
+            entries, changed = hold_moved_plan(
+                key=key,
+                held_by=accounts[held_by],
+                moved_to=accounts[view.request.credit],
+                amount_minor=record.amount_effective_minor,
+                now=now,
+            )
+            for account_key, state in changed.items():
+                accounts[account_key] = advanced(accounts[account_key], state)
+        resolutions = []
+        if not keeps_hold:
+            plan = reservation_settle_plan(reservation=view, post=post, accounts=accounts, now=now)
+            entries += plan.entries
+            changed.update(plan.accounts)
+            resolutions = plan.resolutions
+        await write_plan(
+            conn,
+            records=[],
+            entries=entries,
+            accounts=changed,
+            resolutions=resolutions,
+            expiring=[],
+        )
 
     async def retry_later(
         self, saga: Saga, *, error: str, attempts_max: int, delay_s: float

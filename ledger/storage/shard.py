@@ -400,10 +400,13 @@ class Shard:
             due = await conn.fetch(sql.DUE_EXPIRIES, limits.expiry_sweep_batch_max)
             if not due:
                 return 0
-            keys = {TransferKey(r["merchant_id"], r["transfer_id"]) for r in due}
+            keys = owned_keys(
+                {TransferKey(r["merchant_id"], r["transfer_id"]) for r in due},
+                await conn.fetch(sql.FENCE, sorted({r["merchant_id"] for r in due})),
+            )
+            if not keys:
+                return 0
             records = await self._select_transfers(conn, keys)
-            merchants = {k.merchant_id for k in keys}
-            await conn.fetch(sql.FENCE, sorted(merchants))
             account_keys: set[AccountKey] = set()
             for record in records.values():
                 assert record.request.credit is not None
@@ -1047,3 +1050,14 @@ def _postings_json(request: JournalRequest) -> tuple[dict[str, Any], ...]:
         }
         for p in request.postings
     )
+
+
+def owned_keys(keys: set[TransferKey], fenced: list[asyncpg.Record]) -> set[TransferKey]:
+    """The keys of merchants this shard owns and may write now, from the fence's rows.
+
+    An expiry sweep skips the rest: a merchant being moved is expired once the
+    move ends (wherever it then is), one moved away by its new shard, where its
+    timers went with it.
+    """
+    active = {r["merchant_id"] for r in fenced if r["state"] == "active"}
+    return {k for k in keys if k.merchant_id in active}
