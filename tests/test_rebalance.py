@@ -36,7 +36,7 @@ from ledger.sagas.runner import SagaRunner, SagaSettings
 from ledger.storage.errors import MerchantsNotOwned, StaleEpoch
 from ledger.storage.moves import MoveStore
 from ledger.storage.sagas import SagaStore
-from ledger.storage.shard import Fence
+from ledger.storage.shard import Fence, Shard
 from ledger.v1 import ledger_pb2 as pb
 from ledger.v1 import ledger_pb2_grpc
 from tests.support import (
@@ -723,23 +723,24 @@ async def test_raising_a_weight_moves_merchants_only_towards_that_shard(ledger4:
     await assert_reconciled(ledger4, heavier, "reconcile.toml")
 
 
-def staying_merchant(old: ShardConfig, new: ShardConfig) -> str:
-    """A fresh merchant id whose owner is the same under old and new."""
+def staying_merchant(old: ShardConfig, new: ShardConfig, *, on: bool, shard: str) -> str:
+    """A fresh merchant id whose owner is the same under old and new, and is (on=True)
+    or is not (on=False) the given shard."""
     old_ring, new_ring = ShardRing(old), ShardRing(new)
     return next(
         m
         for m in (uid("st") for _ in range(1000))
-        if old_ring.shard_for(m) == new_ring.shard_for(m)
+        if old_ring.shard_for(m) == new_ring.shard_for(m) and (old_ring.shard_for(m) == shard) == on
     )
 
 
-async def test_merchant_with_funds_pending_with_another_merchant_is_deferred_until_released(
+async def test_merchant_with_funds_pending_with_another_shard_is_deferred_until_released(
     ledger4: Ledger4,
 ) -> None:
     service = ledger4.service
     old, new = service.cluster.config, ledger4.config(2, ALL_SHARDS)
     held, *others = merchants_moving(old, new, 4)
-    partner = staying_merchant(old, new)
+    partner = staying_merchant(old, new, on=False, shard=ShardRing(old).shard_for(held))
     await create_merchants(service, [held, *others, partner])
     pending_id = uid("p")
     pending = transfer(
@@ -851,6 +852,106 @@ async def test_pending_transfers_between_a_merchants_own_accounts_move_with_it(
     balances = await all_balances(service, [held])
     assert balances[(held, "sales")] == (0, 250, 0, 7)
     await assert_reconciled(ledger4, new, "reconcile.toml")
+
+
+async def test_local_holds_with_a_merchant_that_stays_become_cross_shard_when_it_moves(
+    ledger4: Ledger4,
+) -> None:
+    """Both directions, settled afterwards by either side, by post, void or timeout."""
+    service = ledger4.service
+    old, new = service.cluster.config, ledger4.config(2, ALL_SHARDS)
+    (held,) = merchants_moving(old, new, 1)
+    source = ShardRing(old).shard_for(held)
+    partner = staying_merchant(old, new, on=True, shard=source)
+    await create_merchants(service, [held, partner])
+    out_post, out_expire, in_void, in_expire = (uid(p) for p in ("op", "oe", "iv", "ie"))
+    pending = pb.TRANSFER_ACTION_PENDING
+    timeout_ms = OWN_HOLD_TIMEOUT_MS
+    holds = [
+        transfer(out_post, ref(held, "cash"), ref(partner, "sales"), 300, action=pending),
+        transfer(
+            out_expire,
+            ref(held, "cash"),
+            ref(partner, "sales"),
+            20,
+            action=pending,
+            timeout_ms=timeout_ms,
+        ),
+        transfer(in_void, ref(partner, "cash"), ref(held, "sales"), 50, action=pending),
+        transfer(
+            in_expire,
+            ref(partner, "cash"),
+            ref(held, "sales"),
+            70,
+            action=pending,
+            timeout_ms=timeout_ms,
+        ),
+    ]
+    assert result_names(await transfers(service.stub, *holds)) == ["TRANSFER_RESULT_OK"] * 4
+    void = pb.Transfer(
+        id=uid("vo"),
+        debit_account=ref(partner, "cash"),
+        action=pb.TRANSFER_ACTION_VOID_PENDING,
+        pending_id=in_void,
+    )
+    before = await all_balances(service, [held, partner])
+
+    # Settling a hold writes its credit party, which the request does not name:
+    # while that party is fenced by a move, the settle waits (retryable), unwritten.
+    fencing = Shard(name=source, dsn=ledger4.specs[source].dsn)
+    await fencing.open()
+    try:
+        assert await MoveStore(fencing).fence(held, epoch=old.epoch) is None
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await transfers(service.stub, void)
+        assert refused.value.code() in RETRYABLE_CODES, refused.value
+        assert await all_balances(service, [partner]) == {
+            k: v for k, v in before.items() if k[0] == partner
+        }
+        await MoveStore(fencing).unfence(held, epoch=old.epoch)
+    finally:
+        await fencing.close()
+
+    await ledger4.switch_to(new)
+    async with opened(new) as rebalancer:
+        summary = await rebalancer.rebalance()
+        print(f"\n{summary.render()}")
+        assert [(r.move.merchant_id, r.outcome) for r in summary.results] == [(held, "moved")]
+    assert await all_balances(service, [held, partner]) == before
+
+    post = pb.Transfer(
+        id=uid("po"),
+        debit_account=ref(held, "cash"),
+        action=pb.TRANSFER_ACTION_POST_PENDING,
+        pending_id=out_post,
+        amount_minor=200,
+    )
+    for call in (post, void):
+        assert set(result_names(await transfers(service.stub, call))) <= {
+            "TRANSFER_RESULT_OK",
+            "TRANSFER_RESULT_IN_PROGRESS",
+        }
+    expected = {
+        (held, "cash"): (200, 0, 0, 0),
+        (held, "sales"): (0, 0, 0, 0),
+        (partner, "cash"): (0, 0, 0, 0),
+        (partner, "sales"): (0, 200, 0, 0),
+    }
+
+    async def settled_everywhere() -> bool:
+        return await all_balances(service, [held, partner]) == expected
+
+    await wait_until(settled_everywhere, what="every carried hold to be posted, voided or expired")
+    path = ledger4.copy_of(new, "reconcile.toml")
+    cluster = Cluster(load_config(path), config_path=path)
+    try:
+        await cluster.open(migrate=False)
+        report = await reconcile(cluster)
+    finally:
+        await cluster.close()
+    assert report.ok, report.render()
+    mirrors = [f for f in report.findings if f.check.startswith("settlement ")]
+    assert mirrors and not [f for f in mirrors if "skipped" in f.detail], report.render()
 
 
 async def test_sagas_in_flight_to_a_merchant_that_moves_continue_on_its_new_shard(

@@ -357,7 +357,8 @@ async def _open_books(
     stayers: Mapping[str, str],
 ) -> None:
     """Accounts and history for every merchant: local posts, a two-phase transfer posted
-    in part, and cross-shard transfers (sagas) in, out and between movers."""
+    in part, cross-shard transfers (sagas) in, out and between movers, and holds the
+    move must carry: each mover's own, and one each way with the stayer beside it."""
     merchants = [*movers.values(), *stayers.values()]
     await create_accounts(stub, *(account(m, a, CURRENCY) for m in merchants for a in ACCOUNT_IDS))
     holds = {m: uid("hold") for m in merchants}
@@ -394,6 +395,17 @@ async def _open_books(
     ]
     for item in cross:
         assert await _final_results(stub, [item]) == ["TRANSFER_RESULT_OK"], item.id
+    pending = pb.TRANSFER_ACTION_PENDING
+    open_holds = [
+        item
+        for shard, m in movers.items()
+        for item in (
+            transfer(uid("own"), ref(m, "cash"), ref(m, "sales"), 40, action=pending),
+            transfer(uid("out"), ref(m, "cash"), ref(stayers[shard], "sales"), 30, action=pending),
+            transfer(uid("in"), ref(stayers[shard], "cash"), ref(m, "sales"), 20, action=pending),
+        )
+    ]
+    assert set(await _final_results(stub, open_holds)) == {"TRANSFER_RESULT_OK"}
 
 
 async def _accounts(

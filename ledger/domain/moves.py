@@ -6,21 +6,61 @@ opposite of that position and D with the position itself. One entry on each
 side's settlement account for the other carries the difference, exactly as a
 cross-shard transfer would: S's settlement account for D takes the merchant's
 net position, D's settlement account for S its opposite, and the two mirror.
-A merchant moves only with pending transfers between its own accounts, whose
-holds cancel out, so its net pending position is zero.
+Pending transfers between the merchant's own accounts move with it (their
+holds cancel out). A local pending transfer between it and another merchant
+that stays becomes a cross-shard one, as if a saga had made it: on the side
+that keeps the debit party, the settlement account for the other shard holds
+the credit side pending; on the other side, the settlement account for the
+first holds the debit side. The two mirror, each shard stays balanced, and a
+later post, void or timeout settles it by a saga like any cross-shard hold.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import datetime
 
-from ledger.domain.accounts import Account, Balances
+from ledger.domain.accounts import Account, AccountKey, Balances
 from ledger.domain.chain import chained_entry
 from ledger.domain.engine import AccountState
 from ledger.domain.transfers import Direction, Entry, EntryKind, TransferKey
 
 MOVE_MERCHANT_ID = "$move"
+
+
+@dataclass(frozen=True, slots=True)
+class LocalHold:
+    """An open local pending transfer between a moving merchant and one that stays."""
+
+    key: TransferKey
+    debit: AccountKey
+    credit: AccountKey
+    currency: str
+    amount_minor: int
+
+
+def carried_hold_booking(
+    settlement: Account, *, amount_minor: int, debit: bool, key: TransferKey, now: datetime
+) -> tuple[Entry, AccountState]:
+    """The pending entry on a settlement account that takes over one side of a hold
+    whose other side leaves (debit: it holds the debit side, else the credit side)."""
+    b = settlement.balances
+    if debit:
+        after = replace(b, debits_pending=b.debits_pending + amount_minor)
+    else:
+        after = replace(b, credits_pending=b.credits_pending + amount_minor)
+    entry = chained_entry(
+        settlement.head_hash,
+        account=settlement.key,
+        sequence=settlement.entry_count + 1,
+        transfer=key,
+        direction=Direction.DEBIT if debit else Direction.CREDIT,
+        kind=EntryKind.PENDING,
+        amount_minor=amount_minor,
+        balances_after=after,
+        created_at=now,
+    )
+    return entry, AccountState(after, entry.sequence, entry.hash)
 
 
 def move_key(merchant_id: str, epoch: int) -> TransferKey:

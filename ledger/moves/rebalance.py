@@ -13,10 +13,11 @@ The protocol, per rebalance:
    verify counts, digests and every account's balance against its entries;
    activate it on the destination, then mark it `moved` on the source (in that
    order, so it can only roll forward). Pending transfers between the
-   merchant's own accounts move with it; sagas crediting it follow it to its
-   new shard. A merchant with money pending with another merchant or shard,
-   or with sagas of its own in flight past a short drain, is deferred and
-   retried; a failed verification unfences it.
+   merchant's own accounts move with it; local ones with merchants that stay
+   become cross-shard pending transfers (see ledger/domain/moves.py); sagas
+   crediting it follow it to its new shard. A merchant with money pending
+   with another shard, or with sagas of its own in flight past a short
+   drain, is deferred and retried; a failed verification unfences it.
 
 Every step is idempotent and decided by the merchant's states on the two
 shards, so rerunning the command after a crash at any point finishes the job,
@@ -311,7 +312,8 @@ class Rebalancer:
                 return MoveResult(move, f"failed: {problem}", rows_copied)
             faults.crash_point("move.after_verify")
             with tracer.start_as_current_span("move activate"):
-                await destination.activate(m, source=move.source, epoch=epoch)
+                holds = await source.local_holds(m)
+                await destination.activate(m, source=move.source, epoch=epoch, holds=holds)
             faults.crash_point("move.after_activate")
         pause_ms = (time.monotonic() - fenced_at) * 1000
         with tracer.start_as_current_span("move hand over"):

@@ -59,28 +59,46 @@ MERCHANT_COUNTS = "SELECT state, count(*) AS merchants FROM merchants GROUP BY s
 # it), within lock_timeout.
 LOCK_MERCHANT_EXCLUSIVE = "SELECT pg_advisory_xact_lock(7302, hashtext($1))"
 
-# Open pending transfers between two of the merchant's own accounts: they move
-# with it (the hold, its record and its timeout), and are settled on its new
-# shard like any other. $2 is TransferAction.PENDING, $3 TransferResult.OK.
-OWN_OPEN_PENDINGS = """
-SELECT t.amount_effective_minor FROM transfers t
-WHERE t.merchant_id = $1 AND t.credit_merchant_id = $1 AND t.kind = 1
+# Open local pending transfers (not made by a saga) recorded under the merchant
+# or crediting it: between its own accounts they move with it (hold, record,
+# timer); with another merchant here they become cross-shard pending
+# transfers when it moves (see MoveStore.local_holds). $2 is
+# TransferAction.PENDING, $3 TransferResult.OK.
+LOCAL_OPEN_PENDINGS = """
+SELECT t.merchant_id, t.transfer_id, t.debit_merchant_id, t.debit_account_id,
+       t.credit_merchant_id, t.credit_account_id, t.currency, t.amount_effective_minor
+FROM transfers t
+WHERE (t.merchant_id = $1 OR t.credit_merchant_id = $1) AND t.kind = 1
   AND t.action = $2 AND t.result = $3
   AND NOT EXISTS (SELECT 1 FROM pending_resolutions r
                   WHERE r.merchant_id = t.merchant_id AND r.pending_id = t.transfer_id)
+  AND NOT EXISTS (SELECT 1 FROM sagas s
+                  WHERE s.merchant_id = t.merchant_id AND s.transfer_id = t.transfer_id
+                    AND s.kind = 1)
 """
 
-# What keeps a merchant from moving now: money pending with another merchant
-# or shard (the merchant's pending amounts are more than its own open pending
-# transfers hold: each holds its amount on a debit and on a credit), or a
-# saga of its own not finished.
+# What keeps a merchant from moving now: money pending with another shard (its
+# pending amounts are more than its local open pending transfers hold: each
+# holds its amount on a debit and on a credit, both the merchant's or one of
+# them), or a saga of its own not finished.
 MERCHANT_BLOCKERS = f"""
 SELECT
   (SELECT coalesce(sum(debits_pending::numeric + credits_pending), 0)
      FROM accounts WHERE merchant_id = $1) AS pending_minor,
-  (SELECT coalesce(2 * sum(amount_effective_minor::numeric), 0)
-     FROM ({OWN_OPEN_PENDINGS}) own) AS own_pending_minor,
+  (SELECT coalesce(sum(amount_effective_minor::numeric
+                       * ((debit_merchant_id = $1)::int + (credit_merchant_id = $1)::int)), 0)
+     FROM ({LOCAL_OPEN_PENDINGS}) local_open) AS local_pending_minor,
   (SELECT count(*) FROM sagas WHERE merchant_id = $1 AND state IN (1, 4)) AS open_sagas
+"""
+
+# A cross-shard pending transfer that a move made of a local one, as if its
+# saga had run: completed, its credit applied, settled later by a settle saga.
+INSERT_CARRIED_SAGA = """
+INSERT INTO sagas (merchant_id, transfer_id, kind, state, next_step, peer_shard,
+    debit_account_id, credit_merchant_id, credit_account_id, currency, credit_action,
+    amount_minor, result, credit_outcome, next_attempt_at, trace_context, created_at,
+    updated_at)
+VALUES ($1, $2, 1, 2, 3, $3, $4, $5, $6, $7, 2, $8, 1, 1, $9, $10, $9, $9)
 """
 
 SET_STATE = """
@@ -116,7 +134,8 @@ SELECT
   (SELECT count(*) FROM transfers WHERE merchant_id = $1) AS transfers,
   (SELECT count(*) FROM entries WHERE merchant_id = $1) AS entries,
   (SELECT count(*) FROM pending_resolutions WHERE merchant_id = $1) AS resolutions,
-  (SELECT count(*) FROM ({OWN_OPEN_PENDINGS}) own) AS open_pendings,
+  (SELECT count(*) FROM ({LOCAL_OPEN_PENDINGS}) local_open
+     WHERE merchant_id = $1) AS open_pendings,
   (SELECT count(*) FROM pending_expiries WHERE merchant_id = $1) AS expiries,
   (SELECT count(*) FROM saga_credits WHERE credit_merchant_id = $1) AS credits,
   (SELECT md5(coalesce(string_agg(

@@ -10,10 +10,15 @@ from typing import TYPE_CHECKING
 import asyncpg
 
 from ledger.domain.accounts import AccountKey
-from ledger.domain.engine import AccountState
-from ledger.domain.moves import move_key, settlement_booking
-from ledger.domain.sagas import SETTLEMENT_MERCHANT_ID, settlement_account
-from ledger.domain.transfers import Entry, TransferAction, TransferResult
+from ledger.domain.engine import AccountState, advanced
+from ledger.domain.moves import LocalHold, carried_hold_booking, move_key, settlement_booking
+from ledger.domain.sagas import (
+    SETTLEMENT_MERCHANT_ID,
+    CreditOutcome,
+    SagaKind,
+    settlement_account,
+)
+from ledger.domain.transfers import Entry, TransferAction, TransferKey, TransferResult
 from ledger.invariant import invariant
 from ledger.storage import move_statements as sql
 from ledger.storage import saga_statements as saga_sql
@@ -59,6 +64,23 @@ class MerchantDigest:
     credits: int
     entries_md5: str
     accounts_md5: str
+
+
+async def _local_holds(conn: Connection, merchant_id: str) -> list[LocalHold]:
+    rows = await conn.fetch(
+        sql.LOCAL_OPEN_PENDINGS, merchant_id, TransferAction.PENDING, TransferResult.OK
+    )
+    return [
+        LocalHold(
+            key=TransferKey(r["merchant_id"], r["transfer_id"]),
+            debit=AccountKey(r["debit_merchant_id"], r["debit_account_id"]),
+            credit=AccountKey(r["credit_merchant_id"], r["credit_account_id"]),
+            currency=r["currency"],
+            amount_minor=r["amount_effective_minor"],
+        )
+        for r in rows
+        if (r["debit_merchant_id"] == merchant_id) != (r["credit_merchant_id"] == merchant_id)
+    ]
 
 
 class MoveStore:
@@ -235,11 +257,19 @@ class MoveStore:
                 sql.MERCHANT_BLOCKERS, merchant_id, TransferAction.PENDING, TransferResult.OK
             )
             assert row is not None
-            if row["pending_minor"] != row["own_pending_minor"]:
-                return "money pending with another merchant or shard"
+            if row["pending_minor"] != row["local_pending_minor"]:
+                return "money pending with another shard"
             if row["open_sagas"]:
                 return f"{row['open_sagas']} saga(s) of its own not finished"
             return None
+
+        return await self.shard._with_connection(run)
+
+    async def local_holds(self, merchant_id: str) -> list[LocalHold]:
+        """Open local pending transfers between the merchant and another one here."""
+
+        async def run(conn: Connection) -> list[LocalHold]:
+            return await _local_holds(conn, merchant_id)
 
         return await self.shard._with_connection(run)
 
@@ -272,8 +302,14 @@ class MoveStore:
 
     # Switching, in this order: activate on the destination, then moved on the source.
 
-    async def activate(self, merchant_id: str, *, source: str, epoch: int) -> bool:
-        """incoming -> active, with the settlement booking; False if already done."""
+    async def activate(
+        self, merchant_id: str, *, source: str, epoch: int, holds: list[LocalHold]
+    ) -> bool:
+        """incoming -> active, with the settlement booking; False if already done.
+
+        holds: the merchant's local holds with others on the source (read there
+        under the fence), which become cross-shard pending transfers.
+        """
         return await self._switch(
             merchant_id,
             to_state="active",
@@ -282,6 +318,7 @@ class MoveStore:
             peer=source,
             leaving=False,
             epoch=epoch,
+            holds=holds,
         )
 
     async def mark_moved(self, merchant_id: str, *, destination: str, epoch: int) -> bool:
@@ -294,6 +331,7 @@ class MoveStore:
             peer=destination,
             leaving=True,
             epoch=epoch,
+            holds=None,
         )
 
     async def _switch(
@@ -306,6 +344,7 @@ class MoveStore:
         peer: str,
         leaving: bool,
         epoch: int,
+        holds: list[LocalHold] | None,
     ) -> bool:
         async def run(conn: Connection) -> bool:
             await conn.execute(sql.LOCK_MERCHANT_EXCLUSIVE, merchant_id)
@@ -314,40 +353,124 @@ class MoveStore:
             )
             if switched is None:
                 return False
+            carried = holds if holds is not None else await _local_holds(conn, merchant_id)
             positions = await conn.fetch(sql.NET_POSITIONS, merchant_id)
             now: datetime = await conn.fetchval(ledger_sql.NOW)
-            entries: list[Entry] = []
-            accounts: dict[AccountKey, AccountState] = {}
-            key = move_key(merchant_id, epoch)
+            held_minor: dict[str, int] = {}
+            for hold in carried:
+                sign = 1 if hold.credit.merchant_id == merchant_id else -1
+                held_minor[hold.currency] = (
+                    held_minor.get(hold.currency, 0) + sign * hold.amount_minor
+                )
+            settlements: dict[AccountKey, str] = {}
             for position in positions:
                 invariant(
-                    position["net_pending"] == 0,
-                    "a merchant moves only with pending transfers between its own accounts",
+                    position["net_pending"] == held_minor.get(position["currency"], 0),
+                    "a merchant moves only with pending transfers it can carry",
                 )
-                settlement = settlement_account(peer, position["currency"], merchant_id)
+                currency = position["currency"]
+                settlements[settlement_account(peer, currency, merchant_id)] = currency
+            for hold in carried:
+                settlements[settlement_account(peer, hold.currency, hold.key.transfer_id)] = (
+                    hold.currency
+                )
+            for settlement, currency in settlements.items():
                 await conn.execute(
                     saga_sql.ENSURE_SETTLEMENT_ACCOUNT,
                     SETTLEMENT_MERCHANT_ID,
                     settlement.account_id,
-                    position["currency"],
+                    currency,
                 )
-                locked = await self.shard._lock_accounts(conn, {settlement})
-                booking = settlement_booking(
-                    locked[settlement],
-                    net_posted=int(position["net_posted"]),
-                    leaving=leaving,
-                    key=key,
-                    now=now,
+            accounts = dict(await self.shard._lock_accounts(conn, set(settlements)))
+            entries: list[Entry] = []
+            changed: dict[AccountKey, AccountState] = {}
+
+            def book(key: AccountKey, booked: tuple[Entry, AccountState] | None) -> None:
+                if booked is not None:
+                    entries.append(booked[0])
+                    changed[key] = booked[1]
+                    accounts[key] = advanced(accounts[key], booked[1])
+
+            move = move_key(merchant_id, epoch)
+            for position in positions:
+                key = settlement_account(peer, position["currency"], merchant_id)
+                net_posted = int(position["net_posted"])
+                book(
+                    key,
+                    settlement_booking(
+                        accounts[key], net_posted=net_posted, leaving=leaving, key=move, now=now
+                    ),
                 )
-                if booking is not None:
-                    entries.append(booking[0])
-                    accounts[settlement] = booking[1]
+            for hold in carried:
+                await self._carry_hold(conn, hold, merchant_id, peer=peer, leaving=leaving, now=now)
+                key = settlement_account(peer, hold.currency, hold.key.transfer_id)
+                # This shard keeps (or takes) the debit party, or the credit party.
+                debit_party_here = (hold.debit.merchant_id == merchant_id) != leaving
+                book(
+                    key,
+                    carried_hold_booking(
+                        accounts[key],
+                        amount_minor=hold.amount_minor,
+                        debit=not debit_party_here,
+                        key=hold.key,
+                        now=now,
+                    ),
+                )
             await write_plan(
-                conn, records=[], entries=entries, accounts=accounts, resolutions=[], expiring=[]
+                conn, records=[], entries=entries, accounts=changed, resolutions=[], expiring=[]
             )
             return True
 
         return await self.shard._in_transaction(run)
+
+    async def _carry_hold(
+        self,
+        conn: Connection,
+        hold: LocalHold,
+        merchant_id: str,
+        *,
+        peer: str,
+        leaving: bool,
+        now: datetime,
+    ) -> None:
+        """The saga rows of a hold that becomes cross-shard, as its saga would have
+        left them: the saga on the debit party's shard, the credit outcome on the
+        credit party's."""
+        if (hold.debit.merchant_id == merchant_id) != leaving:
+            await conn.execute(
+                sql.INSERT_CARRIED_SAGA,
+                hold.key.merchant_id,
+                hold.key.transfer_id,
+                peer,
+                hold.debit.account_id,
+                hold.credit.merchant_id,
+                hold.credit.account_id,
+                hold.currency,
+                hold.amount_minor,
+                now,
+                "",
+            )
+            await conn.execute(
+                saga_sql.INSERT_STEP,
+                hold.key.merchant_id,
+                hold.key.transfer_id,
+                int(SagaKind.TRANSFER),
+                1,
+                "carried",
+                f"a local pending transfer, carried to {peer} by a merchant move",
+            )
+        else:
+            await conn.execute(
+                saga_sql.INSERT_CREDIT,
+                hold.key.merchant_id,
+                hold.key.transfer_id,
+                int(SagaKind.TRANSFER),
+                hold.credit.merchant_id,
+                int(CreditOutcome.APPLIED),
+                int(TransferResult.OK),
+                peer,
+                self.shard.name,
+            )
 
     # Cleaning up (source, on command).
 

@@ -55,7 +55,7 @@ from ledger.storage import saga_statements as sql
 from ledger.storage import statements as ledger_sql
 from ledger.storage.errors import RetryTransaction
 from ledger.storage.saga_rows import saga_from_row
-from ledger.storage.shard import Fence, Shard, owned_keys, write_plan
+from ledger.storage.shard import Fence, Shard, active_merchants, write_plan
 
 if TYPE_CHECKING:
     from ledger.storage.shard import Connection
@@ -276,10 +276,14 @@ class SagaStore:
                 return 0
             # The same shared locks as every write (as the local sweeper takes), so a
             # merchant move waits for this transaction.
-            keys = owned_keys(
-                {TransferKey(r["merchant_id"], r["transfer_id"]) for r in due},
-                await conn.fetch(ledger_sql.FENCE, sorted({r["merchant_id"] for r in due})),
+            active = active_merchants(
+                await conn.fetch(ledger_sql.FENCE, sorted({r["merchant_id"] for r in due}))
             )
+            keys = {
+                TransferKey(r["merchant_id"], r["transfer_id"])
+                for r in due
+                if r["merchant_id"] in active
+            }
             records = await self.shard._select_transfers(conn, keys)
             origin_rows = await conn.fetch(
                 sql.SELECT_SAGAS_OF_TRANSFERS,

@@ -310,6 +310,18 @@ class Shard:
                 if r.reversal_of and r.credit is not None
             }
             referenced = await self._select_transfers(conn, pending_keys | reversal_keys)
+            # A pending transfer carried by a saga is settled by a saga, never here.
+            for key in await self._saga_backed(conn, pending_keys & referenced.keys()):
+                del referenced[key]
+            # Settling a pending transfer writes its credit party too, which the
+            # request does not name: fenced like the rest (it may be moving).
+            parties = {
+                target.request.credit.merchant_id
+                for target in (referenced.get(k) for k in pending_keys)
+                if target is not None and target.request.credit is not None
+            }
+            if parties - merchants:
+                await self._fence(conn, fence, parties - merchants)
             account_keys: set[AccountKey] = set()
             for r in requests:
                 account_keys.add(r.debit)
@@ -324,9 +336,6 @@ class Shard:
             existing, journals, now = await self._select_records_and_now(
                 conn, {r.key for r in requests}
             )
-            # A pending transfer carried by a saga is settled by a saga, never here.
-            for key in await self._saga_backed(conn, pending_keys & referenced.keys()):
-                del referenced[key]
             states = await self._pending_states(conn, pending_keys & referenced.keys())
             reversed_minor = await self._reversed(conn, reversal_keys & referenced.keys())
             state = TransferBatchState(
@@ -400,13 +409,26 @@ class Shard:
             due = await conn.fetch(sql.DUE_EXPIRIES, limits.expiry_sweep_batch_max)
             if not due:
                 return 0
-            keys = owned_keys(
-                {TransferKey(r["merchant_id"], r["transfer_id"]) for r in due},
-                await conn.fetch(sql.FENCE, sorted({r["merchant_id"] for r in due})),
+            records = await self._select_transfers(
+                conn, {TransferKey(r["merchant_id"], r["transfer_id"]) for r in due}
             )
+            parties = {
+                a.merchant_id
+                for record in records.values()
+                for a in (record.request.debit, record.request.credit)
+                if a is not None
+            }
+            # A hold is expired here only if both its parties are this shard's now.
+            active = active_merchants(await conn.fetch(sql.FENCE, sorted(parties)))
+            records = {
+                k: r
+                for k, r in records.items()
+                if r.request.debit.merchant_id in active
+                and (r.request.credit is None or r.request.credit.merchant_id in active)
+            }
+            keys = set(records)
             if not keys:
                 return 0
-            records = await self._select_transfers(conn, keys)
             account_keys: set[AccountKey] = set()
             for record in records.values():
                 assert record.request.credit is not None
@@ -1052,12 +1074,11 @@ def _postings_json(request: JournalRequest) -> tuple[dict[str, Any], ...]:
     )
 
 
-def owned_keys(keys: set[TransferKey], fenced: list[asyncpg.Record]) -> set[TransferKey]:
-    """The keys of merchants this shard owns and may write now, from the fence's rows.
+def active_merchants(fenced: list[asyncpg.Record]) -> set[str]:
+    """The merchants this shard owns and may write now, from the fence's rows.
 
     An expiry sweep skips the rest: a merchant being moved is expired once the
     move ends (wherever it then is), one moved away by its new shard, where its
     timers went with it.
     """
-    active = {r["merchant_id"] for r in fenced if r["state"] == "active"}
-    return {k for k in keys if k.merchant_id in active}
+    return {r["merchant_id"] for r in fenced if r["state"] == "active"}

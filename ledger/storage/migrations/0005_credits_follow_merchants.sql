@@ -6,3 +6,8 @@
 -- shard (a merchant moved then only with no credit to it in flight).
 ALTER TABLE saga_credits ADD COLUMN credited_on text NOT NULL DEFAULT '';
 
+
+-- Open pending transfers that credit a merchant from another merchant's
+-- transfer: a merchant move carries them across shards (see MoveStore).
+CREATE INDEX transfers_pending_by_credit ON transfers (credit_merchant_id)
+    WHERE action = 2 AND result = 1;
