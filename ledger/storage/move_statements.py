@@ -75,6 +75,9 @@ WHERE (t.merchant_id = $1 OR t.credit_merchant_id = $1) AND t.kind = 1
   AND NOT EXISTS (SELECT 1 FROM sagas s
                   WHERE s.merchant_id = t.merchant_id AND s.transfer_id = t.transfer_id
                     AND s.kind = 1)
+  -- Not the old copy of a merchant that moved away (its holds went with it).
+  AND EXISTS (SELECT 1 FROM merchants m
+              WHERE m.merchant_id = t.merchant_id AND m.state IN ('active', 'moving'))
 """
 
 # What keeps a merchant from moving now: money pending with another shard (its
