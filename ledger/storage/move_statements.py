@@ -77,7 +77,7 @@ WHERE (t.merchant_id = $1 OR t.credit_merchant_id = $1) AND t.kind = 1
                     AND s.kind = 1)
   -- Not the old copy of a merchant that moved away (its holds went with it).
   AND EXISTS (SELECT 1 FROM merchants m
-              WHERE m.merchant_id = t.merchant_id AND m.state IN ('active', 'moving'))
+              WHERE m.merchant_id = t.merchant_id AND m.state <> 'moved')
 """
 
 # What keeps a merchant from moving now: money pending with another shard (its
@@ -131,14 +131,17 @@ WHERE a.merchant_id = $1
 LIMIT 10
 """
 
-MERCHANT_DIGEST = f"""
+MERCHANT_DIGEST = """
 SELECT
   (SELECT count(*) FROM accounts WHERE merchant_id = $1) AS accounts,
   (SELECT count(*) FROM transfers WHERE merchant_id = $1) AS transfers,
   (SELECT count(*) FROM entries WHERE merchant_id = $1) AS entries,
   (SELECT count(*) FROM pending_resolutions WHERE merchant_id = $1) AS resolutions,
-  (SELECT count(*) FROM ({LOCAL_OPEN_PENDINGS}) local_open
-     WHERE merchant_id = $1) AS open_pendings,
+  (SELECT count(*) FROM transfers t
+     WHERE t.merchant_id = $1 AND t.kind = 1 AND t.action = $2 AND t.result = $3
+       AND NOT EXISTS (SELECT 1 FROM pending_resolutions r
+                       WHERE r.merchant_id = t.merchant_id AND r.pending_id = t.transfer_id)
+  ) AS open_pendings,
   (SELECT count(*) FROM pending_expiries WHERE merchant_id = $1) AS expiries,
   (SELECT count(*) FROM saga_credits WHERE credit_merchant_id = $1) AS credits,
   (SELECT md5(coalesce(string_agg(

@@ -57,8 +57,8 @@ class MerchantDigest:
     transfers: int
     entries: int
     resolutions: int
-    # Open pending transfers between the merchant's own accounts, their timers,
-    # and the outcomes of saga credits to it (they move with it).
+    # Open pending transfers recorded under the merchant, their timers, and the
+    # outcomes of saga credits to it (they move with it).
     open_pendings: int
     expiries: int
     credits: int
@@ -348,12 +348,13 @@ class MoveStore:
     ) -> bool:
         async def run(conn: Connection) -> bool:
             await conn.execute(sql.LOCK_MERCHANT_EXCLUSIVE, merchant_id)
+            # Read before the switch: a merchant marked moved no longer holds anything here.
+            carried = holds if holds is not None else await _local_holds(conn, merchant_id)
             switched = await conn.fetchrow(
                 sql.SET_STATE, merchant_id, to_state, moved_to, epoch, from_states
             )
             if switched is None:
                 return False
-            carried = holds if holds is not None else await _local_holds(conn, merchant_id)
             positions = await conn.fetch(sql.NET_POSITIONS, merchant_id)
             now: datetime = await conn.fetchval(ledger_sql.NOW)
             held_minor: dict[str, int] = {}
