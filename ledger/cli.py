@@ -408,7 +408,7 @@ def shards_rebalance(config: _NewConfig, old: _OldConfig = None) -> None:
 
     summary = asyncio.run(_with_rebalancer(config, old, lambda r: r.rebalance(progress=progress)))
     typer.echo(summary.render())
-    if summary.pending:
+    if not summary.finished:
         raise typer.Exit(1)
 
 

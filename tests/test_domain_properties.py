@@ -21,6 +21,7 @@ from ledger.domain.engine import (
     apply_transfers,
     expire_pending,
 )
+from ledger.domain.sagas import relay_plan
 from ledger.domain.transfers import (
     Direction,
     Entry,
@@ -354,3 +355,82 @@ def test_a_duplicate_id_within_one_batch_replays_the_first_and_moves_money_once(
     ]
     assert store.accounts[b].balances.credits_posted == 10
     store.check_invariants()
+
+
+def _settlement(account_id: str, balances: Balances) -> Account:
+    spec = AccountSpec(AccountKey("$settlement", account_id), "USD")
+    return Account(spec, False, balances, 0, T0, GENESIS_HASH)
+
+
+def _replayed(entries: list[Entry]) -> dict[AccountKey, Balances]:
+    """Each account's balances after its entries, from what the entries say."""
+    found: dict[AccountKey, Balances] = {}
+    for e in entries:
+        b = found.get(e.account, Balances())
+        sign = -1 if e.kind is EntryKind.PENDING_RELEASED else 1
+        if e.kind is EntryKind.POSTED and e.direction is Direction.DEBIT:
+            b = replace(b, debits_posted=b.debits_posted + e.amount_minor)
+        elif e.kind is EntryKind.POSTED:
+            b = replace(b, credits_posted=b.credits_posted + e.amount_minor)
+        elif e.direction is Direction.DEBIT:
+            b = replace(b, debits_pending=b.debits_pending + sign * e.amount_minor)
+        else:
+            b = replace(b, credits_pending=b.credits_pending + sign * e.amount_minor)
+        found[e.account] = b
+    return found
+
+
+@given(
+    pending_minor=st.integers(min_value=1, max_value=10**12),
+    posted_share=st.fractions(min_value=0, max_value=1),
+    same_account=st.booleans(),
+)
+def test_a_relay_hop_settles_both_sides_even_through_one_account(
+    pending_minor: int, posted_share: object, same_account: bool
+) -> None:
+    """A hold that came back the way it went is relayed by one settlement account
+    holding both sides: its entries must chain and add up like two accounts'."""
+    posted_minor = int(pending_minor * posted_share)  # type: ignore[operator]
+    held_in = Balances(debits_pending=pending_minor)
+    held_out = Balances(credits_pending=pending_minor)
+    incoming = _settlement("shard-b/USD/3", held_in)
+    outgoing = (
+        _settlement("shard-b/USD/3", replace(held_in, credits_pending=pending_minor))
+        if same_account
+        else _settlement("shard-c/USD/3", held_out)
+    )
+    if same_account:
+        incoming = outgoing
+    entries, states = relay_plan(
+        key=TransferKey("m", "settle-1"),
+        incoming=incoming,
+        outgoing=outgoing,
+        pending_minor=pending_minor,
+        posted_minor=posted_minor,
+        now=T0,
+    )
+    after = {k: s.balances for k, s in states.items()}
+    if same_account:
+        assert after == {
+            incoming.key: Balances(debits_posted=posted_minor, credits_posted=posted_minor)
+        }
+    else:
+        assert after == {
+            incoming.key: Balances(debits_posted=posted_minor),
+            outgoing.key: Balances(credits_posted=posted_minor),
+        }
+    start = {a.key: a.balances for a in (incoming, outgoing)}
+    deltas = _replayed(entries)
+    for key, b in after.items():
+        d, s0 = deltas[key], start[key]
+        assert b == Balances(
+            s0.debits_posted + d.debits_posted,
+            s0.credits_posted + d.credits_posted,
+            s0.debits_pending + d.debits_pending,
+            s0.credits_pending + d.credits_pending,
+        )
+    # Each account's entries chain in sequence from its head.
+    for key in after:
+        mine = [e for e in entries if e.account == key]
+        assert [e.sequence for e in mine] == list(range(1, len(mine) + 1))
+        assert mine[-1].hash == states[key].head_hash

@@ -674,6 +674,67 @@ async def test_draining_a_shard_moves_every_merchant_off_it_and_keeps_balances(
     await assert_reconciled(ledger4, four, "reconcile-after-cleanup.toml")
 
 
+async def test_a_shard_being_removed_relays_no_holds_and_stays_until_they_settle(
+    ledger4: Ledger4,
+) -> None:
+    """Its merchants with holds wait; the summary says the shard cannot go yet."""
+    service = ledger4.service
+    four, three = ledger4.config(2, ALL_SHARDS), ledger4.config(3, FIRST_SHARDS)
+    await ledger4.switch_to(four)
+    async with opened(four) as rebalancer:
+        assert (await rebalancer.rebalance()).results == []
+    ring4, ring3 = ShardRing(four), ShardRing(three)
+    fresh = [uid("dr") for _ in range(2000)]
+    held = next(m for m in fresh if ring4.shard_for(m) == "shard-d")
+    partner = next(m for m in fresh if ring4.shard_for(m) == ring3.shard_for(m))
+    await create_merchants(service, [held, partner])
+    pending = transfer(
+        uid("p"), ref(held, "cash"), ref(partner, "sales"), 300, action=pb.TRANSFER_ACTION_PENDING
+    )
+    await send_retrying(service, pending, random.Random(9), attempts_max=DEFERRED_CALL_ATTEMPTS_MAX)
+    assert await settled(service, [(held, pending.id)]) == {
+        (held, pending.id): pb.TRANSFER_RESULT_OK
+    }
+
+    await ledger4.switch_to(three)
+    async with opened(three, old=four) as rebalancer:
+        summary = await rebalancer.rebalance()
+        print(f"\n{summary.render()}")
+        assert [(r.move.merchant_id, r.outcome) for r in summary.pending] == [
+            (
+                held,
+                "deferred: 1 hold(s) with other merchants; a shard being removed cannot relay them",
+            )
+        ], summary.render()
+        assert summary.still_relaying == {"shard-d": 1}
+        assert not summary.finished and "NOT REMOVABLE shard-d" in summary.render()
+
+    # The admin puts the shard back, settles, and removes it again.
+    await ledger4.switch_to(ledger4.config(4, ALL_SHARDS))
+    async with opened(ledger4.config(4, ALL_SHARDS)) as rebalancer:
+        assert (await rebalancer.rebalance()).finished
+    void = pb.Transfer(
+        id=uid("v"),
+        debit_account=ref(held, "cash"),
+        action=pb.TRANSFER_ACTION_VOID_PENDING,
+        pending_id=pending.id,
+    )
+    await send_retrying(service, void, random.Random(9), attempts_max=DEFERRED_CALL_ATTEMPTS_MAX)
+
+    async def released() -> bool:
+        return (await all_balances(service, [partner]))[(partner, "sales")] == (0, 0, 0, 0)
+
+    await wait_until(released, what="the void to reach the partner")
+    again = ledger4.config(5, FIRST_SHARDS)
+    await ledger4.switch_to(again)
+    async with opened(again, old=four) as rebalancer:
+        summary = await rebalancer.rebalance()
+        print(summary.render())
+        assert summary.finished, summary.render()
+        assert [(r.move.merchant_id, r.outcome) for r in summary.results] == [(held, "moved")]
+    await assert_reconciled(ledger4, four, "reconcile.toml", every_mirror_checked=True)
+
+
 async def test_merchant_moves_back_to_a_shard_it_once_left(ledger4: Ledger4) -> None:
     """Add a shard, then remove it again: its merchants return to where they were."""
     service = ledger4.service
@@ -741,7 +802,25 @@ def staying_merchant(old: ShardConfig, new: ShardConfig, *, on: bool, shard: str
     )
 
 
-async def test_merchant_with_funds_pending_with_another_shard_is_deferred_until_released(
+async def held_saga(service: Service, payer: str, payee: str) -> tuple[SagaRunner, Saga]:
+    """A cross-shard transfer from payer stopped after step 1, its lease held long
+    enough that no recovery worker drives it while the test does not."""
+    runner = SagaRunner(service.cluster, owner="test", settings=SagaSettings(lease_s=120.0))
+    start = await runner.begin(
+        TransferRequest(
+            id=uid("sg"),
+            debit=AccountKey(payer, "cash"),
+            credit=AccountKey(payee, "sales"),
+            amount_minor=300,
+            currency="USD",
+            action=TransferAction.POST,
+        )
+    )
+    assert start.saga is not None and start.saga.state is SagaState.RUNNING
+    return runner, start.saga
+
+
+async def test_merchant_with_a_saga_of_its_own_unfinished_is_deferred_until_it_finishes(
     ledger4: Ledger4,
 ) -> None:
     service = ledger4.service
@@ -749,21 +828,14 @@ async def test_merchant_with_funds_pending_with_another_shard_is_deferred_until_
     held, *others = merchants_moving(old, new, 4)
     partner = staying_merchant(old, new, on=False, shard=ShardRing(old).shard_for(held))
     await create_merchants(service, [held, *others, partner])
-    pending_id = uid("p")
-    pending = transfer(
-        pending_id, ref(held, "cash"), ref(partner, "sales"), 300, action=pb.TRANSFER_ACTION_PENDING
-    )
-    await send_retrying(service, pending, random.Random(3), attempts_max=DEFERRED_CALL_ATTEMPTS_MAX)
-    assert await settled(service, [(held, pending_id)]) == {
-        (held, pending_id): pb.TRANSFER_RESULT_OK
-    }
+    runner, saga = await held_saga(service, held, partner)
 
     await ledger4.switch_to(new)
     async with opened(new) as rebalancer:
         summary = await rebalancer.rebalance()
         print(f"\n{summary.render()}")
-        assert [(r.move.merchant_id, r.outcome.split(":")[0]) for r in summary.pending] == [
-            (held, "deferred")
+        assert [(r.move.merchant_id, r.outcome) for r in summary.pending] == [
+            (held, "deferred: 1 saga(s) of its own not finished")
         ], summary.render()
         assert {r.move.merchant_id for r in summary.moved} == set(others)
         assert f"NOT MOVED {held}" in summary.render()
@@ -771,22 +843,99 @@ async def test_merchant_with_funds_pending_with_another_shard_is_deferred_until_
         source = ShardRing(old).shard_for(held)
         assert await MoveStore(rebalancer.shards[source]).state_of(held) == ("active", None)
 
-        void = pb.Transfer(
-            id=uid("v"),
-            debit_account=ref(held, "cash"),
-            action=pb.TRANSFER_ACTION_VOID_PENDING,
-            pending_id=pending_id,
-        )
-        assert result_names(await transfers(service.stub, void)) == ["TRANSFER_RESULT_OK"]
+        assert (await runner.drive(saga)).state is SagaState.COMPLETED
         again = await rebalancer.rebalance()
         print(again.render())
         assert [(r.move.merchant_id, r.outcome) for r in again.results] == [(held, "moved")]
         assert await MoveStore(rebalancer.shards["shard-d"]).state_of(held) == ("active", None)
-    balances = await all_balances(service, [held])
-    assert balances[(held, "cash")] == (0, 0, 0, 0)
-    found = await settled(service, [(held, pending_id)])
-    assert found == {(held, pending_id): pb.TRANSFER_RESULT_OK}
-    await assert_reconciled(ledger4, new, "reconcile.toml")
+    balances = await all_balances(service, [held, partner])
+    assert balances[(held, "cash")] == (300, 0, 0, 0)
+    assert balances[(partner, "sales")] == (0, 300, 0, 0)
+    await assert_reconciled(ledger4, new, "reconcile.toml", every_mirror_checked=True)
+
+
+async def test_cross_shard_holds_of_a_merchant_that_moves_settle_through_its_old_shard(
+    ledger4: Ledger4,
+) -> None:
+    """Its old shard relays: post, void and timeout, from either side, pass through."""
+    service = ledger4.service
+    old, new = service.cluster.config, ledger4.config(2, ALL_SHARDS)
+    (held,) = merchants_moving(old, new, 1)
+    source = ShardRing(old).shard_for(held)
+    partner = staying_merchant(old, new, on=False, shard=source)
+    await create_merchants(service, [held, partner])
+    out_post, out_expire, in_void, in_post = (uid(p) for p in ("op", "oe", "iv", "ip"))
+    pending = pb.TRANSFER_ACTION_PENDING
+    holds = [
+        transfer(out_post, ref(held, "cash"), ref(partner, "sales"), 300, action=pending),
+        transfer(
+            out_expire,
+            ref(held, "cash"),
+            ref(partner, "sales"),
+            20,
+            action=pending,
+            timeout_ms=OWN_HOLD_TIMEOUT_MS,
+        ),
+        transfer(in_void, ref(partner, "cash"), ref(held, "sales"), 50, action=pending),
+        transfer(in_post, ref(partner, "cash"), ref(held, "sales"), 70, action=pending),
+    ]
+    for item in holds:
+        await send_retrying(
+            service, item, random.Random(7), attempts_max=DEFERRED_CALL_ATTEMPTS_MAX
+        )
+    keys = [(t.debit_account.merchant_id, t.id) for t in holds]
+    assert set((await settled(service, keys)).values()) == {pb.TRANSFER_RESULT_OK}
+    before = await all_balances(service, [held, partner])
+    assert before[(held, "cash")] == (0, 0, 320, 0)
+    assert before[(held, "sales")] == (0, 0, 0, 120)
+
+    await ledger4.switch_to(new)
+    async with opened(new) as rebalancer:
+        summary = await rebalancer.rebalance()
+        print(f"\n{summary.render()}")
+        assert [(r.move.merchant_id, r.outcome) for r in summary.results] == [(held, "moved")]
+        relays = await rebalancer.shards[source].pool.fetchval("SELECT count(*) FROM hold_relays")
+        assert relays == 4
+    assert await all_balances(service, [held, partner]) == before
+
+    settles = [
+        pb.Transfer(
+            id=uid("po"),
+            debit_account=ref(held, "cash"),
+            action=pb.TRANSFER_ACTION_POST_PENDING,
+            pending_id=out_post,
+            amount_minor=200,
+        ),
+        pb.Transfer(
+            id=uid("vo"),
+            debit_account=ref(partner, "cash"),
+            action=pb.TRANSFER_ACTION_VOID_PENDING,
+            pending_id=in_void,
+        ),
+        pb.Transfer(
+            id=uid("pi"),
+            debit_account=ref(partner, "cash"),
+            action=pb.TRANSFER_ACTION_POST_PENDING,
+            pending_id=in_post,
+        ),
+    ]
+    for item in settles:
+        assert set(result_names(await transfers(service.stub, item))) <= {
+            "TRANSFER_RESULT_OK",
+            "TRANSFER_RESULT_IN_PROGRESS",
+        }, item
+    expected = {
+        (held, "cash"): (200, 0, 0, 0),
+        (held, "sales"): (0, 70, 0, 0),
+        (partner, "cash"): (70, 0, 0, 0),
+        (partner, "sales"): (0, 200, 0, 0),
+    }
+
+    async def settled_everywhere() -> bool:
+        return await all_balances(service, [held, partner]) == expected
+
+    await wait_until(settled_everywhere, what="every relayed hold to be settled")
+    await assert_reconciled(ledger4, new, "reconcile.toml", every_mirror_checked=True)
 
 
 async def test_pending_transfers_between_a_merchants_own_accounts_move_with_it(
@@ -925,10 +1074,11 @@ async def test_local_holds_with_a_merchant_that_stays_become_cross_shard_when_it
         print(f"\n{summary.render()}")
         assert [(r.move.merchant_id, r.outcome) for r in summary.results] == [(held, "moved")]
         # The partner's holds with it are cross-shard now (the old copy left behind
-        # does not count): it could move only once they settle.
+        # does not count), and would move with it too.
         stays = MoveStore(rebalancer.shards[source])
-        assert await stays.local_holds(partner) == []
-        assert await stays.blockers(partner) == "money pending with another shard"
+        partner_holds = await stays.holds(partner)
+        assert partner_holds.local == [] and len(partner_holds.cross) == 4, partner_holds
+        assert await stays.blockers(partner) is None
     assert await all_balances(service, [held, partner]) == before
 
     post = pb.Transfer(
@@ -1067,17 +1217,8 @@ async def test_merchant_deferred_by_a_move_still_transacts_and_its_sagas_stay_vi
         if old_ring.shard_for(m) == new_ring.shard_for(m) != source
     )
     await create_merchants(service, [held, *movers, stayer])
-    # Money held for another merchant (here on another shard) keeps it where it is.
-    pending = transfer(
-        uid("p"), ref(held, "cash"), ref(stayer, "sales"), 300, action=pb.TRANSFER_ACTION_PENDING
-    )
-    assert set(result_names(await transfers(service.stub, pending))) <= {
-        "TRANSFER_RESULT_OK",
-        "TRANSFER_RESULT_IN_PROGRESS",
-    }
-    assert await settled(service, [(held, pending.id)]) == {
-        (held, pending.id): pb.TRANSFER_RESULT_OK
-    }
+    # A saga of its own that does not finish keeps it where it is.
+    runner, unfinished = await held_saga(service, held, stayer)
 
     await ledger4.switch_to(new)
     async with opened(new) as rebalancer:
@@ -1116,6 +1257,7 @@ async def test_merchant_deferred_by_a_move_still_transacts_and_its_sagas_stay_vi
     expected = {label: "TRANSFER_RESULT_OK" for label in calls}
     expected["GetSaga of its saga to a stayer"] = f"SAGA_STATE_COMPLETED on {source}"
     assert answers == expected, "\n".join(f"{k}: {v}" for k, v in answers.items())
+    assert (await runner.drive(unfinished)).state is SagaState.COMPLETED
 
 
 async def run_cli(*args: str) -> tuple[int, str, str]:

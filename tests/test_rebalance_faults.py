@@ -358,7 +358,8 @@ async def _open_books(
 ) -> None:
     """Accounts and history for every merchant: local posts, a two-phase transfer posted
     in part, cross-shard transfers (sagas) in, out and between movers, and holds the
-    move must carry: each mover's own, and one each way with the stayer beside it."""
+    move must carry: each mover's own, and one each way with the stayer beside it and
+    with a stayer on the next shard."""
     merchants = [*movers.values(), *stayers.values()]
     await create_accounts(stub, *(account(m, a, CURRENCY) for m in merchants for a in ACCOUNT_IDS))
     holds = {m: uid("hold") for m in merchants}
@@ -396,6 +397,8 @@ async def _open_books(
     for item in cross:
         assert await _final_results(stub, [item]) == ["TRANSFER_RESULT_OK"], item.id
     pending = pb.TRANSFER_ACTION_PENDING
+    shards = list(movers)
+    next_to = {s: shards[(i + 1) % len(shards)] for i, s in enumerate(shards)}
     open_holds = [
         item
         for shard, m in movers.items()
@@ -403,6 +406,12 @@ async def _open_books(
             transfer(uid("own"), ref(m, "cash"), ref(m, "sales"), 40, action=pending),
             transfer(uid("out"), ref(m, "cash"), ref(stayers[shard], "sales"), 30, action=pending),
             transfer(uid("in"), ref(stayers[shard], "cash"), ref(m, "sales"), 20, action=pending),
+            transfer(
+                uid("xo"), ref(m, "cash"), ref(stayers[next_to[shard]], "sales"), 11, action=pending
+            ),
+            transfer(
+                uid("xi"), ref(stayers[next_to[shard]], "cash"), ref(m, "sales"), 13, action=pending
+            ),
         )
     ]
     assert set(await _final_results(stub, open_holds)) == {"TRANSFER_RESULT_OK"}

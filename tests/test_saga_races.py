@@ -522,3 +522,33 @@ async def test_reconcile_passes_flags_a_corrupted_settlement_account_and_a_stuck
         await finish_completed(service, pair, running)
     report = await reconcile(service.cluster, stuck_after_s=0.0)
     assert report.ok, report.render()
+
+
+async def test_settling_a_refused_cross_shard_pending_transfer_finds_nothing_to_settle(
+    service: Service,
+) -> None:
+    """A refusal at step 1 is recorded on the debit shard, naming a credit merchant
+    that lives elsewhere; settling it must say so, not try to fence that merchant."""
+    pair = await new_pair(service)
+    refused_id = uid("rf-")
+    pending = transfer(
+        refused_id,
+        ref(pair.payer, "no-such-account"),
+        ref(pair.payee, "sales"),
+        AMOUNT_MINOR,
+        action=pb.TRANSFER_ACTION_PENDING,
+    )
+    first = await transfers(service.stub, pending)
+    assert [pb.TransferResult.Name(r.result) for r in first] == [
+        "TRANSFER_RESULT_DEBIT_ACCOUNT_NOT_FOUND"
+    ]
+    post = pb.Transfer(
+        id=uid("po-"),
+        debit_account=ref(pair.payer, "no-such-account"),
+        action=pb.TRANSFER_ACTION_POST_PENDING,
+        pending_id=refused_id,
+    )
+    answer = await transfers(service.stub, post)
+    assert [pb.TransferResult.Name(r.result) for r in answer] == [
+        "TRANSFER_RESULT_PENDING_TRANSFER_NOT_FOUND"
+    ]

@@ -13,6 +13,13 @@ that keeps the debit party, the settlement account for the other shard holds
 the credit side pending; on the other side, the settlement account for the
 first holds the debit side. The two mirror, each shard stays balanced, and a
 later post, void or timeout settles it by a saga like any cross-shard hold.
+
+A cross-shard pending transfer it is a party of stays where its other side is
+held: the shard it leaves keeps its settlement position for the shard beyond,
+and its settlement account for the merchant's new shard takes the leaving
+side (pairing with the new shard's account for it). That shard becomes a
+relay: a later settle passes through it, settling the hold between its two
+settlement accounts, once per settle, on the way to the merchant.
 """
 
 from __future__ import annotations
@@ -37,6 +44,45 @@ class LocalHold:
     credit: AccountKey
     currency: str
     amount_minor: int
+
+
+@dataclass(frozen=True, slots=True)
+class CrossHold:
+    """An open cross-shard pending transfer that a moving merchant is a party of.
+
+    The shard it leaves becomes a relay: it keeps its settlement position for
+    the shard beyond and takes the leaving side's on its settlement account
+    for the merchant's new shard; settling it later passes through there.
+    """
+
+    key: TransferKey
+    currency: str
+    amount_minor: int
+    # The moving merchant's side: the debit party, or the credit party.
+    debit_party: bool
+    # The shard whose settlement account for this one holds the other side: the
+    # saga's peer (debit party) or the shard the credit came from (credit party).
+    beyond: str
+
+
+@dataclass(frozen=True, slots=True)
+class Holds:
+    """What a moving merchant holds pending with others, all carried by its move."""
+
+    local: list[LocalHold]
+    cross: list[CrossHold]
+
+    def net_pending_minor(self, merchant_id: str) -> dict[str, int]:
+        """Per currency, credits minus debits pending that these leave on the
+        merchant's accounts (its holds between its own accounts cancel out)."""
+        net: dict[str, int] = {}
+        for local in self.local:
+            sign = 1 if local.credit.merchant_id == merchant_id else -1
+            net[local.currency] = net.get(local.currency, 0) + sign * local.amount_minor
+        for cross in self.cross:
+            sign = -1 if cross.debit_party else 1
+            net[cross.currency] = net.get(cross.currency, 0) + sign * cross.amount_minor
+        return net
 
 
 def carried_hold_booking(

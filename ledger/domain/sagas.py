@@ -87,6 +87,9 @@ class CreditRecord:
     outcome: CreditOutcome
     result: TransferResult
     credited_on: str
+    # Set when this shard only relayed a settle of a hold whose party moved on:
+    # the shard that continues it (see ledger/domain/moves.py).
+    relayed_to: str = ""
 
 
 # Each (peer shard, currency) has this many settlement accounts, so concurrent
@@ -348,4 +351,61 @@ def hold_moved_plan(
         )
     ]
     states = {e.account: AccountState(e.balances_after, e.sequence, e.hash) for e in entries}
+    return entries, states
+
+
+def relay_plan(
+    *,
+    key: TransferKey,
+    incoming: Account,
+    outgoing: Account,
+    pending_minor: int,
+    posted_minor: int,
+    now: datetime,
+) -> tuple[list[Entry], dict[AccountKey, AccountState]]:
+    """A relay hop of a settle (see ledger/domain/moves.py): the settlement account
+    for the shard before holds the debit side, the one for the shard after the
+    credit side; both are released, and posted_minor posted. They are one account
+    when the hold comes back the way it went: its entries then follow each other."""
+    invariant(0 <= posted_minor <= pending_minor, "a settle posts at most what is held")
+    states = {
+        a.key: AccountState(a.balances, a.entry_count, a.head_hash) for a in (incoming, outgoing)
+    }
+    entries: list[Entry] = []
+
+    def post(account: AccountKey, direction: Direction, kind: EntryKind, amount: int) -> None:
+        state = states[account]
+        b = state.balances
+        sign = -1 if kind is EntryKind.PENDING_RELEASED else 1
+        if direction is Direction.DEBIT and kind is EntryKind.POSTED:
+            after = replace(b, debits_posted=b.debits_posted + amount)
+        elif direction is Direction.DEBIT:
+            after = replace(b, debits_pending=b.debits_pending + sign * amount)
+        elif kind is EntryKind.POSTED:
+            after = replace(b, credits_posted=b.credits_posted + amount)
+        else:
+            after = replace(b, credits_pending=b.credits_pending + sign * amount)
+        invariant(
+            after.debits_pending >= 0 and after.credits_pending >= 0,
+            "a relay releases only what its settlement accounts hold",
+        )
+        entry = chained_entry(
+            state.head_hash,
+            account=account,
+            sequence=state.entry_count + 1,
+            transfer=key,
+            direction=direction,
+            kind=kind,
+            amount_minor=amount,
+            balances_after=after,
+            created_at=now,
+        )
+        states[account] = AccountState(after, entry.sequence, entry.hash)
+        entries.append(entry)
+
+    post(incoming.key, Direction.DEBIT, EntryKind.PENDING_RELEASED, pending_minor)
+    post(outgoing.key, Direction.CREDIT, EntryKind.PENDING_RELEASED, pending_minor)
+    if posted_minor:
+        post(incoming.key, Direction.DEBIT, EntryKind.POSTED, posted_minor)
+        post(outgoing.key, Direction.CREDIT, EntryKind.POSTED, posted_minor)
     return entries, states

@@ -12,12 +12,13 @@ The protocol, per rebalance:
    (`moving`: writes wait, in-flight ones finish first); copy what changed;
    verify counts, digests and every account's balance against its entries;
    activate it on the destination, then mark it `moved` on the source (in that
-   order, so it can only roll forward). Pending transfers between the
-   merchant's own accounts move with it; local ones with merchants that stay
-   become cross-shard pending transfers (see ledger/domain/moves.py); sagas
-   crediting it follow it to its new shard. A merchant with money pending
-   with another shard, or with sagas of its own in flight past a short
-   drain, is deferred and retried; a failed verification unfences it.
+   order, so it can only roll forward). Its holds move with it: between its
+   own accounts as they are, local ones with other merchants as cross-shard
+   pending transfers, cross-shard ones through a relay on the shard it
+   leaves (see ledger/domain/moves.py); sagas crediting it follow it to its
+   new shard. A merchant with sagas of its own in flight past a short drain,
+   or with holds with others on a shard being removed, is deferred and
+   retried; a failed verification unfences it.
 
 Every step is idempotent and decided by the merchant's states on the two
 shards, so rerunning the command after a crash at any point finishes the job,
@@ -115,6 +116,13 @@ class MoveResult:
 class Summary:
     results: list[MoveResult] = field(default_factory=list)
     duration_s: float = 0.0
+    # Shards the new config removes whose settlement accounts still hold money
+    # pending (holds they relay): they must stay in the config until it settles.
+    still_relaying: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def finished(self) -> bool:
+        return not self.pending and not self.still_relaying
 
     @property
     def moved(self) -> list[MoveResult]:
@@ -142,6 +150,12 @@ class Summary:
                 f"NOT MOVED {result.move.merchant_id} {result.move.source} -> "
                 f"{result.move.destination}: {result.outcome} (rerun to finish)"
             )
+        for name, accounts in sorted(self.still_relaying.items()):
+            lines.append(
+                f"NOT REMOVABLE {name}: {accounts} settlement account(s) still hold money "
+                "pending for cross-shard holds it relays; keep it in the config until they "
+                "settle, then rerun"
+            )
         return "\n".join(lines)
 
 
@@ -158,6 +172,7 @@ class Rebalancer:
         extra = [s for s in (old.shards if old else ()) if s.name not in names]
         # Shards only in the old config are drained: they are sources, never owners.
         self.specs: tuple[ShardSpec, ...] = (*new.shards, *extra)
+        self.removed = frozenset(s.name for s in extra)
         self.shards: dict[str, Shard] = {}
 
     async def open(self) -> None:
@@ -232,6 +247,10 @@ class Rebalancer:
                     break
                 todo = deferred
                 await asyncio.sleep(DEFER_ROUND_PAUSE_S)
+            for name in sorted(self.removed):
+                relaying = await self._store(name).settlement_accounts_holding()
+                if relaying:
+                    summary.still_relaying[name] = relaying
         summary.duration_s = time.monotonic() - started
         return summary
 
@@ -281,7 +300,7 @@ class Rebalancer:
             with tracer.start_as_current_span("move fence"):
                 refused = await source.fence(m, epoch=epoch)
                 if refused is None:
-                    refused = await self._drain(source, m)
+                    refused = await self._drain(source, m, removed=move.source in self.removed)
                     if refused is not None:
                         await source.unfence(m, epoch=epoch)
             if refused is not None:
@@ -306,13 +325,13 @@ class Rebalancer:
                     break
                 # A saga step that was under way at the fence may have landed since
                 # the copy: let it settle and copy again.
-                await self._drain(source, m)
+                await self._drain(source, m, removed=move.source in self.removed)
             if problem is not None:
                 await source.unfence(m, epoch=epoch)
                 return MoveResult(move, f"failed: {problem}", rows_copied)
             faults.crash_point("move.after_verify")
             with tracer.start_as_current_span("move activate"):
-                holds = await source.local_holds(m)
+                holds = await source.holds(m)
                 await destination.activate(m, source=move.source, epoch=epoch, holds=holds)
             faults.crash_point("move.after_activate")
         pause_ms = (time.monotonic() - fenced_at) * 1000
@@ -321,13 +340,24 @@ class Rebalancer:
         faults.crash_point("move.after_hand_over")
         return MoveResult(move, "moved", rows_copied, pause_ms)
 
-    async def _drain(self, source: MoveStore, merchant_id: str) -> str | None:
-        """Waits, fenced, for the merchant's money in flight to settle; why not, or None."""
+    async def _drain(self, source: MoveStore, merchant_id: str, *, removed: bool) -> str | None:
+        """Waits, fenced, for the merchant's money in flight to settle; why not, or None.
+
+        Off a shard being removed, holds with other merchants are not carried (the
+        shard would have to relay them); they must settle first.
+        """
         loop = asyncio.get_running_loop()
         end = loop.time() + DRAIN_WAIT_S
         delay_s = 0.01
         while True:
             reason = await source.blockers(merchant_id)
+            if reason is None and removed:
+                holds = await source.holds(merchant_id)
+                if holds.local or holds.cross:
+                    reason = (
+                        f"{len(holds.local) + len(holds.cross)} hold(s) with other merchants; "
+                        "a shard being removed cannot relay them"
+                    )
             if reason is None or loop.time() + delay_s > end:
                 return reason
             await asyncio.sleep(delay_s)

@@ -222,17 +222,29 @@ class SagaRunner:
             return await self.cluster.run_on_owner(
                 saga.credit.merchant_id, credit, shard_name=saga.peer_shard
             )
-        # Settling a held credit runs where the hold is (a merchant holding money
-        # pending from another shard does not move): on the saga's peer shard.
-        peer = self.cluster.shard_named(saga.peer_shard)
-        if peer is None:
-            await self.cluster.reload()
-            peer = self.cluster.shard_named(saga.peer_shard)
-        if peer is None:
-            raise ClusterUnavailable("the saga's credit shard is not in the shard config")
-        return await credit(
-            peer, self.cluster.fence(peer, {saga.credit.merchant_id}, allow_moving=True)
-        )
+        # Settling a hold runs where its credit side is held: on the saga's peer
+        # shard, or passed on from there, hop by hop, to where its credit merchant
+        # moved (each hop a relay; see ledger/domain/moves.py). Never through a
+        # move's fence: a fenced merchant makes it wait.
+        home = saga.home_shard
+        name = saga.peer_shard
+        for _ in range(limits.hold_relay_hops_max):
+            peer = self.cluster.shard_named(name)
+            if peer is None:
+                await self.cluster.reload()
+                peer = self.cluster.shard_named(name)
+            if peer is None:
+                raise ClusterUnavailable("a saga's credit shard is not in the shard config")
+            record = await SagaStore(peer).credit(
+                saga,
+                home_shard=home,
+                fence=self.cluster.fence(peer, {saga.credit.merchant_id}),
+                abort=abort,
+            )
+            if not record.relayed_to:
+                return record
+            home, name = peer.name, record.relayed_to
+        raise ClusterUnavailable("a held credit was relayed more often than the limit")
 
     async def _finish(self, saga: Saga, credit: CreditRecord, *, allow_dead: bool = False) -> Saga:
         async def finish(shard: Shard, fence: Fence) -> Saga:

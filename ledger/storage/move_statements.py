@@ -80,17 +80,60 @@ WHERE (t.merchant_id = $1 OR t.credit_merchant_id = $1) AND t.kind = 1
               WHERE m.merchant_id = t.merchant_id AND m.state <> 'moved')
 """
 
-# What keeps a merchant from moving now: money pending with another shard (its
-# pending amounts are more than its local open pending transfers hold: each
-# holds its amount on a debit and on a credit, both the merchant's or one of
-# them), or a saga of its own not finished.
+
+# Open cross-shard holds the merchant is a party of: as the debit party (its
+# own completed pending-transfer sagas not yet settled here) ...
+CROSS_HOLDS_AS_DEBIT = """
+SELECT s.transfer_id, s.currency, s.amount_minor, s.peer_shard FROM sagas s
+WHERE s.merchant_id = $1 AND s.kind = 1 AND s.state = 2 AND s.credit_action = 2
+  AND s.result = 1
+  AND NOT EXISTS (SELECT 1 FROM pending_resolutions r
+                  WHERE r.merchant_id = s.merchant_id AND r.pending_id = s.transfer_id)
+"""
+
+# ... and as the credit party (in the column order of INSERT_CREDIT_HOLD).
+CREDIT_HOLDS_OF = """
+SELECT merchant_id, transfer_id, credit_merchant_id, currency, amount_minor, from_shard
+FROM credit_holds WHERE credit_merchant_id = $1
+"""
+
+DELETE_CREDIT_HOLDS_OF = "DELETE FROM credit_holds WHERE credit_merchant_id = $1"
+
+# The credit side of a hold arrived with its merchant: held against the
+# settlement account for the shard it came from.
+MOVE_CREDIT_HOLD = """
+UPDATE credit_holds SET from_shard = $3 WHERE merchant_id = $1 AND transfer_id = $2
+"""
+
+# The debit party of a hold arrived: its saga's peer is now the shard it left.
+MOVE_SAGA_PEER = """
+UPDATE sagas SET peer_shard = $3, updated_at = clock_timestamp()
+WHERE merchant_id = $1 AND transfer_id = $2 AND kind = 1
+"""
+
+SETTLEMENT_ACCOUNTS_HOLDING = """
+SELECT count(*) FROM accounts
+WHERE merchant_id = '$settlement' AND (debits_pending <> 0 OR credits_pending <> 0)
+"""
+
+INSERT_HOLD_RELAY = """
+INSERT INTO hold_relays (merchant_id, transfer_id, from_shard, to_shard) VALUES ($1, $2, $3, $4)
+"""
+
+# What keeps a merchant from moving now: money pending that no hold above
+# explains (its pending amounts are more than its open holds hold: a local
+# one between its own accounts holds its amount twice), or a saga of its own
+# not finished.
 MERCHANT_BLOCKERS = f"""
 SELECT
   (SELECT coalesce(sum(debits_pending::numeric + credits_pending), 0)
      FROM accounts WHERE merchant_id = $1) AS pending_minor,
   (SELECT coalesce(sum(amount_effective_minor::numeric
                        * ((debit_merchant_id = $1)::int + (credit_merchant_id = $1)::int)), 0)
-     FROM ({LOCAL_OPEN_PENDINGS}) local_open) AS local_pending_minor,
+     FROM ({LOCAL_OPEN_PENDINGS}) local_open)
+  + (SELECT coalesce(sum(amount_minor::numeric), 0) FROM ({CROSS_HOLDS_AS_DEBIT}) as_debit)
+  + (SELECT coalesce(sum(amount_minor::numeric), 0) FROM credit_holds
+     WHERE credit_merchant_id = $1) AS held_minor,
   (SELECT count(*) FROM sagas WHERE merchant_id = $1 AND state IN (1, 4)) AS open_sagas
 """
 

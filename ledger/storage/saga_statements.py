@@ -118,6 +118,29 @@ VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
 ON CONFLICT (merchant_id, transfer_id, kind) DO NOTHING
 """
 
+# Where this shard passes on the hold of a pending transfer arriving from a shard.
+SELECT_RELAY = """
+SELECT to_shard FROM hold_relays WHERE merchant_id = $1 AND transfer_id = $2 AND from_shard = $3
+"""
+
+INSERT_CREDIT_HOLD = """
+INSERT INTO credit_holds (merchant_id, transfer_id, credit_merchant_id, currency, amount_minor,
+                          from_shard)
+VALUES ($1, $2, $3, $4, $5, $6)
+"""
+
+DELETE_CREDIT_HOLD = "DELETE FROM credit_holds WHERE merchant_id = $1 AND transfer_id = $2"
+
+SELECT_RELAY_PASS = """
+SELECT to_shard FROM relay_passes
+WHERE merchant_id = $1 AND transfer_id = $2 AND kind = $3 AND from_shard = $4
+"""
+
+INSERT_RELAY_PASS = """
+INSERT INTO relay_passes (merchant_id, transfer_id, kind, from_shard, to_shard)
+VALUES ($1, $2, $3, $4, $5)
+"""
+
 # Serialises step 2 of one saga on the credit shard, so a concurrent duplicate
 # waits and then reads the recorded outcome instead of racing to write its own.
 LOCK_CREDIT = "SELECT pg_advisory_xact_lock(7304, hashtext($1 || '/' || $2 || '/' || $3::smallint))"

@@ -38,6 +38,7 @@ from ledger.domain.sagas import (
     credit_plan,
     hold_moved_plan,
     local_view,
+    relay_plan,
     reservation_settle_plan,
     settlement_account,
 )
@@ -351,13 +352,21 @@ class SagaStore:
     async def credit(
         self, saga: Saga, *, home_shard: str, fence: Fence, abort: bool = False
     ) -> CreditRecord:
-        """Applies or refuses the credit side, or records an abort, exactly once."""
+        """Applies or refuses the credit side, or records an abort, exactly once; or,
+        settling a hold whose credit party moved on, passes it on (relayed_to)."""
         key = saga.key
-        settlement = settlement_account(
-            home_shard, saga.currency, saga.pending_id or key.transfer_id
-        )
+        held = TransferKey(key.merchant_id, saga.pending_id or key.transfer_id)
+        settlement = settlement_account(home_shard, saga.currency, held.transfer_id)
 
         async def run(conn: Connection) -> CreditRecord:
+            relay_to: str | None = None
+            if key.kind is not SagaKind.TRANSFER:
+                await self.shard._fence(conn, fence, {SETTLEMENT_MERCHANT_ID})
+                relay_to = await conn.fetchval(
+                    sql.SELECT_RELAY, held.merchant_id, held.transfer_id, home_shard
+                )
+            if relay_to is not None:
+                return await self._relay(conn, saga, settlement, home_shard, relay_to)
             await self.shard._fence(conn, fence, {saga.credit.merchant_id, SETTLEMENT_MERCHANT_ID})
             await conn.execute(sql.LOCK_CREDIT, key.merchant_id, key.transfer_id, int(key.kind))
             row = await conn.fetchrow(sql.SELECT_CREDIT, key.merchant_id, key.transfer_id, key.kind)
@@ -392,6 +401,22 @@ class SagaStore:
                         resolutions=[],
                         expiring=[],
                     )
+                    # Open cross-shard holds credited here are tracked, so a move of
+                    # their credit merchant can carry them.
+                    if saga.credit_action is CreditAction.PENDING:
+                        await conn.execute(
+                            sql.INSERT_CREDIT_HOLD,
+                            held.merchant_id,
+                            held.transfer_id,
+                            saga.credit.merchant_id,
+                            saga.currency,
+                            saga.amount_minor,
+                            home_shard,
+                        )
+                    elif key.kind is not SagaKind.TRANSFER:
+                        await conn.execute(
+                            sql.DELETE_CREDIT_HOLD, held.merchant_id, held.transfer_id
+                        )
                 else:
                     outcome = CreditOutcome.REFUSED
             status = await conn.execute(
@@ -415,6 +440,49 @@ class SagaStore:
         answer = await self.shard._in_transaction(run)
         faults.crash_point("saga.step2.after_commit")
         return answer
+
+    async def _relay(
+        self,
+        conn: Connection,
+        saga: Saga,
+        settlement: AccountKey,
+        home_shard: str,
+        relay_to: str,
+    ) -> CreditRecord:
+        """One relay hop of a settle: this shard's settlement accounts for the shard
+        before and the shard after settle the hold between them, once."""
+        key = saga.key
+        await conn.execute(sql.LOCK_CREDIT, key.merchant_id, key.transfer_id, int(key.kind))
+        passed = await conn.fetchval(
+            sql.SELECT_RELAY_PASS, key.merchant_id, key.transfer_id, key.kind, home_shard
+        )
+        if passed is None:
+            onward = settlement_account(relay_to, saga.currency, saga.pending_id)
+            accounts = await self.shard._lock_accounts(conn, {settlement, onward})
+            now: datetime = await conn.fetchval(ledger_sql.NOW)
+            posting = saga.credit_action is CreditAction.POST_PENDING
+            entries, states = relay_plan(
+                key=key.transfer,
+                incoming=accounts[settlement],
+                outgoing=accounts[onward],
+                pending_minor=saga.pending_minor,
+                posted_minor=saga.amount_minor if posting else 0,
+                now=now,
+            )
+            await write_plan(
+                conn, records=[], entries=entries, accounts=states, resolutions=[], expiring=[]
+            )
+            await conn.execute(
+                sql.INSERT_RELAY_PASS,
+                key.merchant_id,
+                key.transfer_id,
+                key.kind,
+                home_shard,
+                relay_to,
+            )
+        return CreditRecord(
+            CreditOutcome.APPLIED, TransferResult.OK, self.shard.name, relayed_to=relay_to
+        )
 
     async def credit_outcome(self, key: SagaKey) -> CreditRecord | None:
         """What step 2 recorded on this (credit) shard, if anything. Reads only."""
@@ -470,10 +538,6 @@ class SagaStore:
                 final = TransferResult.OK if post else result
             else:
                 invariant(outcome is CreditOutcome.APPLIED, "settling a held credit never fails")
-                invariant(
-                    credit.credited_on == saga.peer_shard,
-                    "a held credit is settled on the shard that holds it",
-                )
                 final = TransferResult.OK
             state = SagaState.COMPLETED if final is TransferResult.OK else SagaState.COMPENSATED
             row = await conn.fetchrow(
@@ -491,8 +555,8 @@ class SagaStore:
             assert row is not None
             detail = final.name + (" (debit posted)" if debit_posted else "")
             credited = result.name
-            if peer_shard != saga.peer_shard:
-                credited += f" on {peer_shard} (the credit merchant moved there)"
+            if outcome is CreditOutcome.APPLIED and credit.credited_on != saga.peer_shard:
+                credited += f" on {credit.credited_on} (the credit merchant moved there)"
             # Step 2 ran on the credit shard; its outcome joins this saga's history here.
             await self._step(conn, key, 2, outcome.name.lower(), credited)
             await self._step(conn, key, 3, state.name.lower(), detail)

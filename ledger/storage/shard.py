@@ -318,7 +318,10 @@ class Shard:
             parties = {
                 target.request.credit.merchant_id
                 for target in (referenced.get(k) for k in pending_keys)
-                if target is not None and target.request.credit is not None
+                if target is not None
+                and target.result is TransferResult.OK
+                and target.request.action is TransferAction.PENDING
+                and target.request.credit is not None
             }
             if parties - merchants:
                 await self._fence(conn, fence, parties - merchants)
