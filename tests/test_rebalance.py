@@ -68,6 +68,8 @@ RETRYABLE_CODES = frozenset(
 LOAD_WRITERS = 8
 LOAD_CALLS_PER_WRITER_MAX = 3000
 LOAD_MERCHANTS = 120
+# Pending transfers open through the move (merchants' own, local and cross-shard).
+LOAD_HOLDS = 40
 # A call is retried at most this often, with back-off up to the cap, before it
 # counts as an error: a move pauses a merchant's writes for milliseconds.
 CALL_ATTEMPTS_MAX = 60
@@ -459,6 +461,23 @@ async def test_adding_a_shard_under_load_keeps_every_acknowledged_transfer_exact
     merchant_ids = [f"m{rng.getrandbits(48):012x}" for _ in range(LOAD_MERCHANTS)]
     await create_merchants(service, merchant_ids)
     await make_history(service, merchant_ids, rng)
+    # Holds left open through the move (a merchant's own, with another merchant
+    # beside it or on another shard), settled after it.
+    holds = [
+        transfer(
+            uid("hold"),
+            ref(debit, "cash"),
+            ref(debit if rng.random() < 0.3 else rng.choice(merchant_ids), "sales"),
+            rng.randint(1, 500),
+            action=pb.TRANSFER_ACTION_PENDING,
+        )
+        for debit in rng.sample(merchant_ids, LOAD_HOLDS)
+    ]
+    for item in holds:
+        answer = await send_retrying(service, item, rng)
+        assert answer.result in (pb.TRANSFER_RESULT_OK, pb.TRANSFER_RESULT_IN_PROGRESS), answer
+    hold_keys = [(h.debit_account.merchant_id, h.id) for h in holds]
+    assert set((await settled(service, hold_keys)).values()) == {pb.TRANSFER_RESULT_OK}
     before = await all_balances(service, merchant_ids)
     new = ledger4.config(2, ALL_SHARDS)
 
@@ -492,6 +511,41 @@ async def test_adding_a_shard_under_load_keeps_every_acknowledged_transfer_exact
             assert await states_on_owners(rebalancer, new, merchant_ids) == Counter(
                 {("active", None): LOAD_MERCHANTS}
             )
+            moved_ids = {m.merchant_id for m in plan.moves}
+            carried = [
+                h
+                for h in holds
+                if {h.debit_account.merchant_id, h.credit_account.merchant_id} & moved_ids
+            ]
+            print(f"holds carried by the move: {len(carried)} of {len(holds)}")
+            assert carried
+            # Every hold settles after the move: even ones posted, odd ones voided.
+            posted_holds: dict[tuple[str, str], Sent] = {}
+            for index, hold in enumerate(holds):
+                settle = pb.Transfer(
+                    id=uid("hs"),
+                    debit_account=hold.debit_account,
+                    action=(
+                        pb.TRANSFER_ACTION_POST_PENDING
+                        if index % 2 == 0
+                        else pb.TRANSFER_ACTION_VOID_PENDING
+                    ),
+                    pending_id=hold.id,
+                )
+                answer = await send_retrying(service, settle, rng)
+                assert answer.result in (
+                    pb.TRANSFER_RESULT_OK,
+                    pb.TRANSFER_RESULT_IN_PROGRESS,
+                ), (hold.id, answer.describe())
+                if index % 2 == 0:
+                    posted_holds[(hold.debit_account.merchant_id, settle.id)] = Sent(
+                        (hold.debit_account.merchant_id, "cash"),
+                        (hold.credit_account.merchant_id, "sales"),
+                        hold.amount_minor,
+                    )
+            settle_results = await lookup_final(service, list(posted_holds))
+            not_ok = {k: describe(r) for k, r in settle_results.items() if r.result != 1}
+            assert len(settle_results) == len(posted_holds) and not not_ok, not_ok
 
             later = await lookup_final(service, [*load.in_progress, *load.errored])
             unfinished = {
@@ -515,8 +569,14 @@ async def test_adding_a_shard_under_load_keeps_every_acknowledged_transfer_exact
             }
             copies = await copies_on_owners(rebalancer, accepted)
             assert {k: copies[k] for k in accepted if copies[k] != 1} == {}
+
+        async def holds_settled() -> bool:
+            balances = await all_balances(service, merchant_ids)
+            return all(b[2] == 0 and b[3] == 0 for b in balances.values())
+
+        await wait_until(holds_settled, what="every hold settled on both sides")
         after = await all_balances(service, merchant_ids)
-        deltas = expected_deltas(accepted.values())
+        deltas = expected_deltas([*accepted.values(), *posted_holds.values()])
         off = {
             key: (before[key], after[key], deltas.get(key))
             for key in before
