@@ -30,6 +30,7 @@ from ledger.sagas.reconcile import reconcile as run_reconcile
 from ledger.sagas.runner import SagaSettings
 from ledger.settings import Settings
 from ledger.storage.chain import ChainStore
+from ledger.storage.moves import AdminBusy
 from ledger.telemetry.logs import setup_logging
 from ledger.telemetry.metrics import setup_metrics
 from ledger.telemetry.tracing import setup_tracing
@@ -378,6 +379,13 @@ async def _with_rebalancer(
     try:
         await rebalancer.open()
         return await work(rebalancer)
+    except AdminBusy as busy:
+        typer.echo(
+            f"another `ledger shards rebalance` or `cleanup` is running (it holds {busy}); "
+            "run this again when it has finished",
+            err=True,
+        )
+        raise typer.Exit(2) from None
     finally:
         await rebalancer.close()
 

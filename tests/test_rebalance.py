@@ -34,7 +34,7 @@ from ledger.routing.ring import ShardRing
 from ledger.sagas.reconcile import reconcile
 from ledger.sagas.runner import SagaRunner, SagaSettings
 from ledger.storage.errors import MerchantsNotOwned, StaleEpoch
-from ledger.storage.moves import MoveStore
+from ledger.storage.moves import AdminBusy, MoveStore
 from ledger.storage.sagas import SagaStore
 from ledger.storage.shard import Fence, Shard
 from ledger.v1 import ledger_pb2 as pb
@@ -795,6 +795,19 @@ async def test_a_shard_being_removed_relays_no_holds_and_stays_until_they_settle
     await assert_reconciled(ledger4, four, "reconcile.toml", every_mirror_checked=True)
 
 
+async def test_a_second_rebalance_refuses_to_start_while_one_runs(ledger4: Ledger4) -> None:
+    new = ledger4.config(2, ALL_SHARDS)
+    await ledger4.switch_to(new)
+    async with opened(new) as first, opened(new) as second:
+        async with first.exclusive():
+            with pytest.raises(AdminBusy):
+                await second.rebalance()
+            with pytest.raises(AdminBusy):
+                await second.cleanup()
+        # Released with the first run: the second goes ahead.
+        assert (await second.rebalance()).finished
+
+
 async def test_merchant_moves_back_to_a_shard_it_once_left(ledger4: Ledger4) -> None:
     """Add a shard, then remove it again: its merchants return to where they were."""
     service = ledger4.service
@@ -878,6 +891,95 @@ async def held_saga(service: Service, payer: str, payee: str) -> tuple[SagaRunne
     )
     assert start.saga is not None and start.saga.state is SagaState.RUNNING
     return runner, start.saga
+
+
+async def test_holds_follow_a_merchant_there_back_and_there_again(ledger4: Ledger4) -> None:
+    """Each move adds a relay; a move that would make a hold pass one relay step twice
+    waits for that hold to settle; every hold settles through its whole path."""
+    service = ledger4.service
+    old = service.cluster.config
+    there = ledger4.config(2, ALL_SHARDS)
+    old_ring, there_ring = ShardRing(old), ShardRing(there)
+    candidates = [uid("bf") for _ in range(4000)]
+    held, source, back = "", "", there
+    for m in candidates:
+        if there_ring.shard_for(m) == "shard-d" and old_ring.shard_for(m) != "shard-d":
+            source = old_ring.shard_for(m)
+            heavier = ledger4.config(3, ALL_SHARDS, weights={source: 6})
+            if ShardRing(heavier).shard_for(m) == source:
+                held, back = m, heavier
+                break
+    assert held, "no merchant that moves there and back"
+    partner = next(
+        m
+        for m in candidates
+        if len({ShardRing(c).shard_for(m) for c in (old, there, back)}) == 1
+        and old_ring.shard_for(m) not in (source, "shard-d")
+    )
+    await create_merchants(service, [held, partner])
+    pending = pb.TRANSFER_ACTION_PENDING
+    out_hold = transfer(uid("ho"), ref(held, "cash"), ref(partner, "sales"), 300, action=pending)
+    in_hold = transfer(uid("hi"), ref(partner, "cash"), ref(held, "sales"), 70, action=pending)
+    for item in (out_hold, in_hold):
+        await send_retrying(
+            service, item, random.Random(2), attempts_max=DEFERRED_CALL_ATTEMPTS_MAX
+        )
+    keys = [(h.debit_account.merchant_id, h.id) for h in (out_hold, in_hold)]
+    assert set((await settled(service, keys)).values()) == {pb.TRANSFER_RESULT_OK}
+    before = await all_balances(service, [held, partner])
+
+    async def rebalance_to(config: ShardConfig) -> Summary:
+        await ledger4.switch_to(config)
+        async with opened(config) as rebalancer:
+            summary = await rebalancer.rebalance()
+        print(f"\n{summary.render()}")
+        return summary
+
+    for config in (there, back):
+        summary = await rebalance_to(config)
+        assert [(r.move.merchant_id, r.outcome) for r in summary.results] == [(held, "moved")]
+    assert await all_balances(service, [held, partner]) == before
+    # There again: both holds' paths would repeat a relay step (their old shard from
+    # shard-d, shard-d from their old shard): the merchant waits for them to settle.
+    again = ledger4.config(4, ALL_SHARDS)
+    summary = await rebalance_to(again)
+    assert [(r.move.merchant_id, r.outcome.split(":")[0]) for r in summary.results] == [
+        (held, "deferred")
+    ], summary.render()
+    assert "would repeat a relay step" in summary.render()
+
+    post = pb.Transfer(
+        id=uid("po"),
+        debit_account=ref(held, "cash"),
+        action=pb.TRANSFER_ACTION_POST_PENDING,
+        pending_id=out_hold.id,
+    )
+    void = pb.Transfer(
+        id=uid("vo"),
+        debit_account=ref(partner, "cash"),
+        action=pb.TRANSFER_ACTION_VOID_PENDING,
+        pending_id=in_hold.id,
+    )
+    for item in (post, void):
+        await send_retrying(
+            service, item, random.Random(3), attempts_max=DEFERRED_CALL_ATTEMPTS_MAX
+        )
+    settled_both = {
+        (held, "cash"): (300, 0, 0, 0),
+        (held, "sales"): (0, 0, 0, 0),
+        (partner, "cash"): (0, 0, 0, 0),
+        (partner, "sales"): (0, 300, 0, 0),
+    }
+
+    async def through() -> bool:
+        return await all_balances(service, [held, partner]) == settled_both
+
+    await wait_until(through, what="the post and the void to pass every relay of their paths")
+    async with opened(again) as rebalancer:
+        summary = await rebalancer.rebalance()
+    assert [(r.move.merchant_id, r.outcome) for r in summary.results] == [(held, "moved")]
+    assert await all_balances(service, [held, partner]) == settled_both
+    await assert_reconciled(ledger4, again, "reconcile.toml", every_mirror_checked=True)
 
 
 async def test_merchant_with_a_saga_of_its_own_unfinished_is_deferred_until_it_finishes(

@@ -28,13 +28,15 @@ and running it twice moves nothing the second time.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-from ledger import faults
+from ledger import faults, limits
+from ledger.domain.moves import CrossHold
 from ledger.invariant import InvariantViolation
 from ledger.routing.config import ShardConfig, ShardSpec
 from ledger.routing.ring import ShardRing
@@ -210,7 +212,20 @@ class Rebalancer:
                 )
         return Plan(self.new.epoch, sorted(moves, key=lambda m: m.merchant_id), total)
 
+    @contextlib.asynccontextmanager
+    async def exclusive(self) -> AsyncIterator[None]:
+        """Every shard's admin lock, in name order: one rebalance or cleanup at a time.
+        Raises AdminBusy (naming a shard) when another run holds one."""
+        async with contextlib.AsyncExitStack() as stack:
+            for name in sorted(self.shards):
+                await stack.enter_async_context(self._store(name).admin_lock())
+            yield
+
     async def rebalance(self, *, progress: Progress | None = None) -> Summary:
+        async with self.exclusive():
+            return await self._rebalance(progress)
+
+    async def _rebalance(self, progress: Progress | None) -> Summary:
         started = time.monotonic()
         with tracer.start_as_current_span("rebalance", attributes={"ledger.epoch": self.new.epoch}):
             for name in self.shards:
@@ -300,7 +315,9 @@ class Rebalancer:
             with tracer.start_as_current_span("move fence"):
                 refused = await source.fence(m, epoch=epoch)
                 if refused is None:
-                    refused = await self._drain(source, m, removed=move.source in self.removed)
+                    refused = await self._drain(
+                        source, m, destination=move.destination, removed=move.source in self.removed
+                    )
                     if refused is not None:
                         await source.unfence(m, epoch=epoch)
             if refused is not None:
@@ -325,7 +342,9 @@ class Rebalancer:
                     break
                 # A saga step that was under way at the fence may have landed since
                 # the copy: let it settle and copy again.
-                await self._drain(source, m, removed=move.source in self.removed)
+                await self._drain(
+                    source, m, destination=move.destination, removed=move.source in self.removed
+                )
             if problem is not None:
                 await source.unfence(m, epoch=epoch)
                 return MoveResult(move, f"failed: {problem}", rows_copied)
@@ -340,7 +359,9 @@ class Rebalancer:
         faults.crash_point("move.after_hand_over")
         return MoveResult(move, "moved", rows_copied, pause_ms)
 
-    async def _drain(self, source: MoveStore, merchant_id: str, *, removed: bool) -> str | None:
+    async def _drain(
+        self, source: MoveStore, merchant_id: str, *, destination: str, removed: bool
+    ) -> str | None:
         """Waits, fenced, for the merchant's money in flight to settle; why not, or None.
 
         Off a shard being removed, holds with other merchants are not carried (the
@@ -351,17 +372,73 @@ class Rebalancer:
         delay_s = 0.01
         while True:
             reason = await source.blockers(merchant_id)
-            if reason is None and removed:
-                holds = await source.holds(merchant_id)
-                if holds.local or holds.cross:
-                    reason = (
-                        f"{len(holds.local) + len(holds.cross)} hold(s) with other merchants; "
-                        "a shard being removed cannot relay them"
-                    )
+            if reason is None:
+                reason = await self._holds_refused(
+                    source, merchant_id, destination=destination, removed=removed
+                )
             if reason is None or loop.time() + delay_s > end:
                 return reason
             await asyncio.sleep(delay_s)
             delay_s = min(delay_s * 2, 0.2)
+
+    async def _holds_refused(
+        self, source: MoveStore, merchant_id: str, *, destination: str, removed: bool
+    ) -> str | None:
+        """Why the merchant's holds with others cannot move with it now, or None.
+
+        Off a shard being removed, none can (the shard would have to relay them).
+        A cross-shard hold's path (debit party's shard, relays, credit party's
+        shard) passes each relay from a given shard at most once (that is how a
+        relay and each pass through it are found): a move that would break this,
+        or make the path longer than a settle may go, waits for the hold to settle.
+        """
+        holds = await source.holds(merchant_id)
+        if removed and (holds.local or holds.cross):
+            return (
+                f"{len(holds.local) + len(holds.cross)} hold(s) with other merchants; "
+                "a shard being removed cannot relay them"
+            )
+        for hold in holds.cross:
+            path = await self._hold_path(hold, source.shard.name)
+            if path is None:
+                return "a cross-shard hold's path could not be read"
+            longer = [destination, *path] if hold.debit_party else [*path, destination]
+            # Every shard after the first looks its relay up by where the hold came
+            # from, the last one too (to find it has none).
+            hops = [(longer[i], longer[i - 1]) for i in range(1, len(longer))]
+            if len(set(hops)) != len(hops) or len(hops) > limits.hold_relay_hops_max:
+                return (
+                    "a cross-shard hold's path would repeat a relay step or pass "
+                    f"{limits.hold_relay_hops_max} relays; it moves once the hold settles"
+                )
+        return None
+
+    async def _hold_path(self, hold: CrossHold, here: str) -> list[str] | None:
+        """The shards a cross-shard hold passes, from its debit party's to its credit
+        party's (a shard may appear more than once); None if a shard on it is not
+        known to this run or the path is longer than a settle may go."""
+        path = [here]
+        if hold.debit_party:
+            previous, current = here, hold.beyond
+            for _ in range(limits.hold_relay_hops_max + 1):
+                if current not in self.shards:
+                    return None
+                path.append(current)
+                onward = await self._store(current).relay_next(hold.key, came_from=previous)
+                if onward is None:
+                    return path
+                previous, current = current, onward
+            return None
+        following, current = here, hold.beyond
+        for _ in range(limits.hold_relay_hops_max + 1):
+            if current not in self.shards:
+                return None
+            path.insert(0, current)
+            before = await self._store(current).relay_previous(hold.key, goes_to=following)
+            if before is None:
+                return path
+            following, current = current, before
+        return None
 
     async def _verify(self, source: MoveStore, destination: MoveStore, m: str) -> str | None:
         before, after = await source.digest(m), await destination.digest(m)
@@ -394,6 +471,10 @@ class Rebalancer:
 
     async def cleanup(self) -> tuple[int, int]:
         """Deletes old copies of merchants that moved and are active where they went."""
+        async with self.exclusive():
+            return await self._cleanup()
+
+    async def _cleanup(self) -> tuple[int, int]:
         merchants = rows = 0
         for name in self.shards:
             store = self._store(name)

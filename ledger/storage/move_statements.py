@@ -116,6 +116,14 @@ SELECT count(*) FROM accounts
 WHERE merchant_id = '$settlement' AND (debits_pending <> 0 OR credits_pending <> 0)
 """
 
+RELAY_ONWARD = """
+SELECT to_shard FROM hold_relays WHERE merchant_id = $1 AND transfer_id = $2 AND from_shard = $3
+"""
+
+RELAY_BACKWARD = """
+SELECT from_shard FROM hold_relays WHERE merchant_id = $1 AND transfer_id = $2 AND to_shard = $3
+"""
+
 INSERT_HOLD_RELAY = """
 INSERT INTO hold_relays (merchant_id, transfer_id, from_shard, to_shard) VALUES ($1, $2, $3, $4)
 """
@@ -206,5 +214,11 @@ SELECT currency, sum(credits_posted::numeric - debits_posted)::bigint AS net_pos
        sum(credits_pending::numeric - debits_pending)::bigint AS net_pending
 FROM accounts WHERE merchant_id = $1 GROUP BY currency ORDER BY currency
 """
+
+# Held (session-level) by a running rebalance or cleanup on every shard it uses:
+# a second one refuses to start instead of interleaving with the first. A
+# crashed run's lock goes with its connection.
+TRY_ADMIN_LOCK = "SELECT pg_try_advisory_lock(7305, 0)"
+ADMIN_UNLOCK = "SELECT pg_advisory_unlock(7305, 0)"
 
 ALLOW_HISTORY_CLEANUP = "SET LOCAL ledger.allow_history_cleanup = 'on'"

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING
@@ -119,9 +120,24 @@ async def _holds(conn: Connection, merchant_id: str) -> Holds:
     )
 
 
+class AdminBusy(Exception):
+    """Another rebalance or cleanup holds the shard's admin lock."""
+
+
 class MoveStore:
     def __init__(self, shard: Shard) -> None:
         self.shard = shard
+
+    @contextlib.asynccontextmanager
+    async def admin_lock(self) -> AsyncIterator[None]:
+        """Holds the shard's admin lock on a connection of its own; AdminBusy if taken."""
+        async with self.shard.pool.acquire() as conn:
+            if not await conn.fetchval(sql.TRY_ADMIN_LOCK):
+                raise AdminBusy(self.shard.name)
+            try:
+                yield
+            finally:
+                await conn.fetchval(sql.ADMIN_UNLOCK)
 
     # Cluster-wide switches.
 
@@ -313,6 +329,28 @@ class MoveStore:
 
         async def run(conn: Connection) -> Holds:
             return await _holds(conn, merchant_id)
+
+        return await self.shard._with_connection(run)
+
+    async def relay_next(self, hold: TransferKey, *, came_from: str) -> str | None:
+        """Where this shard passes the hold on when it arrives from came_from, if it relays it."""
+
+        async def run(conn: Connection) -> str | None:
+            found = await conn.fetchval(
+                sql.RELAY_ONWARD, hold.merchant_id, hold.transfer_id, came_from
+            )
+            return str(found) if found is not None else None
+
+        return await self.shard._with_connection(run)
+
+    async def relay_previous(self, hold: TransferKey, *, goes_to: str) -> str | None:
+        """Where the hold comes from when this shard relays it on to goes_to, if it does."""
+
+        async def run(conn: Connection) -> str | None:
+            found = await conn.fetchval(
+                sql.RELAY_BACKWARD, hold.merchant_id, hold.transfer_id, goes_to
+            )
+            return str(found) if found is not None else None
 
         return await self.shard._with_connection(run)
 
