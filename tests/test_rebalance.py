@@ -286,6 +286,26 @@ async def all_balances(
     return found
 
 
+async def send_accepted(service: Service, *items: pb.Transfer) -> None:
+    """Sends each item; each is accepted (OK, or a saga under way)."""
+    for item in items:
+        names = result_names(await transfers(service.stub, item))
+        assert set(names) <= {"TRANSFER_RESULT_OK", "TRANSFER_RESULT_IN_PROGRESS"}, (item, names)
+
+
+async def wait_for_balances(
+    service: Service, expected: dict[tuple[str, str], tuple[int, int, int, int]], *, what: str
+) -> None:
+    """Waits until the named accounts hold exactly these balances (sagas settle late)."""
+    merchants = sorted({m for m, _ in expected})
+
+    async def reached() -> bool:
+        found = await all_balances(service, merchants)
+        return {k: found[k] for k in expected} == expected
+
+    await wait_until(reached, what=what)
+
+
 async def states_on_owners(
     rebalancer: Rebalancer, config: ShardConfig, merchant_ids: Iterable[str]
 ) -> Counter[tuple[str, str | None] | None]:
@@ -970,11 +990,9 @@ async def test_holds_follow_a_merchant_there_back_and_there_again(ledger4: Ledge
         (partner, "cash"): (0, 0, 0, 0),
         (partner, "sales"): (0, 300, 0, 0),
     }
-
-    async def through() -> bool:
-        return await all_balances(service, [held, partner]) == settled_both
-
-    await wait_until(through, what="the post and the void to pass every relay of their paths")
+    await wait_for_balances(
+        service, settled_both, what="the post and the void to pass every relay of their paths"
+    )
     async with opened(again) as rebalancer:
         summary = await rebalancer.rebalance()
     assert [(r.move.merchant_id, r.outcome) for r in summary.results] == [(held, "moved")]
@@ -1081,22 +1099,14 @@ async def test_cross_shard_holds_of_a_merchant_that_moves_settle_through_its_old
             pending_id=in_post,
         ),
     ]
-    for item in settles:
-        assert set(result_names(await transfers(service.stub, item))) <= {
-            "TRANSFER_RESULT_OK",
-            "TRANSFER_RESULT_IN_PROGRESS",
-        }, item
+    await send_accepted(service, *settles)
     expected = {
         (held, "cash"): (200, 0, 0, 0),
         (held, "sales"): (0, 70, 0, 0),
         (partner, "cash"): (70, 0, 0, 0),
         (partner, "sales"): (0, 200, 0, 0),
     }
-
-    async def settled_everywhere() -> bool:
-        return await all_balances(service, [held, partner]) == expected
-
-    await wait_until(settled_everywhere, what="every relayed hold to be settled")
+    await wait_for_balances(service, expected, what="every relayed hold to be settled")
     await assert_reconciled(ledger4, new, "reconcile.toml", every_mirror_checked=True)
 
 
@@ -1250,22 +1260,16 @@ async def test_local_holds_with_a_merchant_that_stays_become_cross_shard_when_it
         pending_id=out_post,
         amount_minor=200,
     )
-    for call in (post, void):
-        assert set(result_names(await transfers(service.stub, call))) <= {
-            "TRANSFER_RESULT_OK",
-            "TRANSFER_RESULT_IN_PROGRESS",
-        }
+    await send_accepted(service, post, void)
     expected = {
         (held, "cash"): (200, 0, 0, 0),
         (held, "sales"): (0, 0, 0, 0),
         (partner, "cash"): (0, 0, 0, 0),
         (partner, "sales"): (0, 200, 0, 0),
     }
-
-    async def settled_everywhere() -> bool:
-        return await all_balances(service, [held, partner]) == expected
-
-    await wait_until(settled_everywhere, what="every carried hold to be posted, voided or expired")
+    await wait_for_balances(
+        service, expected, what="every carried hold to be posted, voided or expired"
+    )
     await assert_reconciled(ledger4, new, "reconcile.toml", every_mirror_checked=True)
 
 
@@ -1348,17 +1352,12 @@ async def test_sagas_in_flight_to_a_merchant_that_moves_continue_on_its_new_shar
         action=pb.TRANSFER_ACTION_POST_PENDING,
         pending_id=late_pending.key.transfer_id,
     )
-    assert set(result_names(await transfers(service.stub, post))) <= {
-        "TRANSFER_RESULT_OK",
-        "TRANSFER_RESULT_IN_PROGRESS",
-    }
-
-    async def posted() -> bool:
-        both = await all_balances(service, [payer, payee])
-        return both[(payee, "sales")] == (0, 165, 0, 0)
-
-    await wait_until(posted, what="the cross-shard post to reach the moved merchant")
-    assert (await all_balances(service, [payer]))[(payer, "cash")] == (165, 0, 0, 0)
+    await send_accepted(service, post)
+    await wait_for_balances(
+        service,
+        {(payee, "sales"): (0, 165, 0, 0), (payer, "cash"): (165, 0, 0, 0)},
+        what="the cross-shard post to reach the moved merchant",
+    )
     await assert_reconciled(ledger4, new, "reconcile.toml", every_mirror_checked=True)
 
 
