@@ -415,29 +415,40 @@ class Rebalancer:
 
     async def _hold_path(self, hold: CrossHold, here: str) -> list[str] | None:
         """The shards a cross-shard hold passes, from its debit party's to its credit
-        party's (a shard may appear more than once); None if a shard on it is not
-        known to this run or the path is longer than a settle may go."""
-        path = [here]
+        party's (a shard may appear more than once); None if it cannot be followed
+        (a shard not known to this run, or longer than a settle may go).
+
+        Walked forward, as a settle goes: each relay is found by where the hold
+        arrives from (looked up backwards, two relays on one shard may lead to
+        the same next one)."""
         if hold.debit_party:
-            previous, current = here, hold.beyond
-            for _ in range(limits.hold_relay_hops_max + 1):
-                if current not in self.shards:
-                    return None
-                path.append(current)
-                onward = await self._store(current).relay_next(hold.key, came_from=previous)
-                if onward is None:
-                    return path
-                previous, current = current, onward
+            return await self._walk(hold, start=here, first=hold.beyond)
+        home = await self._owner(hold.key.merchant_id)
+        peer = await self._store(home).saga_peer(hold.key) if home is not None else None
+        if home is None or peer is None:
             return None
-        following, current = here, hold.beyond
+        path = await self._walk(hold, start=home, first=peer)
+        return path if path is not None and path[-1] == here else None
+
+    async def _walk(self, hold: CrossHold, *, start: str, first: str) -> list[str] | None:
+        path = [start]
+        previous, current = start, first
         for _ in range(limits.hold_relay_hops_max + 1):
             if current not in self.shards:
                 return None
-            path.insert(0, current)
-            before = await self._store(current).relay_previous(hold.key, goes_to=following)
-            if before is None:
+            path.append(current)
+            onward = await self._store(current).relay_next(hold.key, came_from=previous)
+            if onward is None:
                 return path
-            following, current = current, before
+            previous, current = current, onward
+        return None
+
+    async def _owner(self, merchant_id: str) -> str | None:
+        """The shard that owns the merchant now (active, or fenced by a move)."""
+        for name in self.shards:
+            state = await self._store(name).state_of(merchant_id)
+            if state is not None and state[0] in ("active", "moving"):
+                return name
         return None
 
     async def _verify(self, source: MoveStore, destination: MoveStore, m: str) -> str | None:

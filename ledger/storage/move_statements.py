@@ -120,8 +120,8 @@ RELAY_ONWARD = """
 SELECT to_shard FROM hold_relays WHERE merchant_id = $1 AND transfer_id = $2 AND from_shard = $3
 """
 
-RELAY_BACKWARD = """
-SELECT from_shard FROM hold_relays WHERE merchant_id = $1 AND transfer_id = $2 AND to_shard = $3
+SAGA_PEER = """
+SELECT peer_shard FROM sagas WHERE merchant_id = $1 AND transfer_id = $2 AND kind = 1
 """
 
 INSERT_HOLD_RELAY = """

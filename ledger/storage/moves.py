@@ -343,13 +343,11 @@ class MoveStore:
 
         return await self.shard._with_connection(run)
 
-    async def relay_previous(self, hold: TransferKey, *, goes_to: str) -> str | None:
-        """Where the hold comes from when this shard relays it on to goes_to, if it does."""
+    async def saga_peer(self, hold: TransferKey) -> str | None:
+        """The peer of the saga that made a cross-shard hold, if its row is here."""
 
         async def run(conn: Connection) -> str | None:
-            found = await conn.fetchval(
-                sql.RELAY_BACKWARD, hold.merchant_id, hold.transfer_id, goes_to
-            )
+            found = await conn.fetchval(sql.SAGA_PEER, hold.merchant_id, hold.transfer_id)
             return str(found) if found is not None else None
 
         return await self.shard._with_connection(run)
