@@ -39,6 +39,7 @@ import asyncpg
 from chaos.clients import Caller, OpRecord
 from chaos.plan import PENDING_TIMEOUT_MS_MAX, Layout, Ref, TransferSpec
 from ledger import limits
+from ledger.domain.moves import MOVE_MERCHANT_ID
 from ledger.domain.sagas import (
     SETTLEMENT_MERCHANT_ID,
     CreditAction,
@@ -168,7 +169,8 @@ class Snapshot:
     transfers: dict[TKey, TransferRow] = field(default_factory=dict)
     sagas: dict[tuple[TKey, SagaKind], SagaRow] = field(default_factory=dict)
     # (credit shard, saga key, kind) -> outcome recorded by step 2.
-    credits: dict[tuple[str, TKey, SagaKind], CreditOutcome] = field(default_factory=dict)
+    # Step 2's outcomes, wherever the credit merchant is now (they move with it).
+    credits: dict[tuple[TKey, SagaKind], CreditOutcome] = field(default_factory=dict)
     resolutions: dict[TKey, PendingState] = field(default_factory=dict)
     # Net effect of the entries per (account, transfer that made them).
     entries: dict[tuple[Ref, TKey], Effect] = field(default_factory=dict)
@@ -247,28 +249,35 @@ async def wait_until_quiet(dsns: dict[str, str]) -> tuple[bool, str, float]:
         await asyncio.sleep(QUIESCE_POLL_INTERVAL_S)
 
 
-# Reading the shards.
+# Reading the shards: only what each shard owns. A rebalance leaves copies of
+# a merchant behind (moved, until cleanup) and ahead (incoming, until it moves).
+_OWNED = "SELECT merchant_id FROM merchants WHERE state IN ('active', 'moving')"
 
-_ACCOUNTS_SQL = """
+_ACCOUNTS_SQL = f"""
 SELECT merchant_id, account_id, currency, debits_must_not_exceed_credits,
        credits_must_not_exceed_debits, debits_posted, credits_posted,
        debits_pending, credits_pending
-FROM accounts
+FROM accounts WHERE merchant_id IN ({_OWNED})
 """
-_TRANSFERS_SQL = """
+_TRANSFERS_SQL = f"""
 SELECT merchant_id, transfer_id, kind, action, debit_merchant_id, debit_account_id,
        credit_merchant_id, credit_account_id, amount_minor, amount_effective_minor,
        currency, pending_id, timeout_ms, linked, result
-FROM transfers
+FROM transfers WHERE merchant_id IN ({_OWNED})
 """
-_SAGAS_SQL = """
+_SAGAS_SQL = f"""
 SELECT merchant_id, transfer_id, kind, state, peer_shard, credit_merchant_id,
        credit_account_id, credit_action, amount_minor, pending_minor, pending_id,
        result, attempts, last_error
-FROM sagas
+FROM sagas WHERE merchant_id IN ({_OWNED})
 """
-_CREDITS_SQL = "SELECT merchant_id, transfer_id, kind, outcome FROM saga_credits"
-_RESOLUTIONS_SQL = "SELECT merchant_id, pending_id, state FROM pending_resolutions"
+_CREDITS_SQL = f"""
+SELECT merchant_id, transfer_id, kind, outcome FROM saga_credits
+WHERE credit_merchant_id IN ({_OWNED})
+"""
+_RESOLUTIONS_SQL = f"""
+SELECT merchant_id, pending_id, state FROM pending_resolutions WHERE merchant_id IN ({_OWNED})
+"""
 _ENTRIES_SQL = f"""
 SELECT merchant_id, account_id, transfer_merchant_id, transfer_id,
   coalesce(sum(amount_minor) FILTER (WHERE direction = {Direction.DEBIT}
@@ -283,7 +292,7 @@ SELECT merchant_id, account_id, transfer_merchant_id, transfer_id,
                                      AND kind = {EntryKind.PENDING}), 0)
   - coalesce(sum(amount_minor) FILTER (WHERE direction = {Direction.CREDIT}
                                        AND kind = {EntryKind.PENDING_RELEASED}), 0) AS cpe
-FROM entries
+FROM entries WHERE merchant_id IN ({_OWNED})
 GROUP BY merchant_id, account_id, transfer_merchant_id, transfer_id
 """
 
@@ -384,7 +393,7 @@ def _merge(snapshot: Snapshot, shard: str, rows: dict[str, list[Any]]) -> None:
             r["last_error"],
         )
     for r in rows["credits"]:
-        snapshot.credits[(shard, (r["merchant_id"], r["transfer_id"]), SagaKind(r["kind"]))] = (
+        snapshot.credits[((r["merchant_id"], r["transfer_id"]), SagaKind(r["kind"]))] = (
             CreditOutcome(r["outcome"])
         )
     for r in rows["resolutions"]:
@@ -444,10 +453,24 @@ def check_limits(snapshot: Snapshot, report: CheckReport) -> None:
     report.notes.append(f"limits: {limited} accounts with a limit")
 
 
-def check_placement(snapshot: Snapshot, layout: Layout, report: CheckReport) -> None:
-    """Every client account and transfer is on its merchant's shard, and only there."""
+def check_placement(
+    snapshot: Snapshot, layout: Layout, report: CheckReport, *, moved: bool
+) -> None:
+    """Every client account and transfer is on its merchant's shard, and only there:
+    the ring's, or after merchant moves the one that owns it."""
     for violation in snapshot.duplicates:
         report.violations.append(violation)
+    owners: dict[str, set[str]] = defaultdict(set)
+    for account in snapshot.accounts.values():
+        if not account.ref.merchant_id.startswith(SETTLEMENT_MERCHANT_ID):
+            owners[account.ref.merchant_id].add(account.shard)
+    for row in snapshot.transfers.values():
+        owners[row.key[0]].add(row.shard)
+    for merchant_id, shards in sorted(owners.items()):
+        if len(shards) > 1:
+            report.add("placement", merchant_id, f"owned on {sorted(shards)}")
+    if moved:
+        return
     for account in snapshot.accounts.values():
         if account.ref.merchant_id.startswith(SETTLEMENT_MERCHANT_ID):
             continue
@@ -528,12 +551,12 @@ def _expect_cross_shard(
             # A held pending transfer; a post or void releases it under its own id.
             add(row.debit, row.key, Effect(debits_pending=amount))
     # The credit shard, by what step 2 recorded there.
-    if snapshot.credits.get((saga.peer_shard, row.key, SagaKind.TRANSFER)) is CreditOutcome.APPLIED:
+    if snapshot.credits.get((row.key, SagaKind.TRANSFER)) is CreditOutcome.APPLIED:
         if row.action == TransferAction.POST:
             add(saga.credit, row.key, Effect(credits_posted=amount))
         else:
             add(saga.credit, row.key, Effect(credits_pending=amount))
-            expired = snapshot.credits.get((saga.peer_shard, row.key, SagaKind.EXPIRE))
+            expired = snapshot.credits.get((row.key, SagaKind.EXPIRE))
             if expired is CreditOutcome.APPLIED:
                 add(saga.credit, row.key, Effect(credits_pending=-amount))
 
@@ -548,7 +571,7 @@ def _expect_cross_shard_settle(
         return
     held = saga.pending_minor
     add(row.debit, row.key, Effect(debits_posted=row.amount_effective_minor, debits_pending=-held))
-    if snapshot.credits.get((saga.peer_shard, row.key, SagaKind.SETTLE)) is CreditOutcome.APPLIED:
+    if snapshot.credits.get((row.key, SagaKind.SETTLE)) is CreditOutcome.APPLIED:
         add(saga.credit, row.key, Effect(credits_posted=saga.amount_minor, credits_pending=-held))
 
 
@@ -575,7 +598,9 @@ def check_entries(snapshot: Snapshot, report: CheckReport) -> None:
     sums: dict[Ref, Effect] = defaultdict(Effect)
     for (ref, key), effect in snapshot.entries.items():
         sums[ref] = sums[ref] + effect
-        if key not in snapshot.transfers:
+        # A merchant move books its net position on settlement accounts under its
+        # own name; every other entry belongs to a stored transfer.
+        if key not in snapshot.transfers and key[0] != MOVE_MERCHANT_ID:
             report.add("idempotency", f"account {ref}", f"entries of unknown transfer {key}")
     for ref, account in snapshot.accounts.items():
         if sums.get(ref, Effect()) != account.balances:
@@ -597,7 +622,7 @@ def check_sagas(snapshot: Snapshot, report: CheckReport) -> None:
         if origin not in snapshot.transfers:
             report.add("sagas", saga.describe(), "has no transfer row on its debit shard")
             continue
-        credit = snapshot.credits.get((saga.peer_shard, key, kind))
+        credit = snapshot.credits.get((key, kind))
         if saga.state is SagaState.RUNNING:
             report.add("sagas", saga.describe(), "still running after healing and waiting")
         elif saga.state is SagaState.DEAD:
@@ -889,13 +914,14 @@ async def check_all(
     layout: Layout,
     history: Sequence[OpRecord],
     caller: Caller,
+    moved: bool = False,
 ) -> CheckReport:
     report = CheckReport()
     quiet, state, report.quiesce_s = await wait_until_quiet(dsns)
     if not quiet:
         report.add("quiesce", "cluster", f"not quiet after {QUIESCE_DEADLINE_S}s: {state}")
     snapshot = await read_snapshot(dsns)
-    check_placement(snapshot, layout, report)
+    check_placement(snapshot, layout, report, moved=moved)
     check_conservation(snapshot, report)
     check_limits(snapshot, report)
     check_entries(snapshot, report)

@@ -11,6 +11,7 @@ import asyncio
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -49,6 +50,13 @@ PG_CTL_ATTEMPTS_MAX = 2
 # Every replica gets these. A killed replica's sagas are resumed by the other once
 # its lease runs out, and saga back-off is capped, so recovery takes seconds here
 # rather than the production defaults' tens of seconds.
+# `ledger shards rebalance` is run again after a failure (a shard down, a kill,
+# merchants deferred, another run still holding the lock) after this pause,
+# until it finishes or this deadline passes.
+REBALANCE_RETRY_PAUSE_S = 0.5
+REBALANCE_DEADLINE_S = 30.0
+# One run of an admin command is killed past this.
+ADMIN_COMMAND_DEADLINE_S = 120.0
 SERVICE_ENV = {
     "GRPC_ENABLE_FORK_SUPPORT": "false",
     "LEDGER_METRICS_LISTEN": "off",
@@ -199,6 +207,9 @@ class ChaosCluster:
             Replica(name, self.service_config_path, base_dir / f"{name}.log")
             for name in REPLICA_NAMES
         ]
+        # The cluster's config: rebalances raise the epoch and change weights.
+        self.epoch = 1
+        self.weights = dict.fromkeys(SHARD_NAMES, 1)
 
     def replica(self, name: str) -> Replica:
         for replica in self.replicas:
@@ -208,12 +219,81 @@ class ChaosCluster:
 
     @property
     def direct_config(self) -> ShardConfig:
+        return self._config(direct=True)
+
+    def _config(self, *, direct: bool) -> ShardConfig:
         return ShardConfig(
-            epoch=1,
+            epoch=self.epoch,
             shards=tuple(
-                ShardSpec(name=s.name, dsn=s.direct_dsn, weight=1) for s in self.shards.values()
+                ShardSpec(
+                    name=s.name,
+                    dsn=s.direct_dsn if direct else s.proxied_dsn,
+                    weight=self.weights[s.name],
+                )
+                for s in self.shards.values()
             ),
         )
+
+    def write_configs(self) -> None:
+        """The replicas' config (through the proxies; they reload it when it changes)
+        and the checker's (straight to the shards)."""
+        self.service_config_path.write_text(render_config(self._config(direct=False)))
+        self.direct_config_path.write_text(render_config(self.direct_config))
+
+    async def rebalance(self, weights: dict[str, int], *, kill_after_s: float | None) -> str:
+        """The admin's workflow: a new config (next epoch) over the live file, then
+        `ledger shards rebalance`, run again until it finishes (the first run killed
+        after kill_after_s, if given). Returns what it took."""
+        self.epoch += 1
+        self.weights = dict(weights)
+        self.write_configs()
+        deadline = time.monotonic() + REBALANCE_DEADLINE_S
+        runs: list[str] = []
+        while True:
+            kill = kill_after_s if not runs else None
+            code, output = await self._admin("shards", "rebalance", kill_after_s=kill)
+            moved = [line for line in output.splitlines() if line.startswith("moved ")]
+            runs.append("killed" if code == -signal.SIGKILL else f"exit {code}")
+            if code == 0:
+                return f"epoch {self.epoch}: {', '.join(runs)}; {moved[-1] if moved else ''}"
+            if time.monotonic() > deadline:
+                # Merchants with holds that cannot move yet stay deferred: the next
+                # rebalance (or none) takes it from there.
+                last = [ln for ln in output.splitlines() if ln.startswith(("moved", "NOT"))]
+                return f"epoch {self.epoch}: {', '.join(runs)}; unfinished: {last}"
+            await asyncio.sleep(REBALANCE_RETRY_PAUSE_S)
+
+    async def cleanup(self) -> str:
+        """`ledger shards cleanup`: old copies of moved merchants go."""
+        code, output = await self._admin("shards", "cleanup", kill_after_s=None, direct=True)
+        if code != 0:
+            raise HarnessError(f"cleanup failed ({code}): {output[-800:]}")
+        return output.strip().splitlines()[-1] if output.strip() else ""
+
+    async def _admin(
+        self, *args: str, kill_after_s: float | None, direct: bool = False
+    ) -> tuple[int, str]:
+        config = self.direct_config_path if direct else self.service_config_path
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "ledger.cli",
+            *args,
+            "--config",
+            str(config),
+            cwd=ROOT,
+            env={**os.environ, **SERVICE_ENV},
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        wait_s = kill_after_s if kill_after_s is not None else ADMIN_COMMAND_DEADLINE_S
+        try:
+            output, _ = await asyncio.wait_for(process.communicate(), wait_s)
+        except TimeoutError:
+            process.kill()
+            output, _ = await process.communicate()
+        assert process.returncode is not None
+        return process.returncode, output.decode(errors="replace")
 
     async def start(self) -> None:
         """Shards (at once), proxies, configs, then the replicas one after the other
@@ -225,14 +305,7 @@ class ChaosCluster:
                 name=shard.name, upstream_host="127.0.0.1", upstream_port=shard.postgres.port
             )
             await shard.proxy.start()
-        proxied = ShardConfig(
-            epoch=1,
-            shards=tuple(
-                ShardSpec(name=s.name, dsn=s.proxied_dsn, weight=1) for s in self.shards.values()
-            ),
-        )
-        self.service_config_path.write_text(render_config(proxied))
-        self.direct_config_path.write_text(render_config(self.direct_config))
+        self.write_configs()
         for replica in self.replicas:
             await replica.start()
 

@@ -11,7 +11,7 @@ import asyncio
 from dataclasses import dataclass
 
 from chaos.cluster import ChaosCluster
-from chaos.plan import Fault, FaultKind
+from chaos.plan import REBALANCE_LANE, REBALANCE_WEIGHT, SHARD_NAMES, Fault, FaultKind
 
 
 @dataclass
@@ -60,7 +60,9 @@ class Nemesis:
 
     async def _inject(self, record: FaultRecord) -> None:
         fault = record.fault
-        lock = self._locks.setdefault(fault.target, asyncio.Lock())
+        # Rebalances share one lane: each is a whole admin workflow, one at a time.
+        lane = REBALANCE_LANE if fault.fault is FaultKind.REBALANCE else fault.target
+        lock = self._locks.setdefault(lane, asyncio.Lock())
         async with lock:
             record.started_s = self._now_s()
             try:
@@ -80,6 +82,13 @@ class Nemesis:
             failed = replica.failed_starts[failed_before:]
             tries = f" after {len(failed)} failed start(s): {failed[-1]}" if failed else ""
             return f"restarted on port {replica.port}{tries}"
+        if fault.fault is FaultKind.REBALANCE:
+            raised = {n: REBALANCE_WEIGHT if n == fault.target else 1 for n in SHARD_NAMES}
+            kill_s = fault.kill_after_ms / 1000 if fault.kill_after_ms else None
+            there = await cluster.rebalance(raised, kill_after_s=kill_s)
+            await asyncio.sleep(fault.duration_s)
+            back = await cluster.rebalance(dict.fromkeys(SHARD_NAMES, 1), kill_after_s=None)
+            return f"{there}; back: {back}"
         if fault.fault is FaultKind.STOP_SHARD:
             await cluster.stop_shard(fault.target)
             await asyncio.sleep(fault.duration_s)

@@ -81,7 +81,18 @@ FAULT_DURATION_S = {
     "stop_shard": (0.5, 5.0),
     "partition_shard": (0.5, 5.0),
     "slow_shard": (1.0, 6.0),
+    # How long one shard's raised weight stands before it is put back (each end
+    # of it is a whole `ledger shards rebalance`, retried until it finishes).
+    "rebalance": (1.0, 6.0),
 }
+# A rebalance raises one shard's weight to this (merchants move to it) and then
+# back to 1 (they move back): every rebalance moves merchants, with their holds
+# and sagas, while the clients write and other faults go on.
+REBALANCE_WEIGHT = 3
+# A share of rebalances is SIGKILLed once, this long after it started, and run again.
+REBALANCE_KILL_SHARE = 0.5
+REBALANCE_KILL_AFTER_MS_MIN = 50
+REBALANCE_KILL_AFTER_MS_MAX = 1_500
 SLOW_LATENCY_MS_MIN = 50
 SLOW_LATENCY_MS_MAX = 300
 # A killed replica needs a Python start-up (seconds) after its downtime before it
@@ -89,6 +100,10 @@ SLOW_LATENCY_MS_MAX = 300
 REPLICA_RESTART_ALLOWANCE_S = 6.0
 # A stopped shard replays its WAL on start; the next fault on it waits this long.
 SHARD_RECOVERY_ALLOWANCE_S = 1.0
+# Rebalances never overlap each other (they share this lane of the schedule); the
+# next one waits this long after the planned end of the last, for its commands.
+REBALANCE_LANE = "rebalance"
+REBALANCE_ALLOWANCE_S = 5.0
 # Operations per client that a plan digest covers (the run reports it; a test
 # compares it with its own planning of the same seed in another process).
 PLAN_DIGEST_OPS_PER_CLIENT = 200
@@ -129,6 +144,7 @@ class FaultKind(StrEnum):
     STOP_SHARD = "stop_shard"
     PARTITION_SHARD = "partition_shard"
     SLOW_SHARD = "slow_shard"
+    REBALANCE = "rebalance"
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -185,9 +201,15 @@ class Fault:
     duration_s: float
     # For slow_shard: the latency the proxy adds to every chunk sent to the shard.
     latency_ms: int = 0
+    # For rebalance: kill the first run of the command this long after it started.
+    kill_after_ms: int = 0
 
     def describe(self) -> str:
         extra = f" +{self.latency_ms} ms" if self.latency_ms else ""
+        if self.fault is FaultKind.REBALANCE:
+            extra = f" weight {REBALANCE_WEIGHT}" + (
+                f", killed after {self.kill_after_ms} ms" if self.kill_after_ms else ""
+            )
         return (
             f"{self.at_s:7.2f}s {self.fault.value} {self.target}{extra} for {self.duration_s:.2f}s"
         )
@@ -440,17 +462,18 @@ class ClientPlanner:
         return f"settle_{how}_{'cross' if cross else 'local'}", (transfer,)
 
     def _chain(self, op_id: str) -> tuple[str, tuple[TransferSpec, ...]]:
-        """A linked chain on one shard; a doomed chain holds one overdraft member."""
+        """A linked chain of one merchant; a doomed chain holds one overdraft member."""
         shard = self._shard()
         length = self._rng.randint(CHAIN_LENGTH_MIN, CHAIN_LENGTH_MAX)
         doomed_at = self._rng.randrange(length) if self._rng.random() < DOOMED_CHAIN_SHARE else -1
+        # One merchant: a linked chain must live on one shard, and a rebalance may
+        # split two merchants that shared one.
+        merchant = self._merchant(shard)
         transfers = []
         for member in range(length):
             currency = self._rng.choice(CURRENCIES)
-            debit_merchant = self._merchant(shard)
-            credit_merchant = self._merchant(shard)
-            debit = self._wallet(debit_merchant, currency)
-            credit = self._wallet(credit_merchant, currency)
+            debit = self._wallet(merchant, currency)
+            credit = self._wallet(merchant, currency)
             credit = _apart(credit, debit, currency)
             amount = (
                 self._rng.randint(OVERDRAFT_AMOUNT_MINOR_MIN, OVERDRAFT_AMOUNT_MINOR_MAX)
@@ -479,11 +502,13 @@ def _apart(credit: Ref, debit: Ref, currency: str) -> Ref:
     return Ref(credit.merchant_id, wallet_account(currency, (index + 1) % WALLETS_PER_CURRENCY))
 
 
-def plan_faults(seed: int, duration_s: float) -> tuple[Fault, ...]:
+def plan_faults(seed: int, duration_s: float, *, rebalances: bool = False) -> tuple[Fault, ...]:
     """The fault schedule: every fault starts and ends within duration_s."""
     rng = random.Random(f"chaos/{seed}/faults")
-    kinds = list(FaultKind)
-    busy_until: dict[str, float] = {name: 0.0 for name in (*REPLICA_NAMES, *SHARD_NAMES)}
+    kinds = [k for k in FaultKind if rebalances or k is not FaultKind.REBALANCE]
+    busy_until: dict[str, float] = {
+        name: 0.0 for name in (*REPLICA_NAMES, *SHARD_NAMES, REBALANCE_LANE)
+    }
     faults: list[Fault] = []
     at_s = round(rng.uniform(FIRST_FAULT_S_MIN, FIRST_FAULT_S_MAX), 2)
     while at_s < duration_s:
@@ -495,24 +520,40 @@ def plan_faults(seed: int, duration_s: float) -> tuple[Fault, ...]:
             if kind is FaultKind.SLOW_SHARD
             else 0
         )
+        kill_after_ms = 0
         if kind is FaultKind.KILL_REPLICA:
             # One replica at a time: the other must serve while this one restarts.
             free = [r for r in REPLICA_NAMES if max(busy_until[x] for x in REPLICA_NAMES) <= at_s]
             allowance_s = REPLICA_RESTART_ALLOWANCE_S
+        elif kind is FaultKind.REBALANCE:
+            # One rebalance at a time (the target is the shard whose weight rises);
+            # the commands themselves take seconds on top of the planned length.
+            free = list(SHARD_NAMES) if busy_until[REBALANCE_LANE] <= at_s else []
+            allowance_s = REBALANCE_ALLOWANCE_S
+            if rng.random() < REBALANCE_KILL_SHARE:
+                kill_after_ms = rng.randint(
+                    REBALANCE_KILL_AFTER_MS_MIN, REBALANCE_KILL_AFTER_MS_MAX
+                )
         else:
             free = [s for s in SHARD_NAMES if busy_until[s] <= at_s]
             allowance_s = SHARD_RECOVERY_ALLOWANCE_S if kind is FaultKind.STOP_SHARD else 0.0
         target = rng.choice(free) if free else ""
         length_s = round(min(length_s, duration_s - at_s), 2)
         if target and length_s > 0:
-            faults.append(Fault(at_s, kind, target, length_s, latency_ms))
-            busy_until[target] = at_s + length_s + allowance_s
+            faults.append(Fault(at_s, kind, target, length_s, latency_ms, kill_after_ms))
+            lane = REBALANCE_LANE if kind is FaultKind.REBALANCE else target
+            busy_until[lane] = at_s + length_s + allowance_s
         at_s = round(at_s + rng.uniform(FAULT_GAP_S_MIN, FAULT_GAP_S_MAX), 2)
     return tuple(faults)
 
 
 def plan_run(
-    *, seed: int, duration_s: float, clients: int, ops_per_client: int = PLAN_DIGEST_OPS_PER_CLIENT
+    *,
+    seed: int,
+    duration_s: float,
+    clients: int,
+    ops_per_client: int = PLAN_DIGEST_OPS_PER_CLIENT,
+    rebalances: bool = False,
 ) -> RunPlan:
     """The whole plan of a run: what the runner executes (it draws more operations from
     the same planners while time remains)."""
@@ -521,4 +562,5 @@ def plan_run(
     for client in range(clients):
         planner = ClientPlanner(seed=seed, client=client, layout=layout)
         operations.append(tuple(planner.next() for _ in range(ops_per_client)))
-    return RunPlan(seed, layout, plan_faults(seed, duration_s), tuple(operations))
+    faults = plan_faults(seed, duration_s, rebalances=rebalances)
+    return RunPlan(seed, layout, faults, tuple(operations))

@@ -68,6 +68,7 @@ class Options:
     json_path: Path | None
     work_dir: Path | None
     keep: bool
+    rebalances: bool = False
 
 
 def parse_args(argv: Sequence[str] | None) -> Options:
@@ -85,12 +86,25 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     parser.add_argument(
         "--keep", action="store_true", help="keep the temporary directory even after a clean run"
     )
+    parser.add_argument(
+        "--rebalances",
+        action="store_true",
+        help="also plan rebalances (a shard's weight up, then back) among the faults",
+    )
     args = parser.parse_args(argv)
     if not DURATION_S_MIN <= args.duration_s <= DURATION_S_MAX:
         parser.error(f"--duration-s must be {DURATION_S_MIN} to {DURATION_S_MAX}")
     if not 1 <= args.clients <= CLIENTS_MAX:
         parser.error(f"--clients must be 1 to {CLIENTS_MAX}")
-    return Options(args.seed, args.duration_s, args.clients, args.json, args.work_dir, args.keep)
+    return Options(
+        args.seed,
+        args.duration_s,
+        args.clients,
+        args.json,
+        args.work_dir,
+        args.keep,
+        args.rebalances,
+    )
 
 
 @dataclass
@@ -167,12 +181,17 @@ async def execute(options: Options, plan: RunPlan, result: RunResult) -> None:
                 )
         result.history += sorted((r for h in histories for r in h), key=lambda r: r.started_s)
         result.healed = await cluster.heal()
+        if cluster.epoch > 1:
+            # Old copies of moved merchants go, as an admin removes them after a
+            # rebalance; the checker then reads what each shard owns.
+            result.healed.append(f"cleanup: {await cluster.cleanup()}")
         result.report = await check_all(
             dsns={name: shard.direct_dsn for name, shard in cluster.shards.items()},
             direct_config_path=cluster.direct_config_path,
             layout=plan.layout,
             history=result.history,
             caller=setup,
+            moved=cluster.epoch > 1,
         )
     finally:
         result.failed_starts = [
@@ -320,7 +339,12 @@ def write_history(history: Sequence[OpRecord], path: Path) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     options = parse_args(argv)
-    plan = plan_run(seed=options.seed, duration_s=options.duration_s, clients=options.clients)
+    plan = plan_run(
+        seed=options.seed,
+        duration_s=options.duration_s,
+        clients=options.clients,
+        rebalances=options.rebalances,
+    )
     work_dir = options.work_dir or Path(tempfile.mkdtemp(prefix=f"ledger-chaos-{options.seed}-"))
     result = RunResult(plan=plan, options=options, work_dir=work_dir)
     began = time.monotonic()
