@@ -1000,6 +1000,38 @@ async def test_holds_follow_a_merchant_there_back_and_there_again(ledger4: Ledge
     await assert_reconciled(ledger4, again, "reconcile.toml", every_mirror_checked=True)
 
 
+async def test_sagas_copied_ahead_of_a_move_are_not_driven_where_the_merchant_is_not_owned(
+    ledger4: Ledger4,
+) -> None:
+    """A move copies a merchant's running sagas to its new shard before it owns them:
+    that shard's recovery workers must leave them alone (they would credit against
+    the wrong settlement account)."""
+    service = ledger4.service
+    old, new = service.cluster.config, ledger4.config(2, ALL_SHARDS)
+    (held,) = merchants_moving(old, new, 1, destination="shard-d")
+    source = ShardRing(old).shard_for(held)
+    partner = staying_merchant(old, new, on=False, shard=source)
+    await create_merchants(service, [held, partner])
+    runner, saga = await held_saga(service, held, partner)
+    make_due = "UPDATE sagas SET lease_until = NULL, next_attempt_at = clock_timestamp()"
+    # The service stays on its config (no rebalance runs): only the copy is made.
+    async with opened(new) as rebalancer:
+        ahead = MoveStore(rebalancer.shards["shard-d"])
+        await ahead.mark_incoming(held, source=source, epoch=new.epoch)
+        await ahead.write_rows(
+            held, await MoveStore(rebalancer.shards[source]).read_rows(held, since=None)
+        )
+        await rebalancer.shards["shard-d"].pool.execute(make_due)
+        claimed = await SagaStore(rebalancer.shards["shard-d"]).claim_due(
+            owner="test", limit=10, lease_s=60.0
+        )
+        assert claimed == []
+        assert (
+            await SagaStore(rebalancer.shards["shard-d"]).list([SagaState.RUNNING], limit=10) == []
+        )
+    assert (await runner.drive(saga)).state is SagaState.COMPLETED
+
+
 async def test_merchant_with_a_saga_of_its_own_unfinished_is_deferred_until_it_finishes(
     ledger4: Ledger4,
 ) -> None:

@@ -89,6 +89,9 @@ WITH due AS (
     SELECT merchant_id, transfer_id, kind FROM sagas
     WHERE state = 1 AND next_attempt_at <= clock_timestamp()
       AND (lease_until IS NULL OR lease_until < clock_timestamp())
+      -- Only sagas of merchants owned here: a move copies a merchant's sagas to
+      -- its new shard before it owns them, and leaves them behind after.
+      AND merchant_id IN (SELECT merchant_id FROM merchants WHERE state IN ('active', 'moving'))
     ORDER BY next_attempt_at
     LIMIT $2
     FOR UPDATE SKIP LOCKED
@@ -103,6 +106,7 @@ RETURNING {", ".join("s." + c.strip() for c in SAGA_COLUMNS.split(","))}
 
 LIST_SAGAS = f"""
 SELECT {SAGA_COLUMNS} FROM sagas WHERE state = ANY($1::smallint[])
+  AND merchant_id IN (SELECT merchant_id FROM merchants WHERE state IN ('active', 'moving'))
 ORDER BY created_at LIMIT $2
 """
 
