@@ -324,6 +324,14 @@ class Rebalancer:
                 return MoveResult(move, f"deferred: {refused}", rows_copied)
             fenced_at = time.monotonic()
             faults.crash_point("move.after_fence")
+        elif source_state is not None and destination_state[0] == "incoming":
+            # Resumed under a fence a crashed run left: check what the fence checks.
+            refused = await self._drain(
+                source, m, destination=move.destination, removed=move.source in self.removed
+            )
+            if refused is not None:
+                await source.unfence(m, epoch=epoch)
+                return MoveResult(move, f"deferred: {refused}", rows_copied)
         if destination_state[0] == "incoming":
             problem = None
             for _ in range(VERIFY_ATTEMPTS_MAX):
