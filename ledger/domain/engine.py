@@ -50,6 +50,47 @@ def advanced(account: Account, state: AccountState) -> Account:
     )
 
 
+def state_of(account: Account) -> AccountState:
+    return AccountState(account.balances, account.entry_count, account.head_hash)
+
+
+def booked(
+    state: AccountState,
+    *,
+    account: AccountKey,
+    transfer: TransferKey,
+    direction: Direction,
+    kind: EntryKind,
+    amount_minor: int,
+    now: datetime,
+) -> tuple[Entry, AccountState]:
+    """One entry on an account outside a transfer's rules (settlement bookings of
+    moves and relays), chained to its head, and the account's state after it."""
+    b = state.balances
+    change = -amount_minor if kind is EntryKind.PENDING_RELEASED else amount_minor
+    if kind is EntryKind.POSTED:
+        column = "debits_posted" if direction is Direction.DEBIT else "credits_posted"
+    else:
+        column = "debits_pending" if direction is Direction.DEBIT else "credits_pending"
+    after = replace(b, **{column: getattr(b, column) + change})
+    invariant(
+        after.debits_pending >= 0 and after.credits_pending >= 0,
+        "a booking releases only what an account holds",
+    )
+    entry = chained_entry(
+        state.head_hash,
+        account=account,
+        sequence=state.entry_count + 1,
+        transfer=transfer,
+        direction=direction,
+        kind=kind,
+        amount_minor=amount_minor,
+        balances_after=after,
+        created_at=now,
+    )
+    return entry, AccountState(after, entry.sequence, entry.hash)
+
+
 @dataclass(frozen=True, slots=True)
 class PendingView:
     record: TransferRecord

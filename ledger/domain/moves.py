@@ -29,7 +29,7 @@ from datetime import datetime
 
 from ledger.domain.accounts import Account, AccountKey, Balances
 from ledger.domain.chain import chained_entry
-from ledger.domain.engine import AccountState
+from ledger.domain.engine import AccountState, booked, state_of
 from ledger.domain.transfers import Direction, Entry, EntryKind, TransferKey
 
 MOVE_MERCHANT_ID = "$move"
@@ -90,23 +90,15 @@ def carried_hold_booking(
 ) -> tuple[Entry, AccountState]:
     """The pending entry on a settlement account that takes over one side of a hold
     whose other side leaves (debit: it holds the debit side, else the credit side)."""
-    b = settlement.balances
-    if debit:
-        after = replace(b, debits_pending=b.debits_pending + amount_minor)
-    else:
-        after = replace(b, credits_pending=b.credits_pending + amount_minor)
-    entry = chained_entry(
-        settlement.head_hash,
+    return booked(
+        state_of(settlement),
         account=settlement.key,
-        sequence=settlement.entry_count + 1,
         transfer=key,
         direction=Direction.DEBIT if debit else Direction.CREDIT,
         kind=EntryKind.PENDING,
         amount_minor=amount_minor,
-        balances_after=after,
-        created_at=now,
+        now=now,
     )
-    return entry, AccountState(after, entry.sequence, entry.hash)
 
 
 def move_key(merchant_id: str, epoch: int) -> TransferKey:

@@ -27,6 +27,8 @@ from ledger.domain.engine import (
     TransferBatchPlan,
     TransferBatchState,
     apply_transfers,
+    booked,
+    state_of,
 )
 from ledger.domain.transfers import (
     Direction,
@@ -323,34 +325,22 @@ def hold_moved_plan(
     the old peer to the one for the shard that credited, so each mirrors its
     peer again. Both are this shard's accounts: the shard stays balanced."""
     invariant(amount_minor > 0, "a saga's hold is positive")
-    invariant(
-        held_by.balances.credits_pending >= amount_minor,
-        "the settlement account for step 1's peer holds the reservation",
-    )
-    released = replace(
-        held_by.balances, credits_pending=held_by.balances.credits_pending - amount_minor
-    )
-    held = replace(
-        moved_to.balances, credits_pending=moved_to.balances.credits_pending + amount_minor
-    )
-    entries = [
-        chained_entry(
-            account.head_hash,
+    entries = []
+    states: dict[AccountKey, AccountState] = {}
+    for account, kind in (
+        (held_by, EntryKind.PENDING_RELEASED),
+        (moved_to, EntryKind.PENDING),
+    ):
+        entry, states[account.key] = booked(
+            state_of(account),
             account=account.key,
-            sequence=account.entry_count + 1,
             transfer=key,
             direction=Direction.CREDIT,
             kind=kind,
             amount_minor=amount_minor,
-            balances_after=after,
-            created_at=now,
+            now=now,
         )
-        for account, kind, after in (
-            (held_by, EntryKind.PENDING_RELEASED, released),
-            (moved_to, EntryKind.PENDING, held),
-        )
-    ]
-    states = {e.account: AccountState(e.balances_after, e.sequence, e.hash) for e in entries}
+        entries.append(entry)
     return entries, states
 
 
@@ -368,44 +358,26 @@ def relay_plan(
     credit side; both are released, and posted_minor posted. They are one account
     when the hold comes back the way it went: its entries then follow each other."""
     invariant(0 <= posted_minor <= pending_minor, "a settle posts at most what is held")
-    states = {
-        a.key: AccountState(a.balances, a.entry_count, a.head_hash) for a in (incoming, outgoing)
-    }
+    states = {a.key: state_of(a) for a in (incoming, outgoing)}
     entries: list[Entry] = []
-
-    def post(account: AccountKey, direction: Direction, kind: EntryKind, amount: int) -> None:
-        state = states[account]
-        b = state.balances
-        sign = -1 if kind is EntryKind.PENDING_RELEASED else 1
-        if direction is Direction.DEBIT and kind is EntryKind.POSTED:
-            after = replace(b, debits_posted=b.debits_posted + amount)
-        elif direction is Direction.DEBIT:
-            after = replace(b, debits_pending=b.debits_pending + sign * amount)
-        elif kind is EntryKind.POSTED:
-            after = replace(b, credits_posted=b.credits_posted + amount)
-        else:
-            after = replace(b, credits_pending=b.credits_pending + sign * amount)
-        invariant(
-            after.debits_pending >= 0 and after.credits_pending >= 0,
-            "a relay releases only what its settlement accounts hold",
-        )
-        entry = chained_entry(
-            state.head_hash,
+    steps = [
+        (incoming.key, Direction.DEBIT, EntryKind.PENDING_RELEASED, pending_minor),
+        (outgoing.key, Direction.CREDIT, EntryKind.PENDING_RELEASED, pending_minor),
+    ]
+    if posted_minor:
+        steps += [
+            (incoming.key, Direction.DEBIT, EntryKind.POSTED, posted_minor),
+            (outgoing.key, Direction.CREDIT, EntryKind.POSTED, posted_minor),
+        ]
+    for account, direction, kind, amount in steps:
+        entry, states[account] = booked(
+            states[account],
             account=account,
-            sequence=state.entry_count + 1,
             transfer=key,
             direction=direction,
             kind=kind,
             amount_minor=amount,
-            balances_after=after,
-            created_at=now,
+            now=now,
         )
-        states[account] = AccountState(after, entry.sequence, entry.hash)
         entries.append(entry)
-
-    post(incoming.key, Direction.DEBIT, EntryKind.PENDING_RELEASED, pending_minor)
-    post(outgoing.key, Direction.CREDIT, EntryKind.PENDING_RELEASED, pending_minor)
-    if posted_minor:
-        post(incoming.key, Direction.DEBIT, EntryKind.POSTED, posted_minor)
-        post(outgoing.key, Direction.CREDIT, EntryKind.POSTED, posted_minor)
     return entries, states
