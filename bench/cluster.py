@@ -8,10 +8,12 @@ targets existing shards instead (and leaves nothing of its raw tables there).
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 from collections.abc import Iterable
@@ -51,6 +53,10 @@ MERCHANTS_PER_CREATE_CALL = 500
 # The bench's own PostgreSQL keeps checkpoints out of the measured windows (a
 # CHECKPOINT runs before every phase instead), so no phase pays for another's WAL.
 EMBEDDED_MAX_WAL_SIZE = "8GB"
+# py-spy samples the service this often; 100 Hz costs it a few percent.
+PY_SPY_RATE_HZ = 100
+# py-spy writes its stacks within seconds of the recording's end.
+PY_SPY_WRITE_TIMEOUT_S = 60.0
 # A process tree walk stops at this depth; the service has no grandchildren.
 PROCESS_TREE_DEPTH_MAX = 4
 
@@ -177,6 +183,34 @@ class ServiceProcess:
                 process.wait(timeout=SERVICE_STOP_TIMEOUT_S)
         if self._reader is not None:
             self._reader.join(timeout=LOG_DRAIN_TIMEOUT_S)
+
+
+class PySpy:
+    """py-spy recording the service for one phase, as collapsed stacks (one line per
+    stack with its sample count: what flamegraph.pl and speedscope read)."""
+
+    def __init__(self, pid: int, output: Path, *, seconds: float) -> None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        self.output = output
+        self.process = subprocess.Popen(
+            [
+                "py-spy", "record", "--pid", str(pid), "--output", str(output),
+                "--duration", str(math.ceil(seconds)), "--rate", str(PY_SPY_RATE_HZ),
+                "--format", "raw", "--nonblocking",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )  # fmt: skip
+
+    def wait(self) -> None:
+        try:
+            _, stderr = self.process.communicate(timeout=PY_SPY_WRITE_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            raise RuntimeError(f"py-spy did not finish writing {self.output}") from None
+        if self.process.returncode != 0:
+            raise RuntimeError(f"py-spy failed: {stderr.decode(errors='replace')[-2000:]}")
+        print(f"  py-spy stacks: {self.output}", file=sys.stderr)
 
 
 def process_tree(pid: int) -> list[int]:

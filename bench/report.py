@@ -74,6 +74,8 @@ def add_ratios(modes: dict[str, dict[str, Any]]) -> dict[str, float]:
     """Sets ratio and ratio_to on the compared modes; returns the ratios by name."""
     ratios = {}
     for mode, base in RATIO_TO.items():
+        if mode not in modes or base not in modes:
+            continue
         base_tps = modes[base]["transfers_per_s"]
         ratio = modes[mode]["transfers_per_s"] / base_tps if base_tps > 0 else 0.0
         modes[mode]["ratio"] = ratio
@@ -94,7 +96,7 @@ def render_table(report: Mapping[str, Any]) -> str:
         f"{'mode':<17}{'transfers/s':>12}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}"
         f"{'RSS MB':>9}  ratio",
     ]
-    for mode in MODES:
+    for mode in modes:
         m = modes[mode]
         lat = m["latency_ms"]
         ratio = ""
@@ -141,7 +143,7 @@ def write_chart(report: Mapping[str, Any], path: Path) -> None:
     from matplotlib.ticker import FuncFormatter
 
     modes = report["modes"]
-    names = list(MODES)
+    names = list(modes)
     tps = [modes[n]["transfers_per_s"] for n in names]
     colors = ["#9aa5b1" if n.startswith("raw_") else "#2f6db3" for n in names]
     figure, (left, right) = plt.subplots(1, 2, figsize=(13, 5))

@@ -84,6 +84,10 @@ class Options:
     profile: Profile
     out_dir: Path
     config_path: Path | None
+    # The modes to measure, in report.MODES order (all by default).
+    modes: tuple[str, ...] = report.MODES
+    # Where py-spy writes a flame graph of the service per gRPC mode, if set.
+    py_spy_dir: Path | None = None
 
 
 def parse_args(argv: Sequence[str] | None) -> Options:
@@ -101,6 +105,16 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT_DIR, help="results directory")
     parser.add_argument(
         "--config", type=Path, help="shard config of existing shards (default: a temporary cluster)"
+    )
+    parser.add_argument(
+        "--modes",
+        help="comma-separated modes to measure (default: all); a ratio needs both its modes",
+    )
+    parser.add_argument(
+        "--py-spy",
+        type=Path,
+        metavar="DIR",
+        help="record py-spy stacks of the service per gRPC mode into DIR (slows it down)",
     )
     args = parser.parse_args(argv)
     base = PROFILES[args.mode]
@@ -121,9 +135,17 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         problems.append("--batch-size must be 1 to 1000 (the service's per-call limit)")
     if profile.merchants < 2:
         problems.append("--merchants must be at least 2")
+    modes: tuple[str, ...] = report.MODES
+    if args.modes:
+        wanted = {m.strip() for m in args.modes.split(",") if m.strip()}
+        if unknown := wanted - set(report.MODES):
+            problems.append(f"unknown modes {sorted(unknown)}; known: {', '.join(report.MODES)}")
+        if "single_half_peak" in wanted and "single" not in wanted:
+            problems.append("single_half_peak is paced from single's figure: add single")
+        modes = tuple(m for m in report.MODES if m in wanted)
     if problems:
         parser.error("; ".join(problems))
-    return Options(args.mode, profile, args.out, args.config)
+    return Options(args.mode, profile, args.out, args.config, modes, args.py_spy)
 
 
 class ClientPool:
@@ -264,7 +286,7 @@ def run(options: Options) -> dict[str, Any]:
         cpu = cluster.CpuMeter(service_pid=service.pid, postgres_pid=cluster.postmaster_pid(shards))
         cpu.client_pids = clients.pids
         modes: dict[str, dict[str, Any]] = {}
-        for mode in report.MODES:
+        for mode in options.modes:
             rate_per_s = None
             if mode == "single_half_peak":
                 rate_per_s = report.HALF_PEAK_FRACTION * modes["single"]["transfers_per_s"]
@@ -272,6 +294,15 @@ def run(options: Options) -> dict[str, Any]:
             if refused and not notes:
                 notes.append(f"CHECKPOINT refused on {refused}; phases may share checkpoints")
             sampler.reset()
+            spy = (
+                cluster.PySpy(
+                    service.pid,
+                    options.py_spy_dir / f"{mode}.txt",
+                    seconds=profile.warmup_s + profile.duration_s,
+                )
+                if options.py_spy_dir is not None and not mode.startswith("raw_")
+                else None
+            )
             results = clients.run_phase(
                 Phase(
                     mode=mode,
@@ -282,6 +313,8 @@ def run(options: Options) -> dict[str, Any]:
                 cpu,
             )
             cores = cpu.cores()
+            if spy is not None:
+                spy.wait()
             modes[mode] = report.summarize(
                 results, duration_s=profile.duration_s, rss_mb_peak=sampler.peak_mb()
             )
@@ -325,7 +358,9 @@ def run(options: Options) -> dict[str, Any]:
         },
         "modes": modes,
         "ratios": ratios,
-        "single_half_peak_p99_ms": modes["single_half_peak"]["latency_ms"]["p99"],
+        "single_half_peak_p99_ms": modes.get("single_half_peak", {})
+        .get("latency_ms", {})
+        .get("p99"),
         "service": {"rss_mb_peak": rss_mb_peak, "vmhwm_mb": vmhwm_mb},
         "targets": report.TARGETS,
         "notes": notes,

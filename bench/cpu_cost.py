@@ -1,0 +1,145 @@
+"""Service CPU per call: `python -m bench.cpu_cost [--calls N]`.
+
+The throughput benchmark (bench/run.py) says how fast; this says where a change
+moved the cost. One caller makes calls one after another, so nothing is
+batched or queued, and the service's CPU time (/proc, user + system) is divided
+by the calls: microseconds per single transfer, per batch of B and per item of
+it, per cross-shard transfer (its saga runs inline). PostgreSQL's CPU per call
+is printed beside it. Sequential calls pay every per-transaction cost in full,
+as at low load, which is what sets latency at half the peak rate.
+
+The figures move by a few percent between runs; an A/B of a change is two runs
+of each, interleaved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import uuid
+from collections.abc import Sequence
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from bench import cluster
+from bench.worker import CALL_TIMEOUT_S, _to_proto
+from bench.workload import Picker, Workload, place_merchants
+from ledger.routing.ring import ShardRing
+from ledger.v1 import ledger_pb2 as pb
+from ledger.v1 import ledger_pb2_grpc
+
+MERCHANTS = 300
+# Unmeasured calls first: connections open, statements get prepared, caches fill.
+WARMUP_CALLS = 200
+# Long enough for clock-tick (10 ms) CPU accounting to resolve a few ms per second.
+IDLE_MEASURE_S = 5.0
+
+
+async def _measure(
+    stub: ledger_pb2_grpc.LedgerServiceAsyncStub,
+    pick: object,
+    calls: int,
+    *,
+    service_pid: int,
+    postgres_pid: int | None,
+) -> tuple[float, float, int]:
+    """(service CPU s, PostgreSQL CPU s, transfers) for `calls` sequential calls."""
+    assert callable(pick)
+
+    def postgres_s() -> float:
+        if postgres_pid is None:
+            return 0.0
+        return sum(cluster.cpu_s(p) for p in cluster.process_tree(postgres_pid))
+
+    service_before, postgres_before = cluster.cpu_s(service_pid), postgres_s()
+    transfers = 0
+    for _ in range(calls):
+        _, specs = pick()
+        response = await stub.CreateTransfers(
+            pb.CreateTransfersRequest(transfers=[_to_proto(t) for t in specs]),
+            timeout=CALL_TIMEOUT_S,
+        )
+        bad = [r for r in response.results if r.result != pb.TRANSFER_RESULT_OK]
+        if bad:
+            raise RuntimeError(f"transfers not applied: {bad[:3]}")
+        transfers += len(specs)
+    return (
+        cluster.cpu_s(service_pid) - service_before,
+        postgres_s() - postgres_before,
+        transfers,
+    )
+
+
+async def _run(
+    shards: cluster.Shards, service: cluster.ServiceProcess, calls: int, batch_size: int
+) -> None:
+    target = service.target
+    run_id = uuid.uuid4().hex[:8]
+    names = tuple(s.name for s in shards.config.shards)
+    workload = Workload(
+        run_id=run_id,
+        merchants=place_merchants(
+            run_id=run_id, count=MERCHANTS, ring=ShardRing(shards.config), shards=names
+        ),
+        shard_dsns=shards.dsns,
+        batch_size=batch_size,
+        callers_total=1,
+    )
+    await cluster.create_accounts(target, workload)
+    picker = Picker(workload, caller_global=0, seed=1)
+    postgres_pid = cluster.postmaster_pid(shards)
+    # Background work (sweepers, recovery polls, config watch) costs CPU with no
+    # calls at all; shown so that it is not mistaken for per-call cost.
+    idle_before = cluster.cpu_s(service.pid)
+    await asyncio.sleep(IDLE_MEASURE_S)
+    idle_ms_per_s = 1e3 * (cluster.cpu_s(service.pid) - idle_before) / IDLE_MEASURE_S
+    print(f"idle    service {idle_ms_per_s:.1f} ms CPU per s", flush=True)
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = ledger_pb2_grpc.LedgerServiceStub(channel)
+        # The floor: a health check passes the same server and interceptors, no ledger work.
+        health = health_pb2_grpc.HealthStub(channel)
+        before = cluster.cpu_s(service.pid)
+        for _ in range(calls):
+            await health.Check(health_pb2.HealthCheckRequest(), timeout=CALL_TIMEOUT_S)
+        floor_us = 1e6 * (cluster.cpu_s(service.pid) - before) / calls
+        print(f"health  {calls:>6} calls  service {floor_us:>8.0f} us/call", flush=True)
+        for name, pick, count in (
+            ("single", picker.local_single, calls),
+            ("batch", picker.local_batch, max(1, calls // batch_size)),
+            ("cross", picker.cross_single, max(1, calls // 4)),
+        ):
+            await _measure(
+                stub, pick, WARMUP_CALLS // 4, service_pid=service.pid, postgres_pid=None
+            )
+            service_s, postgres_s, transfers = await _measure(
+                stub, pick, count, service_pid=service.pid, postgres_pid=postgres_pid
+            )
+            per_call_us = 1e6 * service_s / count
+            print(
+                f"{name:<7} {count:>6} calls  service {per_call_us:>8.0f} us/call "
+                f"{1e6 * service_s / transfers:>7.0f} us/transfer   "
+                f"postgres {1e6 * postgres_s / count:>7.0f} us/call",
+                flush=True,
+            )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.cpu_cost", description=__doc__)
+    parser.add_argument("--calls", type=int, default=3000, help="single calls (batch: /B)")
+    parser.add_argument("--batch-size", type=int, default=100)
+    args = parser.parse_args(argv)
+    shards = cluster.start_embedded_shards()
+    service = cluster.ServiceProcess(shards.config_path, shards.config_path.parent / "svc.log")
+    try:
+        service.start()
+        asyncio.run(_run(shards, service, args.calls, args.batch_size))
+    finally:
+        service.stop()
+        shards.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
