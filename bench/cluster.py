@@ -196,7 +196,7 @@ class PySpy:
             [
                 "py-spy", "record", "--pid", str(pid), "--output", str(output),
                 "--duration", str(math.ceil(seconds)), "--rate", str(PY_SPY_RATE_HZ),
-                "--format", "raw", "--nonblocking",
+                "--format", "raw", "--nonblocking", "--gil",
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,

@@ -9,6 +9,8 @@ retryable UNAVAILABLE for input that can never succeed.
 from __future__ import annotations
 
 import base64
+import sys
+import unicodedata
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +21,7 @@ from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from ledger import limits
+from ledger.api.decode import CONTROL_CHARACTERS
 from ledger.v1 import ledger_pb2 as pb
 from tests.support import (
     RPC_TIMEOUT_S,
@@ -342,7 +345,16 @@ BAD_IDS = [
     pytest.param("a\nb", id="newline"),
     pytest.param("\x1f", id="unit-separator"),
     pytest.param("a\x7f", id="del"),
+    pytest.param("a\x85b", id="c1-next-line"),
 ]
+
+
+def test_the_control_character_pattern_is_unicode_category_cc() -> None:
+    """Ids are refused by one regex search; it must match exactly Unicode's Cc."""
+    for code_point in range(sys.maxunicode + 1):
+        char = chr(code_point)
+        is_cc = unicodedata.category(char) == "Cc"
+        assert bool(CONTROL_CHARACTERS.search(char)) is is_cc, hex(code_point)
 
 
 def _id_locations() -> list[Any]:

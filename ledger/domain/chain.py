@@ -49,7 +49,7 @@ def chained_entry(
         f"{account.merchant_id}\x1f{account.account_id}\x1f{sequence}\x1f"
         f"{transfer.merchant_id}\x1f{transfer.transfer_id}\x1f{int(direction)}\x1f"
         f"{int(kind)}\x1f{amount_minor}\x1f{b.debits_posted}\x1f{b.credits_posted}\x1f"
-        f"{b.debits_pending}\x1f{b.credits_pending}\x1f{_micros(created_at)}"
+        f"{b.debits_pending}\x1f{b.credits_pending}\x1f{epoch_micros(created_at)}"
     )
     return Entry(
         account=account,
@@ -65,7 +65,7 @@ def chained_entry(
 
 
 @functools.lru_cache(maxsize=64)
-def _micros(moment: datetime) -> int:
+def epoch_micros(moment: datetime) -> int:
     """Microseconds since the Unix epoch; a batch's entries share one moment, so cached."""
     assert moment.tzinfo is not None, "entry times are absolute"
     return (moment - _EPOCH) // _MICROSECOND

@@ -29,6 +29,7 @@ from ledger.domain.transfers import (
     TransferResult,
 )
 from ledger.invariant import invariant
+from ledger.limits import AMOUNT_MINOR_MAX
 
 
 @dataclass(frozen=True, slots=True)
@@ -407,10 +408,10 @@ def _check_reversal(run: _BatchRun, request: TransferRequest) -> TransferKey | N
 
 def _check_fits(*balances: Balances) -> None:
     for b in balances:
+        # Each balance, and posted plus pending per side, must fit a bigint.
         if not b.fits() or not (
-            Balances(
-                b.debits_posted + b.debits_pending, b.credits_posted + b.credits_pending
-            ).fits()
+            b.debits_posted + b.debits_pending <= AMOUNT_MINOR_MAX
+            and b.credits_posted + b.credits_pending <= AMOUNT_MINOR_MAX
         ):
             raise _Refused(TransferResult.OVERFLOW)
 
@@ -434,15 +435,24 @@ def _post_or_reserve(run: _BatchRun, request: TransferRequest) -> TransferRecord
     amount = request.amount_minor
     db = run.work[debit.key].balances
     cb = run.work[credit.key].balances
+    # Balances built directly, not with dataclasses.replace: this is the per-item hot path.
     if request.action is TransferAction.POST:
         kind = EntryKind.POSTED
-        db_after = replace(db, debits_posted=db.debits_posted + amount)
-        cb_after = replace(cb, credits_posted=cb.credits_posted + amount)
+        db_after = Balances(
+            db.debits_posted + amount, db.credits_posted, db.debits_pending, db.credits_pending
+        )
+        cb_after = Balances(
+            cb.debits_posted, cb.credits_posted + amount, cb.debits_pending, cb.credits_pending
+        )
     else:
         invariant(request.action is TransferAction.PENDING, "only post and pending here")
         kind = EntryKind.PENDING
-        db_after = replace(db, debits_pending=db.debits_pending + amount)
-        cb_after = replace(cb, credits_pending=cb.credits_pending + amount)
+        db_after = Balances(
+            db.debits_posted, db.credits_posted, db.debits_pending + amount, db.credits_pending
+        )
+        cb_after = Balances(
+            cb.debits_posted, cb.credits_posted, cb.debits_pending, cb.credits_pending + amount
+        )
     _check_fits(db_after, cb_after)
     _check_limits(debit, db_after, credit, cb_after)
     key = request.key

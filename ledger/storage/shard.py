@@ -803,13 +803,19 @@ async def _init_connection(conn: asyncpg.Connection[asyncpg.Record]) -> None:
 
 
 _JSONB_VERSION = b"\x01"
+_EMPTY_JSONB_OBJECT = _JSONB_VERSION + b"{}"
 
 
 def _encode_jsonb(value: object) -> bytes:
+    # Most transfers and accounts carry no metadata: one constant instead of json.dumps.
+    if value == {}:
+        return _EMPTY_JSONB_OBJECT
     return _JSONB_VERSION + json.dumps(value).encode()
 
 
 def _decode_jsonb(data: bytes) -> object:
+    if data == _EMPTY_JSONB_OBJECT:
+        return {}
     return json.loads(data[1:])
 
 
@@ -939,10 +945,8 @@ async def write_plan(
     """Writes a batch in one round trip and checks every row landed."""
     # Every transfer records the trace that made it: "which postings did trace X make".
     trace_id = current_trace_id()
-    t_cols: list[list[Any]] = [[] for _ in range(22)]
-    for r in records:
-        q = r.request
-        row: list[Any] = [
+    transfer_rows: list[tuple[Any, ...]] = [
+        (
             q.debit.merchant_id,
             q.id,
             RecordKind.TRANSFER,
@@ -965,11 +969,12 @@ async def write_plan(
             r.expires_at,
             r.trace_id or trace_id,
             r.created_at,
-        ]
-        for column, value in zip(t_cols, row, strict=True):
-            column.append(value)
-    for request, result, failed_index, created_at in journals:
-        row = [
+        )
+        for r in records
+        for q in (r.request,)
+    ]
+    transfer_rows += [
+        (
             request.merchant_id,
             request.id,
             RecordKind.JOURNAL,
@@ -992,18 +997,16 @@ async def write_plan(
             None,
             trace_id,
             created_at,
-        ]
-        for column, value in zip(t_cols, row, strict=True):
-            column.append(value)
-    e_cols: list[list[Any]] = [[] for _ in range(14)]
+        )
+        for request, result, failed_index, created_at in journals
+    ]
     last_hashes = {e.account: e.hash for e in entries}
     invariant(
         all(accounts[k].head_hash == h for k, h in last_hashes.items()),
         "each account's new head is the hash of its last new entry",
     )
-    for e in entries:
-        b = e.balances_after
-        row = [
+    entry_rows = [
+        (
             e.account.merchant_id,
             e.account.account_id,
             e.sequence,
@@ -1018,13 +1021,12 @@ async def write_plan(
             b.credits_pending,
             e.created_at,
             e.hash,
-        ]
-        for column, value in zip(e_cols, row, strict=True):
-            column.append(value)
-    a_cols: list[list[Any]] = [[] for _ in range(8)]
-    for key, s in accounts.items():
-        b = s.balances
-        row = [
+        )
+        for e in entries
+        for b in (e.balances_after,)
+    ]
+    account_rows = [
+        (
             key.merchant_id,
             key.account_id,
             b.debits_posted,
@@ -1033,9 +1035,13 @@ async def write_plan(
             b.credits_pending,
             s.entry_count,
             s.head_hash,
-        ]
-        for column, value in zip(a_cols, row, strict=True):
-            column.append(value)
+        )
+        for key, s in accounts.items()
+        for b in (s.balances,)
+    ]
+    t_cols = _columns(transfer_rows, _TRANSFER_COLUMNS)
+    e_cols = _columns(entry_rows, _ENTRY_COLUMNS)
+    a_cols = _columns(account_rows, _ACCOUNT_UPDATE_COLUMNS)
     ended = [r.pending for r in resolutions] + list(ended_extra)
     counts = await conn.fetchrow(
         sql.WRITE_BATCH,
@@ -1061,6 +1067,20 @@ async def write_plan(
     invariant(counts["entries"] == len(entries), "every entry was written")
     invariant(counts["accounts"] == len(accounts), "every changed account was updated")
     invariant(counts["resolutions"] == len(resolutions), "every resolution was written")
+
+
+# The parameter arrays WRITE_BATCH takes per table, in its order.
+_TRANSFER_COLUMNS = 22
+_ENTRY_COLUMNS = 14
+_ACCOUNT_UPDATE_COLUMNS = 8
+
+
+def _columns(rows: Sequence[tuple[Any, ...]], width: int) -> list[list[Any]]:
+    """Rows -> one list per column (the unnest arrays), transposed in C by zip."""
+    if not rows:
+        return [[] for _ in range(width)]
+    invariant(len(rows[0]) == width, "a row has one value per column")
+    return [list(column) for column in zip(*rows, strict=True)]
 
 
 def _postings_json(request: JournalRequest) -> tuple[dict[str, Any], ...]:
