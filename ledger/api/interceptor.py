@@ -19,7 +19,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from ledger.api.handlers import Continuation, with_behavior
 from ledger.telemetry import metrics
 from ledger.telemetry.redaction import redact
-from ledger.telemetry.tracing import tracer
+from ledger.telemetry.tracing import tracer, tracing_active
 
 
 class TelemetryInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
@@ -31,14 +31,26 @@ class TelemetryInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
             return handler
         method_path: str = handler_call_details.method  # "/ledger.v1.LedgerService/CreateTransfers"
         service, _, method = method_path.lstrip("/").partition("/")
-        carrier = {
-            key: value
-            for key, value in handler_call_details.invocation_metadata or ()
-            if isinstance(value, str)
-        }
         inner = handler.unary_unary
 
+        async def counted(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            # Tracing off: no context to extract and no span to build, only the metrics.
+            started = time.perf_counter()
+            code = grpc.StatusCode.OK
+            try:
+                return await inner(request, context)
+            except BaseException:
+                code = _code_of(context) or grpc.StatusCode.UNKNOWN
+                raise
+            finally:
+                _count(method, code, started)
+
         async def traced(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            carrier = {
+                key: value
+                for key, value in handler_call_details.invocation_metadata or ()
+                if isinstance(value, str)
+            }
             parent = propagate.extract(carrier)
             token = otel_context.attach(parent)
             started = time.perf_counter()
@@ -66,11 +78,14 @@ class TelemetryInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
                             )
             finally:
                 otel_context.detach(token)
-                labels = {"method": method, "code": code.name}
-                metrics.requests.add(1, labels)
-                metrics.request_duration.record(time.perf_counter() - started, {"method": method})
+                _count(method, code, started)
 
-        return with_behavior(handler, traced)
+        return with_behavior(handler, traced if tracing_active() else counted)
+
+
+def _count(method: str, code: grpc.StatusCode, started: float) -> None:
+    metrics.requests.add(1, {"method": method, "code": code.name})
+    metrics.request_duration.record(time.perf_counter() - started, {"method": method})
 
 
 def _code_of(context: grpc.aio.ServicerContext[Any, Any]) -> grpc.StatusCode | None:

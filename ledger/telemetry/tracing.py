@@ -34,6 +34,9 @@ def tracing_requested() -> bool:
     )
 
 
+_tracing_active = False
+
+
 def setup_tracing(*, extra_processor: SpanProcessor | None = None) -> TracerProvider | None:
     """Installs the SDK provider when tracing is requested (or a processor is given)."""
     if not tracing_requested() and extra_processor is None:
@@ -49,7 +52,15 @@ def setup_tracing(*, extra_processor: SpanProcessor | None = None) -> TracerProv
     if extra_processor is not None:
         provider.add_span_processor(extra_processor)
     trace.set_tracer_provider(provider)
+    global _tracing_active
+    _tracing_active = True
     return provider
+
+
+def tracing_active() -> bool:
+    """True once setup_tracing() installed a provider: spans are then recorded. Hot
+    paths skip building no-op spans (and extracting trace context) while it is False."""
+    return _tracing_active
 
 
 def current_trace_id() -> str:
