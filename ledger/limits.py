@@ -75,6 +75,9 @@ shard_command_timeout_s = 10.0
 # A write that lands on a shard that does not own its merchant is refused; the
 # service reloads its config and tries again this many times.
 redirect_attempts_max = 3
+# Settlement accounts are one per peer shard, currency and stripe; a shard
+# remembers this many as existing (and forgets them all past it).
+settlement_accounts_remembered_max = 4096
 # A settle of a cross-shard hold whose credit merchant moved passes through
 # at most this many relay shards (one per move of a party while it was held).
 hold_relay_hops_max = 16

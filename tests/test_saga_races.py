@@ -19,6 +19,7 @@ import pytest
 from ledger.domain.accounts import AccountKey
 from ledger.domain.sagas import (
     SETTLEMENT_MERCHANT_ID,
+    SETTLEMENT_STRIPES,
     CreditOutcome,
     CreditRecord,
     Saga,
@@ -552,3 +553,48 @@ async def test_settling_a_refused_cross_shard_pending_transfer_finds_nothing_to_
     assert [pb.TransferResult.Name(r.result) for r in answer] == [
         "TRANSFER_RESULT_PENDING_TRANSFER_NOT_FOUND"
     ]
+
+
+async def test_a_settlement_account_remembered_but_missing_is_made_again(
+    service: Service,
+) -> None:
+    """Sagas skip creating settlement accounts a shard has seen; if one it remembers
+    is missing after all (the transaction that made it rolled back), the step makes it
+    and carries on instead of refusing the transfer."""
+    payer = service.merchant_on("shard-a", "payer-")
+    payee = service.merchant_on("shard-b", "payee-")
+    # A currency no other test here uses, so no settlement account for it exists yet.
+    currency = "CHF"
+    await create_accounts(
+        service.stub,
+        account(payer, "cash", currency=currency),
+        account(payee, "sales", currency=currency),
+    )
+    debit_shard, credit_shard = service.cluster.shards["shard-a"], service.cluster.shards["shard-b"]
+    stale = {
+        (debit_shard, "shard-b"),
+        (credit_shard, "shard-a"),
+    }
+    for shard, peer in stale:
+        for stripe in range(SETTLEMENT_STRIPES):
+            key = AccountKey(SETTLEMENT_MERCHANT_ID, f"{peer}/{currency}/{stripe}")
+            shard.settlement_accounts.add(key)
+    transfer_id = uid("t-")
+    results = await transfers(
+        service.stub,
+        transfer(transfer_id, ref(payer, "cash"), ref(payee, "sales"), 55, currency=currency),
+    )
+    assert [r.result for r in results] == [pb.TRANSFER_RESULT_OK]
+    assert (await balance(service.stub, payee, "sales")).credits_posted == 55
+    for shard, peer in stale:
+        made = settlement_account(peer, currency, transfer_id)
+        assert made in shard.settlement_accounts
+        assert (
+            await fetch_int(
+                shard,
+                "SELECT count(*) FROM accounts WHERE merchant_id = $1 AND account_id = $2",
+                made.merchant_id,
+                made.account_id,
+            )
+            == 1
+        )

@@ -16,20 +16,33 @@ VALUES ($1, $2, $3, false, false, '{}'::jsonb, clock_timestamp())
 ON CONFLICT (merchant_id, account_id) DO NOTHING
 """
 
+# The saga and its step 1 in the log, in one round trip.
 INSERT_SAGA = f"""
-INSERT INTO sagas (merchant_id, transfer_id, kind, state, next_step, peer_shard,
-    debit_account_id, credit_merchant_id, credit_account_id, currency, credit_action,
-    amount_minor, pending_minor, pending_id, next_attempt_at, lease_owner, lease_until,
-    trace_context, created_at, updated_at)
-VALUES ($1, $2, $3, 1, 2, $4, $5, $6, $7, $8, $9, $10, $11, $12,
-    $13::timestamptz + make_interval(secs => $15), $14,
-    $13::timestamptz + make_interval(secs => $15), $16, $13, $13)
-RETURNING {SAGA_COLUMNS}
+WITH saga AS (
+    INSERT INTO sagas (merchant_id, transfer_id, kind, state, next_step, peer_shard,
+        debit_account_id, credit_merchant_id, credit_account_id, currency, credit_action,
+        amount_minor, pending_minor, pending_id, next_attempt_at, lease_owner, lease_until,
+        trace_context, created_at, updated_at)
+    VALUES ($1, $2, $3, 1, 2, $4, $5, $6, $7, $8, $9, $10, $11, $12,
+        $13::timestamptz + make_interval(secs => $15), $14,
+        $13::timestamptz + make_interval(secs => $15), $16, $13, $13)
+    RETURNING {SAGA_COLUMNS}
+), step AS (
+    INSERT INTO saga_steps (merchant_id, transfer_id, kind, step, outcome, detail)
+    VALUES ($1, $2, $3, 1, $17, '')
+)
+SELECT * FROM saga
 """
 
 INSERT_STEP = """
 INSERT INTO saga_steps (merchant_id, transfer_id, kind, step, outcome, detail)
 VALUES ($1, $2, $3, $4, $5, $6)
+"""
+
+# Steps 2 and 3 join the log together when step 3 commits.
+INSERT_TWO_STEPS = """
+INSERT INTO saga_steps (merchant_id, transfer_id, kind, step, outcome, detail)
+VALUES ($1, $2, $3, $4, $5, $6), ($1, $2, $3, $7, $8, $9)
 """
 
 SELECT_SAGA = f"""

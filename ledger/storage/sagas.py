@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import asyncpg
 
-from ledger import faults
+from ledger import faults, limits
 from ledger.domain.accounts import Account, AccountKey
 from ledger.domain.engine import (
     AccountState,
@@ -558,8 +558,18 @@ class SagaStore:
             if outcome is CreditOutcome.APPLIED and credit.credited_on != saga.peer_shard:
                 credited += f" on {credit.credited_on} (the credit merchant moved there)"
             # Step 2 ran on the credit shard; its outcome joins this saga's history here.
-            await self._step(conn, key, 2, outcome.name.lower(), credited)
-            await self._step(conn, key, 3, state.name.lower(), detail)
+            await conn.execute(
+                sql.INSERT_TWO_STEPS,
+                key.merchant_id,
+                key.transfer_id,
+                key.kind,
+                2,
+                outcome.name.lower(),
+                credited,
+                3,
+                state.name.lower(),
+                detail,
+            )
             faults.crash_point("saga.step3.before_commit")
             return saga_from_row(row, self.shard.name)
 
@@ -736,11 +746,27 @@ class SagaStore:
     async def _lock_with_settlement(
         self, conn: Connection, account: AccountKey, settlement: AccountKey, currency: str
     ) -> tuple[dict[AccountKey, Account], datetime]:
-        """Creates the settlement account on first use, locks both accounts, reads the time."""
-        await conn.execute(
-            sql.ENSURE_SETTLEMENT_ACCOUNT, settlement.merchant_id, settlement.account_id, currency
-        )
+        """Creates the settlement account on first use, locks both accounts, reads the time.
+
+        The shard remembers settlement accounts it has seen (there are few: one per
+        peer, currency and stripe), so the INSERT runs only the first time; if one
+        is missing after all (the transaction that made it rolled back), it is made
+        and locked again."""
+        known = self.shard.settlement_accounts
+        if settlement not in known:
+            await conn.execute(
+                sql.ENSURE_SETTLEMENT_ACCOUNT,
+                settlement.merchant_id,
+                settlement.account_id,
+                currency,
+            )
         accounts = await self.shard._lock_accounts(conn, {account, settlement})
+        if settlement not in accounts and settlement in known:
+            known.discard(settlement)
+            return await self._lock_with_settlement(conn, account, settlement, currency)
+        if len(known) >= limits.settlement_accounts_remembered_max:
+            known.clear()
+        known.add(settlement)
         now: datetime = await conn.fetchval(ledger_sql.NOW)
         return accounts, now
 
@@ -787,9 +813,9 @@ class SagaStore:
             lease_owner,
             lease_s,
             trace_context,
+            outcome,
         )
         assert row is not None
-        await self._step(conn, key, 1, outcome, "")
         return saga_from_row(row, self.shard.name)
 
     async def _step(

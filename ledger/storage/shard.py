@@ -126,6 +126,8 @@ class Shard:
         self.name = name
         self.dsn = dsn
         self._pool: asyncpg.Pool | None = None
+        # Settlement accounts seen on this shard (sagas skip creating them again).
+        self.settlement_accounts: set[AccountKey] = set()
 
     async def open(self) -> None:
         invariant(self._pool is None, "a shard is opened once")
