@@ -75,6 +75,10 @@ shard_command_timeout_s = 10.0
 # A write that lands on a shard that does not own its merchant is refused; the
 # service reloads its config and tries again this many times.
 redirect_attempts_max = 3
+# The garbage collector's first-generation threshold in the service (CPython's
+# default is 700): a batch call allocates thousands of short-lived objects, and
+# at 700 the collector ran several times per call.
+gc_young_threshold = 20_000
 # Settlement accounts are one per peer shard, currency and stripe; a shard
 # remembers this many as existing (and forgets them all past it).
 settlement_accounts_remembered_max = 4096
