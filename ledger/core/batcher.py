@@ -126,14 +126,15 @@ class TransferBatcher:
         offset = 0
         for call in batch:
             mine = outcomes[offset : offset + len(call.group)]
+            if offset:
+                # Indexes are positions in the call, not in the shared batch.
+                mine = [
+                    ItemOutcome(i, o.id, o.result, o.replayed, o.differing_field, o.created_at)
+                    for i, o in enumerate(mine)
+                ]
             offset += len(call.group)
             if not call.done.done():
-                call.done.set_result(
-                    [
-                        ItemOutcome(i, o.id, o.result, o.replayed, o.differing_field, o.created_at)
-                        for i, o in enumerate(mine)
-                    ]
-                )
+                call.done.set_result(mine)
 
 
 def _joined_spans(

@@ -93,10 +93,12 @@ class TransferRequest:
     linked: bool = False
     reversal_of: str = ""
     metadata: Mapping[str, str] = field(default_factory=dict)
+    # Derived once (replace() derives it again): the hot path asks for it several
+    # times per item.
+    key: TransferKey = field(init=False, repr=False, compare=False)
 
-    @property
-    def key(self) -> TransferKey:
-        return TransferKey(self.debit.merchant_id, self.id)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key", TransferKey(self.debit.merchant_id, self.id))
 
     @property
     def settles_pending(self) -> bool:
