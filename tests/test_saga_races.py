@@ -57,6 +57,8 @@ CONCURRENT_CREDITS = 10
 # Sagas raced on at once by the recovery workers (more sagas, more interleavings).
 RACED_SAGAS = 5
 AMOUNT_MINOR = 700
+# Cross-shard transfers in one call, all first of their currency: several per stripe.
+CONCURRENT_FIRST_SAGAS = 200
 CURRENCY = "USD"
 
 
@@ -598,3 +600,30 @@ async def test_a_settlement_account_remembered_but_missing_is_made_again(
             )
             == 1
         )
+
+
+async def test_concurrent_first_sagas_of_a_currency_all_find_their_settlement_account(
+    service: Service,
+) -> None:
+    """The first sagas of a currency between two shards start together: one makes
+    each settlement account while others already remember it but cannot see it yet
+    (not committed). Every one of them must wait for it, none may be refused."""
+    currency = "JPY"  # no other test here uses it: no settlement account exists yet
+    payers = [service.merchant_on("shard-a", "payer-") for _ in range(CONCURRENT_FIRST_SAGAS)]
+    payees = [service.merchant_on("shard-b", "payee-") for _ in range(CONCURRENT_FIRST_SAGAS)]
+    await create_accounts(
+        service.stub,
+        *[account(m, "cash", currency=currency) for m in payers],
+        *[account(m, "sales", currency=currency) for m in payees],
+    )
+    results = await transfers(
+        service.stub,
+        *[
+            transfer(uid("t-"), ref(payer, "cash"), ref(payee, "sales"), 3, currency=currency)
+            for payer, payee in zip(payers, payees, strict=True)
+        ],
+    )
+    assert {pb.TransferResult.Name(r.result) for r in results} <= {
+        "TRANSFER_RESULT_OK",
+        "TRANSFER_RESULT_IN_PROGRESS",
+    }

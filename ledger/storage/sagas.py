@@ -591,12 +591,7 @@ class SagaStore:
         view = local_view(record, peer_shard)
         assert held_by is not None and view.request.credit is not None
         if moves_hold:
-            await conn.execute(
-                sql.ENSURE_SETTLEMENT_ACCOUNT,
-                view.request.credit.merchant_id,
-                view.request.credit.account_id,
-                saga.currency,
-            )
+            await self._ensure_settlement(conn, view.request.credit, saga.currency)
         accounts = dict(
             await self.shard._lock_accounts(
                 conn, {view.request.debit, view.request.credit, held_by}
@@ -750,25 +745,32 @@ class SagaStore:
 
         The shard remembers settlement accounts it has seen (there are few: one per
         peer, currency and stripe), so the INSERT runs only the first time; if one
-        is missing after all (the transaction that made it rolled back), it is made
-        and locked again."""
+        it remembers is not visible (its maker has not committed yet, or rolled
+        back), the INSERT runs (waiting for that maker) and the lock again."""
         known = self.shard.settlement_accounts
-        if settlement not in known:
-            await conn.execute(
-                sql.ENSURE_SETTLEMENT_ACCOUNT,
-                settlement.merchant_id,
-                settlement.account_id,
-                currency,
-            )
+        ensured = settlement not in known
+        if ensured:
+            await self._ensure_settlement(conn, settlement, currency)
         accounts = await self.shard._lock_accounts(conn, {account, settlement})
-        if settlement not in accounts and settlement in known:
+        if settlement not in accounts and not ensured:
+            # Remembered, but not visible: made by a transaction that has not
+            # committed yet (the INSERT waits for it) or that rolled back.
             known.discard(settlement)
-            return await self._lock_with_settlement(conn, account, settlement, currency)
-        if len(known) >= limits.settlement_accounts_remembered_max:
-            known.clear()
-        known.add(settlement)
+            await self._ensure_settlement(conn, settlement, currency)
+            accounts = await self.shard._lock_accounts(conn, {account, settlement})
+        if settlement in accounts:
+            if len(known) >= limits.settlement_accounts_remembered_max:
+                known.clear()
+            known.add(settlement)
         now: datetime = await conn.fetchval(ledger_sql.NOW)
         return accounts, now
+
+    async def _ensure_settlement(
+        self, conn: Connection, settlement: AccountKey, currency: str
+    ) -> None:
+        await conn.execute(
+            sql.ENSURE_SETTLEMENT_ACCOUNT, settlement.merchant_id, settlement.account_id, currency
+        )
 
     async def _saga(self, conn: Connection, key: SagaKey, *, lock: bool = False) -> Saga | None:
         row = await conn.fetchrow(
