@@ -51,10 +51,7 @@ class TelemetryInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
                 for key, value in handler_call_details.invocation_metadata or ()
                 if isinstance(value, str)
             }
-            parent = propagate.extract(carrier)
-            token = otel_context.attach(parent)
-            started = time.perf_counter()
-            code = grpc.StatusCode.OK
+            token = otel_context.attach(propagate.extract(carrier))
             try:
                 with tracer.start_as_current_span(
                     f"{service}/{method}",
@@ -63,12 +60,17 @@ class TelemetryInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
                     record_exception=False,
                     set_status_on_exception=False,
                 ) as span:
+                    failed = True
                     try:
-                        return await inner(request, context)
-                    except BaseException:
-                        code = _code_of(context) or grpc.StatusCode.UNKNOWN
-                        raise
+                        response = await counted(request, context)
+                        failed = False
+                        return response
                     finally:
+                        code = (
+                            _code_of(context) or grpc.StatusCode.UNKNOWN
+                            if failed
+                            else grpc.StatusCode.OK
+                        )
                         span.set_attribute("rpc.grpc.status_code", code.value[0])
                         if code is not grpc.StatusCode.OK:
                             span.set_status(
@@ -78,7 +80,6 @@ class TelemetryInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
                             )
             finally:
                 otel_context.detach(token)
-                _count(method, code, started)
 
         return with_behavior(handler, traced if tracing_active() else counted)
 
