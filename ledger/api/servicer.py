@@ -184,6 +184,8 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         outcomes = await self.ledger.create_transfers(transfers, wait_s=_saga_wait_s(context))
         if all(o.result is TransferResult.SHARD_UNAVAILABLE for o in outcomes):
             raise unavailable("the shards holding these transfers are unavailable")
+        # A batch's items share one time: encoded once (the message copies it in).
+        stamps = {t: encode.timestamp(t) for t in {o.created_at for o in outcomes}}
         return pb.CreateTransfersResponse(
             results=[
                 pb.CreateTransferResult(
@@ -192,7 +194,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
                     result=int(o.result),  # type: ignore[arg-type]
                     replayed=o.replayed,
                     differing_field=o.differing_field,
-                    created_at=encode.timestamp(o.created_at),
+                    created_at=stamps[o.created_at],
                 )
                 for o in outcomes
             ]

@@ -159,7 +159,11 @@ class Ledger:
                 return
             results[index] = await self.sagas.outcome_by(start, deadline=deadline)
 
-        await asyncio.gather(run_local(), *(run_saga(i) for i in sorted(cross)))
+        if cross:
+            await asyncio.gather(run_local(), *(run_saga(i) for i in sorted(cross)))
+        else:
+            # The common call: no task to create for a lone coroutine.
+            await run_local()
         # Items found spanning shards only while routing (a merchant moved) run as sagas.
         moved_apart = [
             i for i in local if results[i].index == _SPANS_SHARDS_NOW and not requests[i].linked
@@ -168,7 +172,9 @@ class Ledger:
         for result, count in Counter(o.result.name for o in results.values()).items():
             metrics.transfers.add(count, {"result": result})
         return [
-            ItemOutcome(i, o.id, o.result, o.replayed, o.differing_field, o.created_at)
+            o
+            if o.index == i
+            else ItemOutcome(i, o.id, o.result, o.replayed, o.differing_field, o.created_at)
             for i, o in ((i, results[i]) for i in range(len(requests)))
         ]
 
@@ -409,7 +415,7 @@ class Ledger:
                 jobs.append(
                     (shard, indexes, run(shard, group, self.cluster.fence(shard, merchants)))
                 )
-            outcomes = await asyncio.gather(*(job for _, _, job in jobs), return_exceptions=True)
+            outcomes = await _all_settled([job for _, _, job in jobs])
             retry: list[int] = []
             reload_needed = False
             redirected = False
@@ -451,6 +457,17 @@ class Ledger:
                 await asyncio.sleep(MOVING_RETRY_DELAY_S * attempt)
             todo = sorted(retry)
         raise ClusterUnavailable("routing did not settle: the shard config may be behind")
+
+
+async def _all_settled(jobs: list[Awaitable[Result]]) -> list[Result | BaseException]:
+    """gather(..., return_exceptions=True), without a task when there is one job (a call
+    whose items all live on one shard, the common case)."""
+    if len(jobs) != 1:
+        return await asyncio.gather(*jobs, return_exceptions=True)
+    try:
+        return [await jobs[0]]
+    except Exception as error:
+        return [error]
 
 
 def _transfer_merchants(request: TransferRequest) -> set[str]:
