@@ -46,7 +46,7 @@ class Balances:
     credits_pending: int = 0
 
     def fits(self) -> bool:
-        # Spelled out, not a loop over fits_amount: this runs twice per entry written.
+        # Each must fit a bigint; spelled out, not a loop: this runs twice per entry written.
         return (
             0 <= self.debits_posted <= AMOUNT_MINOR_MAX
             and 0 <= self.credits_posted <= AMOUNT_MINOR_MAX

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from ledger.limits import AMOUNT_MINOR_MAX
-
 # ISO 4217 active alphabetic codes and their minor-unit exponent (scale).
 # Scale is informational for callers; the ledger itself only adds integers.
 _SCALE_ZERO = "BIF CLP DJF GNF ISK JPY KMF KRW PYG RWF UGX UYI VND VUV XAF XOF XPF"
@@ -29,8 +27,3 @@ CURRENCY_SCALE: dict[str, int] = {
 
 def is_known_currency(code: str) -> bool:
     return code in CURRENCY_SCALE
-
-
-def fits_amount(value: int) -> bool:
-    """True if value is a storable non-negative amount or balance (bigint)."""
-    return 0 <= value <= AMOUNT_MINOR_MAX
