@@ -84,6 +84,28 @@ def add_ratios(modes: dict[str, dict[str, Any]]) -> dict[str, float]:
     return ratios
 
 
+def median_rounds(
+    rounds: Sequence[dict[str, dict[str, Any]]],
+) -> tuple[dict[str, dict[str, Any]], dict[str, float]]:
+    """One figure set from several rounds of the same modes: per mode, the round with
+    the median transfers/s; per ratio, the median of the rounds' own ratios (each
+    round's service mode against the raw limit measured beside it)."""
+    per_round_ratios = [add_ratios(r) for r in rounds]
+    modes: dict[str, dict[str, Any]] = {}
+    for mode in rounds[0]:
+        ranked = sorted((r[mode] for r in rounds), key=lambda m: m["transfers_per_s"])
+        modes[mode] = dict(ranked[(len(ranked) - 1) // 2])
+        modes[mode]["transfers_per_s_rounds"] = [r[mode]["transfers_per_s"] for r in rounds]
+    ratios: dict[str, float] = {}
+    for name in per_round_ratios[0]:
+        values = sorted(r[name] for r in per_round_ratios)
+        ratios[name] = values[(len(values) - 1) // 2]
+        mode = name.split("_vs_")[0]
+        modes[mode]["ratio"] = ratios[name]
+        modes[mode]["ratio_rounds"] = [r[name] for r in per_round_ratios]
+    return modes, ratios
+
+
 def render_table(report: Mapping[str, Any]) -> str:
     modes = report["modes"]
     settings = report["settings"]
@@ -91,7 +113,8 @@ def render_table(report: Mapping[str, Any]) -> str:
         f"ledger bench ({report['run_mode']}): {settings['merchants']} merchants, "
         f"{settings['concurrency']} callers in {settings['clients']} client processes, "
         f"batch {settings['batch_size']}, {settings['duration_s']:g} s per mode "
-        f"(+{settings['warmup_s']:g} s warm-up), shards: {', '.join(settings['shards'])}",
+        f"(+{settings['warmup_s']:g} s warm-up), shards: {', '.join(settings['shards'])}"
+        + (f", median of {settings['rounds']} rounds" if settings.get("rounds", 1) > 1 else ""),
         "",
         f"{'mode':<17}{'transfers/s':>12}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}"
         f"{'RSS MB':>9}  ratio",
@@ -103,6 +126,8 @@ def render_table(report: Mapping[str, Any]) -> str:
         if "ratio" in m:
             target = TARGETS[_TARGET_OF_RATIO[mode]]
             ratio = f"{m['ratio']:.2f} of {m['ratio_to']} (target >= {target:g})"
+            if len(m.get("ratio_rounds", ())) > 1:
+                ratio += " rounds " + ", ".join(f"{r:.2f}" for r in m["ratio_rounds"])
         elif mode == "single_half_peak":
             ratio = (
                 f"at {m['target_rate_per_s']:,.0f}/s offered "

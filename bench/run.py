@@ -49,6 +49,8 @@ DEFAULT_OUT_DIR = Path("bench/results")
 # CPU used by processes outside the benchmark (kernel threads, a shell) stays
 # well under this on a quiet machine; above it the run says it was disturbed.
 OTHER_CPU_CORES_NOTE_MIN = 0.15
+# A full round is about 3.5 minutes; more rounds than this is a mistake.
+ROUNDS_MAX = 9
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +90,8 @@ class Options:
     modes: tuple[str, ...] = report.MODES
     # Where py-spy writes a flame graph of the service per gRPC mode, if set.
     py_spy_dir: Path | None = None
+    # Times the whole sequence of modes runs; figures are per-mode medians.
+    rounds: int = 1
 
 
 def parse_args(argv: Sequence[str] | None) -> Options:
@@ -116,6 +120,12 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         metavar="DIR",
         help="record py-spy stacks of the service per gRPC mode into DIR (slows it down)",
     )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run the modes this many times in turn and report medians (the machine drifts)",
+    )
     args = parser.parse_args(argv)
     base = PROFILES[args.mode]
     profile = Profile(
@@ -143,9 +153,11 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         if "single_half_peak" in wanted and "single" not in wanted:
             problems.append("single_half_peak is paced from single's figure: add single")
         modes = tuple(m for m in report.MODES if m in wanted)
+    if not 1 <= args.rounds <= ROUNDS_MAX:
+        problems.append(f"--rounds must be 1 to {ROUNDS_MAX}")
     if problems:
         parser.error("; ".join(problems))
-    return Options(args.mode, profile, args.out, args.config, modes, args.py_spy)
+    return Options(args.mode, profile, args.out, args.config, modes, args.py_spy, args.rounds)
 
 
 class ClientPool:
@@ -285,55 +297,67 @@ def run(options: Options) -> dict[str, Any]:
         stack.callback(clients.close)
         cpu = cluster.CpuMeter(service_pid=service.pid, postgres_pid=cluster.postmaster_pid(shards))
         cpu.client_pids = clients.pids
-        modes: dict[str, dict[str, Any]] = {}
-        for mode in options.modes:
-            rate_per_s = None
-            if mode == "single_half_peak":
-                rate_per_s = report.HALF_PEAK_FRACTION * modes["single"]["transfers_per_s"]
-            refused = asyncio.run(cluster.checkpoint(dsns))
-            if refused and not notes:
-                notes.append(f"CHECKPOINT refused on {refused}; phases may share checkpoints")
-            sampler.reset()
-            spy = (
-                cluster.PySpy(
-                    service.pid,
-                    options.py_spy_dir / f"{mode}.txt",
-                    seconds=profile.warmup_s + profile.duration_s,
+        rounds: list[dict[str, dict[str, Any]]] = []
+        for round_index in range(options.rounds):
+            if options.rounds > 1:
+                print(f"round {round_index + 1} of {options.rounds}", file=sys.stderr)
+            modes: dict[str, dict[str, Any]] = {}
+            rounds.append(modes)
+            for mode in options.modes:
+                rate_per_s = None
+                if mode == "single_half_peak":
+                    rate_per_s = report.HALF_PEAK_FRACTION * modes["single"]["transfers_per_s"]
+                refused = asyncio.run(cluster.checkpoint(dsns))
+                if refused and not notes:
+                    notes.append(f"CHECKPOINT refused on {refused}; phases may share checkpoints")
+                sampler.reset()
+                spy = (
+                    cluster.PySpy(
+                        service.pid,
+                        options.py_spy_dir / f"{mode}.txt",
+                        seconds=profile.warmup_s + profile.duration_s,
+                    )
+                    if options.py_spy_dir is not None
+                    and not mode.startswith("raw_")
+                    and round_index == 0
+                    else None
                 )
-                if options.py_spy_dir is not None and not mode.startswith("raw_")
-                else None
-            )
-            results = clients.run_phase(
-                Phase(
-                    mode=mode,
-                    warmup_s=profile.warmup_s,
-                    duration_s=profile.duration_s,
-                    rate_per_s=rate_per_s / profile.clients if rate_per_s else None,
-                ),
-                cpu,
-            )
-            cores = cpu.cores()
-            if spy is not None:
-                spy.wait()
-            modes[mode] = report.summarize(
-                results, duration_s=profile.duration_s, rss_mb_peak=sampler.peak_mb()
-            )
-            modes[mode]["cpu_cores"] = cores
-            if rate_per_s is not None:
-                modes[mode]["target_rate_per_s"] = rate_per_s
-            print(f"  {mode}: {modes[mode]['transfers_per_s']:,.0f} transfers/s", file=sys.stderr)
-        busiest = max(modes, key=lambda k: modes[k]["cpu_cores"].get("other", 0.0))
-        other_cores = modes[busiest]["cpu_cores"].get("other", 0.0)
+                results = clients.run_phase(
+                    Phase(
+                        mode=mode,
+                        warmup_s=profile.warmup_s,
+                        duration_s=profile.duration_s,
+                        rate_per_s=rate_per_s / profile.clients if rate_per_s else None,
+                    ),
+                    cpu,
+                )
+                cores = cpu.cores()
+                if spy is not None:
+                    spy.wait()
+                modes[mode] = report.summarize(
+                    results, duration_s=profile.duration_s, rss_mb_peak=sampler.peak_mb()
+                )
+                modes[mode]["cpu_cores"] = cores
+                if rate_per_s is not None:
+                    modes[mode]["target_rate_per_s"] = rate_per_s
+                print(
+                    f"  {mode}: {modes[mode]['transfers_per_s']:,.0f} transfers/s", file=sys.stderr
+                )
+        modes, ratios = report.median_rounds(rounds)
+        every_phase = [(k, m) for r in rounds for k, m in r.items()]
+        busiest, busiest_phase = max(
+            every_phase, key=lambda phase: phase[1]["cpu_cores"].get("other", 0.0)
+        )
+        other_cores = busiest_phase["cpu_cores"].get("other", 0.0)
         if other_cores > OTHER_CPU_CORES_NOTE_MIN:
             notes.append(
                 f"other processes used up to {other_cores:.2f} cores (in {busiest}): "
                 "the machine was not quiet, so ratios and latencies are disturbed"
             )
         rss_mb_peak = max(
-            m["service_rss_mb_peak"] for k, m in modes.items() if not k.startswith("raw_")
+            m["service_rss_mb_peak"] for k, m in every_phase if not k.startswith("raw_")
         )
         vmhwm_mb = sampler.hwm_mb()
-    ratios = report.add_ratios(modes)
     return {
         "benchmark": "ledger bench",
         "format_version": 1,
@@ -354,6 +378,7 @@ def run(options: Options) -> dict[str, Any]:
             "clients": profile.clients,
             "target": str(options.config_path) if options.config_path else "embedded",
             "shards": list(names),
+            "rounds": options.rounds,
             "tracing_env": sorted(k for k in os.environ if k.startswith("OTEL_")),
         },
         "modes": modes,

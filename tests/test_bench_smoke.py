@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from bench.report import median_rounds
+
 ROOT = Path(__file__).resolve().parent.parent
 # The smoke run takes well under a minute; this leaves room for a loaded CI machine.
 SMOKE_TIMEOUT_S = 180.0
@@ -47,3 +49,25 @@ def test_bench_smoke_run_writes_figures_for_every_mode(tmp_path: Path) -> None:
     chart = tmp_path / "latest.png"
     assert chart.stat().st_size > 0
     assert chart.read_bytes().startswith(b"\x89PNG")
+
+
+def test_rounds_report_each_modes_median_and_the_median_of_each_rounds_ratio() -> None:
+    """--rounds N: each round's service mode is compared with the raw limit of its own
+    round, and the medians are taken after that (the machine's speed drifts)."""
+
+    def mode(transfers_per_s: float) -> dict[str, float]:
+        return {"transfers_per_s": transfers_per_s}
+
+    rounds = [
+        {"raw_single": mode(100), "single": mode(60)},  # ratio 0.6
+        {"raw_single": mode(200), "single": mode(100)},  # ratio 0.5
+        {"raw_single": mode(300), "single": mode(90)},  # ratio 0.3
+    ]
+    modes, ratios = median_rounds(rounds)
+    assert ratios == {"single_vs_raw_single": 0.5}
+    assert modes["single"]["ratio"] == 0.5
+    assert modes["single"]["ratio_rounds"] == [0.6, 0.5, 0.3]
+    # The figures shown for a mode are its median round's.
+    assert modes["single"]["transfers_per_s"] == 90
+    assert modes["raw_single"]["transfers_per_s"] == 200
+    assert modes["single"]["transfers_per_s_rounds"] == [60, 100, 90]
