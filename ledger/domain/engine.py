@@ -78,6 +78,20 @@ def booked(
         after.debits_pending >= 0 and after.credits_pending >= 0,
         "a booking releases only what an account holds",
     )
+    return _chained(state, account, transfer, direction, kind, amount_minor, after, now)
+
+
+def _chained(
+    state: AccountState,
+    account: AccountKey,
+    transfer: TransferKey,
+    direction: Direction,
+    kind: EntryKind,
+    amount_minor: int,
+    balances_after: Balances,
+    now: datetime,
+) -> tuple[Entry, AccountState]:
+    """The entry chained to the account's head, and the account's state after it."""
     entry = chained_entry(
         state.head_hash,
         account=account,
@@ -86,10 +100,10 @@ def booked(
         direction=direction,
         kind=kind,
         amount_minor=amount_minor,
-        balances_after=after,
+        balances_after=balances_after,
         created_at=now,
     )
-    return entry, AccountState(after, entry.sequence, entry.hash)
+    return entry, AccountState(balances_after, entry.sequence, entry.hash)
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,19 +217,17 @@ class _BatchRun:
         amount_minor: int,
         balances_after: Balances,
     ) -> None:
-        current = self.work[key]
-        entry = chained_entry(
-            current.head_hash,
-            account=key,
-            sequence=current.entry_count + 1,
-            transfer=transfer,
-            direction=direction,
-            kind=kind,
-            amount_minor=amount_minor,
-            balances_after=balances_after,
-            created_at=self.state.now,
+        entry, after = _chained(
+            self.work[key],
+            key,
+            transfer,
+            direction,
+            kind,
+            amount_minor,
+            balances_after,
+            self.state.now,
         )
-        self.set(self.work, key, AccountState(balances_after, entry.sequence, entry.hash))
+        self.set(self.work, key, after)
         self.plan.entries.append(entry)
 
 
