@@ -15,7 +15,10 @@ from __future__ import annotations
 
 RAW_TABLES = ("bench_entries", "bench_transfers", "bench_accounts")
 
-DROP_TABLES = "DROP TABLE IF EXISTS bench_entries, bench_transfers, bench_accounts"
+DROP_TABLES = """
+DROP TABLE IF EXISTS bench_entries, bench_transfers, bench_accounts;
+DROP TYPE IF EXISTS bench_transfer_row, bench_entry_row, bench_account_head
+"""
 
 CREATE_TABLES = """
 CREATE TABLE bench_accounts (
@@ -89,6 +92,23 @@ CREATE TABLE bench_entries (
 );
 
 CREATE INDEX bench_entries_as_of ON bench_entries (merchant_id, account_id, created_at);
+
+-- WRITE_BATCH receives one array of rows per table, as the service does (its
+-- row types are in migration 0007): the cheapest way asyncpg knows to send
+-- them. Only the columns that differ between transfers are sent.
+CREATE TYPE bench_transfer_row AS (
+    merchant_id text, transfer_id text, debit_account_id text, credit_merchant_id text,
+    credit_account_id text, amount_minor bigint
+);
+CREATE TYPE bench_entry_row AS (
+    merchant_id text, account_id text, sequence bigint, transfer_merchant_id text,
+    transfer_id text, direction smallint, amount_minor bigint, debits_posted bigint,
+    credits_posted bigint, entry_hash bytea
+);
+CREATE TYPE bench_account_head AS (
+    merchant_id text, account_id text, debits_posted bigint, credits_posted bigint,
+    entry_count bigint, entry_hash bytea
+);
 """
 
 INSERT_ACCOUNTS = """
@@ -118,26 +138,26 @@ WITH new_transfers AS (
         debit_account_id, credit_merchant_id, credit_account_id, amount_minor,
         amount_effective_minor, currency, pending_id, timeout_ms, linked, reversal_of,
         metadata, postings, result, failed_posting_index, expires_at, trace_id, created_at)
-    SELECT m, t, 1, 1, m, da, cm, ca, amt, amt, 'USD', '', 0, false, '', '{}'::jsonb, NULL,
-        1, -1, NULL, '', $7::timestamptz
-    FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[])
-        AS u(m, t, da, cm, ca, amt)
+    SELECT u.merchant_id, u.transfer_id, 1, 1, u.merchant_id, u.debit_account_id,
+        u.credit_merchant_id, u.credit_account_id, u.amount_minor, u.amount_minor, 'USD', '',
+        0, false, '', '{}'::jsonb, NULL, 1, -1, NULL, '', $4::timestamptz
+    FROM unnest($1::bench_transfer_row[]) AS u
     RETURNING 1
 ), new_entries AS (
     INSERT INTO bench_entries (merchant_id, account_id, sequence, transfer_merchant_id,
         transfer_id, direction, kind, amount_minor, debits_posted, credits_posted,
         debits_pending, credits_pending, created_at, entry_hash)
-    SELECT m, a, s, tm, t, d, 1, amt, dp, cp, 0, 0, $7::timestamptz, h
-    FROM unnest($8::text[], $9::text[], $10::bigint[], $11::text[], $12::text[],
-        $13::smallint[], $14::bigint[], $15::bigint[], $16::bigint[], $17::bytea[])
-        AS u(m, a, s, tm, t, d, amt, dp, cp, h)
+    SELECT u.merchant_id, u.account_id, u.sequence, u.transfer_merchant_id, u.transfer_id,
+        u.direction, 1, u.amount_minor, u.debits_posted, u.credits_posted, 0, 0,
+        $4::timestamptz, u.entry_hash
+    FROM unnest($2::bench_entry_row[]) AS u
     RETURNING 1
 ), updated_accounts AS (
     UPDATE bench_accounts AS a
-    SET debits_posted = u.dp, credits_posted = u.cp, entry_count = u.n, entry_hash = u.h
-    FROM unnest($18::text[], $19::text[], $20::bigint[], $21::bigint[], $22::bigint[],
-        $23::bytea[]) AS u(m, a, dp, cp, n, h)
-    WHERE a.merchant_id = u.m AND a.account_id = u.a
+    SET debits_posted = u.debits_posted, credits_posted = u.credits_posted,
+        entry_count = u.entry_count, entry_hash = u.entry_hash
+    FROM unnest($3::bench_account_head[]) AS u
+    WHERE a.merchant_id = u.merchant_id AND a.account_id = u.account_id
     RETURNING 1
 )
 SELECT (SELECT count(*) FROM new_transfers) AS transfers,

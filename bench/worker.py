@@ -317,7 +317,7 @@ async def raw_transfer_batch(
         }
         if len(balances) != len(keys):
             raise RuntimeError(f"raw accounts missing: {set(keys) - set(balances)}")
-        entries: list[list[Any]] = [[] for _ in range(10)]
+        entries: list[tuple[Any, ...]] = []
         for t in transfers:
             for key, direction in (
                 ((t.debit_merchant, t.debit_account), 1),
@@ -331,35 +331,35 @@ async def raw_transfer_batch(
                 b[3] = hashlib.sha256(
                     b[3] + f"{key}\x1f{b[2]}\x1f{t.transfer_id}\x1f{b[0]}\x1f{b[1]}".encode()
                 ).digest()
-                row = (
-                    *key,
-                    b[2],
-                    t.debit_merchant,
-                    t.transfer_id,
-                    direction,
-                    t.amount_minor,
-                    b[0],
-                    b[1],
-                    b[3],
+                entries.append(
+                    (
+                        *key,
+                        b[2],
+                        t.debit_merchant,
+                        t.transfer_id,
+                        direction,
+                        t.amount_minor,
+                        b[0],
+                        b[1],
+                        b[3],
+                    )
                 )
-                for column, value in zip(entries, row, strict=True):
-                    column.append(value)
         written = await connection.fetchrow(
             raw_sql.WRITE_BATCH,
-            [t.debit_merchant for t in transfers],
-            [t.transfer_id for t in transfers],
-            [t.debit_account for t in transfers],
-            [t.credit_merchant for t in transfers],
-            [t.credit_account for t in transfers],
-            [t.amount_minor for t in transfers],
+            [
+                (
+                    t.debit_merchant,
+                    t.transfer_id,
+                    t.debit_account,
+                    t.credit_merchant,
+                    t.credit_account,
+                    t.amount_minor,
+                )
+                for t in transfers
+            ],
+            entries,
+            [(*key, *b) for key, b in balances.items()],
             now,
-            *entries,
-            [k[0] for k in balances],
-            [k[1] for k in balances],
-            [b[0] for b in balances.values()],
-            [b[1] for b in balances.values()],
-            [b[2] for b in balances.values()],
-            [b[3] for b in balances.values()],
         )
         # Checked inside the transaction, so a short write rolls back.
         assert written is not None

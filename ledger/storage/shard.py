@@ -1041,25 +1041,20 @@ async def write_plan(
         for key, s in accounts.items()
         for b in (s.balances,)
     ]
-    t_cols = _columns(transfer_rows, _TRANSFER_COLUMNS)
-    e_cols = _columns(entry_rows, _ENTRY_COLUMNS)
-    a_cols = _columns(account_rows, _ACCOUNT_UPDATE_COLUMNS)
-    ended = [r.pending for r in resolutions] + list(ended_extra)
+    ended = [
+        (k.merchant_id, k.transfer_id) for k in (*(r.pending for r in resolutions), *ended_extra)
+    ]
     counts = await conn.fetchrow(
         sql.WRITE_BATCH,
-        *t_cols,
-        *e_cols,
-        *a_cols,
-        [r.pending.merchant_id for r in resolutions],
-        [r.pending.transfer_id for r in resolutions],
-        [r.state for r in resolutions],
-        [r.by_transfer_id for r in resolutions],
-        [r.created_at for r in resolutions],
-        [r.key.merchant_id for r in expiring],
-        [r.key.transfer_id for r in expiring],
-        [r.expires_at for r in expiring],
-        [k.merchant_id for k in ended],
-        [k.transfer_id for k in ended],
+        transfer_rows,
+        entry_rows,
+        account_rows,
+        [
+            (r.pending.merchant_id, r.pending.transfer_id, r.state, r.by_transfer_id, r.created_at)
+            for r in resolutions
+        ],
+        [(r.key.merchant_id, r.key.transfer_id, r.expires_at) for r in expiring],
+        ended,
     )
     assert counts is not None
     if counts["transfers"] != len(records) + len(journals):
@@ -1069,20 +1064,6 @@ async def write_plan(
     invariant(counts["entries"] == len(entries), "every entry was written")
     invariant(counts["accounts"] == len(accounts), "every changed account was updated")
     invariant(counts["resolutions"] == len(resolutions), "every resolution was written")
-
-
-# The parameter arrays WRITE_BATCH takes per table, in its order.
-_TRANSFER_COLUMNS = 22
-_ENTRY_COLUMNS = 14
-_ACCOUNT_UPDATE_COLUMNS = 8
-
-
-def _columns(rows: Sequence[tuple[Any, ...]], width: int) -> list[list[Any]]:
-    """Rows -> one list per column (the unnest arrays), transposed in C by zip."""
-    if not rows:
-        return [[] for _ in range(width)]
-    invariant(len(rows[0]) == width, "a row has one value per column")
-    return [list(column) for column in zip(*rows, strict=True)]
 
 
 def _postings_json(request: JournalRequest) -> tuple[dict[str, Any], ...]:

@@ -92,49 +92,44 @@ WHERE (credit_merchant_id, reversal_of) IN (SELECT * FROM unnest($1::text[], $2:
 GROUP BY credit_merchant_id, reversal_of
 """
 
-# One round trip writes a whole batch. Data-modifying CTEs always run to
-# completion; the counts let the caller check every row landed.
+# One round trip writes a whole batch: one array of rows per table, in the row
+# types of migration 0007. Data-modifying CTEs always run to completion; the
+# counts let the caller check every row landed.
 WRITE_BATCH = """
 WITH new_transfers AS (
     INSERT INTO transfers (merchant_id, transfer_id, kind, action, debit_merchant_id,
         debit_account_id, credit_merchant_id, credit_account_id, amount_minor,
         amount_effective_minor, currency, pending_id, timeout_ms, linked, reversal_of,
         metadata, postings, result, failed_posting_index, expires_at, trace_id, created_at)
-    SELECT * FROM unnest($1::text[], $2::text[], $3::smallint[], $4::smallint[], $5::text[],
-        $6::text[], $7::text[], $8::text[], $9::bigint[], $10::bigint[], $11::text[],
-        $12::text[], $13::bigint[], $14::boolean[], $15::text[], $16::jsonb[], $17::jsonb[],
-        $18::smallint[], $19::integer[], $20::timestamptz[], $21::text[], $22::timestamptz[])
+    SELECT * FROM unnest($1::ledger_transfer_row[])
     ON CONFLICT (merchant_id, transfer_id) DO NOTHING
     RETURNING 1
 ), new_entries AS (
     INSERT INTO entries (merchant_id, account_id, sequence, transfer_merchant_id, transfer_id,
         direction, kind, amount_minor, debits_posted, credits_posted, debits_pending,
         credits_pending, created_at, entry_hash)
-    SELECT * FROM unnest($23::text[], $24::text[], $25::bigint[], $26::text[], $27::text[],
-        $28::smallint[], $29::smallint[], $30::bigint[], $31::bigint[], $32::bigint[],
-        $33::bigint[], $34::bigint[], $35::timestamptz[], $36::bytea[])
+    SELECT * FROM unnest($2::ledger_entry_row[])
     RETURNING 1
 ), updated_accounts AS (
     UPDATE accounts AS a
-    SET debits_posted = u.dp, credits_posted = u.cp, debits_pending = u.dpe,
-        credits_pending = u.cpe, entry_count = u.n, entry_hash = u.h
-    FROM unnest($37::text[], $38::text[], $39::bigint[], $40::bigint[], $41::bigint[],
-        $42::bigint[], $43::bigint[], $44::bytea[]) AS u(m, a, dp, cp, dpe, cpe, n, h)
-    WHERE a.merchant_id = u.m AND a.account_id = u.a
+    SET debits_posted = u.debits_posted, credits_posted = u.credits_posted,
+        debits_pending = u.debits_pending, credits_pending = u.credits_pending,
+        entry_count = u.entry_count, entry_hash = u.entry_hash
+    FROM unnest($3::ledger_account_head[]) AS u
+    WHERE a.merchant_id = u.merchant_id AND a.account_id = u.account_id
     RETURNING 1
 ), new_resolutions AS (
     INSERT INTO pending_resolutions (merchant_id, pending_id, state, by_transfer_id, created_at)
-    SELECT * FROM unnest($45::text[], $46::text[], $47::smallint[], $48::text[],
-        $49::timestamptz[])
+    SELECT * FROM unnest($4::ledger_resolution_row[])
     RETURNING 1
 ), new_expiries AS (
     INSERT INTO pending_expiries (merchant_id, transfer_id, expires_at)
-    SELECT * FROM unnest($50::text[], $51::text[], $52::timestamptz[])
+    SELECT * FROM unnest($5::ledger_expiry_row[])
     RETURNING 1
 ), ended_expiries AS (
     DELETE FROM pending_expiries AS x
-    USING unnest($53::text[], $54::text[]) AS r(m, p)
-    WHERE x.merchant_id = r.m AND x.transfer_id = r.p
+    USING unnest($6::ledger_transfer_key[]) AS r
+    WHERE x.merchant_id = r.merchant_id AND x.transfer_id = r.transfer_id
     RETURNING 1
 )
 SELECT (SELECT count(*) FROM new_transfers) AS transfers,
