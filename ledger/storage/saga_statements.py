@@ -51,10 +51,23 @@ SELECT {SAGA_COLUMNS} FROM sagas WHERE merchant_id = $1 AND transfer_id = $2 AND
 
 LOCK_SAGA = SELECT_SAGA + " FOR UPDATE"
 
+# Lookups of sagas by transfer key probe the primary key once per key. Written
+# as `(merchant_id, transfer_id) IN (SELECT * FROM unnest(...))`, the generic
+# plan (which assumes 10 keys) hash-joins a sequential scan of every saga while
+# the table is small (measured: 0.5 ms at 1,300 sagas, against 0.05 ms for the
+# probe). OFFSET 0 keeps each lateral subquery from being flattened into that
+# join; DISTINCT keeps IN's meaning when a key is given twice.
+_SAGA_KEYS = """
+(SELECT DISTINCT * FROM unnest($1::text[], $2::text[])) AS k(merchant_id, transfer_id)
+"""
+
 SELECT_SAGAS_OF_TRANSFERS = f"""
-SELECT {SAGA_COLUMNS} FROM sagas
-WHERE (merchant_id, transfer_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))
-  AND kind IN (1, 2)
+SELECT s.* FROM {_SAGA_KEYS}
+CROSS JOIN LATERAL (
+    SELECT {SAGA_COLUMNS} FROM sagas
+    WHERE merchant_id = k.merchant_id AND transfer_id = k.transfer_id AND kind IN (1, 2)
+    OFFSET 0
+) AS s
 """
 
 SELECT_STEPS = """
@@ -162,9 +175,13 @@ VALUES ($1, $2, $3, $4, $5)
 # waits and then reads the recorded outcome instead of racing to write its own.
 LOCK_CREDIT = "SELECT pg_advisory_xact_lock(7304, hashtext($1 || '/' || $2 || '/' || $3::smallint))"
 
-SELECT_SAGA_KEYS_FOR = """
-SELECT merchant_id, transfer_id FROM sagas
-WHERE (merchant_id, transfer_id) IN (SELECT * FROM unnest($1::text[], $2::text[])) AND kind = 1
+SELECT_SAGA_KEYS_FOR = f"""
+SELECT s.merchant_id, s.transfer_id FROM {_SAGA_KEYS}
+CROSS JOIN LATERAL (
+    SELECT merchant_id, transfer_id FROM sagas
+    WHERE merchant_id = k.merchant_id AND transfer_id = k.transfer_id AND kind = 1
+    OFFSET 0
+) AS s
 """
 
 # Due pending transfers that a saga carries (cross-shard); the plain sweeper
@@ -178,10 +195,14 @@ ORDER BY e.expires_at
 LIMIT $1
 """
 
-FINAL_RESULTS = """
-SELECT merchant_id, transfer_id, result FROM sagas
-WHERE (merchant_id, transfer_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))
-  AND kind = 1 AND state IN (2, 3)
+FINAL_RESULTS = f"""
+SELECT s.merchant_id, s.transfer_id, s.result FROM {_SAGA_KEYS}
+CROSS JOIN LATERAL (
+    SELECT merchant_id, transfer_id, result FROM sagas
+    WHERE merchant_id = k.merchant_id AND transfer_id = k.transfer_id AND kind = 1
+      AND state IN (2, 3)
+    OFFSET 0
+) AS s
 """
 
 # Reconcile: what one shard reports about itself.
