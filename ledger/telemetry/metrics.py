@@ -6,7 +6,7 @@ cost a no-op call until setup_metrics() installs the Prometheus reader.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 from opentelemetry import metrics
 from opentelemetry.metrics import CallbackOptions, Observation
@@ -15,7 +15,32 @@ METER_NAME = "ledger"
 
 _meter = metrics.get_meter(METER_NAME)
 
-requests = _meter.create_counter(
+
+class SummedCounter:
+    """A monotonic counter summed in the process and read when the exporter collects.
+
+    The SDK's Counter.add costs 6-9 us a call (attribute hashing, a lock, views),
+    and the hot path adds twice per call (requests, transfers): this is a dict
+    update. Only the event loop's thread adds; the exporter's thread reads a
+    copy, which CPython takes atomically.
+    """
+
+    def __init__(self, name: str, *, unit: str, description: str) -> None:
+        self._totals: dict[tuple[tuple[str, str], ...], int] = {}
+        _meter.create_observable_counter(
+            name, callbacks=[self._observe], unit=unit, description=description
+        )
+
+    def add(self, amount: int, attributes: Mapping[str, str]) -> None:
+        assert amount >= 0, "a counter only grows"
+        key = tuple(attributes.items())
+        self._totals[key] = self._totals.get(key, 0) + amount
+
+    def _observe(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(total, dict(key)) for key, total in list(self._totals.items())]
+
+
+requests = SummedCounter(
     "ledger_requests", unit="1", description="gRPC calls by method and status code"
 )
 # Seconds, from half a millisecond to ten seconds (the SDK's default buckets
@@ -43,9 +68,7 @@ request_duration = _meter.create_histogram(
     description="gRPC call latency by method",
     explicit_bucket_boundaries_advisory=LATENCY_BUCKETS_S,
 )
-transfers = _meter.create_counter(
-    "ledger_transfers", unit="1", description="Transfer items by result code"
-)
+transfers = SummedCounter("ledger_transfers", unit="1", description="Transfer items by result code")
 sagas_finished = _meter.create_counter(
     "ledger_sagas_finished", unit="1", description="Sagas that ended, by kind and state"
 )
