@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import field
 from datetime import datetime
 
+from ledger.domain.value import value
 from ledger.limits import AMOUNT_MINOR_MAX
 
 
-@dataclass(frozen=True, slots=True, order=True)
+@value(order=True)
 class AccountKey:
     merchant_id: str
     account_id: str
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class AccountSpec:
     """What a caller gives to create an account."""
 
@@ -38,7 +39,7 @@ class AccountSpec:
         return None
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Balances:
     debits_posted: int = 0
     credits_posted: int = 0
@@ -55,7 +56,7 @@ class Balances:
         )
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Account:
     """An account as stored: its spec, state and balances."""
 

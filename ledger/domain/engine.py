@@ -28,11 +28,12 @@ from ledger.domain.transfers import (
     TransferRequest,
     TransferResult,
 )
+from ledger.domain.value import value
 from ledger.invariant import invariant
 from ledger.limits import AMOUNT_MINOR_MAX
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class AccountState:
     """An account's mutable part while a batch is applied."""
 
@@ -106,13 +107,13 @@ def _chained(
     return entry, AccountState(balances_after, entry.sequence, entry.hash)
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class PendingView:
     record: TransferRecord
     state: PendingState
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class TransferBatchState:
     """Everything the rules read, loaded under the batch's locks."""
 
@@ -125,7 +126,7 @@ class TransferBatchState:
     now: datetime
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class ItemOutcome:
     index: int
     id: str

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import field
 from datetime import datetime
 from enum import IntEnum
 
 from ledger.domain.accounts import AccountKey, Balances
+from ledger.domain.value import value
 
 
 class TransferAction(IntEnum):
@@ -72,13 +73,13 @@ class RecordKind(IntEnum):
     JOURNAL = 2
 
 
-@dataclass(frozen=True, slots=True, order=True)
+@value(order=True)
 class TransferKey:
     merchant_id: str
     transfer_id: str
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class TransferRequest:
     """A transfer as a caller asks for it."""
 
@@ -105,7 +106,7 @@ class TransferRequest:
         return self.action in (TransferAction.POST_PENDING, TransferAction.VOID_PENDING)
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class TransferRecord:
     """A transfer as stored: the request with gaps filled in, and its outcome.
 
@@ -150,7 +151,7 @@ class TransferRecord:
         return None
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Posting:
     account: AccountKey
     amount_minor: int
@@ -158,7 +159,7 @@ class Posting:
     direction: Direction
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class JournalRequest:
     id: str
     merchant_id: str
@@ -170,7 +171,7 @@ class JournalRequest:
         return TransferKey(self.merchant_id, self.id)
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class JournalRecord:
     request: JournalRequest
     result: TransferResult
@@ -178,7 +179,7 @@ class JournalRecord:
     created_at: datetime
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Entry:
     """One line of an account's history, with the balances after it."""
 
@@ -194,7 +195,7 @@ class Entry:
     hash: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Resolution:
     """Records that a pending transfer was posted, voided or expired (at most once)."""
 
