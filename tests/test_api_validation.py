@@ -21,7 +21,7 @@ from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from ledger import limits
-from ledger.api.decode import CONTROL_CHARACTERS
+from ledger.api.decode import CONTROL_CHARACTERS, Violations
 from ledger.v1 import ledger_pb2 as pb
 from tests.support import (
     RPC_TIMEOUT_S,
@@ -355,6 +355,22 @@ def test_the_control_character_pattern_is_unicode_category_cc() -> None:
         char = chr(code_point)
         is_cc = unicodedata.category(char) == "Cc"
         assert bool(CONTROL_CHARACTERS.search(char)) is is_cc, hex(code_point)
+
+
+def test_an_id_is_refused_for_a_control_character_exactly() -> None:
+    """ASCII ids take a faster check than the regex; both must refuse exactly Cc,
+    wherever in the id the character is."""
+    for code_point in range(0x800):
+        char = chr(code_point)
+        is_cc = unicodedata.category(char) == "Cc"
+        for value in (char, f"a{char}", f"{char}b", f"ab{char}cd"):
+            found = Violations()
+            found.id("id", value)
+            refused = [reason for _, reason in found.items]
+            assert refused == (["must not contain control characters"] if is_cc else []), (
+                hex(code_point),
+                value,
+            )
 
 
 def _id_locations() -> list[Any]:

@@ -52,12 +52,15 @@ class Violations:
             raise invalid_argument(self.items)
 
     def id(self, field: str, value: str) -> None:
-        size = len(value) if value.isascii() else len(value.encode("utf-8", "surrogatepass"))
+        ascii_only = value.isascii()
+        size = len(value) if ascii_only else len(value.encode("utf-8", "surrogatepass"))
         if size == 0:
             self.add(field, "must not be empty")
         elif size > limits.id_bytes_max:
             self.add(field, f"must be at most {limits.id_bytes_max} bytes")
-        elif CONTROL_CHARACTERS.search(value):
+        # In ASCII the only unprintable characters are the controls (C0 and DEL), and
+        # isprintable() is a third of a regex search; ids are nearly always ASCII.
+        elif not value.isprintable() if ascii_only else CONTROL_CHARACTERS.search(value):
             self.add(field, "must not contain control characters")
 
     def merchant_id(self, field: str, value: str) -> None:
