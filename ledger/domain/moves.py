@@ -24,18 +24,19 @@ settlement accounts, once per settle, on the way to the merchant.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import datetime
 
 from ledger.domain.accounts import Account, AccountKey, Balances
 from ledger.domain.chain import chained_entry
 from ledger.domain.engine import AccountState, booked, state_of
 from ledger.domain.transfers import Direction, Entry, EntryKind, TransferKey
+from ledger.domain.value import value
 
 MOVE_MERCHANT_ID = "$move"
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class LocalHold:
     """An open local pending transfer between a moving merchant and one that stays."""
 
@@ -46,7 +47,7 @@ class LocalHold:
     amount_minor: int
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class CrossHold:
     """An open cross-shard pending transfer that a moving merchant is a party of.
 
@@ -65,7 +66,7 @@ class CrossHold:
     beyond: str
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Holds:
     """What a moving merchant holds pending with others, all carried by its move."""
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import datetime
 from enum import IntEnum
 
@@ -41,6 +41,7 @@ from ledger.domain.transfers import (
     TransferRequest,
     TransferResult,
 )
+from ledger.domain.value import value
 from ledger.invariant import invariant
 
 # The reserved merchant that owns every shard's settlement accounts. Caller
@@ -77,7 +78,7 @@ class CreditOutcome(IntEnum):
     ABORTED = 3
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class CreditRecord:
     """What step 2 recorded for a saga, and the shard that applied the credit.
 
@@ -114,7 +115,7 @@ def settlement_account(peer_shard: str, currency: str, transfer_id: str) -> Acco
     return AccountKey(SETTLEMENT_MERCHANT_ID, f"{peer_shard}/{currency}/{stripe}")
 
 
-@dataclass(frozen=True, slots=True, order=True)
+@value(order=True)
 class SagaKey:
     merchant_id: str
     transfer_id: str
@@ -125,7 +126,7 @@ class SagaKey:
         return TransferKey(self.merchant_id, self.transfer_id)
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Saga:
     key: SagaKey
     state: SagaState
@@ -156,7 +157,7 @@ class Saga:
         return self.state in (SagaState.COMPLETED, SagaState.COMPENSATED)
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class SagaStep:
     step: int
     outcome: str

@@ -54,6 +54,7 @@ from ledger.domain.transfers import (
     TransferRequest,
     TransferResult,
 )
+from ledger.domain.value import value
 from ledger.invariant import invariant
 from ledger.storage import saga_statements as saga_sql
 from ledger.storage import statements as sql
@@ -80,7 +81,7 @@ if TYPE_CHECKING:
     Connection: TypeAlias = PoolConnectionProxy[asyncpg.Record]
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Fence:
     """What a write tells the shard about the caller's routing.
 
