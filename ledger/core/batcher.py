@@ -30,7 +30,7 @@ from ledger import limits
 from ledger.domain.engine import ItemOutcome
 from ledger.domain.transfers import TransferRequest
 from ledger.storage.shard import Fence, Shard
-from ledger.telemetry.tracing import tracer
+from ledger.telemetry.tracing import start_as_current_span, tracer, tracing_active
 
 
 @dataclass
@@ -110,7 +110,7 @@ class TransferBatcher:
         }
         started_ns = time.time_ns()
         failure: Exception | None = None
-        with tracer.start_as_current_span(
+        with start_as_current_span(
             "group commit", context=batch[0].trace_context, attributes=attributes
         ) as span:
             try:
@@ -144,6 +144,8 @@ def _joined_spans(
     attributes: dict[str, AttributeValue],
 ) -> None:
     """A span in each joined call's own trace, covering the shared transaction."""
+    if not tracing_active():
+        return
     link = trace.Link(batch_span.get_span_context())
     ended_ns = time.time_ns()
     for call in calls:

@@ -44,7 +44,7 @@ from ledger.storage.shard import (
     TransferView,
 )
 from ledger.telemetry import metrics
-from ledger.telemetry.tracing import tracer
+from ledger.telemetry.tracing import start_as_current_span
 
 log = logging.getLogger(__name__)
 # Marks an item that routing found to span shards (a merchant moved away from
@@ -377,7 +377,7 @@ class Ledger:
         group whose shard is down gets unavailable(item) per item while the
         other shards' groups go through.
         """
-        with tracer.start_as_current_span("route", attributes={"ledger.items": len(items)}) as span:
+        with start_as_current_span("route", attributes={"ledger.items": len(items)}) as span:
             return await self._route_attempts(
                 items,
                 home_of=home_of,

@@ -71,7 +71,7 @@ from ledger.storage.errors import (
 from ledger.storage.migrate import apply_migrations
 from ledger.storage.saga_rows import saga_from_row
 from ledger.telemetry import metrics
-from ledger.telemetry.tracing import current_trace_id, tracer
+from ledger.telemetry.tracing import current_trace_id, start_as_current_span
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -766,7 +766,7 @@ class Shard:
         """One span per shard transaction (or read), naming the shard and the operation."""
         operation = fn.__qualname__.split(".<locals>")[0].rsplit(".", 1)[-1].lstrip("_")
         started = time.perf_counter()
-        with tracer.start_as_current_span(
+        with start_as_current_span(
             f"shard {operation}",
             attributes={
                 "db.system": "postgresql",
