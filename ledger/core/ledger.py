@@ -145,9 +145,13 @@ class Ledger:
             results.update(zip(local, outcomes, strict=True))
 
         starts = asyncio.Semaphore(limits.saga_starts_per_request_max)
-        deadline = asyncio.get_running_loop().time() + wait_s
 
-        async def run_saga(index: int) -> None:
+        def deadline_from_now() -> float:
+            # Read only by calls that run sagas: on Python 3.11 every
+            # get_running_loop() is a getpid() system call.
+            return asyncio.get_running_loop().time() + wait_s
+
+        async def run_saga(index: int, deadline: float) -> None:
             request = requests[index]
             try:
                 # Only step 1 is bounded per call; the waits below overlap freely.
@@ -159,8 +163,9 @@ class Ledger:
                 return
             results[index] = await self.sagas.outcome_by(start, deadline=deadline)
 
-        if cross:
-            await asyncio.gather(run_local(), *(run_saga(i) for i in sorted(cross)))
+        deadline = deadline_from_now() if cross else None
+        if deadline is not None:
+            await asyncio.gather(run_local(), *(run_saga(i, deadline) for i in sorted(cross)))
         else:
             # The common call: no task to create for a lone coroutine.
             await run_local()
@@ -168,7 +173,10 @@ class Ledger:
         moved_apart = [
             i for i in local if results[i].index == _SPANS_SHARDS_NOW and not requests[i].linked
         ]
-        await asyncio.gather(*(run_saga(i) for i in moved_apart))
+        if moved_apart:
+            if deadline is None:
+                deadline = deadline_from_now()
+            await asyncio.gather(*(run_saga(i, deadline) for i in moved_apart))
         for result, count in Counter(o.result.name for o in results.values()).items():
             metrics.transfers.add(count, {"result": result})
         return [
