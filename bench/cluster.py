@@ -301,15 +301,18 @@ _CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
 
 
 def cpu_s(pid: int) -> float:
-    """User + system CPU seconds of one process (0 if it is gone)."""
+    """User + system CPU seconds of one process and of its children that exited
+    (0 if it is gone). Counting the exited children keeps a process tree's sum
+    steady when a child ends mid-phase: PostgreSQL ends pool connections that sat
+    idle for 5 minutes, and their CPU then moves to the postmaster's account."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             # The command name may hold spaces; the fields after it do not.
             fields = f.read().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
         return 0.0
-    # utime and stime are fields 14 and 15 of stat, 12 and 13 after the name.
-    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS_PER_S
+    # utime, stime, cutime, cstime are fields 14 to 17 of stat, 12 to 15 after the name.
+    return sum(int(v) for v in fields[11:15]) / _CLOCK_TICKS_PER_S
 
 
 def machine_cpu_s() -> tuple[float, float, float]:
