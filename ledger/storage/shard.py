@@ -1067,9 +1067,8 @@ async def write_plan(
     invariant(counts["resolutions"] == len(resolutions), "every resolution was written")
 
 
-def _postings_json(request: JournalRequest) -> tuple[dict[str, Any], ...]:
-    # A tuple, not a list: asyncpg reads a nested list as another array dimension.
-    return tuple(
+def _postings_json(request: JournalRequest) -> list[dict[str, Any]]:
+    return [
         {
             "merchant_id": p.account.merchant_id,
             "account_id": p.account.account_id,
@@ -1078,7 +1077,7 @@ def _postings_json(request: JournalRequest) -> tuple[dict[str, Any], ...]:
             "direction": int(p.direction),
         }
         for p in request.postings
-    )
+    ]
 
 
 def active_merchants(fenced: list[asyncpg.Record]) -> set[str]:
