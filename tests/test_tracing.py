@@ -415,6 +415,85 @@ async def test_cross_shard_transfer_traces_every_saga_step_under_the_server_span
     assert (await lookup(service, payer, transfer_id)).transfer.trace_id == f"{trace_id:032x}"
 
 
+async def test_sagas_sharing_a_step_transaction_each_keep_their_own_trace(
+    service: Service, spans: InMemorySpanExporter
+) -> None:
+    """Group commit of saga steps: a row lock holds the first saga's step 1, so the
+    sagas sent after it queue and share the next step-1 transaction. Each transfer
+    records its own trace, and each trace shows the shared transaction."""
+    payer, payee = await funded_pair(service, DEBIT_SHARD, CREDIT_SHARD)
+    shard = service.cluster.shards[DEBIT_SHARD]
+    locker = await asyncpg.connect(shard.dsn)
+    traces = [new_traceparent() for _ in range(JOINED_CALLS + 1)]
+    ids = [uid("t") for _ in traces]
+    calls = [
+        create_transfer(
+            service,
+            transfer(transfer_id, ref(payer, "cash"), ref(payee, "sales"), 1),
+            traceparent=traceparent,
+        )
+        for transfer_id, (_, _, traceparent) in zip(ids, traces, strict=True)
+    ]
+    try:
+        hold = locker.transaction()
+        await hold.start()
+        await locker.execute(
+            "SELECT 1 FROM accounts WHERE merchant_id = $1 AND account_id = 'cash' FOR UPDATE",
+            payer,
+        )
+        first = asyncio.create_task(calls[0])
+
+        async def first_waits_on_the_lock() -> bool:
+            return bool(
+                await locker.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+                )
+            )
+
+        await wait_until(first_waits_on_the_lock, what="the first saga to wait on the lock")
+        others = [asyncio.create_task(call) for call in calls[1:]]
+
+        async def others_queued() -> bool:
+            return service.server.sagas.queued_steps() == JOINED_CALLS
+
+        await wait_until(others_queued, what="the other sagas to queue behind the first")
+        await hold.rollback()
+        results = await asyncio.gather(first, *others)
+    finally:
+        await locker.close()
+    assert {r.result for r in results} == {pb.TRANSFER_RESULT_OK}
+
+    trace_ids = [trace_id for trace_id, _, _ in traces]
+    steps = ("saga step 1 reserve", "saga step 2 credit", "saga step 3 finish")
+    await wait_until(
+        lambda: _all(has_spans(spans, t, CREATE_TRANSFERS_SPAN, *steps) for t in trace_ids),
+        what="every saga's step spans",
+    )
+    for trace_id, transfer_id in zip(trace_ids, ids, strict=True):
+        stored = (await lookup(service, payer, transfer_id)).transfer.trace_id
+        assert stored == f"{trace_id:032x}", "a transfer records its own call's trace"
+    reserve_groups = [
+        s
+        for t in trace_ids
+        for s in named(in_trace(spans, t), "saga group commit")
+        if attributes(s)["ledger.saga.step"] == "1 reserve"
+    ]
+    (holder,) = [s for s in reserve_groups if attributes(s)["ledger.sagas"] == JOINED_CALLS]
+    joined = [
+        s
+        for t in trace_ids
+        for s in named(in_trace(spans, t), "saga group commit (joined)")
+        if [link.context.span_id for link in s.links] == [holder.context.span_id]
+    ]
+    assert len(joined) == JOINED_CALLS - 1, "one saga holds the shared step 1, the rest join it"
+    assert len({s.context.trace_id for s in [holder, *joined]}) == JOINED_CALLS
+    assert {
+        attributes(s)["ledger.shard"]
+        for s in shard_spans(children(in_trace(spans, holder.context.trace_id), holder))
+    } == {DEBIT_SHARD}
+
+
 async def test_saga_resumed_by_the_recovery_worker_continues_the_stored_trace(
     service: Service, spans: InMemorySpanExporter
 ) -> None:

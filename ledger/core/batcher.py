@@ -23,14 +23,13 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from opentelemetry import context as otel_context
-from opentelemetry import trace
 from opentelemetry.util.types import AttributeValue
 
 from ledger import limits
 from ledger.domain.engine import ItemOutcome
 from ledger.domain.transfers import TransferRequest
 from ledger.storage.shard import Fence, Shard
-from ledger.telemetry.tracing import start_as_current_span, tracer, tracing_active
+from ledger.telemetry.tracing import joined_spans, start_as_current_span
 
 
 @dataclass
@@ -117,7 +116,13 @@ class TransferBatcher:
                 outcomes = await shard.create_transfers(requests, fence)
             except Exception as error:
                 failure = error
-        _joined_spans(batch[1:], span, started_ns, attributes)
+        joined_spans(
+            "group commit (joined)",
+            (call.trace_context for call in batch[1:]),
+            span,
+            started_ns,
+            attributes,
+        )
         if failure is not None:
             for call in batch:
                 if not call.done.done():
@@ -135,24 +140,3 @@ class TransferBatcher:
             offset += len(call.group)
             if not call.done.done():
                 call.done.set_result(mine)
-
-
-def _joined_spans(
-    calls: list[_Call],
-    batch_span: trace.Span,
-    started_ns: int,
-    attributes: dict[str, AttributeValue],
-) -> None:
-    """A span in each joined call's own trace, covering the shared transaction."""
-    if not tracing_active():
-        return
-    link = trace.Link(batch_span.get_span_context())
-    ended_ns = time.time_ns()
-    for call in calls:
-        tracer.start_span(
-            "group commit (joined)",
-            context=call.trace_context,
-            start_time=started_ns,
-            links=[link],
-            attributes=attributes,
-        ).end(end_time=ended_ns)

@@ -32,8 +32,16 @@ from ledger.domain.sagas import (
 from ledger.domain.transfers import TransferRequest, TransferResult
 from ledger.routing.cluster import MOVING_RETRY_DELAY_S, Cluster
 from ledger.routing.errors import ClusterUnavailable
+from ledger.sagas.step_batcher import StepBatcher
 from ledger.storage.errors import MerchantsMoving, MerchantsNotOwned, ShardUnavailable, StaleEpoch
-from ledger.storage.sagas import SagaRaced, SagaStart, SagaStore
+from ledger.storage.sagas import (
+    SagaBegin,
+    SagaCredit,
+    SagaFinish,
+    SagaRaced,
+    SagaStart,
+    SagaStore,
+)
 from ledger.storage.shard import Fence, Shard
 from ledger.telemetry import metrics
 from ledger.telemetry.pseudonym import pseudonymise
@@ -66,6 +74,24 @@ class SagaRunner:
         self.owner = owner
         self.settings = settings or SagaSettings()
         self._tasks: set[asyncio.Task[Saga]] = set()
+        # Group commit per step and shard (see step_batcher.py).
+        self._reserves: StepBatcher[SagaBegin, SagaStart] = StepBatcher(
+            "1 reserve", self._reserve_group, key_of=lambda b: b.request.key
+        )
+        self._credits: StepBatcher[SagaCredit, CreditRecord] = StepBatcher(
+            "2 credit",
+            lambda shard, credits, fence: SagaStore(shard).credit_sagas(credits, fence=fence),
+            key_of=lambda c: c.saga.key,
+        )
+        self._finishes: StepBatcher[SagaFinish, Saga] = StepBatcher(
+            "3 finish",
+            lambda shard, finishes, fence: SagaStore(shard).finish_sagas(finishes, fence=fence),
+            key_of=lambda f: f.key,
+        )
+
+    def queued_steps(self) -> int:
+        """Saga steps waiting for a shared transaction (group commit), over every shard."""
+        return sum(b.queued() for b in (self._reserves, self._credits, self._finishes))
 
     # Starting.
 
@@ -78,24 +104,16 @@ class SagaRunner:
             peer_shard = await self._credit_owner(request.credit.merchant_id)
 
         async def begin(shard: Shard, fence: Fence) -> SagaStart:
-            store = SagaStore(shard)
             if request.settles_pending:
-                return await store.begin_settle(
+                return await SagaStore(shard).begin_settle(
                     request,
                     fence=fence,
                     trace_context=trace_context,
                     lease_owner=self.owner,
                     lease_s=self.settings.lease_s,
                 )
-            assert request.credit is not None
-            return await store.begin_transfer(
-                request,
-                peer_shard=peer_shard,
-                fence=fence,
-                trace_context=trace_context,
-                lease_owner=self.owner,
-                lease_s=self.settings.lease_s,
-            )
+            begin = SagaBegin(request, peer_shard, trace_context)
+            return await self._reserves.submit(shard, fence, begin)
 
         with tracer.start_as_current_span(
             "saga step 1 reserve" if not request.settles_pending else "saga step 1 settle",
@@ -105,6 +123,13 @@ class SagaRunner:
             },
         ):
             return await self._on_home(request.debit.merchant_id, begin)
+
+    async def _reserve_group(
+        self, shard: Shard, begins: list[SagaBegin], fence: Fence
+    ) -> list[SagaStart]:
+        return await SagaStore(shard).begin_transfers(
+            begins, fence=fence, lease_owner=self.owner, lease_s=self.settings.lease_s
+        )
 
     async def _credit_owner(self, merchant_id: str) -> str:
         """The credit merchant's owner now (a move may have it elsewhere than the ring
@@ -209,9 +234,8 @@ class SagaRunner:
 
     async def _credit(self, saga: Saga, *, abort: bool = False) -> CreditRecord:
         async def credit(shard: Shard, fence: Fence) -> CreditRecord:
-            return await SagaStore(shard).credit(
-                saga, home_shard=saga.home_shard, fence=fence, abort=abort
-            )
+            crediting = SagaCredit(saga, saga.home_shard, abort)
+            return await self._credits.submit(shard, fence, crediting)
 
         if saga.key.kind is SagaKind.TRANSFER:
             # A new credit follows its merchant to wherever it is now (step 3 then
@@ -235,11 +259,10 @@ class SagaRunner:
                 peer = self.cluster.shard_named(name)
             if peer is None:
                 raise ClusterUnavailable("a saga's credit shard is not in the shard config")
-            record = await SagaStore(peer).credit(
-                saga,
-                home_shard=home,
-                fence=self.cluster.fence(peer, {saga.credit.merchant_id}),
-                abort=abort,
+            record = await self._credits.submit(
+                peer,
+                self.cluster.fence(peer, {saga.credit.merchant_id}),
+                SagaCredit(saga, home, abort),
             )
             if not record.relayed_to:
                 return record
@@ -248,13 +271,8 @@ class SagaRunner:
 
     async def _finish(self, saga: Saga, credit: CreditRecord, *, allow_dead: bool = False) -> Saga:
         async def finish(shard: Shard, fence: Fence) -> Saga:
-            return await SagaStore(shard).finish(
-                saga.key,
-                version=saga.version,
-                credit=credit,
-                fence=fence,
-                allow_dead=allow_dead,
-            )
+            finishing = SagaFinish(saga.key, saga.version, credit, allow_dead)
+            return await self._finishes.submit(shard, fence, finishing)
 
         return await self.cluster.run_on_owner(saga.key.merchant_id, finish, allow_moving=True)
 

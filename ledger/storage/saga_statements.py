@@ -34,22 +34,65 @@ WITH saga AS (
 SELECT * FROM saga
 """
 
+# Many sagas of one step-1 group and their step 1 in the log, in one round trip.
+INSERT_SAGAS = f"""
+WITH saga AS (
+    INSERT INTO sagas (merchant_id, transfer_id, kind, state, next_step, peer_shard,
+        debit_account_id, credit_merchant_id, credit_account_id, currency, credit_action,
+        amount_minor, pending_minor, pending_id, next_attempt_at, lease_owner, lease_until,
+        trace_context, created_at, updated_at)
+    SELECT u.merchant_id, u.transfer_id, u.kind, 1, 2, u.peer_shard, u.debit_account_id,
+        u.credit_merchant_id, u.credit_account_id, u.currency, u.credit_action, u.amount_minor,
+        u.pending_minor, u.pending_id, $15::timestamptz + make_interval(secs => $17), $16,
+        $15::timestamptz + make_interval(secs => $17), u.trace_context, $15, $15
+    FROM unnest($1::text[], $2::text[], $3::smallint[], $4::text[], $5::text[], $6::text[],
+                $7::text[], $8::text[], $9::smallint[], $10::bigint[], $11::bigint[],
+                $12::text[], $13::text[])
+        AS u(merchant_id, transfer_id, kind, peer_shard, debit_account_id, credit_merchant_id,
+             credit_account_id, currency, credit_action, amount_minor, pending_minor,
+             pending_id, trace_context)
+    RETURNING {SAGA_COLUMNS}
+), step AS (
+    INSERT INTO saga_steps (merchant_id, transfer_id, kind, step, outcome, detail)
+    SELECT m, t, k, 1, o, '' FROM unnest($1::text[], $2::text[], $3::smallint[], $14::text[])
+        WITH ORDINALITY AS u(m, t, k, o, n)
+    ORDER BY n
+)
+SELECT * FROM saga
+"""
+
 INSERT_STEP = """
 INSERT INTO saga_steps (merchant_id, transfer_id, kind, step, outcome, detail)
 VALUES ($1, $2, $3, $4, $5, $6)
 """
 
-# Steps 2 and 3 join the log together when step 3 commits.
-INSERT_TWO_STEPS = """
+
+# Steps 2 and 3 join a saga's log together when step 3 commits: for many
+# sagas, (step 2, step 3) each, in the order given.
+INSERT_STEP_PAIRS = """
 INSERT INTO saga_steps (merchant_id, transfer_id, kind, step, outcome, detail)
-VALUES ($1, $2, $3, $4, $5, $6), ($1, $2, $3, $7, $8, $9)
+SELECT m, t, k, s, o, d
+FROM unnest($1::text[], $2::text[], $3::smallint[], $4::smallint[], $5::text[], $6::text[])
+    WITH ORDINALITY AS u(m, t, k, s, o, d, n)
+ORDER BY n
 """
 
 SELECT_SAGA = f"""
 SELECT {SAGA_COLUMNS} FROM sagas WHERE merchant_id = $1 AND transfer_id = $2 AND kind = $3
 """
 
-LOCK_SAGA = SELECT_SAGA + " FOR UPDATE"
+# Row locks are taken in the order rows are read; sorted keys keep two
+# transactions locking overlapping sets from waiting on each other in a cycle.
+LOCK_SAGAS = f"""
+SELECT s.* FROM (SELECT DISTINCT * FROM unnest($1::text[], $2::text[], $3::smallint[])
+                 ORDER BY 1, 2, 3) AS k(merchant_id, transfer_id, kind)
+CROSS JOIN LATERAL (
+    SELECT {SAGA_COLUMNS} FROM sagas
+    WHERE merchant_id = k.merchant_id AND transfer_id = k.transfer_id AND kind = k.kind
+    OFFSET 0
+    FOR UPDATE
+) AS s
+"""
 
 # Lookups of sagas by transfer key probe the primary key once per key. Written
 # as `(merchant_id, transfer_id) IN (SELECT * FROM unnest(...))`, the generic
@@ -76,13 +119,21 @@ WHERE merchant_id = $1 AND transfer_id = $2 AND kind = $3
 ORDER BY id
 """
 
+
+# Finishes many sagas: one (key, version, state, result, credit outcome, peer
+# shard) each; a saga whose version moved on is left out of the answer.
 # peer_shard becomes the shard that applied the credit (step 2 follows a credit
 # merchant that moved), so a later settle or expiry finds the hold there.
-FINISH_SAGA = f"""
-UPDATE sagas SET state = $5, result = $6, credit_outcome = $7, peer_shard = $8, next_step = 3,
-    version = version + 1, lease_owner = '', lease_until = NULL, updated_at = clock_timestamp()
-WHERE merchant_id = $1 AND transfer_id = $2 AND kind = $3 AND version = $4
-RETURNING {SAGA_COLUMNS}
+FINISH_SAGAS = f"""
+UPDATE sagas AS s SET state = u.state, result = u.result, credit_outcome = u.credit_outcome,
+    peer_shard = u.peer_shard, next_step = 3, version = s.version + 1, lease_owner = '',
+    lease_until = NULL, updated_at = clock_timestamp()
+FROM unnest($1::text[], $2::text[], $3::smallint[], $4::integer[], $5::smallint[],
+            $6::smallint[], $7::smallint[], $8::text[])
+    AS u(merchant_id, transfer_id, kind, version, state, result, credit_outcome, peer_shard)
+WHERE s.merchant_id = u.merchant_id AND s.transfer_id = u.transfer_id AND s.kind = u.kind
+  AND s.version = u.version
+RETURNING {", ".join("s." + c.strip() for c in SAGA_COLUMNS.split(","))}
 """
 
 # One failed attempt: back off, or move to the dead-letter list when the
@@ -148,6 +199,25 @@ VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
 ON CONFLICT (merchant_id, transfer_id, kind) DO NOTHING
 """
 
+SELECT_CREDITS = """
+SELECT c.merchant_id, c.transfer_id, c.kind, c.outcome, c.result, c.credited_on
+FROM (SELECT DISTINCT * FROM unnest($1::text[], $2::text[], $3::smallint[]))
+    AS k(merchant_id, transfer_id, kind)
+CROSS JOIN LATERAL (
+    SELECT merchant_id, transfer_id, kind, outcome, result, credited_on FROM saga_credits
+    WHERE merchant_id = k.merchant_id AND transfer_id = k.transfer_id AND kind = k.kind
+    OFFSET 0
+) AS c
+"""
+
+INSERT_CREDITS = """
+INSERT INTO saga_credits (merchant_id, transfer_id, kind, credit_merchant_id, outcome, result,
+                          peer_shard, credited_on)
+SELECT *, $8 FROM unnest($1::text[], $2::text[], $3::smallint[], $4::text[], $5::smallint[],
+                         $6::smallint[], $7::text[])
+ON CONFLICT (merchant_id, transfer_id, kind) DO NOTHING
+"""
+
 # Where this shard passes on the hold of a pending transfer arriving from a shard.
 SELECT_RELAY = """
 SELECT to_shard FROM hold_relays WHERE merchant_id = $1 AND transfer_id = $2 AND from_shard = $3
@@ -174,6 +244,17 @@ VALUES ($1, $2, $3, $4, $5)
 # Serialises step 2 of one saga on the credit shard, so a concurrent duplicate
 # waits and then reads the recorded outcome instead of racing to write its own.
 LOCK_CREDIT = "SELECT pg_advisory_xact_lock(7304, hashtext($1 || '/' || $2 || '/' || $3::smallint))"
+
+# LOCK_CREDIT for many sagas, in one order (by lock key), so two transactions
+# locking overlapping sets never wait on each other in a cycle.
+LOCK_CREDITS = """
+SELECT pg_advisory_xact_lock(7304, h) FROM (
+    SELECT DISTINCT hashtext(m || '/' || t || '/' || k) AS h
+    FROM unnest($1::text[], $2::text[], $3::smallint[]) AS u(m, t, k)
+    ORDER BY h
+    OFFSET 0
+) AS keys
+"""
 
 SELECT_SAGA_KEYS_FOR = f"""
 SELECT s.merchant_id, s.transfer_id FROM {_SAGA_KEYS}

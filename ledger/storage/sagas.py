@@ -8,6 +8,7 @@ or after an abort.
 
 from __future__ import annotations
 
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
@@ -45,6 +46,7 @@ from ledger.domain.sagas import (
 from ledger.domain.transfers import (
     Entry,
     PendingState,
+    Resolution,
     TransferAction,
     TransferKey,
     TransferRecord,
@@ -74,6 +76,50 @@ class SagaStart:
     saga: Saga | None
 
 
+class RunAlone(Exception):
+    """This saga's step cannot share a transaction (a relay hop): run it alone."""
+
+
+@dataclass(frozen=True, slots=True)
+class SagaBegin:
+    """Step 1 of a cross-shard transfer: the request, the shard its credit merchant
+    is on now, and the caller's trace (the saga carries it to every step)."""
+
+    request: TransferRequest
+    peer_shard: str
+    trace_context: str
+
+
+@dataclass(frozen=True, slots=True)
+class SagaCredit:
+    """Step 2 of a saga, as the shard before this one in its path asks for it."""
+
+    saga: Saga
+    home_shard: str
+    abort: bool = False
+
+    @property
+    def held(self) -> TransferKey:
+        """The transfer whose money this saga moves (a settle's: the pending one)."""
+        key = self.saga.key
+        return TransferKey(key.merchant_id, self.saga.pending_id or key.transfer_id)
+
+    @property
+    def settlement(self) -> AccountKey:
+        """This shard's settlement account mirroring the shard the money comes from."""
+        return settlement_account(self.home_shard, self.saga.currency, self.held.transfer_id)
+
+
+@dataclass(frozen=True, slots=True)
+class SagaFinish:
+    """Step 3 of a saga, with step 2's outcome; version fences out a stale worker."""
+
+    key: SagaKey
+    version: int
+    credit: CreditRecord
+    allow_dead: bool = False
+
+
 class SagaStore:
     """The saga operations of one shard."""
 
@@ -96,80 +142,130 @@ class SagaStore:
 
         Limits are checked here, so an overdraft is refused before anything else.
         """
-        invariant(request.credit is not None, "a cross-shard transfer names its credit account")
-        credit = request.credit
-        assert credit is not None
-        settlement = settlement_account(peer_shard, request.currency, request.id)
+        begin = SagaBegin(request, peer_shard, trace_context)
+        starts = await self.begin_transfers(
+            [begin], fence=fence, lease_owner=lease_owner, lease_s=lease_s
+        )
+        return starts[0]
 
-        async def run(conn: Connection) -> SagaStart:
+    async def begin_transfers(
+        self, begins: Sequence[SagaBegin], *, fence: Fence, lease_owner: str, lease_s: float
+    ) -> list[SagaStart]:
+        """begin_transfer for many cross-shard transfers (distinct ids) in one transaction,
+        in order: each sees the reservations of those before it, as local transfers of
+        one batch do."""
+        requests = [b.request for b in begins]
+        invariant(
+            all(r.credit is not None and not r.settles_pending for r in requests),
+            "a cross-shard transfer names its credit account",
+        )
+        invariant(len({r.key for r in requests}) == len(requests), "each transfer once")
+
+        async def run(conn: Connection) -> list[SagaStart]:
             await self.shard._fence(
-                conn, fence, {request.debit.merchant_id, SETTLEMENT_MERCHANT_ID}
+                conn, fence, {r.debit.merchant_id for r in requests} | {SETTLEMENT_MERCHANT_ID}
             )
-            existing = await self._existing(conn, request)
-            if existing is not None:
-                return existing
-            accounts, now = await self._lock_with_settlement(
-                conn, request.debit, settlement, request.currency
-            )
-            reservation = replace(
-                request,
-                credit=settlement,
-                action=TransferAction.PENDING,
-                timeout_ms=0,
-                reversal_of="",
-            )
-            state = TransferBatchState(accounts, {}, frozenset(), {}, {}, {}, now)
-            plan = apply_transfers([reservation], state)
-            result = plan.outcomes[0].result
-            if result is not TransferResult.OK:
-                return await _refused(conn, request, result, now)
-            record = TransferRecord(
-                request=request,
-                result=TransferResult.IN_PROGRESS,
-                amount_effective_minor=request.amount_minor,
-                created_at=now,
-                expires_at=(
-                    now + timedelta(milliseconds=request.timeout_ms)
-                    if request.action is TransferAction.PENDING and request.timeout_ms
-                    else None
-                ),
-            )
-            await write_plan(
-                conn,
-                records=[record],
-                entries=plan.entries,
-                accounts=plan.accounts,
-                resolutions=[],
-                expiring=[record] if record.expires_at else [],
-            )
-            action = (
-                CreditAction.POST if request.action is TransferAction.POST else CreditAction.PENDING
-            )
-            saga = await self._insert_saga(
-                conn,
-                key=SagaKey(request.debit.merchant_id, request.id, SagaKind.TRANSFER),
-                peer_shard=peer_shard,
-                debit=request.debit,
-                credit=credit,
-                currency=request.currency,
-                action=action,
-                amount_minor=request.amount_minor,
-                pending_minor=0,
-                pending_id="",
-                now=now,
-                lease_owner=lease_owner,
-                lease_s=lease_s,
-                trace_context=trace_context,
-                outcome="reserved",
-            )
+            found = await self._existing_many(conn, requests)
+            fresh = [i for i, known in enumerate(found) if known is None]
+            starts = {i: known for i, known in enumerate(found) if known is not None}
+            if fresh:
+                starts |= await self._reserve(
+                    conn, [begins[i] for i in fresh], fresh, lease_owner, lease_s
+                )
             faults.crash_point("saga.step1.before_commit")
-            return SagaStart(
-                ItemOutcome(0, request.id, TransferResult.IN_PROGRESS, created_at=now), saga
-            )
+            return [starts[i] for i in range(len(begins))]
 
-        start = await self.shard._in_transaction(run)
+        starts = await self.shard._in_transaction(run)
         faults.crash_point("saga.step1.after_commit")
-        return start
+        return starts
+
+    async def _reserve(
+        self,
+        conn: Connection,
+        begins: Sequence[SagaBegin],
+        positions: Sequence[int],
+        lease_owner: str,
+        lease_s: float,
+    ) -> dict[int, SagaStart]:
+        """Step 1 proper for new transfers: reserve, record, start the saga (or refuse)."""
+        settlements = [
+            settlement_account(b.peer_shard, b.request.currency, b.request.id) for b in begins
+        ]
+        accounts, now = await self._lock_with_settlements(
+            conn,
+            {b.request.debit for b in begins},
+            {s: b.request.currency for s, b in zip(settlements, begins, strict=True)},
+        )
+        # An item marked linked ends an open chain here (chains never hold a saga):
+        # refused as such, without joining the next item's chain.
+        applying = [i for i, b in enumerate(begins) if not b.request.linked]
+        plan = apply_transfers(
+            [
+                replace(
+                    begins[i].request,
+                    credit=settlements[i],
+                    action=TransferAction.PENDING,
+                    timeout_ms=0,
+                    reversal_of="",
+                )
+                for i in applying
+            ],
+            TransferBatchState(accounts, {}, frozenset(), {}, {}, {}, now),
+        )
+        results = dict.fromkeys(range(len(begins)), TransferResult.LINKED_EVENT_CHAIN_OPEN)
+        results.update(zip(applying, (o.result for o in plan.outcomes), strict=True))
+        records: list[TransferRecord] = []
+        starts: dict[int, SagaStart] = {}
+        reserved: list[SagaBegin] = []
+        for i, begin in enumerate(begins):
+            request = begin.request
+            result = results[i]
+            if result is TransferResult.OK:
+                reserved.append(begin)
+                records.append(
+                    TransferRecord(
+                        request=request,
+                        result=TransferResult.IN_PROGRESS,
+                        amount_effective_minor=request.amount_minor,
+                        created_at=now,
+                        expires_at=(
+                            now + timedelta(milliseconds=request.timeout_ms)
+                            if request.action is TransferAction.PENDING and request.timeout_ms
+                            else None
+                        ),
+                        trace_id=trace_id_of(begin.trace_context),
+                    )
+                )
+            else:
+                # Refused: the failure is recorded (a failed id stays failed).
+                records.append(
+                    TransferRecord(
+                        request, result, 0, now, trace_id=trace_id_of(begin.trace_context)
+                    )
+                )
+                starts[positions[i]] = SagaStart(
+                    ItemOutcome(0, request.id, result, created_at=now), None
+                )
+        await write_plan(
+            conn,
+            records=records,
+            entries=plan.entries,
+            accounts=plan.accounts,
+            resolutions=[],
+            expiring=[r for r in records if r.expires_at],
+        )
+        if reserved:
+            sagas = await self._insert_sagas(conn, reserved, now, lease_owner, lease_s)
+            for i, begin in enumerate(begins):
+                saga = sagas.get(begin.request.key)
+                if saga is not None:
+                    starts[positions[i]] = SagaStart(
+                        ItemOutcome(
+                            0, begin.request.id, TransferResult.IN_PROGRESS, created_at=now
+                        ),
+                        saga,
+                    )
+        return starts
 
     async def begin_settle(
         self,
@@ -354,92 +450,136 @@ class SagaStore:
     ) -> CreditRecord:
         """Applies or refuses the credit side, or records an abort, exactly once; or,
         settling a hold whose credit party moved on, passes it on (relayed_to)."""
-        key = saga.key
-        held = TransferKey(key.merchant_id, saga.pending_id or key.transfer_id)
-        settlement = settlement_account(home_shard, saga.currency, held.transfer_id)
+        records = await self.credit_sagas([SagaCredit(saga, home_shard, abort)], fence=fence)
+        return records[0]
 
-        async def run(conn: Connection) -> CreditRecord:
-            relay_to: str | None = None
-            if key.kind is not SagaKind.TRANSFER:
+    async def credit_sagas(
+        self, credits: Sequence[SagaCredit], *, fence: Fence
+    ) -> list[CreditRecord]:
+        """credit for many sagas (distinct keys) in one transaction, in order.
+
+        A relay hop runs only alone: a group that meets one raises RunAlone."""
+        keys = [c.saga.key for c in credits]
+        invariant(len(set(keys)) == len(keys), "each saga once")
+
+        async def run(conn: Connection) -> list[CreditRecord]:
+            settles = [c for c in credits if c.saga.key.kind is not SagaKind.TRANSFER]
+            if settles:
                 await self.shard._fence(conn, fence, {SETTLEMENT_MERCHANT_ID})
-                relay_to = await conn.fetchval(
-                    sql.SELECT_RELAY, held.merchant_id, held.transfer_id, home_shard
-                )
-            if relay_to is not None:
-                return await self._relay(conn, saga, settlement, home_shard, relay_to)
-            await self.shard._fence(conn, fence, {saga.credit.merchant_id, SETTLEMENT_MERCHANT_ID})
-            await conn.execute(sql.LOCK_CREDIT, key.merchant_id, key.transfer_id, int(key.kind))
-            row = await conn.fetchrow(sql.SELECT_CREDIT, key.merchant_id, key.transfer_id, key.kind)
-            if row is not None:
-                return self._credit_record(row)
-            if abort:
-                outcome, result = CreditOutcome.ABORTED, TransferResult.ABORTED
-            else:
-                accounts, now = await self._lock_with_settlement(
-                    conn, saga.credit, settlement, saga.currency
-                )
-                plan = credit_plan(
-                    key=key.transfer,
-                    action=saga.credit_action,
-                    settlement=settlement,
-                    destination=saga.credit,
-                    currency=saga.currency,
-                    amount_minor=saga.amount_minor,
-                    pending_minor=saga.pending_minor,
-                    pending_id=saga.pending_id,
-                    accounts=accounts,
-                    now=now,
-                )
-                result = plan.outcomes[0].result
-                if result is TransferResult.OK:
-                    outcome = CreditOutcome.APPLIED
-                    await write_plan(
-                        conn,
-                        records=[],
-                        entries=plan.entries,
-                        accounts=plan.accounts,
-                        resolutions=[],
-                        expiring=[],
+                for c in settles:
+                    relay_to = await conn.fetchval(
+                        sql.SELECT_RELAY, c.held.merchant_id, c.held.transfer_id, c.home_shard
                     )
-                    # Open cross-shard holds credited here are tracked, so a move of
-                    # their credit merchant can carry them.
-                    if saga.credit_action is CreditAction.PENDING:
-                        await conn.execute(
-                            sql.INSERT_CREDIT_HOLD,
-                            held.merchant_id,
-                            held.transfer_id,
-                            saga.credit.merchant_id,
-                            saga.currency,
-                            saga.amount_minor,
-                            home_shard,
-                        )
-                    elif key.kind is not SagaKind.TRANSFER:
-                        await conn.execute(
-                            sql.DELETE_CREDIT_HOLD, held.merchant_id, held.transfer_id
-                        )
-                else:
-                    outcome = CreditOutcome.REFUSED
-            status = await conn.execute(
-                sql.INSERT_CREDIT,
-                key.merchant_id,
-                key.transfer_id,
-                key.kind,
-                saga.credit.merchant_id,
-                outcome,
-                result,
-                home_shard,
-                self.shard.name,
+                    if relay_to is None:
+                        continue
+                    if len(credits) > 1:
+                        raise RunAlone()
+                    return [await self._relay(conn, c.saga, c.settlement, c.home_shard, relay_to)]
+            await self.shard._fence(
+                conn, fence, {c.saga.credit.merchant_id for c in credits} | {SETTLEMENT_MERCHANT_ID}
             )
-            if status == "INSERT 0 0":
-                # Another step 2 recorded first (the lock makes this rare); its outcome
-                # stands, and the retry rolls back what this one wrote and reads it.
-                raise RetryTransaction()
+            columns = _key_columns(keys)
+            await conn.execute(sql.LOCK_CREDITS, *columns)
+            recorded = {
+                SagaKey(r["merchant_id"], r["transfer_id"], SagaKind(r["kind"])): r
+                for r in await conn.fetch(sql.SELECT_CREDITS, *columns)
+            }
+            answers = {
+                i: self._credit_record(recorded[k]) for i, k in enumerate(keys) if k in recorded
+            }
+            todo = [i for i in range(len(credits)) if i not in answers]
+            if todo:
+                outcomes = await self._apply_credits(conn, [credits[i] for i in todo])
+                status = await conn.execute(
+                    sql.INSERT_CREDITS,
+                    *_key_columns([keys[i] for i in todo]),
+                    [credits[i].saga.credit.merchant_id for i in todo],
+                    [o for o, _ in outcomes],
+                    [r for _, r in outcomes],
+                    [credits[i].home_shard for i in todo],
+                    self.shard.name,
+                )
+                if status != f"INSERT 0 {len(todo)}":
+                    # Another step 2 recorded first (the locks make this rare); its
+                    # outcome stands, and the retry rolls back what this one wrote and
+                    # reads it.
+                    raise RetryTransaction()
+                for i, (outcome, result) in zip(todo, outcomes, strict=True):
+                    answers[i] = CreditRecord(outcome, result, self.shard.name)
             faults.crash_point("saga.step2.before_commit")
-            return CreditRecord(outcome, result, self.shard.name)
+            return [answers[i] for i in range(len(credits))]
 
         answer = await self.shard._in_transaction(run)
         faults.crash_point("saga.step2.after_commit")
         return answer
+
+    async def _apply_credits(
+        self, conn: Connection, credits: Sequence[SagaCredit]
+    ) -> list[tuple[CreditOutcome, TransferResult]]:
+        """Step 2 proper for sagas with no recorded outcome: abort, apply or refuse each."""
+        applying = [c for c in credits if not c.abort]
+        accounts: dict[AccountKey, Account] = {}
+        now = None
+        if applying:
+            locked, now = await self._lock_with_settlements(
+                conn,
+                {c.saga.credit for c in applying},
+                {c.settlement: c.saga.currency for c in applying},
+            )
+            accounts = dict(locked)
+        entries: list[Entry] = []
+        changed: dict[AccountKey, AccountState] = {}
+        outcomes: list[tuple[CreditOutcome, TransferResult]] = []
+        holds: list[SagaCredit] = []
+        for c in credits:
+            if c.abort:
+                outcomes.append((CreditOutcome.ABORTED, TransferResult.ABORTED))
+                continue
+            saga = c.saga
+            assert now is not None
+            plan = credit_plan(
+                key=saga.key.transfer,
+                action=saga.credit_action,
+                settlement=c.settlement,
+                destination=saga.credit,
+                currency=saga.currency,
+                amount_minor=saga.amount_minor,
+                pending_minor=saga.pending_minor,
+                pending_id=saga.pending_id,
+                accounts=accounts,
+                now=now,
+            )
+            result = plan.outcomes[0].result
+            if result is not TransferResult.OK:
+                outcomes.append((CreditOutcome.REFUSED, result))
+                continue
+            outcomes.append((CreditOutcome.APPLIED, TransferResult.OK))
+            entries += plan.entries
+            for key, state in plan.accounts.items():
+                accounts[key] = advanced(accounts[key], state)
+                changed[key] = state
+            holds.append(c)
+        if entries:
+            await write_plan(
+                conn, records=[], entries=entries, accounts=changed, resolutions=[], expiring=[]
+            )
+        for c in holds:
+            # Open cross-shard holds credited here are tracked, so a move of their
+            # credit merchant can carry them.
+            saga = c.saga
+            if saga.credit_action is CreditAction.PENDING:
+                await conn.execute(
+                    sql.INSERT_CREDIT_HOLD,
+                    c.held.merchant_id,
+                    c.held.transfer_id,
+                    saga.credit.merchant_id,
+                    saga.currency,
+                    saga.amount_minor,
+                    c.home_shard,
+                )
+            elif saga.key.kind is not SagaKind.TRANSFER:
+                await conn.execute(sql.DELETE_CREDIT_HOLD, c.held.merchant_id, c.held.transfer_id)
+        return outcomes
 
     async def _relay(
         self,
@@ -516,106 +656,131 @@ class SagaStore:
         """Posts the reservation (completed) or releases it (compensated); moves the
         hold first to the settlement account for the shard that credited, if the
         credit merchant had moved there since step 1."""
-        outcome, result = credit.outcome, credit.result
+        answer = (
+            await self.finish_sagas([SagaFinish(key, version, credit, allow_dead)], fence=fence)
+        )[0]
+        if isinstance(answer, SagaRaced):
+            raise answer
+        return answer
 
-        async def run(conn: Connection) -> Saga:
-            await self.shard._fence(conn, fence, {key.merchant_id, SETTLEMENT_MERCHANT_ID})
-            saga = await self._saga(conn, key, lock=True)
-            invariant(saga is not None, "a saga being finished exists")
-            assert saga is not None
-            if saga.finished:
-                return saga
-            if saga.version != version or (saga.state is SagaState.DEAD and not allow_dead):
-                raise SagaRaced(f"saga {key} moved on (version {saga.version})")
-            debit_posted = False
-            peer_shard = saga.peer_shard
-            if key.kind is SagaKind.TRANSFER:
-                post = outcome is CreditOutcome.APPLIED
-                if post:
-                    peer_shard = credit.credited_on
-                await self._settle_reservation(conn, saga, post=post, peer_shard=peer_shard)
-                debit_posted = post and saga.credit_action is CreditAction.POST
-                final = TransferResult.OK if post else result
-            else:
-                invariant(outcome is CreditOutcome.APPLIED, "settling a held credit never fails")
-                final = TransferResult.OK
-            state = SagaState.COMPLETED if final is TransferResult.OK else SagaState.COMPENSATED
-            row = await conn.fetchrow(
-                sql.FINISH_SAGA,
-                key.merchant_id,
-                key.transfer_id,
-                key.kind,
-                saga.version,
-                state,
-                final,
-                outcome,
-                peer_shard,
+    async def finish_sagas(
+        self, finishes: Sequence[SagaFinish], *, fence: Fence
+    ) -> list[Saga | SagaRaced]:
+        """finish for many sagas (distinct keys) in one transaction, in order; a saga
+        another worker moved on is answered SagaRaced, the others finish."""
+        keys = [f.key for f in finishes]
+        invariant(len(set(keys)) == len(keys), "each saga once")
+
+        async def run(conn: Connection) -> list[Saga | SagaRaced]:
+            await self.shard._fence(
+                conn, fence, {k.merchant_id for k in keys} | {SETTLEMENT_MERCHANT_ID}
             )
-            invariant(row is not None, "the locked saga row is updated")
-            assert row is not None
-            detail = final.name + (" (debit posted)" if debit_posted else "")
-            credited = result.name
-            if outcome is CreditOutcome.APPLIED and credit.credited_on != saga.peer_shard:
-                credited += f" on {credit.credited_on} (the credit merchant moved there)"
-            # Step 2 ran on the credit shard; its outcome joins this saga's history here.
-            await conn.execute(
-                sql.INSERT_TWO_STEPS,
-                key.merchant_id,
-                key.transfer_id,
-                key.kind,
-                2,
-                outcome.name.lower(),
-                credited,
-                3,
-                state.name.lower(),
-                detail,
-            )
+            rows = await conn.fetch(sql.LOCK_SAGAS, *_key_columns(keys))
+            locked = {saga.key: saga for saga in (saga_from_row(r, self.shard.name) for r in rows)}
+            answers: dict[int, Saga | SagaRaced] = {}
+            todo: list[_Finishing] = []
+            for i, f in enumerate(finishes):
+                saga = locked.get(f.key)
+                invariant(saga is not None, "a saga being finished exists")
+                assert saga is not None
+                if saga.finished:
+                    answers[i] = saga
+                elif saga.version != f.version or (
+                    saga.state is SagaState.DEAD and not f.allow_dead
+                ):
+                    answers[i] = SagaRaced(f"saga {f.key} moved on (version {saga.version})")
+                else:
+                    todo.append(_finishing(i, saga, f.credit))
+            if todo:
+                await self._settle_reservations(conn, todo)
+                rows = await conn.fetch(
+                    sql.FINISH_SAGAS,
+                    *_key_columns([t.saga.key for t in todo]),
+                    [t.saga.version for t in todo],
+                    [t.state for t in todo],
+                    [t.result for t in todo],
+                    [t.credit.outcome for t in todo],
+                    [t.peer_shard for t in todo],
+                )
+                finished = {
+                    saga.key: saga for saga in (saga_from_row(r, self.shard.name) for r in rows)
+                }
+                invariant(len(finished) == len(todo), "every locked saga row is updated")
+                # Step 2 ran on the credit shard; its outcome joins each saga's history here.
+                steps = [(t.saga.key, *step) for t in todo for step in t.log]
+                await conn.execute(
+                    sql.INSERT_STEP_PAIRS,
+                    *_key_columns([k for k, *_ in steps]),
+                    [n for _, n, _, _ in steps],
+                    [o for _, _, o, _ in steps],
+                    [d for _, _, _, d in steps],
+                )
+                for t in todo:
+                    answers[t.index] = finished[t.saga.key]
             faults.crash_point("saga.step3.before_commit")
-            return saga_from_row(row, self.shard.name)
+            return [answers[i] for i in range(len(finishes))]
 
-        finished = await self.shard._in_transaction(run)
+        answers = await self.shard._in_transaction(run)
         faults.crash_point("saga.step3.after_commit")
-        return finished
+        return answers
 
-    async def _settle_reservation(
-        self, conn: Connection, saga: Saga, *, post: bool, peer_shard: str
-    ) -> None:
-        """Step 3's entries for a transfer saga."""
-        moves_hold = peer_shard != saga.peer_shard
-        keeps_hold = post and saga.credit_action is CreditAction.PENDING
-        if keeps_hold and not moves_hold:
-            return  # A cross-shard pending transfer: the hold stays until settled.
-        key = saga.key.transfer
-        record = (await self.shard._select_transfers(conn, {key}))[key]
-        held_by = local_view(record, saga.peer_shard).request.credit
-        view = local_view(record, peer_shard)
-        assert held_by is not None and view.request.credit is not None
-        if moves_hold:
-            await self._ensure_settlement(conn, view.request.credit, saga.currency)
-        accounts = dict(
-            await self.shard._lock_accounts(
-                conn, {view.request.debit, view.request.credit, held_by}
-            )
-        )
+    async def _settle_reservations(self, conn: Connection, todo: Sequence[_Finishing]) -> None:
+        """Step 3's entries for transfer sagas, in order: each moves its hold first if
+        the credit landed on another shard than step 1 reserved towards, then posts
+        or releases its reservation (a cross-shard pending transfer keeps its hold)."""
+        settling = [t for t in todo if t.settles]
+        if not settling:
+            return
+        records = await self.shard._select_transfers(conn, {t.saga.key.transfer for t in settling})
+        held_by: dict[int, AccountKey] = {}
+        views: dict[int, TransferRecord] = {}
+        for t in settling:
+            record = records[t.saga.key.transfer]
+            credit = local_view(record, t.saga.peer_shard).request.credit
+            view = local_view(record, t.peer_shard)
+            assert credit is not None and view.request.credit is not None
+            held_by[t.index], views[t.index] = credit, view
+        moved_to = {
+            views[t.index].request.credit: t.saga.currency for t in settling if t.moves_hold
+        }
+        for account in sorted(a for a in moved_to if a is not None):
+            await self._ensure_settlement(conn, account, moved_to[account])
+        wanted: set[AccountKey] = set()
+        for t in settling:
+            view = views[t.index]
+            assert view.request.credit is not None
+            wanted |= {view.request.debit, view.request.credit, held_by[t.index]}
+        accounts = dict(await self.shard._lock_accounts(conn, wanted))
         now: datetime = await conn.fetchval(ledger_sql.NOW)
         entries: list[Entry] = []
         changed: dict[AccountKey, AccountState] = {}
-        if moves_hold:
-            entries, changed = hold_moved_plan(
-                key=key,
-                held_by=accounts[held_by],
-                moved_to=accounts[view.request.credit],
-                amount_minor=record.amount_effective_minor,
-                now=now,
-            )
-            for account_key, state in changed.items():
+        resolutions: list[Resolution] = []
+
+        def book(states: Mapping[AccountKey, AccountState]) -> None:
+            for account_key, state in states.items():
                 accounts[account_key] = advanced(accounts[account_key], state)
-        resolutions = []
-        if not keeps_hold:
-            plan = reservation_settle_plan(reservation=view, post=post, accounts=accounts, now=now)
-            entries += plan.entries
-            changed.update(plan.accounts)
-            resolutions = plan.resolutions
+                changed[account_key] = state
+
+        for t in settling:
+            view = views[t.index]
+            assert view.request.credit is not None
+            if t.moves_hold:
+                moved, states = hold_moved_plan(
+                    key=t.saga.key.transfer,
+                    held_by=accounts[held_by[t.index]],
+                    moved_to=accounts[view.request.credit],
+                    amount_minor=view.amount_effective_minor,
+                    now=now,
+                )
+                entries += moved
+                book(states)
+            if not t.keeps_hold:
+                plan = reservation_settle_plan(
+                    reservation=view, post=t.post, accounts=accounts, now=now
+                )
+                entries += plan.entries
+                book(plan.accounts)
+                resolutions += plan.resolutions
         await write_plan(
             conn,
             records=[],
@@ -704,66 +869,66 @@ class SagaStore:
     # Plumbing.
 
     async def _existing(self, conn: Connection, request: TransferRequest) -> SagaStart | None:
-        """A replay: the original outcome (the saga's, once it finished)."""
-        records, journals = await self.shard._select_records(conn, {request.key})
-        if request.key in journals:
-            return SagaStart(
-                ItemOutcome(
-                    0,
-                    request.id,
-                    TransferResult.EXISTS_WITH_DIFFERENT_FIELDS,
-                    differing_field="kind",
-                ),
-                None,
-            )
-        record = records.get(request.key)
-        if record is None:
-            return None
-        differing = record.differing_field(request)
-        if differing is not None:
-            return SagaStart(
-                ItemOutcome(
-                    0,
-                    request.id,
-                    TransferResult.EXISTS_WITH_DIFFERENT_FIELDS,
-                    differing_field=differing,
-                    created_at=record.created_at,
-                ),
-                None,
-            )
-        kind = SagaKind.SETTLE if request.settles_pending else SagaKind.TRANSFER
-        saga = await self._saga(conn, SagaKey(request.debit.merchant_id, request.id, kind))
-        return SagaStart(
-            ItemOutcome(0, request.id, record.result, replayed=True, created_at=record.created_at),
-            saga,
-        )
+        return (await self._existing_many(conn, [request]))[0]
 
-    async def _lock_with_settlement(
-        self, conn: Connection, account: AccountKey, settlement: AccountKey, currency: str
+    async def _existing_many(
+        self, conn: Connection, requests: Sequence[TransferRequest]
+    ) -> Sequence[SagaStart | None]:
+        """Replays: each request's original outcome (its saga's, once it finished), or
+        None for a request seen for the first time."""
+        records, journals = await self.shard._select_records(conn, {r.key for r in requests})
+        found: list[SagaStart | None] = []
+        for request in requests:
+            record = records.get(request.key)
+            if request.key in journals:
+                found.append(_exists_with_different(request, "kind", None))
+            elif record is None:
+                found.append(None)
+            elif (differing := record.differing_field(request)) is not None:
+                found.append(_exists_with_different(request, differing, record.created_at))
+            else:
+                kind = SagaKind.SETTLE if request.settles_pending else SagaKind.TRANSFER
+                saga = await self._saga(conn, SagaKey(request.debit.merchant_id, request.id, kind))
+                outcome = ItemOutcome(
+                    0, request.id, record.result, replayed=True, created_at=record.created_at
+                )
+                found.append(SagaStart(outcome, saga))
+        return found
+
+    async def _lock_with_settlements(
+        self,
+        conn: Connection,
+        accounts: Collection[AccountKey],
+        settlements: Mapping[AccountKey, str],
     ) -> tuple[dict[AccountKey, Account], datetime]:
-        """Creates the settlement account on first use, locks both accounts, reads the time.
+        """Creates settlement accounts (with their currencies) on first use, locks them
+        with the other accounts, reads the time.
 
         The shard remembers settlement accounts it has seen (there are few: one per
-        peer, currency and stripe), so the INSERT runs only the first time; if one
+        peer, currency and stripe), so an INSERT runs only the first time; if one
         it remembers is not visible (its maker has not committed yet, or rolled
-        back), the INSERT runs (waiting for that maker) and the lock again."""
+        back), its INSERT runs (waiting for that maker) and the lock again."""
         known = self.shard.settlement_accounts
-        ensured = settlement not in known
-        if ensured:
-            await self._ensure_settlement(conn, settlement, currency)
-        accounts = await self.shard._lock_accounts(conn, {account, settlement})
-        if settlement not in accounts and not ensured:
+        wanted = {*accounts, *settlements}
+        ensured = sorted(s for s in settlements if s not in known)
+        for settlement in ensured:
+            await self._ensure_settlement(conn, settlement, settlements[settlement])
+        locked = await self.shard._lock_accounts(conn, wanted)
+        unseen = sorted(s for s in settlements if s not in locked)
+        if unseen:
             # Remembered, but not visible: made by a transaction that has not
             # committed yet (the INSERT waits for it) or that rolled back.
-            known.discard(settlement)
-            await self._ensure_settlement(conn, settlement, currency)
-            accounts = await self.shard._lock_accounts(conn, {account, settlement})
-        if settlement in accounts:
-            if len(known) >= limits.settlement_accounts_remembered_max:
-                known.clear()
-            known.add(settlement)
+            for settlement in unseen:
+                known.discard(settlement)
+                await self._ensure_settlement(conn, settlement, settlements[settlement])
+            locked = await self.shard._lock_accounts(conn, wanted)
+        for settlement in settlements:
+            if settlement in locked:
+                if len(known) >= limits.settlement_accounts_remembered_max:
+                    known.clear()
+                known.add(settlement)
         now: datetime = await conn.fetchval(ledger_sql.NOW)
-        return accounts, now
+        return locked, now
 
     async def _ensure_settlement(
         self, conn: Connection, settlement: AccountKey, currency: str
@@ -772,10 +937,8 @@ class SagaStore:
             sql.ENSURE_SETTLEMENT_ACCOUNT, settlement.merchant_id, settlement.account_id, currency
         )
 
-    async def _saga(self, conn: Connection, key: SagaKey, *, lock: bool = False) -> Saga | None:
-        row = await conn.fetchrow(
-            sql.LOCK_SAGA if lock else sql.SELECT_SAGA, key.merchant_id, key.transfer_id, key.kind
-        )
+    async def _saga(self, conn: Connection, key: SagaKey) -> Saga | None:
+        row = await conn.fetchrow(sql.SELECT_SAGA, key.merchant_id, key.transfer_id, key.kind)
         return saga_from_row(row, self.shard.name) if row is not None else None
 
     async def _insert_saga(
@@ -820,6 +983,46 @@ class SagaStore:
         assert row is not None
         return saga_from_row(row, self.shard.name)
 
+    async def _insert_sagas(
+        self,
+        conn: Connection,
+        begins: Sequence[SagaBegin],
+        now: datetime,
+        lease_owner: str,
+        lease_s: float,
+    ) -> dict[TransferKey, Saga]:
+        """The TRANSFER sagas of reserved cross-shard transfers, with step 1 in their log."""
+        requests = [b.request for b in begins]
+        credits = [r.credit for r in requests]
+        assert all(c is not None for c in credits)
+        rows = await conn.fetch(
+            sql.INSERT_SAGAS,
+            [r.debit.merchant_id for r in requests],
+            [r.id for r in requests],
+            [int(SagaKind.TRANSFER)] * len(requests),
+            [b.peer_shard for b in begins],
+            [r.debit.account_id for r in requests],
+            [c.merchant_id for c in credits if c is not None],
+            [c.account_id for c in credits if c is not None],
+            [r.currency for r in requests],
+            [
+                CreditAction.POST if r.action is TransferAction.POST else CreditAction.PENDING
+                for r in requests
+            ],
+            [r.amount_minor for r in requests],
+            [0] * len(requests),
+            [""] * len(requests),
+            [b.trace_context for b in begins],
+            ["reserved"] * len(requests),
+            now,
+            lease_owner,
+            lease_s,
+        )
+        invariant(len(rows) == len(begins), "every saga was inserted")
+        return {
+            saga.key.transfer: saga for saga in (saga_from_row(r, self.shard.name) for r in rows)
+        }
+
     async def _step(
         self, conn: Connection, key: SagaKey, step: int, outcome: str, detail: str
     ) -> None:
@@ -835,3 +1038,94 @@ async def _refused(
     failed = TransferRecord(request, result, 0, now)
     await write_plan(conn, records=[failed], entries=[], accounts={}, resolutions=[], expiring=[])
     return SagaStart(ItemOutcome(0, request.id, result, created_at=now), None)
+
+
+@dataclass(frozen=True, slots=True)
+class _Finishing:
+    """What step 3 decided for one saga, before writing it."""
+
+    index: int
+    saga: Saga
+    credit: CreditRecord
+    post: bool
+    # The shard the hold ends up mirroring: the one that credited, if it applied.
+    peer_shard: str
+    state: SagaState
+    result: TransferResult
+    # Steps 2 and 3 for the saga's log: (step, outcome, detail) each.
+    log: tuple[tuple[int, str, str], tuple[int, str, str]]
+
+    @property
+    def moves_hold(self) -> bool:
+        return self.peer_shard != self.saga.peer_shard
+
+    @property
+    def keeps_hold(self) -> bool:
+        """A cross-shard pending transfer: the hold stays until it is settled."""
+        return self.post and self.saga.credit_action is CreditAction.PENDING
+
+    @property
+    def settles(self) -> bool:
+        """Step 3 writes entries: a transfer saga's, unless its hold just stays."""
+        return self.saga.key.kind is SagaKind.TRANSFER and (self.moves_hold or not self.keeps_hold)
+
+
+def _finishing(index: int, saga: Saga, credit: CreditRecord) -> _Finishing:
+    outcome, result = credit.outcome, credit.result
+    post = False
+    peer_shard = saga.peer_shard
+    debit_posted = False
+    if saga.key.kind is SagaKind.TRANSFER:
+        post = outcome is CreditOutcome.APPLIED
+        if post:
+            peer_shard = credit.credited_on
+        debit_posted = post and saga.credit_action is CreditAction.POST
+        final = TransferResult.OK if post else result
+    else:
+        invariant(outcome is CreditOutcome.APPLIED, "settling a held credit never fails")
+        final = TransferResult.OK
+    state = SagaState.COMPLETED if final is TransferResult.OK else SagaState.COMPENSATED
+    detail = final.name + (" (debit posted)" if debit_posted else "")
+    credited = result.name
+    if outcome is CreditOutcome.APPLIED and credit.credited_on != saga.peer_shard:
+        credited += f" on {credit.credited_on} (the credit merchant moved there)"
+    return _Finishing(
+        index,
+        saga,
+        credit,
+        post,
+        peer_shard,
+        state,
+        final,
+        ((2, outcome.name.lower(), credited), (3, state.name.lower(), detail)),
+    )
+
+
+def _key_columns(keys: Sequence[SagaKey]) -> tuple[list[str], list[str], list[int]]:
+    """Saga keys as the three array parameters of a set-based statement."""
+    return (
+        [k.merchant_id for k in keys],
+        [k.transfer_id for k in keys],
+        [int(k.kind) for k in keys],
+    )
+
+
+def trace_id_of(traceparent: str) -> str:
+    """The hex trace id a W3C traceparent carries, or "" (tracing off)."""
+    parts = traceparent.split("-")
+    return parts[1] if len(parts) == 4 and len(parts[1]) == 32 else ""
+
+
+def _exists_with_different(
+    request: TransferRequest, differing_field: str, created_at: datetime | None
+) -> SagaStart:
+    return SagaStart(
+        ItemOutcome(
+            0,
+            request.id,
+            TransferResult.EXISTS_WITH_DIFFERENT_FIELDS,
+            differing_field=differing_field,
+            created_at=created_at,
+        ),
+        None,
+    )

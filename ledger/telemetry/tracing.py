@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
+from collections.abc import Iterable, Mapping
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -18,6 +20,7 @@ from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.util.types import AttributeValue
 
 TRACER_NAME = "ledger"
 DEFAULT_SERVICE_NAME = "ledger"
@@ -95,3 +98,22 @@ def context_from_traceparent(traceparent: str) -> Context | None:
     if not traceparent:
         return None
     return propagate.extract({"traceparent": traceparent})
+
+
+def joined_spans(
+    name: str,
+    contexts: Iterable[Context],
+    shared_span: trace.Span,
+    started_ns: int,
+    attributes: Mapping[str, AttributeValue],
+) -> None:
+    """A span in each joined caller's own trace, covering a transaction it shared
+    (group commit) and linked to the shared span in the first caller's trace."""
+    if not _tracing_active:
+        return
+    link = trace.Link(shared_span.get_span_context())
+    ended_ns = time.time_ns()
+    for context in contexts:
+        tracer.start_span(
+            name, context=context, start_time=started_ns, links=[link], attributes=attributes
+        ).end(end_time=ended_ns)
