@@ -67,16 +67,6 @@ VALUES ($1, $2, $3, $4, $5, $6)
 """
 
 
-# Steps 2 and 3 join a saga's log together when step 3 commits: for many
-# sagas, (step 2, step 3) each, in the order given.
-INSERT_STEP_PAIRS = """
-INSERT INTO saga_steps (merchant_id, transfer_id, kind, step, outcome, detail)
-SELECT m, t, k, s, o, d
-FROM unnest($1::text[], $2::text[], $3::smallint[], $4::smallint[], $5::text[], $6::text[])
-    WITH ORDINALITY AS u(m, t, k, s, o, d, n)
-ORDER BY n
-"""
-
 SELECT_SAGA = f"""
 SELECT {SAGA_COLUMNS} FROM sagas WHERE merchant_id = $1 AND transfer_id = $2 AND kind = $3
 """
@@ -121,19 +111,30 @@ ORDER BY id
 
 
 # Finishes many sagas: one (key, version, state, result, credit outcome, peer
-# shard) each; a saga whose version moved on is left out of the answer.
-# peer_shard becomes the shard that applied the credit (step 2 follows a credit
-# merchant that moved), so a later settle or expiry finds the hold there.
+# shard) each; a saga whose version moved on is left out of the answer. peer_shard
+# becomes the shard that applied the credit (step 2 follows a credit merchant that
+# moved), so a later settle or expiry finds the hold there. Steps 2 and 3 join
+# each saga's log together ($9-$14: (step 2, step 3) per saga, in that order).
 FINISH_SAGAS = f"""
-UPDATE sagas AS s SET state = u.state, result = u.result, credit_outcome = u.credit_outcome,
-    peer_shard = u.peer_shard, next_step = 3, version = s.version + 1, lease_owner = '',
-    lease_until = NULL, updated_at = clock_timestamp()
-FROM unnest($1::text[], $2::text[], $3::smallint[], $4::integer[], $5::smallint[],
-            $6::smallint[], $7::smallint[], $8::text[])
-    AS u(merchant_id, transfer_id, kind, version, state, result, credit_outcome, peer_shard)
-WHERE s.merchant_id = u.merchant_id AND s.transfer_id = u.transfer_id AND s.kind = u.kind
-  AND s.version = u.version
-RETURNING {", ".join("s." + c.strip() for c in SAGA_COLUMNS.split(","))}
+WITH finished AS (
+    UPDATE sagas AS s SET state = u.state, result = u.result,
+        credit_outcome = u.credit_outcome, peer_shard = u.peer_shard, next_step = 3,
+        version = s.version + 1, lease_owner = '', lease_until = NULL,
+        updated_at = clock_timestamp()
+    FROM unnest($1::text[], $2::text[], $3::smallint[], $4::integer[], $5::smallint[],
+                $6::smallint[], $7::smallint[], $8::text[])
+        AS u(merchant_id, transfer_id, kind, version, state, result, credit_outcome, peer_shard)
+    WHERE s.merchant_id = u.merchant_id AND s.transfer_id = u.transfer_id AND s.kind = u.kind
+      AND s.version = u.version
+    RETURNING {", ".join("s." + c.strip() for c in SAGA_COLUMNS.split(","))}
+), steps AS (
+    INSERT INTO saga_steps (merchant_id, transfer_id, kind, step, outcome, detail)
+    SELECT m, t, k, s, o, d
+    FROM unnest($9::text[], $10::text[], $11::smallint[], $12::smallint[], $13::text[],
+                $14::text[]) WITH ORDINALITY AS u(m, t, k, s, o, d, n)
+    ORDER BY n
+)
+SELECT * FROM finished
 """
 
 # One failed attempt: back off, or move to the dead-letter list when the
@@ -199,15 +200,20 @@ VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
 ON CONFLICT (merchant_id, transfer_id, kind) DO NOTHING
 """
 
-SELECT_CREDITS = """
-SELECT c.merchant_id, c.transfer_id, c.kind, c.outcome, c.result, c.credited_on
-FROM (SELECT DISTINCT * FROM unnest($1::text[], $2::text[], $3::smallint[]))
-    AS k(merchant_id, transfer_id, kind)
-CROSS JOIN LATERAL (
-    SELECT merchant_id, transfer_id, kind, outcome, result, credited_on FROM saga_credits
-    WHERE merchant_id = k.merchant_id AND transfer_id = k.transfer_id AND kind = k.kind
-    OFFSET 0
-) AS c
+# Step 2's recorded outcomes of many sagas, plus the clock, in one round trip
+# (after the step's locks); always at least one row (the clock's), with NULL
+# credit columns when no saga has an outcome yet.
+SELECT_CREDITS_AND_NOW = """
+WITH found AS (
+    SELECT c.* FROM (SELECT DISTINCT * FROM unnest($1::text[], $2::text[], $3::smallint[]))
+        AS k(merchant_id, transfer_id, kind)
+    CROSS JOIN LATERAL (
+        SELECT merchant_id, transfer_id, kind, outcome, result, credited_on FROM saga_credits
+        WHERE merchant_id = k.merchant_id AND transfer_id = k.transfer_id AND kind = k.kind
+        OFFSET 0
+    ) AS c
+)
+SELECT clock_timestamp() AS now, found.* FROM (SELECT 1) AS one LEFT JOIN found ON true
 """
 
 INSERT_CREDITS = """

@@ -161,16 +161,35 @@ class SagaStore:
         )
         invariant(len({r.key for r in requests}) == len(requests), "each transfer once")
 
+        settlements = [
+            settlement_account(b.peer_shard, b.request.currency, b.request.id) for b in begins
+        ]
+
         async def run(conn: Connection) -> list[SagaStart]:
             await self.shard._fence(
                 conn, fence, {r.debit.merchant_id for r in requests} | {SETTLEMENT_MERCHANT_ID}
             )
-            found = await self._existing_many(conn, requests)
+            # Locks first (a replay takes them needlessly, and rarely): the ids and the
+            # clock are then read in one round trip after them, as local transfers do.
+            accounts = await self._lock_with_settlements(
+                conn,
+                {r.debit for r in requests},
+                {s: r.currency for s, r in zip(settlements, requests, strict=True)},
+            )
+            records, journals, now = await self.shard._select_records_and_now(
+                conn, [r.key for r in requests]
+            )
+            found = await self._replays(conn, requests, records, journals)
             fresh = [i for i, known in enumerate(found) if known is None]
             starts = {i: known for i, known in enumerate(found) if known is not None}
             if fresh:
                 starts |= await self._reserve(
-                    conn, [begins[i] for i in fresh], fresh, lease_owner, lease_s
+                    conn,
+                    [(i, begins[i], settlements[i]) for i in fresh],
+                    accounts,
+                    now,
+                    lease_owner,
+                    lease_s,
                 )
             faults.crash_point("saga.step1.before_commit")
             return [starts[i] for i in range(len(begins))]
@@ -182,20 +201,17 @@ class SagaStore:
     async def _reserve(
         self,
         conn: Connection,
-        begins: Sequence[SagaBegin],
-        positions: Sequence[int],
+        fresh: Sequence[tuple[int, SagaBegin, AccountKey]],
+        accounts: Mapping[AccountKey, Account],
+        now: datetime,
         lease_owner: str,
         lease_s: float,
     ) -> dict[int, SagaStart]:
-        """Step 1 proper for new transfers: reserve, record, start the saga (or refuse)."""
-        settlements = [
-            settlement_account(b.peer_shard, b.request.currency, b.request.id) for b in begins
-        ]
-        accounts, now = await self._lock_with_settlements(
-            conn,
-            {b.request.debit for b in begins},
-            {s: b.request.currency for s, b in zip(settlements, begins, strict=True)},
-        )
+        """Step 1 proper for new transfers (position, begin, settlement account each):
+        reserve, record, start the saga (or refuse)."""
+        positions = [i for i, _, _ in fresh]
+        begins = [b for _, b, _ in fresh]
+        settlements = [s for _, _, s in fresh]
         # An item marked linked ends an open chain here (chains never hold a saga):
         # refused as such, without joining the next item's chain.
         applying = [i for i, b in enumerate(begins) if not b.request.linked]
@@ -480,16 +496,29 @@ class SagaStore:
             )
             columns = _key_columns(keys)
             await conn.execute(sql.LOCK_CREDITS, *columns)
+            # Locks first (a repeated step 2 takes them needlessly, and rarely): the
+            # recorded outcomes and the clock are then read in one round trip.
+            applying = [c for c in credits if not c.abort]
+            accounts = await self._lock_with_settlements(
+                conn,
+                {c.saga.credit for c in applying},
+                {c.settlement: c.saga.currency for c in applying},
+            )
+            rows = await conn.fetch(sql.SELECT_CREDITS_AND_NOW, *columns)
+            now: datetime = rows[0]["now"]
             recorded = {
                 SagaKey(r["merchant_id"], r["transfer_id"], SagaKind(r["kind"])): r
-                for r in await conn.fetch(sql.SELECT_CREDITS, *columns)
+                for r in rows
+                if r["transfer_id"] is not None
             }
             answers = {
                 i: self._credit_record(recorded[k]) for i, k in enumerate(keys) if k in recorded
             }
             todo = [i for i in range(len(credits)) if i not in answers]
             if todo:
-                outcomes = await self._apply_credits(conn, [credits[i] for i in todo])
+                outcomes = await self._apply_credits(
+                    conn, [credits[i] for i in todo], accounts, now
+                )
                 status = await conn.execute(
                     sql.INSERT_CREDITS,
                     *_key_columns([keys[i] for i in todo]),
@@ -514,19 +543,15 @@ class SagaStore:
         return answer
 
     async def _apply_credits(
-        self, conn: Connection, credits: Sequence[SagaCredit]
+        self,
+        conn: Connection,
+        credits: Sequence[SagaCredit],
+        locked: Mapping[AccountKey, Account],
+        now: datetime,
     ) -> list[tuple[CreditOutcome, TransferResult]]:
-        """Step 2 proper for sagas with no recorded outcome: abort, apply or refuse each."""
-        applying = [c for c in credits if not c.abort]
-        accounts: dict[AccountKey, Account] = {}
-        now = None
-        if applying:
-            locked, now = await self._lock_with_settlements(
-                conn,
-                {c.saga.credit for c in applying},
-                {c.settlement: c.saga.currency for c in applying},
-            )
-            accounts = dict(locked)
+        """Step 2 proper for sagas with no recorded outcome: abort, apply or refuse each,
+        in order, on the locked accounts."""
+        accounts = dict(locked)
         entries: list[Entry] = []
         changed: dict[AccountKey, AccountState] = {}
         outcomes: list[tuple[CreditOutcome, TransferResult]] = []
@@ -536,7 +561,6 @@ class SagaStore:
                 outcomes.append((CreditOutcome.ABORTED, TransferResult.ABORTED))
                 continue
             saga = c.saga
-            assert now is not None
             plan = credit_plan(
                 key=saga.key.transfer,
                 action=saga.credit_action,
@@ -693,6 +717,8 @@ class SagaStore:
                     todo.append(_finishing(i, saga, f.credit))
             if todo:
                 await self._settle_reservations(conn, todo)
+                # Step 2 ran on the credit shard; its outcome joins each saga's history here.
+                steps = [(t.saga.key, *step) for t in todo for step in t.log]
                 rows = await conn.fetch(
                     sql.FINISH_SAGAS,
                     *_key_columns([t.saga.key for t in todo]),
@@ -701,20 +727,15 @@ class SagaStore:
                     [t.result for t in todo],
                     [t.credit.outcome for t in todo],
                     [t.peer_shard for t in todo],
-                )
-                finished = {
-                    saga.key: saga for saga in (saga_from_row(r, self.shard.name) for r in rows)
-                }
-                invariant(len(finished) == len(todo), "every locked saga row is updated")
-                # Step 2 ran on the credit shard; its outcome joins each saga's history here.
-                steps = [(t.saga.key, *step) for t in todo for step in t.log]
-                await conn.execute(
-                    sql.INSERT_STEP_PAIRS,
                     *_key_columns([k for k, *_ in steps]),
                     [n for _, n, _, _ in steps],
                     [o for _, _, o, _ in steps],
                     [d for _, _, _, d in steps],
                 )
+                finished = {
+                    saga.key: saga for saga in (saga_from_row(r, self.shard.name) for r in rows)
+                }
+                invariant(len(finished) == len(todo), "every locked saga row is updated")
                 for t in todo:
                     answers[t.index] = finished[t.saga.key]
             faults.crash_point("saga.step3.before_commit")
@@ -731,27 +752,27 @@ class SagaStore:
         settling = [t for t in todo if t.settles]
         if not settling:
             return
-        records = await self.shard._select_transfers(conn, {t.saga.key.transfer for t in settling})
-        held_by: dict[int, AccountKey] = {}
-        views: dict[int, TransferRecord] = {}
-        for t in settling:
-            record = records[t.saga.key.transfer]
-            credit = local_view(record, t.saga.peer_shard).request.credit
-            view = local_view(record, t.peer_shard)
-            assert credit is not None and view.request.credit is not None
-            held_by[t.index], views[t.index] = credit, view
-        moved_to = {
-            views[t.index].request.credit: t.saga.currency for t in settling if t.moves_hold
-        }
-        for account in sorted(a for a in moved_to if a is not None):
+        held_by = {t.index: t.settlement(t.saga.peer_shard) for t in settling}
+        moved_to = {t.settlement(t.peer_shard): t.saga.currency for t in settling if t.moves_hold}
+        for account in sorted(moved_to):
             await self._ensure_settlement(conn, account, moved_to[account])
         wanted: set[AccountKey] = set()
         for t in settling:
-            view = views[t.index]
-            assert view.request.credit is not None
-            wanted |= {view.request.debit, view.request.credit, held_by[t.index]}
+            wanted |= {t.saga.debit, held_by[t.index], t.settlement(t.peer_shard)}
         accounts = dict(await self.shard._lock_accounts(conn, wanted))
-        now: datetime = await conn.fetchval(ledger_sql.NOW)
+        # The reservations and the clock, read after the locks.
+        records, _, now = await self.shard._select_records_and_now(
+            conn, [t.saga.key.transfer for t in settling]
+        )
+        views: dict[int, TransferRecord] = {}
+        for t in settling:
+            view = local_view(records[t.saga.key.transfer], t.peer_shard)
+            invariant(
+                view.request.debit == t.saga.debit
+                and view.request.credit == t.settlement(t.peer_shard),
+                "a saga's reservation is booked on the accounts its saga names",
+            )
+            views[t.index] = view
         entries: list[Entry] = []
         changed: dict[AccountKey, AccountState] = {}
         resolutions: list[Resolution] = []
@@ -869,14 +890,18 @@ class SagaStore:
     # Plumbing.
 
     async def _existing(self, conn: Connection, request: TransferRequest) -> SagaStart | None:
-        return (await self._existing_many(conn, [request]))[0]
+        records, journals = await self.shard._select_records(conn, {request.key})
+        return (await self._replays(conn, [request], records, journals))[0]
 
-    async def _existing_many(
-        self, conn: Connection, requests: Sequence[TransferRequest]
+    async def _replays(
+        self,
+        conn: Connection,
+        requests: Sequence[TransferRequest],
+        records: Mapping[TransferKey, TransferRecord],
+        journals: Collection[TransferKey],
     ) -> Sequence[SagaStart | None]:
         """Replays: each request's original outcome (its saga's, once it finished), or
         None for a request seen for the first time."""
-        records, journals = await self.shard._select_records(conn, {r.key for r in requests})
         found: list[SagaStart | None] = []
         for request in requests:
             record = records.get(request.key)
@@ -900,9 +925,10 @@ class SagaStore:
         conn: Connection,
         accounts: Collection[AccountKey],
         settlements: Mapping[AccountKey, str],
-    ) -> tuple[dict[AccountKey, Account], datetime]:
-        """Creates settlement accounts (with their currencies) on first use, locks them
-        with the other accounts, reads the time.
+    ) -> dict[AccountKey, Account]:
+        """Creates settlement accounts (with their currencies) on first use and locks
+        them with the other accounts. The caller reads the clock after this (entries'
+        times must rise with their sequence on every account).
 
         The shard remembers settlement accounts it has seen (there are few: one per
         peer, currency and stripe), so an INSERT runs only the first time; if one
@@ -927,8 +953,7 @@ class SagaStore:
                 if len(known) >= limits.settlement_accounts_remembered_max:
                     known.clear()
                 known.add(settlement)
-        now: datetime = await conn.fetchval(ledger_sql.NOW)
-        return locked, now
+        return locked
 
     async def _ensure_settlement(
         self, conn: Connection, settlement: AccountKey, currency: str
@@ -1054,6 +1079,10 @@ class _Finishing:
     result: TransferResult
     # Steps 2 and 3 for the saga's log: (step, outcome, detail) each.
     log: tuple[tuple[int, str, str], tuple[int, str, str]]
+
+    def settlement(self, peer_shard: str) -> AccountKey:
+        """This (debit) shard's settlement account for the saga towards peer_shard."""
+        return settlement_account(peer_shard, self.saga.currency, self.saga.key.transfer_id)
 
     @property
     def moves_hold(self) -> bool:
