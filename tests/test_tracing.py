@@ -272,10 +272,11 @@ async def test_every_call_of_a_shared_transaction_shows_it_in_its_own_trace(
             payer,
         )
         traces = [new_traceparent() for _ in range(JOINED_CALLS + 1)]
+        ids = [uid("t") for _ in traces]
         first = asyncio.create_task(
             create_transfer(
                 service,
-                transfer(uid("t"), ref(payer, "cash"), ref(payee, "sales"), 1),
+                transfer(ids[0], ref(payer, "cash"), ref(payee, "sales"), 1),
                 traceparent=traces[0][2],
             )
         )
@@ -293,11 +294,11 @@ async def test_every_call_of_a_shared_transaction_shows_it_in_its_own_trace(
             asyncio.create_task(
                 create_transfer(
                     service,
-                    transfer(uid("t"), ref(payer, "cash"), ref(payee, "sales"), 1),
+                    transfer(transfer_id, ref(payer, "cash"), ref(payee, "sales"), 1),
                     traceparent=traceparent,
                 )
             )
-            for _, _, traceparent in traces[1:]
+            for transfer_id, (_, _, traceparent) in zip(ids[1:], traces[1:], strict=True)
         ]
 
         async def others_queued() -> bool:
@@ -332,6 +333,9 @@ async def test_every_call_of_a_shared_transaction_shows_it_in_its_own_trace(
         assert span.start_time is not None and span.end_time is not None
         assert holder.start_time is not None and holder.end_time is not None
         assert span.start_time <= holder.start_time and span.end_time >= holder.end_time
+    for trace_id, transfer_id in zip(trace_ids, ids, strict=True):
+        stored = (await lookup(service, payer, transfer_id)).transfer.trace_id
+        assert stored == f"{trace_id:032x}", "a transfer records its own call's trace"
 
 
 async def _all(checks: Iterable[Awaitable[bool]]) -> bool:

@@ -27,9 +27,14 @@ from opentelemetry.util.types import AttributeValue
 
 from ledger import limits
 from ledger.domain.engine import ItemOutcome
-from ledger.domain.transfers import TransferRequest
+from ledger.domain.transfers import TransferKey, TransferRequest
 from ledger.storage.shard import Fence, Shard
-from ledger.telemetry.tracing import joined_spans, start_as_current_span
+from ledger.telemetry.tracing import (
+    joined_spans,
+    start_as_current_span,
+    trace_id_in,
+    tracing_active,
+)
 
 
 @dataclass
@@ -113,7 +118,9 @@ class TransferBatcher:
             "group commit", context=batch[0].trace_context, attributes=attributes
         ) as span:
             try:
-                outcomes = await shard.create_transfers(requests, fence)
+                outcomes = await shard.create_transfers(
+                    requests, fence, trace_ids=_joined_trace_ids(batch)
+                )
             except Exception as error:
                 failure = error
         joined_spans(
@@ -140,3 +147,18 @@ class TransferBatcher:
             offset += len(call.group)
             if not call.done.done():
                 call.done.set_result(mine)
+
+
+def _joined_trace_ids(batch: list[_Call]) -> dict[TransferKey, str] | None:
+    """The trace of each joined call's transfers (the batch runs in the first call's).
+    An id sent by two calls is recorded by the first (the other replays it)."""
+    if len(batch) == 1 or not tracing_active():
+        return None
+    leader = {r.key for r in batch[0].group}
+    found: dict[TransferKey, str] = {}
+    for call in batch[1:]:
+        trace_id = trace_id_in(call.trace_context)
+        for r in call.group:
+            if r.key not in leader:
+                found.setdefault(r.key, trace_id)
+    return found

@@ -59,6 +59,7 @@ from ledger.storage import statements as ledger_sql
 from ledger.storage.errors import RetryTransaction
 from ledger.storage.saga_rows import saga_from_row
 from ledger.storage.shard import Fence, Shard, active_merchants, write_plan
+from ledger.telemetry.tracing import trace_id_of
 
 if TYPE_CHECKING:
     from ledger.storage.shard import Connection
@@ -1137,12 +1138,6 @@ def _key_columns(keys: Sequence[SagaKey]) -> tuple[list[str], list[str], list[in
         [k.transfer_id for k in keys],
         [int(k.kind) for k in keys],
     )
-
-
-def trace_id_of(traceparent: str) -> str:
-    """The hex trace id a W3C traceparent carries, or "" (tracing off)."""
-    parts = traceparent.split("-")
-    return parts[1] if len(parts) == 4 and len(parts[1]) == 32 else ""
 
 
 def _exists_with_different(

@@ -294,8 +294,15 @@ class Shard:
     # Transfers.
 
     async def create_transfers(
-        self, requests: Sequence[TransferRequest], fence: Fence
+        self,
+        requests: Sequence[TransferRequest],
+        fence: Fence,
+        *,
+        trace_ids: Mapping[TransferKey, str] | None = None,
     ) -> list[ItemOutcome]:
+        """Applies requests in one transaction. trace_ids: the trace of each request
+        whose call is not the current trace's (group commit joins calls); a new
+        record keeps its own call's trace."""
         merchants = {r.debit.merchant_id for r in requests} | {
             r.credit.merchant_id for r in requests if r.credit is not None
         }
@@ -357,9 +364,15 @@ class Shard:
                 now=now,
             )
             plan = apply_transfers(requests, state)
+            records = plan.records
+            if trace_ids:
+                records = [
+                    replace(r, trace_id=trace_ids[r.key]) if r.key in trace_ids else r
+                    for r in records
+                ]
             await write_plan(
                 conn,
-                records=plan.records,
+                records=records,
                 entries=plan.entries,
                 accounts=plan.accounts,
                 resolutions=plan.resolutions,

@@ -88,6 +88,18 @@ def current_trace_id() -> str:
     return format(context.trace_id, "032x") if context.is_valid else ""
 
 
+def trace_id_in(context: Context) -> str:
+    """The hex trace id of a context's span (a caller's, kept for later), or ""."""
+    span_context = trace.get_current_span(context).get_span_context()
+    return format(span_context.trace_id, "032x") if span_context.is_valid else ""
+
+
+def trace_id_of(traceparent: str) -> str:
+    """The hex trace id a W3C traceparent carries, or "" (tracing off)."""
+    parts = traceparent.split("-")
+    return parts[1] if len(parts) == 4 and len(parts[1]) == 32 else ""
+
+
 def current_traceparent() -> str:
     carrier: dict[str, str] = {}
     propagate.inject(carrier)
