@@ -122,7 +122,7 @@ async def test_a_saga_whose_merchant_is_moving_fails_alone_and_its_group_commits
         return await store.begin_transfers(begins, fence=fence, lease_owner="test", lease_s=60.0)
 
     batcher: StepBatcher[SagaBegin, SagaStart] = StepBatcher(
-        "1 reserve", reserve, key_of=lambda b: b.request.key
+        reserve, key_of=lambda b: b.request.key
     )
     begins = [_begin(payer, payee) for _ in range(10)]
     begins.insert(5, _begin(moving, payee))
@@ -172,7 +172,6 @@ async def test_groups_never_exceed_their_limit_nor_hold_one_saga_twice(
         return await store.begin_transfers(begins, fence=fence, lease_owner="test", lease_s=60.0)
 
     batcher: StepBatcher[SagaBegin, SagaStart] = StepBatcher(
-        "1 reserve",
         reserve,
         key_of=lambda b: b.request.key,
         sagas_per_group_max=sagas_per_group_max,

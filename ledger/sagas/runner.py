@@ -41,6 +41,9 @@ from ledger.storage.sagas import (
     SagaRaced,
     SagaStart,
     SagaStore,
+    StepAnswer,
+    StepRequest,
+    step_key,
 )
 from ledger.storage.shard import Fence, Shard
 from ledger.telemetry import metrics
@@ -74,24 +77,14 @@ class SagaRunner:
         self.owner = owner
         self.settings = settings or SagaSettings()
         self._tasks: set[asyncio.Task[Saga]] = set()
-        # Group commit per step and shard (see step_batcher.py).
-        self._reserves: StepBatcher[SagaBegin, SagaStart] = StepBatcher(
-            "1 reserve", self._reserve_group, key_of=lambda b: b.request.key
-        )
-        self._credits: StepBatcher[SagaCredit, CreditRecord] = StepBatcher(
-            "2 credit",
-            lambda shard, credits, fence: SagaStore(shard).credit_sagas(credits, fence=fence),
-            key_of=lambda c: c.saga.key,
-        )
-        self._finishes: StepBatcher[SagaFinish, Saga] = StepBatcher(
-            "3 finish",
-            lambda shard, finishes, fence: SagaStore(shard).finish_sagas(finishes, fence=fence),
-            key_of=lambda f: f.key,
+        # Group commit of saga steps per shard (see step_batcher.py).
+        self._steps: StepBatcher[StepRequest, StepAnswer] = StepBatcher(
+            self._run_steps, key_of=step_key
         )
 
     def queued_steps(self) -> int:
         """Saga steps waiting for a shared transaction (group commit), over every shard."""
-        return sum(b.queued() for b in (self._reserves, self._credits, self._finishes))
+        return self._steps.queued()
 
     # Starting.
 
@@ -112,8 +105,9 @@ class SagaRunner:
                     lease_owner=self.owner,
                     lease_s=self.settings.lease_s,
                 )
-            begin = SagaBegin(request, peer_shard, trace_context)
-            return await self._reserves.submit(shard, fence, begin)
+            start = await self._step(shard, fence, SagaBegin(request, peer_shard, trace_context))
+            assert isinstance(start, SagaStart)
+            return start
 
         with tracer.start_as_current_span(
             "saga step 1 reserve" if not request.settles_pending else "saga step 1 settle",
@@ -124,12 +118,18 @@ class SagaRunner:
         ):
             return await self._on_home(request.debit.merchant_id, begin)
 
-    async def _reserve_group(
-        self, shard: Shard, begins: list[SagaBegin], fence: Fence
-    ) -> list[SagaStart]:
-        return await SagaStore(shard).begin_transfers(
-            begins, fence=fence, lease_owner=self.owner, lease_s=self.settings.lease_s
+    async def _run_steps(
+        self, shard: Shard, steps: list[StepRequest], fence: Fence
+    ) -> list[StepAnswer]:
+        return await SagaStore(shard).run_steps(
+            steps, fence=fence, lease_owner=self.owner, lease_s=self.settings.lease_s
         )
+
+    async def _step(self, shard: Shard, fence: Fence, step: StepRequest) -> StepAnswer:
+        answer = await self._steps.submit(shard, fence, step)
+        if isinstance(answer, SagaRaced):
+            raise answer
+        return answer
 
     async def _credit_owner(self, merchant_id: str) -> str:
         """The credit merchant's owner now (a move may have it elsewhere than the ring
@@ -234,8 +234,9 @@ class SagaRunner:
 
     async def _credit(self, saga: Saga, *, abort: bool = False) -> CreditRecord:
         async def credit(shard: Shard, fence: Fence) -> CreditRecord:
-            crediting = SagaCredit(saga, saga.home_shard, abort)
-            return await self._credits.submit(shard, fence, crediting)
+            record = await self._step(shard, fence, SagaCredit(saga, saga.home_shard, abort))
+            assert isinstance(record, CreditRecord)
+            return record
 
         if saga.key.kind is SagaKind.TRANSFER:
             # A new credit follows its merchant to wherever it is now (step 3 then
@@ -259,11 +260,12 @@ class SagaRunner:
                 peer = self.cluster.shard_named(name)
             if peer is None:
                 raise ClusterUnavailable("a saga's credit shard is not in the shard config")
-            record = await self._credits.submit(
+            record = await self._step(
                 peer,
                 self.cluster.fence(peer, {saga.credit.merchant_id}),
                 SagaCredit(saga, home, abort),
             )
+            assert isinstance(record, CreditRecord)
             if not record.relayed_to:
                 return record
             home, name = peer.name, record.relayed_to
@@ -271,8 +273,11 @@ class SagaRunner:
 
     async def _finish(self, saga: Saga, credit: CreditRecord, *, allow_dead: bool = False) -> Saga:
         async def finish(shard: Shard, fence: Fence) -> Saga:
-            finishing = SagaFinish(saga.key, saga.version, credit, allow_dead)
-            return await self._finishes.submit(shard, fence, finishing)
+            finished = await self._step(
+                shard, fence, SagaFinish(saga.key, saga.version, credit, allow_dead)
+            )
+            assert isinstance(finished, Saga)
+            return finished
 
         return await self.cluster.run_on_owner(saga.key.merchant_id, finish, allow_moving=True)
 

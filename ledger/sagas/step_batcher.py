@@ -1,12 +1,14 @@
-"""Group commit for saga steps: concurrent sagas' same step on one shard share one
+"""Group commit for saga steps: concurrent sagas' steps on one shard share one
 transaction.
 
-Each step (1 reserve, 2 credit, 3 finish) has its own batcher. While a shard
-runs a group of that step, new sagas queue; the next group takes every queued
-saga (up to a limit, and never the same saga twice), and the step's set-based
-storage operation applies them in one transaction. Under light load a saga's
-step runs at once and alone, as before; under load a cross-shard transfer pays
-a share of each step's fixed round trips instead of all of them.
+While a shard runs a group, new steps queue (step 1 of one saga, step 2 of
+another, step 3 of a third: one queue per shard); the next group takes every
+queued step (up to a limit, and never the same step of a saga twice), and
+SagaStore.run_steps applies them in one transaction. Under light load a step
+runs at once and alone, as before; under load a cross-shard transfer pays a
+share of each transaction's round trips instead of all of them. One queue for
+all three steps, not one per step: with a fixed number of sagas in flight,
+groups are three times as large.
 
 A group is all or nothing in PostgreSQL, so one saga's failure must not fail
 the others: a group that raises is rolled back and run again one saga per
@@ -61,19 +63,17 @@ class _Queue(Generic[Item, Answer]):
 class StepBatcher(Generic[Item, Answer]):
     def __init__(
         self,
-        step: str,
         apply: ApplyGroup[Item, Answer],
         *,
         key_of: Callable[[Item], Hashable],
         sagas_per_group_max: int = limits.saga_step_group_sagas_max,
     ) -> None:
         invariant(sagas_per_group_max >= 1, "a group holds at least one saga")
-        self.step = step
         self._apply = apply
         self._key_of = key_of
         self.sagas_per_group_max = sagas_per_group_max
-        # Sagas routed under different configs or fence rules never share a transaction.
-        self._queues: dict[tuple[str, int, bool], _Queue[Item, Answer]] = {}
+        # Sagas routed under different configs never share a transaction.
+        self._queues: dict[tuple[str, int], _Queue[Item, Answer]] = {}
         self._runners: set[asyncio.Task[None]] = set()
 
     def queued(self) -> int:
@@ -81,7 +81,7 @@ class StepBatcher(Generic[Item, Answer]):
         return sum(len(q.entries) for q in self._queues.values())
 
     async def submit(self, shard: Shard, fence: Fence, item: Item) -> Answer:
-        queue = self._queues.setdefault((shard.name, fence.epoch, fence.allow_moving), _Queue())
+        queue = self._queues.setdefault((shard.name, fence.epoch), _Queue())
         entry: _Entry[Item, Answer] = _Entry(
             item, fence, asyncio.get_running_loop().create_future()
         )
@@ -132,11 +132,11 @@ class StepBatcher(Generic[Item, Answer]):
         fence = Fence(
             epoch=group[0].fence.epoch,
             claimable=frozenset().union(*(e.fence.claimable for e in group)),
-            allow_moving=group[0].fence.allow_moving,
+            # Allowed for all only if allowed for each (the step may allow it per saga).
+            allow_moving=all(e.fence.allow_moving for e in group),
         )
         attributes: dict[str, AttributeValue] = {
             "ledger.shard": shard.name,
-            "ledger.saga.step": self.step,
             "ledger.sagas": len(group),
         }
         started_ns = time.time_ns()

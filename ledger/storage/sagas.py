@@ -9,9 +9,9 @@ or after an abort.
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeAlias
 
 import asyncpg
 
@@ -90,6 +90,11 @@ class SagaBegin:
     peer_shard: str
     trace_context: str
 
+    @property
+    def settlement(self) -> AccountKey:
+        """This (debit) shard's settlement account towards the credit merchant's shard."""
+        return settlement_account(self.peer_shard, self.request.currency, self.request.id)
+
 
 @dataclass(frozen=True, slots=True)
 class SagaCredit:
@@ -119,6 +124,11 @@ class SagaFinish:
     version: int
     credit: CreditRecord
     allow_dead: bool = False
+
+
+# One saga step for run_steps, and its answer.
+StepRequest: TypeAlias = SagaBegin | SagaCredit | SagaFinish
+StepAnswer: TypeAlias = SagaStart | CreditRecord | Saga | SagaRaced
 
 
 class SagaStore:
@@ -152,137 +162,368 @@ class SagaStore:
     async def begin_transfers(
         self, begins: Sequence[SagaBegin], *, fence: Fence, lease_owner: str, lease_s: float
     ) -> list[SagaStart]:
-        """begin_transfer for many cross-shard transfers (distinct ids) in one transaction,
-        in order: each sees the reservations of those before it, as local transfers of
-        one batch do."""
-        requests = [b.request for b in begins]
+        """begin_transfer for many cross-shard transfers (distinct ids) in one transaction."""
+        answers = await self.run_steps(
+            begins, fence=fence, lease_owner=lease_owner, lease_s=lease_s
+        )
+        return [a for a in answers if isinstance(a, SagaStart)]
+
+    async def run_steps(
+        self, steps: Sequence[StepRequest], *, fence: Fence, lease_owner: str, lease_s: float
+    ) -> list[StepAnswer]:
+        """Runs many sagas' steps on this shard in one transaction: step 1 of some
+        (SagaBegin), step 2 of others (SagaCredit), step 3 of others (SagaFinish),
+        each answered as if it ran alone (a SagaRaced answers a stale step 3).
+
+        One fence, one lock of every account any of them writes (in one order, so no
+        two such transactions wait on each other in a cycle), one read of ids and
+        recorded outcomes and the clock after the locks, one write: a step costs a
+        share of a transaction's round trips instead of all of them. Within the
+        transaction steps apply in order (all step 1s, then 2s, then 3s), each on the
+        balances the ones before it left, as a batch of local transfers does.
+
+        A step 2 that must pass a hold on (a relay hop) runs only alone: in a group it
+        raises RunAlone. lease_owner and lease_s are for the sagas step 1 starts."""
+        begins = [(i, s) for i, s in enumerate(steps) if isinstance(s, SagaBegin)]
+        credits = [(i, s) for i, s in enumerate(steps) if isinstance(s, SagaCredit)]
+        finishes = [(i, s) for i, s in enumerate(steps) if isinstance(s, SagaFinish)]
         invariant(
-            all(r.credit is not None and not r.settles_pending for r in requests),
+            all(b.request.credit is not None and not b.request.settles_pending for _, b in begins),
             "a cross-shard transfer names its credit account",
         )
-        invariant(len({r.key for r in requests}) == len(requests), "each transfer once")
+        keys = [step_key(s) for s in steps]
+        invariant(len(set(keys)) == len(keys), "each saga's step once")
 
-        settlements = [
-            settlement_account(b.peer_shard, b.request.currency, b.request.id) for b in begins
-        ]
-
-        async def run(conn: Connection) -> list[SagaStart]:
+        async def run(conn: Connection) -> list[StepAnswer]:
+            relayed = await self._relay_hop(conn, fence, [c for _, c in credits], len(steps))
+            if relayed is not None:
+                return [relayed]
+            writers = {b.request.debit.merchant_id for _, b in begins} | {
+                c.saga.credit.merchant_id for _, c in credits
+            }
+            # Step 3 continues work under way: its merchant may be being moved.
+            movable = {f.key.merchant_id for _, f in finishes} - writers
             await self.shard._fence(
-                conn, fence, {r.debit.merchant_id for r in requests} | {SETTLEMENT_MERCHANT_ID}
-            )
-            # Locks first (a replay takes them needlessly, and rarely): the ids and the
-            # clock are then read in one round trip after them, as local transfers do.
-            accounts = await self._lock_with_settlements(
                 conn,
-                {r.debit for r in requests},
-                {s: r.currency for s, r in zip(settlements, requests, strict=True)},
+                fence,
+                writers | {f.key.merchant_id for _, f in finishes} | {SETTLEMENT_MERCHANT_ID},
+                movable=movable,
             )
-            records, journals, now = await self.shard._select_records_and_now(
-                conn, [r.key for r in requests]
-            )
-            found = await self._replays(conn, requests, records, journals)
-            fresh = [i for i, known in enumerate(found) if known is None]
-            starts = {i: known for i, known in enumerate(found) if known is not None}
-            if fresh:
-                starts |= await self._reserve(
-                    conn,
-                    [(i, begins[i], settlements[i]) for i in fresh],
-                    accounts,
-                    now,
-                    lease_owner,
-                    lease_s,
+            answers: dict[int, StepAnswer] = {}
+            if credits:
+                await conn.execute(
+                    sql.LOCK_CREDITS, *_key_columns([c.saga.key for _, c in credits])
                 )
-            faults.crash_point("saga.step1.before_commit")
-            return [starts[i] for i in range(len(begins))]
+            finishing = await self._lock_finishing(conn, finishes, answers)
+            settling = [t for t in finishing if t.settles]
+            wanted: set[AccountKey] = set()
+            settlements: dict[AccountKey, str] = {}
+            for _, b in begins:
+                wanted.add(b.request.debit)
+                settlements[b.settlement] = b.request.currency
+            for _, c in credits:
+                if not c.abort:
+                    wanted.add(c.saga.credit)
+                    settlements[c.settlement] = c.saga.currency
+            for t in settling:
+                wanted |= {t.saga.debit, t.settlement(t.saga.peer_shard)}
+                settlements[t.settlement(t.peer_shard)] = t.saga.currency
+            # Locks first (a replayed step takes them needlessly, and rarely): ids,
+            # recorded outcomes and the clock are then read after them.
+            accounts = await self._lock_with_settlements(conn, wanted, settlements)
+            records, journals, now = await self.shard._select_records_and_now(
+                conn,
+                [b.request.key for _, b in begins] + [t.saga.key.transfer for t in settling],
+            )
+            books = _Books(dict(accounts), now)
+            reserved = await self._plan_begins(conn, begins, records, journals, books, answers)
+            applied = await self._plan_credits(conn, credits, books, answers)
+            self._plan_finishes(settling, records, books)
+            if books.records or books.entries or books.resolutions:
+                await write_plan(
+                    conn,
+                    records=books.records,
+                    entries=books.entries,
+                    accounts=books.changed,
+                    resolutions=books.resolutions,
+                    expiring=[r for r in books.records if r.expires_at],
+                )
+            if reserved:
+                sagas = await self._insert_sagas(
+                    conn, [b for _, b in reserved], now, lease_owner, lease_s
+                )
+                for i, b in reserved:
+                    outcome = ItemOutcome(
+                        0, b.request.id, TransferResult.IN_PROGRESS, created_at=now
+                    )
+                    answers[i] = SagaStart(outcome, sagas[b.request.key])
+            await self._record_credits(conn, applied, answers)
+            await self._record_finishes(conn, finishing, answers)
+            for kind, present in (("1", begins), ("2", credits), ("3", finishes)):
+                if present:
+                    faults.crash_point(f"saga.step{kind}.before_commit")
+            return [answers[i] for i in range(len(steps))]
 
-        starts = await self.shard._in_transaction(run)
-        faults.crash_point("saga.step1.after_commit")
-        return starts
+        answers = await self.shard._in_transaction(run)
+        for kind, present in (("1", begins), ("2", credits), ("3", finishes)):
+            if present:
+                faults.crash_point(f"saga.step{kind}.after_commit")
+        return answers
 
-    async def _reserve(
+    async def _relay_hop(
+        self, conn: Connection, fence: Fence, credits: Sequence[SagaCredit], steps: int
+    ) -> CreditRecord | None:
+        """Settling a hold whose credit party moved on from here: passes it on (alone)."""
+        settles = [c for c in credits if c.saga.key.kind is not SagaKind.TRANSFER]
+        if not settles:
+            return None
+        await self.shard._fence(conn, fence, {SETTLEMENT_MERCHANT_ID})
+        for c in settles:
+            relay_to = await conn.fetchval(
+                sql.SELECT_RELAY, c.held.merchant_id, c.held.transfer_id, c.home_shard
+            )
+            if relay_to is None:
+                continue
+            if steps > 1:
+                raise RunAlone()
+            return await self._relay(conn, c.saga, c.settlement, c.home_shard, relay_to)
+        return None
+
+    async def _lock_finishing(
         self,
         conn: Connection,
-        fresh: Sequence[tuple[int, SagaBegin, AccountKey]],
-        accounts: Mapping[AccountKey, Account],
-        now: datetime,
-        lease_owner: str,
-        lease_s: float,
-    ) -> dict[int, SagaStart]:
-        """Step 1 proper for new transfers (position, begin, settlement account each):
-        reserve, record, start the saga (or refuse)."""
-        positions = [i for i, _, _ in fresh]
-        begins = [b for _, b, _ in fresh]
-        settlements = [s for _, _, s in fresh]
+        finishes: Sequence[tuple[int, SagaFinish]],
+        answers: dict[int, StepAnswer],
+    ) -> list[_Finishing]:
+        """Locks the sagas to finish; answers those finished or moved on already."""
+        if not finishes:
+            return []
+        rows = await conn.fetch(sql.LOCK_SAGAS, *_key_columns([f.key for _, f in finishes]))
+        locked = {saga.key: saga for saga in (saga_from_row(r, self.shard.name) for r in rows)}
+        finishing: list[_Finishing] = []
+        for i, f in finishes:
+            saga = locked.get(f.key)
+            invariant(saga is not None, "a saga being finished exists")
+            assert saga is not None
+            if saga.finished:
+                answers[i] = saga
+            elif saga.version != f.version or (saga.state is SagaState.DEAD and not f.allow_dead):
+                answers[i] = SagaRaced(f"saga {f.key} moved on (version {saga.version})")
+            else:
+                finishing.append(_finishing(i, saga, f.credit))
+        return finishing
+
+    async def _plan_begins(
+        self,
+        conn: Connection,
+        begins: Sequence[tuple[int, SagaBegin]],
+        records: Mapping[TransferKey, TransferRecord],
+        journals: Collection[TransferKey],
+        books: _Books,
+        answers: dict[int, StepAnswer],
+    ) -> list[tuple[int, SagaBegin]]:
+        """Step 1: answers replays; reserves (or refuses) the rest and records each
+        transfer. Returns the reserved ones, whose sagas are still to insert."""
+        found = await self._replays(conn, [b.request for _, b in begins], records, journals)
+        fresh: list[tuple[int, SagaBegin]] = []
+        for (i, b), known in zip(begins, found, strict=True):
+            if known is None:
+                fresh.append((i, b))
+            else:
+                answers[i] = known
         # An item marked linked ends an open chain here (chains never hold a saga):
         # refused as such, without joining the next item's chain.
-        applying = [i for i, b in enumerate(begins) if not b.request.linked]
+        applying = [(i, b) for i, b in fresh if not b.request.linked]
         plan = apply_transfers(
             [
                 replace(
-                    begins[i].request,
-                    credit=settlements[i],
+                    b.request,
+                    credit=b.settlement,
                     action=TransferAction.PENDING,
                     timeout_ms=0,
                     reversal_of="",
                 )
-                for i in applying
+                for _, b in applying
             ],
-            TransferBatchState(accounts, {}, frozenset(), {}, {}, {}, now),
+            TransferBatchState(books.accounts, {}, frozenset(), {}, {}, {}, books.now),
         )
-        results = dict.fromkeys(range(len(begins)), TransferResult.LINKED_EVENT_CHAIN_OPEN)
-        results.update(zip(applying, (o.result for o in plan.outcomes), strict=True))
-        records: list[TransferRecord] = []
-        starts: dict[int, SagaStart] = {}
-        reserved: list[SagaBegin] = []
-        for i, begin in enumerate(begins):
-            request = begin.request
-            result = results[i]
-            if result is TransferResult.OK:
-                reserved.append(begin)
-                records.append(
-                    TransferRecord(
-                        request=request,
-                        result=TransferResult.IN_PROGRESS,
-                        amount_effective_minor=request.amount_minor,
-                        created_at=now,
-                        expires_at=(
-                            now + timedelta(milliseconds=request.timeout_ms)
-                            if request.action is TransferAction.PENDING and request.timeout_ms
-                            else None
-                        ),
-                        trace_id=trace_id_of(begin.trace_context),
-                    )
-                )
-            else:
+        books.book(plan.entries, plan.accounts)
+        results = dict.fromkeys((i for i, _ in fresh), TransferResult.LINKED_EVENT_CHAIN_OPEN)
+        results.update(
+            zip((i for i, _ in applying), (o.result for o in plan.outcomes), strict=True)
+        )
+        reserved: list[tuple[int, SagaBegin]] = []
+        now = books.now
+        for i, b in fresh:
+            request, result = b.request, results[i]
+            trace_id = trace_id_of(b.trace_context)
+            if result is not TransferResult.OK:
                 # Refused: the failure is recorded (a failed id stays failed).
-                records.append(
-                    TransferRecord(
-                        request, result, 0, now, trace_id=trace_id_of(begin.trace_context)
-                    )
+                books.records.append(TransferRecord(request, result, 0, now, trace_id=trace_id))
+                answers[i] = SagaStart(ItemOutcome(0, request.id, result, created_at=now), None)
+                continue
+            reserved.append((i, b))
+            books.records.append(
+                TransferRecord(
+                    request=request,
+                    result=TransferResult.IN_PROGRESS,
+                    amount_effective_minor=request.amount_minor,
+                    created_at=now,
+                    expires_at=(
+                        now + timedelta(milliseconds=request.timeout_ms)
+                        if request.action is TransferAction.PENDING and request.timeout_ms
+                        else None
+                    ),
+                    trace_id=trace_id,
                 )
-                starts[positions[i]] = SagaStart(
-                    ItemOutcome(0, request.id, result, created_at=now), None
-                )
-        await write_plan(
-            conn,
-            records=records,
-            entries=plan.entries,
-            accounts=plan.accounts,
-            resolutions=[],
-            expiring=[r for r in records if r.expires_at],
+            )
+        return reserved
+
+    async def _plan_credits(
+        self,
+        conn: Connection,
+        credits: Sequence[tuple[int, SagaCredit]],
+        books: _Books,
+        answers: dict[int, StepAnswer],
+    ) -> list[tuple[int, SagaCredit, CreditOutcome, TransferResult]]:
+        """Step 2: answers sagas with a recorded outcome; aborts, applies or refuses
+        the rest. Returns those, whose outcomes are still to record."""
+        if not credits:
+            return []
+        rows = await conn.fetch(
+            sql.SELECT_CREDITS_AND_NOW, *_key_columns([c.saga.key for _, c in credits])
         )
-        if reserved:
-            sagas = await self._insert_sagas(conn, reserved, now, lease_owner, lease_s)
-            for i, begin in enumerate(begins):
-                saga = sagas.get(begin.request.key)
-                if saga is not None:
-                    starts[positions[i]] = SagaStart(
-                        ItemOutcome(
-                            0, begin.request.id, TransferResult.IN_PROGRESS, created_at=now
-                        ),
-                        saga,
-                    )
-        return starts
+        recorded = {
+            SagaKey(r["merchant_id"], r["transfer_id"], SagaKind(r["kind"])): r
+            for r in rows
+            if r["transfer_id"] is not None
+        }
+        decided: list[tuple[int, SagaCredit, CreditOutcome, TransferResult]] = []
+        for i, c in credits:
+            saga = c.saga
+            if saga.key in recorded:
+                answers[i] = self._credit_record(recorded[saga.key])
+                continue
+            if c.abort:
+                decided.append((i, c, CreditOutcome.ABORTED, TransferResult.ABORTED))
+                continue
+            plan = credit_plan(
+                key=saga.key.transfer,
+                action=saga.credit_action,
+                settlement=c.settlement,
+                destination=saga.credit,
+                currency=saga.currency,
+                amount_minor=saga.amount_minor,
+                pending_minor=saga.pending_minor,
+                pending_id=saga.pending_id,
+                accounts=books.accounts,
+                now=books.now,
+            )
+            result = plan.outcomes[0].result
+            if result is TransferResult.OK:
+                books.book(plan.entries, plan.accounts)
+                decided.append((i, c, CreditOutcome.APPLIED, result))
+            else:
+                decided.append((i, c, CreditOutcome.REFUSED, result))
+        return decided
+
+    def _plan_finishes(
+        self,
+        settling: Sequence[_Finishing],
+        records: Mapping[TransferKey, TransferRecord],
+        books: _Books,
+    ) -> None:
+        """Step 3's entries for transfer sagas: each moves its hold first if the credit
+        landed on another shard than step 1 reserved towards, then posts or releases
+        its reservation (a cross-shard pending transfer keeps its hold)."""
+        for t in settling:
+            view = local_view(records[t.saga.key.transfer], t.peer_shard)
+            invariant(
+                view.request.debit == t.saga.debit
+                and view.request.credit == t.settlement(t.peer_shard),
+                "a saga's reservation is booked on the accounts its saga names",
+            )
+            if t.moves_hold:
+                entries, states = hold_moved_plan(
+                    key=t.saga.key.transfer,
+                    held_by=books.accounts[t.settlement(t.saga.peer_shard)],
+                    moved_to=books.accounts[t.settlement(t.peer_shard)],
+                    amount_minor=view.amount_effective_minor,
+                    now=books.now,
+                )
+                books.book(entries, states)
+            if not t.keeps_hold:
+                plan = reservation_settle_plan(
+                    reservation=view, post=t.post, accounts=books.accounts, now=books.now
+                )
+                books.book(plan.entries, plan.accounts, plan.resolutions)
+
+    async def _record_credits(
+        self,
+        conn: Connection,
+        decided: Sequence[tuple[int, SagaCredit, CreditOutcome, TransferResult]],
+        answers: dict[int, StepAnswer],
+    ) -> None:
+        """Step 2's outcomes, exactly once each, and the holds it opened or closed."""
+        if not decided:
+            return
+        status = await conn.execute(
+            sql.INSERT_CREDITS,
+            *_key_columns([c.saga.key for _, c, _, _ in decided]),
+            [c.saga.credit.merchant_id for _, c, _, _ in decided],
+            [o for _, _, o, _ in decided],
+            [r for _, _, _, r in decided],
+            [c.home_shard for _, c, _, _ in decided],
+            self.shard.name,
+        )
+        if status != f"INSERT 0 {len(decided)}":
+            # Another step 2 recorded first (the locks make this rare); its outcome
+            # stands, and the retry rolls back what this one wrote and reads it.
+            raise RetryTransaction()
+        for i, c, outcome, result in decided:
+            answers[i] = CreditRecord(outcome, result, self.shard.name)
+            if outcome is not CreditOutcome.APPLIED:
+                continue
+            # Open cross-shard holds credited here are tracked, so a move of their
+            # credit merchant can carry them.
+            saga = c.saga
+            if saga.credit_action is CreditAction.PENDING:
+                await conn.execute(
+                    sql.INSERT_CREDIT_HOLD,
+                    c.held.merchant_id,
+                    c.held.transfer_id,
+                    saga.credit.merchant_id,
+                    saga.currency,
+                    saga.amount_minor,
+                    c.home_shard,
+                )
+            elif saga.key.kind is not SagaKind.TRANSFER:
+                await conn.execute(sql.DELETE_CREDIT_HOLD, c.held.merchant_id, c.held.transfer_id)
+
+    async def _record_finishes(
+        self, conn: Connection, finishing: Sequence[_Finishing], answers: dict[int, StepAnswer]
+    ) -> None:
+        """Step 3's saga rows, with steps 2 and 3 joining each saga's log."""
+        if not finishing:
+            return
+        steps = [(t.saga.key, *step) for t in finishing for step in t.log]
+        rows = await conn.fetch(
+            sql.FINISH_SAGAS,
+            *_key_columns([t.saga.key for t in finishing]),
+            [t.saga.version for t in finishing],
+            [t.state for t in finishing],
+            [t.result for t in finishing],
+            [t.credit.outcome for t in finishing],
+            [t.peer_shard for t in finishing],
+            *_key_columns([k for k, *_ in steps]),
+            [n for _, n, _, _ in steps],
+            [o for _, _, o, _ in steps],
+            [d for _, _, _, d in steps],
+        )
+        finished = {saga.key: saga for saga in (saga_from_row(r, self.shard.name) for r in rows)}
+        invariant(len(finished) == len(finishing), "every locked saga row is updated")
+        for t in finishing:
+            answers[t.index] = finished[t.saga.key]
 
     async def begin_settle(
         self,
@@ -473,138 +714,9 @@ class SagaStore:
     async def credit_sagas(
         self, credits: Sequence[SagaCredit], *, fence: Fence
     ) -> list[CreditRecord]:
-        """credit for many sagas (distinct keys) in one transaction, in order.
-
-        A relay hop runs only alone: a group that meets one raises RunAlone."""
-        keys = [c.saga.key for c in credits]
-        invariant(len(set(keys)) == len(keys), "each saga once")
-
-        async def run(conn: Connection) -> list[CreditRecord]:
-            settles = [c for c in credits if c.saga.key.kind is not SagaKind.TRANSFER]
-            if settles:
-                await self.shard._fence(conn, fence, {SETTLEMENT_MERCHANT_ID})
-                for c in settles:
-                    relay_to = await conn.fetchval(
-                        sql.SELECT_RELAY, c.held.merchant_id, c.held.transfer_id, c.home_shard
-                    )
-                    if relay_to is None:
-                        continue
-                    if len(credits) > 1:
-                        raise RunAlone()
-                    return [await self._relay(conn, c.saga, c.settlement, c.home_shard, relay_to)]
-            await self.shard._fence(
-                conn, fence, {c.saga.credit.merchant_id for c in credits} | {SETTLEMENT_MERCHANT_ID}
-            )
-            columns = _key_columns(keys)
-            await conn.execute(sql.LOCK_CREDITS, *columns)
-            # Locks first (a repeated step 2 takes them needlessly, and rarely): the
-            # recorded outcomes and the clock are then read in one round trip.
-            applying = [c for c in credits if not c.abort]
-            accounts = await self._lock_with_settlements(
-                conn,
-                {c.saga.credit for c in applying},
-                {c.settlement: c.saga.currency for c in applying},
-            )
-            rows = await conn.fetch(sql.SELECT_CREDITS_AND_NOW, *columns)
-            now: datetime = rows[0]["now"]
-            recorded = {
-                SagaKey(r["merchant_id"], r["transfer_id"], SagaKind(r["kind"])): r
-                for r in rows
-                if r["transfer_id"] is not None
-            }
-            answers = {
-                i: self._credit_record(recorded[k]) for i, k in enumerate(keys) if k in recorded
-            }
-            todo = [i for i in range(len(credits)) if i not in answers]
-            if todo:
-                outcomes = await self._apply_credits(
-                    conn, [credits[i] for i in todo], accounts, now
-                )
-                status = await conn.execute(
-                    sql.INSERT_CREDITS,
-                    *_key_columns([keys[i] for i in todo]),
-                    [credits[i].saga.credit.merchant_id for i in todo],
-                    [o for o, _ in outcomes],
-                    [r for _, r in outcomes],
-                    [credits[i].home_shard for i in todo],
-                    self.shard.name,
-                )
-                if status != f"INSERT 0 {len(todo)}":
-                    # Another step 2 recorded first (the locks make this rare); its
-                    # outcome stands, and the retry rolls back what this one wrote and
-                    # reads it.
-                    raise RetryTransaction()
-                for i, (outcome, result) in zip(todo, outcomes, strict=True):
-                    answers[i] = CreditRecord(outcome, result, self.shard.name)
-            faults.crash_point("saga.step2.before_commit")
-            return [answers[i] for i in range(len(credits))]
-
-        answer = await self.shard._in_transaction(run)
-        faults.crash_point("saga.step2.after_commit")
-        return answer
-
-    async def _apply_credits(
-        self,
-        conn: Connection,
-        credits: Sequence[SagaCredit],
-        locked: Mapping[AccountKey, Account],
-        now: datetime,
-    ) -> list[tuple[CreditOutcome, TransferResult]]:
-        """Step 2 proper for sagas with no recorded outcome: abort, apply or refuse each,
-        in order, on the locked accounts."""
-        accounts = dict(locked)
-        entries: list[Entry] = []
-        changed: dict[AccountKey, AccountState] = {}
-        outcomes: list[tuple[CreditOutcome, TransferResult]] = []
-        holds: list[SagaCredit] = []
-        for c in credits:
-            if c.abort:
-                outcomes.append((CreditOutcome.ABORTED, TransferResult.ABORTED))
-                continue
-            saga = c.saga
-            plan = credit_plan(
-                key=saga.key.transfer,
-                action=saga.credit_action,
-                settlement=c.settlement,
-                destination=saga.credit,
-                currency=saga.currency,
-                amount_minor=saga.amount_minor,
-                pending_minor=saga.pending_minor,
-                pending_id=saga.pending_id,
-                accounts=accounts,
-                now=now,
-            )
-            result = plan.outcomes[0].result
-            if result is not TransferResult.OK:
-                outcomes.append((CreditOutcome.REFUSED, result))
-                continue
-            outcomes.append((CreditOutcome.APPLIED, TransferResult.OK))
-            entries += plan.entries
-            for key, state in plan.accounts.items():
-                accounts[key] = advanced(accounts[key], state)
-                changed[key] = state
-            holds.append(c)
-        if entries:
-            await write_plan(
-                conn, records=[], entries=entries, accounts=changed, resolutions=[], expiring=[]
-            )
-        for c in holds:
-            # Open cross-shard holds credited here are tracked, so a move of their
-            # credit merchant can carry them.
-            saga = c.saga
-            if saga.credit_action is CreditAction.PENDING:
-                await conn.execute(
-                    sql.INSERT_CREDIT_HOLD,
-                    c.held.merchant_id,
-                    c.held.transfer_id,
-                    saga.credit.merchant_id,
-                    saga.currency,
-                    saga.amount_minor,
-                    c.home_shard,
-                )
-            elif saga.key.kind is not SagaKind.TRANSFER:
-                await conn.execute(sql.DELETE_CREDIT_HOLD, c.held.merchant_id, c.held.transfer_id)
-        return outcomes
+        """credit for many sagas (distinct keys) in one transaction (see run_steps)."""
+        answers = await self.run_steps(credits, fence=fence, lease_owner="", lease_s=0.0)
+        return [a for a in answers if isinstance(a, CreditRecord)]
 
     async def _relay(
         self,
@@ -691,126 +803,10 @@ class SagaStore:
     async def finish_sagas(
         self, finishes: Sequence[SagaFinish], *, fence: Fence
     ) -> list[Saga | SagaRaced]:
-        """finish for many sagas (distinct keys) in one transaction, in order; a saga
-        another worker moved on is answered SagaRaced, the others finish."""
-        keys = [f.key for f in finishes]
-        invariant(len(set(keys)) == len(keys), "each saga once")
-
-        async def run(conn: Connection) -> list[Saga | SagaRaced]:
-            await self.shard._fence(
-                conn, fence, {k.merchant_id for k in keys} | {SETTLEMENT_MERCHANT_ID}
-            )
-            rows = await conn.fetch(sql.LOCK_SAGAS, *_key_columns(keys))
-            locked = {saga.key: saga for saga in (saga_from_row(r, self.shard.name) for r in rows)}
-            answers: dict[int, Saga | SagaRaced] = {}
-            todo: list[_Finishing] = []
-            for i, f in enumerate(finishes):
-                saga = locked.get(f.key)
-                invariant(saga is not None, "a saga being finished exists")
-                assert saga is not None
-                if saga.finished:
-                    answers[i] = saga
-                elif saga.version != f.version or (
-                    saga.state is SagaState.DEAD and not f.allow_dead
-                ):
-                    answers[i] = SagaRaced(f"saga {f.key} moved on (version {saga.version})")
-                else:
-                    todo.append(_finishing(i, saga, f.credit))
-            if todo:
-                await self._settle_reservations(conn, todo)
-                # Step 2 ran on the credit shard; its outcome joins each saga's history here.
-                steps = [(t.saga.key, *step) for t in todo for step in t.log]
-                rows = await conn.fetch(
-                    sql.FINISH_SAGAS,
-                    *_key_columns([t.saga.key for t in todo]),
-                    [t.saga.version for t in todo],
-                    [t.state for t in todo],
-                    [t.result for t in todo],
-                    [t.credit.outcome for t in todo],
-                    [t.peer_shard for t in todo],
-                    *_key_columns([k for k, *_ in steps]),
-                    [n for _, n, _, _ in steps],
-                    [o for _, _, o, _ in steps],
-                    [d for _, _, _, d in steps],
-                )
-                finished = {
-                    saga.key: saga for saga in (saga_from_row(r, self.shard.name) for r in rows)
-                }
-                invariant(len(finished) == len(todo), "every locked saga row is updated")
-                for t in todo:
-                    answers[t.index] = finished[t.saga.key]
-            faults.crash_point("saga.step3.before_commit")
-            return [answers[i] for i in range(len(finishes))]
-
-        answers = await self.shard._in_transaction(run)
-        faults.crash_point("saga.step3.after_commit")
-        return answers
-
-    async def _settle_reservations(self, conn: Connection, todo: Sequence[_Finishing]) -> None:
-        """Step 3's entries for transfer sagas, in order: each moves its hold first if
-        the credit landed on another shard than step 1 reserved towards, then posts
-        or releases its reservation (a cross-shard pending transfer keeps its hold)."""
-        settling = [t for t in todo if t.settles]
-        if not settling:
-            return
-        held_by = {t.index: t.settlement(t.saga.peer_shard) for t in settling}
-        moved_to = {t.settlement(t.peer_shard): t.saga.currency for t in settling if t.moves_hold}
-        for account in sorted(moved_to):
-            await self._ensure_settlement(conn, account, moved_to[account])
-        wanted: set[AccountKey] = set()
-        for t in settling:
-            wanted |= {t.saga.debit, held_by[t.index], t.settlement(t.peer_shard)}
-        accounts = dict(await self.shard._lock_accounts(conn, wanted))
-        # The reservations and the clock, read after the locks.
-        records, _, now = await self.shard._select_records_and_now(
-            conn, [t.saga.key.transfer for t in settling]
-        )
-        views: dict[int, TransferRecord] = {}
-        for t in settling:
-            view = local_view(records[t.saga.key.transfer], t.peer_shard)
-            invariant(
-                view.request.debit == t.saga.debit
-                and view.request.credit == t.settlement(t.peer_shard),
-                "a saga's reservation is booked on the accounts its saga names",
-            )
-            views[t.index] = view
-        entries: list[Entry] = []
-        changed: dict[AccountKey, AccountState] = {}
-        resolutions: list[Resolution] = []
-
-        def book(states: Mapping[AccountKey, AccountState]) -> None:
-            for account_key, state in states.items():
-                accounts[account_key] = advanced(accounts[account_key], state)
-                changed[account_key] = state
-
-        for t in settling:
-            view = views[t.index]
-            assert view.request.credit is not None
-            if t.moves_hold:
-                moved, states = hold_moved_plan(
-                    key=t.saga.key.transfer,
-                    held_by=accounts[held_by[t.index]],
-                    moved_to=accounts[view.request.credit],
-                    amount_minor=view.amount_effective_minor,
-                    now=now,
-                )
-                entries += moved
-                book(states)
-            if not t.keeps_hold:
-                plan = reservation_settle_plan(
-                    reservation=view, post=t.post, accounts=accounts, now=now
-                )
-                entries += plan.entries
-                book(plan.accounts)
-                resolutions += plan.resolutions
-        await write_plan(
-            conn,
-            records=[],
-            entries=entries,
-            accounts=changed,
-            resolutions=resolutions,
-            expiring=[],
-        )
+        """finish for many sagas (distinct keys) in one transaction (see run_steps); a
+        saga another worker moved on is answered SagaRaced, the others finish."""
+        answers = await self.run_steps(finishes, fence=fence, lease_owner="", lease_s=0.0)
+        return [a for a in answers if isinstance(a, Saga | SagaRaced)]
 
     async def retry_later(
         self, saga: Saga, *, error: str, attempts_max: int, delay_s: float
@@ -1153,3 +1149,37 @@ def _exists_with_different(
         ),
         None,
     )
+
+
+@dataclass(slots=True)
+class _Books:
+    """What one transaction of saga steps writes, built up step by step on the
+    accounts it locked (each step sees the balances the ones before it left)."""
+
+    accounts: dict[AccountKey, Account]
+    now: datetime
+    records: list[TransferRecord] = field(default_factory=list)
+    entries: list[Entry] = field(default_factory=list)
+    changed: dict[AccountKey, AccountState] = field(default_factory=dict)
+    resolutions: list[Resolution] = field(default_factory=list)
+
+    def book(
+        self,
+        entries: Sequence[Entry],
+        states: Mapping[AccountKey, AccountState],
+        resolutions: Sequence[Resolution] = (),
+    ) -> None:
+        self.entries += entries
+        for key, state in states.items():
+            self.accounts[key] = advanced(self.accounts[key], state)
+            self.changed[key] = state
+        self.resolutions += resolutions
+
+
+def step_key(step: StepRequest) -> tuple[int, object]:
+    """Which step of which saga: a group holds each at most once."""
+    if isinstance(step, SagaBegin):
+        return 1, step.request.key
+    if isinstance(step, SagaCredit):
+        return 2, step.saga.key
+    return 3, step.key

@@ -554,7 +554,16 @@ class Shard:
 
     # Plumbing.
 
-    async def _fence(self, conn: Connection, fence: Fence, merchant_ids: Iterable[str]) -> None:
+    async def _fence(
+        self,
+        conn: Connection,
+        fence: Fence,
+        merchant_ids: Iterable[str],
+        *,
+        movable: Collection[str] = (),
+    ) -> None:
+        """movable: merchants that may be being moved even when the fence does not allow
+        it for all (saga steps that continue work under way, sharing a transaction)."""
         ids = sorted(set(merchant_ids))
         try:
             rows = await conn.fetch(sql.FENCE, ids)
@@ -583,7 +592,7 @@ class Shard:
             elif row["state"] in ("moved", "incoming"):
                 # moved_to names the shard that owns it now (moved) or still (incoming).
                 not_owned[merchant_id] = row["moved_to"]
-            elif row["state"] == "moving" and not fence.allow_moving:
+            elif row["state"] == "moving" and not (fence.allow_moving or merchant_id in movable):
                 moving.append(merchant_id)
         if not_owned:
             raise MerchantsNotOwned(self.name, not_owned)
