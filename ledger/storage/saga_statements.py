@@ -34,32 +34,6 @@ WITH saga AS (
 SELECT * FROM saga
 """
 
-# Many sagas of one step-1 group and their step 1 in the log, in one round trip.
-INSERT_SAGAS = f"""
-WITH saga AS (
-    INSERT INTO sagas (merchant_id, transfer_id, kind, state, next_step, peer_shard,
-        debit_account_id, credit_merchant_id, credit_account_id, currency, credit_action,
-        amount_minor, pending_minor, pending_id, next_attempt_at, lease_owner, lease_until,
-        trace_context, created_at, updated_at)
-    SELECT u.merchant_id, u.transfer_id, u.kind, 1, 2, u.peer_shard, u.debit_account_id,
-        u.credit_merchant_id, u.credit_account_id, u.currency, u.credit_action, u.amount_minor,
-        u.pending_minor, u.pending_id, $15::timestamptz + make_interval(secs => $17), $16,
-        $15::timestamptz + make_interval(secs => $17), u.trace_context, $15, $15
-    FROM unnest($1::text[], $2::text[], $3::smallint[], $4::text[], $5::text[], $6::text[],
-                $7::text[], $8::text[], $9::smallint[], $10::bigint[], $11::bigint[],
-                $12::text[], $13::text[])
-        AS u(merchant_id, transfer_id, kind, peer_shard, debit_account_id, credit_merchant_id,
-             credit_account_id, currency, credit_action, amount_minor, pending_minor,
-             pending_id, trace_context)
-    RETURNING {SAGA_COLUMNS}
-), step AS (
-    INSERT INTO saga_steps (merchant_id, transfer_id, kind, step, outcome, detail)
-    SELECT m, t, k, 1, o, '' FROM unnest($1::text[], $2::text[], $3::smallint[], $14::text[])
-        WITH ORDINALITY AS u(m, t, k, o, n)
-    ORDER BY n
-)
-SELECT * FROM saga
-"""
 
 INSERT_STEP = """
 INSERT INTO saga_steps (merchant_id, transfer_id, kind, step, outcome, detail)
@@ -110,31 +84,70 @@ ORDER BY id
 """
 
 
-# Finishes many sagas: one (key, version, state, result, credit outcome, peer
-# shard) each; a saga whose version moved on is left out of the answer. peer_shard
-# becomes the shard that applied the credit (step 2 follows a credit merchant that
-# moved), so a later settle or expiry finds the hold there. Steps 2 and 3 join
-# each saga's log together ($9-$14: (step 2, step 3) per saga, in that order).
-FINISH_SAGAS = f"""
-WITH finished AS (
+# What a transaction of saga steps records once its entries are written, in one
+# round trip: the sagas step 1 starts, with step 1 in their log ($1-$17); the
+# outcomes step 2 decided, exactly once each ($18-$25; a concurrent step 2 that
+# recorded first makes credits_recorded fall short); the sagas step 3 finishes
+# ($26-$33: key, version, state, result, credit outcome, peer shard; a saga
+# whose version moved on is left out), with steps 2 and 3 joining each one's log
+# ($34-$39: (step 2, step 3) per saga, in order). peer_shard becomes the shard
+# that applied the credit (step 2 follows a credit merchant that moved), so a
+# later settle or expiry finds the hold there. Always one row at least (with
+# credits_recorded); one per saga started (is_new) or finished.
+RECORD_STEPS = f"""
+WITH new_sagas AS (
+    INSERT INTO sagas (merchant_id, transfer_id, kind, state, next_step, peer_shard,
+        debit_account_id, credit_merchant_id, credit_account_id, currency, credit_action,
+        amount_minor, pending_minor, pending_id, next_attempt_at, lease_owner, lease_until,
+        trace_context, created_at, updated_at)
+    SELECT u.merchant_id, u.transfer_id, u.kind, 1, 2, u.peer_shard, u.debit_account_id,
+        u.credit_merchant_id, u.credit_account_id, u.currency, u.credit_action, u.amount_minor,
+        u.pending_minor, u.pending_id, $15::timestamptz + make_interval(secs => $17), $16,
+        $15::timestamptz + make_interval(secs => $17), u.trace_context, $15, $15
+    FROM unnest($1::text[], $2::text[], $3::smallint[], $4::text[], $5::text[], $6::text[],
+                $7::text[], $8::text[], $9::smallint[], $10::bigint[], $11::bigint[],
+                $12::text[], $13::text[])
+        AS u(merchant_id, transfer_id, kind, peer_shard, debit_account_id, credit_merchant_id,
+             credit_account_id, currency, credit_action, amount_minor, pending_minor,
+             pending_id, trace_context)
+    RETURNING {SAGA_COLUMNS}
+), new_steps AS (
+    INSERT INTO saga_steps (merchant_id, transfer_id, kind, step, outcome, detail)
+    SELECT m, t, k, 1, o, '' FROM unnest($1::text[], $2::text[], $3::smallint[], $14::text[])
+        WITH ORDINALITY AS u(m, t, k, o, n)
+    ORDER BY n
+), new_credits AS (
+    INSERT INTO saga_credits (merchant_id, transfer_id, kind, credit_merchant_id, outcome,
+                              result, peer_shard, credited_on)
+    SELECT *, $25 FROM unnest($18::text[], $19::text[], $20::smallint[], $21::text[],
+                              $22::smallint[], $23::smallint[], $24::text[])
+    ON CONFLICT (merchant_id, transfer_id, kind) DO NOTHING
+    RETURNING 1
+), finished AS (
     UPDATE sagas AS s SET state = u.state, result = u.result,
         credit_outcome = u.credit_outcome, peer_shard = u.peer_shard, next_step = 3,
         version = s.version + 1, lease_owner = '', lease_until = NULL,
         updated_at = clock_timestamp()
-    FROM unnest($1::text[], $2::text[], $3::smallint[], $4::integer[], $5::smallint[],
-                $6::smallint[], $7::smallint[], $8::text[])
+    FROM unnest($26::text[], $27::text[], $28::smallint[], $29::integer[], $30::smallint[],
+                $31::smallint[], $32::smallint[], $33::text[])
         AS u(merchant_id, transfer_id, kind, version, state, result, credit_outcome, peer_shard)
     WHERE s.merchant_id = u.merchant_id AND s.transfer_id = u.transfer_id AND s.kind = u.kind
       AND s.version = u.version
     RETURNING {", ".join("s." + c.strip() for c in SAGA_COLUMNS.split(","))}
-), steps AS (
+), finished_steps AS (
     INSERT INTO saga_steps (merchant_id, transfer_id, kind, step, outcome, detail)
     SELECT m, t, k, s, o, d
-    FROM unnest($9::text[], $10::text[], $11::smallint[], $12::smallint[], $13::text[],
-                $14::text[]) WITH ORDINALITY AS u(m, t, k, s, o, d, n)
+    FROM unnest($34::text[], $35::text[], $36::smallint[], $37::smallint[], $38::text[],
+                $39::text[]) WITH ORDINALITY AS u(m, t, k, s, o, d, n)
     ORDER BY n
 )
-SELECT * FROM finished
+SELECT counted.credits_recorded, sagas.*
+FROM (SELECT count(*) AS credits_recorded FROM new_credits) AS counted
+LEFT JOIN (
+    SELECT true AS is_new, * FROM new_sagas
+    UNION ALL
+    SELECT false, * FROM finished
+) AS sagas ON true
 """
 
 # One failed attempt: back off, or move to the dead-letter list when the
@@ -216,13 +229,6 @@ WITH found AS (
 SELECT clock_timestamp() AS now, found.* FROM (SELECT 1) AS one LEFT JOIN found ON true
 """
 
-INSERT_CREDITS = """
-INSERT INTO saga_credits (merchant_id, transfer_id, kind, credit_merchant_id, outcome, result,
-                          peer_shard, credited_on)
-SELECT *, $8 FROM unnest($1::text[], $2::text[], $3::smallint[], $4::text[], $5::smallint[],
-                         $6::smallint[], $7::text[])
-ON CONFLICT (merchant_id, transfer_id, kind) DO NOTHING
-"""
 
 # Where this shard passes on the hold of a pending transfer arriving from a shard.
 SELECT_RELAY = """

@@ -248,17 +248,11 @@ class SagaStore:
                     resolutions=books.resolutions,
                     expiring=[r for r in books.records if r.expires_at],
                 )
-            if reserved:
-                sagas = await self._insert_sagas(
-                    conn, [b for _, b in reserved], now, lease_owner, lease_s
+            if reserved or applied or finishing:
+                await self._record_steps(
+                    conn, reserved, applied, finishing, answers, now, lease_owner, lease_s
                 )
-                for i, b in reserved:
-                    outcome = ItemOutcome(
-                        0, b.request.id, TransferResult.IN_PROGRESS, created_at=now
-                    )
-                    answers[i] = SagaStart(outcome, sagas[b.request.key])
-            await self._record_credits(conn, applied, answers)
-            await self._record_finishes(conn, finishing, answers)
+            await self._record_holds(conn, applied)
             for kind, present in (("1", begins), ("2", credits), ("3", finishes)):
                 if present:
                     faults.crash_point(f"saga.step{kind}.before_commit")
@@ -458,34 +452,90 @@ class SagaStore:
                 )
                 books.book(plan.entries, plan.accounts, plan.resolutions)
 
-    async def _record_credits(
+    async def _record_steps(
         self,
         conn: Connection,
+        reserved: Sequence[tuple[int, SagaBegin]],
         decided: Sequence[tuple[int, SagaCredit, CreditOutcome, TransferResult]],
+        finishing: Sequence[_Finishing],
         answers: dict[int, StepAnswer],
+        now: datetime,
+        lease_owner: str,
+        lease_s: float,
     ) -> None:
-        """Step 2's outcomes, exactly once each, and the holds it opened or closed."""
-        if not decided:
-            return
-        status = await conn.execute(
-            sql.INSERT_CREDITS,
+        """The sagas step 1 starts, the outcomes step 2 decided (exactly once each) and
+        the sagas step 3 finishes, with their log, in one round trip."""
+        requests = [b.request for _, b in reserved]
+        credited = [r.credit for r in requests]
+        new_keys = [SagaKey(r.debit.merchant_id, r.id, SagaKind.TRANSFER) for r in requests]
+        log = [(t.saga.key, *step) for t in finishing for step in t.log]
+        rows = await conn.fetch(
+            sql.RECORD_STEPS,
+            *_key_columns(new_keys),
+            [b.peer_shard for _, b in reserved],
+            [r.debit.account_id for r in requests],
+            [c.merchant_id for c in credited if c is not None],
+            [c.account_id for c in credited if c is not None],
+            [r.currency for r in requests],
+            [
+                CreditAction.POST if r.action is TransferAction.POST else CreditAction.PENDING
+                for r in requests
+            ],
+            [r.amount_minor for r in requests],
+            [0] * len(requests),
+            [""] * len(requests),
+            [b.trace_context for _, b in reserved],
+            ["reserved"] * len(requests),
+            now,
+            lease_owner,
+            lease_s,
             *_key_columns([c.saga.key for _, c, _, _ in decided]),
             [c.saga.credit.merchant_id for _, c, _, _ in decided],
             [o for _, _, o, _ in decided],
             [r for _, _, _, r in decided],
             [c.home_shard for _, c, _, _ in decided],
             self.shard.name,
+            *_key_columns([t.saga.key for t in finishing]),
+            [t.saga.version for t in finishing],
+            [t.state for t in finishing],
+            [t.result for t in finishing],
+            [t.credit.outcome for t in finishing],
+            [t.peer_shard for t in finishing],
+            *_key_columns([k for k, *_ in log]),
+            [n for _, n, _, _ in log],
+            [o for _, _, o, _ in log],
+            [d for _, _, _, d in log],
         )
-        if status != f"INSERT 0 {len(decided)}":
+        if rows[0]["credits_recorded"] != len(decided):
             # Another step 2 recorded first (the locks make this rare); its outcome
             # stands, and the retry rolls back what this one wrote and reads it.
             raise RetryTransaction()
-        for i, c, outcome, result in decided:
+        started: dict[SagaKey, Saga] = {}
+        finished: dict[SagaKey, Saga] = {}
+        for row in rows:
+            if row["is_new"] is not None:
+                saga = saga_from_row(row, self.shard.name)
+                (started if row["is_new"] else finished)[saga.key] = saga
+        invariant(len(started) == len(reserved), "every saga was inserted")
+        invariant(len(finished) == len(finishing), "every locked saga row is updated")
+        for (i, b), key in zip(reserved, new_keys, strict=True):
+            started_as = ItemOutcome(0, b.request.id, TransferResult.IN_PROGRESS, created_at=now)
+            answers[i] = SagaStart(started_as, started[key])
+        for i, _, outcome, result in decided:
             answers[i] = CreditRecord(outcome, result, self.shard.name)
+        for t in finishing:
+            answers[t.index] = finished[t.saga.key]
+
+    async def _record_holds(
+        self,
+        conn: Connection,
+        decided: Sequence[tuple[int, SagaCredit, CreditOutcome, TransferResult]],
+    ) -> None:
+        """Open cross-shard holds credited here are tracked, so a move of their credit
+        merchant can carry them; a settled one stops being tracked."""
+        for _, c, outcome, _ in decided:
             if outcome is not CreditOutcome.APPLIED:
                 continue
-            # Open cross-shard holds credited here are tracked, so a move of their
-            # credit merchant can carry them.
             saga = c.saga
             if saga.credit_action is CreditAction.PENDING:
                 await conn.execute(
@@ -499,31 +549,6 @@ class SagaStore:
                 )
             elif saga.key.kind is not SagaKind.TRANSFER:
                 await conn.execute(sql.DELETE_CREDIT_HOLD, c.held.merchant_id, c.held.transfer_id)
-
-    async def _record_finishes(
-        self, conn: Connection, finishing: Sequence[_Finishing], answers: dict[int, StepAnswer]
-    ) -> None:
-        """Step 3's saga rows, with steps 2 and 3 joining each saga's log."""
-        if not finishing:
-            return
-        steps = [(t.saga.key, *step) for t in finishing for step in t.log]
-        rows = await conn.fetch(
-            sql.FINISH_SAGAS,
-            *_key_columns([t.saga.key for t in finishing]),
-            [t.saga.version for t in finishing],
-            [t.state for t in finishing],
-            [t.result for t in finishing],
-            [t.credit.outcome for t in finishing],
-            [t.peer_shard for t in finishing],
-            *_key_columns([k for k, *_ in steps]),
-            [n for _, n, _, _ in steps],
-            [o for _, _, o, _ in steps],
-            [d for _, _, _, d in steps],
-        )
-        finished = {saga.key: saga for saga in (saga_from_row(r, self.shard.name) for r in rows)}
-        invariant(len(finished) == len(finishing), "every locked saga row is updated")
-        for t in finishing:
-            answers[t.index] = finished[t.saga.key]
 
     async def begin_settle(
         self,
@@ -1004,46 +1029,6 @@ class SagaStore:
         )
         assert row is not None
         return saga_from_row(row, self.shard.name)
-
-    async def _insert_sagas(
-        self,
-        conn: Connection,
-        begins: Sequence[SagaBegin],
-        now: datetime,
-        lease_owner: str,
-        lease_s: float,
-    ) -> dict[TransferKey, Saga]:
-        """The TRANSFER sagas of reserved cross-shard transfers, with step 1 in their log."""
-        requests = [b.request for b in begins]
-        credits = [r.credit for r in requests]
-        assert all(c is not None for c in credits)
-        rows = await conn.fetch(
-            sql.INSERT_SAGAS,
-            [r.debit.merchant_id for r in requests],
-            [r.id for r in requests],
-            [int(SagaKind.TRANSFER)] * len(requests),
-            [b.peer_shard for b in begins],
-            [r.debit.account_id for r in requests],
-            [c.merchant_id for c in credits if c is not None],
-            [c.account_id for c in credits if c is not None],
-            [r.currency for r in requests],
-            [
-                CreditAction.POST if r.action is TransferAction.POST else CreditAction.PENDING
-                for r in requests
-            ],
-            [r.amount_minor for r in requests],
-            [0] * len(requests),
-            [""] * len(requests),
-            [b.trace_context for b in begins],
-            ["reserved"] * len(requests),
-            now,
-            lease_owner,
-            lease_s,
-        )
-        invariant(len(rows) == len(begins), "every saga was inserted")
-        return {
-            saga.key.transfer: saga for saga in (saga_from_row(r, self.shard.name) for r in rows)
-        }
 
     async def _step(
         self, conn: Connection, key: SagaKey, step: int, outcome: str, detail: str
