@@ -15,7 +15,7 @@ import asyncio
 import hashlib
 import hmac
 import secrets
-from collections.abc import Awaitable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 
 import asyncpg
 import grpc
@@ -253,16 +253,24 @@ async def test_local_transfer_has_server_route_and_shard_spans_and_records_its_t
     assert by_trace.transfers[0].transfer.trace_id == record.transfer.trace_id
 
 
-async def test_every_call_of_a_shared_transaction_shows_it_in_its_own_trace(
-    service: Service, spans: InMemorySpanExporter
-) -> None:
-    """Group commit: calls that share one shard transaction each get a span for it.
-
-    A row lock holds the first call's transaction, so the calls sent after it queue
-    and share the next transaction (one runs per shard at a time).
-    """
-    payer, payee = await funded_pair(service, DEBIT_SHARD, DEBIT_SHARD)
-    shard = service.cluster.shards[DEBIT_SHARD]
+async def _queued_behind_a_lock(
+    service: Service, payer: str, payee: str, *, queued: Callable[[], int]
+) -> tuple[list[tuple[int, int, str]], list[str], list[pb.CreateTransferResult]]:
+    """JOINED_CALLS + 1 transfers from payer to payee, each in its own trace. A row
+    lock on the payer's account holds the first call's transaction until the others
+    have queued behind it (queued() counts them), so they share the next one.
+    Returns the traces, transfer ids and results, in order."""
+    traces = [new_traceparent() for _ in range(JOINED_CALLS + 1)]
+    ids = [uid("t") for _ in traces]
+    calls = [
+        create_transfer(
+            service,
+            transfer(transfer_id, ref(payer, "cash"), ref(payee, "sales"), 1),
+            traceparent=traceparent,
+        )
+        for transfer_id, (_, _, traceparent) in zip(ids, traces, strict=True)
+    ]
+    shard = service.cluster.shards[service.ring.shard_for(payer)]
     locker = await asyncpg.connect(shard.dsn)
     try:
         hold = locker.transaction()
@@ -271,15 +279,7 @@ async def test_every_call_of_a_shared_transaction_shows_it_in_its_own_trace(
             "SELECT 1 FROM accounts WHERE merchant_id = $1 AND account_id = 'cash' FOR UPDATE",
             payer,
         )
-        traces = [new_traceparent() for _ in range(JOINED_CALLS + 1)]
-        ids = [uid("t") for _ in traces]
-        first = asyncio.create_task(
-            create_transfer(
-                service,
-                transfer(ids[0], ref(payer, "cash"), ref(payee, "sales"), 1),
-                traceparent=traces[0][2],
-            )
-        )
+        first = asyncio.create_task(calls[0])
 
         async def first_waits_on_the_lock() -> bool:
             return bool(
@@ -290,25 +290,31 @@ async def test_every_call_of_a_shared_transaction_shows_it_in_its_own_trace(
             )
 
         await wait_until(first_waits_on_the_lock, what="the first call to wait on the lock")
-        others = [
-            asyncio.create_task(
-                create_transfer(
-                    service,
-                    transfer(transfer_id, ref(payer, "cash"), ref(payee, "sales"), 1),
-                    traceparent=traceparent,
-                )
-            )
-            for transfer_id, (_, _, traceparent) in zip(ids[1:], traces[1:], strict=True)
-        ]
+        others = [asyncio.create_task(call) for call in calls[1:]]
 
         async def others_queued() -> bool:
-            return service.server.ledger.batcher.queued_calls() == JOINED_CALLS
+            return queued() == JOINED_CALLS
 
         await wait_until(others_queued, what="the other calls to queue behind the first")
         await hold.rollback()
         results = await asyncio.gather(first, *others)
     finally:
         await locker.close()
+    return traces, ids, list(results)
+
+
+async def test_every_call_of_a_shared_transaction_shows_it_in_its_own_trace(
+    service: Service, spans: InMemorySpanExporter
+) -> None:
+    """Group commit: calls that share one shard transaction each get a span for it.
+
+    A row lock holds the first call's transaction, so the calls sent after it queue
+    and share the next transaction (one runs per shard at a time).
+    """
+    payer, payee = await funded_pair(service, DEBIT_SHARD, DEBIT_SHARD)
+    traces, ids, results = await _queued_behind_a_lock(
+        service, payer, payee, queued=service.server.ledger.batcher.queued_calls
+    )
     assert {r.result for r in results} == {pb.TRANSFER_RESULT_OK}
 
     trace_ids = [trace_id for trace_id, _, _ in traces]
@@ -426,46 +432,9 @@ async def test_sagas_sharing_a_step_transaction_each_keep_their_own_trace(
     sagas sent after it queue and share the next step-1 transaction. Each transfer
     records its own trace, and each trace shows the shared transaction."""
     payer, payee = await funded_pair(service, DEBIT_SHARD, CREDIT_SHARD)
-    shard = service.cluster.shards[DEBIT_SHARD]
-    locker = await asyncpg.connect(shard.dsn)
-    traces = [new_traceparent() for _ in range(JOINED_CALLS + 1)]
-    ids = [uid("t") for _ in traces]
-    calls = [
-        create_transfer(
-            service,
-            transfer(transfer_id, ref(payer, "cash"), ref(payee, "sales"), 1),
-            traceparent=traceparent,
-        )
-        for transfer_id, (_, _, traceparent) in zip(ids, traces, strict=True)
-    ]
-    try:
-        hold = locker.transaction()
-        await hold.start()
-        await locker.execute(
-            "SELECT 1 FROM accounts WHERE merchant_id = $1 AND account_id = 'cash' FOR UPDATE",
-            payer,
-        )
-        first = asyncio.create_task(calls[0])
-
-        async def first_waits_on_the_lock() -> bool:
-            return bool(
-                await locker.fetchval(
-                    "SELECT count(*) FROM pg_stat_activity"
-                    " WHERE datname = current_database() AND wait_event_type = 'Lock'"
-                )
-            )
-
-        await wait_until(first_waits_on_the_lock, what="the first saga to wait on the lock")
-        others = [asyncio.create_task(call) for call in calls[1:]]
-
-        async def others_queued() -> bool:
-            return service.server.sagas.queued_steps() == JOINED_CALLS
-
-        await wait_until(others_queued, what="the other sagas to queue behind the first")
-        await hold.rollback()
-        results = await asyncio.gather(first, *others)
-    finally:
-        await locker.close()
+    traces, ids, results = await _queued_behind_a_lock(
+        service, payer, payee, queued=service.server.sagas.queued_steps
+    )
     assert {r.result for r in results} == {pb.TRANSFER_RESULT_OK}
 
     trace_ids = [trace_id for trace_id, _, _ in traces]

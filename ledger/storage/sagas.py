@@ -166,7 +166,9 @@ class SagaStore:
         answers = await self.run_steps(
             begins, fence=fence, lease_owner=lease_owner, lease_s=lease_s
         )
-        return [a for a in answers if isinstance(a, SagaStart)]
+        starts = [a for a in answers if isinstance(a, SagaStart)]
+        invariant(len(starts) == len(begins), "step 1 answers each transfer with its start")
+        return starts
 
     async def run_steps(
         self, steps: Sequence[StepRequest], *, fence: Fence, lease_owner: str, lease_s: float
@@ -237,7 +239,7 @@ class SagaStore:
             )
             books = _Books(dict(accounts), now)
             reserved = await self._plan_begins(conn, begins, records, journals, books, answers)
-            applied = await self._plan_credits(conn, credits, books, answers)
+            decided = await self._plan_credits(conn, credits, books, answers)
             self._plan_finishes(settling, records, books)
             if books.records or books.entries or books.resolutions:
                 await write_plan(
@@ -248,11 +250,11 @@ class SagaStore:
                     resolutions=books.resolutions,
                     expiring=[r for r in books.records if r.expires_at],
                 )
-            if reserved or applied or finishing:
+            if reserved or decided or finishing:
                 await self._record_steps(
-                    conn, reserved, applied, finishing, answers, now, lease_owner, lease_s
+                    conn, reserved, decided, finishing, answers, now, lease_owner, lease_s
                 )
-            await self._record_holds(conn, applied)
+            await self._record_holds(conn, decided)
             for kind, present in (("1", begins), ("2", credits), ("3", finishes)):
                 if present:
                     faults.crash_point(f"saga.step{kind}.before_commit")
@@ -741,7 +743,9 @@ class SagaStore:
     ) -> list[CreditRecord]:
         """credit for many sagas (distinct keys) in one transaction (see run_steps)."""
         answers = await self.run_steps(credits, fence=fence, lease_owner="", lease_s=0.0)
-        return [a for a in answers if isinstance(a, CreditRecord)]
+        records = [a for a in answers if isinstance(a, CreditRecord)]
+        invariant(len(records) == len(credits), "step 2 answers each saga with its outcome")
+        return records
 
     async def _relay(
         self,
@@ -831,7 +835,9 @@ class SagaStore:
         """finish for many sagas (distinct keys) in one transaction (see run_steps); a
         saga another worker moved on is answered SagaRaced, the others finish."""
         answers = await self.run_steps(finishes, fence=fence, lease_owner="", lease_s=0.0)
-        return [a for a in answers if isinstance(a, Saga | SagaRaced)]
+        sagas = [a for a in answers if isinstance(a, Saga | SagaRaced)]
+        invariant(len(sagas) == len(finishes), "step 3 answers each saga with its row")
+        return sagas
 
     async def retry_later(
         self, saga: Saga, *, error: str, attempts_max: int, delay_s: float
