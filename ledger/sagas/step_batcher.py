@@ -61,6 +61,8 @@ class _Queue(Generic[Item, Answer]):
 
 
 class StepBatcher(Generic[Item, Answer]):
+    """One queue and one runner per (shard, config epoch); apply runs a group."""
+
     def __init__(
         self,
         apply: ApplyGroup[Item, Answer],
@@ -77,7 +79,7 @@ class StepBatcher(Generic[Item, Answer]):
         self._runners: set[asyncio.Task[None]] = set()
 
     def queued(self) -> int:
-        """Sagas waiting for this step's next transaction, over every shard."""
+        """Saga steps waiting for their shard's next transaction, over every shard."""
         return sum(len(q.entries) for q in self._queues.values())
 
     async def submit(self, shard: Shard, fence: Fence, item: Item) -> Answer:
@@ -98,8 +100,8 @@ class StepBatcher(Generic[Item, Answer]):
             while queue.entries:
                 group = [queue.entries.popleft()]
                 keys = {self._key_of(group[0].item)}
-                # A saga queued twice (a retry racing its original) waits for the next
-                # group: within one transaction its second step would not see its first.
+                # A step queued twice (a retry racing its original) waits for the next
+                # group: within one transaction the second would not see the first.
                 while (
                     queue.entries
                     and len(group) < self.sagas_per_group_max

@@ -3,7 +3,8 @@
 Debit shard (S): begin (step 1), finish (step 3), the saga row's retries and
 claims. Credit shard (T): credit (step 2), which records exactly one outcome
 per saga in saga_credits, so a repeated or late step 2 can never apply twice
-or after an abort.
+or after an abort. Steps 1-3 of many sagas can share one transaction
+(run_steps: group commit), each decided as if it ran alone.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from ledger.domain.transfers import (
     TransferRequest,
     TransferResult,
 )
+from ledger.domain.value import value
 from ledger.invariant import invariant
 from ledger.storage import saga_statements as sql
 from ledger.storage import statements as ledger_sql
@@ -81,7 +83,7 @@ class RunAlone(Exception):
     """This saga's step cannot share a transaction (a relay hop): run it alone."""
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class SagaBegin:
     """Step 1 of a cross-shard transfer: the request, the shard its credit merchant
     is on now, and the caller's trace (the saga carries it to every step)."""
@@ -96,7 +98,7 @@ class SagaBegin:
         return settlement_account(self.peer_shard, self.request.currency, self.request.id)
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class SagaCredit:
     """Step 2 of a saga, as the shard before this one in its path asks for it."""
 
@@ -116,7 +118,7 @@ class SagaCredit:
         return settlement_account(self.home_shard, self.saga.currency, self.held.transfer_id)
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class SagaFinish:
     """Step 3 of a saga, with step 2's outcome; version fences out a stale worker."""
 
@@ -1053,7 +1055,7 @@ async def _refused(
     return SagaStart(ItemOutcome(0, request.id, result, created_at=now), None)
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class _Finishing:
     """What step 3 decided for one saga, before writing it."""
 
