@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ledger.storage import statements as ledger_sql
+
 SAGA_COLUMNS = """
 merchant_id, transfer_id, kind, state, next_step, peer_shard, debit_account_id,
 credit_merchant_id, credit_account_id, currency, credit_action, amount_minor,
@@ -45,18 +47,6 @@ SELECT_SAGA = f"""
 SELECT {SAGA_COLUMNS} FROM sagas WHERE merchant_id = $1 AND transfer_id = $2 AND kind = $3
 """
 
-# Row locks are taken in the order rows are read; sorted keys keep two
-# transactions locking overlapping sets from waiting on each other in a cycle.
-LOCK_SAGAS = f"""
-SELECT s.* FROM (SELECT DISTINCT * FROM unnest($1::text[], $2::text[], $3::smallint[])
-                 ORDER BY 1, 2, 3) AS k(merchant_id, transfer_id, kind)
-CROSS JOIN LATERAL (
-    SELECT {SAGA_COLUMNS} FROM sagas
-    WHERE merchant_id = k.merchant_id AND transfer_id = k.transfer_id AND kind = k.kind
-    OFFSET 0
-    FOR UPDATE
-) AS s
-"""
 
 # Lookups of sagas by transfer key probe the primary key once per key. Written
 # as `(merchant_id, transfer_id) IN (SELECT * FROM unnest(...))`, the generic
@@ -150,6 +140,64 @@ LEFT JOIN (
 ) AS sagas ON true
 """
 
+# The locks a transaction of saga steps takes before its accounts, in one round
+# trip and one order: step 2's advisory lock (LOCK_CREDIT's) per saga ($1-$3),
+# by lock key; then step 3's saga rows ($4-$6), by key. Each sorted, so two such
+# transactions locking overlapping sets never wait on each other in a cycle; the
+# saga rows depend on the advisory locks' count, so they are taken after them,
+# and the left join runs the advisory locks even when there is no saga to lock.
+# Always one row at least (NULL columns when no saga).
+LOCK_STEPS = f"""
+WITH credit_locks AS MATERIALIZED (
+    SELECT pg_advisory_xact_lock(7304, h) FROM (
+        SELECT DISTINCT hashtext(m || '/' || t || '/' || k) AS h
+        FROM unnest($1::text[], $2::text[], $3::smallint[]) AS u(m, t, k)
+        ORDER BY h
+        OFFSET 0
+    ) AS keys
+)
+SELECT s.* FROM (SELECT count(*) AS n FROM credit_locks) AS locked
+LEFT JOIN LATERAL (
+    SELECT found.* FROM (
+        SELECT DISTINCT * FROM unnest($4::text[], $5::text[], $6::smallint[]) ORDER BY 1, 2, 3
+    ) AS k(merchant_id, transfer_id, kind)
+    CROSS JOIN LATERAL (
+        SELECT {SAGA_COLUMNS} FROM sagas
+        WHERE merchant_id = k.merchant_id AND transfer_id = k.transfer_id AND kind = k.kind
+          AND locked.n >= 0
+        OFFSET 0
+        FOR UPDATE
+    ) AS found
+) AS s ON true
+"""
+
+# What a transaction of saga steps reads after its locks, in one round trip: the
+# clock; the transfers its steps 1 and 3 name ($1-$2), each with its saga's
+# final result once that saga finished (saga_result); and step 2's recorded
+# outcomes ($3-$5, as one jsonb array). Always one row at least (the clock's),
+# with NULL transfer columns when no transfer exists yet.
+READ_STEPS = f"""
+WITH found AS (
+    SELECT {ledger_sql.TRANSFER_COLUMNS} FROM transfers
+    WHERE (merchant_id, transfer_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))
+), credits AS (
+    SELECT c.* FROM (SELECT DISTINCT * FROM unnest($3::text[], $4::text[], $5::smallint[]))
+        AS k(merchant_id, transfer_id, kind)
+    CROSS JOIN LATERAL (
+        SELECT merchant_id, transfer_id, kind, outcome, result, credited_on FROM saga_credits
+        WHERE merchant_id = k.merchant_id AND transfer_id = k.transfer_id AND kind = k.kind
+        OFFSET 0
+    ) AS c
+)
+SELECT clock_timestamp() AS now,
+    (SELECT coalesce(jsonb_agg(credits), '[]'::jsonb) FROM credits) AS credits,
+    (SELECT s.result FROM sagas s
+     WHERE s.merchant_id = found.merchant_id AND s.transfer_id = found.transfer_id
+       AND s.kind = 1 AND s.state IN (2, 3)) AS saga_result,
+    found.*
+FROM (SELECT 1) AS one LEFT JOIN found ON true
+"""
+
 # One failed attempt: back off, or move to the dead-letter list when the
 # attempts run out. The version check keeps a stale worker from writing.
 RETRY_LATER = f"""
@@ -213,22 +261,6 @@ VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
 ON CONFLICT (merchant_id, transfer_id, kind) DO NOTHING
 """
 
-# Step 2's recorded outcomes of many sagas, plus the clock, in one round trip
-# (after the step's locks); always at least one row (the clock's), with NULL
-# credit columns when no saga has an outcome yet.
-SELECT_CREDITS_AND_NOW = """
-WITH found AS (
-    SELECT c.* FROM (SELECT DISTINCT * FROM unnest($1::text[], $2::text[], $3::smallint[]))
-        AS k(merchant_id, transfer_id, kind)
-    CROSS JOIN LATERAL (
-        SELECT merchant_id, transfer_id, kind, outcome, result, credited_on FROM saga_credits
-        WHERE merchant_id = k.merchant_id AND transfer_id = k.transfer_id AND kind = k.kind
-        OFFSET 0
-    ) AS c
-)
-SELECT clock_timestamp() AS now, found.* FROM (SELECT 1) AS one LEFT JOIN found ON true
-"""
-
 
 # Where this shard passes on the hold of a pending transfer arriving from a shard.
 SELECT_RELAY = """
@@ -257,16 +289,6 @@ VALUES ($1, $2, $3, $4, $5)
 # waits and then reads the recorded outcome instead of racing to write its own.
 LOCK_CREDIT = "SELECT pg_advisory_xact_lock(7304, hashtext($1 || '/' || $2 || '/' || $3::smallint))"
 
-# LOCK_CREDIT for many sagas, in one order (by lock key), so two transactions
-# locking overlapping sets never wait on each other in a cycle.
-LOCK_CREDITS = """
-SELECT pg_advisory_xact_lock(7304, h) FROM (
-    SELECT DISTINCT hashtext(m || '/' || t || '/' || k) AS h
-    FROM unnest($1::text[], $2::text[], $3::smallint[]) AS u(m, t, k)
-    ORDER BY h
-    OFFSET 0
-) AS keys
-"""
 
 SELECT_SAGA_KEYS_FOR = f"""
 SELECT s.merchant_id, s.transfer_id FROM {_SAGA_KEYS}

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import asyncpg
 
@@ -46,6 +46,7 @@ from ledger.domain.sagas import (
 )
 from ledger.domain.transfers import (
     Entry,
+    JournalRecord,
     PendingState,
     Resolution,
     TransferAction,
@@ -60,7 +61,7 @@ from ledger.storage import saga_statements as sql
 from ledger.storage import statements as ledger_sql
 from ledger.storage.errors import RetryTransaction
 from ledger.storage.saga_rows import saga_from_row
-from ledger.storage.shard import Fence, Shard, active_merchants, write_plan
+from ledger.storage.shard import Fence, Shard, active_merchants, parse_records, write_plan
 from ledger.telemetry.tracing import trace_id_of
 
 if TYPE_CHECKING:
@@ -214,11 +215,15 @@ class SagaStore:
                 movable=movable,
             )
             answers: dict[int, StepAnswer] = {}
-            if credits:
-                await conn.execute(
-                    sql.LOCK_CREDITS, *_key_columns([c.saga.key for _, c in credits])
+            credit_keys = [c.saga.key for _, c in credits]
+            finishing: list[_Finishing] = []
+            if credits or finishes:
+                locked = await conn.fetch(
+                    sql.LOCK_STEPS,
+                    *_key_columns(credit_keys),
+                    *_key_columns([f.key for _, f in finishes]),
                 )
-            finishing = await self._lock_finishing(conn, finishes, answers)
+                finishing = self._finishing(finishes, locked, answers)
             settling = [t for t in finishing if t.settles]
             wanted: set[AccountKey] = set()
             settlements: dict[AccountKey, str] = {}
@@ -235,13 +240,20 @@ class SagaStore:
             # Locks first (a replayed step takes them needlessly, and rarely): ids,
             # recorded outcomes and the clock are then read after them.
             accounts = await self._lock_with_settlements(conn, wanted, settlements)
-            records, journals, now = await self.shard._select_records_and_now(
-                conn,
-                [b.request.key for _, b in begins] + [t.saga.key.transfer for t in settling],
+            transfer_keys = [b.request.key for _, b in begins] + [
+                t.saga.key.transfer for t in settling
+            ]
+            read = await conn.fetch(
+                sql.READ_STEPS,
+                [k.merchant_id for k in transfer_keys],
+                [k.transfer_id for k in transfer_keys],
+                *_key_columns(credit_keys),
             )
+            records, journals = _records_with_saga_results(read)
+            now: datetime = read[0]["now"]
             books = _Books(dict(accounts), now)
             reserved = await self._plan_begins(conn, begins, records, journals, books, answers)
-            decided = await self._plan_credits(conn, credits, books, answers)
+            decided = self._plan_credits(credits, read[0]["credits"], books, answers)
             self._plan_finishes(settling, records, books)
             if books.records or books.entries or books.resolutions:
                 await write_plan(
@@ -287,20 +299,21 @@ class SagaStore:
             return await self._relay(conn, c.saga, c.settlement, c.home_shard, relay_to)
         return None
 
-    async def _lock_finishing(
+    def _finishing(
         self,
-        conn: Connection,
         finishes: Sequence[tuple[int, SagaFinish]],
+        locked: Sequence[asyncpg.Record],
         answers: dict[int, StepAnswer],
     ) -> list[_Finishing]:
-        """Locks the sagas to finish; answers those finished or moved on already."""
-        if not finishes:
-            return []
-        rows = await conn.fetch(sql.LOCK_SAGAS, *_key_columns([f.key for _, f in finishes]))
-        locked = {saga.key: saga for saga in (saga_from_row(r, self.shard.name) for r in rows)}
+        """Step 3 on the locked saga rows: answers sagas finished or moved on already;
+        returns the rest, decided."""
+        sagas = {
+            saga.key: saga
+            for saga in (saga_from_row(r, self.shard.name) for r in locked if r["merchant_id"])
+        }
         finishing: list[_Finishing] = []
         for i, f in finishes:
-            saga = locked.get(f.key)
+            saga = sagas.get(f.key)
             invariant(saga is not None, "a saga being finished exists")
             assert saga is not None
             if saga.finished:
@@ -377,24 +390,18 @@ class SagaStore:
             )
         return reserved
 
-    async def _plan_credits(
+    def _plan_credits(
         self,
-        conn: Connection,
         credits: Sequence[tuple[int, SagaCredit]],
+        recorded_outcomes: Sequence[Mapping[str, Any]],
         books: _Books,
         answers: dict[int, StepAnswer],
     ) -> list[tuple[int, SagaCredit, CreditOutcome, TransferResult]]:
         """Step 2: answers sagas with a recorded outcome; aborts, applies or refuses
         the rest. Returns those, whose outcomes are still to record."""
-        if not credits:
-            return []
-        rows = await conn.fetch(
-            sql.SELECT_CREDITS_AND_NOW, *_key_columns([c.saga.key for _, c in credits])
-        )
         recorded = {
             SagaKey(r["merchant_id"], r["transfer_id"], SagaKind(r["kind"])): r
-            for r in rows
-            if r["transfer_id"] is not None
+            for r in recorded_outcomes
         }
         decided: list[tuple[int, SagaCredit, CreditOutcome, TransferResult]] = []
         for i, c in credits:
@@ -801,7 +808,7 @@ class SagaStore:
 
         return await self.shard._with_connection(run)
 
-    def _credit_record(self, row: asyncpg.Record) -> CreditRecord:
+    def _credit_record(self, row: Mapping[str, Any] | asyncpg.Record) -> CreditRecord:
         # '' predates migration 0005: such a row was written on the shard holding it,
         # or copied here by a move with its saga already finished.
         return CreditRecord(
@@ -1176,3 +1183,19 @@ def step_key(step: StepRequest) -> tuple[int, object]:
     if isinstance(step, SagaCredit):
         return 2, step.saga.key
     return 3, step.key
+
+
+def _records_with_saga_results(
+    rows: Sequence[asyncpg.Record],
+) -> tuple[dict[TransferKey, TransferRecord], dict[TransferKey, JournalRecord]]:
+    """READ_STEPS' transfers and journals; a cross-shard transfer whose saga finished
+    reads its saga's result."""
+    found = [r for r in rows if r["transfer_id"] is not None]
+    records, journals = parse_records(found)
+    for row in found:
+        key = TransferKey(row["merchant_id"], row["transfer_id"])
+        record = records.get(key)
+        if row["saga_result"] is not None and record is not None:
+            if record.result is TransferResult.IN_PROGRESS:
+                records[key] = replace(record, result=TransferResult(row["saga_result"]))
+    return records, journals

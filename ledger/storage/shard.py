@@ -665,15 +665,7 @@ class Shard:
     async def _records(
         self, conn: Connection, rows: Sequence[asyncpg.Record]
     ) -> tuple[dict[TransferKey, TransferRecord], dict[TransferKey, JournalRecord]]:
-        transfers: dict[TransferKey, TransferRecord] = {}
-        journals: dict[TransferKey, JournalRecord] = {}
-        for row in rows:
-            if row["kind"] == RecordKind.JOURNAL:
-                journal = _journal(row)
-                journals[journal.request.key] = journal
-            else:
-                record = _transfer(row)
-                transfers[record.key] = record
+        transfers, journals = parse_records(rows)
         in_progress = [k for k, r in transfers.items() if r.result is TransferResult.IN_PROGRESS]
         if in_progress:
             # A cross-shard transfer's result is its saga's, once the saga finished.
@@ -842,6 +834,23 @@ def _decode_jsonb(data: bytes) -> object:
     if data == _EMPTY_JSONB_OBJECT:
         return {}
     return json.loads(data[1:])
+
+
+def parse_records(
+    rows: Sequence[asyncpg.Record],
+) -> tuple[dict[TransferKey, TransferRecord], dict[TransferKey, JournalRecord]]:
+    """Transfer and journal rows (one id namespace) as records, each kind apart. A
+    cross-shard transfer reads IN_PROGRESS here even once its saga finished."""
+    transfers: dict[TransferKey, TransferRecord] = {}
+    journals: dict[TransferKey, JournalRecord] = {}
+    for row in rows:
+        if row["kind"] == RecordKind.JOURNAL:
+            journal = _journal(row)
+            journals[journal.request.key] = journal
+        else:
+            record = _transfer(row)
+            transfers[record.key] = record
+    return transfers, journals
 
 
 def _account(row: asyncpg.Record) -> Account:
