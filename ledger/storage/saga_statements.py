@@ -18,13 +18,18 @@ VALUES ($1, $2, $3, false, false, '{}'::jsonb, clock_timestamp())
 ON CONFLICT (merchant_id, account_id) DO NOTHING
 """
 
+# What a new saga row is given (the rest take their defaults).
+_NEW_SAGA_COLUMNS = """
+merchant_id, transfer_id, kind, state, next_step, peer_shard, debit_account_id,
+credit_merchant_id, credit_account_id, currency, credit_action, amount_minor,
+pending_minor, pending_id, next_attempt_at, lease_owner, lease_until, trace_context,
+created_at, updated_at
+"""
+
 # The saga and its step 1 in the log, in one round trip.
 INSERT_SAGA = f"""
 WITH saga AS (
-    INSERT INTO sagas (merchant_id, transfer_id, kind, state, next_step, peer_shard,
-        debit_account_id, credit_merchant_id, credit_account_id, currency, credit_action,
-        amount_minor, pending_minor, pending_id, next_attempt_at, lease_owner, lease_until,
-        trace_context, created_at, updated_at)
+    INSERT INTO sagas ({_NEW_SAGA_COLUMNS})
     VALUES ($1, $2, $3, 1, 2, $4, $5, $6, $7, $8, $9, $10, $11, $12,
         $13::timestamptz + make_interval(secs => $15), $14,
         $13::timestamptz + make_interval(secs => $15), $16, $13, $13)
@@ -86,10 +91,7 @@ ORDER BY id
 # credits_recorded); one per saga started (is_new) or finished.
 RECORD_STEPS = f"""
 WITH new_sagas AS (
-    INSERT INTO sagas (merchant_id, transfer_id, kind, state, next_step, peer_shard,
-        debit_account_id, credit_merchant_id, credit_account_id, currency, credit_action,
-        amount_minor, pending_minor, pending_id, next_attempt_at, lease_owner, lease_until,
-        trace_context, created_at, updated_at)
+    INSERT INTO sagas ({_NEW_SAGA_COLUMNS})
     SELECT u.merchant_id, u.transfer_id, u.kind, 1, 2, u.peer_shard, u.debit_account_id,
         u.credit_merchant_id, u.credit_account_id, u.currency, u.credit_action, u.amount_minor,
         u.pending_minor, u.pending_id, $15::timestamptz + make_interval(secs => $17), $16,
