@@ -61,7 +61,14 @@ from ledger.storage import saga_statements as sql
 from ledger.storage import statements as ledger_sql
 from ledger.storage.errors import RetryTransaction
 from ledger.storage.saga_rows import saga_from_row
-from ledger.storage.shard import Fence, Shard, active_merchants, parse_records, write_plan
+from ledger.storage.shard import (
+    Fence,
+    Shard,
+    active_merchants,
+    parse_records,
+    with_saga_results,
+    write_plan,
+)
 from ledger.telemetry.tracing import trace_id_of
 
 if TYPE_CHECKING:
@@ -198,6 +205,7 @@ class SagaStore:
         )
         keys = [step_key(s) for s in steps]
         invariant(len(set(keys)) == len(keys), "each saga's step once")
+        kinds = [n for n, present in ((1, begins), (2, credits), (3, finishes)) if present]
 
         async def run(conn: Connection) -> list[StepAnswer]:
             relayed = await self._relay_hop(conn, fence, [c for _, c in credits], len(steps))
@@ -269,15 +277,13 @@ class SagaStore:
                     conn, reserved, decided, finishing, answers, now, lease_owner, lease_s
                 )
             await self._record_holds(conn, decided)
-            for kind, present in (("1", begins), ("2", credits), ("3", finishes)):
-                if present:
-                    faults.crash_point(f"saga.step{kind}.before_commit")
+            for kind in kinds:
+                faults.crash_point(f"saga.step{kind}.before_commit")
             return [answers[i] for i in range(len(steps))]
 
         answers = await self.shard._in_transaction(run)
-        for kind, present in (("1", begins), ("2", credits), ("3", finishes)):
-            if present:
-                faults.crash_point(f"saga.step{kind}.after_commit")
+        for kind in kinds:
+            faults.crash_point(f"saga.step{kind}.after_commit")
         return answers
 
     async def _relay_hop(
@@ -744,17 +750,11 @@ class SagaStore:
     ) -> CreditRecord:
         """Applies or refuses the credit side, or records an abort, exactly once; or,
         settling a hold whose credit party moved on, passes it on (relayed_to)."""
-        records = await self.credit_sagas([SagaCredit(saga, home_shard, abort)], fence=fence)
-        return records[0]
-
-    async def credit_sagas(
-        self, credits: Sequence[SagaCredit], *, fence: Fence
-    ) -> list[CreditRecord]:
-        """credit for many sagas (distinct keys) in one transaction (see run_steps)."""
-        answers = await self.run_steps(credits, fence=fence, lease_owner="", lease_s=0.0)
-        records = [a for a in answers if isinstance(a, CreditRecord)]
-        invariant(len(records) == len(credits), "step 2 answers each saga with its outcome")
-        return records
+        step = SagaCredit(saga, home_shard, abort)
+        (record,) = await self.run_steps([step], fence=fence, lease_owner="", lease_s=0.0)
+        invariant(isinstance(record, CreditRecord), "step 2 answers with the saga's outcome")
+        assert isinstance(record, CreditRecord)
+        return record
 
     async def _relay(
         self,
@@ -831,22 +831,13 @@ class SagaStore:
         """Posts the reservation (completed) or releases it (compensated); moves the
         hold first to the settlement account for the shard that credited, if the
         credit merchant had moved there since step 1."""
-        answer = (
-            await self.finish_sagas([SagaFinish(key, version, credit, allow_dead)], fence=fence)
-        )[0]
+        step = SagaFinish(key, version, credit, allow_dead)
+        (answer,) = await self.run_steps([step], fence=fence, lease_owner="", lease_s=0.0)
         if isinstance(answer, SagaRaced):
             raise answer
+        invariant(isinstance(answer, Saga), "step 3 answers with the saga's row")
+        assert isinstance(answer, Saga)
         return answer
-
-    async def finish_sagas(
-        self, finishes: Sequence[SagaFinish], *, fence: Fence
-    ) -> list[Saga | SagaRaced]:
-        """finish for many sagas (distinct keys) in one transaction (see run_steps); a
-        saga another worker moved on is answered SagaRaced, the others finish."""
-        answers = await self.run_steps(finishes, fence=fence, lease_owner="", lease_s=0.0)
-        sagas = [a for a in answers if isinstance(a, Saga | SagaRaced)]
-        invariant(len(sagas) == len(finishes), "step 3 answers each saga with its row")
-        return sagas
 
     async def retry_later(
         self, saga: Saga, *, error: str, attempts_max: int, delay_s: float
@@ -1192,10 +1183,12 @@ def _records_with_saga_results(
     reads its saga's result."""
     found = [r for r in rows if r["transfer_id"] is not None]
     records, journals = parse_records(found)
-    for row in found:
-        key = TransferKey(row["merchant_id"], row["transfer_id"])
-        record = records.get(key)
-        if row["saga_result"] is not None and record is not None:
-            if record.result is TransferResult.IN_PROGRESS:
-                records[key] = replace(record, result=TransferResult(row["saga_result"]))
+    with_saga_results(
+        records,
+        (
+            (TransferKey(r["merchant_id"], r["transfer_id"]), r["saga_result"])
+            for r in found
+            if r["saga_result"] is not None
+        ),
+    )
     return records, journals

@@ -674,9 +674,10 @@ class Shard:
                 [k.merchant_id for k in in_progress],
                 [k.transfer_id for k in in_progress],
             )
-            for row in finals:
-                key = TransferKey(row["merchant_id"], row["transfer_id"])
-                transfers[key] = replace(transfers[key], result=TransferResult(row["result"]))
+            with_saga_results(
+                transfers,
+                ((TransferKey(r["merchant_id"], r["transfer_id"]), r["result"]) for r in finals),
+            )
         return transfers, journals
 
     async def _saga_backed(
@@ -851,6 +852,17 @@ def parse_records(
             record = _transfer(row)
             transfers[record.key] = record
     return transfers, journals
+
+
+def with_saga_results(
+    transfers: dict[TransferKey, TransferRecord], results: Iterable[tuple[TransferKey, int]]
+) -> None:
+    """A cross-shard transfer's result is its saga's, once the saga finished (its own
+    record reads IN_PROGRESS for good)."""
+    for key, result in results:
+        record = transfers.get(key)
+        if record is not None and record.result is TransferResult.IN_PROGRESS:
+            transfers[key] = replace(record, result=TransferResult(result))
 
 
 def _account(row: asyncpg.Record) -> Account:

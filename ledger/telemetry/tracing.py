@@ -84,12 +84,12 @@ def start_as_current_span(name: str, **options: Any) -> AbstractContextManager[t
 
 def current_trace_id() -> str:
     """The hex trace id of the current span, or "" when there is none."""
-    context = trace.get_current_span().get_span_context()
-    return format(context.trace_id, "032x") if context.is_valid else ""
+    return trace_id_in(None)
 
 
-def trace_id_in(context: Context) -> str:
-    """The hex trace id of a context's span (a caller's, kept for later), or ""."""
+def trace_id_in(context: Context | None) -> str:
+    """The hex trace id of a context's span (a caller's, kept for later; None: the
+    current one), or "" when there is none."""
     span_context = trace.get_current_span(context).get_span_context()
     return format(span_context.trace_id, "032x") if span_context.is_valid else ""
 
