@@ -52,7 +52,7 @@ CALLS_PER_CALLER_PER_S_MAX = 100_000
 PHASE_END_GRACE_S = 5.0
 
 GRPC_MODES = ("single", "batch", "cross", "single_half_peak")
-RAW_MODES = ("raw_single", "raw_batch")
+RAW_MODES = ("raw_single", "raw_batch", "raw_half_peak")
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,7 +239,7 @@ def _mode_functions(client: _Client, mode: str, picker: Picker, caller: int) -> 
         return picker.local_batch, _grpc_call(client)
     if mode == "cross":
         return picker.cross_single, _grpc_call(client)
-    if mode == "raw_single":
+    if mode in ("raw_single", "raw_half_peak"):
         return picker.local_single, _raw_call(client.raw[caller])
     if mode == "raw_batch":
         return picker.local_batch, _raw_call(client.raw[caller])

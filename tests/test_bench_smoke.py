@@ -10,6 +10,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,7 +19,7 @@ from bench.report import median_rounds
 ROOT = Path(__file__).resolve().parent.parent
 # The smoke run takes well under a minute; this leaves room for a loaded CI machine.
 SMOKE_TIMEOUT_S = 180.0
-MODES = ("single", "batch", "cross", "raw_single", "raw_batch", "single_half_peak")
+MODES = ("single", "batch", "cross", "raw_single", "raw_batch", "raw_half_peak", "single_half_peak")
 RATIOS = {"single": "raw_single", "batch": "raw_batch", "cross": "single"}
 
 
@@ -44,7 +45,12 @@ def test_bench_smoke_run_writes_figures_for_every_mode(tmp_path: Path) -> None:
         assert figures["modes"][mode]["ratio"] > 0
         assert figures["ratios"][f"{mode}_vs_{base}"] == figures["modes"][mode]["ratio"]
     assert figures["service"]["rss_mb_peak"] > 0
-    assert figures["modes"]["single_half_peak"]["target_rate_per_s"] > 0
+    for mode in ("raw_half_peak", "single_half_peak"):
+        assert figures["modes"][mode]["target_rate_per_s"] > 0, mode
+    assert (
+        figures["modes"]["raw_half_peak"]["target_rate_per_s"]
+        == figures["modes"]["single_half_peak"]["target_rate_per_s"]
+    ), "raw PostgreSQL is offered the same rate as the service"
 
     chart = tmp_path / "latest.png"
     assert chart.stat().st_size > 0
@@ -55,8 +61,8 @@ def test_rounds_report_each_modes_median_and_the_median_of_each_rounds_ratio() -
     """--rounds N: each round's service mode is compared with the raw limit of its own
     round, and the medians are taken after that (the machine's speed drifts)."""
 
-    def mode(transfers_per_s: float) -> dict[str, float]:
-        return {"transfers_per_s": transfers_per_s}
+    def mode(transfers_per_s: float) -> dict[str, Any]:
+        return {"transfers_per_s": transfers_per_s, "latency_ms": {"p99": transfers_per_s / 10}}
 
     rounds = [
         {"raw_single": mode(100), "single": mode(60)},  # ratio 0.6
@@ -71,3 +77,4 @@ def test_rounds_report_each_modes_median_and_the_median_of_each_rounds_ratio() -
     assert modes["single"]["transfers_per_s"] == 90
     assert modes["raw_single"]["transfers_per_s"] == 200
     assert modes["single"]["transfers_per_s_rounds"] == [60, 100, 90]
+    assert modes["single"]["p99_ms_rounds"] == [6, 10, 9]
