@@ -1,14 +1,16 @@
 """The chaos bank workload (chaos/): a seed fixes the whole plan, the checker catches
-broken books, and a short seeded run under replica kills, shard stops, partitions and
-slow shards finds no violation."""
+broken books, and short seeded runs under replica kills, shard stops, partitions, slow
+shards and a killed rebalance find no violation."""
 
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -128,16 +130,18 @@ def test_checker_flags_a_linked_chain_applied_in_part() -> None:
     assert "linked chains" in {v.check for v in report.violations}
 
 
-@pytest.mark.timeout(RUN_TIMEOUT_S + CLEANUP_TIMEOUT_S + 10)
-def test_short_chaos_run_finds_no_violation(tmp_path: Path) -> None:
+def _run_chaos(tmp_path: Path, *, seed: int, rebalances: bool = False) -> dict[str, Any]:
+    """Runs chaos.run as an operator would and returns its summary, having checked
+    that it found no violation and ran the plan its seed fixes."""
     summary_path = tmp_path / "summary.json"
     process = subprocess.Popen(
         [
             sys.executable,
             "-m",
             "chaos.run",
-            *("--seed", str(SEED), "--duration-s", str(DURATION_S)),
+            *("--seed", str(seed), "--duration-s", str(DURATION_S)),
             *("--clients", str(CLIENTS), "--json", str(summary_path)),
+            *(("--rebalances",) if rebalances else ()),
         ],
         cwd=ROOT,
         stdout=subprocess.PIPE,
@@ -152,20 +156,51 @@ def test_short_chaos_run_finds_no_violation(tmp_path: Path) -> None:
         output, _ = process.communicate(timeout=CLEANUP_TIMEOUT_S)
         pytest.fail(f"the chaos run took longer than {RUN_TIMEOUT_S}s:\n{output}")
     assert summary_path.exists(), output
-    summary = json.loads(summary_path.read_text())
+    summary: dict[str, Any] = json.loads(summary_path.read_text())
 
     assert summary["violations"] == [], output
     assert summary["harness_errors"] == [], output
+    assert summary["fault_errors"] == [], output
     assert process.returncode == 0, output
     # The run executed this process's plan of the same seed (planned in another
     # process, so nothing in planning depends on Python's per-process hashing).
-    plan = plan_run(seed=SEED, duration_s=DURATION_S, clients=CLIENTS)
+    plan = plan_run(seed=seed, duration_s=DURATION_S, clients=CLIENTS, rebalances=rebalances)
     schedule = tuple(Fault(**{**f, "fault": FaultKind(f["fault"])}) for f in summary["schedule"])
     assert schedule == plan.faults
     assert summary["plan_digest"] == plan.digest()
     assert summary["faults_injected"] == len(plan.faults)
+    return summary
+
+
+@pytest.mark.timeout(RUN_TIMEOUT_S + CLEANUP_TIMEOUT_S + 10)
+def test_short_chaos_run_finds_no_violation(tmp_path: Path) -> None:
+    summary = _run_chaos(tmp_path, seed=SEED)
+
     # The workload did real work of every kind while the faults ran.
     for kind in ("local", "cross", "pending_local", "pending_cross", "chain", "replay"):
         assert summary["operations"][kind].get("ok", 0) > 0, kind
     assert summary["sagas"].get("TRANSFER COMPLETED", 0) > 0
     assert summary["sagas"].get("TRANSFER COMPENSATED", 0) > 0
+
+
+# Seed 2 with --rebalances: shard-b's weight goes up 2.5 s in, the rebalance is
+# SIGKILLed 820 ms into its run and run again, then the weight goes back, all
+# while cross-shard sagas and holds run and a replica is killed.
+REBALANCE_SEED = 2
+_MOVED = re.compile(r"moved (\d+) merchants")
+
+
+@pytest.mark.timeout(RUN_TIMEOUT_S + CLEANUP_TIMEOUT_S + 10)
+def test_short_chaos_run_with_a_killed_rebalance_finds_no_violation(tmp_path: Path) -> None:
+    summary = _run_chaos(tmp_path, seed=REBALANCE_SEED, rebalances=True)
+
+    (rebalance,) = [f for f in summary["faults"] if "rebalance" in f["fault"]]
+    assert "killed" in rebalance["detail"], rebalance
+    out, back = rebalance["detail"].split("back:")
+    # Merchants moved out and back again (moves with money in flight, not an empty plan).
+    assert sum(int(n) for n in _MOVED.findall(out)) > 0, rebalance
+    assert sum(int(n) for n in _MOVED.findall(back)) > 0, rebalance
+    assert any(h.startswith("cleanup: removed old copies") for h in summary["healed_after_run"])
+    for kind in ("local", "cross", "pending_cross"):
+        assert summary["operations"][kind].get("ok", 0) > 0, kind
+    assert summary["sagas"].get("TRANSFER COMPLETED", 0) > 0
