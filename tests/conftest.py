@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 # The tests fork PostgreSQL tools from a process that runs gRPC threads; gRPC's
 # fork handlers can crash the child, and nothing here needs gRPC after a fork.
@@ -14,6 +15,7 @@ import pytest
 
 from ledger.embedded.postgres import EmbeddedPostgres
 from ledger.routing.config import ShardConfig
+from tests.ledger4 import ALL_SHARDS, FIRST_SHARDS, Ledger4
 from tests.process_cluster import ProcessCluster
 from tests.support import Service, fresh_databases, start_service, write_config
 
@@ -62,3 +64,16 @@ async def process_cluster(
         yield cluster
     finally:
         await cluster.close()
+
+
+@pytest.fixture
+async def ledger4(pg_server: EmbeddedPostgres, tmp_path: Path) -> AsyncIterator[Ledger4]:
+    specs = {s.name: s for s in fresh_databases(pg_server, ALL_SHARDS)}
+    config_path = tmp_path / "shards.toml"
+    first = ShardConfig(epoch=1, shards=tuple(specs[n] for n in FIRST_SHARDS))
+    write_config(config_path, first)
+    service = await start_service(config_path)
+    try:
+        yield Ledger4(specs=specs, config_path=config_path, tmp_path=tmp_path, service=service)
+    finally:
+        await service.stop()

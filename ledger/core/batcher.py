@@ -139,9 +139,17 @@ class TransferBatcher:
         for call in batch:
             mine = outcomes[offset : offset + len(call.group)]
             if offset:
-                # Indexes are positions in the call, not in the shared batch.
+                # Indexes are positions in the call, not in the shared batch (a
+                # negative one is a marker, RUN_AS_SAGA, and stays).
                 mine = [
-                    ItemOutcome(i, o.id, o.result, o.replayed, o.differing_field, o.created_at)
+                    ItemOutcome(
+                        i if o.index >= 0 else o.index,
+                        o.id,
+                        o.result,
+                        o.replayed,
+                        o.differing_field,
+                        o.created_at,
+                    )
                     for i, o in enumerate(mine)
                 ]
             offset += len(call.group)

@@ -26,6 +26,7 @@ from ledger.domain.transfers import (
     TransferKey,
     TransferRequest,
     TransferResult,
+    linked_chains,
 )
 from ledger.routing.cluster import MOVING_RETRY_DELAY_S, Cluster
 from ledger.routing.errors import ClusterUnavailable
@@ -33,10 +34,12 @@ from ledger.sagas.runner import SagaRunner
 from ledger.storage.errors import (
     MerchantsMoving,
     MerchantsNotOwned,
+    SettleIsLocal,
     ShardUnavailable,
     StaleEpoch,
 )
 from ledger.storage.shard import (
+    RUN_AS_SAGA,
     AccountCreateOutcome,
     Fence,
     JournalOutcome,
@@ -47,9 +50,8 @@ from ledger.telemetry import metrics
 from ledger.telemetry.tracing import start_as_current_span
 
 log = logging.getLogger(__name__)
-# Marks an item that routing found to span shards (a merchant moved away from
-# its partner); it is then run as a saga.
-_SPANS_SHARDS_NOW = -2
+# Marks an item that the saga path handed back: it settles a local hold.
+_RUN_LOCALLY = -3
 Item = TypeVar("Item")
 Key = TypeVar("Key", AccountKey, TransferKey)
 Found = TypeVar("Found")
@@ -121,7 +123,15 @@ class Ledger:
         self, requests: Sequence[TransferRequest], *, wait_s: float = 0.0
     ) -> list[ItemOutcome]:
         """Applies local items per shard in one transaction each, and runs every
-        cross-shard item as a saga, waiting up to wait_s for the sagas to finish."""
+        cross-shard item as a saga, waiting up to wait_s for the sagas to finish.
+
+        Whether an item is local or a saga is settled where its data is: a shard
+        hands back a settle whose pending transfer a saga carries (RUN_AS_SAGA), and
+        a merchant found moved apart from its partner while routing makes an item a
+        saga too; the saga path hands back a settle whose hold is local after all
+        (SettleIsLocal). Each item changes path at most once each way; a topology
+        still changing after that gets SHARD_UNAVAILABLE (retryable, nothing
+        written), never a stored result."""
         cross = await self._cross_shard(requests)
         local = [i for i in range(len(requests)) if i not in cross]
         results: dict[int, ItemOutcome] = {}
@@ -131,18 +141,16 @@ class Ledger:
         ) -> list[ItemOutcome]:
             return await self.batcher.submit(shard, group, fence)
 
-        async def run_local() -> None:
-            if not local:
-                return
+        async def run_local(indexes: list[int]) -> None:
             outcomes = await self._route(
-                [requests[i] for i in local],
+                [requests[i] for i in indexes],
                 home_of=lambda r: r.debit.merchant_id,
-                merchants_of=_transfer_merchants,
+                merchants_of=transfer_merchants,
                 run=run,
                 unavailable=lambda r: ItemOutcome(-1, r.id, TransferResult.SHARD_UNAVAILABLE),
-                split=lambda r: ItemOutcome(_SPANS_SHARDS_NOW, r.id, TransferResult.IN_PROGRESS),
+                split=lambda r: ItemOutcome(RUN_AS_SAGA, r.id, TransferResult.IN_PROGRESS),
             )
-            results.update(zip(local, outcomes, strict=True))
+            results.update(zip(indexes, outcomes, strict=True))
 
         starts = asyncio.Semaphore(limits.saga_starts_per_request_max)
 
@@ -161,22 +169,36 @@ class Ledger:
                 log.warning("saga for %s not started: %s", request.id, error)
                 results[index] = ItemOutcome(-1, request.id, TransferResult.SHARD_UNAVAILABLE)
                 return
+            except SettleIsLocal:
+                results[index] = ItemOutcome(_RUN_LOCALLY, request.id, TransferResult.IN_PROGRESS)
+                return
             results[index] = await self.sagas.outcome_by(start, deadline=deadline)
 
         deadline = deadline_from_now() if cross else None
         if deadline is not None:
-            await asyncio.gather(run_local(), *(run_saga(i, deadline) for i in sorted(cross)))
-        else:
+            await asyncio.gather(
+                *([run_local(local)] if local else []),
+                *(run_saga(i, deadline) for i in sorted(cross)),
+            )
+        elif local:
             # The common call: no task to create for a lone coroutine.
-            await run_local()
-        # Items found spanning shards only while routing (a merchant moved) run as sagas.
-        moved_apart = [
-            i for i in local if results[i].index == _SPANS_SHARDS_NOW and not requests[i].linked
-        ]
-        if moved_apart:
+            await run_local(local)
+        handed_back = [i for i in local if results[i].index == RUN_AS_SAGA]
+        if handed_back:
             if deadline is None:
                 deadline = deadline_from_now()
-            await asyncio.gather(*(run_saga(i, deadline) for i in moved_apart))
+            chained = _chained(requests)
+            for i in handed_back:
+                if i in chained:
+                    # A chain may hold no saga: routed whole again, it is refused.
+                    results[i] = _retry_later(requests[i])
+            await asyncio.gather(*(run_saga(i, deadline) for i in handed_back if i not in chained))
+        to_local = sorted(i for i, o in results.items() if o.index == _RUN_LOCALLY)
+        if to_local:
+            await run_local(to_local)
+            for i in to_local:
+                if results[i].index == RUN_AS_SAGA:
+                    results[i] = _retry_later(requests[i])
         for result, count in Counter(o.result.name for o in results.values()).items():
             metrics.transfers.add(count, {"result": result})
         return [
@@ -187,40 +209,38 @@ class Ledger:
         ]
 
     async def _cross_shard(self, requests: Sequence[TransferRequest]) -> set[int]:
-        """Which items are sagas: their accounts span shards (or their pending transfer
-        was made by a saga).
+        """Which items start as sagas: transfers whose accounts the ring places on
+        different shards.
 
-        A linked chain must live on one shard and hold no saga; otherwise the whole
-        call is refused before anything is written.
+        A settle starts where its pending transfer lives, whatever its credit
+        account: only that shard knows whether a saga carries the transfer, and hands
+        the settle back if one does. In a linked chain, which must live on one shard
+        and hold no saga, settles are looked up first, so that such a call is refused
+        whole before anything is written.
         """
         ring = self.cluster.ring
         homes = [ring.shard_for(r.debit.merchant_id) for r in requests]
         cross = {
             i
             for i, r in enumerate(requests)
-            if r.credit is not None and ring.shard_for(r.credit.merchant_id) != homes[i]
+            if r.credit is not None
+            and not r.settles_pending
+            and ring.shard_for(r.credit.merchant_id) != homes[i]
         }
-        settles = [i for i, r in enumerate(requests) if r.settles_pending and r.credit is None]
+        chains = [c for c in linked_chains(requests) if not requests[c[-1]].linked]
+        settles = [i for chain in chains for i in chain if requests[i].settles_pending]
         if settles:
             keys = [
                 TransferKey(requests[i].debit.merchant_id, requests[i].pending_id) for i in settles
             ]
             found = {v.record.key: v for v in await self.lookup_transfers(keys)}
             for i, key in zip(settles, keys, strict=True):
-                # Settled the way it was made: by a saga if one carried it. (The ring
-                # can disagree with where merchants are: one a move deferred stays put.)
                 view = found.get(key)
                 if view is not None and view.saga is not None:
                     cross.add(i)
-        start = 0
-        for i, r in enumerate(requests):
-            if not r.linked:
-                chain = range(start, i + 1)
-                if len(chain) > 1 and (
-                    len({homes[j] for j in chain}) > 1 or any(j in cross for j in chain)
-                ):
-                    raise LinkedChainSpansShards(list(chain))
-                start = i + 1
+        for chain in chains:
+            if len({homes[j] for j in chain}) > 1 or any(j in cross for j in chain):
+                raise LinkedChainSpansShards(list(chain))
         return cross
 
     async def lookup_transfers(
@@ -478,8 +498,18 @@ async def _all_settled(jobs: list[Awaitable[Result]]) -> list[Result | BaseExcep
         return [error]
 
 
-def _transfer_merchants(request: TransferRequest) -> set[str]:
-    merchants = {request.debit.merchant_id}
-    if request.credit is not None:
-        merchants.add(request.credit.merchant_id)
-    return merchants
+def transfer_merchants(request: TransferRequest) -> set[str]:
+    """The merchants a transfer is routed and fenced by. A settle names its credit
+    account only to check it: the shard fences the pending transfer's own parties."""
+    if request.credit is None or request.settles_pending:
+        return {request.debit.merchant_id}
+    return {request.debit.merchant_id, request.credit.merchant_id}
+
+
+def _chained(requests: Sequence[TransferRequest]) -> set[int]:
+    return {i for chain in linked_chains(requests) for i in chain}
+
+
+def _retry_later(request: TransferRequest) -> ItemOutcome:
+    """The answer while a merchant's topology is still changing: retryable, unwritten."""
+    return ItemOutcome(-1, request.id, TransferResult.SHARD_UNAVAILABLE)

@@ -20,6 +20,13 @@ and its settlement account for the merchant's new shard takes the leaving
 side (pairing with the new shard's account for it). That shard becomes a
 relay: a later settle passes through it, settling the hold between its two
 settlement accounts, once per settle, on the way to the merchant.
+
+Unless the merchant moves back to the shard its hold's path passes next (away
+and back while the hold stays open): then the move folds that step away. The
+shard it arrives on relayed the hold between its settlement accounts for the
+shard the merchant leaves and the shard beyond; it releases its leg for the
+shard left and drops the relay, and the shard left releases its leg for it,
+so the pair still mirrors and the path is one step shorter, not two longer.
 """
 
 from __future__ import annotations
@@ -87,16 +94,26 @@ class Holds:
 
 
 def carried_hold_booking(
-    settlement: Account, *, amount_minor: int, debit: bool, key: TransferKey, now: datetime
+    settlement: Account,
+    *,
+    amount_minor: int,
+    debit: bool,
+    key: TransferKey,
+    now: datetime,
+    folded: bool = False,
 ) -> tuple[Entry, AccountState]:
     """The pending entry on a settlement account that takes over one side of a hold
-    whose other side leaves (debit: it holds the debit side, else the credit side)."""
+    whose other side leaves (debit: it holds the debit side, else the credit side).
+
+    folded: the move folds the hold's path instead (the party moves back to the
+    shard its path passes next): the settlement account releases the opposite side,
+    which it held for the relay step that the fold removes."""
     return booked(
         state_of(settlement),
         account=settlement.key,
         transfer=key,
-        direction=Direction.DEBIT if debit else Direction.CREDIT,
-        kind=EntryKind.PENDING,
+        direction=Direction.DEBIT if debit != folded else Direction.CREDIT,
+        kind=EntryKind.PENDING_RELEASED if folded else EntryKind.PENDING,
         amount_minor=amount_minor,
         now=now,
     )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import field
 from datetime import datetime
 from enum import IntEnum
@@ -104,6 +104,21 @@ class TransferRequest:
     @property
     def settles_pending(self) -> bool:
         return self.action in (TransferAction.POST_PENDING, TransferAction.VOID_PENDING)
+
+
+def linked_chains(requests: Sequence[TransferRequest]) -> list[range]:
+    """The positions of each linked chain of more than one transfer (consecutive
+    linked items closed by an unlinked one; an open chain at the end counts too)."""
+    chains: list[range] = []
+    start = 0
+    for i, r in enumerate(requests):
+        if not r.linked:
+            if i > start:
+                chains.append(range(start, i + 1))
+            start = i + 1
+    if start < len(requests) - 1:
+        chains.append(range(start, len(requests)))
+    return chains
 
 
 @value

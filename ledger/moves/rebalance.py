@@ -40,7 +40,7 @@ from ledger.domain.moves import CrossHold
 from ledger.invariant import InvariantViolation
 from ledger.routing.config import ShardConfig, ShardSpec
 from ledger.routing.ring import ShardRing
-from ledger.storage.moves import COPY_OVERLAP_S, MoveStore
+from ledger.storage.moves import COPY_OVERLAP_S, MoveDeferred, MoveStore
 from ledger.storage.shard import Shard
 from ledger.telemetry.pseudonym import pseudonymise
 from ledger.telemetry.tracing import tracer
@@ -359,11 +359,16 @@ class Rebalancer:
             faults.crash_point("move.after_verify")
             with tracer.start_as_current_span("move activate"):
                 holds = await source.holds(m)
-                await destination.activate(m, source=move.source, epoch=epoch, holds=holds)
+                try:
+                    await destination.activate(m, source=move.source, epoch=epoch, holds=holds)
+                except MoveDeferred as deferred:
+                    await source.unfence(m, epoch=epoch)
+                    return MoveResult(move, f"deferred: {deferred}", rows_copied)
             faults.crash_point("move.after_activate")
         pause_ms = (time.monotonic() - fenced_at) * 1000
         with tracer.start_as_current_span("move hand over"):
-            await source.mark_moved(m, destination=move.destination, epoch=epoch)
+            folded = await destination.folds(m, epoch=epoch)
+            await source.mark_moved(m, destination=move.destination, epoch=epoch, folded=folded)
         faults.crash_point("move.after_hand_over")
         return MoveResult(move, "moved", rows_copied, pause_ms)
 
@@ -399,6 +404,8 @@ class Rebalancer:
         shard) passes each relay from a given shard at most once (that is how a
         relay and each pass through it are found): a move that would break this,
         or make the path longer than a settle may go, waits for the hold to settle.
+        A move back to the shard the path passes next folds that step away
+        (MoveStore.activate): the path gets shorter.
         """
         holds = await source.holds(merchant_id)
         if removed and (holds.local or holds.cross):
@@ -410,7 +417,7 @@ class Rebalancer:
             path = await self._hold_path(hold, source.shard.name)
             if path is None:
                 return "a cross-shard hold's path could not be read"
-            longer = [destination, *path] if hold.debit_party else [*path, destination]
+            longer = moved_path(path, destination=destination, debit_party=hold.debit_party)
             # Every shard after the first looks its relay up by where the hold came
             # from, the last one too (to find it has none).
             hops = [(longer[i], longer[i - 1]) for i in range(1, len(longer))]
@@ -519,6 +526,20 @@ class Rebalancer:
                     rows += deleted
                     merchants += 1
         return merchants, rows
+
+
+def moved_path(path: list[str], *, destination: str, debit_party: bool) -> list[str]:
+    """A hold's path (debit party's shard first, credit party's last) once one of
+    its parties moves to destination: folded where destination is the shard the
+    path passes next from that party's end and relays there (MoveStore.activate
+    folds exactly then), else one step longer."""
+    if debit_party:
+        if len(path) >= 3 and path[1] == destination:
+            return path[1:]
+        return [destination, *path]
+    if len(path) >= 3 and path[-2] == destination and path.count(destination) == 1:
+        return path[:-1]
+    return [*path, destination]
 
 
 def _percentile(sorted_values: list[float], percent: float) -> float:

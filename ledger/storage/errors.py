@@ -44,6 +44,11 @@ class MerchantsMoving(Exception):
         self.merchant_ids = merchant_ids
 
 
+class SettleIsLocal(Exception):
+    """A settle reached the saga path, but no saga carries its pending transfer: it is
+    a local hold and settles in one local transaction (nothing was written)."""
+
+
 class RetryTransaction(Exception):
     """A concurrent writer raced this transaction; run it again from the start."""
 

@@ -222,3 +222,28 @@ TRY_ADMIN_LOCK = "SELECT pg_try_advisory_lock(7305, 0)"
 ADMIN_UNLOCK = "SELECT pg_advisory_unlock(7305, 0)"
 
 ALLOW_HISTORY_CLEANUP = "SET LOCAL ledger.allow_history_cleanup = 'on'"
+
+# Folding a hold's path as a party arrives back (migration 0008): the relay here
+# that ends at the shard the credit party leaves.
+RELAYS_TO = """
+SELECT from_shard FROM hold_relays WHERE merchant_id = $1 AND transfer_id = $2 AND to_shard = $3
+"""
+
+# A settle of this hold has passed a relay here: the relay's legs are settled.
+RELAY_PASSED = """
+SELECT EXISTS (SELECT 1 FROM relay_passes WHERE merchant_id = $1 AND pending_transfer_id = $2)
+"""
+
+DELETE_HOLD_RELAY = """
+DELETE FROM hold_relays WHERE merchant_id = $1 AND transfer_id = $2 AND from_shard = $3
+"""
+
+INSERT_HOLD_FOLD = """
+INSERT INTO hold_folds (merchant_id, transfer_id, party_merchant_id, epoch, from_shard,
+    onward_shard)
+VALUES ($1, $2, $3, $4, $5, $6)
+"""
+
+HOLD_FOLDS_OF = """
+SELECT merchant_id, transfer_id FROM hold_folds WHERE party_merchant_id = $1 AND epoch = $2
+"""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING
@@ -122,6 +122,10 @@ async def _holds(conn: Connection, merchant_id: str) -> Holds:
 
 class AdminBusy(Exception):
     """Another rebalance or cleanup holds the shard's admin lock."""
+
+
+class MoveDeferred(Exception):
+    """The merchant cannot be switched now (nothing was written): retry the move later."""
 
 
 class MoveStore:
@@ -393,7 +397,10 @@ class MoveStore:
         """incoming -> active, with the settlement booking; False if already done.
 
         holds: what the merchant holds pending with others, read on the source
-        under the fence; the booking carries each across (ledger/domain/moves.py).
+        under the fence; the booking carries each across (ledger/domain/moves.py),
+        or folds a hold's path where the merchant comes back to the shard the path
+        passes next. Raises MoveDeferred, writing nothing, if a settle is passing
+        the relay step a fold would remove.
         """
         return await self._switch(
             merchant_id,
@@ -404,10 +411,22 @@ class MoveStore:
             leaving=False,
             epoch=epoch,
             holds=holds,
+            folded=None,
         )
 
-    async def mark_moved(self, merchant_id: str, *, destination: str, epoch: int) -> bool:
-        """moving -> moved (redirecting to destination), with the booking; False if done."""
+    async def mark_moved(
+        self,
+        merchant_id: str,
+        *,
+        destination: str,
+        epoch: int,
+        folded: Collection[TransferKey] = (),
+    ) -> bool:
+        """moving -> moved (redirecting to destination), with the booking; False if done.
+
+        folded: the holds whose paths the destination folded as the merchant arrived
+        (MoveStore.folds there): this shard releases its leg of each instead of
+        relaying it."""
         return await self._switch(
             merchant_id,
             to_state="moved",
@@ -417,7 +436,17 @@ class MoveStore:
             leaving=True,
             epoch=epoch,
             holds=None,
+            folded=folded,
         )
+
+    async def folds(self, merchant_id: str, *, epoch: int) -> set[TransferKey]:
+        """The holds whose paths this shard folded as the merchant arrived at epoch."""
+
+        async def run(conn: Connection) -> set[TransferKey]:
+            rows = await conn.fetch(sql.HOLD_FOLDS_OF, merchant_id, epoch)
+            return {TransferKey(r["merchant_id"], r["transfer_id"]) for r in rows}
+
+        return await self.shard._with_connection(run)
 
     async def _switch(
         self,
@@ -430,6 +459,7 @@ class MoveStore:
         leaving: bool,
         epoch: int,
         holds: Holds | None,
+        folded: Collection[TransferKey] | None,
     ) -> bool:
         async def run(conn: Connection) -> bool:
             await conn.execute(sql.LOCK_MERCHANT_EXCLUSIVE, merchant_id)
@@ -470,6 +500,14 @@ class MoveStore:
                     currency,
                 )
             accounts = dict(await self.shard._lock_accounts(conn, set(settlements)))
+            # Decided under the settlement locks that a relay pass takes too.
+            folds = (
+                set(folded)
+                if folded is not None
+                else await self._fold_arrivals(
+                    conn, carried.cross, merchant_id, source=peer, epoch=epoch
+                )
+            )
             entries: list[Entry] = []
             changed: dict[AccountKey, AccountState] = {}
 
@@ -499,6 +537,7 @@ class MoveStore:
                         debit=debit,
                         key=hold.key,
                         now=now,
+                        folded=isinstance(hold, CrossHold) and hold.key in folds,
                     ),
                 )
             for local in carried.local:
@@ -506,13 +545,64 @@ class MoveStore:
                     conn, local, merchant_id, peer=peer, leaving=leaving, now=now
                 )
             for cross in carried.cross:
-                await self._carry_cross_hold(conn, cross, peer=peer, leaving=leaving)
+                if cross.key not in folds:
+                    await self._carry_cross_hold(conn, cross, peer=peer, leaving=leaving)
             await write_plan(
                 conn, records=[], entries=entries, accounts=changed, resolutions=[], expiring=[]
             )
             return True
 
         return await self.shard._in_transaction(run)
+
+    async def _fold_arrivals(
+        self,
+        conn: Connection,
+        holds: Sequence[CrossHold],
+        merchant_id: str,
+        *,
+        source: str,
+        epoch: int,
+    ) -> set[TransferKey]:
+        """Folds the path of each hold that the arriving merchant brings back to this
+        shard, the one its path passes next from the source; returns them.
+
+        Debit party: this shard relays the hold from the source onward; the saga now
+        aims onward directly. Credit party: this shard relays it from an earlier
+        shard to the source; the credit now arrives from that earlier shard. The
+        relay is removed and the fold recorded for the source's half of the switch.
+        """
+        here = self.shard.name
+        folds: set[TransferKey] = set()
+        for hold in holds:
+            if hold.beyond != here:
+                continue
+            k = hold.key
+            onward: str | None
+            if hold.debit_party:
+                onward = await conn.fetchval(sql.RELAY_ONWARD, k.merchant_id, k.transfer_id, source)
+                relay_from = source
+            else:
+                before = await conn.fetch(sql.RELAYS_TO, k.merchant_id, k.transfer_id, source)
+                onward = before[0]["from_shard"] if len(before) == 1 else None
+                relay_from = onward or ""
+            if onward is None:
+                continue
+            if await conn.fetchval(sql.RELAY_PASSED, k.merchant_id, k.transfer_id):
+                raise MoveDeferred(
+                    f"a settle of a hold is passing {here}; it moves once the hold settles"
+                )
+            await conn.execute(sql.ALLOW_HISTORY_CLEANUP)
+            await conn.execute(sql.DELETE_HOLD_RELAY, k.merchant_id, k.transfer_id, relay_from)
+            if hold.debit_party:
+                await conn.execute(sql.MOVE_SAGA_PEER, k.merchant_id, k.transfer_id, onward)
+            else:
+                await conn.execute(sql.MOVE_CREDIT_HOLD, k.merchant_id, k.transfer_id, onward)
+            await conn.execute(
+                sql.INSERT_HOLD_FOLD,
+                *(k.merchant_id, k.transfer_id, merchant_id, epoch, source, onward),
+            )
+            folds.add(k)
+        return folds
 
     async def _carry_cross_hold(
         self, conn: Connection, hold: CrossHold, *, peer: str, leaving: bool

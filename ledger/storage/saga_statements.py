@@ -283,8 +283,9 @@ WHERE merchant_id = $1 AND transfer_id = $2 AND kind = $3 AND from_shard = $4
 """
 
 INSERT_RELAY_PASS = """
-INSERT INTO relay_passes (merchant_id, transfer_id, kind, from_shard, to_shard)
-VALUES ($1, $2, $3, $4, $5)
+INSERT INTO relay_passes (merchant_id, transfer_id, kind, from_shard, to_shard,
+    pending_transfer_id)
+VALUES ($1, $2, $3, $4, $5, $6)
 """
 
 # Serialises step 2 of one saga on the credit shard, so a concurrent duplicate

@@ -59,7 +59,7 @@ from ledger.domain.value import value
 from ledger.invariant import invariant
 from ledger.storage import saga_statements as sql
 from ledger.storage import statements as ledger_sql
-from ledger.storage.errors import RetryTransaction
+from ledger.storage.errors import RetryTransaction, SettleIsLocal
 from ledger.storage.saga_rows import saga_from_row
 from ledger.storage.shard import (
     Fence,
@@ -592,6 +592,10 @@ class SagaStore:
             origin = await self._saga(
                 conn, SagaKey(pending_key.merchant_id, pending_key.transfer_id, SagaKind.TRANSFER)
             )
+            if pending is not None and origin is None:
+                # A local hold (the ring placed its parties apart, or its settle
+                # named a credit account elsewhere): settled locally, nothing written.
+                raise SettleIsLocal()
             if pending is None or origin is None:
                 return await _refused(
                     conn,
@@ -794,6 +798,7 @@ class SagaStore:
                 key.kind,
                 home_shard,
                 relay_to,
+                saga.pending_id,
             )
         return CreditRecord(
             CreditOutcome.APPLIED, TransferResult.OK, self.shard.name, relayed_to=relay_to

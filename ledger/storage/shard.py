@@ -53,6 +53,7 @@ from ledger.domain.transfers import (
     TransferRecord,
     TransferRequest,
     TransferResult,
+    linked_chains,
 )
 from ledger.domain.value import value
 from ledger.invariant import invariant
@@ -75,6 +76,9 @@ from ledger.telemetry.tracing import current_trace_id, start_as_current_span
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+# The index of an outcome that create_transfers hands back unwritten: the item
+# settles a pending transfer that a saga carries, so it must run as a saga.
+RUN_AS_SAGA = -2
 if TYPE_CHECKING:
     from asyncpg.pool import PoolConnectionProxy
 
@@ -303,8 +307,12 @@ class Shard:
         """Applies requests in one transaction. trace_ids: the trace of each request
         whose call is not the current trace's (group commit joins calls); a new
         record keeps its own call's trace."""
+        # A settle's credit account only checks the pending transfer's: that
+        # transfer's own credit party is fenced below, once it is read.
         merchants = {r.debit.merchant_id for r in requests} | {
-            r.credit.merchant_id for r in requests if r.credit is not None
+            r.credit.merchant_id
+            for r in requests
+            if r.credit is not None and not r.settles_pending
         }
 
         async def run(conn: Connection) -> list[ItemOutcome]:
@@ -320,9 +328,20 @@ class Shard:
                 if r.reversal_of and r.credit is not None
             }
             referenced = await self._select_transfers(conn, pending_keys | reversal_keys)
-            # A pending transfer carried by a saga is settled by a saga, never here.
-            for key in await self._saga_backed(conn, pending_keys & referenced.keys()):
-                del referenced[key]
+            # A pending transfer carried by a saga is settled by a saga, never here,
+            # whatever the ring said when its settle was routed here: such settles
+            # (with their linked chains) are handed back unwritten.
+            handed_back = _saga_settles(
+                requests, await self._saga_backed(conn, pending_keys & referenced.keys())
+            )
+            applied = requests
+            if handed_back:
+                applied = [r for i, r in enumerate(requests) if i not in handed_back]
+                pending_keys = {
+                    TransferKey(r.debit.merchant_id, r.pending_id)
+                    for r in applied
+                    if r.settles_pending
+                }
             # Settling a pending transfer writes its credit party too, which the
             # request does not name: fenced like the rest (it may be moving).
             parties = {
@@ -336,7 +355,7 @@ class Shard:
             if parties - merchants:
                 await self._fence(conn, fence, parties - merchants)
             account_keys: set[AccountKey] = set()
-            for r in requests:
+            for r in applied:
                 account_keys.add(r.debit)
                 if r.credit is not None:
                     account_keys.add(r.credit)
@@ -363,7 +382,7 @@ class Shard:
                 reversed_minor=reversed_minor,
                 now=now,
             )
-            plan = apply_transfers(requests, state)
+            plan = apply_transfers(applied, state)
             records = plan.records
             if trace_ids:
                 records = [
@@ -378,6 +397,8 @@ class Shard:
                 resolutions=plan.resolutions,
                 expiring=plan.expiring_pendings,
             )
+            if handed_back:
+                return _with_handed_back(requests, handed_back, plan.outcomes)
             return plan.outcomes
 
         return await self._in_transaction(run)
@@ -835,6 +856,38 @@ def _decode_jsonb(data: bytes) -> object:
     if data == _EMPTY_JSONB_OBJECT:
         return {}
     return json.loads(data[1:])
+
+
+def _saga_settles(
+    requests: Sequence[TransferRequest], saga_backed: set[TransferKey]
+) -> set[int]:
+    """Positions of the settles of saga-carried pending transfers, with every
+    member of a linked chain that holds one (a chain succeeds or fails whole)."""
+    if not saga_backed:
+        return set()
+    found = {
+        i
+        for i, r in enumerate(requests)
+        if r.settles_pending and TransferKey(r.debit.merchant_id, r.pending_id) in saga_backed
+    }
+    for chain in linked_chains(requests):
+        if found.intersection(chain):
+            found.update(chain)
+    return found
+
+
+def _with_handed_back(
+    requests: Sequence[TransferRequest], handed_back: set[int], applied: Sequence[ItemOutcome]
+) -> list[ItemOutcome]:
+    """The outcomes of every request: the applied ones in their places, RUN_AS_SAGA
+    markers (IN_PROGRESS, nothing written) for the ones handed back."""
+    outcomes = iter(applied)
+    return [
+        ItemOutcome(RUN_AS_SAGA, r.id, TransferResult.IN_PROGRESS)
+        if i in handed_back
+        else replace(next(outcomes), index=i)
+        for i, r in enumerate(requests)
+    ]
 
 
 def parse_records(

@@ -1,0 +1,48 @@
+"""Four shard databases, a live config file and a service on the first three: the
+cluster of the rebalance and move tests (the fixture `ledger4` is in conftest.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ledger.routing.config import ShardConfig, ShardSpec
+from tests.support import Service, wait_until, write_config
+
+ALL_SHARDS = ("shard-a", "shard-b", "shard-c", "shard-d")
+FIRST_SHARDS = ALL_SHARDS[:3]
+
+
+@dataclass
+class Ledger4:
+    """Four shard databases, a live config file and a service on its first config."""
+
+    specs: dict[str, ShardSpec]
+    config_path: Path
+    tmp_path: Path
+    service: Service
+
+    def config(
+        self, epoch: int, names: Sequence[str], *, weights: dict[str, int] | None = None
+    ) -> ShardConfig:
+        weights = weights or {}
+        return ShardConfig(
+            epoch=epoch,
+            shards=tuple(
+                ShardSpec(name=n, dsn=self.specs[n].dsn, weight=weights.get(n, 1)) for n in names
+            ),
+        )
+
+    def copy_of(self, config: ShardConfig, name: str) -> Path:
+        """The config written to a file of its own (the admin's copy of an old config)."""
+        return write_config(self.tmp_path / name, config)
+
+    async def switch_to(self, config: ShardConfig) -> None:
+        """Writes config over the live file and waits until the service has loaded it."""
+        write_config(self.config_path, config)
+
+        async def loaded() -> bool:
+            return self.service.cluster.epoch == config.epoch
+
+        await wait_until(loaded, what=f"the service to load config epoch {config.epoch}")

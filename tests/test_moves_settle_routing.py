@@ -1,0 +1,192 @@
+"""A settle goes where its pending transfer is, and is a saga only if a saga carries
+that transfer: never because of what the ring says about its parties now.
+
+Reproductions of issue 17 (items 1 and 2): a cross-shard hold whose debit party
+moved away and back (both parties on one shard again), settled naming the credit
+account, answered PENDING_TRANSFER_NOT_FOUND and stored it; and its mirror, a
+local hold whose parties the ring places apart.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from ledger.domain.accounts import AccountKey
+from ledger.domain.sagas import SagaState
+from ledger.domain.transfers import TransferAction, TransferRequest
+from ledger.routing.config import ShardConfig
+from ledger.routing.ring import ShardRing
+from ledger.sagas.runner import SagaRunner
+from ledger.storage.errors import SettleIsLocal
+from ledger.v1 import ledger_pb2 as pb
+from tests.ledger4 import FIRST_SHARDS, Ledger4
+from tests.support import ref, result_names, transfer, transfers, uid
+from tests.test_rebalance import (
+    all_balances,
+    assert_reconciled,
+    create_merchants,
+    held_saga,
+    lookup_final,
+    opened,
+    send_accepted,
+    wait_for_balances,
+)
+
+PENDING = pb.TRANSFER_ACTION_PENDING
+
+
+def away_and_back(env: Ledger4) -> tuple[str, str, str, ShardConfig, ShardConfig]:
+    """Merchants mover and stayer on one shard under the first config; under a
+    config that weighs another shard heavier, mover lives there and stayer stays.
+    Returns (mover, stayer, home, heavier config, restored config)."""
+    old = env.service.cluster.config
+    old_ring = ShardRing(old)
+    for heavy in FIRST_SHARDS:
+        heavier = env.config(2, FIRST_SHARDS, weights={heavy: 6})
+        ring = ShardRing(heavier)
+        movers = [
+            m
+            for m in (uid("aw") for _ in range(3000))
+            if ring.shard_for(m) == heavy and old_ring.shard_for(m) != heavy
+        ]
+        for mover in movers:
+            home = old_ring.shard_for(mover)
+            stayer = next(
+                (
+                    m
+                    for m in (uid("sy") for _ in range(3000))
+                    if old_ring.shard_for(m) == home and ring.shard_for(m) == home
+                ),
+                None,
+            )
+            if stayer is not None:
+                return mover, stayer, home, heavier, env.config(3, FIRST_SHARDS)
+    raise AssertionError("no merchant that moves away and back")
+
+
+async def rebalance_to(env: Ledger4, config: ShardConfig, mover: str) -> None:
+    await env.switch_to(config)
+    async with opened(config) as rebalancer:
+        summary = await rebalancer.rebalance()
+    moved = [r.move.merchant_id for r in summary.moved]
+    assert mover in moved and not summary.pending, summary.render()
+
+
+def settle(debit: str, pending_id: str, *, action: int, credit: str | None) -> pb.Transfer:
+    return pb.Transfer(
+        id=uid("se"),
+        debit_account=ref(debit, "cash"),
+        credit_account=ref(credit, "sales") if credit is not None else None,
+        action=action,  # type: ignore[arg-type]
+        pending_id=pending_id,
+    )
+
+
+@pytest.mark.parametrize("credit_named", [True, False], ids=["credit-named", "credit-omitted"])
+async def test_hold_made_across_shards_settles_after_its_debit_party_moves_back(
+    ledger4: Ledger4, credit_named: bool
+) -> None:
+    service = ledger4.service
+    mover, stayer, home, heavier, restored = away_and_back(ledger4)
+    await create_merchants(service, [mover, stayer])
+    await rebalance_to(ledger4, heavier, mover)
+    post_hold = transfer(uid("hp"), ref(mover, "cash"), ref(stayer, "sales"), 500, action=PENDING)
+    void_hold = transfer(uid("hv"), ref(mover, "cash"), ref(stayer, "sales"), 70, action=PENDING)
+    await send_accepted(service, post_hold, void_hold)
+    records = await lookup_final(service, [(mover, post_hold.id), (mover, void_hold.id)])
+    assert {r.result for r in records.values()} == {pb.TRANSFER_RESULT_OK}
+    assert all(r.HasField("saga") for r in records.values()), "made as a cross-shard saga"
+
+    await rebalance_to(ledger4, restored, mover)
+    assert ShardRing(restored).shard_for(mover) == ShardRing(restored).shard_for(stayer) == home
+
+    credit = stayer if credit_named else None
+    post = settle(mover, post_hold.id, action=pb.TRANSFER_ACTION_POST_PENDING, credit=credit)
+    post.amount_minor = 300
+    void = settle(mover, void_hold.id, action=pb.TRANSFER_ACTION_VOID_PENDING, credit=credit)
+    await send_accepted(service, post, void)
+    final = await lookup_final(service, [(mover, post.id), (mover, void.id)])
+    assert {k: r.result for k, r in final.items()} == {
+        (mover, post.id): pb.TRANSFER_RESULT_OK,
+        (mover, void.id): pb.TRANSFER_RESULT_OK,
+    }
+    await wait_for_balances(
+        service,
+        {
+            (mover, "cash"): (300, 0, 0, 0),
+            (stayer, "sales"): (0, 300, 0, 0),
+        },
+        what="the post and the void to settle both sides of the holds",
+    )
+    holds = await lookup_final(service, [(mover, post_hold.id), (mover, void_hold.id)])
+    assert [holds[(mover, h.id)].pending_state for h in (post_hold, void_hold)] == [
+        pb.PENDING_STATE_POSTED,
+        pb.PENDING_STATE_VOIDED,
+    ]
+    await assert_reconciled(ledger4, restored, "reconcile.toml", every_mirror_checked=True)
+
+
+async def test_local_hold_whose_parties_the_ring_places_apart_settles_naming_its_credit(
+    ledger4: Ledger4,
+) -> None:
+    """The live config places the debit party elsewhere, but its move was deferred
+    (a saga of its own is unfinished): the hold is still local, and settles there."""
+    service = ledger4.service
+    mover, stayer, home, heavier, _ = away_and_back(ledger4)
+    payee = next(
+        m
+        for m in (uid("py") for _ in range(3000))
+        if ShardRing(service.cluster.config).shard_for(m) != home
+    )
+    await create_merchants(service, [mover, stayer, payee])
+    holds = [
+        transfer(uid("lh"), ref(mover, "cash"), ref(stayer, "sales"), 40, action=PENDING)
+        for _ in range(3)
+    ]
+    assert result_names(await transfers(service.stub, *holds)) == ["TRANSFER_RESULT_OK"] * 3
+    runner, saga = await held_saga(service, mover, payee)
+    await ledger4.switch_to(heavier)
+    async with opened(heavier) as rebalancer:
+        summary = await rebalancer.rebalance()
+    assert [r.move.merchant_id for r in summary.pending] == [mover], summary.render()
+    assert ShardRing(heavier).shard_for(mover) != ShardRing(heavier).shard_for(stayer)
+
+    post = settle(mover, holds[0].id, action=pb.TRANSFER_ACTION_POST_PENDING, credit=stayer)
+    void = settle(mover, holds[1].id, action=pb.TRANSFER_ACTION_VOID_PENDING, credit=stayer)
+    assert result_names(await transfers(service.stub, post, void)) == ["TRANSFER_RESULT_OK"] * 2
+    assert (await all_balances(service, [mover, stayer]))[(stayer, "sales")] == (0, 40, 0, 40)
+    assert (await runner.drive(saga)).state is SagaState.COMPLETED
+
+    # A settle that reaches the saga path for a local hold is handed back unwritten.
+    runner = SagaRunner(service.cluster, owner="test")
+    request = TransferRequest(
+        id=uid("sg"),
+        debit=AccountKey(mover, "cash"),
+        credit=AccountKey(stayer, "sales"),
+        amount_minor=0,
+        currency="",
+        action=TransferAction.VOID_PENDING,
+        pending_id=holds[2].id,
+    )
+    with pytest.raises(SettleIsLocal):
+        await runner.begin(request)
+    assert (await lookup_final(service, [(mover, request.id)])) == {}, "nothing recorded"
+    last = settle(mover, holds[2].id, action=pb.TRANSFER_ACTION_VOID_PENDING, credit=stayer)
+    assert result_names(await transfers(service.stub, last)) == ["TRANSFER_RESULT_OK"]
+    assert (await all_balances(service, [mover, stayer]))[(stayer, "sales")] == (0, 40, 0, 0)
+
+
+async def test_settle_naming_a_credit_account_that_differs_is_refused_as_such(
+    ledger4: Ledger4,
+) -> None:
+    """The named credit account is checked against the hold's, wherever it lives."""
+    service = ledger4.service
+    mover, stayer, _, _, _ = away_and_back(ledger4)
+    other = uid("ot")
+    await create_merchants(service, [mover, stayer, other])
+    hold = transfer(uid("dh"), ref(mover, "cash"), ref(stayer, "sales"), 9, action=PENDING)
+    assert result_names(await transfers(service.stub, hold)) == ["TRANSFER_RESULT_OK"]
+    wrong = settle(mover, hold.id, action=pb.TRANSFER_ACTION_VOID_PENDING, credit=other)
+    assert result_names(await transfers(service.stub, wrong)) == [
+        "TRANSFER_RESULT_PENDING_TRANSFER_HAS_DIFFERENT_ACCOUNTS"
+    ]
