@@ -890,7 +890,7 @@ def _check_lookup(
 
 
 async def check_reconcile(config_path: Path, report: CheckReport) -> None:
-    cluster = Cluster(load_config(config_path), config_path=config_path)
+    cluster = Cluster(load_config(config_path), config_path=config_path, audit=True)
     await cluster.open(migrate=False)
     try:
         result = await reconcile(cluster)

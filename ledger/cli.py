@@ -22,7 +22,7 @@ from ledger.api.tls import ServerTls
 from ledger.client import ClientCredentials, LedgerClient
 from ledger.domain.sagas import SagaKind, SagaState
 from ledger.embedded.cluster import EmbeddedCluster
-from ledger.moves.rebalance import MoveResult, Rebalancer
+from ledger.moves.rebalance import MoveResult, Rebalancer, ShardPinned
 from ledger.routing.cluster import Cluster
 from ledger.routing.config import load_config
 from ledger.routing.ring import ShardRing
@@ -222,7 +222,7 @@ def migrate(config: Annotated[Path, typer.Option("--config")]) -> None:
     """Apply the schema migrations to every shard in the config."""
 
     async def run() -> None:
-        cluster = Cluster(load_config(config), config_path=config)
+        cluster = Cluster(load_config(config), config_path=config, audit=True)
         try:
             await cluster.open(migrate=True)
         finally:
@@ -237,7 +237,7 @@ def reconcile(config: Annotated[Path, typer.Option("--config")]) -> None:
     """Check that the books balance on every shard and across the cluster."""
 
     async def run() -> ReconcileReport:
-        cluster = Cluster(load_config(config), config_path=config)
+        cluster = Cluster(load_config(config), config_path=config, audit=True)
         try:
             await cluster.open(migrate=False)
             return await run_reconcile(cluster)
@@ -260,7 +260,7 @@ def verify(
     """Check every shard's hash chains: names each edited, inserted or deleted entry."""
 
     async def run() -> bool:
-        cluster = Cluster(load_config(config), config_path=config)
+        cluster = Cluster(load_config(config), config_path=config, audit=True)
         intact = True
         try:
             await cluster.open(migrate=False)
@@ -399,6 +399,9 @@ async def _with_rebalancer(
             "run this again when it has finished",
             err=True,
         )
+        raise typer.Exit(2) from None
+    except ShardPinned as pinned:
+        typer.echo(f"refused: {pinned}", err=True)
         raise typer.Exit(2) from None
     finally:
         await rebalancer.close()

@@ -24,13 +24,24 @@ class Ledger4:
     service: Service
 
     def config(
-        self, epoch: int, names: Sequence[str], *, weights: dict[str, int] | None = None
+        self,
+        epoch: int,
+        names: Sequence[str],
+        *,
+        weights: dict[str, int] | None = None,
+        states: dict[str, str] | None = None,
     ) -> ShardConfig:
-        weights = weights or {}
+        weights, states = weights or {}, states or {}
         return ShardConfig(
             epoch=epoch,
             shards=tuple(
-                ShardSpec(name=n, dsn=self.specs[n].dsn, weight=weights.get(n, 1)) for n in names
+                ShardSpec(
+                    name=n,
+                    dsn=self.specs[n].dsn,
+                    weight=weights.get(n, 1),
+                    state=states.get(n, "active"),
+                )
+                for n in names
             ),
         )
 

@@ -26,7 +26,7 @@ import pytest
 from ledger.domain.accounts import AccountKey, AccountSpec
 from ledger.domain.sagas import Saga, SagaState
 from ledger.domain.transfers import TransferAction, TransferRequest
-from ledger.moves.rebalance import Plan, Rebalancer, Summary
+from ledger.moves.rebalance import Plan, Rebalancer, ShardPinned, Summary
 from ledger.routing.cluster import Cluster
 from ledger.routing.config import ShardConfig, load_config
 from ledger.routing.ring import ShardRing
@@ -50,6 +50,7 @@ from tests.support import (
     transfers,
     uid,
     wait_until,
+    write_config,
 )
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -107,7 +108,7 @@ async def assert_reconciled(
     """Reconcile passes; with every_mirror_checked, no settlement pair was skipped
     (no saga left running anywhere)."""
     path = env.copy_of(config, name)
-    cluster = Cluster(load_config(path), config_path=path)
+    cluster = Cluster(load_config(path), config_path=path, audit=True)
     try:
         await cluster.open(migrate=False)
         report = await reconcile(cluster)
@@ -657,7 +658,7 @@ async def test_draining_a_shard_moves_every_merchant_off_it_and_keeps_balances(
 ) -> None:
     service = ledger4.service
     rng = random.Random(3)
-    four, three = ledger4.config(2, ALL_SHARDS), ledger4.config(3, FIRST_SHARDS)
+    four = ledger4.config(2, ALL_SHARDS)
     # Four shards first (nothing to move yet); the merchants are born there, so the
     # drain is the only move they make (moving back is the next test's subject).
     await ledger4.switch_to(four)
@@ -671,14 +672,20 @@ async def test_draining_a_shard_moves_every_merchant_off_it_and_keeps_balances(
     on_d = {m for m in merchant_ids if ShardRing(four).shard_for(m) == "shard-d"}
     assert on_d
 
-    await ledger4.switch_to(three)
-    async with opened(three, old=four) as rebalancer:
+    draining = ledger4.config(3, ALL_SHARDS, states={"shard-d": "draining"})
+    three = ledger4.config(3, FIRST_SHARDS)
+    await ledger4.switch_to(draining)
+    async with opened(draining) as rebalancer:
         plan = await rebalancer.plan()
         assert {m.merchant_id for m in plan.moves} == on_d, plan.render()
         assert {m.source for m in plan.moves} == {"shard-d"}
+        # Off the ring, the draining shard's merchants go exactly where they would
+        # without it.
+        assert {m.destination for m in plan.moves} == {ShardRing(three).shard_for(m) for m in on_d}
         summary = await rebalancer.rebalance()
         print(f"\n{plan.render()}\n{summary.render()}")
         assert_plan_matches(plan, summary)
+        assert summary.finished and "DRAINED shard-d" in summary.render(), summary.render()
         drained = MoveStore(rebalancer.shards["shard-d"])
         # Only its settlement accounts' merchant ($settlement) stays active there.
         assert await drained.active_merchants() == []
@@ -686,35 +693,53 @@ async def test_draining_a_shard_moves_every_merchant_off_it_and_keeps_balances(
         assert sorted(await drained.merchants_in("moved")) == sorted(
             (m, ShardRing(three).shard_for(m)) for m in on_d
         )
-        assert await states_on_owners(rebalancer, three, merchant_ids) == Counter(
+        assert await states_on_owners(rebalancer, draining, merchant_ids) == Counter(
             {("active", None): len(merchant_ids)}
         )
         assert await all_balances(service, merchant_ids) == before
         # shard-d still holds the old copies (and settlement accounts): reconcile with it.
-        await assert_reconciled(ledger4, four, "reconcile-before-cleanup.toml")
+        await assert_reconciled(ledger4, draining, "reconcile-before-cleanup.toml")
 
         merchants_cleaned, rows_cleaned = await rebalancer.cleanup()
         assert merchants_cleaned == len(on_d) and rows_cleaned > 0
         # A second cleanup finds nothing left to delete.
         assert (await rebalancer.cleanup())[1] == 0
         assert (await rebalancer.rebalance()).results == []
+
+    # Drained: it may retire. Its settlement positions mirror the others', so it
+    # stays listed for the audit tools, and deleting its entry is refused.
+    retired = ledger4.config(4, ALL_SHARDS, states={"shard-d": "retired"})
+    with pytest.raises(ShardPinned, match="settlement position"):
+        async with opened(ledger4.config(4, FIRST_SHARDS), old=draining) as rebalancer:
+            await rebalancer.rebalance()
+    await ledger4.switch_to(retired)
+    assert "shard-d" not in service.cluster.shards, "a retired shard is not served"
+    async with opened(retired) as rebalancer:
+        assert (await rebalancer.rebalance()).results == []
     assert await all_balances(service, merchant_ids) == before
-    await assert_reconciled(ledger4, four, "reconcile-after-cleanup.toml")
+    await assert_reconciled(ledger4, retired, "reconcile-after-cleanup.toml")
 
 
-async def test_a_shard_being_removed_relays_no_holds_and_stays_until_they_settle(
+async def test_a_draining_shard_relays_holds_and_cannot_leave_until_they_settle(
     ledger4: Ledger4,
 ) -> None:
-    """Its merchants with holds wait; the summary says the shard cannot go yet."""
+    """Its merchants move with their holds (it relays them, staying routable); the
+    summary and every attempt to retire or delete it say what still pins it."""
     service = ledger4.service
-    four, three = ledger4.config(2, ALL_SHARDS), ledger4.config(3, FIRST_SHARDS)
+    four = ledger4.config(2, ALL_SHARDS)
     await ledger4.switch_to(four)
     async with opened(four) as rebalancer:
         assert (await rebalancer.rebalance()).results == []
-    ring4, ring3 = ShardRing(four), ShardRing(three)
+    draining = ledger4.config(3, ALL_SHARDS, states={"shard-d": "draining"})
+    ring4, ring_drained = ShardRing(four), ShardRing(draining)
     fresh = [uid("dr") for _ in range(2000)]
     held = next(m for m in fresh if ring4.shard_for(m) == "shard-d")
-    partner = next(m for m in fresh if ring4.shard_for(m) == ring3.shard_for(m))
+    partner = next(
+        m
+        for m in fresh
+        if ring4.shard_for(m) == ring_drained.shard_for(m)
+        and ring4.shard_for(m) != ring_drained.shard_for(held)
+    )
     await create_merchants(service, [held, partner])
     pending = transfer(
         uid("p"), ref(held, "cash"), ref(partner, "sales"), 300, action=pb.TRANSFER_ACTION_PENDING
@@ -724,23 +749,23 @@ async def test_a_shard_being_removed_relays_no_holds_and_stays_until_they_settle
         (held, pending.id): pb.TRANSFER_RESULT_OK
     }
 
-    await ledger4.switch_to(three)
-    async with opened(three, old=four) as rebalancer:
+    await ledger4.switch_to(draining)
+    async with opened(draining) as rebalancer:
         summary = await rebalancer.rebalance()
         print(f"\n{summary.render()}")
-        assert [(r.move.merchant_id, r.outcome) for r in summary.pending] == [
-            (
-                held,
-                "deferred: 1 hold(s) with other merchants; a shard being removed cannot relay them",
-            )
-        ], summary.render()
-        assert summary.still_relaying == {"shard-d": 1}
-        assert not summary.finished and "NOT REMOVABLE shard-d" in summary.render()
+        assert [(r.move.merchant_id, r.outcome) for r in summary.results] == [(held, "moved")]
+        assert not summary.finished
+        assert "DRAINING shard-d: still holds 2 settlement account(s)" in summary.render()
+    retired = ledger4.config(4, ALL_SHARDS, states={"shard-d": "retired"})
+    for config, old in ((retired, None), (ledger4.config(4, FIRST_SHARDS), draining)):
+        with pytest.raises(ShardPinned, match="shard-d still holds 2 settlement account"):
+            async with opened(config, old=old) as rebalancer:
+                await rebalancer.rebalance()
+    # A replica refuses the same edit of its live config: it keeps serving shard-d.
+    write_config(ledger4.config_path, retired)
+    assert not await service.cluster.reload()
+    assert service.cluster.epoch == draining.epoch and "shard-d" in service.cluster.shards
 
-    # The admin puts the shard back, settles, and removes it again.
-    await ledger4.switch_to(ledger4.config(4, ALL_SHARDS))
-    async with opened(ledger4.config(4, ALL_SHARDS)) as rebalancer:
-        assert (await rebalancer.rebalance()).finished
     void = pb.Transfer(
         id=uid("v"),
         debit_account=ref(held, "cash"),
@@ -752,15 +777,15 @@ async def test_a_shard_being_removed_relays_no_holds_and_stays_until_they_settle
     async def released() -> bool:
         return (await all_balances(service, [partner]))[(partner, "sales")] == (0, 0, 0, 0)
 
-    await wait_until(released, what="the void to reach the partner")
-    again = ledger4.config(5, FIRST_SHARDS)
-    await ledger4.switch_to(again)
-    async with opened(again, old=four) as rebalancer:
+    await wait_until(released, what="the void to pass shard-d's relay to the partner")
+    async with opened(draining) as rebalancer:
         summary = await rebalancer.rebalance()
-        print(summary.render())
-        assert summary.finished, summary.render()
-        assert [(r.move.merchant_id, r.outcome) for r in summary.results] == [(held, "moved")]
-    await assert_reconciled(ledger4, four, "reconcile.toml", every_mirror_checked=True)
+        assert summary.finished and "DRAINED shard-d" in summary.render(), summary.render()
+    await ledger4.switch_to(retired)
+    assert "shard-d" not in service.cluster.shards
+    async with opened(retired) as rebalancer:
+        assert (await rebalancer.rebalance()).results == []
+    await assert_reconciled(ledger4, retired, "reconcile.toml", every_mirror_checked=True)
 
 
 async def test_a_second_rebalance_refuses_to_start_while_one_runs(ledger4: Ledger4) -> None:
@@ -777,10 +802,10 @@ async def test_a_second_rebalance_refuses_to_start_while_one_runs(ledger4: Ledge
 
 
 async def test_merchant_moves_back_to_a_shard_it_once_left(ledger4: Ledger4) -> None:
-    """Add a shard, then remove it again: its merchants return to where they were."""
+    """Add a shard, then drain it again: its merchants return to where they were."""
     service = ledger4.service
     three, four = service.cluster.config, ledger4.config(2, ALL_SHARDS)
-    back = ledger4.config(3, FIRST_SHARDS)
+    back = ledger4.config(3, ALL_SHARDS, states={"shard-d": "draining"})
     movers = merchants_moving(three, four, 6, destination="shard-d")
     await create_merchants(service, movers)
     await make_history(service, movers, random.Random(7))
@@ -791,7 +816,7 @@ async def test_merchant_moves_back_to_a_shard_it_once_left(ledger4: Ledger4) -> 
         assert (await rebalancer.cleanup())[0] == len(movers)
 
     await ledger4.switch_to(back)
-    async with opened(back, old=four) as rebalancer:
+    async with opened(back) as rebalancer:
         summary = await rebalancer.rebalance()
         print(f"\n{summary.render()}")
         assert {(r.move.merchant_id, r.move.destination) for r in summary.moved} == {
@@ -802,7 +827,7 @@ async def test_merchant_moves_back_to_a_shard_it_once_left(ledger4: Ledger4) -> 
             {("active", None): len(movers)}
         )
     assert await all_balances(service, movers) == before
-    await assert_reconciled(ledger4, four, "reconcile.toml")
+    await assert_reconciled(ledger4, back, "reconcile.toml")
 
 
 async def test_raising_a_weight_moves_merchants_only_towards_that_shard(ledger4: Ledger4) -> None:

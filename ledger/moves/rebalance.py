@@ -15,10 +15,16 @@ The protocol, per rebalance:
    order, so it can only roll forward). Its holds move with it: between its
    own accounts as they are, local ones with other merchants as cross-shard
    pending transfers, cross-shard ones through a relay on the shard it
-   leaves (see ledger/domain/moves.py); sagas crediting it follow it to its
-   new shard. A merchant with sagas of its own in flight past a short drain,
-   or with holds with others on a shard being removed, is deferred and
-   retried; a failed verification unfences it.
+   leaves, folded away where it comes back (see ledger/domain/moves.py);
+   sagas crediting it follow it to its new shard. A merchant with sagas of
+   its own in flight past a short drain is deferred and retried; a failed
+   verification unfences it.
+
+Draining (a shard's `state = "draining"`): the shard is off the ring, so all its
+merchants move, while it stays routable for what it still holds (it may relay
+holds). The summary says what still pins it, or that it is DRAINED; only then
+may the config retire it (`state = "retired"`) or delete it, which every
+command here and every replica's reload refuse before (ShardPinned).
 
 Every step is idempotent and decided by the merchant's states on the two
 shards, so rerunning the command after a crash at any point finishes the job,
@@ -40,7 +46,7 @@ from ledger.domain.moves import CrossHold
 from ledger.invariant import InvariantViolation
 from ledger.routing.config import ShardConfig, ShardSpec
 from ledger.routing.ring import ShardRing
-from ledger.storage.moves import COPY_OVERLAP_S, MoveDeferred, MoveStore
+from ledger.storage.moves import COPY_OVERLAP_S, MoveDeferred, MoveStore, ShardPins
 from ledger.storage.shard import Shard
 from ledger.telemetry.pseudonym import pseudonymise
 from ledger.telemetry.tracing import tracer
@@ -114,17 +120,20 @@ class MoveResult:
         return self.outcome in ("moved", "already moved")
 
 
+class ShardPinned(Exception):
+    """The new config stops routing a shard that something still pins; nothing ran."""
+
+
 @dataclass
 class Summary:
     results: list[MoveResult] = field(default_factory=list)
     duration_s: float = 0.0
-    # Shards the new config removes whose settlement accounts still hold money
-    # pending (holds they relay): they must stay in the config until it settles.
-    still_relaying: dict[str, int] = field(default_factory=dict)
+    # Each draining shard, and what still pins it there after this run.
+    draining: dict[str, ShardPins] = field(default_factory=dict)
 
     @property
     def finished(self) -> bool:
-        return not self.pending and not self.still_relaying
+        return not self.pending and not any(p.routable_needed for p in self.draining.values())
 
     @property
     def moved(self) -> list[MoveResult]:
@@ -152,12 +161,16 @@ class Summary:
                 f"NOT MOVED {result.move.merchant_id} {result.move.source} -> "
                 f"{result.move.destination}: {result.outcome} (rerun to finish)"
             )
-        for name, accounts in sorted(self.still_relaying.items()):
-            lines.append(
-                f"NOT REMOVABLE {name}: {accounts} settlement account(s) still hold money "
-                "pending for cross-shard holds it relays; keep it in the config until they "
-                "settle, then rerun"
-            )
+        for name, pins in sorted(self.draining.items()):
+            if pins.routable_needed:
+                lines.append(
+                    f"DRAINING {name}: still holds {pins.render()}; rerun once they settle"
+                )
+            else:
+                lines.append(
+                    f'DRAINED {name}: holds nothing; set its `state = "retired"` in the '
+                    "config (then `ledger shards cleanup` deletes the old copies)"
+                )
         return "\n".join(lines)
 
 
@@ -172,9 +185,12 @@ class Rebalancer:
         self.ring = ShardRing(new)
         names = {s.name for s in new.shards}
         extra = [s for s in (old.shards if old else ()) if s.name not in names]
-        # Shards only in the old config are drained: they are sources, never owners.
         self.specs: tuple[ShardSpec, ...] = (*new.shards, *extra)
-        self.removed = frozenset(s.name for s in extra)
+        # Shards the new config deletes or retires: allowed only once nothing pins
+        # them (checked before anything runs); draining ones are emptied.
+        self.deleted = frozenset(s.name for s in extra)
+        self.retired = frozenset(s.name for s in new.shards if not s.routable)
+        self.draining = frozenset(s.name for s in new.shards if s.state == "draining")
         self.shards: dict[str, Shard] = {}
 
     async def open(self) -> None:
@@ -194,8 +210,16 @@ class Rebalancer:
     def _store(self, name: str) -> MoveStore:
         return MoveStore(self.shards[name])
 
+    async def check_leaving(self) -> None:
+        """Raises ShardPinned if the new config stops routing a shard that is not empty."""
+        for name in sorted(self.deleted | self.retired):
+            refused = await self._store(name).leave_refused(deleted=name in self.deleted)
+            if refused is not None:
+                raise ShardPinned(refused)
+
     async def plan(self) -> Plan:
         """What moves where, from the merchants' states on the shards now; changes nothing."""
+        await self.check_leaving()
         moves: list[Move] = []
         total = 0
         for name in self.shards:
@@ -226,6 +250,7 @@ class Rebalancer:
             return await self._rebalance(progress)
 
     async def _rebalance(self, progress: Progress | None) -> Summary:
+        await self.check_leaving()
         started = time.monotonic()
         with tracer.start_as_current_span("rebalance", attributes={"ledger.epoch": self.new.epoch}):
             for name in self.shards:
@@ -262,10 +287,8 @@ class Rebalancer:
                     break
                 todo = deferred
                 await asyncio.sleep(DEFER_ROUND_PAUSE_S)
-            for name in sorted(self.removed):
-                relaying = await self._store(name).settlement_accounts_holding()
-                if relaying:
-                    summary.still_relaying[name] = relaying
+            for name in sorted(self.draining):
+                summary.draining[name] = await self._store(name).pins()
         summary.duration_s = time.monotonic() - started
         return summary
 
@@ -315,9 +338,7 @@ class Rebalancer:
             with tracer.start_as_current_span("move fence"):
                 refused = await source.fence(m, epoch=epoch)
                 if refused is None:
-                    refused = await self._drain(
-                        source, m, destination=move.destination, removed=move.source in self.removed
-                    )
+                    refused = await self._drain(source, m, destination=move.destination)
                     if refused is not None:
                         await source.unfence(m, epoch=epoch)
             if refused is not None:
@@ -326,9 +347,7 @@ class Rebalancer:
             faults.crash_point("move.after_fence")
         elif source_state is not None and destination_state[0] == "incoming":
             # Resumed under a fence a crashed run left: check what the fence checks.
-            refused = await self._drain(
-                source, m, destination=move.destination, removed=move.source in self.removed
-            )
+            refused = await self._drain(source, m, destination=move.destination)
             if refused is not None:
                 await source.unfence(m, epoch=epoch)
                 return MoveResult(move, f"deferred: {refused}", rows_copied)
@@ -350,9 +369,7 @@ class Rebalancer:
                     break
                 # A saga step that was under way at the fence may have landed since
                 # the copy: let it settle and copy again.
-                await self._drain(
-                    source, m, destination=move.destination, removed=move.source in self.removed
-                )
+                await self._drain(source, m, destination=move.destination)
             if problem is not None:
                 await source.unfence(m, epoch=epoch)
                 return MoveResult(move, f"failed: {problem}", rows_copied)
@@ -372,34 +389,25 @@ class Rebalancer:
         faults.crash_point("move.after_hand_over")
         return MoveResult(move, "moved", rows_copied, pause_ms)
 
-    async def _drain(
-        self, source: MoveStore, merchant_id: str, *, destination: str, removed: bool
-    ) -> str | None:
-        """Waits, fenced, for the merchant's money in flight to settle; why not, or None.
-
-        Off a shard being removed, holds with other merchants are not carried (the
-        shard would have to relay them); they must settle first.
-        """
+    async def _drain(self, source: MoveStore, merchant_id: str, *, destination: str) -> str | None:
+        """Waits, fenced, for the merchant's money in flight to settle; why not, or None."""
         loop = asyncio.get_running_loop()
         end = loop.time() + DRAIN_WAIT_S
         delay_s = 0.01
         while True:
             reason = await source.blockers(merchant_id)
             if reason is None:
-                reason = await self._holds_refused(
-                    source, merchant_id, destination=destination, removed=removed
-                )
+                reason = await self._holds_refused(source, merchant_id, destination=destination)
             if reason is None or loop.time() + delay_s > end:
                 return reason
             await asyncio.sleep(delay_s)
             delay_s = min(delay_s * 2, 0.2)
 
     async def _holds_refused(
-        self, source: MoveStore, merchant_id: str, *, destination: str, removed: bool
+        self, source: MoveStore, merchant_id: str, *, destination: str
     ) -> str | None:
         """Why the merchant's holds with others cannot move with it now, or None.
 
-        Off a shard being removed, none can (the shard would have to relay them).
         A cross-shard hold's path (debit party's shard, relays, credit party's
         shard) passes each relay from a given shard at most once (that is how a
         relay and each pass through it are found): a move that would break this,
@@ -408,11 +416,6 @@ class Rebalancer:
         (MoveStore.activate): the path gets shorter.
         """
         holds = await source.holds(merchant_id)
-        if removed and (holds.local or holds.cross):
-            return (
-                f"{len(holds.local) + len(holds.cross)} hold(s) with other merchants; "
-                "a shard being removed cannot relay them"
-            )
         for hold in holds.cross:
             path = await self._hold_path(hold, source.shard.name)
             if path is None:
@@ -501,6 +504,7 @@ class Rebalancer:
             return await self._cleanup()
 
     async def _cleanup(self) -> tuple[int, int]:
+        await self.check_leaving()
         merchants = rows = 0
         for name in self.shards:
             store = self._store(name)

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from ledger import limits
-from ledger.routing.config import ShardConfig, load_config
+from ledger.routing.config import ShardConfig, ShardSpec, load_config
 from ledger.routing.errors import ClusterUnavailable
 from ledger.routing.ring import ShardRing
 from ledger.storage.errors import (
@@ -18,6 +18,7 @@ from ledger.storage.errors import (
     ShardUnavailable,
     StaleEpoch,
 )
+from ledger.storage.moves import MoveStore
 from ledger.storage.shard import Fence, Shard
 
 log = logging.getLogger(__name__)
@@ -30,9 +31,14 @@ MOVING_RETRY_DELAY_S = 0.05
 class Cluster:
     """Owns the shard pools. Reloading swaps the ring and opens or closes pools by name."""
 
-    def __init__(self, config: ShardConfig, *, config_path: Path | None = None) -> None:
+    def __init__(
+        self, config: ShardConfig, *, config_path: Path | None = None, audit: bool = False
+    ) -> None:
         self.config = config
         self.config_path = config_path
+        # The audit tools (reconcile, verify) open retired shards too: their
+        # history and settlement positions are part of the books.
+        self.audit = audit
         self.ring = ShardRing(config)
         self.shards: dict[str, Shard] = {}
         # Shards that could not be reached to set up at start-up: their merchants
@@ -40,13 +46,18 @@ class Cluster:
         self.unreached: set[str] = set()
         self._rebalance_pending = False
         self._reload_lock = asyncio.Lock()
+        # The last reason a config reload was refused (logged once per reason).
+        self._refused_reload: str | None = None
 
     @property
     def epoch(self) -> int:
         return self.config.epoch
 
+    def _opened(self, config: ShardConfig) -> list[ShardSpec]:
+        return [spec for spec in config.shards if spec.routable or self.audit]
+
     async def open(self, *, migrate: bool = True) -> None:
-        for spec in self.config.shards:
+        for spec in self._opened(self.config):
             shard = Shard(name=spec.name, dsn=spec.dsn)
             await shard.open()
             self.shards[spec.name] = shard
@@ -112,6 +123,22 @@ class Cluster:
                     self.epoch,
                 )
 
+    async def _leave_refused(self, config: ShardConfig) -> str | None:
+        """Why config may not stop routing a shard this replica serves, or None: a
+        shard leaves routing (retired, or deleted) only once nothing pins it."""
+        kept = {spec.name: spec for spec in config.shards}
+        for name, shard in self.shards.items():
+            spec = kept.get(name)
+            if spec is not None and (spec.routable or self.audit):
+                continue
+            try:
+                refused = await MoveStore(shard).leave_refused(deleted=spec is None)
+            except ShardUnavailable:
+                refused = f"shard {name} cannot be reached to check that nothing pins it"
+            if refused is not None:
+                return refused
+        return None
+
     async def close(self) -> None:
         shards, self.shards = list(self.shards.values()), {}
         await asyncio.gather(*(s.close() for s in shards))
@@ -176,7 +203,14 @@ class Cluster:
             if config.epoch < self.config.epoch:
                 log.warning("ignoring config %s: epoch went backwards", self.config_path)
                 return False
-            for spec in config.shards:
+            refused = await self._leave_refused(config)
+            if refused is not None:
+                if refused != self._refused_reload:
+                    log.error("ignoring config %s: %s", self.config_path, refused)
+                self._refused_reload = refused
+                return False
+            self._refused_reload = None
+            for spec in self._opened(config):
                 current = self.shards.get(spec.name)
                 if current is None or current.dsn != spec.dsn:
                     shard = Shard(name=spec.name, dsn=spec.dsn)
@@ -188,7 +222,7 @@ class Cluster:
                     self.shards[spec.name] = shard
                     if current is not None:
                         await current.close()
-            removed = [n for n in self.shards if n not in {s.name for s in config.shards}]
+            removed = [n for n in self.shards if n not in {s.name for s in self._opened(config)}]
             for name in removed:
                 await self.shards.pop(name).close()
             self.config = config

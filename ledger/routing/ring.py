@@ -21,17 +21,21 @@ class ShardRing:
 
     def __init__(self, config: ShardConfig) -> None:
         self.epoch = config.epoch
+        # A draining or retired shard places no merchant: it is left out of the
+        # ring (so the others own exactly what they would own without it).
+        placing = [spec for spec in config.shards if spec.placing]
+        assert placing, "a config places merchants on at least one shard"
         self._ring = HashRing(
             # Points per shard in proportion to its own weight alone (ketama's
             # "weight" rescales every shard's points, so raising one shard's
             # weight would also move merchants between the others).
             nodes={
                 spec.name: {"vnodes": VNODES_PER_WEIGHT * spec.weight, "weight": 1}
-                for spec in config.shards
+                for spec in placing
             },
             hash_fn="ketama",
         )
-        self._names = frozenset(spec.name for spec in config.shards)
+        self._names = frozenset(spec.name for spec in placing)
         self._owners: dict[str, str] = {}
 
     def shard_for(self, merchant_id: str) -> str:

@@ -111,11 +111,6 @@ UPDATE sagas SET peer_shard = $3, updated_at = clock_timestamp()
 WHERE merchant_id = $1 AND transfer_id = $2 AND kind = 1
 """
 
-SETTLEMENT_ACCOUNTS_HOLDING = """
-SELECT count(*) FROM accounts
-WHERE merchant_id = '$settlement' AND (debits_pending <> 0 OR credits_pending <> 0)
-"""
-
 RELAY_ONWARD = """
 SELECT to_shard FROM hold_relays WHERE merchant_id = $1 AND transfer_id = $2 AND from_shard = $3
 """
@@ -246,4 +241,21 @@ VALUES ($1, $2, $3, $4, $5, $6)
 
 HOLD_FOLDS_OF = """
 SELECT merchant_id, transfer_id FROM hold_folds WHERE party_merchant_id = $1 AND epoch = $2
+"""
+
+# What keeps a shard in the routing config (draining or leaving): merchants it
+# owns or is handed, money pending on its settlement accounts (holds in flight
+# or relayed through it), sagas of merchants it owns not finished; and, for
+# deleting its entry outright, any settlement position at all (the peers'
+# settlement accounts for it mirror them, and reconcile needs both sides).
+SHARD_PINS = """
+SELECT
+  (SELECT count(*) FROM merchants
+     WHERE state IN ('active', 'moving', 'incoming') AND merchant_id NOT LIKE '$%') AS merchants,
+  (SELECT count(*) FROM accounts WHERE merchant_id = '$settlement'
+     AND (debits_pending <> 0 OR credits_pending <> 0)) AS holding,
+  (SELECT count(*) FROM sagas s JOIN merchants m USING (merchant_id)
+     WHERE s.state IN (1, 4) AND m.state IN ('active', 'moving')) AS sagas,
+  (SELECT count(*) FROM accounts WHERE merchant_id = '$settlement'
+     AND debits_posted <> credits_posted) AS positions
 """

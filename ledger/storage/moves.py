@@ -120,6 +120,31 @@ async def _holds(conn: Connection, merchant_id: str) -> Holds:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class ShardPins:
+    """What keeps a shard routable (see SHARD_PINS)."""
+
+    merchants: int
+    holding: int
+    sagas: int
+    positions: int
+
+    @property
+    def routable_needed(self) -> bool:
+        return bool(self.merchants or self.holding or self.sagas)
+
+    def render(self) -> str:
+        parts = [
+            f"{self.merchants} merchant(s)" if self.merchants else "",
+            f"{self.holding} settlement account(s) with money pending for holds in flight "
+            "or relayed through it"
+            if self.holding
+            else "",
+            f"{self.sagas} saga(s) not finished" if self.sagas else "",
+        ]
+        return ", ".join(p for p in parts if p) or "nothing"
+
+
 class AdminBusy(Exception):
     """Another rebalance or cleanup holds the shard's admin lock."""
 
@@ -356,11 +381,31 @@ class MoveStore:
 
         return await self.shard._with_connection(run)
 
-    async def settlement_accounts_holding(self) -> int:
-        """Settlement accounts here with money pending (holds in flight or relayed)."""
+    async def leave_refused(self, *, deleted: bool) -> str | None:
+        """Why this shard may not stop being routed (retired, or deleted from the
+        config when deleted), or None."""
+        pins = await self.pins()
+        name = self.shard.name
+        if pins.routable_needed:
+            return (
+                f'shard {name} still holds {pins.render()}: keep it `state = "draining"` '
+                "and rerun `ledger shards rebalance` until it reports DRAINED"
+            )
+        if deleted and pins.positions:
+            return (
+                f"shard {name} holds {pins.positions} settlement position(s) that mirror "
+                'the other shards\' (reconcile needs both sides): set `state = "retired"` '
+                "instead of deleting its entry"
+            )
+        return None
 
-        async def run(conn: Connection) -> int:
-            return int(await conn.fetchval(sql.SETTLEMENT_ACCOUNTS_HOLDING))
+    async def pins(self) -> ShardPins:
+        """What keeps this shard routable now (a drain is done when nothing does)."""
+
+        async def run(conn: Connection) -> ShardPins:
+            row = await conn.fetchrow(sql.SHARD_PINS)
+            assert row is not None
+            return ShardPins(**dict(row))
 
         return await self.shard._with_connection(run)
 

@@ -310,9 +310,7 @@ class Shard:
         # A settle's credit account only checks the pending transfer's: that
         # transfer's own credit party is fenced below, once it is read.
         merchants = {r.debit.merchant_id for r in requests} | {
-            r.credit.merchant_id
-            for r in requests
-            if r.credit is not None and not r.settles_pending
+            r.credit.merchant_id for r in requests if r.credit is not None and not r.settles_pending
         }
 
         async def run(conn: Connection) -> list[ItemOutcome]:
@@ -858,9 +856,7 @@ def _decode_jsonb(data: bytes) -> object:
     return json.loads(data[1:])
 
 
-def _saga_settles(
-    requests: Sequence[TransferRequest], saga_backed: set[TransferKey]
-) -> set[int]:
+def _saga_settles(requests: Sequence[TransferRequest], saga_backed: set[TransferKey]) -> set[int]:
     """Positions of the settles of saga-carried pending transfers, with every
     member of a linked chain that holds one (a chain succeeds or fails whole)."""
     if not saga_backed:
