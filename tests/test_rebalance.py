@@ -30,7 +30,7 @@ from ledger.moves.rebalance import Plan, Rebalancer, ShardPinned, Summary
 from ledger.routing.cluster import Cluster
 from ledger.routing.config import ShardConfig, load_config
 from ledger.routing.ring import ShardRing
-from ledger.sagas.reconcile import reconcile
+from ledger.sagas.reconcile import ReconcileReport, reconcile
 from ledger.sagas.runner import SagaRunner, SagaSettings
 from ledger.storage.errors import MerchantsNotOwned, StaleEpoch
 from ledger.storage.moves import AdminBusy, MoveStore
@@ -102,18 +102,22 @@ async def opened(new: ShardConfig, *, old: ShardConfig | None = None) -> AsyncIt
         await rebalancer.close()
 
 
+async def reconcile_report(env: Ledger4, config: ShardConfig, name: str) -> ReconcileReport:
+    path = env.copy_of(config, name)
+    cluster = Cluster(load_config(path), config_path=path, audit=True)
+    try:
+        await cluster.open(migrate=False)
+        return await reconcile(cluster)
+    finally:
+        await cluster.close()
+
+
 async def assert_reconciled(
     env: Ledger4, config: ShardConfig, name: str, *, every_mirror_checked: bool = False
 ) -> None:
     """Reconcile passes; with every_mirror_checked, no settlement pair was skipped
     (no saga left running anywhere)."""
-    path = env.copy_of(config, name)
-    cluster = Cluster(load_config(path), config_path=path, audit=True)
-    try:
-        await cluster.open(migrate=False)
-        report = await reconcile(cluster)
-    finally:
-        await cluster.close()
+    report = await reconcile_report(env, config, name)
     assert report.ok, report.render()
     if every_mirror_checked:
         mirrors = [f for f in report.findings if f.check.startswith("settlement ")]
@@ -757,6 +761,10 @@ async def test_a_draining_shard_relays_holds_and_cannot_leave_until_they_settle(
         assert not summary.finished
         assert "DRAINING shard-d: still holds 2 settlement account(s)" in summary.render()
     retired = ledger4.config(4, ALL_SHARDS, states={"shard-d": "retired"})
+    # Reconcile names the hold that could not settle under a config without shard-d.
+    report = await reconcile_report(ledger4, retired, "reconcile-retired.toml")
+    unsettleable = [f for f in report.findings if f.check.startswith("open holds") and not f.ok]
+    assert unsettleable and "shard-d" in unsettleable[0].detail, report.render()
     for config, old in ((retired, None), (ledger4.config(4, FIRST_SHARDS), draining)):
         with pytest.raises(ShardPinned, match="shard-d still holds 2 settlement account"):
             async with opened(config, old=old) as rebalancer:
@@ -786,6 +794,31 @@ async def test_a_draining_shard_relays_holds_and_cannot_leave_until_they_settle(
     async with opened(retired) as rebalancer:
         assert (await rebalancer.rebalance()).results == []
     await assert_reconciled(ledger4, retired, "reconcile.toml", every_mirror_checked=True)
+
+
+async def test_reconcile_names_a_move_marker_that_no_rebalance_is_finishing(
+    ledger4: Ledger4,
+) -> None:
+    """A killed rebalance can leave a merchant marked incoming (or moving): reconcile
+    fails naming it until a rerun finishes the move, and passes while one runs."""
+    service = ledger4.service
+    old, new = service.cluster.config, ledger4.config(2, ALL_SHARDS)
+    (mover,) = merchants_moving(old, new, 1, destination="shard-d")
+    await create_merchants(service, [mover])
+    await ledger4.switch_to(new)
+    async with opened(new) as rebalancer:
+        await MoveStore(rebalancer.shards["shard-d"]).mark_incoming(
+            mover, source=ShardRing(old).shard_for(mover), epoch=new.epoch
+        )
+        async with rebalancer.exclusive():
+            # A rebalance holds the admin lock: its markers are moves in progress.
+            assert (await reconcile_report(ledger4, new, "while-running.toml")).ok
+    report = await reconcile_report(ledger4, new, "stale.toml")
+    stale = [f for f in report.findings if f.check == "move markers shard-d"]
+    assert stale and not stale[0].ok and f"{mover} incoming" in stale[0].detail, report.render()
+    async with opened(new) as rebalancer:
+        assert [r.outcome for r in (await rebalancer.rebalance()).results] == ["moved"]
+    await assert_reconciled(ledger4, new, "after-rerun.toml")
 
 
 async def test_a_second_rebalance_refuses_to_start_while_one_runs(ledger4: Ledger4) -> None:

@@ -13,7 +13,11 @@ Checks, each reported as a line:
 - no saga has been running longer than the stuck limit without being in the
   dead-letter list;
 - every account's hash chain is intact, ends at the account's head, and agrees
-  with every checkpoint (no entry edited, inserted or deleted).
+  with every checkpoint (no entry edited, inserted or deleted);
+- no merchant is marked incoming or moving while no rebalance runs (a killed
+  run left the marker; a rerun finishes the move);
+- every open cross-shard hold can settle now: each shard its path needs (peers
+  and relays) is routable under the config.
 """
 
 from __future__ import annotations
@@ -64,6 +68,7 @@ async def reconcile(
     cluster_sums: dict[str, list[Decimal]] = defaultdict(lambda: [Decimal(0), Decimal(0)])
     settlements: dict[tuple[str, str, str], tuple[int, int]] = {}
     unsettled_homes: set[str] = set()
+    routable = {spec.name for spec in cluster.config.shards if spec.routable}
     for name, audit in audits.items():
         for currency, (posted, pending) in (await audit.sums_by_currency()).items():
             cluster_sums[currency][0] += posted
@@ -102,6 +107,24 @@ async def reconcile(
             "every entry chains to its account's head and checkpoints"
             if not chains.violations
             else "; ".join(v.render() for v in chains.violations[:10]),
+        )
+        markers = await audit.stale_move_markers()
+        report.add(
+            f"move markers {name}",
+            not markers,
+            "none without a rebalance running"
+            if not markers
+            else f"no rebalance running, yet {markers}: rerun `ledger shards rebalance`",
+        )
+        routes = await audit.hold_route_shards()
+        unroutable = {s: n for s, n in routes.items() if s not in routable}
+        report.add(
+            f"open holds {name}",
+            not unroutable,
+            f"{sum(routes.values())} route(s) of open cross-shard holds, every shard routable"
+            if not unroutable
+            else "cannot settle now, their path needs shards that are not routable: "
+            + ", ".join(f"{s} ({n} hold route(s))" for s, n in sorted(unroutable.items())),
         )
         stuck = await audit.stuck_sagas(older_than_s=stuck_after_s)
         report.add(

@@ -64,6 +64,21 @@ class ShardAudit:
             rows = await conn.fetch(sql.SAGA_COUNTS)
         return {(SagaState(r["state"]), r["peer_shard"]): r["sagas"] for r in rows}
 
+    async def stale_move_markers(self) -> list[str]:
+        """Merchants marked incoming or moving while no rebalance runs (a killed run
+        left them: a moving merchant's writes wait until a rerun finishes the move)."""
+        async with self.shard.pool.acquire() as conn:
+            if await conn.fetchval(sql.ADMIN_LOCK_HELD):
+                return []
+            rows = await conn.fetch(sql.MOVE_MARKERS)
+        return [f"{r['merchant_id']} {r['state']}" for r in rows]
+
+    async def hold_route_shards(self) -> dict[str, int]:
+        """The shards open cross-shard holds need, to settle, and how many need each."""
+        async with self.shard.pool.acquire() as conn:
+            rows = await conn.fetch(sql.HOLD_ROUTE_SHARDS)
+        return {r["shard"]: r["holds"] for r in rows}
+
     async def stuck_sagas(self, *, older_than_s: float) -> list[SagaKey]:
         async with self.shard.pool.acquire() as conn:
             rows = await conn.fetch(sql.STUCK_SAGAS, older_than_s)

@@ -385,3 +385,36 @@ SELECT DISTINCT transfer_merchant_id AS merchant_id, transfer_id FROM entries
 WHERE (transfer_merchant_id, transfer_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))
   AND direction = 1 AND kind = 1 AND merchant_id <> '$settlement'
 """
+
+# Reconcile: a rebalance or cleanup holds this admin lock (move_statements
+# TRY_ADMIN_LOCK) on every shard it uses; without it, no move is in progress.
+ADMIN_LOCK_HELD = """
+SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND classid = 7305
+               AND objid = 0 AND objsubid = 2 AND granted)
+"""
+
+MOVE_MARKERS = """
+SELECT merchant_id, state FROM merchants WHERE state IN ('incoming', 'moving')
+ORDER BY merchant_id LIMIT 20
+"""
+
+# The shards that open cross-shard holds need to settle, with how many holds
+# need each: the peers of open holds of merchants here (debit side: the saga's
+# peer; credit side: where the credit arrives from) and the relays here that no
+# settle has passed yet.
+HOLD_ROUTE_SHARDS = """
+SELECT shard, count(*) AS holds FROM (
+    SELECT s.peer_shard AS shard FROM sagas s
+    JOIN merchants m ON m.merchant_id = s.merchant_id AND m.state IN ('active', 'moving')
+    WHERE s.kind = 1 AND s.credit_action = 2 AND s.state = 2
+      AND NOT EXISTS (SELECT 1 FROM pending_resolutions r
+                      WHERE r.merchant_id = s.merchant_id AND r.pending_id = s.transfer_id)
+    UNION ALL
+    SELECT c.from_shard FROM credit_holds c
+    JOIN merchants m ON m.merchant_id = c.credit_merchant_id AND m.state IN ('active', 'moving')
+    UNION ALL
+    SELECT unnest(ARRAY[h.from_shard, h.to_shard]) FROM hold_relays h
+    WHERE NOT EXISTS (SELECT 1 FROM relay_passes p WHERE p.merchant_id = h.merchant_id
+                      AND p.pending_transfer_id = h.transfer_id)
+) routes GROUP BY shard ORDER BY shard
+"""

@@ -1,0 +1,318 @@
+"""Model-based test of merchant moves and holds (issue 17).
+
+A seeded random sequence of ring changes (adding a shard, weight changes that
+move merchants away and back, draining a shard and making it active again),
+each applied as an admin does (the live config, then `ledger shards rebalance`,
+sometimes SIGKILLed at a random crash point and run again), interleaved with
+local and cross-shard holds, full and partial posts and voids (naming the credit
+account or not) and holds left to time out. A simple model predicts every
+account's balances. After the sequence every open hold must settle when asked,
+a final rebalance must finish (every draining shard DRAINED), the balances must
+be the model's and reconcile must be clean.
+
+Short in the suite (one seed); long on demand, for example:
+    LEDGER_MOVES_MODEL_SEEDS=1-20 LEDGER_MOVES_MODEL_STEPS=40 \
+        python3 -m pytest tests/test_moves_model.py
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from ledger import faults
+from ledger.routing.config import ShardConfig
+from ledger.v1 import ledger_pb2 as pb
+from tests.ledger4 import ALL_SHARDS, FIRST_SHARDS, Ledger4
+from tests.support import ref, transfer, uid, write_config
+from tests.test_rebalance import (
+    DEFERRED_CALL_ATTEMPTS_MAX,
+    REPO_ROOT,
+    SUBPROCESS_TIMEOUT_S,
+    all_balances,
+    assert_reconciled,
+    create_merchants,
+    lookup_final,
+    opened,
+    send_retrying,
+    wait_for_balances,
+)
+
+
+def _seeds() -> list[int]:
+    spec = os.environ.get("LEDGER_MOVES_MODEL_SEEDS", "3")
+    low, _, high = spec.partition("-")
+    return list(range(int(low), int(high or low) + 1))
+
+
+# Operations per sequence (each a hold operation or a ring change).
+STEPS = int(os.environ.get("LEDGER_MOVES_MODEL_STEPS", "14"))
+MERCHANTS = 6
+# A share of steps changes the ring (and rebalances); the rest are hold operations.
+RING_CHANGE_SHARE = 0.3
+# A share of rebalances is SIGKILLed at a random crash point first, then run again.
+REBALANCE_KILL_SHARE = 0.4
+WEIGHTS = (1, 3, 6)
+AMOUNT_MINOR_MAX = 1_000
+# Holds left to expire: long enough to outlive a few moves, short enough to end.
+HOLD_TIMEOUT_MS = 6_000
+# A rebalance is run again at most this often to finish after deferrals.
+REBALANCE_RUNS_MAX = 4
+REBALANCE_CRASH_POINTS = tuple(p for p in faults.POINTS if p.startswith(("rebalance.", "move.")))
+
+
+@dataclass
+class Hold:
+    id: str
+    debit: str
+    credit: str
+    amount_minor: int
+    expires: bool
+
+
+@dataclass
+class Model:
+    """Every account's (debits_posted, credits_posted, debits_pending, credits_pending)."""
+
+    merchants: list[str]
+    balances: dict[tuple[str, str], list[int]] = field(default_factory=dict)
+    open_holds: dict[str, Hold] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for m in self.merchants:
+            for name in ("cash", "sales"):
+                self.balances[(m, name)] = [0, 0, 0, 0]
+
+    def hold(self, hold: Hold) -> None:
+        self.open_holds[hold.id] = hold
+        self.balances[(hold.debit, "cash")][2] += hold.amount_minor
+        self.balances[(hold.credit, "sales")][3] += hold.amount_minor
+
+    def settle(self, hold_id: str, posted_minor: int) -> None:
+        hold = self.open_holds.pop(hold_id)
+        self.balances[(hold.debit, "cash")][2] -= hold.amount_minor
+        self.balances[(hold.credit, "sales")][3] -= hold.amount_minor
+        self.balances[(hold.debit, "cash")][0] += posted_minor
+        self.balances[(hold.credit, "sales")][1] += posted_minor
+
+    def expected(self) -> dict[tuple[str, str], tuple[int, int, int, int]]:
+        return {k: (v[0], v[1], v[2], v[3]) for k, v in self.balances.items()}
+
+
+@dataclass
+class Topology:
+    """The admin's config: shards, weights and states; each change is the next epoch."""
+
+    env: Ledger4
+    epoch: int = 1
+    names: list[str] = field(default_factory=lambda: list(FIRST_SHARDS))
+    weights: dict[str, int] = field(default_factory=dict)
+    states: dict[str, str] = field(default_factory=dict)
+
+    def config(self) -> ShardConfig:
+        return self.env.config(self.epoch, self.names, weights=self.weights, states=self.states)
+
+    def change(self, rng: random.Random) -> str:
+        """One random ring change that keeps at least two shards active."""
+        active = [n for n in self.names if self.states.get(n, "active") == "active"]
+        draining = [n for n in self.names if self.states.get(n) == "draining"]
+        choices = ["weight", "weight"]
+        if len(self.names) < len(ALL_SHARDS):
+            choices.append("add")
+        if len(active) > 2:
+            choices.append("drain")
+        if draining:
+            choices.append("reactivate")
+        kind = rng.choice(choices)
+        self.epoch += 1
+        if kind == "add":
+            added = next(n for n in ALL_SHARDS if n not in self.names)
+            self.names.append(added)
+            return f"add {added}"
+        if kind == "drain":
+            target = rng.choice(active)
+            self.states[target] = "draining"
+            return f"drain {target}"
+        if kind == "reactivate":
+            target = rng.choice(draining)
+            del self.states[target]
+            return f"reactivate {target}"
+        target = rng.choice(active)
+        self.weights[target] = rng.choice([w for w in WEIGHTS if w != self.weights.get(target, 1)])
+        return f"weight {target}={self.weights[target]}"
+
+
+async def rebalance_cli(config_path: Path, *, crash_point: str | None) -> tuple[int, str]:
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO_ROOT),
+        "GRPC_ENABLE_FORK_SUPPORT": "false",
+        **({faults.CRASH_POINT_ENV: crash_point} if crash_point else {}),
+    }
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "ledger.cli",
+        "shards",
+        "rebalance",
+        "--config",
+        str(config_path),
+        cwd=REPO_ROOT,
+        env=env,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    try:
+        output, _ = await asyncio.wait_for(process.communicate(), SUBPROCESS_TIMEOUT_S)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        raise AssertionError("a rebalance ran past its deadline") from None
+    assert process.returncode is not None
+    return process.returncode, output.decode(errors="replace")
+
+
+class Run:
+    def __init__(self, env: Ledger4, seed: int) -> None:
+        self.env = env
+        self.rng = random.Random(f"moves-model/{seed}")
+        self.merchants = [f"mm{seed}x{i}{uid()}" for i in range(MERCHANTS)]
+        self.model = Model(self.merchants)
+        self.topology = Topology(env)
+        self.log: list[str] = []
+        self.kills = 0
+
+    def describe(self) -> str:
+        return "\n".join(self.log[-40:])
+
+    async def hold(self) -> None:
+        debit, credit = self.rng.sample(self.merchants, 2)
+        expires = self.rng.random() < 0.2
+        item = transfer(
+            uid("h"),
+            ref(debit, "cash"),
+            ref(credit, "sales"),
+            self.rng.randint(1, AMOUNT_MINOR_MAX),
+            action=pb.TRANSFER_ACTION_PENDING,
+            timeout_ms=HOLD_TIMEOUT_MS if expires else 0,
+        )
+        await self.send(item, what=f"hold {item.id} {debit}->{credit} {item.amount_minor}")
+        self.model.hold(Hold(item.id, debit, credit, item.amount_minor, expires))
+
+    async def settle(self, hold: Hold) -> None:
+        post = self.rng.random() < 0.6
+        item = pb.Transfer(
+            id=uid("s"),
+            debit_account=ref(hold.debit, "cash"),
+            action=pb.TRANSFER_ACTION_POST_PENDING if post else pb.TRANSFER_ACTION_VOID_PENDING,
+            pending_id=hold.id,
+        )
+        posted_minor = 0
+        if post:
+            posted_minor = self.rng.choice(
+                [hold.amount_minor, self.rng.randint(1, hold.amount_minor)]
+            )
+            item.amount_minor = posted_minor
+        if self.rng.random() < 0.5:
+            item.credit_account.CopyFrom(ref(hold.credit, "sales"))
+        verb = f"post {posted_minor}" if post else "void"
+        await self.send(
+            item, what=f"{verb} {hold.id} (credit named: {item.HasField('credit_account')})"
+        )
+        self.model.settle(hold.id, posted_minor)
+
+    async def send(self, item: pb.Transfer, *, what: str) -> None:
+        """Sends until answered (retryable failures again, same id); it must end OK."""
+        self.log.append(what)
+        answer = await send_retrying(
+            self.env.service, item, self.rng, attempts_max=DEFERRED_CALL_ATTEMPTS_MAX
+        )
+        key = (item.debit_account.merchant_id, item.id)
+        assert answer.result is not None, f"{what}: {answer.describe()}\n{self.describe()}"
+        if answer.result != pb.TRANSFER_RESULT_OK:
+            final = (await lookup_final(self.env.service, [key]))[key]
+            assert final.result == pb.TRANSFER_RESULT_OK, (
+                f"{what}: {pb.TransferResult.Name(final.result)}\n{self.describe()}"
+            )
+
+    async def change_ring(self) -> None:
+        change = self.topology.change(self.rng)
+        config = self.topology.config()
+        self.log.append(f"ring: {change} (epoch {config.epoch})")
+        await self.env.switch_to(config)
+        await self.rebalance(config, kill=self.rng.random() < REBALANCE_KILL_SHARE)
+
+    async def rebalance(self, config: ShardConfig, *, kill: bool) -> bool:
+        """Rebalances to config (first killed at a random point, if kill); True when
+        finished (nothing deferred, every draining shard empty)."""
+        if kill:
+            point = self.rng.choice(REBALANCE_CRASH_POINTS)
+            path = write_config(self.env.tmp_path / f"model-{config.epoch}.toml", config)
+            code, output = await rebalance_cli(path, crash_point=point)
+            self.log.append(f"  rebalance killed at {point}: exit {code}")
+            if code == -signal.SIGKILL:
+                self.kills += 1
+            else:
+                assert code in (0, 1), output
+        for _ in range(REBALANCE_RUNS_MAX):
+            async with opened(config) as rebalancer:
+                summary = await rebalancer.rebalance()
+            self.log.append("  " + summary.render().replace("\n", "\n  "))
+            if summary.finished:
+                return True
+            if any(r.outcome.startswith("failed") for r in summary.results):
+                raise AssertionError(f"a move failed:\n{self.describe()}")
+        return False
+
+    async def step(self) -> None:
+        if self.rng.random() < RING_CHANGE_SHARE:
+            await self.change_ring()
+            return
+        settleable = [h for h in self.model.open_holds.values() if not h.expires]
+        if settleable and self.rng.random() < 0.5:
+            await self.settle(self.rng.choice(settleable))
+        else:
+            await self.hold()
+
+    async def finish(self) -> None:
+        """Every open hold settles when asked; the ones left to expire do; a final
+        rebalance finishes; the books are the model's and reconcile is clean."""
+        for hold in [h for h in self.model.open_holds.values() if not h.expires]:
+            await self.settle(hold)
+        for hold in [h for h in self.model.open_holds.values() if h.expires]:
+            self.model.settle(hold.id, 0)
+        await wait_for_balances(
+            self.env.service,
+            self.model.expected(),
+            what=f"the model's balances once every hold settled or expired\n{self.describe()}",
+        )
+        config = self.topology.config()
+        assert await self.rebalance(config, kill=False), (
+            f"the final rebalance did not finish\n{self.describe()}"
+        )
+        assert await all_balances(self.env.service, self.merchants) == self.model.expected()
+        await assert_reconciled(self.env, config, "model-reconcile.toml", every_mirror_checked=True)
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("seed", _seeds())
+async def test_random_moves_and_holds_keep_every_hold_settleable(
+    ledger4: Ledger4, seed: int
+) -> None:
+    run = Run(ledger4, seed)
+    await create_merchants(ledger4.service, run.merchants)
+    for _ in range(STEPS):
+        await run.step()
+    await run.finish()
+    print(
+        f"\nseed {seed}: {STEPS} steps, {len(run.log)} log lines, "
+        f"{run.kills} rebalances killed, epoch {run.topology.epoch}"
+    )
