@@ -1040,7 +1040,7 @@ async def test_sagas_copied_ahead_of_a_move_are_not_driven_where_the_merchant_is
         ahead = MoveStore(rebalancer.shards["shard-d"])
         await ahead.mark_incoming(held, source=source, epoch=new.epoch)
         await ahead.write_rows(
-            held, await MoveStore(rebalancer.shards[source]).read_rows(held, since=None)
+            held, await MoveStore(rebalancer.shards[source]).read_rows(held, since_xid=None)
         )
         await rebalancer.shards["shard-d"].pool.execute(make_due)
         claimed = await SagaStore(rebalancer.shards["shard-d"]).claim_due(

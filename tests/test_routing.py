@@ -14,7 +14,7 @@ import pytest
 from google.rpc import error_details_pb2
 
 from ledger.domain.accounts import AccountKey, AccountSpec
-from ledger.domain.transfers import TransferAction, TransferRequest
+from ledger.domain.transfers import TransferAction, TransferRequest, TransferResult
 from ledger.routing.config import ConfigError, ShardConfig, ShardSpec, parse_config
 from ledger.routing.ring import ShardRing
 from ledger.storage.errors import MerchantsNotOwned, StaleEpoch
@@ -210,15 +210,30 @@ async def test_other_shard_refuses_writes_for_a_merchant_it_does_not_own(service
     }
 
 
-async def test_shard_refuses_a_fence_with_a_different_epoch(service: Service) -> None:
+async def test_shard_refuses_a_fence_behind_its_epoch_and_claims_for_one_ahead(
+    service: Service,
+) -> None:
+    """A caller behind the shard must reload. A caller ahead (its config is newer,
+    the rebalance to it has not started) may write what the shard owns now, but
+    claims nothing: an unknown merchant waits for the rebalance."""
     merchant = service.merchant_on("shard-b")
     await create_accounts(service.stub, account(merchant, "cash"), account(merchant, "wallet"))
     home = service.cluster.shard_for(merchant)
-    stale = Fence(epoch=service.cluster.epoch + 1, claimable=frozenset({merchant}))
+    behind = Fence(epoch=service.cluster.epoch - 1, claimable=frozenset({merchant}))
     with pytest.raises(StaleEpoch):
-        await home.create_transfers([_local_transfer(merchant)], stale)
-    rows = await _merchant_rows(home, merchant)
-    assert rows["transfers"] == 0 and rows["entries"] == 0
+        await home.create_transfers([_local_transfer(merchant)], behind)
+    assert (await _merchant_rows(home, merchant))["transfers"] == 0
+
+    unknown = service.merchant_on("shard-b", prefix="new")
+    ahead = Fence(epoch=service.cluster.epoch + 1, claimable=frozenset({merchant, unknown}))
+    with pytest.raises(StaleEpoch):
+        await home.create_accounts(
+            [AccountSpec(key=AccountKey(unknown, "cash"), currency="USD")], ahead
+        )
+    assert (await _merchant_rows(home, unknown))["merchants"] == 0
+    outcomes = await home.create_transfers([_local_transfer(merchant)], ahead)
+    assert [o.result for o in outcomes] == [TransferResult.OK]
+    assert (await _merchant_rows(home, merchant))["transfers"] == 1
 
 
 async def test_shard_refuses_writes_for_a_merchant_marked_moved_and_names_new_owner(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TypeVar
@@ -388,6 +388,19 @@ class Ledger:
                 unknown = True
         return unknown
 
+    def _follow_previous(
+        self, merchant_ids: Iterable[str], refused_by: str, owners: dict[str, str]
+    ) -> bool:
+        """Routes merchants a shard does not know yet (a rebalance has not marked their
+        move) to where the previous config put them; True if any was."""
+        followed = False
+        for merchant_id in merchant_ids:
+            previous = self.cluster.previous_owner(merchant_id, refused_by=refused_by)
+            if previous is not None and owners.get(merchant_id) != previous:
+                owners[merchant_id] = previous
+                followed = True
+        return followed
+
     async def _route(
         self,
         items: Sequence[Item],
@@ -452,15 +465,21 @@ class Ledger:
                     log.warning("shard %s unavailable: %s", shard.name, outcome)
                     results.update({i: unavailable(items[i]) for i in indexes})
                 elif isinstance(outcome, StaleEpoch):
-                    # Older shard: a rebalance is about to bring it here, so wait;
-                    # newer shard: this replica's config is behind, so reload.
-                    reload_needed |= outcome.shard_epoch > self.cluster.epoch
+                    # Newer shard: this replica's config is behind, so reload. Older
+                    # shard: a rebalance to this config is about to start; merchants
+                    # not handed over yet are where the previous config put them.
+                    if outcome.shard_epoch > self.cluster.epoch:
+                        reload_needed = True
+                    else:
+                        homes = {home_of(items[i]) for i in indexes}
+                        redirected |= self._follow_previous(homes, shard.name, owners)
                     retry += indexes
                 elif isinstance(outcome, MerchantsNotOwned):
                     reload_needed |= self._learn_owners(outcome, owners)
                     redirected = True
                     retry += indexes
                 elif isinstance(outcome, MerchantsMoving):
+                    redirected |= self._follow_previous(outcome.unknown, shard.name, owners)
                     retry += indexes
                 elif isinstance(outcome, BaseException):
                     raise outcome

@@ -39,14 +39,13 @@ import statistics
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from datetime import timedelta
 
 from ledger import faults, limits
 from ledger.domain.moves import CrossHold
 from ledger.invariant import InvariantViolation
 from ledger.routing.config import ShardConfig, ShardSpec
 from ledger.routing.ring import ShardRing
-from ledger.storage.moves import COPY_OVERLAP_S, MoveDeferred, MoveStore, ShardPins
+from ledger.storage.moves import MoveDeferred, MoveStore, ShardPins
 from ledger.storage.shard import Shard
 from ledger.telemetry.pseudonym import pseudonymise
 from ledger.telemetry.tracing import tracer
@@ -327,23 +326,29 @@ class Rebalancer:
             # Never expected (new shards start with claims paused): say so loudly.
             return MoveResult(move, "failed: active on both shards; resolve by hand")
         rows_copied = 0
-        copied_at = None
+        # What the last copy saw (see MerchantRows.horizon_xid); None: copy all.
+        horizon_xid: str | None = None
         fenced_at = time.monotonic()
         if source_state is not None and source_state[0] == "active":
             with tracer.start_as_current_span("move copy"):
-                first = await source.read_rows(m, since=None)
-                copied_at = first.read_at
+                first = await source.read_rows(m, since_xid=None)
                 rows_copied += await destination.write_rows(m, first)
+                # Catch up once more while writes go on, so that what is left to copy
+                # under the fence is only what changed in the last moments.
+                caught_up = await source.read_rows(m, since_xid=first.horizon_xid)
+                rows_copied += await destination.write_rows(m, caught_up)
+                horizon_xid = caught_up.horizon_xid
             faults.crash_point("move.after_first_copy")
             with tracer.start_as_current_span("move fence"):
                 refused = await source.fence(m, epoch=epoch)
+                # The merchant's writes wait from here until it is handed over.
+                fenced_at = time.monotonic()
                 if refused is None:
                     refused = await self._drain(source, m, destination=move.destination)
                     if refused is not None:
                         await source.unfence(m, epoch=epoch)
             if refused is not None:
                 return MoveResult(move, f"deferred: {refused}", rows_copied)
-            fenced_at = time.monotonic()
             faults.crash_point("move.after_fence")
         elif source_state is not None and destination_state[0] == "incoming":
             # Resumed under a fence a crashed run left: check what the fence checks.
@@ -355,20 +360,15 @@ class Rebalancer:
             problem = None
             for _ in range(VERIFY_ATTEMPTS_MAX):
                 with tracer.start_as_current_span("move copy changes"):
-                    since = (
-                        copied_at - timedelta(seconds=COPY_OVERLAP_S)
-                        if copied_at is not None
-                        else None
-                    )
-                    rows_copied += await destination.write_rows(
-                        m, await source.read_rows(m, since=since)
-                    )
+                    changes = await source.read_rows(m, since_xid=horizon_xid)
+                    rows_copied += await destination.write_rows(m, changes)
                 with tracer.start_as_current_span("move verify"):
                     problem = await self._verify(source, destination, m)
                 if problem is None:
                     break
                 # A saga step that was under way at the fence may have landed since
-                # the copy: let it settle and copy again.
+                # the copy: let it settle and copy again, all of it.
+                horizon_xid = None
                 await self._drain(source, m, destination=move.destination)
             if problem is not None:
                 await source.unfence(m, epoch=epoch)
@@ -382,10 +382,10 @@ class Rebalancer:
                     await source.unfence(m, epoch=epoch)
                     return MoveResult(move, f"deferred: {deferred}", rows_copied)
             faults.crash_point("move.after_activate")
-        pause_ms = (time.monotonic() - fenced_at) * 1000
         with tracer.start_as_current_span("move hand over"):
             folded = await destination.folds(m, epoch=epoch)
             await source.mark_moved(m, destination=move.destination, epoch=epoch, folded=folded)
+        pause_ms = (time.monotonic() - fenced_at) * 1000
         faults.crash_point("move.after_hand_over")
         return MoveResult(move, "moved", rows_copied, pause_ms)
 

@@ -40,6 +40,10 @@ class Cluster:
         # history and settlement positions are part of the books.
         self.audit = audit
         self.ring = ShardRing(config)
+        # The ring before the last reload: until a rebalance to the new config has
+        # marked its moves, a merchant the new ring places elsewhere is still where
+        # this ring put it (see previous_owner).
+        self.previous_ring: ShardRing | None = None
         self.shards: dict[str, Shard] = {}
         # Shards that could not be reached to set up at start-up: their merchants
         # get UNAVAILABLE meanwhile, and set-up is retried (migrate_unreached).
@@ -146,6 +150,15 @@ class Cluster:
     def shard_for(self, merchant_id: str) -> Shard:
         return self.shards[self.ring.shard_for(merchant_id)]
 
+    def previous_owner(self, merchant_id: str, *, refused_by: str) -> str | None:
+        """Where the config before this one placed the merchant, if it is not the
+        shard that just refused it as unknown to it (the merchant has not been
+        handed over yet: the old owner still serves it, fenced as ever)."""
+        if self.previous_ring is None:
+            return None
+        name = self.previous_ring.shard_for(merchant_id)
+        return name if name != refused_by and name in self.shards else None
+
     def fence(self, shard: Shard, merchant_ids: set[str], *, allow_moving: bool = False) -> Fence:
         claimable = frozenset(m for m in merchant_ids if self.ring.shard_for(m) == shard.name)
         return Fence(epoch=self.epoch, claimable=claimable, allow_moving=allow_moving)
@@ -176,7 +189,12 @@ class Cluster:
                 return await step(target, fence)
             except StaleEpoch as error:
                 if error.shard_epoch < self.epoch:
-                    # A rebalance to this config is about to start: wait for it.
+                    # A rebalance to this config is about to start: the merchant is
+                    # still where the previous config put it, or wait for the rebalance.
+                    previous = self.previous_owner(merchant_id, refused_by=target.name)
+                    if previous is not None:
+                        target = self.shards[previous]
+                        continue
                     await asyncio.sleep(MOVING_RETRY_DELAY_S * attempt)
                 else:
                     await self.reload()
@@ -187,7 +205,15 @@ class Cluster:
                     await self.reload()
                     hinted = self.shard_named(error.owners.get(merchant_id))
                 target = hinted or self.shard_for(merchant_id)
-            except MerchantsMoving:
+            except MerchantsMoving as error:
+                previous = (
+                    self.previous_owner(merchant_id, refused_by=target.name)
+                    if merchant_id in error.unknown
+                    else None
+                )
+                if previous is not None:
+                    target = self.shards[previous]
+                    continue
                 await asyncio.sleep(MOVING_RETRY_DELAY_S * attempt)
         # No merchant id in the message: it ends up in logs and saga rows.
         raise ClusterUnavailable("routing did not settle: the merchant may be moving")
@@ -226,6 +252,6 @@ class Cluster:
             for name in removed:
                 await self.shards.pop(name).close()
             self.config = config
-            self.ring = ShardRing(config)
+            self.previous_ring, self.ring = self.ring, ShardRing(config)
             log.info("loaded shard config epoch %d from %s", config.epoch, self.config_path)
             return True

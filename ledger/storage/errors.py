@@ -37,11 +37,17 @@ class MerchantsNotOwned(Exception):
 
 
 class MerchantsMoving(Exception):
-    """The merchants are being handed to another shard; retry shortly."""
+    """The merchants are being handed to another shard; retry shortly.
 
-    def __init__(self, shard_name: str, merchant_ids: list[str]) -> None:
+    unknown: those this shard has never seen while a rebalance decides who moves
+    (claims paused): they are still wherever the previous config placed them."""
+
+    def __init__(
+        self, shard_name: str, merchant_ids: list[str], *, unknown: list[str] | None = None
+    ) -> None:
         super().__init__(f"shard {shard_name}: {len(merchant_ids)} merchant(s) moving")
         self.merchant_ids = merchant_ids
+        self.unknown = unknown or []
 
 
 class SettleIsLocal(Exception):

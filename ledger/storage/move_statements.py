@@ -14,6 +14,16 @@ MOVED_TABLES: tuple[tuple[str, str, str], ...] = (
     ("saga_credits", "credit_merchant_id", "merchant_id, transfer_id, kind"),
 )
 
+# A copy made while writes go on reads, next time, every row written by a
+# transaction that its snapshot could not see: those have an xmin at least the
+# snapshot's xmin (the oldest transaction then running), however long they ran
+# before committing. xmin is a 32-bit xid, compared by age (wraparound-safe;
+# frozen rows are the oldest). Updated rows (accounts, sagas) get a new xmin.
+SNAPSHOT_HORIZON_XID = """
+SELECT (pg_snapshot_xmin(pg_current_snapshot())::text::bigint % 4294967296)::text
+"""
+WRITTEN_SINCE_XID = "age(xmin) <= age($2::text::xid)"
+
 ACTIVE_MERCHANTS = """
 SELECT merchant_id FROM merchants WHERE state = 'active' AND merchant_id NOT LIKE '$%'
 ORDER BY merchant_id

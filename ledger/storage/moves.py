@@ -39,9 +39,6 @@ if TYPE_CHECKING:
 # How long the fence waits for writes in flight on the merchant; a move that
 # cannot fence within this is retried later rather than stalling writers.
 FENCE_LOCK_TIMEOUT_MS = 5000
-# Copies made while writes go on read transfers and entries back this far
-# before the previous copy began, to cover transactions committed late.
-COPY_OVERLAP_S = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,8 +49,10 @@ class MerchantRows:
     steps: list[asyncpg.Record]
     expiries: list[asyncpg.Record]
     credit_holds: list[asyncpg.Record]
-    # The source's clock when the read began: the next copy starts from here.
-    read_at: datetime
+    # The oldest transaction still running when the read began (its snapshot's
+    # xmin, as a 32-bit xid): every row this read could not see was written by a
+    # transaction at least this new, so the next copy reads only those.
+    horizon_xid: str
 
     @property
     def count(self) -> int:
@@ -227,16 +226,20 @@ class MoveStore:
 
         await self.shard._in_transaction(run)
 
-    async def read_rows(self, merchant_id: str, *, since: datetime | None) -> MerchantRows:
+    async def read_rows(self, merchant_id: str, *, since_xid: str | None) -> MerchantRows:
+        """The merchant's rows; with since_xid (a previous read's horizon_xid), only
+        those written since that read's snapshot (and some before: copies are
+        idempotent), however late their transactions committed."""
+
         async def run(conn: Connection) -> MerchantRows:
-            read_at: datetime = await conn.fetchval(ledger_sql.NOW)
+            horizon_xid: str = await conn.fetchval(sql.SNAPSHOT_HORIZON_XID)
             tables: dict[str, list[asyncpg.Record]] = {}
             for table, column, _ in sql.MOVED_TABLES:
                 query = f"SELECT * FROM {table} WHERE {column} = $1"
                 args: list[object] = [merchant_id]
-                if since is not None and table in ("transfers", "entries"):
-                    query += " AND created_at >= $2"
-                    args.append(since)
+                if since_xid is not None:
+                    query += f" AND {sql.WRITTEN_SINCE_XID}"
+                    args.append(since_xid)
                 tables[table] = await conn.fetch(query, *args)
             steps = await conn.fetch(
                 "SELECT merchant_id, transfer_id, kind, step, outcome, detail, at"
@@ -247,7 +250,7 @@ class MoveStore:
                 "SELECT * FROM pending_expiries WHERE merchant_id = $1", merchant_id
             )
             credit_holds = await conn.fetch(sql.CREDIT_HOLDS_OF, merchant_id)
-            return MerchantRows(tables, steps, expiries, credit_holds, read_at)
+            return MerchantRows(tables, steps, expiries, credit_holds, horizon_xid)
 
         return await self.shard._in_transaction(run)
 

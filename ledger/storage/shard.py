@@ -592,20 +592,28 @@ class Shard:
             raise StaleEpoch(self.name, 0, fence.epoch) from None
         invariant(len(rows) >= 1, "shard_meta has its row")
         shard_epoch = int(rows[0]["epoch"])
-        if shard_epoch != fence.epoch:
+        if shard_epoch > fence.epoch:
             raise StaleEpoch(self.name, shard_epoch, fence.epoch)
+        # A caller ahead of this shard (its config is newer; the rebalance to it has
+        # not raised the shards' epochs yet) may write what this shard owns now:
+        # ownership is decided here, under the merchant's lock. It may claim nothing.
+        caller_ahead = shard_epoch < fence.epoch
         known = {r["merchant_id"]: r for r in rows if r["merchant_id"] is not None}
         claims_paused = bool(rows[0]["claims_paused"])
         not_owned: dict[str, str | None] = {}
         moving: list[str] = []
+        unknown: list[str] = []
         claim: list[str] = []
         for merchant_id in ids:
             row = known.get(merchant_id)
             if row is None:
                 if merchant_id not in fence.claimable:
                     not_owned[merchant_id] = None
+                elif caller_ahead:
+                    raise StaleEpoch(self.name, shard_epoch, fence.epoch)
                 elif claims_paused:
                     moving.append(merchant_id)
+                    unknown.append(merchant_id)
                 else:
                     claim.append(merchant_id)
             elif row["state"] in ("moved", "incoming"):
@@ -616,7 +624,7 @@ class Shard:
         if not_owned:
             raise MerchantsNotOwned(self.name, not_owned)
         if moving:
-            raise MerchantsMoving(self.name, moving)
+            raise MerchantsMoving(self.name, moving, unknown=unknown)
         if claim:
             await conn.execute(sql.CLAIM_MERCHANTS, claim, fence.epoch)
 
