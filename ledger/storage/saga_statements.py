@@ -358,6 +358,13 @@ SAGA_COUNTS = """
 SELECT state, peer_shard, count(*) AS sagas FROM sagas GROUP BY state, peer_shard
 """
 
+# How long the oldest running saga has been running (0 with none), by the shard's clock:
+# the ledger_saga_oldest_running_age_seconds gauge. Served by sagas_by_state.
+OLDEST_RUNNING_SAGA_AGE = """
+SELECT coalesce(extract(epoch FROM clock_timestamp() - min(created_at)), 0)::float8 AS age_s
+FROM sagas WHERE state = 1
+"""
+
 STUCK_SAGAS = """
 SELECT merchant_id, transfer_id, kind FROM sagas
 WHERE state = 1 AND created_at < clock_timestamp() - make_interval(secs => $1)
