@@ -99,20 +99,24 @@ def main() -> None:
 
 
 def _config(option: Path | None) -> Path:
-    """The shard config this admin command uses, said on stderr; exits 2 if there is none."""
+    """The shard config this admin command uses (said on stderr unless given as --config);
+    exits 2 if there is none."""
     try:
         resolved = resolve_config(option, os.environ)
     except NoConfigFound as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from None
-    typer.echo(resolved.describe("config"), err=True)
+    if option is None:
+        # Not chosen on the command line: say where it came from.
+        typer.echo(resolved.describe("config"), err=True)
     return Path(resolved.value)
 
 
 def _address(option: str | None) -> str:
-    """The service address this client command calls, said on stderr."""
+    """The service address this client command calls (said on stderr unless given)."""
     resolved = resolve_address(option, os.environ)
-    typer.echo(resolved.describe("address"), err=True)
+    if option is None:
+        typer.echo(resolved.describe("address"), err=True)
     return resolved.value
 
 
