@@ -113,12 +113,19 @@ async def test_shard_restored_from_an_older_backup_is_found_and_healed_by_resubm
             await asyncio.to_thread(_copy_data_dir, backup, server.data_dir)
             await asyncio.to_thread(cluster.shards.start_one, "shard-a")
 
-            reconciled = await asyncio.to_thread(_cli, cluster.config_path, "reconcile")
+            metrics_file = tmp_path / "ledger_reconcile.prom"
+            reconciled = await asyncio.to_thread(
+                _cli, cluster.config_path, "reconcile", "--metrics-file", str(metrics_file)
+            )
             assert reconciled.returncode == 1, reconciled.stdout
             failed = [line for line in reconciled.stdout.splitlines() if line.startswith("FAIL")]
             assert failed, reconciled.stdout
             assert all("shard-a" in line and "shard-b" in line for line in failed), failed
             assert re.search(r"^ok\s+balance shard-a USD", reconciled.stdout, re.MULTILINE)
+            # What LedgerReconcileFailed reads (docs/alerts.md).
+            exported = metrics_file.read_text()
+            assert "ledger_reconcile_ok 0.0" in exported
+            assert f"ledger_reconcile_discrepancies {float(len(failed))}" in exported
 
             verified = await asyncio.to_thread(_cli, cluster.config_path, "verify")
             assert verified.returncode == 0, verified.stdout
@@ -131,9 +138,14 @@ async def test_shard_restored_from_an_older_backup_is_found_and_healed_by_resubm
                 result = await _post(client, item)
                 assert result.result == pb.TRANSFER_RESULT_OK
                 assert not result.replayed, "the restore lost it, so it applies anew"
-            healed = await asyncio.to_thread(_cli, cluster.config_path, "reconcile")
+            healed = await asyncio.to_thread(
+                _cli, cluster.config_path, "reconcile", "--metrics-file", str(metrics_file)
+            )
             assert healed.returncode == 0, healed.stdout
             assert "reconcile passed" in healed.stdout
+            exported = metrics_file.read_text()
+            assert "ledger_reconcile_ok 1.0" in exported
+            assert "ledger_reconcile_discrepancies 0.0" in exported
 
             sales = await client.get_balance(payee, "sales")
             till = await client.get_balance(payer, "till")
