@@ -473,3 +473,10 @@ async def _check_a_stopped_shard_shows(server: Prometheus, cluster: ProcessClust
         return [s["metric"].get("shard") for s in await server.query(expr)] == ["shard-c"]
 
     await wait_until(shown, deadline_s=SETTLE_DEADLINE_S, what="shard-c shown unavailable")
+
+    # The replica's own reachability gauge says so too, not only the error counter.
+    async def unreachable() -> bool:
+        found = await server.query("min by (shard) (ledger_shard_reachable) == 0")
+        return [s["metric"].get("shard") for s in found] == ["shard-c"]
+
+    await wait_until(unreachable, deadline_s=SETTLE_DEADLINE_S, what="shard-c unreachable")
