@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import signal
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -19,6 +21,7 @@ from ledger import limits
 from ledger.api.auth import Scope, TokenFileError, TokenTable, new_token, token_entry
 from ledger.api.server import LedgerServer
 from ledger.api.tls import ServerTls
+from ledger.cli_defaults import DEFAULT_ADDRESS, NoConfigFound, resolve_address, resolve_config
 from ledger.client import ClientCredentials, LedgerClient
 from ledger.domain.sagas import SagaKind, SagaState
 from ledger.embedded.cluster import EmbeddedCluster
@@ -34,6 +37,7 @@ from ledger.storage.chain import ChainStore
 from ledger.storage.moves import AdminBusy
 from ledger.telemetry.logs import setup_logging
 from ledger.telemetry.metrics import setup_metrics
+from ledger.telemetry.textfile import reconcile_gauges, write_gauges
 from ledger.telemetry.tracing import setup_tracing
 from ledger.v1 import ledger_pb2 as pb
 from ledger.v1 import ledger_pb2_grpc
@@ -44,7 +48,13 @@ accounts_app = typer.Typer(help="Create and inspect accounts.", no_args_is_help=
 app.add_typer(accounts_app, name="accounts")
 shards_app = typer.Typer(help="Plan and run online rebalancing of merchants.", no_args_is_help=True)
 app.add_typer(shards_app, name="shards")
-_NewConfig = Annotated[Path, typer.Option("--config", help="The new shard config.")]
+_NewConfig = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        help="The new shard config (default: $LEDGER_CONFIG, else the embedded cluster's).",
+    ),
+]
 _OldConfig = Annotated[
     Path | None,
     typer.Option("--from", help="The previous config, for shards the new one removes."),
@@ -63,12 +73,51 @@ R = TypeVar("R")
 ConfigOption = Annotated[
     Path | None, typer.Option("--config", help="Shard config file (default: embedded cluster).")
 ]
-TargetOption = Annotated[str, typer.Option("--target", help="host:port of a ledger server.")]
-DEFAULT_TARGET = "127.0.0.1:50051"
+# Admin commands that read the shards: --config, else $LEDGER_CONFIG, else the config
+# the embedded cluster (`ledger serve` without a config) wrote in the current folder.
+AdminConfigOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        help="Shard config file (default: $LEDGER_CONFIG, else the embedded cluster's "
+        "$LEDGER_DATA_DIR/shard_config.toml, ./.ledger-data by default).",
+    ),
+]
+# Client commands: --address, else $LEDGER_ADDRESS, else the default listen address.
+TargetOption = Annotated[
+    str | None,
+    typer.Option(
+        "--address",
+        "--target",
+        help=f"host:port of a ledger server (default: $LEDGER_ADDRESS, else {DEFAULT_ADDRESS}).",
+    ),
+]
 
 
 def main() -> None:
     app()
+
+
+def _config(option: Path | None) -> Path:
+    """The shard config this admin command uses (said on stderr unless given as --config);
+    exits 2 if there is none."""
+    try:
+        resolved = resolve_config(option, os.environ)
+    except NoConfigFound as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from None
+    if option is None:
+        # Not chosen on the command line: say where it came from.
+        typer.echo(resolved.describe("config"), err=True)
+    return Path(resolved.value)
+
+
+def _address(option: str | None) -> str:
+    """The service address this client command calls (said on stderr unless given)."""
+    resolved = resolve_address(option, os.environ)
+    if option is None:
+        typer.echo(resolved.describe("address"), err=True)
+    return resolved.value
 
 
 @app.command()
@@ -218,11 +267,12 @@ def auth_token(
 
 
 @app.command()
-def migrate(config: Annotated[Path, typer.Option("--config")]) -> None:
+def migrate(config: AdminConfigOption = None) -> None:
     """Apply the schema migrations to every shard in the config."""
+    config_path = _config(config)
 
     async def run() -> None:
-        cluster = Cluster(load_config(config), config_path=config, audit=True)
+        cluster = Cluster(load_config(config_path), config_path=config_path, audit=True)
         try:
             await cluster.open(migrate=True)
         finally:
@@ -233,34 +283,67 @@ def migrate(config: Annotated[Path, typer.Option("--config")]) -> None:
 
 
 @app.command()
-def reconcile(config: Annotated[Path, typer.Option("--config")]) -> None:
+def reconcile(
+    config: AdminConfigOption = None,
+    metrics_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="Also write the result as Prometheus gauges to this file (for "
+            "node-exporter's textfile collector; see docs/alerts.md)."
+        ),
+    ] = None,
+) -> None:
     """Check that the books balance on every shard and across the cluster."""
+    config_path = _config(config)
+    started_s = time.monotonic()
 
     async def run() -> ReconcileReport:
-        cluster = Cluster(load_config(config), config_path=config, audit=True)
+        cluster = Cluster(load_config(config_path), config_path=config_path, audit=True)
         try:
             await cluster.open(migrate=False)
             return await run_reconcile(cluster)
         finally:
             await cluster.close()
 
-    report = asyncio.run(run())
+    try:
+        report = asyncio.run(run())
+    except BaseException:
+        # A reconcile that could not run (a shard down) proves nothing: say so to the alert.
+        if metrics_file is not None:
+            _write_reconcile_metrics(metrics_file, None, time.monotonic() - started_s)
+        raise
+    if metrics_file is not None:
+        _write_reconcile_metrics(metrics_file, report, time.monotonic() - started_s)
     typer.echo(report.render())
     if not report.ok:
         raise typer.Exit(1)
 
 
+def _write_reconcile_metrics(path: Path, report: ReconcileReport | None, duration_s: float) -> None:
+    discrepancies = -1 if report is None else sum(not f.ok for f in report.findings)
+    write_gauges(
+        path,
+        reconcile_gauges(
+            ok=report is not None and report.ok,
+            discrepancies=discrepancies,
+            duration_s=duration_s,
+            at_s=time.time(),
+        ),
+    )
+
+
 @app.command()
 def verify(
-    config: Annotated[Path, typer.Option("--config")],
+    config: AdminConfigOption = None,
     checkpoint: Annotated[
         bool, typer.Option(help="Record a checkpoint of the current heads first.")
     ] = False,
 ) -> None:
     """Check every shard's hash chains: names each edited, inserted or deleted entry."""
+    config_path = _config(config)
 
     async def run() -> bool:
-        cluster = Cluster(load_config(config), config_path=config, audit=True)
+        cluster = Cluster(load_config(config_path), config_path=config_path, audit=True)
         intact = True
         try:
             await cluster.open(migrate=False)
@@ -294,7 +377,7 @@ def sagas_list(
         str, typer.Option(help="running, completed, compensated, dead, or unfinished.")
     ] = "unfinished",
     limit: Annotated[int, typer.Option(help="At most this many.")] = 100,
-    target: TargetOption = DEFAULT_TARGET,
+    target: TargetOption = None,
 ) -> None:
     """List sagas by state, oldest first."""
     states = {"unfinished": 0, **{s.name.lower(): s.value for s in SagaState}}
@@ -314,7 +397,7 @@ def sagas_show(
     merchant_id: str,
     transfer_id: str,
     kind: _KindOption = "transfer",
-    target: TargetOption = DEFAULT_TARGET,
+    target: TargetOption = None,
 ) -> None:
     """Show one saga with its step history and errors."""
     request = pb.GetSagaRequest(ref=_saga_ref(merchant_id, transfer_id, kind))
@@ -330,7 +413,7 @@ def sagas_retry(
     merchant_id: str,
     transfer_id: str,
     kind: _KindOption = "transfer",
-    target: TargetOption = DEFAULT_TARGET,
+    target: TargetOption = None,
 ) -> None:
     """Retry a dead (or running) saga now, with its attempts reset."""
     request = pb.GetSagaRequest(ref=_saga_ref(merchant_id, transfer_id, kind))
@@ -344,7 +427,7 @@ def sagas_resolve(
     transfer_id: str,
     outcome: Annotated[str, typer.Argument(help="completed or compensated")],
     kind: _KindOption = "transfer",
-    target: TargetOption = DEFAULT_TARGET,
+    target: TargetOption = None,
 ) -> None:
     """Finish a stuck saga, only as the credit shard confirms is safe."""
     outcomes = {"completed": pb.SAGA_STATE_COMPLETED, "compensated": pb.SAGA_STATE_COMPENSATED}
@@ -374,10 +457,10 @@ def _saga_line(saga: pb.Saga) -> str:
     )
 
 
-async def _admin(target: str, method: str, request: Any) -> Any:
+async def _admin(target: str | None, method: str, request: Any) -> Any:
     """Calls an admin method with the caller's credentials from the environment."""
     credentials = ClientCredentials.from_env()
-    async with credentials.channel(target) as channel:
+    async with credentials.channel(_address(target)) as channel:
         call = getattr(ledger_pb2_grpc.LedgerAdminServiceStub(channel), method)
         try:
             return await call(request, timeout=_ADMIN_TIMEOUT_S, metadata=credentials.metadata)
@@ -408,14 +491,14 @@ async def _with_rebalancer(
 
 
 @shards_app.command("plan")
-def shards_plan(config: _NewConfig, old: _OldConfig = None) -> None:
+def shards_plan(config: _NewConfig = None, old: _OldConfig = None) -> None:
     """Print which merchants move where under CONFIG, and how much data; changes nothing."""
-    plan = asyncio.run(_with_rebalancer(config, old, lambda r: r.plan()))
+    plan = asyncio.run(_with_rebalancer(_config(config), old, lambda r: r.plan()))
     typer.echo(plan.render())
 
 
 @shards_app.command("rebalance")
-def shards_rebalance(config: _NewConfig, old: _OldConfig = None) -> None:
+def shards_rebalance(config: _NewConfig = None, old: _OldConfig = None) -> None:
     """Move merchants online to their owners under CONFIG (rerun to resume)."""
 
     def progress(done: int, total: int, result: MoveResult, elapsed_s: float) -> None:
@@ -431,30 +514,32 @@ def shards_rebalance(config: _NewConfig, old: _OldConfig = None) -> None:
             err=True,
         )
 
-    summary = asyncio.run(_with_rebalancer(config, old, lambda r: r.rebalance(progress=progress)))
+    summary = asyncio.run(
+        _with_rebalancer(_config(config), old, lambda r: r.rebalance(progress=progress))
+    )
     typer.echo(summary.render())
     if not summary.finished:
         raise typer.Exit(1)
 
 
 @shards_app.command("status")
-def shards_status(config: _NewConfig, old: _OldConfig = None) -> None:
+def shards_status(config: _NewConfig = None, old: _OldConfig = None) -> None:
     """Show each shard's epoch, its merchants by state and moves in progress."""
-    for line in asyncio.run(_with_rebalancer(config, old, lambda r: r.status())):
+    for line in asyncio.run(_with_rebalancer(_config(config), old, lambda r: r.status())):
         typer.echo(line)
 
 
 @shards_app.command("cleanup")
-def shards_cleanup(config: _NewConfig, old: _OldConfig = None) -> None:
+def shards_cleanup(config: _NewConfig = None, old: _OldConfig = None) -> None:
     """Delete old copies of merchants that moved, after checking the new owner has them."""
-    merchants, rows = asyncio.run(_with_rebalancer(config, old, lambda r: r.cleanup()))
+    merchants, rows = asyncio.run(_with_rebalancer(_config(config), old, lambda r: r.cleanup()))
     typer.echo(f"removed old copies of {merchants} merchants ({rows} rows)")
 
 
 @app.command()
-def route(merchant_id: str, config: Annotated[Path, typer.Option("--config")]) -> None:
+def route(merchant_id: str, config: AdminConfigOption = None) -> None:
     """Print the shard that owns a merchant under a config."""
-    typer.echo(ShardRing(load_config(config)).shard_for(merchant_id))
+    typer.echo(ShardRing(load_config(_config(config))).shard_for(merchant_id))
 
 
 @accounts_app.command("create")
@@ -465,7 +550,7 @@ def accounts_create(
     no_overdraft: Annotated[
         bool, typer.Option(help="Debits may not exceed credits (a customer balance).")
     ] = False,
-    target: TargetOption = DEFAULT_TARGET,
+    target: TargetOption = None,
 ) -> None:
     """Create an account (idempotent)."""
     account = pb.Account(
@@ -479,9 +564,7 @@ def accounts_create(
 
 
 @accounts_app.command("balance")
-def accounts_balance(
-    merchant_id: str, account_id: str, target: TargetOption = DEFAULT_TARGET
-) -> None:
+def accounts_balance(merchant_id: str, account_id: str, target: TargetOption = None) -> None:
     """Print an account's balances."""
 
     b = _call_service(target, lambda c: c.get_balance(merchant_id, account_id))
@@ -500,7 +583,7 @@ def transfer(
     credit: Annotated[str, typer.Argument(help="MERCHANT/ACCOUNT to credit.")],
     amount_minor: Annotated[int, typer.Argument(help="Amount in minor units (cents).")],
     currency: Annotated[str, typer.Option(help="ISO 4217 code.")] = "USD",
-    target: TargetOption = DEFAULT_TARGET,
+    target: TargetOption = None,
 ) -> None:
     """Move money between two accounts (single phase, idempotent by TRANSFER_ID)."""
     request = pb.Transfer(
@@ -519,11 +602,13 @@ def transfer(
         raise typer.Exit(1)
 
 
-def _call_service(target: str, call: Callable[[LedgerClient], Awaitable[R]]) -> R:
+def _call_service(target: str | None, call: Callable[[LedgerClient], Awaitable[R]]) -> R:
     """Runs one client call with the caller's credentials; a failed call exits 1 with its status."""
 
+    address = _address(target)
+
     async def run() -> R:
-        async with LedgerClient(target, credentials=ClientCredentials.from_env()) as client:
+        async with LedgerClient(address, credentials=ClientCredentials.from_env()) as client:
             return await call(client)
 
     try:

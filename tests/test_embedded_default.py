@@ -17,9 +17,11 @@ from pathlib import Path
 import asyncpg
 import grpc
 
+from ledger.cli_defaults import Resolved, resolve_address
 from ledger.embedded.postgres import EmbeddedPostgres, EmbeddedPostgresError
-from ledger.routing.config import ShardConfig, ShardSpec
+from ledger.routing.config import ShardConfig, ShardSpec, load_config
 from ledger.routing.ring import ShardRing
+from ledger.settings import Settings
 from ledger.v1 import ledger_pb2_grpc
 from tests.support import (
     account,
@@ -58,13 +60,15 @@ def _child_env() -> dict[str, str]:
     return env
 
 
-def _run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+def _run_cli(
+    *args: str, cwd: Path = REPO_ROOT, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [*_ledger_command(), *args],
         capture_output=True,
         text=True,
-        env=_child_env(),
-        cwd=REPO_ROOT,
+        env={**_child_env(), **(env or {})},
+        cwd=cwd,
         timeout=COMMAND_TIMEOUT_S,
         check=False,
     )
@@ -101,16 +105,22 @@ async def _drain(serving: Serving) -> None:
 
 
 @asynccontextmanager
-async def ledger_serve(data_dir: Path) -> AsyncIterator[Serving]:
-    """Runs `ledger serve --data-dir`; kills it and its PostgreSQL if the test did not stop them."""
+async def ledger_serve(data_dir: Path, *, cwd: Path | None = None) -> AsyncIterator[Serving]:
+    """Runs `ledger serve --data-dir`, or with cwd plain `ledger serve` in cwd (data_dir must
+    then be cwd/.ledger-data); kills it and its PostgreSQL if the test did not stop them."""
+    data_dir_args: tuple[str, ...] = ("--data-dir", str(data_dir))
+    if cwd is not None:
+        assert data_dir == cwd / ".ledger-data", "plain `ledger serve` uses ./.ledger-data"
+        data_dir_args = ()
     process = await asyncio.create_subprocess_exec(
         *_ledger_command(),
-        *("serve", "--data-dir", str(data_dir), "--listen", "127.0.0.1:0"),
+        *("serve", *data_dir_args, "--listen", "127.0.0.1:0"),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
-        env=_child_env(),
-        cwd=REPO_ROOT,
+        # Metrics off: the default port may be taken by another server on this machine.
+        env={**_child_env(), "LEDGER_METRICS_LISTEN": "off"},
+        cwd=cwd or REPO_ROOT,
     )
     serving = Serving(process=process, port=0)
     try:
@@ -268,7 +278,118 @@ async def test_migrate_prepares_every_fresh_shard_database_and_is_repeatable(
         assert (shard_name, epoch) == (spec.name, 2)
 
 
-def test_route_without_config_is_a_usage_error_naming_the_option() -> None:
-    completed = _run_cli("route", "m1")
+def test_route_without_config_is_a_usage_error_naming_every_source(tmp_path: Path) -> None:
+    # An empty folder: no --config, no LEDGER_CONFIG, no embedded cluster here.
+    completed = _run_cli("route", "m1", cwd=tmp_path)
     assert completed.returncode == 2, completed.stdout
-    assert "--config" in completed.stderr
+    for source in ("--config", "LEDGER_CONFIG", "ledger serve", ".ledger-data"):
+        assert source in completed.stderr, completed.stderr
+
+
+# Every command that reads the shards, as an admin types it next to `ledger serve`.
+_ADMIN_COMMANDS_WITHOUT_FLAGS = (
+    ("migrate",),
+    ("reconcile",),
+    ("verify",),
+    ("shards", "status"),
+    ("shards", "plan"),
+    ("shards", "rebalance"),
+    ("shards", "cleanup"),
+)
+
+
+async def test_admin_commands_find_the_embedded_cluster_they_run_next_to(tmp_path: Path) -> None:
+    """`ledger serve` in a folder, then every admin command in the same folder with no flags:
+    each uses ./.ledger-data/shard_config.toml and says so on stderr."""
+    data_dir = tmp_path / ".ledger-data"
+    config_path = data_dir / "shard_config.toml"
+    merchant = uid("m")
+    used_embedded = f"config: {config_path} (from the embedded cluster's config in the current"
+    async with ledger_serve(data_dir, cwd=tmp_path) as serving:
+        # Client commands find the service by LEDGER_ADDRESS (the port is the test's).
+        address = {"LEDGER_ADDRESS": f"127.0.0.1:{serving.port}"}
+        for args in (
+            ("accounts", "create", merchant, "cash"),
+            ("accounts", "create", merchant, "till"),
+        ):
+            created = await asyncio.to_thread(_run_cli, *args, cwd=tmp_path, env=address)
+            assert created.returncode == 0, created.stderr
+            assert f"address: 127.0.0.1:{serving.port} (from LEDGER_ADDRESS)" in created.stderr
+        moved = await asyncio.to_thread(
+            _run_cli,
+            "transfer",
+            uid("t"),
+            f"{merchant}/cash",
+            f"{merchant}/till",
+            "700",
+            cwd=tmp_path,
+            env=address,
+        )
+        assert moved.stdout.strip() == "TRANSFER_RESULT_OK", moved.stderr
+
+        routed = await asyncio.to_thread(_run_cli, "route", merchant, cwd=tmp_path)
+        assert routed.returncode == 0, routed.stderr
+        ring = ShardRing(load_config(config_path))
+        assert routed.stdout.strip() == ring.shard_for(merchant)
+        assert used_embedded in routed.stderr
+
+        for args in _ADMIN_COMMANDS_WITHOUT_FLAGS:
+            completed = await asyncio.to_thread(_run_cli, *args, cwd=tmp_path)
+            assert completed.returncode == 0, (args, completed.stdout, completed.stderr)
+            assert used_embedded in completed.stderr, (args, completed.stderr)
+            assert "Missing option" not in completed.stderr
+        listed = await asyncio.to_thread(
+            _run_cli, "sagas", "list", "--state", "dead", cwd=tmp_path, env=address
+        )
+        assert listed.returncode == 0, listed.stderr
+        assert "0 saga(s)" in listed.stdout
+
+        # The books the commands read are the server's: reconcile saw the transfer's shard.
+        reconciled = await asyncio.to_thread(_run_cli, "reconcile", cwd=tmp_path)
+        assert "reconcile passed" in reconciled.stdout
+        assert ring.shard_for(merchant) in reconciled.stdout
+        assert await _interrupt_and_wait(serving) == 0, serving.log()
+
+
+def test_ledger_config_overrides_the_embedded_cluster_and_config_overrides_both(
+    tmp_path: Path,
+) -> None:
+    """Precedence: --config, then LEDGER_CONFIG, then ./.ledger-data/shard_config.toml."""
+    names = {"embedded": ("e-1",), "env": ("env-1",), "flag": ("flag-1",)}
+    paths: dict[str, Path] = {}
+    for source, shard_names in names.items():
+        config = ShardConfig(
+            epoch=1,
+            shards=tuple(
+                ShardSpec(name=n, dsn=f"postgresql://nobody@db-{n}:5432/ledger", weight=1)
+                for n in shard_names
+            ),
+        )
+        paths[source] = write_config(tmp_path / f"{source}.toml", config)
+    (tmp_path / ".ledger-data").mkdir()
+    paths["embedded"].rename(tmp_path / ".ledger-data" / "shard_config.toml")
+    env = {"LEDGER_CONFIG": str(paths["env"])}
+
+    embedded = _run_cli("route", "m1", cwd=tmp_path)
+    from_env = _run_cli("route", "m1", cwd=tmp_path, env=env)
+    from_flag = _run_cli("route", "m1", "--config", str(paths["flag"]), cwd=tmp_path, env=env)
+
+    assert [c.stdout.strip() for c in (embedded, from_env, from_flag)] == [
+        "e-1",
+        "env-1",
+        "flag-1",
+    ], (embedded.stderr, from_env.stderr, from_flag.stderr)
+    assert f"config: {paths['env']} (from LEDGER_CONFIG)" in from_env.stderr
+    # Chosen on the command line: nothing to announce (stderr stays the command's own).
+    assert from_flag.stderr == ""
+
+
+def test_client_commands_call_address_then_ledger_address_then_the_default_listen() -> None:
+    assert resolve_address("10.0.0.5:7000", {"LEDGER_ADDRESS": "10.0.0.6:7000"}) == Resolved(
+        "10.0.0.5:7000", "--address"
+    )
+    assert resolve_address(None, {"LEDGER_ADDRESS": "10.0.0.6:7000"}) == Resolved(
+        "10.0.0.6:7000", "LEDGER_ADDRESS"
+    )
+    # The default is where `ledger serve` listens by default.
+    assert resolve_address(None, {}).value == Settings.from_env().listen == "127.0.0.1:50051"

@@ -55,6 +55,8 @@ EXPORTED_METRICS = (
     "ledger_pool_connections",
     "ledger_sagas",
     "ledger_merchants",
+    "ledger_shard_reachable",
+    "ledger_saga_oldest_running_age_seconds",
 )
 # The ones that appear after the traffic below (the rest count failures only).
 METRICS_AFTER_TRAFFIC = tuple(

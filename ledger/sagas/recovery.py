@@ -15,7 +15,7 @@ from ledger import limits
 from ledger.domain.sagas import Saga, SagaState
 from ledger.sagas.runner import SagaRunner, saga_attributes
 from ledger.storage.audit import ShardAudit
-from ledger.storage.errors import ShardUnavailable
+from ledger.storage.errors import ShardUnavailable, is_unavailable
 from ledger.storage.moves import MoveStore
 from ledger.storage.sagas import SagaStore
 from ledger.telemetry import metrics
@@ -44,6 +44,11 @@ class RecoveryWorker:
         self._merchant_values: list[tuple[float, dict[str, str]]] = []
         metrics.register_gauge_source("sagas", lambda: self._gauge_values)
         metrics.register_gauge_source("merchants", lambda: self._merchant_values)
+        # Per shard: whether the last refresh reached it, and its oldest running saga's age.
+        self._shard_values: list[tuple[float, dict[str, str]]] = []
+        self._saga_age_values: list[tuple[float, dict[str, str]]] = []
+        metrics.register_gauge_source("shard_reachable", lambda: self._shard_values)
+        metrics.register_gauge_source("saga_age", lambda: self._saga_age_values)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="saga-recovery")
@@ -86,13 +91,22 @@ class RecoveryWorker:
         and notes this replica's config epoch on every shard (`ledger shards status`)."""
         sagas: list[tuple[float, dict[str, str]]] = []
         merchants: list[tuple[float, dict[str, str]]] = []
+        reachable: list[tuple[float, dict[str, str]]] = []
+        ages: list[tuple[float, dict[str, str]]] = []
         for name, shard in list(self.runner.cluster.shards.items()):
             try:
                 counts = await ShardAudit(shard).saga_counts()
+                age_s = await ShardAudit(shard).oldest_running_saga_age_s()
                 states = await MoveStore(shard).merchant_counts()
                 await shard.record_replica(self.runner.owner, self.runner.cluster.epoch)
-            except ShardUnavailable:
+            except Exception as error:
+                # The audit reads use the pool directly: a refused connection is an OSError.
+                if not (isinstance(error, ShardUnavailable) or is_unavailable(error)):
+                    raise
+                reachable.append((0.0, {"shard": name}))
                 continue
+            reachable.append((1.0, {"shard": name}))
+            ages.append((age_s, {"shard": name}))
             for state in (SagaState.RUNNING, SagaState.DEAD):
                 total = sum(n for (s, _), n in counts.items() if s is state)
                 sagas.append((total, {"shard": name, "state": state.name.lower()}))
@@ -102,6 +116,8 @@ class RecoveryWorker:
                 )
         self._gauge_values = sagas
         self._merchant_values = merchants
+        self._shard_values = reachable
+        self._saga_age_values = ages
 
     async def _run(self) -> None:
         while not self._stop.is_set():

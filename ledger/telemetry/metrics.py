@@ -126,6 +126,20 @@ _meter.create_observable_gauge(
     description="Sagas not yet finished, by state (running, dead) and shard",
 )
 
+_meter.create_observable_gauge(
+    "ledger_shard_reachable",
+    callbacks=[_observe("shard_reachable")],
+    unit="1",
+    description="1 if the replica's last gauge refresh (about every 2 s) reached the shard, "
+    "else 0",
+)
+_meter.create_observable_gauge(
+    "ledger_saga_oldest_running_age",
+    callbacks=[_observe("saga_age")],
+    unit="s",
+    description="Age of the oldest running saga per debit shard (0 with none)",
+)
+
 
 def setup_metrics(*, host: str, port: int) -> int:
     """Serves /metrics for Prometheus on host:port (0 picks a port); returns the port."""
