@@ -20,6 +20,7 @@ from ledger.api.auth import Scope, TokenFileError, TokenTable, new_token, token_
 from ledger.api.server import LedgerServer
 from ledger.api.tls import ServerTls
 from ledger.client import ClientCredentials, LedgerClient
+from ledger.core.checkpoints import ChainCheckpointer, verify_against_export
 from ledger.domain.sagas import SagaKind, SagaState
 from ledger.embedded.cluster import EmbeddedCluster
 from ledger.moves.rebalance import MoveResult, Rebalancer
@@ -29,8 +30,9 @@ from ledger.routing.ring import ShardRing
 from ledger.sagas.reconcile import ReconcileReport
 from ledger.sagas.reconcile import reconcile as run_reconcile
 from ledger.sagas.runner import SagaSettings
-from ledger.settings import Settings
+from ledger.settings import Settings, SettingsError, checkpoint_key_from_env
 from ledger.storage.chain import ChainStore
+from ledger.storage.checkpoint_export import CheckpointExport
 from ledger.storage.moves import AdminBusy
 from ledger.telemetry.logs import setup_logging
 from ledger.telemetry.metrics import setup_metrics
@@ -82,7 +84,10 @@ def serve(
 ) -> None:
     """Serve the ledger. Without --config, start the embedded PostgreSQL cluster first."""
     setup_logging()
-    env = Settings.from_env()
+    try:
+        env = Settings.from_env()
+    except SettingsError as error:
+        raise typer.BadParameter(str(error)) from None
     listen = listen or env.listen
     tokens = _tokens(auth_file or env.auth_file, listen, env.allow_unauthenticated)
     tls = None
@@ -162,6 +167,8 @@ async def _serve(
         tokens=tokens,
         tls=tls,
         checkpoint_interval_s=settings.checkpoint_interval_s,
+        checkpoint_key=settings.checkpoint_key,
+        checkpoint_export_dir=settings.checkpoint_export_dir,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -254,21 +261,42 @@ def reconcile(config: Annotated[Path, typer.Option("--config")]) -> None:
 def verify(
     config: Annotated[Path, typer.Option("--config")],
     checkpoint: Annotated[
-        bool, typer.Option(help="Record a checkpoint of the current heads first.")
+        bool, typer.Option(help="Record (and export) a checkpoint of the current heads first.")
     ] = False,
+    against: Annotated[
+        Path | None,
+        typer.Option(
+            "--against",
+            help="A checkpoint export directory (LEDGER_CHECKPOINT_EXPORT_DIR): fail on any "
+            "history that does not match what was exported.",
+        ),
+    ] = None,
 ) -> None:
-    """Check every shard's hash chains: names each edited, inserted or deleted entry."""
+    """Has anyone touched the books? Checks every shard's hash chains, account balances
+    against their entries, checkpoint MACs (with LEDGER_CHECKPOINT_KEY) and, with
+    --against, the exported checkpoints. Names each edited, inserted or deleted entry."""
+    try:
+        key = checkpoint_key_from_env()
+    except SettingsError as error:
+        raise typer.BadParameter(str(error)) from None
+    if key is None:
+        typer.echo("note: LEDGER_CHECKPOINT_KEY is not set; checkpoint MACs are not checked")
 
     async def run() -> bool:
         cluster = Cluster(load_config(config), config_path=config)
         intact = True
         try:
             await cluster.open(migrate=False)
+            if checkpoint:
+                export_dir = Settings.from_env().checkpoint_export_dir
+                await ChainCheckpointer(
+                    cluster,
+                    interval_s=limits.chain_checkpoint_interval_s,
+                    key=key,
+                    export=CheckpointExport(export_dir) if export_dir else None,
+                ).checkpoint_once()
             for name, shard in cluster.shards.items():
-                store = ChainStore(shard)
-                if checkpoint:
-                    await store.checkpoint()
-                report = await store.verify()
+                report = await ChainStore(shard).verify(key=key)
                 for violation in report.violations:
                     typer.echo(f"FAIL {name} {violation.render()}")
                 last = report.last_checkpoint
@@ -280,6 +308,19 @@ def verify(
                 status = "ok  " if not report.violations else "FAIL"
                 typer.echo(f"{status} {name}: {len(report.violations)} violation(s); {anchor}")
                 intact = intact and not report.violations
+            if against is not None:
+                for check in await verify_against_export(
+                    cluster, CheckpointExport(against), key=key
+                ):
+                    for violation in check.violations:
+                        typer.echo(f"FAIL {check.shard} export: {violation.render()}")
+                    status = "ok  " if not check.violations else "FAIL"
+                    typer.echo(
+                        f"{status} {check.shard} export: {len(check.violations)} violation(s); "
+                        f"matches exported checkpoints through {check.exported_through}, "
+                        f"{check.unexported} newer not yet exported"
+                    )
+                    intact = intact and not check.violations
         finally:
             await cluster.close()
         return intact

@@ -139,6 +139,16 @@ chain_checkpoint_interval_s = 60.0
 chain_checkpoint_heads_max = 100_000
 # Verification stops listing after this many violations per check.
 chain_violations_max = 100
+# A checkpoint the export lacks (made by another replica, or before a crash
+# between commit and export) is exported on the next round, this many per
+# shard and round, so catching up after a long outage stays a bounded step.
+checkpoint_export_catch_up_max = 100
+# `verify --against` reads a shard's export file whole; past this size it
+# refuses rather than exhaust memory (a year of one checkpoint a minute with
+# a thousand grown accounts each is about 8 GiB: rotate the files before that).
+checkpoint_export_bytes_max = 4 * 1024**3
+# Heads checked against a shard in one query while verifying an export.
+checkpoint_export_heads_per_query_max = 10_000
 
 # Graceful shutdown: in-flight RPCs get this long to finish.
 shutdown_grace_s = 5.0

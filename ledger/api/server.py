@@ -6,6 +6,7 @@ import logging
 import os
 import socket
 import uuid
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -26,6 +27,7 @@ from ledger.routing.cluster import Cluster
 from ledger.routing.config_watch import ConfigWatcher
 from ledger.sagas.recovery import RecoveryWorker
 from ledger.sagas.runner import SagaRunner, SagaSettings
+from ledger.storage.checkpoint_export import CheckpointExport
 from ledger.telemetry import metrics
 from ledger.v1 import ledger_pb2, ledger_pb2_grpc
 
@@ -53,12 +55,30 @@ class LedgerServer:
         tokens: TokenTable | None = None,
         tls: ServerTls | None = None,
         checkpoint_interval_s: float = limits.chain_checkpoint_interval_s,
+        checkpoint_key: bytes | None = None,
+        checkpoint_export_dir: Path | None = None,
     ) -> None:
         self.cluster = cluster
         self.listen = listen
         self.tls = tls
         self.sweeper = ExpirySweeper(cluster)
-        self.checkpointer = ChainCheckpointer(cluster, interval_s=checkpoint_interval_s)
+        self.checkpointer = ChainCheckpointer(
+            cluster,
+            interval_s=checkpoint_interval_s,
+            key=checkpoint_key,
+            export=CheckpointExport(checkpoint_export_dir) if checkpoint_export_dir else None,
+        )
+        if checkpoint_key is None:
+            log.warning(
+                "LEDGER_CHECKPOINT_KEY is not set: checkpoints carry no MAC, so someone who "
+                "can write a shard database can rewrite history and its checkpoints unseen "
+                "by `ledger verify` alone"
+            )
+        if checkpoint_export_dir is None:
+            log.warning(
+                "LEDGER_CHECKPOINT_EXPORT_DIR is not set: checkpoints are not exported outside "
+                "the shard databases, so `ledger verify --against` has nothing to hold them to"
+            )
         self.config_watch = ConfigWatcher(cluster)
         self.sagas = SagaRunner(cluster, owner=_replica_id(), settings=saga_settings)
         self.recovery = RecoveryWorker(self.sagas)
