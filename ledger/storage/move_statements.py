@@ -221,4 +221,6 @@ FROM accounts WHERE merchant_id = $1 GROUP BY currency ORDER BY currency
 TRY_ADMIN_LOCK = "SELECT pg_try_advisory_lock(7305, 0)"
 ADMIN_UNLOCK = "SELECT pg_advisory_unlock(7305, 0)"
 
-ALLOW_HISTORY_CLEANUP = "SET LOCAL ledger.allow_history_cleanup = 'on'"
+# Lets this transaction remove the history of one merchant that moved away or is
+# being copied here (migration 0009); a session setting can no longer do it.
+ALLOW_HISTORY_CLEANUP = "SELECT ledger_allow_history_cleanup($1)"

@@ -255,7 +255,7 @@ class MoveStore:
                 )
                 written += int(status.rsplit(" ", 1)[-1])
             # Saga step history and expiry timers are replaced whole on each copy.
-            await conn.execute(sql.ALLOW_HISTORY_CLEANUP)
+            await conn.execute(sql.ALLOW_HISTORY_CLEANUP, merchant_id)
             await conn.execute("DELETE FROM saga_steps WHERE merchant_id = $1", merchant_id)
             await conn.execute("DELETE FROM pending_expiries WHERE merchant_id = $1", merchant_id)
             await conn.execute(sql.DELETE_CREDIT_HOLDS_OF, merchant_id)
@@ -596,7 +596,7 @@ class MoveStore:
         async def run(conn: Connection) -> int:
             row = await conn.fetchrow(sql.MERCHANT_ROW, merchant_id)
             invariant(row is not None and row["state"] == "moved", "only moved merchants")
-            await conn.execute(sql.ALLOW_HISTORY_CLEANUP)
+            await conn.execute(sql.ALLOW_HISTORY_CLEANUP, merchant_id)
             deleted = 0
             for table, column, _ in reversed(sql.MOVED_TABLES):
                 status = await conn.execute(f"DELETE FROM {table} WHERE {column} = $1", merchant_id)
