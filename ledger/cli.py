@@ -7,6 +7,7 @@ import gc
 import logging
 import signal
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -174,8 +175,16 @@ async def _serve(
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    # SIGHUP reloads the shard config without a restart.
-    loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(cluster.reload()))
+    # SIGHUP reloads the shard config and the token file without a restart.
+    reloads: set[asyncio.Future[bool]] = set()
+
+    def on_hangup() -> None:
+        reload = asyncio.ensure_future(cluster.reload())
+        reloads.add(reload)
+        reload.add_done_callback(reloads.discard)
+        server.reload_tokens()
+
+    loop.add_signal_handler(signal.SIGHUP, on_hangup)
     try:
         port = await server.start()
         _tune_gc()
@@ -209,8 +218,13 @@ def auth_token(
     merchants: Annotated[
         str, typer.Option(help="Comma-separated merchant ids the token is limited to.")
     ] = "",
+    expires_in_days: Annotated[
+        float | None, typer.Option(help="The token stops working this many days from now.")
+    ] = None,
 ) -> None:
     """Make a new token: prints it once, and the entry (its hash only) for the token file."""
+    if expires_in_days is not None and expires_in_days <= 0:
+        raise typer.BadParameter("--expires-in-days must be positive")
     try:
         scope_list = [Scope(s.strip()) for s in scopes.split(",") if s.strip()]
     except ValueError:
@@ -221,7 +235,10 @@ def auth_token(
     merchant_list = [m.strip() for m in merchants.split(",") if m.strip()]
     typer.echo(f"# token for {name} (shown once; give it to the caller as LEDGER_TOKEN):")
     typer.echo(f"# {token}")
-    typer.echo(token_entry(name, token, scope_list, merchant_list))
+    expires_at = (
+        datetime.now(UTC) + timedelta(days=expires_in_days) if expires_in_days is not None else None
+    )
+    typer.echo(token_entry(name, token, scope_list, merchant_list, expires_at=expires_at))
 
 
 @app.command()

@@ -150,6 +150,12 @@ checkpoint_export_bytes_max = 4 * 1024**3
 # Heads checked against a shard in one query while verifying an export.
 checkpoint_export_heads_per_query_max = 10_000
 
+# The token file is checked for changes this often, so a revoked token stops
+# working within about a second (SIGHUP reloads at once).
+token_file_poll_interval_s = 1.0
+# Tokens that expire within this are named in a warning at start-up and reload.
+token_expiry_warning = timedelta(days=7)
+
 # Graceful shutdown: in-flight RPCs get this long to finish.
 shutdown_grace_s = 5.0
 

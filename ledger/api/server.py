@@ -20,6 +20,7 @@ from ledger.api.interceptor import TelemetryInterceptor
 from ledger.api.request_decode import RequestDecodeInterceptor
 from ledger.api.servicer import LedgerServicer
 from ledger.api.tls import ServerTls
+from ledger.api.token_watch import TokenFileWatcher, warn_expiring
 from ledger.core.checkpoints import ChainCheckpointer
 from ledger.core.expiry import ExpirySweeper
 from ledger.core.ledger import Ledger
@@ -89,8 +90,13 @@ class LedgerServer:
             TelemetryInterceptor(),
             ConcurrencyLimitInterceptor(concurrent_rpcs_max),
         ]
+        self.token_watch: TokenFileWatcher | None = None
         if tokens is not None:
-            interceptors.append(AuthInterceptor(tokens))
+            auth = AuthInterceptor(tokens)
+            interceptors.append(auth)
+            warn_expiring(tokens)
+            if tokens.path is not None:
+                self.token_watch = TokenFileWatcher(auth, tokens.path)
         interceptors.append(RequestDecodeInterceptor())
         self.server = grpc.aio.server(
             interceptors=interceptors,
@@ -133,6 +139,8 @@ class LedgerServer:
         self.checkpointer.start()
         self.recovery.start()
         self.config_watch.start()
+        if self.token_watch is not None:
+            self.token_watch.start()
         metrics.register_gauge_source("pool", self._pool_gauge)
         log.info("serving ledger.v1 on port %d (epoch %d)", self.port, self.cluster.epoch)
         return self.port
@@ -142,10 +150,16 @@ class LedgerServer:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace_s)
         await self.config_watch.stop()
+        if self.token_watch is not None:
+            await self.token_watch.stop()
         await self.recovery.stop()
         await self.sagas.close()
         await self.sweeper.stop()
         await self.checkpointer.stop()
+
+    def reload_tokens(self) -> bool:
+        """Rereads the token file now (SIGHUP); False if there is none or it did not parse."""
+        return self.token_watch is not None and self.token_watch.reload()
 
     def _pool_gauge(self) -> list[tuple[float, dict[str, str]]]:
         values: list[tuple[float, dict[str, str]]] = []
