@@ -51,14 +51,16 @@ request_metadata_bytes_max = 16 * 1024
 # Server: more concurrent RPCs than this get RESOURCE_EXHAUSTED at once instead
 # of queueing without bound behind the shard pools.
 concurrent_rpcs_max = 256
-# Health checks are answered beyond that limit (a busy replica is not a dead
-# one); gRPC's own hard cap leaves them this much room.
-health_rpcs_headroom = 32
-# Streams one client connection may open at once: no more than the server
-# admits in all. Unbounded, a burst on one connection can end in CANCELLED
-# streams; bounded, a client queues locally or, in the moment before it learns
-# the bound, gets a retryable UNAVAILABLE (REFUSED_STREAM).
-streams_per_connection_max = concurrent_rpcs_max + health_rpcs_headroom
+# Streams one client connection may open at once. gRPC clients honour the
+# bound and queue further calls locally, so it only limits how much of the
+# server one connection (one attacker) can occupy: well under the concurrency
+# limit, and the 100 that HTTP/2 recommends as a minimum.
+streams_per_connection_max = 100
+# An admitted call's request must arrive within this long of its headers, or
+# the call ends DEADLINE_EXCEEDED: a caller that sends headers and then nothing
+# holds a stream this long at most. 8 MiB (the largest request) takes under a
+# second at 10 MB/s; 10 s leaves slow links their margin.
+request_receive_timeout_s = 10.0
 # Per-shard connection pool. 2 cores: more connections than this only add
 # contention inside PostgreSQL.
 pool_connections_max = 16
@@ -163,6 +165,8 @@ assert 1 <= refs_per_lookup_max <= 10_000
 assert 1 <= transfers_per_request_max <= 10_000
 assert 2 <= postings_per_journal_max <= transfers_per_request_max
 assert 1 <= page_size_default <= page_size_max
+assert streams_per_connection_max <= concurrent_rpcs_max
+assert 0 < request_receive_timeout_s <= shard_command_timeout_s
 assert shard_connect_timeout_s < shard_command_timeout_s
 assert expiry_sweep_batch_max <= transfers_per_request_max
 assert saga_retry_delay_s_min < saga_retry_delay_s_max < saga_lease_s * 10

@@ -14,6 +14,7 @@ from grpc_reflection.v1alpha import reflection
 
 from ledger import limits
 from ledger.api.admin_servicer import LedgerAdminServicer
+from ledger.api.admission import AdmissionInterceptor
 from ledger.api.auth import AuthInterceptor, TokenTable
 from ledger.api.concurrency_limit import ConcurrencyLimitInterceptor
 from ledger.api.interceptor import TelemetryInterceptor
@@ -58,6 +59,7 @@ class LedgerServer:
         checkpoint_interval_s: float = limits.chain_checkpoint_interval_s,
         checkpoint_key: bytes | None = None,
         checkpoint_export_dir: Path | None = None,
+        request_receive_timeout_s: float = limits.request_receive_timeout_s,
     ) -> None:
         self.cluster = cluster
         self.listen = listen
@@ -84,25 +86,31 @@ class LedgerServer:
         self.sagas = SagaRunner(cluster, owner=_replica_id(), settings=saga_settings)
         self.recovery = RecoveryWorker(self.sagas)
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
-        # Outermost first: every call is traced and counted, then admitted under the
-        # concurrency limit, then authenticated, and only then are its bytes parsed.
-        interceptors: list[grpc.aio.ServerInterceptor] = [  # type: ignore[type-arg]
-            TelemetryInterceptor(),
-            ConcurrencyLimitInterceptor(concurrent_rpcs_max),
-        ]
+        # Outermost first. Admission decides from the headers alone (a refused
+        # call's body is never read; an admitted one must arrive within the
+        # receive deadline); then every admitted call is traced and counted,
+        # held under the concurrency limit, authorized, and only then parsed.
         self.token_watch: TokenFileWatcher | None = None
+        auth: AuthInterceptor | None = None
         if tokens is not None:
             auth = AuthInterceptor(tokens)
-            interceptors.append(auth)
             warn_expiring(tokens)
             if tokens.path is not None:
                 self.token_watch = TokenFileWatcher(auth, tokens.path)
+        interceptors: list[grpc.aio.ServerInterceptor] = [  # type: ignore[type-arg]
+            AdmissionInterceptor(auth=auth, receive_timeout_s=request_receive_timeout_s),
+            TelemetryInterceptor(),
+            ConcurrencyLimitInterceptor(concurrent_rpcs_max),
+        ]
+        if auth is not None:
+            interceptors.append(auth)
         interceptors.append(RequestDecodeInterceptor())
         self.server = grpc.aio.server(
             interceptors=interceptors,
-            # The hard cap; the interceptor above enforces the limit itself, so
-            # health checks still answer when the ledger calls are at it.
-            maximum_concurrent_rpcs=concurrent_rpcs_max + limits.health_rpcs_headroom,
+            # No maximum_concurrent_rpcs: gRPC counts a call from its headers,
+            # so silent callers could exhaust it and starve health checks. The
+            # bounds instead: streams per connection, the receive deadline, the
+            # concurrency limit on calls whose request arrived (see limits.py).
             options=[
                 ("grpc.max_concurrent_streams", limits.streams_per_connection_max),
                 ("grpc.max_receive_message_length", limits.request_bytes_max),
