@@ -158,6 +158,11 @@ token_file_poll_interval_s = 1.0
 # Tokens that expire within this are named in a warning at start-up and reload.
 token_expiry_warning = timedelta(days=7)
 
+# The server's TLS certificate: warned about from this long before it expires
+# (two weeks: time to renew through a change process), checked this often.
+tls_certificate_expiry_warning = timedelta(days=14)
+tls_certificate_check_interval_s = 3600.0
+
 # Graceful shutdown: in-flight RPCs get this long to finish.
 shutdown_grace_s = 5.0
 

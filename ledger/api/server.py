@@ -16,6 +16,7 @@ from ledger import limits
 from ledger.api.admin_servicer import LedgerAdminServicer
 from ledger.api.admission import AdmissionInterceptor
 from ledger.api.auth import AuthInterceptor, TokenTable
+from ledger.api.cert_expiry import CertificateExpiryWatch
 from ledger.api.concurrency_limit import ConcurrencyLimitInterceptor
 from ledger.api.interceptor import TelemetryInterceptor
 from ledger.api.request_decode import RequestDecodeInterceptor
@@ -64,6 +65,7 @@ class LedgerServer:
         self.cluster = cluster
         self.listen = listen
         self.tls = tls
+        self.cert_watch: CertificateExpiryWatch | None = None
         self.sweeper = ExpirySweeper(cluster)
         self.checkpointer = ChainCheckpointer(
             cluster,
@@ -137,7 +139,10 @@ class LedgerServer:
         if self.tls is None:
             self.port = self.server.add_insecure_port(self.listen)
         else:
-            self.port = self.server.add_secure_port(self.listen, self.tls.credentials())
+            credentials = self.tls.credentials()
+            # Read before listening: a certificate that does not parse stops the server.
+            self.cert_watch = CertificateExpiryWatch(self.tls.cert_file)
+            self.port = self.server.add_secure_port(self.listen, credentials)
         if self.port == 0:
             raise RuntimeError(f"could not listen on {self.listen}")
         await self.server.start()
@@ -149,6 +154,8 @@ class LedgerServer:
         self.config_watch.start()
         if self.token_watch is not None:
             self.token_watch.start()
+        if self.cert_watch is not None:
+            self.cert_watch.start()
         metrics.register_gauge_source("pool", self._pool_gauge)
         log.info("serving ledger.v1 on port %d (epoch %d)", self.port, self.cluster.epoch)
         return self.port
@@ -160,6 +167,8 @@ class LedgerServer:
         await self.config_watch.stop()
         if self.token_watch is not None:
             await self.token_watch.stop()
+        if self.cert_watch is not None:
+            await self.cert_watch.stop()
         await self.recovery.stop()
         await self.sagas.close()
         await self.sweeper.stop()
