@@ -260,11 +260,17 @@ def migrate(config: Annotated[Path, typer.Option("--config")]) -> None:
 def reconcile(config: Annotated[Path, typer.Option("--config")]) -> None:
     """Check that the books balance on every shard and across the cluster."""
 
+    try:
+        key = checkpoint_key_from_env()
+    except SettingsError as error:
+        raise typer.BadParameter(str(error)) from None
+
     async def run() -> ReconcileReport:
         cluster = Cluster(load_config(config), config_path=config)
         try:
             await cluster.open(migrate=False)
-            return await run_reconcile(cluster)
+            # With LEDGER_CHECKPOINT_KEY, the hash-chain check includes the checkpoint MACs.
+            return await run_reconcile(cluster, checkpoint_key=key)
         finally:
             await cluster.close()
 

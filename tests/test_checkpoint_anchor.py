@@ -24,6 +24,7 @@ from ledger.domain.chain import GENESIS_HASH, checkpoint_digest, checkpoint_mac
 from ledger.embedded.postgres import EmbeddedPostgres
 from ledger.routing.cluster import Cluster
 from ledger.routing.config import ShardConfig, load_config
+from ledger.sagas.reconcile import reconcile
 from ledger.settings import SettingsError, checkpoint_key_from_env
 from ledger.storage.chain import ChainStore
 from ledger.storage.checkpoint_export import CheckpointExport
@@ -216,6 +217,10 @@ async def test_a_consistent_forgery_passes_the_plain_chain_but_not_the_key_or_th
     ).transfers
     assert looked_up.transfer.amount_minor == FORGED_AMOUNT_MINOR
     assert (await ChainStore(shard).verify()).violations == []
+    assert (await reconcile(anchored.cluster)).ok, "the books still balance: only amounts moved"
+    keyed_reconcile = await reconcile(anchored.cluster, checkpoint_key=KEY)
+    assert not keyed_reconcile.ok
+    assert "checkpoint 1 has a MAC that does not match" in keyed_reconcile.render()
 
     # With the key: the checkpoint's MAC no longer matches its (recomputed) digest.
     keyed = await ChainStore(shard).verify(key=KEY)
