@@ -61,6 +61,10 @@ streams_per_connection_max = 100
 # holds a stream this long at most. 8 MiB (the largest request) takes under a
 # second at 10 MB/s; 10 s leaves slow links their margin.
 request_receive_timeout_s = 10.0
+# One token may hold at most this share of the concurrency limit (its calls
+# from headers to answer), so one caller, runaway or idle, leaves the rest to
+# the others; 75 % still lets a single busy caller use most of a replica.
+caller_calls_percent_max = 75
 # Per-shard connection pool. 2 cores: more connections than this only add
 # contention inside PostgreSQL.
 pool_connections_max = 16
@@ -172,6 +176,14 @@ assert 2 <= postings_per_journal_max <= transfers_per_request_max
 assert 1 <= page_size_default <= page_size_max
 assert streams_per_connection_max <= concurrent_rpcs_max
 assert 0 < request_receive_timeout_s <= shard_command_timeout_s
+assert 0 < caller_calls_percent_max <= 100
+
+
+def caller_calls_max(concurrent_rpcs_max: int) -> int:
+    """The calls one token may have in progress under a concurrency limit."""
+    return max(1, concurrent_rpcs_max * caller_calls_percent_max // 100)
+
+
 assert shard_connect_timeout_s < shard_command_timeout_s
 assert expiry_sweep_batch_max <= transfers_per_request_max
 assert saga_retry_delay_s_min < saga_retry_delay_s_max < saga_lease_s * 10

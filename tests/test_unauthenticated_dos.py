@@ -11,6 +11,7 @@ deliver its request within the receive deadline, and health holds nothing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -29,7 +30,7 @@ from ledger.routing.config import load_config
 from ledger.v1 import ledger_pb2 as pb
 from ledger.v1 import ledger_pb2_grpc
 from tests.auth_support import TokenSpec, bearer, shard_config, write_token_file
-from tests.support import RPC_TIMEOUT_S, account, ref, uid
+from tests.support import RPC_TIMEOUT_S, account, ref, uid, wait_until
 
 CONCURRENT_RPCS_MAX = 32
 ATTACK_CALLS = 64
@@ -38,25 +39,29 @@ GET_BALANCE = "/ledger.v1.LedgerService/GetBalance"
 RECEIVE_TIMEOUT_S = 1.0
 # Refused calls must end promptly, not when the attacker gives up.
 REFUSED_WITHIN_S = 5.0
+CALLER_CALLS_MAX = limits.caller_calls_max(CONCURRENT_RPCS_MAX)
 
 
-@pytest.fixture
-async def exposed(
-    pg_server: EmbeddedPostgres, tmp_path: Path
+@contextlib.asynccontextmanager
+async def serving(
+    pg_server: EmbeddedPostgres, directory: Path, *, receive_timeout_s: float
 ) -> AsyncIterator[tuple[LedgerServer, dict[str, str]]]:
     tokens = write_token_file(
-        tmp_path / "tokens.toml",
-        {"svc": TokenSpec((Scope.READ, Scope.WRITE))},
+        directory / "tokens.toml",
+        {
+            "svc": TokenSpec((Scope.READ, Scope.WRITE)),
+            "other": TokenSpec((Scope.READ, Scope.WRITE)),
+        },
     )
-    config = shard_config(pg_server, tmp_path)
+    config = shard_config(pg_server, directory)
     cluster = Cluster(load_config(config), config_path=config)
     await cluster.open()
     server = LedgerServer(
         cluster,
         listen="127.0.0.1:0",
         concurrent_rpcs_max=CONCURRENT_RPCS_MAX,
-        tokens=TokenTable.load(tmp_path / "tokens.toml"),
-        request_receive_timeout_s=RECEIVE_TIMEOUT_S,
+        tokens=TokenTable.load(directory / "tokens.toml"),
+        request_receive_timeout_s=receive_timeout_s,
     )
     await server.start()
     try:
@@ -64,6 +69,14 @@ async def exposed(
     finally:
         await server.stop(grace_s=0)
         await cluster.close()
+
+
+@pytest.fixture
+async def exposed(
+    pg_server: EmbeddedPostgres, tmp_path: Path
+) -> AsyncIterator[tuple[LedgerServer, dict[str, str]]]:
+    async with serving(pg_server, tmp_path, receive_timeout_s=RECEIVE_TIMEOUT_S) as running:
+        yield running
 
 
 async def _never(release: asyncio.Event) -> AsyncIterator[bytes]:
@@ -160,20 +173,51 @@ async def test_silent_authenticated_calls_hold_no_call_slot_and_end_at_the_recei
     exposed: tuple[LedgerServer, dict[str, str]],
 ) -> None:
     """Even a caller with a valid token cannot park calls: the concurrency limit
-    counts only calls whose request arrived, and the rest end at the deadline."""
+    counts only calls whose request arrived, its own share is bounded, and the
+    calls end at the receive deadline."""
     server, tokens = exposed
     target = f"127.0.0.1:{server.port}"
     release = asyncio.Event()
     async with grpc.aio.insecure_channel(target) as idle:
         calls = open_silent_calls(idle, ATTACK_CALLS, release, bearer(tokens["svc"]))
         try:
-            await health_and_a_valid_call(target, tokens["svc"])
+            await health_and_a_valid_call(target, tokens["other"])
             codes = await asyncio.wait_for(
                 asyncio.gather(*(outcome(c) for c in calls)), RECEIVE_TIMEOUT_S + REFUSED_WITHIN_S
             )
-            assert set(codes) == {grpc.StatusCode.DEADLINE_EXCEEDED}
+            assert set(codes) <= {
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+            }
+            assert codes.count(grpc.StatusCode.DEADLINE_EXCEEDED) >= CALLER_CALLS_MAX
         finally:
             release.set()
+    assert server.admission.calls_in_progress("svc") == 0
+
+
+async def test_one_token_cannot_take_every_call_slot_from_the_others(
+    pg_server: EmbeddedPostgres, tmp_path: Path
+) -> None:
+    async with serving(pg_server, tmp_path, receive_timeout_s=RPC_TIMEOUT_S) as (server, tokens):
+        target = f"127.0.0.1:{server.port}"
+        release = asyncio.Event()
+        async with grpc.aio.insecure_channel(target) as greedy:
+            calls = open_silent_calls(greedy, CALLER_CALLS_MAX, release, bearer(tokens["svc"]))
+            try:
+
+                async def all_held() -> bool:
+                    return server.admission.calls_in_progress("svc") == CALLER_CALLS_MAX
+
+                await wait_until(all_held, what="the greedy caller's calls held")
+                (one_more,) = open_silent_calls(greedy, 1, release, bearer(tokens["svc"]))
+                assert await asyncio.wait_for(outcome(one_more), REFUSED_WITHIN_S) == (
+                    grpc.StatusCode.RESOURCE_EXHAUSTED
+                )
+                await health_and_a_valid_call(target, tokens["other"])
+            finally:
+                release.set()
+                for c in calls:
+                    c.cancel()
 
 
 def test_one_connection_may_not_open_more_streams_than_the_ledger_admits() -> None:

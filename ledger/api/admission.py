@@ -10,7 +10,10 @@ first message is read by us:
   missing scope) is answered at once, its body never read, holding nothing;
 - an admitted call must deliver its request within the receive deadline, and
   only then do the concurrency limit and the servicer see it;
-- health and reflection need no token, and hold nothing but their own stream.
+- health and reflection need no token, and hold nothing but their own stream;
+- one token may have at most caller_calls_max calls in progress (from its
+  headers to its answer), so one caller, idle or busy, cannot take every call
+  slot from the others.
 
 Everything inside (telemetry, the concurrency limit, authorization, decoding)
 still sees an ordinary unary call.
@@ -30,10 +33,24 @@ from ledger.telemetry import metrics
 
 
 class AdmissionInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
-    def __init__(self, *, auth: AuthInterceptor | None, receive_timeout_s: float) -> None:
+    def __init__(
+        self,
+        *,
+        auth: AuthInterceptor | None,
+        receive_timeout_s: float,
+        caller_calls_max: int,
+    ) -> None:
         assert receive_timeout_s > 0, "a request must have some time to arrive"
+        assert caller_calls_max >= 1, "a caller may make at least one call"
         self.auth = auth
         self.receive_timeout_s = receive_timeout_s
+        self.caller_calls_max = caller_calls_max
+        # Calls in progress per token name; entries leave at zero, so the map
+        # holds at most one entry per token in the file.
+        self._calls_of: dict[str, int] = {}
+
+    def calls_in_progress(self, caller: str) -> int:
+        return self._calls_of.get(caller, 0)
 
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
@@ -42,8 +59,11 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
         if handler is None or handler.unary_unary is None:
             return handler
         method: str = handler_call_details.method
+        caller: str | None = None
         if self.auth is not None and not is_open(method):
-            refusal = self.auth.refusal_for(handler_call_details)
+            principal, refusal = self.auth.admit(handler_call_details)
+            if principal is not None:
+                caller = principal.name
             if refusal is not None:
                 return grpc.stream_unary_rpc_method_handler(
                     _refuse_unread(refusal, method),
@@ -54,6 +74,31 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
         timeout_s = self.receive_timeout_s
 
         async def received(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            if caller is None:
+                return await receive_and_serve(context)
+            held = self._calls_of.get(caller, 0)
+            if held >= self.caller_calls_max:
+                metrics.requests.add(
+                    1, {"method": method.rpartition("/")[2], "code": "RESOURCE_EXHAUSTED"}
+                )
+                await send_abort(
+                    context,
+                    AbortError(
+                        grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f"this token has {held} calls in progress, its most; retry shortly",
+                    ),
+                )
+            self._calls_of[caller] = held + 1
+            try:
+                return await receive_and_serve(context)
+            finally:
+                left = self._calls_of[caller] - 1
+                if left:
+                    self._calls_of[caller] = left
+                else:
+                    del self._calls_of[caller]
+
+        async def receive_and_serve(context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             try:
                 request = await asyncio.wait_for(context.read(), timeout_s)
             except TimeoutError:

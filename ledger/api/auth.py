@@ -305,9 +305,12 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 
         return with_behavior(handler, guarded)
 
-    def refusal_for(self, handler_call_details: grpc.HandlerCallDetails) -> AbortError | None:
-        """Why the call's headers do not admit it (None: they do); reads no body."""
-        return self._decide(handler_call_details)[1]
+    def admit(
+        self, handler_call_details: grpc.HandlerCallDetails
+    ) -> tuple[Principal | None, AbortError | None]:
+        """The caller the headers name and why they do not admit the call (None: they do);
+        reads no body."""
+        return self._decide(handler_call_details)
 
     def _decide(
         self, handler_call_details: grpc.HandlerCallDetails

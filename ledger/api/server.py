@@ -99,8 +99,13 @@ class LedgerServer:
             warn_expiring(tokens)
             if tokens.path is not None:
                 self.token_watch = TokenFileWatcher(auth, tokens.path)
+        self.admission = AdmissionInterceptor(
+            auth=auth,
+            receive_timeout_s=request_receive_timeout_s,
+            caller_calls_max=limits.caller_calls_max(concurrent_rpcs_max),
+        )
         interceptors: list[grpc.aio.ServerInterceptor] = [  # type: ignore[type-arg]
-            AdmissionInterceptor(auth=auth, receive_timeout_s=request_receive_timeout_s),
+            self.admission,
             TelemetryInterceptor(),
             ConcurrencyLimitInterceptor(concurrent_rpcs_max),
         ]
