@@ -8,6 +8,8 @@ token past its `expires_at` is refused.
 
 from __future__ import annotations
 
+import os
+import signal
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -19,7 +21,8 @@ from ledger import limits
 from ledger.api.auth import Scope, TokenFileError, TokenTable, new_token, token_entry
 from ledger.embedded.postgres import EmbeddedPostgres
 from ledger.v1 import ledger_pb2 as pb
-from tests.auth_support import bearer, shard_config, start_secured_service
+from tests.auth_support import bearer, child_env, shard_config, start_secured_service
+from tests.process_cluster import ServiceProcess
 from tests.support import RPC_TIMEOUT_S, Service, uid, wait_until
 
 # A revoked token must stop working within this long (one poll interval and change).
@@ -146,6 +149,60 @@ async def test_a_token_is_refused_from_its_expiry_on(
 
     await wait_until(refused, deadline_s=REVOKED_WITHIN_S, what="the token refused once expired")
     assert datetime.now(UTC) >= soon
+
+
+async def test_sighup_makes_a_serving_process_reload_its_token_file(
+    pg_server: EmbeddedPostgres, tmp_path: Path
+) -> None:
+    """`ledger serve` as a process: the file is changed so that polling cannot see it
+    (same inode, size and mtime), so only the SIGHUP can make the new tokens count."""
+    old, new = new_token(), new_token()
+    path = tmp_path / "tokens.toml"
+    path.write_text(token_entry("svc", old, [Scope.READ], []))
+    process = ServiceProcess(
+        shard_config(pg_server, tmp_path),
+        tmp_path / "service.log",
+        env=child_env({"LEDGER_AUTH_FILE": str(path), "LEDGER_METRICS_LISTEN": "off"}),
+    )
+    await process.start()
+    try:
+        assert process.stub is not None and process.process is not None
+        stub = process.stub
+
+        async def code(token: str) -> grpc.StatusCode:
+            try:
+                await stub.LookupTransfers(
+                    pb.LookupTransfersRequest(
+                        refs=[pb.TransferRef(merchant_id="m", transfer_id=uid())]
+                    ),
+                    timeout=RPC_TIMEOUT_S,
+                    metadata=bearer(token),
+                )
+            except grpc.aio.AioRpcError as error:
+                return error.code()
+            return grpc.StatusCode.OK
+
+        assert await code(old) == grpc.StatusCode.OK
+        before = os.stat(path)
+        path.write_text(token_entry("svc", new, [Scope.READ], []))
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+        after = os.stat(path)
+        assert (after.st_ino, after.st_size, after.st_mtime_ns) == (
+            before.st_ino,
+            before.st_size,
+            before.st_mtime_ns,
+        )
+        assert await code(old) == grpc.StatusCode.OK, "nothing reloaded the file yet"
+        process.process.send_signal(signal.SIGHUP)
+
+        async def swapped() -> bool:
+            return await code(old) == grpc.StatusCode.UNAUTHENTICATED
+
+        await wait_until(swapped, deadline_s=REVOKED_WITHIN_S, what="SIGHUP reloading the tokens")
+        assert await code(new) == grpc.StatusCode.OK
+        assert "token file reloaded: 1 token(s)" in process.log()
+    finally:
+        await process.stop()
 
 
 def test_token_entries_carry_an_expiry_that_loads_back(tmp_path: Path) -> None:
