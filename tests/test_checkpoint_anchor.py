@@ -270,6 +270,27 @@ async def test_ledger_verify_against_the_export_fails_on_the_forgery(
     assert "FAIL shard-a checkpoint 1 has a MAC that does not match" in forged.stdout
 
 
+async def test_cross_shard_history_and_settlement_accounts_verify_against_the_export(
+    anchored: Service,
+) -> None:
+    """Settlement accounts have the same ids on every shard: each is checked where it was
+    exported, and a cross-shard saga's entries on both shards match."""
+    payer = anchored.merchant_on("shard-a")
+    payee = anchored.merchant_on("shard-b")
+    await create_accounts(anchored.stub, account(payer, "cash"), account(payee, "wallet"))
+    answer = await transfers(
+        anchored.stub, transfer(uid("t"), ref(payer, "cash"), ref(payee, "wallet"), 25)
+    )
+    assert result_names(answer) == ["TRANSFER_RESULT_OK"]
+    made = await anchored.server.checkpointer.checkpoint_once()
+    assert set(made) == {"shard-a", "shard-b"}
+    settlement = {h[0] for c in made.values() for h in c.head_list if h[0].startswith("$")}
+    assert settlement == {"$settlement"}
+    checks = await verify_against_export(anchored.cluster, export_of(anchored), key=KEY)
+    assert [v.render() for c in checks for v in c.violations] == []
+    assert {c.shard: c.exported_through for c in checks} == {"shard-a": 1, "shard-b": 1}
+
+
 async def test_an_altered_export_line_is_refused_and_does_not_anchor_anything(
     anchored: Service,
 ) -> None:

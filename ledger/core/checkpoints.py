@@ -206,35 +206,56 @@ async def _check_heads(
     checks: list[ExportCheck],
     heads_by_merchant: dict[str, list[tuple[str, int, Head]]],
 ) -> None:
+    """Each exported head against its entry: on the exporting shard when it still owns
+    the merchant (settlement accounts live on every shard), else where the merchant is now."""
     by_shard = {c.shard: c for c in checks}
-    unplaced = set(heads_by_merchant)
-    for name, shard in cluster.shards.items():
-        if not unplaced:
-            break
-        store = ChainStore(shard)
-        owned = await store.owned_of(sorted(unplaced))
-        unplaced -= owned
-        exported = [item for m in sorted(owned) for item in heads_by_merchant[m]]
-        step = limits.checkpoint_export_heads_per_query_max
-        for start in range(0, len(exported), step):
-            chunk = exported[start : start + step]
-            origin = {(h[0], h[1], h[2]): (shard_name, cid) for shard_name, cid, h in chunk}
-            for merchant_id, account_id, sequence, missing in await store.heads_differing(
-                [h for _, _, h in chunk]
-            ):
-                exporter, checkpoint_id = origin[(merchant_id, account_id, sequence)]
-                what = "is missing" if missing else "differs from the one"
-                by_shard[exporter].violations.append(
-                    ChainViolation(
-                        merchant_id,
-                        account_id,
-                        sequence,
-                        f"entry {what} exported in checkpoint {checkpoint_id} of {exporter}"
-                        + (f" (now on {name})" if name != exporter else ""),
-                    )
+    exported_by: dict[str, dict[str, list[tuple[int, Head]]]] = defaultdict(
+        lambda: defaultdict(list)
+    )
+    for merchant_id, items in heads_by_merchant.items():
+        for exporter, checkpoint_id, head in items:
+            exported_by[exporter][merchant_id].append((checkpoint_id, head))
+    for exporter, merchants in exported_by.items():
+        unplaced = set(merchants)
+        order = [exporter, *(n for n in cluster.shards if n != exporter)]
+        for name in order:
+            if not unplaced:
+                break
+            store = ChainStore(cluster.shards[name])
+            owned = await store.owned_of(sorted(unplaced))
+            unplaced -= owned
+            heads = [item for m in sorted(owned) for item in merchants[m]]
+            await _check_on(store, name, exporter, heads, by_shard[exporter])
+        for merchant_id in sorted(unplaced):
+            checkpoint_id = merchants[merchant_id][0][0]
+            by_shard[exporter].note(
+                f"merchant {merchant_id} (exported in checkpoint {checkpoint_id}) "
+                "is owned by no shard"
+            )
+
+
+async def _check_on(
+    store: ChainStore,
+    name: str,
+    exporter: str,
+    heads: list[tuple[int, Head]],
+    check: ExportCheck,
+) -> None:
+    step = limits.checkpoint_export_heads_per_query_max
+    for start in range(0, len(heads), step):
+        chunk = heads[start : start + step]
+        origin = {(h[0], h[1], h[2]): cid for cid, h in chunk}
+        for merchant_id, account_id, sequence, missing in await store.heads_differing(
+            [h for _, h in chunk]
+        ):
+            what = "is missing" if missing else "differs from the one"
+            check.violations.append(
+                ChainViolation(
+                    merchant_id,
+                    account_id,
+                    sequence,
+                    f"entry {what} exported in checkpoint "
+                    f"{origin[(merchant_id, account_id, sequence)]} of {exporter}"
+                    + (f" (now on {name})" if name != exporter else ""),
                 )
-    for merchant_id in sorted(unplaced):
-        exporter, checkpoint_id, _ = heads_by_merchant[merchant_id][0]
-        by_shard[exporter].note(
-            f"merchant {merchant_id} (exported in checkpoint {checkpoint_id}) is owned by no shard"
-        )
+            )
