@@ -100,7 +100,9 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
 
         async def receive_and_serve(context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             try:
-                request = await asyncio.wait_for(context.read(), timeout_s)
+                # A timeout scope, not wait_for: no extra task per call.
+                async with asyncio.timeout(timeout_s):
+                    request = await context.read()
             except TimeoutError:
                 await send_abort(
                     context,
