@@ -9,6 +9,7 @@ import os
 import signal
 import time
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -23,6 +24,7 @@ from ledger.api.server import LedgerServer
 from ledger.api.tls import ServerTls
 from ledger.cli_defaults import DEFAULT_ADDRESS, NoConfigFound, resolve_address, resolve_config
 from ledger.client import ClientCredentials, LedgerClient
+from ledger.core.checkpoints import ChainCheckpointer, verify_against_export
 from ledger.domain.sagas import SagaKind, SagaState
 from ledger.embedded.cluster import EmbeddedCluster
 from ledger.moves.rebalance import MoveResult, Rebalancer, ShardPinned
@@ -32,8 +34,9 @@ from ledger.routing.ring import ShardRing
 from ledger.sagas.reconcile import ReconcileReport
 from ledger.sagas.reconcile import reconcile as run_reconcile
 from ledger.sagas.runner import SagaSettings
-from ledger.settings import Settings
+from ledger.settings import Settings, SettingsError, checkpoint_key_from_env
 from ledger.storage.chain import ChainStore
+from ledger.storage.checkpoint_export import CheckpointExport
 from ledger.storage.moves import AdminBusy
 from ledger.telemetry.logs import setup_logging
 from ledger.telemetry.metrics import setup_metrics
@@ -131,7 +134,10 @@ def serve(
 ) -> None:
     """Serve the ledger. Without --config, start the embedded PostgreSQL cluster first."""
     setup_logging()
-    env = Settings.from_env()
+    try:
+        env = Settings.from_env()
+    except SettingsError as error:
+        raise typer.BadParameter(str(error)) from None
     listen = listen or env.listen
     tokens = _tokens(auth_file or env.auth_file, listen, env.allow_unauthenticated)
     tls = None
@@ -211,13 +217,23 @@ async def _serve(
         tokens=tokens,
         tls=tls,
         checkpoint_interval_s=settings.checkpoint_interval_s,
+        checkpoint_key=settings.checkpoint_key,
+        checkpoint_export_dir=settings.checkpoint_export_dir,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    # SIGHUP reloads the shard config without a restart.
-    loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(cluster.reload()))
+    # SIGHUP reloads the shard config and the token file without a restart.
+    reloads: set[asyncio.Future[bool]] = set()
+
+    def on_hangup() -> None:
+        reload = asyncio.ensure_future(cluster.reload())
+        reloads.add(reload)
+        reload.add_done_callback(reloads.discard)
+        server.reload_tokens()
+
+    loop.add_signal_handler(signal.SIGHUP, on_hangup)
     try:
         port = await server.start()
         _tune_gc()
@@ -251,8 +267,13 @@ def auth_token(
     merchants: Annotated[
         str, typer.Option(help="Comma-separated merchant ids the token is limited to.")
     ] = "",
+    expires_in_days: Annotated[
+        float | None, typer.Option(help="The token stops working this many days from now.")
+    ] = None,
 ) -> None:
     """Make a new token: prints it once, and the entry (its hash only) for the token file."""
+    if expires_in_days is not None and expires_in_days <= 0:
+        raise typer.BadParameter("--expires-in-days must be positive")
     try:
         scope_list = [Scope(s.strip()) for s in scopes.split(",") if s.strip()]
     except ValueError:
@@ -263,7 +284,10 @@ def auth_token(
     merchant_list = [m.strip() for m in merchants.split(",") if m.strip()]
     typer.echo(f"# token for {name} (shown once; give it to the caller as LEDGER_TOKEN):")
     typer.echo(f"# {token}")
-    typer.echo(token_entry(name, token, scope_list, merchant_list))
+    expires_at = (
+        datetime.now(UTC) + timedelta(days=expires_in_days) if expires_in_days is not None else None
+    )
+    typer.echo(token_entry(name, token, scope_list, merchant_list, expires_at=expires_at))
 
 
 @app.command()
@@ -297,11 +321,17 @@ def reconcile(
     config_path = _config(config)
     started_s = time.monotonic()
 
+    try:
+        key = checkpoint_key_from_env()
+    except SettingsError as error:
+        raise typer.BadParameter(str(error)) from None
+
     async def run() -> ReconcileReport:
         cluster = Cluster(load_config(config_path), config_path=config_path, audit=True)
         try:
             await cluster.open(migrate=False)
-            return await run_reconcile(cluster)
+            # With LEDGER_CHECKPOINT_KEY, the hash-chain check includes the checkpoint MACs.
+            return await run_reconcile(cluster, checkpoint_key=key)
         finally:
             await cluster.close()
 
@@ -336,10 +366,26 @@ def _write_reconcile_metrics(path: Path, report: ReconcileReport | None, duratio
 def verify(
     config: AdminConfigOption = None,
     checkpoint: Annotated[
-        bool, typer.Option(help="Record a checkpoint of the current heads first.")
+        bool, typer.Option(help="Record (and export) a checkpoint of the current heads first.")
     ] = False,
+    against: Annotated[
+        Path | None,
+        typer.Option(
+            "--against",
+            help="A checkpoint export directory (LEDGER_CHECKPOINT_EXPORT_DIR): fail on any "
+            "history that does not match what was exported.",
+        ),
+    ] = None,
 ) -> None:
-    """Check every shard's hash chains: names each edited, inserted or deleted entry."""
+    """Has anyone touched the books? Checks every shard's hash chains, account balances
+    against their entries, checkpoint MACs (with LEDGER_CHECKPOINT_KEY) and, with
+    --against, the exported checkpoints. Names each edited, inserted or deleted entry."""
+    try:
+        key = checkpoint_key_from_env()
+    except SettingsError as error:
+        raise typer.BadParameter(str(error)) from None
+    if key is None:
+        typer.echo("note: LEDGER_CHECKPOINT_KEY is not set; checkpoint MACs are not checked")
     config_path = _config(config)
 
     async def run() -> bool:
@@ -347,11 +393,16 @@ def verify(
         intact = True
         try:
             await cluster.open(migrate=False)
+            if checkpoint:
+                export_dir = Settings.from_env().checkpoint_export_dir
+                await ChainCheckpointer(
+                    cluster,
+                    interval_s=limits.chain_checkpoint_interval_s,
+                    key=key,
+                    export=CheckpointExport(export_dir) if export_dir else None,
+                ).checkpoint_once()
             for name, shard in cluster.shards.items():
-                store = ChainStore(shard)
-                if checkpoint:
-                    await store.checkpoint()
-                report = await store.verify()
+                report = await ChainStore(shard).verify(key=key)
                 for violation in report.violations:
                     typer.echo(f"FAIL {name} {violation.render()}")
                 last = report.last_checkpoint
@@ -363,6 +414,19 @@ def verify(
                 status = "ok  " if not report.violations else "FAIL"
                 typer.echo(f"{status} {name}: {len(report.violations)} violation(s); {anchor}")
                 intact = intact and not report.violations
+            if against is not None:
+                for check in await verify_against_export(
+                    cluster, CheckpointExport(against), key=key
+                ):
+                    for violation in check.violations:
+                        typer.echo(f"FAIL {check.shard} export: {violation.render()}")
+                    status = "ok  " if not check.violations else "FAIL"
+                    typer.echo(
+                        f"{status} {check.shard} export: {len(check.violations)} violation(s); "
+                        f"matches exported checkpoints through {check.exported_through}, "
+                        f"{check.unexported} newer not yet exported"
+                    )
+                    intact = intact and not check.violations
         finally:
             await cluster.close()
         return intact

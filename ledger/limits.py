@@ -51,14 +51,20 @@ request_metadata_bytes_max = 16 * 1024
 # Server: more concurrent RPCs than this get RESOURCE_EXHAUSTED at once instead
 # of queueing without bound behind the shard pools.
 concurrent_rpcs_max = 256
-# Health checks are answered beyond that limit (a busy replica is not a dead
-# one); gRPC's own hard cap leaves them this much room.
-health_rpcs_headroom = 32
-# Streams one client connection may open at once: no more than the server
-# admits in all. Unbounded, a burst on one connection can end in CANCELLED
-# streams; bounded, a client queues locally or, in the moment before it learns
-# the bound, gets a retryable UNAVAILABLE (REFUSED_STREAM).
-streams_per_connection_max = concurrent_rpcs_max + health_rpcs_headroom
+# Streams one client connection may open at once. gRPC clients honour the
+# bound and queue further calls locally, so it only limits how much of the
+# server one connection (one attacker) can occupy: well under the concurrency
+# limit, and the 100 that HTTP/2 recommends as a minimum.
+streams_per_connection_max = 100
+# An admitted call's request must arrive within this long of its headers, or
+# the call ends DEADLINE_EXCEEDED: a caller that sends headers and then nothing
+# holds a stream this long at most. 8 MiB (the largest request) takes under a
+# second at 10 MB/s; 10 s leaves slow links their margin.
+request_receive_timeout_s = 10.0
+# One token may hold at most this share of the concurrency limit (its calls
+# from headers to answer), so one caller, runaway or idle, leaves the rest to
+# the others; 75 % still lets a single busy caller use most of a replica.
+caller_calls_percent_max = 75
 # Per-shard connection pool. 2 cores: more connections than this only add
 # contention inside PostgreSQL.
 pool_connections_max = 16
@@ -139,6 +145,27 @@ chain_checkpoint_interval_s = 60.0
 chain_checkpoint_heads_max = 100_000
 # Verification stops listing after this many violations per check.
 chain_violations_max = 100
+# A checkpoint the export lacks (made by another replica, or before a crash
+# between commit and export) is exported on the next round, this many per
+# shard and round, so catching up after a long outage stays a bounded step.
+checkpoint_export_catch_up_max = 100
+# `verify --against` reads a shard's export file whole; past this size it
+# refuses rather than exhaust memory (a year of one checkpoint a minute with
+# a thousand grown accounts each is about 8 GiB: rotate the files before that).
+checkpoint_export_bytes_max = 4 * 1024**3
+# Heads checked against a shard in one query while verifying an export.
+checkpoint_export_heads_per_query_max = 10_000
+
+# The token file is checked for changes this often, so a revoked token stops
+# working within about a second (SIGHUP reloads at once).
+token_file_poll_interval_s = 1.0
+# Tokens that expire within this are named in a warning at start-up and reload.
+token_expiry_warning = timedelta(days=7)
+
+# The server's TLS certificate: warned about from this long before it expires
+# (two weeks: time to renew through a change process), checked this often.
+tls_certificate_expiry_warning = timedelta(days=14)
+tls_certificate_check_interval_s = 3600.0
 
 # Graceful shutdown: in-flight RPCs get this long to finish.
 shutdown_grace_s = 5.0
@@ -147,6 +174,16 @@ assert 1 <= refs_per_lookup_max <= 10_000
 assert 1 <= transfers_per_request_max <= 10_000
 assert 2 <= postings_per_journal_max <= transfers_per_request_max
 assert 1 <= page_size_default <= page_size_max
+assert streams_per_connection_max <= concurrent_rpcs_max
+assert 0 < request_receive_timeout_s <= shard_command_timeout_s
+assert 0 < caller_calls_percent_max <= 100
+
+
+def caller_calls_max(concurrent_rpcs_max: int) -> int:
+    """The calls one token may have in progress under a concurrency limit."""
+    return max(1, concurrent_rpcs_max * caller_calls_percent_max // 100)
+
+
 assert shard_connect_timeout_s < shard_command_timeout_s
 assert expiry_sweep_batch_max <= transfers_per_request_max
 assert saga_retry_delay_s_min < saga_retry_delay_s_max < saga_lease_s * 10

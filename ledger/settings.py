@@ -3,10 +3,29 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ledger import limits
+from ledger.domain.chain import CHECKPOINT_KEY_BYTES_MIN
+
+
+class SettingsError(ValueError):
+    """A setting that cannot be used; the message names the variable."""
+
+
+def checkpoint_key_from_env(env: dict[str, str] | None = None) -> bytes | None:
+    """LEDGER_CHECKPOINT_KEY as bytes (UTF-8), or None when unset; refuses a short key."""
+    value = (env if env is not None else dict(os.environ)).get("LEDGER_CHECKPOINT_KEY", "")
+    if not value:
+        return None
+    key = value.encode()
+    if len(key) < CHECKPOINT_KEY_BYTES_MIN:
+        raise SettingsError(
+            f"LEDGER_CHECKPOINT_KEY must be at least {CHECKPOINT_KEY_BYTES_MIN} bytes "
+            "(e.g. `python3 -c 'import secrets; print(secrets.token_urlsafe(32))'`)"
+        )
+    return key
 
 
 @dataclass(frozen=True)
@@ -35,6 +54,11 @@ class Settings:
     tls_client_ca_file: Path | None = None
     # How often each shard's hash-chain heads are checkpointed.
     checkpoint_interval_s: float = limits.chain_checkpoint_interval_s
+    # The HMAC key of checkpoints, a secret the shard databases never see; None
+    # makes checkpoints without a MAC (and the service warns at start-up).
+    checkpoint_key: bytes | None = field(default=None, repr=False)
+    # Where checkpoints are exported as they are made (one JSON-lines file per shard).
+    checkpoint_export_dir: Path | None = None
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -68,4 +92,6 @@ class Settings:
             checkpoint_interval_s=float(
                 env.get("LEDGER_CHECKPOINT_INTERVAL_S", str(limits.chain_checkpoint_interval_s))
             ),
+            checkpoint_key=checkpoint_key_from_env(dict(env)),
+            checkpoint_export_dir=path("LEDGER_CHECKPOINT_EXPORT_DIR"),
         )

@@ -28,7 +28,10 @@ from tests.support import (
 APPEND_ONLY_STATE = "55000"  # object_not_in_prerequisite_state, raised by the history trigger
 CHECK_VIOLATION_STATE = "23514"
 HISTORY_TABLES = ("transfers", "entries", "pending_resolutions")
-_CREATE_TABLE = re.compile(r"^\s*CREATE TABLE (?:IF NOT EXISTS )?(\w+)", re.MULTILINE | re.I)
+# Table names, schema-qualified outside public (the cleanup guard's own schema).
+_CREATE_TABLE = re.compile(
+    r"^\s*CREATE TABLE (?:IF NOT EXISTS )?((?:\w+\.)?\w+)", re.MULTILINE | re.I
+)
 
 
 @pytest.fixture
@@ -44,9 +47,11 @@ async def fresh_conn(pg_server: EmbeddedPostgres) -> AsyncIterator[asyncpg.Conne
 
 async def _tables(conn: asyncpg.Connection) -> set[str]:
     rows = await conn.fetch(
-        "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'"
+        "SELECT CASE table_schema WHEN 'public' THEN '' ELSE table_schema || '.' END"
+        " || table_name AS name FROM information_schema.tables"
+        " WHERE table_schema NOT IN ('pg_catalog', 'information_schema')"
     )
-    return {r["table_name"] for r in rows}
+    return {r["name"] for r in rows}
 
 
 def _declared_tables() -> set[str]:

@@ -25,6 +25,7 @@ import secrets
 import tomllib
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +90,8 @@ class Principal:
 class _StoredToken:
     principal: Principal
     sha256: bytes
+    # From this moment on the token is refused; None: it does not expire.
+    expires_at: datetime | None = None
 
 
 class TokenFileError(ValueError):
@@ -106,7 +109,9 @@ def new_token() -> str:
 class TokenTable:
     """The tokens of one file; authenticate() is constant-time in the presented token."""
 
-    def __init__(self, tokens: Iterable[_StoredToken]) -> None:
+    def __init__(self, tokens: Iterable[_StoredToken], *, path: Path | None = None) -> None:
+        # The file the table was read from, so the server can reload it.
+        self.path = path
         self._tokens = tuple(tokens)
         if not self._tokens:
             raise TokenFileError("the token file holds no token")
@@ -122,16 +127,32 @@ class TokenTable:
         entries = document.get("token")
         if not isinstance(entries, list):
             raise TokenFileError(f"{path}: expected [[token]] tables")
-        return cls(_stored_token(path, i, entry) for i, entry in enumerate(entries))
+        return cls((_stored_token(path, i, entry) for i, entry in enumerate(entries)), path=path)
 
-    def authenticate(self, token: str) -> Principal | None:
+    def authenticate(self, token: str, *, now: datetime | None = None) -> Principal | None:
+        """The token's principal; None for an unknown token or one past its expiry."""
         presented = hashlib.sha256(token.encode(errors="replace")).digest()
-        found: Principal | None = None
+        found: _StoredToken | None = None
         # No early exit: every stored hash is compared, whatever matches.
         for stored in self._tokens:
             if hmac.compare_digest(presented, stored.sha256):
-                found = stored.principal
-        return found
+                found = stored
+        if found is None:
+            return None
+        if found.expires_at is not None and (now or datetime.now(UTC)) >= found.expires_at:
+            return None
+        return found.principal
+
+    @property
+    def count(self) -> int:
+        return len(self._tokens)
+
+    def expiring(self) -> list[tuple[str, datetime]]:
+        """Names and expiry times of the tokens that expire, soonest first."""
+        return sorted(
+            ((t.principal.name, t.expires_at) for t in self._tokens if t.expires_at is not None),
+            key=lambda item: item[1],
+        )
 
 
 def _stored_token(path: Path, index: int, entry: Any) -> _StoredToken:
@@ -160,13 +181,29 @@ def _stored_token(path: Path, index: int, entry: Any) -> _StoredToken:
         or not all(isinstance(m, str) and m for m in merchants)
     ):
         raise TokenFileError(f"{where}: merchants must be a non-empty list of merchant ids")
+    expires_at = entry.get("expires_at")
+    if expires_at is not None and (
+        not isinstance(expires_at, datetime) or expires_at.tzinfo is None
+    ):
+        raise TokenFileError(
+            f"{where}: expires_at must be a TOML date-time with an offset, "
+            "e.g. 2027-01-31T00:00:00Z"
+        )
     return _StoredToken(
         Principal(name, scope_set, frozenset(merchants) if merchants is not None else None),
         digest_bytes,
+        expires_at,
     )
 
 
-def token_entry(name: str, token: str, scopes: Iterable[Scope], merchants: Iterable[str]) -> str:
+def token_entry(
+    name: str,
+    token: str,
+    scopes: Iterable[Scope],
+    merchants: Iterable[str],
+    *,
+    expires_at: datetime | None = None,
+) -> str:
     """The TOML block to add to a token file for this token (holds only its hash)."""
     lines = [
         "[[token]]",
@@ -177,6 +214,10 @@ def token_entry(name: str, token: str, scopes: Iterable[Scope], merchants: Itera
     merchant_list = list(merchants)
     if merchant_list:
         lines.append("merchants = [" + ", ".join(_toml_string(m) for m in merchant_list) + "]")
+    if expires_at is not None:
+        assert expires_at.tzinfo is not None, "an expiry is an absolute time"
+        moment = expires_at.astimezone(UTC).replace(microsecond=0)
+        lines.append(f"expires_at = {moment.isoformat().replace('+00:00', 'Z')}")
     return "\n".join(lines) + "\n"
 
 
@@ -236,6 +277,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """UNAUTHENTICATED without a valid token, PERMISSION_DENIED without the method's scope."""
 
     def __init__(self, tokens: TokenTable) -> None:
+        # Replaced whole by a reload (one assignment: a call sees the old or the new table).
         self.tokens = tokens
 
     async def intercept_service(
@@ -245,10 +287,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         method: str = handler_call_details.method
         if handler is None or is_open(method):
             return handler
-        scope = METHOD_SCOPES.get(method)
-        token = _bearer(handler_call_details.invocation_metadata)
-        principal = self.tokens.authenticate(token) if token is not None else None
-        refusal = _refusal(principal, token is not None, scope)
+        principal, refusal = self._decide(handler_call_details)
         inner: Behavior | None = handler.unary_unary
         if inner is None:
             # Every ledger method is unary; a streaming one would be unguarded, so it
@@ -266,12 +305,31 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 
         return with_behavior(handler, guarded)
 
+    def admit(
+        self, handler_call_details: grpc.HandlerCallDetails
+    ) -> tuple[Principal | None, AbortError | None]:
+        """The caller the headers name and why they do not admit the call (None: they do);
+        reads no body."""
+        return self._decide(handler_call_details)
+
+    def _decide(
+        self, handler_call_details: grpc.HandlerCallDetails
+    ) -> tuple[Principal | None, AbortError | None]:
+        scope = METHOD_SCOPES.get(handler_call_details.method)
+        token = _bearer(handler_call_details.invocation_metadata)
+        principal = self.tokens.authenticate(token) if token is not None else None
+        return principal, _refusal(principal, token is not None, scope)
+
 
 def _refusal(
     principal: Principal | None, presented: bool, scope: Scope | None
 ) -> AbortError | None:
     if principal is None:
-        message = "invalid bearer token" if presented else "a bearer token is required"
+        message = (
+            "invalid, revoked or expired bearer token"
+            if presented
+            else "a bearer token is required"
+        )
         return with_reason(grpc.StatusCode.UNAUTHENTICATED, "UNAUTHENTICATED", message)
     if scope is None:
         return with_reason(grpc.StatusCode.PERMISSION_DENIED, "UNKNOWN_METHOD", "unknown method")

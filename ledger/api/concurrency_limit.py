@@ -1,9 +1,12 @@
 """A limit on concurrent ledger calls that health checks do not count against.
 
-gRPC's own maximum_concurrent_rpcs counts every call, so a saturated replica
-would answer its health probe RESOURCE_EXHAUSTED and be restarted for being
-busy. This interceptor enforces the configured limit on everything but the
-open services; gRPC's cap, set a little higher, stays as the hard bound.
+gRPC's own maximum_concurrent_rpcs counts every call from its headers, so a
+saturated replica would answer its health probe RESOURCE_EXHAUSTED and be
+restarted for being busy, and callers that never send a body could exhaust it
+(issue 23); the server does not set it. This interceptor enforces the
+configured limit on everything but the open services, and counts a call only
+once its request has arrived (see ledger/api/admission.py) and its token was
+accepted, so silent and unauthenticated callers hold none of it.
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ import logging
 import os
 import socket
 import uuid
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -13,12 +14,15 @@ from grpc_reflection.v1alpha import reflection
 
 from ledger import limits
 from ledger.api.admin_servicer import LedgerAdminServicer
+from ledger.api.admission import AdmissionInterceptor
 from ledger.api.auth import AuthInterceptor, TokenTable
+from ledger.api.cert_expiry import CertificateExpiryWatch
 from ledger.api.concurrency_limit import ConcurrencyLimitInterceptor
 from ledger.api.interceptor import TelemetryInterceptor
 from ledger.api.request_decode import RequestDecodeInterceptor
 from ledger.api.servicer import LedgerServicer
 from ledger.api.tls import ServerTls
+from ledger.api.token_watch import TokenFileWatcher, warn_expiring
 from ledger.core.checkpoints import ChainCheckpointer
 from ledger.core.expiry import ExpirySweeper
 from ledger.core.ledger import Ledger
@@ -26,6 +30,7 @@ from ledger.routing.cluster import Cluster
 from ledger.routing.config_watch import ConfigWatcher
 from ledger.sagas.recovery import RecoveryWorker
 from ledger.sagas.runner import SagaRunner, SagaSettings
+from ledger.storage.checkpoint_export import CheckpointExport
 from ledger.telemetry import metrics
 from ledger.v1 import ledger_pb2, ledger_pb2_grpc
 
@@ -53,30 +58,66 @@ class LedgerServer:
         tokens: TokenTable | None = None,
         tls: ServerTls | None = None,
         checkpoint_interval_s: float = limits.chain_checkpoint_interval_s,
+        checkpoint_key: bytes | None = None,
+        checkpoint_export_dir: Path | None = None,
+        request_receive_timeout_s: float = limits.request_receive_timeout_s,
     ) -> None:
         self.cluster = cluster
         self.listen = listen
         self.tls = tls
+        self.cert_watch: CertificateExpiryWatch | None = None
         self.sweeper = ExpirySweeper(cluster)
-        self.checkpointer = ChainCheckpointer(cluster, interval_s=checkpoint_interval_s)
+        self.checkpointer = ChainCheckpointer(
+            cluster,
+            interval_s=checkpoint_interval_s,
+            key=checkpoint_key,
+            export=CheckpointExport(checkpoint_export_dir) if checkpoint_export_dir else None,
+        )
+        if checkpoint_key is None:
+            log.warning(
+                "LEDGER_CHECKPOINT_KEY is not set: checkpoints carry no MAC, so someone who "
+                "can write a shard database can rewrite history and its checkpoints unseen "
+                "by `ledger verify` alone"
+            )
+        if checkpoint_export_dir is None:
+            log.warning(
+                "LEDGER_CHECKPOINT_EXPORT_DIR is not set: checkpoints are not exported outside "
+                "the shard databases, so `ledger verify --against` has nothing to hold them to"
+            )
         self.config_watch = ConfigWatcher(cluster)
         self.sagas = SagaRunner(cluster, owner=_replica_id(), settings=saga_settings)
         self.recovery = RecoveryWorker(self.sagas)
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
-        # Outermost first: every call is traced and counted, then admitted under the
-        # concurrency limit, then authenticated, and only then are its bytes parsed.
+        # Outermost first. Admission decides from the headers alone (a refused
+        # call's body is never read; an admitted one must arrive within the
+        # receive deadline); then every admitted call is traced and counted,
+        # held under the concurrency limit, authorized, and only then parsed.
+        self.token_watch: TokenFileWatcher | None = None
+        auth: AuthInterceptor | None = None
+        if tokens is not None:
+            auth = AuthInterceptor(tokens)
+            warn_expiring(tokens)
+            if tokens.path is not None:
+                self.token_watch = TokenFileWatcher(auth, tokens.path)
+        self.admission = AdmissionInterceptor(
+            auth=auth,
+            receive_timeout_s=request_receive_timeout_s,
+            caller_calls_max=limits.caller_calls_max(concurrent_rpcs_max),
+        )
         interceptors: list[grpc.aio.ServerInterceptor] = [  # type: ignore[type-arg]
+            self.admission,
             TelemetryInterceptor(),
             ConcurrencyLimitInterceptor(concurrent_rpcs_max),
         ]
-        if tokens is not None:
-            interceptors.append(AuthInterceptor(tokens))
+        if auth is not None:
+            interceptors.append(auth)
         interceptors.append(RequestDecodeInterceptor())
         self.server = grpc.aio.server(
             interceptors=interceptors,
-            # The hard cap; the interceptor above enforces the limit itself, so
-            # health checks still answer when the ledger calls are at it.
-            maximum_concurrent_rpcs=concurrent_rpcs_max + limits.health_rpcs_headroom,
+            # No maximum_concurrent_rpcs: gRPC counts a call from its headers,
+            # so silent callers could exhaust it and starve health checks. The
+            # bounds instead: streams per connection, the receive deadline, the
+            # concurrency limit on calls whose request arrived (see limits.py).
             options=[
                 ("grpc.max_concurrent_streams", limits.streams_per_connection_max),
                 ("grpc.max_receive_message_length", limits.request_bytes_max),
@@ -103,7 +144,10 @@ class LedgerServer:
         if self.tls is None:
             self.port = self.server.add_insecure_port(self.listen)
         else:
-            self.port = self.server.add_secure_port(self.listen, self.tls.credentials())
+            credentials = self.tls.credentials()
+            # Read before listening: a certificate that does not parse stops the server.
+            self.cert_watch = CertificateExpiryWatch(self.tls.cert_file)
+            self.port = self.server.add_secure_port(self.listen, credentials)
         if self.port == 0:
             raise RuntimeError(f"could not listen on {self.listen}")
         await self.server.start()
@@ -113,6 +157,10 @@ class LedgerServer:
         self.checkpointer.start()
         self.recovery.start()
         self.config_watch.start()
+        if self.token_watch is not None:
+            self.token_watch.start()
+        if self.cert_watch is not None:
+            self.cert_watch.start()
         metrics.register_gauge_source("pool", self._pool_gauge)
         log.info("serving ledger.v1 on port %d (epoch %d)", self.port, self.cluster.epoch)
         return self.port
@@ -122,10 +170,18 @@ class LedgerServer:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace_s)
         await self.config_watch.stop()
+        if self.token_watch is not None:
+            await self.token_watch.stop()
+        if self.cert_watch is not None:
+            await self.cert_watch.stop()
         await self.recovery.stop()
         await self.sagas.close()
         await self.sweeper.stop()
         await self.checkpointer.stop()
+
+    def reload_tokens(self) -> bool:
+        """Rereads the token file now (SIGHUP); False if there is none or it did not parse."""
+        return self.token_watch is not None and self.token_watch.reload()
 
     def _pool_gauge(self) -> list[tuple[float, dict[str, str]]]:
         values: list[tuple[float, dict[str, str]]] = []

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import hmac
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 
@@ -80,3 +81,30 @@ def checkpoint_digest(
         digest.update(_SEPARATOR.join((merchant_id, account_id, str(sequence), "")).encode())
         digest.update(head)
     return digest.digest()
+
+
+# Domain separation for checkpoint MACs: a MAC made for anything else never verifies as one.
+_MAC_LABEL = b"ledger.v1 checkpoint\x1f"
+# Shorter keys are refused: an HMAC is only as strong as its key.
+CHECKPOINT_KEY_BYTES_MIN = 16
+
+
+def checkpoint_mac(key: bytes, *, shard: str, checkpoint_id: int, digest: bytes) -> bytes:
+    """HMAC-SHA256 of a checkpoint, keyed with a secret the shard database does not hold.
+
+    The digest already commits to every head and every earlier checkpoint; the
+    shard name and id bind it to its place, so a MAC cannot be moved elsewhere.
+    """
+    assert len(key) >= CHECKPOINT_KEY_BYTES_MIN, "checkpoint key too short"
+    assert len(digest) == HASH_BYTES, "a checkpoint digest is 32 bytes"
+    message = _MAC_LABEL + f"{shard}\x1f{checkpoint_id}\x1f".encode() + digest
+    return hmac.new(key, message, hashlib.sha256).digest()
+
+
+def mac_matches(
+    key: bytes, mac: bytes | None, *, shard: str, checkpoint_id: int, digest: bytes
+) -> bool:
+    if mac is None:
+        return False
+    expected = checkpoint_mac(key, shard=shard, checkpoint_id=checkpoint_id, digest=digest)
+    return hmac.compare_digest(expected, mac)

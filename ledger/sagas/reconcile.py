@@ -61,7 +61,10 @@ class ReconcileReport:
 
 
 async def reconcile(
-    cluster: Cluster, *, stuck_after_s: float = limits.saga_stuck_after_s
+    cluster: Cluster,
+    *,
+    stuck_after_s: float = limits.saga_stuck_after_s,
+    checkpoint_key: bytes | None = None,
 ) -> ReconcileReport:
     report = ReconcileReport()
     audits = {name: ShardAudit(shard) for name, shard in cluster.shards.items()}
@@ -100,7 +103,7 @@ async def reconcile(
                     True,
                     f"{count} saga(s) in the dead-letter list, funds pending",
                 )
-        chains = await ChainStore(audit.shard).verify()
+        chains = await ChainStore(audit.shard).verify(key=checkpoint_key)
         report.add(
             f"hash chains {name}",
             not chains.violations,

@@ -13,23 +13,50 @@ LAST_CHECKPOINT = """
 SELECT checkpoint_id, digest FROM chain_checkpoints ORDER BY checkpoint_id DESC LIMIT 1
 """
 
-# Heads of owned accounts whose chains grew since they were last checkpointed.
-# An account row's entry_count and entry_hash are one row version, so the pair
-# is consistent without a lock.
+# Heads of owned accounts whose chains grew since they were last sealed, read
+# from the entries themselves (never from the account row, which anyone who can
+# UPDATE it could point anywhere), with the head each chain was last sealed at.
 CHANGED_HEADS = """
-SELECT a.merchant_id, a.account_id, a.entry_count AS sequence, a.entry_hash
+SELECT a.merchant_id, a.account_id, last.sequence, last.entry_hash,
+       coalesce(sealed.sequence, 0) AS sealed_sequence,
+       coalesce(sealed.entry_hash, $2::bytea) AS sealed_hash
 FROM accounts a
 JOIN merchants m ON m.merchant_id = a.merchant_id AND m.state IN ('active', 'moving')
-WHERE a.entry_count > coalesce(
-    (SELECT max(h.sequence) FROM chain_checkpoint_heads h
-     WHERE h.merchant_id = a.merchant_id AND h.account_id = a.account_id), 0)
+CROSS JOIN LATERAL (
+    SELECT e.sequence, e.entry_hash FROM entries e
+    WHERE e.merchant_id = a.merchant_id AND e.account_id = a.account_id
+    ORDER BY e.sequence DESC LIMIT 1
+) last
+LEFT JOIN LATERAL (
+    SELECT h.sequence, h.entry_hash FROM chain_checkpoint_heads h
+    WHERE h.merchant_id = a.merchant_id AND h.account_id = a.account_id
+    ORDER BY h.sequence DESC LIMIT 1
+) sealed ON true
+WHERE last.sequence > coalesce(sealed.sequence, 0)
 ORDER BY a.merchant_id COLLATE "C", a.account_id COLLATE "C"
 LIMIT $1
 """
 
+# Of those accounts, the ones whose entries since the sealed head do not chain
+# from it to the new head: a checkpoint never seals a chain it cannot recompute.
+UNSEALABLE = """
+SELECT DISTINCT c.merchant_id, c.account_id
+FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bytea[], $5::bigint[])
+    AS c(merchant_id, account_id, sealed_sequence, sealed_hash, head_sequence)
+JOIN entries e
+    ON e.merchant_id = c.merchant_id AND e.account_id = c.account_id
+   AND e.sequence > c.sealed_sequence AND e.sequence <= c.head_sequence
+LEFT JOIN entries p
+    ON p.merchant_id = e.merchant_id AND p.account_id = e.account_id
+   AND p.sequence = e.sequence - 1 AND p.sequence > c.sealed_sequence
+WHERE e.entry_hash IS DISTINCT FROM ledger_entry_hash(
+    CASE WHEN e.sequence = c.sealed_sequence + 1 THEN c.sealed_hash ELSE p.entry_hash END, e)
+"""
+
 INSERT_CHECKPOINT = """
-INSERT INTO chain_checkpoints (checkpoint_id, created_at, heads, digest)
-VALUES ($1, clock_timestamp(), $2, $3)
+INSERT INTO chain_checkpoints (checkpoint_id, created_at, heads, digest, mac)
+VALUES ($1, clock_timestamp(), $2, $3, $4)
+RETURNING created_at
 """
 
 INSERT_CHECKPOINT_HEADS = """
@@ -84,7 +111,61 @@ LIMIT $1
 """
 
 CHECKPOINTS = """
-SELECT checkpoint_id, heads, digest FROM chain_checkpoints ORDER BY checkpoint_id
+SELECT checkpoint_id, created_at, heads, digest, mac FROM chain_checkpoints
+ORDER BY checkpoint_id
+"""
+
+# Checkpoints after the given one, with their heads, for the export to catch up.
+CHECKPOINTS_AFTER = """
+SELECT checkpoint_id, created_at, heads, digest, mac FROM chain_checkpoints
+WHERE checkpoint_id > $1 ORDER BY checkpoint_id LIMIT $2
+"""
+
+CHECKPOINT_DIGEST = "SELECT digest FROM chain_checkpoints WHERE checkpoint_id = $1"
+
+HEADS_OF_CHECKPOINTS = """
+SELECT checkpoint_id, merchant_id, account_id, sequence, entry_hash FROM chain_checkpoint_heads
+WHERE checkpoint_id = ANY ($1::bigint[])
+ORDER BY checkpoint_id, merchant_id COLLATE "C", account_id COLLATE "C"
+"""
+
+# Of the given merchants, those this shard owns now (their entries are verified here).
+OWNED_OF = """
+SELECT merchant_id FROM merchants
+WHERE merchant_id = ANY ($1::text[]) AND state IN ('active', 'moving')
+"""
+
+# Exported heads (merchant, account, sequence, hash) whose entry here is gone or differs.
+EXPORTED_HEADS_DIFFERING = """
+SELECT x.merchant_id, x.account_id, x.sequence, e.entry_hash IS NULL AS missing
+FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bytea[])
+    AS x(merchant_id, account_id, sequence, entry_hash)
+LEFT JOIN entries e
+    ON e.merchant_id = x.merchant_id AND e.account_id = x.account_id AND e.sequence = x.sequence
+WHERE e.entry_hash IS DISTINCT FROM x.entry_hash
+ORDER BY x.merchant_id, x.account_id, x.sequence
+LIMIT $5
+"""
+
+# Owned accounts whose balances are not those of their last entry: a balance
+# edited in the account row alone (the entries are the record). An entry count
+# off its last entry is HEAD_MISMATCHES' finding, so it is not repeated here.
+ACCOUNTS_OFF_THEIR_ENTRIES = """
+SELECT a.merchant_id, a.account_id, a.entry_count
+FROM accounts a
+JOIN merchants m ON m.merchant_id = a.merchant_id AND m.state IN ('active', 'moving')
+LEFT JOIN LATERAL (
+    SELECT sequence, debits_posted, credits_posted, debits_pending, credits_pending
+    FROM entries e WHERE e.merchant_id = a.merchant_id AND e.account_id = a.account_id
+    ORDER BY sequence DESC LIMIT 1
+) last ON true
+WHERE coalesce(last.sequence, 0) = a.entry_count
+  AND (coalesce(last.debits_posted, 0) <> a.debits_posted
+       OR coalesce(last.credits_posted, 0) <> a.credits_posted
+       OR coalesce(last.debits_pending, 0) <> a.debits_pending
+       OR coalesce(last.credits_pending, 0) <> a.credits_pending)
+ORDER BY a.merchant_id, a.account_id
+LIMIT $1
 """
 
 # Every checkpoint's heads in one pass, in the order its digest was computed.

@@ -226,9 +226,11 @@ FROM accounts WHERE merchant_id = $1 GROUP BY currency ORDER BY currency
 TRY_ADMIN_LOCK = "SELECT pg_try_advisory_lock(7305, 0)"
 ADMIN_UNLOCK = "SELECT pg_advisory_unlock(7305, 0)"
 
-ALLOW_HISTORY_CLEANUP = "SET LOCAL ledger.allow_history_cleanup = 'on'"
+# Lets this transaction remove the history of one merchant that moved away or is
+# being copied here (migration 0009); a session setting can no longer do it.
+ALLOW_HISTORY_CLEANUP = "SELECT ledger_allow_history_cleanup($1)"
 
-# Folding a hold's path as a party arrives back (migration 0008): the relay here
+# Folding a hold's path as a party arrives back (migration 0010): the relay here
 # that ends at the shard the credit party leaves.
 RELAYS_TO = """
 SELECT from_shard FROM hold_relays WHERE merchant_id = $1 AND transfer_id = $2 AND to_shard = $3
@@ -238,6 +240,8 @@ SELECT from_shard FROM hold_relays WHERE merchant_id = $1 AND transfer_id = $2 A
 RELAY_PASSED = """
 SELECT EXISTS (SELECT 1 FROM relay_passes WHERE merchant_id = $1 AND pending_transfer_id = $2)
 """
+
+ALLOW_RELAY_FOLDS = "SELECT ledger_allow_relay_fold($1, $2::text[], $3::text[])"
 
 DELETE_HOLD_RELAY = """
 DELETE FROM hold_relays WHERE merchant_id = $1 AND transfer_id = $2 AND from_shard = $3

@@ -287,7 +287,7 @@ class MoveStore:
                 )
                 written += int(status.rsplit(" ", 1)[-1])
             # Saga step history and expiry timers are replaced whole on each copy.
-            await conn.execute(sql.ALLOW_HISTORY_CLEANUP)
+            await conn.execute(sql.ALLOW_HISTORY_CLEANUP, merchant_id)
             await conn.execute("DELETE FROM saga_steps WHERE merchant_id = $1", merchant_id)
             await conn.execute("DELETE FROM pending_expiries WHERE merchant_id = $1", merchant_id)
             await conn.execute(sql.DELETE_CREDIT_HOLDS_OF, merchant_id)
@@ -513,6 +513,17 @@ class MoveStore:
             await conn.execute(sql.LOCK_MERCHANT_EXCLUSIVE, merchant_id)
             # Read before the switch: a merchant marked moved no longer holds anything here.
             carried = holds if holds is not None else await _holds(conn, merchant_id)
+            if folded is None:
+                # Arriving: the relays a fold may remove, granted while it is incoming.
+                here = [h.key for h in carried.cross if h.beyond == self.shard.name]
+                state = await conn.fetchrow(sql.MERCHANT_ROW, merchant_id)
+                if here and state is not None and state["state"] == "incoming":
+                    await conn.execute(
+                        sql.ALLOW_RELAY_FOLDS,
+                        merchant_id,
+                        [k.merchant_id for k in here],
+                        [k.transfer_id for k in here],
+                    )
             switched = await conn.fetchrow(
                 sql.SET_STATE, merchant_id, to_state, moved_to, epoch, from_states
             )
@@ -639,7 +650,6 @@ class MoveStore:
                 raise MoveDeferred(
                     f"a settle of a hold is passing {here}; it moves once the hold settles"
                 )
-            await conn.execute(sql.ALLOW_HISTORY_CLEANUP)
             await conn.execute(sql.DELETE_HOLD_RELAY, k.merchant_id, k.transfer_id, relay_from)
             if hold.debit_party:
                 await conn.execute(sql.MOVE_SAGA_PEER, k.merchant_id, k.transfer_id, onward)
@@ -734,7 +744,7 @@ class MoveStore:
         async def run(conn: Connection) -> int:
             row = await conn.fetchrow(sql.MERCHANT_ROW, merchant_id)
             invariant(row is not None and row["state"] == "moved", "only moved merchants")
-            await conn.execute(sql.ALLOW_HISTORY_CLEANUP)
+            await conn.execute(sql.ALLOW_HISTORY_CLEANUP, merchant_id)
             deleted = 0
             for table, column, _ in reversed(sql.MOVED_TABLES):
                 status = await conn.execute(f"DELETE FROM {table} WHERE {column} = $1", merchant_id)

@@ -125,6 +125,13 @@ _meter.create_observable_gauge(
     unit="1",
     description="Sagas not yet finished, by state (running, dead) and shard",
 )
+_meter.create_observable_gauge(
+    "ledger_tls_certificate_expiry_timestamp",
+    callbacks=[_observe("tls_expiry")],
+    unit="s",
+    description="When the server's TLS certificate expires, in seconds since the Unix epoch "
+    "(alert when it is less than two weeks from now)",
+)
 
 _meter.create_observable_gauge(
     "ledger_shard_reachable",
