@@ -13,21 +13,23 @@ from ledger.telemetry.redaction import redact
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object a line; the whole line passes through redact() last."""
+    """One JSON object a line. The message and the exception pass through redact()
+    before encoding (JSON writes a tab as the two characters \\t, which would split a
+    tab-separated card number), and the whole line once more after it."""
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, object] = {
             "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname,
             "logger": record.name,
-            "message": record.getMessage(),
+            "message": redact(record.getMessage()),
         }
         context = trace.get_current_span().get_span_context()
         if context.is_valid:
             entry["trace_id"] = format(context.trace_id, "032x")
             entry["span_id"] = format(context.span_id, "016x")
         if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
+            entry["exception"] = redact(self.formatException(record.exc_info))
         return redact(json.dumps(entry, ensure_ascii=False, default=str))
 
 
