@@ -162,6 +162,7 @@ async def _serve(
         tokens=tokens,
         tls=tls,
         checkpoint_interval_s=settings.checkpoint_interval_s,
+        mask_card_metadata=settings.mask_card_metadata,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -8,6 +8,16 @@ from pathlib import Path
 
 from ledger import limits
 
+CARD_METADATA_CHOICES = ("refuse", "mask")
+
+
+def _choice(name: str, value: str, choices: tuple[str, ...]) -> str:
+    """value (lower-cased), or the first choice when unset; anything else stops start-up."""
+    value = value.strip().lower() or choices[0]
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, not {value!r}")
+    return value
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -35,6 +45,14 @@ class Settings:
     tls_client_ca_file: Path | None = None
     # How often each shard's hash-chain heads are checkpointed.
     checkpoint_interval_s: float = limits.chain_checkpoint_interval_s
+    # LEDGER_CARD_METADATA: "refuse" (default) refuses metadata values holding a card
+    # number with INVALID_ARGUMENT; "mask" stores them cut to the first six and last
+    # four digits. Ids and metadata keys holding one are refused either way.
+    card_metadata: str = "refuse"
+
+    @property
+    def mask_card_metadata(self) -> bool:
+        return self.card_metadata == "mask"
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -67,5 +85,8 @@ class Settings:
             tls_client_ca_file=path("LEDGER_TLS_CLIENT_CA_FILE"),
             checkpoint_interval_s=float(
                 env.get("LEDGER_CHECKPOINT_INTERVAL_S", str(limits.chain_checkpoint_interval_s))
+            ),
+            card_metadata=_choice(
+                "LEDGER_CARD_METADATA", env.get("LEDGER_CARD_METADATA", ""), CARD_METADATA_CHOICES
             ),
         )

@@ -53,6 +53,7 @@ class LedgerServer:
         tokens: TokenTable | None = None,
         tls: ServerTls | None = None,
         checkpoint_interval_s: float = limits.chain_checkpoint_interval_s,
+        mask_card_metadata: bool = False,
     ) -> None:
         self.cluster = cluster
         self.listen = listen
@@ -88,7 +89,9 @@ class LedgerServer:
             ],
         )
         self.ledger = ledger = Ledger(cluster, self.sagas)
-        ledger_pb2_grpc.add_LedgerServiceServicer_to_server(LedgerServicer(ledger), self.server)
+        ledger_pb2_grpc.add_LedgerServiceServicer_to_server(
+            LedgerServicer(ledger, mask_card_metadata=mask_card_metadata), self.server
+        )
         ledger_pb2_grpc.add_LedgerAdminServiceServicer_to_server(
             LedgerAdminServicer(self.sagas, ledger), self.server
         )

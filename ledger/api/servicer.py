@@ -105,14 +105,17 @@ def _saga_wait_s(context: grpc.aio.ServicerContext[Any, Any]) -> float:
 
 
 class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
-    def __init__(self, ledger: Ledger) -> None:
+    def __init__(self, ledger: Ledger, *, mask_card_metadata: bool = False) -> None:
         self.ledger = ledger
+        # LEDGER_CARD_METADATA=mask: metadata values holding a card number are stored
+        # truncated (first six, last four digits) instead of being refused.
+        self.mask_card_metadata = mask_card_metadata
 
     @statuses
     async def CreateAccounts(
         self, request: pb.CreateAccountsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.CreateAccountsResponse:
-        specs = decode.create_accounts(request)
+        specs = decode.create_accounts(request, mask_card_metadata=self.mask_card_metadata)
         require_merchants(
             (f"accounts[{i}].ref.merchant_id", s.key.merchant_id) for i, s in enumerate(specs)
         )
@@ -179,7 +182,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
     async def CreateTransfers(
         self, request: pb.CreateTransfersRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.CreateTransfersResponse:
-        transfers = decode.create_transfers(request)
+        transfers = decode.create_transfers(request, mask_card_metadata=self.mask_card_metadata)
         require_merchants(_transfer_merchants(transfers))
         outcomes = await self.ledger.create_transfers(transfers, wait_s=_saga_wait_s(context))
         if all(o.result is TransferResult.SHARD_UNAVAILABLE for o in outcomes):
@@ -217,7 +220,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
     async def PostJournal(
         self, request: pb.PostJournalRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.PostJournalResponse:
-        journal = decode.post_journal(request)
+        journal = decode.post_journal(request, mask_card_metadata=self.mask_card_metadata)
         require_merchants(
             [("merchant_id", journal.merchant_id)]
             + [
