@@ -141,3 +141,19 @@ def test_background_traces_go_to_their_own_queue_and_requests_to_theirs() -> Non
         "ledger.v1.LedgerService/CreateTransfers",
     ]
     assert [s.name for s in background.get_finished_spans()] == ["shard expire_due"] * 3
+
+
+def test_a_lone_statement_span_outside_any_request_is_dropped() -> None:
+    exported = InMemorySpanExporter()
+    provider = LedgerTracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exported))
+    tracer = provider.get_tracer("test")
+    with tracer.start_as_current_span("SELECT", attributes={"db.statement": "SELECT 1"}):
+        pass
+    with tracer.start_as_current_span("ledger.v1.LedgerService/LookupAccounts"):
+        with tracer.start_as_current_span("SELECT", attributes={"db.statement": "SELECT 2"}):
+            pass
+    assert [s.name for s in exported.get_finished_spans()] == [
+        "SELECT",
+        "ledger.v1.LedgerService/LookupAccounts",
+    ]

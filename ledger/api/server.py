@@ -22,10 +22,12 @@ from ledger.api.tls import ServerTls
 from ledger.core.checkpoints import ChainCheckpointer
 from ledger.core.expiry import ExpirySweeper
 from ledger.core.ledger import Ledger
+from ledger.domain.sagas import SagaKind, SagaState
 from ledger.routing.cluster import Cluster
 from ledger.routing.config_watch import ConfigWatcher
 from ledger.sagas.recovery import RecoveryWorker
 from ledger.sagas.runner import SagaRunner, SagaSettings
+from ledger.storage.shard import SHARD_ERROR_KINDS
 from ledger.telemetry import metrics
 from ledger.v1 import ledger_pb2, ledger_pb2_grpc
 
@@ -117,6 +119,7 @@ class LedgerServer:
         self.recovery.start()
         self.config_watch.start()
         metrics.register_gauge_source("pool", self._pool_gauge)
+        self._export_counters_at_zero()
         log.info("serving ledger.v1 on port %d (epoch %d)", self.port, self.cluster.epoch)
         return self.port
 
@@ -129,6 +132,16 @@ class LedgerServer:
         await self.sagas.close()
         await self.sweeper.stop()
         await self.checkpointer.stop()
+
+    def _export_counters_at_zero(self) -> None:
+        """Failure counters read 0 on a healthy replica instead of being absent."""
+        for kind in SagaKind:
+            metrics.saga_attempts_failed.exported_at_zero({"kind": kind.name})
+            for state in (SagaState.COMPLETED, SagaState.COMPENSATED):
+                metrics.sagas_finished.exported_at_zero({"kind": kind.name, "state": state.name})
+        for name in self.cluster.shards:
+            for error_kind in SHARD_ERROR_KINDS:
+                metrics.shard_errors.exported_at_zero({"shard": name, "kind": error_kind})
 
     def _pool_gauge(self) -> list[tuple[float, dict[str, str]]]:
         values: list[tuple[float, dict[str, str]]] = []

@@ -21,6 +21,8 @@ class ExpirySweeper:
         self.cluster = cluster
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        # Sweeps finished (or failed) since start: lets a test wait for rounds, not time.
+        self.rounds = 0
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="expiry-sweeper")
@@ -52,5 +54,6 @@ class ExpirySweeper:
                 await self.sweep_once()
             except Exception:
                 log.exception("expiry sweep failed")
+            self.rounds += 1
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), limits.expiry_sweep_interval_s)

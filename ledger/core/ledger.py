@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -165,7 +166,17 @@ class Ledger:
 
         deadline = deadline_from_now() if cross else None
         if deadline is not None:
-            await asyncio.gather(run_local(), *(run_saga(i, deadline) for i in sorted(cross)))
+            # A batch of only cross-shard transfers has no local route: its sagas get the
+            # request's one route span instead (a mixed batch has one from run_local).
+            route = (
+                contextlib.nullcontext()
+                if local
+                else start_as_current_span(
+                    "route", attributes={"ledger.items": len(requests), "ledger.sagas": len(cross)}
+                )
+            )
+            with route:
+                await asyncio.gather(run_local(), *(run_saga(i, deadline) for i in sorted(cross)))
         else:
             # The common call: no task to create for a lone coroutine.
             await run_local()

@@ -71,7 +71,12 @@ from ledger.storage.errors import (
 from ledger.storage.migrate import apply_migrations
 from ledger.storage.saga_rows import saga_from_row
 from ledger.telemetry import metrics
-from ledger.telemetry.tracing import current_trace_id, start_as_current_span
+from ledger.telemetry.tracing import (
+    background_span_attributes,
+    current_trace_id,
+    mark_found_work,
+    start_as_current_span,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -118,6 +123,10 @@ class JournalOutcome:
     failed_posting_index: int
     differing_field: str | None
     created_at: datetime
+
+
+# What ledger_shard_errors counts (its "kind" label), each exported at zero from the start.
+SHARD_ERROR_KINDS = ("busy", "unavailable", "error", "contention")
 
 
 class Shard:
@@ -720,6 +729,7 @@ class Shard:
         with self._span(fn, transaction=False) as span:
             try:
                 async with self._acquire() as conn:
+                    # A read changes nothing: as background work it is never worth a span.
                     return await fn(conn)
             except ShardBusy:
                 self._failed(span, "busy", TimeoutError())
@@ -737,7 +747,8 @@ class Shard:
                 span.set_attribute("ledger.attempts", attempt)
                 try:
                     async with self._acquire() as conn, conn.transaction():
-                        return await fn(conn)
+                        result = await fn(conn)
+                    return _found_work(span, result)
                 except ShardBusy:
                     self._failed(span, "busy", TimeoutError())
                     raise
@@ -788,6 +799,8 @@ class Shard:
                 "ledger.shard": self.name,
                 "ledger.operation": operation,
                 "ledger.transaction": transaction,
+                # Outside any request: background work, exported only if it found some.
+                **background_span_attributes(),
             },
             record_exception=False,
             set_status_on_exception=False,
@@ -802,6 +815,14 @@ class Shard:
     def _failed(self, span: Span, kind: str, error: BaseException) -> None:
         metrics.shard_errors.add(1, {"shard": self.name, "kind": kind})
         span.set_status(Status(StatusCode.ERROR, f"{kind}: {type(error).__name__}"))
+
+
+def _found_work(span: Span, result: T) -> T:
+    """A background span is kept when its operation returned something (claimed sagas,
+    released holds, a count above zero); an empty answer means it found nothing to do."""
+    if result:
+        mark_found_work(span)
+    return result
 
 
 async def _no_reset(conn: asyncpg.Connection[asyncpg.Record]) -> None:

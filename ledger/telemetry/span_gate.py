@@ -10,7 +10,9 @@ It does three things, in this order:
 2. Idle background work is dropped. A trace that background work started on its
    own (attribute BACKGROUND_ATTRIBUTE on its root span, set when the span had no
    parent) is held until its root ends; if the root says it found nothing to do
-   (IDLE_ATTRIBUTE) and did not fail, the whole trace is dropped.
+   (IDLE_ATTRIBUTE) and did not fail, the whole trace is dropped. A database
+   statement span that is a root (a read no request or transaction asked for) is
+   dropped too.
 3. Background traces that did something go to their own processor (their own
    export queue), so however many there are, they cannot push request traces out
    of the request queue.
@@ -37,6 +39,8 @@ from ledger.telemetry.redaction import CARD_MASK, redact
 BACKGROUND_ATTRIBUTE = "ledger.background"
 # Set on such a root span when the work found nothing to do: its trace is not exported.
 IDLE_ATTRIBUTE = "ledger.idle"
+# Set by the asyncpg instrumentation on its statement spans.
+_STATEMENT_ATTRIBUTE = "db.statement"
 # Spans of one background trace held until its root ends; beyond this many the rest
 # are dropped (a background trace is a shard transaction and its few statements).
 HELD_SPANS_PER_TRACE_MAX = 256
@@ -141,6 +145,10 @@ class SpanGate(SpanProcessor):
                 del self._held[trace_id]
         attributes = span.attributes or {}
         if held is None:
+            if span.parent is None and _STATEMENT_ATTRIBUTE in attributes:
+                # A lone statement no request, saga or shard transaction asked for: a
+                # background read (gauges, the replica's heartbeat), never worth a trace.
+                return
             if span.parent is None and attributes.get(BACKGROUND_ATTRIBUTE):
                 # Not held (too many held at once): judged alone.
                 held = []
