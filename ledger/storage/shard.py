@@ -138,6 +138,9 @@ class Shard:
         self._pool: asyncpg.Pool | None = None
         # Settlement accounts seen on this shard (sagas skip creating them again).
         self.settlement_accounts: set[AccountKey] = set()
+        # When connecting to it last failed (None: it answers), so that the change of
+        # state is logged once instead of at every attempt.
+        self._unavailable_since: float | None = None
 
     async def open(self) -> None:
         invariant(self._pool is None, "a shard is opened once")
@@ -734,6 +737,9 @@ class Shard:
             except ShardBusy:
                 self._failed(span, "busy", TimeoutError())
                 raise
+            except ShardUnavailable as error:
+                self._failed(span, "unavailable", error)
+                raise
             except BaseException as error:
                 if is_unavailable(error):
                     self._failed(span, "unavailable", error)
@@ -751,6 +757,9 @@ class Shard:
                     return _found_work(span, result)
                 except ShardBusy:
                     self._failed(span, "busy", TimeoutError())
+                    raise
+                except ShardUnavailable as error:
+                    self._failed(span, "unavailable", error)
                     raise
                 except RetryTransaction:
                     log.info(
@@ -773,19 +782,68 @@ class Shard:
             raise ShardUnavailable(self.name, RetryTransaction("attempts exhausted"))
 
     @contextlib.asynccontextmanager
+    async def connection(self) -> AsyncIterator[Connection]:
+        """A pool connection for reads outside the ledger's transactions (audits, gauges);
+        a shard that cannot be reached or refuses connections raises ShardUnavailable."""
+        try:
+            async with self._acquire() as conn:
+                yield conn
+        except ShardUnavailable:
+            raise
+        except BaseException as error:
+            if is_unavailable(error):
+                raise ShardUnavailable(self.name, error) from error
+            raise
+
+    @contextlib.asynccontextmanager
     async def _acquire(self) -> AsyncIterator[Connection]:
-        """A pool connection; a wait for one that times out on a full pool is ShardBusy."""
+        """A pool connection; a wait for one that times out on a full pool is ShardBusy.
+
+        A server that answers but refuses to let us connect (SQLSTATE 55000 "database
+        does not allow connections" during maintenance, 57P03 "cannot connect now",
+        53300 too many connections, ...) is unavailable, whatever the SQLSTATE: any
+        database error while connecting means the shard cannot be used now.
+        """
         pool = self.pool
         try:
             conn = await pool.acquire(timeout=limits.pool_acquire_timeout_s)
         except TimeoutError as error:
             if pool.get_size() >= limits.pool_connections_max and pool.get_idle_size() == 0:
                 raise ShardBusy(self.name, error) from error
+            self._went_unavailable(error)
             raise
+        except asyncpg.PostgresError as error:
+            self._went_unavailable(error)
+            raise ShardUnavailable(self.name, error) from error
+        except BaseException as error:
+            if is_unavailable(error):
+                self._went_unavailable(error)
+            raise
+        if self._unavailable_since is not None:
+            self._went_available()
         try:
             yield conn
         finally:
             await pool.release(conn)
+
+    def _went_unavailable(self, error: BaseException) -> None:
+        """Logs the change to unavailable once, not at every attempt (the background
+        workers try every shard several times a second)."""
+        if self._unavailable_since is not None:
+            return
+        self._unavailable_since = time.monotonic()
+        log.warning(
+            "shard %s is unavailable (%s%s): its merchants get UNAVAILABLE until it answers",
+            self.name,
+            type(error).__name__,
+            f", SQLSTATE {error.sqlstate}" if isinstance(error, asyncpg.PostgresError) else "",
+        )
+
+    def _went_available(self) -> None:
+        assert self._unavailable_since is not None
+        down_s = time.monotonic() - self._unavailable_since
+        self._unavailable_since = None
+        log.info("shard %s is available again after %.1f s", self.name, down_s)
 
     @contextlib.contextmanager
     def _span(self, fn: Callable[..., object], *, transaction: bool) -> Iterator[Span]:
