@@ -163,6 +163,7 @@ async def _serve(
         tls=tls,
         checkpoint_interval_s=settings.checkpoint_interval_s,
         mask_card_metadata=settings.mask_card_metadata,
+        page_token_key=settings.page_token_key,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

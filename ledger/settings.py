@@ -19,6 +19,19 @@ def _choice(name: str, value: str, choices: tuple[str, ...]) -> str:
     return value
 
 
+# A page token key shorter than this is refused at start-up (HMAC-SHA256 keys).
+PAGE_TOKEN_KEY_BYTES_MIN = 16
+
+
+def _page_token_key(value: str) -> bytes | None:
+    if not value:
+        return None
+    key = value.encode()
+    if len(key) < PAGE_TOKEN_KEY_BYTES_MIN:
+        raise ValueError(f"LEDGER_PAGE_TOKEN_KEY must be at least {PAGE_TOKEN_KEY_BYTES_MIN} bytes")
+    return key
+
+
 @dataclass(frozen=True)
 class Settings:
     # host:port the gRPC server listens on.
@@ -49,6 +62,9 @@ class Settings:
     # number with INVALID_ARGUMENT; "mask" stores them cut to the first six and last
     # four digits. Ids and metadata keys holding one are refused either way.
     card_metadata: str = "refuse"
+    # LEDGER_PAGE_TOKEN_KEY: signs page tokens; every replica needs the same one (unset:
+    # a random key per process, so a token works only on the replica that issued it).
+    page_token_key: bytes | None = None
 
     @property
     def mask_card_metadata(self) -> bool:
@@ -86,6 +102,7 @@ class Settings:
             checkpoint_interval_s=float(
                 env.get("LEDGER_CHECKPOINT_INTERVAL_S", str(limits.chain_checkpoint_interval_s))
             ),
+            page_token_key=_page_token_key(env.get("LEDGER_PAGE_TOKEN_KEY", "")),
             card_metadata=_choice(
                 "LEDGER_CARD_METADATA", env.get("LEDGER_CARD_METADATA", ""), CARD_METADATA_CHOICES
             ),

@@ -21,7 +21,7 @@ from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from ledger import limits
-from ledger.api.decode import CONTROL_CHARACTERS, Violations
+from ledger.api.decode import CONTROL_CHARACTERS, PageTokens, Violations
 from ledger.v1 import ledger_pb2 as pb
 from tests.support import (
     RPC_TIMEOUT_S,
@@ -1083,7 +1083,46 @@ def _foreign_tokens() -> list[Any]:
             ),
             id="newest-first-token-for-oldest-first",
         ),
+        pytest.param(
+            lambda b: (
+                "ListEntries",
+                pb.ListEntriesRequest(account=b.wallet, page_token=b.entries_newest_token),
+            ),
+            id="entries-token-of-another-account",
+        ),
+        pytest.param(
+            lambda b: (
+                "ListAccounts",
+                pb.ListAccountsRequest(merchant_id=uid("m"), page_token=b.accounts_token),
+            ),
+            id="accounts-token-of-another-merchant",
+        ),
+        pytest.param(
+            lambda b: (
+                "ListAccounts",
+                pb.ListAccountsRequest(
+                    merchant_id=b.merchant_id, page_token=_with_cursor(b.accounts_token, "a")
+                ),
+            ),
+            id="accounts-token-with-a-changed-cursor",
+        ),
+        pytest.param(
+            lambda b: (
+                "ListEntries",
+                pb.ListEntriesRequest(
+                    account=b.cash, page_token=_with_cursor(b.entries_newest_token, "1")
+                ),
+            ),
+            id="entries-token-with-a-changed-cursor",
+        ),
     ]
+
+
+def _with_cursor(issued: str, cursor: str) -> str:
+    """An issued token with its cursor replaced and its signature kept (a forgery)."""
+    raw = base64.urlsafe_b64decode(issued)
+    head, _, _ = raw.rpartition(b"|")
+    return token(head + b"|" + cursor.encode())
 
 
 @pytest.mark.parametrize("build", _foreign_tokens())
@@ -1091,6 +1130,21 @@ async def test_page_token_from_another_listing_is_refused(
     service: Service, books: Books, build: Build
 ) -> None:
     await check(service, books, build, ["page_token"])
+
+
+def test_page_tokens_are_accepted_only_with_the_key_that_signed_them() -> None:
+    """Replicas sharing LEDGER_PAGE_TOKEN_KEY accept each other's tokens; others do not."""
+    issued = PageTokens(b"k" * 32).issue(kind="accounts", listing="m1", cursor="acct-7")
+    same_key, other_key = Violations(), Violations()
+    cursor = PageTokens(b"k" * 32).cursor(
+        same_key, "page_token", issued, kind="accounts", listing="m1"
+    )
+    assert (cursor, same_key.items) == ("acct-7", [])
+    assert (
+        PageTokens(b"x" * 32).cursor(other_key, "page_token", issued, kind="accounts", listing="m1")
+        is None
+    )
+    assert [f for f, _ in other_key.items] == ["page_token"]
 
 
 async def test_issued_page_tokens_are_accepted_by_their_own_listing(

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import hmac
 import re
 import unicodedata
 from collections.abc import Mapping, Sequence
@@ -360,32 +362,70 @@ def timestamp(v: Violations, field: str, value: Timestamp) -> datetime | None:
     return datetime.fromtimestamp(value.seconds, UTC).replace(microsecond=value.nanos // 1000)
 
 
-def encode_page_token(kind: str, cursor: str) -> str:
-    raw = f"v1|{kind}|{cursor}".encode()
-    return base64.urlsafe_b64encode(raw).decode("ascii")
+class PageTokens:
+    """Page tokens bound to the listing they page and signed by the service.
+
+    A token carries its kind and cursor, and an HMAC-SHA256 (the service's key) over
+    the kind, the listing (the merchant for ListAccounts, the account for ListEntries)
+    and the cursor. A token from another listing, order or kind, or not made with this
+    key, is refused with INVALID_ARGUMENT instead of silently paging the wrong thing.
+    Every replica must share the key (LEDGER_PAGE_TOKEN_KEY) for a token from one to
+    work on another.
+    """
+
+    VERSION = "v2"
+    # 128 bits of HMAC: forging one is out of reach, and the token stays short.
+    MAC_BYTES = 16
+
+    def __init__(self, key: bytes) -> None:
+        assert len(key) >= 16, "a page token key has at least 128 bits"
+        self._key = key
+
+    def _mac(self, kind: str, listing: str, cursor: str) -> bytes:
+        message = "\x00".join((self.VERSION, kind, listing, cursor)).encode()
+        return hmac.new(self._key, message, hashlib.sha256).digest()[: self.MAC_BYTES]
+
+    def issue(self, *, kind: str, listing: str, cursor: str) -> str:
+        raw = self._mac(kind, listing, cursor) + f"{self.VERSION}|{kind}|{cursor}".encode()
+        return base64.urlsafe_b64encode(raw).decode("ascii")
+
+    def cursor(
+        self, v: Violations, field: str, token: str, *, kind: str, listing: str
+    ) -> str | None:
+        """The cursor of a token this service issued for this listing and kind, else a
+        violation (None also when there is no token)."""
+        if not token:
+            return None
+        if len(token) > limits.page_token_bytes_max:
+            v.add(field, f"must be at most {limits.page_token_bytes_max} bytes")
+            return None
+        try:
+            raw = base64.urlsafe_b64decode(token.encode("ascii"))
+            mac, payload = raw[: self.MAC_BYTES], raw[self.MAC_BYTES :].decode()
+            version, token_kind, cursor = payload.split("|", 2)
+        except (ValueError, UnicodeError, binascii.Error):
+            v.add(field, "is not a page token this service issued")
+            return None
+        if version != self.VERSION or not hmac.compare_digest(
+            mac, self._mac(token_kind, listing, cursor)
+        ):
+            v.add(field, "is not a page token this service issued for this listing")
+            return None
+        if token_kind != kind:
+            v.add(field, "belongs to a different listing or order")
+            return None
+        return cursor
 
 
-def decode_page_token(v: Violations, field: str, token: str, kind: str) -> str | None:
-    """The cursor inside a token made by encode_page_token for the same kind, else a violation."""
-    if not token:
-        return None
-    if len(token) > limits.page_token_bytes_max:
-        v.add(field, f"must be at most {limits.page_token_bytes_max} bytes")
-        return None
-    try:
-        raw = base64.urlsafe_b64decode(token.encode("ascii")).decode()
-        version, token_kind, cursor = raw.split("|", 2)
-    except (ValueError, UnicodeError, binascii.Error):
-        v.add(field, "is not a page token this service issued")
-        return None
-    if version != "v1" or token_kind != kind:
-        v.add(field, "belongs to a different listing or order")
-        return None
-    return cursor
+def entries_listing(key: AccountKey) -> str:
+    """What an entries page token is bound to: one account (ids never hold NUL)."""
+    return f"{key.merchant_id}\x00{key.account_id}"
 
 
-def account_cursor(v: Violations, field: str, token: str) -> str:
-    cursor = decode_page_token(v, field, token, "accounts")
+def account_cursor(
+    v: Violations, field: str, token: str, *, tokens: PageTokens, merchant_id: str
+) -> str:
+    cursor = tokens.cursor(v, field, token, kind="accounts", listing=merchant_id)
     if cursor is None:
         return ""
     before = len(v.items)
@@ -397,8 +437,10 @@ def account_cursor(v: Violations, field: str, token: str) -> str:
     return cursor
 
 
-def sequence_cursor(v: Violations, field: str, token: str, kind: str) -> int | None:
-    cursor = decode_page_token(v, field, token, kind)
+def sequence_cursor(
+    v: Violations, field: str, token: str, kind: str, *, tokens: PageTokens, listing: str
+) -> int | None:
+    cursor = tokens.cursor(v, field, token, kind=kind, listing=listing)
     if cursor is None:
         return None
     if not _SEQUENCE_CURSOR.fullmatch(cursor) or int(cursor) > AMOUNT_MINOR_MAX:

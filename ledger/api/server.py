@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import socket
 import uuid
 
@@ -15,6 +16,7 @@ from ledger import limits
 from ledger.api.admin_servicer import LedgerAdminServicer
 from ledger.api.auth import AuthInterceptor, TokenTable
 from ledger.api.concurrency_limit import ConcurrencyLimitInterceptor
+from ledger.api.decode import PageTokens
 from ledger.api.interceptor import TelemetryInterceptor
 from ledger.api.request_decode import RequestDecodeInterceptor
 from ledger.api.servicer import LedgerServicer
@@ -42,6 +44,14 @@ def _replica_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
+def _random_page_token_key() -> bytes:
+    log.warning(
+        "LEDGER_PAGE_TOKEN_KEY is not set: page tokens are signed with a key of this "
+        "process and work only on this replica, until it restarts"
+    )
+    return secrets.token_bytes(32)
+
+
 class LedgerServer:
     """Serves one cluster. start() returns the bound port (useful with port 0)."""
 
@@ -56,6 +66,7 @@ class LedgerServer:
         tls: ServerTls | None = None,
         checkpoint_interval_s: float = limits.chain_checkpoint_interval_s,
         mask_card_metadata: bool = False,
+        page_token_key: bytes | None = None,
     ) -> None:
         self.cluster = cluster
         self.listen = listen
@@ -92,7 +103,12 @@ class LedgerServer:
         )
         self.ledger = ledger = Ledger(cluster, self.sagas)
         ledger_pb2_grpc.add_LedgerServiceServicer_to_server(
-            LedgerServicer(ledger, mask_card_metadata=mask_card_metadata), self.server
+            LedgerServicer(
+                ledger,
+                page_tokens=PageTokens(page_token_key or _random_page_token_key()),
+                mask_card_metadata=mask_card_metadata,
+            ),
+            self.server,
         )
         ledger_pb2_grpc.add_LedgerAdminServiceServicer_to_server(
             LedgerAdminServicer(self.sagas, ledger), self.server
