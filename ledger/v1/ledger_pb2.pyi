@@ -179,7 +179,11 @@ class _TransferResultEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Transf
     is recorded; retry with the same id.
     """
     TRANSFER_RESULT_POSTINGS_UNBALANCED: _TransferResult.ValueType  # 25
-    """The journal's postings do not sum to zero per currency (PostJournal only)."""
+    """Never returned: PostJournal refuses postings that do not sum to zero per
+    currency with INVALID_ARGUMENT (a google.rpc.BadRequest violation on
+    `postings` naming the currency) before anything is written. The number
+    stays reserved.
+    """
     TRANSFER_RESULT_IN_PROGRESS: _TransferResult.ValueType  # 26
     """A transfer between merchants on different shards whose saga had not
     finished when the call's deadline came. The funds are reserved on the
@@ -256,7 +260,11 @@ TRANSFER_RESULT_SHARD_UNAVAILABLE: TransferResult.ValueType  # 24
 is recorded; retry with the same id.
 """
 TRANSFER_RESULT_POSTINGS_UNBALANCED: TransferResult.ValueType  # 25
-"""The journal's postings do not sum to zero per currency (PostJournal only)."""
+"""Never returned: PostJournal refuses postings that do not sum to zero per
+currency with INVALID_ARGUMENT (a google.rpc.BadRequest violation on
+`postings` naming the currency) before anything is written. The number
+stays reserved.
+"""
 TRANSFER_RESULT_IN_PROGRESS: TransferResult.ValueType  # 26
 """A transfer between merchants on different shards whose saga had not
 finished when the call's deadline came. The funds are reserved on the

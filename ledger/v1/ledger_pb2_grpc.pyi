@@ -80,7 +80,8 @@ class LedgerServiceStub:
     """Looks up transfers by (debit merchant_id, transfer id)."""
     PostJournal: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.PostJournalRequest, _ledger_pb2.PostJournalResponse]
     """Posts one journal transaction: several postings, applied atomically, that
-    sum to zero per currency. All accounts must live on one shard.
+    sum to zero per currency (else INVALID_ARGUMENT, nothing written). All
+    accounts must live on one shard.
     """
     GetBalance: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.GetBalanceRequest, _ledger_pb2.GetBalanceResponse]
     """Returns an account's balance now, or as it was at a past instant."""
@@ -113,7 +114,8 @@ class LedgerServiceAsyncStub(LedgerServiceStub):
     """Looks up transfers by (debit merchant_id, transfer id)."""
     PostJournal: _aio.UnaryUnaryMultiCallable[_ledger_pb2.PostJournalRequest, _ledger_pb2.PostJournalResponse]  # type: ignore[assignment]
     """Posts one journal transaction: several postings, applied atomically, that
-    sum to zero per currency. All accounts must live on one shard.
+    sum to zero per currency (else INVALID_ARGUMENT, nothing written). All
+    accounts must live on one shard.
     """
     GetBalance: _aio.UnaryUnaryMultiCallable[_ledger_pb2.GetBalanceRequest, _ledger_pb2.GetBalanceResponse]  # type: ignore[assignment]
     """Returns an account's balance now, or as it was at a past instant."""
@@ -185,7 +187,8 @@ class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_ledger_pb2.PostJournalResponse, _abc.Awaitable[_ledger_pb2.PostJournalResponse]]:
         """Posts one journal transaction: several postings, applied atomically, that
-        sum to zero per currency. All accounts must live on one shard.
+        sum to zero per currency (else INVALID_ARGUMENT, nothing written). All
+        accounts must live on one shard.
         """
 
     @_abc_1.abstractmethod
