@@ -96,25 +96,11 @@ def dashboard() -> dict[str, Any]:
     return document
 
 
-def compose_snippet_services(yaml: Any) -> dict[str, Any]:
-    """The `services:` additions the README asks for, parsed from its yaml blocks."""
-    services: dict[str, Any] = {}
-    for block in re.findall(r"```yaml\n(.*?)```", README_PATH.read_text(), re.S):
-        parsed = yaml.safe_load(block)
-        if isinstance(parsed, dict):
-            services.update(
-                {k: v for k, v in parsed.items() if isinstance(v, dict) and "image" in v}
-            )
-    return services
-
-
 def compose_services_with_metrics(yaml: Any) -> list[dict[str, Any]]:
-    """prometheus and grafana as the README writes them, and as docker-compose.yml has them."""
-    found = [compose_snippet_services(yaml)]
+    """prometheus and grafana as docker-compose.yml has them (deploy/README.md describes
+    them there, no longer as additions to make)."""
     compose = yaml.safe_load(COMPOSE_PATH.read_text())
-    if {"prometheus", "grafana"} <= set(compose.get("services", {})):
-        found.append(compose["services"])
-    return found
+    return [compose.get("services", {})]
 
 
 def mounts(service: dict[str, Any]) -> dict[str, str]:
