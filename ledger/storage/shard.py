@@ -125,6 +125,17 @@ class JournalOutcome:
     created_at: datetime
 
 
+# Operations (the ledger_shard_transaction_duration "operation" label) that the
+# background workers run on every shard several times a second; the dashboard's
+# request panels leave them out (tests/test_dashboards.py keeps the two in step).
+BACKGROUND_OPERATIONS = (
+    "claim_due",
+    "expire_due",
+    "expire_due_pendings",
+    "record_replica",
+    "merchant_counts",
+    "checkpoint",
+)
 # What ledger_shard_errors counts (its "kind" label), each exported at zero from the start.
 SHARD_ERROR_KINDS = ("busy", "unavailable", "error", "contention")
 
