@@ -81,7 +81,8 @@ def serve(
     ] = None,
 ) -> None:
     """Serve the ledger. Without --config, start the embedded PostgreSQL cluster first."""
-    setup_logging()
+    # gRPC's C core writes its own lines to stderr: they become JSON records too.
+    setup_logging(route_native_stderr=True)
     env = Settings.from_env()
     listen = listen or env.listen
     tokens = _tokens(auth_file or env.auth_file, listen, env.allow_unauthenticated)

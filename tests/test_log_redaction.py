@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import re
 import subprocess
 import sys
@@ -227,6 +228,54 @@ def test_setup_logging_writes_redacted_json_for_every_logger() -> None:
     assert "trace_id" not in entries[1]
     assert entries[3]["trace_id"] == done.stdout.strip()
     assert len(entries[3]["span_id"]) == 16
+
+
+_NATIVE_CHILD = textwrap.dedent(
+    """
+    import logging, os
+    from ledger.telemetry.logs import setup_logging
+    setup_logging(route_native_stderr=True)
+    # Native code writing to file descriptor 2 directly, as gRPC's C core does.
+    os.write(2, b"E1204 13:28:03.382493   12990 fake.cc:7] peer sent {card}\\n")
+    os.write(2, b"plain native text {dotted}\\n")
+    import grpc
+    channel = grpc.insecure_channel("127.0.0.1:1")
+    try:
+        grpc.channel_ready_future(channel).result(timeout=0.2)
+    except grpc.FutureTimeoutError:
+        pass
+    channel.close()
+    logging.getLogger("ledger.test").info("done")
+    """
+)
+
+
+def test_lines_native_code_writes_to_stderr_become_redacted_json_records() -> None:
+    """gRPC's C core logs to stderr itself (here made talkative with GRPC_TRACE=api):
+    the service routes file descriptor 2 through the same JSON formatter and redaction."""
+    script = _NATIVE_CHILD.format(card=CARD, dotted="4111.1111.1111.1111")
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=CHILD_TIMEOUT_S,
+        env={**os.environ, "GRPC_VERBOSITY": "debug", "GRPC_TRACE": "api"},
+    )
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    # Up to the last record the program logged; gRPC's own shutdown, after the
+    # interpreter's exit handlers, may still write plain lines.
+    last = max(i for i, line in enumerate(lines) if '"done"' in line)
+    entries = [json.loads(line) for line in lines[: last + 1]]
+    loggers = [e["logger"] for e in entries]
+    assert loggers.count("grpc.core") >= 2, loggers  # the fake line and real C-core lines
+    assert "stderr" in loggers
+    native = [e for e in entries if "fake.cc" in e["message"] or "plain native" in e["message"]]
+    assert [e["level"] for e in native] == ["ERROR", "WARNING"]
+    assert all(CARD_MASK in e["message"] for e in native), native
+    for secret in (CARD, CARD_DIGITS, "4111.1111.1111.1111"):
+        assert secret not in done.stderr
 
 
 # --- the service's own log -----------------------------------------------------------------
