@@ -27,6 +27,14 @@ Conventions every caller should know:
   fits), a response of at most 16 MiB, request metadata (headers) of at most
   16 KiB. Strings that are not valid UTF-8 make the request INVALID_ARGUMENT
   (field "request").
+- Ids (merchant, account, transfer, journal, pending, reversal) are 1 to 128
+  bytes of UTF-8 without control, format (U+200B, U+202E, U+FEFF, ...),
+  private-use or unassigned characters, never start with '$' (reserved), and
+  never hold a card number: 13 to 19 digits passing the Luhn check, with or
+  without spaces, dashes, dots or tabs between them. Neither do metadata keys
+  and values (a server may be set to store such values cut to the first six
+  and last four digits instead). Card data is never stored: such a request is
+  INVALID_ARGUMENT with the field named.
 """
 
 from collections import abc as _abc
