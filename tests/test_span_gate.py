@@ -8,9 +8,16 @@ in-memory exporters: what they hold is exactly what an OTLP exporter would be gi
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Sequence
+
 import pytest
 from opentelemetry.sdk.trace import ReadableSpan
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    SimpleSpanProcessor,
+    SpanExportResult,
+)
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import Link, Status, StatusCode
 
@@ -31,6 +38,8 @@ CARDS = [
     "4111\t1111\t1111\t1111",
 ]
 DIGITS = "4111111111111111"
+# The blocked exporter is released by the test itself; this only bounds a broken run.
+RELEASE_TIMEOUT_S = 10.0
 BACKGROUND = {BACKGROUND_ATTRIBUTE: True, IDLE_ATTRIBUTE: True}
 
 
@@ -157,3 +166,38 @@ def test_a_lone_statement_span_outside_any_request_is_dropped() -> None:
         "SELECT",
         "ledger.v1.LedgerService/LookupAccounts",
     ]
+
+
+class _BlockedExporter(InMemorySpanExporter):
+    """An exporter whose receiver is away: every export waits until released."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.released = threading.Event()
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        self.released.wait(timeout=RELEASE_TIMEOUT_S)
+        return super().export(spans)
+
+
+def test_a_flood_of_background_traces_cannot_push_request_traces_out() -> None:
+    """The background queue overflows (its receiver is away) and drops background spans;
+    every request span still reaches the request exporter."""
+    requests = InMemorySpanExporter()
+    background = _BlockedExporter()
+    background_queue = BatchSpanProcessor(background, max_queue_size=4, max_export_batch_size=2)
+    provider = LedgerTracerProvider()
+    provider.add_span_processor(SpanGate(SimpleSpanProcessor(requests), background_queue))
+    tracer = provider.get_tracer("test")
+    try:
+        for index in range(100):
+            with tracer.start_as_current_span("shard expire_due", attributes=BACKGROUND) as root:
+                root.set_attribute(IDLE_ATTRIBUTE, False)
+            if index % 20 == 0:
+                with tracer.start_as_current_span("ledger.v1.LedgerService/CreateTransfers"):
+                    pass
+    finally:
+        background.released.set()
+        provider.shutdown()
+    assert len(requests.get_finished_spans()) == 5
+    assert 0 < len(background.get_finished_spans()) < 100, "the background queue did not overflow"
