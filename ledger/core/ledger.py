@@ -440,7 +440,8 @@ class Ledger:
             redirected = False
             for (shard, indexes, _), outcome in zip(jobs, outcomes, strict=True):
                 if isinstance(outcome, ShardUnavailable):
-                    log.warning("shard %s unavailable: %s", shard.name, outcome)
+                    # The shard logs its change of state once; this would log every call.
+                    log.debug("shard %s unavailable: %s", shard.name, outcome)
                     results.update({i: unavailable(items[i]) for i in indexes})
                 elif isinstance(outcome, StaleEpoch):
                     # Older shard: a rebalance is about to bring it here, so wait;

@@ -152,6 +152,7 @@ class Shard:
         # When connecting to it last failed (None: it answers), so that the change of
         # state is logged once instead of at every attempt.
         self._unavailable_since: float | None = None
+        self._unavailable_last_s = 0.0
 
     async def open(self) -> None:
         invariant(self._pool is None, "a shard is opened once")
@@ -765,6 +766,8 @@ class Shard:
                 try:
                     async with self._acquire() as conn, conn.transaction():
                         result = await fn(conn)
+                    if self._unavailable_since is not None:
+                        self._maybe_available()
                     return _found_work(span, result)
                 except ShardBusy:
                     self._failed(span, "busy", TimeoutError())
@@ -830,8 +833,6 @@ class Shard:
             if is_unavailable(error):
                 self._went_unavailable(error)
             raise
-        if self._unavailable_since is not None:
-            self._went_available()
         try:
             yield conn
         finally:
@@ -839,10 +840,12 @@ class Shard:
 
     def _went_unavailable(self, error: BaseException) -> None:
         """Logs the change to unavailable once, not at every attempt (the background
-        workers try every shard several times a second)."""
+        workers try every shard several times a second). The change back is logged by
+        a transaction that goes through once none failed for shard_recovered_after_s."""
+        self._unavailable_last_s = time.monotonic()
         if self._unavailable_since is not None:
             return
-        self._unavailable_since = time.monotonic()
+        self._unavailable_since = self._unavailable_last_s
         log.warning(
             "shard %s is unavailable (%s%s): its merchants get UNAVAILABLE until it answers",
             self.name,
@@ -850,9 +853,13 @@ class Shard:
             f", SQLSTATE {error.sqlstate}" if isinstance(error, asyncpg.PostgresError) else "",
         )
 
-    def _went_available(self) -> None:
+    def _maybe_available(self) -> None:
         assert self._unavailable_since is not None
-        down_s = time.monotonic() - self._unavailable_since
+        now_s = time.monotonic()
+        if now_s - self._unavailable_last_s < limits.shard_recovered_after_s:
+            # Some calls still fail (a read-only shard passes reads, refuses writes).
+            return
+        down_s = now_s - self._unavailable_since
         self._unavailable_since = None
         log.info("shard %s is available again after %.1f s", self.name, down_s)
 
@@ -882,6 +889,8 @@ class Shard:
                 )
 
     def _failed(self, span: Span, kind: str, error: BaseException) -> None:
+        if kind == "unavailable":
+            self._went_unavailable(error.__cause__ or error)
         metrics.shard_errors.add(1, {"shard": self.name, "kind": kind})
         span.set_status(Status(StatusCode.ERROR, f"{kind}: {type(error).__name__}"))
 
