@@ -29,6 +29,7 @@ from opentelemetry.proto.trace.v1 import trace_pb2
 
 from ledger.embedded.postgres import EmbeddedPostgres, _find_bin_dir
 from ledger.routing.config import ShardConfig
+from ledger.settings import Settings
 from ledger.v1 import ledger_pb2 as pb
 from ledger.v1 import ledger_pb2_grpc
 from tests.process_cluster import ProcessCluster
@@ -397,3 +398,17 @@ def test_the_search_pattern_finds_each_format_as_stored_or_escaped() -> None:
         assert pattern.search(f"id: {card}"), card
         assert pattern.search(f'"{card.replace(chr(9), chr(92) + "t")}"'), card
     assert not PATTERNS["4111111111111111"].search("411111******1111")
+
+
+def test_the_card_metadata_setting_reads_refuse_or_mask_and_nothing_else(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("LEDGER_CARD_METADATA", raising=False)
+    assert not Settings.from_env().mask_card_metadata
+    monkeypatch.setenv("LEDGER_CARD_METADATA", "mask")
+    assert Settings.from_env().mask_card_metadata
+    monkeypatch.setenv("LEDGER_CARD_METADATA", "refuse")
+    assert not Settings.from_env().mask_card_metadata
+    monkeypatch.setenv("LEDGER_CARD_METADATA", "store")
+    with pytest.raises(ValueError, match="LEDGER_CARD_METADATA"):
+        Settings.from_env()
