@@ -133,7 +133,8 @@ def serve(
     ] = None,
 ) -> None:
     """Serve the ledger. Without --config, start the embedded PostgreSQL cluster first."""
-    setup_logging()
+    # gRPC's C core writes its own lines to stderr: they become JSON records too.
+    setup_logging(route_native_stderr=True)
     try:
         env = Settings.from_env()
     except SettingsError as error:
@@ -219,6 +220,8 @@ async def _serve(
         checkpoint_interval_s=settings.checkpoint_interval_s,
         checkpoint_key=settings.checkpoint_key,
         checkpoint_export_dir=settings.checkpoint_export_dir,
+        mask_card_metadata=settings.mask_card_metadata,
+        page_token_key=settings.page_token_key,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -78,6 +78,12 @@ pool_acquire_timeout_s = 5.0
 # unavailable; locks are held for at most this long.
 shard_command_timeout_s = 10.0
 
+# A shard that failed as unavailable is logged as available again only once its
+# transactions have gone through for this long without a failure: longer than the
+# background workers' intervals, so a shard that takes reads but refuses writes
+# (read-only) is not logged as coming and going at every round.
+shard_recovered_after_s = 1.0
+
 # A write that lands on a shard that does not own its merchant is refused; the
 # service reloads its config and tries again this many times.
 redirect_attempts_max = 3
@@ -185,6 +191,7 @@ def caller_calls_max(concurrent_rpcs_max: int) -> int:
 
 
 assert shard_connect_timeout_s < shard_command_timeout_s
+assert max(expiry_sweep_interval_s, saga_recovery_interval_s) < shard_recovered_after_s
 assert expiry_sweep_batch_max <= transfers_per_request_max
 assert saga_retry_delay_s_min < saga_retry_delay_s_max < saga_lease_s * 10
 assert saga_deadline_margin_s < saga_inline_wait_s_max

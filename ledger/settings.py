@@ -27,6 +27,29 @@ def checkpoint_key_from_env(env: dict[str, str] | None = None) -> bytes | None:
         )
     return key
 
+CARD_METADATA_CHOICES = ("refuse", "mask")
+
+
+def _choice(name: str, value: str, choices: tuple[str, ...]) -> str:
+    """value (lower-cased), or the first choice when unset; anything else stops start-up."""
+    value = value.strip().lower() or choices[0]
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, not {value!r}")
+    return value
+
+
+# A page token key shorter than this is refused at start-up (HMAC-SHA256 keys).
+PAGE_TOKEN_KEY_BYTES_MIN = 16
+
+
+def _page_token_key(value: str) -> bytes | None:
+    if not value:
+        return None
+    key = value.encode()
+    if len(key) < PAGE_TOKEN_KEY_BYTES_MIN:
+        raise ValueError(f"LEDGER_PAGE_TOKEN_KEY must be at least {PAGE_TOKEN_KEY_BYTES_MIN} bytes")
+    return key
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -59,6 +82,17 @@ class Settings:
     checkpoint_key: bytes | None = field(default=None, repr=False)
     # Where checkpoints are exported as they are made (one JSON-lines file per shard).
     checkpoint_export_dir: Path | None = None
+    # LEDGER_CARD_METADATA: "refuse" (default) refuses metadata values holding a card
+    # number with INVALID_ARGUMENT; "mask" stores them cut to the first six and last
+    # four digits. Ids and metadata keys holding one are refused either way.
+    card_metadata: str = "refuse"
+    # LEDGER_PAGE_TOKEN_KEY: signs page tokens; every replica needs the same one (unset:
+    # a random key per process, so a token works only on the replica that issued it).
+    page_token_key: bytes | None = None
+
+    @property
+    def mask_card_metadata(self) -> bool:
+        return self.card_metadata == "mask"
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -94,4 +128,8 @@ class Settings:
             ),
             checkpoint_key=checkpoint_key_from_env(dict(env)),
             checkpoint_export_dir=path("LEDGER_CHECKPOINT_EXPORT_DIR"),
+            page_token_key=_page_token_key(env.get("LEDGER_PAGE_TOKEN_KEY", "")),
+            card_metadata=_choice(
+                "LEDGER_CARD_METADATA", env.get("LEDGER_CARD_METADATA", ""), CARD_METADATA_CHOICES
+            ),
         )

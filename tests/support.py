@@ -82,10 +82,17 @@ class Service:
         await self.cluster.close()
 
 
-async def start_service(config_path: Path, *, concurrent_rpcs_max: int = 256) -> Service:
+async def start_service(
+    config_path: Path, *, concurrent_rpcs_max: int = 256, mask_card_metadata: bool = False
+) -> Service:
     cluster = Cluster(load_config(config_path), config_path=config_path)
     await cluster.open()
-    server = LedgerServer(cluster, listen="127.0.0.1:0", concurrent_rpcs_max=concurrent_rpcs_max)
+    server = LedgerServer(
+        cluster,
+        listen="127.0.0.1:0",
+        concurrent_rpcs_max=concurrent_rpcs_max,
+        mask_card_metadata=mask_card_metadata,
+    )
     await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
     return Service(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import grpc
 import pytest
 from google.rpc import error_details_pb2
@@ -374,3 +376,28 @@ async def test_transfer_id_reused_as_journal_id_is_already_exists(service: Servi
     assert error_reason(error) == "EXISTS_WITH_DIFFERENT_FIELDS"
     assert error_info(error).metadata["field"] == "kind"
     assert (await balance(service.stub, m, "a")).debits_posted == 7
+
+
+async def test_unbalanced_journal_is_invalid_argument_as_the_proto_documents(
+    service: Service,
+) -> None:
+    """The contract and the behaviour agree: INVALID_ARGUMENT on `postings`, nothing
+    written, and the proto says so where TRANSFER_RESULT_POSTINGS_UNBALANCED is declared
+    (a result code the service never returns)."""
+    m = uid("m")
+    await create_accounts(service.stub, account(m, "cash"), account(m, "wallet"))
+    before = await count_rows(service, "transfers")
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await post(
+            service, uid("j"), m, posting(m, "cash", 10, DEBIT), posting(m, "wallet", 9, CREDIT)
+        )
+    assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    bad_requests = [
+        d for d in status_details(refused.value) if isinstance(d, error_details_pb2.BadRequest)
+    ]
+    assert [v.field for v in bad_requests[0].field_violations] == ["postings"]
+    assert await count_rows(service, "transfers") == before
+    proto = (Path(__file__).parent.parent / "protos/ledger/v1/ledger.proto").read_text()
+    declared = proto.index("TRANSFER_RESULT_POSTINGS_UNBALANCED = 25;")
+    comment = proto[proto.rindex(";", 0, declared) : declared]
+    assert "INVALID_ARGUMENT" in comment and "Never returned" in comment, comment

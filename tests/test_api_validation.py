@@ -21,7 +21,7 @@ from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from ledger import limits
-from ledger.api.decode import CONTROL_CHARACTERS, Violations
+from ledger.api.decode import CONTROL_CHARACTERS, PageTokens, Violations
 from ledger.v1 import ledger_pb2 as pb
 from tests.support import (
     RPC_TIMEOUT_S,
@@ -334,7 +334,8 @@ async def test_posting_with_bad_currency_is_refused(
     await check(service, books, build, ["postings[2].currency"])
 
 
-# Identifiers: 1 to 128 bytes of UTF-8, no control characters, wherever they appear.
+# Identifiers: 1 to 128 bytes of UTF-8, no control, format, private-use or unassigned
+# characters, not starting with '$', no card number, wherever they appear.
 
 BAD_IDS = [
     pytest.param("", id="empty"),
@@ -346,6 +347,28 @@ BAD_IDS = [
     pytest.param("\x1f", id="unit-separator"),
     pytest.param("a\x7f", id="del"),
     pytest.param("a\x85b", id="c1-next-line"),
+    pytest.param("a\u200bb", id="zero-width-space"),
+    pytest.param("a\u202eb", id="right-to-left-override"),
+    pytest.param("\ufeffab", id="byte-order-mark"),
+    pytest.param("a\uffff", id="unassigned-u-ffff"),
+    pytest.param("a\ue000", id="private-use"),
+    pytest.param("$bz", id="reserved-dollar"),
+    pytest.param("t 4111111111111111 x", id="card-number"),
+]
+# A Visa, Mastercard, Amex (15 digits), a 13-digit and a 19-digit test number, written as
+# people and systems write them.
+CARD_NUMBERS = [
+    pytest.param("4111111111111111", id="visa-together"),
+    pytest.param("4111 1111 1111 1111", id="visa-spaces"),
+    pytest.param("4111  1111  1111  1111", id="visa-double-spaces"),
+    pytest.param("4111-1111-1111-1111", id="visa-dashes"),
+    pytest.param("4111.1111.1111.1111", id="visa-dots"),
+    pytest.param("4111\t1111\t1111\t1111", id="visa-tabs"),
+    pytest.param("4111 - 1111 - 1111 - 1111", id="visa-spaced-dashes"),
+    pytest.param("5555 5555 5555 4444", id="mastercard"),
+    pytest.param("3782 822463 10005", id="amex"),
+    pytest.param("4222222222222", id="13-digits"),
+    pytest.param("6011 0000 0000 0000 001", id="19-digits"),
 ]
 
 
@@ -359,18 +382,25 @@ def test_the_control_character_pattern_is_unicode_category_cc() -> None:
 
 def test_an_id_is_refused_for_a_control_character_exactly() -> None:
     """ASCII ids take a faster check than the regex; both must refuse exactly Cc,
-    wherever in the id the character is."""
+    wherever in the id the character is (other hidden characters and a leading '$'
+    have reasons of their own, see the tests below)."""
     for code_point in range(0x800):
         char = chr(code_point)
-        is_cc = unicodedata.category(char) == "Cc"
+        category = unicodedata.category(char)
         for value in (char, f"a{char}", f"{char}b", f"ab{char}cd"):
             found = Violations()
             found.id("id", value)
             refused = [reason for _, reason in found.items]
-            assert refused == (["must not contain control characters"] if is_cc else []), (
-                hex(code_point),
-                value,
-            )
+            if category == "Cc":
+                expected = ["must not contain control characters"]
+            elif category in ("Cf", "Co", "Cn", "Cs"):
+                expected = [reason for reason in refused if reason.startswith("must not contain")]
+                assert len(expected) == 1, (hex(code_point), refused)
+            elif value.startswith("$"):
+                expected = ["must not start with '$' (reserved)"]
+            else:
+                expected = []
+            assert refused == expected, (hex(code_point), value)
 
 
 def _id_locations() -> list[Any]:
@@ -537,6 +567,31 @@ async def test_id_that_is_empty_too_long_or_has_control_characters_is_refused(
     await check(service, books, lambda b: build(b, bad_id), [field])
 
 
+def _card_ids_everywhere() -> list[Any]:
+    cases = []
+    for location in _id_locations():
+        build, field, _ = location.values
+        for card in CARD_NUMBERS:
+            (number,) = card.values
+            cases.append(pytest.param(build, field, number, id=f"{location.id}-{card.id}"))
+    return cases
+
+
+@pytest.mark.parametrize(("build", "field", "number"), _card_ids_everywhere())
+async def test_id_holding_a_card_number_is_refused_naming_the_field_and_why(
+    service: Service,
+    books: Books,
+    build: Callable[[Books, str], tuple[str, Message]],
+    field: str,
+    number: str,
+) -> None:
+    method, request = build(books, f"order {number}/1")
+    error = await refused(service, method, request)
+    violations = assert_violations(error, [field])
+    assert "card number" in violations[field]
+    assert number not in error.details()
+
+
 async def test_id_with_a_c1_control_character_is_refused(service: Service, books: Books) -> None:
     # U+0085 (NEXT LINE) is a Unicode control character (category Cc), like U+000A.
     await check(service, books, one_transfer(id="a\u0085b"), ["transfers[0].id"])
@@ -573,6 +628,17 @@ BAD_METADATA = [
         {"note": "v" * (limits.metadata_value_bytes_max + 1)}, "['note']", id="long-value"
     ),
     pytest.param({"note": "€" * 86}, "['note']", id="86-chars-258-byte-value"),
+]
+
+
+BAD_METADATA += [
+    pytest.param({"pan": number}, "['pan']", id=f"card-value-{card.id}")
+    for card in CARD_NUMBERS
+    for number in card.values
+] + [
+    pytest.param({f"k{number}": "v"}, "[*", id=f"card-key-{card.id}")
+    for card in CARD_NUMBERS
+    for number in card.values
 ]
 
 
@@ -1017,7 +1083,46 @@ def _foreign_tokens() -> list[Any]:
             ),
             id="newest-first-token-for-oldest-first",
         ),
+        pytest.param(
+            lambda b: (
+                "ListEntries",
+                pb.ListEntriesRequest(account=b.wallet, page_token=b.entries_newest_token),
+            ),
+            id="entries-token-of-another-account",
+        ),
+        pytest.param(
+            lambda b: (
+                "ListAccounts",
+                pb.ListAccountsRequest(merchant_id=uid("m"), page_token=b.accounts_token),
+            ),
+            id="accounts-token-of-another-merchant",
+        ),
+        pytest.param(
+            lambda b: (
+                "ListAccounts",
+                pb.ListAccountsRequest(
+                    merchant_id=b.merchant_id, page_token=_with_cursor(b.accounts_token, "a")
+                ),
+            ),
+            id="accounts-token-with-a-changed-cursor",
+        ),
+        pytest.param(
+            lambda b: (
+                "ListEntries",
+                pb.ListEntriesRequest(
+                    account=b.cash, page_token=_with_cursor(b.entries_newest_token, "1")
+                ),
+            ),
+            id="entries-token-with-a-changed-cursor",
+        ),
     ]
+
+
+def _with_cursor(issued: str, cursor: str) -> str:
+    """An issued token with its cursor replaced and its signature kept (a forgery)."""
+    raw = base64.urlsafe_b64decode(issued)
+    head, _, _ = raw.rpartition(b"|")
+    return token(head + b"|" + cursor.encode())
 
 
 @pytest.mark.parametrize("build", _foreign_tokens())
@@ -1025,6 +1130,21 @@ async def test_page_token_from_another_listing_is_refused(
     service: Service, books: Books, build: Build
 ) -> None:
     await check(service, books, build, ["page_token"])
+
+
+def test_page_tokens_are_accepted_only_with_the_key_that_signed_them() -> None:
+    """Replicas sharing LEDGER_PAGE_TOKEN_KEY accept each other's tokens; others do not."""
+    issued = PageTokens(b"k" * 32).issue(kind="accounts", listing="m1", cursor="acct-7")
+    same_key, other_key = Violations(), Violations()
+    cursor = PageTokens(b"k" * 32).cursor(
+        same_key, "page_token", issued, kind="accounts", listing="m1"
+    )
+    assert (cursor, same_key.items) == ("acct-7", [])
+    assert (
+        PageTokens(b"x" * 32).cursor(other_key, "page_token", issued, kind="accounts", listing="m1")
+        is None
+    )
+    assert [f for f, _ in other_key.items] == ["page_token"]
 
 
 async def test_issued_page_tokens_are_accepted_by_their_own_listing(

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from ledger.storage.shard import BACKGROUND_OPERATIONS
 from tests.test_otlp_export import EXPORTED_METRICS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -96,25 +97,11 @@ def dashboard() -> dict[str, Any]:
     return document
 
 
-def compose_snippet_services(yaml: Any) -> dict[str, Any]:
-    """The `services:` additions the README asks for, parsed from its yaml blocks."""
-    services: dict[str, Any] = {}
-    for block in re.findall(r"```yaml\n(.*?)```", README_PATH.read_text(), re.S):
-        parsed = yaml.safe_load(block)
-        if isinstance(parsed, dict):
-            services.update(
-                {k: v for k, v in parsed.items() if isinstance(v, dict) and "image" in v}
-            )
-    return services
-
-
 def compose_services_with_metrics(yaml: Any) -> list[dict[str, Any]]:
-    """prometheus and grafana as the README writes them, and as docker-compose.yml has them."""
-    found = [compose_snippet_services(yaml)]
+    """prometheus and grafana as docker-compose.yml has them (deploy/README.md describes
+    them there, no longer as additions to make)."""
     compose = yaml.safe_load(COMPOSE_PATH.read_text())
-    if {"prometheus", "grafana"} <= set(compose.get("services", {})):
-        found.append(compose["services"])
-    return found
+    return [compose.get("services", {})]
 
 
 def mounts(service: dict[str, Any]) -> dict[str, str]:
@@ -243,3 +230,22 @@ def test_provisioning_files_are_mounted_where_grafana_and_prometheus_read_them(
     assert DATASOURCES_PATH.parent.name == "datasources"
     assert PROVIDERS_PATH.parent.name == "dashboards"
     assert DASHBOARD_PATH.parent == DEPLOY / "grafana" / "dashboards"
+
+
+def test_shard_load_panels_leave_out_the_background_operations(dashboard: dict[str, Any]) -> None:
+    """On an idle system the shard panels showed mostly sweeps and claims: the request
+    panels filter out exactly the operations the background workers run."""
+    shard_exprs = [
+        e
+        for e in expressions(dashboard)
+        if "ledger_shard_transaction_duration_seconds" in e and "operation" in e
+    ]
+    excluded = [re.search(r'operation!~"([^"]*)"', e) for e in shard_exprs]
+    assert len([m for m in excluded if m]) == 2, shard_exprs
+    for match in excluded:
+        if match:
+            assert set(match.group(1).split("|")) == set(BACKGROUND_OPERATIONS)
+    assert any('operation=~"' in e for e in shard_exprs), "no line for background work"
+    for e in expressions(dashboard):
+        if "ledger_shard_transaction_duration_seconds" in e:
+            assert "operation" in e, f"a shard load query without the operation filter: {e}"

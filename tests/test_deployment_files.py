@@ -187,6 +187,25 @@ def test_ledger_listens_on_all_interfaces_and_publishes_the_grpc_port(
     assert 50051 in _container_ports(ledger)
 
 
+def test_ledger_has_fixed_pseudonym_and_page_token_keys_so_restarts_keep_them(
+    compose: dict[str, Any],
+) -> None:
+    """Without LEDGER_PSEUDONYM_KEY a merchant's pseudonym changes at every restart and
+    its traces cannot be followed across one; page tokens likewise need a fixed key."""
+    environment = _environment(_services(compose)["ledger"])
+    for name in ("LEDGER_PSEUDONYM_KEY", "LEDGER_PAGE_TOKEN_KEY"):
+        assert len(str(environment.get(name, "")).encode()) >= 16, name
+    assert environment["LEDGER_PSEUDONYM_KEY"] != environment["LEDGER_PAGE_TOKEN_KEY"]
+
+
+def test_deploy_readme_describes_the_compose_stack_as_it_is() -> None:
+    """Prometheus and Grafana are in docker-compose.yml: the README must not tell a
+    reader to add them."""
+    readme = (ROOT / "deploy" / "README.md").read_text()
+    assert "Adding it to docker-compose.yml" not in readme
+    assert "LEDGER_PSEUDONYM_KEY" in readme
+
+
 def test_ledger_reads_its_shard_map_from_a_read_only_mount_of_shard_config(
     compose: dict[str, Any],
 ) -> None:

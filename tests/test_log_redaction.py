@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import os
 import re
 import subprocess
 import sys
@@ -23,6 +25,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from ledger.routing.config import ShardConfig, ShardSpec
+from ledger.telemetry.card_numbers import contains_card_number, mask_card_numbers
+from ledger.telemetry.logs import JsonFormatter
 from ledger.telemetry.redaction import CARD_MASK, SECRET_MASK, luhn_valid, redact
 from ledger.v1 import ledger_pb2 as pb
 from ledger.v1 import ledger_pb2_grpc
@@ -74,7 +78,7 @@ def spaced(digits: str, separator: str) -> str:
 
 
 @pytest.mark.parametrize("length", range(13, 20))
-@pytest.mark.parametrize("separator", ["", " ", "-"])
+@pytest.mark.parametrize("separator", ["", " ", "  ", "-", ".", "\t", " - ", "\u00a0"])
 def test_luhn_valid_numbers_of_13_to_19_digits_are_masked(length: int, separator: str) -> None:
     card = spaced(with_check_digit("4" + "7" * (length - 2)), separator)
     masked = redact(f"paid with {card}, thanks")
@@ -89,6 +93,26 @@ def test_well_known_test_card_numbers_are_masked_anywhere_in_a_line(card: str) -
     assert redact(f"card={card}") == f"card={CARD_MASK}"
     assert redact(f'{{"pan": "{card}"}}') == f'{{"pan": "{CARD_MASK}"}}'
     assert redact(f"x{card}y") == f"x{CARD_MASK}y"
+
+
+def test_a_tab_separated_card_number_is_masked_in_a_json_log_line() -> None:
+    """JSON writes a tab as the two characters \\t; the message is redacted before that."""
+    record = logging.LogRecord(
+        "ledger.test", logging.INFO, __file__, 1, "card %s", ("4111\t1111\t1111\t1111",), None
+    )
+    line = JsonFormatter().format(record)
+    assert json.loads(line)["message"] == f"card {CARD_MASK}"
+    assert "1111" not in line
+
+
+@pytest.mark.parametrize(
+    "card", ["4111  1111  1111  1111", "4111.1111.1111.1111", "4111\t1111\t1111\t1111"]
+)
+def test_the_log_and_the_api_use_one_detector(card: str) -> None:
+    """What the API refuses as a card number is exactly what the log masks."""
+    assert contains_card_number(card)
+    assert redact(card) == CARD_MASK
+    assert mask_card_numbers(card) == "411111******1111"
 
 
 @pytest.mark.parametrize(
@@ -206,6 +230,54 @@ def test_setup_logging_writes_redacted_json_for_every_logger() -> None:
     assert len(entries[3]["span_id"]) == 16
 
 
+_NATIVE_CHILD = textwrap.dedent(
+    """
+    import logging, os
+    from ledger.telemetry.logs import setup_logging
+    setup_logging(route_native_stderr=True)
+    # Native code writing to file descriptor 2 directly, as gRPC's C core does.
+    os.write(2, b"E1204 13:28:03.382493   12990 fake.cc:7] peer sent {card}\\n")
+    os.write(2, b"plain native text {dotted}\\n")
+    import grpc
+    channel = grpc.insecure_channel("127.0.0.1:1")
+    try:
+        grpc.channel_ready_future(channel).result(timeout=0.2)
+    except grpc.FutureTimeoutError:
+        pass
+    channel.close()
+    logging.getLogger("ledger.test").info("done")
+    """
+)
+
+
+def test_lines_native_code_writes_to_stderr_become_redacted_json_records() -> None:
+    """gRPC's C core logs to stderr itself (here made talkative with GRPC_TRACE=api):
+    the service routes file descriptor 2 through the same JSON formatter and redaction."""
+    script = _NATIVE_CHILD.format(card=CARD, dotted="4111.1111.1111.1111")
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=CHILD_TIMEOUT_S,
+        env={**os.environ, "GRPC_VERBOSITY": "debug", "GRPC_TRACE": "api"},
+    )
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    # Up to the last record the program logged; gRPC's own shutdown, after the
+    # interpreter's exit handlers, may still write plain lines.
+    last = max(i for i, line in enumerate(lines) if '"done"' in line)
+    entries = [json.loads(line) for line in lines[: last + 1]]
+    loggers = [e["logger"] for e in entries]
+    assert loggers.count("grpc.core") >= 2, loggers  # the fake line and real C-core lines
+    assert "stderr" in loggers
+    native = [e for e in entries if "fake.cc" in e["message"] or "plain native" in e["message"]]
+    assert [e["level"] for e in native] == ["ERROR", "WARNING"]
+    assert all(CARD_MASK in e["message"] for e in native), native
+    for secret in (CARD, CARD_DIGITS, "4111.1111.1111.1111"):
+        assert secret not in done.stderr
+
+
 # --- the service's own log -----------------------------------------------------------------
 
 
@@ -278,24 +350,28 @@ async def test_card_numbers_and_dsn_passwords_never_reach_the_service_log(
     await create_accounts(stub, account(payer, "cash"), account(local, "sales"))
     await create_accounts(stub, account(payee, "sales"))
 
-    # Metadata value and key holding a card number: accepted and stored.
+    # Metadata value and key holding a card number: refused, never stored.
     tagged = transfer(
         uid("t"), ref(payer, "cash"), ref(local, "sales"), 10, metadata={"pan": CARD, CARD: "x"}
     )
-    assert (await post(cluster, tagged)).result == pb.TRANSFER_RESULT_OK
+    with pytest.raises(grpc.aio.AioRpcError) as refused_card:
+        await post(cluster, tagged)
+    assert refused_card.value.code() is grpc.StatusCode.INVALID_ARGUMENT
 
-    # A key too long, refused with an error that echoes it back to the caller.
+    # A key too long, refused with an error that names it, its card number truncated.
     too_long = transfer(
         uid("t"), ref(payer, "cash"), ref(local, "sales"), 10, metadata={CARD + "x" * 60: "v"}
     )
     with pytest.raises(grpc.aio.AioRpcError) as refused:
         await post(cluster, too_long)
     assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
-    assert any(CARD in field for field in field_violations(refused.value))
+    fields = list(field_violations(refused.value))
+    assert any("411111******1111" in field for field in fields), fields
+    assert not any(CARD in field or CARD_DIGITS in field for field in fields), fields
 
-    # A transfer id holding a card number, logged when its saga cannot start
-    # ("saga for <id> not started") because the debit shard is down.
-    card_id = f"order {CARD}"
+    # A transfer logged when its saga cannot start ("saga for <id> not started")
+    # because the debit shard is down: the log line is JSON and clean.
+    card_id = uid("order")
     await asyncio.to_thread(cluster.shards.stop, "shard-a")
     try:
         # The only shard the call needs is down: the whole call is UNAVAILABLE.
@@ -315,7 +391,6 @@ async def test_card_numbers_and_dsn_passwords_never_reach_the_service_log(
     await wait_until(logged, what="the service to log the saga that did not start")
     log = cluster.service.log()
     assert_clean(log, CARD, CARD_DIGITS, DSN_PASSWORD)
-    assert CARD_MASK in log, "the logged transfer id was not masked (or not logged)"
     entries = assert_json_lines(log)
     assert any("metrics on http://" in str(e.get("message")) for e in entries)
 

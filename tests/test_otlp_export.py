@@ -58,12 +58,9 @@ EXPORTED_METRICS = (
     "ledger_shard_reachable",
     "ledger_saga_oldest_running_age_seconds",
 )
-# The ones that appear after the traffic below (the rest count failures only).
-METRICS_AFTER_TRAFFIC = tuple(
-    name
-    for name in EXPORTED_METRICS
-    if name not in ("ledger_saga_attempts_failed_total", "ledger_shard_errors_total")
-)
+# Every one appears after the traffic below: counters of failures are exported at
+# zero from the start, so their panels read 0, not "No data", on a healthy system.
+METRICS_AFTER_TRAFFIC = EXPORTED_METRICS
 
 
 # --- the OTLP receiver ----------------------------------------------------------------
@@ -217,6 +214,22 @@ def with_name(samples: Samples, name: str, **labels: str) -> Samples:
 # --- tests ------------------------------------------------------------------------------
 
 
+async def test_failure_counters_are_exported_at_zero_before_any_failure(stack: Stack) -> None:
+    """First in this module: nothing has failed yet, and the counters already exist."""
+    samples = await scrape(stack)
+    for kind in ("TRANSFER", "SETTLE", "EXPIRE"):
+        assert [
+            s[2] for s in with_name(samples, "ledger_saga_attempts_failed_total", kind=kind)
+        ] == [0.0]
+    for shard in ("shard-a", "shard-b", "shard-c"):
+        for kind in ("busy", "unavailable", "error", "contention"):
+            assert [
+                s[2]
+                for s in with_name(samples, "ledger_shard_errors_total", shard=shard, kind=kind)
+            ] == [0.0]
+    assert with_name(samples, "ledger_sagas_finished_total", kind="TRANSFER", state="COMPENSATED")
+
+
 async def test_spans_arrive_over_otlp_with_the_service_name_and_continue_the_callers_trace(
     stack: Stack,
 ) -> None:
@@ -277,6 +290,16 @@ async def test_saga_and_statement_spans_arrive_without_merchant_ids_in_clear(
 
     await wait_until(arrived, what="the saga's spans at the OTLP receiver")
     spans = stack.receiver.in_trace(trace_id)
+    # A batch of only cross-shard transfers has its route span too, holding the saga.
+    by_id = {s.span_id: s for s in spans}
+    (server,) = [s for s in spans if s.span.name == CREATE_TRANSFERS_SPAN]
+    (route,) = [s for s in spans if s.span.name == "route"]
+    assert route.parent_span_id == server.span_id
+    (step1,) = [s for s in spans if s.span.name == "saga step 1 reserve"]
+    ancestor = by_id.get(step1.parent_span_id)
+    while ancestor is not None and ancestor.span_id != route.span_id:
+        ancestor = by_id.get(ancestor.parent_span_id)
+    assert ancestor is route, "saga step 1 is not under the route span"
     credit = [s for s in spans if s.span.name == "saga step 2 credit"]
     assert len(credit) == 1
     under_credit = [s for s in spans if s.parent_span_id == credit[0].span_id]
@@ -352,3 +375,41 @@ async def test_latency_histograms_have_buckets_below_one_second(stack: Stack) ->
             f"{name} has bucket bounds {sorted(bounds)}: every call under 5 s lands in one "
             "bucket, so histogram_quantile() reports p50 ~2.5 s whatever the real latency"
         )
+
+
+async def test_idle_background_work_exports_no_spans(stack: Stack) -> None:
+    """Last in this module, after seconds of sweeps and claims: every exported trace is a
+    request's, or background work that found something (ledger.idle false)."""
+    payer = stack.cluster.merchant_on("shard-a", "payer")
+    payee = stack.cluster.merchant_on("shard-a", "payee")
+    await create_accounts(stack.stub, account(payer, "cash"), account(payee, "sales"))
+    # A hold that expires at once: the sweeper finds something to do, and says so.
+    held = transfer(
+        uid("t"),
+        ref(payer, "cash"),
+        ref(payee, "sales"),
+        5,
+        action=pb.TRANSFER_ACTION_PENDING,
+        timeout_ms=1,
+    )
+    assert (await post(stack, held)).result == pb.TRANSFER_RESULT_OK
+
+    def sweeps() -> list[ExportedSpan]:
+        return [s for s in stack.receiver.spans() if s.span.name == "shard expire_due_pendings"]
+
+    async def swept() -> bool:
+        return bool(sweeps())
+
+    await wait_until(swept, what="the expiry sweeper's span for the expired hold")
+    assert all(s.attributes.get("ledger.idle") is False for s in sweeps())
+    spans = list(stack.receiver.spans())
+    roots = [s for s in spans if not s.span.parent_span_id]
+    assert roots
+    for root in roots:
+        is_request = root.span.kind == trace_pb2.Span.SPAN_KIND_SERVER
+        did_something = root.attributes.get("ledger.background") is True and (
+            root.attributes.get("ledger.idle") is False
+        )
+        assert is_request or did_something, (root.span.name, root.attributes)
+    idle = [s for s in spans if s.attributes.get("ledger.idle") is True]
+    assert not idle, [s.span.name for s in idle]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import time
@@ -10,8 +11,10 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
+import asyncpg
 import grpc
 import pytest
+from google.rpc import error_details_pb2
 
 from ledger.embedded.postgres import EmbeddedPostgres, EmbeddedPostgresError
 from ledger.routing.config import ShardConfig, ShardSpec
@@ -26,6 +29,7 @@ from tests.support import (
     ref,
     result_names,
     start_service,
+    status_details,
     transfer,
     transfers,
     uid,
@@ -239,3 +243,106 @@ async def test_a_replica_starts_while_a_never_set_up_shard_is_down_and_sets_it_u
         assert (await cluster.reconcile()).ok
     finally:
         await cluster.close()
+
+
+async def logged_back(caplog: pytest.LogCaptureFixture, shard: str) -> bool:
+    return any(f"shard {shard} is available again" in r.getMessage() for r in caplog.records)
+
+
+@asynccontextmanager
+async def shard_refusing_connections(cluster: Cluster3, name: str) -> AsyncIterator[None]:
+    """The shard's database refuses new connections (ALTER DATABASE ... ALLOW_CONNECTIONS
+    false, as during maintenance: SQLSTATE 55000) while its server keeps running."""
+    admin = await asyncpg.connect(cluster.servers[name].dsn("postgres"))
+    try:
+        await admin.execute(f"ALTER DATABASE {DATABASE} ALLOW_CONNECTIONS false")
+        # The pool's open connections would still work: make it connect anew.
+        await cluster.service.cluster.shards[name].pool.expire_connections()
+        yield
+    finally:
+        await admin.execute(f"ALTER DATABASE {DATABASE} ALLOW_CONNECTIONS true")
+        await admin.close()
+
+
+async def test_a_shard_refusing_connections_is_unavailable_with_retry_info_logged_once(
+    cluster3: Cluster3, caplog: pytest.LogCaptureFixture
+) -> None:
+    stub = cluster3.service.stub
+    merchants = await _merchants_with_accounts(cluster3)
+    m = merchants["shard-b"]
+    recovery = cluster3.service.server.recovery
+    caplog.set_level(logging.INFO, logger="ledger")
+    async with shard_refusing_connections(cluster3, "shard-b"):
+        for _ in range(3):
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await transfers(stub, transfer(uid("t"), ref(m, "cash"), ref(m, "wallet"), 5))
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, refused.value.details()
+            assert any(
+                isinstance(d, error_details_pb2.RetryInfo) for d in status_details(refused.value)
+            )
+        with pytest.raises(grpc.aio.AioRpcError) as lookup:
+            await balance(stub, m, "wallet")
+        assert lookup.value.code() == grpc.StatusCode.UNAVAILABLE
+        # The background workers try the shard every round too.
+        rounds_before = recovery._rounds
+
+        async def rounds_done() -> bool:
+            return recovery._rounds >= rounds_before + 3
+
+        await wait_until(rounds_done, what="three recovery rounds against the refusing shard")
+    results = await transfers(stub, transfer(uid("t"), ref(m, "cash"), ref(m, "wallet"), 6))
+    assert result_names(results) == ["TRANSFER_RESULT_OK"]
+    await wait_until(lambda: logged_back(caplog, "shard-b"), what="the shard's return to be logged")
+    shard_lines = [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "ledger.storage.shard" and "shard-b" in r.getMessage()
+    ]
+    down = [line for line in shard_lines if "is unavailable" in line]
+    up = [line for line in shard_lines if "available again" in line]
+    assert len(down) == 1, shard_lines
+    assert "SQLSTATE 55000" in down[0]
+    assert len(up) == 1, shard_lines
+    tracebacks = [r for r in caplog.records if r.exc_info and r.name.startswith("ledger")]
+    assert tracebacks == []
+
+
+async def test_a_shard_made_read_only_is_unavailable_for_writes_and_serves_reads(
+    cluster3: Cluster3, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A failover to a standby, or maintenance, makes the database read-only (SQLSTATE
+    25006 on a write): the shard cannot be used for writes now, which is UNAVAILABLE."""
+    stub = cluster3.service.stub
+    merchants = await _merchants_with_accounts(cluster3)
+    m = merchants["shard-c"]
+    recovery = cluster3.service.server.recovery
+    caplog.set_level(logging.INFO, logger="ledger")
+    admin = await asyncpg.connect(cluster3.servers["shard-c"].dsn("postgres"))
+    try:
+        await admin.execute(f"ALTER DATABASE {DATABASE} SET default_transaction_read_only = on")
+        await cluster3.service.cluster.shards["shard-c"].pool.expire_connections()
+        for _ in range(3):
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await transfers(stub, transfer(uid("t"), ref(m, "cash"), ref(m, "wallet"), 5))
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, refused.value.details()
+        assert (await balance(stub, m, "wallet")).credits_posted == 0
+        rounds_before = recovery._rounds
+
+        async def rounds_done() -> bool:
+            return recovery._rounds >= rounds_before + 3
+
+        await wait_until(rounds_done, what="three recovery rounds against the read-only shard")
+    finally:
+        await admin.execute(f"ALTER DATABASE {DATABASE} RESET default_transaction_read_only")
+        await admin.close()
+        await cluster3.service.cluster.shards["shard-c"].pool.expire_connections()
+    results = await transfers(stub, transfer(uid("t"), ref(m, "cash"), ref(m, "wallet"), 5))
+    assert result_names(results) == ["TRANSFER_RESULT_OK"]
+    await wait_until(lambda: logged_back(caplog, "shard-c"), what="the shard's return to be logged")
+    changes = [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "ledger.storage.shard" and "shard-c is" in r.getMessage()
+    ]
+    assert len(changes) == 2, changes
+    assert "SQLSTATE 25006" in changes[0] and "available again" in changes[1], changes

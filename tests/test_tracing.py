@@ -606,18 +606,24 @@ async def test_card_numbers_in_metadata_or_errors_never_reach_spans(
     service: Service, spans: InMemorySpanExporter
 ) -> None:
     payer, payee = await funded_pair(service, DEBIT_SHARD, DEBIT_SHARD)
-    stored_trace, _, stored_traceparent = new_traceparent()
-    result = await create_transfer(
-        service,
-        transfer(
-            uid("t"), ref(payer, "cash"), ref(payee, "sales"), 3, metadata={"pan": CARD, CARD: "x"}
-        ),
-        traceparent=stored_traceparent,
-    )
-    assert result.result == pb.TRANSFER_RESULT_OK
+    tagged_trace, _, tagged_traceparent = new_traceparent()
+    with pytest.raises(grpc.aio.AioRpcError) as tagged:
+        # Card numbers in a metadata value and key: refused, never stored.
+        await create_transfer(
+            service,
+            transfer(
+                uid("t"),
+                ref(payer, "cash"),
+                ref(payee, "sales"),
+                3,
+                metadata={"pan": CARD, CARD: "x"},
+            ),
+            traceparent=tagged_traceparent,
+        )
+    assert tagged.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     refused_trace, _, refused_traceparent = new_traceparent()
     with pytest.raises(grpc.aio.AioRpcError) as refused:
-        # A key over 64 bytes: the error names it, so it echoes the card number.
+        # A key over 64 bytes: the error names it, its card number truncated.
         await create_transfer(
             service,
             transfer(
@@ -626,14 +632,83 @@ async def test_card_numbers_in_metadata_or_errors_never_reach_spans(
             traceparent=refused_traceparent,
         )
     assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
-    assert any(CARD in field for field in field_violations(refused.value))
-    for trace_id in (stored_trace, refused_trace):
+    assert any("411111******1111" in field for field in field_violations(refused.value))
+    for trace_id in (tagged_trace, refused_trace):
         await wait_until(
             lambda t=trace_id: has_spans(spans, t, CREATE_TRANSFERS_SPAN),  # type: ignore[misc]
             what="both calls' server spans",
         )
-    traced = in_trace(spans, stored_trace) + in_trace(spans, refused_trace)
+    traced = in_trace(spans, tagged_trace) + in_trace(spans, refused_trace)
     assert_absent_from_spans(traced, [CARD, CARD.replace(" ", "")])
+
+
+async def test_an_idle_service_exports_no_background_spans(
+    service: Service, spans: InMemorySpanExporter
+) -> None:
+    """Sweeps and saga claims that find nothing make no span (they run several times a
+    second on every shard); the test waits for rounds of both, not for time."""
+    sweeper, recovery = service.server.sweeper, service.server.recovery
+    sweeps_before, claims_before = sweeper.rounds, recovery._rounds
+    spans.clear()
+
+    async def rounds_done() -> bool:
+        return sweeper.rounds >= sweeps_before + 3 and recovery._rounds >= claims_before + 3
+
+    await wait_until(rounds_done, what="three rounds of the sweeper and the recovery worker")
+    # Every trace starts at a server span (or continues a stored one); none at a sweep.
+    roots = [s for s in spans.get_finished_spans() if s.parent is None]
+    assert [s.name for s in roots if s.kind is not SpanKind.SERVER] == []
+    flagged = [s.name for s in spans.get_finished_spans() if "ledger.background" in attributes(s)]
+    assert flagged == []
+
+
+async def test_background_work_that_found_something_makes_a_span(
+    service: Service, spans: InMemorySpanExporter
+) -> None:
+    payer, payee = await funded_pair(service, DEBIT_SHARD, DEBIT_SHARD)
+    result = await create_transfer(
+        service,
+        transfer(
+            uid("t"),
+            ref(payer, "cash"),
+            ref(payee, "sales"),
+            4,
+            action=pb.TRANSFER_ACTION_PENDING,
+            timeout_ms=1,
+        ),
+    )
+    assert result.result == pb.TRANSFER_RESULT_OK
+
+    async def swept() -> bool:
+        return any(s.name == "shard expire_due_pendings" for s in spans.get_finished_spans())
+
+    await wait_until(swept, what="the sweep that released the hold to make a span")
+    sweep = next(s for s in spans.get_finished_spans() if s.name == "shard expire_due_pendings")
+    assert sweep.parent is None
+    assert attributes(sweep)["ledger.background"] is True
+    assert attributes(sweep)["ledger.idle"] is False
+    assert attributes(sweep)["ledger.shard"] == DEBIT_SHARD
+
+
+async def test_a_batch_of_only_cross_shard_transfers_has_a_route_span(
+    service: Service, spans: InMemorySpanExporter
+) -> None:
+    payer, payee = await funded_pair(service, DEBIT_SHARD, CREDIT_SHARD)
+    trace_id, _, traceparent = new_traceparent()
+    result = await create_transfer(
+        service,
+        transfer(uid("t"), ref(payer, "cash"), ref(payee, "sales"), 5),
+        traceparent=traceparent,
+    )
+    assert result.result == pb.TRANSFER_RESULT_OK
+    await wait_until(
+        lambda: has_spans(spans, trace_id, CREATE_TRANSFERS_SPAN, "route", "saga step 3 finish"),
+        what="the call's route and saga spans",
+    )
+    tree = in_trace(spans, trace_id)
+    server, route = one(tree, CREATE_TRANSFERS_SPAN), one(tree, "route")
+    assert route.parent is not None and route.parent.span_id == server.context.span_id
+    assert is_descendant(tree, one(tree, "saga step 1 reserve"), route)
 
 
 def test_pseudonyms_are_keyed_by_the_configured_key(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import socket
 import uuid
 from pathlib import Path
@@ -18,6 +19,7 @@ from ledger.api.admission import AdmissionInterceptor
 from ledger.api.auth import AuthInterceptor, TokenTable
 from ledger.api.cert_expiry import CertificateExpiryWatch
 from ledger.api.concurrency_limit import ConcurrencyLimitInterceptor
+from ledger.api.decode import PageTokens
 from ledger.api.interceptor import TelemetryInterceptor
 from ledger.api.request_decode import RequestDecodeInterceptor
 from ledger.api.servicer import LedgerServicer
@@ -26,11 +28,13 @@ from ledger.api.token_watch import TokenFileWatcher, warn_expiring
 from ledger.core.checkpoints import ChainCheckpointer
 from ledger.core.expiry import ExpirySweeper
 from ledger.core.ledger import Ledger
+from ledger.domain.sagas import SagaKind, SagaState
 from ledger.routing.cluster import Cluster
 from ledger.routing.config_watch import ConfigWatcher
 from ledger.sagas.recovery import RecoveryWorker
 from ledger.sagas.runner import SagaRunner, SagaSettings
 from ledger.storage.checkpoint_export import CheckpointExport
+from ledger.storage.shard import SHARD_ERROR_KINDS
 from ledger.telemetry import metrics
 from ledger.v1 import ledger_pb2, ledger_pb2_grpc
 
@@ -43,6 +47,14 @@ ADMIN_SERVICE_NAME = ledger_pb2.DESCRIPTOR.services_by_name["LedgerAdminService"
 def _replica_id() -> str:
     """Names this process in saga leases, so a claim shows who holds it."""
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def _random_page_token_key() -> bytes:
+    log.warning(
+        "LEDGER_PAGE_TOKEN_KEY is not set: page tokens are signed with a key of this "
+        "process and work only on this replica, until it restarts"
+    )
+    return secrets.token_bytes(32)
 
 
 class LedgerServer:
@@ -61,6 +73,8 @@ class LedgerServer:
         checkpoint_key: bytes | None = None,
         checkpoint_export_dir: Path | None = None,
         request_receive_timeout_s: float = limits.request_receive_timeout_s,
+        mask_card_metadata: bool = False,
+        page_token_key: bytes | None = None,
     ) -> None:
         self.cluster = cluster
         self.listen = listen
@@ -129,7 +143,14 @@ class LedgerServer:
             ],
         )
         self.ledger = ledger = Ledger(cluster, self.sagas)
-        ledger_pb2_grpc.add_LedgerServiceServicer_to_server(LedgerServicer(ledger), self.server)
+        ledger_pb2_grpc.add_LedgerServiceServicer_to_server(
+            LedgerServicer(
+                ledger,
+                page_tokens=PageTokens(page_token_key or _random_page_token_key()),
+                mask_card_metadata=mask_card_metadata,
+            ),
+            self.server,
+        )
         ledger_pb2_grpc.add_LedgerAdminServiceServicer_to_server(
             LedgerAdminServicer(self.sagas, ledger), self.server
         )
@@ -162,6 +183,7 @@ class LedgerServer:
         if self.cert_watch is not None:
             self.cert_watch.start()
         metrics.register_gauge_source("pool", self._pool_gauge)
+        self._export_counters_at_zero()
         log.info("serving ledger.v1 on port %d (epoch %d)", self.port, self.cluster.epoch)
         return self.port
 
@@ -182,6 +204,15 @@ class LedgerServer:
     def reload_tokens(self) -> bool:
         """Rereads the token file now (SIGHUP); False if there is none or it did not parse."""
         return self.token_watch is not None and self.token_watch.reload()
+    def _export_counters_at_zero(self) -> None:
+        """Failure counters read 0 on a healthy replica instead of being absent."""
+        for kind in SagaKind:
+            metrics.saga_attempts_failed.exported_at_zero({"kind": kind.name})
+            for state in (SagaState.COMPLETED, SagaState.COMPENSATED):
+                metrics.sagas_finished.exported_at_zero({"kind": kind.name, "state": state.name})
+        for name in self.cluster.shards:
+            for error_kind in SHARD_ERROR_KINDS:
+                metrics.shard_errors.exported_at_zero({"shard": name, "kind": error_kind})
 
     def _pool_gauge(self) -> list[tuple[float, dict[str, str]]]:
         values: list[tuple[float, dict[str, str]]] = []

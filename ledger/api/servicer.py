@@ -105,14 +105,20 @@ def _saga_wait_s(context: grpc.aio.ServicerContext[Any, Any]) -> float:
 
 
 class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
-    def __init__(self, ledger: Ledger) -> None:
+    def __init__(
+        self, ledger: Ledger, *, page_tokens: decode.PageTokens, mask_card_metadata: bool = False
+    ) -> None:
         self.ledger = ledger
+        self.page_tokens = page_tokens
+        # LEDGER_CARD_METADATA=mask: metadata values holding a card number are stored
+        # truncated (first six, last four digits) instead of being refused.
+        self.mask_card_metadata = mask_card_metadata
 
     @statuses
     async def CreateAccounts(
         self, request: pb.CreateAccountsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.CreateAccountsResponse:
-        specs = decode.create_accounts(request)
+        specs = decode.create_accounts(request, mask_card_metadata=self.mask_card_metadata)
         require_merchants(
             (f"accounts[{i}].ref.merchant_id", s.key.merchant_id) for i, s in enumerate(specs)
         )
@@ -152,7 +158,13 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         v = decode.Violations()
         v.merchant_id("merchant_id", request.merchant_id)
         page_size = v.page_size("page_size", request.page_size)
-        after = decode.account_cursor(v, "page_token", request.page_token)
+        after = decode.account_cursor(
+            v,
+            "page_token",
+            request.page_token,
+            tokens=self.page_tokens,
+            merchant_id=request.merchant_id,
+        )
         v.raise_if_any()
         require_merchants([("merchant_id", request.merchant_id)])
         accounts = await self.ledger.list_accounts(
@@ -161,7 +173,9 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         token = ""
         if len(accounts) > page_size:
             accounts = accounts[:page_size]
-            token = decode.encode_page_token("accounts", accounts[-1].key.account_id)
+            token = self.page_tokens.issue(
+                kind="accounts", listing=request.merchant_id, cursor=accounts[-1].key.account_id
+            )
         return pb.ListAccountsResponse(
             accounts=[encode.account(a) for a in accounts], next_page_token=token
         )
@@ -179,7 +193,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
     async def CreateTransfers(
         self, request: pb.CreateTransfersRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.CreateTransfersResponse:
-        transfers = decode.create_transfers(request)
+        transfers = decode.create_transfers(request, mask_card_metadata=self.mask_card_metadata)
         require_merchants(_transfer_merchants(transfers))
         outcomes = await self.ledger.create_transfers(transfers, wait_s=_saga_wait_s(context))
         if all(o.result is TransferResult.SHARD_UNAVAILABLE for o in outcomes):
@@ -217,7 +231,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
     async def PostJournal(
         self, request: pb.PostJournalRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.PostJournalResponse:
-        journal = decode.post_journal(request)
+        journal = decode.post_journal(request, mask_card_metadata=self.mask_card_metadata)
         require_merchants(
             [("merchant_id", journal.merchant_id)]
             + [
@@ -287,7 +301,10 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             v.add("order", "must be NEWEST_FIRST or OLDEST_FIRST")
         newest_first = request.order != pb.ORDER_OLDEST_FIRST
         kind = "entries-newest" if newest_first else "entries-oldest"
-        after = decode.sequence_cursor(v, "page_token", request.page_token, kind)
+        listing = decode.entries_listing(key) if key is not None else ""
+        after = decode.sequence_cursor(
+            v, "page_token", request.page_token, kind, tokens=self.page_tokens, listing=listing
+        )
         v.raise_if_any()
         assert key is not None
         require_merchants([("account.merchant_id", key.merchant_id)])
@@ -299,7 +316,9 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         token = ""
         if len(entries) > page_size:
             entries = entries[:page_size]
-            token = decode.encode_page_token(kind, str(entries[-1].sequence))
+            token = self.page_tokens.issue(
+                kind=kind, listing=listing, cursor=str(entries[-1].sequence)
+            )
         return pb.ListEntriesResponse(
             entries=[encode.entry(e) for e in entries], next_page_token=token
         )

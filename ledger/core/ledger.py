@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -176,10 +177,20 @@ class Ledger:
 
         deadline = deadline_from_now() if cross else None
         if deadline is not None:
-            await asyncio.gather(
-                *([run_local(local)] if local else []),
-                *(run_saga(i, deadline) for i in sorted(cross)),
+            # A batch of only cross-shard transfers has no local route: its sagas get the
+            # request's one route span instead (a mixed batch has one from run_local).
+            route = (
+                contextlib.nullcontext()
+                if local
+                else start_as_current_span(
+                    "route", attributes={"ledger.items": len(requests), "ledger.sagas": len(cross)}
+                )
             )
+            with route:
+                await asyncio.gather(
+                    *([run_local(local)] if local else []),
+                    *(run_saga(i, deadline) for i in sorted(cross)),
+                )
         elif local:
             # The common call: no task to create for a lone coroutine.
             await run_local(local)
@@ -462,7 +473,8 @@ class Ledger:
             redirected = False
             for (shard, indexes, _), outcome in zip(jobs, outcomes, strict=True):
                 if isinstance(outcome, ShardUnavailable):
-                    log.warning("shard %s unavailable: %s", shard.name, outcome)
+                    # The shard logs its change of state once; this would log every call.
+                    log.debug("shard %s unavailable: %s", shard.name, outcome)
                     results.update({i: unavailable(items[i]) for i in indexes})
                 elif isinstance(outcome, StaleEpoch):
                     # Newer shard: this replica's config is behind, so reload. Older

@@ -69,7 +69,8 @@ class RecoveryWorker:
                     lease_s=self.runner.settings.lease_s,
                 )
             except ShardUnavailable as error:
-                log.warning("saga recovery skipped a shard: %s", error)
+                # The shard logs its change of state once; this runs every round.
+                log.debug("saga recovery skipped a shard: %s", error)
                 continue
             if claimed:
                 await asyncio.gather(*(self._resume(saga) for saga in claimed))

@@ -34,17 +34,17 @@ class ShardAudit:
         self.shard = shard
 
     async def sums_by_currency(self) -> dict[str, tuple[Decimal, Decimal]]:
-        async with self.shard.pool.acquire() as conn:
+        async with self.shard.connection() as conn:
             rows = await conn.fetch(sql.SUMS_BY_CURRENCY)
         return {r["currency"]: (r["posted"], r["pending"]) for r in rows}
 
     async def accounts_off_their_entries(self) -> list[str]:
-        async with self.shard.pool.acquire() as conn:
+        async with self.shard.connection() as conn:
             rows = await conn.fetch(sql.ACCOUNTS_OFF_THEIR_ENTRIES)
         return [f"{r['merchant_id']}/{r['account_id']}" for r in rows]
 
     async def settlement_balances(self) -> list[SettlementBalance]:
-        async with self.shard.pool.acquire() as conn:
+        async with self.shard.connection() as conn:
             rows = await conn.fetch(sql.SETTLEMENT_BALANCES)
         found = []
         for r in rows:
@@ -60,7 +60,7 @@ class ShardAudit:
         return found
 
     async def saga_counts(self) -> dict[tuple[SagaState, str], int]:
-        async with self.shard.pool.acquire() as conn:
+        async with self.shard.connection() as conn:
             rows = await conn.fetch(sql.SAGA_COUNTS)
         return {(SagaState(r["state"]), r["peer_shard"]): r["sagas"] for r in rows}
 
@@ -85,13 +85,13 @@ class ShardAudit:
         return float(age_s)
 
     async def stuck_sagas(self, *, older_than_s: float) -> list[SagaKey]:
-        async with self.shard.pool.acquire() as conn:
+        async with self.shard.connection() as conn:
             rows = await conn.fetch(sql.STUCK_SAGAS, older_than_s)
         return [SagaKey(r["merchant_id"], r["transfer_id"], SagaKind(r["kind"])) for r in rows]
 
     async def finished_sagas(self, *, after: SagaKey | None) -> list[FinishedSaga]:
         cursor = after or SagaKey("", "", SagaKind.TRANSFER)
-        async with self.shard.pool.acquire() as conn:
+        async with self.shard.connection() as conn:
             rows = await conn.fetch(
                 sql.FINISHED_SAGAS_PAGE,
                 cursor.merchant_id,
@@ -110,7 +110,7 @@ class ShardAudit:
         ]
 
     async def credit_outcomes(self, keys: list[SagaKey]) -> dict[SagaKey, int]:
-        async with self.shard.pool.acquire() as conn:
+        async with self.shard.connection() as conn:
             rows = await conn.fetch(
                 sql.CREDITS_FOR,
                 [k.merchant_id for k in keys],
@@ -123,7 +123,7 @@ class ShardAudit:
         }
 
     async def posted_debits(self, keys: list[SagaKey]) -> set[tuple[str, str]]:
-        async with self.shard.pool.acquire() as conn:
+        async with self.shard.connection() as conn:
             rows = await conn.fetch(
                 sql.POSTED_DEBITS_FOR,
                 [k.merchant_id for k in keys],

@@ -60,7 +60,11 @@ class RetryTransaction(Exception):
 
 
 # SQLSTATEs that mean "the server is gone or refusing work", not "your SQL is wrong".
-_UNAVAILABLE_STATES = frozenset({"57P01", "57P02", "57P03", "53300", "58000", "58030"})
+# 25006 (read-only transaction): the DSN now reaches a standby (a failover, or the
+# database set read-only for maintenance); the shard cannot take writes now.
+_UNAVAILABLE_STATES = frozenset({"57P01", "57P02", "57P03", "53300", "58000", "58030", "25006"})
+# (55000 is not here: the append-only trigger raises it for an UPDATE of history. It
+# means "unavailable" only while connecting, which Shard handles.)
 # Retrying in a fresh transaction is correct for these.
 RETRYABLE_STATES = frozenset({"40001", "40P01"})
 

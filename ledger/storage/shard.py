@@ -72,7 +72,12 @@ from ledger.storage.errors import (
 from ledger.storage.migrate import apply_migrations
 from ledger.storage.saga_rows import saga_from_row
 from ledger.telemetry import metrics
-from ledger.telemetry.tracing import current_trace_id, start_as_current_span
+from ledger.telemetry.tracing import (
+    background_span_attributes,
+    current_trace_id,
+    mark_found_work,
+    start_as_current_span,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -124,6 +129,21 @@ class JournalOutcome:
     created_at: datetime
 
 
+# Operations (the ledger_shard_transaction_duration "operation" label) that the
+# background workers run on every shard several times a second; the dashboard's
+# request panels leave them out (tests/test_dashboards.py keeps the two in step).
+BACKGROUND_OPERATIONS = (
+    "claim_due",
+    "expire_due",
+    "expire_due_pendings",
+    "record_replica",
+    "merchant_counts",
+    "checkpoint",
+)
+# What ledger_shard_errors counts (its "kind" label), each exported at zero from the start.
+SHARD_ERROR_KINDS = ("busy", "unavailable", "error", "contention")
+
+
 class Shard:
     """One PostgreSQL server. Every write is one transaction that starts with the fence."""
 
@@ -133,6 +153,10 @@ class Shard:
         self._pool: asyncpg.Pool | None = None
         # Settlement accounts seen on this shard (sagas skip creating them again).
         self.settlement_accounts: set[AccountKey] = set()
+        # When connecting to it last failed (None: it answers), so that the change of
+        # state is logged once instead of at every attempt.
+        self._unavailable_since: float | None = None
+        self._unavailable_last_s = 0.0
 
     async def open(self) -> None:
         invariant(self._pool is None, "a shard is opened once")
@@ -747,9 +771,13 @@ class Shard:
         with self._span(fn, transaction=False) as span:
             try:
                 async with self._acquire() as conn:
+                    # A read changes nothing: as background work it is never worth a span.
                     return await fn(conn)
             except ShardBusy:
                 self._failed(span, "busy", TimeoutError())
+                raise
+            except ShardUnavailable as error:
+                self._failed(span, "unavailable", error)
                 raise
             except BaseException as error:
                 if is_unavailable(error):
@@ -764,9 +792,15 @@ class Shard:
                 span.set_attribute("ledger.attempts", attempt)
                 try:
                     async with self._acquire() as conn, conn.transaction():
-                        return await fn(conn)
+                        result = await fn(conn)
+                    if self._unavailable_since is not None:
+                        self._maybe_available()
+                    return _found_work(span, result)
                 except ShardBusy:
                     self._failed(span, "busy", TimeoutError())
+                    raise
+                except ShardUnavailable as error:
+                    self._failed(span, "unavailable", error)
                     raise
                 except RetryTransaction:
                     log.info(
@@ -789,19 +823,72 @@ class Shard:
             raise ShardUnavailable(self.name, RetryTransaction("attempts exhausted"))
 
     @contextlib.asynccontextmanager
+    async def connection(self) -> AsyncIterator[Connection]:
+        """A pool connection for reads outside the ledger's transactions (audits, gauges);
+        a shard that cannot be reached or refuses connections raises ShardUnavailable."""
+        try:
+            async with self._acquire() as conn:
+                yield conn
+        except ShardUnavailable:
+            raise
+        except BaseException as error:
+            if is_unavailable(error):
+                raise ShardUnavailable(self.name, error) from error
+            raise
+
+    @contextlib.asynccontextmanager
     async def _acquire(self) -> AsyncIterator[Connection]:
-        """A pool connection; a wait for one that times out on a full pool is ShardBusy."""
+        """A pool connection; a wait for one that times out on a full pool is ShardBusy.
+
+        A server that answers but refuses to let us connect (SQLSTATE 55000 "database
+        does not allow connections" during maintenance, 57P03 "cannot connect now",
+        53300 too many connections, ...) is unavailable, whatever the SQLSTATE: any
+        database error while connecting means the shard cannot be used now.
+        """
         pool = self.pool
         try:
             conn = await pool.acquire(timeout=limits.pool_acquire_timeout_s)
         except TimeoutError as error:
             if pool.get_size() >= limits.pool_connections_max and pool.get_idle_size() == 0:
                 raise ShardBusy(self.name, error) from error
+            self._went_unavailable(error)
+            raise
+        except asyncpg.PostgresError as error:
+            self._went_unavailable(error)
+            raise ShardUnavailable(self.name, error) from error
+        except BaseException as error:
+            if is_unavailable(error):
+                self._went_unavailable(error)
             raise
         try:
             yield conn
         finally:
             await pool.release(conn)
+
+    def _went_unavailable(self, error: BaseException) -> None:
+        """Logs the change to unavailable once, not at every attempt (the background
+        workers try every shard several times a second). The change back is logged by
+        a transaction that goes through once none failed for shard_recovered_after_s."""
+        self._unavailable_last_s = time.monotonic()
+        if self._unavailable_since is not None:
+            return
+        self._unavailable_since = self._unavailable_last_s
+        log.warning(
+            "shard %s is unavailable (%s%s): its merchants get UNAVAILABLE until it answers",
+            self.name,
+            type(error).__name__,
+            f", SQLSTATE {error.sqlstate}" if isinstance(error, asyncpg.PostgresError) else "",
+        )
+
+    def _maybe_available(self) -> None:
+        assert self._unavailable_since is not None
+        now_s = time.monotonic()
+        if now_s - self._unavailable_last_s < limits.shard_recovered_after_s:
+            # Some calls still fail (a read-only shard passes reads, refuses writes).
+            return
+        down_s = now_s - self._unavailable_since
+        self._unavailable_since = None
+        log.info("shard %s is available again after %.1f s", self.name, down_s)
 
     @contextlib.contextmanager
     def _span(self, fn: Callable[..., object], *, transaction: bool) -> Iterator[Span]:
@@ -815,6 +902,8 @@ class Shard:
                 "ledger.shard": self.name,
                 "ledger.operation": operation,
                 "ledger.transaction": transaction,
+                # Outside any request: background work, exported only if it found some.
+                **background_span_attributes(),
             },
             record_exception=False,
             set_status_on_exception=False,
@@ -827,8 +916,18 @@ class Shard:
                 )
 
     def _failed(self, span: Span, kind: str, error: BaseException) -> None:
+        if kind == "unavailable":
+            self._went_unavailable(error.__cause__ or error)
         metrics.shard_errors.add(1, {"shard": self.name, "kind": kind})
         span.set_status(Status(StatusCode.ERROR, f"{kind}: {type(error).__name__}"))
+
+
+def _found_work(span: Span, result: T) -> T:
+    """A background span is kept when its operation returned something (claimed sagas,
+    released holds, a count above zero); an empty answer means it found nothing to do."""
+    if result:
+        mark_found_work(span)
+    return result
 
 
 async def _no_reset(conn: asyncpg.Connection[asyncpg.Record]) -> None:

@@ -36,6 +36,10 @@ class SummedCounter:
         key = tuple(attributes.items())
         self._totals[key] = self._totals.get(key, 0) + amount
 
+    def exported_at_zero(self, attributes: Mapping[str, str]) -> None:
+        """Makes the series with these attributes exist (at 0) before its first event."""
+        self.add(0, attributes)
+
     def _observe(self, options: CallbackOptions) -> Iterable[Observation]:
         return [Observation(total, dict(key)) for key, total in list(self._totals.items())]
 
@@ -69,13 +73,15 @@ request_duration = _meter.create_histogram(
     explicit_bucket_boundaries_advisory=LATENCY_BUCKETS_S,
 )
 transfers = SummedCounter("ledger_transfers", unit="1", description="Transfer items by result code")
-sagas_finished = _meter.create_counter(
+# Counters of rare events are exported at zero from the start (see exported_at_zero):
+# a panel of failures then reads 0 on a healthy system, not "No data".
+sagas_finished = SummedCounter(
     "ledger_sagas_finished", unit="1", description="Sagas that ended, by kind and state"
 )
-saga_attempts_failed = _meter.create_counter(
+saga_attempts_failed = SummedCounter(
     "ledger_saga_attempts_failed", unit="1", description="Saga steps that failed and will retry"
 )
-shard_errors = _meter.create_counter(
+shard_errors = SummedCounter(
     "ledger_shard_errors", unit="1", description="Shard calls that failed, by shard and kind"
 )
 shard_transactions = _meter.create_histogram(

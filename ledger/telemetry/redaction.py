@@ -1,12 +1,15 @@
-"""Removes card numbers and secrets from text bound for logs and spans."""
+"""Removes card numbers and secrets from text bound for logs and spans.
+
+Card numbers are found by the same detector the API uses to refuse them
+(ledger.telemetry.card_numbers), so the two cannot disagree.
+"""
 
 from __future__ import annotations
 
 import re
 
-# Runs of at least 13 digits, optionally grouped by single spaces or dashes;
-# _mask_card looks inside each run for the card number itself.
-_CARD_CANDIDATE = re.compile(r"(?<![\d])\d(?:[ -]?\d){12,}(?![\d])")
+from ledger.telemetry.card_numbers import luhn_valid, replace_card_numbers
+
 _DSN_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://[^/\s:@]*):(?P<secret>[^@\s/]+)@", re.I)
 # Also compound and quoted keys: access_token=, client_secret=, PGPASSWORD=, 'password': '...'.
 _KEY_VALUE_SECRET = re.compile(
@@ -19,63 +22,23 @@ _BEARER = re.compile(r"(?P<key>\bbearer\s+)(?P<value>[A-Za-z0-9._~+/=-]{8,})", r
 CARD_MASK = "[REDACTED-PAN]"
 SECRET_MASK = "***"
 
-
-def luhn_valid(digits: str) -> bool:
-    total = 0
-    for index, char in enumerate(reversed(digits)):
-        value = int(char)
-        if index % 2 == 1:
-            value *= 2
-            if value > 9:
-                value -= 9
-        total += value
-    return total % 10 == 0
+__all__ = ["CARD_MASK", "SECRET_MASK", "luhn_valid", "redact", "redact_card_numbers"]
 
 
-def _mask_card(match: re.Match[str]) -> str:
-    """Masks every window of whole digit groups that is 13-19 digits and passes Luhn.
+def _card_mask(_written: str) -> str:
+    return CARD_MASK
 
-    The run may hold more than a card number ("qty 2 4111 1111 1111 1111 12/26"),
-    so each contiguous window of groups is tried, longest first.
-    """
-    run = match.group(0)
-    groups = [(m.start(), m.end()) for m in re.finditer(r"\d+", run)]
-    masked = [False] * len(run)
-    for first in range(len(groups)):
-        # Windows of 13-19 digits only: bounded work however long the run is.
-        digits_total = 0
-        longest_valid = -1
-        for last in range(first, len(groups)):
-            digits_total += groups[last][1] - groups[last][0]
-            if digits_total > 19:
-                break
-            if digits_total >= 13:
-                digits = re.sub(r"[ -]", "", run[groups[first][0] : groups[last][1]])
-                if luhn_valid(digits):
-                    longest_valid = last
-        if longest_valid >= 0:
-            for i in range(groups[first][0], groups[longest_valid][1]):
-                masked[i] = True
-    if not any(masked):
-        return run
-    out: list[str] = []
-    i = 0
-    while i < len(run):
-        if masked[i]:
-            while i < len(run) and masked[i]:
-                i += 1
-            out.append(CARD_MASK)
-        else:
-            out.append(run[i])
-            i += 1
-    return "".join(out)
+
+def redact_card_numbers(text: str) -> str:
+    """Masks card numbers only (the detector of ledger.telemetry.card_numbers)."""
+    return replace_card_numbers(text, _card_mask)
 
 
 def redact(text: str) -> str:
     """Masks Luhn-valid card numbers, DSN passwords, tokens and passwords."""
     if not text:
         return text
-    text = _CARD_CANDIDATE.sub(_mask_card, text)
+    text = redact_card_numbers(text)
     text = _DSN_PASSWORD.sub(lambda m: f"{m.group('scheme')}:{SECRET_MASK}@", text)
     text = _KEY_VALUE_SECRET.sub(lambda m: f"{m.group('key')}{SECRET_MASK}", text)
     return _BEARER.sub(lambda m: f"{m.group('key')}{SECRET_MASK}", text)

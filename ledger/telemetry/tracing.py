@@ -22,6 +22,13 @@ from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.util.types import AttributeValue
 
+from ledger.telemetry.span_gate import (
+    BACKGROUND_ATTRIBUTE,
+    IDLE_ATTRIBUTE,
+    LedgerTracerProvider,
+    SpanGate,
+)
+
 TRACER_NAME = "ledger"
 DEFAULT_SERVICE_NAME = "ledger"
 
@@ -41,6 +48,10 @@ def tracing_requested() -> bool:
 
 
 _tracing_active = False
+# Spans waiting for export, per queue (the SDK's default is 2048 for its one queue):
+# requests keep the whole default; background work gets a quarter of its own.
+_REQUEST_QUEUE_SPANS_MAX = 2048
+_BACKGROUND_QUEUE_SPANS_MAX = 512
 
 
 def setup_tracing(*, extra_processor: SpanProcessor | None = None) -> TracerProvider | None:
@@ -50,17 +61,39 @@ def setup_tracing(*, extra_processor: SpanProcessor | None = None) -> TracerProv
     resource = Resource.create(
         {"service.name": os.environ.get("OTEL_SERVICE_NAME", DEFAULT_SERVICE_NAME)}
     )
-    provider = TracerProvider(resource=resource)
+    # Every processor sits behind a SpanGate: redaction, idle background work dropped.
+    provider = LedgerTracerProvider(resource=resource)
     if tracing_requested():
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
-        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+        # Two export queues: background traces (that did something) cannot take the
+        # places of request traces when the receiver is slow or away.
+        provider.add_span_processor(
+            SpanGate(
+                BatchSpanProcessor(OTLPSpanExporter(), max_queue_size=_REQUEST_QUEUE_SPANS_MAX),
+                BatchSpanProcessor(OTLPSpanExporter(), max_queue_size=_BACKGROUND_QUEUE_SPANS_MAX),
+            )
+        )
     if extra_processor is not None:
         provider.add_span_processor(extra_processor)
     trace.set_tracer_provider(provider)
     global _tracing_active
     _tracing_active = True
     return provider
+
+
+def background_span_attributes() -> dict[str, AttributeValue]:
+    """Attributes for a span that background work opens: when no span is current
+    (the work runs for no request), the span is a background root, dropped unless
+    the work marks it not idle (see mark_found_work and ledger.telemetry.span_gate)."""
+    if not _tracing_active or trace.get_current_span().get_span_context().is_valid:
+        return {}
+    return {BACKGROUND_ATTRIBUTE: True, IDLE_ATTRIBUTE: True}
+
+
+def mark_found_work(span: trace.Span) -> None:
+    """Keeps a background root span (and its trace) for export: the work did something."""
+    span.set_attribute(IDLE_ATTRIBUTE, False)
 
 
 def tracing_active() -> bool:

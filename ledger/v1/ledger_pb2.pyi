@@ -27,6 +27,14 @@ Conventions every caller should know:
   fits), a response of at most 16 MiB, request metadata (headers) of at most
   16 KiB. Strings that are not valid UTF-8 make the request INVALID_ARGUMENT
   (field "request").
+- Ids (merchant, account, transfer, journal, pending, reversal) are 1 to 128
+  bytes of UTF-8 without control, format (U+200B, U+202E, U+FEFF, ...),
+  private-use or unassigned characters, never start with '$' (reserved), and
+  never hold a card number: 13 to 19 digits passing the Luhn check, with or
+  without spaces, dashes, dots or tabs between them. Neither do metadata keys
+  and values (a server may be set to store such values cut to the first six
+  and last four digits instead). Card data is never stored: such a request is
+  INVALID_ARGUMENT with the field named.
 """
 
 from collections import abc as _abc
@@ -179,7 +187,11 @@ class _TransferResultEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Transf
     is recorded; retry with the same id.
     """
     TRANSFER_RESULT_POSTINGS_UNBALANCED: _TransferResult.ValueType  # 25
-    """The journal's postings do not sum to zero per currency (PostJournal only)."""
+    """Never returned: PostJournal refuses postings that do not sum to zero per
+    currency with INVALID_ARGUMENT (a google.rpc.BadRequest violation on
+    `postings` naming the currency) before anything is written. The number
+    stays reserved.
+    """
     TRANSFER_RESULT_IN_PROGRESS: _TransferResult.ValueType  # 26
     """A transfer between merchants on different shards whose saga had not
     finished when the call's deadline came. The funds are reserved on the
@@ -256,7 +268,11 @@ TRANSFER_RESULT_SHARD_UNAVAILABLE: TransferResult.ValueType  # 24
 is recorded; retry with the same id.
 """
 TRANSFER_RESULT_POSTINGS_UNBALANCED: TransferResult.ValueType  # 25
-"""The journal's postings do not sum to zero per currency (PostJournal only)."""
+"""Never returned: PostJournal refuses postings that do not sum to zero per
+currency with INVALID_ARGUMENT (a google.rpc.BadRequest violation on
+`postings` naming the currency) before anything is written. The number
+stays reserved.
+"""
 TRANSFER_RESULT_IN_PROGRESS: TransferResult.ValueType  # 26
 """A transfer between merchants on different shards whose saga had not
 finished when the call's deadline came. The funds are reserved on the
@@ -447,8 +463,8 @@ Global___SagaKind: _TypeAlias = SagaKind  # noqa: Y015
 
 @_typing.final
 class AccountRef(_message.Message):
-    """Addresses one account. Both fields: 1 to 128 bytes of UTF-8, no control
-    characters.
+    """Addresses one account. Both fields: 1 to 128 bytes of UTF-8, and the other
+    rules for ids in the conventions above.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -706,12 +722,13 @@ class ListAccountsRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     merchant_id: _builtins.str
-    """Whose accounts to list. 1 to 128 bytes of UTF-8, no control characters."""
+    """Whose accounts to list. 1 to 128 bytes of UTF-8 (an id, see the conventions)."""
     page_size: _builtins.int
     """1 to 1000; 0 means 100."""
     page_token: _builtins.str
     """Empty for the first page, else next_page_token of the previous page (at
-    most 512 bytes; only tokens this service issued are accepted).
+    most 512 bytes; only tokens this service issued for this same listing are
+    accepted, others are INVALID_ARGUMENT).
     """
     def __init__(
         self,
@@ -1482,7 +1499,8 @@ class ListEntriesRequest(_message.Message):
     """1 to 1000; 0 means 100."""
     page_token: _builtins.str
     """Empty for the first page, else next_page_token of the previous page (at
-    most 512 bytes; only tokens this service issued are accepted).
+    most 512 bytes; only tokens this service issued for this same listing are
+    accepted, others are INVALID_ARGUMENT).
     """
     order: Global___Order.ValueType
     """Page direction; must stay the same across pages."""

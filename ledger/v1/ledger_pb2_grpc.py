@@ -135,7 +135,8 @@ class LedgerServiceServicer:
 
     def PostJournal(self, request, context):
         """Posts one journal transaction: several postings, applied atomically, that
-        sum to zero per currency. All accounts must live on one shard.
+        sum to zero per currency (else INVALID_ARGUMENT, nothing written). All
+        accounts must live on one shard.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

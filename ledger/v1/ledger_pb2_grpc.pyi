@@ -27,6 +27,14 @@ Conventions every caller should know:
   fits), a response of at most 16 MiB, request metadata (headers) of at most
   16 KiB. Strings that are not valid UTF-8 make the request INVALID_ARGUMENT
   (field "request").
+- Ids (merchant, account, transfer, journal, pending, reversal) are 1 to 128
+  bytes of UTF-8 without control, format (U+200B, U+202E, U+FEFF, ...),
+  private-use or unassigned characters, never start with '$' (reserved), and
+  never hold a card number: 13 to 19 digits passing the Luhn check, with or
+  without spaces, dashes, dots or tabs between them. Neither do metadata keys
+  and values (a server may be set to store such values cut to the first six
+  and last four digits instead). Card data is never stored: such a request is
+  INVALID_ARGUMENT with the field named.
 """
 
 from collections import abc as _abc
@@ -80,7 +88,8 @@ class LedgerServiceStub:
     """Looks up transfers by (debit merchant_id, transfer id)."""
     PostJournal: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.PostJournalRequest, _ledger_pb2.PostJournalResponse]
     """Posts one journal transaction: several postings, applied atomically, that
-    sum to zero per currency. All accounts must live on one shard.
+    sum to zero per currency (else INVALID_ARGUMENT, nothing written). All
+    accounts must live on one shard.
     """
     GetBalance: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.GetBalanceRequest, _ledger_pb2.GetBalanceResponse]
     """Returns an account's balance now, or as it was at a past instant."""
@@ -113,7 +122,8 @@ class LedgerServiceAsyncStub(LedgerServiceStub):
     """Looks up transfers by (debit merchant_id, transfer id)."""
     PostJournal: _aio.UnaryUnaryMultiCallable[_ledger_pb2.PostJournalRequest, _ledger_pb2.PostJournalResponse]  # type: ignore[assignment]
     """Posts one journal transaction: several postings, applied atomically, that
-    sum to zero per currency. All accounts must live on one shard.
+    sum to zero per currency (else INVALID_ARGUMENT, nothing written). All
+    accounts must live on one shard.
     """
     GetBalance: _aio.UnaryUnaryMultiCallable[_ledger_pb2.GetBalanceRequest, _ledger_pb2.GetBalanceResponse]  # type: ignore[assignment]
     """Returns an account's balance now, or as it was at a past instant."""
@@ -185,7 +195,8 @@ class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_ledger_pb2.PostJournalResponse, _abc.Awaitable[_ledger_pb2.PostJournalResponse]]:
         """Posts one journal transaction: several postings, applied atomically, that
-        sum to zero per currency. All accounts must live on one shard.
+        sum to zero per currency (else INVALID_ARGUMENT, nothing written). All
+        accounts must live on one shard.
         """
 
     @_abc_1.abstractmethod
