@@ -22,6 +22,7 @@ import os
 import random
 import signal
 import sys
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -189,6 +190,7 @@ class Run:
         self.topology = Topology(env)
         self.log: list[str] = []
         self.kills = 0
+        self.counts: Counter[str] = Counter()
 
     def describe(self) -> str:
         return "\n".join(self.log[-40:])
@@ -206,6 +208,7 @@ class Run:
         )
         await self.send(item, what=f"hold {item.id} {debit}->{credit} {item.amount_minor}")
         self.model.hold(Hold(item.id, debit, credit, item.amount_minor, expires))
+        self.counts["holds"] += 1
 
     async def settle(self, hold: Hold) -> None:
         post = self.rng.random() < 0.6
@@ -228,6 +231,7 @@ class Run:
             item, what=f"{verb} {hold.id} (credit named: {item.HasField('credit_account')})"
         )
         self.model.settle(hold.id, posted_minor)
+        self.counts["posts" if post else "voids"] += 1
 
     async def send(self, item: pb.Transfer, *, what: str) -> None:
         """Sends until answered (retryable failures again, same id); it must end OK."""
@@ -245,6 +249,7 @@ class Run:
 
     async def change_ring(self) -> None:
         change = self.topology.change(self.rng)
+        self.counts[f"ring {change.split()[0]}"] += 1
         config = self.topology.config()
         self.log.append(f"ring: {change} (epoch {config.epoch})")
         await self.env.switch_to(config)
@@ -266,6 +271,10 @@ class Run:
             async with opened(config) as rebalancer:
                 summary = await rebalancer.rebalance()
             self.log.append("  " + summary.render().replace("\n", "\n  "))
+            self.counts["merchants moved"] += len(summary.moved)
+            self.counts["moves deferred"] += sum(
+                r.outcome.startswith("deferred") for r in summary.results
+            )
             if summary.finished:
                 return True
             if any(r.outcome.startswith("failed") for r in summary.results):
@@ -289,6 +298,7 @@ class Run:
             await self.settle(hold)
         for hold in [h for h in self.model.open_holds.values() if h.expires]:
             self.model.settle(hold.id, 0)
+            self.counts["expired"] += 1
         await wait_for_balances(
             self.env.service,
             self.model.expected(),
@@ -313,6 +323,6 @@ async def test_random_moves_and_holds_keep_every_hold_settleable(
         await run.step()
     await run.finish()
     print(
-        f"\nseed {seed}: {STEPS} steps, {len(run.log)} log lines, "
-        f"{run.kills} rebalances killed, epoch {run.topology.epoch}"
+        f"\nseed {seed}: {STEPS} steps, {run.kills} rebalances killed, "
+        f"epoch {run.topology.epoch}, {dict(sorted(run.counts.items()))}"
     )
