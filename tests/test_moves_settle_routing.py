@@ -9,6 +9,7 @@ local hold whose parties the ring places apart.
 
 from __future__ import annotations
 
+import grpc
 import pytest
 
 from ledger.domain.accounts import AccountKey
@@ -16,7 +17,7 @@ from ledger.domain.sagas import SagaState
 from ledger.domain.transfers import TransferAction, TransferRequest
 from ledger.routing.config import ShardConfig
 from ledger.routing.ring import ShardRing
-from ledger.sagas.runner import SagaRunner
+from ledger.sagas.runner import SagaRunner, SagaSettings
 from ledger.storage.errors import SettleIsLocal
 from ledger.v1 import ledger_pb2 as pb
 from tests.ledger4 import FIRST_SHARDS, Ledger4
@@ -190,3 +191,45 @@ async def test_settle_naming_a_credit_account_that_differs_is_refused_as_such(
     assert result_names(await transfers(service.stub, wrong)) == [
         "TRANSFER_RESULT_PENDING_TRANSFER_HAS_DIFFERENT_ACCOUNTS"
     ]
+
+
+async def test_settle_of_a_hold_whose_saga_is_still_running_is_retryable_not_stored(
+    ledger4: Ledger4,
+) -> None:
+    """A transient state is never a stored result: the same settle id succeeds once
+    the hold's own saga has made the hold."""
+    service = ledger4.service
+    ring = ShardRing(service.cluster.config)
+    payer = uid("pa")
+    payee = next(
+        m for m in (uid("pe") for _ in range(3000)) if ring.shard_for(m) != ring.shard_for(payer)
+    )
+    await create_merchants(service, [payer, payee])
+    runner = SagaRunner(service.cluster, owner="test", settings=SagaSettings(lease_s=120.0))
+    start = await runner.begin(
+        TransferRequest(
+            id=uid("hf"),
+            debit=AccountKey(payer, "cash"),
+            credit=AccountKey(payee, "sales"),
+            amount_minor=60,
+            currency="USD",
+            action=TransferAction.PENDING,
+        )
+    )
+    assert start.saga is not None and start.saga.state is SagaState.RUNNING
+    void = settle(
+        payer, start.saga.key.transfer_id, action=pb.TRANSFER_ACTION_VOID_PENDING, credit=None
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await transfers(service.stub, void)
+    assert refused.value.code() is grpc.StatusCode.UNAVAILABLE, refused.value
+    assert await lookup_final(service, [(payer, void.id)]) == {}, "nothing recorded"
+    assert (await runner.drive(start.saga)).state is SagaState.COMPLETED
+    await send_accepted(service, void)
+    final = await lookup_final(service, [(payer, void.id)])
+    assert final[(payer, void.id)].result == pb.TRANSFER_RESULT_OK
+    await wait_for_balances(
+        service,
+        {(payer, "cash"): (0, 0, 0, 0), (payee, "sales"): (0, 0, 0, 0)},
+        what="the void to release both sides",
+    )

@@ -33,6 +33,7 @@ from ledger.routing.cluster import MOVING_RETRY_DELAY_S, Cluster
 from ledger.routing.errors import ClusterUnavailable
 from ledger.sagas.runner import SagaRunner
 from ledger.storage.errors import (
+    HoldInFlight,
     MerchantsMoving,
     MerchantsNotOwned,
     SettleIsLocal,
@@ -172,6 +173,9 @@ class Ledger:
                 return
             except SettleIsLocal:
                 results[index] = ItemOutcome(_RUN_LOCALLY, request.id, TransferResult.IN_PROGRESS)
+                return
+            except HoldInFlight:
+                results[index] = _retry_later(request)
                 return
             results[index] = await self.sagas.outcome_by(start, deadline=deadline)
 

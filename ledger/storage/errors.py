@@ -55,6 +55,11 @@ class SettleIsLocal(Exception):
     a local hold and settles in one local transaction (nothing was written)."""
 
 
+class HoldInFlight(Exception):
+    """A settle's pending transfer is still being made by its own saga: nothing to
+    settle yet, and nothing was written; the same settle succeeds once it is made."""
+
+
 class RetryTransaction(Exception):
     """A concurrent writer raced this transaction; run it again from the start."""
 

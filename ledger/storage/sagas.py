@@ -59,7 +59,7 @@ from ledger.domain.value import value
 from ledger.invariant import invariant
 from ledger.storage import saga_statements as sql
 from ledger.storage import statements as ledger_sql
-from ledger.storage.errors import RetryTransaction, SettleIsLocal
+from ledger.storage.errors import HoldInFlight, RetryTransaction, SettleIsLocal
 from ledger.storage.saga_rows import saga_from_row
 from ledger.storage.shard import (
     Fence,
@@ -603,9 +603,12 @@ class SagaStore:
                     TransferResult.PENDING_TRANSFER_NOT_FOUND,
                     await conn.fetchval(ledger_sql.NOW),
                 )
+            if origin.state is SagaState.RUNNING:
+                # Its saga may still make it: a transient state, never a stored result.
+                raise HoldInFlight()
             view = local_view(pending, origin.peer_shard)
             if origin.result is not TransferResult.OK:
-                # Still in flight, or refused: there is nothing to settle yet.
+                # Refused: there is nothing to settle.
                 view = replace(view, result=TransferResult.PENDING_TRANSFER_NOT_FOUND)
             assert view.request.credit is not None
             accounts = await self.shard._lock_accounts(
