@@ -51,11 +51,14 @@ request_metadata_bytes_max = 16 * 1024
 # Server: more concurrent RPCs than this get RESOURCE_EXHAUSTED at once instead
 # of queueing without bound behind the shard pools.
 concurrent_rpcs_max = 256
-# Streams one client connection may open at once. gRPC clients honour the
-# bound and queue further calls locally, so it only limits how much of the
-# server one connection (one attacker) can occupy: well under the concurrency
-# limit, and the 100 that HTTP/2 recommends as a minimum.
-streams_per_connection_max = 100
+# Streams one client connection may open at once: it bounds what one
+# connection (one attacker) holds in gRPC itself. Not lower than the
+# concurrency limit: a client that fires more calls at once than the server's
+# SETTINGS allow before it has read them gets REFUSED_STREAM (UNAVAILABLE)
+# instead of queueing, so a legitimate caller with 200 calls in flight on one
+# channel would fail. Silent or unauthenticated streams hold no concurrency
+# slot (ledger/api/admission.py), so this bound does not let them starve others.
+streams_per_connection_max = 256
 # An admitted call's request must arrive within this long of its headers, or
 # the call ends DEADLINE_EXCEEDED: a caller that sends headers and then nothing
 # holds a stream this long at most. 8 MiB (the largest request) takes under a

@@ -5,6 +5,11 @@ A card number here is what PCI DSS scanners look for: 13 to 19 digits passing th
 check, written together or in groups split by common separators (one or two spaces or
 tabs, a dash, a dot, a no-break space, or a dash or dot with spaces around it). A digit
 run longer than 19 digits is a different kind of number, not a card with extra digits.
+
+Split into groups, it is grouped as cards are printed: every group but the last has 4
+to 6 digits and the last at most 6 (4-4-4-4, 4-4-4-4-3, 4-6-5, 4-6-4). Other groupings
+of digits (a UUID's 8-4-4-4-12, "order-83-594918151400") are not card numbers: without
+this rule about one random UUID-like id in 400 was refused, by chance of its digits.
 """
 
 from __future__ import annotations
@@ -26,6 +31,9 @@ _SEPARATOR = r"[ \t\u00a0.\-]{1,3}"
 # consumes a digit and separators are never digits, so matching is linear in the text.
 _CANDIDATE = re.compile(rf"(?<!\d)\d(?:(?:{_SEPARATOR})?\d){{{PAN_DIGITS_MIN - 1},}}(?!\d)")
 _GROUP = re.compile(r"\d+")
+# Digits per group of a card number written in groups (see the module docstring).
+GROUP_DIGITS_MIN = 4
+GROUP_DIGITS_MAX = 6
 # A quick pre-check (ids are checked on the hot path): with every separator character
 # deleted, a text holding a card number has 13 digits in a row.
 _SEPARATORS_DELETED = str.maketrans("", "", " \t\u00a0.-")
@@ -59,10 +67,16 @@ def _card_ranges_in_run(run: str, offset: int) -> list[tuple[int, int]]:
         digits = ""
         longest_valid = -1
         for last in range(first, len(groups)):
-            digits += groups[last][2]
+            group = groups[last][2]
+            if last > first and not GROUP_DIGITS_MIN <= len(groups[last - 1][2]) <= (
+                GROUP_DIGITS_MAX
+            ):
+                break  # groups before the last are card-sized, or this is no card
+            digits += group
             if len(digits) > PAN_DIGITS_MAX:
                 break
-            if len(digits) >= PAN_DIGITS_MIN and luhn_valid(digits):
+            card_grouped = last == first or len(group) <= GROUP_DIGITS_MAX
+            if card_grouped and len(digits) >= PAN_DIGITS_MIN and luhn_valid(digits):
                 longest_valid = last
         if longest_valid >= 0:
             start, end = offset + groups[first][0], offset + groups[longest_valid][1]
