@@ -47,12 +47,36 @@ def test_same_seed_plans_the_same_faults_and_operations() -> None:
     assert first.operations == second.operations
     assert first.layout == second.layout
     assert first.digest() == second.digest()
-    # Rebalances are planned only when asked for (--rebalances).
-    assert {f.fault for f in first.faults} == set(FaultKind) - {FaultKind.REBALANCE}
+    # Rebalances and drains are planned only when asked for (--rebalances, --drains).
+    assert {f.fault for f in first.faults} == set(FaultKind) - {
+        FaultKind.REBALANCE,
+        FaultKind.DRAIN,
+    }
     assert all(0 < f.at_s and f.at_s + f.duration_s <= DURATION_S for f in first.faults)
     other = plan_run(seed=SEED + 1, duration_s=DURATION_S, clients=CLIENTS)
     assert other.faults != first.faults
     assert other.operations != first.operations
+
+
+# The digests of seed 33's plan and of seed 2's with --rebalances (the two runs
+# below), as planned before drains existed: --drains must leave them as they were.
+PLAN_DIGESTS_BEFORE_DRAINS = {
+    (33, False): "cf14ed09a10b99c2328e3cb6a89d917339322124f512bb7015773109f056589b",
+    (2, True): "772f6450151e0b9391bdf7bfc7c8b9c471f136b374c3831f130924327bf27a20",
+}
+
+
+def test_plans_without_drains_are_those_planned_before_drains_existed() -> None:
+    for (seed, rebalances), digest in PLAN_DIGESTS_BEFORE_DRAINS.items():
+        plan = plan_run(seed=seed, duration_s=DURATION_S, clients=CLIENTS, rebalances=rebalances)
+        assert plan.digest() == digest, (seed, rebalances)
+        assert FaultKind.DRAIN not in {f.fault for f in plan.faults}
+    # With --drains, drains share the rebalances' lane: never two at once.
+    plan = plan_run(seed=7, duration_s=600.0, clients=CLIENTS, rebalances=True, drains=True)
+    admin = [f for f in plan.faults if f.fault in (FaultKind.REBALANCE, FaultKind.DRAIN)]
+    assert {FaultKind.REBALANCE, FaultKind.DRAIN} <= {f.fault for f in admin}
+    for earlier, later in zip(admin, admin[1:], strict=False):
+        assert earlier.at_s + earlier.duration_s < later.at_s, (earlier, later)
 
 
 # The checker, on hand-made books: one local transfer of 100 from a to b.
