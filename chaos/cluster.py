@@ -335,8 +335,9 @@ class ChaosCluster:
         last: tuple[str, ...] = ()
         while True:
             code, output = await self._admin("shards", "rebalance", kill_after_s=None)
-            runs.append(f"exit {code}")
             lines = [ln for ln in output.splitlines() if ln.startswith(_SUMMARY_PREFIXES)]
+            moved = [ln.split(",")[0] for ln in lines if ln.startswith("moved ")]
+            runs.append(f"exit {code}" + (f" ({moved[-1]})" if moved else ""))
             last = tuple(lines) or tuple(output.strip().splitlines()[-1:])
             drained = any(ln.startswith(f"DRAINED {name}:") for ln in lines)
             if code == 0 and drained:

@@ -127,6 +127,9 @@ class RunResult:
     harness_errors: list[str] = field(default_factory=list)
     # Replica starts that ended before serving (each was started again).
     failed_starts: list[str] = field(default_factory=list)
+    # Each shard's state in the cluster's config when the run ended (drained shards
+    # are made active again).
+    shard_states: dict[str, str] = field(default_factory=dict)
     elapsed_s: float = 0.0
 
 
@@ -221,6 +224,7 @@ async def execute(options: Options, plan: RunPlan, result: RunResult) -> None:
         result.failed_starts = [
             f"{r.name}: {reason}" for r in cluster.replicas for reason in r.failed_starts
         ]
+        result.shard_states = dict(cluster.states)
         result.harness_errors += await cluster.close()
 
 
@@ -244,6 +248,7 @@ def summarize(result: RunResult) -> dict[str, Any]:
         "duration_s": result.options.duration_s,
         "clients": result.options.clients,
         "shards": list(SHARD_NAMES),
+        "shard_states_at_end": result.shard_states,
         "plan_digest": result.plan.digest(),
         "plan_digest_ops_per_client": PLAN_DIGEST_OPS_PER_CLIENT,
         "work_dir": str(result.work_dir),

@@ -4,6 +4,7 @@ shards and a killed rebalance find no violation."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import signal
@@ -20,10 +21,14 @@ from chaos.checker import (
     Snapshot,
     TransferRow,
     check_entries,
+    check_final_settles,
     check_history,
+    open_holds_in,
 )
 from chaos.clients import ItemAnswer, OpRecord
+from chaos.holds import settle_operation
 from chaos.plan import Action, Fault, FaultKind, Operation, Ref, TransferSpec, plan_run
+from ledger.domain.transfers import PendingState
 from ledger.v1 import ledger_pb2 as pb
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -75,7 +80,7 @@ def test_plans_without_drains_are_those_planned_before_drains_existed() -> None:
     plan = plan_run(seed=7, duration_s=600.0, clients=CLIENTS, rebalances=True, drains=True)
     admin = [f for f in plan.faults if f.fault in (FaultKind.REBALANCE, FaultKind.DRAIN)]
     assert {FaultKind.REBALANCE, FaultKind.DRAIN} <= {f.fault for f in admin}
-    for earlier, later in zip(admin, admin[1:], strict=False):
+    for earlier, later in itertools.pairwise(admin):
         assert earlier.at_s + earlier.duration_s < later.at_s, (earlier, later)
 
 
@@ -84,6 +89,7 @@ def test_plans_without_drains_are_those_planned_before_drains_existed() -> None:
 _A = Ref("m1", "usd-wallet-0")
 _B = Ref("m1", "usd-wallet-1")
 _KEY = ("m1", "t1")
+OK = pb.TRANSFER_RESULT_OK
 _SPEC = TransferSpec("t1", _A, _B, 100, "USD", Action.POST)
 
 
@@ -154,7 +160,35 @@ def test_checker_flags_a_linked_chain_applied_in_part() -> None:
     assert "linked chains" in {v.check for v in report.violations}
 
 
-def _run_chaos(tmp_path: Path, *, seed: int, rebalances: bool = False) -> dict[str, Any]:
+def test_checker_flags_a_hold_that_would_not_settle_at_the_end() -> None:
+    snapshot = Snapshot()
+    key = ("m1", "p1")
+    snapshot.transfers[key] = TransferRow(
+        "shard-a", key, 1, Action.PENDING, _A, _B, 100, 100, "USD", "", 0, False, OK
+    )
+    holds = open_holds_in(snapshot)
+    assert [h.key for h in holds] == [key]
+    settle = settle_operation(holds[0], suffix="end", kind="end_settle", replica=0)
+    (spec,) = settle.transfers
+    assert spec.pending_id == "p1" and spec.debit == _A
+    not_found = pb.TRANSFER_RESULT_PENDING_TRANSFER_NOT_FOUND
+    refused = OpRecord(settle, 0.0, 0.1, 1, (ItemAnswer(not_found, False),), "refused")
+
+    report = CheckReport()
+    check_final_settles(snapshot, holds, [refused], report)
+    # The refused settle, and the hold it left open.
+    assert [v.check for v in report.violations] == ["holds", "holds"]
+
+    snapshot.resolutions[key] = PendingState.VOIDED
+    settled = OpRecord(settle, 0.0, 0.1, 1, (ItemAnswer(OK, False),), "ok")
+    report = CheckReport()
+    check_final_settles(snapshot, holds, [settled], report)
+    assert report.violations == []
+
+
+def _run_chaos(
+    tmp_path: Path, *, seed: int, rebalances: bool = False, drains: bool = False
+) -> dict[str, Any]:
     """Runs chaos.run as an operator would and returns its summary, having checked
     that it found no violation and ran the plan its seed fixes."""
     summary_path = tmp_path / "summary.json"
@@ -166,6 +200,7 @@ def _run_chaos(tmp_path: Path, *, seed: int, rebalances: bool = False) -> dict[s
             *("--seed", str(seed), "--duration-s", str(DURATION_S)),
             *("--clients", str(CLIENTS), "--json", str(summary_path)),
             *(("--rebalances",) if rebalances else ()),
+            *(("--drains",) if drains else ()),
         ],
         cwd=ROOT,
         stdout=subprocess.PIPE,
@@ -188,7 +223,9 @@ def _run_chaos(tmp_path: Path, *, seed: int, rebalances: bool = False) -> dict[s
     assert process.returncode == 0, output
     # The run executed this process's plan of the same seed (planned in another
     # process, so nothing in planning depends on Python's per-process hashing).
-    plan = plan_run(seed=seed, duration_s=DURATION_S, clients=CLIENTS, rebalances=rebalances)
+    plan = plan_run(
+        seed=seed, duration_s=DURATION_S, clients=CLIENTS, rebalances=rebalances, drains=drains
+    )
     schedule = tuple(Fault(**{**f, "fault": FaultKind(f["fault"])}) for f in summary["schedule"])
     assert schedule == plan.faults
     assert summary["plan_digest"] == plan.digest()
@@ -228,3 +265,44 @@ def test_short_chaos_run_with_a_killed_rebalance_finds_no_violation(tmp_path: Pa
     for kind in ("local", "cross", "pending_cross"):
         assert summary["operations"][kind].get("ok", 0) > 0, kind
     assert summary["sagas"].get("TRANSFER COMPLETED", 0) > 0
+
+
+# Seed 35 with --rebalances --drains: shard-a is drained 2.2 s in, while the clients
+# write: its merchants move off, the holds it then relays are settled through the
+# service, a rerun says DRAINED; 1.4 s later it is made active again and merchants
+# move back; later a shard is stopped and another's weight goes up and back.
+DRAIN_SEED = 35
+_SETTLED = (
+    "OK",
+    "IN_PROGRESS",
+    "PENDING_TRANSFER_ALREADY_POSTED",
+    "PENDING_TRANSFER_ALREADY_VOIDED",
+    "PENDING_TRANSFER_EXPIRED",
+)
+
+
+@pytest.mark.timeout(RUN_TIMEOUT_S + CLEANUP_TIMEOUT_S + 10)
+def test_short_chaos_run_drains_a_shard_under_load_and_settles_every_hold(
+    tmp_path: Path,
+) -> None:
+    summary = _run_chaos(tmp_path, seed=DRAIN_SEED, rebalances=True, drains=True)
+
+    (drain,) = [f for f in summary["faults"] if " drain " in f["fault"]]
+    assert summary["drains"]["finished"] == 1, drain
+    assert summary["drains"]["not_finished"] == 0, drain
+    # It began while the clients wrote, and ended DRAINED (exit 0).
+    assert drain["started_s"] < DURATION_S, drain
+    drained, back = drain["detail"].split("active again:")
+    assert "DRAINED shard-a: holds nothing" in drained, drain
+    # Merchants moved off the draining shard, and back once it was active again.
+    assert sum(int(n) for n in _MOVED.findall(drained)) > 0, drain
+    assert sum(int(n) for n in _MOVED.findall(back)) > 0, drain
+    assert summary["shard_states_at_end"] == dict.fromkeys(summary["shards"], "active")
+    # Every hold left open at the end was settled through the service, posts and voids.
+    settled = summary["holds_settled_at_end"]
+    assert sum(settled.values()) > 0, settled
+    assert all(outcome.split()[-1] in _SETTLED for outcome in settled), settled
+    assert {outcome.split()[0] for outcome in settled} == {"end_settle_post", "end_settle_void"}
+    assert any(note.endswith("; 0 left open") for note in summary["checks"]), summary["checks"]
+    for kind in ("local", "cross", "pending_cross"):
+        assert summary["operations"][kind].get("ok", 0) > 0, kind
