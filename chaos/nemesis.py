@@ -8,6 +8,7 @@ pg_isready, both with deadlines).
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from dataclasses import dataclass, field
 
 import asyncpg
@@ -133,18 +134,18 @@ class Nemesis:
             now_s=self._now_s,
         )
         self.settles += records
-        failed = 0
+        answers: Counter[str] = Counter()
         for settle in records:
             why = settle_failure(settle)
-            if why.startswith("answered") or why.startswith("error"):
-                failed += 1
+            if why.startswith(("answered", "error")):
                 record.violations.append(
                     (f"drain {target}: settle {settle.op.op_id}", f"a relayed hold {why}")
                 )
-        unknown = sum(settle.answers is None and settle.outcome != "error" for settle in records)
+            answer = settle.answers[0].result_name if settle.answers else settle.outcome
+            answers[answer.removeprefix("TRANSFER_RESULT_")] += 1
         text = f"{len(records)} of {len(keys)} relayed hold(s) open, settled"
-        if failed or unknown:
-            text += f" ({failed} refused, {unknown} unknown)"
+        if answers:
+            text += " (" + ", ".join(f"{a} {n}" for a, n in answers.most_common()) + ")"
         return text + (f"; {unlooked}" if unlooked else "")
 
     async def _apply(self, fault: Fault) -> str:
