@@ -4,8 +4,10 @@ shards and a killed rebalance find no violation."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
+import random
 import re
 import signal
 import subprocess
@@ -15,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from chaos import cluster as chaos_cluster
 from chaos.checker import (
     CheckReport,
     Effect,
@@ -25,8 +28,10 @@ from chaos.checker import (
     check_history,
     open_holds_in,
 )
-from chaos.clients import ItemAnswer, OpRecord
+from chaos.clients import Caller, ItemAnswer, OpRecord
+from chaos.cluster import ChaosCluster
 from chaos.holds import settle_operation
+from chaos.nemesis import FaultRecord, Nemesis
 from chaos.plan import Action, Fault, FaultKind, Operation, Ref, TransferSpec, plan_run
 from ledger.domain.transfers import PendingState
 from ledger.v1 import ledger_pb2 as pb
@@ -184,6 +189,82 @@ def test_checker_flags_a_hold_that_would_not_settle_at_the_end() -> None:
     report = CheckReport()
     check_final_settles(snapshot, holds, [settled], report)
     assert report.violations == []
+
+
+# A drain, with `ledger shards rebalance` played by a script: what the drain does
+# with what the command says.
+_DRAINING = (
+    "moved 0 merchants, 0 rows copied\nDRAINING shard-a: still holds 1 settlement account(s)"
+)
+_DRAINED = "moved 0 merchants, 0 rows copied\nDRAINED shard-a: holds nothing"
+
+
+def _scripted_drain(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, drained_on_run: int | None
+) -> tuple[FaultRecord, ChaosCluster, list[int]]:
+    """Runs one drain fault of shard-a against a cluster whose rebalance says DRAINED
+    on run drained_on_run (never if None); returns its record, the cluster, and the
+    rounds after which the drain settled what the shard relays."""
+    cluster = ChaosCluster(tmp_path)
+    monkeypatch.setattr(cluster, "write_configs", lambda: None)
+    drain_runs = 0
+
+    async def admin(
+        *args: str, kill_after_s: float | None, direct: bool = False
+    ) -> tuple[int, str]:
+        nonlocal drain_runs
+        if "draining" not in cluster.states.values():
+            return 0, "moved 2 merchants, 10 rows copied"  # moving back
+        drain_runs += 1
+        return (0, _DRAINED) if drain_runs == drained_on_run else (1, _DRAINING)
+
+    monkeypatch.setattr(cluster, "_admin", admin)
+    nemesis = Nemesis(
+        cluster,
+        (Fault(1.0, FaultKind.DRAIN, "shard-a", 0.01),),
+        caller=Caller([], jitter=random.Random(0)),
+    )
+    settled_after: list[int] = []
+
+    async def settle_relayed(record: FaultRecord, index: int, round_number: int) -> str:
+        settled_after.append(round_number)
+        return "settled"
+
+    monkeypatch.setattr(nemesis, "_settle_relayed", settle_relayed)
+    asyncio.run(nemesis._inject(nemesis.records[0]))
+    return nemesis.records[0], cluster, settled_after
+
+
+@pytest.mark.timeout(10)
+def test_a_drain_reruns_the_rebalance_until_it_says_drained(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    record, cluster, settled_after = _scripted_drain(tmp_path, monkeypatch, drained_on_run=3)
+
+    assert record.error == ""
+    assert record.drain is not None and record.drain.finished
+    assert record.drain.runs == ("exit 1 (moved 0 merchants)",) * 2 + (
+        "exit 0 (moved 0 merchants)",
+    )
+    assert settled_after == [1, 2]
+    assert record.violations == []
+    # Drained at epoch 2, then active again (epoch 3) with merchants moved back.
+    assert "active again: epoch 3: exit 0; moved 2 merchants" in record.detail
+    assert cluster.states == dict.fromkeys(cluster.shards, "active")
+
+
+@pytest.mark.timeout(10)
+def test_a_drain_not_drained_by_its_deadline_is_a_violation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(chaos_cluster, "DRAIN_DEADLINE_S", 0.0)
+    record, cluster, _ = _scripted_drain(tmp_path, monkeypatch, drained_on_run=None)
+
+    assert record.drain is not None and not record.drain.finished
+    assert [where for where, _ in record.violations] == ["drain shard-a (epoch 2)"]
+    assert "not DRAINED within the deadline" in record.violations[0][1]
+    # Made active again all the same.
+    assert cluster.states == dict.fromkeys(cluster.shards, "active")
 
 
 def _run_chaos(
