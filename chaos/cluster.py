@@ -8,6 +8,7 @@ the shards directly (direct.toml), so a fault never hides what is stored.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import signal
 import subprocess
@@ -94,9 +95,19 @@ class DrainResult:
         outcome = "DRAINED" if self.finished else "NOT DRAINED"
         return (
             f"epoch {self.epoch}: {outcome} after {self.elapsed_s:.1f}s, "
-            f"{', '.join(self.runs)}; between runs: {'; '.join(self.steps) or 'nothing'}; "
+            f"{', '.join(_runs_of(self.runs))}; "
+            f"between runs: {'; '.join(_runs_of(self.steps)) or 'nothing'}; "
             f"last: {list(self.last_lines)}"
         )
+
+
+def _runs_of(items: tuple[str, ...]) -> list[str]:
+    """Items with each run of equal neighbours said once ("exit 1 x 12")."""
+    said: list[str] = []
+    for item, group in itertools.groupby(items):
+        count = len(list(group))
+        said.append(f"{item} x {count}" if count > 1 else item)
+    return said
 
 
 class HarnessError(RuntimeError):
