@@ -21,7 +21,12 @@ LookupAccounts), the checker proves:
 - linked chains are all or nothing;
 - sagas: every saga is completed, compensated, or in the dead-letter list with
   its funds still pending; finished sagas agree with the credit shard's record;
-- ledger.sagas.reconcile passes.
+- ledger.sagas.reconcile passes;
+- holds settle (liveness): before the checks, every hold still open (a pending
+  transfer OK and pending) is posted or voided through the service
+  (chaos/holds.py); each settle must answer OK (or find the hold settled or
+  expired already), no hold may be left open, and the settles are judged with
+  the rest of the history (a void releases the hold, a post moves the money).
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from typing import Any
 import asyncpg
 
 from chaos.clients import Caller, OpRecord
+from chaos.holds import Hold, settle_failure, settle_holds
 from chaos.plan import PENDING_TIMEOUT_MS_MAX, Layout, Ref, TransferSpec
 from ledger import limits
 from ledger.domain.moves import MOVE_MERCHANT_ID
@@ -198,6 +204,8 @@ class CheckReport:
     dead_sagas: list[str] = field(default_factory=list)
     reconcile_findings: list[str] = field(default_factory=list)
     quiesce_s: float = 0.0
+    # The settles of the holds left open at the end (they join the history).
+    final_settles: list[OpRecord] = field(default_factory=list)
 
     def add(self, check: str, where: str, detail: str) -> None:
         self.violations.append(Violation(check, where, detail))
@@ -907,6 +915,53 @@ async def check_reconcile(config_path: Path, report: CheckReport) -> None:
     )
 
 
+# Every hold settles.
+
+
+def open_holds_in(snapshot: Snapshot) -> list[Hold]:
+    """The client holds still open: pending transfers that are OK and not settled."""
+    holds = []
+    for key, row in sorted(snapshot.transfers.items()):
+        if row.action != TransferAction.PENDING or snapshot.final_result(key) != TransferResult.OK:
+            continue
+        if snapshot.resolutions.get(key, PendingState.PENDING) is not PendingState.PENDING:
+            continue
+        holds.append(Hold(key[1], row.debit, row.credit, row.currency))
+    return holds
+
+
+def check_final_settles(
+    snapshot: Snapshot, holds: Sequence[Hold], settles: Sequence[OpRecord], report: CheckReport
+) -> None:
+    """Each settle of a hold left open settled it; no hold is open any more."""
+    outcomes: Counter[str] = Counter()
+    for record in settles:
+        why = settle_failure(record)
+        (spec,) = record.op.transfers
+        key = (spec.debit.merchant_id, spec.id)
+        answer = record.answers[0].result_name if record.answers else record.outcome
+        if not why and record.answers and record.answers[0].result == TransferResult.IN_PROGRESS:
+            final = snapshot.final_result(key) if key in snapshot.transfers else None
+            answer = f"IN_PROGRESS, then {TransferResult(final).name if final else None}"
+            if final != TransferResult.OK:
+                why = f"answered IN_PROGRESS, stored outcome {final}"
+        outcomes[f"{record.op.kind} {answer.removeprefix('TRANSFER_RESULT_')}"] += 1
+        if why:
+            report.add("holds", f"settle {record.op.op_id} of {spec.pending_id}", why)
+    still_open = open_holds_in(snapshot)
+    for hold in still_open:
+        report.add(
+            "holds",
+            f"hold {hold.key[0]}/{hold.key[1]} ({hold.debit} -> {hold.credit})",
+            "still open after the end-of-run settles",
+        )
+    report.notes.append(
+        f"holds: {len(holds)} open at the end, settled through the service: "
+        + (", ".join(f"{k} {n}" for k, n in sorted(outcomes.items())) or "none")
+        + f"; {len(still_open)} left open"
+    )
+
+
 async def check_all(
     *,
     dsns: dict[str, str],
@@ -914,6 +969,7 @@ async def check_all(
     layout: Layout,
     history: Sequence[OpRecord],
     caller: Caller,
+    now_s: Callable[[], float],
     moved: bool = False,
 ) -> CheckReport:
     report = CheckReport()
@@ -921,6 +977,21 @@ async def check_all(
     if not quiet:
         report.add("quiesce", "cluster", f"not quiet after {QUIESCE_DEADLINE_S}s: {state}")
     snapshot = await read_snapshot(dsns)
+    # Every hold left open is settled, as its caller would; then the books are
+    # read again and everything below judges them, settles included.
+    holds = open_holds_in(snapshot)
+    report.final_settles = await settle_holds(
+        caller, holds, suffix="end", kind="end_settle", now_s=now_s
+    )
+    quiet, state, settle_quiesce_s = await wait_until_quiet(dsns)
+    report.quiesce_s += settle_quiesce_s
+    if not quiet:
+        report.add(
+            "quiesce", "cluster", f"not quiet after the settles in {QUIESCE_DEADLINE_S}s: {state}"
+        )
+    snapshot = await read_snapshot(dsns)
+    check_final_settles(snapshot, holds, report.final_settles, report)
+    history = [*history, *report.final_settles]
     check_placement(snapshot, layout, report, moved=moved)
     check_conservation(snapshot, report)
     check_limits(snapshot, report)

@@ -8,6 +8,7 @@ the shards directly (direct.toml), so a fault never hides what is stored.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import signal
 import subprocess
@@ -16,6 +17,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import grpc
 
@@ -55,6 +57,13 @@ PG_CTL_ATTEMPTS_MAX = 2
 # until it finishes or this deadline passes.
 REBALANCE_RETRY_PAUSE_S = 0.5
 REBALANCE_DEADLINE_S = 30.0
+# A drain reruns `ledger shards rebalance` (settling the holds its shard relays
+# between runs) until it says DRAINED, or this passes: then the drain did not
+# finish, which the run reports as a violation. Each run moves the shard's
+# merchants (deferring those with sagas in flight, up to ~5 s) and starts a
+# Python process, several times over on a loaded 2-core machine; a shard stopped
+# or partitioned meanwhile (up to 5 s) makes runs fail until it is back.
+DRAIN_DEADLINE_S = 60.0
 # One run of an admin command is killed past this.
 ADMIN_COMMAND_DEADLINE_S = 120.0
 SERVICE_ENV = {
@@ -64,6 +73,41 @@ SERVICE_ENV = {
     "LEDGER_SAGA_RETRY_DELAY_S_MAX": "1",
     "PYTHONUNBUFFERED": "1",
 }
+
+
+ShardState = Literal["active", "draining", "retired"]
+
+
+@dataclass(frozen=True, slots=True)
+class DrainResult:
+    """What a drain came to: finished once a rebalance said DRAINED within the deadline."""
+
+    finished: bool
+    epoch: int
+    runs: tuple[str, ...]
+    # The rebalance's last DRAINING/DRAINED/NOT MOVED lines.
+    last_lines: tuple[str, ...]
+    # What the between-runs step did each time (settled holds, ...).
+    steps: tuple[str, ...]
+    elapsed_s: float
+
+    def describe(self) -> str:
+        outcome = "DRAINED" if self.finished else "NOT DRAINED"
+        return (
+            f"epoch {self.epoch}: {outcome} after {self.elapsed_s:.1f}s, "
+            f"{', '.join(_runs_of(self.runs))}; "
+            f"between runs: {'; '.join(_runs_of(self.steps)) or 'nothing'}; "
+            f"last: {list(self.last_lines)}"
+        )
+
+
+def _runs_of(items: tuple[str, ...]) -> list[str]:
+    """Items with each run of equal neighbours said once ("exit 1 x 12")."""
+    said: list[str] = []
+    for item, group in itertools.groupby(items):
+        count = len(list(group))
+        said.append(f"{item} x {count}" if count > 1 else item)
+    return said
 
 
 class HarnessError(RuntimeError):
@@ -192,6 +236,10 @@ async def _pg_ctl(action: Callable[[], None]) -> None:
                 raise
 
 
+# The lines of a rebalance summary that say what is left to do.
+_SUMMARY_PREFIXES = ("moved ", "NOT ", "DRAINING ", "DRAINED ")
+
+
 class ChaosCluster:
     """Three shard servers behind proxies and two replicas, all under base_dir."""
 
@@ -207,9 +255,11 @@ class ChaosCluster:
             Replica(name, self.service_config_path, base_dir / f"{name}.log")
             for name in REPLICA_NAMES
         ]
-        # The cluster's config: rebalances raise the epoch and change weights.
+        # The cluster's config: rebalances raise the epoch and change weights,
+        # drains a shard's state.
         self.epoch = 1
         self.weights = dict.fromkeys(SHARD_NAMES, 1)
+        self.states: dict[str, ShardState] = dict.fromkeys(SHARD_NAMES, "active")
 
     def replica(self, name: str) -> Replica:
         for replica in self.replicas:
@@ -229,6 +279,7 @@ class ChaosCluster:
                     name=s.name,
                     dsn=s.direct_dsn if direct else s.proxied_dsn,
                     weight=self.weights[s.name],
+                    state=self.states[s.name],
                 )
                 for s in self.shards.values()
             ),
@@ -240,13 +291,28 @@ class ChaosCluster:
         self.service_config_path.write_text(render_config(self._config(direct=False)))
         self.direct_config_path.write_text(render_config(self.direct_config))
 
-    async def rebalance(self, weights: dict[str, int], *, kill_after_s: float | None) -> str:
+    def reconfigure(
+        self, *, weights: dict[str, int] | None = None, states: dict[str, ShardState] | None = None
+    ) -> None:
+        """A new config at the next epoch over the live file (the replicas reload it)."""
+        self.epoch += 1
+        if weights is not None:
+            self.weights = dict(weights)
+        if states is not None:
+            self.states = dict(states)
+        self.write_configs()
+
+    async def rebalance(
+        self,
+        weights: dict[str, int],
+        *,
+        kill_after_s: float | None,
+        states: dict[str, ShardState] | None = None,
+    ) -> str:
         """The admin's workflow: a new config (next epoch) over the live file, then
         `ledger shards rebalance`, run again until it finishes (the first run killed
         after kill_after_s, if given). Returns what it took."""
-        self.epoch += 1
-        self.weights = dict(weights)
-        self.write_configs()
+        self.reconfigure(weights=weights, states=states)
         deadline = time.monotonic() + REBALANCE_DEADLINE_S
         runs: list[str] = []
         while True:
@@ -261,6 +327,42 @@ class ChaosCluster:
                 # rebalance (or none) takes it from there.
                 last = [ln for ln in output.splitlines() if ln.startswith(("moved", "NOT"))]
                 return f"epoch {self.epoch}: {', '.join(runs)}; unfinished: {last}"
+            await asyncio.sleep(REBALANCE_RETRY_PAUSE_S)
+
+    async def drain(
+        self, name: str, *, between_runs: Callable[[int], Awaitable[str]]
+    ) -> DrainResult:
+        """The admin's drain: `state = "draining"` for shard name (next epoch), then
+        `ledger shards rebalance` until it exits 0 saying DRAINED, or the deadline
+        passes. between_runs(round) runs after each unfinished run (the callers
+        settling what the shard still relays) and says what it did."""
+        if self.states[name] != "active":
+            raise HarnessError(f"{name} is {self.states[name]}, not active: nothing to drain")
+        self.reconfigure(states={**self.states, name: "draining"})
+        started = time.monotonic()
+        deadline = started + DRAIN_DEADLINE_S
+        runs: list[str] = []
+        steps: list[str] = []
+        last: tuple[str, ...] = ()
+        while True:
+            code, output = await self._admin("shards", "rebalance", kill_after_s=None)
+            lines = [ln for ln in output.splitlines() if ln.startswith(_SUMMARY_PREFIXES)]
+            moved = [ln.split(",")[0] for ln in lines if ln.startswith("moved ")]
+            runs.append(f"exit {code}" + (f" ({moved[-1]})" if moved else ""))
+            last = tuple(lines) or tuple(output.strip().splitlines()[-1:])
+            drained = any(ln.startswith(f"DRAINED {name}:") for ln in lines)
+            if code == 0 and drained:
+                return DrainResult(
+                    True, self.epoch, tuple(runs), last, tuple(steps), time.monotonic() - started
+                )
+            if time.monotonic() > deadline:
+                return DrainResult(
+                    False, self.epoch, tuple(runs), last, tuple(steps), time.monotonic() - started
+                )
+            step = await between_runs(len(runs))
+            if step:
+                steps.append(step)
+            # Paces the reruns, as REBALANCE_RETRY_PAUSE_S does for rebalances.
             await asyncio.sleep(REBALANCE_RETRY_PAUSE_S)
 
     async def cleanup(self) -> str:

@@ -8,10 +8,15 @@ pg_isready, both with deadlines).
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 
-from chaos.cluster import ChaosCluster
-from chaos.plan import REBALANCE_LANE, REBALANCE_WEIGHT, SHARD_NAMES, Fault, FaultKind
+import asyncpg
+
+from chaos.clients import Caller, OpRecord
+from chaos.cluster import ChaosCluster, DrainResult
+from chaos.holds import open_holds, relayed_holds, settle_failure, settle_holds
+from chaos.plan import REBALANCE_WEIGHT, SHARD_NAMES, Fault, FaultKind, admin_lane
 
 
 @dataclass
@@ -22,6 +27,11 @@ class FaultRecord:
     healed_s: float | None = None
     detail: str = ""
     error: str = ""
+    # Findings about the service (not the harness): a drain that did not finish,
+    # a hold it relays that could not be settled. The run reports them as violations.
+    violations: list[tuple[str, str]] = field(default_factory=list)
+    # For a drain: what it came to.
+    drain: DrainResult | None = None
 
     def describe(self) -> str:
         when = (
@@ -38,9 +48,15 @@ class FaultRecord:
 
 
 class Nemesis:
-    def __init__(self, cluster: ChaosCluster, schedule: tuple[Fault, ...]) -> None:
+    def __init__(
+        self, cluster: ChaosCluster, schedule: tuple[Fault, ...], *, caller: Caller
+    ) -> None:
         self.cluster = cluster
         self.records = [FaultRecord(fault) for fault in schedule]
+        # A drain settles the holds its shard relays through the service, as their
+        # callers would; the settles join the history the checker judges.
+        self.caller = caller
+        self.settles: list[OpRecord] = []
         # The planner never overlaps faults on one target; a slow repair (a replica
         # restarting) could, so each target takes one fault at a time.
         self._locks: dict[str, asyncio.Lock] = {}
@@ -60,16 +76,77 @@ class Nemesis:
 
     async def _inject(self, record: FaultRecord) -> None:
         fault = record.fault
-        # Rebalances share one lane: each is a whole admin workflow, one at a time.
-        lane = REBALANCE_LANE if fault.fault is FaultKind.REBALANCE else fault.target
-        lock = self._locks.setdefault(lane, asyncio.Lock())
+        # Rebalances and drains share one lane: each is a whole admin workflow, one
+        # at a time.
+        lock = self._locks.setdefault(admin_lane(fault.fault, fault.target), asyncio.Lock())
         async with lock:
             record.started_s = self._now_s()
             try:
-                record.detail = await self._apply(fault)
+                if fault.fault is FaultKind.DRAIN:
+                    record.detail = await self._drain(record)
+                else:
+                    record.detail = await self._apply(fault)
                 record.healed_s = self._now_s()
             except Exception as error:
                 record.error = f"{type(error).__name__}: {error}"
+
+    async def _drain(self, record: FaultRecord) -> str:
+        """Drains the target until DRAINED (or the deadline), keeps it drained for the
+        fault's duration, then makes it active again and rebalances back."""
+        fault = record.fault
+        index = self.records.index(record)
+        cluster = self.cluster
+
+        async def settle_relayed(round_number: int) -> str:
+            return await self._settle_relayed(record, index, round_number)
+
+        drained = await cluster.drain(fault.target, between_runs=settle_relayed)
+        record.drain = drained
+        if not drained.finished:
+            record.violations.append(
+                (
+                    f"drain {fault.target} (epoch {drained.epoch})",
+                    f"not DRAINED within the deadline: {drained.describe()}",
+                )
+            )
+        await asyncio.sleep(fault.duration_s)
+        back = await cluster.rebalance(
+            dict.fromkeys(SHARD_NAMES, 1),
+            kill_after_s=None,
+            states=dict.fromkeys(SHARD_NAMES, "active"),
+        )
+        return f"{drained.describe()}; active again: {back}"
+
+    async def _settle_relayed(self, record: FaultRecord, index: int, round_number: int) -> str:
+        """Settles the holds the draining shard still relays (what pins it once its
+        merchants have moved), through the service."""
+        target = record.fault.target
+        try:
+            keys = await relayed_holds(self.cluster.shards[target].direct_dsn)
+        except (OSError, asyncpg.PostgresError) as error:
+            return f"relays of {target} unreadable: {type(error).__name__}"
+        holds, unlooked = await open_holds(self.caller, keys)
+        records = await settle_holds(
+            self.caller,
+            holds,
+            suffix=f"drain{index}r{round_number}",
+            kind="drain_settle",
+            now_s=self._now_s,
+        )
+        self.settles += records
+        answers: Counter[str] = Counter()
+        for settle in records:
+            why = settle_failure(settle)
+            if why.startswith(("answered", "error")):
+                record.violations.append(
+                    (f"drain {target}: settle {settle.op.op_id}", f"a relayed hold {why}")
+                )
+            answer = settle.answers[0].result_name if settle.answers else settle.outcome
+            answers[answer.removeprefix("TRANSFER_RESULT_")] += 1
+        text = f"{len(records)} of {len(keys)} relayed hold(s) open, settled"
+        if answers:
+            text += " (" + ", ".join(f"{a} {n}" for a, n in answers.most_common()) + ")"
+        return text + (f"; {unlooked}" if unlooked else "")
 
     async def _apply(self, fault: Fault) -> str:
         cluster = self.cluster

@@ -84,6 +84,9 @@ FAULT_DURATION_S = {
     # How long one shard's raised weight stands before it is put back (each end
     # of it is a whole `ledger shards rebalance`, retried until it finishes).
     "rebalance": (1.0, 6.0),
+    # How long a drained shard stays out of the ring once DRAINED, before it is made
+    # active again (the drain itself, until DRAINED, comes before and takes longer).
+    "drain": (1.0, 6.0),
 }
 # A rebalance raises one shard's weight to this (merchants move to it) and then
 # back to 1 (they move back): every rebalance moves merchants, with their holds
@@ -104,6 +107,10 @@ SHARD_RECOVERY_ALLOWANCE_S = 1.0
 # next one waits this long after the planned end of the last, for its commands.
 REBALANCE_LANE = "rebalance"
 REBALANCE_ALLOWANCE_S = 5.0
+# A drain (--drains) takes the same lane: its shard is drained until the rebalance
+# says DRAINED (settling the holds it relays on the way), stays so for its planned
+# length, and is made active again. Emptying it takes far longer than a weight change.
+DRAIN_ALLOWANCE_S = 15.0
 # Operations per client that a plan digest covers (the run reports it; a test
 # compares it with its own planning of the same seed in another process).
 PLAN_DIGEST_OPS_PER_CLIENT = 200
@@ -145,6 +152,18 @@ class FaultKind(StrEnum):
     PARTITION_SHARD = "partition_shard"
     SLOW_SHARD = "slow_shard"
     REBALANCE = "rebalance"
+    # Planned only with --drains (after REBALANCE, so that plans without it draw
+    # exactly as before): a shard set `state = "draining"` until DRAINED, then back.
+    DRAIN = "drain"
+
+
+# The faults that are whole admin workflows on the cluster's config: one at a time.
+_ADMIN_KINDS = frozenset({FaultKind.REBALANCE, FaultKind.DRAIN})
+
+
+def admin_lane(fault: FaultKind, target: str) -> str:
+    """The lane a fault occupies: the shared admin lane, or its own target."""
+    return REBALANCE_LANE if fault in _ADMIN_KINDS else target
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -210,6 +229,8 @@ class Fault:
             extra = f" weight {REBALANCE_WEIGHT}" + (
                 f", killed after {self.kill_after_ms} ms" if self.kill_after_ms else ""
             )
+        if self.fault is FaultKind.DRAIN:
+            extra = " until DRAINED, kept drained"
         return (
             f"{self.at_s:7.2f}s {self.fault.value} {self.target}{extra} for {self.duration_s:.2f}s"
         )
@@ -502,10 +523,20 @@ def _apart(credit: Ref, debit: Ref, currency: str) -> Ref:
     return Ref(credit.merchant_id, wallet_account(currency, (index + 1) % WALLETS_PER_CURRENCY))
 
 
-def plan_faults(seed: int, duration_s: float, *, rebalances: bool = False) -> tuple[Fault, ...]:
-    """The fault schedule: every fault starts and ends within duration_s."""
+def plan_faults(
+    seed: int, duration_s: float, *, rebalances: bool = False, drains: bool = False
+) -> tuple[Fault, ...]:
+    """The fault schedule: every fault starts and ends within duration_s (a drain's
+    and a rebalance's commands take their own time on top of the planned length).
+
+    Without drains the kinds, and so every draw, are those of plans made before
+    drains existed: a seed's schedule without --drains never changes."""
     rng = random.Random(f"chaos/{seed}/faults")
-    kinds = [k for k in FaultKind if rebalances or k is not FaultKind.REBALANCE]
+    kinds = [
+        k
+        for k in FaultKind
+        if (rebalances or k is not FaultKind.REBALANCE) and (drains or k is not FaultKind.DRAIN)
+    ]
     busy_until: dict[str, float] = {
         name: 0.0 for name in (*REPLICA_NAMES, *SHARD_NAMES, REBALANCE_LANE)
     }
@@ -534,6 +565,11 @@ def plan_faults(seed: int, duration_s: float, *, rebalances: bool = False) -> tu
                 kill_after_ms = rng.randint(
                     REBALANCE_KILL_AFTER_MS_MIN, REBALANCE_KILL_AFTER_MS_MAX
                 )
+        elif kind is FaultKind.DRAIN:
+            # One drain or rebalance at a time, on the same lane; never killed (the
+            # rebalance's own kill recovery is what --rebalances exercises).
+            free = list(SHARD_NAMES) if busy_until[REBALANCE_LANE] <= at_s else []
+            allowance_s = DRAIN_ALLOWANCE_S
         else:
             free = [s for s in SHARD_NAMES if busy_until[s] <= at_s]
             allowance_s = SHARD_RECOVERY_ALLOWANCE_S if kind is FaultKind.STOP_SHARD else 0.0
@@ -541,7 +577,7 @@ def plan_faults(seed: int, duration_s: float, *, rebalances: bool = False) -> tu
         length_s = round(min(length_s, duration_s - at_s), 2)
         if target and length_s > 0:
             faults.append(Fault(at_s, kind, target, length_s, latency_ms, kill_after_ms))
-            lane = REBALANCE_LANE if kind is FaultKind.REBALANCE else target
+            lane = admin_lane(kind, target)
             busy_until[lane] = at_s + length_s + allowance_s
         at_s = round(at_s + rng.uniform(FAULT_GAP_S_MIN, FAULT_GAP_S_MAX), 2)
     return tuple(faults)
@@ -554,6 +590,7 @@ def plan_run(
     clients: int,
     ops_per_client: int = PLAN_DIGEST_OPS_PER_CLIENT,
     rebalances: bool = False,
+    drains: bool = False,
 ) -> RunPlan:
     """The whole plan of a run: what the runner executes (it draws more operations from
     the same planners while time remains)."""
@@ -562,5 +599,5 @@ def plan_run(
     for client in range(clients):
         planner = ClientPlanner(seed=seed, client=client, layout=layout)
         operations.append(tuple(planner.next() for _ in range(ops_per_client)))
-    faults = plan_faults(seed, duration_s, rebalances=rebalances)
+    faults = plan_faults(seed, duration_s, rebalances=rebalances, drains=drains)
     return RunPlan(seed, layout, faults, tuple(operations))

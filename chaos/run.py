@@ -40,6 +40,7 @@ from chaos.plan import (
     PLAN_DIGEST_OPS_PER_CLIENT,
     SHARD_NAMES,
     ClientPlanner,
+    FaultKind,
     Layout,
     RunPlan,
     plan_run,
@@ -69,6 +70,7 @@ class Options:
     work_dir: Path | None
     keep: bool
     rebalances: bool = False
+    drains: bool = False
 
 
 def parse_args(argv: Sequence[str] | None) -> Options:
@@ -91,6 +93,11 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         action="store_true",
         help="also plan rebalances (a shard's weight up, then back) among the faults",
     )
+    parser.add_argument(
+        "--drains",
+        action="store_true",
+        help="also plan drains (a shard set draining until DRAINED, then active again)",
+    )
     args = parser.parse_args(argv)
     if not DURATION_S_MIN <= args.duration_s <= DURATION_S_MAX:
         parser.error(f"--duration-s must be {DURATION_S_MIN} to {DURATION_S_MAX}")
@@ -104,6 +111,7 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         args.work_dir,
         args.keep,
         args.rebalances,
+        args.drains,
     )
 
 
@@ -119,6 +127,9 @@ class RunResult:
     harness_errors: list[str] = field(default_factory=list)
     # Replica starts that ended before serving (each was started again).
     failed_starts: list[str] = field(default_factory=list)
+    # Each shard's state in the cluster's config when the run ended (drained shards
+    # are made active again).
+    shard_states: dict[str, str] = field(default_factory=dict)
     elapsed_s: float = 0.0
 
 
@@ -161,7 +172,13 @@ async def execute(options: Options, plan: RunPlan, result: RunResult) -> None:
             if record.outcome != "ok":
                 raise HarnessError(f"funding {op.op_id} failed: {record}")
         start = loop.time()
-        nemesis = Nemesis(cluster, plan.faults)
+        nemesis = Nemesis(
+            cluster,
+            plan.faults,
+            caller=Caller(
+                cluster.replicas, jitter=random.Random(f"chaos/{plan.seed}/jitter/nemesis")
+            ),
+        )
         result.faults = nemesis.records
         histories: list[list[OpRecord]] = [[] for _ in range(options.clients)]
         async with asyncio.TaskGroup() as group:
@@ -179,7 +196,10 @@ async def execute(options: Options, plan: RunPlan, result: RunResult) -> None:
                         now_s=now_s,
                     )
                 )
-        result.history += sorted((r for h in histories for r in h), key=lambda r: r.started_s)
+        # The settles a drain made of the holds it relayed count as client requests.
+        result.history += sorted(
+            (r for h in (*histories, nemesis.settles) for r in h), key=lambda r: r.started_s
+        )
         result.healed = await cluster.heal()
         if cluster.epoch > 1:
             # Old copies of moved merchants go, as an admin removes them after a
@@ -191,12 +211,20 @@ async def execute(options: Options, plan: RunPlan, result: RunResult) -> None:
             layout=plan.layout,
             history=result.history,
             caller=setup,
+            now_s=now_s,
             moved=cluster.epoch > 1,
         )
+        result.history += result.report.final_settles
+        # What the faults found about the service: a drain that did not finish, a
+        # hold it relayed that would not settle.
+        for fault in result.faults:
+            for where, detail in fault.violations:
+                result.report.add("drains", where, detail)
     finally:
         result.failed_starts = [
             f"{r.name}: {reason}" for r in cluster.replicas for reason in r.failed_starts
         ]
+        result.shard_states = dict(cluster.states)
         result.harness_errors += await cluster.close()
 
 
@@ -214,11 +242,13 @@ def summarize(result: RunResult) -> dict[str, Any]:
             items[answer.result_name.removeprefix("TRANSFER_RESULT_")] += 1
     report = result.report
     fault_errors = [f.describe() for f in result.faults if f.error or f.healed_s is None]
+    drains = [f.drain for f in result.faults if f.drain is not None]
     return {
         "seed": result.plan.seed,
         "duration_s": result.options.duration_s,
         "clients": result.options.clients,
         "shards": list(SHARD_NAMES),
+        "shard_states_at_end": result.shard_states,
         "plan_digest": result.plan.digest(),
         "plan_digest_ops_per_client": PLAN_DIGEST_OPS_PER_CLIENT,
         "work_dir": str(result.work_dir),
@@ -236,6 +266,20 @@ def summarize(result: RunResult) -> dict[str, Any]:
         ],
         "faults_injected": sum(f.healed_s is not None for f in result.faults),
         "fault_errors": fault_errors,
+        "drains": {
+            "planned": sum(f.fault.fault is FaultKind.DRAIN for f in result.faults),
+            "finished": sum(d.finished for d in drains),
+            "not_finished": sum(not d.finished for d in drains),
+            "seconds_to_drained": [round(d.elapsed_s, 1) for d in drains if d.finished],
+        },
+        "holds_settled_at_end": dict(
+            Counter(
+                f"{r.op.kind} {r.answers[0].result_name.removeprefix('TRANSFER_RESULT_')}"
+                if r.answers
+                else f"{r.op.kind} {r.outcome}"
+                for r in (report.final_settles if report else ())
+            ).most_common()
+        ),
         "operations_total": len(result.history),
         "operations": {k: dict(sorted(v.items())) for k, v in sorted(operations.items())},
         "answers": dict(items.most_common()),
@@ -264,6 +308,17 @@ def render(summary: dict[str, Any]) -> str:
     lines += [f"  {f['fault']}: " + _fault_outcome(f) for f in summary["faults"]]
     healed = ", ".join(summary["healed_after_run"]) or "nothing left to repair"
     lines.append(f"after the run: {healed}; quiet after {summary['quiesce_s']} s")
+    drains = summary["drains"]
+    if drains["planned"]:
+        lines.append(
+            f"drains: {drains['planned']} planned, {drains['finished']} DRAINED "
+            f"(after {drains['seconds_to_drained']} s), {drains['not_finished']} not finished"
+        )
+    settled = summary["holds_settled_at_end"]
+    lines.append(
+        f"holds settled at the end: {sum(settled.values())}"
+        + (" (" + ", ".join(f"{k} {n}" for k, n in settled.items()) + ")" if settled else "")
+    )
     lines.append(f"operations: {summary['operations_total']}")
     outcomes = ("ok", "refused", "mixed", "in_progress", "unknown", "error")
     lines.append(f"  {'kind':28}" + "".join(f"{o:>12}" for o in outcomes))
@@ -344,6 +399,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         duration_s=options.duration_s,
         clients=options.clients,
         rebalances=options.rebalances,
+        drains=options.drains,
     )
     work_dir = options.work_dir or Path(tempfile.mkdtemp(prefix=f"ledger-chaos-{options.seed}-"))
     result = RunResult(plan=plan, options=options, work_dir=work_dir)

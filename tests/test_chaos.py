@@ -4,7 +4,10 @@ shards and a killed rebalance find no violation."""
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import json
+import random
 import re
 import signal
 import subprocess
@@ -14,16 +17,23 @@ from typing import Any
 
 import pytest
 
+from chaos import cluster as chaos_cluster
 from chaos.checker import (
     CheckReport,
     Effect,
     Snapshot,
     TransferRow,
     check_entries,
+    check_final_settles,
     check_history,
+    open_holds_in,
 )
-from chaos.clients import ItemAnswer, OpRecord
+from chaos.clients import Caller, ItemAnswer, OpRecord
+from chaos.cluster import ChaosCluster
+from chaos.holds import settle_operation
+from chaos.nemesis import FaultRecord, Nemesis
 from chaos.plan import Action, Fault, FaultKind, Operation, Ref, TransferSpec, plan_run
+from ledger.domain.transfers import PendingState
 from ledger.v1 import ledger_pb2 as pb
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,12 +57,36 @@ def test_same_seed_plans_the_same_faults_and_operations() -> None:
     assert first.operations == second.operations
     assert first.layout == second.layout
     assert first.digest() == second.digest()
-    # Rebalances are planned only when asked for (--rebalances).
-    assert {f.fault for f in first.faults} == set(FaultKind) - {FaultKind.REBALANCE}
+    # Rebalances and drains are planned only when asked for (--rebalances, --drains).
+    assert {f.fault for f in first.faults} == set(FaultKind) - {
+        FaultKind.REBALANCE,
+        FaultKind.DRAIN,
+    }
     assert all(0 < f.at_s and f.at_s + f.duration_s <= DURATION_S for f in first.faults)
     other = plan_run(seed=SEED + 1, duration_s=DURATION_S, clients=CLIENTS)
     assert other.faults != first.faults
     assert other.operations != first.operations
+
+
+# The digests of seed 33's plan and of seed 2's with --rebalances (the two runs
+# below), as planned before drains existed: --drains must leave them as they were.
+PLAN_DIGESTS_BEFORE_DRAINS = {
+    (33, False): "cf14ed09a10b99c2328e3cb6a89d917339322124f512bb7015773109f056589b",
+    (2, True): "772f6450151e0b9391bdf7bfc7c8b9c471f136b374c3831f130924327bf27a20",
+}
+
+
+def test_plans_without_drains_are_those_planned_before_drains_existed() -> None:
+    for (seed, rebalances), digest in PLAN_DIGESTS_BEFORE_DRAINS.items():
+        plan = plan_run(seed=seed, duration_s=DURATION_S, clients=CLIENTS, rebalances=rebalances)
+        assert plan.digest() == digest, (seed, rebalances)
+        assert FaultKind.DRAIN not in {f.fault for f in plan.faults}
+    # With --drains, drains share the rebalances' lane: never two at once.
+    plan = plan_run(seed=7, duration_s=600.0, clients=CLIENTS, rebalances=True, drains=True)
+    admin = [f for f in plan.faults if f.fault in (FaultKind.REBALANCE, FaultKind.DRAIN)]
+    assert {FaultKind.REBALANCE, FaultKind.DRAIN} <= {f.fault for f in admin}
+    for earlier, later in itertools.pairwise(admin):
+        assert earlier.at_s + earlier.duration_s < later.at_s, (earlier, later)
 
 
 # The checker, on hand-made books: one local transfer of 100 from a to b.
@@ -60,6 +94,7 @@ def test_same_seed_plans_the_same_faults_and_operations() -> None:
 _A = Ref("m1", "usd-wallet-0")
 _B = Ref("m1", "usd-wallet-1")
 _KEY = ("m1", "t1")
+OK = pb.TRANSFER_RESULT_OK
 _SPEC = TransferSpec("t1", _A, _B, 100, "USD", Action.POST)
 
 
@@ -130,7 +165,111 @@ def test_checker_flags_a_linked_chain_applied_in_part() -> None:
     assert "linked chains" in {v.check for v in report.violations}
 
 
-def _run_chaos(tmp_path: Path, *, seed: int, rebalances: bool = False) -> dict[str, Any]:
+def test_checker_flags_a_hold_that_would_not_settle_at_the_end() -> None:
+    snapshot = Snapshot()
+    key = ("m1", "p1")
+    snapshot.transfers[key] = TransferRow(
+        "shard-a", key, 1, Action.PENDING, _A, _B, 100, 100, "USD", "", 0, False, OK
+    )
+    holds = open_holds_in(snapshot)
+    assert [h.key for h in holds] == [key]
+    settle = settle_operation(holds[0], suffix="end", kind="end_settle", replica=0)
+    (spec,) = settle.transfers
+    assert spec.pending_id == "p1" and spec.debit == _A
+    not_found = pb.TRANSFER_RESULT_PENDING_TRANSFER_NOT_FOUND
+    refused = OpRecord(settle, 0.0, 0.1, 1, (ItemAnswer(not_found, False),), "refused")
+
+    report = CheckReport()
+    check_final_settles(snapshot, holds, [refused], report)
+    # The refused settle, and the hold it left open.
+    assert [v.check for v in report.violations] == ["holds", "holds"]
+
+    snapshot.resolutions[key] = PendingState.VOIDED
+    settled = OpRecord(settle, 0.0, 0.1, 1, (ItemAnswer(OK, False),), "ok")
+    report = CheckReport()
+    check_final_settles(snapshot, holds, [settled], report)
+    assert report.violations == []
+
+
+# A drain, with `ledger shards rebalance` played by a script: what the drain does
+# with what the command says.
+_DRAINING = (
+    "moved 0 merchants, 0 rows copied\nDRAINING shard-a: still holds 1 settlement account(s)"
+)
+_DRAINED = "moved 0 merchants, 0 rows copied\nDRAINED shard-a: holds nothing"
+
+
+def _scripted_drain(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, drained_on_run: int | None
+) -> tuple[FaultRecord, ChaosCluster, list[int]]:
+    """Runs one drain fault of shard-a against a cluster whose rebalance says DRAINED
+    on run drained_on_run (never if None); returns its record, the cluster, and the
+    rounds after which the drain settled what the shard relays."""
+    cluster = ChaosCluster(tmp_path)
+    monkeypatch.setattr(cluster, "write_configs", lambda: None)
+    drain_runs = 0
+
+    async def admin(
+        *args: str, kill_after_s: float | None, direct: bool = False
+    ) -> tuple[int, str]:
+        nonlocal drain_runs
+        if "draining" not in cluster.states.values():
+            return 0, "moved 2 merchants, 10 rows copied"  # moving back
+        drain_runs += 1
+        return (0, _DRAINED) if drain_runs == drained_on_run else (1, _DRAINING)
+
+    monkeypatch.setattr(cluster, "_admin", admin)
+    nemesis = Nemesis(
+        cluster,
+        (Fault(1.0, FaultKind.DRAIN, "shard-a", 0.01),),
+        caller=Caller([], jitter=random.Random(0)),
+    )
+    settled_after: list[int] = []
+
+    async def settle_relayed(record: FaultRecord, index: int, round_number: int) -> str:
+        settled_after.append(round_number)
+        return "settled"
+
+    monkeypatch.setattr(nemesis, "_settle_relayed", settle_relayed)
+    asyncio.run(nemesis._inject(nemesis.records[0]))
+    return nemesis.records[0], cluster, settled_after
+
+
+@pytest.mark.timeout(10)
+def test_a_drain_reruns_the_rebalance_until_it_says_drained(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    record, cluster, settled_after = _scripted_drain(tmp_path, monkeypatch, drained_on_run=3)
+
+    assert record.error == ""
+    assert record.drain is not None and record.drain.finished
+    assert record.drain.runs == ("exit 1 (moved 0 merchants)",) * 2 + (
+        "exit 0 (moved 0 merchants)",
+    )
+    assert settled_after == [1, 2]
+    assert record.violations == []
+    # Drained at epoch 2, then active again (epoch 3) with merchants moved back.
+    assert "active again: epoch 3: exit 0; moved 2 merchants" in record.detail
+    assert cluster.states == dict.fromkeys(cluster.shards, "active")
+
+
+@pytest.mark.timeout(10)
+def test_a_drain_not_drained_by_its_deadline_is_a_violation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(chaos_cluster, "DRAIN_DEADLINE_S", 0.0)
+    record, cluster, _ = _scripted_drain(tmp_path, monkeypatch, drained_on_run=None)
+
+    assert record.drain is not None and not record.drain.finished
+    assert [where for where, _ in record.violations] == ["drain shard-a (epoch 2)"]
+    assert "not DRAINED within the deadline" in record.violations[0][1]
+    # Made active again all the same.
+    assert cluster.states == dict.fromkeys(cluster.shards, "active")
+
+
+def _run_chaos(
+    tmp_path: Path, *, seed: int, rebalances: bool = False, drains: bool = False
+) -> dict[str, Any]:
     """Runs chaos.run as an operator would and returns its summary, having checked
     that it found no violation and ran the plan its seed fixes."""
     summary_path = tmp_path / "summary.json"
@@ -142,6 +281,7 @@ def _run_chaos(tmp_path: Path, *, seed: int, rebalances: bool = False) -> dict[s
             *("--seed", str(seed), "--duration-s", str(DURATION_S)),
             *("--clients", str(CLIENTS), "--json", str(summary_path)),
             *(("--rebalances",) if rebalances else ()),
+            *(("--drains",) if drains else ()),
         ],
         cwd=ROOT,
         stdout=subprocess.PIPE,
@@ -164,7 +304,9 @@ def _run_chaos(tmp_path: Path, *, seed: int, rebalances: bool = False) -> dict[s
     assert process.returncode == 0, output
     # The run executed this process's plan of the same seed (planned in another
     # process, so nothing in planning depends on Python's per-process hashing).
-    plan = plan_run(seed=seed, duration_s=DURATION_S, clients=CLIENTS, rebalances=rebalances)
+    plan = plan_run(
+        seed=seed, duration_s=DURATION_S, clients=CLIENTS, rebalances=rebalances, drains=drains
+    )
     schedule = tuple(Fault(**{**f, "fault": FaultKind(f["fault"])}) for f in summary["schedule"])
     assert schedule == plan.faults
     assert summary["plan_digest"] == plan.digest()
@@ -204,3 +346,44 @@ def test_short_chaos_run_with_a_killed_rebalance_finds_no_violation(tmp_path: Pa
     for kind in ("local", "cross", "pending_cross"):
         assert summary["operations"][kind].get("ok", 0) > 0, kind
     assert summary["sagas"].get("TRANSFER COMPLETED", 0) > 0
+
+
+# Seed 35 with --rebalances --drains: shard-a is drained 2.2 s in, while the clients
+# write: its merchants move off, the holds it then relays are settled through the
+# service, a rerun says DRAINED; 1.4 s later it is made active again and merchants
+# move back; later a shard is stopped and another's weight goes up and back.
+DRAIN_SEED = 35
+_SETTLED = (
+    "OK",
+    "IN_PROGRESS",
+    "PENDING_TRANSFER_ALREADY_POSTED",
+    "PENDING_TRANSFER_ALREADY_VOIDED",
+    "PENDING_TRANSFER_EXPIRED",
+)
+
+
+@pytest.mark.timeout(RUN_TIMEOUT_S + CLEANUP_TIMEOUT_S + 10)
+def test_short_chaos_run_drains_a_shard_under_load_and_settles_every_hold(
+    tmp_path: Path,
+) -> None:
+    summary = _run_chaos(tmp_path, seed=DRAIN_SEED, rebalances=True, drains=True)
+
+    (drain,) = [f for f in summary["faults"] if " drain " in f["fault"]]
+    assert summary["drains"]["finished"] == 1, drain
+    assert summary["drains"]["not_finished"] == 0, drain
+    # It began while the clients wrote, and ended DRAINED (exit 0).
+    assert drain["started_s"] < DURATION_S, drain
+    drained, back = drain["detail"].split("active again:")
+    assert "DRAINED shard-a: holds nothing" in drained, drain
+    # Merchants moved off the draining shard, and back once it was active again.
+    assert sum(int(n) for n in _MOVED.findall(drained)) > 0, drain
+    assert sum(int(n) for n in _MOVED.findall(back)) > 0, drain
+    assert summary["shard_states_at_end"] == dict.fromkeys(summary["shards"], "active")
+    # Every hold left open at the end was settled through the service, posts and voids.
+    settled = summary["holds_settled_at_end"]
+    assert sum(settled.values()) > 0, settled
+    assert all(outcome.split()[-1] in _SETTLED for outcome in settled), settled
+    assert {outcome.split()[0] for outcome in settled} == {"end_settle_post", "end_settle_void"}
+    assert any(note.endswith("; 0 left open") for note in summary["checks"]), summary["checks"]
+    for kind in ("local", "cross", "pending_cross"):
+        assert summary["operations"][kind].get("ok", 0) > 0, kind
