@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -40,6 +42,7 @@ RECEIVE_TIMEOUT_S = 1.0
 # Refused calls must end promptly, not when the attacker gives up.
 REFUSED_WITHIN_S = 5.0
 CALLER_CALLS_MAX = limits.caller_calls_max(CONCURRENT_RPCS_MAX)
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 @contextlib.asynccontextmanager
@@ -223,3 +226,87 @@ async def test_one_token_cannot_take_every_call_slot_from_the_others(
 def test_one_connection_may_not_open_more_streams_than_the_ledger_admits() -> None:
     assert limits.streams_per_connection_max <= limits.concurrent_rpcs_max
     assert limits.request_receive_timeout_s <= limits.shard_command_timeout_s
+
+
+# A slow reader: a client that makes calls with large answers and then stops reading
+# (SIGSTOPped: its gRPC threads stop too, so its socket fills and the server's sends
+# block on flow control). Accounts with metadata make each answer about 0.5 MB.
+SLOW_READER_ACCOUNTS = 200
+SLOW_READER_METADATA_VALUE = "v" * 256
+SLOW_READER_CALLS = 16
+_SLOW_READER = r"""
+import asyncio, sys
+import grpc
+from ledger.v1 import ledger_pb2 as pb, ledger_pb2_grpc
+
+async def main(target, token, merchant, accounts, calls):
+    channel = grpc.aio.insecure_channel(target)
+    stub = ledger_pb2_grpc.LedgerServiceStub(channel)
+    refs = [pb.AccountRef(merchant_id=merchant, account_id=f"a{i}") for i in range(accounts)]
+    pending = [
+        asyncio.ensure_future(stub.LookupAccounts(
+            pb.LookupAccountsRequest(refs=refs), metadata=(("authorization", f"Bearer {token}"),)
+        ))
+        for _ in range(calls)
+    ]
+    # Once the server answers, stop reading (the test SIGSTOPs this process).
+    await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+    print("sent", flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+
+asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])))
+"""
+
+
+async def test_slow_readers_hold_no_call_slot_and_stop_no_one(
+    exposed: tuple[LedgerServer, dict[str, str]],
+) -> None:
+    """Answers a client does not read wait in gRPC's flow control, not in the call
+    limit: once the handlers return, their slots are free for everyone else."""
+    server, tokens = exposed
+    target = f"127.0.0.1:{server.port}"
+    merchant = uid("slow")
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = ledger_pb2_grpc.LedgerServiceStub(channel)
+        metadata = {f"k{i}": SLOW_READER_METADATA_VALUE for i in range(limits.metadata_keys_max)}
+        created = await stub.CreateAccounts(
+            pb.CreateAccountsRequest(
+                accounts=[
+                    account(merchant, f"a{i}", metadata=metadata)
+                    for i in range(SLOW_READER_ACCOUNTS)
+                ]
+            ),
+            timeout=RPC_TIMEOUT_S,
+            metadata=bearer(tokens["svc"]),
+        )
+        assert {r.result for r in created.results} == {pb.ACCOUNT_RESULT_OK}
+    reader = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        _SLOW_READER,
+        target,
+        tokens["svc"],
+        merchant,
+        str(SLOW_READER_ACCOUNTS),
+        str(SLOW_READER_CALLS),
+        cwd=REPO_ROOT,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert reader.stdout is not None
+        line = await asyncio.wait_for(reader.stdout.readline(), RPC_TIMEOUT_S)
+        assert line.strip() == b"sent"
+        reader.send_signal(signal.SIGSTOP)
+
+        async def served() -> bool:
+            # Every call the reader made was answered by its handler (some answers
+            # may still sit unsent), and none holds a slot any more.
+            return server.admission.calls_in_progress("svc") == 0
+
+        await wait_until(served, what="the slow reader's calls to leave their slots")
+        await health_and_a_valid_call(target, tokens["other"])
+        await health_and_a_valid_call(target, tokens["svc"])
+    finally:
+        reader.kill()
+        await reader.wait()
