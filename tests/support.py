@@ -33,7 +33,7 @@ def uid(prefix: str = "") -> str:
     """A fresh id. Its random digits never run 13 long (even after a prefix ending in
     digits), so no id is ever refused as a card number by chance."""
     random_hex = uuid.uuid4().hex
-    return f"{prefix}{random_hex[:6]}x{random_hex[6:12]}"
+    return f"{prefix}{random_hex[:6]}x{random_hex[6:11]}"
 
 
 def write_config(path: Path, config: ShardConfig) -> Path:
