@@ -29,7 +29,7 @@ from chaos.checker import (
     open_holds_in,
 )
 from chaos.clients import Caller, ItemAnswer, OpRecord
-from chaos.cluster import ChaosCluster
+from chaos.cluster import DRAIN_DEADLINE_S, REBALANCE_DEADLINE_S, ChaosCluster
 from chaos.holds import settle_operation
 from chaos.nemesis import FaultRecord, Nemesis
 from chaos.plan import Action, Fault, FaultKind, Operation, Ref, TransferSpec, plan_run
@@ -45,6 +45,10 @@ CLIENTS = 4
 # Start-up (three PostgreSQL servers, two replicas), 20 s of workload, healing, the
 # wait for sagas and the checks take about 35 s on the 2-core development machine.
 RUN_TIMEOUT_S = 80.0
+# With rebalances and drains, a run may also spend each admin workflow's own
+# deadline (a rebalance there and back, a drain and the move back), which a busy
+# machine can reach: the bound is those deadlines on top of an ordinary run.
+MOVES_RUN_TIMEOUT_S = RUN_TIMEOUT_S + DRAIN_DEADLINE_S + 4 * REBALANCE_DEADLINE_S
 # A run stopped with SIGINT kills its replicas and stops its PostgreSQL servers.
 CLEANUP_TIMEOUT_S = 30.0
 
@@ -268,7 +272,12 @@ def test_a_drain_not_drained_by_its_deadline_is_a_violation(
 
 
 def _run_chaos(
-    tmp_path: Path, *, seed: int, rebalances: bool = False, drains: bool = False
+    tmp_path: Path,
+    *,
+    seed: int,
+    rebalances: bool = False,
+    drains: bool = False,
+    run_timeout_s: float = RUN_TIMEOUT_S,
 ) -> dict[str, Any]:
     """Runs chaos.run as an operator would and returns its summary, having checked
     that it found no violation and ran the plan its seed fixes."""
@@ -289,12 +298,12 @@ def _run_chaos(
         text=True,
     )
     try:
-        output, _ = process.communicate(timeout=RUN_TIMEOUT_S)
+        output, _ = process.communicate(timeout=run_timeout_s)
     except subprocess.TimeoutExpired:
         # SIGINT, not SIGKILL: the runner still stops its replicas and PostgreSQL servers.
         process.send_signal(signal.SIGINT)
         output, _ = process.communicate(timeout=CLEANUP_TIMEOUT_S)
-        pytest.fail(f"the chaos run took longer than {RUN_TIMEOUT_S}s:\n{output}")
+        pytest.fail(f"the chaos run took longer than {run_timeout_s}s:\n{output}")
     assert summary_path.exists(), output
     summary: dict[str, Any] = json.loads(summary_path.read_text())
 
@@ -332,9 +341,11 @@ REBALANCE_SEED = 2
 _MOVED = re.compile(r"moved (\d+) merchants")
 
 
-@pytest.mark.timeout(RUN_TIMEOUT_S + CLEANUP_TIMEOUT_S + 10)
+@pytest.mark.timeout(MOVES_RUN_TIMEOUT_S + CLEANUP_TIMEOUT_S + 10)
 def test_short_chaos_run_with_a_killed_rebalance_finds_no_violation(tmp_path: Path) -> None:
-    summary = _run_chaos(tmp_path, seed=REBALANCE_SEED, rebalances=True)
+    summary = _run_chaos(
+        tmp_path, seed=REBALANCE_SEED, rebalances=True, run_timeout_s=MOVES_RUN_TIMEOUT_S
+    )
 
     (rebalance,) = [f for f in summary["faults"] if "rebalance" in f["fault"]]
     assert "killed" in rebalance["detail"], rebalance
@@ -362,11 +373,17 @@ _SETTLED = (
 )
 
 
-@pytest.mark.timeout(RUN_TIMEOUT_S + CLEANUP_TIMEOUT_S + 10)
+@pytest.mark.timeout(MOVES_RUN_TIMEOUT_S + CLEANUP_TIMEOUT_S + 10)
 def test_short_chaos_run_drains_a_shard_under_load_and_settles_every_hold(
     tmp_path: Path,
 ) -> None:
-    summary = _run_chaos(tmp_path, seed=DRAIN_SEED, rebalances=True, drains=True)
+    summary = _run_chaos(
+        tmp_path,
+        seed=DRAIN_SEED,
+        rebalances=True,
+        drains=True,
+        run_timeout_s=MOVES_RUN_TIMEOUT_S,
+    )
 
     (drain,) = [f for f in summary["faults"] if " drain " in f["fault"]]
     assert summary["drains"]["finished"] == 1, drain

@@ -13,7 +13,9 @@ first message is read by us:
 - health and reflection need no token, and hold nothing but their own stream;
 - one token may have at most caller_calls_max calls in progress (from its
   headers to its answer), so one caller, idle or busy, cannot take every call
-  slot from the others.
+  slot from the others;
+- while the concurrency limit is full, a call is refused from its headers too,
+  its body never read: an overload is shed as cheaply as gRPC's own limit did.
 
 Everything inside (telemetry, the concurrency limit, authorization, decoding)
 still sees an ordinary unary call.
@@ -27,6 +29,7 @@ from typing import Any
 import grpc
 
 from ledger.api.auth import AuthInterceptor
+from ledger.api.concurrency_limit import ConcurrencyLimitInterceptor
 from ledger.api.handlers import Continuation, is_open
 from ledger.api.status import AbortError, invalid_argument, send_abort
 from ledger.telemetry import metrics
@@ -39,12 +42,14 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
         auth: AuthInterceptor | None,
         receive_timeout_s: float,
         caller_calls_max: int,
+        limit: ConcurrencyLimitInterceptor | None = None,
     ) -> None:
         assert receive_timeout_s > 0, "a request must have some time to arrive"
         assert caller_calls_max >= 1, "a caller may make at least one call"
         self.auth = auth
         self.receive_timeout_s = receive_timeout_s
         self.caller_calls_max = caller_calls_max
+        self.limit = limit
         # Calls in progress per token name; entries leave at zero, so the map
         # holds at most one entry per token in the file.
         self._calls_of: dict[str, int] = {}
@@ -59,6 +64,12 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
         if handler is None or handler.unary_unary is None:
             return handler
         method: str = handler_call_details.method
+        if self.limit is not None and not is_open(method) and self.limit.full():
+            return grpc.stream_unary_rpc_method_handler(
+                _refuse_unread(self.limit.refusal(), method),
+                request_deserializer=None,
+                response_serializer=handler.response_serializer,
+            )
         caller: str | None = None
         if self.auth is not None and not is_open(method):
             principal, refusal = self.auth.admit(handler_call_details)

@@ -33,12 +33,12 @@ class ConcurrencyLimitInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[t
         if handler is None or handler.unary_unary is None or is_open(method):
             return handler
         inner = handler.unary_unary
-        if self.in_flight >= self.calls_max:
+        if self.full():
             # Refused on arrival: the request bytes are not even parsed.
             return with_behavior(handler, self._refuse, parse_request=False)
 
         async def limited(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            if self.in_flight >= self.calls_max:
+            if self.full():
                 await self._refuse(request, context)
             self.in_flight += 1
             try:
@@ -48,12 +48,15 @@ class ConcurrencyLimitInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[t
 
         return with_behavior(handler, limited)
 
+    def full(self) -> bool:
+        return self.in_flight >= self.calls_max
+
+    def refusal(self) -> AbortError:
+        return AbortError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"more than {self.calls_max} calls in progress; retry shortly",
+        )
+
     async def _refuse(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         # Fail fast: queueing would only grow latency and memory.
-        await send_abort(
-            context,
-            AbortError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"more than {self.calls_max} calls in progress; retry shortly",
-            ),
-        )
+        await send_abort(context, self.refusal())

@@ -113,15 +113,17 @@ class LedgerServer:
             warn_expiring(tokens)
             if tokens.path is not None:
                 self.token_watch = TokenFileWatcher(auth, tokens.path)
+        limit = ConcurrencyLimitInterceptor(concurrent_rpcs_max)
         self.admission = AdmissionInterceptor(
             auth=auth,
             receive_timeout_s=request_receive_timeout_s,
             caller_calls_max=limits.caller_calls_max(concurrent_rpcs_max),
+            limit=limit,
         )
         interceptors: list[grpc.aio.ServerInterceptor] = [  # type: ignore[type-arg]
             self.admission,
             TelemetryInterceptor(),
-            ConcurrencyLimitInterceptor(concurrent_rpcs_max),
+            limit,
         ]
         if auth is not None:
             interceptors.append(auth)
