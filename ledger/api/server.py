@@ -98,6 +98,8 @@ class LedgerServer:
         self.config_watch = ConfigWatcher(cluster)
         self.sagas = SagaRunner(cluster, owner=_replica_id(), settings=saga_settings)
         self.recovery = RecoveryWorker(self.sagas)
+        # The workers sleep until work is due; work this replica makes wakes them.
+        self.sweeper.on_sagas_started = self.recovery.schedule.wake_within
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         # Admission decides from the headers alone (a refused call's body is
         # never read; an admitted one must arrive within the receive deadline);
@@ -134,6 +136,7 @@ class LedgerServer:
             ],
         )
         self.ledger = ledger = Ledger(cluster, self.sagas)
+        ledger.on_hold_timeout = self.sweeper.wake_within
         ledger_pb2_grpc.add_LedgerServiceServicer_to_server(
             LedgerServicer(
                 ledger,
