@@ -22,10 +22,19 @@ from collections.abc import AsyncIterator
 
 import grpc
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from ledger.routing.config import ShardConfig, ShardSpec
-from ledger.telemetry.card_numbers import contains_card_number, mask_card_numbers
+from ledger.telemetry.card_numbers import (
+    _CANDIDATE,
+    PAN_DIGITS_MIN,
+    _card_ranges_in_run,
+    card_number_ranges,
+    contains_card_number,
+    mask_card_numbers,
+)
 from ledger.telemetry.logs import JsonFormatter
 from ledger.telemetry.redaction import CARD_MASK, SECRET_MASK, luhn_valid, redact
 from ledger.v1 import ledger_pb2 as pb
@@ -128,6 +137,23 @@ def test_the_log_and_the_api_use_one_detector(card: str) -> None:
 )
 def test_other_digit_runs_are_left_alone(text: str) -> None:
     assert redact(text) == text
+
+
+@settings(max_examples=2000, deadline=None)
+@given(
+    st.text(
+        alphabet=st.sampled_from("0123456789 \t.-\u00a0a\u0664"),
+        min_size=PAN_DIGITS_MIN,
+        max_size=40,
+    )
+)
+def test_the_ascii_pre_check_never_hides_a_card_number_the_full_search_finds(text: str) -> None:
+    """The detector's pre-check (bytes for ASCII text, issue 18) only skips texts in which
+    the candidate pattern and the Luhn windows find nothing either."""
+    full: list[tuple[int, int]] = []
+    for match in _CANDIDATE.finditer(text):
+        full += _card_ranges_in_run(match.group(0), match.start())
+    assert card_number_ranges(text) == full
 
 
 @pytest.mark.parametrize(

@@ -31,8 +31,7 @@ from typing import Any
 
 import grpc
 
-from ledger.api.handlers import Behavior, Continuation, is_open, with_behavior
-from ledger.api.status import AbortError, send_abort, with_reason
+from ledger.api.status import AbortError, with_reason
 from ledger.v1 import ledger_pb2
 
 TOKEN_PREFIX = "lt_"
@@ -273,50 +272,21 @@ def _bearer(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
     return None
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
-    """UNAUTHENTICATED without a valid token, PERMISSION_DENIED without the method's scope."""
+class Authenticator:
+    """Decides from a call's headers: UNAUTHENTICATED without a valid token,
+    PERMISSION_DENIED without the method's scope (ledger/api/admission.py asks)."""
 
     def __init__(self, tokens: TokenTable) -> None:
         # Replaced whole by a reload (one assignment: a call sees the old or the new table).
         self.tokens = tokens
 
-    async def intercept_service(
-        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
-    ) -> Any:
-        handler = await continuation(handler_call_details)
-        method: str = handler_call_details.method
-        if handler is None or is_open(method):
-            return handler
-        principal, refusal = self._decide(handler_call_details)
-        inner: Behavior | None = handler.unary_unary
-        if inner is None:
-            # Every ledger method is unary; a streaming one would be unguarded, so it
-            # is not served at all (UNIMPLEMENTED) rather than left open.
-            return None
-
-        async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            if refusal is not None:
-                await send_abort(context, refusal)
-            reset = current_principal.set(principal)
-            try:
-                return await inner(request, context)
-            finally:
-                current_principal.reset(reset)
-
-        return with_behavior(handler, guarded)
-
     def admit(
-        self, handler_call_details: grpc.HandlerCallDetails
+        self, method: str, metadata: Iterable[tuple[str, str | bytes]] | None
     ) -> tuple[Principal | None, AbortError | None]:
         """The caller the headers name and why they do not admit the call (None: they do);
-        reads no body."""
-        return self._decide(handler_call_details)
-
-    def _decide(
-        self, handler_call_details: grpc.HandlerCallDetails
-    ) -> tuple[Principal | None, AbortError | None]:
-        scope = METHOD_SCOPES.get(handler_call_details.method)
-        token = _bearer(handler_call_details.invocation_metadata)
+        reads no body. method: the full path, "/package.Service/Method"."""
+        scope = METHOD_SCOPES.get(method)
+        token = _bearer(metadata)
         principal = self.tokens.authenticate(token) if token is not None else None
         return principal, _refusal(principal, token is not None, scope)
 

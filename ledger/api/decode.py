@@ -71,6 +71,9 @@ class Violations:
 
     def __init__(self) -> None:
         self.items: list[tuple[str, str]] = []
+        # Ids that passed id() in this request: a batch names the same merchants and
+        # accounts on every item, and the checks depend on the value alone (issue 18).
+        self._valid_ids: set[str] = set()
 
     def add(self, field: str, reason: str) -> None:
         self.items.append((field, reason))
@@ -83,6 +86,14 @@ class Violations:
         """Ids: 1-128 bytes of UTF-8 with no invisible or undefined characters (control,
         format, private-use, unassigned, surrogate), not starting with '$' (reserved for
         the ledger's own accounts) and holding no card number."""
+        if value in self._valid_ids:
+            return
+        before = len(self.items)
+        self._check_id(field, value)
+        if len(self.items) == before:
+            self._valid_ids.add(value)
+
+    def _check_id(self, field: str, value: str) -> None:
         ascii_only = value.isascii()
         size = len(value) if ascii_only else len(value.encode("utf-8", "surrogatepass"))
         if size == 0:

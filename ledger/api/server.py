@@ -16,12 +16,9 @@ from grpc_reflection.v1alpha import reflection
 from ledger import limits
 from ledger.api.admin_servicer import LedgerAdminServicer
 from ledger.api.admission import AdmissionInterceptor
-from ledger.api.auth import AuthInterceptor, TokenTable
+from ledger.api.auth import Authenticator, TokenTable
 from ledger.api.cert_expiry import CertificateExpiryWatch
-from ledger.api.concurrency_limit import ConcurrencyLimitInterceptor
 from ledger.api.decode import PageTokens
-from ledger.api.interceptor import TelemetryInterceptor
-from ledger.api.request_decode import RequestDecodeInterceptor
 from ledger.api.servicer import LedgerServicer
 from ledger.api.tls import ServerTls
 from ledger.api.token_watch import TokenFileWatcher, warn_expiring
@@ -101,35 +98,29 @@ class LedgerServer:
         self.config_watch = ConfigWatcher(cluster)
         self.sagas = SagaRunner(cluster, owner=_replica_id(), settings=saga_settings)
         self.recovery = RecoveryWorker(self.sagas)
+        # The workers sleep until work is due; work this replica makes wakes them.
+        self.sweeper.on_sagas_started = self.recovery.schedule.wake_within
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
-        # Outermost first. Admission decides from the headers alone (a refused
-        # call's body is never read; an admitted one must arrive within the
-        # receive deadline); then every admitted call is traced and counted,
-        # held under the concurrency limit, authorized, and only then parsed.
+        # Admission decides from the headers alone (a refused call's body is
+        # never read; an admitted one must arrive within the receive deadline);
+        # then every admitted call is traced and counted, held under the
+        # concurrency limit, authorized, and only then parsed.
         self.token_watch: TokenFileWatcher | None = None
-        auth: AuthInterceptor | None = None
+        auth: Authenticator | None = None
         if tokens is not None:
-            auth = AuthInterceptor(tokens)
+            auth = Authenticator(tokens)
             warn_expiring(tokens)
             if tokens.path is not None:
                 self.token_watch = TokenFileWatcher(auth, tokens.path)
-        limit = ConcurrencyLimitInterceptor(concurrent_rpcs_max)
         self.admission = AdmissionInterceptor(
             auth=auth,
             receive_timeout_s=request_receive_timeout_s,
             caller_calls_max=limits.caller_calls_max(concurrent_rpcs_max),
-            limit=limit,
+            concurrent_rpcs_max=concurrent_rpcs_max,
         )
-        interceptors: list[grpc.aio.ServerInterceptor] = [  # type: ignore[type-arg]
-            self.admission,
-            TelemetryInterceptor(),
-            limit,
-        ]
-        if auth is not None:
-            interceptors.append(auth)
-        interceptors.append(RequestDecodeInterceptor())
         self.server = grpc.aio.server(
-            interceptors=interceptors,
+            # One interceptor, not a chain (see ledger/api/admission.py).
+            interceptors=[self.admission],
             # No maximum_concurrent_rpcs: gRPC counts a call from its headers,
             # so silent callers could exhaust it and starve health checks. The
             # bounds instead: streams per connection, the receive deadline, the
@@ -145,6 +136,7 @@ class LedgerServer:
             ],
         )
         self.ledger = ledger = Ledger(cluster, self.sagas)
+        ledger.on_hold_timeout = self.sweeper.wake_within
         ledger_pb2_grpc.add_LedgerServiceServicer_to_server(
             LedgerServicer(
                 ledger,
@@ -206,6 +198,7 @@ class LedgerServer:
     def reload_tokens(self) -> bool:
         """Rereads the token file now (SIGHUP); False if there is none or it did not parse."""
         return self.token_watch is not None and self.token_watch.reload()
+
     def _export_counters_at_zero(self) -> None:
         """Failure counters read 0 on a healthy replica instead of being absent."""
         for kind in SagaKind:

@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from ledger import limits
-from ledger.api.auth import AuthInterceptor, TokenFileError, TokenTable
+from ledger.api.auth import Authenticator, TokenFileError, TokenTable
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ def _fingerprint(path: Path) -> tuple[int, int, int] | None:
 class TokenFileWatcher:
     def __init__(
         self,
-        interceptor: AuthInterceptor,
+        interceptor: Authenticator,
         path: Path,
         *,
         interval_s: float = limits.token_file_poll_interval_s,

@@ -1,15 +1,24 @@
-"""Releases pending transfers whose timeout passed, on every shard, in the background."""
+"""Releases pending transfers whose timeout passed, on every shard, in the background.
+
+With nothing due the sweeper asks each shard when its next hold expires (one read)
+and sleeps until then (at most limits.background_idle_poll_s_max); a hold with a
+timeout made by this replica wakes it sooner (wake_within). A shard that has due
+holds it cannot release yet, or that is unavailable, is swept every
+limits.expiry_sweep_interval_s, as before.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+from collections.abc import Callable
 
 from ledger import limits
 from ledger.routing.cluster import Cluster
 from ledger.storage.errors import ShardUnavailable
 from ledger.storage.sagas import SagaStore
+from ledger.storage.shard import Shard
+from ledger.wake import WakeSchedule
 
 log = logging.getLogger(__name__)
 
@@ -19,7 +28,10 @@ class ExpirySweeper:
 
     def __init__(self, cluster: Cluster) -> None:
         self.cluster = cluster
-        self._stop = asyncio.Event()
+        self.schedule = WakeSchedule()
+        # Told when a sweep started EXPIRE sagas (the recovery worker drives them), so
+        # that the worker (which the server sets here) wakes for them.
+        self.on_sagas_started: Callable[[float], None] | None = None
         self._task: asyncio.Task[None] | None = None
         # Sweeps finished (or failed) since start: lets a test wait for rounds, not time.
         self.rounds = 0
@@ -28,33 +40,62 @@ class ExpirySweeper:
         self._task = asyncio.create_task(self._run(), name="expiry-sweeper")
 
     async def stop(self) -> None:
-        self._stop.set()
+        self.schedule.stop()
         if self._task is not None:
             await self._task
 
+    def wake_within(self, delay_s: float) -> None:
+        """A hold made here expires in delay_s: sweep by then."""
+        self.schedule.wake_within(delay_s)
+
     async def sweep_once(self) -> int:
+        released, _ = await self._sweep_round()
+        return released
+
+    async def _sweep_round(self) -> tuple[int, float]:
+        """(holds released, seconds until a shard needs a look again)."""
         released = 0
+        next_s = limits.background_idle_poll_s_max
         for shard in list(self.cluster.shards.values()):
             try:
-                # Drain due expiries in bounded steps so one shard cannot hog a round.
-                for _ in range(limits.expiry_sweeps_per_round_max):
-                    count = await shard.expire_due_pendings()
-                    released += count
-                    if count < limits.expiry_sweep_batch_max:
-                        break
-                # Cross-shard pending transfers: the debit side now, the credit side by a saga.
-                released += await SagaStore(shard).expire_due(limit=limits.expiry_sweep_batch_max)
+                count, shard_next_s = await self._sweep_shard(shard)
+                released += count
+                next_s = min(next_s, shard_next_s)
             except ShardUnavailable as error:
                 # The shard logs its change of state once; this runs every round.
                 log.debug("expiry sweep skipped: %s", error)
-        return released
+                next_s = min(next_s, limits.expiry_sweep_interval_s)
+        return released, next_s
+
+    async def _sweep_shard(self, shard: Shard) -> tuple[int, float]:
+        if not shard.marked_unavailable:
+            due_s = await shard.next_expiry_due_s()
+            if due_s is None:
+                return 0, limits.background_idle_poll_s_max
+            if due_s > 0:
+                return 0, due_s
+        released = 0
+        # Drain due expiries in bounded steps so one shard cannot hog a round.
+        for _ in range(limits.expiry_sweeps_per_round_max):
+            count = await shard.expire_due_pendings()
+            released += count
+            if count < limits.expiry_sweep_batch_max:
+                break
+        # Cross-shard pending transfers: the debit side now, the credit side by a saga.
+        sagas_started = await SagaStore(shard).expire_due(limit=limits.expiry_sweep_batch_max)
+        if sagas_started and self.on_sagas_started is not None:
+            self.on_sagas_started(0.0)
+        released += sagas_started
+        # Due holds may remain that cannot be released yet (a saga still running, a
+        # merchant moving): look again at the old interval, not in a busy loop.
+        return released, limits.expiry_sweep_interval_s
 
     async def _run(self) -> None:
-        while not self._stop.is_set():
+        while not self.schedule.stopped:
+            next_s = limits.expiry_sweep_interval_s
             try:
-                await self.sweep_once()
+                _, next_s = await self._sweep_round()
             except Exception:
                 log.exception("expiry sweep failed")
             self.rounds += 1
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), limits.expiry_sweep_interval_s)
+            await self.schedule.sleep(next_s)

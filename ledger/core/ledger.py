@@ -74,6 +74,9 @@ class Ledger:
         self.cluster = cluster
         self.sagas = sagas
         self.batcher = TransferBatcher()
+        # Told the soonest timeout (seconds) of the holds a call made, after they are
+        # written, so that the expiry sweeper (which sets it) wakes for them.
+        self.on_hold_timeout: Callable[[float], None] | None = None
 
     # Accounts.
 
@@ -216,6 +219,10 @@ class Ledger:
                     results[i] = _retry_later(requests[i])
         for result, count in Counter(o.result.name for o in results.values()).items():
             metrics.transfers.add(count, {"result": result})
+        if self.on_hold_timeout is not None:
+            timeouts_ms = [r.timeout_ms for r in requests if r.timeout_ms]
+            if timeouts_ms:
+                self.on_hold_timeout(min(timeouts_ms) / 1000)
         return [
             o
             if o.index == i

@@ -3,12 +3,16 @@
 Claims use FOR UPDATE SKIP LOCKED and a lease, so replicas share the work
 without blocking each other; a replica that dies mid-saga loses its lease and
 another one resumes the saga from its recorded state.
+
+With nothing due the worker asks each shard when its next saga is due (one read)
+and sleeps until then (at most limits.background_idle_poll_s_max); a retry this
+replica schedules wakes it sooner (the runner's on_retry_scheduled). A shard with due
+sagas it could not claim, or that is unavailable, is tried every interval_s.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 from ledger import limits
@@ -18,12 +22,12 @@ from ledger.storage.audit import ShardAudit
 from ledger.storage.errors import ShardUnavailable, is_unavailable
 from ledger.storage.moves import MoveStore
 from ledger.storage.sagas import SagaStore
+from ledger.storage.shard import Shard
 from ledger.telemetry import metrics
 from ledger.telemetry.tracing import context_from_traceparent, tracer
+from ledger.wake import WakeSchedule
 
 log = logging.getLogger(__name__)
-# The saga gauge is refreshed every this many recovery rounds (about every 2 s).
-_GAUGE_REFRESH_ROUNDS = 10
 
 
 class RecoveryWorker:
@@ -37,10 +41,12 @@ class RecoveryWorker:
         self.runner = runner
         self.interval_s = interval_s
         self.claims_per_round_max = claims_per_round_max
-        self._stop = asyncio.Event()
+        self.schedule = WakeSchedule()
+        runner.on_retry_scheduled = self.schedule.wake_within
         self._task: asyncio.Task[None] | None = None
         self._gauge_values: list[tuple[float, dict[str, str]]] = []
         self._rounds = 0
+        self._gauges_refreshed_at = float("-inf")
         self._merchant_values: list[tuple[float, dict[str, str]]] = []
         metrics.register_gauge_source("sagas", lambda: self._gauge_values)
         metrics.register_gauge_source("merchants", lambda: self._merchant_values)
@@ -54,28 +60,51 @@ class RecoveryWorker:
         self._task = asyncio.create_task(self._run(), name="saga-recovery")
 
     async def stop(self) -> None:
-        self._stop.set()
+        self.schedule.stop()
         if self._task is not None:
             await self._task
 
     async def run_once(self) -> int:
         """Claims and drives every due saga once; returns how many it drove."""
+        driven, _ = await self._round()
+        return driven
+
+    async def _round(self) -> tuple[int, float]:
+        """(sagas driven, seconds until a shard needs a look again)."""
         driven = 0
+        next_s = limits.background_idle_poll_s_max
         for shard in list(self.runner.cluster.shards.values()):
             try:
-                claimed = await SagaStore(shard).claim_due(
-                    owner=self.runner.owner,
-                    limit=self.claims_per_round_max,
-                    lease_s=self.runner.settings.lease_s,
-                )
+                count, shard_next_s = await self._claim_on(shard)
             except ShardUnavailable as error:
                 # The shard logs its change of state once; this runs every round.
                 log.debug("saga recovery skipped a shard: %s", error)
+                next_s = min(next_s, self.interval_s)
                 continue
-            if claimed:
-                await asyncio.gather(*(self._resume(saga) for saga in claimed))
-                driven += len(claimed)
-        return driven
+            driven += count
+            next_s = min(next_s, shard_next_s)
+        return driven, next_s
+
+    async def _claim_on(self, shard: Shard) -> tuple[int, float]:
+        store = SagaStore(shard)
+        # A shard marked unavailable is tried with a claim (a write) every round, as
+        # before: its return is logged by a transaction that goes through.
+        if not shard.marked_unavailable:
+            due_s = await store.next_due_s()
+            if due_s is None:
+                return 0, limits.background_idle_poll_s_max
+            if due_s > 0:
+                return 0, due_s
+        claimed = await store.claim_due(
+            owner=self.runner.owner,
+            limit=self.claims_per_round_max,
+            lease_s=self.runner.settings.lease_s,
+        )
+        if claimed:
+            await asyncio.gather(*(self._resume(saga) for saga in claimed))
+        # Due sagas may remain (more than one round's claims, or held by another
+        # worker): look again after interval_s, not in a busy loop.
+        return len(claimed), self.interval_s
 
     async def _resume(self, saga: Saga) -> Saga:
         """Drives a claimed saga inside the trace of the request that started it."""
@@ -121,13 +150,16 @@ class RecoveryWorker:
         self._saga_age_values = ages
 
     async def _run(self) -> None:
-        while not self._stop.is_set():
+        loop = asyncio.get_running_loop()
+        while not self.schedule.stopped:
+            next_s = self.interval_s
             try:
-                await self.run_once()
+                _, next_s = await self._round()
                 self._rounds += 1
-                if self._rounds % _GAUGE_REFRESH_ROUNDS == 0:
+                if loop.time() - self._gauges_refreshed_at >= limits.gauge_refresh_interval_s:
+                    self._gauges_refreshed_at = loop.time()
                     await self.refresh_gauges()
             except Exception:
                 log.exception("saga recovery round failed")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), self.interval_s)
+            time_to_gauges_s = self._gauges_refreshed_at + limits.gauge_refresh_interval_s
+            await self.schedule.sleep(min(next_s, time_to_gauges_s - loop.time()))

@@ -77,6 +77,9 @@ class SagaRunner:
         self.owner = owner
         self.settings = settings or SagaSettings()
         self._tasks: set[asyncio.Task[Saga]] = set()
+        # Told the delay of every retry this runner schedules, so that the recovery
+        # worker (which sets it) wakes for it instead of polling.
+        self.on_retry_scheduled: Callable[[float], None] | None = None
         # Group commit of saga steps per shard (see step_batcher.py).
         self._steps: StepBatcher[StepRequest, StepAnswer] = StepBatcher(
             self._run_steps, key_of=step_key
@@ -299,6 +302,8 @@ class SagaRunner:
             # The debit shard is down too: the lease runs out and a worker retries.
             return saga
         metrics.saga_attempts_failed.add(1, {"kind": saga.key.kind.name})
+        if self.on_retry_scheduled is not None:
+            self.on_retry_scheduled(delay_s)
         if updated is not None and updated.state is SagaState.DEAD:
             log.error(
                 "saga for transfer %s (%s) moved to the dead-letter list: %s",

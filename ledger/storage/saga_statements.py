@@ -245,6 +245,14 @@ WHERE s.merchant_id = due.merchant_id AND s.transfer_id = due.transfer_id AND s.
 RETURNING {", ".join("s." + c.strip() for c in SAGA_COLUMNS.split(","))}
 """
 
+# Seconds until CLAIM_DUE would find a saga here (negative: overdue; NULL: none running).
+NEXT_SAGA_DUE_S = """
+SELECT extract(epoch FROM min(greatest(next_attempt_at, coalesce(lease_until, next_attempt_at)))
+                          - clock_timestamp())::float8
+FROM sagas WHERE state = 1
+  AND merchant_id IN (SELECT merchant_id FROM merchants WHERE state IN ('active', 'moving'))
+"""
+
 LIST_SAGAS = f"""
 SELECT {SAGA_COLUMNS} FROM sagas WHERE state = ANY($1::smallint[])
   AND merchant_id IN (SELECT merchant_id FROM merchants WHERE state IN ('active', 'moving'))

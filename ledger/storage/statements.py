@@ -148,6 +148,11 @@ ORDER BY e.expires_at
 LIMIT $1
 """
 
+# Seconds until the next pending transfer here expires (negative: overdue; NULL: none).
+NEXT_EXPIRY_DUE_S = (
+    "SELECT extract(epoch FROM min(expires_at) - clock_timestamp())::float8 FROM pending_expiries"
+)
+
 # Only one sweeper per shard works at a time; others skip this round.
 TRY_SWEEPER_LOCK = "SELECT pg_try_advisory_xact_lock(7303, 0)"
 
