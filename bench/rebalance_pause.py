@@ -83,7 +83,7 @@ async def caller(stub: ledger_pb2_grpc.LedgerServiceStub, load: Load, index: int
             try:
                 response = await stub.CreateTransfers(request, timeout=CALL_TIMEOUT_S)
             except grpc.aio.AioRpcError as error:
-                load.failures[error.code().name] += 1
+                load.failures[f"{error.code().name}: {error.details()}"[:120]] += 1
                 if error.code() not in RETRYABLE:
                     break
                 continue

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -29,7 +30,7 @@ from ledger.domain.transfers import (
     TransferResult,
     linked_chains,
 )
-from ledger.routing.cluster import MOVING_RETRY_DELAY_S, Cluster
+from ledger.routing.cluster import Cluster, FenceWait
 from ledger.routing.errors import ClusterUnavailable
 from ledger.sagas.runner import SagaRunner
 from ledger.storage.errors import (
@@ -465,7 +466,9 @@ class Ledger:
         results: dict[int, Result] = {}
         todo = list(range(len(items)))
         owners: dict[str, str] = {}
-        for attempt in range(1, limits.redirect_attempts_max + 1):
+        redirects = 0
+        fenced = FenceWait()
+        for attempt in itertools.count(1):
             span.set_attribute("ledger.route.attempts", attempt)
             groups = self._group([items[i] for i in todo], home_of, owners)
             span.set_attribute("ledger.route.shards", sorted(groups))
@@ -520,11 +523,15 @@ class Ledger:
                         retry.remove(i)
             if not retry:
                 return [results[i] for i in range(len(items))]
-            if reload_needed:
-                await self.cluster.reload()
-            elif not redirected:
-                # Fenced merchants or a rebalance about to start: a short, growing pause.
-                await asyncio.sleep(MOVING_RETRY_DELAY_S * attempt)
+            if reload_needed or redirected:
+                redirects += 1
+                if redirects >= limits.redirect_attempts_max:
+                    break
+                if reload_needed:
+                    await self.cluster.reload()
+            elif not await fenced.wait():
+                # Fenced merchants or a rebalance about to start, for too long.
+                break
             todo = sorted(retry)
         raise ClusterUnavailable("routing did not settle: the shard config may be behind")
 

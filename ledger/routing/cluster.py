@@ -23,9 +23,26 @@ from ledger.storage.shard import Fence, Shard
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-# A moving merchant is fenced only briefly: wait this long (times the attempt)
-# between tries rather than failing at once.
-MOVING_RETRY_DELAY_S = 0.05
+
+
+class FenceWait:
+    """Waits out a merchant's move fence in short, growing steps, within a bounded
+    total (limits.fence_wait_*): a move pauses a merchant for tens of milliseconds."""
+
+    __slots__ = ("step_s", "waited_s")
+
+    def __init__(self) -> None:
+        self.step_s = limits.fence_wait_step_s_min
+        self.waited_s = 0.0
+
+    async def wait(self) -> bool:
+        """Sleeps one step; False, without sleeping, once the total is spent."""
+        if self.waited_s >= limits.fence_wait_s_max:
+            return False
+        await asyncio.sleep(self.step_s)
+        self.waited_s += self.step_s
+        self.step_s = min(self.step_s * 1.5, limits.fence_wait_step_s_max)
+        return True
 
 
 class Cluster:
@@ -179,11 +196,13 @@ class Cluster:
         Starts at shard_name if given, else where the ring says. A shard that
         does not own the merchant names the owner when it knows it (the
         merchant moved there, or is still there while being copied here);
-        otherwise the config is reloaded. A fenced (moving) merchant is retried
-        after a short, growing pause. At most redirect_attempts_max tries.
+        otherwise the config is reloaded (at most redirect_attempts_max times). A
+        fenced (moving) merchant is waited out (FenceWait).
         """
         target = self.shard_named(shard_name) or self.shard_for(merchant_id)
-        for attempt in range(1, limits.redirect_attempts_max + 1):
+        redirects = 0
+        fenced = FenceWait()
+        while redirects < limits.redirect_attempts_max:
             fence = self.fence(target, {merchant_id}, allow_moving=allow_moving)
             try:
                 return await step(target, fence)
@@ -194,17 +213,20 @@ class Cluster:
                     previous = self.previous_owner(merchant_id, refused_by=target.name)
                     if previous is not None:
                         target = self.shards[previous]
-                        continue
-                    await asyncio.sleep(MOVING_RETRY_DELAY_S * attempt)
+                        redirects += 1
+                    elif not await fenced.wait():
+                        break
                 else:
                     await self.reload()
                     target = self.shard_for(merchant_id)
+                    redirects += 1
             except MerchantsNotOwned as error:
                 hinted = self.shard_named(error.owners.get(merchant_id))
                 if hinted is None:
                     await self.reload()
                     hinted = self.shard_named(error.owners.get(merchant_id))
                 target = hinted or self.shard_for(merchant_id)
+                redirects += 1
             except MerchantsMoving as error:
                 previous = (
                     self.previous_owner(merchant_id, refused_by=target.name)
@@ -213,8 +235,9 @@ class Cluster:
                 )
                 if previous is not None:
                     target = self.shards[previous]
-                    continue
-                await asyncio.sleep(MOVING_RETRY_DELAY_S * attempt)
+                    redirects += 1
+                elif not await fenced.wait():
+                    break
         # No merchant id in the message: it ends up in logs and saga rows.
         raise ClusterUnavailable("routing did not settle: the merchant may be moving")
 

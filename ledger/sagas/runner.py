@@ -30,7 +30,7 @@ from ledger.domain.sagas import (
     SagaStep,
 )
 from ledger.domain.transfers import TransferRequest, TransferResult
-from ledger.routing.cluster import MOVING_RETRY_DELAY_S, Cluster
+from ledger.routing.cluster import Cluster, FenceWait
 from ledger.routing.errors import ClusterUnavailable
 from ledger.sagas.step_batcher import StepBatcher
 from ledger.storage.errors import MerchantsMoving, MerchantsNotOwned, ShardUnavailable, StaleEpoch
@@ -143,11 +143,14 @@ class SagaRunner:
             return await shard.owner_of(merchant_id)
 
         shard = self.cluster.shard_for(merchant_id)
-        for attempt in range(1, limits.redirect_attempts_max + 1):
+        fenced = FenceWait()
+        redirects = 0
+        while redirects < limits.redirect_attempts_max:
             try:
                 name = await owner(shard, self.cluster.fence(shard, {merchant_id}))
             except MerchantsMoving:
-                await asyncio.sleep(MOVING_RETRY_DELAY_S * attempt)
+                if not await fenced.wait():
+                    break
                 continue
             except ShardUnavailable:
                 # The credit shard is down: reserve now anyway (step 1 needs only the
@@ -157,6 +160,7 @@ class SagaRunner:
             if named is None or named is shard:
                 return name
             shard = named
+            redirects += 1
         raise ClusterUnavailable("the credit merchant is being moved; retry shortly")
 
     async def outcome_by(self, start: SagaStart, *, deadline: float) -> ItemOutcome:
