@@ -183,45 +183,41 @@ def _observe(name: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
     return callback
 
 
-_meter.create_observable_gauge(
-    "ledger_pool_connections",
-    callbacks=[_observe("pool")],
-    unit="1",
-    description="Connections per shard pool, by state (in_use, open)",
+# The gauges: (metric name, gauge source registered above, unit, description).
+_GAUGES = (
+    ("ledger_pool_connections", "pool", "1", "Connections per shard pool, by state (in_use, open)"),
+    (
+        "ledger_merchants",
+        "merchants",
+        "1",
+        "Merchants per shard by ownership state (active, moving, incoming, moved): "
+        "rebalance progress",
+    ),
+    ("ledger_sagas", "sagas", "1", "Sagas not yet finished, by state (running, dead) and shard"),
+    (
+        "ledger_tls_certificate_expiry_timestamp",
+        "tls_expiry",
+        "s",
+        "When the server's TLS certificate expires, in seconds since the Unix epoch "
+        "(alert when it is less than two weeks from now)",
+    ),
+    (
+        "ledger_shard_reachable",
+        "shard_reachable",
+        "1",
+        "1 if the replica's last gauge refresh (about every 2 s) reached the shard, else 0",
+    ),
+    (
+        "ledger_saga_oldest_running_age",
+        "saga_age",
+        "s",
+        "Age of the oldest running saga per debit shard (0 with none)",
+    ),
 )
-_meter.create_observable_gauge(
-    "ledger_merchants",
-    callbacks=[_observe("merchants")],
-    unit="1",
-    description="Merchants per shard by ownership state (active, moving, incoming, moved): "
-    "rebalance progress",
-)
-_meter.create_observable_gauge(
-    "ledger_sagas",
-    callbacks=[_observe("sagas")],
-    unit="1",
-    description="Sagas not yet finished, by state (running, dead) and shard",
-)
-_meter.create_observable_gauge(
-    "ledger_tls_certificate_expiry_timestamp",
-    callbacks=[_observe("tls_expiry")],
-    unit="s",
-    description="When the server's TLS certificate expires, in seconds since the Unix epoch "
-    "(alert when it is less than two weeks from now)",
-)
-
-_meter.create_observable_gauge(
-    "ledger_shard_reachable",
-    callbacks=[_observe("shard_reachable")],
-    unit="1",
-    description="1 if the replica's last gauge refresh (about every 2 s) reached the shard, else 0",
-)
-_meter.create_observable_gauge(
-    "ledger_saga_oldest_running_age",
-    callbacks=[_observe("saga_age")],
-    unit="s",
-    description="Age of the oldest running saga per debit shard (0 with none)",
-)
+for _name, _source, _unit, _description in _GAUGES:
+    _meter.create_observable_gauge(
+        _name, callbacks=[_observe(_source)], unit=_unit, description=_description
+    )
 
 
 def setup_metrics(*, host: str, port: int) -> int:
