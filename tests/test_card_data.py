@@ -24,7 +24,6 @@ from dataclasses import dataclass
 import grpc
 import pytest
 from google.protobuf.message import Message
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
 from opentelemetry.proto.trace.v1 import trace_pb2
 
 from ledger.embedded.postgres import EmbeddedPostgres, _find_bin_dir
@@ -48,7 +47,7 @@ from tests.support import (
     wait_until,
     write_config,
 )
-from tests.test_otlp_export import TraceReceiver
+from tests.test_otlp_export import TraceReceiver, exporting_cluster
 
 # Test numbers of several networks and lengths, as people and systems write them.
 CARDS = (
@@ -96,26 +95,12 @@ class Stack:
 
 @pytest.fixture(scope="module")
 async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
-    receiver = TraceReceiver()
-    server = grpc.aio.server()
-    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(receiver, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    cluster = ProcessCluster(tmp_path_factory.mktemp("card-data"))
-    try:
-        await asyncio.to_thread(cluster.start_shards)
-        cluster.service.env = {
-            "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
-            "OTEL_EXPORTER_OTLP_INSECURE": "true",
-            "OTEL_TRACES_EXPORTER": "otlp",
-            "OTEL_BSP_SCHEDULE_DELAY": "100",
-            "LEDGER_METRICS_LISTEN": "off",
-        }
-        await cluster.service.start()
+    directory = tmp_path_factory.mktemp("card-data")
+    async with exporting_cluster(directory, {"LEDGER_METRICS_LISTEN": "off"}) as (
+        receiver,
+        cluster,
+    ):
         yield Stack(receiver=receiver, cluster=cluster)
-    finally:
-        await cluster.close()
-        await server.stop(grace=None)
 
 
 # A call that carries a value in one field: (method, request, the field it names).

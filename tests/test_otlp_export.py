@@ -11,6 +11,7 @@ EXPORTED_METRICS below is the list tests/test_dashboards.py checks it against.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import re
@@ -18,6 +19,7 @@ import secrets
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 import pytest
@@ -138,31 +140,44 @@ class Stack:
         return f"http://{match.group(1)}:{match.group(2)}/metrics"
 
 
-@pytest.fixture(scope="module")
-async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
+@contextlib.asynccontextmanager
+async def exporting_cluster(
+    directory: Path, env: dict[str, str]
+) -> AsyncIterator[tuple[TraceReceiver, ProcessCluster]]:
+    """An OTLP receiver, and a service process (on shards of its own, env added to
+    its environment) exporting its spans to it."""
     receiver = TraceReceiver()
     server = grpc.aio.server()
     trace_service_pb2_grpc.add_TraceServiceServicer_to_server(receiver, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    cluster = ProcessCluster(tmp_path_factory.mktemp("otlp"))
+    cluster = ProcessCluster(directory)
     try:
         await asyncio.to_thread(cluster.start_shards)
         cluster.service.env = {
             "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
             "OTEL_EXPORTER_OTLP_INSECURE": "true",
             "OTEL_TRACES_EXPORTER": "otlp",
-            "OTEL_SERVICE_NAME": SERVICE_NAME,
             # Export every 100 ms instead of every 5 s, so spans arrive quickly.
             "OTEL_BSP_SCHEDULE_DELAY": "100",
-            "LEDGER_METRICS_LISTEN": "127.0.0.1:0",
-            "LEDGER_PSEUDONYM_KEY": PSEUDONYM_KEY,
+            **env,
         }
         await cluster.service.start()
-        yield Stack(receiver=receiver, cluster=cluster)
+        yield receiver, cluster
     finally:
         await cluster.close()
         await server.stop(grace=None)
+
+
+@pytest.fixture(scope="module")
+async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
+    env = {
+        "OTEL_SERVICE_NAME": SERVICE_NAME,
+        "LEDGER_METRICS_LISTEN": "127.0.0.1:0",
+        "LEDGER_PSEUDONYM_KEY": PSEUDONYM_KEY,
+    }
+    async with exporting_cluster(tmp_path_factory.mktemp("otlp"), env) as (receiver, cluster):
+        yield Stack(receiver=receiver, cluster=cluster)
 
 
 # --- helpers --------------------------------------------------------------------------
