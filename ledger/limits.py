@@ -196,6 +196,34 @@ token_expiry_warning = timedelta(days=7)
 tls_certificate_expiry_warning = timedelta(days=14)
 tls_certificate_check_interval_s = 3600.0
 
+# The event stream (issue 20; ledger/core/event_sequencer.py, event_feed.py).
+# A sequencer round numbers at most this many outbox events in one transaction.
+event_sequence_batch_max = 5_000
+# Under load, rounds are at least this far apart, so that each numbers many
+# events instead of one transaction per commit: it adds at most this much to
+# the delay from commit to delivery.
+event_sequence_round_gap_s = 0.005
+# An idle shard's outbox is looked at this often (writes by other processes, a
+# rebalance, another replica) and a subscriber looks again this often when a
+# notification was lost.
+event_idle_poll_s = 1.0
+# Events a subscriber reads from one shard per query.
+event_read_batch_max = 500
+# Consumers lapse and old events are pruned this often; the lag gauges are this old.
+event_retention_interval_s = 10.0
+# Events are kept at least this long, for subscribers that never registered.
+event_retention_s_min = 86_400.0
+# The retention bound: a registered consumer further behind than this lapses
+# (and is told so), so that one forgotten consumer cannot grow a shard forever.
+event_consumer_lag_events_max = 10_000_000
+event_consumer_lag_s_max = 7 * 86_400.0
+event_prune_batch_max = 10_000
+# Event subscriptions one replica serves at once (each holds a call slot and
+# reads every shard when woken).
+event_subscriptions_max = 64
+# Consumer names: a registered consumer is a row on every shard.
+event_consumer_name_bytes_max = 128
+
 # Graceful shutdown: in-flight RPCs get this long to finish.
 shutdown_grace_s = 5.0
 
@@ -223,3 +251,6 @@ assert saga_deadline_margin_s < saga_inline_wait_s_max
 assert group_commit_transfers_max >= transfers_per_request_max
 assert group_commit_batches_in_flight_max <= pool_connections_max
 assert 0 < fence_wait_step_s_min <= fence_wait_step_s_max < fence_wait_s_max
+assert event_sequence_batch_max >= transfers_per_request_max
+assert event_subscriptions_max <= concurrent_rpcs_max
+assert event_read_batch_max <= event_sequence_batch_max

@@ -33,8 +33,9 @@ interceptor and call (issue 18).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import grpc
@@ -42,7 +43,7 @@ import grpc
 from ledger.api.auth import Authenticator, Principal, current_principal
 from ledger.api.concurrency_limit import ConcurrencyLimit
 from ledger.api.handlers import Behavior, Continuation, is_open
-from ledger.api.interceptor import Context, counted, traced
+from ledger.api.interceptor import Context, code_of, counted, traced
 from ledger.api.request_decode import PARSE_ERRORS, undecodable
 from ledger.api.status import AbortError, invalid_argument, send_abort
 from ledger.telemetry import metrics
@@ -52,14 +53,17 @@ from ledger.telemetry.tracing import tracing_active
 class _Method:
     """What the interceptor knows about one method, worked out once."""
 
-    __slots__ = ("inner", "name", "open", "parse", "path", "service")
+    __slots__ = ("inner", "name", "open", "parse", "path", "service", "streams")
 
     def __init__(self, path: str, handler: grpc.RpcMethodHandler[Any, Any]) -> None:
         self.path = path
         self.service, _, self.name = path.lstrip("/").partition("/")
         self.open = is_open(path)
-        assert handler.unary_unary is not None
-        self.inner: Behavior = handler.unary_unary  # type: ignore[assignment]
+        # Server-streaming (SubscribeEvents): one request, a stream of responses.
+        self.streams = handler.unary_unary is None
+        inner = handler.unary_stream if self.streams else handler.unary_unary
+        assert inner is not None
+        self.inner: Behavior = inner  # type: ignore[assignment]
         self.parse: Callable[[bytes], Any] | None = handler.request_deserializer
 
 
@@ -92,37 +96,72 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
     ) -> Any:
         handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
+        if handler is None or (handler.unary_unary is None and handler.unary_stream is None):
             return handler
         path: str = handler_call_details.method
         wrapped = self._handlers.get(path)
         if wrapped is None:
-            wrapped = grpc.stream_unary_rpc_method_handler(
-                functools.partial(self._call, _Method(path, handler)),
-                # The raw bytes: parsed by us, after admission (see _serve).
-                request_deserializer=None,
-                response_serializer=handler.response_serializer,
-            )
+            method = _Method(path, handler)
+            # The raw bytes: parsed by us, after admission (see _serve).
+            if method.streams:
+                wrapped = grpc.stream_stream_rpc_method_handler(
+                    functools.partial(self._stream_call, method),
+                    request_deserializer=None,
+                    response_serializer=handler.response_serializer,
+                )
+            else:
+                wrapped = grpc.stream_unary_rpc_method_handler(
+                    functools.partial(self._call, method),
+                    request_deserializer=None,
+                    response_serializer=handler.response_serializer,
+                )
             self._handlers[path] = wrapped
         return wrapped
 
-    async def _call(self, method: _Method, requests: Any, context: Context) -> Any:
-        if not method.open and self.limit.full():
-            # Overload is shed from the headers, the body never read, as gRPC's own
-            # limit did (parsing 2000 refused batches of 200 cost seconds).
+    async def _stream_call(
+        self, method: _Method, requests: Any, context: Context
+    ) -> AsyncIterator[Any]:
+        """A server-streaming call, admitted as a unary one is; it holds a call slot
+        while it streams. Counted when it ends; not traced (it may last for days)."""
+        code = "OK"
+        try:
+            principal = await self._admit(method, context)
+            raw = await self._receive(context)
+            if self.limit.full():
+                await send_abort(context, self.limit.refusal())
+            request = await _parsed(method, raw, context)
+            with self._held(principal):
+                self.limit.in_flight += 1
+                # Not reset: a stream closed by its client is finalised from another
+                # context; each call runs in a task (a context) of its own anyway.
+                current_principal.set(principal)
+                try:
+                    async for response in method.inner(request, context):  # type: ignore[attr-defined]
+                        yield response
+                finally:
+                    self.limit.in_flight -= 1
+        except BaseException:
+            found = code_of(context)
+            code = found.name if found is not None else "CANCELLED"
+            raise
+        finally:
+            metrics.requests.add(1, {"method": method.name, "code": code})
+
+    async def _admit(self, method: _Method, context: Context) -> Principal | None:
+        """The caller's principal, from the headers alone; aborts a refused call."""
+        if method.open:
+            return None
+        if self.limit.full():
             metrics.requests.add(1, {"method": method.name, "code": "RESOURCE_EXHAUSTED"})
             await send_abort(context, self.limit.refusal())
-        principal: Principal | None = None
-        if self.auth is not None and not method.open:
-            # From the headers alone: a refused call's body is never read.
-            principal, refusal = self.auth.admit(method.path, context.invocation_metadata())
-            if refusal is not None:
-                metrics.requests.add(1, {"method": method.name, "code": refusal.code.name})
-                await send_abort(context, refusal)
-        if principal is None:
-            return await self._receive_and_serve(method, None, context)
-        caller = principal.name
-        held = self._calls_of.get(caller, 0)
+        if self.auth is None:
+            return None
+        principal, refusal = self.auth.admit(method.path, context.invocation_metadata())
+        if refusal is not None:
+            metrics.requests.add(1, {"method": method.name, "code": refusal.code.name})
+            await send_abort(context, refusal)
+        assert principal is not None
+        held = self._calls_of.get(principal.name, 0)
         if held >= self.caller_calls_max:
             metrics.requests.add(1, {"method": method.name, "code": "RESOURCE_EXHAUSTED"})
             await send_abort(
@@ -132,9 +171,18 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
                     f"this token has {held} calls in progress, its most; retry shortly",
                 ),
             )
-        self._calls_of[caller] = held + 1
+        return principal
+
+    @contextlib.contextmanager
+    def _held(self, principal: Principal | None) -> Iterator[None]:
+        """Counts a call against its token's calls in progress while it runs."""
+        if principal is None:
+            yield
+            return
+        caller = principal.name
+        self._calls_of[caller] = self._calls_of.get(caller, 0) + 1
         try:
-            return await self._receive_and_serve(method, principal, context)
+            yield
         finally:
             left = self._calls_of[caller] - 1
             if left:
@@ -142,9 +190,16 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
             else:
                 del self._calls_of[caller]
 
-    async def _receive_and_serve(
-        self, method: _Method, principal: Principal | None, context: Context
-    ) -> Any:
+    async def _call(self, method: _Method, requests: Any, context: Context) -> Any:
+        # Overload is shed from the headers, the body never read, as gRPC's own
+        # limit did (parsing 2000 refused batches of 200 cost seconds); so is a
+        # call the token table refuses.
+        principal = await self._admit(method, context)
+        with self._held(principal):
+            return await self._receive_and_serve(method, principal, context)
+
+    async def _receive(self, context: Context) -> bytes:
+        """The request's bytes, which must arrive within the receive deadline."""
         timeout_s = self.receive_timeout_s
         try:
             # A timeout scope, not wait_for: no extra task per call.
@@ -160,6 +215,12 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
             )
         if raw is grpc.aio.EOF:  # type: ignore[attr-defined]
             await send_abort(context, invalid_argument([("request", "no request message")]))
+        return raw  # type: ignore[no-any-return]
+
+    async def _receive_and_serve(
+        self, method: _Method, principal: Principal | None, context: Context
+    ) -> Any:
+        raw = await self._receive(context)
         serve = functools.partial(self._serve, method, principal, raw, context)
         if tracing_active():
             return await traced(

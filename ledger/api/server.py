@@ -19,10 +19,13 @@ from ledger.api.admission import AdmissionInterceptor
 from ledger.api.auth import Authenticator, TokenTable
 from ledger.api.cert_expiry import CertificateExpiryWatch
 from ledger.api.decode import PageTokens
+from ledger.api.events import EventStreams
 from ledger.api.servicer import LedgerServicer
 from ledger.api.tls import ServerTls
 from ledger.api.token_watch import TokenFileWatcher, warn_expiring
 from ledger.core.checkpoints import ChainCheckpointer
+from ledger.core.event_feed import EventFeed
+from ledger.core.event_sequencer import EventSequencer
 from ledger.core.expiry import ExpirySweeper
 from ledger.core.ledger import Ledger
 from ledger.domain.sagas import SagaKind, SagaState
@@ -98,6 +101,9 @@ class LedgerServer:
         self.config_watch = ConfigWatcher(cluster)
         self.sagas = SagaRunner(cluster, owner=_replica_id(), settings=saga_settings)
         self.recovery = RecoveryWorker(self.sagas)
+        self.sequencer = EventSequencer(cluster)
+        self.feed = EventFeed(cluster)
+        self.sequencer.on_sequenced = self.feed.wake
         # The workers sleep until work is due; work this replica makes wakes them.
         self.sweeper.on_sagas_started = self.recovery.schedule.wake_within
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
@@ -141,6 +147,7 @@ class LedgerServer:
             LedgerServicer(
                 ledger,
                 page_tokens=PageTokens(page_token_key or _random_page_token_key()),
+                events=EventStreams(self.feed),
                 mask_card_metadata=mask_card_metadata,
             ),
             self.server,
@@ -171,6 +178,7 @@ class LedgerServer:
         self.sweeper.start()
         self.checkpointer.start()
         self.recovery.start()
+        self.sequencer.start()
         self.config_watch.start()
         if self.token_watch is not None:
             self.token_watch.start()
@@ -184,7 +192,11 @@ class LedgerServer:
     async def stop(self, grace_s: float = limits.shutdown_grace_s) -> None:
         """Stops taking calls, lets in-flight ones finish within grace_s, stops workers."""
         await self.health.enter_graceful_shutdown()
+        # Event subscriptions end at once (their clients resume by cursor elsewhere)
+        # instead of holding the shutdown for its whole grace.
+        await self.feed.close()
         await self.server.stop(grace_s)
+        await self.sequencer.stop()
         await self.config_watch.stop()
         if self.token_watch is not None:
             await self.token_watch.stop()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
@@ -12,6 +12,7 @@ import grpc
 from ledger import limits
 from ledger.api import decode, encode
 from ledger.api.auth import require_merchants
+from ledger.api.events import EventStreams
 from ledger.api.status import (
     AbortError,
     failed_precondition,
@@ -106,9 +107,15 @@ def _saga_wait_s(context: grpc.aio.ServicerContext[Any, Any]) -> float:
 
 class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
     def __init__(
-        self, ledger: Ledger, *, page_tokens: decode.PageTokens, mask_card_metadata: bool = False
+        self,
+        ledger: Ledger,
+        *,
+        page_tokens: decode.PageTokens,
+        events: EventStreams,
+        mask_card_metadata: bool = False,
     ) -> None:
         self.ledger = ledger
+        self.events = events
         self.page_tokens = page_tokens
         # LEDGER_CARD_METADATA=mask: metadata values holding a card number are stored
         # truncated (first six, last four digits) instead of being refused.
@@ -322,3 +329,18 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         return pb.ListEntriesResponse(
             entries=[encode.entry(e) for e in entries], next_page_token=token
         )
+
+    async def SubscribeEvents(
+        self, request: pb.SubscribeEventsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.Event]:
+        try:
+            async for event in self.events.subscribe(request):
+                yield event
+        except AbortError as error:
+            await send_abort(context, error)
+
+    @statuses
+    async def AckEvents(
+        self, request: pb.AckEventsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.AckEventsResponse:
+        return await self.events.acknowledge(request)

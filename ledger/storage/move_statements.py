@@ -273,3 +273,10 @@ SELECT
   (SELECT count(*) FROM accounts WHERE merchant_id = '$settlement'
      AND debits_posted <> credits_posted) AS positions
 """
+
+# A merchant's arrival on or departure from a shard, in the event stream
+# (migration 0011): readers order the merchant's events across the move by it.
+INSERT_MOVE_EVENT = """
+INSERT INTO event_outbox (kind, merchant_id, merchant_ids, body)
+VALUES ($1, $2, ARRAY[$2], jsonb_build_object('detail', $3::jsonb))
+"""

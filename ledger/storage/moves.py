@@ -12,6 +12,7 @@ import asyncpg
 
 from ledger.domain.accounts import AccountKey
 from ledger.domain.engine import AccountState, advanced
+from ledger.domain.events import EventKind
 from ledger.domain.moves import (
     CrossHold,
     Holds,
@@ -577,6 +578,12 @@ class MoveStore:
                     accounts[key] = advanced(accounts[key], booked[1])
 
             move = move_key(merchant_id, epoch)
+            move_detail = {
+                "merchant_id": merchant_id,
+                "epoch": epoch,
+                "from_shard": self.shard.name if leaving else peer,
+                "to_shard": peer if leaving else self.shard.name,
+            }
             for position in positions:
                 key = settlement_account(peer, position["currency"], merchant_id)
                 net_posted = int(position["net_posted"])
@@ -607,7 +614,22 @@ class MoveStore:
                 if cross.key not in folds:
                     await self._carry_cross_hold(conn, cross, peer=peer, leaving=leaving)
             await write_plan(
-                conn, records=[], entries=entries, accounts=changed, resolutions=[], expiring=[]
+                conn,
+                records=[],
+                entries=entries,
+                accounts=changed,
+                resolutions=[],
+                expiring=[],
+                change=EventKind.MOVE_BOOKED,
+                change_detail=move_detail,
+            )
+            # The last event of the merchant on the shard it leaves, or the first on
+            # the one it joins: readers order its events across the move by them.
+            await conn.execute(
+                sql.INSERT_MOVE_EVENT,
+                EventKind.MERCHANT_MOVED_OUT if leaving else EventKind.MERCHANT_MOVED_IN,
+                merchant_id,
+                move_detail,
             )
             return True
 

@@ -27,6 +27,7 @@ from ledger.domain.engine import (
     apply_transfers,
     expire_pending,
 )
+from ledger.domain.events import EventKind
 from ledger.domain.sagas import (
     SETTLEMENT_MERCHANT_ID,
     CreditAction,
@@ -271,6 +272,7 @@ class SagaStore:
                     accounts=books.changed,
                     resolutions=books.resolutions,
                     expiring=[r for r in books.records if r.expires_at],
+                    change=EventKind.SAGA_STEP,
                 )
             if reserved or decided or finishing:
                 await self._record_steps(
@@ -792,7 +794,13 @@ class SagaStore:
                 now=now,
             )
             await write_plan(
-                conn, records=[], entries=entries, accounts=states, resolutions=[], expiring=[]
+                conn,
+                records=[],
+                entries=entries,
+                accounts=states,
+                resolutions=[],
+                expiring=[],
+                change=EventKind.SAGA_STEP,
             )
             await conn.execute(
                 sql.INSERT_RELAY_PASS,

@@ -37,6 +37,7 @@ from ledger.domain.engine import (
     expire_pending,
     pending_state_at,
 )
+from ledger.domain.events import EventKind, resolution_event_kind, transfer_event_kind
 from ledger.domain.sagas import Saga
 from ledger.domain.transfers import (
     Direction,
@@ -157,6 +158,9 @@ class Shard:
         # state is logged once instead of at every attempt.
         self._unavailable_since: float | None = None
         self._unavailable_last_s = 0.0
+        # Told after every committed transaction: the event sequencer wakes for the
+        # events it may have written (ledger/core/event_sequencer.py).
+        self.on_commit: Callable[[str], None] | None = None
 
     async def open(self) -> None:
         invariant(self._pool is None, "a shard is opened once")
@@ -268,6 +272,7 @@ class Shard:
                 [s.debits_must_not_exceed_credits for s in specs],
                 [s.credits_must_not_exceed_debits for s in specs],
                 [dict(s.metadata) for s in specs],
+                current_trace_id(),
             )
             created = {AccountKey(r["merchant_id"], r["account_id"]) for r in inserted}
             others = [s.key for s in specs if s.key not in created]
@@ -314,6 +319,7 @@ class Shard:
                 [k.merchant_id for k in keys],
                 [k.account_id for k in keys],
                 closed,
+                current_trace_id(),
             )
             return {AccountKey(r["merchant_id"], r["account_id"]) for r in rows}
 
@@ -807,6 +813,8 @@ class Shard:
                 try:
                     async with self._acquire() as conn, conn.transaction():
                         result = await fn(conn)
+                    if self.on_commit is not None:
+                        self.on_commit(self.name)
                     if self._unavailable_since is not None:
                         self._maybe_available()
                     return _found_work(span, result)
@@ -1157,8 +1165,15 @@ async def write_plan(
     expiring: Sequence[TransferRecord],
     journals: Sequence[JournalRow] = (),
     ended_extra: Sequence[TransferKey] = (),
+    change: EventKind | None = None,
+    change_detail: Mapping[str, Any] | None = None,
 ) -> None:
-    """Writes a batch in one round trip and checks every row landed."""
+    """Writes a batch and its events in one round trip and checks every row landed.
+
+    Each transfer that applied, each journal and each pending transfer that expired
+    is an event of its own kind; entries of any other transfer key (saga steps,
+    move bookings) are events of kind `change`, with `change_detail`.
+    """
     # Every transfer records the trace that made it: "which postings did trace X make".
     trace_id = current_trace_id()
     transfer_rows: list[tuple[Any, ...]] = [
@@ -1258,6 +1273,7 @@ async def write_plan(
     ended = [
         (k.merchant_id, k.transfer_id) for k in (*(r.pending for r in resolutions), *ended_extra)
     ]
+    events = _event_rows(records, journals, entries, resolutions, trace_id, change, change_detail)
     counts = await conn.fetchrow(
         sql.WRITE_BATCH,
         transfer_rows,
@@ -1269,6 +1285,7 @@ async def write_plan(
         ],
         [(r.key.merchant_id, r.key.transfer_id, r.expires_at) for r in expiring],
         ended,
+        events,
     )
     assert counts is not None
     if counts["transfers"] != len(records) + len(journals):
@@ -1278,6 +1295,56 @@ async def write_plan(
     invariant(counts["entries"] == len(entries), "every entry was written")
     invariant(counts["accounts"] == len(accounts), "every changed account was updated")
     invariant(counts["resolutions"] == len(resolutions), "every resolution was written")
+    invariant(counts["events"] == len(events), "every change wrote its event")
+
+
+# Results that changed the books: a transfer applied, or a saga's reservation made.
+_APPLIED = (TransferResult.OK, TransferResult.IN_PROGRESS)
+
+
+def _event_rows(
+    records: Sequence[TransferRecord],
+    journals: Sequence[JournalRow],
+    entries: Sequence[Entry],
+    resolutions: Sequence[Resolution],
+    trace_id: str,
+    change: EventKind | None,
+    change_detail: Mapping[str, Any] | None,
+) -> list[tuple[Any, ...]]:
+    """One ledger_event_row per change in the batch (WRITE_BATCH joins in the rest)."""
+    rows: list[tuple[Any, ...]] = []
+    covered: set[TransferKey] = set()
+    for r in records:
+        if r.result not in _APPLIED:
+            continue  # a failure is recorded, but moved no money
+        q = r.request
+        kind = (
+            transfer_event_kind(q.action, q.reversal_of)
+            if r.result is TransferResult.OK
+            else EventKind.SAGA_STEP
+        )
+        merchant_id = q.debit.merchant_id
+        rows.append((kind, merchant_id, merchant_id, q.id, r.trace_id or trace_id, None))
+        covered.add(q.key)
+    for request, result, _, _ in journals:
+        if result is TransferResult.OK:
+            merchant_id = request.merchant_id
+            rows.append(
+                (EventKind.JOURNAL_POSTED, merchant_id, merchant_id, request.id, trace_id, None)
+            )
+            covered.add(TransferKey(merchant_id, request.id))
+    ended = {r.pending: r.state for r in resolutions}
+    for e in entries:
+        key = e.transfer
+        if key in covered:
+            continue
+        covered.add(key)
+        state = ended.get(key)
+        expired = resolution_event_kind(state) if state is not None else None
+        said, detail = (expired, None) if expired is not None else (change, change_detail)
+        invariant(said is not None, "entries without a transfer say what changed")
+        rows.append((said, key.merchant_id, key.merchant_id, key.transfer_id, trace_id, detail))
+    return rows
 
 
 def _postings_json(request: JournalRequest) -> list[dict[str, Any]]:

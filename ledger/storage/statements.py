@@ -39,20 +39,41 @@ ORDER BY account_id COLLATE "C"
 LIMIT $3
 """
 
-INSERT_ACCOUNTS = """
-INSERT INTO accounts (merchant_id, account_id, currency, debits_must_not_exceed_credits,
-                      credits_must_not_exceed_debits, metadata, created_at)
-SELECT m, a, c, d, k, md, clock_timestamp()
-FROM unnest($1::text[], $2::text[], $3::text[], $4::boolean[], $5::boolean[], $6::jsonb[])
-    AS u(m, a, c, d, k, md)
-ON CONFLICT (merchant_id, account_id) DO NOTHING
-RETURNING merchant_id, account_id
+# An account's event carries the account as it is after the change (migration 0011).
+_ACCOUNT_EVENT = """
+INSERT INTO event_outbox (kind, merchant_id, merchant_ids, trace_id, body)
+SELECT {kind}, c.merchant_id, ARRAY[c.merchant_id], {trace_id},
+    jsonb_build_object('account', to_jsonb(c) - 'entry_hash')
+FROM changed AS c
 """
 
-SET_ACCOUNTS_CLOSED = """
-UPDATE accounts SET closed = $3
+INSERT_ACCOUNTS = f"""
+WITH changed AS (
+    INSERT INTO accounts (merchant_id, account_id, currency, debits_must_not_exceed_credits,
+                          credits_must_not_exceed_debits, metadata, created_at)
+    SELECT m, a, c, d, k, md, clock_timestamp()
+    FROM unnest($1::text[], $2::text[], $3::text[], $4::boolean[], $5::boolean[], $6::jsonb[])
+        AS u(m, a, c, d, k, md)
+    ON CONFLICT (merchant_id, account_id) DO NOTHING
+    RETURNING {ACCOUNT_COLUMNS}
+), announced AS (
+    {_ACCOUNT_EVENT.format(kind=1, trace_id="$7")}
+)
+SELECT merchant_id, account_id FROM changed
+"""
+
+# Only accounts whose state changes are written (and announced); all found are returned.
+SET_ACCOUNTS_CLOSED = f"""
+WITH changed AS (
+    UPDATE accounts SET closed = $3
+    WHERE (merchant_id, account_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))
+      AND closed <> $3
+    RETURNING {ACCOUNT_COLUMNS}
+), announced AS (
+    {_ACCOUNT_EVENT.format(kind="CASE WHEN $3 THEN 2 ELSE 3 END", trace_id="$4")}
+)
+SELECT merchant_id, account_id FROM accounts
 WHERE (merchant_id, account_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))
-RETURNING merchant_id, account_id
 """
 
 TRANSFER_COLUMNS = """
@@ -131,11 +152,39 @@ WITH new_transfers AS (
     USING unnest($6::ledger_transfer_key[]) AS r
     WHERE x.merchant_id = r.merchant_id AND x.transfer_id = r.transfer_id
     RETURNING 1
+), new_events AS (
+    -- The batch's events (migration 0011), in the order given: each names its
+    -- transfer, whose row and entries (with balances after) come from the
+    -- batch's own arrays, so the event says exactly what this batch wrote.
+    INSERT INTO event_outbox (kind, merchant_id, merchant_ids, transfer_id, trace_id, body)
+    SELECT v.kind, v.merchant_id,
+        ARRAY(SELECT DISTINCT m FROM unnest(g.merchants || v.merchant_id) AS m ORDER BY m),
+        v.transfer_id, v.trace_id,
+        jsonb_build_object('transfer', to_jsonb(t), 'entries', coalesce(g.entries, '[]'),
+                           'detail', v.detail)
+    FROM unnest($7::ledger_event_row[]) WITH ORDINALITY
+        AS v(kind, merchant_id, transfer_merchant_id, transfer_id, trace_id, detail, n)
+    LEFT JOIN unnest($1::ledger_transfer_row[]) AS t
+        ON t.merchant_id = v.transfer_merchant_id AND t.transfer_id = v.transfer_id
+    LEFT JOIN (
+        SELECT e.transfer_merchant_id, e.transfer_id,
+            array_agg(DISTINCT e.merchant_id) AS merchants,
+            jsonb_agg(to_jsonb(e) - 'entry_hash' - 'transfer_merchant_id' - 'transfer_id'
+                      - 'created_at' - 'n' ORDER BY e.n) AS entries
+        FROM unnest($2::ledger_entry_row[]) WITH ORDINALITY
+            AS e(merchant_id, account_id, sequence, transfer_merchant_id, transfer_id, direction,
+                 kind, amount_minor, debits_posted, credits_posted, debits_pending,
+                 credits_pending, created_at, entry_hash, n)
+        GROUP BY e.transfer_merchant_id, e.transfer_id
+    ) AS g ON g.transfer_merchant_id = v.transfer_merchant_id AND g.transfer_id = v.transfer_id
+    ORDER BY v.n
+    RETURNING 1
 )
 SELECT (SELECT count(*) FROM new_transfers) AS transfers,
        (SELECT count(*) FROM new_entries) AS entries,
        (SELECT count(*) FROM updated_accounts) AS accounts,
-       (SELECT count(*) FROM new_resolutions) AS resolutions
+       (SELECT count(*) FROM new_resolutions) AS resolutions,
+       (SELECT count(*) FROM new_events) AS events
 """
 
 # Local pending transfers only; those a saga carries expire through a saga.

@@ -155,6 +155,15 @@ saga_attempts_failed = SummedCounter(
 shard_errors = SummedCounter(
     "ledger_shard_errors", unit="1", description="Shard calls that failed, by shard and kind"
 )
+events_sequenced = SummedCounter(
+    "ledger_events_sequenced", unit="1", description="Events numbered into a shard's stream"
+)
+event_delivery_delay = SummedHistogram(
+    "ledger_event_delivery_delay",
+    unit="s",
+    description="From an event's commit to its delivery to a subscriber",
+    bounds=LATENCY_BUCKETS_S,
+)
 shard_transactions = SummedHistogram(
     "ledger_shard_transaction_duration",
     unit="s",
@@ -206,6 +215,24 @@ _GAUGES = (
         "shard_reachable",
         "1",
         "1 if the replica's last gauge refresh (about every 2 s) reached the shard, else 0",
+    ),
+    (
+        "ledger_event_consumer_lag",
+        "event_consumer_lag",
+        "1",
+        "Events a registered consumer has not acknowledged, by consumer and shard",
+    ),
+    (
+        "ledger_event_consumer_lag_age",
+        "event_consumer_lag_seconds",
+        "s",
+        "Age of a registered consumer's oldest unacknowledged event, by consumer and shard",
+    ),
+    (
+        "ledger_event_outbox_backlog",
+        "event_outbox_backlog",
+        "1",
+        "Outbox events committed but not yet numbered into the stream, by shard",
     ),
     (
         "ledger_saga_oldest_running_age",

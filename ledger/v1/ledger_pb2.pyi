@@ -461,6 +461,118 @@ SAGA_KIND_EXPIRE: SagaKind.ValueType  # 3
 """The timeout of a cross-shard pending transfer."""
 Global___SagaKind: _TypeAlias = SagaKind  # noqa: Y015
 
+class _EventKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _EventKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    EVENT_KIND_UNSPECIFIED: _EventKind.ValueType  # 0
+    EVENT_KIND_ACCOUNT_CREATED: _EventKind.ValueType  # 1
+    """`account` holds the new account."""
+    EVENT_KIND_ACCOUNT_CLOSED: _EventKind.ValueType  # 2
+    """`account` as it is after the change."""
+    EVENT_KIND_ACCOUNT_REOPENED: _EventKind.ValueType  # 3
+    EVENT_KIND_TRANSFER_POSTED: _EventKind.ValueType  # 4
+    """A single-phase transfer applied: `transfer`, `entries`."""
+    EVENT_KIND_PENDING_CREATED: _EventKind.ValueType  # 5
+    """A two-phase transfer reserved its amount."""
+    EVENT_KIND_PENDING_POSTED: _EventKind.ValueType  # 6
+    """A pending transfer posted (all or part: `amount_effective_minor`); the
+    transfer is the POST_PENDING one, its pending_id the pending transfer.
+    """
+    EVENT_KIND_PENDING_VOIDED: _EventKind.ValueType  # 7
+    EVENT_KIND_PENDING_EXPIRED: _EventKind.ValueType  # 8
+    """A pending transfer's timeout released it: `transfer_id` is the pending
+    transfer's id, `entries` the releases.
+    """
+    EVENT_KIND_TRANSFER_REVERSED: _EventKind.ValueType  # 9
+    """A POST with reversal_of set."""
+    EVENT_KIND_JOURNAL_POSTED: _EventKind.ValueType  # 10
+    """`transfer` holds the journal's id and metadata, `postings` its postings."""
+    EVENT_KIND_SAGA_COMPLETED: _EventKind.ValueType  # 11
+    """A cross-shard saga ended (on its debit shard): `saga`."""
+    EVENT_KIND_SAGA_COMPENSATED: _EventKind.ValueType  # 12
+    """The credit side refused: `saga.result` is the refusal, the reservation
+    was released.
+    """
+    EVENT_KIND_SAGA_DEAD_LETTERED: _EventKind.ValueType  # 13
+    """Retries ran out; the money stays pending until an operator acts."""
+    EVENT_KIND_SAGA_STEP: _EventKind.ValueType  # 14
+    """A cross-shard transfer's entries on this shard: its reservation (with
+    `transfer`, result IN_PROGRESS), its credit, its settle, a hold relayed.
+    """
+    EVENT_KIND_MOVE_BOOKED: _EventKind.ValueType  # 15
+    """Settlement entries booked as a merchant arrives or leaves (`move`)."""
+    EVENT_KIND_MERCHANT_MOVED_IN: _EventKind.ValueType  # 16
+    """The first event of a merchant on the shard it moved to (`move`)."""
+    EVENT_KIND_MERCHANT_MOVED_OUT: _EventKind.ValueType  # 17
+    """The last event of a merchant on the shard it left (`move`)."""
+    EVENT_KIND_BALANCE_MONITOR_CROSSED: _EventKind.ValueType  # 18
+    """A balance monitor's threshold was crossed (issue 21)."""
+
+class EventKind(_EventKind, metaclass=_EventKindEnumTypeWrapper):
+    """---- The event stream (SubscribeEvents, AckEvents; the AMQP publisher sends
+    the same events as JSON, in the proto3 JSON mapping of Event).
+
+    Every shard numbers its events 1, 2, 3, ... with no gaps, in an order that
+    keeps every account's order (an event's entries carry each account's
+    balances after it). An event exists if and only if its change committed.
+    A cross-shard transfer has events on both shards (SAGA_STEP) and ends with
+    SAGA_COMPLETED or SAGA_COMPENSATED on its debit shard. A merchant that
+    moves leaves with MERCHANT_MOVED_OUT on the old shard and arrives with
+    MERCHANT_MOVED_IN on the new one; SubscribeEvents delivers the arrival (and
+    what follows it on that shard) only after the departure, so a merchant's
+    events keep their order across moves.
+
+    What changed.
+    """
+
+EVENT_KIND_UNSPECIFIED: EventKind.ValueType  # 0
+EVENT_KIND_ACCOUNT_CREATED: EventKind.ValueType  # 1
+"""`account` holds the new account."""
+EVENT_KIND_ACCOUNT_CLOSED: EventKind.ValueType  # 2
+"""`account` as it is after the change."""
+EVENT_KIND_ACCOUNT_REOPENED: EventKind.ValueType  # 3
+EVENT_KIND_TRANSFER_POSTED: EventKind.ValueType  # 4
+"""A single-phase transfer applied: `transfer`, `entries`."""
+EVENT_KIND_PENDING_CREATED: EventKind.ValueType  # 5
+"""A two-phase transfer reserved its amount."""
+EVENT_KIND_PENDING_POSTED: EventKind.ValueType  # 6
+"""A pending transfer posted (all or part: `amount_effective_minor`); the
+transfer is the POST_PENDING one, its pending_id the pending transfer.
+"""
+EVENT_KIND_PENDING_VOIDED: EventKind.ValueType  # 7
+EVENT_KIND_PENDING_EXPIRED: EventKind.ValueType  # 8
+"""A pending transfer's timeout released it: `transfer_id` is the pending
+transfer's id, `entries` the releases.
+"""
+EVENT_KIND_TRANSFER_REVERSED: EventKind.ValueType  # 9
+"""A POST with reversal_of set."""
+EVENT_KIND_JOURNAL_POSTED: EventKind.ValueType  # 10
+"""`transfer` holds the journal's id and metadata, `postings` its postings."""
+EVENT_KIND_SAGA_COMPLETED: EventKind.ValueType  # 11
+"""A cross-shard saga ended (on its debit shard): `saga`."""
+EVENT_KIND_SAGA_COMPENSATED: EventKind.ValueType  # 12
+"""The credit side refused: `saga.result` is the refusal, the reservation
+was released.
+"""
+EVENT_KIND_SAGA_DEAD_LETTERED: EventKind.ValueType  # 13
+"""Retries ran out; the money stays pending until an operator acts."""
+EVENT_KIND_SAGA_STEP: EventKind.ValueType  # 14
+"""A cross-shard transfer's entries on this shard: its reservation (with
+`transfer`, result IN_PROGRESS), its credit, its settle, a hold relayed.
+"""
+EVENT_KIND_MOVE_BOOKED: EventKind.ValueType  # 15
+"""Settlement entries booked as a merchant arrives or leaves (`move`)."""
+EVENT_KIND_MERCHANT_MOVED_IN: EventKind.ValueType  # 16
+"""The first event of a merchant on the shard it moved to (`move`)."""
+EVENT_KIND_MERCHANT_MOVED_OUT: EventKind.ValueType  # 17
+"""The last event of a merchant on the shard it left (`move`)."""
+EVENT_KIND_BALANCE_MONITOR_CROSSED: EventKind.ValueType  # 18
+"""A balance monitor's threshold was crossed (issue 21)."""
+Global___EventKind: _TypeAlias = EventKind  # noqa: Y015
+
 @_typing.final
 class AccountRef(_message.Message):
     """Addresses one account. Both fields: 1 to 128 bytes of UTF-8, and the other
@@ -1841,3 +1953,393 @@ class ResolveSagaRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ResolveSagaRequest: _TypeAlias = ResolveSagaRequest  # noqa: Y015
+
+@_typing.final
+class EventCursor(_message.Message):
+    """A position per shard: the last event delivered from it (0: none yet)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class PositionsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    POSITIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def positions(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Shard name -> position."""
+
+    def __init__(
+        self,
+        *,
+        positions: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["positions", b"positions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EventCursor: _TypeAlias = EventCursor  # noqa: Y015
+
+@_typing.final
+class EventEntry(_message.Message):
+    """One entry the change wrote, with the account's balances after it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_FIELD_NUMBER: _builtins.int
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    DIRECTION_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    AMOUNT_MINOR_FIELD_NUMBER: _builtins.int
+    DEBITS_POSTED_FIELD_NUMBER: _builtins.int
+    CREDITS_POSTED_FIELD_NUMBER: _builtins.int
+    DEBITS_PENDING_FIELD_NUMBER: _builtins.int
+    CREDITS_PENDING_FIELD_NUMBER: _builtins.int
+    sequence: _builtins.int
+    """The account's entry sequence (as in ListEntries)."""
+    direction: Global___Direction.ValueType
+    kind: Global___EntryKind.ValueType
+    amount_minor: _builtins.int
+    debits_posted: _builtins.int
+    credits_posted: _builtins.int
+    debits_pending: _builtins.int
+    credits_pending: _builtins.int
+    @_builtins.property
+    def account(self) -> Global___AccountRef: ...
+    def __init__(
+        self,
+        *,
+        account: Global___AccountRef | None = ...,
+        sequence: _builtins.int = ...,
+        direction: Global___Direction.ValueType = ...,
+        kind: Global___EntryKind.ValueType = ...,
+        amount_minor: _builtins.int = ...,
+        debits_posted: _builtins.int = ...,
+        credits_posted: _builtins.int = ...,
+        debits_pending: _builtins.int = ...,
+        credits_pending: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["account", b"account"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "amount_minor", b"amount_minor", "credits_pending", b"credits_pending", "credits_posted", b"credits_posted", "debits_pending", b"debits_pending", "debits_posted", b"debits_posted", "direction", b"direction", "kind", b"kind", "sequence", b"sequence"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EventEntry: _TypeAlias = EventEntry  # noqa: Y015
+
+@_typing.final
+class EventSaga(_message.Message):
+    """A saga's end."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    RESULT_FIELD_NUMBER: _builtins.int
+    PEER_SHARD_FIELD_NUMBER: _builtins.int
+    DEBIT_ACCOUNT_FIELD_NUMBER: _builtins.int
+    CREDIT_ACCOUNT_FIELD_NUMBER: _builtins.int
+    CURRENCY_FIELD_NUMBER: _builtins.int
+    AMOUNT_MINOR_FIELD_NUMBER: _builtins.int
+    PENDING_MINOR_FIELD_NUMBER: _builtins.int
+    PENDING_ID_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
+    LAST_ERROR_FIELD_NUMBER: _builtins.int
+    kind: Global___SagaKind.ValueType
+    state: Global___SagaState.ValueType
+    result: Global___TransferResult.ValueType
+    """OK when completed; the refusal when compensated."""
+    peer_shard: _builtins.str
+    """The credit side's shard."""
+    currency: _builtins.str
+    amount_minor: _builtins.int
+    pending_minor: _builtins.int
+    pending_id: _builtins.str
+    attempts: _builtins.int
+    last_error: _builtins.str
+    @_builtins.property
+    def debit_account(self) -> Global___AccountRef: ...
+    @_builtins.property
+    def credit_account(self) -> Global___AccountRef: ...
+    def __init__(
+        self,
+        *,
+        kind: Global___SagaKind.ValueType = ...,
+        state: Global___SagaState.ValueType = ...,
+        result: Global___TransferResult.ValueType = ...,
+        peer_shard: _builtins.str = ...,
+        debit_account: Global___AccountRef | None = ...,
+        credit_account: Global___AccountRef | None = ...,
+        currency: _builtins.str = ...,
+        amount_minor: _builtins.int = ...,
+        pending_minor: _builtins.int = ...,
+        pending_id: _builtins.str = ...,
+        attempts: _builtins.int = ...,
+        last_error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["credit_account", b"credit_account", "debit_account", b"debit_account"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_minor", b"amount_minor", "attempts", b"attempts", "credit_account", b"credit_account", "currency", b"currency", "debit_account", b"debit_account", "kind", b"kind", "last_error", b"last_error", "peer_shard", b"peer_shard", "pending_id", b"pending_id", "pending_minor", b"pending_minor", "result", b"result", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EventSaga: _TypeAlias = EventSaga  # noqa: Y015
+
+@_typing.final
+class EventMove(_message.Message):
+    """A merchant's move between shards."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MERCHANT_ID_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    FROM_SHARD_FIELD_NUMBER: _builtins.int
+    TO_SHARD_FIELD_NUMBER: _builtins.int
+    merchant_id: _builtins.str
+    epoch: _builtins.int
+    """The config epoch of the move."""
+    from_shard: _builtins.str
+    to_shard: _builtins.str
+    def __init__(
+        self,
+        *,
+        merchant_id: _builtins.str = ...,
+        epoch: _builtins.int = ...,
+        from_shard: _builtins.str = ...,
+        to_shard: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "from_shard", b"from_shard", "merchant_id", b"merchant_id", "to_shard", b"to_shard"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EventMove: _TypeAlias = EventMove  # noqa: Y015
+
+@_typing.final
+class Event(_message.Message):
+    """One change to the books."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SHARD_FIELD_NUMBER: _builtins.int
+    POSITION_FIELD_NUMBER: _builtins.int
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    MERCHANT_ID_FIELD_NUMBER: _builtins.int
+    MERCHANT_IDS_FIELD_NUMBER: _builtins.int
+    TRANSFER_FIELD_NUMBER: _builtins.int
+    AMOUNT_EFFECTIVE_MINOR_FIELD_NUMBER: _builtins.int
+    TRANSFER_RESULT_FIELD_NUMBER: _builtins.int
+    POSTINGS_FIELD_NUMBER: _builtins.int
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    ACCOUNT_FIELD_NUMBER: _builtins.int
+    SAGA_FIELD_NUMBER: _builtins.int
+    MOVE_FIELD_NUMBER: _builtins.int
+    TRACE_ID_FIELD_NUMBER: _builtins.int
+    COMMITTED_AT_FIELD_NUMBER: _builtins.int
+    CURSOR_FIELD_NUMBER: _builtins.int
+    TRANSFER_ID_FIELD_NUMBER: _builtins.int
+    shard: _builtins.str
+    """The shard whose stream this is, and the event's position in it."""
+    position: _builtins.int
+    event_id: _builtins.str
+    """Stable across redeliveries (UUID): drop duplicates by it."""
+    kind: Global___EventKind.ValueType
+    merchant_id: _builtins.str
+    """The merchant the change belongs to (a transfer's debit merchant), raw:
+    events go to trusted services, not to telemetry.
+    """
+    amount_effective_minor: _builtins.int
+    """What it moved (posted amount for PENDING_POSTED)."""
+    transfer_result: Global___TransferResult.ValueType
+    """The transfer's stored result (OK, or IN_PROGRESS for a saga's reservation)."""
+    trace_id: _builtins.str
+    """The trace of the request that made the change (empty if untraced)."""
+    transfer_id: _builtins.str
+    """The transfer id the change is filed under (for PENDING_EXPIRED, the
+    pending transfer's; for sagas, the saga's transfer).
+    """
+    @_builtins.property
+    def merchant_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Every merchant whose accounts the change touched."""
+
+    @_builtins.property
+    def transfer(self) -> Global___Transfer:
+        """The transfer (or journal) that made the change, when there is one."""
+
+    @_builtins.property
+    def postings(self) -> _containers.RepeatedCompositeFieldContainer[Global___Posting]:
+        """For JOURNAL_POSTED."""
+
+    @_builtins.property
+    def entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___EventEntry]:
+        """The entries written, in order, with balances after each."""
+
+    @_builtins.property
+    def account(self) -> Global___Account:
+        """For account events."""
+
+    @_builtins.property
+    def saga(self) -> Global___EventSaga:
+        """For saga endings."""
+
+    @_builtins.property
+    def move(self) -> Global___EventMove:
+        """For moves."""
+
+    @_builtins.property
+    def committed_at(self) -> _timestamp_pb2.Timestamp:
+        """When the change committed (its transaction's clock just before commit)."""
+
+    @_builtins.property
+    def cursor(self) -> Global___EventCursor:
+        """The cursor after this event: resume from it."""
+
+    def __init__(
+        self,
+        *,
+        shard: _builtins.str = ...,
+        position: _builtins.int = ...,
+        event_id: _builtins.str = ...,
+        kind: Global___EventKind.ValueType = ...,
+        merchant_id: _builtins.str = ...,
+        merchant_ids: _abc.Iterable[_builtins.str] | None = ...,
+        transfer: Global___Transfer | None = ...,
+        amount_effective_minor: _builtins.int = ...,
+        transfer_result: Global___TransferResult.ValueType = ...,
+        postings: _abc.Iterable[Global___Posting] | None = ...,
+        entries: _abc.Iterable[Global___EventEntry] | None = ...,
+        account: Global___Account | None = ...,
+        saga: Global___EventSaga | None = ...,
+        move: Global___EventMove | None = ...,
+        trace_id: _builtins.str = ...,
+        committed_at: _timestamp_pb2.Timestamp | None = ...,
+        cursor: Global___EventCursor | None = ...,
+        transfer_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "committed_at", b"committed_at", "cursor", b"cursor", "move", b"move", "saga", b"saga", "transfer", b"transfer"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "amount_effective_minor", b"amount_effective_minor", "committed_at", b"committed_at", "cursor", b"cursor", "entries", b"entries", "event_id", b"event_id", "kind", b"kind", "merchant_id", b"merchant_id", "merchant_ids", b"merchant_ids", "move", b"move", "position", b"position", "postings", b"postings", "saga", b"saga", "shard", b"shard", "trace_id", b"trace_id", "transfer", b"transfer", "transfer_id", b"transfer_id", "transfer_result", b"transfer_result"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Event: _TypeAlias = Event  # noqa: Y015
+
+@_typing.final
+class SubscribeEventsRequest(_message.Message):
+    """SubscribeEvents input."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AFTER_FIELD_NUMBER: _builtins.int
+    FROM_NOW_FIELD_NUMBER: _builtins.int
+    MERCHANT_ID_FIELD_NUMBER: _builtins.int
+    ACCOUNT_FIELD_NUMBER: _builtins.int
+    CONSUMER_FIELD_NUMBER: _builtins.int
+    from_now: _builtins.bool
+    """Only events from now on, for shards not named in `after`."""
+    merchant_id: _builtins.str
+    """Only events touching this merchant (optional; required for a token
+    limited to merchants).
+    """
+    consumer: _builtins.str
+    """A registered consumer's name (optional, 1 to 128 bytes): registering keeps
+    events from being pruned until the consumer acknowledges them (AckEvents).
+    """
+    @_builtins.property
+    def after(self) -> Global___EventCursor:
+        """Resume after these positions. A shard not named starts at its oldest
+        kept event, or at its newest with from_now.
+        """
+
+    @_builtins.property
+    def account(self) -> Global___AccountRef:
+        """Only events touching this account (optional)."""
+
+    def __init__(
+        self,
+        *,
+        after: Global___EventCursor | None = ...,
+        from_now: _builtins.bool = ...,
+        merchant_id: _builtins.str = ...,
+        account: Global___AccountRef | None = ...,
+        consumer: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "after", b"after"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "after", b"after", "consumer", b"consumer", "from_now", b"from_now", "merchant_id", b"merchant_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubscribeEventsRequest: _TypeAlias = SubscribeEventsRequest  # noqa: Y015
+
+@_typing.final
+class AckEventsRequest(_message.Message):
+    """AckEvents input."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONSUMER_FIELD_NUMBER: _builtins.int
+    CURSOR_FIELD_NUMBER: _builtins.int
+    consumer: _builtins.str
+    """1 to 128 bytes."""
+    @_builtins.property
+    def cursor(self) -> Global___EventCursor:
+        """The last event processed per shard (the cursor of that event)."""
+
+    def __init__(
+        self,
+        *,
+        consumer: _builtins.str = ...,
+        cursor: Global___EventCursor | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consumer", b"consumer", "cursor", b"cursor"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AckEventsRequest: _TypeAlias = AckEventsRequest  # noqa: Y015
+
+@_typing.final
+class AckEventsResponse(_message.Message):
+    """AckEvents output."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACKNOWLEDGED_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def acknowledged(self) -> Global___EventCursor:
+        """What the consumer has acknowledged per shard now."""
+
+    def __init__(
+        self,
+        *,
+        acknowledged: Global___EventCursor | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["acknowledged", b"acknowledged"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acknowledged", b"acknowledged"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AckEventsResponse: _TypeAlias = AckEventsResponse  # noqa: Y015

@@ -81,6 +81,16 @@ class LedgerServiceStub:
                 request_serializer=ledger_dot_v1_dot_ledger__pb2.ListEntriesRequest.SerializeToString,
                 response_deserializer=ledger_dot_v1_dot_ledger__pb2.ListEntriesResponse.FromString,
                 _registered_method=True)
+        self.SubscribeEvents = channel.unary_stream(
+                '/ledger.v1.LedgerService/SubscribeEvents',
+                request_serializer=ledger_dot_v1_dot_ledger__pb2.SubscribeEventsRequest.SerializeToString,
+                response_deserializer=ledger_dot_v1_dot_ledger__pb2.Event.FromString,
+                _registered_method=True)
+        self.AckEvents = channel.unary_unary(
+                '/ledger.v1.LedgerService/AckEvents',
+                request_serializer=ledger_dot_v1_dot_ledger__pb2.AckEventsRequest.SerializeToString,
+                response_deserializer=ledger_dot_v1_dot_ledger__pb2.AckEventsResponse.FromString,
+                _registered_method=True)
 
 
 class LedgerServiceServicer:
@@ -156,6 +166,29 @@ class LedgerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubscribeEvents(self, request, context):
+        """Streams every change to the books, as committed: first the events after
+        the request's cursor (catching up), then live ones as they commit. Each
+        event carries the cursor to resume from after it; resuming never skips or
+        reorders an event of a shard. Delivery is at least once: drop duplicates
+        by event_id. Needs the read scope; a token limited to merchants must
+        filter by one of them. OUT_OF_RANGE (ErrorInfo EVENTS_PRUNED) when the
+        cursor is older than what a shard still keeps; FAILED_PRECONDITION
+        (ErrorInfo CONSUMER_LAPSED) for a registered consumer that fell behind
+        the retention bound. Details: README, "Event stream".
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AckEvents(self, request, context):
+        """Records how far a registered consumer has processed events: events are
+        pruned only up to what every registered consumer acknowledged.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LedgerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -203,6 +236,16 @@ def add_LedgerServiceServicer_to_server(servicer, server):
                     servicer.ListEntries,
                     request_deserializer=ledger_dot_v1_dot_ledger__pb2.ListEntriesRequest.FromString,
                     response_serializer=ledger_dot_v1_dot_ledger__pb2.ListEntriesResponse.SerializeToString,
+            ),
+            'SubscribeEvents': grpc.unary_stream_rpc_method_handler(
+                    servicer.SubscribeEvents,
+                    request_deserializer=ledger_dot_v1_dot_ledger__pb2.SubscribeEventsRequest.FromString,
+                    response_serializer=ledger_dot_v1_dot_ledger__pb2.Event.SerializeToString,
+            ),
+            'AckEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.AckEvents,
+                    request_deserializer=ledger_dot_v1_dot_ledger__pb2.AckEventsRequest.FromString,
+                    response_serializer=ledger_dot_v1_dot_ledger__pb2.AckEventsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -449,6 +492,60 @@ class LedgerService:
             '/ledger.v1.LedgerService/ListEntries',
             ledger_dot_v1_dot_ledger__pb2.ListEntriesRequest.SerializeToString,
             ledger_dot_v1_dot_ledger__pb2.ListEntriesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubscribeEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/ledger.v1.LedgerService/SubscribeEvents',
+            ledger_dot_v1_dot_ledger__pb2.SubscribeEventsRequest.SerializeToString,
+            ledger_dot_v1_dot_ledger__pb2.Event.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AckEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ledger.v1.LedgerService/AckEvents',
+            ledger_dot_v1_dot_ledger__pb2.AckEventsRequest.SerializeToString,
+            ledger_dot_v1_dot_ledger__pb2.AckEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,

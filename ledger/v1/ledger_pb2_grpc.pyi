@@ -95,6 +95,21 @@ class LedgerServiceStub:
     """Returns an account's balance now, or as it was at a past instant."""
     ListEntries: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.ListEntriesRequest, _ledger_pb2.ListEntriesResponse]
     """Pages through an account's entries, newest or oldest first."""
+    SubscribeEvents: _grpc.UnaryStreamMultiCallable[_ledger_pb2.SubscribeEventsRequest, _ledger_pb2.Event]
+    """Streams every change to the books, as committed: first the events after
+    the request's cursor (catching up), then live ones as they commit. Each
+    event carries the cursor to resume from after it; resuming never skips or
+    reorders an event of a shard. Delivery is at least once: drop duplicates
+    by event_id. Needs the read scope; a token limited to merchants must
+    filter by one of them. OUT_OF_RANGE (ErrorInfo EVENTS_PRUNED) when the
+    cursor is older than what a shard still keeps; FAILED_PRECONDITION
+    (ErrorInfo CONSUMER_LAPSED) for a registered consumer that fell behind
+    the retention bound. Details: README, "Event stream".
+    """
+    AckEvents: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.AckEventsRequest, _ledger_pb2.AckEventsResponse]
+    """Records how far a registered consumer has processed events: events are
+    pruned only up to what every registered consumer acknowledged.
+    """
 
 @_typing.type_check_only
 class LedgerServiceAsyncStub(LedgerServiceStub):
@@ -129,6 +144,21 @@ class LedgerServiceAsyncStub(LedgerServiceStub):
     """Returns an account's balance now, or as it was at a past instant."""
     ListEntries: _aio.UnaryUnaryMultiCallable[_ledger_pb2.ListEntriesRequest, _ledger_pb2.ListEntriesResponse]  # type: ignore[assignment]
     """Pages through an account's entries, newest or oldest first."""
+    SubscribeEvents: _aio.UnaryStreamMultiCallable[_ledger_pb2.SubscribeEventsRequest, _ledger_pb2.Event]  # type: ignore[assignment]
+    """Streams every change to the books, as committed: first the events after
+    the request's cursor (catching up), then live ones as they commit. Each
+    event carries the cursor to resume from after it; resuming never skips or
+    reorders an event of a shard. Delivery is at least once: drop duplicates
+    by event_id. Needs the read scope; a token limited to merchants must
+    filter by one of them. OUT_OF_RANGE (ErrorInfo EVENTS_PRUNED) when the
+    cursor is older than what a shard still keeps; FAILED_PRECONDITION
+    (ErrorInfo CONSUMER_LAPSED) for a registered consumer that fell behind
+    the retention bound. Details: README, "Event stream".
+    """
+    AckEvents: _aio.UnaryUnaryMultiCallable[_ledger_pb2.AckEventsRequest, _ledger_pb2.AckEventsResponse]  # type: ignore[assignment]
+    """Records how far a registered consumer has processed events: events are
+    pruned only up to what every registered consumer acknowledged.
+    """
 
 class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
     """LedgerService records money movements in a sharded double-entry ledger."""
@@ -214,6 +244,33 @@ class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_ledger_pb2.ListEntriesResponse, _abc.Awaitable[_ledger_pb2.ListEntriesResponse]]:
         """Pages through an account's entries, newest or oldest first."""
+
+    @_abc_1.abstractmethod
+    def SubscribeEvents(
+        self,
+        request: _ledger_pb2.SubscribeEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_ledger_pb2.Event], _abc.AsyncIterator[_ledger_pb2.Event]]:
+        """Streams every change to the books, as committed: first the events after
+        the request's cursor (catching up), then live ones as they commit. Each
+        event carries the cursor to resume from after it; resuming never skips or
+        reorders an event of a shard. Delivery is at least once: drop duplicates
+        by event_id. Needs the read scope; a token limited to merchants must
+        filter by one of them. OUT_OF_RANGE (ErrorInfo EVENTS_PRUNED) when the
+        cursor is older than what a shard still keeps; FAILED_PRECONDITION
+        (ErrorInfo CONSUMER_LAPSED) for a registered consumer that fell behind
+        the retention bound. Details: README, "Event stream".
+        """
+
+    @_abc_1.abstractmethod
+    def AckEvents(
+        self,
+        request: _ledger_pb2.AckEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_pb2.AckEventsResponse, _abc.Awaitable[_ledger_pb2.AckEventsResponse]]:
+        """Records how far a registered consumer has processed events: events are
+        pruned only up to what every registered consumer acknowledged.
+        """
 
 def add_LedgerServiceServicer_to_server(servicer: LedgerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 

@@ -1,0 +1,257 @@
+"""The event stream's API: requests decoded, events encoded, streams served.
+
+SubscribeEvents and AckEvents of LedgerService; the core is ledger/core/event_feed.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Mapping
+from datetime import datetime
+from typing import Any
+
+import grpc
+
+from ledger import limits
+from ledger.api import encode
+from ledger.api.auth import require_merchants, require_unrestricted
+from ledger.api.decode import Violations, account_ref
+from ledger.api.status import AbortError, unavailable, with_reason
+from ledger.core.event_feed import EventFeed, EventsPruned, Subscription, UnknownShard
+from ledger.storage.errors import ShardUnavailable
+from ledger.storage.events import ConsumerLapsed, EventRow, EventStore
+from ledger.telemetry import metrics
+from ledger.v1 import ledger_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+
+def _consumer(v: Violations, field: str, value: str, *, required: bool) -> str | None:
+    if not value:
+        if required:
+            v.add(field, "is required")
+        return None
+    if len(value.encode("utf-8", "surrogatepass")) > limits.event_consumer_name_bytes_max:
+        v.add(field, f"must be at most {limits.event_consumer_name_bytes_max} bytes")
+    v.id(field, value)
+    return value
+
+
+def _cursor(v: Violations, field: str, cursor: pb.EventCursor) -> dict[str, int]:
+    positions = dict(cursor.positions)
+    for name, position in positions.items():
+        if position < 0:
+            v.add(f"{field}.positions[{name[:64]!r}]", "must be 0 or more")
+    return positions
+
+
+def subscription(request: pb.SubscribeEventsRequest) -> Subscription:
+    v = Violations()
+    after = _cursor(v, "after", request.after)
+    merchant_id = request.merchant_id or None
+    if merchant_id is not None:
+        v.merchant_id("merchant_id", merchant_id)
+    account = account_ref(v, "account", request.account, required=False)
+    if account is not None and merchant_id is not None and account.merchant_id != merchant_id:
+        v.add("account.merchant_id", "must equal merchant_id when both are given")
+    consumer = _consumer(v, "consumer", request.consumer, required=False)
+    v.raise_if_any()
+    if account is not None and merchant_id is None:
+        merchant_id = account.merchant_id  # read only that merchant's events
+    return Subscription(after, request.from_now, merchant_id, account, consumer)
+
+
+def _timestamp(value: Any) -> Any:
+    return encode.timestamp(datetime.fromisoformat(value)) if value else None
+
+
+def _ref(merchant_id: str, account_id: str) -> pb.AccountRef | None:
+    if not merchant_id and not account_id:
+        return None
+    return pb.AccountRef(merchant_id=merchant_id, account_id=account_id)
+
+
+def event(row: EventRow, cursor: Mapping[str, int]) -> pb.Event:
+    """The stored event as the proto Event (the AMQP publisher sends the same)."""
+    body = row.body
+    message = pb.Event(
+        shard=row.shard,
+        position=row.position,
+        event_id=row.event_id,
+        kind=int(row.kind),  # type: ignore[arg-type]
+        merchant_id=row.merchant_id,
+        merchant_ids=row.merchant_ids,
+        transfer_id=row.transfer_id,
+        trace_id=row.trace_id,
+        committed_at=encode.timestamp(row.committed_at),
+        cursor=pb.EventCursor(positions=cursor),
+    )
+    t = body.get("transfer")
+    if t:
+        message.transfer.CopyFrom(
+            pb.Transfer(
+                id=t["transfer_id"],
+                debit_account=_ref(t["debit_merchant_id"], t["debit_account_id"]),
+                credit_account=_ref(t["credit_merchant_id"], t["credit_account_id"]),
+                amount_minor=t["amount_minor"],
+                currency=t["currency"],
+                action=t["action"],
+                pending_id=t["pending_id"],
+                timeout_ms=t["timeout_ms"],
+                linked=t["linked"],
+                reversal_of=t["reversal_of"],
+                metadata=t["metadata"] or {},
+                created_at=_timestamp(t["created_at"]),
+                trace_id=t["trace_id"],
+            )
+        )
+        message.amount_effective_minor = t["amount_effective_minor"]
+        message.transfer_result = t["result"]
+        for p in t.get("postings") or ():
+            message.postings.append(
+                pb.Posting(
+                    account=_ref(p["merchant_id"], p["account_id"]),
+                    amount_minor=p["amount_minor"],
+                    currency=p["currency"],
+                    direction=p["direction"],
+                )
+            )
+    for e in body.get("entries") or ():
+        message.entries.append(
+            pb.EventEntry(
+                account=_ref(e["merchant_id"], e["account_id"]),
+                sequence=e["sequence"],
+                direction=e["direction"],
+                kind=e["kind"],
+                amount_minor=e["amount_minor"],
+                debits_posted=e["debits_posted"],
+                credits_posted=e["credits_posted"],
+                debits_pending=e["debits_pending"],
+                credits_pending=e["credits_pending"],
+            )
+        )
+    a = body.get("account")
+    if a:
+        message.account.CopyFrom(
+            pb.Account(
+                ref=_ref(a["merchant_id"], a["account_id"]),
+                currency=a["currency"],
+                debits_must_not_exceed_credits=a["debits_must_not_exceed_credits"],
+                credits_must_not_exceed_debits=a["credits_must_not_exceed_debits"],
+                closed=a["closed"],
+                metadata=a["metadata"] or {},
+                debits_posted=a["debits_posted"],
+                credits_posted=a["credits_posted"],
+                debits_pending=a["debits_pending"],
+                credits_pending=a["credits_pending"],
+                created_at=_timestamp(a["created_at"]),
+            )
+        )
+    s = body.get("saga")
+    if s:
+        message.saga.CopyFrom(
+            pb.EventSaga(
+                kind=s["kind"],
+                state=s["state"],
+                result=s["result"] or 0,  # type: ignore[arg-type]
+                peer_shard=s["peer_shard"],
+                debit_account=_ref(s["merchant_id"], s["debit_account_id"]),
+                credit_account=_ref(s["credit_merchant_id"], s["credit_account_id"]),
+                currency=s["currency"],
+                amount_minor=s["amount_minor"],
+                pending_minor=s["pending_minor"],
+                pending_id=s["pending_id"],
+                attempts=s["attempts"],
+                last_error=s["last_error"],
+            )
+        )
+    d = body.get("detail")
+    if d and "epoch" in d:
+        message.move.CopyFrom(
+            pb.EventMove(
+                merchant_id=d["merchant_id"],
+                epoch=d["epoch"],
+                from_shard=d["from_shard"],
+                to_shard=d["to_shard"],
+            )
+        )
+    return message
+
+
+def _refusal(error: Exception) -> AbortError:
+    if isinstance(error, EventsPruned):
+        return with_reason(
+            grpc.StatusCode.OUT_OF_RANGE,
+            "EVENTS_PRUNED",
+            str(error),
+            shard=error.shard,
+            position=str(error.position),
+            oldest=str(error.oldest),
+        )
+    if isinstance(error, ConsumerLapsed):
+        return with_reason(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "CONSUMER_LAPSED",
+            str(error),
+            shard=error.shard,
+            consumer=error.consumer,
+            position=str(error.position),
+        )
+    if isinstance(error, UnknownShard):
+        return with_reason(
+            grpc.StatusCode.INVALID_ARGUMENT, "UNKNOWN_SHARD", str(error), shard=error.shard
+        )
+    assert isinstance(error, ShardUnavailable)
+    return unavailable(str(error))
+
+
+class EventStreams:
+    def __init__(self, feed: EventFeed) -> None:
+        self.feed = feed
+
+    async def subscribe(self, request: pb.SubscribeEventsRequest) -> AsyncIterator[pb.Event]:
+        wanted = subscription(request)
+        if wanted.merchant_id is None:
+            require_unrestricted()  # every merchant's events
+        else:
+            require_merchants([("merchant_id", wanted.merchant_id)])
+        if self.feed.subscriptions >= limits.event_subscriptions_max:
+            raise AbortError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"this replica serves {limits.event_subscriptions_max} event subscriptions, "
+                "its most; retry shortly or on another replica",
+            )
+        try:
+            positions = await self.feed.start_positions(wanted)
+        except (EventsPruned, ConsumerLapsed, UnknownShard, ShardUnavailable) as error:
+            raise _refusal(error) from error
+        try:
+            async for row, cursor in self.feed.follow(wanted, positions):
+                metrics.event_delivery_delay.record(
+                    max(0.0, time.time() - row.committed_at.timestamp()), {}
+                )
+                yield event(row, cursor)
+        except EventsPruned as error:
+            raise _refusal(error) from error
+
+    async def acknowledge(self, request: pb.AckEventsRequest) -> pb.AckEventsResponse:
+        v = Violations()
+        consumer = _consumer(v, "consumer", request.consumer, required=True)
+        positions = _cursor(v, "cursor", request.cursor)
+        shards = self.feed.cluster.shards
+        for name in positions:
+            if name not in shards:
+                v.add(f"cursor.positions[{name[:64]!r}]", "names no shard of this cluster")
+        v.raise_if_any()
+        assert consumer is not None
+        acknowledged: dict[str, int] = {}
+        try:
+            for name, position in sorted(positions.items()):
+                acknowledged[name] = await EventStore(shards[name]).acknowledge(
+                    consumer, position
+                )
+        except (ConsumerLapsed, ShardUnavailable) as error:
+            raise _refusal(error) from error
+        return pb.AckEventsResponse(acknowledged=pb.EventCursor(positions=acknowledged))
+

@@ -1,0 +1,214 @@
+"""Serving the event stream: catch up from each shard's events, then follow them live.
+
+A subscription holds a cursor (the last position delivered per shard) and reads
+every shard after it, in per-shard order. It wakes when a shard numbers new
+events: told in-process by this replica's sequencer, and through LISTEN on each
+shard for the others' (with a poll every limits.event_idle_poll_s, should a
+notification be lost).
+
+Across a move: the destination's MERCHANT_MOVED_IN for merchant M at epoch E is
+held back (with the rest of that shard's stream, so per-shard order and the cursor
+stay simple) until the source's MERCHANT_MOVED_OUT for (M, E) has been delivered.
+Every event of M on the source commits before that departure (it takes M's
+exclusive lock), and every event of M on the destination after the arrival, so a
+consumer sees M's events in the order they happened, whichever shard it reads
+first. If the rebalance stopped between the two, the destination waits until a
+rerun finishes the move.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+
+import asyncpg
+
+from ledger import limits
+from ledger.domain.accounts import AccountKey
+from ledger.domain.events import EventKind
+from ledger.routing.cluster import Cluster
+from ledger.storage import event_statements as sql
+from ledger.storage.errors import ShardUnavailable
+from ledger.storage.events import EventRow, EventStore
+
+log = logging.getLogger(__name__)
+
+
+class EventsPruned(Exception):
+    """A cursor points before the oldest event a shard still keeps."""
+
+    def __init__(self, shard: str, position: int, oldest: int) -> None:
+        super().__init__(
+            f"shard {shard} no longer keeps events after position {position}: its oldest is "
+            f"{oldest}; resume from a newer cursor, or rebuild from a snapshot"
+        )
+        self.shard = shard
+        self.position = position
+        self.oldest = oldest
+
+
+class UnknownShard(Exception):
+    def __init__(self, shard: str) -> None:
+        super().__init__(f"the cursor names shard {shard!r}, which this cluster does not have")
+        self.shard = shard
+
+
+@dataclass(frozen=True, slots=True)
+class Subscription:
+    after: Mapping[str, int]
+    from_now: bool = False
+    merchant_id: str | None = None
+    account: AccountKey | None = None
+    consumer: str | None = None
+
+
+class EventFeed:
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+        # Replaced on every wake-up: a subscriber waits on the one it took before reading.
+        self._changed = asyncio.Event()
+        self._listeners: dict[str, asyncpg.Connection[asyncpg.Record]] = {}
+        self.subscriptions = 0
+        self._closed = False
+
+    def wake(self, shard_name: str = "") -> None:
+        """New events were numbered (on shard_name): every subscriber reads again."""
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    async def close(self) -> None:
+        """Ends every subscription (at an event boundary) and stops listening."""
+        self._closed = True
+        for conn in list(self._listeners.values()):
+            with contextlib.suppress(Exception):
+                await conn.close()
+        self._listeners.clear()
+        self.wake()
+
+    async def _listen(self) -> None:
+        """LISTEN on every shard not yet listened to (other replicas' rounds)."""
+        for name, shard in list(self.cluster.shards.items()):
+            conn = self._listeners.get(name)
+            if conn is not None and not conn.is_closed():
+                continue
+            try:
+                conn = await asyncpg.connect(shard.dsn, timeout=limits.shard_connect_timeout_s)
+                await conn.add_listener(sql.NOTIFY_CHANNEL, self._notified)
+                self._listeners[name] = conn
+            except (OSError, asyncpg.PostgresError, TimeoutError) as error:
+                log.debug("cannot listen for events on shard %s: %s", name, error)
+
+    def _notified(self, *_: object) -> None:
+        self.wake()
+
+    async def start_positions(self, subscription: Subscription) -> dict[str, int]:
+        """Where the subscription starts on each shard; refuses a pruned or unknown one."""
+        for name in subscription.after:
+            if name not in self.cluster.shards:
+                raise UnknownShard(name)
+        positions: dict[str, int] = {}
+        for name, shard in list(self.cluster.shards.items()):
+            store = EventStore(shard)
+            oldest, last = await store.bounds()
+            if name in subscription.after:
+                position = subscription.after[name]
+                if position + 1 < oldest:
+                    raise EventsPruned(name, position, oldest)
+                positions[name] = min(position, last)
+            else:
+                positions[name] = last if subscription.from_now else oldest - 1
+            if subscription.consumer is not None:
+                await store.register(subscription.consumer, position=positions[name])
+        return positions
+
+    async def follow(
+        self, subscription: Subscription, positions: dict[str, int]
+    ) -> AsyncIterator[tuple[EventRow, dict[str, int]]]:
+        """Every event after positions, then live ones, each with the cursor after it."""
+        self.subscriptions += 1
+        try:
+            async for item in self._follow(subscription, positions):
+                yield item
+        finally:
+            self.subscriptions -= 1
+
+    async def _follow(
+        self, subscription: Subscription, positions: dict[str, int]
+    ) -> AsyncIterator[tuple[EventRow, dict[str, int]]]:
+        # Arrivals whose departure is not delivered yet: shard -> (source, merchant, epoch).
+        held: dict[str, tuple[str, str, int]] = {}
+        while not self._closed:
+            await self._listen()
+            changed = self._changed
+            delivered = False
+            for name in list(positions):
+                shard = self.cluster.shards.get(name)
+                if shard is None:
+                    continue
+                try:
+                    if name in held and not await self._departed(held[name], positions):
+                        continue
+                    held.pop(name, None)
+                    rows = await EventStore(shard).read(
+                        after=positions[name],
+                        limit=limits.event_read_batch_max,
+                        merchant_id=subscription.merchant_id,
+                    )
+                    if rows and rows[0].position != positions[name] + 1:
+                        oldest, _ = await EventStore(shard).bounds()
+                        if positions[name] + 1 < oldest:
+                            raise EventsPruned(name, positions[name], oldest)
+                except ShardUnavailable as error:
+                    log.debug("events of shard %s not read now: %s", name, error)
+                    continue
+                for row in rows:
+                    if row.kind is EventKind.MERCHANT_MOVED_IN:
+                        arrival = _arrival(row)
+                        if arrival[0] in positions and not await self._departed(
+                            arrival, positions
+                        ):
+                            held[name] = arrival
+                            break
+                    positions[name] = row.position
+                    if subscription.account is not None and not _touches(
+                        row, subscription.account
+                    ):
+                        continue
+                    delivered = True
+                    yield row, dict(positions)
+            if not delivered:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(limits.event_idle_poll_s):
+                        await changed.wait()
+
+    async def _departed(self, arrival: tuple[str, str, int], positions: Mapping[str, int]) -> bool:
+        """Whether the source's departure matching an arrival has been delivered."""
+        source, merchant_id, epoch = arrival
+        shard = self.cluster.shards.get(source)
+        if shard is None:
+            return True  # the source left the config: nothing of it can come
+        # Departures are never pruned (event_statements.PRUNE_EVENTS): none found
+        # means the rebalance has not marked it yet.
+        departed_at = await EventStore(shard).moved_out_position(merchant_id, epoch)
+        return departed_at is not None and positions.get(source, 0) >= departed_at
+
+
+def _arrival(row: EventRow) -> tuple[str, str, int]:
+    detail = row.body["detail"]
+    return str(detail["from_shard"]), str(detail["merchant_id"]), int(detail["epoch"])
+
+
+def _touches(row: EventRow, account: AccountKey) -> bool:
+    body = row.body
+    if body.get("account") is not None:
+        a = body["account"]
+        return bool(
+            a["merchant_id"] == account.merchant_id and a["account_id"] == account.account_id
+        )
+    return any(
+        e["merchant_id"] == account.merchant_id and e["account_id"] == account.account_id
+        for e in body.get("entries") or ()
+    )

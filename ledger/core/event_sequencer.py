@@ -1,0 +1,150 @@
+"""Numbers each shard's committed outbox events, and keeps retention, in the background.
+
+One task per replica. A commit on this replica wakes it (Shard.on_commit); with
+nothing written here it looks at every shard's outbox each limits.event_idle_poll_s
+(events written by another replica, a rebalance, the saga trigger). Shards let one
+sequencer at a time work (advisory lock 7306); several replicas are safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+
+from ledger import limits
+from ledger.routing.cluster import Cluster
+from ledger.storage.errors import ShardUnavailable
+from ledger.storage.events import EventStore
+from ledger.telemetry import metrics
+
+log = logging.getLogger(__name__)
+
+
+class EventSequencer:
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+        # Shards a commit here may have written events to since the last round.
+        self._dirty: set[str] = set()
+        self._poked = asyncio.Event()
+        self._stopped = False
+        self._task: asyncio.Task[None] | None = None
+        self._retained_at = 0.0
+        # Told after a round numbered events on a shard (the feed wakes its readers).
+        self.on_sequenced: Callable[[str], None] | None = None
+        # Rounds finished since start: lets a test wait for rounds, not time.
+        self.rounds = 0
+        self._lags: list[tuple[float, dict[str, str]]] = []
+        self._lag_seconds: list[tuple[float, dict[str, str]]] = []
+        self._backlog: list[tuple[float, dict[str, str]]] = []
+        metrics.register_gauge_source("event_consumer_lag", lambda: self._lags)
+        metrics.register_gauge_source("event_consumer_lag_seconds", lambda: self._lag_seconds)
+        metrics.register_gauge_source("event_outbox_backlog", lambda: self._backlog)
+
+    def start(self) -> None:
+        self._hook_shards()
+        self._task = asyncio.create_task(self._run(), name="event-sequencer")
+
+    async def stop(self) -> None:
+        self._stopped = True
+        self._poked.set()
+        if self._task is not None:
+            await self._task
+        for shard in self.cluster.shards.values():
+            shard.on_commit = None
+
+    def poke(self, shard_name: str) -> None:
+        """A transaction committed on the shard: it may have written events."""
+        self._dirty.add(shard_name)
+        self._poked.set()
+
+    def _hook_shards(self) -> None:
+        # Shards come and go with config reloads; hooking is an assignment.
+        for shard in self.cluster.shards.values():
+            shard.on_commit = self.poke
+
+    async def sequence_all(self) -> int:
+        """One pass over every shard's outbox until it is empty; events numbered."""
+        return sum([await self._drain(name) for name in list(self.cluster.shards)])
+
+    async def _drain(self, name: str) -> int:
+        shard = self.cluster.shards.get(name)
+        if shard is None:
+            return 0
+        store = EventStore(shard)
+        numbered = 0
+        try:
+            while True:
+                taken = await store.sequence_round(events_max=limits.event_sequence_batch_max)
+                numbered += taken
+                if taken < limits.event_sequence_batch_max:
+                    break
+        except ShardUnavailable as error:
+            log.debug("event sequencing skipped: %s", error)
+        if numbered:
+            metrics.events_sequenced.add(numbered, {"shard": name})
+            if self.on_sequenced is not None:
+                self.on_sequenced(name)
+        return numbered
+
+    async def _run(self) -> None:
+        while not self._stopped:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(limits.event_idle_poll_s):
+                    await self._poked.wait()
+            self._poked.clear()
+            if self._stopped:
+                break
+            self._hook_shards()
+            # Woken by commits: those shards; by the clock: every shard.
+            names, self._dirty = (self._dirty or set(self.cluster.shards)), set()
+            try:
+                for name in sorted(names):
+                    await self._drain(name)
+                if time.monotonic() - self._retained_at >= limits.event_retention_interval_s:
+                    self._retained_at = time.monotonic()
+                    await self.retain_now()
+            except Exception:
+                log.exception("event sequencing failed")
+            self.rounds += 1
+            # Batching, not synchronisation: commits in this gap join the next round.
+            await asyncio.sleep(limits.event_sequence_round_gap_s)
+
+    def lags(self) -> dict[tuple[str, str], float]:
+        """(consumer, shard) -> events not acknowledged, as of the last retention pass."""
+        return {(labels["consumer"], labels["shard"]): lag for lag, labels in self._lags}
+
+    async def retain_now(self) -> None:
+        """Lapses consumers past the bound, prunes, and refreshes the lag gauges."""
+        lags: list[tuple[float, dict[str, str]]] = []
+        lag_seconds: list[tuple[float, dict[str, str]]] = []
+        backlog: list[tuple[float, dict[str, str]]] = []
+        for name, shard in list(self.cluster.shards.items()):
+            store = EventStore(shard)
+            try:
+                lapsed, pruned = await store.retain(
+                    lag_events_max=limits.event_consumer_lag_events_max,
+                    lag_s_max=limits.event_consumer_lag_s_max,
+                    retention_s_min=limits.event_retention_s_min,
+                    prune_max=limits.event_prune_batch_max,
+                )
+                for consumer in lapsed:
+                    log.warning(
+                        "event consumer %r lapsed on shard %s: it fell behind the "
+                        "retention bound",
+                        consumer,
+                        name,
+                    )
+                if pruned:
+                    log.info("pruned %d events on shard %s", pruned, name)
+                for c in await store.consumers():
+                    labels = {"consumer": c.consumer, "shard": name}
+                    lags.append((float(c.lag_events), labels))
+                    lag_seconds.append((c.lag_s, labels))
+                rows, _ = await store.outbox_backlog()
+                backlog.append((float(rows), {"shard": name}))
+            except ShardUnavailable as error:
+                log.debug("event retention skipped: %s", error)
+        self._lags, self._lag_seconds, self._backlog = lags, lag_seconds, backlog

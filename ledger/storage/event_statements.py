@@ -1,0 +1,132 @@
+"""The SQL of the event stream (migration 0011), as named constants."""
+
+from __future__ import annotations
+
+# One sequencer at a time per shard; the others skip the round.
+TRY_SEQUENCER_LOCK = "SELECT pg_try_advisory_xact_lock(7306, 0)"
+
+OUTBOX_HAS_ROWS = "SELECT EXISTS (SELECT 1 FROM event_outbox)"
+
+# Moves up to $1 committed outbox rows into `events`, numbered on from the last
+# position in id order (why that order keeps every account's order: migration
+# 0011). Rows of transactions still in progress are invisible here and wait for
+# a later round. Returns the last position given, or NULL when nothing moved.
+SEQUENCE_EVENTS = """
+WITH taken AS (
+    DELETE FROM event_outbox
+    WHERE id IN (SELECT id FROM event_outbox ORDER BY id LIMIT $1)
+    RETURNING *
+), counted AS (
+    SELECT count(*) AS n FROM taken
+), advanced AS (
+    UPDATE event_positions SET last_position = last_position + counted.n
+    FROM counted WHERE counted.n > 0
+    RETURNING last_position - counted.n AS base, last_position
+), inserted AS (
+    INSERT INTO events (position, event_id, kind, merchant_id, merchant_ids, transfer_id,
+                        trace_id, body, committed_at)
+    SELECT a.base + row_number() OVER (ORDER BY t.id), t.event_id, t.kind, t.merchant_id,
+           t.merchant_ids, t.transfer_id, t.trace_id, t.body, t.committed_at
+    FROM taken AS t, advanced AS a
+    RETURNING 1
+)
+SELECT (SELECT last_position FROM advanced) AS last_position,
+       (SELECT count(*) FROM inserted) AS inserted, (SELECT n FROM counted) AS taken
+"""
+
+# Readers learn of new events from this channel (one notification per round).
+NOTIFY_CHANNEL = "ledger_events"
+NOTIFY_SEQUENCED = f"SELECT pg_notify('{NOTIFY_CHANNEL}', $1::text)"
+
+LAST_POSITION = "SELECT last_position FROM event_positions"
+
+# Departures are kept when the rest is pruned: a reader of the arrival that
+# follows one looks it up (ledger/core/event_feed.py), and there is one per move.
+KEPT_KIND = 17  # EventKind.MERCHANT_MOVED_OUT
+
+# The oldest position still retained; last_position + 1 when none is.
+OLDEST_RETAINED = f"""
+SELECT coalesce((SELECT min(position) FROM events WHERE kind <> {KEPT_KIND}),
+                (SELECT last_position + 1 FROM event_positions)) AS oldest
+"""
+
+EVENT_COLUMNS = """
+position, event_id, kind, merchant_id, merchant_ids, transfer_id, trace_id, body, committed_at
+"""
+
+# $3 NULL: every merchant.
+READ_EVENTS = f"""
+SELECT {EVENT_COLUMNS} FROM events
+WHERE position > $1 AND ($3::text IS NULL OR $3::text = ANY(merchant_ids))
+ORDER BY position
+LIMIT $2
+"""
+
+# Where a merchant's departure at a move's epoch was sequenced (none yet: no row).
+MOVED_OUT_POSITION = """
+SELECT position FROM events
+WHERE kind = $3 AND merchant_id = $1 AND (body -> 'detail' ->> 'epoch')::bigint = $2
+ORDER BY position LIMIT 1
+"""
+
+# Registration keeps events from being pruned past the consumer's position.
+REGISTER_CONSUMER = """
+INSERT INTO event_consumers (consumer, position) VALUES ($1, $2)
+ON CONFLICT (consumer) DO NOTHING
+"""
+
+CONSUMER = "SELECT consumer, position, acked_at, lapsed_at FROM event_consumers WHERE consumer = $1"
+
+# Never moves a consumer back: acknowledgements may arrive out of order.
+ACK_CONSUMER = """
+UPDATE event_consumers SET position = greatest(position, $2), acked_at = clock_timestamp()
+WHERE consumer = $1 AND lapsed_at IS NULL
+RETURNING position
+"""
+
+DROP_CONSUMER = "DELETE FROM event_consumers WHERE consumer = $1 RETURNING consumer"
+
+# A consumer lapses when it is more than $1 events behind, or its oldest
+# unacknowledged event is older than $2 seconds: the retention bound.
+LAPSE_CONSUMERS = """
+UPDATE event_consumers AS c SET lapsed_at = clock_timestamp()
+FROM event_positions AS p
+WHERE c.lapsed_at IS NULL AND c.position < p.last_position
+  AND (p.last_position - c.position > $1
+       OR (SELECT e.committed_at FROM events AS e WHERE e.position > c.position
+           ORDER BY e.position LIMIT 1) < clock_timestamp() - make_interval(secs => $2))
+RETURNING c.consumer, c.position
+"""
+
+# Deletes up to $2 of the oldest events that every live consumer has
+# acknowledged and that are older than $1 seconds (kept that long for
+# subscribers that never registered).
+PRUNE_EVENTS = f"""
+WITH floor AS (
+    SELECT coalesce((SELECT min(position) FROM event_consumers WHERE lapsed_at IS NULL),
+                    (SELECT last_position FROM event_positions)) AS position
+), doomed AS (
+    SELECT e.position FROM events AS e, floor AS f
+    WHERE e.position <= f.position AND e.kind <> {KEPT_KIND}
+      AND e.committed_at < clock_timestamp() - make_interval(secs => $1)
+    ORDER BY e.position
+    LIMIT $2
+)
+DELETE FROM events WHERE position IN (SELECT position FROM doomed)
+"""
+
+CONSUMER_LAGS = """
+SELECT c.consumer, c.position, c.lapsed_at IS NOT NULL AS lapsed,
+       p.last_position - c.position AS lag_events,
+       coalesce(extract(epoch FROM clock_timestamp() - (
+           SELECT e.committed_at FROM events AS e WHERE e.position > c.position
+           ORDER BY e.position LIMIT 1)), 0)::float8 AS lag_s
+FROM event_consumers AS c, event_positions AS p
+ORDER BY c.consumer
+"""
+
+OUTBOX_BACKLOG = """
+SELECT count(*) AS rows,
+       coalesce(extract(epoch FROM clock_timestamp() - min(committed_at)), 0)::float8 AS oldest_s
+FROM event_outbox
+"""

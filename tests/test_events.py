@@ -1,0 +1,237 @@
+"""The event stream over gRPC: every change produces exactly its events, in order,
+resumable by cursor (issue 20)."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from ledger.v1 import ledger_pb2 as pb
+from tests.event_support import balances_from, collect_until, kinds, marked
+from tests.support import (
+    RPC_TIMEOUT_S,
+    Service,
+    account,
+    balance,
+    create_accounts,
+    error_reason,
+    ref,
+    result_names,
+    transfer,
+    transfers,
+    uid,
+    wait_until,
+)
+
+
+def of(merchant_id: str, **fields: object) -> pb.SubscribeEventsRequest:
+    return pb.SubscribeEventsRequest(merchant_id=merchant_id, **fields)  # type: ignore[arg-type]
+
+
+async def test_every_change_to_the_books_produces_exactly_its_events(service: Service) -> None:
+    stub = service.stub
+    m = service.merchant_on("shard-a")
+    cash, sales, fees = ref(m, "cash"), ref(m, "sales"), ref(m, "fees")
+    await create_accounts(
+        stub, account(m, "cash"), account(m, "sales", no_overdraft=True), account(m, "fees")
+    )
+    results = await transfers(
+        stub,
+        transfer("t-post", cash, sales, 1000, metadata={"order": "17"}),
+        transfer("t-hold", cash, sales, 500, action=pb.TRANSFER_ACTION_PENDING),
+        transfer("t-void-me", cash, sales, 70, action=pb.TRANSFER_ACTION_PENDING),
+        transfer("t-fails", sales, cash, 10**9),  # refused: recorded, but no money moved
+        transfer("t-settle", cash, None, 300, action=pb.TRANSFER_ACTION_POST_PENDING,
+                 pending_id="t-hold"),
+        transfer("t-void", cash, None, 0, action=pb.TRANSFER_ACTION_VOID_PENDING,
+                 pending_id="t-void-me"),
+        transfer("t-back", sales, cash, 200, reversal_of="t-post"),
+        transfer("t-expires", cash, sales, 40, action=pb.TRANSFER_ACTION_PENDING, timeout_ms=1),
+    )  # fmt: skip
+    assert result_names(results) == ["TRANSFER_RESULT_OK"] * 3 + [
+        "TRANSFER_RESULT_EXCEEDS_CREDITS"
+    ] + ["TRANSFER_RESULT_OK"] * 4
+
+    async def expired() -> bool:
+        return (await balance(stub, m, "cash")).debits_pending == 0
+
+    await wait_until(expired, what="the hold with a 1 ms timeout to expire")
+    journal = await stub.PostJournal(
+        pb.PostJournalRequest(
+            journal_id="j-1",
+            merchant_id=m,
+            postings=[
+                pb.Posting(account=cash, amount_minor=9, currency="USD",
+                           direction=pb.DIRECTION_DEBIT),
+                pb.Posting(account=fees, amount_minor=9, currency="USD",
+                           direction=pb.DIRECTION_CREDIT),
+            ],
+        ),
+        timeout=RPC_TIMEOUT_S,
+    )  # fmt: skip
+    assert journal.result == pb.TRANSFER_RESULT_OK
+    await stub.SetAccountsClosed(
+        pb.SetAccountsClosedRequest(refs=[fees], closed=True), timeout=RPC_TIMEOUT_S
+    )
+    # Closing a closed account changes nothing, and says nothing.
+    await stub.SetAccountsClosed(
+        pb.SetAccountsClosedRequest(refs=[fees], closed=True), timeout=RPC_TIMEOUT_S
+    )
+    await stub.SetAccountsClosed(
+        pb.SetAccountsClosedRequest(refs=[fees], closed=False), timeout=RPC_TIMEOUT_S
+    )
+
+    events = await marked(stub, [m], of(m))
+    assert kinds(events) == [
+        "ACCOUNT_CREATED", "ACCOUNT_CREATED", "ACCOUNT_CREATED",
+        "TRANSFER_POSTED", "PENDING_CREATED", "PENDING_CREATED", "PENDING_POSTED",
+        "PENDING_VOIDED", "TRANSFER_REVERSED", "PENDING_CREATED", "PENDING_EXPIRED",
+        "JOURNAL_POSTED", "ACCOUNT_CLOSED", "ACCOUNT_REOPENED",
+    ]  # fmt: skip
+    by_id = {e.transfer_id: e for e in events if e.transfer_id}
+    posted = by_id["t-post"]
+    assert posted.transfer.metadata["order"] == "17"
+    assert posted.transfer.amount_minor == 1000 and posted.shard == "shard-a"
+    assert [(e.account.account_id, e.direction) for e in posted.entries] == [
+        ("cash", pb.DIRECTION_DEBIT),
+        ("sales", pb.DIRECTION_CREDIT),
+    ]
+    assert by_id["t-settle"].amount_effective_minor == 300
+    assert by_id["t-settle"].transfer.pending_id == "t-hold"
+    assert by_id["t-expires"].kind == pb.EVENT_KIND_PENDING_EXPIRED
+    assert [p.amount_minor for p in by_id["j-1"].postings] == [9, 9]
+    assert "t-fails" not in by_id
+    # Positions on one shard rise; the events rebuild every account's balances.
+    positions = [e.position for e in events]
+    assert positions == sorted(positions) and len(set(positions)) == len(positions)
+    assert all(e.event_id and e.committed_at.seconds > 0 for e in events)
+    for account_id in ("cash", "sales", "fees"):
+        stored = await balance(stub, m, account_id)
+        assert balances_from(events)[(m, account_id)] == (
+            stored.debits_posted,
+            stored.credits_posted,
+            stored.debits_pending,
+            stored.credits_pending,
+        ), account_id
+
+
+async def test_a_cross_shard_transfer_has_events_on_both_shards_and_says_how_it_ended(
+    service: Service,
+) -> None:
+    stub = service.stub
+    a, b = service.merchant_on("shard-a"), service.merchant_on("shard-b")
+    await create_accounts(stub, account(a, "cash"), account(b, "sales"), account(b, "shut"))
+    await stub.SetAccountsClosed(
+        pb.SetAccountsClosedRequest(refs=[ref(b, "shut")], closed=True), timeout=RPC_TIMEOUT_S
+    )
+    results = await transfers(
+        stub,
+        transfer("x-ok", ref(a, "cash"), ref(b, "sales"), 250),
+        transfer("x-refused", ref(a, "cash"), ref(b, "shut"), 5),
+    )
+    assert result_names(results) == ["TRANSFER_RESULT_OK", "TRANSFER_RESULT_CREDIT_ACCOUNT_CLOSED"]
+
+    # The debit merchant's subscription sees both shards' events of its transfers:
+    # per shard, in order.
+    everything = await marked(stub, [a, b], pb.SubscribeEventsRequest())
+    events = [e for e in everything if e.transfer_id.startswith("x-") and a in e.merchant_ids]
+    on_a = [e for e in events if e.shard == "shard-a"]
+    on_b = [e for e in events if e.shard == "shard-b"]
+    ok = [e for e in on_a if e.transfer_id == "x-ok"]
+    assert kinds(ok) == ["SAGA_STEP", "SAGA_STEP", "SAGA_COMPLETED"]
+    assert ok[0].transfer_result == pb.TRANSFER_RESULT_IN_PROGRESS
+    assert ok[0].transfer.credit_account.merchant_id == b
+    assert ok[-1].saga.state == pb.SAGA_STATE_COMPLETED
+    assert ok[-1].saga.peer_shard == "shard-b"
+    refused = [e for e in on_a if e.transfer_id == "x-refused"]
+    assert kinds(refused) == ["SAGA_STEP", "SAGA_STEP", "SAGA_COMPENSATED"]
+    assert refused[-1].saga.result == pb.TRANSFER_RESULT_CREDIT_ACCOUNT_CLOSED
+    # The credit shard applied one credit and refused the other (no money moved there).
+    assert [(e.transfer_id, k) for e, k in zip(on_b, kinds(on_b), strict=True)] == [
+        ("x-ok", "SAGA_STEP")
+    ]
+    (credited,) = [e for e in on_b[0].entries if e.account.merchant_id == b]
+    assert (credited.direction, credited.amount_minor, credited.credits_posted) == (
+        pb.DIRECTION_CREDIT,
+        250,
+        250,
+    )
+    # The credit merchant's own subscription sees the same credit.
+    mine = [e for e in await marked(stub, [b], of(b)) if e.shard == "shard-b"]
+    assert [e.event_id for e in mine if e.transfer_id == "x-ok"] == [on_b[0].event_id]
+
+
+async def test_a_consumer_resumed_by_cursor_sees_each_event_once_in_shard_order(
+    service: Service,
+) -> None:
+    stub = service.stub
+    merchants = [service.merchant_on(s) for s in ("shard-a", "shard-b", "shard-c")]
+    await create_accounts(stub, *(account(m, n) for m in merchants for n in ("x", "y")))
+    for i in range(12):
+        m = merchants[i % 3]
+        assert result_names(
+            await transfers(stub, transfer(uid("r"), ref(m, "x"), ref(m, "y"), i + 1))
+        ) == ["TRANSFER_RESULT_OK"]
+    whole = await marked(stub, merchants, pb.SubscribeEventsRequest())
+    # Read again in pieces of at most 7, each resumed from the last event's cursor,
+    # until every event of `whole` came again.
+    wanted = {e.event_id for e in whole}
+    pieces: list[pb.Event] = []
+    cursor = pb.EventCursor()
+    while missing := len(wanted - {e.event_id for e in pieces}):
+        piece = await collect_until(
+            stub, pb.SubscribeEventsRequest(after=cursor), min(7, missing)
+        )
+        pieces += piece
+        cursor = piece[-1].cursor
+    assert len({e.event_id for e in pieces}) == len(pieces), "no event came twice"
+    # Shards interleave as they are read; each shard's order is the same every time.
+    for shard in ("shard-a", "shard-b", "shard-c"):
+        mine = [(e.position, e.event_id) for e in whole if e.shard == shard]
+        again = [(e.position, e.event_id) for e in pieces if e.shard == shard]
+        assert again[: len(mine)] == mine, shard
+        # 1, 2, 3, ... with no gap (nothing was pruned here).
+        assert [p for p, _ in again] == list(range(1, len(again) + 1)), shard
+
+
+async def test_from_now_skips_history_and_an_account_filter_keeps_its_account(
+    service: Service,
+) -> None:
+    stub = service.stub
+    m = service.merchant_on("shard-b")
+    await create_accounts(stub, account(m, "a"), account(m, "b"), account(m, "c"))
+    await transfers(stub, transfer(uid("old"), ref(m, "a"), ref(m, "b"), 1))
+    call = stub.SubscribeEvents(
+        pb.SubscribeEventsRequest(from_now=True, account=ref(m, "c")), timeout=RPC_TIMEOUT_S
+    )
+    await transfers(
+        stub,
+        transfer("not-c", ref(m, "a"), ref(m, "b"), 2),
+        transfer("to-c", ref(m, "a"), ref(m, "c"), 3),
+    )
+    first = await call.read()
+    call.cancel()
+    assert isinstance(first, pb.Event)
+    assert (first.kind, first.transfer_id) == (pb.EVENT_KIND_TRANSFER_POSTED, "to-c")
+
+
+async def test_bad_subscriptions_are_refused_with_the_field(service: Service) -> None:
+    stub = service.stub
+    for request, field in (
+        (pb.SubscribeEventsRequest(after=pb.EventCursor(positions={"shard-a": -1})), "after"),
+        (pb.SubscribeEventsRequest(merchant_id="$x"), "merchant_id"),
+        (pb.SubscribeEventsRequest(consumer="a" * 200), "consumer"),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await collect_until(stub, request, 1, deadline_s=5)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert field in (caught.value.details() or "")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await collect_until(
+            stub, pb.SubscribeEventsRequest(after=pb.EventCursor(positions={"nope": 1})), 1
+        )
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error_reason(caught.value) == "UNKNOWN_SHARD"
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.AckEvents(pb.AckEventsRequest(), timeout=RPC_TIMEOUT_S)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
