@@ -73,6 +73,8 @@ EXPECTED_SCOPES = {
     SERVICE + "PostJournal": WRITE,
     SERVICE + "GetBalance": READ,
     SERVICE + "ListEntries": READ,
+    SERVICE + "SubscribeEvents": READ,
+    SERVICE + "AckEvents": READ,
     ADMIN_SERVICE + "ListSagas": ADMIN,
     ADMIN_SERVICE + "GetSaga": ADMIN,
     ADMIN_SERVICE + "RetrySaga": ADMIN,
@@ -1112,3 +1114,25 @@ async def test_cli_calls_carry_the_token_from_the_environment(token_process: Tok
     assert "ledger serving on" in log
     for secret in (*tokens.values(), wrong):
         assert secret not in log
+
+
+async def test_a_merchant_token_reads_only_its_merchants_events(secured: Secured) -> None:
+    only_a = secured.auth("only_a")
+    m = secured.a
+    account_id = uid("ev")
+    await create_accounts(secured, "only_a", pb.Account(ref=ref(m, account_id), currency="USD"))
+    call = secured.stub.SubscribeEvents(
+        pb.SubscribeEventsRequest(merchant_id=m), timeout=RPC_TIMEOUT_S, metadata=only_a
+    )
+    async for event in call:
+        if event.account.ref.account_id == account_id:
+            break
+    call.cancel()
+    for request, reason in (
+        (pb.SubscribeEventsRequest(merchant_id=secured.b), "MERCHANT_NOT_PERMITTED"),
+        (pb.SubscribeEventsRequest(), "MERCHANT_RESTRICTED_TOKEN"),
+    ):
+        refusal = secured.stub.SubscribeEvents(request, timeout=RPC_TIMEOUT_S, metadata=only_a)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await refusal.read()
+        assert_refusal(caught.value, grpc.StatusCode.PERMISSION_DENIED, reason)
