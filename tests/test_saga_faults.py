@@ -26,6 +26,7 @@ from ledger import faults
 from ledger.client import ClientOptions, LedgerClient
 from ledger.embedded.postgres import EmbeddedPostgresError
 from ledger.v1 import ledger_pb2 as pb
+from tests.event_support import collect_until
 from tests.process_cluster import ROOT, ProcessCluster
 from tests.support import (
     RPC_TIMEOUT_S,
@@ -515,6 +516,17 @@ async def test_dead_saga_keeps_funds_pending_stays_dead_and_completes_when_retri
         await _assert_moved_once(cluster, payer, payee, transfer_id, amount_minor)
         assert (payer, transfer_id) not in await _dead_listed(cluster)
         await _assert_reconciled(cluster)
+        # The event stream says it went dead, then that it completed.
+        events = await collect_until(
+            stub,
+            pb.SubscribeEventsRequest(merchant_id=payer),
+            lambda e: e.transfer_id == transfer_id and e.kind == pb.EVENT_KIND_SAGA_COMPLETED,
+        )
+        ends = [e for e in events if e.transfer_id == transfer_id and e.saga.state]
+        assert [(e.kind, e.saga.attempts) for e in ends] == [
+            (pb.EVENT_KIND_SAGA_DEAD_LETTERED, 3),
+            (pb.EVENT_KIND_SAGA_COMPLETED, 0),
+        ]
     finally:
         await _restart(cluster)
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -73,9 +74,15 @@ class EventFeed:
         self._listeners: dict[str, asyncpg.Connection[asyncpg.Record]] = {}
         self.subscriptions = 0
         self._closed = False
+        # Bumped per shard on every wake-up: a subscriber reads a shard again only
+        # when it changed (or it has more to read, or its poll came due).
+        self._generation: dict[str, int] = {}
 
     def wake(self, shard_name: str = "") -> None:
-        """New events were numbered (on shard_name): every subscriber reads again."""
+        """New events were numbered on shard_name (every shard if empty): subscribers
+        read it again."""
+        for name in [shard_name] if shard_name else list(self.cluster.shards):
+            self._generation[name] = self._generation.get(name, 0) + 1
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
 
@@ -96,13 +103,13 @@ class EventFeed:
                 continue
             try:
                 conn = await asyncpg.connect(shard.dsn, timeout=limits.shard_connect_timeout_s)
-                await conn.add_listener(sql.NOTIFY_CHANNEL, self._notified)
+                await conn.add_listener(sql.NOTIFY_CHANNEL, functools.partial(self._notified, name))
                 self._listeners[name] = conn
             except (OSError, asyncpg.PostgresError, TimeoutError) as error:
                 log.debug("cannot listen for events on shard %s: %s", name, error)
 
-    def _notified(self, *_: object) -> None:
-        self.wake()
+    def _notified(self, shard_name: str, *_: object) -> None:
+        self.wake(shard_name)
 
     async def start_positions(self, subscription: Subscription) -> dict[str, int]:
         """Where the subscription starts on each shard; refuses a pruned or unknown one."""
@@ -140,14 +147,25 @@ class EventFeed:
     ) -> AsyncIterator[tuple[EventRow, dict[str, int]]]:
         # Arrivals whose departure is not delivered yet: shard -> (source, merchant, epoch).
         held: dict[str, tuple[str, str, int]] = {}
+        # The generation of each shard as last read, and shards with more to read.
+        seen: dict[str, int] = {}
+        more: set[str] = set(positions)
+        delivered = False
         while not self._closed:
             await self._listen()
             changed = self._changed
+            # A held arrival may be free once another shard delivered its departure.
+            recheck = set(held) if delivered else set()
             delivered = False
             for name in list(positions):
                 shard = self.cluster.shards.get(name)
-                if shard is None:
+                generation = self._generation.get(name, 0)
+                if shard is None or (
+                    name not in more and name not in recheck and seen.get(name) == generation
+                ):
                     continue
+                seen[name] = generation
+                more.discard(name)
                 try:
                     if name in held and not await self._departed(held[name], positions):
                         continue
@@ -157,6 +175,8 @@ class EventFeed:
                         limit=limits.event_read_batch_max,
                         merchant_id=subscription.merchant_id,
                     )
+                    if len(rows) == limits.event_read_batch_max:
+                        more.add(name)
                     if rows and rows[0].position != positions[name] + 1:
                         oldest, _ = await EventStore(shard).bounds()
                         if positions[name] + 1 < oldest:
@@ -167,22 +187,20 @@ class EventFeed:
                 for row in rows:
                     if row.kind is EventKind.MERCHANT_MOVED_IN:
                         arrival = _arrival(row)
-                        if arrival[0] in positions and not await self._departed(
-                            arrival, positions
-                        ):
+                        if arrival[0] in positions and not await self._departed(arrival, positions):
                             held[name] = arrival
                             break
                     positions[name] = row.position
-                    if subscription.account is not None and not _touches(
-                        row, subscription.account
-                    ):
+                    if subscription.account is not None and not _touches(row, subscription.account):
                         continue
                     delivered = True
                     yield row, dict(positions)
-            if not delivered:
-                with contextlib.suppress(TimeoutError):
+            if not delivered and not more:
+                try:
                     async with asyncio.timeout(limits.event_idle_poll_s):
                         await changed.wait()
+                except TimeoutError:
+                    more = set(positions)  # a notification may have been lost
 
     async def _departed(self, arrival: tuple[str, str, int], positions: Mapping[str, int]) -> bool:
         """Whether the source's departure matching an arrival has been delivered."""
