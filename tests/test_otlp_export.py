@@ -59,10 +59,23 @@ EXPORTED_METRICS = (
     "ledger_merchants",
     "ledger_shard_reachable",
     "ledger_saga_oldest_running_age_seconds",
+    "ledger_events_sequenced_total",
+)
+# The event stream's series that exist only with their subject: a subscriber
+# (delivery delay), a registered consumer (lag), a retention pass every 10 s
+# (outbox backlog). tests/test_event_retention.py reads the lags.
+EVENT_STREAM_METRICS = (
+    "ledger_event_delivery_delay_seconds_bucket",
+    "ledger_event_delivery_delay_seconds_count",
+    "ledger_event_delivery_delay_seconds_sum",
+    "ledger_event_consumer_lag",
+    "ledger_event_consumer_lag_age_seconds",
+    "ledger_event_outbox_backlog",
 )
 # Every one appears after the traffic below: counters of failures are exported at
 # zero from the start, so their panels read 0, not "No data", on a healthy system.
 METRICS_AFTER_TRAFFIC = EXPORTED_METRICS
+EXPORTED_METRICS += EVENT_STREAM_METRICS
 
 
 # --- the OTLP receiver ----------------------------------------------------------------
