@@ -359,6 +359,11 @@ async def _traffic(cluster: ProcessCluster) -> None:
         "TRANSFER_RESULT_OK",
         "TRANSFER_RESULT_EXCEEDS_CREDITS",
     ]
+    # A registered event consumer, a few seconds behind (the lag alert's series exist).
+    start = pb.EventCursor(positions=dict.fromkeys(("shard-a", "shard-b", "shard-c"), 0))
+    await stub.AckEvents(
+        pb.AckEventsRequest(consumer="warehouse", cursor=start), timeout=RPC_TIMEOUT_S
+    )
     # A call the service refuses (a panel shows non-OK codes).
     with pytest.raises(Exception, match="INVALID_ARGUMENT"):
         await stub.CreateTransfers(

@@ -116,3 +116,18 @@ async def test_the_sequencer_reports_each_consumers_lag(service: Service) -> Non
     await service.server.sequencer.retain_now()
     lags = service.server.sequencer.lags()
     assert lags[("gauge", "shard-c")] >= 2
+
+
+async def test_acknowledging_positions_not_given_yet_stops_at_the_last_one(
+    service: Service,
+) -> None:
+    stub = service.stub
+    m = service.merchant_on("shard-c")
+    await create_accounts(stub, account(m, "a"))
+    (event,) = await marked(stub, [m], pb.SubscribeEventsRequest(merchant_id=m))
+    ahead = pb.EventCursor(positions={"shard-c": event.position + 10**6})
+    acked = await stub.AckEvents(
+        pb.AckEventsRequest(consumer="eager", cursor=ahead), timeout=RPC_TIMEOUT_S
+    )
+    _, last = await EventStore(service.cluster.shards["shard-c"]).bounds()
+    assert event.position <= acked.acknowledged.positions["shard-c"] == last

@@ -70,8 +70,11 @@ ORDER BY position LIMIT 1
 """
 
 # Registration keeps events from being pruned past the consumer's position.
+# Positions not given out yet are clamped to the last one: acknowledging the
+# future would let pruning take events the consumer never saw.
 REGISTER_CONSUMER = """
-INSERT INTO event_consumers (consumer, position) VALUES ($1, $2)
+INSERT INTO event_consumers (consumer, position)
+SELECT $1, least($2, last_position) FROM event_positions
 ON CONFLICT (consumer) DO NOTHING
 """
 
@@ -79,9 +82,11 @@ CONSUMER = "SELECT consumer, position, acked_at, lapsed_at FROM event_consumers 
 
 # Never moves a consumer back: acknowledgements may arrive out of order.
 ACK_CONSUMER = """
-UPDATE event_consumers SET position = greatest(position, $2), acked_at = clock_timestamp()
-WHERE consumer = $1 AND lapsed_at IS NULL
-RETURNING position
+UPDATE event_consumers AS c
+SET position = greatest(c.position, least($2, p.last_position)), acked_at = clock_timestamp()
+FROM event_positions AS p
+WHERE c.consumer = $1 AND c.lapsed_at IS NULL
+RETURNING c.position
 """
 
 DROP_CONSUMER = "DELETE FROM event_consumers WHERE consumer = $1 RETURNING consumer"
