@@ -29,6 +29,13 @@ from ledger.domain.transfers import (
     TransferResult,
 )
 from ledger.domain.value import value
+from ledger.domain.velocity import (
+    UsageKey,
+    VelocityUsage,
+    bucket_index,
+    refusing_rule,
+    usage_keys,
+)
 from ledger.invariant import invariant
 from ledger.limits import AMOUNT_MINOR_MAX
 
@@ -50,6 +57,19 @@ def advanced(account: Account, state: AccountState) -> Account:
         entry_count=state.entry_count,
         head_hash=state.head_hash,
     )
+
+
+def with_velocity(account: Account, adds: Sequence[VelocityAdd]) -> Account:
+    """The account after a plan's velocity adds, for applying a further plan to it in
+    the same transaction (its loaded usage then includes them)."""
+    mine = [v for v in adds if v.account == account.key]
+    if not mine or account.velocity_used is None:
+        return account
+    used = dict(account.velocity_used)
+    for v in mine:
+        key = (v.direction, v.window_s)
+        used[key] = used.get(key, VelocityUsage()).plus(v.amount_minor, v.count)
+    return replace(account, velocity_used=used)
 
 
 def state_of(account: Account) -> AccountState:
@@ -134,6 +154,20 @@ class ItemOutcome:
     replayed: bool = False
     differing_field: str = ""
     created_at: datetime | None = None
+    # For EXCEEDS_VELOCITY_LIMIT: the rule that refused the item (a fresh outcome only).
+    refused_by_rule: str = ""
+
+
+@value
+class VelocityAdd:
+    """What a plan adds to one bucket of an account's velocity counters."""
+
+    account: AccountKey
+    direction: Direction
+    window_s: int
+    bucket_index: int
+    amount_minor: int
+    count: int
 
 
 @dataclass(slots=True)
@@ -145,6 +179,7 @@ class TransferBatchPlan:
     entries: list[Entry] = field(default_factory=list)
     resolutions: list[Resolution] = field(default_factory=list)
     accounts: dict[AccountKey, AccountState] = field(default_factory=dict)
+    velocity: list[VelocityAdd] = field(default_factory=list)
 
     @property
     def expiring_pendings(self) -> list[TransferRecord]:
@@ -152,9 +187,10 @@ class TransferBatchPlan:
 
 
 class _Refused(Exception):
-    def __init__(self, result: TransferResult) -> None:
+    def __init__(self, result: TransferResult, rule_id: str = "") -> None:
         super().__init__(result.name)
         self.result = result
+        self.rule_id = rule_id
 
 
 _MISSING: Any = object()
@@ -173,6 +209,8 @@ class _BatchRun:
         self.new_records: dict[TransferKey, TransferRecord] = {}
         self.pending_states: dict[TransferKey, PendingState] = {}
         self.reversed_extra: dict[TransferKey, int] = {}
+        # Velocity usage added by earlier items of this batch, per account.
+        self.velocity_added: dict[tuple[AccountKey, Direction, int], VelocityUsage] = {}
         self.undo: list[tuple[dict[Any, Any], Any, Any]] = []
 
     def set(self, target: dict[Any, Any], key: Any, value: Any) -> None:
@@ -253,7 +291,20 @@ def apply_transfers(
     run.plan.accounts = {
         key: s for key, s in run.work.items() if s.entry_count != state.accounts[key].entry_count
     }
+    run.plan.velocity = _velocity_adds(run.velocity_added, state.now)
     return run.plan
+
+
+def _velocity_adds(
+    added: Mapping[tuple[AccountKey, Direction, int], VelocityUsage], now: datetime
+) -> list[VelocityAdd]:
+    return [
+        VelocityAdd(
+            account, direction, window_s, bucket_index(now, window_s), u.amount_minor, u.count
+        )
+        for (account, direction, window_s), u in sorted(added.items())
+        if u.count > 0
+    ]
 
 
 def _refuse_open_chain(
@@ -298,7 +349,9 @@ def _apply_chain(
             try:
                 outcome = _apply_one(run, index, request)
             except _Refused as refused:
-                outcome = ItemOutcome(index, request.id, refused.result)
+                outcome = ItemOutcome(
+                    index, request.id, refused.result, refused_by_rule=refused.rule_id
+                )
         chain_outcomes.append(outcome)
         if outcome.result is not TransferResult.OK:
             failed_at = index
@@ -315,7 +368,10 @@ def _apply_chain(
             if failure.replayed or failure.differing_field:
                 outcomes[index] = failure
             else:
-                outcomes[index] = _record_failure(run, index, request, failure.result)
+                outcomes[index] = replace(
+                    _record_failure(run, index, request, failure.result),
+                    refused_by_rule=failure.refused_by_rule,
+                )
         else:
             outcomes[index] = _replay_or_fail(
                 run, index, request, TransferResult.LINKED_EVENT_FAILED
@@ -442,6 +498,54 @@ def _check_limits(
         raise _Refused(TransferResult.EXCEEDS_DEBITS)
 
 
+def _used(
+    account: Account,
+    added: Mapping[tuple[AccountKey, Direction, int], VelocityUsage],
+    now: datetime,
+) -> dict[UsageKey, VelocityUsage]:
+    """The account's usage per window: as loaded under its lock, plus this batch's."""
+    loaded = account.velocity_used
+    invariant(loaded is not None, "an account with velocity rules has its usage loaded")
+    assert loaded is not None and account.velocity_read_at is not None
+    # Loaded windows end at velocity_read_at; one ending later would miss events.
+    invariant(account.velocity_read_at <= now, "velocity usage is read before the check's time")
+    used = {}
+    for direction, window_s in usage_keys(account.velocity_rules):
+        base = loaded.get((direction, window_s), VelocityUsage())
+        extra = added.get((account.key, direction, window_s))
+        used[(direction, window_s)] = (
+            base if extra is None else base.plus(extra.amount_minor, extra.count)
+        )
+    return used
+
+
+def _check_velocity(
+    run: _BatchRun, account: Account, direction: Direction, amount_minor: int, count: int
+) -> None:
+    if not account.velocity_rules:
+        return
+    rule = refusing_rule(
+        account.velocity_rules,
+        _used(account, run.velocity_added, run.state.now),
+        direction=direction,
+        amount_minor=amount_minor,
+        count=count,
+    )
+    if rule is not None:
+        raise _Refused(TransferResult.EXCEEDS_VELOCITY_LIMIT, rule.rule_id)
+
+
+def _add_velocity(
+    run: _BatchRun, account: Account, direction: Direction, amount_minor: int, count: int
+) -> None:
+    for rule_direction, window_s in usage_keys(account.velocity_rules):
+        if rule_direction is not direction:
+            continue
+        key = (account.key, direction, window_s)
+        before = run.velocity_added.get(key, VelocityUsage())
+        run.set(run.velocity_added, key, before.plus(amount_minor, count))
+
+
 def _post_or_reserve(run: _BatchRun, request: TransferRequest) -> TransferRecord:
     debit, credit = _check_accounts(run, request)
     reversal_target = _check_reversal(run, request)
@@ -468,6 +572,11 @@ def _post_or_reserve(run: _BatchRun, request: TransferRequest) -> TransferRecord
         )
     _check_fits(db_after, cb_after)
     _check_limits(debit, db_after, credit, cb_after)
+    # Posted and pending alike count at creation (see ledger/domain/velocity.py).
+    _check_velocity(run, debit, Direction.DEBIT, amount, 1)
+    _check_velocity(run, credit, Direction.CREDIT, amount, 1)
+    _add_velocity(run, debit, Direction.DEBIT, amount, 1)
+    _add_velocity(run, credit, Direction.CREDIT, amount, 1)
     key = request.key
     run.post_entry(debit.key, key, Direction.DEBIT, kind, amount, db_after)
     run.post_entry(credit.key, key, Direction.CREDIT, kind, amount, cb_after)
@@ -614,6 +723,8 @@ class JournalPlan:
     failed_posting_index: int = -1
     entries: list[Entry] = field(default_factory=list)
     accounts: dict[AccountKey, AccountState] = field(default_factory=dict)
+    velocity: list[VelocityAdd] = field(default_factory=list)
+    refused_by_rule: str = ""
 
 
 def apply_journal(
@@ -666,8 +777,18 @@ def apply_journal(
             _check_limits(account, final, account, final)
         except _Refused as refused:
             return JournalPlan(refused.result, index)
+    # Velocity: each posting counts as one movement of its account, checked in
+    # order against the usage before the journal plus the earlier postings.
+    for index, posting in enumerate(request.postings):
+        account = accounts[posting.account]
+        try:
+            _check_velocity(run, account, posting.direction, posting.amount_minor, 1)
+        except _Refused as refused:
+            return JournalPlan(refused.result, index, refused_by_rule=refused.rule_id)
+        _add_velocity(run, account, posting.direction, posting.amount_minor, 1)
     return JournalPlan(
         TransferResult.OK,
         entries=run.plan.entries,
         accounts={k: s for k, s in run.work.items() if s.entry_count != accounts[k].entry_count},
+        velocity=_velocity_adds(run.velocity_added, now),
     )

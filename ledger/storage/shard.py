@@ -31,6 +31,7 @@ from ledger.domain.engine import (
     JournalPlan,
     PendingView,
     TransferBatchState,
+    VelocityAdd,
     advanced,
     apply_journal,
     apply_transfers,
@@ -56,6 +57,13 @@ from ledger.domain.transfers import (
     linked_chains,
 )
 from ledger.domain.value import value
+from ledger.domain.velocity import (
+    VelocityMetric,
+    VelocityRule,
+    VelocityUsage,
+    bucket_width_s,
+    usage_keys,
+)
 from ledger.invariant import invariant
 from ledger.storage import saga_statements as saga_sql
 from ledger.storage import statements as sql
@@ -127,6 +135,7 @@ class JournalOutcome:
     failed_posting_index: int
     differing_field: str | None
     created_at: datetime
+    refused_by_rule: str = ""
 
 
 # Operations (the ledger_shard_transaction_duration "operation" label) that the
@@ -418,6 +427,7 @@ class Shard:
                 accounts=plan.accounts,
                 resolutions=plan.resolutions,
                 expiring=plan.expiring_pendings,
+                velocity=plan.velocity,
             )
             if handed_back:
                 return _with_handed_back(requests, handed_back, plan.outcomes)
@@ -568,8 +578,16 @@ class Shard:
                 accounts=plan.accounts,
                 resolutions=[],
                 expiring=[],
+                velocity=plan.velocity,
             )
-            return JournalOutcome(plan.result, False, plan.failed_posting_index, None, now)
+            return JournalOutcome(
+                plan.result,
+                False,
+                plan.failed_posting_index,
+                None,
+                now,
+                refused_by_rule=plan.refused_by_rule,
+            )
 
         return await self._in_transaction(run)
 
@@ -693,7 +711,10 @@ class Shard:
         rows = await conn.fetch(
             statement, [k.merchant_id for k in keys], [k.account_id for k in keys]
         )
-        return {a.key: a for a in map(_account, rows)}
+        accounts = {a.key: a for a in map(_account, rows)}
+        if statement is sql.LOCK_ACCOUNTS and any(a.velocity_rules for a in accounts.values()):
+            await _load_velocity_usage(conn, accounts)
+        return accounts
 
     async def _select_transfers(
         self, conn: Connection, keys: Collection[TransferKey]
@@ -1054,7 +1075,66 @@ def _account(row: asyncpg.Record) -> Account:
         entry_count=row["entry_count"],
         created_at=row["created_at"],
         head_hash=row["entry_hash"],
+        velocity_rules=velocity_rules(row["velocity_rules"]),
     )
+
+
+def velocity_rules(stored: list[dict[str, Any]]) -> tuple[VelocityRule, ...]:
+    """Rules as stored in accounts.velocity_rules (and the limits history)."""
+    if not stored:
+        return ()
+    return tuple(
+        VelocityRule(
+            rule_id=r["rule_id"],
+            direction=Direction(r["direction"]),
+            metric=VelocityMetric(r["metric"]),
+            window_s=r["window_s"],
+            limit=r["limit"],
+        )
+        for r in stored
+    )
+
+
+def velocity_rules_json(rules: Sequence[VelocityRule]) -> list[dict[str, Any]]:
+    return [
+        {
+            "rule_id": r.rule_id,
+            "direction": int(r.direction),
+            "metric": int(r.metric),
+            "window_s": r.window_s,
+            "limit": r.limit,
+        }
+        for r in rules
+    ]
+
+
+async def _load_velocity_usage(conn: Connection, accounts: dict[AccountKey, Account]) -> None:
+    """Reads each limited account's usage per window; called after its lock, so no
+    other transaction can add to it before this one commits."""
+    wanted = [
+        (key, direction, window_s)
+        for key, account in accounts.items()
+        for direction, window_s in sorted(usage_keys(account.velocity_rules))
+    ]
+    rows = await conn.fetch(
+        sql.VELOCITY_USAGE,
+        [k.merchant_id for k, _, _ in wanted],
+        [k.account_id for k, _, _ in wanted],
+        [int(d) for _, d, _ in wanted],
+        [w for _, _, w in wanted],
+        [bucket_width_s(w) for _, _, w in wanted],
+    )
+    invariant(len(rows) == len(wanted), "one usage row per rule window")
+    used: dict[AccountKey, dict[tuple[Direction, int], VelocityUsage]] = {}
+    read_at: datetime | None = None
+    for r in rows:
+        key = AccountKey(r["merchant_id"], r["account_id"])
+        used.setdefault(key, {})[(Direction(r["direction"]), r["window_s"])] = VelocityUsage(
+            r["amount_minor"], r["transfer_count"]
+        )
+        read_at = r["now"]
+    for key, usage in used.items():
+        accounts[key] = replace(accounts[key], velocity_used=usage, velocity_read_at=read_at)
 
 
 def _transfer(row: asyncpg.Record) -> TransferRecord:
@@ -1157,6 +1237,7 @@ async def write_plan(
     expiring: Sequence[TransferRecord],
     journals: Sequence[JournalRow] = (),
     ended_extra: Sequence[TransferKey] = (),
+    velocity: Sequence[VelocityAdd] = (),
 ) -> None:
     """Writes a batch in one round trip and checks every row landed."""
     # Every transfer records the trace that made it: "which postings did trace X make".
@@ -1258,6 +1339,15 @@ async def write_plan(
     ended = [
         (k.merchant_id, k.transfer_id) for k in (*(r.pending for r in resolutions), *ended_extra)
     ]
+    # One row per bucket: an upsert may not touch a row twice in one statement.
+    buckets: dict[tuple[str, str, int, int, int], list[int]] = {}
+    for v in velocity:
+        a = v.account
+        key = (a.merchant_id, a.account_id, int(v.direction), v.window_s, v.bucket_index)
+        total = buckets.setdefault(key, [0, 0])
+        total[0] += v.amount_minor
+        total[1] += v.count
+    velocity_rows = [(*key, amount, count) for key, (amount, count) in buckets.items()]
     counts = await conn.fetchrow(
         sql.WRITE_BATCH,
         transfer_rows,
@@ -1269,6 +1359,7 @@ async def write_plan(
         ],
         [(r.key.merchant_id, r.key.transfer_id, r.expires_at) for r in expiring],
         ended,
+        velocity_rows,
     )
     assert counts is not None
     if counts["transfers"] != len(records) + len(journals):
@@ -1278,6 +1369,18 @@ async def write_plan(
     invariant(counts["entries"] == len(entries), "every entry was written")
     invariant(counts["accounts"] == len(accounts), "every changed account was updated")
     invariant(counts["resolutions"] == len(resolutions), "every resolution was written")
+    invariant(counts["velocity"] == len(velocity_rows), "every velocity bucket was written")
+    if counts["crossings"]:
+        # Counted when written: a transaction that then fails to commit (rare,
+        # and retried) may count a crossing twice; the table is the record.
+        for crossed in counts["crossings"]:
+            monitor_id, _, direction = crossed.rpartition(":")
+            metrics.monitor_crossings.add(
+                1, {"monitor": monitor_id, "direction": _CROSSING_NAMES[direction]}
+            )
+
+
+_CROSSING_NAMES = {"1": "fell_below", "2": "rose_to"}
 
 
 def _postings_json(request: JournalRequest) -> list[dict[str, Any]]:

@@ -155,6 +155,13 @@ saga_attempts_failed = SummedCounter(
 shard_errors = SummedCounter(
     "ledger_shard_errors", unit="1", description="Shard calls that failed, by shard and kind"
 )
+# Balance monitor crossings (ledger/domain/monitors.py), by monitor id and direction.
+# Monitor ids are admin-chosen names of a bounded set (8 per account), no merchant ids.
+monitor_crossings = SummedCounter(
+    "ledger_monitor_crossings",
+    unit="1",
+    description="Balance monitor thresholds crossed, by monitor and direction",
+)
 shard_transactions = SummedHistogram(
     "ledger_shard_transaction_duration",
     unit="s",
