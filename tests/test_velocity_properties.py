@@ -55,6 +55,7 @@ rules_strategy = st.lists(
     unique_by=lambda r: r.rule_id,
 ).map(tuple)
 
+Movement = tuple[Direction, TransferAction, int]
 movement = st.tuples(
     st.sampled_from(list(Direction)),  # the limited account's side
     st.sampled_from([TransferAction.POST, TransferAction.PENDING]),
