@@ -12,6 +12,7 @@ import pytest
 
 from ledger.v1 import ledger_pb2 as pb
 from ledger.v1 import ledger_pb2_grpc
+from tests.auth_support import child_env, run_cli
 from tests.support import (
     RPC_TIMEOUT_S,
     Service,
@@ -452,3 +453,53 @@ async def test_limits_history_is_append_only(service: Service) -> None:
         with pytest.raises(asyncpg.PostgresError) as refused:
             await conn.execute("DELETE FROM account_limit_changes WHERE merchant_id = $1", m)
     assert refused.value.sqlstate == "55000"
+
+
+async def test_cli_sets_shows_limits_and_lists_monitor_crossings(service: Service) -> None:
+    m = await _merchant(service)
+    target = ["--target", service.target]
+    done = await run_cli(
+        [
+            *("accounts", "limits", "set", m, "wallet"),
+            *("--change-id", "cli-1", "--reason", "reserve watch"),
+            *("--rule", "daily=debit,amount,86400,100"),
+            *("--monitor", "low=net_posted,-50"),
+            *target,
+        ],
+        child_env(),
+    )
+    assert done.returncode == 0, done.stderr
+    assert "change 1 recorded by anonymous" in done.stdout
+    moved = await transfers(service.stub, transfer(uid("t"), ref(m, "wallet"), ref(m, "shop"), 60))
+    assert result_names(moved) == [OK]
+    refused = await transfers(
+        service.stub, transfer(uid("t"), ref(m, "wallet"), ref(m, "shop"), 41)
+    )
+    assert result_names(refused) == [VELOCITY]
+    done = await run_cli(["accounts", "limits", "show", m, "wallet", *target], child_env())
+    assert done.returncode == 0, done.stderr
+    assert "rule daily: DIRECTION_DEBIT VELOCITY_METRIC_AMOUNT <= 100 per 86400s" in done.stdout
+    assert "change 1 'cli-1'" in done.stdout and "reserve watch" in done.stdout
+    done = await run_cli(["monitors", "list", m, *target], child_env())
+    assert done.returncode == 0, done.stderr
+    assert [line.split()[2:5] for line in done.stdout.splitlines()] == [
+        ["low", f"{m}/wallet", "FELL_BELOW"]
+    ]
+    done = await run_cli(
+        [
+            "accounts",
+            "limits",
+            "set",
+            m,
+            "wallet",
+            "--change-id",
+            "x",
+            "--reason",
+            "r",
+            "--rule",
+            "bad",
+            *target,
+        ],
+        child_env(),
+    )
+    assert done.returncode != 0 and "RULE_ID=" in done.stderr
