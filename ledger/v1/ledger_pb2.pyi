@@ -2305,7 +2305,7 @@ class ListMonitorCrossingsRequest(_message.Message):
     AFTER_SEQUENCE_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     merchant_id: _builtins.str
-    """The merchant."""
+    """The merchant, 1 to 128 bytes."""
     after_sequence: _builtins.int
     """Crossings after this sequence (0: from the first)."""
     page_size: _builtins.int
