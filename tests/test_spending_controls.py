@@ -5,11 +5,17 @@ from two service replicas."""
 from __future__ import annotations
 
 import asyncio
+import os
+import random
+from dataclasses import replace
 
 import asyncpg
 import grpc
 import pytest
 
+from ledger.domain.accounts import Balances
+from ledger.domain.monitors import BalanceMonitor, MonitoredBalance, balance_value, crossing
+from ledger.sagas.reconcile import Finding, ReconcileReport, reconcile
 from ledger.v1 import ledger_pb2 as pb
 from ledger.v1 import ledger_pb2_grpc
 from tests.auth_support import child_env, run_cli
@@ -503,3 +509,158 @@ async def test_cli_sets_shows_limits_and_lists_monitor_crossings(service: Servic
         child_env(),
     )
     assert done.returncode != 0 and "RULE_ID=" in done.stderr
+
+
+MONITOR_MODEL_STEPS = int(os.environ.get("LEDGER_MONITOR_MODEL_STEPS", "40"))
+
+
+async def test_recorded_crossings_are_exactly_the_domain_rules_on_a_random_history(
+    service: Service,
+) -> None:
+    """A seeded random history (posts both ways, holds, posts and voids of holds) on an
+    account with monitors on both balances at several thresholds: the crossings
+    WRITE_BATCH records are exactly those ledger/domain/monitors.py computes per change.
+    LEDGER_MONITOR_MODEL_STEPS runs it longer."""
+    rng = random.Random(2121)
+    m = await _merchant(service)
+    funded = await transfers(
+        service.stub, transfer(uid("t"), ref(m, "bank"), ref(m, "wallet"), 500)
+    )
+    assert result_names(funded) == [OK]
+    monitors = [
+        BalanceMonitor(f"{kind.name.lower()}-{t}", kind, t)
+        for kind in MonitoredBalance
+        for t in (-100, 0, 150, 400)
+    ]
+    await set_limits(
+        service,
+        m,
+        "wallet",
+        monitors=[
+            pb.BalanceMonitor(
+                monitor_id=x.monitor_id,
+                balance=int(x.balance),  # type: ignore[arg-type]
+                threshold_minor=x.threshold_minor,
+            )
+            for x in monitors
+        ],
+    )
+    balances = Balances(credits_posted=500)
+    holds: dict[str, int] = {}
+    expected: list[tuple[str, str, int]] = []
+    for _ in range(MONITOR_MODEL_STEPS):
+        choice = rng.random()
+        amount = rng.randint(1, 200)
+        tid = uid("t")
+        if choice < 0.3:
+            item = transfer(tid, ref(m, "wallet"), ref(m, "shop"), amount)
+            after = replace(balances, debits_posted=balances.debits_posted + amount)
+        elif choice < 0.55:
+            item = transfer(tid, ref(m, "bank"), ref(m, "wallet"), amount)
+            after = replace(balances, credits_posted=balances.credits_posted + amount)
+        elif choice < 0.8 or not holds:
+            item = transfer(
+                tid, ref(m, "wallet"), ref(m, "shop"), amount, action=pb.TRANSFER_ACTION_PENDING
+            )
+            holds[tid] = amount
+            after = replace(balances, debits_pending=balances.debits_pending + amount)
+        else:
+            hold_id = rng.choice(sorted(holds))
+            held = holds.pop(hold_id)
+            post = rng.random() < 0.5
+            item = transfer(
+                tid,
+                ref(m, "wallet"),
+                None,
+                0,
+                "",
+                action=pb.TRANSFER_ACTION_POST_PENDING if post else pb.TRANSFER_ACTION_VOID_PENDING,
+                pending_id=hold_id,
+            )
+            after = replace(
+                balances,
+                debits_pending=balances.debits_pending - held,
+                debits_posted=balances.debits_posted + (held if post else 0),
+            )
+        assert result_names(await transfers(service.stub, item)) == [OK]
+        for x in monitors:
+            crossed = crossing(
+                before_minor=balance_value(x.balance, balances),
+                after_minor=balance_value(x.balance, after),
+                threshold_minor=x.threshold_minor,
+            )
+            if crossed is not None:
+                expected.append((x.monitor_id, tid, int(crossed)))
+        balances = after
+    recorded = [
+        (c.monitor_id, c.transfer.transfer_id, int(c.direction))
+        for c in await _all_crossings(service, m)
+    ]
+    assert sorted(recorded) == sorted(expected)
+    assert expected, "the history crossed some threshold"
+
+
+async def _all_crossings(service: Service, merchant_id: str) -> list[pb.MonitorCrossing]:
+    found: list[pb.MonitorCrossing] = []
+    while True:
+        response = await admin(service).ListMonitorCrossings(
+            pb.ListMonitorCrossingsRequest(
+                merchant_id=merchant_id, after_sequence=len(found), page_size=50
+            ),
+            timeout=RPC_TIMEOUT_S,
+        )
+        found += response.crossings
+        if len(response.crossings) < 50:
+            return found
+
+
+async def test_reconcile_holds_velocity_counters_to_the_entries(service: Service) -> None:
+    m = await _merchant(service)
+    await set_limits(
+        service,
+        m,
+        "wallet",
+        rules=[rule("daily", 10_000), rule("in", 10_000, direction=pb.DIRECTION_CREDIT)],
+    )
+    hold = uid("h")
+    moved = await transfers(
+        service.stub,
+        transfer(uid("t"), ref(m, "wallet"), ref(m, "shop"), 30),
+        transfer(uid("t"), ref(m, "bank"), ref(m, "wallet"), 50),
+        transfer(hold, ref(m, "wallet"), ref(m, "shop"), 20, action=pb.TRANSFER_ACTION_PENDING),
+    )
+    assert result_names(moved) == [OK, OK, OK]
+    posted = await transfers(
+        service.stub,
+        transfer(
+            uid("p"),
+            ref(m, "wallet"),
+            None,
+            0,
+            "",
+            action=pb.TRANSFER_ACTION_POST_PENDING,
+            pending_id=hold,
+        ),
+    )
+    assert result_names(posted) == [OK]
+    name = service.ring.shard_for(m)
+
+    def finding(report: ReconcileReport) -> Finding:
+        (found,) = [f for f in report.findings if f.check == f"velocity counters {name}"]
+        return found
+
+    assert finding(await reconcile(service.cluster)).ok
+    async with service.cluster.shards[name].pool.acquire() as conn:
+        await conn.execute(
+            "UPDATE velocity_buckets SET amount_minor = amount_minor + 1"
+            " WHERE merchant_id = $1 AND account_id = 'wallet' AND direction = 1",
+            m,
+        )
+    off = finding(await reconcile(service.cluster))
+    assert not off.ok and f"{m}/wallet direction 1" in off.detail
+    async with service.cluster.shards[name].pool.acquire() as conn:
+        await conn.execute(
+            "UPDATE velocity_buckets SET amount_minor = amount_minor - 1"
+            " WHERE merchant_id = $1 AND account_id = 'wallet' AND direction = 1",
+            m,
+        )

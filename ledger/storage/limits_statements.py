@@ -125,3 +125,43 @@ SELECT $1, $2, $3, $4, c.bucket_index, c.amount_minor, c.transfer_count FROM cou
 ON CONFLICT (merchant_id, account_id, direction, window_s, bucket_index) DO UPDATE
 SET amount_minor = EXCLUDED.amount_minor, transfer_count = EXCLUDED.transfer_count
 """
+
+# For reconcile: the windows of every rule in force on a merchant this shard owns
+# whose counters (from the oldest bucket a check counts now) differ from the
+# counted movements in its entries over the same buckets. One statement, one
+# snapshot. $1 is velocity_buckets_per_window (the bucket width is
+# ceil(window_s / $1), at least 1, as ledger/domain/velocity.py bucket_width_s).
+VELOCITY_COUNTERS_OFF = f"""
+WITH windows AS (
+    SELECT DISTINCT a.merchant_id, a.account_id, (r ->> 'direction')::smallint AS direction,
+        (r ->> 'window_s')::integer AS window_s
+    FROM accounts a
+    JOIN merchants m ON m.merchant_id = a.merchant_id AND m.state IN ('active', 'moving')
+    CROSS JOIN LATERAL jsonb_array_elements(a.velocity_rules) AS r
+), w AS (
+    SELECT windows.*, greatest(1, ceil(window_s / $1::numeric))::bigint AS width_s,
+        (floor(extract(epoch FROM now()))::bigint - window_s)
+            / greatest(1, ceil(window_s / $1::numeric))::bigint AS first_bucket
+    FROM windows
+)
+SELECT w.merchant_id, w.account_id, w.direction, w.window_s,
+    (SELECT coalesce(sum(b.amount_minor), 0) FROM velocity_buckets b
+     WHERE b.merchant_id = w.merchant_id AND b.account_id = w.account_id
+       AND b.direction = w.direction AND b.window_s = w.window_s
+       AND b.bucket_index >= w.first_bucket) AS counter_minor,
+    (SELECT coalesce(sum(b.transfer_count), 0) FROM velocity_buckets b
+     WHERE b.merchant_id = w.merchant_id AND b.account_id = w.account_id
+       AND b.direction = w.direction AND b.window_s = w.window_s
+       AND b.bucket_index >= w.first_bucket) AS counter_count,
+    (SELECT count(*) FROM entries e
+     WHERE e.merchant_id = w.merchant_id AND e.account_id = w.account_id
+       AND e.direction = w.direction
+       AND e.created_at >= to_timestamp(w.first_bucket * w.width_s)
+       AND {COUNTED_MOVEMENT}) AS entries_count,
+    (SELECT coalesce(sum(e.amount_minor), 0) FROM entries e
+     WHERE e.merchant_id = w.merchant_id AND e.account_id = w.account_id
+       AND e.direction = w.direction
+       AND e.created_at >= to_timestamp(w.first_bucket * w.width_s)
+       AND {COUNTED_MOVEMENT}) AS entries_minor
+FROM w
+"""
