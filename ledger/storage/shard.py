@@ -983,6 +983,8 @@ async def _init_connection(conn: asyncpg.Connection[asyncpg.Record]) -> None:
 
 _JSONB_VERSION = b"\x01"
 _EMPTY_JSONB_OBJECT = _JSONB_VERSION + b"{}"
+# Every account row carries its velocity rules, nearly always none.
+_EMPTY_JSONB_ARRAY = _JSONB_VERSION + b"[]"
 
 
 def _encode_jsonb(value: object) -> bytes:
@@ -995,6 +997,8 @@ def _encode_jsonb(value: object) -> bytes:
 def _decode_jsonb(data: bytes) -> object:
     if data == _EMPTY_JSONB_OBJECT:
         return {}
+    if data == _EMPTY_JSONB_ARRAY:
+        return []
     return json.loads(data[1:])
 
 
