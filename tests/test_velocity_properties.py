@@ -32,6 +32,7 @@ from ledger.domain.velocity import (
     VelocityUsage,
     bucket_width_s,
     first_counted_bucket,
+    refusing_rule,
     total_within,
     usage_keys,
 )
@@ -219,3 +220,47 @@ def test_a_change_of_limits_applies_from_its_commit_on(
         ]
         histories.append(shard.apply(batch, now))
     assert histories[0] == histories[1]
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(
+    rules=rules_strategy,
+    used=st.dictionaries(
+        st.tuples(st.sampled_from(list(Direction)), st.sampled_from(WINDOWS_S)),
+        st.builds(
+            VelocityUsage,
+            amount_minor=st.integers(min_value=0, max_value=400),
+            count=st.integers(min_value=0, max_value=20),
+        ),
+    ),
+    side=st.sampled_from(list(Direction)),
+    amount=st.integers(min_value=1, max_value=300),
+)
+def test_the_engine_refuses_exactly_what_the_stated_rule_refuses(
+    rules: tuple[VelocityRule, ...],
+    used: dict[tuple[Direction, int], VelocityUsage],
+    side: Direction,
+    amount: int,
+) -> None:
+    """apply_transfers' fast check is refusing_rule (ledger/domain/velocity.py), the
+    readable statement of the rule: same decision, same rule named."""
+    shard = Shard()
+    shard.set_rules(rules, T0)
+    limited = replace(
+        shard.accounts[LIMITED],
+        velocity_used={k: used.get(k, VelocityUsage()) for k in usage_keys(rules)},
+        velocity_read_at=T0,
+    )
+    accounts = {**shard.accounts, LIMITED: limited}
+    debit, credit = (LIMITED, OTHER) if side is Direction.DEBIT else (OTHER, LIMITED)
+    plan = apply_transfers(
+        [TransferRequest("t", debit, credit, amount, "USD", TransferAction.POST)],
+        TransferBatchState(accounts, {}, frozenset(), {}, {}, {}, T0),
+    )
+    stated = refusing_rule(rules, used, direction=side, amount_minor=amount)
+    outcome = plan.outcomes[0]
+    if stated is None:
+        assert outcome.result is TransferResult.OK
+    else:
+        assert outcome.result is TransferResult.EXCEEDS_VELOCITY_LIMIT
+        assert outcome.refused_by_rule == stated.rule_id

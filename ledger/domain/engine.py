@@ -30,11 +30,11 @@ from ledger.domain.transfers import (
 )
 from ledger.domain.value import value
 from ledger.domain.velocity import (
-    UsageKey,
+    DirectionRules,
+    VelocityMetric,
     VelocityUsage,
     bucket_index,
-    refusing_rule,
-    usage_keys,
+    by_direction,
 )
 from ledger.invariant import invariant
 from ledger.limits import AMOUNT_MINOR_MAX
@@ -209,8 +209,10 @@ class _BatchRun:
         self.new_records: dict[TransferKey, TransferRecord] = {}
         self.pending_states: dict[TransferKey, PendingState] = {}
         self.reversed_extra: dict[TransferKey, int] = {}
-        # Velocity usage added by earlier items of this batch, per account.
-        self.velocity_added: dict[tuple[AccountKey, Direction, int], VelocityUsage] = {}
+        # Velocity usage added by earlier items of this batch, per account and direction
+        # (undone with a failed chain), and each one's rules and loaded usage (not).
+        self.velocity_added: dict[tuple[AccountKey, Direction], _Added] = {}
+        self.velocity_views: dict[tuple[AccountKey, Direction], _VelocityView | None] = {}
         self.undo: list[tuple[dict[Any, Any], Any, Any]] = []
 
     def set(self, target: dict[Any, Any], key: Any, value: Any) -> None:
@@ -291,20 +293,23 @@ def apply_transfers(
     run.plan.accounts = {
         key: s for key, s in run.work.items() if s.entry_count != state.accounts[key].entry_count
     }
-    run.plan.velocity = _velocity_adds(run.velocity_added, state.now)
+    run.plan.velocity = _velocity_adds(run)
     return run.plan
 
 
-def _velocity_adds(
-    added: Mapping[tuple[AccountKey, Direction, int], VelocityUsage], now: datetime
-) -> list[VelocityAdd]:
-    return [
-        VelocityAdd(
-            account, direction, window_s, bucket_index(now, window_s), u.amount_minor, u.count
-        )
-        for (account, direction, window_s), u in sorted(added.items())
-        if u.count > 0
-    ]
+def _velocity_adds(run: _BatchRun) -> list[VelocityAdd]:
+    adds = []
+    now = run.state.now
+    for (account, direction), added in sorted(run.velocity_added.items()):
+        view = run.velocity_views[(account, direction)]
+        assert view is not None
+        for window_s, (amount_minor, count) in zip(view.rules.windows_s, added, strict=True):
+            adds.append(
+                VelocityAdd(
+                    account, direction, window_s, bucket_index(now, window_s), amount_minor, count
+                )
+            )
+    return adds
 
 
 def _refuse_open_chain(
@@ -498,52 +503,71 @@ def _check_limits(
         raise _Refused(TransferResult.EXCEEDS_DEBITS)
 
 
-def _used(
-    account: Account,
-    added: Mapping[tuple[AccountKey, Direction, int], VelocityUsage],
-    now: datetime,
-) -> dict[UsageKey, VelocityUsage]:
-    """The account's usage per window: as loaded under its lock, plus this batch's."""
+# Per (account, direction): what earlier items of the batch added, per window of
+# that direction's DirectionRules (amount, count), as one tuple.
+_Added = tuple[tuple[int, int], ...]
+
+
+def _velocity_view(run: _BatchRun, account: Account, direction: Direction) -> _VelocityView | None:
+    """The account's rules of this direction and its usage as loaded under its lock,
+    built once per batch (this is the per-item hot path of limited accounts)."""
+    key = (account.key, direction)
+    view = run.velocity_views.get(key, _MISSING)
+    if view is not _MISSING:
+        return view  # type: ignore[no-any-return]
+    rules = by_direction(account.velocity_rules).get(direction)
+    if rules is None:
+        run.velocity_views[key] = None
+        return None
     loaded = account.velocity_used
     invariant(loaded is not None, "an account with velocity rules has its usage loaded")
     assert loaded is not None and account.velocity_read_at is not None
     # Loaded windows end at velocity_read_at; one ending later would miss events.
-    invariant(account.velocity_read_at <= now, "velocity usage is read before the check's time")
-    used = {}
-    for direction, window_s in usage_keys(account.velocity_rules):
-        base = loaded.get((direction, window_s), VelocityUsage())
-        extra = added.get((account.key, direction, window_s))
-        used[(direction, window_s)] = (
-            base if extra is None else base.plus(extra.amount_minor, extra.count)
-        )
-    return used
-
-
-def _check_velocity(
-    run: _BatchRun, account: Account, direction: Direction, amount_minor: int, count: int
-) -> None:
-    if not account.velocity_rules:
-        return
-    rule = refusing_rule(
-        account.velocity_rules,
-        _used(account, run.velocity_added, run.state.now),
-        direction=direction,
-        amount_minor=amount_minor,
-        count=count,
+    invariant(
+        account.velocity_read_at <= run.state.now, "velocity usage is read before the check's time"
     )
-    if rule is not None:
-        raise _Refused(TransferResult.EXCEEDS_VELOCITY_LIMIT, rule.rule_id)
+    base = []
+    for window_s in rules.windows_s:
+        u = loaded.get((direction, window_s), VelocityUsage())
+        base.append((u.amount_minor, u.count))
+    view = _VelocityView(rules, tuple(base))
+    run.velocity_views[key] = view
+    return view
 
 
-def _add_velocity(
+@dataclass(frozen=True, slots=True)
+class _VelocityView:
+    rules: DirectionRules
+    base: _Added
+
+
+def _count_velocity(
     run: _BatchRun, account: Account, direction: Direction, amount_minor: int, count: int
 ) -> None:
-    for rule_direction, window_s in usage_keys(account.velocity_rules):
-        if rule_direction is not direction:
-            continue
-        key = (account.key, direction, window_s)
-        before = run.velocity_added.get(key, VelocityUsage())
-        run.set(run.velocity_added, key, before.plus(amount_minor, count))
+    """Checks one more movement against the account's rules of its direction
+    (refusing_rule in ledger/domain/velocity.py, over the usage loaded under the lock
+    plus this batch's), then counts it. A refusal raises; the caller's rollback undoes
+    what the item counted before it (its debit side, when its credit side refuses)."""
+    view = _velocity_view(run, account, direction)
+    if view is None:
+        return
+    key = (account.key, direction)
+    added = run.velocity_added.get(key)
+    for rule, i in view.rules.rules:
+        amount, moved = view.base[i]
+        if added is not None:
+            amount += added[i][0]
+            moved += added[i][1]
+        if rule.metric is VelocityMetric.AMOUNT:
+            if amount + amount_minor > rule.limit:
+                raise _Refused(TransferResult.EXCEEDS_VELOCITY_LIMIT, rule.rule_id)
+        elif moved + count > rule.limit:
+            raise _Refused(TransferResult.EXCEEDS_VELOCITY_LIMIT, rule.rule_id)
+    if added is None:
+        after = tuple((amount_minor, count) for _ in view.rules.windows_s)
+    else:
+        after = tuple((a + amount_minor, c + count) for a, c in added)
+    run.set(run.velocity_added, key, after)
 
 
 def _post_or_reserve(run: _BatchRun, request: TransferRequest) -> TransferRecord:
@@ -573,10 +597,10 @@ def _post_or_reserve(run: _BatchRun, request: TransferRequest) -> TransferRecord
     _check_fits(db_after, cb_after)
     _check_limits(debit, db_after, credit, cb_after)
     # Posted and pending alike count at creation (see ledger/domain/velocity.py).
-    _check_velocity(run, debit, Direction.DEBIT, amount, 1)
-    _check_velocity(run, credit, Direction.CREDIT, amount, 1)
-    _add_velocity(run, debit, Direction.DEBIT, amount, 1)
-    _add_velocity(run, credit, Direction.CREDIT, amount, 1)
+    if debit.velocity_rules:
+        _count_velocity(run, debit, Direction.DEBIT, amount, 1)
+    if credit.velocity_rules:
+        _count_velocity(run, credit, Direction.CREDIT, amount, 1)
     key = request.key
     run.post_entry(debit.key, key, Direction.DEBIT, kind, amount, db_after)
     run.post_entry(credit.key, key, Direction.CREDIT, kind, amount, cb_after)
@@ -781,14 +805,15 @@ def apply_journal(
     # order against the usage before the journal plus the earlier postings.
     for index, posting in enumerate(request.postings):
         account = accounts[posting.account]
+        if not account.velocity_rules:
+            continue
         try:
-            _check_velocity(run, account, posting.direction, posting.amount_minor, 1)
+            _count_velocity(run, account, posting.direction, posting.amount_minor, 1)
         except _Refused as refused:
             return JournalPlan(refused.result, index, refused_by_rule=refused.rule_id)
-        _add_velocity(run, account, posting.direction, posting.amount_minor, 1)
     return JournalPlan(
         TransferResult.OK,
         entries=run.plan.entries,
         accounts={k: s for k, s in run.work.items() if s.entry_count != accounts[k].entry_count},
-        velocity=_velocity_adds(run.velocity_added, now),
+        velocity=_velocity_adds(run),
     )

@@ -24,6 +24,7 @@ totals under the account's lock, the engine calls check() and added() per item.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from enum import IntEnum
@@ -108,6 +109,36 @@ def refusing_rule(
         elif usage.count + count > rule.limit:
             return rule
     return None
+
+
+@value
+class DirectionRules:
+    """An account's rules of one direction, ready for the per-item check: the
+    windows it counts, and each rule with the position of its window."""
+
+    windows_s: tuple[int, ...]
+    rules: tuple[tuple[VelocityRule, int], ...]
+
+
+# Distinct rule sets whose grouping is kept: accounts mostly share a few sets (a
+# product's standard limits), and grouping is the costly part of a first check.
+RULE_SETS_CACHED_MAX = 4096
+
+
+@functools.lru_cache(maxsize=RULE_SETS_CACHED_MAX)
+def by_direction(rules: tuple[VelocityRule, ...]) -> dict[Direction, DirectionRules]:
+    """The rules grouped by direction (refusing_rule's order kept within a direction).
+    Cached: callers must not change the dict."""
+    grouped: dict[Direction, DirectionRules] = {}
+    for direction in Direction:
+        mine = [r for r in rules if r.direction is direction]
+        if not mine:
+            continue
+        windows_s = tuple(sorted({r.window_s for r in mine}))
+        grouped[direction] = DirectionRules(
+            windows_s, tuple((r, windows_s.index(r.window_s)) for r in mine)
+        )
+    return grouped
 
 
 def total_within(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import time
@@ -1079,8 +1080,20 @@ def _account(row: asyncpg.Record) -> Account:
         entry_count=row["entry_count"],
         created_at=row["created_at"],
         head_hash=row["entry_hash"],
-        velocity_rules=velocity_rules(row["velocity_rules"]),
+        velocity_rules=_velocity_rules_text(row["velocity_rules"]),
     )
+
+
+# Distinct rule sets parsed once: every locked account row carries its rules as
+# text, and accounts mostly share a few sets; parsing is most of their cost.
+_RULE_TEXTS_CACHED_MAX = 4096
+
+
+@functools.lru_cache(maxsize=_RULE_TEXTS_CACHED_MAX)
+def _velocity_rules_text(text: str) -> tuple[VelocityRule, ...]:
+    if text == "[]":
+        return ()
+    return velocity_rules(json.loads(text))
 
 
 def velocity_rules(stored: list[dict[str, Any]]) -> tuple[VelocityRule, ...]:

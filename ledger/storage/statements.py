@@ -15,7 +15,8 @@ NOW = "SELECT clock_timestamp()"
 ACCOUNT_COLUMNS = """
 merchant_id, account_id, currency, debits_must_not_exceed_credits,
 credits_must_not_exceed_debits, closed, metadata, debits_posted, credits_posted,
-debits_pending, credits_pending, entry_count, created_at, entry_hash, velocity_rules
+debits_pending, credits_pending, entry_count, created_at, entry_hash,
+velocity_rules::text AS velocity_rules
 """
 
 # Row locks in one fixed order (merchant, account, byte-wise) so that any two
