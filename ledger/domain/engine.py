@@ -30,7 +30,6 @@ from ledger.domain.transfers import (
 )
 from ledger.domain.value import value
 from ledger.domain.velocity import (
-    DirectionRules,
     VelocityMetric,
     VelocityUsage,
     bucket_index,
@@ -300,13 +299,13 @@ def apply_transfers(
 def _velocity_adds(run: _BatchRun) -> list[VelocityAdd]:
     adds = []
     now = run.state.now
-    for (account, direction), added in sorted(run.velocity_added.items()):
+    for (account, direction), (amounts, counts) in sorted(run.velocity_added.items()):
         view = run.velocity_views[(account, direction)]
         assert view is not None
-        for window_s, (amount_minor, count) in zip(view.rules.windows_s, added, strict=True):
+        for i, window_s in enumerate(view.windows_s):
             adds.append(
                 VelocityAdd(
-                    account, direction, window_s, bucket_index(now, window_s), amount_minor, count
+                    account, direction, window_s, bucket_index(now, window_s), amounts[i], counts[i]
                 )
             )
     return adds
@@ -504,13 +503,26 @@ def _check_limits(
 
 
 # Per (account, direction): what earlier items of the batch added, per window of
-# that direction's DirectionRules (amount, count), as one tuple.
-_Added = tuple[tuple[int, int], ...]
+# that direction's DirectionRules: (amounts, counts), each a tuple by window.
+_Added = tuple[tuple[int, ...], tuple[int, ...]]
+
+
+@dataclass(frozen=True, slots=True)
+class _VelocityView:
+    """An account's rules of one direction with its usage as loaded under its lock,
+    flattened for the per-item check: (window position, is an amount rule, limit,
+    rule id) per rule, in rule order."""
+
+    windows_s: tuple[int, ...]
+    checks: tuple[tuple[int, bool, int, str], ...]
+    base_amounts: tuple[int, ...]
+    base_counts: tuple[int, ...]
+    zero: tuple[int, ...]
 
 
 def _velocity_view(run: _BatchRun, account: Account, direction: Direction) -> _VelocityView | None:
-    """The account's rules of this direction and its usage as loaded under its lock,
-    built once per batch (this is the per-item hot path of limited accounts)."""
+    """Built once per batch and (account, direction): the per-item hot path of
+    limited accounts only reads it."""
     key = (account.key, direction)
     view = run.velocity_views.get(key, _MISSING)
     if view is not _MISSING:
@@ -526,19 +538,22 @@ def _velocity_view(run: _BatchRun, account: Account, direction: Direction) -> _V
     invariant(
         account.velocity_read_at <= run.state.now, "velocity usage is read before the check's time"
     )
-    base = []
-    for window_s in rules.windows_s:
-        u = loaded.get((direction, window_s), VelocityUsage())
-        base.append((u.amount_minor, u.count))
-    view = _VelocityView(rules, tuple(base))
+    invariant(
+        all((direction, w) in loaded for w in rules.windows_s), "every rule's window was loaded"
+    )
+    usage = [loaded[(direction, w)] for w in rules.windows_s]
+    view = _VelocityView(
+        windows_s=rules.windows_s,
+        checks=tuple(
+            (i, rule.metric is VelocityMetric.AMOUNT, rule.limit, rule.rule_id)
+            for rule, i in rules.rules
+        ),
+        base_amounts=tuple(u.amount_minor for u in usage),
+        base_counts=tuple(u.count for u in usage),
+        zero=tuple(0 for _ in usage),
+    )
     run.velocity_views[key] = view
     return view
-
-
-@dataclass(frozen=True, slots=True)
-class _VelocityView:
-    rules: DirectionRules
-    base: _Added
 
 
 def _count_velocity(
@@ -553,21 +568,22 @@ def _count_velocity(
         return
     key = (account.key, direction)
     added = run.velocity_added.get(key)
-    for rule, i in view.rules.rules:
-        amount, moved = view.base[i]
-        if added is not None:
-            amount += added[i][0]
-            moved += added[i][1]
-        if rule.metric is VelocityMetric.AMOUNT:
-            if amount + amount_minor > rule.limit:
-                raise _Refused(TransferResult.EXCEEDS_VELOCITY_LIMIT, rule.rule_id)
-        elif moved + count > rule.limit:
-            raise _Refused(TransferResult.EXCEEDS_VELOCITY_LIMIT, rule.rule_id)
     if added is None:
-        after = tuple((amount_minor, count) for _ in view.rules.windows_s)
+        amounts, counts = view.zero, view.zero
     else:
-        after = tuple((a + amount_minor, c + count) for a, c in added)
-    run.set(run.velocity_added, key, after)
+        amounts, counts = added
+    base_amounts, base_counts = view.base_amounts, view.base_counts
+    for i, is_amount, limit, rule_id in view.checks:
+        if is_amount:
+            if base_amounts[i] + amounts[i] + amount_minor > limit:
+                raise _Refused(TransferResult.EXCEEDS_VELOCITY_LIMIT, rule_id)
+        elif base_counts[i] + counts[i] + count > limit:
+            raise _Refused(TransferResult.EXCEEDS_VELOCITY_LIMIT, rule_id)
+    run.set(
+        run.velocity_added,
+        key,
+        (tuple([a + amount_minor for a in amounts]), tuple([c + count for c in counts])),
+    )
 
 
 def _post_or_reserve(run: _BatchRun, request: TransferRequest) -> TransferRecord:

@@ -1131,9 +1131,10 @@ async def _load_velocity_usage(conn: Connection, accounts: dict[AccountKey, Acco
     wanted = [
         (key, direction, window_s)
         for key, account in accounts.items()
+        if account.velocity_rules
         for direction, window_s in sorted(usage_keys(account.velocity_rules))
     ]
-    rows = await conn.fetch(
+    row = await conn.fetchrow(
         sql.VELOCITY_USAGE,
         [k.merchant_id for k, _, _ in wanted],
         [k.account_id for k, _, _ in wanted],
@@ -1141,17 +1142,27 @@ async def _load_velocity_usage(conn: Connection, accounts: dict[AccountKey, Acco
         [w for _, _, w in wanted],
         [bucket_width_s(w) for _, _, w in wanted],
     )
-    invariant(len(rows) == len(wanted), "one usage row per rule window")
+    assert row is not None
+    amounts, counts, read_at = row["amounts"], row["counts"], row["now"]
+    invariant(len(amounts) == len(counts) == len(wanted), "one usage per rule window")
     used: dict[AccountKey, dict[tuple[Direction, int], VelocityUsage]] = {}
-    read_at: datetime | None = None
-    for r in rows:
-        key = AccountKey(r["merchant_id"], r["account_id"])
-        used.setdefault(key, {})[(Direction(r["direction"]), r["window_s"])] = VelocityUsage(
-            r["amount_minor"], r["transfer_count"]
-        )
-        read_at = r["now"]
+    for (key, direction, window_s), amount_minor, count in zip(
+        wanted, amounts, counts, strict=True
+    ):
+        used.setdefault(key, {})[(direction, window_s)] = VelocityUsage(amount_minor, count)
     for key, usage in used.items():
-        accounts[key] = replace(accounts[key], velocity_used=usage, velocity_read_at=read_at)
+        a = accounts[key]
+        accounts[key] = Account(
+            a.spec,
+            a.closed,
+            a.balances,
+            a.entry_count,
+            a.created_at,
+            a.head_hash,
+            a.velocity_rules,
+            usage,
+            read_at,
+        )
 
 
 def _transfer(row: asyncpg.Record) -> TransferRecord:
@@ -1356,15 +1367,22 @@ async def write_plan(
     ended = [
         (k.merchant_id, k.transfer_id) for k in (*(r.pending for r in resolutions), *ended_extra)
     ]
-    # One row per bucket: an upsert may not touch a row twice in one statement.
-    buckets: dict[tuple[str, str, int, int, int], list[int]] = {}
-    for v in velocity:
-        a = v.account
-        key = (a.merchant_id, a.account_id, int(v.direction), v.window_s, v.bucket_index)
-        total = buckets.setdefault(key, [0, 0])
-        total[0] += v.amount_minor
-        total[1] += v.count
-    velocity_rows = [(*key, amount, count) for key, (amount, count) in buckets.items()]
+    velocity_rows = [
+        (
+            v.account.merchant_id,
+            v.account.account_id,
+            v.direction,
+            v.window_s,
+            v.bucket_index,
+            v.amount_minor,
+            v.count,
+        )
+        for v in velocity
+    ]
+    if len({r[:5] for r in velocity_rows}) != len(velocity_rows):
+        # Several plans in one transaction (saga steps) may add to one bucket: an
+        # upsert may not touch a row twice in one statement.
+        velocity_rows = _summed_buckets(velocity_rows)
     counts = await conn.fetchrow(
         sql.WRITE_BATCH,
         transfer_rows,
@@ -1398,6 +1416,15 @@ async def write_plan(
 
 
 _CROSSING_NAMES = {"1": "fell_below", "2": "rose_to"}
+
+
+def _summed_buckets(rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    totals: dict[tuple[Any, ...], list[int]] = {}
+    for r in rows:
+        total = totals.setdefault(r[:5], [0, 0])
+        total[0] += r[5]
+        total[1] += r[6]
+    return [(*key, amount, count) for key, (amount, count) in totals.items()]
 
 
 def _postings_json(request: JournalRequest) -> list[dict[str, Any]]:

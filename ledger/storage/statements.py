@@ -273,18 +273,23 @@ ORDER BY replica_id
 # An account's velocity usage per (direction, window), for accounts whose rules
 # were just read under their lock: every bucket from the one holding
 # clock - window_s on (ledger/domain/velocity.py, first_counted_bucket), and the
-# clock itself, which the check's own time may not precede. Arrays: merchant,
-# account, direction, window_s, bucket width in seconds.
+# clock after them (the windows end no later than it, and the check's own time,
+# read by a later statement, never precedes it). In: arrays of merchant, account, direction, window_s, bucket
+# width in seconds; out: one row, the amounts and counts in the same order.
 VELOCITY_USAGE = """
-SELECT w.merchant_id, w.account_id, w.direction, w.window_s,
-       least(coalesce(sum(b.amount_minor), 0), 9223372036854775807)::bigint AS amount_minor,
-       coalesce(sum(b.transfer_count), 0)::bigint AS transfer_count, t.now
-FROM (SELECT clock_timestamp() AS now) AS t
-CROSS JOIN unnest($1::text[], $2::text[], $3::smallint[], $4::integer[], $5::integer[])
-    AS w(merchant_id, account_id, direction, window_s, width_s)
-LEFT JOIN velocity_buckets b
-    ON b.merchant_id = w.merchant_id AND b.account_id = w.account_id
-    AND b.direction = w.direction AND b.window_s = w.window_s
-    AND b.bucket_index >= (floor(extract(epoch FROM t.now))::bigint - w.window_s) / w.width_s
-GROUP BY w.merchant_id, w.account_id, w.direction, w.window_s, t.now
+WITH used AS (
+    SELECT w.ord, least(coalesce(sum(b.amount_minor), 0), 9223372036854775807)::bigint AS amount,
+           coalesce(sum(b.transfer_count), 0)::bigint AS moved
+    FROM unnest($1::text[], $2::text[], $3::smallint[], $4::integer[], $5::integer[])
+        WITH ORDINALITY AS w(merchant_id, account_id, direction, window_s, width_s, ord)
+    LEFT JOIN velocity_buckets b
+        ON b.merchant_id = w.merchant_id AND b.account_id = w.account_id
+        AND b.direction = w.direction AND b.window_s = w.window_s
+        AND b.bucket_index >= (floor(extract(epoch FROM clock_timestamp()))::bigint - w.window_s)
+            / w.width_s
+    GROUP BY w.ord
+)
+SELECT (SELECT array_agg(amount ORDER BY ord) FROM used) AS amounts,
+       (SELECT array_agg(moved ORDER BY ord) FROM used) AS counts,
+       clock_timestamp() AS now
 """
