@@ -40,7 +40,7 @@ CREATE TABLE velocity_buckets (
     amount_minor    numeric NOT NULL CHECK (amount_minor >= 0),
     transfer_count  bigint NOT NULL CHECK (transfer_count >= 0),
     PRIMARY KEY (merchant_id, account_id, direction, window_s, bucket_index)
-);
+) WITH (fillfactor = 70);  -- rows are updated in place by every transfer (HOT updates)
 
 CREATE TYPE ledger_velocity_row AS (
     merchant_id     text,
