@@ -133,26 +133,12 @@ WITH new_transfers AS (
     WHERE x.merchant_id = r.merchant_id AND x.transfer_id = r.transfer_id
     RETURNING 1
 ), velocity_added AS (
-    -- Buckets that exist grow; new ones are inserted. No other transaction can
-    -- write an account's buckets meanwhile (its row lock), so the two never meet,
-    -- and an UPDATE costs about half an ON CONFLICT upsert.
-    UPDATE velocity_buckets AS b
-    SET amount_minor = b.amount_minor + v.amount_minor,
-        transfer_count = b.transfer_count + v.transfer_count
-    FROM unnest($7::ledger_velocity_row[]) AS v
-    WHERE b.merchant_id = v.merchant_id AND b.account_id = v.account_id
-      AND b.direction = v.direction AND b.window_s = v.window_s
-      AND b.bucket_index = v.bucket_index
-    RETURNING 1
-), velocity_started AS (
-    INSERT INTO velocity_buckets (merchant_id, account_id, direction, window_s,
+    INSERT INTO velocity_buckets AS b (merchant_id, account_id, direction, window_s,
         bucket_index, amount_minor, transfer_count)
-    SELECT * FROM unnest($7::ledger_velocity_row[]) AS v
-    WHERE NOT EXISTS (
-        SELECT 1 FROM velocity_buckets b
-        WHERE b.merchant_id = v.merchant_id AND b.account_id = v.account_id
-          AND b.direction = v.direction AND b.window_s = v.window_s
-          AND b.bucket_index = v.bucket_index)
+    SELECT * FROM unnest($7::ledger_velocity_row[])
+    ON CONFLICT (merchant_id, account_id, direction, window_s, bucket_index) DO UPDATE
+    SET amount_minor = b.amount_minor + EXCLUDED.amount_minor,
+        transfer_count = b.transfer_count + EXCLUDED.transfer_count
     RETURNING 1
 ), monitored_changes AS (
     -- Per account with an active monitor and per transfer: the balances before
@@ -202,8 +188,7 @@ SELECT (SELECT count(*) FROM new_transfers) AS transfers,
        (SELECT count(*) FROM new_entries) AS entries,
        (SELECT count(*) FROM updated_accounts) AS accounts,
        (SELECT count(*) FROM new_resolutions) AS resolutions,
-       (SELECT count(*) FROM velocity_added) + (SELECT count(*) FROM velocity_started)
-           AS velocity,
+       (SELECT count(*) FROM velocity_added) AS velocity,
        (SELECT array_agg(monitor_id || ':' || direction) FROM new_crossings) AS crossings
 """
 
@@ -289,8 +274,9 @@ ORDER BY replica_id
 # were just read under their lock: every bucket from the one holding
 # clock - window_s on (ledger/domain/velocity.py, first_counted_bucket), and the
 # clock after them (the windows end no later than it, and the check's own time,
-# read by a later statement, never precedes it). In: arrays of merchant, account, direction, window_s, bucket
-# width in seconds; out: one row, the amounts and counts in the same order.
+# read by a later statement, never precedes it). In: arrays of merchant, account,
+# direction, window_s, bucket width in seconds; out: one row, the amounts and
+# counts in the same order.
 VELOCITY_USAGE = """
 WITH used AS (
     SELECT w.ord, least(coalesce(sum(b.amount_minor), 0), 9223372036854775807)::bigint AS amount,
