@@ -13,6 +13,7 @@ import asyncpg
 import grpc
 import pytest
 
+from chaos.velocity import check_velocity
 from ledger.domain.accounts import Balances
 from ledger.domain.monitors import BalanceMonitor, MonitoredBalance, balance_value, crossing
 from ledger.sagas.reconcile import Finding, ReconcileReport, reconcile
@@ -664,3 +665,30 @@ async def test_reconcile_holds_velocity_counters_to_the_entries(service: Service
             " WHERE merchant_id = $1 AND account_id = 'wallet' AND direction = 1",
             m,
         )
+
+
+async def test_chaos_checker_finds_a_window_over_its_limit(service: Service) -> None:
+    """The chaos checker's velocity check (chaos/velocity.py) passes real traffic and
+    catches a window over its rule (made here by lowering the rule behind the
+    service's back, as a broken check would have let the traffic through)."""
+    m = await _merchant(service)
+    await set_limits(service, m, "wallet", rules=[rule("daily", 100)])
+    for amount in (40, 50):
+        moved = await transfers(
+            service.stub, transfer(uid("t"), ref(m, "wallet"), ref(m, "shop"), amount)
+        )
+        assert result_names(moved) == [OK]
+    dsns = {name: shard.dsn for name, shard in service.cluster.shards.items()}
+    findings, note = await check_velocity(dsns)
+    assert not [f for f in findings if f.account.merchant_id == m], findings
+    assert "limited accounts" in note
+    shard = service.cluster.shards[service.ring.shard_for(m)]
+    async with shard.pool.acquire() as conn:
+        await conn.execute(
+            "UPDATE accounts SET velocity_rules = jsonb_set(velocity_rules, '{0,limit}', '60')"
+            " WHERE merchant_id = $1 AND account_id = 'wallet'",
+            m,
+        )
+    findings, _ = await check_velocity(dsns)
+    mine = [f for f in findings if f.account.merchant_id == m]
+    assert len(mine) == 1 and "rule daily: 90 > 60" in mine[0].detail, findings
