@@ -18,8 +18,16 @@ counts covers the exact window and at most one bucket's width before it: a
 limit is never exceeded over any window of window_s seconds, and the only error
 is an early refusal, bounded by one bucket (5% of the window with 20 buckets).
 
+Counters are kept only for the windows an account's rules use. A rule set at
+run time counts what moved within its window before it was set: storage
+recounts its buckets from the account's entries (a counted movement is an
+entry of kind PENDING, or POSTED not right after a release by the same
+transfer), under the same lock.
+
 Everything here is pure: storage loads each account's rules and its windowed
-totals under the account's lock, the engine calls check() and added() per item.
+totals under the account's lock; the engine (ledger/domain/engine.py) applies
+refusing_rule() per item over them plus what earlier items of the batch added
+(a flattened copy of it on its hot path, held to it by a property test).
 """
 
 from __future__ import annotations
