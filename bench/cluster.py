@@ -409,6 +409,51 @@ async def create_accounts(target: str, workload: Workload) -> None:
                 raise RuntimeError(f"{len(refused)} accounts not created, first: {refused[0]}")
 
 
+# --velocity-rules: three rules on every account (debit amount per day, debit count
+# per 10 minutes, credit amount per day), loose enough never to refuse a transfer
+# of the benchmark: they measure what checking and counting cost.
+VELOCITY_RULES = (
+    pb.VelocityRule(
+        rule_id="debits-daily",
+        direction=pb.DIRECTION_DEBIT,
+        metric=pb.VELOCITY_METRIC_AMOUNT,
+        window_s=86_400,
+        limit=2**62,
+    ),
+    pb.VelocityRule(
+        rule_id="debits-burst",
+        direction=pb.DIRECTION_DEBIT,
+        metric=pb.VELOCITY_METRIC_COUNT,
+        window_s=600,
+        limit=2**62,
+    ),
+    pb.VelocityRule(
+        rule_id="credits-daily",
+        direction=pb.DIRECTION_CREDIT,
+        metric=pb.VELOCITY_METRIC_AMOUNT,
+        window_s=86_400,
+        limit=2**62,
+    ),
+)
+
+
+async def set_velocity_rules(target: str, workload: Workload) -> None:
+    """VELOCITY_RULES on every account of the workload (LedgerAdminService)."""
+    async with grpc.aio.insecure_channel(target) as channel:
+        admin = ledger_pb2_grpc.LedgerAdminServiceStub(channel)
+        for m in workload.merchants:
+            for account_id in ACCOUNT_IDS:
+                await admin.SetAccountLimits(
+                    pb.SetAccountLimitsRequest(
+                        account=pb.AccountRef(merchant_id=m.merchant_id, account_id=account_id),
+                        change_id="bench-velocity",
+                        reason="benchmark: the cost of three velocity rules",
+                        limits=pb.AccountLimits(velocity_rules=VELOCITY_RULES),
+                    ),
+                    timeout=SETUP_CALL_TIMEOUT_S,
+                )
+
+
 async def create_raw_tables(workload: Workload) -> None:
     """Fresh bench_ tables on every shard, seeded with the same accounts as the service's."""
     for name, dsn in workload.shard_dsns:

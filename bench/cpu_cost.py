@@ -76,7 +76,12 @@ async def _measure(
 
 
 async def _run(
-    shards: cluster.Shards, service: cluster.ServiceProcess, calls: int, batch_size: int
+    shards: cluster.Shards,
+    service: cluster.ServiceProcess,
+    calls: int,
+    batch_size: int,
+    *,
+    velocity_rules: bool = False,
 ) -> None:
     target = service.target
     run_id = uuid.uuid4().hex[:8]
@@ -91,6 +96,9 @@ async def _run(
         callers_total=1,
     )
     await cluster.create_accounts(target, workload)
+    if velocity_rules:
+        await cluster.set_velocity_rules(target, workload)
+        print("three velocity rules on every account", flush=True)
     picker = Picker(workload, caller_global=0, seed=1)
     postgres_pid = cluster.postmaster_pid(shards)
     # Background work (sweepers, recovery polls, config watch) costs CPU with no
@@ -135,12 +143,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.cpu_cost", description=__doc__)
     parser.add_argument("--calls", type=int, default=3000, help="single calls (batch: /B)")
     parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument(
+        "--velocity-rules",
+        action="store_true",
+        help="three velocity rules (never refusing) on every account: their cost",
+    )
     args = parser.parse_args(argv)
     shards = cluster.start_embedded_shards()
     service = cluster.ServiceProcess(shards.config_path, shards.config_path.parent / "svc.log")
     try:
         service.start()
-        asyncio.run(_run(shards, service, args.calls, args.batch_size))
+        asyncio.run(
+            _run(
+                shards,
+                service,
+                args.calls,
+                args.batch_size,
+                velocity_rules=args.velocity_rules,
+            )
+        )
     finally:
         service.stop()
         shards.close()

@@ -92,6 +92,8 @@ class Options:
     py_spy_dir: Path | None = None
     # Times the whole sequence of modes runs; figures are per-mode medians.
     rounds: int = 1
+    # Three loose velocity rules on every account (bench/cluster.py, VELOCITY_RULES).
+    velocity_rules: bool = False
 
 
 def parse_args(argv: Sequence[str] | None) -> Options:
@@ -126,6 +128,11 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         default=1,
         help="run the modes this many times in turn and report medians (the machine drifts)",
     )
+    parser.add_argument(
+        "--velocity-rules",
+        action="store_true",
+        help="set three velocity rules (never refusing) on every account: their cost",
+    )
     args = parser.parse_args(argv)
     base = PROFILES[args.mode]
     profile = Profile(
@@ -157,7 +164,16 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         problems.append(f"--rounds must be 1 to {ROUNDS_MAX}")
     if problems:
         parser.error("; ".join(problems))
-    return Options(args.mode, profile, args.out, args.config, modes, args.py_spy, args.rounds)
+    return Options(
+        args.mode,
+        profile,
+        args.out,
+        args.config,
+        modes,
+        args.py_spy,
+        args.rounds,
+        args.velocity_rules,
+    )
 
 
 class ClientPool:
@@ -287,6 +303,9 @@ def run(options: Options) -> dict[str, Any]:
         if len({m.shard for m in workload.merchants}) < 2:
             raise RuntimeError("cross-shard transfers need merchants on at least two shards")
         asyncio.run(cluster.create_accounts(target, workload))
+        if options.velocity_rules:
+            asyncio.run(cluster.set_velocity_rules(target, workload))
+            print("set three velocity rules on every account", file=sys.stderr)
         dsns = [dsn for _, dsn in shards.dsns]
         asyncio.run(cluster.create_raw_tables(workload))
         if options.config_path is not None:
@@ -362,6 +381,7 @@ def run(options: Options) -> dict[str, Any]:
         "benchmark": "ledger bench",
         "format_version": 1,
         "run_mode": options.run_mode,
+        "velocity_rules": options.velocity_rules,
         "started_at": started_at.isoformat(timespec="seconds"),
         "wall_s": round(time.monotonic() - wall_start, 1),
         "machine": {

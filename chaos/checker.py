@@ -8,6 +8,8 @@ LookupAccounts), the checker proves:
   debits is zero, posted and pending alike;
 - limits: no no-overdraft account has debits (posted + pending) above its posted
   credits (nor the mirror);
+- velocity: no velocity rule of the few limited wallets (chaos/velocity.py) was
+  ever exceeded over its exact window, from the moment it was set;
 - acknowledgements: every answer a client got is what is stored (an OK transfer
   exists once with the amount and accounts that were sent; a refusal is
   recorded as that refusal), through the service too; a replay of an answered
@@ -44,6 +46,7 @@ import asyncpg
 from chaos.clients import Caller, OpRecord
 from chaos.holds import Hold, settle_failure, settle_holds
 from chaos.plan import PENDING_TIMEOUT_MS_MAX, Layout, Ref, TransferSpec
+from chaos.velocity import check_velocity
 from ledger import limits
 from ledger.domain.moves import MOVE_MERCHANT_ID
 from ledger.domain.sagas import (
@@ -995,6 +998,10 @@ async def check_all(
     check_placement(snapshot, layout, report, moved=moved)
     check_conservation(snapshot, report)
     check_limits(snapshot, report)
+    findings, note = await check_velocity(dsns)
+    for finding in findings:
+        report.add("velocity", str(finding.account), finding.detail)
+    report.notes.append(note)
     check_entries(snapshot, report)
     check_sagas(snapshot, report)
     answered = check_history(snapshot, history, report)

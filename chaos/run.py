@@ -30,7 +30,9 @@ from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
+
+import grpc
 
 from chaos.checker import CheckReport, check_all
 from chaos.clients import Caller, OpRecord, run_client, send_operation
@@ -45,8 +47,15 @@ from chaos.plan import (
     RunPlan,
     plan_run,
 )
+from chaos.velocity import limited_accounts, limits_request
 from ledger.v1 import ledger_pb2 as pb
+from ledger.v1 import ledger_pb2_grpc
 
+# Setting the velocity rules before the clients start: the replicas have just
+# answered the funding, so a few quick attempts are plenty.
+SETUP_ATTEMPTS_MAX = 5
+SETUP_DEADLINE_S = 10.0
+SETUP_RETRY_DELAY_S = 0.5
 DEFAULT_CLIENTS = 4
 # Each client is one coroutine with one call in flight; more than this on a small
 # machine measures the machine, not the service.
@@ -150,6 +159,22 @@ async def create_accounts(caller: Caller, layout: Layout) -> None:
         raise HarnessError(f"accounts not created: {call.error or call.failures or call.response}")
 
 
+async def set_velocity_limits(cluster: ChaosCluster, layout: Layout) -> None:
+    """Velocity rules on a few wallets (chaos/velocity.py), after their funding."""
+    assert cluster.replicas[0].admin is not None, "replicas serve before the run starts"
+    # The stub is made on an aio channel: its methods are awaitable.
+    admin = cast("ledger_pb2_grpc.LedgerAdminServiceAsyncStub", cluster.replicas[0].admin)
+    for account in limited_accounts(layout):
+        for attempt in range(1, SETUP_ATTEMPTS_MAX + 1):
+            try:
+                await admin.SetAccountLimits(limits_request(account), timeout=SETUP_DEADLINE_S)
+                break
+            except grpc.aio.AioRpcError as error:
+                if attempt == SETUP_ATTEMPTS_MAX:
+                    raise HarnessError(f"velocity limits not set on {account}: {error}") from None
+                await asyncio.sleep(SETUP_RETRY_DELAY_S)
+
+
 async def execute(options: Options, plan: RunPlan, result: RunResult) -> None:
     # SIGTERM cancels the run like Ctrl-C does, so the cleanup below still runs.
     main_task = asyncio.current_task()
@@ -171,6 +196,7 @@ async def execute(options: Options, plan: RunPlan, result: RunResult) -> None:
             result.history.append(record)
             if record.outcome != "ok":
                 raise HarnessError(f"funding {op.op_id} failed: {record}")
+        await set_velocity_limits(cluster, plan.layout)
         start = loop.time()
         nemesis = Nemesis(
             cluster,

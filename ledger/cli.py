@@ -692,5 +692,167 @@ def _ref(text: str) -> pb.AccountRef:
     return pb.AccountRef(merchant_id=merchant_id, account_id=account_id)
 
 
+
+# Spending controls: an account's limits (ledger.v1 SetAccountLimits) and monitor crossings.
+
+limits_app = typer.Typer(
+    help="Show and change an account's limits: overdraft flags, velocity rules, monitors.",
+    no_args_is_help=True,
+)
+accounts_app.add_typer(limits_app, name="limits")
+monitors_app = typer.Typer(help="Balance monitor crossings.", no_args_is_help=True)
+app.add_typer(monitors_app, name="monitors")
+_DIRECTIONS = {"debit": pb.DIRECTION_DEBIT, "credit": pb.DIRECTION_CREDIT}
+_METRICS = {"amount": pb.VELOCITY_METRIC_AMOUNT, "count": pb.VELOCITY_METRIC_COUNT}
+_BALANCES = {
+    "net_posted": pb.MONITORED_BALANCE_NET_POSTED,
+    "available": pb.MONITORED_BALANCE_AVAILABLE,
+}
+
+
+def _rule(text: str) -> pb.VelocityRule:
+    """RULE_ID=DIRECTION,METRIC,WINDOW_S,LIMIT, e.g. daily=debit,amount,86400,500000."""
+    rule_id, sep, spec = text.partition("=")
+    parts = spec.split(",")
+    if not sep or len(parts) != 4 or parts[0] not in _DIRECTIONS or parts[1] not in _METRICS:
+        raise typer.BadParameter(
+            f"{text!r}: a rule is RULE_ID=debit|credit,amount|count,WINDOW_S,LIMIT"
+        )
+    try:
+        window_s, limit = int(parts[2]), int(parts[3])
+    except ValueError:
+        raise typer.BadParameter(f"{text!r}: WINDOW_S and LIMIT are integers") from None
+    return pb.VelocityRule(
+        rule_id=rule_id,
+        direction=_DIRECTIONS[parts[0]],
+        metric=_METRICS[parts[1]],
+        window_s=window_s,
+        limit=limit,
+    )
+
+
+def _monitor(text: str) -> pb.BalanceMonitor:
+    """MONITOR_ID=BALANCE,THRESHOLD_MINOR, e.g. low-reserve=net_posted,10000."""
+    monitor_id, sep, spec = text.partition("=")
+    parts = spec.split(",")
+    if not sep or len(parts) != 2 or parts[0] not in _BALANCES:
+        raise typer.BadParameter(
+            f"{text!r}: a monitor is MONITOR_ID=net_posted|available,THRESHOLD_MINOR"
+        )
+    try:
+        threshold_minor = int(parts[1])
+    except ValueError:
+        raise typer.BadParameter(f"{text!r}: THRESHOLD_MINOR is an integer") from None
+    return pb.BalanceMonitor(
+        monitor_id=monitor_id,
+        balance=_BALANCES[parts[0]],
+        threshold_minor=threshold_minor,
+    )
+
+
+def _limits_lines(limits_now: pb.AccountLimits) -> list[str]:
+    lines = [
+        f"debits_must_not_exceed_credits={limits_now.debits_must_not_exceed_credits} "
+        f"credits_must_not_exceed_debits={limits_now.credits_must_not_exceed_debits}"
+    ]
+    for r in limits_now.velocity_rules:
+        lines.append(
+            f"rule {r.rule_id}: {pb.Direction.Name(r.direction)} "
+            f"{pb.VelocityMetric.Name(r.metric)} <= {r.limit} per {r.window_s}s"
+        )
+    for m in limits_now.monitors:
+        lines.append(
+            f"monitor {m.monitor_id}: {pb.MonitoredBalance.Name(m.balance)} "
+            f"threshold {m.threshold_minor}"
+        )
+    return lines
+
+
+@limits_app.command("show")
+def accounts_limits_show(
+    merchant_id: str,
+    account_id: str,
+    history: Annotated[int, typer.Option(help="Changes of history to print.")] = 10,
+    target: TargetOption = None,
+) -> None:
+    """Print an account's limits and their latest changes (who, when, why)."""
+    request = pb.GetAccountLimitsRequest(
+        account=pb.AccountRef(merchant_id=merchant_id, account_id=account_id),
+        page_size=history,
+    )
+    response = asyncio.run(_admin(target, "GetAccountLimits", request))
+    for line in _limits_lines(response.limits):
+        typer.echo(line)
+    for c in response.history:
+        typer.echo(
+            f"change {c.sequence} {c.change_id!r} at {c.changed_at.ToJsonString()} "
+            f"by {c.changed_by}: {c.reason}"
+        )
+
+
+@limits_app.command("set")
+def accounts_limits_set(
+    merchant_id: str,
+    account_id: str,
+    change_id: Annotated[str, typer.Option(help="Idempotency key of this change.")],
+    reason: Annotated[str, typer.Option(help="Why, for the audit trail.")],
+    rule: Annotated[
+        list[str] | None,
+        typer.Option(help="RULE_ID=debit|credit,amount|count,WINDOW_S,LIMIT (repeatable)."),
+    ] = None,
+    monitor: Annotated[
+        list[str] | None,
+        typer.Option(help="MONITOR_ID=net_posted|available,THRESHOLD_MINOR (repeatable)."),
+    ] = None,
+    no_overdraft: Annotated[bool, typer.Option(help="Debits may not exceed credits.")] = False,
+    no_credit_overdraft: Annotated[
+        bool, typer.Option(help="Credits may not exceed debits.")
+    ] = False,
+    target: TargetOption = None,
+) -> None:
+    """Replace an account's limits as a whole (rules and monitors not given are cleared)."""
+    request = pb.SetAccountLimitsRequest(
+        account=pb.AccountRef(merchant_id=merchant_id, account_id=account_id),
+        change_id=change_id,
+        reason=reason,
+        limits=pb.AccountLimits(
+            debits_must_not_exceed_credits=no_overdraft,
+            credits_must_not_exceed_debits=no_credit_overdraft,
+            velocity_rules=[_rule(r) for r in rule or []],
+            monitors=[_monitor(m) for m in monitor or []],
+        ),
+    )
+    response = asyncio.run(_admin(target, "SetAccountLimits", request))
+    c = response.change
+    replayed = " (replayed)" if response.replayed else ""
+    typer.echo(f"change {c.sequence} recorded by {c.changed_by}{replayed}")
+    for line in _limits_lines(c.limits):
+        typer.echo(line)
+
+
+@monitors_app.command("list")
+def monitors_list(
+    merchant_id: str,
+    after: Annotated[int, typer.Option(help="Crossings after this position.")] = 0,
+    limit: Annotated[int, typer.Option(help="At most this many.")] = limits.page_size_default,
+    target: TargetOption = None,
+) -> None:
+    """List a merchant's balance monitor crossings, oldest first."""
+    request = pb.ListMonitorCrossingsRequest(
+        merchant_id=merchant_id, after_sequence=after, page_size=limit
+    )
+    response = asyncio.run(_admin(target, "ListMonitorCrossings", request))
+    for c in response.crossings:
+        direction = pb.MonitorCrossingDirection.Name(c.direction).removeprefix(
+            "MONITOR_CROSSING_DIRECTION_"
+        )
+        typer.echo(
+            f"{c.sequence} {c.crossed_at.ToJsonString()} {c.monitor_id} "
+            f"{c.account.merchant_id}/{c.account.account_id} {direction} "
+            f"balance={c.balance_after_minor} threshold={c.threshold_minor} "
+            f"by {c.transfer.merchant_id}/{c.transfer.transfer_id}"
+        )
+
+
 if __name__ == "__main__":
     main()

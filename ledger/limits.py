@@ -254,3 +254,24 @@ assert 0 < fence_wait_step_s_min <= fence_wait_step_s_max < fence_wait_s_max
 assert event_sequence_batch_max >= transfers_per_request_max
 assert event_subscriptions_max <= concurrent_rpcs_max
 assert event_read_batch_max <= event_sequence_batch_max
+
+# Spending controls (velocity rules and balance monitors, ledger/domain/velocity.py).
+# A rule's window is split into this many fixed buckets; the check counts the
+# whole oldest bucket the window touches, so it may refuse early by at most one
+# bucket's share of the window (5%) and never lets a limit be exceeded. More
+# buckets tighten the bound but add rows summed per checked transfer.
+velocity_buckets_per_window = 20
+# Rules per account: each rule costs a counter update and a sum per transfer;
+# a handful covers "amount and count, debits and credits, a short and a long window".
+velocity_rules_per_account_max = 8
+# Windows from a second to 31 days: longer controls are reporting, not velocity.
+velocity_window_s_min = 1
+velocity_window_s_max = 31 * 24 * 3600
+# Monitors per account: each is compared on every change of the account's balance.
+balance_monitors_per_account_max = 8
+# A limits change carries a reason for the audit trail; bounded like metadata values.
+limits_reason_bytes_max = 256
+assert 1 <= velocity_buckets_per_window <= 1000
+assert 1 <= velocity_window_s_min <= velocity_window_s_max
+assert 1 <= velocity_rules_per_account_max <= 64
+assert 1 <= balance_monitors_per_account_max <= 64

@@ -9,6 +9,7 @@ import grpc
 
 from ledger.api import decode, encode
 from ledger.api.auth import require_merchants, require_unrestricted
+from ledger.api.limits_servicer import LimitsMethods
 from ledger.api.servicer import statuses
 from ledger.api.status import failed_precondition, invalid_argument, with_reason
 from ledger.core.ledger import Ledger
@@ -36,7 +37,7 @@ def _not_found() -> Exception:
     return with_reason(grpc.StatusCode.NOT_FOUND, "SAGA_NOT_FOUND", "no such saga")
 
 
-class LedgerAdminServicer(ledger_pb2_grpc.LedgerAdminServiceServicer):
+class LedgerAdminServicer(LimitsMethods, ledger_pb2_grpc.LedgerAdminServiceServicer):
     def __init__(self, runner: SagaRunner, ledger: Ledger) -> None:
         self.runner = runner
         self.ledger = ledger

@@ -166,6 +166,21 @@ def event(row: EventRow, cursor: Mapping[str, int]) -> pb.Event:
                 last_error=s["last_error"],
             )
         )
+    c = body.get("crossing")
+    if c:
+        message.monitor_crossing.CopyFrom(
+            pb.MonitorCrossing(
+                monitor_id=c["monitor_id"],
+                account=_ref(c["merchant_id"], c["account_id"]),
+                direction=c["direction"],
+                balance_after_minor=int(c["balance_after_minor"]),
+                threshold_minor=c["threshold_minor"],
+                transfer=pb.TransferRef(
+                    merchant_id=c["transfer_merchant_id"], transfer_id=c["transfer_id"]
+                ),
+                crossed_at=_timestamp(c["crossed_at"]),
+            )
+        )
     d = body.get("detail")
     if d and "epoch" in d:
         message.move.CopyFrom(

@@ -216,6 +216,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
                     replayed=o.replayed,
                     differing_field=o.differing_field,
                     created_at=stamps[o.created_at],
+                    refused_by_rule=o.refused_by_rule,
                 )
                 for o in outcomes
             ]
@@ -267,6 +268,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
                 metadata={
                     "posting_index": str(outcome.failed_posting_index),
                     "replayed": str(outcome.replayed).lower(),
+                    **({"rule_id": outcome.refused_by_rule} if outcome.refused_by_rule else {}),
                 },
             )
         return pb.PostJournalResponse(

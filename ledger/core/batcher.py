@@ -149,6 +149,7 @@ class TransferBatcher:
                         o.replayed,
                         o.differing_field,
                         o.created_at,
+                        o.refused_by_rule,
                     )
                     for i, o in enumerate(mine)
                 ]

@@ -22,6 +22,7 @@ from ledger.core.errors import (
 )
 from ledger.domain.accounts import Account, AccountKey, AccountSpec, Balances
 from ledger.domain.engine import ItemOutcome
+from ledger.domain.limits import AccountLimits, LimitsChange, LimitsChangeRequest
 from ledger.domain.transfers import (
     Entry,
     JournalRequest,
@@ -41,6 +42,7 @@ from ledger.storage.errors import (
     ShardUnavailable,
     StaleEpoch,
 )
+from ledger.storage.limits import LimitsSetOutcome, LimitsStore, MonitorCrossingRow
 from ledger.storage.shard import (
     RUN_AS_SAGA,
     AccountCreateOutcome,
@@ -227,7 +229,9 @@ class Ledger:
         return [
             o
             if o.index == i
-            else ItemOutcome(i, o.id, o.result, o.replayed, o.differing_field, o.created_at)
+            else ItemOutcome(
+                i, o.id, o.result, o.replayed, o.differing_field, o.created_at, o.refused_by_rule
+            )
             for i, o in ((i, results[i]) for i in range(len(requests)))
         ]
 
@@ -384,6 +388,36 @@ class Ledger:
             )
 
         return await self.cluster.run_on_owner(key.merchant_id, read)
+
+    # Limits (velocity rules, overdraft flags, balance monitors).
+
+    async def set_account_limits(self, request: LimitsChangeRequest) -> LimitsSetOutcome | None:
+        """None: no such account. LimitsRefused: the change cannot be made now."""
+
+        async def write(shard: Shard, fence: Fence) -> LimitsSetOutcome | None:
+            return await LimitsStore(shard).set_limits(request, fence)
+
+        return await self.cluster.run_on_owner(request.account.merchant_id, write)
+
+    async def account_limits(
+        self, key: AccountKey, *, history_max: int
+    ) -> tuple[AccountLimits, list[LimitsChange]] | None:
+        async def read(
+            shard: Shard, fence: Fence
+        ) -> tuple[AccountLimits, list[LimitsChange]] | None:
+            return await LimitsStore(shard).get_limits(key, history_max=history_max)
+
+        return await self.cluster.run_on_owner(key.merchant_id, read)
+
+    async def monitor_crossings(
+        self, merchant_id: str, *, after_sequence: int, limit: int
+    ) -> list[MonitorCrossingRow]:
+        async def read(shard: Shard, fence: Fence) -> list[MonitorCrossingRow]:
+            return await LimitsStore(shard).crossings(
+                merchant_id, after_sequence=after_sequence, limit=limit
+            )
+
+        return await self.cluster.run_on_owner(merchant_id, read)
 
     # Routing.
 

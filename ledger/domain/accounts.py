@@ -5,9 +5,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import field
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 from ledger.domain.value import value
 from ledger.limits import AMOUNT_MINOR_MAX
+
+if TYPE_CHECKING:
+    from ledger.domain.velocity import UsageKey, VelocityRule, VelocityUsage
 
 
 @value(order=True)
@@ -67,6 +71,14 @@ class Account:
     created_at: datetime
     # The hash of the last entry (the chain's head); GENESIS_HASH before any.
     head_hash: bytes
+    # Spending controls in force (changed at run time, see ledger/domain/velocity.py).
+    velocity_rules: tuple[VelocityRule, ...] = ()
+    # What the account moved within each rule's window, loaded under its lock;
+    # None when not loaded (an account with rules is never checked without it).
+    velocity_used: Mapping[UsageKey, VelocityUsage] | None = None
+    # The shard's clock when velocity_used was read: the check counts the window
+    # before this instant, so it must not be later than the check's own time.
+    velocity_read_at: datetime | None = None
 
     @property
     def key(self) -> AccountKey:

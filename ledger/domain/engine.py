@@ -29,6 +29,12 @@ from ledger.domain.transfers import (
     TransferResult,
 )
 from ledger.domain.value import value
+from ledger.domain.velocity import (
+    VelocityMetric,
+    VelocityUsage,
+    bucket_index,
+    by_direction,
+)
 from ledger.invariant import invariant
 from ledger.limits import AMOUNT_MINOR_MAX
 
@@ -50,6 +56,19 @@ def advanced(account: Account, state: AccountState) -> Account:
         entry_count=state.entry_count,
         head_hash=state.head_hash,
     )
+
+
+def with_velocity(account: Account, adds: Sequence[VelocityAdd]) -> Account:
+    """The account after a plan's velocity adds, for applying a further plan to it in
+    the same transaction (its loaded usage then includes them)."""
+    mine = [v for v in adds if v.account == account.key]
+    if not mine or account.velocity_used is None:
+        return account
+    used = dict(account.velocity_used)
+    for v in mine:
+        key = (v.direction, v.window_s)
+        used[key] = used.get(key, VelocityUsage()).plus(v.amount_minor, v.count)
+    return replace(account, velocity_used=used)
 
 
 def state_of(account: Account) -> AccountState:
@@ -134,6 +153,20 @@ class ItemOutcome:
     replayed: bool = False
     differing_field: str = ""
     created_at: datetime | None = None
+    # For EXCEEDS_VELOCITY_LIMIT: the rule that refused the item (a fresh outcome only).
+    refused_by_rule: str = ""
+
+
+@value
+class VelocityAdd:
+    """What a plan adds to one bucket of an account's velocity counters."""
+
+    account: AccountKey
+    direction: Direction
+    window_s: int
+    bucket_index: int
+    amount_minor: int
+    count: int
 
 
 @dataclass(slots=True)
@@ -145,6 +178,7 @@ class TransferBatchPlan:
     entries: list[Entry] = field(default_factory=list)
     resolutions: list[Resolution] = field(default_factory=list)
     accounts: dict[AccountKey, AccountState] = field(default_factory=dict)
+    velocity: list[VelocityAdd] = field(default_factory=list)
 
     @property
     def expiring_pendings(self) -> list[TransferRecord]:
@@ -152,9 +186,10 @@ class TransferBatchPlan:
 
 
 class _Refused(Exception):
-    def __init__(self, result: TransferResult) -> None:
+    def __init__(self, result: TransferResult, rule_id: str = "") -> None:
         super().__init__(result.name)
         self.result = result
+        self.rule_id = rule_id
 
 
 _MISSING: Any = object()
@@ -173,6 +208,10 @@ class _BatchRun:
         self.new_records: dict[TransferKey, TransferRecord] = {}
         self.pending_states: dict[TransferKey, PendingState] = {}
         self.reversed_extra: dict[TransferKey, int] = {}
+        # Velocity usage added by earlier items of this batch, per account and direction
+        # (undone with a failed chain), and each one's rules and loaded usage (not).
+        self.velocity_added: dict[tuple[AccountKey, Direction], _Added] = {}
+        self.velocity_views: dict[tuple[AccountKey, Direction], _VelocityView | None] = {}
         self.undo: list[tuple[dict[Any, Any], Any, Any]] = []
 
     def set(self, target: dict[Any, Any], key: Any, value: Any) -> None:
@@ -253,7 +292,23 @@ def apply_transfers(
     run.plan.accounts = {
         key: s for key, s in run.work.items() if s.entry_count != state.accounts[key].entry_count
     }
+    run.plan.velocity = _velocity_adds(run)
     return run.plan
+
+
+def _velocity_adds(run: _BatchRun) -> list[VelocityAdd]:
+    adds = []
+    now = run.state.now
+    for (account, direction), (amounts, counts) in sorted(run.velocity_added.items()):
+        view = run.velocity_views[(account, direction)]
+        assert view is not None
+        for i, window_s in enumerate(view.windows_s):
+            adds.append(
+                VelocityAdd(
+                    account, direction, window_s, bucket_index(now, window_s), amounts[i], counts[i]
+                )
+            )
+    return adds
 
 
 def _refuse_open_chain(
@@ -298,7 +353,9 @@ def _apply_chain(
             try:
                 outcome = _apply_one(run, index, request)
             except _Refused as refused:
-                outcome = ItemOutcome(index, request.id, refused.result)
+                outcome = ItemOutcome(
+                    index, request.id, refused.result, refused_by_rule=refused.rule_id
+                )
         chain_outcomes.append(outcome)
         if outcome.result is not TransferResult.OK:
             failed_at = index
@@ -315,7 +372,10 @@ def _apply_chain(
             if failure.replayed or failure.differing_field:
                 outcomes[index] = failure
             else:
-                outcomes[index] = _record_failure(run, index, request, failure.result)
+                outcomes[index] = replace(
+                    _record_failure(run, index, request, failure.result),
+                    refused_by_rule=failure.refused_by_rule,
+                )
         else:
             outcomes[index] = _replay_or_fail(
                 run, index, request, TransferResult.LINKED_EVENT_FAILED
@@ -442,6 +502,90 @@ def _check_limits(
         raise _Refused(TransferResult.EXCEEDS_DEBITS)
 
 
+# Per (account, direction): what earlier items of the batch added, per window of
+# that direction's DirectionRules: (amounts, counts), each a tuple by window.
+_Added = tuple[tuple[int, ...], tuple[int, ...]]
+
+
+@dataclass(frozen=True, slots=True)
+class _VelocityView:
+    """An account's rules of one direction with its usage as loaded under its lock,
+    flattened for the per-item check: (window position, is an amount rule, limit,
+    rule id) per rule, in rule order."""
+
+    windows_s: tuple[int, ...]
+    checks: tuple[tuple[int, bool, int, str], ...]
+    base_amounts: tuple[int, ...]
+    base_counts: tuple[int, ...]
+    zero: tuple[int, ...]
+
+
+def _velocity_view(run: _BatchRun, account: Account, direction: Direction) -> _VelocityView | None:
+    """Built once per batch and (account, direction): the per-item hot path of
+    limited accounts only reads it."""
+    key = (account.key, direction)
+    view = run.velocity_views.get(key, _MISSING)
+    if view is not _MISSING:
+        return view  # type: ignore[no-any-return]
+    rules = by_direction(account.velocity_rules).get(direction)
+    if rules is None:
+        run.velocity_views[key] = None
+        return None
+    loaded = account.velocity_used
+    invariant(loaded is not None, "an account with velocity rules has its usage loaded")
+    assert loaded is not None and account.velocity_read_at is not None
+    # Loaded windows end at velocity_read_at; one ending later would miss events.
+    invariant(
+        account.velocity_read_at <= run.state.now, "velocity usage is read before the check's time"
+    )
+    invariant(
+        all((direction, w) in loaded for w in rules.windows_s), "every rule's window was loaded"
+    )
+    usage = [loaded[(direction, w)] for w in rules.windows_s]
+    view = _VelocityView(
+        windows_s=rules.windows_s,
+        checks=tuple(
+            (i, rule.metric is VelocityMetric.AMOUNT, rule.limit, rule.rule_id)
+            for rule, i in rules.rules
+        ),
+        base_amounts=tuple(u.amount_minor for u in usage),
+        base_counts=tuple(u.count for u in usage),
+        zero=tuple(0 for _ in usage),
+    )
+    run.velocity_views[key] = view
+    return view
+
+
+def _count_velocity(
+    run: _BatchRun, account: Account, direction: Direction, amount_minor: int, count: int
+) -> None:
+    """Checks one more movement against the account's rules of its direction
+    (refusing_rule in ledger/domain/velocity.py, over the usage loaded under the lock
+    plus this batch's), then counts it. A refusal raises; the caller's rollback undoes
+    what the item counted before it (its debit side, when its credit side refuses)."""
+    view = _velocity_view(run, account, direction)
+    if view is None:
+        return
+    key = (account.key, direction)
+    added = run.velocity_added.get(key)
+    if added is None:
+        amounts, counts = view.zero, view.zero
+    else:
+        amounts, counts = added
+    base_amounts, base_counts = view.base_amounts, view.base_counts
+    for i, is_amount, limit, rule_id in view.checks:
+        if is_amount:
+            if base_amounts[i] + amounts[i] + amount_minor > limit:
+                raise _Refused(TransferResult.EXCEEDS_VELOCITY_LIMIT, rule_id)
+        elif base_counts[i] + counts[i] + count > limit:
+            raise _Refused(TransferResult.EXCEEDS_VELOCITY_LIMIT, rule_id)
+    run.set(
+        run.velocity_added,
+        key,
+        (tuple([a + amount_minor for a in amounts]), tuple([c + count for c in counts])),
+    )
+
+
 def _post_or_reserve(run: _BatchRun, request: TransferRequest) -> TransferRecord:
     debit, credit = _check_accounts(run, request)
     reversal_target = _check_reversal(run, request)
@@ -468,6 +612,11 @@ def _post_or_reserve(run: _BatchRun, request: TransferRequest) -> TransferRecord
         )
     _check_fits(db_after, cb_after)
     _check_limits(debit, db_after, credit, cb_after)
+    # Posted and pending alike count at creation (see ledger/domain/velocity.py).
+    if debit.velocity_rules:
+        _count_velocity(run, debit, Direction.DEBIT, amount, 1)
+    if credit.velocity_rules:
+        _count_velocity(run, credit, Direction.CREDIT, amount, 1)
     key = request.key
     run.post_entry(debit.key, key, Direction.DEBIT, kind, amount, db_after)
     run.post_entry(credit.key, key, Direction.CREDIT, kind, amount, cb_after)
@@ -614,6 +763,8 @@ class JournalPlan:
     failed_posting_index: int = -1
     entries: list[Entry] = field(default_factory=list)
     accounts: dict[AccountKey, AccountState] = field(default_factory=dict)
+    velocity: list[VelocityAdd] = field(default_factory=list)
+    refused_by_rule: str = ""
 
 
 def apply_journal(
@@ -666,8 +817,19 @@ def apply_journal(
             _check_limits(account, final, account, final)
         except _Refused as refused:
             return JournalPlan(refused.result, index)
+    # Velocity: each posting counts as one movement of its account, checked in
+    # order against the usage before the journal plus the earlier postings.
+    for index, posting in enumerate(request.postings):
+        account = accounts[posting.account]
+        if not account.velocity_rules:
+            continue
+        try:
+            _count_velocity(run, account, posting.direction, posting.amount_minor, 1)
+        except _Refused as refused:
+            return JournalPlan(refused.result, index, refused_by_rule=refused.rule_id)
     return JournalPlan(
         TransferResult.OK,
         entries=run.plan.entries,
         accounts={k: s for k, s in run.work.items() if s.entry_count != accounts[k].entry_count},
+        velocity=_velocity_adds(run),
     )

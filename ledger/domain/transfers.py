@@ -46,6 +46,7 @@ class TransferResult(IntEnum):
     POSTINGS_UNBALANCED = 25
     IN_PROGRESS = 26
     ABORTED = 27
+    EXCEEDS_VELOCITY_LIMIT = 28
 
 
 class PendingState(IntEnum):

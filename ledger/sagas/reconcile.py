@@ -5,6 +5,8 @@ Checks, each reported as a line:
   write, saga steps included, is balanced on its own shard via settlement
   accounts, so this holds at every moment, not only at rest);
 - every account's balances equal its last entry's;
+- every velocity rule's counters, over the window a check counts now, equal the
+  movements its account's entries record (ledger/domain/velocity.py);
 - each shard's settlement account for a peer mirrors the peer's account for it,
   for every pair where neither side is the home of a saga still running or
   dead (such a saga may credit any shard: its credit merchant may have moved);
@@ -86,6 +88,14 @@ async def reconcile(
             f"entries {name}",
             not off,
             "every account matches its last entry" if not off else f"mismatch: {off}",
+        )
+        counters_off = await audit.velocity_counters_off()
+        report.add(
+            f"velocity counters {name}",
+            not counters_off,
+            "every velocity rule's window agrees with its account's entries"
+            if not counters_off
+            else f"mismatch: {counters_off[:10]}",
         )
         for s in await audit.settlement_balances():
             # Stripes of one (peer, currency) add up to one position.

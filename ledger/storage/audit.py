@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from decimal import Decimal
 
+from ledger import limits
 from ledger.domain.sagas import SagaKey, SagaKind, SagaState
+from ledger.storage import limits_statements
 from ledger.storage import saga_statements as sql
 from ledger.storage.shard import Shard
 
@@ -42,6 +44,20 @@ class ShardAudit:
         async with self.shard.connection() as conn:
             rows = await conn.fetch(sql.ACCOUNTS_OFF_THEIR_ENTRIES)
         return [f"{r['merchant_id']}/{r['account_id']}" for r in rows]
+
+    async def velocity_counters_off(self) -> list[str]:
+        """Rule windows whose counters disagree with the account's entries."""
+        async with self.shard.connection() as conn:
+            rows = await conn.fetch(
+                limits_statements.VELOCITY_COUNTERS_OFF, limits.velocity_buckets_per_window
+            )
+        return [
+            f"{r['merchant_id']}/{r['account_id']} direction {r['direction']} "
+            f"window {r['window_s']}s: counters {r['counter_minor']} in {r['counter_count']}, "
+            f"entries {r['entries_minor']} in {r['entries_count']}"
+            for r in rows
+            if (r["counter_minor"], r["counter_count"]) != (r["entries_minor"], r["entries_count"])
+        ]
 
     async def settlement_balances(self) -> list[SettlementBalance]:
         async with self.shard.connection() as conn:

@@ -73,6 +73,8 @@ class MerchantDigest:
     credits: int
     entries_md5: str
     accounts_md5: str
+    # Limits, their history, velocity counters, monitors and crossings (migration 0012).
+    limits_md5: str
 
 
 async def _local_holds(conn: Connection, merchant_id: str) -> list[LocalHold]:
@@ -278,7 +280,7 @@ class MoveStore:
                     staging, records=[tuple(r) for r in records], columns=columns
                 )
                 names = ", ".join(columns)
-                if table == "accounts" or table == "sagas":
+                if table in sql.MUTABLE_MOVED_TABLES:
                     updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in columns)
                     conflict = f"ON CONFLICT ({key}) DO UPDATE SET {updates}"
                 else:

@@ -23,9 +23,11 @@ from ledger.domain.engine import (
     ItemOutcome,
     PendingView,
     TransferBatchState,
+    VelocityAdd,
     advanced,
     apply_transfers,
     expire_pending,
+    with_velocity,
 )
 from ledger.domain.events import EventKind
 from ledger.domain.sagas import (
@@ -273,6 +275,7 @@ class SagaStore:
                     resolutions=books.resolutions,
                     expiring=[r for r in books.records if r.expires_at],
                     change=EventKind.SAGA_STEP,
+                    velocity=books.velocity,
                 )
             if reserved or decided or finishing:
                 await self._record_steps(
@@ -366,7 +369,7 @@ class SagaStore:
             ],
             TransferBatchState(books.accounts, {}, frozenset(), {}, {}, {}, books.now),
         )
-        books.book(plan.entries, plan.accounts)
+        books.book(plan.entries, plan.accounts, velocity=plan.velocity)
         results = dict.fromkeys((i for i, _ in fresh), TransferResult.LINKED_EVENT_CHAIN_OPEN)
         results.update(
             zip((i for i, _ in applying), (o.result for o in plan.outcomes), strict=True)
@@ -434,7 +437,7 @@ class SagaStore:
             )
             result = plan.outcomes[0].result
             if result is TransferResult.OK:
-                books.book(plan.entries, plan.accounts)
+                books.book(plan.entries, plan.accounts, velocity=plan.velocity)
                 decided.append((i, c, CreditOutcome.APPLIED, result))
             else:
                 decided.append((i, c, CreditOutcome.REFUSED, result))
@@ -1178,18 +1181,21 @@ class _Books:
     entries: list[Entry] = field(default_factory=list)
     changed: dict[AccountKey, AccountState] = field(default_factory=dict)
     resolutions: list[Resolution] = field(default_factory=list)
+    velocity: list[VelocityAdd] = field(default_factory=list)
 
     def book(
         self,
         entries: Sequence[Entry],
         states: Mapping[AccountKey, AccountState],
         resolutions: Sequence[Resolution] = (),
+        velocity: Sequence[VelocityAdd] = (),
     ) -> None:
         self.entries += entries
         for key, state in states.items():
-            self.accounts[key] = advanced(self.accounts[key], state)
+            self.accounts[key] = with_velocity(advanced(self.accounts[key], state), velocity)
             self.changed[key] = state
         self.resolutions += resolutions
+        self.velocity += velocity
 
 
 def step_key(step: StepRequest) -> tuple[int, object]:

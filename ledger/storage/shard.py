@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import time
@@ -31,6 +32,7 @@ from ledger.domain.engine import (
     JournalPlan,
     PendingView,
     TransferBatchState,
+    VelocityAdd,
     advanced,
     apply_journal,
     apply_transfers,
@@ -57,6 +59,13 @@ from ledger.domain.transfers import (
     linked_chains,
 )
 from ledger.domain.value import value
+from ledger.domain.velocity import (
+    VelocityMetric,
+    VelocityRule,
+    VelocityUsage,
+    bucket_width_s,
+    usage_keys,
+)
 from ledger.invariant import invariant
 from ledger.storage import saga_statements as saga_sql
 from ledger.storage import statements as sql
@@ -128,6 +137,7 @@ class JournalOutcome:
     failed_posting_index: int
     differing_field: str | None
     created_at: datetime
+    refused_by_rule: str = ""
 
 
 # Operations (the ledger_shard_transaction_duration "operation" label) that the
@@ -424,6 +434,7 @@ class Shard:
                 accounts=plan.accounts,
                 resolutions=plan.resolutions,
                 expiring=plan.expiring_pendings,
+                velocity=plan.velocity,
             )
             if handed_back:
                 return _with_handed_back(requests, handed_back, plan.outcomes)
@@ -574,8 +585,16 @@ class Shard:
                 accounts=plan.accounts,
                 resolutions=[],
                 expiring=[],
+                velocity=plan.velocity,
             )
-            return JournalOutcome(plan.result, False, plan.failed_posting_index, None, now)
+            return JournalOutcome(
+                plan.result,
+                False,
+                plan.failed_posting_index,
+                None,
+                now,
+                refused_by_rule=plan.refused_by_rule,
+            )
 
         return await self._in_transaction(run)
 
@@ -699,7 +718,10 @@ class Shard:
         rows = await conn.fetch(
             statement, [k.merchant_id for k in keys], [k.account_id for k in keys]
         )
-        return {a.key: a for a in map(_account, rows)}
+        accounts = {a.key: a for a in map(_account, rows)}
+        if statement is sql.LOCK_ACCOUNTS and any(a.velocity_rules for a in accounts.values()):
+            await _load_velocity_usage(conn, accounts)
+        return accounts
 
     async def _select_transfers(
         self, conn: Connection, keys: Collection[TransferKey]
@@ -970,6 +992,8 @@ async def _init_connection(conn: asyncpg.Connection[asyncpg.Record]) -> None:
 
 _JSONB_VERSION = b"\x01"
 _EMPTY_JSONB_OBJECT = _JSONB_VERSION + b"{}"
+# Every account row carries its velocity rules, nearly always none.
+_EMPTY_JSONB_ARRAY = _JSONB_VERSION + b"[]"
 
 
 def _encode_jsonb(value: object) -> bytes:
@@ -982,6 +1006,8 @@ def _encode_jsonb(value: object) -> bytes:
 def _decode_jsonb(data: bytes) -> object:
     if data == _EMPTY_JSONB_OBJECT:
         return {}
+    if data == _EMPTY_JSONB_ARRAY:
+        return []
     return json.loads(data[1:])
 
 
@@ -1062,7 +1088,89 @@ def _account(row: asyncpg.Record) -> Account:
         entry_count=row["entry_count"],
         created_at=row["created_at"],
         head_hash=row["entry_hash"],
+        velocity_rules=_velocity_rules_text(row["velocity_rules"]),
     )
+
+
+# Distinct rule sets parsed once: every locked account row carries its rules as
+# text, and accounts mostly share a few sets; parsing is most of their cost.
+_RULE_TEXTS_CACHED_MAX = 4096
+
+
+@functools.lru_cache(maxsize=_RULE_TEXTS_CACHED_MAX)
+def _velocity_rules_text(text: str) -> tuple[VelocityRule, ...]:
+    if text == "[]":
+        return ()
+    return velocity_rules(json.loads(text))
+
+
+def velocity_rules(stored: list[dict[str, Any]]) -> tuple[VelocityRule, ...]:
+    """Rules as stored in accounts.velocity_rules (and the limits history)."""
+    if not stored:
+        return ()
+    return tuple(
+        VelocityRule(
+            rule_id=r["rule_id"],
+            direction=Direction(r["direction"]),
+            metric=VelocityMetric(r["metric"]),
+            window_s=r["window_s"],
+            limit=r["limit"],
+        )
+        for r in stored
+    )
+
+
+def velocity_rules_json(rules: Sequence[VelocityRule]) -> list[dict[str, Any]]:
+    return [
+        {
+            "rule_id": r.rule_id,
+            "direction": int(r.direction),
+            "metric": int(r.metric),
+            "window_s": r.window_s,
+            "limit": r.limit,
+        }
+        for r in rules
+    ]
+
+
+async def _load_velocity_usage(conn: Connection, accounts: dict[AccountKey, Account]) -> None:
+    """Reads each limited account's usage per window; called after its lock, so no
+    other transaction can add to it before this one commits."""
+    wanted = [
+        (key, direction, window_s)
+        for key, account in accounts.items()
+        if account.velocity_rules
+        for direction, window_s in sorted(usage_keys(account.velocity_rules))
+    ]
+    row = await conn.fetchrow(
+        sql.VELOCITY_USAGE,
+        [k.merchant_id for k, _, _ in wanted],
+        [k.account_id for k, _, _ in wanted],
+        [int(d) for _, d, _ in wanted],
+        [w for _, _, w in wanted],
+        [bucket_width_s(w) for _, _, w in wanted],
+    )
+    assert row is not None
+    amounts, counts, read_at = row["amounts"], row["counts"], row["now"]
+    invariant(len(amounts) == len(counts) == len(wanted), "one usage per rule window")
+    used: dict[AccountKey, dict[tuple[Direction, int], VelocityUsage]] = {}
+    for (key, direction, window_s), amount_minor, count in zip(
+        wanted, amounts, counts, strict=True
+    ):
+        used.setdefault(key, {})[(direction, window_s)] = VelocityUsage(amount_minor, count)
+    for key, usage in used.items():
+        a = accounts[key]
+        accounts[key] = Account(
+            a.spec,
+            a.closed,
+            a.balances,
+            a.entry_count,
+            a.created_at,
+            a.head_hash,
+            a.velocity_rules,
+            usage,
+            read_at,
+        )
 
 
 def _transfer(row: asyncpg.Record) -> TransferRecord:
@@ -1167,6 +1275,7 @@ async def write_plan(
     ended_extra: Sequence[TransferKey] = (),
     change: EventKind | None = None,
     change_detail: Mapping[str, Any] | None = None,
+    velocity: Sequence[VelocityAdd] = (),
 ) -> None:
     """Writes a batch and its events in one round trip and checks every row landed.
 
@@ -1273,6 +1382,22 @@ async def write_plan(
     ended = [
         (k.merchant_id, k.transfer_id) for k in (*(r.pending for r in resolutions), *ended_extra)
     ]
+    velocity_rows = [
+        (
+            v.account.merchant_id,
+            v.account.account_id,
+            v.direction,
+            v.window_s,
+            v.bucket_index,
+            v.amount_minor,
+            v.count,
+        )
+        for v in velocity
+    ]
+    if len({r[:5] for r in velocity_rows}) != len(velocity_rows):
+        # Several plans in one transaction (saga steps) may add to one bucket: an
+        # upsert may not touch a row twice in one statement.
+        velocity_rows = _summed_buckets(velocity_rows)
     events = _event_rows(records, journals, entries, resolutions, trace_id, change, change_detail)
     counts = await conn.fetchrow(
         sql.WRITE_BATCH,
@@ -1285,6 +1410,7 @@ async def write_plan(
         ],
         [(r.key.merchant_id, r.key.transfer_id, r.expires_at) for r in expiring],
         ended,
+        velocity_rows,
         events,
     )
     assert counts is not None
@@ -1296,6 +1422,15 @@ async def write_plan(
     invariant(counts["accounts"] == len(accounts), "every changed account was updated")
     invariant(counts["resolutions"] == len(resolutions), "every resolution was written")
     invariant(counts["events"] == len(events), "every change wrote its event")
+    invariant(counts["velocity"] == len(velocity_rows), "every velocity bucket was written")
+    if counts["crossings"]:
+        # Counted when written: a transaction that then fails to commit (rare,
+        # and retried) may count a crossing twice; the table is the record.
+        for crossed in counts["crossings"]:
+            monitor_id, _, direction = crossed.rpartition(":")
+            metrics.monitor_crossings.add(
+                1, {"monitor": monitor_id, "direction": _CROSSING_NAMES[direction]}
+            )
 
 
 # Results that changed the books: a transfer applied, or a saga's reservation made.
@@ -1345,6 +1480,18 @@ def _event_rows(
         invariant(said is not None, "entries without a transfer say what changed")
         rows.append((said, key.merchant_id, key.merchant_id, key.transfer_id, trace_id, detail))
     return rows
+
+
+_CROSSING_NAMES = {"1": "fell_below", "2": "rose_to"}
+
+
+def _summed_buckets(rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    totals: dict[tuple[Any, ...], list[int]] = {}
+    for r in rows:
+        total = totals.setdefault(r[:5], [0, 0])
+        total[0] += r[5]
+        total[1] += r[6]
+    return [(*key, amount, count) for key, (amount, count) in totals.items()]
 
 
 def _postings_json(request: JournalRequest) -> list[dict[str, Any]]:

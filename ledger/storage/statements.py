@@ -15,7 +15,8 @@ NOW = "SELECT clock_timestamp()"
 ACCOUNT_COLUMNS = """
 merchant_id, account_id, currency, debits_must_not_exceed_credits,
 credits_must_not_exceed_debits, closed, metadata, debits_posted, credits_posted,
-debits_pending, credits_pending, entry_count, created_at, entry_hash
+debits_pending, credits_pending, entry_count, created_at, entry_hash,
+velocity_rules::text AS velocity_rules
 """
 
 # Row locks in one fixed order (merchant, account, byte-wise) so that any two
@@ -152,6 +153,68 @@ WITH new_transfers AS (
     USING unnest($6::ledger_transfer_key[]) AS r
     WHERE x.merchant_id = r.merchant_id AND x.transfer_id = r.transfer_id
     RETURNING 1
+), velocity_added AS (
+    INSERT INTO velocity_buckets AS b (merchant_id, account_id, direction, window_s,
+        bucket_index, amount_minor, transfer_count)
+    SELECT * FROM unnest($7::ledger_velocity_row[])
+    ON CONFLICT (merchant_id, account_id, direction, window_s, bucket_index) DO UPDATE
+    SET amount_minor = b.amount_minor + EXCLUDED.amount_minor,
+        transfer_count = b.transfer_count + EXCLUDED.transfer_count
+    RETURNING 1
+), monitored_changes AS (
+    -- Per account with an active monitor and per transfer: the balances before
+    -- its first entry here (the entry undone) and after its last.
+    SELECT e.merchant_id, e.account_id, e.transfer_merchant_id, e.transfer_id,
+        max(e.created_at) AS created_at,
+        (array_agg(
+            (e.credits_posted - CASE WHEN e.direction = 2 AND e.kind = 1
+                                     THEN e.amount_minor ELSE 0 END)::numeric
+            - (e.debits_posted - CASE WHEN e.direction = 1 AND e.kind = 1
+                                      THEN e.amount_minor ELSE 0 END)
+            ORDER BY e.sequence))[1] AS net_before,
+        (array_agg(
+            e.debits_pending::numeric
+            - CASE WHEN e.direction = 1 AND e.kind = 2 THEN e.amount_minor
+                   WHEN e.direction = 1 AND e.kind = 3 THEN -e.amount_minor
+                   ELSE 0 END
+            ORDER BY e.sequence))[1] AS debits_pending_before,
+        (array_agg(e.credits_posted::numeric - e.debits_posted ORDER BY e.sequence DESC))[1]
+            AS net_after,
+        (array_agg(e.debits_pending ORDER BY e.sequence DESC))[1] AS debits_pending_after
+    FROM unnest($2::ledger_entry_row[]) AS e
+    WHERE EXISTS (SELECT 1 FROM balance_monitors m WHERE m.merchant_id = e.merchant_id
+                  AND m.account_id = e.account_id AND m.active)
+    GROUP BY e.merchant_id, e.account_id, e.transfer_merchant_id, e.transfer_id
+), new_crossings AS (
+    -- ledger/domain/monitors.py states the rule: at or above, then below, falls.
+    INSERT INTO monitor_crossings (merchant_id, monitor_id, account_id, direction, balance,
+        threshold_minor, balance_after_minor, transfer_merchant_id, transfer_id, crossed_at)
+    SELECT c.merchant_id, m.monitor_id, c.account_id,
+        CASE WHEN v.before_minor >= m.threshold_minor THEN 1 ELSE 2 END,
+        m.balance, m.threshold_minor, v.after_minor, c.transfer_merchant_id, c.transfer_id,
+        c.created_at
+    FROM monitored_changes c
+    JOIN balance_monitors m ON m.merchant_id = c.merchant_id AND m.account_id = c.account_id
+        AND m.active
+    CROSS JOIN LATERAL (SELECT
+        CASE m.balance WHEN 1 THEN c.net_before
+                       ELSE c.net_before - c.debits_pending_before END AS before_minor,
+        CASE m.balance WHEN 1 THEN c.net_after
+                       ELSE c.net_after - c.debits_pending_after END AS after_minor) v
+    WHERE (v.before_minor >= m.threshold_minor) <> (v.after_minor >= m.threshold_minor)
+    ON CONFLICT DO NOTHING
+    RETURNING *
+), crossing_events AS (
+    -- A monitor's crossing is an event too, with the change that crossed it
+    -- (in the same transaction; its trace is the change's).
+    INSERT INTO event_outbox (kind, merchant_id, merchant_ids, transfer_id, trace_id, body)
+    SELECT 18, c.merchant_id, ARRAY[c.merchant_id], c.transfer_id,
+        coalesce((SELECT v.trace_id FROM unnest($8::ledger_event_row[]) AS v
+                  WHERE v.transfer_merchant_id = c.transfer_merchant_id
+                    AND v.transfer_id = c.transfer_id LIMIT 1), ''),
+        jsonb_build_object('crossing', to_jsonb(c))
+    FROM new_crossings AS c
+    RETURNING 1
 ), new_events AS (
     -- The batch's events (migration 0011), in the order given: each names its
     -- transfer, whose row and entries (with balances after) come from the
@@ -162,7 +225,7 @@ WITH new_transfers AS (
         v.transfer_id, v.trace_id,
         jsonb_build_object('transfer', to_jsonb(t), 'entries', coalesce(g.entries, '[]'),
                            'detail', v.detail)
-    FROM unnest($7::ledger_event_row[]) WITH ORDINALITY
+    FROM unnest($8::ledger_event_row[]) WITH ORDINALITY
         AS v(kind, merchant_id, transfer_merchant_id, transfer_id, trace_id, detail, n)
     LEFT JOIN unnest($1::ledger_transfer_row[]) AS t
         ON t.merchant_id = v.transfer_merchant_id AND t.transfer_id = v.transfer_id
@@ -184,7 +247,9 @@ SELECT (SELECT count(*) FROM new_transfers) AS transfers,
        (SELECT count(*) FROM new_entries) AS entries,
        (SELECT count(*) FROM updated_accounts) AS accounts,
        (SELECT count(*) FROM new_resolutions) AS resolutions,
-       (SELECT count(*) FROM new_events) AS events
+       (SELECT count(*) FROM new_events) AS events,
+       (SELECT count(*) FROM velocity_added) AS velocity,
+       (SELECT array_agg(monitor_id || ':' || direction) FROM new_crossings) AS crossings
 """
 
 # Local pending transfers only; those a saga carries expire through a saga.
@@ -263,4 +328,29 @@ RECENT_REPLICAS = """
 SELECT replica_id, epoch, seen_at FROM replicas
 WHERE seen_at > clock_timestamp() - make_interval(secs => $1)
 ORDER BY replica_id
+"""
+
+# An account's velocity usage per (direction, window), for accounts whose rules
+# were just read under their lock: every bucket from the one holding
+# clock - window_s on (ledger/domain/velocity.py, first_counted_bucket), and the
+# clock after them (the windows end no later than it, and the check's own time,
+# read by a later statement, never precedes it). In: arrays of merchant, account,
+# direction, window_s, bucket width in seconds; out: one row, the amounts and
+# counts in the same order.
+VELOCITY_USAGE = """
+WITH used AS (
+    SELECT w.ord, least(coalesce(sum(b.amount_minor), 0), 9223372036854775807)::bigint AS amount,
+           coalesce(sum(b.transfer_count), 0)::bigint AS moved
+    FROM unnest($1::text[], $2::text[], $3::smallint[], $4::integer[], $5::integer[])
+        WITH ORDINALITY AS w(merchant_id, account_id, direction, window_s, width_s, ord)
+    LEFT JOIN velocity_buckets b
+        ON b.merchant_id = w.merchant_id AND b.account_id = w.account_id
+        AND b.direction = w.direction AND b.window_s = w.window_s
+        AND b.bucket_index >= (floor(extract(epoch FROM clock_timestamp()))::bigint - w.window_s)
+            / w.width_s
+    GROUP BY w.ord
+)
+SELECT (SELECT array_agg(amount ORDER BY ord) FROM used) AS amounts,
+       (SELECT array_agg(moved ORDER BY ord) FROM used) AS counts,
+       clock_timestamp() AS now
 """

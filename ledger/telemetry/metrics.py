@@ -164,6 +164,13 @@ event_delivery_delay = SummedHistogram(
     description="From an event's commit to its delivery to a subscriber",
     bounds=LATENCY_BUCKETS_S,
 )
+# Balance monitor crossings (ledger/domain/monitors.py), by monitor id and direction.
+# Monitor ids are admin-chosen names of a bounded set (8 per account), no merchant ids.
+monitor_crossings = SummedCounter(
+    "ledger_monitor_crossings",
+    unit="1",
+    description="Balance monitor thresholds crossed, by monitor and direction",
+)
 shard_transactions = SummedHistogram(
     "ledger_shard_transaction_duration",
     unit="s",

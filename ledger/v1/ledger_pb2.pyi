@@ -202,6 +202,22 @@ class _TransferResultEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Transf
     """A cross-shard transfer whose saga an admin aborted before the credit
     shard applied it; the reservation was released and nothing moved.
     """
+    TRANSFER_RESULT_EXCEEDS_VELOCITY_LIMIT: _TransferResult.ValueType  # 28
+    """A velocity rule of the debit account (debit rules) or of the credit
+    account (credit rules) would be exceeded: what the account moved in that
+    direction within the rule's window, counting posted and pending transfers
+    at creation (a later post does not count again; a void or expiry gives
+    nothing back), plus this transfer, is over the rule's limit.
+    CreateTransferResult.refused_by_rule names the rule (PostJournal: the
+    ErrorInfo metadata "rule_id"). Windows are kept as 20 fixed buckets, and
+    the check counts the whole oldest bucket the window touches: a limit is
+    never exceeded over any window, and a refusal may come early by at most
+    one bucket (window_s / 20 seconds) of history. Cross-shard transfers are
+    checked on the debit account's shard when the funds are reserved (a
+    refusal there is the transfer's final result) and on the credit account's
+    shard when the credit lands (a refusal there compensates the saga, and
+    the transfer's result is this code).
+    """
 
 class TransferResult(_TransferResult, metaclass=_TransferResultEnumTypeWrapper):
     """The outcome of creating one transfer. All but OK mean nothing was written
@@ -282,6 +298,22 @@ debit side; the saga goes on in the background. Look the transfer up
 TRANSFER_RESULT_ABORTED: TransferResult.ValueType  # 27
 """A cross-shard transfer whose saga an admin aborted before the credit
 shard applied it; the reservation was released and nothing moved.
+"""
+TRANSFER_RESULT_EXCEEDS_VELOCITY_LIMIT: TransferResult.ValueType  # 28
+"""A velocity rule of the debit account (debit rules) or of the credit
+account (credit rules) would be exceeded: what the account moved in that
+direction within the rule's window, counting posted and pending transfers
+at creation (a later post does not count again; a void or expiry gives
+nothing back), plus this transfer, is over the rule's limit.
+CreateTransferResult.refused_by_rule names the rule (PostJournal: the
+ErrorInfo metadata "rule_id"). Windows are kept as 20 fixed buckets, and
+the check counts the whole oldest bucket the window touches: a limit is
+never exceeded over any window, and a refusal may come early by at most
+one bucket (window_s / 20 seconds) of history. Cross-shard transfers are
+checked on the debit account's shard when the funds are reserved (a
+refusal there is the transfer's final result) and on the credit account's
+shard when the credit lands (a refusal there compensates the saga, and
+the transfer's result is this code).
 """
 Global___TransferResult: _TypeAlias = TransferResult  # noqa: Y015
 
@@ -509,7 +541,7 @@ class _EventKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventKind.V
     EVENT_KIND_MERCHANT_MOVED_OUT: _EventKind.ValueType  # 17
     """The last event of a merchant on the shard it left (`move`)."""
     EVENT_KIND_BALANCE_MONITOR_CROSSED: _EventKind.ValueType  # 18
-    """A balance monitor's threshold was crossed (issue 21)."""
+    """A balance monitor's threshold was crossed: `monitor_crossing`."""
 
 class EventKind(_EventKind, metaclass=_EventKindEnumTypeWrapper):
     """---- The event stream (SubscribeEvents, AckEvents; the AMQP publisher sends
@@ -570,8 +602,80 @@ EVENT_KIND_MERCHANT_MOVED_IN: EventKind.ValueType  # 16
 EVENT_KIND_MERCHANT_MOVED_OUT: EventKind.ValueType  # 17
 """The last event of a merchant on the shard it left (`move`)."""
 EVENT_KIND_BALANCE_MONITOR_CROSSED: EventKind.ValueType  # 18
-"""A balance monitor's threshold was crossed (issue 21)."""
+"""A balance monitor's threshold was crossed: `monitor_crossing`."""
 Global___EventKind: _TypeAlias = EventKind  # noqa: Y015
+
+class _VelocityMetric:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _VelocityMetricEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_VelocityMetric.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    VELOCITY_METRIC_UNSPECIFIED: _VelocityMetric.ValueType  # 0
+    """Never valid."""
+    VELOCITY_METRIC_AMOUNT: _VelocityMetric.ValueType  # 1
+    """The sum of amounts, in minor units."""
+    VELOCITY_METRIC_COUNT: _VelocityMetric.ValueType  # 2
+    """The number of transfers (a journal: of postings)."""
+
+class VelocityMetric(_VelocityMetric, metaclass=_VelocityMetricEnumTypeWrapper):
+    """What a velocity rule limits."""
+
+VELOCITY_METRIC_UNSPECIFIED: VelocityMetric.ValueType  # 0
+"""Never valid."""
+VELOCITY_METRIC_AMOUNT: VelocityMetric.ValueType  # 1
+"""The sum of amounts, in minor units."""
+VELOCITY_METRIC_COUNT: VelocityMetric.ValueType  # 2
+"""The number of transfers (a journal: of postings)."""
+Global___VelocityMetric: _TypeAlias = VelocityMetric  # noqa: Y015
+
+class _MonitoredBalance:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _MonitoredBalanceEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_MonitoredBalance.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    MONITORED_BALANCE_UNSPECIFIED: _MonitoredBalance.ValueType  # 0
+    """Never valid."""
+    MONITORED_BALANCE_NET_POSTED: _MonitoredBalance.ValueType  # 1
+    """credits_posted - debits_posted."""
+    MONITORED_BALANCE_AVAILABLE: _MonitoredBalance.ValueType  # 2
+    """credits_posted - debits_posted - debits_pending."""
+
+class MonitoredBalance(_MonitoredBalance, metaclass=_MonitoredBalanceEnumTypeWrapper):
+    """Which balance a monitor watches."""
+
+MONITORED_BALANCE_UNSPECIFIED: MonitoredBalance.ValueType  # 0
+"""Never valid."""
+MONITORED_BALANCE_NET_POSTED: MonitoredBalance.ValueType  # 1
+"""credits_posted - debits_posted."""
+MONITORED_BALANCE_AVAILABLE: MonitoredBalance.ValueType  # 2
+"""credits_posted - debits_posted - debits_pending."""
+Global___MonitoredBalance: _TypeAlias = MonitoredBalance  # noqa: Y015
+
+class _MonitorCrossingDirection:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _MonitorCrossingDirectionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_MonitorCrossingDirection.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    MONITOR_CROSSING_DIRECTION_UNSPECIFIED: _MonitorCrossingDirection.ValueType  # 0
+    """Never sent."""
+    MONITOR_CROSSING_DIRECTION_FELL_BELOW: _MonitorCrossingDirection.ValueType  # 1
+    """From at or above the threshold to below it."""
+    MONITOR_CROSSING_DIRECTION_ROSE_TO: _MonitorCrossingDirection.ValueType  # 2
+    """From below the threshold to at or above it."""
+
+class MonitorCrossingDirection(_MonitorCrossingDirection, metaclass=_MonitorCrossingDirectionEnumTypeWrapper):
+    """Which way a balance crossed a monitor's threshold."""
+
+MONITOR_CROSSING_DIRECTION_UNSPECIFIED: MonitorCrossingDirection.ValueType  # 0
+"""Never sent."""
+MONITOR_CROSSING_DIRECTION_FELL_BELOW: MonitorCrossingDirection.ValueType  # 1
+"""From at or above the threshold to below it."""
+MONITOR_CROSSING_DIRECTION_ROSE_TO: MonitorCrossingDirection.ValueType  # 2
+"""From below the threshold to at or above it."""
+Global___MonitorCrossingDirection: _TypeAlias = MonitorCrossingDirection  # noqa: Y015
 
 @_typing.final
 class AccountRef(_message.Message):
@@ -1104,6 +1208,7 @@ class CreateTransferResult(_message.Message):
     REPLAYED_FIELD_NUMBER: _builtins.int
     DIFFERING_FIELD_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
+    REFUSED_BY_RULE_FIELD_NUMBER: _builtins.int
     index: _builtins.int
     """Position of the item in the request."""
     id: _builtins.str
@@ -1115,6 +1220,11 @@ class CreateTransferResult(_message.Message):
     differing_field: _builtins.str
     """For EXISTS_WITH_DIFFERENT_FIELDS: the first field that differs, named as
     in Transfer (for example "amount_minor").
+    """
+    refused_by_rule: _builtins.str
+    """For EXCEEDS_VELOCITY_LIMIT on a transfer applied in this call on one
+    shard: the rule_id of the rule that refused it. Empty for a replay and for
+    a cross-shard transfer (its saga records only the code).
     """
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp:
@@ -1129,10 +1239,11 @@ class CreateTransferResult(_message.Message):
         replayed: _builtins.bool = ...,
         differing_field: _builtins.str = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
+        refused_by_rule: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "differing_field", b"differing_field", "id", b"id", "index", b"index", "replayed", b"replayed", "result", b"result"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "differing_field", b"differing_field", "id", b"id", "index", b"index", "refused_by_rule", b"refused_by_rule", "replayed", b"replayed", "result", b"result"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2158,6 +2269,7 @@ class Event(_message.Message):
     COMMITTED_AT_FIELD_NUMBER: _builtins.int
     CURSOR_FIELD_NUMBER: _builtins.int
     TRANSFER_ID_FIELD_NUMBER: _builtins.int
+    MONITOR_CROSSING_FIELD_NUMBER: _builtins.int
     shard: _builtins.str
     """The shard whose stream this is, and the event's position in it."""
     position: _builtins.int
@@ -2214,6 +2326,12 @@ class Event(_message.Message):
     def cursor(self) -> Global___EventCursor:
         """The cursor after this event: resume from it."""
 
+    @_builtins.property
+    def monitor_crossing(self) -> Global___MonitorCrossing:
+        """For BALANCE_MONITOR_CROSSED: the crossing (its sequence is 0 here; the
+        change that crossed it is `transfer_id`, in the same transaction).
+        """
+
     def __init__(
         self,
         *,
@@ -2235,10 +2353,11 @@ class Event(_message.Message):
         committed_at: _timestamp_pb2.Timestamp | None = ...,
         cursor: Global___EventCursor | None = ...,
         transfer_id: _builtins.str = ...,
+        monitor_crossing: Global___MonitorCrossing | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "committed_at", b"committed_at", "cursor", b"cursor", "move", b"move", "saga", b"saga", "transfer", b"transfer"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "committed_at", b"committed_at", "cursor", b"cursor", "monitor_crossing", b"monitor_crossing", "move", b"move", "saga", b"saga", "transfer", b"transfer"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "amount_effective_minor", b"amount_effective_minor", "committed_at", b"committed_at", "cursor", b"cursor", "entries", b"entries", "event_id", b"event_id", "kind", b"kind", "merchant_id", b"merchant_id", "merchant_ids", b"merchant_ids", "move", b"move", "position", b"position", "postings", b"postings", "saga", b"saga", "shard", b"shard", "trace_id", b"trace_id", "transfer", b"transfer", "transfer_id", b"transfer_id", "transfer_result", b"transfer_result"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "amount_effective_minor", b"amount_effective_minor", "committed_at", b"committed_at", "cursor", b"cursor", "entries", b"entries", "event_id", b"event_id", "kind", b"kind", "merchant_id", b"merchant_id", "merchant_ids", b"merchant_ids", "monitor_crossing", b"monitor_crossing", "move", b"move", "position", b"position", "postings", b"postings", "saga", b"saga", "shard", b"shard", "trace_id", b"trace_id", "transfer", b"transfer", "transfer_id", b"transfer_id", "transfer_result", b"transfer_result"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2343,3 +2462,399 @@ class AckEventsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AckEventsResponse: _TypeAlias = AckEventsResponse  # noqa: Y015
+
+@_typing.final
+class VelocityRule(_message.Message):
+    """At most `limit` of `metric` in `direction` within any window of window_s
+    seconds. For example DEBIT, AMOUNT, 86400, 500000: debits of at most 500,000
+    minor units per rolling 24 hours. See TRANSFER_RESULT_EXCEEDS_VELOCITY_LIMIT
+    for what counts and the error bound.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RULE_ID_FIELD_NUMBER: _builtins.int
+    DIRECTION_FIELD_NUMBER: _builtins.int
+    METRIC_FIELD_NUMBER: _builtins.int
+    WINDOW_S_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    rule_id: _builtins.str
+    """1 to 128 bytes, unique within the account's rules; named in refusals."""
+    direction: Global___Direction.ValueType
+    """DEBIT limits the account's debits, CREDIT its credits."""
+    metric: Global___VelocityMetric.ValueType
+    """AMOUNT or COUNT."""
+    window_s: _builtins.int
+    """1 to 2,678,400 (31 days)."""
+    limit: _builtins.int
+    """0 or more: minor units for AMOUNT, transfers for COUNT (0 refuses all)."""
+    def __init__(
+        self,
+        *,
+        rule_id: _builtins.str = ...,
+        direction: Global___Direction.ValueType = ...,
+        metric: Global___VelocityMetric.ValueType = ...,
+        window_s: _builtins.int = ...,
+        limit: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["direction", b"direction", "limit", b"limit", "metric", b"metric", "rule_id", b"rule_id", "window_s", b"window_s"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VelocityRule: _TypeAlias = VelocityRule  # noqa: Y015
+
+@_typing.final
+class BalanceMonitor(_message.Message):
+    """A threshold on a balance. A change of the account by one transfer, journal,
+    settle or expiry that takes the balance from at or above threshold_minor to
+    below it records a FELL_BELOW crossing, and from below to at or above a
+    ROSE_TO crossing: once per crossing, in the transaction of the change.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MONITOR_ID_FIELD_NUMBER: _builtins.int
+    BALANCE_FIELD_NUMBER: _builtins.int
+    THRESHOLD_MINOR_FIELD_NUMBER: _builtins.int
+    monitor_id: _builtins.str
+    """1 to 128 bytes, unique within the merchant."""
+    balance: Global___MonitoredBalance.ValueType
+    """The balance watched."""
+    threshold_minor: _builtins.int
+    """The threshold, in minor units (may be negative)."""
+    def __init__(
+        self,
+        *,
+        monitor_id: _builtins.str = ...,
+        balance: Global___MonitoredBalance.ValueType = ...,
+        threshold_minor: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "monitor_id", b"monitor_id", "threshold_minor", b"threshold_minor"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BalanceMonitor: _TypeAlias = BalanceMonitor  # noqa: Y015
+
+@_typing.final
+class AccountLimits(_message.Message):
+    """Everything that limits an account."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEBITS_MUST_NOT_EXCEED_CREDITS_FIELD_NUMBER: _builtins.int
+    CREDITS_MUST_NOT_EXCEED_DEBITS_FIELD_NUMBER: _builtins.int
+    VELOCITY_RULES_FIELD_NUMBER: _builtins.int
+    MONITORS_FIELD_NUMBER: _builtins.int
+    debits_must_not_exceed_credits: _builtins.bool
+    """As on Account."""
+    credits_must_not_exceed_debits: _builtins.bool
+    """As on Account."""
+    @_builtins.property
+    def velocity_rules(self) -> _containers.RepeatedCompositeFieldContainer[Global___VelocityRule]:
+        """At most 8 rules."""
+
+    @_builtins.property
+    def monitors(self) -> _containers.RepeatedCompositeFieldContainer[Global___BalanceMonitor]:
+        """At most 8 monitors."""
+
+    def __init__(
+        self,
+        *,
+        debits_must_not_exceed_credits: _builtins.bool = ...,
+        credits_must_not_exceed_debits: _builtins.bool = ...,
+        velocity_rules: _abc.Iterable[Global___VelocityRule] | None = ...,
+        monitors: _abc.Iterable[Global___BalanceMonitor] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["credits_must_not_exceed_debits", b"credits_must_not_exceed_debits", "debits_must_not_exceed_credits", b"debits_must_not_exceed_credits", "monitors", b"monitors", "velocity_rules", b"velocity_rules"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AccountLimits: _TypeAlias = AccountLimits  # noqa: Y015
+
+@_typing.final
+class SetAccountLimitsRequest(_message.Message):
+    """SetAccountLimits input."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_FIELD_NUMBER: _builtins.int
+    CHANGE_ID_FIELD_NUMBER: _builtins.int
+    LIMITS_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    change_id: _builtins.str
+    """Caller-chosen id and idempotency key of this change, unique per account,
+    1 to 128 bytes.
+    """
+    reason: _builtins.str
+    """Why, for the audit trail: 1 to 256 bytes."""
+    @_builtins.property
+    def account(self) -> Global___AccountRef:
+        """The account."""
+
+    @_builtins.property
+    def limits(self) -> Global___AccountLimits:
+        """The new limits, whole (an empty list clears the rules or monitors)."""
+
+    def __init__(
+        self,
+        *,
+        account: Global___AccountRef | None = ...,
+        change_id: _builtins.str = ...,
+        limits: Global___AccountLimits | None = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "limits", b"limits"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "change_id", b"change_id", "limits", b"limits", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetAccountLimitsRequest: _TypeAlias = SetAccountLimitsRequest  # noqa: Y015
+
+@_typing.final
+class AccountLimitsChange(_message.Message):
+    """One recorded change of an account's limits."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    CHANGE_ID_FIELD_NUMBER: _builtins.int
+    LIMITS_FIELD_NUMBER: _builtins.int
+    CHANGED_BY_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    CHANGED_AT_FIELD_NUMBER: _builtins.int
+    sequence: _builtins.int
+    """Counts the account's changes from 1."""
+    change_id: _builtins.str
+    """The caller's change_id."""
+    changed_by: _builtins.str
+    """The token's name, or "anonymous" when the server requires no tokens."""
+    reason: _builtins.str
+    """The caller's reason."""
+    @_builtins.property
+    def limits(self) -> Global___AccountLimits:
+        """The limits from this change on."""
+
+    @_builtins.property
+    def changed_at(self) -> _timestamp_pb2.Timestamp:
+        """When the change committed."""
+
+    def __init__(
+        self,
+        *,
+        sequence: _builtins.int = ...,
+        change_id: _builtins.str = ...,
+        limits: Global___AccountLimits | None = ...,
+        changed_by: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        changed_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["changed_at", b"changed_at", "limits", b"limits"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["change_id", b"change_id", "changed_at", b"changed_at", "changed_by", b"changed_by", "limits", b"limits", "reason", b"reason", "sequence", b"sequence"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AccountLimitsChange: _TypeAlias = AccountLimitsChange  # noqa: Y015
+
+@_typing.final
+class SetAccountLimitsResponse(_message.Message):
+    """SetAccountLimits output."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANGE_FIELD_NUMBER: _builtins.int
+    REPLAYED_FIELD_NUMBER: _builtins.int
+    replayed: _builtins.bool
+    """True if change_id was already recorded and this is the original change."""
+    @_builtins.property
+    def change(self) -> Global___AccountLimitsChange:
+        """The change as recorded."""
+
+    def __init__(
+        self,
+        *,
+        change: Global___AccountLimitsChange | None = ...,
+        replayed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["change", b"change"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "replayed", b"replayed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetAccountLimitsResponse: _TypeAlias = SetAccountLimitsResponse  # noqa: Y015
+
+@_typing.final
+class GetAccountLimitsRequest(_message.Message):
+    """GetAccountLimits input."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """At most this many changes of history (0: 100; at most 1000)."""
+    @_builtins.property
+    def account(self) -> Global___AccountRef:
+        """The account."""
+
+    def __init__(
+        self,
+        *,
+        account: Global___AccountRef | None = ...,
+        page_size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["account", b"account"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "page_size", b"page_size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetAccountLimitsRequest: _TypeAlias = GetAccountLimitsRequest  # noqa: Y015
+
+@_typing.final
+class GetAccountLimitsResponse(_message.Message):
+    """GetAccountLimits output."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LIMITS_FIELD_NUMBER: _builtins.int
+    HISTORY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def limits(self) -> Global___AccountLimits:
+        """The limits in force."""
+
+    @_builtins.property
+    def history(self) -> _containers.RepeatedCompositeFieldContainer[Global___AccountLimitsChange]:
+        """The changes, newest first."""
+
+    def __init__(
+        self,
+        *,
+        limits: Global___AccountLimits | None = ...,
+        history: _abc.Iterable[Global___AccountLimitsChange] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["history", b"history", "limits", b"limits"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetAccountLimitsResponse: _TypeAlias = GetAccountLimitsResponse  # noqa: Y015
+
+@_typing.final
+class MonitorCrossing(_message.Message):
+    """One crossing of a monitor's threshold."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MONITOR_ID_FIELD_NUMBER: _builtins.int
+    ACCOUNT_FIELD_NUMBER: _builtins.int
+    DIRECTION_FIELD_NUMBER: _builtins.int
+    BALANCE_AFTER_MINOR_FIELD_NUMBER: _builtins.int
+    THRESHOLD_MINOR_FIELD_NUMBER: _builtins.int
+    TRANSFER_FIELD_NUMBER: _builtins.int
+    CROSSED_AT_FIELD_NUMBER: _builtins.int
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    monitor_id: _builtins.str
+    """The monitor."""
+    direction: Global___MonitorCrossingDirection.ValueType
+    """Which way."""
+    balance_after_minor: _builtins.int
+    """The watched balance after the change."""
+    threshold_minor: _builtins.int
+    """The threshold crossed."""
+    sequence: _builtins.int
+    """Position in the merchant's crossings; pass it as after_sequence to page on."""
+    @_builtins.property
+    def account(self) -> Global___AccountRef:
+        """Its account."""
+
+    @_builtins.property
+    def transfer(self) -> Global___TransferRef:
+        """The transfer, journal or settle that made the change (its id and home merchant)."""
+
+    @_builtins.property
+    def crossed_at(self) -> _timestamp_pb2.Timestamp:
+        """When."""
+
+    def __init__(
+        self,
+        *,
+        monitor_id: _builtins.str = ...,
+        account: Global___AccountRef | None = ...,
+        direction: Global___MonitorCrossingDirection.ValueType = ...,
+        balance_after_minor: _builtins.int = ...,
+        threshold_minor: _builtins.int = ...,
+        transfer: Global___TransferRef | None = ...,
+        crossed_at: _timestamp_pb2.Timestamp | None = ...,
+        sequence: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "crossed_at", b"crossed_at", "transfer", b"transfer"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "balance_after_minor", b"balance_after_minor", "crossed_at", b"crossed_at", "direction", b"direction", "monitor_id", b"monitor_id", "sequence", b"sequence", "threshold_minor", b"threshold_minor", "transfer", b"transfer"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MonitorCrossing: _TypeAlias = MonitorCrossing  # noqa: Y015
+
+@_typing.final
+class ListMonitorCrossingsRequest(_message.Message):
+    """ListMonitorCrossings input."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MERCHANT_ID_FIELD_NUMBER: _builtins.int
+    AFTER_SEQUENCE_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    merchant_id: _builtins.str
+    """The merchant, 1 to 128 bytes."""
+    after_sequence: _builtins.int
+    """Crossings after this sequence (0: from the first)."""
+    page_size: _builtins.int
+    """0: 100; at most 1000."""
+    def __init__(
+        self,
+        *,
+        merchant_id: _builtins.str = ...,
+        after_sequence: _builtins.int = ...,
+        page_size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_sequence", b"after_sequence", "merchant_id", b"merchant_id", "page_size", b"page_size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListMonitorCrossingsRequest: _TypeAlias = ListMonitorCrossingsRequest  # noqa: Y015
+
+@_typing.final
+class ListMonitorCrossingsResponse(_message.Message):
+    """ListMonitorCrossings output."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CROSSINGS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def crossings(self) -> _containers.RepeatedCompositeFieldContainer[Global___MonitorCrossing]:
+        """Oldest first."""
+
+    def __init__(
+        self,
+        *,
+        crossings: _abc.Iterable[Global___MonitorCrossing] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["crossings", b"crossings"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListMonitorCrossingsResponse: _TypeAlias = ListMonitorCrossingsResponse  # noqa: Y015

@@ -592,6 +592,21 @@ class LedgerAdminServiceStub:
                 request_serializer=ledger_dot_v1_dot_ledger__pb2.ListTransfersByTraceRequest.SerializeToString,
                 response_deserializer=ledger_dot_v1_dot_ledger__pb2.LookupTransfersResponse.FromString,
                 _registered_method=True)
+        self.SetAccountLimits = channel.unary_unary(
+                '/ledger.v1.LedgerAdminService/SetAccountLimits',
+                request_serializer=ledger_dot_v1_dot_ledger__pb2.SetAccountLimitsRequest.SerializeToString,
+                response_deserializer=ledger_dot_v1_dot_ledger__pb2.SetAccountLimitsResponse.FromString,
+                _registered_method=True)
+        self.GetAccountLimits = channel.unary_unary(
+                '/ledger.v1.LedgerAdminService/GetAccountLimits',
+                request_serializer=ledger_dot_v1_dot_ledger__pb2.GetAccountLimitsRequest.SerializeToString,
+                response_deserializer=ledger_dot_v1_dot_ledger__pb2.GetAccountLimitsResponse.FromString,
+                _registered_method=True)
+        self.ListMonitorCrossings = channel.unary_unary(
+                '/ledger.v1.LedgerAdminService/ListMonitorCrossings',
+                request_serializer=ledger_dot_v1_dot_ledger__pb2.ListMonitorCrossingsRequest.SerializeToString,
+                response_deserializer=ledger_dot_v1_dot_ledger__pb2.ListMonitorCrossingsResponse.FromString,
+                _registered_method=True)
 
 
 class LedgerAdminServiceServicer:
@@ -639,6 +654,34 @@ class LedgerAdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetAccountLimits(self, request, context):
+        """Sets an account's limits: its two overdraft flags, its velocity rules and
+        its balance monitors, all at once (the request is the new whole set).
+        Recorded as an append-only change with who (the token's name when tokens
+        are required), when and why. The change takes effect for every transfer
+        that commits after it (it takes the account's lock); money already moved
+        or held stays, and a pending transfer created under the old limits still
+        posts. A retry with the same change_id and content returns the original
+        change; the same change_id with other content is ALREADY_EXISTS.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetAccountLimits(self, request, context):
+        """An account's limits now and their history of changes, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListMonitorCrossings(self, request, context):
+        """Balance monitor crossings of one merchant's accounts, oldest first, paged.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LedgerAdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -666,6 +709,21 @@ def add_LedgerAdminServiceServicer_to_server(servicer, server):
                     servicer.ListTransfersByTrace,
                     request_deserializer=ledger_dot_v1_dot_ledger__pb2.ListTransfersByTraceRequest.FromString,
                     response_serializer=ledger_dot_v1_dot_ledger__pb2.LookupTransfersResponse.SerializeToString,
+            ),
+            'SetAccountLimits': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetAccountLimits,
+                    request_deserializer=ledger_dot_v1_dot_ledger__pb2.SetAccountLimitsRequest.FromString,
+                    response_serializer=ledger_dot_v1_dot_ledger__pb2.SetAccountLimitsResponse.SerializeToString,
+            ),
+            'GetAccountLimits': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetAccountLimits,
+                    request_deserializer=ledger_dot_v1_dot_ledger__pb2.GetAccountLimitsRequest.FromString,
+                    response_serializer=ledger_dot_v1_dot_ledger__pb2.GetAccountLimitsResponse.SerializeToString,
+            ),
+            'ListMonitorCrossings': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListMonitorCrossings,
+                    request_deserializer=ledger_dot_v1_dot_ledger__pb2.ListMonitorCrossingsRequest.FromString,
+                    response_serializer=ledger_dot_v1_dot_ledger__pb2.ListMonitorCrossingsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -804,6 +862,87 @@ class LedgerAdminService:
             '/ledger.v1.LedgerAdminService/ListTransfersByTrace',
             ledger_dot_v1_dot_ledger__pb2.ListTransfersByTraceRequest.SerializeToString,
             ledger_dot_v1_dot_ledger__pb2.LookupTransfersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetAccountLimits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ledger.v1.LedgerAdminService/SetAccountLimits',
+            ledger_dot_v1_dot_ledger__pb2.SetAccountLimitsRequest.SerializeToString,
+            ledger_dot_v1_dot_ledger__pb2.SetAccountLimitsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetAccountLimits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ledger.v1.LedgerAdminService/GetAccountLimits',
+            ledger_dot_v1_dot_ledger__pb2.GetAccountLimitsRequest.SerializeToString,
+            ledger_dot_v1_dot_ledger__pb2.GetAccountLimitsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListMonitorCrossings(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ledger.v1.LedgerAdminService/ListMonitorCrossings',
+            ledger_dot_v1_dot_ledger__pb2.ListMonitorCrossingsRequest.SerializeToString,
+            ledger_dot_v1_dot_ledger__pb2.ListMonitorCrossingsResponse.FromString,
             options,
             channel_credentials,
             insecure,

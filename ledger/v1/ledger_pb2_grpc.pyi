@@ -301,6 +301,20 @@ class LedgerAdminServiceStub:
     """Lists the transfers (on every shard) recorded by one trace: "which
     postings did trace X make".
     """
+    SetAccountLimits: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.SetAccountLimitsRequest, _ledger_pb2.SetAccountLimitsResponse]
+    """Sets an account's limits: its two overdraft flags, its velocity rules and
+    its balance monitors, all at once (the request is the new whole set).
+    Recorded as an append-only change with who (the token's name when tokens
+    are required), when and why. The change takes effect for every transfer
+    that commits after it (it takes the account's lock); money already moved
+    or held stays, and a pending transfer created under the old limits still
+    posts. A retry with the same change_id and content returns the original
+    change; the same change_id with other content is ALREADY_EXISTS.
+    """
+    GetAccountLimits: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.GetAccountLimitsRequest, _ledger_pb2.GetAccountLimitsResponse]
+    """An account's limits now and their history of changes, newest first."""
+    ListMonitorCrossings: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.ListMonitorCrossingsRequest, _ledger_pb2.ListMonitorCrossingsResponse]
+    """Balance monitor crossings of one merchant's accounts, oldest first, paged."""
 
 @_typing.type_check_only
 class LedgerAdminServiceAsyncStub(LedgerAdminServiceStub):
@@ -327,6 +341,20 @@ class LedgerAdminServiceAsyncStub(LedgerAdminServiceStub):
     """Lists the transfers (on every shard) recorded by one trace: "which
     postings did trace X make".
     """
+    SetAccountLimits: _aio.UnaryUnaryMultiCallable[_ledger_pb2.SetAccountLimitsRequest, _ledger_pb2.SetAccountLimitsResponse]  # type: ignore[assignment]
+    """Sets an account's limits: its two overdraft flags, its velocity rules and
+    its balance monitors, all at once (the request is the new whole set).
+    Recorded as an append-only change with who (the token's name when tokens
+    are required), when and why. The change takes effect for every transfer
+    that commits after it (it takes the account's lock); money already moved
+    or held stays, and a pending transfer created under the old limits still
+    posts. A retry with the same change_id and content returns the original
+    change; the same change_id with other content is ALREADY_EXISTS.
+    """
+    GetAccountLimits: _aio.UnaryUnaryMultiCallable[_ledger_pb2.GetAccountLimitsRequest, _ledger_pb2.GetAccountLimitsResponse]  # type: ignore[assignment]
+    """An account's limits now and their history of changes, newest first."""
+    ListMonitorCrossings: _aio.UnaryUnaryMultiCallable[_ledger_pb2.ListMonitorCrossingsRequest, _ledger_pb2.ListMonitorCrossingsResponse]  # type: ignore[assignment]
+    """Balance monitor crossings of one merchant's accounts, oldest first, paged."""
 
 class LedgerAdminServiceServicer(metaclass=_abc_1.ABCMeta):
     """Operations for admins and on-call engineers: the saga list and its repairs."""
@@ -380,5 +408,37 @@ class LedgerAdminServiceServicer(metaclass=_abc_1.ABCMeta):
         """Lists the transfers (on every shard) recorded by one trace: "which
         postings did trace X make".
         """
+
+    @_abc_1.abstractmethod
+    def SetAccountLimits(
+        self,
+        request: _ledger_pb2.SetAccountLimitsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_pb2.SetAccountLimitsResponse, _abc.Awaitable[_ledger_pb2.SetAccountLimitsResponse]]:
+        """Sets an account's limits: its two overdraft flags, its velocity rules and
+        its balance monitors, all at once (the request is the new whole set).
+        Recorded as an append-only change with who (the token's name when tokens
+        are required), when and why. The change takes effect for every transfer
+        that commits after it (it takes the account's lock); money already moved
+        or held stays, and a pending transfer created under the old limits still
+        posts. A retry with the same change_id and content returns the original
+        change; the same change_id with other content is ALREADY_EXISTS.
+        """
+
+    @_abc_1.abstractmethod
+    def GetAccountLimits(
+        self,
+        request: _ledger_pb2.GetAccountLimitsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_pb2.GetAccountLimitsResponse, _abc.Awaitable[_ledger_pb2.GetAccountLimitsResponse]]:
+        """An account's limits now and their history of changes, newest first."""
+
+    @_abc_1.abstractmethod
+    def ListMonitorCrossings(
+        self,
+        request: _ledger_pb2.ListMonitorCrossingsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_pb2.ListMonitorCrossingsResponse, _abc.Awaitable[_ledger_pb2.ListMonitorCrossingsResponse]]:
+        """Balance monitor crossings of one merchant's accounts, oldest first, paged."""
 
 def add_LedgerAdminServiceServicer_to_server(servicer: LedgerAdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
