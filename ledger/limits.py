@@ -223,6 +223,8 @@ event_prune_batch_max = 10_000
 event_subscriptions_max = 64
 # Consumer names: a registered consumer is a row on every shard.
 event_consumer_name_bytes_max = 128
+# Shards an event cursor may name (more than any cluster has; each is checked).
+event_cursor_shards_max = 64
 
 # Graceful shutdown: in-flight RPCs get this long to finish.
 shutdown_grace_s = 5.0

@@ -419,7 +419,16 @@ async def _check_everything_answers(server: Prometheus) -> None:
         # A rate() over the dashboard's interval needs two scrapes after the traffic.
         return await server.has_data(
             f"rate(ledger_transfers_total[{RATE_INTERVAL}])"
-        ) and await server.has_data("ledger_saga_oldest_running_age_seconds")
+        ) and all(
+            [
+                await server.has_data(name)
+                for name in (
+                    "ledger_saga_oldest_running_age_seconds",
+                    # Refreshed every 10 s by the event sequencer's retention pass.
+                    "ledger_event_consumer_lag_age_seconds",
+                )
+            ]
+        )
 
     await wait_until(settled, deadline_s=SETTLE_DEADLINE_S, what="scrapes and rule evaluations")
 

@@ -159,6 +159,16 @@ PENDING_TIMEOUT = Limit(
     (f"{limits.pending_timeout_max.days} days", str(PENDING_TIMEOUT_MS_MAX)),
 )
 METADATA = (METADATA_KEYS, METADATA_KEY_BYTES, METADATA_VALUE_BYTES)
+CONSUMER = Limit(
+    "event_consumer_name_bytes_max",
+    limits.event_consumer_name_bytes_max,
+    (str(limits.event_consumer_name_bytes_max),),
+)
+CURSOR_SHARDS = Limit(
+    "event_cursor_shards_max",
+    limits.event_cursor_shards_max,
+    (str(limits.event_cursor_shards_max),),
+)
 
 # Every request field a caller-visible limit applies to: (message, field) -> limits.
 LIMITED: dict[tuple[str, str], tuple[Limit, ...]] = {
@@ -191,6 +201,10 @@ LIMITED: dict[tuple[str, str], tuple[Limit, ...]] = {
     ("ListTransfersByTraceRequest", "page_size"): (PAGE_SIZE,),
     ("LookupTransfersRequest", "wait_timeout_ms"): (LOOKUP_WAIT,),
     ("Transfer", "timeout_ms"): (PENDING_TIMEOUT,),
+    ("SubscribeEventsRequest", "merchant_id"): (ID_BYTES,),
+    ("SubscribeEventsRequest", "consumer"): (CONSUMER,),
+    ("AckEventsRequest", "consumer"): (CONSUMER,),
+    ("EventCursor", "positions"): (CURSOR_SHARDS,),
 }
 # Request strings bounded by their format instead: the proto must name the format.
 FORMATTED: dict[tuple[str, str], str] = {

@@ -40,6 +40,9 @@ def _consumer(v: Violations, field: str, value: str, *, required: bool) -> str |
 
 def _cursor(v: Violations, field: str, cursor: pb.EventCursor) -> dict[str, int]:
     positions = dict(cursor.positions)
+    if len(positions) > limits.event_cursor_shards_max:
+        v.add(f"{field}.positions", f"must name at most {limits.event_cursor_shards_max} shards")
+        return {}
     for name, position in positions.items():
         if position < 0:
             v.add(f"{field}.positions[{name[:64]!r}]", "must be 0 or more")

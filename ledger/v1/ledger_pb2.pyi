@@ -2094,7 +2094,7 @@ class EventCursor(_message.Message):
     POSITIONS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def positions(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
-        """Shard name -> position."""
+        """Shard name -> position; at most 64 shards."""
 
     def __init__(
         self,
@@ -2377,8 +2377,8 @@ class SubscribeEventsRequest(_message.Message):
     from_now: _builtins.bool
     """Only events from now on, for shards not named in `after`."""
     merchant_id: _builtins.str
-    """Only events touching this merchant (optional; required for a token
-    limited to merchants).
+    """Only events touching this merchant (optional, 1 to 128 bytes; required
+    for a token limited to merchants).
     """
     consumer: _builtins.str
     """A registered consumer's name (optional, 1 to 128 bytes): registering keeps
