@@ -80,6 +80,10 @@ EXPECTED_SCOPES = {
     ADMIN_SERVICE + "RetrySaga": ADMIN,
     ADMIN_SERVICE + "ResolveSaga": ADMIN,
     ADMIN_SERVICE + "ListTransfersByTrace": ADMIN,
+    # Spending controls (issue 21): a merchant's own service cannot raise its limits.
+    ADMIN_SERVICE + "SetAccountLimits": ADMIN,
+    ADMIN_SERVICE + "GetAccountLimits": ADMIN,
+    ADMIN_SERVICE + "ListMonitorCrossings": ADMIN,
 }
 METHODS = sorted(EXPECTED_SCOPES)
 # The token with every scope but the key, and the token with only the key.

@@ -1,7 +1,8 @@
 """Hypothesis-generated bad input against the live server, over a real gRPC channel.
 
 Every RPC of LedgerService and the read calls of LedgerAdminService (ListSagas, GetSaga,
-ListTransfersByTrace) get generated requests: int64/int32 extremes, negative and zero values,
+ListTransfersByTrace, GetAccountLimits, ListMonitorCrossings) and its SetAccountLimits get
+generated requests: int64/int32 extremes, negative and zero values,
 batches over their limits, enum values no version of the proto defines (proto3 enums are open,
 so any int32 goes on the wire), empty, oversized and control-character strings, non-BMP text,
 metadata maps over every limit, page tokens and timestamps of every shape. For every answer:
@@ -91,8 +92,24 @@ ALLOWED: dict[str, frozenset[Code]] = {
     "ListSagas": frozenset({OK, INVALID}),
     "GetSaga": frozenset({OK, INVALID, Code.NOT_FOUND}),
     "ListTransfersByTrace": frozenset({OK, INVALID}),
+    # Spending controls: no account (NOT_FOUND), a flag the balances break or a monitor id in
+    # use (FAILED_PRECONDITION), a change id reused with other content (ALREADY_EXISTS).
+    "SetAccountLimits": frozenset(
+        {OK, INVALID, Code.NOT_FOUND, Code.FAILED_PRECONDITION, Code.ALREADY_EXISTS}
+    ),
+    "GetAccountLimits": frozenset({OK, INVALID, Code.NOT_FOUND}),
+    "ListMonitorCrossings": frozenset({OK, INVALID}),
 }
-ADMIN_METHODS = frozenset({"ListSagas", "GetSaga", "ListTransfersByTrace"})
+ADMIN_METHODS = frozenset(
+    {
+        "ListSagas",
+        "GetSaga",
+        "ListTransfersByTrace",
+        "SetAccountLimits",
+        "GetAccountLimits",
+        "ListMonitorCrossings",
+    }
+)
 SERVICES = {
     name: pb.DESCRIPTOR.services_by_name[name] for name in ("LedgerService", "LedgerAdminService")
 }
@@ -122,6 +139,8 @@ FRESH_A, FRESH_B = "\ue000fresh-a", "\ue000fresh-b"
 BOOKS_A, BOOKS_B = "\ue000books-a", "\ue000books-b"
 FRESH_IDS = ("\ue000id-1", "\ue000id-2", "\ue000id-3")
 BOOKS_ACCOUNTS = ("cash", "wallet", "jpy", "strict")
+# The books' account whose limits SetAccountLimits' examples change (no other example names it).
+LIMITED_ACCOUNT = "limited"
 
 
 # Strategies.
@@ -497,6 +516,53 @@ REQUESTS: dict[str, st.SearchStrategy[Any]] = {
     "ListTransfersByTrace": st.builds(
         pb.ListTransfersByTraceRequest, trace_id=TRACE_ID, page_size=PAGE_SIZE
     ),
+    "SetAccountLimits": st.builds(
+        pb.SetAccountLimitsRequest,
+        account=mostly(
+            st.builds(
+                pb.AccountRef,
+                merchant_id=st.sampled_from([BOOKS_A, BOOKS_B, FRESH_A]),
+                account_id=st.just(LIMITED_ACCOUNT),
+            ),
+            st.one_of(st.none(), st.builds(pb.AccountRef, merchant_id=TEXT, account_id=TEXT)),
+        ),
+        change_id=TRANSFER_ID,
+        limits=st.builds(
+            pb.AccountLimits,
+            debits_must_not_exceed_credits=st.booleans(),
+            credits_must_not_exceed_debits=st.booleans(),
+            velocity_rules=st.lists(
+                st.builds(
+                    pb.VelocityRule,
+                    rule_id=TRANSFER_ID,
+                    direction=ENUM_FIELD,
+                    metric=ENUM_FIELD,
+                    window_s=mostly(st.integers(1, 100_000), INT64),
+                    limit=mostly(st.integers(0, 1000), INT64),
+                ),
+                max_size=10,
+            ),
+            monitors=st.lists(
+                st.builds(
+                    pb.BalanceMonitor,
+                    monitor_id=TRANSFER_ID,
+                    balance=ENUM_FIELD,
+                    threshold_minor=INT64,
+                ),
+                max_size=10,
+            ),
+        ),
+        reason=mostly(st.just("fuzzed"), TEXT),
+    ),
+    "GetAccountLimits": st.builds(
+        pb.GetAccountLimitsRequest, account=MAYBE_ACCOUNT_REF, page_size=PAGE_SIZE
+    ),
+    "ListMonitorCrossings": st.builds(
+        pb.ListMonitorCrossingsRequest,
+        merchant_id=MERCHANT,
+        after_sequence=mostly(st.integers(0, 10), INT64),
+        page_size=PAGE_SIZE,
+    ),
 }
 assert set(REQUESTS) == set(ALLOWED)
 
@@ -520,6 +586,8 @@ async def books(service: Service) -> AsyncIterator[Books]:
             account(m, "wallet"),
             account(m, "jpy", "JPY"),
             account(m, "strict", no_overdraft=True),
+            # Only SetAccountLimits' examples name it: limits they set stop no other test.
+            account(m, LIMITED_ACCOUNT),
         )
     results = await transfers(
         service.stub,
@@ -732,6 +800,9 @@ test_set_accounts_closed_never_fails_internally = _rpc_test("SetAccountsClosed",
 test_admin_list_sagas_never_fails_internally = _rpc_test("ListSagas", 40)
 test_admin_get_saga_never_fails_internally = _rpc_test("GetSaga", 40)
 test_admin_list_transfers_by_trace_never_fails_internally = _rpc_test("ListTransfersByTrace", 40)
+test_admin_get_account_limits_never_fails_internally = _rpc_test("GetAccountLimits", 40)
+test_admin_list_monitor_crossings_never_fails_internally = _rpc_test("ListMonitorCrossings", 40)
+test_admin_set_account_limits_never_fails_internally = _rpc_test("SetAccountLimits", 80)
 
 
 # Found by the fuzzing, kept as fixed cases: the proto limits metadata by size only, so text with

@@ -58,10 +58,10 @@ def advanced(account: Account, state: AccountState) -> Account:
     )
 
 
-def with_velocity(account: Account, adds: Sequence[VelocityAdd]) -> Account:
-    """The account after a plan's velocity adds, for applying a further plan to it in
-    the same transaction (its loaded usage then includes them)."""
-    mine = [v for v in adds if v.account == account.key]
+def with_velocity(account: Account, mine: Sequence[VelocityAdd]) -> Account:
+    """The account after a plan's velocity adds to it, for applying a further plan to
+    it in the same transaction (its loaded usage then includes them)."""
+    invariant(all(v.account == account.key for v in mine), "the account's own adds")
     if not mine or account.velocity_used is None:
         return account
     used = dict(account.velocity_used)

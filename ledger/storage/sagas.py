@@ -1191,8 +1191,13 @@ class _Books:
         velocity: Sequence[VelocityAdd] = (),
     ) -> None:
         self.entries += entries
+        by_account: dict[AccountKey, list[VelocityAdd]] = {}
+        for v in velocity:
+            by_account.setdefault(v.account, []).append(v)
         for key, state in states.items():
-            self.accounts[key] = with_velocity(advanced(self.accounts[key], state), velocity)
+            self.accounts[key] = with_velocity(
+                advanced(self.accounts[key], state), by_account.get(key, [])
+            )
             self.changed[key] = state
         self.resolutions += resolutions
         self.velocity += velocity
