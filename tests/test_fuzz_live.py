@@ -41,6 +41,7 @@ What the wire allows, and what never reaches the server:
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import operator
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
@@ -99,6 +100,10 @@ ALLOWED: dict[str, frozenset[Code]] = {
     ),
     "GetAccountLimits": frozenset({OK, INVALID, Code.NOT_FOUND}),
     "ListMonitorCrossings": frozenset({OK, INVALID}),
+    # The event stream: a cursor before what a shard keeps (OUT_OF_RANGE), a consumer
+    # that lapsed (FAILED_PRECONDITION; none here).
+    "SubscribeEvents": frozenset({OK, INVALID, Code.OUT_OF_RANGE}),
+    "AckEvents": frozenset({OK, INVALID}),
 }
 ADMIN_METHODS = frozenset(
     {
@@ -456,6 +461,16 @@ TRACE_ID = mostly(
 )
 PAGE_SIZE = mostly(st.integers(0, 5), INT32)
 
+# Shard names this cluster has, and others; positions from the start to far ahead.
+EVENT_CURSOR = st.builds(
+    pb.EventCursor,
+    positions=st.dictionaries(
+        mostly(st.sampled_from(["shard-a", "shard-b", "shard-c"]), TEXT),
+        mostly(st.integers(0, 50), INT64),
+        max_size=4,
+    ),
+)
+
 REQUESTS: dict[str, st.SearchStrategy[Any]] = {
     "CreateAccounts": st.builds(
         pb.CreateAccountsRequest,
@@ -562,6 +577,19 @@ REQUESTS: dict[str, st.SearchStrategy[Any]] = {
         merchant_id=MERCHANT,
         after_sequence=mostly(st.integers(0, 10), INT64),
         page_size=PAGE_SIZE,
+    ),
+    "SubscribeEvents": st.builds(
+        pb.SubscribeEventsRequest,
+        after=EVENT_CURSOR,
+        from_now=st.booleans(),
+        merchant_id=st.one_of(st.just(""), MERCHANT),
+        account=MAYBE_ACCOUNT_REF,
+        consumer=st.one_of(st.just(""), st.just("fuzz"), TEXT),
+    ),
+    "AckEvents": st.builds(
+        pb.AckEventsRequest,
+        consumer=st.one_of(st.just("fuzz"), TEXT),
+        cursor=EVENT_CURSOR,
     ),
 }
 assert set(REQUESTS) == set(ALLOWED)
@@ -685,9 +713,27 @@ async def call(service: Service, method: str, request: Message) -> tuple[Code, A
     """Sends request; returns (status code, the response or the AioRpcError)."""
     stub: Any = admin_stub(service) if method in ADMIN_METHODS else service.stub
     try:
+        if method == "SubscribeEvents":
+            return OK, await _first_event(stub.SubscribeEvents(request, timeout=RPC_TIMEOUT_S))
         return OK, await getattr(stub, method)(request, timeout=RPC_TIMEOUT_S)
     except grpc.aio.AioRpcError as error:
         return error.code(), error
+
+
+# A subscription that is admitted and has no event yet is left after this long.
+FIRST_EVENT_WAIT_S = 0.5
+
+
+async def _first_event(stream: Any) -> Any:
+    """The stream's first event, or None if it has none yet (a subscription from now
+    waits for new events): an admitted subscription answers its first read or waits."""
+    try:
+        async with asyncio.timeout(FIRST_EVENT_WAIT_S):
+            return await stream.read()
+    except TimeoutError:
+        return None
+    finally:
+        stream.cancel()
 
 
 def assert_well_formed_refusal(method: str, error: grpc.aio.AioRpcError) -> None:
@@ -803,6 +849,8 @@ test_admin_list_transfers_by_trace_never_fails_internally = _rpc_test("ListTrans
 test_admin_get_account_limits_never_fails_internally = _rpc_test("GetAccountLimits", 40)
 test_admin_list_monitor_crossings_never_fails_internally = _rpc_test("ListMonitorCrossings", 40)
 test_admin_set_account_limits_never_fails_internally = _rpc_test("SetAccountLimits", 80)
+test_subscribe_events_never_fails_internally = _rpc_test("SubscribeEvents", 60)
+test_ack_events_never_fails_internally = _rpc_test("AckEvents", 40)
 
 
 # Found by the fuzzing, kept as fixed cases: the proto limits metadata by size only, so text with

@@ -17,7 +17,7 @@ from ledger import limits
 from ledger.api import encode
 from ledger.api.auth import require_merchants, require_unrestricted
 from ledger.api.decode import Violations, account_ref
-from ledger.api.status import AbortError, unavailable, with_reason
+from ledger.api.status import AbortError, invalid_argument, unavailable, with_reason
 from ledger.core.event_feed import EventFeed, EventsPruned, Subscription, UnknownShard
 from ledger.storage.errors import ShardUnavailable
 from ledger.storage.events import ConsumerLapsed, EventRow, EventStore
@@ -217,8 +217,8 @@ def _refusal(error: Exception) -> AbortError:
             position=str(error.position),
         )
     if isinstance(error, UnknownShard):
-        return with_reason(
-            grpc.StatusCode.INVALID_ARGUMENT, "UNKNOWN_SHARD", str(error), shard=error.shard
+        return invalid_argument(
+            [(f"after.positions[{error.shard[:64]!r}]", "names no shard of this cluster")]
         )
     assert isinstance(error, ShardUnavailable)
     return unavailable(str(error))
