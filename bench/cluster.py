@@ -417,7 +417,10 @@ async def create_raw_tables(workload: Workload) -> None:
         try:
             async with connection.transaction():
                 await connection.execute(raw_sql.DROP_TABLES)
+                await connection.execute(raw_sql.DROP_PGBENCH_MERCHANTS)
                 await connection.execute(raw_sql.CREATE_TABLES)
+                await connection.execute(raw_sql.CREATE_PGBENCH_MERCHANTS)
+                await connection.execute(raw_sql.INSERT_PGBENCH_MERCHANTS, mine)
                 await connection.execute(
                     raw_sql.INSERT_ACCOUNTS,
                     [m for m in mine for _ in ACCOUNT_IDS],
@@ -426,7 +429,9 @@ async def create_raw_tables(workload: Workload) -> None:
                 )
             # The service's tables get analysed by autovacuum as they grow; the
             # baseline starts with statistics too.
-            await connection.execute("ANALYZE bench_accounts, accounts")
+            await connection.execute(
+                f"ANALYZE bench_accounts, {raw_sql.PGBENCH_MERCHANTS_TABLE}, accounts"
+            )
         finally:
             await connection.close()
 
@@ -436,6 +441,7 @@ async def drop_raw_tables(dsns: Iterable[str]) -> None:
         connection = await asyncpg.connect(dsn, timeout=SETUP_CALL_TIMEOUT_S)
         try:
             await connection.execute(raw_sql.DROP_TABLES)
+            await connection.execute(raw_sql.DROP_PGBENCH_MERCHANTS)
         finally:
             await connection.close()
 
