@@ -117,8 +117,9 @@ async def _raise_max_wal_size(dsn: str) -> None:
 class ServiceProcess:
     """`python -m ledger.cli serve` on the shards; its log goes to log_path."""
 
-    def __init__(self, config_path: Path, log_path: Path) -> None:
+    def __init__(self, config_path: Path, log_path: Path, *, workers: int = 1) -> None:
         self.config_path = config_path
+        self.workers = workers
         self.log_path = log_path
         self.process: subprocess.Popen[bytes] | None = None
         self.target = ""
@@ -135,7 +136,7 @@ class ServiceProcess:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         log = self.log_path.open("wb")
         self.process = subprocess.Popen(
-            serve_command(self.config_path),
+            serve_command(self.config_path, workers=self.workers),
             cwd=ROOT,
             env=env,
             stdin=subprocess.DEVNULL,

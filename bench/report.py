@@ -138,6 +138,7 @@ def render_table(report: Mapping[str, Any]) -> str:
     lines = [
         f"ledger bench ({report['run_mode']}): {settings['merchants']} merchants, "
         f"{settings['concurrency']} callers in {settings['clients']} client processes, "
+        f"service workers {settings.get('workers', 1)}, "
         f"batch {settings['batch_size']}, {settings['duration_s']:g} s per mode "
         f"(+{settings['warmup_s']:g} s warm-up), shards: {', '.join(settings['shards'])}"
         + (f", median of {settings['rounds']} rounds" if settings.get("rounds", 1) > 1 else ""),
@@ -243,6 +244,7 @@ def write_chart(report: Mapping[str, Any], path: Path) -> None:
     figure.suptitle(
         f"ledger bench ({report['run_mode']}): C={settings['concurrency']}, "
         f"B={settings['batch_size']}, K={settings['clients']}, "
+        f"workers={settings.get('workers', 1)}, "
         f"{settings['duration_s']:g} s per mode; service peak RSS "
         f"{report['service']['rss_mb_peak']:.0f} MB"
     )

@@ -63,6 +63,10 @@ class Profile:
     concurrency: int
     batch_size: int
     clients: int
+    # `ledger serve --workers`: service processes on the one port.
+    workers: int = 1
+    # gRPC connections per client process (0: one per caller).
+    connections: int = 0
 
 
 PROFILES = {
@@ -106,6 +110,14 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     parser.add_argument("--concurrency", type=int, help="concurrent callers in total")
     parser.add_argument("--batch-size", type=int, help="transfers per call in batch modes")
     parser.add_argument("--clients", type=int, help="client processes")
+    parser.add_argument(
+        "--workers", type=int, help="service processes on the one port (ledger serve --workers)"
+    )
+    parser.add_argument(
+        "--connections",
+        type=int,
+        help="gRPC connections per client process, callers spread over them (0: one per caller)",
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT_DIR, help="results directory")
     parser.add_argument(
         "--config", type=Path, help="shard config of existing shards (default: a temporary cluster)"
@@ -136,6 +148,8 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         concurrency=args.concurrency if args.concurrency is not None else base.concurrency,
         batch_size=args.batch_size if args.batch_size is not None else base.batch_size,
         clients=args.clients if args.clients is not None else base.clients,
+        workers=args.workers if args.workers is not None else base.workers,
+        connections=args.connections if args.connections is not None else base.connections,
     )
     problems = []
     if profile.duration_s <= 0 or profile.warmup_s < 0:
@@ -144,6 +158,8 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         problems.append("need --clients >= 1 and --concurrency >= --clients")
     if not 1 <= profile.batch_size <= 1000:
         problems.append("--batch-size must be 1 to 1000 (the service's per-call limit)")
+    if not 1 <= profile.workers <= 64 or profile.connections < 0:
+        problems.append("--workers must be 1 to 64 and --connections >= 0")
     if profile.merchants < 2:
         problems.append("--merchants must be at least 2")
     modes: tuple[str, ...] = tuple(
@@ -248,6 +264,7 @@ def worker_specs(target: str, workload: Workload, profile: Profile) -> list[Work
                 target=target,
                 workload=workload,
                 seed=index + 1,
+                connections=profile.connections or callers,
             )
         )
         offset += callers
@@ -271,7 +288,7 @@ def run(options: Options) -> dict[str, Any]:
             shards = cluster.existing_shards(options.config_path)
         stack.callback(shards.close)
         log_path = options.out_dir / "service.log"
-        service = cluster.ServiceProcess(shards.config_path, log_path)
+        service = cluster.ServiceProcess(shards.config_path, log_path, workers=profile.workers)
         stack.callback(service.stop)
         target = service.start()
         print(f"service pid {service.pid} serving on {target} (log {log_path})", file=sys.stderr)
@@ -390,6 +407,8 @@ def run(options: Options) -> dict[str, Any]:
             "concurrency": profile.concurrency,
             "batch_size": profile.batch_size,
             "clients": profile.clients,
+            "workers": profile.workers,
+            "connections_per_client": profile.connections,
             "target": str(options.config_path) if options.config_path else "embedded",
             "shards": list(names),
             "rounds": options.rounds,
