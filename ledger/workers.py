@@ -146,7 +146,7 @@ async def supervise(
     extra_args: Sequence[str] = (),
 ) -> int:
     """Runs count workers on listen until SIGINT/SIGTERM or a worker's death; returns
-    the exit code (0 after a requested stop, 1 if a worker died or none served)."""
+    the exit code (0 after a requested stop, 1 if a worker died or did not start)."""
     reserved, address = reserve_port(listen)
     workers: list[_Worker] = []
     ready_r, ready_w = os.pipe()
@@ -198,7 +198,8 @@ async def supervise(
                 served = False
         log.info("stopping %d workers", count)
         await _stop_all(workers)
-        return 0 if served else 1
+        # A stop asked for while the workers were starting is a clean stop too.
+        return 0 if served or stop.is_set() else 1
     finally:
         for worker in workers:
             if worker.process.returncode is None:

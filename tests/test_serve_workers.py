@@ -198,6 +198,24 @@ async def test_two_workers_share_one_port_both_take_calls_and_sigterm_stops_both
         assert log.count("stopping: letting in-flight calls finish") == 2, log
 
 
+@pytest.mark.timeout(180)
+async def test_a_dead_worker_stops_the_replica_with_an_error(
+    pg_server: EmbeddedPostgres, tmp_path: Path
+) -> None:
+    """The replica is restarted whole by whatever runs it, rather than serving on
+    with part of its workers."""
+    specs = fresh_databases(pg_server, SHARD_NAMES)
+    config_path = write_config(tmp_path / "shards.toml", ShardConfig(epoch=1, shards=tuple(specs)))
+    async with serve_two_workers(config_path) as workers:
+        os.kill(workers.worker_pids[1], signal.SIGKILL)
+        code = await asyncio.wait_for(workers.process.wait(), SERVE_EXIT_DEADLINE_S)
+        assert code == 1, workers.log()
+        assert not _alive(workers.worker_pids[0]), workers.log()
+        assert workers.drain is not None
+        await asyncio.wait_for(workers.drain, SERVE_EXIT_DEADLINE_S)
+        assert "worker 1 (pid" in workers.log() and "stopping the others" in workers.log()
+
+
 def test_each_worker_gets_its_own_metrics_port_and_a_share_of_each_pool() -> None:
     assert metrics_listen_of("127.0.0.1:9464", 0) == "127.0.0.1:9464"
     assert metrics_listen_of("127.0.0.1:9464", 3) == "127.0.0.1:9467"
