@@ -39,13 +39,15 @@ HALF_PEAK_FRACTION = 0.5
 # (the latency floor the service's tail is compared with).
 HALF_PEAK_MODES = ("raw_half_peak", "single_half_peak")
 
-# Issue 6's targets on the 2-core development machine. Shown beside the
-# figures for reading; the benchmark never fails on them.
+# Issue 18's targets (issue 6's were 0.6, 0.75, 0.4 and a p99 under 10 ms).
+# Shown beside the figures for reading; the benchmark never fails on them.
 TARGETS = {
-    "single_vs_raw_single_min": 0.6,
+    "single_vs_raw_single_min": 0.8,
     "batch_vs_raw_batch_min": 0.75,
-    "cross_vs_single_min": 0.4,
-    "single_half_peak_p99_ms_max": 10.0,
+    "cross_vs_single_min": 0.5,
+    # At half the peak rate, the service's p99 against PostgreSQL's own p99 for
+    # the same writes offered at the same rate (raw_half_peak).
+    "single_half_peak_p99_vs_raw_max": 2.0,
     "service_rss_mb_max": 300.0,
 }
 _TARGET_OF_RATIO = {
@@ -162,9 +164,11 @@ def render_table(report: Mapping[str, Any]) -> str:
                         f"{r:.2f}" for r in m["ratio_pgbench_rounds"]
                     )
         elif mode == "single_half_peak":
-            ratio = (
-                f"at {m['target_rate_per_s']:,.0f}/s offered "
-                f"(p99 target < {TARGETS['single_half_peak_p99_ms_max']:g} ms)"
+            ratio = f"at {m['target_rate_per_s']:,.0f}/s offered (p99 target <= " + (
+                f"{TARGETS['single_half_peak_p99_vs_raw_max']:g}x raw_half_peak's "
+                f"{modes['raw_half_peak']['latency_ms']['p99']:.1f} ms)"
+                if "raw_half_peak" in modes
+                else f"{TARGETS['single_half_peak_p99_vs_raw_max']:g}x raw_half_peak's)"
             )
         elif mode == "raw_half_peak":
             ratio = f"at {m['target_rate_per_s']:,.0f}/s offered: PostgreSQL alone"
