@@ -22,6 +22,9 @@ finish) before it stops PostgreSQL. If a worker dies, the parent stops the rest
 and exits 1: the replica is restarted whole by whatever runs it, rather than
 serving on in part.
 
+Keys a lone process would make at random (page tokens, pseudonyms) are made
+once by the parent when unset and shared by its workers.
+
 Each worker's metrics are its own: with LEDGER_METRICS_LISTEN host:P worker i
 serves them on host:P+i (port 0: each picks one and logs it), so Prometheus
 scrapes N targets and sums them, as it does for replicas.
@@ -32,14 +35,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 import signal
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from ledger import limits
+from ledger.telemetry.pseudonym import PSEUDONYM_KEY_ENV
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +55,7 @@ WORKER_INDEX_ENV = "LEDGER_WORKER_INDEX"
 WORKER_COUNT_ENV = "LEDGER_WORKER_COUNT"
 WORKER_READY_FD_ENV = "LEDGER_WORKER_READY_FD"
 WORKER_LIFELINE_FD_ENV = "LEDGER_WORKER_LIFELINE_FD"
+PAGE_TOKEN_KEY_ENV = "LEDGER_PAGE_TOKEN_KEY"
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +154,7 @@ async def supervise(
     """Runs count workers on listen until SIGINT/SIGTERM or a worker's death; returns
     the exit code (0 after a requested stop, 1 if a worker died or did not start)."""
     reserved, address = reserve_port(listen)
+    shared = _replica_keys(os.environ)
     workers: list[_Worker] = []
     ready_r, ready_w = os.pipe()
     stop = asyncio.Event()
@@ -164,6 +171,7 @@ async def supervise(
                 WORKER_COUNT_ENV: str(count),
                 WORKER_READY_FD_ENV: str(ready_w),
                 WORKER_LIFELINE_FD_ENV: str(lifeline_r),
+                **shared,
                 "LEDGER_METRICS_LISTEN": metrics_listen_of(metrics_listen, index),
             }
             process = await asyncio.create_subprocess_exec(
@@ -210,6 +218,21 @@ async def supervise(
         if ready_w >= 0:
             os.close(ready_w)
         reserved.close()
+
+
+def _replica_keys(env: Mapping[str, str]) -> dict[str, str]:
+    """Keys a process makes at random when they are not set, made once here so that
+    every worker of the replica uses the same: a page token from one worker is
+    then valid on the others (a client's next connection may reach another), and
+    a merchant has one pseudonym in all of the replica's telemetry."""
+    keys = {}
+    for name in (PAGE_TOKEN_KEY_ENV, PSEUDONYM_KEY_ENV):
+        if not env.get(name):
+            log.warning(
+                "%s is not set: the workers share a random key made for this replica", name
+            )
+            keys[name] = secrets.token_hex(32)
+    return keys
 
 
 async def _wait_ready(ready_r: int, workers: list[_Worker], stop: asyncio.Event) -> bool:

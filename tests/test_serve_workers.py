@@ -24,6 +24,7 @@ import pytest
 
 from ledger.embedded.postgres import EmbeddedPostgres
 from ledger.routing.config import ShardConfig
+from ledger.v1 import ledger_pb2 as pb
 from ledger.v1 import ledger_pb2_grpc
 from ledger.workers import metrics_listen_of, pool_share
 from tests.support import (
@@ -184,6 +185,20 @@ async def test_two_workers_share_one_port_both_take_calls_and_sigterm_stops_both
                 stub = ledger_pb2_grpc.LedgerServiceStub(channel)
                 cash = await balance(stub, merchant, "cash")
                 assert cash.debits_posted == len(channels)
+            # A page token one worker signed is good on every connection, so on both
+            # workers (they share the key the parent made: none was configured).
+            first = await ledger_pb2_grpc.LedgerServiceStub(channels[0]).ListAccounts(
+                pb.ListAccountsRequest(merchant_id=merchant, page_size=1), timeout=RPC_TIMEOUT_S
+            )
+            assert [a.ref.account_id for a in first.accounts] == ["cash"]
+            for channel in channels:
+                rest = await ledger_pb2_grpc.LedgerServiceStub(channel).ListAccounts(
+                    pb.ListAccountsRequest(
+                        merchant_id=merchant, page_size=1, page_token=first.next_page_token
+                    ),
+                    timeout=RPC_TIMEOUT_S,
+                )
+                assert [a.ref.account_id for a in rest.accounts] == ["sales"]
         finally:
             for channel in channels:
                 await channel.close()
