@@ -117,8 +117,9 @@ async def _raise_max_wal_size(dsn: str) -> None:
 class ServiceProcess:
     """`python -m ledger.cli serve` on the shards; its log goes to log_path."""
 
-    def __init__(self, config_path: Path, log_path: Path) -> None:
+    def __init__(self, config_path: Path, log_path: Path, *, workers: int = 1) -> None:
         self.config_path = config_path
+        self.workers = workers
         self.log_path = log_path
         self.process: subprocess.Popen[bytes] | None = None
         self.target = ""
@@ -135,7 +136,7 @@ class ServiceProcess:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         log = self.log_path.open("wb")
         self.process = subprocess.Popen(
-            serve_command(self.config_path),
+            serve_command(self.config_path, workers=self.workers),
             cwd=ROOT,
             env=env,
             stdin=subprocess.DEVNULL,
@@ -462,7 +463,10 @@ async def create_raw_tables(workload: Workload) -> None:
         try:
             async with connection.transaction():
                 await connection.execute(raw_sql.DROP_TABLES)
+                await connection.execute(raw_sql.DROP_PGBENCH_MERCHANTS)
                 await connection.execute(raw_sql.CREATE_TABLES)
+                await connection.execute(raw_sql.CREATE_PGBENCH_MERCHANTS)
+                await connection.execute(raw_sql.INSERT_PGBENCH_MERCHANTS, mine)
                 await connection.execute(
                     raw_sql.INSERT_ACCOUNTS,
                     [m for m in mine for _ in ACCOUNT_IDS],
@@ -471,7 +475,9 @@ async def create_raw_tables(workload: Workload) -> None:
                 )
             # The service's tables get analysed by autovacuum as they grow; the
             # baseline starts with statistics too.
-            await connection.execute("ANALYZE bench_accounts, accounts")
+            await connection.execute(
+                f"ANALYZE bench_accounts, {raw_sql.PGBENCH_MERCHANTS_TABLE}, accounts"
+            )
         finally:
             await connection.close()
 
@@ -481,6 +487,7 @@ async def drop_raw_tables(dsns: Iterable[str]) -> None:
         connection = await asyncpg.connect(dsn, timeout=SETUP_CALL_TIMEOUT_S)
         try:
             await connection.execute(raw_sql.DROP_TABLES)
+            await connection.execute(raw_sql.DROP_PGBENCH_MERCHANTS)
         finally:
             await connection.close()
 

@@ -40,6 +40,11 @@ BATCH_CALLS_DIVISOR = 20
 IDLE_MEASURE_S = 5.0
 
 
+def _tree_cpu_s(pid: int) -> float:
+    """CPU seconds of the service: its process and, with --workers, its workers."""
+    return sum(cluster.cpu_s(p) for p in cluster.process_tree(pid))
+
+
 async def _measure(
     stub: ledger_pb2_grpc.LedgerServiceAsyncStub,
     pick: object,
@@ -56,7 +61,7 @@ async def _measure(
             return 0.0
         return sum(cluster.cpu_s(p) for p in cluster.process_tree(postgres_pid))
 
-    service_before, postgres_before = cluster.cpu_s(service_pid), postgres_s()
+    service_before, postgres_before = _tree_cpu_s(service_pid), postgres_s()
     transfers = 0
     for _ in range(calls):
         _, specs = pick()
@@ -69,7 +74,7 @@ async def _measure(
             raise RuntimeError(f"transfers not applied: {bad[:3]}")
         transfers += len(specs)
     return (
-        cluster.cpu_s(service_pid) - service_before,
+        _tree_cpu_s(service_pid) - service_before,
         postgres_s() - postgres_before,
         transfers,
     )
@@ -103,18 +108,18 @@ async def _run(
     postgres_pid = cluster.postmaster_pid(shards)
     # Background work (sweepers, recovery polls, config watch) costs CPU with no
     # calls at all; shown so that it is not mistaken for per-call cost.
-    idle_before = cluster.cpu_s(service.pid)
+    idle_before = _tree_cpu_s(service.pid)
     await asyncio.sleep(IDLE_MEASURE_S)
-    idle_ms_per_s = 1e3 * (cluster.cpu_s(service.pid) - idle_before) / IDLE_MEASURE_S
+    idle_ms_per_s = 1e3 * (_tree_cpu_s(service.pid) - idle_before) / IDLE_MEASURE_S
     print(f"idle    service {idle_ms_per_s:.1f} ms CPU per s", flush=True)
     async with grpc.aio.insecure_channel(target) as channel:
         stub = ledger_pb2_grpc.LedgerServiceStub(channel)
         # The floor: a health check passes the same server and interceptors, no ledger work.
         health = health_pb2_grpc.HealthStub(channel)
-        before = cluster.cpu_s(service.pid)
+        before = _tree_cpu_s(service.pid)
         for _ in range(calls):
             await health.Check(health_pb2.HealthCheckRequest(), timeout=CALL_TIMEOUT_S)
-        floor_us = 1e6 * (cluster.cpu_s(service.pid) - before) / calls
+        floor_us = 1e6 * (_tree_cpu_s(service.pid) - before) / calls
         print(f"health  {calls:>6} calls  service {floor_us:>8.0f} us/call", flush=True)
         for name, pick, count in (
             ("single", picker.local_single, calls),
@@ -148,9 +153,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="three velocity rules (never refusing) on every account: their cost",
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="service processes (ledger serve --workers); one caller's one connection "
+        "reaches one of them, so this shows what idle workers cost",
+    )
     args = parser.parse_args(argv)
     shards = cluster.start_embedded_shards()
-    service = cluster.ServiceProcess(shards.config_path, shards.config_path.parent / "svc.log")
+    service = cluster.ServiceProcess(
+        shards.config_path, shards.config_path.parent / "svc.log", workers=args.workers
+    )
     try:
         service.start()
         asyncio.run(

@@ -164,3 +164,86 @@ SELECT (SELECT count(*) FROM new_transfers) AS transfers,
        (SELECT count(*) FROM new_entries) AS entries,
        (SELECT count(*) FROM updated_accounts) AS accounts
 """
+
+# pgbench (the C client that ships with PostgreSQL) drives the same writes, so a
+# Python client's own cost never flatters a ratio (bench/pgbench.py). pgbench
+# cannot hash or do arithmetic on rows it read, so its first statement does in
+# SQL what the asyncpg raw client does in Python between its two statements:
+# pick the merchants, lock the accounts (LOCK_ACCOUNTS's rows, order and FOR
+# UPDATE), compute the entries with their balances after and one SHA-256 each,
+# and return the three row arrays as text for WRITE_BATCH, sent unchanged.
+# Its transaction is the same four round trips (BEGIN, lock, write, COMMIT).
+# Each entry hashes its account's locked head hash rather than the previous
+# entry of the same batch (a window cannot chain), the same bytes hashed and
+# written per entry.
+PGBENCH_MERCHANTS_TABLE = "bench_pgbench_merchants"
+DROP_PGBENCH_MERCHANTS = "DROP TABLE IF EXISTS bench_pgbench_merchants"
+# The shard's merchants numbered from 0, so pgbench can pick one by number.
+CREATE_PGBENCH_MERCHANTS = """
+CREATE TABLE bench_pgbench_merchants (idx integer PRIMARY KEY, merchant_id text NOT NULL);
+"""
+INSERT_PGBENCH_MERCHANTS = """
+INSERT INTO bench_pgbench_merchants (idx, merchant_id)
+SELECT i - 1, m FROM unnest($1::text[]) WITH ORDINALITY AS u(m, i)
+"""
+
+# pgbench variables: :batch transfers per transaction over the merchants
+# numbered :first, :first + :stride, ... (:slots of them); :seq and :client_id
+# make transfer ids unique in the run (:prefix).
+PGBENCH_PICK_AND_LOCK = """
+WITH picks AS MATERIALIZED (
+    SELECT g AS k, (:first + :stride * floor(random() * :slots))::integer AS idx,
+           1 + floor(random() * 1000)::bigint AS amount_minor
+    FROM generate_series(1, :batch) AS g
+), transfers AS MATERIALIZED (
+    SELECT p.k, m.merchant_id, p.amount_minor,
+           (ARRAY['cash', 'sales'])[1 + (:seq + p.k) % 2] AS debit_account_id,
+           (ARRAY['sales', 'cash'])[1 + (:seq + p.k) % 2] AS credit_account_id,
+           :prefix || '-' || :client_id || '-' || (:seq + p.k) AS transfer_id
+    FROM picks AS p JOIN bench_pgbench_merchants AS m USING (idx)
+), locked AS MATERIALIZED (
+    SELECT merchant_id, account_id, currency, debits_must_not_exceed_credits,
+           credits_must_not_exceed_debits, closed, metadata, debits_posted, credits_posted,
+           debits_pending, credits_pending, entry_count, created_at, entry_hash
+    FROM bench_accounts
+    WHERE (merchant_id, account_id) IN (
+        SELECT merchant_id, debit_account_id FROM transfers
+        UNION SELECT merchant_id, credit_account_id FROM transfers)
+    ORDER BY merchant_id COLLATE "C", account_id COLLATE "C"
+    FOR UPDATE
+), legs AS (
+    SELECT k, merchant_id, debit_account_id AS account_id, transfer_id,
+           1::smallint AS direction, amount_minor FROM transfers
+    UNION ALL
+    SELECT k, merchant_id, credit_account_id, transfer_id, 2::smallint, amount_minor
+    FROM transfers
+), entries AS (
+    SELECT l.*, a.entry_hash AS head_hash,
+           a.entry_count + row_number() OVER w AS sequence,
+           a.debits_posted
+               + coalesce(sum(l.amount_minor) FILTER (WHERE l.direction = 1) OVER w, 0)
+               AS debits_posted,
+           a.credits_posted
+               + coalesce(sum(l.amount_minor) FILTER (WHERE l.direction = 2) OVER w, 0)
+               AS credits_posted
+    FROM legs AS l JOIN locked AS a USING (merchant_id, account_id)
+    WINDOW w AS (PARTITION BY l.merchant_id, l.account_id ORDER BY l.k)
+), hashed AS MATERIALIZED (
+    SELECT e.*, sha256(e.head_hash || convert_to(concat_ws(E'\\x1f', e.merchant_id,
+               e.account_id, e.sequence, e.transfer_id, e.debits_posted, e.credits_posted),
+               'UTF8')) AS entry_hash
+    FROM entries AS e
+)
+SELECT
+    (SELECT array_agg(ROW(merchant_id, transfer_id, debit_account_id, merchant_id,
+        credit_account_id, amount_minor)::bench_transfer_row ORDER BY k) FROM transfers)::text
+        AS transfer_rows,
+    (SELECT array_agg(ROW(merchant_id, account_id, sequence, merchant_id, transfer_id,
+        direction, amount_minor, debits_posted, credits_posted,
+        entry_hash)::bench_entry_row) FROM hashed)::text AS entry_rows,
+    (SELECT array_agg(ROW(merchant_id, account_id, debits_posted, credits_posted, sequence,
+        entry_hash)::bench_account_head) FROM (
+            SELECT DISTINCT ON (merchant_id, account_id) * FROM hashed
+            ORDER BY merchant_id, account_id, sequence DESC) AS last)::text AS head_rows,
+    clock_timestamp()::text AS now
+"""

@@ -15,8 +15,10 @@ from bench.worker import PhaseResult
 # mode compared with it, so both see the same table sizes and server state.
 MODES = (
     "raw_single",
+    "pgbench_single",
     "single",
     "raw_batch",
+    "pgbench_batch",
     "batch",
     "cross",
     "raw_half_peak",
@@ -24,19 +26,28 @@ MODES = (
 )
 # Which mode each mode's ratio compares with.
 RATIO_TO = {"single": "raw_single", "batch": "raw_batch", "cross": "single"}
+# The same writes driven by pgbench (bench/pgbench.py): PostgreSQL's limit with
+# no Python client on the machine. Kept beside `ratio` as `ratio_pgbench`.
+RATIO_TO_PGBENCH = {"single": "pgbench_single", "batch": "pgbench_batch"}
+# (mode, base, the key the ratio is kept under in the mode's figures)
+_RATIOS = [(m, b, "ratio") for m, b in RATIO_TO.items()] + [
+    (m, b, "ratio_pgbench") for m, b in RATIO_TO_PGBENCH.items()
+]
 HALF_PEAK_FRACTION = 0.5
 # Modes paced (open loop) to HALF_PEAK_FRACTION of what `single` reached: the
 # service, and raw PostgreSQL doing the same writes at the same offered rate
 # (the latency floor the service's tail is compared with).
 HALF_PEAK_MODES = ("raw_half_peak", "single_half_peak")
 
-# Issue 6's targets on the 2-core development machine. Shown beside the
-# figures for reading; the benchmark never fails on them.
+# Issue 18's targets (issue 6's were 0.6, 0.75, 0.4 and a p99 under 10 ms).
+# Shown beside the figures for reading; the benchmark never fails on them.
 TARGETS = {
-    "single_vs_raw_single_min": 0.6,
+    "single_vs_raw_single_min": 0.8,
     "batch_vs_raw_batch_min": 0.75,
-    "cross_vs_single_min": 0.4,
-    "single_half_peak_p99_ms_max": 10.0,
+    "cross_vs_single_min": 0.5,
+    # At half the peak rate, the service's p99 against PostgreSQL's own p99 for
+    # the same writes offered at the same rate (raw_half_peak).
+    "single_half_peak_p99_vs_raw_max": 2.0,
     "service_rss_mb_max": 300.0,
 }
 _TARGET_OF_RATIO = {
@@ -85,13 +96,13 @@ def summarize(
 def add_ratios(modes: dict[str, dict[str, Any]]) -> dict[str, float]:
     """Sets ratio and ratio_to on the compared modes; returns the ratios by name."""
     ratios = {}
-    for mode, base in RATIO_TO.items():
+    for mode, base, key in _RATIOS:
         if mode not in modes or base not in modes:
             continue
         base_tps = modes[base]["transfers_per_s"]
         ratio = modes[mode]["transfers_per_s"] / base_tps if base_tps > 0 else 0.0
-        modes[mode]["ratio"] = ratio
-        modes[mode]["ratio_to"] = base
+        modes[mode][key] = ratio
+        modes[mode][f"{key}_to"] = base
         ratios[f"{mode}_vs_{base}"] = ratio
     return ratios
 
@@ -111,12 +122,15 @@ def median_rounds(
         # The half-peak modes are judged by their tail, which moves most between rounds.
         modes[mode]["p99_ms_rounds"] = [r[mode]["latency_ms"]["p99"] for r in rounds]
     ratios: dict[str, float] = {}
-    for name in per_round_ratios[0]:
+    for mode, base, key in _RATIOS:
+        name = f"{mode}_vs_{base}"
+        if name not in per_round_ratios[0]:
+            continue
         values = sorted(r[name] for r in per_round_ratios)
         ratios[name] = values[(len(values) - 1) // 2]
-        mode = name.split("_vs_")[0]
-        modes[mode]["ratio"] = ratios[name]
-        modes[mode]["ratio_rounds"] = [r[name] for r in per_round_ratios]
+        modes[mode][key] = ratios[name]
+        modes[mode][f"{key}_to"] = base
+        modes[mode][f"{key}_rounds"] = [r[name] for r in per_round_ratios]
     return modes, ratios
 
 
@@ -126,6 +140,7 @@ def render_table(report: Mapping[str, Any]) -> str:
     lines = [
         f"ledger bench ({report['run_mode']}): {settings['merchants']} merchants, "
         f"{settings['concurrency']} callers in {settings['clients']} client processes, "
+        f"service workers {settings.get('workers', 1)}, "
         f"batch {settings['batch_size']}, {settings['duration_s']:g} s per mode "
         f"(+{settings['warmup_s']:g} s warm-up), shards: {', '.join(settings['shards'])}"
         + (f", median of {settings['rounds']} rounds" if settings.get("rounds", 1) > 1 else ""),
@@ -142,16 +157,24 @@ def render_table(report: Mapping[str, Any]) -> str:
             ratio = f"{m['ratio']:.2f} of {m['ratio_to']} (target >= {target:g})"
             if len(m.get("ratio_rounds", ())) > 1:
                 ratio += " rounds " + ", ".join(f"{r:.2f}" for r in m["ratio_rounds"])
+            if "ratio_pgbench" in m:
+                ratio += f"; {m['ratio_pgbench']:.2f} of {m['ratio_pgbench_to']}"
+                if len(m.get("ratio_pgbench_rounds", ())) > 1:
+                    ratio += " rounds " + ", ".join(
+                        f"{r:.2f}" for r in m["ratio_pgbench_rounds"]
+                    )
         elif mode == "single_half_peak":
-            ratio = (
-                f"at {m['target_rate_per_s']:,.0f}/s offered "
-                f"(p99 target < {TARGETS['single_half_peak_p99_ms_max']:g} ms)"
+            ratio = f"at {m['target_rate_per_s']:,.0f}/s offered (p99 target <= " + (
+                f"{TARGETS['single_half_peak_p99_vs_raw_max']:g}x raw_half_peak's "
+                f"{modes['raw_half_peak']['latency_ms']['p99']:.1f} ms)"
+                if "raw_half_peak" in modes
+                else f"{TARGETS['single_half_peak_p99_vs_raw_max']:g}x raw_half_peak's)"
             )
         elif mode == "raw_half_peak":
             ratio = f"at {m['target_rate_per_s']:,.0f}/s offered: PostgreSQL alone"
         if mode in HALF_PEAK_MODES and len(m.get("p99_ms_rounds", ())) > 1:
             ratio += " p99 rounds " + ", ".join(f"{p:.1f}" for p in m["p99_ms_rounds"])
-        rss = "" if mode.startswith("raw_") else f"{m['service_rss_mb_peak']:.0f}"
+        rss = "" if mode.startswith(("raw_", "pgbench_")) else f"{m['service_rss_mb_peak']:.0f}"
         lines.append(
             f"{mode:<17}{m['transfers_per_s']:>12,.0f}{lat['p50']:>9.2f}{lat['p95']:>9.2f}"
             f"{lat['p99']:>9.2f}{rss:>9}  {ratio}"
@@ -188,7 +211,7 @@ def write_chart(report: Mapping[str, Any], path: Path) -> None:
     modes = report["modes"]
     names = list(modes)
     tps = [modes[n]["transfers_per_s"] for n in names]
-    colors = ["#9aa5b1" if n.startswith("raw_") else "#2f6db3" for n in names]
+    colors = ["#9aa5b1" if n.startswith(("raw_", "pgbench_")) else "#2f6db3" for n in names]
     figure, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
     bars = left.bar(names, tps, color=colors)
     for bar, name in zip(bars, names, strict=True):
@@ -225,6 +248,7 @@ def write_chart(report: Mapping[str, Any], path: Path) -> None:
     figure.suptitle(
         f"ledger bench ({report['run_mode']}): C={settings['concurrency']}, "
         f"B={settings['batch_size']}, K={settings['clients']}, "
+        f"workers={settings.get('workers', 1)}, "
         f"{settings['duration_s']:g} s per mode; service peak RSS "
         f"{report['service']['rss_mb_peak']:.0f} MB"
     )

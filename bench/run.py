@@ -25,7 +25,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from bench import cluster, report
+from bench import cluster, pgbench, report
 from bench.worker import (
     CALL_TIMEOUT_S,
     PHASE_END_GRACE_S,
@@ -63,6 +63,10 @@ class Profile:
     concurrency: int
     batch_size: int
     clients: int
+    # `ledger serve --workers`: service processes on the one port.
+    workers: int = 1
+    # gRPC connections per client process (0: one per caller).
+    connections: int = 0
 
 
 PROFILES = {
@@ -108,13 +112,22 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     parser.add_argument("--concurrency", type=int, help="concurrent callers in total")
     parser.add_argument("--batch-size", type=int, help="transfers per call in batch modes")
     parser.add_argument("--clients", type=int, help="client processes")
+    parser.add_argument(
+        "--workers", type=int, help="service processes on the one port (ledger serve --workers)"
+    )
+    parser.add_argument(
+        "--connections",
+        type=int,
+        help="gRPC connections per client process, callers spread over them (0: one per caller)",
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT_DIR, help="results directory")
     parser.add_argument(
         "--config", type=Path, help="shard config of existing shards (default: a temporary cluster)"
     )
     parser.add_argument(
         "--modes",
-        help="comma-separated modes to measure (default: all); a ratio needs both its modes",
+        help="comma-separated modes to measure (default: all; the pgbench modes only if "
+        "pgbench is on PATH); a ratio needs both its modes",
     )
     parser.add_argument(
         "--py-spy",
@@ -142,6 +155,8 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         concurrency=args.concurrency if args.concurrency is not None else base.concurrency,
         batch_size=args.batch_size if args.batch_size is not None else base.batch_size,
         clients=args.clients if args.clients is not None else base.clients,
+        workers=args.workers if args.workers is not None else base.workers,
+        connections=args.connections if args.connections is not None else base.connections,
     )
     problems = []
     if profile.duration_s <= 0 or profile.warmup_s < 0:
@@ -150,9 +165,13 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         problems.append("need --clients >= 1 and --concurrency >= --clients")
     if not 1 <= profile.batch_size <= 1000:
         problems.append("--batch-size must be 1 to 1000 (the service's per-call limit)")
+    if not 1 <= profile.workers <= 64 or profile.connections < 0:
+        problems.append("--workers must be 1 to 64 and --connections >= 0")
     if profile.merchants < 2:
         problems.append("--merchants must be at least 2")
-    modes: tuple[str, ...] = report.MODES
+    modes: tuple[str, ...] = tuple(
+        m for m in report.MODES if pgbench.available() or m not in pgbench.PGBENCH_MODES
+    )
     if args.modes:
         wanted = {m.strip() for m in args.modes.split(",") if m.strip()}
         if unknown := wanted - set(report.MODES):
@@ -160,6 +179,8 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         if wanted & set(report.HALF_PEAK_MODES) and "single" not in wanted:
             problems.append("the half-peak modes are paced from single's figure: add single")
         modes = tuple(m for m in report.MODES if m in wanted)
+        if wanted & set(pgbench.PGBENCH_MODES) and not pgbench.available():
+            problems.append("the pgbench modes need pgbench (PostgreSQL's client tools) on PATH")
     if not 1 <= args.rounds <= ROUNDS_MAX:
         problems.append(f"--rounds must be 1 to {ROUNDS_MAX}")
     if problems:
@@ -259,6 +280,7 @@ def worker_specs(target: str, workload: Workload, profile: Profile) -> list[Work
                 target=target,
                 workload=workload,
                 seed=index + 1,
+                connections=profile.connections or callers,
             )
         )
         offset += callers
@@ -268,6 +290,8 @@ def worker_specs(target: str, workload: Workload, profile: Profile) -> list[Work
 def run(options: Options) -> dict[str, Any]:
     profile = options.profile
     notes: list[str] = []
+    if not pgbench.available():
+        notes.append("pgbench is not on PATH: no pgbench_single/pgbench_batch limits")
     started_at = dt.datetime.now(dt.UTC)
     wall_start = time.monotonic()
     with ExitStack() as stack:
@@ -280,7 +304,7 @@ def run(options: Options) -> dict[str, Any]:
             shards = cluster.existing_shards(options.config_path)
         stack.callback(shards.close)
         log_path = options.out_dir / "service.log"
-        service = cluster.ServiceProcess(shards.config_path, log_path)
+        service = cluster.ServiceProcess(shards.config_path, log_path, workers=profile.workers)
         stack.callback(service.stop)
         target = service.start()
         print(f"service pid {service.pid} serving on {target} (log {log_path})", file=sys.stderr)
@@ -337,20 +361,25 @@ def run(options: Options) -> dict[str, Any]:
                         seconds=profile.warmup_s + profile.duration_s,
                     )
                     if options.py_spy_dir is not None
-                    and not mode.startswith("raw_")
+                    and not mode.startswith(("raw_", "pgbench_"))
                     and round_index == 0
                     else None
                 )
-                results = clients.run_phase(
-                    Phase(
-                        mode=mode,
-                        warmup_s=profile.warmup_s,
-                        duration_s=profile.duration_s,
-                        rate_per_s=rate_per_s / profile.clients if rate_per_s else None,
-                    ),
-                    cpu,
-                )
-                cores = cpu.cores()
+                if mode in pgbench.PGBENCH_MODES:
+                    results, cores = _run_pgbench(
+                        workload, mode, profile, cpu, run_tag=f"{run_id}-{round_index}"
+                    )
+                else:
+                    results = clients.run_phase(
+                        Phase(
+                            mode=mode,
+                            warmup_s=profile.warmup_s,
+                            duration_s=profile.duration_s,
+                            rate_per_s=rate_per_s / profile.clients if rate_per_s else None,
+                        ),
+                        cpu,
+                    )
+                    cores = cpu.cores()
                 if spy is not None:
                     spy.wait()
                 modes[mode] = report.summarize(
@@ -374,7 +403,9 @@ def run(options: Options) -> dict[str, Any]:
                 "the machine was not quiet, so ratios and latencies are disturbed"
             )
         rss_mb_peak = max(
-            m["service_rss_mb_peak"] for k, m in every_phase if not k.startswith("raw_")
+            m["service_rss_mb_peak"]
+            for k, m in every_phase
+            if not k.startswith(("raw_", "pgbench_"))
         )
         vmhwm_mb = sampler.hwm_mb()
     return {
@@ -396,6 +427,8 @@ def run(options: Options) -> dict[str, Any]:
             "concurrency": profile.concurrency,
             "batch_size": profile.batch_size,
             "clients": profile.clients,
+            "workers": profile.workers,
+            "connections_per_client": profile.connections,
             "target": str(options.config_path) if options.config_path else "embedded",
             "shards": list(names),
             "rounds": options.rounds,
@@ -411,6 +444,29 @@ def run(options: Options) -> dict[str, Any]:
         "targets": report.TARGETS,
         "notes": notes,
     }
+
+
+def _run_pgbench(
+    workload: Workload, mode: str, profile: Profile, cpu: cluster.CpuMeter, *, run_tag: str
+) -> tuple[list[PhaseResult], dict[str, float]]:
+    """A pgbench mode, with pgbench's CPU shown as the clients' (it is not one of
+    the client processes the meter knows)."""
+    cpu.start()
+    results, pgbench_cpu_s = pgbench.run_phase(
+        workload,
+        mode=mode,
+        warmup_s=profile.warmup_s,
+        duration_s=profile.duration_s,
+        callers_total=profile.concurrency,
+        run_tag=run_tag,
+    )
+    cores = cpu.cores()
+    wall_s = profile.warmup_s + profile.duration_s
+    if cores and wall_s > 0:
+        pgbench_cores = pgbench_cpu_s / wall_s
+        cores["clients"] = round(cores.get("clients", 0.0) + pgbench_cores, 2)
+        cores["other"] = round(max(0.0, cores.get("other", 0.0) - pgbench_cores), 2)
+    return results, cores
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -64,6 +64,10 @@ class WorkerSpec:
     target: str
     workload: Workload
     seed: int
+    # gRPC connections this process opens to the service, its callers spread over
+    # them in turn: the kernel places connections, not calls, on the service's
+    # workers (ledger/workers.py), so one connection would reach one worker.
+    connections: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,8 +130,15 @@ class _Client:
 
     def __init__(self, spec: WorkerSpec) -> None:
         self.spec = spec
-        self.channel = grpc.aio.insecure_channel(spec.target)
-        self.stub = ledger_pb2_grpc.LedgerServiceStub(self.channel)
+        # A local subchannel pool per channel: otherwise channels to one target
+        # share one connection.
+        self.channels = [
+            grpc.aio.insecure_channel(
+                spec.target, options=[("grpc.use_local_subchannel_pool", 1)]
+            )
+            for _ in range(max(1, spec.connections))
+        ]
+        self.stubs = [ledger_pb2_grpc.LedgerServiceStub(c) for c in self.channels]
         self.raw: list[dict[str, asyncpg.Connection]] = []
         self.pickers = [
             Picker(spec.workload, caller_global=spec.caller_offset + i, seed=spec.seed * 1000 + i)
@@ -149,7 +160,8 @@ class _Client:
         for per_shard in self.raw:
             for connection in per_shard.values():
                 await connection.close(timeout=RAW_CONNECT_TIMEOUT_S)
-        await self.channel.close(grace=None)
+        for channel in self.channels:
+            await channel.close(grace=None)
 
 
 async def _serve(conn: Connection, spec: WorkerSpec) -> None:
@@ -233,12 +245,13 @@ Call = Callable[[str, list[TransferSpec], PhaseResult], Awaitable[int]]
 
 
 def _mode_functions(client: _Client, mode: str, picker: Picker, caller: int) -> tuple[Pick, Call]:
+    stub = client.stubs[caller % len(client.stubs)]
     if mode in ("single", "single_half_peak"):
-        return picker.local_single, _grpc_call(client)
+        return picker.local_single, _grpc_call(stub)
     if mode == "batch":
-        return picker.local_batch, _grpc_call(client)
+        return picker.local_batch, _grpc_call(stub)
     if mode == "cross":
-        return picker.cross_single, _grpc_call(client)
+        return picker.cross_single, _grpc_call(stub)
     if mode in ("raw_single", "raw_half_peak"):
         return picker.local_single, _raw_call(client.raw[caller])
     if mode == "raw_batch":
@@ -246,9 +259,7 @@ def _mode_functions(client: _Client, mode: str, picker: Picker, caller: int) -> 
     raise ValueError(f"unknown mode {mode!r}")
 
 
-def _grpc_call(client: _Client) -> Call:
-    stub = client.stub
-
+def _grpc_call(stub: ledger_pb2_grpc.LedgerServiceAsyncStub) -> Call:
     async def call(shard: str, transfers: list[TransferSpec], result: PhaseResult) -> int:
         request = pb.CreateTransfersRequest(transfers=[_to_proto(t) for t in transfers])
         try:

@@ -44,6 +44,7 @@ from ledger.telemetry.textfile import reconcile_gauges, write_gauges
 from ledger.telemetry.tracing import setup_tracing
 from ledger.v1 import ledger_pb2 as pb
 from ledger.v1 import ledger_pb2_grpc
+from ledger.workers import WorkerRole, default_count, supervise
 
 log = logging.getLogger("ledger")
 app = typer.Typer(help="A sharded double-entry ledger service.", no_args_is_help=True)
@@ -131,14 +132,27 @@ def serve(
     auth_file: Annotated[
         Path | None, typer.Option(help="Bearer token file (see `ledger auth token`).")
     ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            help="Service processes on the one port, each with its own pools and background "
+            "work (default: the cores this process may use).",
+        ),
+    ] = None,
 ) -> None:
     """Serve the ledger. Without --config, start the embedded PostgreSQL cluster first."""
-    # gRPC's C core writes its own lines to stderr: they become JSON records too.
-    setup_logging(route_native_stderr=True)
+    role = WorkerRole.from_env()
+    count = workers if workers is not None else default_count()
+    supervising = role is None and count > 1
+    # gRPC's C core writes its own lines to stderr: they become JSON records too. A
+    # parent of workers runs no gRPC, and its workers write their JSON to its stderr.
+    setup_logging(route_native_stderr=not supervising)
     try:
         env = Settings.from_env()
     except SettingsError as error:
         raise typer.BadParameter(str(error)) from None
+    if not 1 <= count <= limits.workers_max:
+        raise typer.BadParameter(f"--workers must be 1 to {limits.workers_max}, got {count}")
     listen = listen or env.listen
     tokens = _tokens(auth_file or env.auth_file, listen, env.allow_unauthenticated)
     tls = None
@@ -148,6 +162,9 @@ def serve(
         tls = ServerTls(env.tls_cert_file, env.tls_key_file, env.tls_client_ca_file)
     elif env.tls_client_ca_file is not None:
         raise typer.BadParameter("LEDGER_TLS_CLIENT_CA_FILE needs LEDGER_TLS_CERT_FILE")
+    if supervising:
+        _supervise(count, config or env.config_path, listen, env, data_dir, auth_file)
+        return
     if setup_tracing() is not None:
         # Statement text only, never parameters: they hold money and merchant ids.
         AsyncPGInstrumentor(capture_parameters=False).instrument()  # type: ignore[no-untyped-call]
@@ -160,11 +177,46 @@ def serve(
         embedded.start()
         config_path = embedded.config_path
     try:
-        uvloop.run(_serve(config_path, listen, env, tokens, tls))
+        uvloop.run(_serve(config_path, listen, env, tokens, tls, role))
     finally:
         if embedded is not None:
             embedded.stop()
             log.info("embedded PostgreSQL stopped")
+
+
+def _supervise(
+    count: int,
+    config_path: Path | None,
+    listen: str,
+    env: Settings,
+    data_dir: Path | None,
+    auth_file: Path | None,
+) -> None:
+    """`serve --workers N`: this process starts PostgreSQL if embedded, then N service
+    processes on the one port, and stops them all on SIGINT/SIGTERM (ledger/workers.py)."""
+    embedded = None
+    if config_path is None:
+        embedded = EmbeddedCluster(data_dir or env.data_dir)
+        log.info("starting embedded PostgreSQL in %s", embedded.data_dir)
+        embedded.start()
+        config_path = embedded.config_path
+    extra_args = ["--auth-file", str(auth_file)] if auth_file is not None else []
+    try:
+        code = uvloop.run(
+            supervise(
+                count=count,
+                listen=listen,
+                config_path=config_path,
+                metrics_listen=env.metrics_listen,
+                extra_args=extra_args,
+            )
+        )
+    finally:
+        if embedded is not None:
+            embedded.stop()
+            log.info("embedded PostgreSQL stopped")
+    if code != 0:
+        raise typer.Exit(code)
 
 
 def _start_metrics(listen: str) -> None:
@@ -203,8 +255,15 @@ async def _serve(
     settings: Settings,
     tokens: TokenTable | None,
     tls: ServerTls | None,
+    role: WorkerRole | None,
 ) -> None:
-    cluster = Cluster(load_config(config_path), config_path=config_path)
+    cluster = Cluster(
+        load_config(config_path),
+        config_path=config_path,
+        pool_connections_max=(
+            role.pool_connections_max() if role is not None else limits.pool_connections_max
+        ),
+    )
     await cluster.open()
     server = LedgerServer(
         cluster,
@@ -222,6 +281,7 @@ async def _serve(
         checkpoint_export_dir=settings.checkpoint_export_dir,
         mask_card_metadata=settings.mask_card_metadata,
         page_token_key=settings.page_token_key,
+        reuse_port=role is not None,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -240,8 +300,13 @@ async def _serve(
     try:
         port = await server.start()
         _tune_gc()
-        host = listen.rsplit(":", 1)[0]
-        log.info("ledger serving on %s:%d (config %s)", host, port, config_path)
+        if role is None:
+            host = listen.rsplit(":", 1)[0]
+            log.info("ledger serving on %s:%d (config %s)", host, port, config_path)
+        else:
+            # The parent says "ledger serving on" once every worker serves.
+            role.watch_parent(loop, stop)
+            role.report_ready(port)
         await stop.wait()
         log.info("stopping: letting in-flight calls finish")
         await server.stop(limits.shutdown_grace_s)

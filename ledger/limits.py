@@ -228,6 +228,16 @@ event_cursor_shards_max = 64
 
 # Graceful shutdown: in-flight RPCs get this long to finish.
 shutdown_grace_s = 5.0
+# `ledger serve --workers N` (ledger/workers.py): a worker connects to and
+# migrates every shard before it serves, as a single process does (the bench
+# gives a service 60 s for the same); past this the replica gives up and exits.
+worker_start_timeout_s = 60.0
+# A worker told to stop lets in-flight calls finish (shutdown_grace_s), stops
+# its background work and closes its pools; past this it is killed.
+worker_stop_timeout_s = 30.0
+# More workers than this is a typo, not a machine: each holds a share of every
+# shard pool, and pool_connections_max split further leaves them one connection.
+workers_max = 64
 
 assert 1 <= refs_per_lookup_max <= 10_000
 assert 1 <= transfers_per_request_max <= 10_000
@@ -252,6 +262,7 @@ assert saga_retry_delay_s_min < saga_retry_delay_s_max < saga_lease_s * 10
 assert saga_deadline_margin_s < saga_inline_wait_s_max
 assert group_commit_transfers_max >= transfers_per_request_max
 assert group_commit_batches_in_flight_max <= pool_connections_max
+assert shutdown_grace_s < worker_stop_timeout_s
 assert 0 < fence_wait_step_s_min <= fence_wait_step_s_max < fence_wait_s_max
 assert event_sequence_batch_max >= transfers_per_request_max
 assert event_subscriptions_max <= concurrent_rpcs_max

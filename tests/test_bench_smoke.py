@@ -7,8 +7,10 @@ transfers.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +25,22 @@ MODES = ("single", "batch", "cross", "raw_single", "raw_batch", "raw_half_peak",
 RATIOS = {"single": "raw_single", "batch": "raw_batch", "cross": "single"}
 
 
-@pytest.mark.timeout(SMOKE_TIMEOUT_S + 30)
-def test_bench_smoke_run_writes_figures_for_every_mode(tmp_path: Path) -> None:
+PGBENCH_RATIOS = {"single": "pgbench_single", "batch": "pgbench_batch"}
+
+
+@dataclass(frozen=True)
+class SmokeRun:
+    out_dir: Path
+    figures: dict[str, Any]
+    table: str
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> SmokeRun:
+    """One smoke run shared by the tests that read its figures (it takes ~20 s)."""
+    out_dir = tmp_path_factory.mktemp("bench-smoke")
     completed = subprocess.run(
-        [sys.executable, "-m", "bench.run", "--mode", "smoke", "--out", str(tmp_path)],
+        [sys.executable, "-m", "bench.run", "--mode", "smoke", "--out", str(out_dir)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -34,8 +48,14 @@ def test_bench_smoke_run_writes_figures_for_every_mode(tmp_path: Path) -> None:
         check=False,
     )
     assert completed.returncode == 0, completed.stdout + completed.stderr
+    figures = json.loads((out_dir / "latest.json").read_text())
+    return SmokeRun(out_dir, figures, completed.stdout)
 
-    figures = json.loads((tmp_path / "latest.json").read_text())
+
+@pytest.mark.timeout(SMOKE_TIMEOUT_S + 30)
+def test_bench_smoke_run_writes_figures_for_every_mode(smoke_run: SmokeRun) -> None:
+    tmp_path = smoke_run.out_dir
+    figures = smoke_run.figures
     for mode in MODES:
         assert figures["modes"][mode]["transfers_per_s"] > 0, mode
         latency = figures["modes"][mode]["latency_ms"]
@@ -55,6 +75,28 @@ def test_bench_smoke_run_writes_figures_for_every_mode(tmp_path: Path) -> None:
     chart = tmp_path / "latest.png"
     assert chart.stat().st_size > 0
     assert chart.read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.mark.timeout(SMOKE_TIMEOUT_S + 30)
+@pytest.mark.skipif(shutil.which("pgbench") is None, reason="pgbench is not on PATH")
+def test_bench_smoke_reports_the_pgbench_limit_and_both_ratios(smoke_run: SmokeRun) -> None:
+    """pgbench drives the raw modes' SQL at the same concurrency; the service is
+    compared with both limits and the table prints both ratios."""
+    figures = smoke_run.figures
+    for mode, base in PGBENCH_RATIOS.items():
+        limit = figures["modes"][base]
+        assert limit["transfers_per_s"] > 0, base
+        assert limit["failed_calls"] == {}, base
+        assert 0 < limit["latency_ms"]["p50"] <= limit["latency_ms"]["p99"], base
+        assert figures["modes"][mode]["ratio_pgbench_to"] == base
+        assert figures["modes"][mode]["ratio_pgbench"] > 0
+        assert figures["ratios"][f"{mode}_vs_{base}"] == figures["modes"][mode]["ratio_pgbench"]
+        # The table shows the asyncpg ratio and the pgbench ratio on the mode's line.
+        line = next(x for x in smoke_run.table.splitlines() if x.startswith(f"{mode} "))
+        assert f"of raw_{mode}" in line and f"of {base}" in line, line
+    # A batch transaction applies batch_size transfers.
+    batch = figures["modes"]["pgbench_batch"]
+    assert batch["transfers"] == batch["calls"] * figures["settings"]["batch_size"]
 
 
 def test_rounds_report_each_modes_median_and_the_median_of_each_rounds_ratio() -> None:

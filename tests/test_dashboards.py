@@ -200,9 +200,12 @@ def test_prometheus_scrapes_the_ledger_metrics_port(yaml: Any) -> None:
     (job,) = document["scrape_configs"]
     assert job.get("metrics_path", "/metrics") == "/metrics"
     targets = [t for c in job["static_configs"] for t in c["targets"]]
-    assert targets == [f"ledger:{METRICS_PORT}"]
     compose = yaml.safe_load(COMPOSE_PATH.read_text())
     assert "ledger" in compose["services"], "the scrape target names no compose service"
+    # `ledger serve --workers N`: worker i serves its metrics on the port + i.
+    command = compose["services"]["ledger"]["command"]
+    workers = int(command[command.index("--workers") + 1])
+    assert targets == [f"ledger:{METRICS_PORT + i}" for i in range(workers)]
 
 
 def test_readme_makes_the_ledger_serve_metrics_to_other_containers() -> None:

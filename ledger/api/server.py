@@ -75,6 +75,7 @@ class LedgerServer:
         request_receive_timeout_s: float = limits.request_receive_timeout_s,
         mask_card_metadata: bool = False,
         page_token_key: bytes | None = None,
+        reuse_port: bool = False,
     ) -> None:
         self.cluster = cluster
         self.listen = listen
@@ -139,7 +140,10 @@ class LedgerServer:
                 # random; one value for both makes the limit exact.
                 ("grpc.max_metadata_size", limits.request_metadata_bytes_max),
                 ("grpc.absolute_max_metadata_size", limits.request_metadata_bytes_max),
-            ],
+            ]
+            # Several service processes listen on one port (ledger/workers.py); the
+            # kernel spreads incoming connections, not calls, over them.
+            + ([("grpc.so_reuseport", 1)] if reuse_port else []),
         )
         self.ledger = ledger = Ledger(cluster, self.sagas)
         ledger.on_hold_timeout = self.sweeper.wake_within

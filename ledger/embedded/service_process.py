@@ -34,7 +34,9 @@ class ServiceNotServing(Exception):
         self.output = output
 
 
-def serve_command(config_path: Path) -> list[str]:
+def serve_command(config_path: Path, *, workers: int = 1) -> list[str]:
+    """One service process by default (what the fault tests kill, stop and restart is
+    one pid); the bench asks for more to measure `--workers` (ledger/workers.py)."""
     return [
         sys.executable,
         "-m",
@@ -44,6 +46,8 @@ def serve_command(config_path: Path) -> list[str]:
         str(config_path),
         "--listen",
         "127.0.0.1:0",
+        "--workers",
+        str(workers),
     ]
 
 

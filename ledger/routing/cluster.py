@@ -49,9 +49,16 @@ class Cluster:
     """Owns the shard pools. Reloading swaps the ring and opens or closes pools by name."""
 
     def __init__(
-        self, config: ShardConfig, *, config_path: Path | None = None, audit: bool = False
+        self,
+        config: ShardConfig,
+        *,
+        config_path: Path | None = None,
+        audit: bool = False,
+        pool_connections_max: int = limits.pool_connections_max,
     ) -> None:
         self.config = config
+        # Connections per shard pool (fewer in each of several service processes).
+        self.pool_connections_max = pool_connections_max
         self.config_path = config_path
         # The audit tools (reconcile, verify) open retired shards too: their
         # history and settlement positions are part of the books.
@@ -79,7 +86,9 @@ class Cluster:
 
     async def open(self, *, migrate: bool = True) -> None:
         for spec in self._opened(self.config):
-            shard = Shard(name=spec.name, dsn=spec.dsn)
+            shard = Shard(
+                name=spec.name, dsn=spec.dsn, pool_connections_max=self.pool_connections_max
+            )
             await shard.open()
             self.shards[spec.name] = shard
         if migrate:
@@ -262,7 +271,11 @@ class Cluster:
             for spec in self._opened(config):
                 current = self.shards.get(spec.name)
                 if current is None or current.dsn != spec.dsn:
-                    shard = Shard(name=spec.name, dsn=spec.dsn)
+                    shard = Shard(
+                        name=spec.name,
+                        dsn=spec.dsn,
+                        pool_connections_max=self.pool_connections_max,
+                    )
                     await shard.open()
                     if current is None:
                         # A shard added by this config change: set it up with claims

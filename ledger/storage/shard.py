@@ -158,9 +158,15 @@ SHARD_ERROR_KINDS = ("busy", "unavailable", "error", "contention")
 class Shard:
     """One PostgreSQL server. Every write is one transaction that starts with the fence."""
 
-    def __init__(self, *, name: str, dsn: str) -> None:
+    def __init__(
+        self, *, name: str, dsn: str, pool_connections_max: int = limits.pool_connections_max
+    ) -> None:
+        invariant(pool_connections_max >= 1, "a shard pool holds at least one connection")
         self.name = name
         self.dsn = dsn
+        # Smaller in each of several service processes (ledger/workers.py): a
+        # replica's connections per shard stay limits.pool_connections_max in all.
+        self.pool_connections_max = pool_connections_max
         self._pool: asyncpg.Pool | None = None
         # Settlement accounts seen on this shard (sagas skip creating them again).
         self.settlement_accounts: set[AccountKey] = set()
@@ -177,7 +183,7 @@ class Shard:
         self._pool = await asyncpg.create_pool(
             self.dsn,
             min_size=0,
-            max_size=limits.pool_connections_max,
+            max_size=self.pool_connections_max,
             timeout=limits.shard_connect_timeout_s,
             command_timeout=limits.shard_command_timeout_s,
             init=_init_connection,
@@ -893,7 +899,7 @@ class Shard:
         try:
             conn = await pool.acquire(timeout=limits.pool_acquire_timeout_s)
         except TimeoutError as error:
-            if pool.get_size() >= limits.pool_connections_max and pool.get_idle_size() == 0:
+            if pool.get_size() >= self.pool_connections_max and pool.get_idle_size() == 0:
                 raise ShardBusy(self.name, error) from error
             self._went_unavailable(error)
             raise
