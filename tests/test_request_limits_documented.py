@@ -159,6 +159,21 @@ PENDING_TIMEOUT = Limit(
     (f"{limits.pending_timeout_max.days} days", str(PENDING_TIMEOUT_MS_MAX)),
 )
 METADATA = (METADATA_KEYS, METADATA_KEY_BYTES, METADATA_VALUE_BYTES)
+VELOCITY_RULES = Limit(
+    "velocity_rules_per_account_max",
+    limits.velocity_rules_per_account_max,
+    (str(limits.velocity_rules_per_account_max),),
+)
+MONITORS = Limit(
+    "balance_monitors_per_account_max",
+    limits.balance_monitors_per_account_max,
+    (str(limits.balance_monitors_per_account_max),),
+)
+LIMITS_REASON = Limit(
+    "limits_reason_bytes_max",
+    limits.limits_reason_bytes_max,
+    (str(limits.limits_reason_bytes_max),),
+)
 
 # Every request field a caller-visible limit applies to: (message, field) -> limits.
 LIMITED: dict[tuple[str, str], tuple[Limit, ...]] = {
@@ -191,6 +206,16 @@ LIMITED: dict[tuple[str, str], tuple[Limit, ...]] = {
     ("ListTransfersByTraceRequest", "page_size"): (PAGE_SIZE,),
     ("LookupTransfersRequest", "wait_timeout_ms"): (LOOKUP_WAIT,),
     ("Transfer", "timeout_ms"): (PENDING_TIMEOUT,),
+    # Spending controls (issue 21).
+    ("SetAccountLimitsRequest", "change_id"): (ID_BYTES,),
+    ("SetAccountLimitsRequest", "reason"): (LIMITS_REASON,),
+    ("AccountLimits", "velocity_rules"): (VELOCITY_RULES,),
+    ("AccountLimits", "monitors"): (MONITORS,),
+    ("VelocityRule", "rule_id"): (ID_BYTES,),
+    ("BalanceMonitor", "monitor_id"): (ID_BYTES,),
+    ("GetAccountLimitsRequest", "page_size"): (PAGE_SIZE,),
+    ("ListMonitorCrossingsRequest", "merchant_id"): (ID_BYTES,),
+    ("ListMonitorCrossingsRequest", "page_size"): (PAGE_SIZE,),
 }
 # Request strings bounded by their format instead: the proto must name the format.
 FORMATTED: dict[tuple[str, str], str] = {
