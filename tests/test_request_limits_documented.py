@@ -169,6 +169,21 @@ CURSOR_SHARDS = Limit(
     limits.event_cursor_shards_max,
     (str(limits.event_cursor_shards_max),),
 )
+VELOCITY_RULES = Limit(
+    "velocity_rules_per_account_max",
+    limits.velocity_rules_per_account_max,
+    (str(limits.velocity_rules_per_account_max),),
+)
+MONITORS = Limit(
+    "balance_monitors_per_account_max",
+    limits.balance_monitors_per_account_max,
+    (str(limits.balance_monitors_per_account_max),),
+)
+LIMITS_REASON = Limit(
+    "limits_reason_bytes_max",
+    limits.limits_reason_bytes_max,
+    (str(limits.limits_reason_bytes_max),),
+)
 
 # Every request field a caller-visible limit applies to: (message, field) -> limits.
 LIMITED: dict[tuple[str, str], tuple[Limit, ...]] = {
@@ -205,6 +220,16 @@ LIMITED: dict[tuple[str, str], tuple[Limit, ...]] = {
     ("SubscribeEventsRequest", "consumer"): (CONSUMER,),
     ("AckEventsRequest", "consumer"): (CONSUMER,),
     ("EventCursor", "positions"): (CURSOR_SHARDS,),
+    # Spending controls (issue 21).
+    ("SetAccountLimitsRequest", "change_id"): (ID_BYTES,),
+    ("SetAccountLimitsRequest", "reason"): (LIMITS_REASON,),
+    ("AccountLimits", "velocity_rules"): (VELOCITY_RULES,),
+    ("AccountLimits", "monitors"): (MONITORS,),
+    ("VelocityRule", "rule_id"): (ID_BYTES,),
+    ("BalanceMonitor", "monitor_id"): (ID_BYTES,),
+    ("GetAccountLimitsRequest", "page_size"): (PAGE_SIZE,),
+    ("ListMonitorCrossingsRequest", "merchant_id"): (ID_BYTES,),
+    ("ListMonitorCrossingsRequest", "page_size"): (PAGE_SIZE,),
 }
 # Request strings bounded by their format instead: the proto must name the format.
 FORMATTED: dict[tuple[str, str], str] = {
