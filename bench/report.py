@@ -23,7 +23,14 @@ MODES = (
     "single_half_peak",
 )
 # Which mode each mode's ratio compares with.
-RATIO_TO = {"single": "raw_single", "batch": "raw_batch", "cross": "single"}
+RATIO_TO = {
+    "single": "raw_single",
+    "batch": "raw_batch",
+    "cross": "single",
+    # With the event stream's consumers attached (--events, bench/events_load.py).
+    "single_events": "single",
+    "batch_events": "batch",
+}
 HALF_PEAK_FRACTION = 0.5
 # Modes paced (open loop) to HALF_PEAK_FRACTION of what `single` reached: the
 # service, and raw PostgreSQL doing the same writes at the same offered rate
@@ -36,6 +43,9 @@ TARGETS = {
     "single_vs_raw_single_min": 0.6,
     "batch_vs_raw_batch_min": 0.75,
     "cross_vs_single_min": 0.4,
+    # Issue 20: a subscriber and the publisher cost at most 10% of throughput.
+    "single_events_vs_single_min": 0.9,
+    "batch_events_vs_batch_min": 0.9,
     "single_half_peak_p99_ms_max": 10.0,
     "service_rss_mb_max": 300.0,
 }
@@ -43,6 +53,8 @@ _TARGET_OF_RATIO = {
     "single": "single_vs_raw_single_min",
     "batch": "batch_vs_raw_batch_min",
     "cross": "cross_vs_single_min",
+    "single_events": "single_events_vs_single_min",
+    "batch_events": "batch_events_vs_batch_min",
 }
 
 
@@ -159,6 +171,15 @@ def render_table(report: Mapping[str, Any]) -> str:
         if m.get("cpu_cores"):
             split = ", ".join(f"{k} {v:.2f}" for k, v in m["cpu_cores"].items())
             lines.append(f"{'':<17}CPU cores: {split}")
+        if m.get("event_subscribers"):
+            sub = m["event_subscribers"]
+            delay = sub["delivery_delay_ms"]
+            lines.append(
+                f"{'':<17}{'+'.join(m['event_consumers'])}: {sub['processes']} subscriber(s) "
+                f"each read {sub['events_per_s']:,.0f} events/s; commit to delivery "
+                f"p50 {delay['p50']:.1f} ms, p99 {delay['p99']:.1f} ms, max {delay['max']:.0f} ms"
+                + (f"; errors {sub['errors']}" if sub["errors"] else "")
+            )
         problems = {**m["failed_items"], **m["failed_calls"]}
         if problems:
             lines.append(f"{'':<17}not applied: {problems}")

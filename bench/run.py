@@ -25,7 +25,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from bench import cluster, report
+from bench import cluster, events_load, report
 from bench.worker import (
     CALL_TIMEOUT_S,
     PHASE_END_GRACE_S,
@@ -92,6 +92,8 @@ class Options:
     py_spy_dir: Path | None = None
     # Times the whole sequence of modes runs; figures are per-mode medians.
     rounds: int = 1
+    # The event stream's consumers measured beside single and batch (bench/events_load.py).
+    events: events_load.EventsOptions = events_load.NO_EVENTS
 
 
 def parse_args(argv: Sequence[str] | None) -> Options:
@@ -126,6 +128,7 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         default=1,
         help="run the modes this many times in turn and report medians (the machine drifts)",
     )
+    events_load.add_arguments(parser)
     args = parser.parse_args(argv)
     base = PROFILES[args.mode]
     profile = Profile(
@@ -155,9 +158,13 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         modes = tuple(m for m in report.MODES if m in wanted)
     if not 1 <= args.rounds <= ROUNDS_MAX:
         problems.append(f"--rounds must be 1 to {ROUNDS_MAX}")
+    events, events_problems = events_load.options_from(args)
+    problems += events_problems
     if problems:
         parser.error("; ".join(problems))
-    return Options(args.mode, profile, args.out, args.config, modes, args.py_spy, args.rounds)
+    return Options(
+        args.mode, profile, args.out, args.config, modes, args.py_spy, args.rounds, events
+    )
 
 
 class ClientPool:
@@ -303,7 +310,7 @@ def run(options: Options) -> dict[str, Any]:
                 print(f"round {round_index + 1} of {options.rounds}", file=sys.stderr)
             modes: dict[str, dict[str, Any]] = {}
             rounds.append(modes)
-            for mode in options.modes:
+            for mode in events_load.with_event_modes(options.modes, options.events):
                 rate_per_s = None
                 if mode in report.HALF_PEAK_MODES:
                     rate_per_s = report.HALF_PEAK_FRACTION * modes["single"]["transfers_per_s"]
@@ -322,9 +329,17 @@ def run(options: Options) -> dict[str, Any]:
                     and round_index == 0
                     else None
                 )
+                consumers = events_load.attach(
+                    mode,
+                    options.events,
+                    target=target,
+                    config_path=shards.config_path,
+                    log_dir=options.out_dir,
+                    cpu=cpu,
+                )
                 results = clients.run_phase(
                     Phase(
-                        mode=mode,
+                        mode=events_load.base_mode(mode),
                         warmup_s=profile.warmup_s,
                         duration_s=profile.duration_s,
                         rate_per_s=rate_per_s / profile.clients if rate_per_s else None,
@@ -338,6 +353,7 @@ def run(options: Options) -> dict[str, Any]:
                     results, duration_s=profile.duration_s, rss_mb_peak=sampler.peak_mb()
                 )
                 modes[mode]["cpu_cores"] = cores
+                modes[mode].update(consumers.detach())
                 if rate_per_s is not None:
                     modes[mode]["target_rate_per_s"] = rate_per_s
                 print(
