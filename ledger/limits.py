@@ -209,6 +209,11 @@ event_sequence_round_gap_s = 0.005
 event_idle_poll_s = 1.0
 # Events a subscriber reads from one shard per query.
 event_read_batch_max = 500
+# Under load, a subscription's reads are at least this far apart, so that each
+# takes the events of several sequencer rounds (a read per round, every 5 ms,
+# cost the writers measurably on a 2-core machine): it adds at most this much to
+# the delay from commit to delivery, and nothing to the first event after a lull.
+event_read_gap_s = 0.02
 # Consumers lapse and old events are pruned this often; the lag gauges are this old.
 event_retention_interval_s = 10.0
 # Events are kept at least this long, for subscribers that never registered.
@@ -254,3 +259,4 @@ assert 0 < fence_wait_step_s_min <= fence_wait_step_s_max < fence_wait_s_max
 assert event_sequence_batch_max >= transfers_per_request_max
 assert event_subscriptions_max <= concurrent_rpcs_max
 assert event_read_batch_max <= event_sequence_batch_max
+assert event_sequence_round_gap_s <= event_read_gap_s < event_idle_poll_s

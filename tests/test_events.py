@@ -206,9 +206,17 @@ async def test_from_now_skips_history_and_an_account_filter_keeps_its_account(
     m = service.merchant_on("shard-b")
     await create_accounts(stub, account(m, "a"), account(m, "b"), account(m, "c"))
     await transfers(stub, transfer(uid("old"), ref(m, "a"), ref(m, "b"), 1))
+    feed = service.server.feed
     call = stub.SubscribeEvents(
         pb.SubscribeEventsRequest(from_now=True, account=ref(m, "c")), timeout=RPC_TIMEOUT_S
     )
+
+    async def following() -> bool:
+        return feed.subscriptions > 0
+
+    # "Now" is when the service starts the subscription, not when the call is made:
+    # the writes below must come after it.
+    await wait_until(following, what="the subscription to start")
     await transfers(
         stub,
         transfer("not-c", ref(m, "a"), ref(m, "b"), 2),

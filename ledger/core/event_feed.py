@@ -172,8 +172,15 @@ class EventFeed:
         # have been lost, or come from a shard not listened to yet).
         read_up_to: dict[str, int] = {}
         full_pass = True
+        loop = asyncio.get_running_loop()
+        read_at = -limits.event_read_gap_s
         while not self._closed:
             await self._listen()
+            # Batching, not synchronisation: what is numbered meanwhile joins this read.
+            gap_s = read_at + limits.event_read_gap_s - loop.time()
+            if gap_s > 0:
+                await asyncio.sleep(gap_s)
+            read_at = loop.time()
             changed = self._changed
             delivered = False
             for name in list(positions):
