@@ -3,7 +3,9 @@
 With --events, `single` and `batch` are each measured twice in a row: as ever,
 then again with the event stream's consumers attached (`single_events`,
 `batch_events`), so the ratio of the two (shown like the other ratios) is what
-the consumers cost, measured back to back on the same server state.
+the consumers cost, measured back to back on the same server state; and
+`single_half_peak`, if measured, is followed by `single_half_peak_events` at the
+same offered rate, for the delay from commit to delivery at half the peak.
 
 - `subscriber`: N processes (--event-subscribers, default 1), each one gRPC
   channel with one unfiltered `SubscribeEvents(from_now)` call, reading every
@@ -45,8 +47,11 @@ from ledger.v1 import ledger_pb2 as pb
 from ledger.v1 import ledger_pb2_grpc
 
 PARTS = ("subscriber", "publisher")
-# The modes measured again with the consumers attached, and the name they get.
-MEASURED_MODES = ("single", "batch")
+# The modes measured again with the consumers attached, and the name they get:
+# single and batch for the cost (the ratio), single at half its peak rate for the
+# delay at a comfortable load (at the peak every queue in the service is full,
+# and the sequencer and the subscription wait in them with the writes).
+MEASURED_MODES = ("single", "batch", "single_half_peak")
 SUFFIX = "_events"
 # More subscriber processes than this on a 2-core machine measures the subscribers.
 SUBSCRIBERS_MAX = 16

@@ -312,7 +312,7 @@ def run(options: Options) -> dict[str, Any]:
             rounds.append(modes)
             for mode in events_load.with_event_modes(options.modes, options.events):
                 rate_per_s = None
-                if mode in report.HALF_PEAK_MODES:
+                if events_load.base_mode(mode) in report.HALF_PEAK_MODES:
                     rate_per_s = report.HALF_PEAK_FRACTION * modes["single"]["transfers_per_s"]
                 refused = asyncio.run(cluster.checkpoint(dsns))
                 if refused and not notes:
