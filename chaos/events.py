@@ -184,6 +184,9 @@ class EventSubscriber:
         self._progress = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._call: Any = None
+        # Set when restart_if_stalled cancels the call: gRPC then raises CancelledError
+        # in the reader, which is a break to resume from, not the task's end.
+        self._restarting = False
         self._last_event_at = time.monotonic()
 
     def start(self) -> None:
@@ -228,6 +231,10 @@ class EventSubscriber:
                     self.cursor[shard] = max(self.cursor.get(shard, 0), position)
                 self._progress.set()
             self.breaks["ended"] += 1
+        except asyncio.CancelledError:
+            if not self._restarting:
+                raise  # stop()
+            self._restarting = False
         except grpc.aio.AioRpcError as error:
             self.breaks[error.code().name] += 1
             if error.code() not in (
@@ -247,10 +254,14 @@ class EventSubscriber:
             call.cancel()
         return delivered
 
-    def restart_if_stalled(self) -> None:
-        if self._call is not None and time.monotonic() - self._last_event_at > STALLED_STREAM_S:
+    def restart_if_stalled(self, *, waiting_since: float) -> None:
+        """Calls again if the call delivered nothing since waiting_since (monotonic)
+        or its last event, whichever is later, for STALLED_STREAM_S."""
+        quiet_since = max(self._last_event_at, waiting_since)
+        if self._call is not None and time.monotonic() - quiet_since > STALLED_STREAM_S:
             self.breaks["stalled"] += 1
             self._last_event_at = time.monotonic()
+            self._restarting = True
             self._call.cancel()
 
     async def wait_for_progress(self, timeout_s: float) -> None:
@@ -335,7 +346,8 @@ async def caught_up_books(
     """Every shard's books once its outbox is empty and the subscriber has every event
     the shard numbered, read in one snapshot per shard (so the events explain exactly
     those balances); None, with a violation, when that does not happen in time."""
-    deadline = time.monotonic() + CATCH_UP_DEADLINE_S
+    started = time.monotonic()
+    deadline = started + CATCH_UP_DEADLINE_S
     while True:
         books: dict[str, ShardBooks] = {}
         behind: list[str] = []
@@ -368,7 +380,7 @@ async def caught_up_books(
                 f"not caught up after {CATCH_UP_DEADLINE_S}s: {'; '.join(behind)}",
             )
             return None
-        subscriber.restart_if_stalled()
+        subscriber.restart_if_stalled(waiting_since=started)
         await subscriber.wait_for_progress(CATCH_UP_POLL_S)
 
 
