@@ -7,8 +7,8 @@ shard for the others' (with a poll every limits.event_idle_poll_s, should a
 notification be lost). Both say the shard and its last position, and a
 subscription then reads only the shards numbered past what it has read: under
 load the sequencer runs a round every few ms, and reading every shard on each
-(twice: the in-process call, then this replica's own NOTIFY) cost the writers
-a quarter of their throughput on a 2-core machine.
+(twice: the in-process call, then this replica's own NOTIFY) put up to six
+queries per round on the writers' pools (docs/performance.md, "Event stream").
 
 Across a move: the destination's MERCHANT_MOVED_IN for merchant M at epoch E is
 held back (with the rest of that shard's stream, so per-shard order and the cursor
