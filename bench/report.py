@@ -25,7 +25,14 @@ MODES = (
     "single_half_peak",
 )
 # Which mode each mode's ratio compares with.
-RATIO_TO = {"single": "raw_single", "batch": "raw_batch", "cross": "single"}
+RATIO_TO = {
+    "single": "raw_single",
+    "batch": "raw_batch",
+    "cross": "single",
+    # With the event stream's consumers attached (--events, bench/events_load.py).
+    "single_events": "single",
+    "batch_events": "batch",
+}
 # The same writes driven by pgbench (bench/pgbench.py): PostgreSQL's limit with
 # no Python client on the machine. Kept beside `ratio` as `ratio_pgbench`.
 RATIO_TO_PGBENCH = {"single": "pgbench_single", "batch": "pgbench_batch"}
@@ -48,12 +55,17 @@ TARGETS = {
     # At half the peak rate, the service's p99 against PostgreSQL's own p99 for
     # the same writes offered at the same rate (raw_half_peak).
     "single_half_peak_p99_vs_raw_max": 2.0,
+    # Issue 20: a subscriber and the publisher cost at most 10% of throughput.
+    "single_events_vs_single_min": 0.9,
+    "batch_events_vs_batch_min": 0.9,
     "service_rss_mb_max": 300.0,
 }
 _TARGET_OF_RATIO = {
     "single": "single_vs_raw_single_min",
     "batch": "batch_vs_raw_batch_min",
     "cross": "cross_vs_single_min",
+    "single_events": "single_events_vs_single_min",
+    "batch_events": "batch_events_vs_batch_min",
 }
 
 
@@ -182,6 +194,15 @@ def render_table(report: Mapping[str, Any]) -> str:
         if m.get("cpu_cores"):
             split = ", ".join(f"{k} {v:.2f}" for k, v in m["cpu_cores"].items())
             lines.append(f"{'':<17}CPU cores: {split}")
+        if m.get("event_subscribers"):
+            sub = m["event_subscribers"]
+            delay = sub["delivery_delay_ms"]
+            lines.append(
+                f"{'':<17}{'+'.join(m['event_consumers'])}: {sub['processes']} subscriber(s) "
+                f"each read {sub['events_per_s']:,.0f} events/s; commit to delivery "
+                f"p50 {delay['p50']:.1f} ms, p99 {delay['p99']:.1f} ms, max {delay['max']:.0f} ms"
+                + (f"; errors {sub['errors']}" if sub["errors"] else "")
+            )
         problems = {**m["failed_items"], **m["failed_calls"]}
         if problems:
             lines.append(f"{'':<17}not applied: {problems}")

@@ -25,7 +25,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from bench import cluster, pgbench, report
+from bench import cluster, events_load, pgbench, report
 from bench.worker import (
     CALL_TIMEOUT_S,
     PHASE_END_GRACE_S,
@@ -98,6 +98,8 @@ class Options:
     rounds: int = 1
     # Three loose velocity rules on every account (bench/cluster.py, VELOCITY_RULES).
     velocity_rules: bool = False
+    # The event stream's consumers measured beside single and batch (bench/events_load.py).
+    events: events_load.EventsOptions = events_load.NO_EVENTS
 
 
 def parse_args(argv: Sequence[str] | None) -> Options:
@@ -146,6 +148,7 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         action="store_true",
         help="set three velocity rules (never refusing) on every account: their cost",
     )
+    events_load.add_arguments(parser)
     args = parser.parse_args(argv)
     base = PROFILES[args.mode]
     profile = Profile(
@@ -183,6 +186,8 @@ def parse_args(argv: Sequence[str] | None) -> Options:
             problems.append("the pgbench modes need pgbench (PostgreSQL's client tools) on PATH")
     if not 1 <= args.rounds <= ROUNDS_MAX:
         problems.append(f"--rounds must be 1 to {ROUNDS_MAX}")
+    events, events_problems = events_load.options_from(args)
+    problems += events_problems
     if problems:
         parser.error("; ".join(problems))
     return Options(
@@ -194,6 +199,7 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         args.py_spy,
         args.rounds,
         args.velocity_rules,
+        events,
     )
 
 
@@ -346,9 +352,9 @@ def run(options: Options) -> dict[str, Any]:
                 print(f"round {round_index + 1} of {options.rounds}", file=sys.stderr)
             modes: dict[str, dict[str, Any]] = {}
             rounds.append(modes)
-            for mode in options.modes:
+            for mode in events_load.with_event_modes(options.modes, options.events):
                 rate_per_s = None
-                if mode in report.HALF_PEAK_MODES:
+                if events_load.base_mode(mode) in report.HALF_PEAK_MODES:
                     rate_per_s = report.HALF_PEAK_FRACTION * modes["single"]["transfers_per_s"]
                 refused = asyncio.run(cluster.checkpoint(dsns))
                 if refused and not notes:
@@ -365,6 +371,14 @@ def run(options: Options) -> dict[str, Any]:
                     and round_index == 0
                     else None
                 )
+                consumers = events_load.attach(
+                    mode,
+                    options.events,
+                    target=target,
+                    config_path=shards.config_path,
+                    log_dir=options.out_dir,
+                    cpu=cpu,
+                )
                 if mode in pgbench.PGBENCH_MODES:
                     results, cores = _run_pgbench(
                         workload, mode, profile, cpu, run_tag=f"{run_id}-{round_index}"
@@ -372,7 +386,7 @@ def run(options: Options) -> dict[str, Any]:
                 else:
                     results = clients.run_phase(
                         Phase(
-                            mode=mode,
+                            mode=events_load.base_mode(mode),
                             warmup_s=profile.warmup_s,
                             duration_s=profile.duration_s,
                             rate_per_s=rate_per_s / profile.clients if rate_per_s else None,
@@ -386,6 +400,7 @@ def run(options: Options) -> dict[str, Any]:
                     results, duration_s=profile.duration_s, rss_mb_peak=sampler.peak_mb()
                 )
                 modes[mode]["cpu_cores"] = cores
+                modes[mode].update(consumers.detach())
                 if rate_per_s is not None:
                     modes[mode]["target_rate_per_s"] = rate_per_s
                 print(

@@ -37,6 +37,7 @@ import grpc
 from chaos.checker import CheckReport, check_all
 from chaos.clients import Caller, OpRecord, run_client, send_operation
 from chaos.cluster import ChaosCluster, HarnessError
+from chaos.events import EventSubscriber, check_event_stream
 from chaos.nemesis import FaultRecord, Nemesis
 from chaos.plan import (
     PLAN_DIGEST_OPS_PER_CLIENT,
@@ -80,6 +81,8 @@ class Options:
     keep: bool
     rebalances: bool = False
     drains: bool = False
+    # An event subscriber follows the whole run and its events must rebuild the books.
+    events: bool = True
 
 
 def parse_args(argv: Sequence[str] | None) -> Options:
@@ -107,6 +110,11 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         action="store_true",
         help="also plan drains (a shard set draining until DRAINED, then active again)",
     )
+    parser.add_argument(
+        "--no-events",
+        action="store_true",
+        help="run without the event subscriber (and without its check)",
+    )
     args = parser.parse_args(argv)
     if not DURATION_S_MIN <= args.duration_s <= DURATION_S_MAX:
         parser.error(f"--duration-s must be {DURATION_S_MIN} to {DURATION_S_MAX}")
@@ -121,6 +129,7 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         args.keep,
         args.rebalances,
         args.drains,
+        not args.no_events,
     )
 
 
@@ -139,6 +148,8 @@ class RunResult:
     # Each shard's state in the cluster's config when the run ended (drained shards
     # are made active again).
     shard_states: dict[str, str] = field(default_factory=dict)
+    # The event subscriber's figures (chaos/events.py); empty without it.
+    events: dict[str, Any] = field(default_factory=dict)
     elapsed_s: float = 0.0
 
 
@@ -181,8 +192,15 @@ async def execute(options: Options, plan: RunPlan, result: RunResult) -> None:
     assert main_task is not None
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
     cluster = ChaosCluster(result.work_dir)
+    subscriber: EventSubscriber | None = None
     try:
         await cluster.start()
+        if options.events:
+            # From before the first account: every event of the run, from position 1.
+            subscriber = EventSubscriber(
+                cluster.replicas, jitter=random.Random(f"chaos/{plan.seed}/jitter/events")
+            )
+            subscriber.start()
         setup = Caller(cluster.replicas, jitter=random.Random(f"chaos/{plan.seed}/jitter/setup"))
         await create_accounts(setup, plan.layout)
         loop = asyncio.get_running_loop()
@@ -241,12 +259,22 @@ async def execute(options: Options, plan: RunPlan, result: RunResult) -> None:
             moved=cluster.epoch > 1,
         )
         result.history += result.report.final_settles
+        if subscriber is not None:
+            # After the final settles and the wait for quiet: the books no longer move.
+            await check_event_stream(
+                subscriber,
+                {name: shard.direct_dsn for name, shard in cluster.shards.items()},
+                result.report,
+            )
         # What the faults found about the service: a drain that did not finish, a
         # hold it relayed that would not settle.
         for fault in result.faults:
             for where, detail in fault.violations:
                 result.report.add("drains", where, detail)
     finally:
+        if subscriber is not None:
+            await subscriber.stop()
+            result.events = subscriber.summary()
         result.failed_starts = [
             f"{r.name}: {reason}" for r in cluster.replicas for reason in r.failed_starts
         ]
@@ -318,6 +346,7 @@ def summarize(result: RunResult) -> dict[str, Any]:
         "sagas": report.sagas_by_state if report else {},
         "dead_sagas": report.dead_sagas if report else [],
         "checks": report.notes if report else [],
+        "events": result.events,
         "reconcile": report.reconcile_findings if report else [],
         "violations": [asdict(v) for v in report.violations] if report else [],
         "harness_errors": result.harness_errors + fault_errors,
@@ -365,6 +394,14 @@ def render(summary: dict[str, Any]) -> str:
     )
     lines.append(f"dead-letter list: {len(summary['dead_sagas'])}")
     lines += [f"  {d}" for d in summary["dead_sagas"]]
+    events = summary["events"]
+    if events:
+        lines.append(
+            f"event subscriber: {events['events']} events over {events['calls']} calls "
+            f"(breaks: {', '.join(f'{k} {n}' for k, n in events['breaks'].items()) or 'none'}), "
+            f"{events['duplicates_dropped']} duplicates dropped; commit to receipt "
+            f"p50 {events['delivery_delay_ms_p50']} ms, p99 {events['delivery_delay_ms_p99']} ms"
+        )
     lines.append("checks:")
     lines += [f"  {note}" for note in summary["checks"]]
     if summary["harness_errors"]:

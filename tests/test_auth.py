@@ -8,6 +8,7 @@ child processes, against a `ledger serve` process where a service is needed.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import tomllib
@@ -85,7 +86,9 @@ EXPECTED_SCOPES = {
     ADMIN_SERVICE + "GetAccountLimits": ADMIN,
     ADMIN_SERVICE + "ListMonitorCrossings": ADMIN,
 }
-METHODS = sorted(EXPECTED_SCOPES)
+# The unary methods, which the tests below call raw; SubscribeEvents streams (its
+# authorization is tested in tests/test_events*.py).
+METHODS = sorted(m for m in EXPECTED_SCOPES if m != SERVICE + "SubscribeEvents")
 # The token with every scope but the key, and the token with only the key.
 LACKING = {READ: "write_admin", WRITE: "read_admin", ADMIN: "read_write"}
 ONLY = {READ: "read", WRITE: "write", ADMIN: "admin"}
@@ -1120,23 +1123,45 @@ async def test_cli_calls_carry_the_token_from_the_environment(token_process: Tok
         assert secret not in log
 
 
-async def test_a_merchant_token_reads_only_its_merchants_events(secured: Secured) -> None:
-    only_a = secured.auth("only_a")
-    m = secured.a
-    account_id = uid("ev")
-    await create_accounts(secured, "only_a", pb.Account(ref=ref(m, account_id), currency="USD"))
-    call = secured.stub.SubscribeEvents(
-        pb.SubscribeEventsRequest(merchant_id=m), timeout=RPC_TIMEOUT_S, metadata=only_a
-    )
-    async for event in call:
-        if event.account.ref.account_id == account_id:
-            break
-    call.cancel()
-    for request, reason in (
-        (pb.SubscribeEventsRequest(merchant_id=secured.b), "MERCHANT_NOT_PERMITTED"),
-        (pb.SubscribeEventsRequest(), "MERCHANT_RESTRICTED_TOKEN"),
+async def test_subscribing_to_events_needs_a_token_and_a_restricted_one_names_its_merchant(
+    secured: Secured,
+) -> None:
+    """SubscribeEvents streams, so the raw unary calls above leave it out: its refusals."""
+    stub = ledger_pb2_grpc.LedgerServiceStub(secured.channel)
+    for request, metadata, code, reason in (
+        (pb.SubscribeEventsRequest(), (), grpc.StatusCode.UNAUTHENTICATED, "UNAUTHENTICATED"),
+        # Every merchant's events: not for a token restricted to some.
+        (
+            pb.SubscribeEventsRequest(),
+            secured.auth("only_a"),
+            grpc.StatusCode.PERMISSION_DENIED,
+            "MERCHANT_RESTRICTED_TOKEN",
+        ),
+        (
+            pb.SubscribeEventsRequest(merchant_id=secured.b),
+            secured.auth("only_a"),
+            grpc.StatusCode.PERMISSION_DENIED,
+            "MERCHANT_NOT_PERMITTED",
+        ),
     ):
-        refusal = secured.stub.SubscribeEvents(request, timeout=RPC_TIMEOUT_S, metadata=only_a)
+        call = stub.SubscribeEvents(request, metadata=metadata, timeout=RPC_TIMEOUT_S)
         with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await refusal.read()
-        assert_refusal(caught.value, grpc.StatusCode.PERMISSION_DENIED, reason)
+            await call.read()
+        assert_refusal(caught.value, code, reason)
+    # Its own merchant's events: the stream starts (a marker account's event comes).
+    marker = uid("marker")
+    call = stub.SubscribeEvents(
+        pb.SubscribeEventsRequest(merchant_id=secured.a), metadata=secured.auth("only_a")
+    )
+    try:
+        await create_accounts(
+            secured, "only_a", pb.Account(ref=ref(secured.a, marker), currency="USD")
+        )
+        async with asyncio.timeout(RPC_TIMEOUT_S):
+            while True:
+                event = await call.read()
+                assert isinstance(event, pb.Event)
+                if event.account.ref.account_id == marker:
+                    break
+    finally:
+        call.cancel()

@@ -120,3 +120,52 @@ def test_rounds_report_each_modes_median_and_the_median_of_each_rounds_ratio() -
     assert modes["raw_single"]["transfers_per_s"] == 200
     assert modes["single"]["transfers_per_s_rounds"] == [60, 100, 90]
     assert modes["single"]["p99_ms_rounds"] == [6, 10, 9]
+
+
+@pytest.mark.timeout(SMOKE_TIMEOUT_S + 30)
+def test_bench_with_an_event_subscriber_reports_its_cost_and_the_delivery_delay(
+    tmp_path: Path,
+) -> None:
+    """--events subscriber: single and batch again with a subscriber attached, each
+    compared with the run just before it, and the delay from commit to delivery."""
+    completed = subprocess.run(
+        [
+            *(sys.executable, "-m", "bench.run", "--mode", "smoke", "--out", str(tmp_path)),
+            *("--modes", "single,batch", "--events", "subscriber", "--event-subscribers", "2"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=SMOKE_TIMEOUT_S,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+
+    figures = json.loads((tmp_path / "latest.json").read_text())
+    assert list(figures["modes"]) == ["single", "single_events", "batch", "batch_events"]
+    for base in ("single", "batch"):
+        mode = figures["modes"][f"{base}_events"]
+        assert mode["transfers_per_s"] > 0 and mode["ratio_to"] == base
+        assert figures["ratios"][f"{base}_events_vs_{base}"] == mode["ratio"] > 0
+        assert mode["event_consumers"] == ["subscriber"]
+        subscribers = mode["event_subscribers"]
+        assert subscribers["processes"] == 2 and subscribers["errors"] == []
+        # Every subscriber read the events of the transfers the phase applied.
+        assert all(n > 0 for n in subscribers["events"]), subscribers
+        delay = subscribers["delivery_delay_ms"]
+        assert 0 < delay["p50"] <= delay["p99"] <= delay["max"], delay
+        assert "event_subscribers" not in figures["modes"][base]
+    assert "commit to delivery p50" in completed.stdout
+
+
+def test_bench_refuses_the_publisher_without_a_broker() -> None:
+    completed = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--events", "subscriber,publisher"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=SMOKE_TIMEOUT_S,
+        check=False,
+    )
+    assert completed.returncode == 2, completed.stdout + completed.stderr
+    assert "--events publisher needs --amqp-url" in completed.stderr

@@ -30,6 +30,7 @@ from chaos.checker import (
 )
 from chaos.clients import Caller, ItemAnswer, OpRecord
 from chaos.cluster import DRAIN_DEADLINE_S, REBALANCE_DEADLINE_S, ChaosCluster
+from chaos.events import StreamState, compare_books
 from chaos.holds import settle_operation
 from chaos.nemesis import FaultRecord, Nemesis
 from chaos.plan import Action, Fault, FaultKind, Operation, Ref, TransferSpec, plan_run
@@ -167,6 +168,111 @@ def test_checker_flags_a_linked_chain_applied_in_part() -> None:
     report = CheckReport()
     check_history(snapshot, [record], report)
     assert "linked chains" in {v.check for v in report.violations}
+
+
+def _event(
+    event_id: str, shard: str, position: int, *entries: tuple[str, int, int, int]
+) -> pb.Event:
+    """An event with entries (account id, sequence, credit posted amount, credits after)."""
+    return pb.Event(
+        event_id=event_id,
+        shard=shard,
+        position=position,
+        kind=pb.EVENT_KIND_TRANSFER_POSTED,
+        entries=[
+            pb.EventEntry(
+                account=pb.AccountRef(merchant_id="m1", account_id=account_id),
+                sequence=sequence,
+                direction=pb.DIRECTION_CREDIT,
+                kind=pb.ENTRY_KIND_POSTED,
+                amount_minor=amount_minor,
+                credits_posted=credits_after,
+            )
+            for account_id, sequence, amount_minor, credits_after in entries
+        ],
+    )
+
+
+def _created(event_id: str, shard: str, position: int, account_id: str) -> pb.Event:
+    return pb.Event(
+        event_id=event_id,
+        shard=shard,
+        position=position,
+        kind=pb.EVENT_KIND_ACCOUNT_CREATED,
+        account=pb.Account(ref=pb.AccountRef(merchant_id="m1", account_id=account_id)),
+    )
+
+
+def test_event_check_passes_a_complete_stream_delivered_twice_in_part() -> None:
+    state = StreamState()
+    stream = [
+        _created("e1", "shard-a", 1, "cash"),
+        _event("e2", "shard-a", 2, ("cash", 1, 100, 100)),
+        _event("e3", "shard-a", 3, ("cash", 2, 50, 150)),
+    ]
+    # A client resuming from an older cursor sees events again: dropped by id.
+    taken = [state.take(e) for e in (*stream, stream[1], stream[2])]
+    assert taken == [True, True, True, False, False]
+    assert state.duplicates == 2 and state.problems == []
+    report = CheckReport()
+    assert compare_books(state, {("m1", "cash"): (0, 150, 0, 0)}, report) == 0
+    assert report.violations == []
+
+
+def test_event_check_flags_gaps_reordering_and_balances_the_shard_does_not_hold() -> None:
+    state = StreamState()
+    state.take(_created("e1", "shard-a", 1, "cash"))
+    state.take(_event("e3", "shard-a", 3, ("cash", 2, 50, 150)))  # position 2 missing
+    state.take(_event("e2", "shard-a", 2, ("cash", 1, 100, 100)))  # late: reordered
+    state.take(_event("e4", "shard-a", 4, ("cash", 3, 10, 999)))  # says the wrong balance
+    state.take(_event("e2", "shard-a", 5))  # a known id at another position
+    details = [(check, detail.split(":")[0]) for check, _, detail in state.problems]
+    assert details == [
+        ("events order", "gap"),
+        ("events order", "gap"),  # entry 2 of cash before its entry 1
+        ("events order", "reordered"),
+        ("events order", "reordered"),
+        ("events balances", "entry 3 says balances (0, 999, 0, 0), but the previous (0, 150, 0, 0) and its ENTRY_KIND_POSTED DIRECTION_CREDIT of 10 make (0, 160, 0, 0)"),  # noqa: E501
+        ("events order", "delivered as shard-a#5, first as shard-a#2"),
+    ]  # fmt: skip
+    report = CheckReport()
+    stored = {("m1", "cash"): (0, 160, 0, 0), ("m1", "sales"): (0, 0, 0, 0)}
+    assert compare_books(state, stored, report) == 1
+    assert [(v.check, v.where) for v in report.violations] == [
+        ("events balances", "m1/cash"),
+        ("events complete", "m1/sales"),  # stored, but never created in the stream
+    ]
+
+
+def test_event_check_keys_settlement_accounts_by_shard() -> None:
+    state = StreamState()
+    for shard in ("shard-a", "shard-b"):
+        state.take(
+            pb.Event(
+                event_id=f"s-{shard}",
+                shard=shard,
+                position=1,
+                kind=pb.EVENT_KIND_SAGA_STEP,
+                entries=[
+                    pb.EventEntry(
+                        account=pb.AccountRef(merchant_id="$settlement", account_id="USD"),
+                        sequence=1,
+                        direction=pb.DIRECTION_DEBIT,
+                        kind=pb.ENTRY_KIND_PENDING,
+                        amount_minor=7,
+                        debits_pending=7,
+                    )
+                ],
+            )
+        )
+    assert state.problems == []
+    report = CheckReport()
+    stored = {
+        ("$settlement@shard-a", "USD"): (0, 0, 7, 0),
+        ("$settlement@shard-b", "USD"): (0, 0, 0, 0),
+    }
+    assert compare_books(state, stored, report) == 1
+    assert [v.where for v in report.violations] == ["$settlement@shard-b/USD"]
 
 
 def test_checker_flags_a_hold_that_would_not_settle_at_the_end() -> None:
@@ -332,6 +438,29 @@ def test_short_chaos_run_finds_no_violation(tmp_path: Path) -> None:
         assert summary["operations"][kind].get("ok", 0) > 0, kind
     assert summary["sagas"].get("TRANSFER COMPLETED", 0) > 0
     assert summary["sagas"].get("TRANSFER COMPENSATED", 0) > 0
+    _assert_events_checked(summary, both_replicas_killed=True)
+
+
+def _assert_events_checked(summary: dict[str, Any], *, both_replicas_killed: bool) -> None:
+    """The event subscriber followed the run through its faults, and its events
+    rebuilt every account's balances on every shard, arriving complete and in order
+    (_run_chaos checked there was no violation: this checks the check ran)."""
+    events = summary["events"]
+    (note,) = [n for n in summary["checks"] if n.startswith("events: ")]
+    assert note.endswith(": 0 differ"), note
+    compared = _COMPARED.search(note)
+    assert compared is not None, note
+    # Every client account (2 merchants a shard, 6 accounts each) and settlement ones.
+    assert int(compared.group(1)) > 36, note
+    assert events["events"] > 200, events
+    assert set(events["per_shard"]) == set(summary["shards"]), events
+    assert sum(events["per_shard"].values()) == events["events"]
+    if both_replicas_killed:
+        # Whichever replica it followed was killed at some point: it resumed elsewhere.
+        assert events["calls"] >= 2, events
+
+
+_COMPARED = re.compile(r"rebuilt balances of (\d+) accounts")
 
 
 # Seed 2 with --rebalances: shard-b's weight goes up 2.5 s in, the rebalance is
@@ -404,3 +533,7 @@ def test_short_chaos_run_drains_a_shard_under_load_and_settles_every_hold(
     assert any(note.endswith("; 0 left open") for note in summary["checks"]), summary["checks"]
     for kind in ("local", "cross", "pending_cross"):
         assert summary["operations"][kind].get("ok", 0) > 0, kind
+    # The events followed the merchants across the moves and still rebuild the books.
+    _assert_events_checked(summary, both_replicas_killed=False)
+    kinds = summary["events"]["kinds"]
+    assert kinds.get("MERCHANT_MOVED_OUT", 0) > 0 and kinds.get("MOVE_BOOKED", 0) > 0, kinds

@@ -3,13 +3,18 @@ resumable by cursor (issue 20)."""
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import grpc
 import pytest
 
+from ledger import limits
 from ledger.v1 import ledger_pb2 as pb
 from tests.event_support import balances_from, collect_until, kinds, marked
 from tests.support import (
     RPC_TIMEOUT_S,
+    WAIT_DEADLINE_S,
     Service,
     account,
     balance,
@@ -201,9 +206,17 @@ async def test_from_now_skips_history_and_an_account_filter_keeps_its_account(
     m = service.merchant_on("shard-b")
     await create_accounts(stub, account(m, "a"), account(m, "b"), account(m, "c"))
     await transfers(stub, transfer(uid("old"), ref(m, "a"), ref(m, "b"), 1))
+    feed = service.server.feed
     call = stub.SubscribeEvents(
         pb.SubscribeEventsRequest(from_now=True, account=ref(m, "c")), timeout=RPC_TIMEOUT_S
     )
+
+    async def following() -> bool:
+        return feed.subscriptions > 0
+
+    # "Now" is when the service starts the subscription, not when the call is made:
+    # the writes below must come after it.
+    await wait_until(following, what="the subscription to start")
     await transfers(
         stub,
         transfer("not-c", ref(m, "a"), ref(m, "b"), 2),
@@ -235,3 +248,39 @@ async def test_bad_subscriptions_are_refused_with_the_field(service: Service) ->
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await stub.AckEvents(pb.AckEventsRequest(), timeout=RPC_TIMEOUT_S)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_a_subscriber_reads_again_only_the_shards_that_numbered_new_events(
+    service: Service,
+) -> None:
+    """Under load the sequencer runs a round every few ms: a subscription reads the
+    shard that round numbered, not every shard on each round (nor again on the
+    round's own NOTIFY); idle shards are read on the idle poll only."""
+    stub = service.stub
+    m = service.merchant_on("shard-a")
+    idle = ("shard-b", "shard-c")
+    await create_accounts(stub, account(m, "cash"), account(m, "sales"))
+    feed = service.server.feed
+    call = stub.SubscribeEvents(pb.SubscribeEventsRequest(), timeout=10 * WAIT_DEADLINE_S)
+    try:
+        await transfers(stub, transfer("first", ref(m, "cash"), ref(m, "sales"), 1))
+        async with asyncio.timeout(WAIT_DEADLINE_S):
+            while (await call.read()).transfer_id != "first":
+                pass  # the history before it
+        reads_before = {name: feed.shard_reads[name] for name in idle}
+        started = time.monotonic()
+        writes = 20
+        for i in range(writes):
+            await transfers(stub, transfer(f"t{i}", ref(m, "cash"), ref(m, "sales"), 1))
+            async with asyncio.timeout(WAIT_DEADLINE_S):
+                event = await call.read()
+            assert isinstance(event, pb.Event) and event.transfer_id == f"t{i}"
+        elapsed_s = time.monotonic() - started
+    finally:
+        call.cancel()
+    # Reading every shard on each round and on its NOTIFY made at least two reads of
+    # each idle shard per write; now: one per idle poll, and the pass under way.
+    reads_max = elapsed_s / limits.event_idle_poll_s + 2
+    for name in idle:
+        assert feed.shard_reads[name] - reads_before[name] <= reads_max, (name, elapsed_s)
+    assert feed.shard_reads["shard-a"] >= writes

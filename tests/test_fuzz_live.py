@@ -1039,8 +1039,15 @@ def _input_type(service_name: str, method: str) -> Any:
 
 async def raw_call(service: Service, service_name: str, method: str, payload: bytes) -> Any:
     path = f"/{SERVICES[service_name].full_name}/{method}"
-    send = service.channel.unary_unary(path, request_serializer=None, response_deserializer=None)
     try:
+        if method == "SubscribeEvents":
+            stream = service.channel.unary_stream(
+                path, request_serializer=None, response_deserializer=None
+            )
+            return OK, await _first_event(stream(payload, timeout=RPC_TIMEOUT_S))
+        send = service.channel.unary_unary(
+            path, request_serializer=None, response_deserializer=None
+        )
         return OK, await send(payload, timeout=RPC_TIMEOUT_S)
     except grpc.aio.AioRpcError as error:
         return error.code(), error

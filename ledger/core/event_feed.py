@@ -4,7 +4,11 @@ A subscription holds a cursor (the last position delivered per shard) and reads
 every shard after it, in per-shard order. It wakes when a shard numbers new
 events: told in-process by this replica's sequencer, and through LISTEN on each
 shard for the others' (with a poll every limits.event_idle_poll_s, should a
-notification be lost).
+notification be lost). Both say the shard and its last position, and a
+subscription then reads only the shards numbered past what it has read: under
+load the sequencer runs a round every few ms, and reading every shard on each
+(twice: the in-process call, then this replica's own NOTIFY) put up to six
+queries per round on the writers' pools (docs/performance.md, "Event stream").
 
 Across a move: the destination's MERCHANT_MOVED_IN for merchant M at epoch E is
 held back (with the rest of that shard's stream, so per-shard order and the cursor
@@ -22,6 +26,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+from collections import Counter
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 
@@ -71,18 +76,24 @@ class EventFeed:
         self.cluster = cluster
         # Replaced on every wake-up: a subscriber waits on the one it took before reading.
         self._changed = asyncio.Event()
+        # Per shard, the last position this replica was told was numbered (by its own
+        # sequencer, or a NOTIFY from another's): a subscription reads a shard again
+        # only when this passed what it read, instead of every shard on every round.
+        self._numbered: dict[str, int] = {}
+        # Reads of each shard's events by every subscription: lets a test see that
+        # a shard with nothing new is not read on every round of another.
+        self.shard_reads: Counter[str] = Counter()
         self._listeners: dict[str, asyncpg.Connection[asyncpg.Record]] = {}
         self.subscriptions = 0
         self._closed = False
-        # Bumped per shard on every wake-up: a subscriber reads a shard again only
-        # when it changed (or it has more to read, or its poll came due).
-        self._generation: dict[str, int] = {}
 
-    def wake(self, shard_name: str = "") -> None:
-        """New events were numbered on shard_name (every shard if empty): subscribers
-        read it again."""
-        for name in [shard_name] if shard_name else list(self.cluster.shards):
-            self._generation[name] = self._generation.get(name, 0) + 1
+    def wake(self, shard_name: str = "", last_position: int = 0) -> None:
+        """New events were numbered on shard_name up to last_position (with no shard:
+        anything may have changed): the subscribers read again."""
+        if shard_name:
+            if last_position <= self._numbered.get(shard_name, 0):
+                return  # told already: this replica's own round, echoed by NOTIFY
+            self._numbered[shard_name] = last_position
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
 
@@ -108,8 +119,16 @@ class EventFeed:
             except (OSError, asyncpg.PostgresError, TimeoutError) as error:
                 log.debug("cannot listen for events on shard %s: %s", name, error)
 
-    def _notified(self, shard_name: str, *_: object) -> None:
-        self.wake(shard_name)
+    def _notified(self, shard_name: str, *args: object) -> None:
+        # add_listener's callback gets (connection, pid, channel, payload); the
+        # payload is the last position the round gave.
+        payload = args[-1] if args else ""
+        try:
+            last_position = int(str(payload))
+        except ValueError:
+            self.wake()  # not ours to parse: read everything
+            return
+        self.wake(shard_name, last_position)
 
     async def start_positions(self, subscription: Subscription) -> dict[str, int]:
         """Where the subscription starts on each shard; refuses a pruned or unknown one."""
@@ -147,36 +166,40 @@ class EventFeed:
     ) -> AsyncIterator[tuple[EventRow, dict[str, int]]]:
         # Arrivals whose departure is not delivered yet: shard -> (source, merchant, epoch).
         held: dict[str, tuple[str, str, int]] = {}
-        # The generation of each shard as last read, and shards with more to read.
-        seen: dict[str, int] = {}
-        more: set[str] = set(positions)
-        delivered = False
+        # Per shard, a position up to which this subscription has read everything
+        # (of its filter): a shard is read again once more was numbered there, and
+        # every shard on a full pass (the first, and each idle poll: a NOTIFY may
+        # have been lost, or come from a shard not listened to yet).
+        read_up_to: dict[str, int] = {}
+        full_pass = True
+        loop = asyncio.get_running_loop()
+        read_at = -limits.event_read_gap_s
         while not self._closed:
             await self._listen()
+            # Batching, not synchronisation: what is numbered meanwhile joins this read.
+            gap_s = read_at + limits.event_read_gap_s - loop.time()
+            if gap_s > 0:
+                await asyncio.sleep(gap_s)
+            read_at = loop.time()
             changed = self._changed
-            # A held arrival may be free once another shard delivered its departure.
-            recheck = set(held) if delivered else set()
             delivered = False
             for name in list(positions):
                 shard = self.cluster.shards.get(name)
-                generation = self._generation.get(name, 0)
-                if shard is None or (
-                    name not in more and name not in recheck and seen.get(name) == generation
-                ):
+                if shard is None:
                     continue
-                seen[name] = generation
-                more.discard(name)
                 try:
                     if name in held and not await self._departed(held[name], positions):
                         continue
                     held.pop(name, None)
+                    numbered = self._numbered.get(name, 0)
+                    if not full_pass and read_up_to.get(name, -1) >= numbered:
+                        continue
+                    self.shard_reads[name] += 1
                     rows = await EventStore(shard).read(
                         after=positions[name],
                         limit=limits.event_read_batch_max,
                         merchant_id=subscription.merchant_id,
                     )
-                    if len(rows) == limits.event_read_batch_max:
-                        more.add(name)
                     if rows and rows[0].position != positions[name] + 1:
                         oldest, _ = await EventStore(shard).bounds()
                         if positions[name] + 1 < oldest:
@@ -184,23 +207,29 @@ class EventFeed:
                 except ShardUnavailable as error:
                     log.debug("events of shard %s not read now: %s", name, error)
                     continue
+                # Fewer rows than asked for: the read saw everything numbered before it.
+                read_all = len(rows) < limits.event_read_batch_max
                 for row in rows:
                     if row.kind is EventKind.MERCHANT_MOVED_IN:
                         arrival = _arrival(row)
                         if arrival[0] in positions and not await self._departed(arrival, positions):
                             held[name] = arrival
+                            read_all = False
                             break
                     positions[name] = row.position
                     if subscription.account is not None and not _touches(row, subscription.account):
                         continue
                     delivered = True
                     yield row, dict(positions)
-            if not delivered and not more:
+                if read_all:
+                    read_up_to[name] = max(numbered, positions[name])
+            full_pass = False
+            if not delivered:
                 try:
                     async with asyncio.timeout(limits.event_idle_poll_s):
                         await changed.wait()
                 except TimeoutError:
-                    more = set(positions)  # a notification may have been lost
+                    full_pass = True
 
     async def _departed(self, arrival: tuple[str, str, int], positions: Mapping[str, int]) -> bool:
         """Whether the source's departure matching an arrival has been delivered."""

@@ -32,8 +32,9 @@ class EventSequencer:
         self._stopped = False
         self._task: asyncio.Task[None] | None = None
         self._retained_at = 0.0
-        # Told after a round numbered events on a shard (the feed wakes its readers).
-        self.on_sequenced: Callable[[str], None] | None = None
+        # Told after a round numbered events on a shard, with the last position given
+        # (the feed wakes its readers of that shard).
+        self.on_sequenced: Callable[[str, int], None] | None = None
         # Rounds finished since start: lets a test wait for rounds, not time.
         self.rounds = 0
         self._lags: list[tuple[float, dict[str, str]]] = []
@@ -74,11 +75,12 @@ class EventSequencer:
         if shard is None:
             return 0
         store = EventStore(shard)
-        numbered = 0
+        numbered = last_position = 0
         try:
             while True:
-                taken = await store.sequence_round(events_max=limits.event_sequence_batch_max)
+                taken, last = await store.sequence_round(events_max=limits.event_sequence_batch_max)
                 numbered += taken
+                last_position = max(last_position, last)
                 if taken < limits.event_sequence_batch_max:
                     break
         except ShardUnavailable as error:
@@ -86,7 +88,7 @@ class EventSequencer:
         if numbered:
             metrics.events_sequenced.add(numbered, {"shard": name})
             if self.on_sequenced is not None:
-                self.on_sequenced(name)
+                self.on_sequenced(name, last_position)
         return numbered
 
     async def _run(self) -> None:
@@ -132,8 +134,7 @@ class EventSequencer:
                 )
                 for consumer in lapsed:
                     log.warning(
-                        "event consumer %r lapsed on shard %s: it fell behind the "
-                        "retention bound",
+                        "event consumer %r lapsed on shard %s: it fell behind the retention bound",
                         consumer,
                         name,
                     )

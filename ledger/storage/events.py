@@ -62,25 +62,27 @@ class EventStore:
     def __init__(self, shard: Shard) -> None:
         self.shard = shard
 
-    async def sequence_round(self, *, events_max: int) -> int:
-        """Numbers up to events_max committed outbox events; how many it numbered.
+    async def sequence_round(self, *, events_max: int) -> tuple[int, int]:
+        """Numbers up to events_max committed outbox events; (how many it numbered,
+        the last position given then: 0 when none).
 
         Runs outside Shard._in_transaction: that would tell the sequencer of its
         own commit and wake it again for nothing.
         """
         async with self.shard.connection() as conn:
             if not await conn.fetchval(sql.OUTBOX_HAS_ROWS):
-                return 0
+                return 0, 0
             async with conn.transaction():
                 if not await conn.fetchval(sql.TRY_SEQUENCER_LOCK):
-                    return 0
+                    return 0, 0
                 row = await conn.fetchrow(sql.SEQUENCE_EVENTS, events_max)
                 assert row is not None
                 taken = int(row["taken"])
                 assert row["inserted"] == taken, "every event taken from the outbox was numbered"
-                if taken:
-                    await conn.execute(sql.NOTIFY_SEQUENCED, str(row["last_position"]))
-                return taken
+                if not taken:
+                    return 0, 0
+                await conn.execute(sql.NOTIFY_SEQUENCED, str(row["last_position"]))
+                return taken, int(row["last_position"])
 
     async def read(self, *, after: int, limit: int, merchant_id: str | None) -> list[EventRow]:
         async with self.shard.connection() as conn:
