@@ -1,0 +1,580 @@
+"""The RabbitMQ publisher (`ledger events publish`) against a real broker: every event
+arrives, in per-shard order, as SubscribeEvents delivers it; a publisher SIGKILLed
+mid-stream loses nothing and sends again only what was unconfirmed; of two
+publishers one at a time publishes a shard; a rejected message is dead-lettered.
+
+The broker is RabbitMQ at 127.0.0.1:5672 (guest/guest), or $LEDGER_TEST_AMQP_URL;
+without one these tests skip and say why. The publisher runs as a real process
+(`python -m ledger.cli events publish`) against the service fixture's shards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aio_pika
+import aio_pika.abc
+import pytest
+from aio_pika.exceptions import CONNECTION_EXCEPTIONS
+from google.protobuf import json_format
+
+from ledger import limits
+from ledger.storage.event_lease import ShardLease
+from ledger.storage.events import EventStore
+from ledger.telemetry.redaction import redact
+from ledger.v1 import ledger_pb2 as pb
+from tests.event_support import collect_until
+from tests.support import (
+    Service,
+    account,
+    create_accounts,
+    ref,
+    result_names,
+    transfer,
+    transfers,
+    uid,
+    wait_until,
+)
+
+AMQP_URL = os.environ.get("LEDGER_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+ROOT = Path(__file__).resolve().parent.parent
+SHARDS = ("shard-a", "shard-b", "shard-c")
+# A publisher process starts (imports, connects, takes leases) and catches up within
+# this long, even on a loaded machine.
+PUBLISHER_DEADLINE_S = 90.0
+# A publisher asked to stop confirms its batch in flight and exits within this long.
+PUBLISHER_STOP_DEADLINE_S = 45.0
+BROKER_CONNECT_TIMEOUT_S = 5.0
+
+
+@dataclass
+class Received:
+    """One message as a consumer of the test's queue got it."""
+
+    routing_key: str
+    message_id: str
+    content_type: str | None
+    headers: dict[str, object]
+    body: bytes
+    event: pb.Event
+
+
+@dataclass
+class Topology:
+    """The test's own exchange (and dead letters) and queue, so that tests and parallel
+    runs never see each other's messages; deleted at the end."""
+
+    connection: aio_pika.abc.AbstractConnection
+    channel: aio_pika.abc.AbstractChannel
+    tag: str = field(default_factory=lambda: uid("t"))
+    received: list[Received] = field(default_factory=list)
+
+    @property
+    def exchange(self) -> str:
+        return f"ledger.events.{self.tag}"
+
+    @property
+    def dead_letter(self) -> str:
+        return f"{self.exchange}.dead"
+
+    @property
+    def queue(self) -> str:
+        return f"ledger.test.{self.tag}"
+
+    async def declare(self) -> aio_pika.abc.AbstractQueue:
+        """What the publisher declares, with the same arguments (so a difference fails
+        the publisher with PRECONDITION_FAILED)."""
+        await self.channel.declare_exchange(
+            self.exchange, aio_pika.ExchangeType.TOPIC, durable=True
+        )
+        queue = await self.channel.declare_queue(
+            self.queue, durable=True, arguments={"x-dead-letter-exchange": self.dead_letter}
+        )
+        await queue.bind(self.exchange, routing_key="#")
+        return queue
+
+    async def consume(self, queue: aio_pika.abc.AbstractQueue) -> None:
+        async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            self.received.append(_received(message))
+            await message.ack()
+
+        await queue.consume(on_message)
+
+    async def delete(self) -> None:
+        for queue in (self.queue, self.dead_letter):
+            await self.channel.queue_delete(queue)
+        for exchange in (self.exchange, self.dead_letter):
+            await self.channel.exchange_delete(exchange)
+
+    def unique(self) -> dict[str, Received]:
+        """The received messages by message_id (the first of each)."""
+        first: dict[str, Received] = {}
+        for r in self.received:
+            first.setdefault(r.message_id, r)
+        return first
+
+    def positions(self) -> dict[str, set[int]]:
+        got: dict[str, set[int]] = {name: set() for name in SHARDS}
+        for r in self.received:
+            got[r.event.shard].add(r.event.position)
+        return got
+
+    def has_all(self, last: dict[str, int]) -> bool:
+        got = self.positions()
+        return all(set(range(1, last[name] + 1)) <= got[name] for name in last)
+
+
+def _received(message: aio_pika.abc.AbstractIncomingMessage) -> Received:
+    assert message.message_id is not None
+    return Received(
+        routing_key=message.routing_key or "",
+        message_id=message.message_id,
+        content_type=message.content_type,
+        headers=dict(message.headers),
+        body=message.body,
+        event=json_format.Parse(message.body, pb.Event()),
+    )
+
+
+@pytest.fixture
+async def broker() -> AsyncIterator[aio_pika.abc.AbstractConnection]:
+    try:
+        connection = await aio_pika.connect(AMQP_URL, timeout=BROKER_CONNECT_TIMEOUT_S)
+    except CONNECTION_EXCEPTIONS as error:
+        pytest.skip(f"no RabbitMQ at {redact(AMQP_URL)} (set LEDGER_TEST_AMQP_URL): {error!r}")
+    try:
+        yield connection
+    finally:
+        await connection.close()
+
+
+@pytest.fixture
+async def topology(broker: aio_pika.abc.AbstractConnection) -> AsyncIterator[Topology]:
+    channel = await broker.channel()
+    topology = Topology(broker, channel)
+    try:
+        yield topology
+    finally:
+        await topology.delete()
+        await channel.close()
+
+
+@dataclass
+class Publisher:
+    """`ledger events publish` as a child process."""
+
+    service: Service
+    topology: Topology
+    log_path: Path
+    consumer: str
+    queue: bool = True
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        assert self.process is None or self.process.poll() is not None, "already running"
+        command = [
+            sys.executable, "-m", "ledger.cli", "events", "publish",
+            "--amqp", AMQP_URL,
+            "--config", str(self.service.config_path),
+            "--exchange", self.topology.exchange,
+            "--consumer", self.consumer,
+        ]  # fmt: skip
+        if self.queue:
+            command += ["--queue", self.topology.queue]
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                command,
+                cwd=ROOT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+            )
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    async def wait_exit(self, deadline_s: float = PUBLISHER_STOP_DEADLINE_S) -> int:
+        assert self.process is not None
+        end = time.monotonic() + deadline_s
+        while self.process.poll() is None:
+            if time.monotonic() > end:
+                self.process.kill()
+                raise AssertionError(f"publisher did not exit in time:\n{self.log()}")
+            await asyncio.sleep(0.02)
+        return self.process.returncode
+
+    async def kill(self) -> None:
+        """SIGKILL, as a crash would."""
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+        await self.wait_exit()
+
+    async def stop(self) -> int:
+        """SIGTERM; the exit status."""
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return await self.wait_exit()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def assert_running(self) -> None:
+        assert self.process is not None and self.process.poll() is None, (
+            f"the publisher exited:\n{self.log()}"
+        )
+
+
+async def lease_holders(service: Service, consumer: str) -> dict[str, int | None]:
+    """Per shard, the pid of the publisher holding consumer's lease (None: nobody)."""
+    holders: dict[str, int | None] = {}
+    for name in SHARDS:
+        holder = await ShardLease.holder(service.cluster.shards[name], consumer)
+        holders[name] = int(holder.split()[2]) if holder else None
+    return holders
+
+
+async def acknowledged(service: Service, consumer: str) -> dict[str, int]:
+    positions: dict[str, int] = {}
+    for name in SHARDS:
+        for c in await EventStore(service.cluster.shards[name]).consumers():
+            if c.consumer == consumer:
+                positions[name] = c.position
+    return positions
+
+
+async def last_positions(service: Service) -> dict[str, int]:
+    """Where each shard's stream stands once a fresh marker event on it is sequenced:
+    every event written before this call is at or before it."""
+    markers = {uid("marker"): service.merchant_on(name) for name in SHARDS}
+    await create_accounts(
+        service.stub,
+        *(account(m, a) for a, m in markers.items()),
+    )
+    last: dict[str, int] = {}
+
+    def all_seen(event: pb.Event) -> bool:
+        if event.kind == pb.EVENT_KIND_ACCOUNT_CREATED and event.account.ref.account_id in markers:
+            last[event.shard] = event.position
+        return len(last) == len(SHARDS)
+
+    await collect_until(service.stub, pb.SubscribeEventsRequest(from_now=False), all_seen)
+    return last
+
+
+async def books_workload(service: Service) -> None:
+    """Accounts on every shard, local transfers, a two-phase one and a cross-shard one."""
+    stub = service.stub
+    a, b, c = (service.merchant_on(name) for name in SHARDS)
+    await create_accounts(
+        stub, *(account(m, name) for m in (a, b, c) for name in ("cash", "sales"))
+    )
+    results = await transfers(
+        stub,
+        transfer(uid("local-"), ref(a, "cash"), ref(a, "sales"), 100),
+        transfer(uid("local-"), ref(b, "cash"), ref(b, "sales"), 200),
+        transfer(uid("local-"), ref(c, "cash"), ref(c, "sales"), 300),
+        transfer(uid("hold-"), ref(c, "cash"), ref(c, "sales"), 40,
+                 action=pb.TRANSFER_ACTION_PENDING),
+        transfer(uid("cross-"), ref(a, "cash"), ref(b, "sales"), 250),
+    )  # fmt: skip
+    assert result_names(results) == ["TRANSFER_RESULT_OK"] * 5
+
+
+async def wait_received(
+    topology: Topology, last: dict[str, int], publishers: list[Publisher]
+) -> None:
+    async def arrived() -> bool:
+        for p in publishers:
+            if p.process is not None and p.process.poll() is not None:
+                raise AssertionError(f"a publisher exited:\n{p.log()}")
+        return topology.has_all(last)
+
+    await wait_until(
+        arrived, deadline_s=PUBLISHER_DEADLINE_S, what=f"every event up to {last} in the queue"
+    )
+
+
+def first_positions(topology: Topology) -> dict[str, list[int]]:
+    """Per shard, the positions of the messages that were new, in arrival order."""
+    seen: set[str] = set()
+    order: dict[str, list[int]] = {name: [] for name in SHARDS}
+    for r in topology.received:
+        if r.message_id not in seen:
+            seen.add(r.message_id)
+            order[r.event.shard].append(r.event.position)
+    return order
+
+
+def assert_duplicates_are_true_copies(topology: Topology) -> None:
+    """A message_id always carries the same event (shard, position, body)."""
+    first = topology.unique()
+    for r in topology.received:
+        assert r.body == first[r.message_id].body
+    by_position = {(r.event.shard, r.event.position) for r in first.values()}
+    assert len(by_position) == len(first), "one message_id per (shard, position)"
+
+
+async def test_every_event_reaches_the_queue_once_in_order_as_subscribers_see_it(
+    service: Service, topology: Topology, tmp_path: Path
+) -> None:
+    queue = await topology.declare()
+    await topology.consume(queue)
+    await books_workload(service)
+    publisher = Publisher(service, topology, tmp_path / "publisher.log", consumer=uid("pub-"))
+    publisher.start()
+    try:
+        last = await last_positions(service)
+        await wait_received(topology, last, [publisher])
+        # Every position 1..N of every shard, each once (no publisher died: no duplicate).
+        assert len(topology.received) == len(topology.unique())
+        for name, positions in first_positions(topology).items():
+            assert positions == sorted(positions), f"{name} out of order"
+            assert positions[: last[name]] == list(range(1, last[name] + 1))
+        # The body is the Event SubscribeEvents delivers, its cursor naming its own shard.
+        subscribed = await collect_until(
+            service.stub,
+            pb.SubscribeEventsRequest(),
+            lambda e: all(e.cursor.positions[n] >= last[n] for n in SHARDS),
+        )
+        by_position = {(r.event.shard, r.event.position): r for r in topology.received}
+        kinds_seen: set[str] = set()
+        for expected in subscribed:
+            got = by_position[(expected.shard, expected.position)]
+            kind = pb.EventKind.Name(expected.kind).removeprefix("EVENT_KIND_").lower()
+            kinds_seen.add(kind)
+            assert got.routing_key == f"{kind}.{expected.shard}"
+            assert got.message_id == expected.event_id
+            assert got.content_type == "application/json"
+            assert got.headers == {
+                "shard": expected.shard, "position": expected.position, "kind": kind
+            }  # fmt: skip
+            assert dict(got.event.cursor.positions) == {expected.shard: expected.position}
+            message, want = pb.Event(), pb.Event()
+            message.CopyFrom(got.event)
+            want.CopyFrom(expected)
+            message.ClearField("cursor")
+            want.ClearField("cursor")
+            assert message == want
+        assert {"account_created", "transfer_posted", "pending_created", "saga_step",
+                "saga_completed"} <= kinds_seen  # fmt: skip
+        assert await publisher.stop() == 0
+        acked = await acknowledged(service, publisher.consumer)
+        assert all(acked[name] >= last[name] for name in SHARDS), (acked, last)
+    finally:
+        if publisher.process is not None and publisher.process.poll() is None:
+            await publisher.kill()
+
+
+async def test_a_publisher_killed_mid_stream_loses_nothing_and_resends_only_its_unconfirmed_batch(
+    service: Service, topology: Topology, tmp_path: Path
+) -> None:
+    queue = await topology.declare()
+    await topology.consume(queue)
+    consumer = uid("pub-")
+    publisher = Publisher(service, topology, tmp_path / "publisher.log", consumer=consumer)
+    stop_writing = asyncio.Event()
+    merchants = {name: service.merchant_on(name) for name in SHARDS}
+    await create_accounts(
+        service.stub, *(account(m, n) for m in merchants.values() for n in ("cash", "sales"))
+    )
+
+    async def write() -> int:
+        """Transfers on every shard until told to stop (a bounded number of rounds)."""
+        for round_ in range(20_000):
+            if stop_writing.is_set():
+                return round_
+            batch = [
+                transfer(uid("w-"), ref(m, "cash"), ref(m, "sales"), 1) for m in merchants.values()
+            ]
+            results = await transfers(service.stub, *batch)
+            assert result_names(results) == ["TRANSFER_RESULT_OK"] * len(SHARDS)
+        return 20_000
+
+    writer = asyncio.create_task(write())
+    try:
+        publisher.start()
+        before_kill = len(topology.received)
+
+        async def streaming(at_least: int) -> bool:
+            publisher.assert_running()
+            assert not writer.done(), "the workload ended before the publisher was killed"
+            return len(topology.received) >= at_least
+
+        await wait_until(
+            lambda: streaming(before_kill + 100),
+            deadline_s=PUBLISHER_DEADLINE_S,
+            what="the publisher to publish while the workload runs",
+        )
+        await publisher.kill()
+        acked = await acknowledged(service, consumer)
+        publisher.start()
+        restarted_at = len(topology.received)
+        await wait_until(
+            lambda: streaming(restarted_at + 100),
+            deadline_s=PUBLISHER_DEADLINE_S,
+            what="the restarted publisher to publish while the workload runs",
+        )
+        stop_writing.set()
+        assert await writer > 0
+        last = await last_positions(service)
+        await wait_received(topology, last, [publisher])
+    finally:
+        stop_writing.set()
+        await asyncio.gather(writer, return_exceptions=True)
+        if publisher.process is not None and publisher.process.poll() is None:
+            await publisher.kill()
+
+    assert_duplicates_are_true_copies(topology)
+    for name, positions in first_positions(topology).items():
+        assert positions[: last[name]] == list(range(1, last[name] + 1)), f"{name} lost events"
+    # Duplicates only of what the killed publisher had not had confirmed: after its
+    # acknowledged position, at most one batch per shard.
+    counts: dict[tuple[str, int], int] = {}
+    for r in topology.received:
+        key = (r.event.shard, r.event.position)
+        counts[key] = counts.get(key, 0) + 1
+    duplicated = {key for key, n in counts.items() if n > 1}
+    assert all(n <= 2 for n in counts.values())
+    for name in SHARDS:
+        again = sorted(p for shard, p in duplicated if shard == name)
+        assert len(again) <= limits.event_publish_batch_max
+        assert all(acked.get(name, 0) < p <= acked.get(name, 0) + limits.event_publish_batch_max
+                   for p in again), (name, acked, again)  # fmt: skip
+
+
+async def test_two_publishers_share_the_shards_one_at_a_time_and_take_over_from_a_dead_one(
+    service: Service, topology: Topology, tmp_path: Path
+) -> None:
+    queue = await topology.declare()
+    await topology.consume(queue)
+    consumer = uid("pub-")
+    first = Publisher(service, topology, tmp_path / "first.log", consumer=consumer)
+    second = Publisher(service, topology, tmp_path / "second.log", consumer=consumer)
+    try:
+        first.start()
+        second.start()
+
+        async def all_leased() -> bool:
+            first.assert_running()
+            second.assert_running()
+            holders = await lease_holders(service, consumer)
+            return all(h in (first.pid, second.pid) for h in holders.values())
+
+        await wait_until(
+            all_leased, deadline_s=PUBLISHER_DEADLINE_S, what="every shard to be leased"
+        )
+        await books_workload(service)
+        last = await last_positions(service)
+        await wait_received(topology, last, [first, second])
+        # Both ran all along, and no event was published twice: one publisher a shard.
+        assert len(topology.received) == len(topology.unique())
+        for name, positions in first_positions(topology).items():
+            assert positions[: last[name]] == list(range(1, last[name] + 1)), name
+
+        # Kill the holder of shard-a's lease: the other takes every shard over.
+        holders = await lease_holders(service, consumer)
+        victim, survivor = (first, second) if holders["shard-a"] == first.pid else (second, first)
+        await victim.kill()
+
+        async def taken_over() -> bool:
+            survivor.assert_running()
+            return set((await lease_holders(service, consumer)).values()) == {survivor.pid}
+
+        await wait_until(
+            taken_over,
+            deadline_s=PUBLISHER_DEADLINE_S,
+            what="the surviving publisher to take every shard over",
+        )
+        await books_workload(service)
+        last = await last_positions(service)
+        await wait_received(topology, last, [survivor])
+        assert_duplicates_are_true_copies(topology)
+        assert await survivor.stop() == 0
+    finally:
+        for p in (first, second):
+            if p.process is not None and p.process.poll() is None:
+                await p.kill()
+
+
+async def test_a_message_a_consumer_rejects_lands_in_the_dead_letter_queue(
+    service: Service, topology: Topology, tmp_path: Path
+) -> None:
+    # The publisher declares the queue (--queue) and the dead letters itself.
+    publisher = Publisher(service, topology, tmp_path / "publisher.log", consumer=uid("pub-"))
+    publisher.start()
+    try:
+
+        async def declared() -> bool:
+            publisher.assert_running()
+            channel = await topology.connection.channel()  # a failed check closes it
+            try:
+                await channel.declare_queue(topology.queue, passive=True)
+                await channel.declare_queue(topology.dead_letter, passive=True)
+                return True
+            except aio_pika.exceptions.ChannelNotFoundEntity:
+                return False
+            finally:
+                if not channel.is_closed:
+                    await channel.close()
+
+        await wait_until(
+            declared, deadline_s=PUBLISHER_DEADLINE_S, what="the publisher to declare its queues"
+        )
+        merchant = service.merchant_on("shard-b")
+        await create_accounts(service.stub, account(merchant, "refused"))
+        queue = await topology.channel.get_queue(topology.queue)
+        rejected: list[Received] = []
+
+        async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            got = _received(message)
+            if got.event.account.ref.merchant_id == merchant:
+                rejected.append(got)
+                await message.reject(requeue=False)
+            else:
+                await message.ack()
+
+        await queue.consume(on_message)
+
+        async def delivered() -> bool:
+            publisher.assert_running()
+            return bool(rejected)
+
+        await wait_until(
+            delivered, deadline_s=PUBLISHER_DEADLINE_S, what="the account's event in the queue"
+        )
+        dead_queue = await topology.channel.get_queue(topology.dead_letter)
+
+        async def dead_lettered() -> aio_pika.abc.AbstractIncomingMessage | None:
+            return await dead_queue.get(no_ack=True, fail=False)
+
+        dead: list[aio_pika.abc.AbstractIncomingMessage] = []
+
+        async def arrived_dead() -> bool:
+            message = await dead_lettered()
+            if message is not None:
+                dead.append(message)
+            return any(m.message_id == rejected[0].message_id for m in dead)
+
+        await wait_until(arrived_dead, what="the rejected message in the dead-letter queue")
+        message = next(m for m in dead if m.message_id == rejected[0].message_id)
+        assert message.body == rejected[0].body
+        deaths = message.headers["x-death"]
+        assert isinstance(deaths, list) and deaths[0]["reason"] == "rejected"  # type: ignore[index]
+        assert deaths[0]["queue"] == topology.queue  # type: ignore[index]
+        assert await publisher.stop() == 0
+    finally:
+        if publisher.process is not None and publisher.process.poll() is None:
+            await publisher.kill()
