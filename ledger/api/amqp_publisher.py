@@ -31,7 +31,7 @@ import aiormq.exceptions
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 from google.protobuf import json_format
 
-from ledger import limits
+from ledger import faults, limits
 from ledger.api.events import event
 from ledger.routing.cluster import Cluster
 from ledger.storage.errors import ShardUnavailable
@@ -379,6 +379,7 @@ class AmqpPublisher:
                 await self._broker.failed(name, error)
                 continue
             self._broker.succeeded()
+            faults.crash_point("publish.after_confirm")
             position = await store.acknowledge(self.settings.consumer, rows[-1].position)
             self.published += len(rows)
             log.debug("shard %s: published up to position %d", name, position)
