@@ -46,6 +46,7 @@ from ledger.settings import Settings, SettingsError, checkpoint_key_from_env
 from ledger.storage.chain import ChainStore
 from ledger.storage.checkpoint_export import CheckpointExport
 from ledger.storage.errors import ShardUnavailable
+from ledger.storage.event_lease import ShardLease
 from ledger.storage.events import ConsumerLapsed, EventStore
 from ledger.storage.moves import AdminBusy
 from ledger.telemetry.logs import setup_logging
@@ -643,9 +644,8 @@ def events_publish(
 ) -> None:
     """Forward every shard's events to a RabbitMQ exchange, at least once, until stopped.
 
-    Several publishers may run: each shard is published by one at a time (a lease),
-    and another takes it over when that one dies. SIGTERM or SIGINT: the batch in
-    flight is confirmed and acknowledged, then it exits 0.
+    Each shard is published by one publisher at a time (a lease); another takes over.
+    SIGTERM or SIGINT: the batch in flight is confirmed and acknowledged, then exit 0.
     """
     setup_logging()
     config_path = _config(config)
@@ -714,9 +714,11 @@ def events_consumers(
                         continue
                     for c in await store.consumers():
                         state = "LAPSED" if c.lapsed else "live"
+                        # A publisher (ledger events publish) holding the shard's lease.
+                        holder = await ShardLease.holder(shard, c.consumer)
                         lines.append(
                             f"{name:<16} {c.consumer:<32} {c.position:>12} {c.lag_events:>12} "
-                            f"{c.lag_s:>10.1f} {state}"
+                            f"{c.lag_s:>10.1f} {state}" + (f" ({holder})" if holder else "")
                         )
                 except ShardUnavailable as error:
                     unreachable.append(name)

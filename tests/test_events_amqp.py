@@ -176,13 +176,14 @@ class Publisher:
     log_path: Path
     consumer: str
     queue: bool = True
+    amqp_url: str = AMQP_URL
     process: subprocess.Popen[bytes] | None = None
 
     def start(self, **extra_env: str) -> None:
         assert self.process is None or self.process.poll() is not None, "already running"
         command = [
             sys.executable, "-m", "ledger.cli", "events", "publish",
-            "--amqp", AMQP_URL,
+            "--amqp", self.amqp_url,
             "--config", str(self.service.config_path),
             "--exchange", self.topology.exchange,
             "--consumer", self.consumer,
@@ -617,3 +618,20 @@ async def test_a_message_a_consumer_rejects_lands_in_the_dead_letter_queue(
     finally:
         if publisher.process is not None and publisher.process.poll() is None:
             await publisher.kill()
+
+
+async def test_a_publisher_the_broker_refuses_exits_1_and_never_shows_the_password(
+    service: Service, topology: Topology, tmp_path: Path
+) -> None:
+    secret = uid("not-the-password-")
+    scheme, rest = AMQP_URL.split("://", 1)
+    host = rest.rsplit("@", 1)[-1]
+    wrong = f"{scheme}://guest:{secret}@{host}"
+    publisher = Publisher(
+        service, topology, tmp_path / "publisher.log", consumer=uid("pub-"), amqp_url=wrong
+    )
+    publisher.start()
+    assert await publisher.wait_exit(PUBLISHER_DEADLINE_S) == 1
+    output = publisher.log()
+    assert "refused" in output, output
+    assert secret not in output, output

@@ -138,7 +138,6 @@ class _Broker:
         self._lock = asyncio.Lock()
         # Failures in a row (connects and publishes); reset by a confirmed batch.
         self._failures = 0
-        self.reconnects = 0
 
     async def open(self) -> None:
         """Connects and declares the exchanges and queues; raises what the broker said."""
@@ -175,25 +174,35 @@ class _Broker:
             )
             await queue.bind(settings.exchange, routing_key="#")
 
+    async def connect(self) -> None:
+        """Connects (with back-off) and declares, before anything is published."""
+        async with self._lock:
+            await self._connected()
+
+    async def _connected(self) -> aio_pika.abc.AbstractConnection:
+        """The connection, with the exchanges and queues declared; (re)connects after a
+        back-off if need be. Raises PublisherRefused when the broker refuses us."""
+        while self._connection is None or self._connection.is_closed:
+            if self._stopping.is_set():
+                raise _Stopping
+            try:
+                await self.open()
+                log.info("connected to %s", redacted_url(self.settings.amqp_url))
+            except CONNECTION_EXCEPTIONS as error:
+                if _is_refusal(error):
+                    raise PublisherRefused(
+                        f"the broker refused the publisher: {redact(str(error))}"
+                    ) from error
+                await self._back_off(f"cannot connect to the broker: {redact(str(error))}")
+        return self._connection
+
     async def exchange(self, shard: str) -> aio_pika.abc.AbstractExchange:
         """The exchange on shard's confirming channel, (re)connecting first if need be."""
         async with self._lock:
-            while self._connection is None or self._connection.is_closed:
-                if self._stopping.is_set():
-                    raise _Stopping
-                try:
-                    await self.open()
-                    self.reconnects += 1
-                    log.info("connected to %s", redacted_url(self.settings.amqp_url))
-                except CONNECTION_EXCEPTIONS as error:
-                    if _is_refusal(error):
-                        raise PublisherRefused(
-                            f"the broker refused the publisher: {redact(str(error))}"
-                        ) from error
-                    await self._back_off(f"cannot connect to the broker: {redact(str(error))}")
+            connection = await self._connected()
             channel = self._channels.get(shard)
             if channel is None or channel.is_closed:
-                channel = await self._connection.channel(publisher_confirms=True)
+                channel = await connection.channel(publisher_confirms=True)
                 self._channels[shard] = channel
         return await channel.get_exchange(self.settings.exchange, ensure=False)
 
@@ -265,12 +274,18 @@ class AmqpPublisher:
             redacted_url(self.settings.amqp_url),
             self.settings.consumer,
         )
-        tasks = [
-            asyncio.create_task(self._serve(name), name=f"publish-{name}")
-            for name in self.cluster.shards
-        ]
+        tasks: list[asyncio.Task[None]] = []
         try:
+            # Queues (--queue) exist before the first event is published: the broker
+            # drops what no queue is bound for.
+            await self._broker.connect()
+            tasks = [
+                asyncio.create_task(self._serve(name), name=f"publish-{name}")
+                for name in self.cluster.shards
+            ]
             await asyncio.gather(*tasks)
+        except _Stopping:
+            pass
         finally:
             self._stopping.set()
             for task in tasks:
