@@ -657,12 +657,12 @@ def events_publish(
 
     async def run() -> None:
         cluster = Cluster(load_config(config_path), config_path=config_path, audit=True)
-        await cluster.open(migrate=False)
         publisher = AmqpPublisher(cluster, settings)
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, publisher.stop)
         try:
+            await cluster.open(migrate=False)
             await publisher.run()
         finally:
             await cluster.close()

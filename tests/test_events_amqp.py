@@ -19,6 +19,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
 import aio_pika.abc
@@ -482,6 +483,15 @@ async def test_a_publisher_killed_between_confirm_and_acknowledgement_sends_that
         acked = await acknowledged(service, consumer)
         publisher.start()
         await wait_received(topology, last, [publisher])
+
+        async def caught_up() -> bool:
+            publisher.assert_running()
+            now = await acknowledged(service, consumer)
+            return all(now.get(name, -1) >= last[name] for name in SHARDS)
+
+        await wait_until(
+            caught_up, deadline_s=PUBLISHER_DEADLINE_S, what="the restarted publisher to catch up"
+        )
         assert await publisher.stop() == 0
     finally:
         if publisher.process is not None and publisher.process.poll() is None:
@@ -618,6 +628,97 @@ async def test_a_message_a_consumer_rejects_lands_in_the_dead_letter_queue(
     finally:
         if publisher.process is not None and publisher.process.poll() is None:
             await publisher.kill()
+
+
+class BrokerProxy:
+    """A TCP proxy to the broker that a test can cut (every connection dropped, new ones
+    closed at once) and restore: a broker outage without stopping the shared broker."""
+
+    def __init__(self) -> None:
+        parts = urlsplit(AMQP_URL)
+        self.upstream = (parts.hostname or "127.0.0.1", parts.port or 5672)
+        self.cut = False
+        self.refused = 0
+        self._transports: set[asyncio.BaseTransport] = set()
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> str:
+        """Starts listening; the AMQP URL through the proxy."""
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        port = self._server.sockets[0].getsockname()[1]
+        parts = urlsplit(AMQP_URL)
+        credentials = parts.netloc.rsplit("@", 1)[0] + "@" if "@" in parts.netloc else ""
+        return urlunsplit(parts._replace(netloc=f"{credentials}127.0.0.1:{port}"))
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.cut:
+            self.refused += 1
+            writer.transport.abort()
+            return
+        up_reader, up_writer = await asyncio.open_connection(*self.upstream)
+        self._transports |= {writer.transport, up_writer.transport}
+        await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.transport.abort()
+            self._transports.discard(writer.transport)
+
+    def sever(self) -> None:
+        self.cut = True
+        for transport in list(self._transports):
+            transport.abort()
+
+    def restore(self) -> None:
+        self.cut = False
+
+    async def close(self) -> None:
+        self.sever()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+
+async def test_a_broker_outage_loses_nothing_and_the_publisher_reconnects_by_itself(
+    service: Service, topology: Topology, tmp_path: Path
+) -> None:
+    queue = await topology.declare()
+    await topology.consume(queue)
+    proxy = BrokerProxy()
+    publisher = Publisher(
+        service, topology, tmp_path / "publisher.log", consumer=uid("pub-"),
+        amqp_url=await proxy.start(),
+    )  # fmt: skip
+    try:
+        publisher.start()
+        await wait_received(topology, await last_positions(service), [publisher])
+        proxy.sever()
+        await books_workload(service)  # published into the outage: not confirmed
+
+        async def retrying() -> bool:
+            publisher.assert_running()
+            return proxy.refused >= 1
+
+        await wait_until(
+            retrying, deadline_s=PUBLISHER_DEADLINE_S, what="the publisher to try reconnecting"
+        )
+        proxy.restore()
+        await wait_received(topology, await last_positions(service), [publisher])
+        assert "retrying in" in publisher.log()
+        assert await publisher.stop() == 0
+    finally:
+        if publisher.process is not None and publisher.process.poll() is None:
+            await publisher.kill()
+        await proxy.close()
+    assert_duplicates_are_true_copies(topology)
+    for name, positions in first_positions(topology).items():
+        assert positions == sorted(positions), f"{name} out of order"
 
 
 async def test_a_publisher_the_broker_refuses_exits_1_and_never_shows_the_password(

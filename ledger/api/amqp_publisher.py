@@ -115,7 +115,9 @@ def amqp_message(row: EventRow) -> aio_pika.Message:
 
 def _is_refusal(error: BaseException) -> bool:
     """Errors that say the broker will refuse every retry: wrong credentials or vhost,
-    or an exchange or queue already declared with other settings."""
+    or an exchange or queue already declared with other settings. (aiormq raises
+    ProbableAuthenticationError when the broker answers the handshake with 403
+    ACCESS_REFUSED; a connection merely dropped then is a ConnectionError.)"""
     return isinstance(
         error,
         aiormq.exceptions.AuthenticationError
@@ -158,9 +160,7 @@ class _Broker:
 
     async def _declare(self, channel: aio_pika.abc.AbstractChannel) -> None:
         settings = self.settings
-        await channel.declare_exchange(
-            settings.exchange, aio_pika.ExchangeType.TOPIC, durable=True
-        )
+        await channel.declare_exchange(settings.exchange, aio_pika.ExchangeType.TOPIC, durable=True)
         dead = await channel.declare_exchange(
             settings.dead_letter, aio_pika.ExchangeType.FANOUT, durable=True
         )
@@ -182,7 +182,11 @@ class _Broker:
     async def _connected(self) -> aio_pika.abc.AbstractConnection:
         """The connection, with the exchanges and queues declared; (re)connects after a
         back-off if need be. Raises PublisherRefused when the broker refuses us."""
-        while self._connection is None or self._connection.is_closed:
+        while not self._usable():
+            if self._connection is not None:
+                # Lost (the broker went away): aio-pika marks it disconnected but
+                # not closed, and a channel opened on it would fail.
+                await self.close()
             if self._stopping.is_set():
                 raise _Stopping
             try:
@@ -194,7 +198,12 @@ class _Broker:
                         f"the broker refused the publisher: {redact(str(error))}"
                     ) from error
                 await self._back_off(f"cannot connect to the broker: {redact(str(error))}")
+        assert self._connection is not None
         return self._connection
+
+    def _usable(self) -> bool:
+        connection = self._connection
+        return connection is not None and not connection.is_closed and connection.connected.is_set()
 
     async def exchange(self, shard: str) -> aio_pika.abc.AbstractExchange:
         """The exchange on shard's confirming channel, (re)connecting first if need be."""
@@ -240,10 +249,11 @@ class _Broker:
 
     async def close(self) -> None:
         self._channels.clear()
-        if self._connection is not None and not self._connection.is_closed:
+        connection, self._connection = self._connection, None
+        if connection is not None and not connection.is_closed:
             with contextlib.suppress(*CONNECTION_EXCEPTIONS):
-                await self._connection.close()
-        self._connection = None
+                async with asyncio.timeout(limits.event_publish_connect_timeout_s):
+                    await connection.close()
 
 
 class AmqpPublisher:
@@ -355,11 +365,13 @@ class AmqpPublisher:
             self.leases.add(name)
             try:
                 await self._publish_held(lease, sequenced)
+                continue
             except ShardUnavailable as error:
                 log.warning("shard %s stopped answering: %s; taking its lease again", name, error)
             finally:
                 self.leases.discard(name)
                 await lease.release()
+            await self._pause(limits.event_publish_shard_retry_s)
 
     async def _publish_held(self, lease: ShardLease, sequenced: asyncio.Event) -> None:
         """Publishes the shard's events in batches for as long as the lease is held."""
