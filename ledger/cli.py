@@ -51,6 +51,7 @@ from ledger.storage.events import ConsumerLapsed, EventStore
 from ledger.storage.moves import AdminBusy
 from ledger.telemetry.logs import setup_logging
 from ledger.telemetry.metrics import setup_metrics
+from ledger.telemetry.redaction import redact
 from ledger.telemetry.textfile import reconcile_gauges, write_gauges
 from ledger.telemetry.tracing import setup_tracing
 from ledger.v1 import ledger_pb2 as pb
@@ -674,8 +675,10 @@ def events_publish(
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(1) from None
     except Exception as error:
+        # Logged with its traceback (redacted) where it happened; the reason here.
         typer.echo(
-            f"error: the publisher to {redacted_url(amqp)} failed: {type(error).__name__}",
+            f"error: the publisher to {redacted_url(amqp)} failed: "
+            f"{type(error).__name__}: {redact(str(error))}",
             err=True,
         )
         raise typer.Exit(1) from None

@@ -54,6 +54,10 @@ PUBLISHER_DEADLINE_S = 90.0
 # A publisher asked to stop confirms its batch in flight and exits within this long.
 PUBLISHER_STOP_DEADLINE_S = 45.0
 BROKER_CONNECT_TIMEOUT_S = 5.0
+# Each test starts publisher processes and waits on a few conditions, each within
+# PUBLISHER_DEADLINE_S: more than the suite's default of 120 s may pass on a loaded
+# machine before one of them fails on its own deadline (a clearer failure).
+pytestmark = pytest.mark.timeout(300)
 
 
 @dataclass
