@@ -73,6 +73,8 @@ EXPECTED_SCOPES = {
     SERVICE + "PostJournal": WRITE,
     SERVICE + "GetBalance": READ,
     SERVICE + "ListEntries": READ,
+    SERVICE + "SubscribeEvents": READ,
+    SERVICE + "AckEvents": READ,
     ADMIN_SERVICE + "ListSagas": ADMIN,
     ADMIN_SERVICE + "GetSaga": ADMIN,
     ADMIN_SERVICE + "RetrySaga": ADMIN,
