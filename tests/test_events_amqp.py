@@ -1,7 +1,10 @@
 """The RabbitMQ publisher (`ledger events publish`) against a real broker: every event
 arrives, in per-shard order, as SubscribeEvents delivers it; a publisher SIGKILLed
-mid-stream loses nothing and sends again only what was unconfirmed; of two
-publishers one at a time publishes a shard; a rejected message is dead-lettered.
+mid-stream (at seeded random points, checked against a model of what may repeat) or
+between a confirm and its acknowledgement loses nothing and sends again only what it
+had not acknowledged; a broker outage (through a TCP proxy) loses nothing; of two
+publishers one at a time publishes a shard, and one takes over from a dead one; a
+rejected message is dead-lettered; a refused login exits 1 without the password.
 
 The broker is RabbitMQ at 127.0.0.1:5672 (guest/guest), or $LEDGER_TEST_AMQP_URL;
 without one these tests skip and say why. The publisher runs as a real process
