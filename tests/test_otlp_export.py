@@ -59,6 +59,9 @@ EXPORTED_METRICS = (
     "ledger_merchants",
     "ledger_shard_reachable",
     "ledger_saga_oldest_running_age_seconds",
+    # The event stream (issue 20): events numbered, and the outbox not yet numbered.
+    "ledger_events_sequenced_total",
+    "ledger_event_outbox_backlog",
 )
 # Every one appears after the traffic below: counters of failures are exported at
 # zero from the start, so their panels read 0, not "No data", on a healthy system.
