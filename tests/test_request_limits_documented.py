@@ -159,6 +159,11 @@ PENDING_TIMEOUT = Limit(
     (f"{limits.pending_timeout_max.days} days", str(PENDING_TIMEOUT_MS_MAX)),
 )
 METADATA = (METADATA_KEYS, METADATA_KEY_BYTES, METADATA_VALUE_BYTES)
+CONSUMER_NAME = Limit(
+    "event_consumer_name_bytes_max",
+    limits.event_consumer_name_bytes_max,
+    (str(limits.event_consumer_name_bytes_max),),
+)
 
 # Every request field a caller-visible limit applies to: (message, field) -> limits.
 LIMITED: dict[tuple[str, str], tuple[Limit, ...]] = {
@@ -191,6 +196,9 @@ LIMITED: dict[tuple[str, str], tuple[Limit, ...]] = {
     ("ListTransfersByTraceRequest", "page_size"): (PAGE_SIZE,),
     ("LookupTransfersRequest", "wait_timeout_ms"): (LOOKUP_WAIT,),
     ("Transfer", "timeout_ms"): (PENDING_TIMEOUT,),
+    ("SubscribeEventsRequest", "merchant_id"): (ID_BYTES,),
+    ("SubscribeEventsRequest", "consumer"): (CONSUMER_NAME,),
+    ("AckEventsRequest", "consumer"): (CONSUMER_NAME,),
 }
 # Request strings bounded by their format instead: the proto must name the format.
 FORMATTED: dict[tuple[str, str], str] = {
@@ -198,6 +206,7 @@ FORMATTED: dict[tuple[str, str], str] = {
     ("Transfer", "currency"): "ISO 4217",
     ("Posting", "currency"): "ISO 4217",
     ("ListTransfersByTraceRequest", "trace_id"): "32 lower-case hex digits",
+    ("EventCursor", "positions"): "a shard of this cluster",
 }
 
 

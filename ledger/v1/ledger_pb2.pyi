@@ -1983,7 +1983,9 @@ class EventCursor(_message.Message):
     POSITIONS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def positions(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
-        """Shard name -> position."""
+        """Shard name -> position. Every name must be a shard of this cluster
+        (INVALID_ARGUMENT otherwise), so there is at most one entry per shard.
+        """
 
     def __init__(
         self,
@@ -2258,8 +2260,8 @@ class SubscribeEventsRequest(_message.Message):
     from_now: _builtins.bool
     """Only events from now on, for shards not named in `after`."""
     merchant_id: _builtins.str
-    """Only events touching this merchant (optional; required for a token
-    limited to merchants).
+    """Only events touching this merchant (optional; an id of 1 to 128 bytes;
+    required for a token limited to merchants).
     """
     consumer: _builtins.str
     """A registered consumer's name (optional, 1 to 128 bytes): registering keeps
