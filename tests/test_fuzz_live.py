@@ -40,6 +40,7 @@ What the wire allows, and what never reaches the server:
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import operator
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
@@ -91,6 +92,9 @@ ALLOWED: dict[str, frozenset[Code]] = {
     "ListSagas": frozenset({OK, INVALID}),
     "GetSaga": frozenset({OK, INVALID, Code.NOT_FOUND}),
     "ListTransfersByTrace": frozenset({OK, INVALID}),
+    # A cursor before what a shard keeps; a lapsed consumer.
+    "SubscribeEvents": frozenset({OK, INVALID, Code.OUT_OF_RANGE, Code.FAILED_PRECONDITION}),
+    "AckEvents": frozenset({OK, INVALID, Code.FAILED_PRECONDITION}),
 }
 ADMIN_METHODS = frozenset({"ListSagas", "GetSaga", "ListTransfersByTrace"})
 SERVICES = {
@@ -437,6 +441,19 @@ TRACE_ID = mostly(
 )
 PAGE_SIZE = mostly(st.integers(0, 5), INT32)
 
+# Event consumers and cursors: mostly the service's shards and small positions.
+CONSUMER = mostly(st.sampled_from(["fuzz-consumer-a", "fuzz-consumer-b"]), TEXT)
+EVENT_CURSOR = st.builds(
+    pb.EventCursor,
+    positions=st.dictionaries(
+        mostly(st.sampled_from(["shard-a", "shard-b", "shard-c"]), TEXT),
+        mostly(st.integers(0, 50), INT64),
+        max_size=4,
+    ),
+)
+# A subscription that is accepted may wait for events: its first one is read this long.
+SUBSCRIBE_FIRST_EVENT_S = 0.2
+
 REQUESTS: dict[str, st.SearchStrategy[Any]] = {
     "CreateAccounts": st.builds(
         pb.CreateAccountsRequest,
@@ -497,6 +514,15 @@ REQUESTS: dict[str, st.SearchStrategy[Any]] = {
     "ListTransfersByTrace": st.builds(
         pb.ListTransfersByTraceRequest, trace_id=TRACE_ID, page_size=PAGE_SIZE
     ),
+    "SubscribeEvents": st.builds(
+        pb.SubscribeEventsRequest,
+        after=mostly(EVENT_CURSOR, st.none()),
+        from_now=st.booleans(),
+        merchant_id=mostly(st.just(BOOKS_A), MERCHANT),
+        account=MAYBE_ACCOUNT_REF,
+        consumer=mostly(st.just(""), CONSUMER),
+    ),
+    "AckEvents": st.builds(pb.AckEventsRequest, consumer=CONSUMER, cursor=EVENT_CURSOR),
 }
 assert set(REQUESTS) == set(ALLOWED)
 
@@ -616,10 +642,26 @@ def admin_stub(service: Service) -> ledger_pb2_grpc.LedgerAdminServiceStub:
 async def call(service: Service, method: str, request: Message) -> tuple[Code, Any]:
     """Sends request; returns (status code, the response or the AioRpcError)."""
     stub: Any = admin_stub(service) if method in ADMIN_METHODS else service.stub
+    if method == "SubscribeEvents":
+        return await _subscribe(stub, request)
     try:
         return OK, await getattr(stub, method)(request, timeout=RPC_TIMEOUT_S)
     except grpc.aio.AioRpcError as error:
         return error.code(), error
+
+
+async def _subscribe(stub: Any, request: Message) -> tuple[Code, Any]:
+    """A stream's answer: its first event, an error, or nothing yet (accepted, waiting)."""
+    stream = stub.SubscribeEvents(request, timeout=RPC_TIMEOUT_S)
+    try:
+        async with asyncio.timeout(SUBSCRIBE_FIRST_EVENT_S):
+            return OK, await stream.read()
+    except TimeoutError:
+        return OK, None
+    except grpc.aio.AioRpcError as error:
+        return error.code(), error
+    finally:
+        stream.cancel()
 
 
 def assert_well_formed_refusal(method: str, error: grpc.aio.AioRpcError) -> None:
@@ -732,6 +774,8 @@ test_set_accounts_closed_never_fails_internally = _rpc_test("SetAccountsClosed",
 test_admin_list_sagas_never_fails_internally = _rpc_test("ListSagas", 40)
 test_admin_get_saga_never_fails_internally = _rpc_test("GetSaga", 40)
 test_admin_list_transfers_by_trace_never_fails_internally = _rpc_test("ListTransfersByTrace", 40)
+test_subscribe_events_never_fails_internally = _rpc_test("SubscribeEvents", 40)
+test_ack_events_never_fails_internally = _rpc_test("AckEvents", 40)
 
 
 # Found by the fuzzing, kept as fixed cases: the proto limits metadata by size only, so text with

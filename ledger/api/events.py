@@ -12,6 +12,7 @@ from datetime import datetime
 from typing import Any
 
 import grpc
+from google.rpc import error_details_pb2
 
 from ledger import limits
 from ledger.api import encode
@@ -199,9 +200,21 @@ def _refusal(error: Exception) -> AbortError:
             position=str(error.position),
         )
     if isinstance(error, UnknownShard):
-        return with_reason(
+        refusal = with_reason(
             grpc.StatusCode.INVALID_ARGUMENT, "UNKNOWN_SHARD", str(error), shard=error.shard
         )
+        # Bad input names its field, as every INVALID_ARGUMENT does.
+        refusal.details.append(
+            error_details_pb2.BadRequest(
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(
+                        field=f"after.positions[{error.shard[:64]!r}]",
+                        description="names no shard of this cluster",
+                    )
+                ]
+            )
+        )
+        return refusal
     assert isinstance(error, ShardUnavailable)
     return unavailable(str(error))
 
