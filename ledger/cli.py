@@ -19,6 +19,14 @@ import uvloop
 from opentelemetry.instrumentation.asyncpg import AsyncPGInstrumentor
 
 from ledger import limits
+from ledger.api.amqp_publisher import (
+    DEFAULT_CONSUMER,
+    DEFAULT_EXCHANGE,
+    AmqpPublisher,
+    PublisherRefused,
+    PublisherSettings,
+    redacted_url,
+)
 from ledger.api.auth import Scope, TokenFileError, TokenTable, new_token, token_entry
 from ledger.api.server import LedgerServer
 from ledger.api.tls import ServerTls
@@ -37,9 +45,13 @@ from ledger.sagas.runner import SagaSettings
 from ledger.settings import Settings, SettingsError, checkpoint_key_from_env
 from ledger.storage.chain import ChainStore
 from ledger.storage.checkpoint_export import CheckpointExport
+from ledger.storage.errors import ShardUnavailable
+from ledger.storage.event_lease import ShardLease
+from ledger.storage.events import ConsumerLapsed, EventStore
 from ledger.storage.moves import AdminBusy
 from ledger.telemetry.logs import setup_logging
 from ledger.telemetry.metrics import setup_metrics
+from ledger.telemetry.redaction import redact
 from ledger.telemetry.textfile import reconcile_gauges, write_gauges
 from ledger.telemetry.tracing import setup_tracing
 from ledger.v1 import ledger_pb2 as pb
@@ -69,6 +81,11 @@ sagas_app = typer.Typer(
 app.add_typer(sagas_app, name="sagas")
 auth_app = typer.Typer(help="Make bearer tokens for the token file.", no_args_is_help=True)
 app.add_typer(auth_app, name="auth")
+events_app = typer.Typer(
+    help="Publish the event stream to RabbitMQ; list and drop registered consumers.",
+    no_args_is_help=True,
+)
+app.add_typer(events_app, name="events")
 _KindOption = Annotated[str, typer.Option("--kind", help="transfer, settle or expire.")]
 # Admin calls are quick reads or single repairs.
 _ADMIN_TIMEOUT_S = 30.0
@@ -666,6 +683,128 @@ def shards_cleanup(config: _NewConfig = None, old: _OldConfig = None) -> None:
     """Delete old copies of merchants that moved, after checking the new owner has them."""
     merchants, rows = asyncio.run(_with_rebalancer(_config(config), old, lambda r: r.cleanup()))
     typer.echo(f"removed old copies of {merchants} merchants ({rows} rows)")
+
+
+@events_app.command("publish")
+def events_publish(
+    amqp: Annotated[
+        str,
+        typer.Option(
+            "--amqp",
+            help="The broker, amqp://user:password@host:5672/vhost (or $LEDGER_AMQP_URL).",
+            envvar="LEDGER_AMQP_URL",
+            show_default=False,
+        ),
+    ],
+    config: AdminConfigOption = None,
+    exchange: Annotated[
+        str, typer.Option(help="The topic exchange (its dead letters: EXCHANGE.dead).")
+    ] = DEFAULT_EXCHANGE,
+    consumer: Annotated[
+        str, typer.Option(help="The registered consumer that records what was published.")
+    ] = DEFAULT_CONSUMER,
+    queue: Annotated[
+        str | None,
+        typer.Option(help="Also declare this durable queue, bound to every event."),
+    ] = None,
+) -> None:
+    """Forward every shard's events to a RabbitMQ exchange, at least once, until stopped.
+
+    Each shard is published by one publisher at a time (a lease); another takes over.
+    SIGTERM or SIGINT: the batch in flight is confirmed and acknowledged, then exit 0.
+    """
+    setup_logging()
+    config_path = _config(config)
+    if not 1 <= len(consumer.encode()) <= limits.event_consumer_name_bytes_max:
+        raise typer.BadParameter(
+            f"--consumer must be 1 to {limits.event_consumer_name_bytes_max} bytes"
+        )
+    settings = PublisherSettings(amqp_url=amqp, exchange=exchange, consumer=consumer, queue=queue)
+
+    async def run() -> None:
+        cluster = Cluster(load_config(config_path), config_path=config_path, audit=True)
+        publisher = AmqpPublisher(cluster, settings)
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, publisher.stop)
+        try:
+            await cluster.open(migrate=False)
+            await publisher.run()
+        finally:
+            await cluster.close()
+        log.info("publisher stopped after publishing %d events", publisher.published)
+
+    try:
+        uvloop.run(run())
+    except (PublisherRefused, ConsumerLapsed) as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(1) from None
+    except Exception as error:
+        # Logged with its traceback (redacted) where it happened; the reason here.
+        typer.echo(
+            f"error: the publisher to {redacted_url(amqp)} failed: "
+            f"{type(error).__name__}: {redact(str(error))}",
+            err=True,
+        )
+        raise typer.Exit(1) from None
+
+
+@events_app.command("consumers")
+def events_consumers(
+    config: AdminConfigOption = None,
+    drop: Annotated[
+        str | None,
+        typer.Option(
+            "--drop",
+            metavar="NAME",
+            help="Delete this consumer on every shard (a lapsed one, to register it anew).",
+        ),
+    ] = None,
+) -> None:
+    """List the registered event consumers per shard: position, lag, lapsed or not."""
+    config_path = _config(config)
+
+    unreachable: list[str] = []
+
+    async def run() -> list[str]:
+        cluster = Cluster(load_config(config_path), config_path=config_path, audit=True)
+        await cluster.open(migrate=False)
+        lines: list[str] = []
+        try:
+            for name, shard in sorted(cluster.shards.items()):
+                store = EventStore(shard)
+                try:
+                    if drop is not None:
+                        dropped = await store.drop(drop)
+                        lines.append(
+                            f"{name}: dropped {drop!r}" if dropped else f"{name}: no {drop!r}"
+                        )
+                        continue
+                    for c in await store.consumers():
+                        state = "LAPSED" if c.lapsed else "live"
+                        # A publisher (ledger events publish) holding the shard's lease.
+                        holder = await ShardLease.holder(shard, c.consumer)
+                        lines.append(
+                            f"{name:<16} {c.consumer:<32} {c.position:>12} {c.lag_events:>12} "
+                            f"{c.lag_s:>10.1f} {state}" + (f" ({holder})" if holder else "")
+                        )
+                except ShardUnavailable as error:
+                    unreachable.append(name)
+                    lines.append(f"{name}: unreachable ({error})")
+        finally:
+            await cluster.close()
+        return lines
+
+    lines = asyncio.run(run())
+    if drop is None:
+        typer.echo(
+            f"{'shard':<16} {'consumer':<32} {'position':>12} {'lag events':>12} "
+            f"{'lag s':>10} state"
+        )
+    for line in lines:
+        typer.echo(line)
+    if unreachable:
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -25,6 +25,8 @@ POINTS = (
     "move.after_verify",
     "move.after_activate",
     "move.after_hand_over",
+    # The AMQP publisher: a batch confirmed by the broker, not yet acknowledged.
+    "publish.after_confirm",
 )
 
 

@@ -231,6 +231,27 @@ event_consumer_name_bytes_max = 128
 # Shards an event cursor may name (more than any cluster has; each is checked).
 event_cursor_shards_max = 64
 
+# The AMQP publisher (ledger events publish; ledger/api/amqp_publisher.py).
+# Events one shard publishes before it awaits the broker's confirms and
+# acknowledges: what a publisher killed mid-batch may publish again (per shard).
+event_publish_batch_max = 500
+# A shard whose lease another publisher holds is asked for it again this often:
+# how long a shard waits to be taken over once its publisher died.
+event_publish_lease_retry_s = 1.0
+# The broker confirms a healthy publish in milliseconds; one that has not within
+# this long (a memory or disk alarm blocks publishers) is treated as lost and
+# the batch is published again after reconnecting.
+event_publish_confirm_timeout_s = 30.0
+event_publish_connect_timeout_s = 10.0
+# Reconnecting to the broker: a jittered, doubling delay within these bounds, for
+# at most this many failures in a row (about ten minutes at the longest delay);
+# then the publisher exits 1 for its supervisor to restart and alert on.
+event_publish_reconnect_delay_s_min = 0.1
+event_publish_reconnect_delay_s_max = 5.0
+event_publish_reconnect_attempts_max = 120
+# A shard whose database cannot be reached is tried again after this long.
+event_publish_shard_retry_s = 1.0
+
 # Graceful shutdown: in-flight RPCs get this long to finish.
 shutdown_grace_s = 5.0
 # `ledger serve --workers N` (ledger/workers.py): a worker connects to and
@@ -294,3 +315,6 @@ assert 1 <= velocity_window_s_min <= velocity_window_s_max
 assert 1 <= velocity_rules_per_account_max <= 64
 assert 1 <= balance_monitors_per_account_max <= 64
 assert event_sequence_round_gap_s <= event_read_gap_s < event_idle_poll_s
+assert event_publish_batch_max <= event_read_batch_max
+assert 0 < event_publish_reconnect_delay_s_min < event_publish_reconnect_delay_s_max
+assert event_publish_connect_timeout_s < event_publish_confirm_timeout_s

@@ -3,11 +3,14 @@ acknowledged, and a consumer too far behind is told so (issue 20)."""
 
 from __future__ import annotations
 
+import os
+
 import grpc
 import pytest
 
 from ledger.storage.events import EventStore
 from ledger.v1 import ledger_pb2 as pb
+from tests.auth_support import run_cli
 from tests.event_support import collect_until, marked
 from tests.support import (
     RPC_TIMEOUT_S,
@@ -131,3 +134,35 @@ async def test_acknowledging_positions_not_given_yet_stops_at_the_last_one(
     )
     _, last = await EventStore(service.cluster.shards["shard-c"]).bounds()
     assert event.position <= acked.acknowledged.positions["shard-c"] == last
+
+
+async def test_the_consumers_command_shows_lag_and_lapse_and_drops_a_consumer_everywhere(
+    service: Service,
+) -> None:
+    stub = service.stub
+    consumer = uid("cli-")
+    m = service.merchant_on("shard-c")
+    await stub.AckEvents(
+        pb.AckEventsRequest(consumer=consumer, cursor=pb.EventCursor(positions={"shard-c": 0})),
+        timeout=RPC_TIMEOUT_S,
+    )
+    await create_accounts(stub, account(m, "a"), account(m, "b"))
+    await marked(stub, [m], pb.SubscribeEventsRequest(merchant_id=m))
+    store = EventStore(service.cluster.shards["shard-c"])
+    lapsed, _ = await store.retain(
+        lag_events_max=1, lag_s_max=10**9, retention_s_min=10**9, prune_max=0
+    )
+    assert consumer in lapsed
+    lag = {c.consumer: c for c in await store.consumers()}[consumer].lag_events
+    config = ["--config", str(service.config_path)]
+
+    listed = await run_cli(["events", "consumers", *config], os.environ)
+    assert listed.returncode == 0, listed.stderr
+    row = next(line.split() for line in listed.stdout.splitlines() if consumer in line)
+    assert row[:4] == ["shard-c", consumer, "0", str(lag)] and row[5] == "LAPSED", row
+
+    dropped = await run_cli(["events", "consumers", *config, "--drop", consumer], os.environ)
+    assert dropped.returncode == 0, dropped.stderr
+    assert f"shard-c: dropped {consumer!r}" in dropped.stdout
+    assert f"shard-a: no {consumer!r}" in dropped.stdout
+    assert consumer not in {c.consumer for c in await store.consumers()}

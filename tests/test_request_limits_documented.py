@@ -237,6 +237,7 @@ FORMATTED: dict[tuple[str, str], str] = {
     ("Transfer", "currency"): "ISO 4217",
     ("Posting", "currency"): "ISO 4217",
     ("ListTransfersByTraceRequest", "trace_id"): "32 lower-case hex digits",
+    ("EventCursor", "positions"): "a shard of this cluster",
 }
 
 

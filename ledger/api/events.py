@@ -12,12 +12,13 @@ from datetime import datetime
 from typing import Any
 
 import grpc
+from google.rpc import error_details_pb2
 
 from ledger import limits
 from ledger.api import encode
 from ledger.api.auth import require_merchants, require_unrestricted
 from ledger.api.decode import Violations, account_ref
-from ledger.api.status import AbortError, invalid_argument, unavailable, with_reason
+from ledger.api.status import AbortError, unavailable, with_reason
 from ledger.core.event_feed import EventFeed, EventsPruned, Subscription, UnknownShard
 from ledger.storage.errors import ShardUnavailable
 from ledger.storage.events import ConsumerLapsed, EventRow, EventStore
@@ -217,9 +218,21 @@ def _refusal(error: Exception) -> AbortError:
             position=str(error.position),
         )
     if isinstance(error, UnknownShard):
-        return invalid_argument(
-            [(f"after.positions[{error.shard[:64]!r}]", "names no shard of this cluster")]
+        refusal = with_reason(
+            grpc.StatusCode.INVALID_ARGUMENT, "UNKNOWN_SHARD", str(error), shard=error.shard
         )
+        # Bad input names its field, as every INVALID_ARGUMENT does.
+        refusal.details.append(
+            error_details_pb2.BadRequest(
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(
+                        field=f"after.positions[{error.shard[:64]!r}]",
+                        description="names no shard of this cluster",
+                    )
+                ]
+            )
+        )
+        return refusal
     assert isinstance(error, ShardUnavailable)
     return unavailable(str(error))
 

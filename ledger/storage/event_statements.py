@@ -5,6 +5,28 @@ from __future__ import annotations
 # One sequencer at a time per shard; the others skip the round.
 TRY_SEQUENCER_LOCK = "SELECT pg_try_advisory_xact_lock(7306, 0)"
 
+# An AMQP publisher's lease on a shard, per consumer name ($1): a session-level
+# lock held on a connection of its own for as long as it publishes the shard,
+# so that one publisher of a consumer at a time publishes it; the lock goes with
+# the connection when the process dies, and another publisher takes the shard
+# over. Publishers of different consumers (other brokers, other exchanges) do
+# not wait for each other. (Other keys: 7300 migrations, 7301-7302 moves, 7303
+# expiry sweeper, 7304 saga credits, 7305 checkpoints and the admin lock, 7306
+# the sequencer.)
+TRY_PUBLISHER_LEASE = "SELECT pg_try_advisory_lock(7307, hashtext($1))"
+PUBLISHER_LEASE_HELD = """
+SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND classid = 7307
+               AND objid = hashtext($1)::oid AND objsubid = 2
+               AND pid = pg_backend_pid() AND granted)
+"""
+# Who holds the lease of consumer $1 (the holder's application_name), if anyone.
+PUBLISHER_LEASE_HOLDER = """
+SELECT a.application_name FROM pg_locks AS l JOIN pg_stat_activity AS a ON a.pid = l.pid
+WHERE l.locktype = 'advisory' AND l.classid = 7307 AND l.objid = hashtext($1)::oid
+  AND l.objsubid = 2 AND l.granted
+  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+"""
+
 OUTBOX_HAS_ROWS = "SELECT EXISTS (SELECT 1 FROM event_outbox)"
 
 # Moves up to $1 committed outbox rows into `events`, numbered on from the last

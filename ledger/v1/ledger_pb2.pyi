@@ -2094,7 +2094,9 @@ class EventCursor(_message.Message):
     POSITIONS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def positions(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
-        """Shard name -> position; at most 64 shards."""
+        """Shard name -> position; at most 64 shards. Every name must be a shard of
+        this cluster (INVALID_ARGUMENT otherwise).
+        """
 
     def __init__(
         self,

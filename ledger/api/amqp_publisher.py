@@ -1,0 +1,449 @@
+"""Forwards every shard's event stream to a RabbitMQ exchange: `ledger events publish`.
+
+An outbound interface beside the gRPC API, sending the same pb.Event (the
+encoder of ledger/api/events.py) as proto3 JSON. Per shard, one publisher at a
+time (a lease: ledger/storage/event_lease.py) reads the sequenced events after
+its acknowledged position (it is a registered consumer, so retention keeps what
+it has not published), publishes a batch on a channel with publisher confirms,
+awaits every confirm, and only then acknowledges the batch's last position. A
+nack, a timeout or a lost connection acknowledges nothing: after a jittered
+back-off the shard publishes again from its acknowledged position. So a publisher
+killed at any moment loses nothing and sends again at most the batch that was in
+flight (consumers drop duplicates by message_id, the event's id).
+
+Design and guarantees: docs/events.md, "Publishing to RabbitMQ".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import aio_pika
+import aio_pika.abc
+import aiormq.exceptions
+from aio_pika.exceptions import CONNECTION_EXCEPTIONS
+from google.protobuf import json_format
+
+from ledger import faults, limits
+from ledger.api.events import event
+from ledger.routing.cluster import Cluster
+from ledger.storage.errors import ShardUnavailable
+from ledger.storage.event_lease import ShardLease
+from ledger.storage.events import ConsumerLapsed, EventRow, EventStore
+from ledger.telemetry.redaction import redact
+from ledger.v1 import ledger_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+DEFAULT_EXCHANGE = "ledger.events"
+DEFAULT_CONSUMER = "amqp-publisher"
+# The dead-letter exchange and queue of an exchange: `<exchange>.dead`.
+DEAD_LETTER_SUFFIX = ".dead"
+
+
+@dataclass(frozen=True, slots=True)
+class PublisherSettings:
+    amqp_url: str
+    exchange: str = DEFAULT_EXCHANGE
+    # The registered consumer whose acknowledged positions say what was published.
+    consumer: str = DEFAULT_CONSUMER
+    # A durable queue to declare and bind to every event ('#'), dead-lettering
+    # what its consumers reject.
+    queue: str | None = None
+
+    @property
+    def dead_letter(self) -> str:
+        return self.exchange + DEAD_LETTER_SUFFIX
+
+
+class PublisherRefused(Exception):
+    """The broker or the shards refuse this publisher for good: retrying will not help."""
+
+
+class _Stopping(Exception):
+    """The publisher was asked to stop while it waited."""
+
+
+def redacted_url(url: str) -> str:
+    """The AMQP URL fit for logs and messages (its password masked)."""
+    return redact(url)
+
+
+def event_kind_key(kind: int) -> str:
+    """`transfer_posted` for EVENT_KIND_TRANSFER_POSTED: the routing key's first word."""
+    return pb.EventKind.Name(kind).removeprefix("EVENT_KIND_").lower()  # type: ignore[arg-type]
+
+
+def routing_key(row: EventRow) -> str:
+    """`<kind>.<shard>`, e.g. `transfer_posted.shard-a` (shard names hold no dots)."""
+    return f"{event_kind_key(row.kind)}.{row.shard}"
+
+
+def amqp_message(row: EventRow) -> aio_pika.Message:
+    """The event as the AMQP message the publisher sends.
+
+    The body is the proto3 JSON of pb.Event with proto field names, as
+    SubscribeEvents would deliver it, except that its cursor names only the
+    event's own shard (a queue mixes shards; each shard's position is its own).
+    """
+    message = event(row, {row.shard: row.position})
+    body = json.dumps(
+        json_format.MessageToDict(message, preserving_proto_field_name=True),
+        separators=(",", ":"),
+        ensure_ascii=False,
+    ).encode()
+    kind = event_kind_key(row.kind)
+    return aio_pika.Message(
+        body,
+        content_type="application/json",
+        content_encoding="utf-8",
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        message_id=row.event_id,
+        timestamp=row.committed_at,
+        type=kind,
+        app_id="ledger",
+        headers={"shard": row.shard, "position": row.position, "kind": kind},
+    )
+
+
+def _is_refusal(error: BaseException) -> bool:
+    """Errors that say the broker will refuse every retry: wrong credentials or vhost,
+    or an exchange or queue already declared with other settings. (aiormq raises
+    ProbableAuthenticationError when the broker answers the handshake with 403
+    ACCESS_REFUSED; a connection merely dropped then is a ConnectionError.)"""
+    return isinstance(
+        error,
+        aiormq.exceptions.AuthenticationError
+        | aiormq.exceptions.ProbableAuthenticationError
+        | aiormq.exceptions.ChannelPreconditionFailed
+        | aiormq.exceptions.ChannelAccessRefused
+        | aiormq.exceptions.ConnectionNotAllowed,
+    )
+
+
+class _Broker:
+    """The AMQP connection the shards share, with a confirming channel per shard;
+    reconnected after a jittered, doubling back-off, for a bounded number of failures."""
+
+    def __init__(self, settings: PublisherSettings, stopping: asyncio.Event) -> None:
+        self.settings = settings
+        self._stopping = stopping
+        self._connection: aio_pika.abc.AbstractConnection | None = None
+        self._channels: dict[str, aio_pika.abc.AbstractChannel] = {}
+        self._lock = asyncio.Lock()
+        # Failures in a row (connects and publishes); reset by a confirmed batch.
+        self._failures = 0
+
+    async def open(self) -> None:
+        """Connects and declares the exchanges and queues; raises what the broker said."""
+        connection = await aio_pika.connect(
+            self.settings.amqp_url,
+            timeout=limits.event_publish_connect_timeout_s,
+            client_properties={"connection_name": f"ledger publisher {self.settings.consumer}"},
+        )
+        try:
+            channel = await connection.channel(publisher_confirms=False)
+            await self._declare(channel)
+            await channel.close()
+        except BaseException:
+            await connection.close()
+            raise
+        self._connection = connection
+        self._channels.clear()
+
+    async def _declare(self, channel: aio_pika.abc.AbstractChannel) -> None:
+        settings = self.settings
+        await channel.declare_exchange(settings.exchange, aio_pika.ExchangeType.TOPIC, durable=True)
+        dead = await channel.declare_exchange(
+            settings.dead_letter, aio_pika.ExchangeType.FANOUT, durable=True
+        )
+        dead_queue = await channel.declare_queue(settings.dead_letter, durable=True)
+        await dead_queue.bind(dead, routing_key="")
+        if settings.queue is not None:
+            queue = await channel.declare_queue(
+                settings.queue,
+                durable=True,
+                arguments={"x-dead-letter-exchange": settings.dead_letter},
+            )
+            await queue.bind(settings.exchange, routing_key="#")
+
+    async def connect(self) -> None:
+        """Connects (with back-off) and declares, before anything is published."""
+        async with self._lock:
+            await self._connected()
+
+    async def _connected(self) -> aio_pika.abc.AbstractConnection:
+        """The connection, with the exchanges and queues declared; (re)connects after a
+        back-off if need be. Raises PublisherRefused when the broker refuses us."""
+        while not self._usable():
+            if self._connection is not None:
+                # Lost (the broker went away): aio-pika marks it disconnected but
+                # not closed, and a channel opened on it would fail.
+                await self.close()
+            if self._stopping.is_set():
+                raise _Stopping
+            try:
+                await self.open()
+                log.info("connected to %s", redacted_url(self.settings.amqp_url))
+            except CONNECTION_EXCEPTIONS as error:
+                if _is_refusal(error):
+                    raise PublisherRefused(
+                        f"the broker refused the publisher: {redact(str(error))}"
+                    ) from error
+                await self._back_off(f"cannot connect to the broker: {redact(str(error))}")
+        assert self._connection is not None
+        return self._connection
+
+    def _usable(self) -> bool:
+        connection = self._connection
+        return connection is not None and not connection.is_closed and connection.connected.is_set()
+
+    async def exchange(self, shard: str) -> aio_pika.abc.AbstractExchange:
+        """The exchange on shard's confirming channel, (re)connecting first if need be."""
+        async with self._lock:
+            connection = await self._connected()
+            channel = self._channels.get(shard)
+            if channel is None or channel.is_closed:
+                channel = await connection.channel(publisher_confirms=True)
+                self._channels[shard] = channel
+        return await channel.get_exchange(self.settings.exchange, ensure=False)
+
+    async def failed(self, shard: str, error: BaseException) -> None:
+        """A batch of shard's was not confirmed: drop its channel, wait, let it retry."""
+        channel = self._channels.pop(shard, None)
+        if channel is not None and not channel.is_closed:
+            with contextlib.suppress(*CONNECTION_EXCEPTIONS):
+                await channel.close()
+        await self._back_off(
+            f"events of shard {shard} not confirmed ({type(error).__name__}: "
+            f"{redact(str(error))}); publishing them again from its acknowledged position"
+        )
+
+    def succeeded(self) -> None:
+        self._failures = 0
+
+    async def _back_off(self, why: str) -> None:
+        self._failures += 1
+        if self._failures > limits.event_publish_reconnect_attempts_max:
+            raise PublisherRefused(
+                f"gave up after {limits.event_publish_reconnect_attempts_max} failures in a "
+                f"row: {why}"
+            )
+        delay_s = min(
+            limits.event_publish_reconnect_delay_s_max,
+            limits.event_publish_reconnect_delay_s_min * 2 ** (self._failures - 1),
+        ) * random.uniform(0.5, 1.0)
+        log.warning("%s; retrying in %.1f s (failure %d in a row)", why, delay_s, self._failures)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(delay_s):
+                await self._stopping.wait()
+        if self._stopping.is_set():
+            raise _Stopping
+
+    async def close(self) -> None:
+        self._channels.clear()
+        connection, self._connection = self._connection, None
+        if connection is not None and not connection.is_closed:
+            with contextlib.suppress(*CONNECTION_EXCEPTIONS):
+                async with asyncio.timeout(limits.event_publish_connect_timeout_s):
+                    await connection.close()
+
+
+class AmqpPublisher:
+    """Publishes every shard of a cluster whose lease it can take, until stopped."""
+
+    def __init__(self, cluster: Cluster, settings: PublisherSettings) -> None:
+        self.cluster = cluster
+        self.settings = settings
+        self._stopping = asyncio.Event()
+        self._broker = _Broker(settings, self._stopping)
+        # Shards whose lease this publisher holds now.
+        self.leases: set[str] = set()
+        self.published = 0
+        self._fatal: BaseException | None = None
+        # The lease connections' application_name (PostgreSQL keeps 63 bytes of it).
+        self.holder = f"ledger-publisher pid {os.getpid()} {settings.consumer}"[:63]
+
+    def stop(self) -> None:
+        """Finish each shard's batch in flight (its confirms and acknowledgement), then end."""
+        self._stopping.set()
+
+    async def run(self) -> None:
+        """Publishes until stop(); raises PublisherRefused or ConsumerLapsed on a fatal error."""
+        log.info(
+            "publishing the event stream of shards %s to exchange %r at %s as consumer %r",
+            ", ".join(self.cluster.shards),
+            self.settings.exchange,
+            redacted_url(self.settings.amqp_url),
+            self.settings.consumer,
+        )
+        tasks: list[asyncio.Task[None]] = []
+        try:
+            # Queues (--queue) exist before the first event is published: the broker
+            # drops what no queue is bound for.
+            await self._broker.connect()
+            tasks = [
+                asyncio.create_task(self._serve(name), name=f"publish-{name}")
+                for name in self.cluster.shards
+            ]
+            await asyncio.gather(*tasks)
+        except _Stopping:
+            pass
+        finally:
+            self._stopping.set()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self._broker.close()
+        if self._fatal is not None:
+            raise self._fatal
+
+    async def _serve(self, name: str) -> None:
+        try:
+            await self._serve_shard(name)
+        except _Stopping:
+            pass
+        except (PublisherRefused, ConsumerLapsed, _EventsMissing) as error:
+            self._fatal = self._fatal or error
+            self._stopping.set()
+        except Exception as error:
+            log.exception("publishing shard %s failed", name)
+            self._fatal = self._fatal or error
+            self._stopping.set()
+
+    async def _pause(self, delay_s: float, wake: asyncio.Event | None = None) -> None:
+        """Waits delay_s, or until stopped (raising _Stopping) or woken."""
+        waits = [asyncio.ensure_future(self._stopping.wait())]
+        if wake is not None:
+            waits.append(asyncio.ensure_future(wake.wait()))
+        try:
+            await asyncio.wait(waits, timeout=delay_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiting in waits:
+                waiting.cancel()
+        if self._stopping.is_set():
+            raise _Stopping
+
+    async def _serve_shard(self, name: str) -> None:
+        """Takes the shard's lease when free and publishes while it holds it."""
+        shard = self.cluster.shards[name]
+        sequenced = asyncio.Event()
+        said_taken = said_unavailable = False
+        while not self._stopping.is_set():
+            try:
+                lease = await ShardLease.try_take(
+                    shard,
+                    consumer=self.settings.consumer,
+                    holder=self.holder,
+                    on_sequenced=sequenced.set,
+                )
+            except ShardUnavailable as error:
+                if not said_unavailable:
+                    log.warning("shard %s cannot be published now: %s", name, error)
+                    said_unavailable = True
+                await self._pause(limits.event_publish_shard_retry_s)
+                continue
+            said_unavailable = False
+            if lease is None:
+                if not said_taken:
+                    log.info(
+                        "shard %s is published by another publisher; asking for it every %.0f s",
+                        name,
+                        limits.event_publish_lease_retry_s,
+                    )
+                    said_taken = True
+                await self._pause(limits.event_publish_lease_retry_s)
+                continue
+            said_taken = False
+            self.leases.add(name)
+            try:
+                await self._publish_held(lease, sequenced)
+                continue
+            except ShardUnavailable as error:
+                log.warning("shard %s stopped answering: %s; taking its lease again", name, error)
+            finally:
+                self.leases.discard(name)
+                await lease.release()
+            await self._pause(limits.event_publish_shard_retry_s)
+
+    async def _publish_held(self, lease: ShardLease, sequenced: asyncio.Event) -> None:
+        """Publishes the shard's events in batches for as long as the lease is held."""
+        store = EventStore(lease.shard)
+        name = lease.shard.name
+        oldest, _ = await store.bounds()
+        # A new publisher starts at the oldest event kept; a known one where it was.
+        position = await store.register(self.settings.consumer, position=oldest - 1)
+        log.info("publishing shard %s after position %d", name, position)
+        while not self._stopping.is_set():
+            if not await lease.held():
+                log.warning("lost the lease on shard %s; asking for it again", name)
+                return
+            sequenced.clear()  # before reading: a round numbered after this read wakes us
+            rows = await store.read(
+                after=position, limit=limits.event_publish_batch_max, merchant_id=None
+            )
+            if not rows:
+                await self._pause(limits.event_idle_poll_s, sequenced)
+                continue
+            if rows[0].position != position + 1:
+                raise _EventsMissing(name, position, rows[0].position)
+            try:
+                exchange = await self._broker.exchange(name)
+                await self._publish(exchange, rows)
+            except CONNECTION_EXCEPTIONS as error:
+                if _is_refusal(error):
+                    raise PublisherRefused(
+                        f"the broker refused events of shard {name}: {redact(str(error))}"
+                    ) from error
+                # Nothing of this batch is acknowledged: it goes again after a back-off.
+                await self._broker.failed(name, error)
+                continue
+            self._broker.succeeded()
+            faults.crash_point("publish.after_confirm")
+            position = await store.acknowledge(self.settings.consumer, rows[-1].position)
+            self.published += len(rows)
+            log.debug("shard %s: published up to position %d", name, position)
+
+    async def _publish(
+        self, exchange: aio_pika.abc.AbstractExchange, rows: Sequence[EventRow]
+    ) -> None:
+        """Publishes rows in order and returns once the broker confirmed every one.
+
+        The publishes start in order, and the channel writes them under a FIFO lock
+        in the order they started, so the broker gets each shard's events in order.
+        Not mandatory: an event no queue is bound for is dropped by the broker, as
+        with any topic exchange (declare queues before publishing; --queue does).
+        """
+        publishes = [
+            asyncio.ensure_future(
+                exchange.publish(amqp_message(row), routing_key=routing_key(row), mandatory=False)
+            )
+            for row in rows
+        ]
+        try:
+            async with asyncio.timeout(limits.event_publish_confirm_timeout_s):
+                results = await asyncio.gather(*publishes, return_exceptions=True)
+        finally:
+            for publish in publishes:
+                publish.cancel()
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+
+
+class _EventsMissing(Exception):
+    """Events after the publisher's acknowledged position are gone: a broken invariant
+    (retention keeps every event a live consumer has not acknowledged)."""
+
+    def __init__(self, shard: str, position: int, first: int) -> None:
+        super().__init__(
+            f"shard {shard}: the publisher acknowledged position {position} but the next "
+            f"event kept is {first}; events were pruned under a live consumer"
+        )
