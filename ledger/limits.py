@@ -201,8 +201,10 @@ tls_certificate_check_interval_s = 3600.0
 event_sequence_batch_max = 5_000
 # Under load, rounds are at least this far apart, so that each numbers many
 # events instead of one transaction per commit: it adds at most this much to
-# the delay from commit to delivery.
-event_sequence_round_gap_s = 0.005
+# the delay from commit to delivery. 5 ms gave nearly a round per commit at low
+# load; 50 ms took PostgreSQL's CPU per single call from 1,730 to 1,400 us and
+# per cross-shard transfer from 12.0 to 8.5 ms (bench.cpu_cost, docs/performance.md).
+event_sequence_round_gap_s = 0.05
 # An idle shard's outbox is looked at this often (writes by other processes, a
 # rebalance, another replica) and a subscriber looks again this often when a
 # notification was lost.
@@ -210,10 +212,10 @@ event_idle_poll_s = 1.0
 # Events a subscriber reads from one shard per query.
 event_read_batch_max = 500
 # Under load, a subscription's reads are at least this far apart, so that each
-# takes the events of several sequencer rounds (a read per round, every 5 ms,
-# cost the writers measurably on a 2-core machine): it adds at most this much to
+# takes the events of several sequencer rounds (a read per round cost the
+# writers measurably on a 2-core machine): it adds at most this much to
 # the delay from commit to delivery, and nothing to the first event after a lull.
-event_read_gap_s = 0.02
+event_read_gap_s = 0.05
 # Consumers lapse and old events are pruned this often; the lag gauges are this old.
 event_retention_interval_s = 10.0
 # Events are kept at least this long, for subscribers that never registered.
