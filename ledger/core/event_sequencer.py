@@ -35,8 +35,6 @@ class EventSequencer:
         # Told after a round numbered events on a shard, with the last position given
         # (the feed wakes its readers of that shard).
         self.on_sequenced: Callable[[str, int], None] | None = None
-        # Rounds finished since start: lets a test wait for rounds, not time.
-        self.rounds = 0
         self._lags: list[tuple[float, dict[str, str]]] = []
         self._lag_seconds: list[tuple[float, dict[str, str]]] = []
         self._backlog: list[tuple[float, dict[str, str]]] = []
@@ -65,10 +63,6 @@ class EventSequencer:
         # Shards come and go with config reloads; hooking is an assignment.
         for shard in self.cluster.shards.values():
             shard.on_commit = self.poke
-
-    async def sequence_all(self) -> int:
-        """One pass over every shard's outbox until it is empty; events numbered."""
-        return sum([await self._drain(name) for name in list(self.cluster.shards)])
 
     async def _drain(self, name: str) -> int:
         shard = self.cluster.shards.get(name)
@@ -110,7 +104,6 @@ class EventSequencer:
                     await self.retain_now()
             except Exception:
                 log.exception("event sequencing failed")
-            self.rounds += 1
             # Batching, not synchronisation: commits in this gap join the next round.
             await asyncio.sleep(limits.event_sequence_round_gap_s)
 

@@ -15,6 +15,7 @@ from typing import Any
 import asyncpg
 
 from ledger.domain.events import EventKind
+from ledger.invariant import invariant
 from ledger.storage import event_statements as sql
 from ledger.storage.shard import Shard
 
@@ -78,7 +79,7 @@ class EventStore:
                 row = await conn.fetchrow(sql.SEQUENCE_EVENTS, events_max)
                 assert row is not None
                 taken = int(row["taken"])
-                assert row["inserted"] == taken, "every event taken from the outbox was numbered"
+                invariant(row["inserted"] == taken, "every event taken from the outbox is numbered")
                 if not taken:
                     return 0, 0
                 await conn.execute(sql.NOTIFY_SEQUENCED, str(row["last_position"]))
