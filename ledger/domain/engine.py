@@ -30,9 +30,8 @@ from ledger.domain.transfers import (
 )
 from ledger.domain.value import value
 from ledger.domain.velocity import (
-    VelocityMetric,
+    DirectionRules,
     VelocityUsage,
-    bucket_index,
     by_direction,
 )
 from ledger.invariant import invariant
@@ -298,15 +297,15 @@ def apply_transfers(
 
 def _velocity_adds(run: _BatchRun) -> list[VelocityAdd]:
     adds = []
-    now = run.state.now
-    for (account, direction), (amounts, counts) in sorted(run.velocity_added.items()):
+    # bucket_index() for each window, with the clock read once.
+    now_s = int(run.state.now.timestamp())
+    for (account, direction), (amounts, counts) in run.velocity_added.items():
         view = run.velocity_views[(account, direction)]
         assert view is not None
-        for i, window_s in enumerate(view.windows_s):
+        windows = zip(view.rules.windows_s, view.rules.widths_s, strict=True)
+        for i, (window_s, width_s) in enumerate(windows):
             adds.append(
-                VelocityAdd(
-                    account, direction, window_s, bucket_index(now, window_s), amounts[i], counts[i]
-                )
+                VelocityAdd(account, direction, window_s, now_s // width_s, amounts[i], counts[i])
             )
     return adds
 
@@ -510,14 +509,11 @@ _Added = tuple[tuple[int, ...], tuple[int, ...]]
 @dataclass(frozen=True, slots=True)
 class _VelocityView:
     """An account's rules of one direction with its usage as loaded under its lock,
-    flattened for the per-item check: (window position, is an amount rule, limit,
-    rule id) per rule, in rule order."""
+    by window (the rules' DirectionRules order), for the per-item check."""
 
-    windows_s: tuple[int, ...]
-    checks: tuple[tuple[int, bool, int, str], ...]
+    rules: DirectionRules
     base_amounts: tuple[int, ...]
     base_counts: tuple[int, ...]
-    zero: tuple[int, ...]
 
 
 def _velocity_view(run: _BatchRun, account: Account, direction: Direction) -> _VelocityView | None:
@@ -538,19 +534,12 @@ def _velocity_view(run: _BatchRun, account: Account, direction: Direction) -> _V
     invariant(
         account.velocity_read_at <= run.state.now, "velocity usage is read before the check's time"
     )
-    invariant(
-        all((direction, w) in loaded for w in rules.windows_s), "every rule's window was loaded"
-    )
-    usage = [loaded[(direction, w)] for w in rules.windows_s]
+    usage = [loaded.get((direction, w)) for w in rules.windows_s]
+    invariant(None not in usage, "every rule's window was loaded")
     view = _VelocityView(
-        windows_s=rules.windows_s,
-        checks=tuple(
-            (i, rule.metric is VelocityMetric.AMOUNT, rule.limit, rule.rule_id)
-            for rule, i in rules.rules
-        ),
-        base_amounts=tuple(u.amount_minor for u in usage),
-        base_counts=tuple(u.count for u in usage),
-        zero=tuple(0 for _ in usage),
+        rules=rules,
+        base_amounts=tuple(u.amount_minor for u in usage),  # type: ignore[union-attr]
+        base_counts=tuple(u.count for u in usage),  # type: ignore[union-attr]
     )
     run.velocity_views[key] = view
     return view
@@ -569,11 +558,11 @@ def _count_velocity(
     key = (account.key, direction)
     added = run.velocity_added.get(key)
     if added is None:
-        amounts, counts = view.zero, view.zero
+        amounts = counts = view.rules.zero
     else:
         amounts, counts = added
     base_amounts, base_counts = view.base_amounts, view.base_counts
-    for i, is_amount, limit, rule_id in view.checks:
+    for i, is_amount, limit, rule_id in view.rules.checks:
         if is_amount:
             if base_amounts[i] + amounts[i] + amount_minor > limit:
                 raise _Refused(TransferResult.EXCEEDS_VELOCITY_LIMIT, rule_id)

@@ -122,10 +122,14 @@ def refusing_rule(
 @value
 class DirectionRules:
     """An account's rules of one direction, ready for the per-item check: the
-    windows it counts, and each rule with the position of its window."""
+    windows it counts (and their bucket widths), and each rule as (position of
+    its window, is an amount rule, limit, rule id), in refusing_rule's order."""
 
     windows_s: tuple[int, ...]
-    rules: tuple[tuple[VelocityRule, int], ...]
+    widths_s: tuple[int, ...]
+    checks: tuple[tuple[int, bool, int, str], ...]
+    # One zero per window: the usage a batch starts from.
+    zero: tuple[int, ...]
 
 
 # Distinct rule sets whose grouping is kept: accounts mostly share a few sets (a
@@ -144,7 +148,13 @@ def by_direction(rules: tuple[VelocityRule, ...]) -> dict[Direction, DirectionRu
             continue
         windows_s = tuple(sorted({r.window_s for r in mine}))
         grouped[direction] = DirectionRules(
-            windows_s, tuple((r, windows_s.index(r.window_s)) for r in mine)
+            windows_s=windows_s,
+            widths_s=tuple(bucket_width_s(w) for w in windows_s),
+            checks=tuple(
+                (windows_s.index(r.window_s), r.metric is VelocityMetric.AMOUNT, r.limit, r.rule_id)
+                for r in mine
+            ),
+            zero=tuple(0 for _ in windows_s),
         )
     return grouped
 

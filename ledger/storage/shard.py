@@ -407,10 +407,10 @@ class Shard:
                 target = referenced.get(key)
                 if target is not None and target.request.credit is not None:
                     account_keys |= {target.request.debit, target.request.credit}
-            accounts = await self._lock_accounts(conn, account_keys)
+            accounts = await self._lock_accounts(conn, account_keys, velocity_read_later=True)
             # Read after the locks: whatever committed before them is visible now.
             existing, journals, now = await self._select_records_and_now(
-                conn, {r.key for r in requests}
+                conn, {r.key for r in requests}, accounts
             )
             states = await self._pending_states(conn, pending_keys & referenced.keys())
             reversed_minor = await self._reversed(conn, reversal_keys & referenced.keys())
@@ -707,9 +707,18 @@ class Shard:
             raise MerchantsNotOwned(self.name, elsewhere)
 
     async def _lock_accounts(
-        self, conn: Connection, keys: Collection[AccountKey]
+        self, conn: Connection, keys: Collection[AccountKey], *, velocity_read_later: bool = False
     ) -> dict[AccountKey, Account]:
-        return await self._accounts(conn, keys, statement=sql.LOCK_ACCOUNTS)
+        """Locks the accounts and loads the velocity usage of those with rules, unless
+        the caller reads it itself with its next statement (velocity_read_later)."""
+        accounts = await self._accounts(conn, keys, statement=sql.LOCK_ACCOUNTS)
+        if not velocity_read_later:
+            wanted = _velocity_wanted(accounts)
+            if wanted:
+                row = await conn.fetchrow(sql.VELOCITY_USAGE, *_velocity_parameters(wanted))
+                assert row is not None
+                _with_velocity_usage(accounts, wanted, row["amounts"], row["counts"], row["now"])
+        return accounts
 
     async def _select_accounts(
         self, conn: Connection, keys: Collection[AccountKey]
@@ -724,10 +733,7 @@ class Shard:
         rows = await conn.fetch(
             statement, [k.merchant_id for k in keys], [k.account_id for k in keys]
         )
-        accounts = {a.key: a for a in map(_account, rows)}
-        if statement is sql.LOCK_ACCOUNTS and any(a.velocity_rules for a in accounts.values()):
-            await _load_velocity_usage(conn, accounts)
-        return accounts
+        return {a.key: a for a in map(_account, rows)}
 
     async def _select_transfers(
         self, conn: Connection, keys: Collection[TransferKey]
@@ -747,14 +753,28 @@ class Shard:
         return await self._records(conn, rows)
 
     async def _select_records_and_now(
-        self, conn: Connection, keys: Collection[TransferKey]
+        self,
+        conn: Connection,
+        keys: Collection[TransferKey],
+        locked: dict[AccountKey, Account],
     ) -> tuple[dict[TransferKey, TransferRecord], dict[TransferKey, JournalRecord], datetime]:
-        """_select_records and the transaction's clock in one round trip (the hot path)."""
-        rows = await conn.fetch(
-            sql.SELECT_TRANSFERS_AND_NOW,
-            [k.merchant_id for k in keys],
-            [k.transfer_id for k in keys],
-        )
+        """_select_records and the transaction's clock in one round trip (the hot
+        path), with the velocity usage of the limited accounts among `locked`
+        (locked with velocity_read_later), which it fills in."""
+        transfer_keys = ([k.merchant_id for k in keys], [k.transfer_id for k in keys])
+        wanted = _velocity_wanted(locked)
+        if wanted:
+            rows = await conn.fetch(
+                sql.SELECT_TRANSFERS_NOW_AND_VELOCITY,
+                *transfer_keys,
+                *_velocity_parameters(wanted),
+            )
+            first = rows[0]
+            _with_velocity_usage(
+                locked, wanted, first["velocity_amounts"], first["velocity_counts"], first["now"]
+            )
+        else:
+            rows = await conn.fetch(sql.SELECT_TRANSFERS_AND_NOW, *transfer_keys)
         now: datetime = rows[0]["now"]
         transfers, journals = await self._records(
             conn, [r for r in rows if r["transfer_id"] is not None]
@@ -1139,25 +1159,38 @@ def velocity_rules_json(rules: Sequence[VelocityRule]) -> list[dict[str, Any]]:
     ]
 
 
-async def _load_velocity_usage(conn: Connection, accounts: dict[AccountKey, Account]) -> None:
-    """Reads each limited account's usage per window; called after its lock, so no
-    other transaction can add to it before this one commits."""
-    wanted = [
+def _velocity_wanted(
+    accounts: Mapping[AccountKey, Account],
+) -> list[tuple[AccountKey, Direction, int]]:
+    """The (account, direction, window) counters the limited accounts' rules read."""
+    return [
         (key, direction, window_s)
         for key, account in accounts.items()
         if account.velocity_rules
         for direction, window_s in sorted(usage_keys(account.velocity_rules))
     ]
-    row = await conn.fetchrow(
-        sql.VELOCITY_USAGE,
+
+
+def _velocity_parameters(wanted: Sequence[tuple[AccountKey, Direction, int]]) -> list[list[Any]]:
+    """The five arrays sql._VELOCITY_USED takes."""
+    return [
         [k.merchant_id for k, _, _ in wanted],
         [k.account_id for k, _, _ in wanted],
         [int(d) for _, d, _ in wanted],
         [w for _, _, w in wanted],
         [bucket_width_s(w) for _, _, w in wanted],
-    )
-    assert row is not None
-    amounts, counts, read_at = row["amounts"], row["counts"], row["now"]
+    ]
+
+
+def _with_velocity_usage(
+    accounts: dict[AccountKey, Account],
+    wanted: Sequence[tuple[AccountKey, Direction, int]],
+    amounts: Sequence[int],
+    counts: Sequence[int],
+    read_at: datetime,
+) -> None:
+    """Gives each limited account its usage, read after its lock, so no other
+    transaction can add to it before this one commits."""
     invariant(len(amounts) == len(counts) == len(wanted), "one usage per rule window")
     used: dict[AccountKey, dict[tuple[Direction, int], VelocityUsage]] = {}
     for (key, direction, window_s), amount_minor, count in zip(

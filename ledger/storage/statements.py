@@ -331,26 +331,56 @@ ORDER BY replica_id
 """
 
 # An account's velocity usage per (direction, window), for accounts whose rules
-# were just read under their lock: every bucket from the one holding
-# clock - window_s on (ledger/domain/velocity.py, first_counted_bucket), and the
-# clock after them (the windows end no later than it, and the check's own time,
-# read by a later statement, never precedes it). In: arrays of merchant, account,
-# direction, window_s, bucket width in seconds; out: one row, the amounts and
-# counts in the same order.
-VELOCITY_USAGE = """
-WITH used AS (
-    SELECT w.ord, least(coalesce(sum(b.amount_minor), 0), 9223372036854775807)::bigint AS amount,
-           coalesce(sum(b.transfer_count), 0)::bigint AS moved
-    FROM unnest($1::text[], $2::text[], $3::smallint[], $4::integer[], $5::integer[])
+# were just read under their lock, read by a later statement (a new snapshot:
+# whatever committed before the locks is visible): every bucket from the one
+# holding clock - window_s on (ledger/domain/velocity.py, first_counted_bucket).
+# One clock reading (the CTE `clock`) bounds the windows and is returned as the
+# check's own time, so the windows never end after it. In: arrays of merchant,
+# account, direction, window_s, bucket width in seconds (parameters $n..$n+4);
+# out: the amounts and counts in the same order (NULL for no windows).
+_VELOCITY_USED = """
+clock AS MATERIALIZED (
+    SELECT clock_timestamp() AS now
+), used AS (
+    -- LATERAL: one index range scan per window. A join lets the planner read
+    -- every account's buckets (seq scan and sort) once the table is small enough.
+    SELECT w.ord, least(u.amount, 9223372036854775807)::bigint AS amount, u.moved
+    FROM clock CROSS JOIN
+        unnest(${n}::text[], ${n1}::text[], ${n2}::smallint[], ${n3}::integer[], ${n4}::integer[])
         WITH ORDINALITY AS w(merchant_id, account_id, direction, window_s, width_s, ord)
-    LEFT JOIN velocity_buckets b
-        ON b.merchant_id = w.merchant_id AND b.account_id = w.account_id
-        AND b.direction = w.direction AND b.window_s = w.window_s
-        AND b.bucket_index >= (floor(extract(epoch FROM clock_timestamp()))::bigint - w.window_s)
-            / w.width_s
-    GROUP BY w.ord
+    CROSS JOIN LATERAL (
+        SELECT coalesce(sum(b.amount_minor), 0) AS amount,
+               coalesce(sum(b.transfer_count), 0)::bigint AS moved
+        FROM velocity_buckets b
+        WHERE b.merchant_id = w.merchant_id AND b.account_id = w.account_id
+          AND b.direction = w.direction AND b.window_s = w.window_s
+          AND b.bucket_index >= (floor(extract(epoch FROM clock.now))::bigint - w.window_s)
+              / w.width_s
+    ) AS u
+), usage AS (
+    SELECT array_agg(amount ORDER BY ord) AS amounts, array_agg(moved ORDER BY ord) AS counts
+    FROM used
+)"""
+
+
+def _velocity_used(first_parameter: int) -> str:
+    n = first_parameter
+    return _VELOCITY_USED.format(n=n, n1=n + 1, n2=n + 2, n3=n + 3, n4=n + 4)
+
+
+VELOCITY_USAGE = f"""
+WITH {_velocity_used(1)}
+SELECT usage.amounts, usage.counts, clock.now FROM clock, usage
+"""
+
+# SELECT_TRANSFERS_AND_NOW with the velocity usage of the accounts just locked
+# ($3-$7, as VELOCITY_USAGE's $1-$5): the write path's read after its locks, so
+# limited accounts cost no round trip of their own. The clock is the usage's.
+SELECT_TRANSFERS_NOW_AND_VELOCITY = f"""
+WITH {_velocity_used(3)}, found AS (
+    SELECT {TRANSFER_COLUMNS} FROM transfers
+    WHERE (merchant_id, transfer_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))
 )
-SELECT (SELECT array_agg(amount ORDER BY ord) FROM used) AS amounts,
-       (SELECT array_agg(moved ORDER BY ord) FROM used) AS counts,
-       clock_timestamp() AS now
+SELECT clock.now, usage.amounts AS velocity_amounts, usage.counts AS velocity_counts, found.*
+FROM clock CROSS JOIN usage LEFT JOIN found ON true
 """
