@@ -10,6 +10,9 @@ from importlib import resources
 import asyncpg
 import pytest
 
+from ledger.domain import velocity_counters
+from ledger.domain.transfers import Direction
+from ledger.domain.velocity import VelocityUsage, bucket_width_s
 from ledger.embedded.postgres import EmbeddedPostgres
 from ledger.storage.migrate import apply_migrations, migrations
 from ledger.storage.shard import Shard
@@ -54,8 +57,13 @@ async def _tables(conn: asyncpg.Connection) -> set[str]:
     return {r["name"] for r in rows}
 
 
+_DROP_TABLE = re.compile(r"^\s*DROP TABLE (?:IF EXISTS )?((?:\w+\.)?\w+)", re.MULTILINE | re.I)
+
+
 def _declared_tables() -> set[str]:
-    return {name for m in migrations() for name in _CREATE_TABLE.findall(m.sql)}
+    """Tables the migrations create and leave (0013 drops velocity_buckets)."""
+    created = {name for m in migrations() for name in _CREATE_TABLE.findall(m.sql)}
+    return created - {name for m in migrations() for name in _DROP_TABLE.findall(m.sql)}
 
 
 def test_migrations_are_numbered_one_to_n_without_gaps() -> None:
@@ -222,3 +230,62 @@ async def test_account_row_breaking_its_no_credit_overdraft_flag_is_refused_by_a
         m,
     )
     assert state == CHECK_VIOLATION_STATE
+
+
+async def test_velocity_buckets_become_the_accounts_counters(
+    fresh_conn: asyncpg.Connection,
+) -> None:
+    """Migration 0013 packs each limited account's buckets into rings on its row: a
+    check then counts what the buckets held (those a window can still reach)."""
+    before, counters_migration = migrations()[:12], migrations()[12]
+    assert counters_migration.name == "0013_velocity_counters.sql"
+    for migration in before:
+        await fresh_conn.execute(migration.sql)
+    rules = (
+        '[{"rule_id": "d", "direction": 1, "metric": 1, "window_s": 600, "limit": 100},'
+        ' {"rule_id": "c", "direction": 2, "metric": 2, "window_s": 86400, "limit": 5}]'
+    )
+    await fresh_conn.execute(
+        "INSERT INTO merchants (merchant_id, state, epoch) VALUES ('m', 'active', 1)"
+    )
+    await fresh_conn.execute(
+        "INSERT INTO accounts (merchant_id, account_id, currency, debits_must_not_exceed_credits,"
+        " credits_must_not_exceed_debits, metadata, created_at, velocity_rules)"
+        " VALUES ('m', 'limited', 'USD', false, false, '{}', now(), $1::jsonb),"
+        " ('m', 'free', 'USD', false, false, '{}', now(), '[]')",
+        rules,
+    )
+    now_s = await fresh_conn.fetchval("SELECT floor(extract(epoch FROM now()))::bigint")
+    debit_width, credit_width = bucket_width_s(600), bucket_width_s(86400)
+    debit_now, credit_now = now_s // debit_width, now_s // credit_width
+    buckets = [
+        # (direction, window_s, bucket_index, amount_minor, transfer_count)
+        (1, 600, debit_now, 7, 1),
+        (1, 600, debit_now - 5, 11, 2),
+        (1, 600, debit_now - 20, 13, 1),  # the oldest a check now can reach
+        (1, 600, debit_now - 40, 1000, 9),  # out of every window: dropped
+        (2, 86400, credit_now - 1, 2**62, 3),
+    ]
+    await fresh_conn.executemany(
+        "INSERT INTO velocity_buckets VALUES ('m', 'limited', $1, $2, $3, $4, $5)", buckets
+    )
+    await fresh_conn.execute(counters_migration.sql)
+    rows = {
+        r["account_id"]: r["velocity_counters"]
+        for r in await fresh_conn.fetch("SELECT account_id, velocity_counters FROM accounts")
+    }
+    assert rows["free"] == b""
+    assert velocity_counters.keys_of(rows["limited"]) == [
+        (Direction.DEBIT, 600),
+        (Direction.CREDIT, 86400),
+    ]
+    used = velocity_counters.usage(
+        rows["limited"], [(Direction.DEBIT, 600), (Direction.CREDIT, 86400)], now_s
+    )
+    first_debit = (now_s - 600) // debit_width
+    assert used[(Direction.DEBIT, 600)] == VelocityUsage(
+        sum(b[3] for b in buckets if b[0] == 1 and b[2] >= first_debit),
+        sum(b[4] for b in buckets if b[0] == 1 and b[2] >= first_debit),
+    )
+    assert used[(Direction.CREDIT, 86400)] == VelocityUsage(2**62, 3)
+    assert "velocity_buckets" not in await _tables(fresh_conn)

@@ -14,8 +14,11 @@ import grpc
 import pytest
 
 from chaos.velocity import check_velocity
+from ledger.domain import velocity_counters
 from ledger.domain.accounts import Balances
 from ledger.domain.monitors import BalanceMonitor, MonitoredBalance, balance_value, crossing
+from ledger.domain.transfers import Direction
+from ledger.domain.velocity import bucket_index
 from ledger.sagas.reconcile import Finding, ReconcileReport, reconcile
 from ledger.v1 import ledger_pb2 as pb
 from ledger.v1 import ledger_pb2_grpc
@@ -663,20 +666,25 @@ async def test_reconcile_holds_velocity_counters_to_the_entries(service: Service
         return found
 
     assert finding(await reconcile(service.cluster)).ok
+    counters_sql = (
+        "SELECT velocity_counters FROM accounts WHERE merchant_id = $1 AND account_id = 'wallet'"
+    )
+    set_sql = (
+        "UPDATE accounts SET velocity_counters = $2"
+        " WHERE merchant_id = $1 AND account_id = 'wallet'"
+    )
     async with service.cluster.shards[name].pool.acquire() as conn:
-        await conn.execute(
-            "UPDATE velocity_buckets SET amount_minor = amount_minor + 1"
-            " WHERE merchant_id = $1 AND account_id = 'wallet' AND direction = 1",
-            m,
-        )
+        kept = await conn.fetchval(counters_sql, m)
+        (debits,) = [k for k in velocity_counters.keys_of(kept) if k[0] is Direction.DEBIT]
+        now = await conn.fetchval("SELECT clock_timestamp()")
+        # One minor unit more in the debit window's current bucket than the entries hold.
+        tampered = velocity_counters.added(kept, [(debits, bucket_index(now, debits[1]), 1, 0)])
+        await conn.execute(set_sql, m, tampered)
     off = finding(await reconcile(service.cluster))
     assert not off.ok and f"{m}/wallet direction 1" in off.detail
     async with service.cluster.shards[name].pool.acquire() as conn:
-        await conn.execute(
-            "UPDATE velocity_buckets SET amount_minor = amount_minor - 1"
-            " WHERE merchant_id = $1 AND account_id = 'wallet' AND direction = 1",
-            m,
-        )
+        await conn.execute(set_sql, m, kept)
+    assert finding(await reconcile(service.cluster)).ok
 
 
 async def test_chaos_checker_finds_a_window_over_its_limit(service: Service) -> None:

@@ -22,6 +22,7 @@ from datetime import UTC, datetime, timedelta
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ledger.domain import velocity_counters
 from ledger.domain.accounts import Account, AccountKey, AccountSpec, Balances
 from ledger.domain.chain import GENESIS_HASH
 from ledger.domain.engine import TransferBatchState, advanced, apply_transfers
@@ -36,6 +37,7 @@ from ledger.domain.velocity import (
     total_within,
     usage_keys,
 )
+from ledger.limits import AMOUNT_MINOR_MAX
 
 EXAMPLES = int(os.environ.get("HYPOTHESIS_VELOCITY_EXAMPLES", "200"))
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -70,7 +72,8 @@ step = st.tuples(
 
 
 class Shard:
-    """The counters and accounts a shard keeps, in memory."""
+    """The counters and accounts a shard keeps, in memory: the limited account's
+    counters packed as its row keeps them (ledger.domain.velocity_counters)."""
 
     def __init__(self) -> None:
         self.accounts = {
@@ -84,7 +87,7 @@ class Shard:
             )
             for k in (LIMITED, OTHER)
         }
-        self.buckets: dict[tuple[AccountKey, Direction, int, int], VelocityUsage] = {}
+        self.counters = b""
         # The limited account's counted movements (its entries, as RECOUNT_VELOCITY reads them).
         self.movements: list[tuple[datetime, Direction, int]] = []
 
@@ -92,31 +95,31 @@ class Shard:
         """A change of limits: the new rules' windows are recounted from the history
         (as SetAccountLimits does under the account's lock)."""
         self.accounts[LIMITED] = replace(self.accounts[LIMITED], velocity_rules=rules)
+        recounted: dict[tuple[Direction, int], dict[int, tuple[int, int]]] = {}
         for direction, window_s in usage_keys(rules):
             width_s = bucket_width_s(window_s)
             first = first_counted_bucket(now, window_s)
-            for k in [k for k in self.buckets if k[:3] == (LIMITED, direction, window_s)]:
-                if k[3] >= first:
-                    del self.buckets[k]
+            buckets = recounted.setdefault((direction, window_s), {})
             for t, d, amount in self.movements:
                 bucket = int(t.timestamp()) // width_s
                 if d is direction and bucket >= first:
-                    k = (LIMITED, direction, window_s, bucket)
-                    self.buckets[k] = self.buckets.get(k, VelocityUsage()).plus(amount)
+                    amount_before, count_before = buckets.get(bucket, (0, 0))
+                    buckets[bucket] = (amount_before + amount, count_before + 1)
+        self.counters = velocity_counters.rebuilt(
+            sorted(usage_keys(rules)), recounted, int(now.timestamp())
+        )
 
     def locked(self, now: datetime) -> dict[AccountKey, Account]:
-        """Accounts as the lock reads them, usage summed like VELOCITY_USAGE."""
+        """Accounts as the lock reads them, usage at `now` as storage computes it."""
         out = dict(self.accounts)
-        for key, account in self.accounts.items():
-            used = {}
-            for direction, window_s in usage_keys(account.velocity_rules):
-                first = first_counted_bucket(now, window_s)
-                total = VelocityUsage()
-                for (k, d, w, b), u in self.buckets.items():
-                    if (k, d, w) == (key, direction, window_s) and b >= first:
-                        total = total.plus(u.amount_minor, u.count)
-                used[(direction, window_s)] = total
-            out[key] = replace(account, velocity_used=used, velocity_read_at=now)
+        limited = self.accounts[LIMITED]
+        out[LIMITED] = replace(
+            limited,
+            velocity_used=velocity_counters.usage(
+                self.counters, usage_keys(limited.velocity_rules), int(now.timestamp())
+            ),
+            velocity_read_at=now,
+        )
         return out
 
     def apply(self, requests: list[TransferRequest], now: datetime) -> list[TransferResult]:
@@ -126,9 +129,14 @@ class Shard:
         )
         for key, state in plan.accounts.items():
             self.accounts[key] = advanced(self.accounts[key], state)
-        for v in plan.velocity:
-            k = (v.account, v.direction, v.window_s, v.bucket_index)
-            self.buckets[k] = self.buckets.get(k, VelocityUsage()).plus(v.amount_minor, v.count)
+        self.counters = velocity_counters.added(
+            self.counters,
+            [
+                ((v.direction, v.window_s), v.bucket_index, v.amount_minor, v.count)
+                for v in plan.velocity
+                if v.account == LIMITED
+            ],
+        )
         return [o.result for o in plan.outcomes]
 
 
@@ -264,3 +272,51 @@ def test_the_engine_refuses_exactly_what_the_stated_rule_refuses(
     else:
         assert outcome.result is TransferResult.EXCEEDS_VELOCITY_LIMIT
         assert outcome.refused_by_rule == stated.rule_id
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(
+    window_s=st.sampled_from(WINDOWS_S),
+    adds=st.lists(
+        st.tuples(
+            # Seconds on (negative: the clock stepped back).
+            st.integers(min_value=-30, max_value=120),
+            st.integers(min_value=0, max_value=2**62),
+            st.integers(min_value=0, max_value=3),
+        ),
+        max_size=40,
+    ),
+    later_s=st.integers(min_value=0, max_value=700),
+)
+def test_a_ring_counts_what_a_bucket_per_index_counts(
+    window_s: int, adds: list[tuple[int, int, int]], later_s: int
+) -> None:
+    """The packed ring against buckets kept one per index (what the counters
+    were before they moved onto the account row): for every check at or after
+    the last add, the same usage; a bucket older than the ring's head (a clock
+    that stepped back) is counted in the head."""
+    key = (Direction.DEBIT, window_s)
+    width_s = bucket_width_s(window_s)
+    start_s = int(T0.timestamp())
+    counters = velocity_counters.rebuilt([key], {}, start_s)
+    buckets: dict[int, tuple[int, int]] = {}
+    head = start_s // width_s
+    now_s = start_s
+    for step_s, amount_minor, count in adds:
+        now_s = max(start_s, now_s + step_s)
+        bucket = now_s // width_s
+        counters = velocity_counters.added(counters, [(key, bucket, amount_minor, count)])
+        head = max(head, bucket)
+        amount_before, count_before = buckets.get(head, (0, 0))
+        buckets[head] = (amount_before + amount_minor, count_before + count)
+    check_s = max(now_s, head * width_s) + later_s
+    first = (check_s - window_s) // width_s
+    expected_minor = sum(a for b, (a, _) in buckets.items() if b >= first)
+    expected_count = sum(c for b, (_, c) in buckets.items() if b >= first)
+    used = velocity_counters.usage(counters, [key], check_s)[key]
+    saturated = AMOUNT_MINOR_MAX
+    assert used.count == expected_count
+    # A bucket saturates at the largest amount: any limit refuses it as the exact sum would.
+    assert used.amount_minor == expected_minor or (
+        expected_minor > saturated and used.amount_minor >= saturated
+    )

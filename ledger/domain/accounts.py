@@ -79,6 +79,8 @@ class Account:
     # The shard's clock when velocity_used was read: the check counts the window
     # before this instant, so it must not be later than the check's own time.
     velocity_read_at: datetime | None = None
+    # The counters behind velocity_used, as the row keeps them (velocity_counters.py).
+    velocity_counters: bytes = b""
 
     @property
     def key(self) -> AccountKey:

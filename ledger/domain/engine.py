@@ -207,10 +207,9 @@ class _BatchRun:
         self.new_records: dict[TransferKey, TransferRecord] = {}
         self.pending_states: dict[TransferKey, PendingState] = {}
         self.reversed_extra: dict[TransferKey, int] = {}
-        # Velocity usage added by earlier items of this batch, per account and direction
-        # (undone with a failed chain), and each one's rules and loaded usage (not).
-        self.velocity_added: dict[tuple[AccountKey, Direction], _Added] = {}
-        self.velocity_views: dict[tuple[AccountKey, Direction], _VelocityView | None] = {}
+        # Per account and direction: its rules and loaded usage, and what earlier
+        # items of this batch added (undone with a failed chain).
+        self.velocity_counted: dict[tuple[AccountKey, Direction], _Counted] = {}
         self.undo: list[tuple[dict[Any, Any], Any, Any]] = []
 
     def set(self, target: dict[Any, Any], key: Any, value: Any) -> None:
@@ -299,9 +298,10 @@ def _velocity_adds(run: _BatchRun) -> list[VelocityAdd]:
     adds = []
     # bucket_index() for each window, with the clock read once.
     now_s = int(run.state.now.timestamp())
-    for (account, direction), (amounts, counts) in run.velocity_added.items():
-        view = run.velocity_views[(account, direction)]
-        assert view is not None
+    for (account, direction), (view, amounts, counts) in run.velocity_counted.items():
+        # Every movement counts once at least: no count, nothing counted here.
+        if view is None or not any(counts):
+            continue
         windows = zip(view.rules.windows_s, view.rules.widths_s, strict=True)
         for i, (window_s, width_s) in enumerate(windows):
             adds.append(
@@ -501,11 +501,6 @@ def _check_limits(
         raise _Refused(TransferResult.EXCEEDS_DEBITS)
 
 
-# Per (account, direction): what earlier items of the batch added, per window of
-# that direction's DirectionRules: (amounts, counts), each a tuple by window.
-_Added = tuple[tuple[int, ...], tuple[int, ...]]
-
-
 @dataclass(frozen=True, slots=True)
 class _VelocityView:
     """An account's rules of one direction with its usage as loaded under its lock,
@@ -516,17 +511,17 @@ class _VelocityView:
     base_counts: tuple[int, ...]
 
 
-def _velocity_view(run: _BatchRun, account: Account, direction: Direction) -> _VelocityView | None:
-    """Built once per batch and (account, direction): the per-item hot path of
-    limited accounts only reads it."""
-    key = (account.key, direction)
-    view = run.velocity_views.get(key, _MISSING)
-    if view is not _MISSING:
-        return view  # type: ignore[no-any-return]
+# Per (account, direction): the view, and what earlier items of the batch added
+# per window of the view (amounts, counts); no view: the direction has no rules.
+_Counted = tuple[_VelocityView | None, tuple[int, ...], tuple[int, ...]]
+_NO_RULES: _Counted = (None, (), ())
+
+
+def _velocity_view(run: _BatchRun, account: Account, direction: Direction) -> _Counted:
+    """What a batch starts from, per (account, direction): built on its first item."""
     rules = by_direction(account.velocity_rules).get(direction)
     if rules is None:
-        run.velocity_views[key] = None
-        return None
+        return _NO_RULES
     loaded = account.velocity_used
     invariant(loaded is not None, "an account with velocity rules has its usage loaded")
     assert loaded is not None and account.velocity_read_at is not None
@@ -541,8 +536,7 @@ def _velocity_view(run: _BatchRun, account: Account, direction: Direction) -> _V
         base_amounts=tuple(u.amount_minor for u in usage),  # type: ignore[union-attr]
         base_counts=tuple(u.count for u in usage),  # type: ignore[union-attr]
     )
-    run.velocity_views[key] = view
-    return view
+    return view, rules.zero, rules.zero
 
 
 def _count_velocity(
@@ -552,15 +546,14 @@ def _count_velocity(
     (refusing_rule in ledger/domain/velocity.py, over the usage loaded under the lock
     plus this batch's), then counts it. A refusal raises; the caller's rollback undoes
     what the item counted before it (its debit side, when its credit side refuses)."""
-    view = _velocity_view(run, account, direction)
+    key = (account.key, direction)
+    counted = run.velocity_counted.get(key)
+    if counted is None:
+        # The starting point, not a change: a rollback keeps it.
+        counted = run.velocity_counted[key] = _velocity_view(run, account, direction)
+    view, amounts, counts = counted
     if view is None:
         return
-    key = (account.key, direction)
-    added = run.velocity_added.get(key)
-    if added is None:
-        amounts = counts = view.rules.zero
-    else:
-        amounts, counts = added
     base_amounts, base_counts = view.base_amounts, view.base_counts
     for i, is_amount, limit, rule_id in view.rules.checks:
         if is_amount:
@@ -569,9 +562,9 @@ def _count_velocity(
         elif base_counts[i] + counts[i] + count > limit:
             raise _Refused(TransferResult.EXCEEDS_VELOCITY_LIMIT, rule_id)
     run.set(
-        run.velocity_added,
+        run.velocity_counted,
         key,
-        (tuple([a + amount_minor for a in amounts]), tuple([c + count for c in counts])),
+        (view, tuple([a + amount_minor for a in amounts]), tuple([c + count for c in counts])),
     )
 
 

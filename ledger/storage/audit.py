@@ -6,7 +6,9 @@ from dataclasses import dataclass
 from decimal import Decimal
 
 from ledger import limits
+from ledger.domain import velocity_counters
 from ledger.domain.sagas import SagaKey, SagaKind, SagaState
+from ledger.domain.transfers import Direction
 from ledger.storage import limits_statements
 from ledger.storage import saga_statements as sql
 from ledger.storage.shard import Shard
@@ -51,13 +53,22 @@ class ShardAudit:
             rows = await conn.fetch(
                 limits_statements.VELOCITY_COUNTERS_OFF, limits.velocity_buckets_per_window
             )
-        return [
-            f"{r['merchant_id']}/{r['account_id']} direction {r['direction']} "
-            f"window {r['window_s']}s: counters {r['counter_minor']} in {r['counter_count']}, "
-            f"entries {r['entries_minor']} in {r['entries_count']}"
-            for r in rows
-            if (r["counter_minor"], r["counter_count"]) != (r["entries_minor"], r["entries_count"])
-        ]
+        off = []
+        for r in rows:
+            key = (Direction(r["direction"]), r["window_s"])
+            if key not in velocity_counters.keys_of(r["counters"]):
+                counted = "none"
+            else:
+                used = velocity_counters.usage(r["counters"], [key], r["now_s"])[key]
+                if (used.amount_minor, used.count) == (r["entries_minor"], r["entries_count"]):
+                    continue
+                counted = f"{used.amount_minor} in {used.count}"
+            off.append(
+                f"{r['merchant_id']}/{r['account_id']} direction {r['direction']} "
+                f"window {r['window_s']}s: counters {counted}, "
+                f"entries {r['entries_minor']} in {r['entries_count']}"
+            )
+        return off
 
     async def settlement_balances(self) -> list[SettlementBalance]:
         async with self.shard.connection() as conn:

@@ -1,6 +1,6 @@
 """Account limits and balance monitors on one shard: changes, reads, crossings.
 
-Velocity usage and crossings are written by WRITE_BATCH with the entries
+Velocity counters and crossings are written by WRITE_BATCH with the entries
 (ledger/storage/statements.py); this module changes and reads the limits.
 """
 
@@ -12,11 +12,12 @@ from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
+from ledger.domain import velocity_counters
 from ledger.domain.accounts import AccountKey, Balances
 from ledger.domain.limits import AccountLimits, LimitsChange, LimitsChangeRequest, broken_now
 from ledger.domain.monitors import BalanceMonitor, Crossing, MonitoredBalance
 from ledger.domain.transfers import TransferKey
-from ledger.domain.velocity import bucket_width_s, usage_keys
+from ledger.domain.velocity import UsageKey, bucket_width_s, usage_keys
 from ledger.storage import limits_statements as sql
 from ledger.storage.shard import Fence, Shard, velocity_rules, velocity_rules_json
 
@@ -100,6 +101,22 @@ class LimitsStore:
                     f"monitor {taken[0]['monitor_id']!r} watches another account",
                 )
             rules = velocity_rules_json(limits.velocity_rules)
+            now_s: int = await conn.fetchval(sql.CLOCK_S)
+            windows = sorted(usage_keys(limits.velocity_rules))
+            recounted: dict[UsageKey, dict[int, tuple[int, int]]] = {}
+            for direction, window_s in windows:
+                rows = await conn.fetch(
+                    sql.RECOUNT_VELOCITY,
+                    key.merchant_id,
+                    key.account_id,
+                    int(direction),
+                    window_s,
+                    bucket_width_s(window_s),
+                    now_s,
+                )
+                recounted[(direction, window_s)] = {
+                    r["bucket_index"]: (r["amount_minor"], r["transfer_count"]) for r in rows
+                }
             await conn.execute(
                 sql.SET_ACCOUNT_LIMITS,
                 key.merchant_id,
@@ -107,16 +124,8 @@ class LimitsStore:
                 limits.debits_must_not_exceed_credits,
                 limits.credits_must_not_exceed_debits,
                 rules,
+                velocity_counters.rebuilt(windows, recounted, now_s),
             )
-            for direction, window_s in sorted(usage_keys(limits.velocity_rules)):
-                await conn.execute(
-                    sql.RECOUNT_VELOCITY,
-                    key.merchant_id,
-                    key.account_id,
-                    int(direction),
-                    window_s,
-                    bucket_width_s(window_s),
-                )
             await conn.execute(
                 sql.DEACTIVATE_MONITORS, key.merchant_id, key.account_id, monitor_ids
             )

@@ -36,7 +36,7 @@ LIMIT $3
 
 SET_ACCOUNT_LIMITS = """
 UPDATE accounts SET debits_must_not_exceed_credits = $3, credits_must_not_exceed_debits = $4,
-    velocity_rules = $5
+    velocity_rules = $5, velocity_counters = $6
 WHERE merchant_id = $1 AND account_id = $2
 """
 
@@ -96,41 +96,31 @@ COUNTED_MOVEMENT = """
       AND r.transfer_merchant_id = e.transfer_merchant_id AND r.transfer_id = e.transfer_id)))
 """
 
-# Recounts one (direction, window) of an account from its entries, for the
-# buckets a check counts now: a rule set at run time counts what moved within
-# its window before it was set, and counters left behind while no rule used
-# them are made exact again. Runs under the account's lock, with the change.
-# $1 merchant, $2 account, $3 direction, $4 window_s, $5 bucket width in seconds.
+# One (direction, window) of an account recounted from its entries, per bucket
+# a check counts now (from the one holding now - window_s): a rule set at run
+# time counts what moved within its window before it was set, and counters left
+# behind while no rule used them are made exact again. Runs under the account's
+# lock, with the change, which writes the rings built from it
+# (velocity_counters.rebuilt). $1 merchant, $2 account, $3 direction,
+# $4 window_s, $5 bucket width in seconds, $6 the clock (Unix seconds).
 RECOUNT_VELOCITY = f"""
-WITH w AS (
-    SELECT (floor(extract(epoch FROM clock_timestamp()))::bigint - $4) / $5 AS first_bucket
-), counted AS (
-    SELECT floor(extract(epoch FROM e.created_at))::bigint / $5 AS bucket_index,
-           sum(e.amount_minor) AS amount_minor, count(*) AS transfer_count
-    FROM w JOIN entries e
-      ON e.merchant_id = $1 AND e.account_id = $2 AND e.direction = $3
-     AND e.created_at >= to_timestamp(w.first_bucket * $5)
-    WHERE {COUNTED_MOVEMENT}
-    GROUP BY 1
-), zeroed AS (
-    UPDATE velocity_buckets AS b SET amount_minor = 0, transfer_count = 0 FROM w
-    WHERE b.merchant_id = $1 AND b.account_id = $2 AND b.direction = $3 AND b.window_s = $4
-      AND b.bucket_index >= w.first_bucket
-      AND b.bucket_index NOT IN (SELECT bucket_index FROM counted)
-    RETURNING 1
-)
-INSERT INTO velocity_buckets AS b (merchant_id, account_id, direction, window_s, bucket_index,
-    amount_minor, transfer_count)
-SELECT $1, $2, $3, $4, c.bucket_index, c.amount_minor, c.transfer_count FROM counted c
-ON CONFLICT (merchant_id, account_id, direction, window_s, bucket_index) DO UPDATE
-SET amount_minor = EXCLUDED.amount_minor, transfer_count = EXCLUDED.transfer_count
+SELECT floor(extract(epoch FROM e.created_at))::bigint / $5 AS bucket_index,
+       least(sum(e.amount_minor), 9223372036854775807)::bigint AS amount_minor,
+       count(*) AS transfer_count
+FROM entries e
+WHERE e.merchant_id = $1 AND e.account_id = $2 AND e.direction = $3
+  AND e.created_at >= to_timestamp((($6::bigint - $4) / $5) * $5)
+  AND {COUNTED_MOVEMENT}
+GROUP BY 1
 """
 
-# For reconcile: the windows of every rule in force on a merchant this shard owns
-# whose counters (from the oldest bucket a check counts now) differ from the
-# counted movements in its entries over the same buckets. One statement, one
-# snapshot. $1 is velocity_buckets_per_window (the bucket width is
-# ceil(window_s / $1), at least 1, as ledger/domain/velocity.py bucket_width_s).
+CLOCK_S = "SELECT floor(extract(epoch FROM clock_timestamp()))::bigint"
+
+# For reconcile: every window of every rule in force on a merchant this shard
+# owns, with the account's counters and the counted movements in its entries
+# from the oldest bucket a check counts now (audit.py compares the two). One
+# statement, one snapshot. $1 is velocity_buckets_per_window (the bucket width
+# is ceil(window_s / $1), at least 1, as ledger/domain/velocity.py bucket_width_s).
 VELOCITY_COUNTERS_OFF = f"""
 WITH windows AS (
     SELECT DISTINCT a.merchant_id, a.account_id, (r ->> 'direction')::smallint AS direction,
@@ -145,14 +135,9 @@ WITH windows AS (
     FROM windows
 )
 SELECT w.merchant_id, w.account_id, w.direction, w.window_s,
-    (SELECT coalesce(sum(b.amount_minor), 0) FROM velocity_buckets b
-     WHERE b.merchant_id = w.merchant_id AND b.account_id = w.account_id
-       AND b.direction = w.direction AND b.window_s = w.window_s
-       AND b.bucket_index >= w.first_bucket) AS counter_minor,
-    (SELECT coalesce(sum(b.transfer_count), 0) FROM velocity_buckets b
-     WHERE b.merchant_id = w.merchant_id AND b.account_id = w.account_id
-       AND b.direction = w.direction AND b.window_s = w.window_s
-       AND b.bucket_index >= w.first_bucket) AS counter_count,
+    floor(extract(epoch FROM now()))::bigint AS now_s,
+    (SELECT a.velocity_counters FROM accounts a
+     WHERE a.merchant_id = w.merchant_id AND a.account_id = w.account_id) AS counters,
     (SELECT count(*) FROM entries e
      WHERE e.merchant_id = w.merchant_id AND e.account_id = w.account_id
        AND e.direction = w.direction

@@ -12,14 +12,9 @@ MOVED_TABLES: tuple[tuple[str, str, str], ...] = (
     ("pending_resolutions", "merchant_id", "merchant_id, pending_id"),
     ("sagas", "merchant_id", "merchant_id, transfer_id, kind"),
     ("saga_credits", "credit_merchant_id", "merchant_id, transfer_id, kind"),
-    # Spending controls (migration 0012): the limits history, the velocity
-    # counters, the monitors and their crossings.
+    # Spending controls (migration 0012): the limits history, the monitors and
+    # their crossings (the velocity counters are on the accounts' rows).
     ("account_limit_changes", "merchant_id", "merchant_id, account_id, sequence"),
-    (
-        "velocity_buckets",
-        "merchant_id",
-        "merchant_id, account_id, direction, window_s, bucket_index",
-    ),
     ("balance_monitors", "merchant_id", "merchant_id, monitor_id"),
     (
         "monitor_crossings",
@@ -30,7 +25,7 @@ MOVED_TABLES: tuple[tuple[str, str, str], ...] = (
 # Of those, the tables whose rows change (a copy refreshes them); the rest are
 # history, copied once. None is ever deleted from while the merchant lives here,
 # so an incremental copy (rows written since) carries every change.
-MUTABLE_MOVED_TABLES = frozenset({"accounts", "sagas", "velocity_buckets", "balance_monitors"})
+MUTABLE_MOVED_TABLES = frozenset({"accounts", "sagas", "balance_monitors"})
 
 # A copy made while writes go on reads, next time, every row written by a
 # transaction that its snapshot could not see: those have an xmin at least the
@@ -232,16 +227,13 @@ SELECT
    FROM accounts WHERE merchant_id = $1) AS accounts_md5,
   (SELECT md5(
       (SELECT coalesce(string_agg(account_id || ':' || debits_must_not_exceed_credits || ':'
-          || credits_must_not_exceed_debits || ':' || velocity_rules::text, ','
+          || credits_must_not_exceed_debits || ':' || velocity_rules::text
+          || ':' || encode(velocity_counters, 'hex'), ','
           ORDER BY account_id), '') FROM accounts WHERE merchant_id = $1)
       || '|' || (SELECT coalesce(string_agg(account_id || ':' || sequence || ':' || change_id
           || ':' || velocity_rules::text || ':' || balance_monitors::text || ':' || changed_by,
           ',' ORDER BY account_id, sequence), '')
           FROM account_limit_changes WHERE merchant_id = $1)
-      || '|' || (SELECT coalesce(string_agg(account_id || ':' || direction || ':' || window_s
-          || ':' || bucket_index || ':' || amount_minor || ':' || transfer_count,
-          ',' ORDER BY account_id, direction, window_s, bucket_index), '')
-          FROM velocity_buckets WHERE merchant_id = $1)
       || '|' || (SELECT coalesce(string_agg(monitor_id || ':' || account_id || ':' || balance
           || ':' || threshold_minor || ':' || active, ',' ORDER BY monitor_id), '')
           FROM balance_monitors WHERE merchant_id = $1)

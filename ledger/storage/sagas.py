@@ -70,6 +70,7 @@ from ledger.storage.shard import (
     active_merchants,
     parse_records,
     with_saga_results,
+    with_velocity_usage,
     write_plan,
 )
 from ledger.telemetry.tracing import trace_id_of
@@ -262,6 +263,7 @@ class SagaStore:
             )
             records, journals = _records_with_saga_results(read)
             now: datetime = read[0]["now"]
+            with_velocity_usage(accounts, now)
             books = _Books(dict(accounts), now)
             reserved = await self._plan_begins(conn, begins, records, journals, books, answers)
             decided = self._plan_credits(credits, read[0]["credits"], books, answers)
@@ -276,6 +278,7 @@ class SagaStore:
                     expiring=[r for r in books.records if r.expires_at],
                     change=EventKind.SAGA_STEP,
                     velocity=books.velocity,
+                    locked=accounts,
                 )
             if reserved or decided or finishing:
                 await self._record_steps(
@@ -984,7 +987,8 @@ class SagaStore:
     ) -> dict[AccountKey, Account]:
         """Creates settlement accounts (with their currencies) on first use and locks
         them with the other accounts. The caller reads the clock after this (entries'
-        times must rise with their sequence on every account).
+        times must rise with their sequence on every account) and then gives the
+        limited accounts their velocity usage at it (with_velocity_usage).
 
         The shard remembers settlement accounts it has seen (there are few: one per
         peer, currency and stripe), so an INSERT runs only the first time; if one
@@ -995,7 +999,7 @@ class SagaStore:
         ensured = sorted(s for s in settlements if s not in known)
         for settlement in ensured:
             await self._ensure_settlement(conn, settlement, settlements[settlement])
-        locked = await self.shard._lock_accounts(conn, wanted)
+        locked = await self.shard._lock_accounts(conn, wanted, velocity_read_later=True)
         unseen = sorted(s for s in settlements if s not in locked)
         if unseen:
             # Remembered, but not visible: made by a transaction that has not
@@ -1003,7 +1007,7 @@ class SagaStore:
             for settlement in unseen:
                 known.discard(settlement)
                 await self._ensure_settlement(conn, settlement, settlements[settlement])
-            locked = await self.shard._lock_accounts(conn, wanted)
+            locked = await self.shard._lock_accounts(conn, wanted, velocity_read_later=True)
         for settlement in settlements:
             if settlement in locked:
                 if len(known) >= limits.settlement_accounts_remembered_max:

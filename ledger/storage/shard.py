@@ -25,6 +25,7 @@ import asyncpg
 from opentelemetry.trace import Span, Status, StatusCode
 
 from ledger import limits
+from ledger.domain import velocity_counters
 from ledger.domain.accounts import Account, AccountKey, AccountSpec, Balances
 from ledger.domain.engine import (
     AccountState,
@@ -62,8 +63,6 @@ from ledger.domain.value import value
 from ledger.domain.velocity import (
     VelocityMetric,
     VelocityRule,
-    VelocityUsage,
-    bucket_width_s,
     usage_keys,
 )
 from ledger.invariant import invariant
@@ -441,6 +440,7 @@ class Shard:
                 resolutions=plan.resolutions,
                 expiring=plan.expiring_pendings,
                 velocity=plan.velocity,
+                locked=accounts,
             )
             if handed_back:
                 return _with_handed_back(requests, handed_back, plan.outcomes)
@@ -592,6 +592,7 @@ class Shard:
                 resolutions=[],
                 expiring=[],
                 velocity=plan.velocity,
+                locked=accounts,
             )
             return JournalOutcome(
                 plan.result,
@@ -709,15 +710,12 @@ class Shard:
     async def _lock_accounts(
         self, conn: Connection, keys: Collection[AccountKey], *, velocity_read_later: bool = False
     ) -> dict[AccountKey, Account]:
-        """Locks the accounts and loads the velocity usage of those with rules, unless
-        the caller reads it itself with its next statement (velocity_read_later)."""
+        """Locks the accounts and gives those with velocity rules their usage at the
+        clock read after the locks, unless the caller reads the clock itself with its
+        next statement and then calls with_velocity_usage (velocity_read_later)."""
         accounts = await self._accounts(conn, keys, statement=sql.LOCK_ACCOUNTS)
-        if not velocity_read_later:
-            wanted = _velocity_wanted(accounts)
-            if wanted:
-                row = await conn.fetchrow(sql.VELOCITY_USAGE, *_velocity_parameters(wanted))
-                assert row is not None
-                _with_velocity_usage(accounts, wanted, row["amounts"], row["counts"], row["now"])
+        if not velocity_read_later and any(a.velocity_rules for a in accounts.values()):
+            with_velocity_usage(accounts, await conn.fetchval(sql.NOW))
         return accounts
 
     async def _select_accounts(
@@ -759,22 +757,14 @@ class Shard:
         locked: dict[AccountKey, Account],
     ) -> tuple[dict[TransferKey, TransferRecord], dict[TransferKey, JournalRecord], datetime]:
         """_select_records and the transaction's clock in one round trip (the hot
-        path), with the velocity usage of the limited accounts among `locked`
-        (locked with velocity_read_later), which it fills in."""
-        transfer_keys = ([k.merchant_id for k in keys], [k.transfer_id for k in keys])
-        wanted = _velocity_wanted(locked)
-        if wanted:
-            rows = await conn.fetch(
-                sql.SELECT_TRANSFERS_NOW_AND_VELOCITY,
-                *transfer_keys,
-                *_velocity_parameters(wanted),
-            )
-            first = rows[0]
-            _with_velocity_usage(
-                locked, wanted, first["velocity_amounts"], first["velocity_counts"], first["now"]
-            )
-        else:
-            rows = await conn.fetch(sql.SELECT_TRANSFERS_AND_NOW, *transfer_keys)
+        path); gives the limited accounts among `locked` (locked with
+        velocity_read_later) their usage at that clock."""
+        rows = await conn.fetch(
+            sql.SELECT_TRANSFERS_AND_NOW,
+            [k.merchant_id for k in keys],
+            [k.transfer_id for k in keys],
+        )
+        with_velocity_usage(locked, rows[0]["now"])
         now: datetime = rows[0]["now"]
         transfers, journals = await self._records(
             conn, [r for r in rows if r["transfer_id"] is not None]
@@ -1115,6 +1105,7 @@ def _account(row: asyncpg.Record) -> Account:
         created_at=row["created_at"],
         head_hash=row["entry_hash"],
         velocity_rules=_velocity_rules_text(row["velocity_rules"]),
+        velocity_counters=row["velocity_counters"],
     )
 
 
@@ -1159,46 +1150,14 @@ def velocity_rules_json(rules: Sequence[VelocityRule]) -> list[dict[str, Any]]:
     ]
 
 
-def _velocity_wanted(
-    accounts: Mapping[AccountKey, Account],
-) -> list[tuple[AccountKey, Direction, int]]:
-    """The (account, direction, window) counters the limited accounts' rules read."""
-    return [
-        (key, direction, window_s)
-        for key, account in accounts.items()
-        if account.velocity_rules
-        for direction, window_s in sorted(usage_keys(account.velocity_rules))
-    ]
-
-
-def _velocity_parameters(wanted: Sequence[tuple[AccountKey, Direction, int]]) -> list[list[Any]]:
-    """The five arrays sql._VELOCITY_USED takes."""
-    return [
-        [k.merchant_id for k, _, _ in wanted],
-        [k.account_id for k, _, _ in wanted],
-        [int(d) for _, d, _ in wanted],
-        [w for _, _, w in wanted],
-        [bucket_width_s(w) for _, _, w in wanted],
-    ]
-
-
-def _with_velocity_usage(
-    accounts: dict[AccountKey, Account],
-    wanted: Sequence[tuple[AccountKey, Direction, int]],
-    amounts: Sequence[int],
-    counts: Sequence[int],
-    read_at: datetime,
-) -> None:
-    """Gives each limited account its usage, read after its lock, so no other
-    transaction can add to it before this one commits."""
-    invariant(len(amounts) == len(counts) == len(wanted), "one usage per rule window")
-    used: dict[AccountKey, dict[tuple[Direction, int], VelocityUsage]] = {}
-    for (key, direction, window_s), amount_minor, count in zip(
-        wanted, amounts, counts, strict=True
-    ):
-        used.setdefault(key, {})[(direction, window_s)] = VelocityUsage(amount_minor, count)
-    for key, usage in used.items():
-        a = accounts[key]
+def with_velocity_usage(accounts: dict[AccountKey, Account], now: datetime) -> None:
+    """Gives each account with velocity rules its usage at `now` from the counters
+    read with its lock: no other transaction can add to them before this one
+    commits, and `now`, read after the lock, is the check's own time."""
+    now_s = int(now.timestamp())
+    for key, a in accounts.items():
+        if not a.velocity_rules:
+            continue
         accounts[key] = Account(
             a.spec,
             a.closed,
@@ -1207,8 +1166,9 @@ def _with_velocity_usage(
             a.created_at,
             a.head_hash,
             a.velocity_rules,
-            usage,
-            read_at,
+            velocity_counters.Usage(a.velocity_counters, usage_keys(a.velocity_rules), now_s),
+            now,
+            a.velocity_counters,
         )
 
 
@@ -1315,12 +1275,15 @@ async def write_plan(
     change: EventKind | None = None,
     change_detail: Mapping[str, Any] | None = None,
     velocity: Sequence[VelocityAdd] = (),
+    locked: Mapping[AccountKey, Account] | None = None,
 ) -> None:
     """Writes a batch and its events in one round trip and checks every row landed.
 
     Each transfer that applied, each journal and each pending transfer that expired
     is an event of its own kind; entries of any other transfer key (saga steps,
-    move bookings) are events of kind `change`, with `change_detail`.
+    move bookings) are events of kind `change`, with `change_detail`. The
+    velocity adds go into the counters of the accounts as `locked` (every one
+    added to changed, so its row is written).
     """
     # Every transfer records the trace that made it: "which postings did trace X make".
     trace_id = current_trace_id()
@@ -1404,6 +1367,7 @@ async def write_plan(
         for e in entries
         for b in (e.balances_after,)
     ]
+    counters = _velocity_counters_after(velocity, locked or {}, accounts)
     account_rows = [
         (
             key.merchant_id,
@@ -1414,6 +1378,7 @@ async def write_plan(
             b.credits_pending,
             s.entry_count,
             s.head_hash,
+            counters.get(key),
         )
         for key, s in accounts.items()
         for b in (s.balances,)
@@ -1421,22 +1386,6 @@ async def write_plan(
     ended = [
         (k.merchant_id, k.transfer_id) for k in (*(r.pending for r in resolutions), *ended_extra)
     ]
-    velocity_rows = [
-        (
-            v.account.merchant_id,
-            v.account.account_id,
-            v.direction,
-            v.window_s,
-            v.bucket_index,
-            v.amount_minor,
-            v.count,
-        )
-        for v in velocity
-    ]
-    if len({r[:5] for r in velocity_rows}) != len(velocity_rows):
-        # Several plans in one transaction (saga steps) may add to one bucket: an
-        # upsert may not touch a row twice in one statement.
-        velocity_rows = _summed_buckets(velocity_rows)
     events = _event_rows(records, journals, entries, resolutions, trace_id, change, change_detail)
     counts = await conn.fetchrow(
         sql.WRITE_BATCH,
@@ -1449,7 +1398,6 @@ async def write_plan(
         ],
         [(r.key.merchant_id, r.key.transfer_id, r.expires_at) for r in expiring],
         ended,
-        velocity_rows,
         events,
     )
     assert counts is not None
@@ -1461,7 +1409,6 @@ async def write_plan(
     invariant(counts["accounts"] == len(accounts), "every changed account was updated")
     invariant(counts["resolutions"] == len(resolutions), "every resolution was written")
     invariant(counts["events"] == len(events), "every change wrote its event")
-    invariant(counts["velocity"] == len(velocity_rows), "every velocity bucket was written")
     if counts["crossings"]:
         # Counted when written: a transaction that then fails to commit (rare,
         # and retried) may count a crossing twice; the table is the record.
@@ -1524,13 +1471,26 @@ def _event_rows(
 _CROSSING_NAMES = {"1": "fell_below", "2": "rose_to"}
 
 
-def _summed_buckets(rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
-    totals: dict[tuple[Any, ...], list[int]] = {}
-    for r in rows:
-        total = totals.setdefault(r[:5], [0, 0])
-        total[0] += r[5]
-        total[1] += r[6]
-    return [(*key, amount, count) for key, (amount, count) in totals.items()]
+def _velocity_counters_after(
+    velocity: Sequence[VelocityAdd],
+    locked: Mapping[AccountKey, Account],
+    changed: Mapping[AccountKey, AccountState],
+) -> dict[AccountKey, bytes]:
+    """Each counted account's counters after the adds (several plans in one
+    transaction, saga steps, may add to one window: all start from the locked row)."""
+    by_account: dict[AccountKey, list[tuple[tuple[Direction, int], int, int, int]]] = {}
+    for v in velocity:
+        by_account.setdefault(v.account, []).append(
+            ((v.direction, v.window_s), v.bucket_index, v.amount_minor, v.count)
+        )
+    invariant(
+        all(k in locked and k in changed for k in by_account),
+        "velocity is counted on locked accounts whose rows are written",
+    )
+    return {
+        key: velocity_counters.added(locked[key].velocity_counters, adds)
+        for key, adds in by_account.items()
+    }
 
 
 def _postings_json(request: JournalRequest) -> list[dict[str, Any]]:

@@ -16,7 +16,7 @@ ACCOUNT_COLUMNS = """
 merchant_id, account_id, currency, debits_must_not_exceed_credits,
 credits_must_not_exceed_debits, closed, metadata, debits_posted, credits_posted,
 debits_pending, credits_pending, entry_count, created_at, entry_hash,
-velocity_rules::text AS velocity_rules
+velocity_rules::text AS velocity_rules, velocity_counters
 """
 
 # Row locks in one fixed order (merchant, account, byte-wise) so that any two
@@ -44,7 +44,7 @@ LIMIT $3
 _ACCOUNT_EVENT = """
 INSERT INTO event_outbox (kind, merchant_id, merchant_ids, trace_id, body)
 SELECT {kind}, c.merchant_id, ARRAY[c.merchant_id], {trace_id},
-    jsonb_build_object('account', to_jsonb(c) - 'entry_hash')
+    jsonb_build_object('account', to_jsonb(c) - 'entry_hash' - 'velocity_counters')
 FROM changed AS c
 """
 
@@ -136,7 +136,8 @@ WITH new_transfers AS (
     UPDATE accounts AS a
     SET debits_posted = u.debits_posted, credits_posted = u.credits_posted,
         debits_pending = u.debits_pending, credits_pending = u.credits_pending,
-        entry_count = u.entry_count, entry_hash = u.entry_hash
+        entry_count = u.entry_count, entry_hash = u.entry_hash,
+        velocity_counters = coalesce(u.velocity_counters, a.velocity_counters)
     FROM unnest($3::ledger_account_head[]) AS u
     WHERE a.merchant_id = u.merchant_id AND a.account_id = u.account_id
     RETURNING 1
@@ -152,14 +153,6 @@ WITH new_transfers AS (
     DELETE FROM pending_expiries AS x
     USING unnest($6::ledger_transfer_key[]) AS r
     WHERE x.merchant_id = r.merchant_id AND x.transfer_id = r.transfer_id
-    RETURNING 1
-), velocity_added AS (
-    INSERT INTO velocity_buckets AS b (merchant_id, account_id, direction, window_s,
-        bucket_index, amount_minor, transfer_count)
-    SELECT * FROM unnest($7::ledger_velocity_row[])
-    ON CONFLICT (merchant_id, account_id, direction, window_s, bucket_index) DO UPDATE
-    SET amount_minor = b.amount_minor + EXCLUDED.amount_minor,
-        transfer_count = b.transfer_count + EXCLUDED.transfer_count
     RETURNING 1
 ), monitored_changes AS (
     -- Per account with an active monitor and per transfer: the balances before
@@ -209,7 +202,7 @@ WITH new_transfers AS (
     -- (in the same transaction; its trace is the change's).
     INSERT INTO event_outbox (kind, merchant_id, merchant_ids, transfer_id, trace_id, body)
     SELECT 18, c.merchant_id, ARRAY[c.merchant_id], c.transfer_id,
-        coalesce((SELECT v.trace_id FROM unnest($8::ledger_event_row[]) AS v
+        coalesce((SELECT v.trace_id FROM unnest($7::ledger_event_row[]) AS v
                   WHERE v.transfer_merchant_id = c.transfer_merchant_id
                     AND v.transfer_id = c.transfer_id LIMIT 1), ''),
         jsonb_build_object('crossing', to_jsonb(c))
@@ -225,7 +218,7 @@ WITH new_transfers AS (
         v.transfer_id, v.trace_id,
         jsonb_build_object('transfer', to_jsonb(t), 'entries', coalesce(g.entries, '[]'),
                            'detail', v.detail)
-    FROM unnest($8::ledger_event_row[]) WITH ORDINALITY
+    FROM unnest($7::ledger_event_row[]) WITH ORDINALITY
         AS v(kind, merchant_id, transfer_merchant_id, transfer_id, trace_id, detail, n)
     LEFT JOIN unnest($1::ledger_transfer_row[]) AS t
         ON t.merchant_id = v.transfer_merchant_id AND t.transfer_id = v.transfer_id
@@ -248,7 +241,6 @@ SELECT (SELECT count(*) FROM new_transfers) AS transfers,
        (SELECT count(*) FROM updated_accounts) AS accounts,
        (SELECT count(*) FROM new_resolutions) AS resolutions,
        (SELECT count(*) FROM new_events) AS events,
-       (SELECT count(*) FROM velocity_added) AS velocity,
        (SELECT array_agg(monitor_id || ':' || direction) FROM new_crossings) AS crossings
 """
 
@@ -328,59 +320,4 @@ RECENT_REPLICAS = """
 SELECT replica_id, epoch, seen_at FROM replicas
 WHERE seen_at > clock_timestamp() - make_interval(secs => $1)
 ORDER BY replica_id
-"""
-
-# An account's velocity usage per (direction, window), for accounts whose rules
-# were just read under their lock, read by a later statement (a new snapshot:
-# whatever committed before the locks is visible): every bucket from the one
-# holding clock - window_s on (ledger/domain/velocity.py, first_counted_bucket).
-# One clock reading (the CTE `clock`) bounds the windows and is returned as the
-# check's own time, so the windows never end after it. In: arrays of merchant,
-# account, direction, window_s, bucket width in seconds (parameters $n..$n+4);
-# out: the amounts and counts in the same order (NULL for no windows).
-_VELOCITY_USED = """
-clock AS MATERIALIZED (
-    SELECT clock_timestamp() AS now
-), used AS (
-    -- LATERAL: one index range scan per window. A join lets the planner read
-    -- every account's buckets (seq scan and sort) once the table is small enough.
-    SELECT w.ord, least(u.amount, 9223372036854775807)::bigint AS amount, u.moved
-    FROM clock CROSS JOIN
-        unnest(${n}::text[], ${n1}::text[], ${n2}::smallint[], ${n3}::integer[], ${n4}::integer[])
-        WITH ORDINALITY AS w(merchant_id, account_id, direction, window_s, width_s, ord)
-    CROSS JOIN LATERAL (
-        SELECT coalesce(sum(b.amount_minor), 0) AS amount,
-               coalesce(sum(b.transfer_count), 0)::bigint AS moved
-        FROM velocity_buckets b
-        WHERE b.merchant_id = w.merchant_id AND b.account_id = w.account_id
-          AND b.direction = w.direction AND b.window_s = w.window_s
-          AND b.bucket_index >= (floor(extract(epoch FROM clock.now))::bigint - w.window_s)
-              / w.width_s
-    ) AS u
-), usage AS (
-    SELECT array_agg(amount ORDER BY ord) AS amounts, array_agg(moved ORDER BY ord) AS counts
-    FROM used
-)"""
-
-
-def _velocity_used(first_parameter: int) -> str:
-    n = first_parameter
-    return _VELOCITY_USED.format(n=n, n1=n + 1, n2=n + 2, n3=n + 3, n4=n + 4)
-
-
-VELOCITY_USAGE = f"""
-WITH {_velocity_used(1)}
-SELECT usage.amounts, usage.counts, clock.now FROM clock, usage
-"""
-
-# SELECT_TRANSFERS_AND_NOW with the velocity usage of the accounts just locked
-# ($3-$7, as VELOCITY_USAGE's $1-$5): the write path's read after its locks, so
-# limited accounts cost no round trip of their own. The clock is the usage's.
-SELECT_TRANSFERS_NOW_AND_VELOCITY = f"""
-WITH {_velocity_used(3)}, found AS (
-    SELECT {TRANSFER_COLUMNS} FROM transfers
-    WHERE (merchant_id, transfer_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))
-)
-SELECT clock.now, usage.amounts AS velocity_amounts, usage.counts AS velocity_counts, found.*
-FROM clock CROSS JOIN usage LEFT JOIN found ON true
 """
