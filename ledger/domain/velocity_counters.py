@@ -66,6 +66,16 @@ def _rings(values: array[int]) -> dict[UsageKey, int]:
     return {(_DIRECTIONS[values[i]], values[i + 1]): i for i in range(0, len(values), RING_WIDTH)}
 
 
+def _ring(values: array[int], key: UsageKey) -> int:
+    """Where the ring of key starts (an account has a few: a scan beats a dict)."""
+    direction, window_s = key
+    for i in range(0, len(values), RING_WIDTH):
+        if values[i + 1] == window_s and values[i] == direction:
+            return i
+    invariant(False, "every counted window has its counters")
+    raise AssertionError("unreachable")
+
+
 def _sum_slots(values: array[int], start: int, first_slot: int, slots: int) -> int:
     """The sum of `slots` consecutive ring slots from first_slot (wrapping)."""
     end = first_slot + slots
@@ -82,14 +92,13 @@ class Usage(Mapping[UsageKey, VelocityUsage]):
     ring's head. Computed per window when first asked: a batch checks most
     accounts in one direction only."""
 
-    __slots__ = ("_data", "_found", "_keys", "_now_s", "_rings", "_values")
+    __slots__ = ("_data", "_found", "_keys", "_now_s", "_values")
 
     def __init__(self, data: bytes, keys: Iterable[UsageKey], now_s: int) -> None:
         self._data = data
         self._keys = frozenset(keys)
         self._now_s = now_s
         self._values: array[int] | None = None
-        self._rings: dict[UsageKey, int] = {}
         self._found: dict[UsageKey, VelocityUsage] = {}
 
     def __getitem__(self, key: UsageKey) -> VelocityUsage:
@@ -107,10 +116,7 @@ class Usage(Mapping[UsageKey, VelocityUsage]):
         values = self._values
         if values is None:
             values = self._values = _unpacked(self._data)
-            self._rings = _rings(values)
-        i = self._rings.get(key)
-        invariant(i is not None, "every rule's window has its counters")
-        assert i is not None
+        i = _ring(values, key)
         window_s = key[1]
         head = values[i + 2]
         slots = min(head - (self._now_s - window_s) // bucket_width_s(window_s) + 1, RING_SLOTS)
@@ -150,11 +156,8 @@ def added(data: bytes, adds: Iterable[tuple[UsageKey, int, int, int]]) -> bytes:
     the head instead: counted later, it stays in windows longer, which can only
     refuse earlier, never let more through."""
     values = _unpacked(data)
-    rings = _rings(values)
     for key, bucket, amount_minor, count in adds:
-        i = rings.get(key)
-        invariant(i is not None, "every counted window has its counters")
-        assert i is not None
+        i = _ring(values, key)
         head = values[i + 2]
         amounts = i + _HEADER
         counts = amounts + RING_SLOTS
