@@ -299,6 +299,7 @@ async def _serve(
         mask_card_metadata=settings.mask_card_metadata,
         page_token_key=settings.page_token_key,
         reuse_port=role is not None,
+        polls_for_others=role is None or role.index == 0,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

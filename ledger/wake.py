@@ -10,20 +10,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 
 
 class WakeSchedule:
     def __init__(self) -> None:
         self._woken = asyncio.Event()
         self._stopped = False
-        # Event-loop time the sleeper will wake at by itself; inf while it is awake.
+        # Event-loop time the sleeper wakes at by itself, while it sleeps (inf: when woken).
         self._wakes_at = float("inf")
         # Pokes that arrived while the sleeper was awake: it looks again at once.
         self._poked = False
+        self._sleeping = False
 
     @property
     def stopped(self) -> bool:
         return self._stopped
+
+    @property
+    def sleeps_until(self) -> float | None:
+        """Event-loop time the sleeper wakes at by itself (inf: only when woken);
+        None while it is awake."""
+        return self._wakes_at if self._sleeping else None
 
     def stop(self) -> None:
         self._stopped = True
@@ -32,7 +40,7 @@ class WakeSchedule:
     def wake_within(self, delay_s: float) -> None:
         """Work is due in delay_s: the sleeper looks then at the latest."""
         loop = asyncio.get_running_loop()
-        if self._wakes_at == float("inf"):
+        if not self._sleeping:
             self._poked = True
             return
         if loop.time() + delay_s < self._wakes_at:
@@ -47,11 +55,13 @@ class WakeSchedule:
             return
         loop = asyncio.get_running_loop()
         self._wakes_at = loop.time() + sleep_s
+        self._sleeping = True
         try:
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(sleep_s):
+                # inf: until woken (a worker that leaves others' work to another).
+                async with asyncio.timeout(None if math.isinf(sleep_s) else sleep_s):
                     await self._woken.wait()
         finally:
-            self._wakes_at = float("inf")
+            self._sleeping = False
             if not self._stopped:
                 self._woken.clear()

@@ -86,7 +86,11 @@ class Service:
 
 
 async def start_service(
-    config_path: Path, *, concurrent_rpcs_max: int = 256, mask_card_metadata: bool = False
+    config_path: Path,
+    *,
+    concurrent_rpcs_max: int = 256,
+    mask_card_metadata: bool = False,
+    polls_for_others: bool = True,
 ) -> Service:
     cluster = Cluster(load_config(config_path), config_path=config_path)
     await cluster.open()
@@ -95,6 +99,7 @@ async def start_service(
         listen="127.0.0.1:0",
         concurrent_rpcs_max=concurrent_rpcs_max,
         mask_card_metadata=mask_card_metadata,
+        polls_for_others=polls_for_others,
     )
     await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")

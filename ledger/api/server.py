@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import secrets
 import socket
@@ -76,12 +77,19 @@ class LedgerServer:
         mask_card_metadata: bool = False,
         page_token_key: bytes | None = None,
         reuse_port: bool = False,
+        polls_for_others: bool = True,
     ) -> None:
+        """polls_for_others: this process looks for work other processes left
+        (holds due, sagas due, outboxes) and refreshes the shard gauges; a
+        replica's other workers (ledger/workers.py) only react to their own."""
         self.cluster = cluster
         self.listen = listen
         self.tls = tls
         self.cert_watch: CertificateExpiryWatch | None = None
-        self.sweeper = ExpirySweeper(cluster)
+        # A worker that leaves others' work to worker 0 waits for its own.
+        background_idle_s = limits.background_idle_poll_s_max if polls_for_others else math.inf
+        events_idle_s = limits.event_idle_poll_s if polls_for_others else math.inf
+        self.sweeper = ExpirySweeper(cluster, idle_poll_s=background_idle_s)
         self.checkpointer = ChainCheckpointer(
             cluster,
             interval_s=checkpoint_interval_s,
@@ -101,8 +109,12 @@ class LedgerServer:
             )
         self.config_watch = ConfigWatcher(cluster)
         self.sagas = SagaRunner(cluster, owner=_replica_id(), settings=saga_settings)
-        self.recovery = RecoveryWorker(self.sagas)
-        self.sequencer = EventSequencer(cluster)
+        self.recovery = RecoveryWorker(
+            self.sagas,
+            idle_poll_s=background_idle_s,
+            refreshes_gauges=polls_for_others,
+        )
+        self.sequencer = EventSequencer(cluster, idle_poll_s=events_idle_s)
         self.feed = EventFeed(cluster)
         self.sequencer.on_sequenced = self.feed.wake
         # The workers sleep until work is due; work this replica makes wakes them.

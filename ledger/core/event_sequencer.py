@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable
 
@@ -24,8 +25,11 @@ log = logging.getLogger(__name__)
 
 
 class EventSequencer:
-    def __init__(self, cluster: Cluster) -> None:
+    def __init__(self, cluster: Cluster, *, idle_poll_s: float = limits.event_idle_poll_s) -> None:
         self.cluster = cluster
+        # How often every shard's outbox is looked at with no commit here (inf:
+        # never; another worker of the replica does it, and retention with it).
+        self.idle_poll_s = idle_poll_s
         # Shards a commit here may have written events to since the last round.
         self._dirty: set[str] = set()
         self._poked = asyncio.Event()
@@ -86,9 +90,10 @@ class EventSequencer:
         return numbered
 
     async def _run(self) -> None:
+        idle_timeout_s = None if math.isinf(self.idle_poll_s) else self.idle_poll_s
         while not self._stopped:
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(limits.event_idle_poll_s):
+                async with asyncio.timeout(idle_timeout_s):
                     await self._poked.wait()
             self._poked.clear()
             if self._stopped:
@@ -99,7 +104,10 @@ class EventSequencer:
             try:
                 for name in sorted(names):
                     await self._drain(name)
-                if time.monotonic() - self._retained_at >= limits.event_retention_interval_s:
+                if (
+                    not math.isinf(self.idle_poll_s)
+                    and time.monotonic() - self._retained_at >= limits.event_retention_interval_s
+                ):
                     self._retained_at = time.monotonic()
                     await self.retain_now()
             except Exception:

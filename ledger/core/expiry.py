@@ -26,8 +26,13 @@ log = logging.getLogger(__name__)
 class ExpirySweeper:
     """One task per service replica; shards serialise sweepers with an advisory lock."""
 
-    def __init__(self, cluster: Cluster) -> None:
+    def __init__(
+        self, cluster: Cluster, *, idle_poll_s: float = limits.background_idle_poll_s_max
+    ) -> None:
         self.cluster = cluster
+        # With nothing due, how long until the shards are asked again (inf: only
+        # when this replica's own work wakes it; another process polls for the rest).
+        self.idle_poll_s = idle_poll_s
         self.schedule = WakeSchedule()
         # Told when a sweep started EXPIRE sagas (the recovery worker drives them), so
         # that the worker (which the server sets here) wakes for them.
@@ -55,7 +60,7 @@ class ExpirySweeper:
     async def _sweep_round(self) -> tuple[int, float]:
         """(holds released, seconds until a shard needs a look again)."""
         released = 0
-        next_s = limits.background_idle_poll_s_max
+        next_s = self.idle_poll_s
         for shard in list(self.cluster.shards.values()):
             try:
                 count, shard_next_s = await self._sweep_shard(shard)
@@ -71,7 +76,7 @@ class ExpirySweeper:
         if not shard.marked_unavailable:
             due_s = await shard.next_expiry_due_s()
             if due_s is None:
-                return 0, limits.background_idle_poll_s_max
+                return 0, self.idle_poll_s
             if due_s > 0:
                 return 0, due_s
         released = 0

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 
 from ledger import limits
 from ledger.domain.sagas import Saga, SagaState
@@ -37,9 +38,14 @@ class RecoveryWorker:
         *,
         interval_s: float = limits.saga_recovery_interval_s,
         claims_per_round_max: int = limits.saga_claims_per_round_max,
+        idle_poll_s: float = limits.background_idle_poll_s_max,
+        refreshes_gauges: bool = True,
     ) -> None:
         self.runner = runner
         self.interval_s = interval_s
+        # As ExpirySweeper.idle_poll_s; and the gauges are one process's job.
+        self.idle_poll_s = idle_poll_s
+        self.refreshes_gauges = refreshes_gauges
         self.claims_per_round_max = claims_per_round_max
         self.schedule = WakeSchedule()
         runner.on_retry_scheduled = self.schedule.wake_within
@@ -72,7 +78,7 @@ class RecoveryWorker:
     async def _round(self) -> tuple[int, float]:
         """(sagas driven, seconds until a shard needs a look again)."""
         driven = 0
-        next_s = limits.background_idle_poll_s_max
+        next_s = self.idle_poll_s
         for shard in list(self.runner.cluster.shards.values()):
             try:
                 count, shard_next_s = await self._claim_on(shard)
@@ -92,7 +98,7 @@ class RecoveryWorker:
         if not shard.marked_unavailable:
             due_s = await store.next_due_s()
             if due_s is None:
-                return 0, limits.background_idle_poll_s_max
+                return 0, self.idle_poll_s
             if due_s > 0:
                 return 0, due_s
         claimed = await store.claim_due(
@@ -156,10 +162,17 @@ class RecoveryWorker:
             try:
                 _, next_s = await self._round()
                 self._rounds += 1
-                if loop.time() - self._gauges_refreshed_at >= limits.gauge_refresh_interval_s:
+                if (
+                    self.refreshes_gauges
+                    and loop.time() - self._gauges_refreshed_at >= limits.gauge_refresh_interval_s
+                ):
                     self._gauges_refreshed_at = loop.time()
                     await self.refresh_gauges()
             except Exception:
                 log.exception("saga recovery round failed")
-            time_to_gauges_s = self._gauges_refreshed_at + limits.gauge_refresh_interval_s
-            await self.schedule.sleep(min(next_s, time_to_gauges_s - loop.time()))
+            time_to_gauges_s = math.inf
+            if self.refreshes_gauges:
+                time_to_gauges_s = (
+                    self._gauges_refreshed_at + limits.gauge_refresh_interval_s - loop.time()
+                )
+            await self.schedule.sleep(min(next_s, time_to_gauges_s))
