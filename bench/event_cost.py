@@ -211,7 +211,8 @@ async def _measure_publisher(
         await _write(stub, picker, calls)
         last = await _sequenced(shards.dsns)
         events = sum(last.values()) - sum(before_positions.values())
-        cpu_before = cluster.cpu_s(publisher.pid)
+        postgres_pid = cluster.postmaster_pid(shards)
+        cpu_before, postgres_before = cluster.cpu_s(publisher.pid), _postgres_s(postgres_pid)
         started = time.monotonic()
         publisher.send_signal(signal.SIGCONT)
         spy = _spy(publisher.pid, "publisher")
@@ -220,8 +221,10 @@ async def _measure_publisher(
             spy.wait()
         elapsed_s = time.monotonic() - started
         cpu_s = cluster.cpu_s(publisher.pid) - cpu_before
+        postgres_s = _postgres_s(postgres_pid) - postgres_before
         print(
             f"publisher  {events:>7} events  publisher {1e6 * cpu_s / events:>6.1f} us/event   "
+            f"postgres {1e6 * postgres_s / events:>6.1f} us/event   "
             f"{events / elapsed_s:>7.0f} events/s",
             flush=True,
         )

@@ -60,11 +60,12 @@ class ShardLease:
         return cls(shard, consumer, connection)
 
     async def held(self) -> bool:
-        """Whether the lease is still ours: its connection is alive and holds the lock."""
+        """Whether the lease is still ours: the session that took the lock answers
+        (event_statements.PUBLISHER_LEASE_ALIVE says why that is enough)."""
         if self._connection.is_closed():
             return False
         try:
-            return bool(await self._connection.fetchval(sql.PUBLISHER_LEASE_HELD, self.consumer))
+            return await self._connection.fetchval(sql.PUBLISHER_LEASE_ALIVE) == 1
         except (asyncpg.PostgresError, OSError, TimeoutError, asyncpg.InterfaceError):
             return False
 
