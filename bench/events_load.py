@@ -42,7 +42,7 @@ from typing import Any
 
 import grpc
 
-from bench.cluster import CpuMeter
+from bench.cluster import CpuMeter, cpu_s
 from bench.report import percentile
 from ledger.v1 import ledger_pb2 as pb
 from ledger.v1 import ledger_pb2_grpc
@@ -230,6 +230,10 @@ class Consumers:
         if not self._subscribers and self._publisher is None:
             return {}
         elapsed_s = time.monotonic() - self._started_at
+        # Each consumer process's own CPU over the phase (its start included), before
+        # it exits: what the consumers cost, apart from the client processes'.
+        subscriber_cpu_s = [cpu_s(p.pid) if p.pid else 0.0 for p, _ in self._subscribers]
+        publisher_cpu_s = cpu_s(self._publisher.pid) if self._publisher is not None else 0.0
         results: list[SubscriberResult] = []
         for _, pipe in self._subscribers:
             pipe.send(("stop", None))
@@ -269,9 +273,13 @@ class Consumers:
                     "max": (delays[-1] if delays else 0.0) * 1000,
                 },
                 "errors": [r.error for r in results if r.error],
+                "cpu_cores": [c / elapsed_s for c in subscriber_cpu_s],
             }
         if self._publisher is not None:
-            figures["event_publisher"] = {"exit": publisher_exit}
+            figures["event_publisher"] = {
+                "exit": publisher_exit,
+                "cpu_cores": publisher_cpu_s / elapsed_s,
+            }
         return figures
 
     @property

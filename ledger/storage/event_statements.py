@@ -14,13 +14,6 @@ TRY_SEQUENCER_LOCK = "SELECT pg_try_advisory_xact_lock(7306, 0)"
 # expiry sweeper, 7304 saga credits, 7305 checkpoints and the admin lock, 7306
 # the sequencer.)
 TRY_PUBLISHER_LEASE = "SELECT pg_try_advisory_lock(7307, hashtext($1))"
-# The lease is still held while the session that took it answers: a session-level
-# advisory lock goes only with its session (or an unlock the publisher never
-# sends), and asyncpg never reconnects a connection behind our back. Checked before
-# every batch, so it must be cheap: reading pg_locks instead (as this did) takes
-# every lock-manager partition lock of the server, stalling every writer's lock
-# acquisitions for the duration, dozens of times a second under load.
-PUBLISHER_LEASE_ALIVE = "SELECT 1"
 # Who holds the lease of consumer $1 (the holder's application_name), if anyone.
 PUBLISHER_LEASE_HOLDER = """
 SELECT a.application_name FROM pg_locks AS l JOIN pg_stat_activity AS a ON a.pid = l.pid

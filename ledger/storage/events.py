@@ -7,7 +7,7 @@ their gapless positions and serves them. The SQL is in event_statements.py.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -88,7 +88,11 @@ class EventStore:
     async def read(self, *, after: int, limit: int, merchant_id: str | None) -> list[EventRow]:
         async with self.shard.connection() as conn:
             rows = await conn.fetch(sql.READ_EVENTS, after, limit, merchant_id)
-        return [self._row(r) for r in rows]
+        return self.rows(rows)
+
+    def rows(self, records: Sequence[asyncpg.Record]) -> list[EventRow]:
+        """Rows of event_statements.READ_EVENTS as EventRows of this shard."""
+        return [self._row(r) for r in records]
 
     def _row(self, r: Mapping[str, Any] | asyncpg.Record) -> EventRow:
         return EventRow(
