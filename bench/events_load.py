@@ -14,9 +14,11 @@ same offered rate, for the delay from commit to delivery at half the peak.
   each from its `committed_at` to its receipt: the delay from commit to delivery
   (p50, p99 over every event received, as the subscriber's clock sees it; the
   service runs on the same machine, so one clock).
-- `publisher`: `python -m ledger.cli events publish --config FILE --amqp URL`
-  (--amqp-url) as a process beside the service, for the phase (no queue bound:
-  the broker routes each message and drops it).
+- `publisher`: `python -m ledger.cli events publish --config FILE --amqp URL
+  --consumer bench-publisher` (--amqp-url) as a process beside the service, for
+  the phase, acknowledged up to every shard's last event first so that it
+  publishes the phase's events, not the history nor what phases without it
+  wrote (no queue bound: the broker routes each message and drops it).
 
 The consumers' processes run on the same cores as everything else; their CPU
 is counted with the client processes' (`cpu_cores.clients`), so `other` still
@@ -40,10 +42,12 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import grpc
 
 from bench.cluster import CpuMeter, cpu_s
 from bench.report import percentile
+from ledger.routing.config import load_config
 from ledger.v1 import ledger_pb2 as pb
 from ledger.v1 import ledger_pb2_grpc
 
@@ -289,6 +293,26 @@ class Consumers:
         )
 
 
+# The bench publisher's registered consumer name.
+PUBLISHER_CONSUMER = "bench-publisher"
+# Registers consumer at every shard's last position, or moves it there.
+ACKNOWLEDGE_ALL = """
+INSERT INTO event_consumers (consumer, position)
+SELECT $1, last_position FROM event_positions
+ON CONFLICT (consumer) DO UPDATE
+SET position = EXCLUDED.position, lapsed_at = NULL, acked_at = clock_timestamp()
+"""
+
+
+async def _acknowledge_all(config_path: Path, consumer: str) -> None:
+    for shard in load_config(config_path).shards:
+        connection = await asyncpg.connect(shard.dsn)
+        try:
+            await connection.execute(ACKNOWLEDGE_ALL, consumer)
+        finally:
+            await connection.close()
+
+
 def attach(
     mode: str,
     options: EventsOptions,
@@ -304,8 +328,13 @@ def attach(
     if not mode.endswith(SUFFIX) or not options.parts:
         return consumers
     if "publisher" in options.parts:
+        # This phase's events only: a registered publisher resumes where it was
+        # acknowledged (a new one at the oldest event kept), so it would spend the
+        # phase on the history and on every phase measured without it.
+        asyncio.run(_acknowledge_all(config_path, PUBLISHER_CONSUMER))
         log = (log_dir / "publisher.log").open("ab")
         command = [sys.executable, "-m", "ledger.cli", "events", "publish"]
+        command += ["--consumer", PUBLISHER_CONSUMER]
         consumers._publisher = subprocess.Popen(
             [*command, "--config", str(config_path), "--amqp", options.amqp_url],
             stdout=log,
