@@ -275,7 +275,20 @@ async def test_from_now_skips_history_and_an_account_filter_keeps_its_account(
     m = service.merchant_on("shard-b")
     await create_accounts(stub, account(m, "a"), account(m, "b"), account(m, "c"))
     await transfers(stub, transfer(uid("old"), ref(m, "a"), ref(m, "b"), 1))
+    # c's creation is in the stream before "now" (the sequencer numbers it a round
+    # after its commit): else a subscription started within that round sees it after.
+    await collect_until(
+        stub,
+        of(m),
+        lambda e: e.kind == pb.EVENT_KIND_ACCOUNT_CREATED and e.account.ref.account_id == "c",
+    )
     feed = service.server.feed
+
+    async def idle() -> bool:
+        return feed.subscriptions == 0
+
+    # The subscription just cancelled (and any before) ends on the server in its time.
+    await wait_until(idle, what="the earlier subscriptions to end")
     call = stub.SubscribeEvents(
         pb.SubscribeEventsRequest(from_now=True, account=ref(m, "c")), timeout=RPC_TIMEOUT_S
     )
