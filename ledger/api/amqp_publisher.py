@@ -431,7 +431,11 @@ class AmqpPublisher:
                 continue
             self._broker.succeeded()
             faults.crash_point("publish.after_confirm")
-            position = await store.acknowledge(self.settings.consumer, rows[-1].position)
+            acked = await lease.acknowledge(rows[-1].position)
+            if acked is None:
+                log.warning("lost the lease on shard %s; asking for it again", name)
+                return
+            position = acked
             self.published += len(rows)
             log.debug("shard %s: published up to position %d", name, position)
 

@@ -80,6 +80,20 @@ class ShardLease:
             return None
         return EventStore(self.shard).rows(records)
 
+    async def acknowledge(self, position: int) -> int | None:
+        """Acknowledges the lease's consumer up to position on the lease's session
+        (no pool connection: one round trip a batch); its position, or None when the
+        session is gone (the lease with it: the batch goes again, as after a kill
+        between confirm and acknowledgement). Raises ConsumerLapsed."""
+        if self._connection.is_closed():
+            return None
+        try:
+            return await EventStore(self.shard).acknowledge_on(
+                self._connection, self.consumer, position
+            )
+        except (asyncpg.PostgresError, OSError, TimeoutError, asyncpg.InterfaceError):
+            return None
+
     @staticmethod
     async def holder(shard: Shard, consumer: str) -> str | None:
         """Who holds consumer's lease on the shard (its application_name), if anyone."""

@@ -13,6 +13,7 @@ from datetime import datetime
 from typing import Any
 
 import asyncpg
+import asyncpg.pool
 
 from ledger.domain.events import EventKind
 from ledger.invariant import invariant
@@ -137,13 +138,22 @@ class EventStore:
     async def acknowledge(self, consumer: str, position: int) -> int:
         """Moves consumer's position up to position (registering it); its position."""
         async with self.shard.connection() as conn:
+            return await self.acknowledge_on(conn, consumer, position)
+
+    async def acknowledge_on(
+        self,
+        conn: asyncpg.Connection[asyncpg.Record] | asyncpg.pool.PoolConnectionProxy[asyncpg.Record],
+        consumer: str,
+        position: int,
+    ) -> int:
+        """acknowledge() on a connection the caller holds (a publisher's lease)."""
+        acked = await conn.fetchval(sql.ACK_CONSUMER, consumer, position)
+        if acked is None:
+            await conn.execute(sql.REGISTER_CONSUMER, consumer, position)
             acked = await conn.fetchval(sql.ACK_CONSUMER, consumer, position)
-            if acked is None:
-                await conn.execute(sql.REGISTER_CONSUMER, consumer, position)
-                acked = await conn.fetchval(sql.ACK_CONSUMER, consumer, position)
-            if acked is None:
-                row = await conn.fetchrow(sql.CONSUMER, consumer)
-                raise ConsumerLapsed(self.shard.name, consumer, row["position"] if row else 0)
+        if acked is None:
+            row = await conn.fetchrow(sql.CONSUMER, consumer)
+            raise ConsumerLapsed(self.shard.name, consumer, row["position"] if row else 0)
         return int(acked)
 
     async def drop(self, consumer: str) -> bool:
