@@ -8,14 +8,17 @@ the consumers cost, measured back to back on the same server state; and
 same offered rate, for the delay from commit to delivery at half the peak.
 
 - `subscriber`: N processes (--event-subscribers, default 1), each one gRPC
-  channel with one unfiltered `SubscribeEvents(from_now)` call, reading every
-  event of every shard for the whole phase (warm-up included) and timing each
-  from its `committed_at` to its receipt: the delay from commit to delivery
+  channel with one unfiltered `SubscribeEventBatches(from_now)` call (or
+  `SubscribeEvents`, one message per event, with --event-rpc events), reading
+  every event of every shard for the whole phase (warm-up included) and timing
+  each from its `committed_at` to its receipt: the delay from commit to delivery
   (p50, p99 over every event received, as the subscriber's clock sees it; the
   service runs on the same machine, so one clock).
-- `publisher`: `python -m ledger.cli events publish --config FILE --amqp URL`
-  (--amqp-url) as a process beside the service, for the phase. It is being
-  built elsewhere: until the command exists the run refuses `publisher` up front.
+- `publisher`: `python -m ledger.cli events publish --config FILE --amqp URL
+  --consumer bench-publisher` (--amqp-url) as a process beside the service, for
+  the phase, acknowledged up to every shard's last event first so that it
+  publishes the phase's events, not the history nor what phases without it
+  wrote (no queue bound: the broker routes each message and drops it).
 
 The consumers' processes run on the same cores as everything else; their CPU
 is counted with the client processes' (`cpu_cores.clients`), so `other` still
@@ -39,14 +42,17 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import grpc
 
-from bench.cluster import CpuMeter
+from bench.cluster import CpuMeter, cpu_s
 from bench.report import percentile
+from ledger.routing.config import load_config
 from ledger.v1 import ledger_pb2 as pb
 from ledger.v1 import ledger_pb2_grpc
 
 PARTS = ("subscriber", "publisher")
+RPCS = ("batches", "events")
 # The modes measured again with the consumers attached, and the name they get:
 # single and batch for the cost (the ratio), single at half its peak rate for the
 # delay at a comfortable load (at the peak every queue in the service is full,
@@ -73,6 +79,8 @@ class EventsOptions:
     parts: tuple[str, ...] = ()
     subscribers: int = 1
     amqp_url: str = ""
+    # The subscribers' RPC: "batches" (SubscribeEventBatches) or "events".
+    rpc: str = "batches"
 
 
 NO_EVENTS = EventsOptions()
@@ -89,6 +97,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--event-subscribers", type=int, default=1, help="subscriber processes with --events"
     )
     parser.add_argument("--amqp-url", default="", help="the broker of --events publisher")
+    parser.add_argument(
+        "--event-rpc",
+        choices=RPCS,
+        default="batches",
+        help="the subscribers read SubscribeEventBatches (batches) or SubscribeEvents (events)",
+    )
 
 
 def options_from(args: argparse.Namespace) -> tuple[EventsOptions, list[str]]:
@@ -107,7 +121,8 @@ def options_from(args: argparse.Namespace) -> tuple[EventsOptions, list[str]]:
                 "--events publisher: `ledger events publish` does not exist in this tree yet"
             )
     ordered = tuple(p for p in PARTS if p in parts)
-    return EventsOptions(ordered, args.event_subscribers, args.amqp_url), problems
+    options = EventsOptions(ordered, args.event_subscribers, args.amqp_url, args.event_rpc)
+    return options, problems
 
 
 def publisher_exists() -> bool:
@@ -146,9 +161,9 @@ class SubscriberResult:
     error: str = ""
 
 
-def subscriber_main(pipe: Connection, target: str) -> None:
+def subscriber_main(pipe: Connection, target: str, rpc: str = "batches") -> None:
     try:
-        result = asyncio.run(_subscribe(pipe, target))
+        result = asyncio.run(_subscribe(pipe, target, rpc))
         pipe.send(("result", result))
     except BaseException:  # the orchestrator reports it
         pipe.send(("error", traceback.format_exc()))
@@ -156,7 +171,7 @@ def subscriber_main(pipe: Connection, target: str) -> None:
         pipe.close()
 
 
-async def _subscribe(pipe: Connection, target: str) -> SubscriberResult:
+async def _subscribe(pipe: Connection, target: str, rpc: str) -> SubscriberResult:
     result = SubscriberResult()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -165,14 +180,23 @@ async def _subscribe(pipe: Connection, target: str) -> SubscriberResult:
     async with grpc.aio.insecure_channel(target) as channel:
         await asyncio.wait_for(channel.channel_ready(), SUBSCRIBER_READY_TIMEOUT_S)
         stub = ledger_pb2_grpc.LedgerServiceStub(channel)
-        call = stub.SubscribeEvents(pb.SubscribeEventsRequest(from_now=True))
+        request = pb.SubscribeEventsRequest(from_now=True)
+        call: Any = (
+            stub.SubscribeEventBatches(request)
+            if rpc == "batches"
+            else stub.SubscribeEvents(request)
+        )
 
-        async def read() -> None:
-            async for event in call:
-                received_at = time.time()
-                result.events += 1
+        def received(events: Sequence[pb.Event]) -> None:
+            received_at = time.time()
+            result.events += len(events)
+            for event in events:
                 if len(result.delays_s) < DELAY_SAMPLES_MAX:
                     result.delays_s.append(received_at - event.committed_at.ToNanoseconds() / 1e9)
+
+        async def read() -> None:
+            async for message in call:
+                received(message.events if rpc == "batches" else (message,))
 
         reader = asyncio.create_task(read())
         pipe.send(("ready", None))
@@ -203,12 +227,17 @@ class Consumers:
         self._started_at = 0.0
         self._cpu: CpuMeter | None = None
         self._client_pids: list[int] = []
+        self.rpc = ""
 
     def detach(self) -> dict[str, Any]:
         """Stops the consumers; their figures for the mode (nothing when none ran)."""
         if not self._subscribers and self._publisher is None:
             return {}
         elapsed_s = time.monotonic() - self._started_at
+        # Each consumer process's own CPU over the phase (its start included), before
+        # it exits: what the consumers cost, apart from the client processes'.
+        subscriber_cpu_s = [cpu_s(p.pid) if p.pid else 0.0 for p, _ in self._subscribers]
+        publisher_cpu_s = cpu_s(self._publisher.pid) if self._publisher is not None else 0.0
         results: list[SubscriberResult] = []
         for _, pipe in self._subscribers:
             pipe.send(("stop", None))
@@ -235,6 +264,8 @@ class Consumers:
                 publisher_exit = self._publisher.wait(PROCESS_STOP_TIMEOUT_S)
         figures: dict[str, Any] = {"event_consumers": list(self.parts)}
         if results:
+            figures["event_rpc"] = self.rpc
+        if results:
             delays = sorted(d for r in results for d in r.delays_s)
             figures["event_subscribers"] = {
                 "processes": len(results),
@@ -246,9 +277,13 @@ class Consumers:
                     "max": (delays[-1] if delays else 0.0) * 1000,
                 },
                 "errors": [r.error for r in results if r.error],
+                "cpu_cores": [c / elapsed_s for c in subscriber_cpu_s],
             }
         if self._publisher is not None:
-            figures["event_publisher"] = {"exit": publisher_exit}
+            figures["event_publisher"] = {
+                "exit": publisher_exit,
+                "cpu_cores": publisher_cpu_s / elapsed_s,
+            }
         return figures
 
     @property
@@ -256,6 +291,26 @@ class Consumers:
         return (("subscriber",) if self._subscribers else ()) + (
             ("publisher",) if self._publisher is not None else ()
         )
+
+
+# The bench publisher's registered consumer name.
+PUBLISHER_CONSUMER = "bench-publisher"
+# Registers consumer at every shard's last position, or moves it there.
+ACKNOWLEDGE_ALL = """
+INSERT INTO event_consumers (consumer, position)
+SELECT $1, last_position FROM event_positions
+ON CONFLICT (consumer) DO UPDATE
+SET position = EXCLUDED.position, lapsed_at = NULL, acked_at = clock_timestamp()
+"""
+
+
+async def _acknowledge_all(config_path: Path, consumer: str) -> None:
+    for shard in load_config(config_path).shards:
+        connection = await asyncpg.connect(shard.dsn)
+        try:
+            await connection.execute(ACKNOWLEDGE_ALL, consumer)
+        finally:
+            await connection.close()
 
 
 def attach(
@@ -269,11 +324,17 @@ def attach(
 ) -> Consumers:
     """Starts the mode's consumers (none unless it is a *_events mode)."""
     consumers = Consumers()
+    consumers.rpc = options.rpc
     if not mode.endswith(SUFFIX) or not options.parts:
         return consumers
     if "publisher" in options.parts:
+        # This phase's events only: a registered publisher resumes where it was
+        # acknowledged (a new one at the oldest event kept), so it would spend the
+        # phase on the history and on every phase measured without it.
+        asyncio.run(_acknowledge_all(config_path, PUBLISHER_CONSUMER))
         log = (log_dir / "publisher.log").open("ab")
         command = [sys.executable, "-m", "ledger.cli", "events", "publish"]
+        command += ["--consumer", PUBLISHER_CONSUMER]
         consumers._publisher = subprocess.Popen(
             [*command, "--config", str(config_path), "--amqp", options.amqp_url],
             stdout=log,
@@ -287,7 +348,7 @@ def attach(
             parent, child = context.Pipe()
             process = context.Process(
                 target=subscriber_main,
-                args=(child, target),
+                args=(child, target, options.rpc),
                 name=f"bench-event-subscriber-{index}",
                 daemon=True,
             )

@@ -203,6 +203,13 @@ def render_table(report: Mapping[str, Any]) -> str:
                 f"p50 {delay['p50']:.1f} ms, p99 {delay['p99']:.1f} ms, max {delay['max']:.0f} ms"
                 + (f"; errors {sub['errors']}" if sub["errors"] else "")
             )
+        if m.get("event_subscribers") or m.get("event_publisher"):
+            subscribers = m.get("event_subscribers", {})
+            own = [f"subscriber {c:.2f}" for c in subscribers.get("cpu_cores", ())]
+            if "cpu_cores" in m.get("event_publisher", {}):
+                own.append(f"publisher {m['event_publisher']['cpu_cores']:.2f}")
+            if own:
+                lines.append(f"{'':<17}consumers' CPU cores (in clients): {', '.join(own)}")
         problems = {**m["failed_items"], **m["failed_calls"]}
         if problems:
             lines.append(f"{'':<17}not applied: {problems}")

@@ -216,6 +216,10 @@ event_read_batch_max = 500
 # writers measurably on a 2-core machine): it adds at most this much to
 # the delay from commit to delivery, and nothing to the first event after a lull.
 event_read_gap_s = 0.05
+# An EventBatch (SubscribeEventBatches) is split before it passes this many bytes:
+# well under gRPC's default 4 MiB receive limit of every client, whatever its
+# events hold (a journal's postings, metadata); one event alone is never split.
+event_batch_bytes_max = 1 << 20
 # Consumers lapse and old events are pruned this often; the lag gauges are this old.
 event_retention_interval_s = 10.0
 # Events are kept at least this long, for subscribers that never registered.
@@ -295,6 +299,7 @@ assert 0 < fence_wait_step_s_min <= fence_wait_step_s_max < fence_wait_s_max
 assert event_sequence_batch_max >= transfers_per_request_max
 assert event_subscriptions_max <= concurrent_rpcs_max
 assert event_read_batch_max <= event_sequence_batch_max
+assert event_batch_bytes_max <= response_bytes_max
 
 # Spending controls (velocity rules and balance monitors, ledger/domain/velocity.py).
 # A rule's window is split into this many fixed buckets; the check counts the

@@ -89,3 +89,38 @@ def balances_from(events: Sequence[pb.Event]) -> dict[tuple[str, str], tuple[int
 
 def error_code(error: BaseException) -> grpc.StatusCode | None:
     return error.code() if isinstance(error, grpc.aio.AioRpcError) else None
+
+
+async def collect_batches_until(
+    stub: Stub,
+    request: pb.SubscribeEventsRequest,
+    events_min: int,
+    *,
+    deadline_s: float = WAIT_DEADLINE_S,
+) -> list[pb.EventBatch]:
+    """SubscribeEventBatches' batches until they hold at least events_min events;
+    fails at the deadline."""
+    got: list[pb.EventBatch] = []
+    call = stub.SubscribeEventBatches(request)
+    try:
+        async with asyncio.timeout(deadline_s):
+            async for batch in call:
+                got.append(batch)
+                if sum(len(b.events) for b in got) >= events_min:
+                    return got
+    except TimeoutError:
+        events = [e for b in got for e in b.events]
+        raise AssertionError(
+            f"timed out after {deadline_s}s with {len(events)} events: {kinds(events)}"
+        ) from None
+    finally:
+        call.cancel()
+    raise AssertionError(f"the stream ended after {len(got)} batches")
+
+
+def without_cursor(event: pb.Event) -> pb.Event:
+    """The event as an EventBatch holds it: its own cursor not set."""
+    copy = pb.Event()
+    copy.CopyFrom(event)
+    copy.ClearField("cursor")
+    return copy

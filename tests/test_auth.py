@@ -9,6 +9,7 @@ child processes, against a `ledger serve` process where a service is needed.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import re
 import tomllib
@@ -75,6 +76,7 @@ EXPECTED_SCOPES = {
     SERVICE + "GetBalance": READ,
     SERVICE + "ListEntries": READ,
     SERVICE + "SubscribeEvents": READ,
+    SERVICE + "SubscribeEventBatches": READ,
     SERVICE + "AckEvents": READ,
     ADMIN_SERVICE + "ListSagas": ADMIN,
     ADMIN_SERVICE + "GetSaga": ADMIN,
@@ -88,7 +90,8 @@ EXPECTED_SCOPES = {
 }
 # The unary methods, which the tests below call raw; SubscribeEvents streams (its
 # authorization is tested in tests/test_events*.py).
-METHODS = sorted(m for m in EXPECTED_SCOPES if m != SERVICE + "SubscribeEvents")
+STREAMING = {SERVICE + "SubscribeEvents", SERVICE + "SubscribeEventBatches"}
+METHODS = sorted(m for m in EXPECTED_SCOPES if m not in STREAMING)
 # The token with every scope but the key, and the token with only the key.
 LACKING = {READ: "write_admin", WRITE: "read_admin", ADMIN: "read_write"}
 ONLY = {READ: "read", WRITE: "write", ADMIN: "admin"}
@@ -1126,9 +1129,10 @@ async def test_cli_calls_carry_the_token_from_the_environment(token_process: Tok
 async def test_subscribing_to_events_needs_a_token_and_a_restricted_one_names_its_merchant(
     secured: Secured,
 ) -> None:
-    """SubscribeEvents streams, so the raw unary calls above leave it out: its refusals."""
+    """SubscribeEvents and SubscribeEventBatches stream, so the raw unary calls above
+    leave them out: their refusals."""
     stub = ledger_pb2_grpc.LedgerServiceStub(secured.channel)
-    for request, metadata, code, reason in (
+    for (request, metadata, code, reason), subscribe in itertools.product((
         (pb.SubscribeEventsRequest(), (), grpc.StatusCode.UNAUTHENTICATED, "UNAUTHENTICATED"),
         # Every merchant's events: not for a token restricted to some.
         (
@@ -1143,8 +1147,8 @@ async def test_subscribing_to_events_needs_a_token_and_a_restricted_one_names_it
             grpc.StatusCode.PERMISSION_DENIED,
             "MERCHANT_NOT_PERMITTED",
         ),
-    ):
-        call = stub.SubscribeEvents(request, metadata=metadata, timeout=RPC_TIMEOUT_S)
+    ), (stub.SubscribeEvents, stub.SubscribeEventBatches)):
+        call = subscribe(request, metadata=metadata, timeout=RPC_TIMEOUT_S)
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await call.read()
         assert_refusal(caught.value, code, reason)

@@ -11,7 +11,14 @@ import pytest
 
 from ledger import limits
 from ledger.v1 import ledger_pb2 as pb
-from tests.event_support import balances_from, collect_until, kinds, marked
+from tests.event_support import (
+    balances_from,
+    collect_batches_until,
+    collect_until,
+    kinds,
+    marked,
+    without_cursor,
+)
 from tests.support import (
     RPC_TIMEOUT_S,
     WAIT_DEADLINE_S,
@@ -199,6 +206,68 @@ async def test_a_consumer_resumed_by_cursor_sees_each_event_once_in_shard_order(
         assert [p for p, _ in again] == list(range(1, len(again) + 1)), shard
 
 
+async def test_event_batches_hold_the_events_one_by_one_delivery_gives_and_resume_by_cursor(
+    service: Service,
+) -> None:
+    stub = service.stub
+    merchants = [service.merchant_on(s) for s in ("shard-a", "shard-b", "shard-c")]
+    await create_accounts(stub, *(account(m, n) for m in merchants for n in ("x", "y")))
+    for i in range(12):
+        m = merchants[i % 3]
+        assert result_names(
+            await transfers(stub, transfer(uid("b"), ref(m, "x"), ref(m, "y"), i + 1))
+        ) == ["TRANSFER_RESULT_OK"]
+    whole = await marked(stub, merchants, pb.SubscribeEventsRequest())
+    batches = await collect_batches_until(stub, pb.SubscribeEventsRequest(), len(whole))
+    events: list[pb.Event] = []
+    for batch in batches:
+        assert batch.events, "no empty batch"
+        shards = {e.shard for e in batch.events}
+        assert len(shards) == 1, "a batch is one shard's"
+        (shard,) = shards
+        assert batch.cursor.positions[shard] == batch.events[-1].position
+        assert not any(e.HasField("cursor") for e in batch.events)
+        events += batch.events
+    # Each shard's events are the same as one by one, in the same order, cursor aside.
+    for shard in ("shard-a", "shard-b", "shard-c"):
+        one_by_one = [without_cursor(e) for e in whole if e.shard == shard]
+        batched = [e for e in events if e.shard == shard]
+        assert batched[: len(one_by_one)] == one_by_one, shard
+    # Resuming from the first batch's cursor: each shard continues right after it.
+    first = batches[0]
+    again = await collect_batches_until(
+        stub, pb.SubscribeEventsRequest(after=first.cursor), len(events) - len(first.events)
+    )
+    first_shard = first.events[0].shard
+    for shard in ("shard-a", "shard-b", "shard-c"):
+        resumed = [e.position for b in again for e in b.events if e.shard == shard]
+        after = first.cursor.positions[shard]
+        assert resumed == list(range(after + 1, after + 1 + len(resumed))), shard
+        assert resumed or shard == first_shard, shard
+    assert sum(len(b.events) for b in again) == len(events) - len(first.events)
+
+
+async def test_an_event_batch_past_its_byte_bound_is_split_with_a_cursor_for_each_part(
+    service: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stub = service.stub
+    m = service.merchant_on("shard-b")
+    await create_accounts(stub, account(m, "x"), account(m, "y"))
+    for i in range(6):
+        await transfers(stub, transfer(uid("s"), ref(m, "x"), ref(m, "y"), i + 1))
+    whole = [e for e in await marked(stub, [m], of(m)) if e.shard == "shard-b"]
+    # About two transfer events per batch.
+    monkeypatch.setattr(limits, "event_batch_bytes_max", 2 * max(e.ByteSize() for e in whole))
+    batches = await collect_batches_until(stub, of(m), len(whole))
+    events = [e for b in batches for e in b.events if e.shard == "shard-b"]
+    assert events[: len(whole)] == [without_cursor(e) for e in whole]
+    assert len(batches) >= len(whole) // 3
+    for batch in batches:
+        events_bytes = sum(e.ByteSize() for e in batch.events)
+        assert events_bytes <= limits.event_batch_bytes_max or len(batch.events) == 1
+        assert batch.cursor.positions["shard-b"] == batch.events[-1].position
+
+
 async def test_from_now_skips_history_and_an_account_filter_keeps_its_account(
     service: Service,
 ) -> None:
@@ -206,7 +275,20 @@ async def test_from_now_skips_history_and_an_account_filter_keeps_its_account(
     m = service.merchant_on("shard-b")
     await create_accounts(stub, account(m, "a"), account(m, "b"), account(m, "c"))
     await transfers(stub, transfer(uid("old"), ref(m, "a"), ref(m, "b"), 1))
+    # c's creation is in the stream before "now" (the sequencer numbers it a round
+    # after its commit): else a subscription started within that round sees it after.
+    await collect_until(
+        stub,
+        of(m),
+        lambda e: e.kind == pb.EVENT_KIND_ACCOUNT_CREATED and e.account.ref.account_id == "c",
+    )
     feed = service.server.feed
+
+    async def idle() -> bool:
+        return feed.subscriptions == 0
+
+    # The subscription just cancelled (and any before) ends on the server in its time.
+    await wait_until(idle, what="the earlier subscriptions to end")
     call = stub.SubscribeEvents(
         pb.SubscribeEventsRequest(from_now=True, account=ref(m, "c")), timeout=RPC_TIMEOUT_S
     )

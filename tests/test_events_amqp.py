@@ -23,6 +23,7 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -75,6 +76,8 @@ class Received:
     headers: dict[str, object]
     body: bytes
     event: pb.Event
+    # The other properties (docs/events.md, "Messages").
+    properties: dict[str, object] = field(default_factory=dict)
 
 
 @dataclass
@@ -151,6 +154,13 @@ def _received(message: aio_pika.abc.AbstractIncomingMessage) -> Received:
         headers=dict(message.headers),
         body=message.body,
         event=json_format.Parse(message.body, pb.Event()),
+        properties={
+            "content_encoding": message.content_encoding,
+            "delivery_mode": int(message.delivery_mode),
+            "timestamp": message.timestamp,
+            "type": message.type,
+            "app_id": message.app_id,
+        },
     )
 
 
@@ -405,6 +415,16 @@ async def test_every_event_reaches_the_queue_once_in_order_as_subscribers_see_it
             assert got.headers == {
                 "shard": expected.shard, "position": expected.position, "kind": kind
             }  # fmt: skip
+            assert got.properties == {
+                "content_encoding": "utf-8",
+                "delivery_mode": 2,
+                # AMQP timestamps are whole seconds.
+                "timestamp": datetime.fromtimestamp(
+                    expected.committed_at.seconds, tz=got.properties["timestamp"].tzinfo  # type: ignore[union-attr]
+                ),
+                "type": kind,
+                "app_id": "ledger",
+            }
             assert dict(got.event.cursor.positions) == {expected.shard: expected.position}
             message, want = pb.Event(), pb.Event()
             message.CopyFrom(got.event)

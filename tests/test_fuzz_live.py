@@ -103,6 +103,7 @@ ALLOWED: dict[str, frozenset[Code]] = {
     # The event stream: a cursor before what a shard keeps (OUT_OF_RANGE), a consumer
     # that lapsed (FAILED_PRECONDITION; none here).
     "SubscribeEvents": frozenset({OK, INVALID, Code.OUT_OF_RANGE}),
+    "SubscribeEventBatches": frozenset({OK, INVALID, Code.OUT_OF_RANGE}),
     "AckEvents": frozenset({OK, INVALID}),
 }
 ADMIN_METHODS = frozenset(
@@ -586,6 +587,14 @@ REQUESTS: dict[str, st.SearchStrategy[Any]] = {
         account=MAYBE_ACCOUNT_REF,
         consumer=st.one_of(st.just(""), st.just("fuzz"), TEXT),
     ),
+    "SubscribeEventBatches": st.builds(
+        pb.SubscribeEventsRequest,
+        after=EVENT_CURSOR,
+        from_now=st.booleans(),
+        merchant_id=st.one_of(st.just(""), MERCHANT),
+        account=MAYBE_ACCOUNT_REF,
+        consumer=st.one_of(st.just(""), st.just("fuzz"), TEXT),
+    ),
     "AckEvents": st.builds(
         pb.AckEventsRequest,
         consumer=st.one_of(st.just("fuzz"), TEXT),
@@ -593,6 +602,8 @@ REQUESTS: dict[str, st.SearchStrategy[Any]] = {
     ),
 }
 assert set(REQUESTS) == set(ALLOWED)
+# The server-streaming methods: called for their first message.
+STREAMING = frozenset({"SubscribeEvents", "SubscribeEventBatches"})
 
 
 # The books: real accounts and history on two shards, so valid-looking requests reach the shards.
@@ -713,8 +724,9 @@ async def call(service: Service, method: str, request: Message) -> tuple[Code, A
     """Sends request; returns (status code, the response or the AioRpcError)."""
     stub: Any = admin_stub(service) if method in ADMIN_METHODS else service.stub
     try:
-        if method == "SubscribeEvents":
-            return OK, await _first_event(stub.SubscribeEvents(request, timeout=RPC_TIMEOUT_S))
+        if method in STREAMING:
+            stream = getattr(stub, method)(request, timeout=RPC_TIMEOUT_S)
+            return OK, await _first_event(stream)
         return OK, await getattr(stub, method)(request, timeout=RPC_TIMEOUT_S)
     except grpc.aio.AioRpcError as error:
         return error.code(), error
@@ -850,6 +862,7 @@ test_admin_get_account_limits_never_fails_internally = _rpc_test("GetAccountLimi
 test_admin_list_monitor_crossings_never_fails_internally = _rpc_test("ListMonitorCrossings", 40)
 test_admin_set_account_limits_never_fails_internally = _rpc_test("SetAccountLimits", 80)
 test_subscribe_events_never_fails_internally = _rpc_test("SubscribeEvents", 60)
+test_subscribe_event_batches_never_fails_internally = _rpc_test("SubscribeEventBatches", 40)
 test_ack_events_never_fails_internally = _rpc_test("AckEvents", 40)
 
 
@@ -1040,7 +1053,7 @@ def _input_type(service_name: str, method: str) -> Any:
 async def raw_call(service: Service, service_name: str, method: str, payload: bytes) -> Any:
     path = f"/{SERVICES[service_name].full_name}/{method}"
     try:
-        if method == "SubscribeEvents":
+        if method in STREAMING:
             stream = service.channel.unary_stream(
                 path, request_serializer=None, response_deserializer=None
             )

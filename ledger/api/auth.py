@@ -52,7 +52,7 @@ class Scope(enum.StrEnum):
 def _method_scopes() -> dict[str, Scope]:
     reads = {
         "LookupAccounts", "ListAccounts", "LookupTransfers", "GetBalance", "ListEntries",
-        "SubscribeEvents", "AckEvents",
+        "SubscribeEvents", "SubscribeEventBatches", "AckEvents",
     }  # fmt: skip
     writes = {"CreateAccounts", "SetAccountsClosed", "CreateTransfers", "PostJournal"}
     scopes: dict[str, Scope] = {}

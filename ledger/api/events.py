@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from datetime import datetime
 from typing import Any
 
@@ -76,20 +76,27 @@ def _ref(merchant_id: str, account_id: str) -> pb.AccountRef | None:
     return pb.AccountRef(merchant_id=merchant_id, account_id=account_id)
 
 
-def event(row: EventRow, cursor: Mapping[str, int]) -> pb.Event:
-    """The stored event as the proto Event (the AMQP publisher sends the same)."""
+def event(
+    row: EventRow,
+    cursor: Mapping[str, int] | None,
+    new: Callable[..., pb.Event] = pb.Event,
+) -> pb.Event:
+    """The stored event as the proto Event (the AMQP publisher sends the same); with
+    no cursor, its cursor is not set (an EventBatch's events). `new` makes the
+    message from its fields: pb.Event, or a batch's `events.add`, which builds it in
+    place instead of copying it in."""
     body = row.body
-    message = pb.Event(
+    message = new(
         shard=row.shard,
         position=row.position,
         event_id=row.event_id,
-        kind=int(row.kind),  # type: ignore[arg-type]
+        kind=int(row.kind),
         merchant_id=row.merchant_id,
         merchant_ids=row.merchant_ids,
         transfer_id=row.transfer_id,
         trace_id=row.trace_id,
         committed_at=encode.timestamp(row.committed_at),
-        cursor=pb.EventCursor(positions=cursor),
+        cursor=None if cursor is None else pb.EventCursor(positions=cursor),
     )
     t = body.get("transfer")
     if t:
@@ -242,6 +249,36 @@ class EventStreams:
         self.feed = feed
 
     async def subscribe(self, request: pb.SubscribeEventsRequest) -> AsyncIterator[pb.Event]:
+        """SubscribeEvents: one message per event, each with the cursor after it."""
+        async for rows, cursor in self._batches(request):
+            for row in rows:
+                yield event(row, {**cursor, row.shard: row.position})
+
+    async def subscribe_batches(
+        self, request: pb.SubscribeEventsRequest
+    ) -> AsyncIterator[pb.EventBatch]:
+        """SubscribeEventBatches: a message per read of a shard (split to stay under
+        limits.event_batch_bytes_max), with the cursor after its last event."""
+        async for rows, cursor in self._batches(request):
+            batch = pb.EventBatch()
+            size_bytes = 0
+            for row in rows:
+                message = event(row, None, batch.events.add)
+                size_bytes += message.ByteSize()
+                if size_bytes > limits.event_batch_bytes_max and len(batch.events) > 1:
+                    # Too big with this event: send the rest, and start anew with it.
+                    del batch.events[-1]
+                    batch.cursor.positions.update({**cursor, row.shard: row.position - 1})
+                    yield batch
+                    batch = pb.EventBatch()
+                    message = event(row, None, batch.events.add)
+                    size_bytes = message.ByteSize()
+            batch.cursor.positions.update(cursor)
+            yield batch
+
+    async def _batches(
+        self, request: pb.SubscribeEventsRequest
+    ) -> AsyncIterator[tuple[list[EventRow], dict[str, int]]]:
         wanted = subscription(request)
         if wanted.merchant_id is None:
             require_unrestricted()  # every merchant's events
@@ -258,11 +295,13 @@ class EventStreams:
         except (EventsPruned, ConsumerLapsed, UnknownShard, ShardUnavailable) as error:
             raise _refusal(error) from error
         try:
-            async for row, cursor in self.feed.follow(wanted, positions):
-                metrics.event_delivery_delay.record(
-                    max(0.0, time.time() - row.committed_at.timestamp()), {}
-                )
-                yield event(row, cursor)
+            async for rows, cursor in self.feed.follow_batches(wanted, positions):
+                now = time.time()
+                for row in rows:
+                    metrics.event_delivery_delay.record(
+                        max(0.0, now - row.committed_at.timestamp()), {}
+                    )
+                yield rows, cursor
         except EventsPruned as error:
             raise _refusal(error) from error
 

@@ -341,6 +341,15 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         except AbortError as error:
             await send_abort(context, error)
 
+    async def SubscribeEventBatches(
+        self, request: pb.SubscribeEventsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.EventBatch]:
+        try:
+            async for batch in self.events.subscribe_batches(request):
+                yield batch
+        except AbortError as error:
+            await send_abort(context, error)
+
     @statuses
     async def AckEvents(
         self, request: pb.AckEventsRequest, context: grpc.aio.ServicerContext[Any, Any]

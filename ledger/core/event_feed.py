@@ -154,6 +154,15 @@ class EventFeed:
         self, subscription: Subscription, positions: dict[str, int]
     ) -> AsyncIterator[tuple[EventRow, dict[str, int]]]:
         """Every event after positions, then live ones, each with the cursor after it."""
+        async for rows, cursor in self.follow_batches(subscription, positions):
+            for row in rows:
+                yield row, {**cursor, row.shard: row.position}
+
+    async def follow_batches(
+        self, subscription: Subscription, positions: dict[str, int]
+    ) -> AsyncIterator[tuple[list[EventRow], dict[str, int]]]:
+        """As follow(), a read at a time: consecutive events of one shard (never none),
+        and the cursor after the last (and after any the filter passed over)."""
         self.subscriptions += 1
         try:
             async for item in self._follow(subscription, positions):
@@ -163,7 +172,7 @@ class EventFeed:
 
     async def _follow(
         self, subscription: Subscription, positions: dict[str, int]
-    ) -> AsyncIterator[tuple[EventRow, dict[str, int]]]:
+    ) -> AsyncIterator[tuple[list[EventRow], dict[str, int]]]:
         # Arrivals whose departure is not delivered yet: shard -> (source, merchant, epoch).
         held: dict[str, tuple[str, str, int]] = {}
         # Per shard, a position up to which this subscription has read everything
@@ -209,9 +218,12 @@ class EventFeed:
                     continue
                 # Fewer rows than asked for: the read saw everything numbered before it.
                 read_all = len(rows) < limits.event_read_batch_max
+                batch: list[EventRow] = []
                 for row in rows:
                     if row.kind is EventKind.MERCHANT_MOVED_IN:
                         arrival = _arrival(row)
+                        # Another shard's departure: delivered in an earlier batch, if
+                        # positions passed it (a batch is yielded before the next read).
                         if arrival[0] in positions and not await self._departed(arrival, positions):
                             held[name] = arrival
                             read_all = False
@@ -219,8 +231,10 @@ class EventFeed:
                     positions[name] = row.position
                     if subscription.account is not None and not _touches(row, subscription.account):
                         continue
+                    batch.append(row)
+                if batch:
                     delivered = True
-                    yield row, dict(positions)
+                    yield batch, dict(positions)
                 if read_all:
                     read_up_to[name] = max(numbered, positions[name])
             full_pass = False

@@ -18,7 +18,8 @@ import asyncpg
 from ledger import limits
 from ledger.storage import event_statements as sql
 from ledger.storage.errors import ShardUnavailable, is_unavailable
-from ledger.storage.shard import Shard
+from ledger.storage.events import EventRow, EventStore
+from ledger.storage.shard import Shard, init_connection
 
 
 class ShardLease:
@@ -48,6 +49,7 @@ class ShardLease:
                 raise ShardUnavailable(shard.name, error) from error
             raise
         try:
+            await init_connection(connection)  # it reads events: jsonb as the pool reads it
             if not await connection.fetchval(sql.TRY_PUBLISHER_LEASE, consumer):
                 await connection.close()
                 return None
@@ -59,14 +61,38 @@ class ShardLease:
             raise
         return cls(shard, consumer, connection)
 
-    async def held(self) -> bool:
-        """Whether the lease is still ours: its connection is alive and holds the lock."""
+    async def read(self, *, after: int, limit: int) -> list[EventRow] | None:
+        """Up to limit events after position `after`, read on the lease's own session;
+        None when that session is gone (the lease with it).
+
+        A read that answers proves the lease is still held: a session-level advisory
+        lock goes only with its session (or an unlock the publisher never sends), and
+        asyncpg never reconnects a connection behind our back. So a batch needs no
+        round trip of its own to check the lease (it read pg_locks, which takes every
+        lock-manager partition lock of the server), nor a pool connection: at a few
+        events per batch under a steady load, those were most of the publisher's CPU
+        per event (docs/performance.md, "Event stream")."""
         if self._connection.is_closed():
-            return False
+            return None
         try:
-            return bool(await self._connection.fetchval(sql.PUBLISHER_LEASE_HELD, self.consumer))
+            records = await self._connection.fetch(sql.READ_EVENTS, after, limit, None)
         except (asyncpg.PostgresError, OSError, TimeoutError, asyncpg.InterfaceError):
-            return False
+            return None
+        return EventStore(self.shard).rows(records)
+
+    async def acknowledge(self, position: int) -> int | None:
+        """Acknowledges the lease's consumer up to position on the lease's session
+        (no pool connection: one round trip a batch); its position, or None when the
+        session is gone (the lease with it: the batch goes again, as after a kill
+        between confirm and acknowledgement). Raises ConsumerLapsed."""
+        if self._connection.is_closed():
+            return None
+        try:
+            return await EventStore(self.shard).acknowledge_on(
+                self._connection, self.consumer, position
+            )
+        except (asyncpg.PostgresError, OSError, TimeoutError, asyncpg.InterfaceError):
+            return None
 
     @staticmethod
     async def holder(shard: Shard, consumer: str) -> str | None:

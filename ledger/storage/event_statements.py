@@ -14,11 +14,6 @@ TRY_SEQUENCER_LOCK = "SELECT pg_try_advisory_xact_lock(7306, 0)"
 # expiry sweeper, 7304 saga credits, 7305 checkpoints and the admin lock, 7306
 # the sequencer.)
 TRY_PUBLISHER_LEASE = "SELECT pg_try_advisory_lock(7307, hashtext($1))"
-PUBLISHER_LEASE_HELD = """
-SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND classid = 7307
-               AND objid = hashtext($1)::oid AND objsubid = 2
-               AND pid = pg_backend_pid() AND granted)
-"""
 # Who holds the lease of consumer $1 (the holder's application_name), if anyone.
 PUBLISHER_LEASE_HOLDER = """
 SELECT a.application_name FROM pg_locks AS l JOIN pg_stat_activity AS a ON a.pid = l.pid

@@ -7,12 +7,13 @@ their gapless positions and serves them. The SQL is in event_statements.py.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import asyncpg
+import asyncpg.pool
 
 from ledger.domain.events import EventKind
 from ledger.invariant import invariant
@@ -88,7 +89,11 @@ class EventStore:
     async def read(self, *, after: int, limit: int, merchant_id: str | None) -> list[EventRow]:
         async with self.shard.connection() as conn:
             rows = await conn.fetch(sql.READ_EVENTS, after, limit, merchant_id)
-        return [self._row(r) for r in rows]
+        return self.rows(rows)
+
+    def rows(self, records: Sequence[asyncpg.Record]) -> list[EventRow]:
+        """Rows of event_statements.READ_EVENTS as EventRows of this shard."""
+        return [self._row(r) for r in records]
 
     def _row(self, r: Mapping[str, Any] | asyncpg.Record) -> EventRow:
         return EventRow(
@@ -133,13 +138,22 @@ class EventStore:
     async def acknowledge(self, consumer: str, position: int) -> int:
         """Moves consumer's position up to position (registering it); its position."""
         async with self.shard.connection() as conn:
+            return await self.acknowledge_on(conn, consumer, position)
+
+    async def acknowledge_on(
+        self,
+        conn: asyncpg.Connection[asyncpg.Record] | asyncpg.pool.PoolConnectionProxy[asyncpg.Record],
+        consumer: str,
+        position: int,
+    ) -> int:
+        """acknowledge() on a connection the caller holds (a publisher's lease)."""
+        acked = await conn.fetchval(sql.ACK_CONSUMER, consumer, position)
+        if acked is None:
+            await conn.execute(sql.REGISTER_CONSUMER, consumer, position)
             acked = await conn.fetchval(sql.ACK_CONSUMER, consumer, position)
-            if acked is None:
-                await conn.execute(sql.REGISTER_CONSUMER, consumer, position)
-                acked = await conn.fetchval(sql.ACK_CONSUMER, consumer, position)
-            if acked is None:
-                row = await conn.fetchrow(sql.CONSUMER, consumer)
-                raise ConsumerLapsed(self.shard.name, consumer, row["position"] if row else 0)
+        if acked is None:
+            row = await conn.fetchrow(sql.CONSUMER, consumer)
+            raise ConsumerLapsed(self.shard.name, consumer, row["position"] if row else 0)
         return int(acked)
 
     async def drop(self, consumer: str) -> bool:

@@ -185,7 +185,7 @@ class Shard:
             max_size=self.pool_connections_max,
             timeout=limits.shard_connect_timeout_s,
             command_timeout=limits.shard_command_timeout_s,
-            init=_init_connection,
+            init=init_connection,
             # No session state outlives a transaction here (advisory locks are
             # transaction-scoped), so skip the reset round trip on every release.
             reset=_no_reset,
@@ -994,7 +994,8 @@ async def _no_reset(conn: asyncpg.Connection[asyncpg.Record]) -> None:
     return None
 
 
-async def _init_connection(conn: asyncpg.Connection[asyncpg.Record]) -> None:
+async def init_connection(conn: asyncpg.Connection[asyncpg.Record]) -> None:
+    """Sets up a connection to a shard as the pool's are (jsonb as the rows hold it)."""
     # Binary format (a version byte, then JSON text) so COPY, which moves
     # merchants between shards, can carry jsonb too.
     await conn.set_type_codec(

@@ -2366,6 +2366,40 @@ class Event(_message.Message):
 Global___Event: _TypeAlias = Event  # noqa: Y015
 
 @_typing.final
+class EventBatch(_message.Message):
+    """SubscribeEventBatches output: consecutive events of one shard's stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENTS_FIELD_NUMBER: _builtins.int
+    CURSOR_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___Event]:
+        """In stream order, as SubscribeEvents would deliver them one by one, except
+        that their own `cursor` is not set: the batch's is the cursor to resume from.
+        """
+
+    @_builtins.property
+    def cursor(self) -> Global___EventCursor:
+        """The cursor after the batch's last event (and any filtered-out event the
+        read passed over): resume from it.
+        """
+
+    def __init__(
+        self,
+        *,
+        events: _abc.Iterable[Global___Event] | None = ...,
+        cursor: Global___EventCursor | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor", "events", b"events"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EventBatch: _TypeAlias = EventBatch  # noqa: Y015
+
+@_typing.final
 class SubscribeEventsRequest(_message.Message):
     """SubscribeEvents input."""
 

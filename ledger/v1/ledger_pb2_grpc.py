@@ -86,6 +86,11 @@ class LedgerServiceStub:
                 request_serializer=ledger_dot_v1_dot_ledger__pb2.SubscribeEventsRequest.SerializeToString,
                 response_deserializer=ledger_dot_v1_dot_ledger__pb2.Event.FromString,
                 _registered_method=True)
+        self.SubscribeEventBatches = channel.unary_stream(
+                '/ledger.v1.LedgerService/SubscribeEventBatches',
+                request_serializer=ledger_dot_v1_dot_ledger__pb2.SubscribeEventsRequest.SerializeToString,
+                response_deserializer=ledger_dot_v1_dot_ledger__pb2.EventBatch.FromString,
+                _registered_method=True)
         self.AckEvents = channel.unary_unary(
                 '/ledger.v1.LedgerService/AckEvents',
                 request_serializer=ledger_dot_v1_dot_ledger__pb2.AckEventsRequest.SerializeToString,
@@ -181,6 +186,18 @@ class LedgerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubscribeEventBatches(self, request, context):
+        """The same stream as SubscribeEvents (same request, same guarantees and
+        refusals), several events per message: each EventBatch holds consecutive
+        events of one shard as one read found them (1 to 500), and the cursor after
+        the last. Cheaper to serve and to read than one message per event (about a
+        fifth of the service's CPU per event, docs/performance.md "Event stream"):
+        the way to follow the whole stream. Resume from the last batch processed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def AckEvents(self, request, context):
         """Records how far a registered consumer has processed events: events are
         pruned only up to what every registered consumer acknowledged.
@@ -241,6 +258,11 @@ def add_LedgerServiceServicer_to_server(servicer, server):
                     servicer.SubscribeEvents,
                     request_deserializer=ledger_dot_v1_dot_ledger__pb2.SubscribeEventsRequest.FromString,
                     response_serializer=ledger_dot_v1_dot_ledger__pb2.Event.SerializeToString,
+            ),
+            'SubscribeEventBatches': grpc.unary_stream_rpc_method_handler(
+                    servicer.SubscribeEventBatches,
+                    request_deserializer=ledger_dot_v1_dot_ledger__pb2.SubscribeEventsRequest.FromString,
+                    response_serializer=ledger_dot_v1_dot_ledger__pb2.EventBatch.SerializeToString,
             ),
             'AckEvents': grpc.unary_unary_rpc_method_handler(
                     servicer.AckEvents,
@@ -519,6 +541,33 @@ class LedgerService:
             '/ledger.v1.LedgerService/SubscribeEvents',
             ledger_dot_v1_dot_ledger__pb2.SubscribeEventsRequest.SerializeToString,
             ledger_dot_v1_dot_ledger__pb2.Event.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubscribeEventBatches(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/ledger.v1.LedgerService/SubscribeEventBatches',
+            ledger_dot_v1_dot_ledger__pb2.SubscribeEventsRequest.SerializeToString,
+            ledger_dot_v1_dot_ledger__pb2.EventBatch.FromString,
             options,
             channel_credentials,
             insecure,

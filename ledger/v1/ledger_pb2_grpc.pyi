@@ -106,6 +106,14 @@ class LedgerServiceStub:
     (ErrorInfo CONSUMER_LAPSED) for a registered consumer that fell behind
     the retention bound. Details: README, "Event stream".
     """
+    SubscribeEventBatches: _grpc.UnaryStreamMultiCallable[_ledger_pb2.SubscribeEventsRequest, _ledger_pb2.EventBatch]
+    """The same stream as SubscribeEvents (same request, same guarantees and
+    refusals), several events per message: each EventBatch holds consecutive
+    events of one shard as one read found them (1 to 500), and the cursor after
+    the last. Cheaper to serve and to read than one message per event (about a
+    fifth of the service's CPU per event, docs/performance.md "Event stream"):
+    the way to follow the whole stream. Resume from the last batch processed.
+    """
     AckEvents: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.AckEventsRequest, _ledger_pb2.AckEventsResponse]
     """Records how far a registered consumer has processed events: events are
     pruned only up to what every registered consumer acknowledged.
@@ -154,6 +162,14 @@ class LedgerServiceAsyncStub(LedgerServiceStub):
     cursor is older than what a shard still keeps; FAILED_PRECONDITION
     (ErrorInfo CONSUMER_LAPSED) for a registered consumer that fell behind
     the retention bound. Details: README, "Event stream".
+    """
+    SubscribeEventBatches: _aio.UnaryStreamMultiCallable[_ledger_pb2.SubscribeEventsRequest, _ledger_pb2.EventBatch]  # type: ignore[assignment]
+    """The same stream as SubscribeEvents (same request, same guarantees and
+    refusals), several events per message: each EventBatch holds consecutive
+    events of one shard as one read found them (1 to 500), and the cursor after
+    the last. Cheaper to serve and to read than one message per event (about a
+    fifth of the service's CPU per event, docs/performance.md "Event stream"):
+    the way to follow the whole stream. Resume from the last batch processed.
     """
     AckEvents: _aio.UnaryUnaryMultiCallable[_ledger_pb2.AckEventsRequest, _ledger_pb2.AckEventsResponse]  # type: ignore[assignment]
     """Records how far a registered consumer has processed events: events are
@@ -260,6 +276,20 @@ class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
         cursor is older than what a shard still keeps; FAILED_PRECONDITION
         (ErrorInfo CONSUMER_LAPSED) for a registered consumer that fell behind
         the retention bound. Details: README, "Event stream".
+        """
+
+    @_abc_1.abstractmethod
+    def SubscribeEventBatches(
+        self,
+        request: _ledger_pb2.SubscribeEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_ledger_pb2.EventBatch], _abc.AsyncIterator[_ledger_pb2.EventBatch]]:
+        """The same stream as SubscribeEvents (same request, same guarantees and
+        refusals), several events per message: each EventBatch holds consecutive
+        events of one shard as one read found them (1 to 500), and the cursor after
+        the last. Cheaper to serve and to read than one message per event (about a
+        fifth of the service's CPU per event, docs/performance.md "Event stream"):
+        the way to follow the whole stream. Resume from the last batch processed.
         """
 
     @_abc_1.abstractmethod
