@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,10 +27,11 @@ import asyncpg
 import grpc
 
 from bench import raw_sql
-from bench.workload import ACCOUNT_IDS, CURRENCY, Workload
+from bench.workload import ACCOUNT_IDS, CURRENCY, Workload, place_merchants
 from ledger.embedded.postgres import EmbeddedPostgres
 from ledger.embedded.service_process import SERVING, serve_command
 from ledger.routing.config import ShardConfig, ShardSpec, load_config, render_config
+from ledger.routing.ring import ShardRing
 from ledger.v1 import ledger_pb2 as pb
 from ledger.v1 import ledger_pb2_grpc
 
@@ -385,6 +387,23 @@ def postmaster_pid(shards: Shards) -> int | None:
 
 
 # Set-up over gRPC and SQL.
+
+
+def one_caller_workload(shards: Shards, *, merchants: int, batch_size: int) -> Workload:
+    """Fresh merchants spread over the shards for one caller (the CPU-per-call benches)."""
+    run_id = uuid.uuid4().hex[:8]
+    return Workload(
+        run_id=run_id,
+        merchants=place_merchants(
+            run_id=run_id,
+            count=merchants,
+            ring=ShardRing(shards.config),
+            shards=tuple(s.name for s in shards.config.shards),
+        ),
+        shard_dsns=shards.dsns,
+        batch_size=batch_size,
+        callers_total=1,
+    )
 
 
 async def create_accounts(target: str, workload: Workload) -> None:

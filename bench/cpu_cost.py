@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-import uuid
 from collections.abc import Sequence
 
 import grpc
@@ -25,8 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench import cluster
 from bench.worker import CALL_TIMEOUT_S, _to_proto
-from bench.workload import Picker, Workload, place_merchants
-from ledger.routing.ring import ShardRing
+from bench.workload import Picker
 from ledger.v1 import ledger_pb2 as pb
 from ledger.v1 import ledger_pb2_grpc
 
@@ -89,17 +87,7 @@ async def _run(
     velocity_rules: bool = False,
 ) -> None:
     target = service.target
-    run_id = uuid.uuid4().hex[:8]
-    names = tuple(s.name for s in shards.config.shards)
-    workload = Workload(
-        run_id=run_id,
-        merchants=place_merchants(
-            run_id=run_id, count=MERCHANTS, ring=ShardRing(shards.config), shards=names
-        ),
-        shard_dsns=shards.dsns,
-        batch_size=batch_size,
-        callers_total=1,
-    )
+    workload = cluster.one_caller_workload(shards, merchants=MERCHANTS, batch_size=batch_size)
     await cluster.create_accounts(target, workload)
     if velocity_rules:
         await cluster.set_velocity_rules(target, workload)

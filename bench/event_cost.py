@@ -39,8 +39,7 @@ import grpc
 
 from bench import cluster
 from bench.worker import CALL_TIMEOUT_S, _to_proto
-from bench.workload import Picker, Workload, place_merchants
-from ledger.routing.ring import ShardRing
+from bench.workload import Picker
 from ledger.v1 import ledger_pb2 as pb
 from ledger.v1 import ledger_pb2_grpc
 
@@ -159,17 +158,7 @@ async def _run(
     args: argparse.Namespace, shards: cluster.Shards, svc: cluster.ServiceProcess
 ) -> None:
     target = svc.target
-    run_id = uuid.uuid4().hex[:8]
-    names = tuple(s.name for s in shards.config.shards)
-    workload = Workload(
-        run_id=run_id,
-        merchants=place_merchants(
-            run_id=run_id, count=MERCHANTS, ring=ShardRing(shards.config), shards=names
-        ),
-        shard_dsns=shards.dsns,
-        batch_size=args.batch_size,
-        callers_total=1,
-    )
+    workload = cluster.one_caller_workload(shards, merchants=MERCHANTS, batch_size=args.batch_size)
     await cluster.create_accounts(target, workload)
     picker = Picker(workload, caller_global=0, seed=1)
     postgres_pid = cluster.postmaster_pid(shards)
