@@ -57,13 +57,8 @@ def _packed(values: array[int]) -> bytes:
     return swapped.tobytes()
 
 
-# Direction by its stored number, without Direction()'s enum lookup per ring.
+# Direction by its stored number.
 _DIRECTIONS = {int(d): d for d in Direction}
-
-
-def _rings(values: array[int]) -> dict[UsageKey, int]:
-    """Where each (direction, window) ring starts."""
-    return {(_DIRECTIONS[values[i]], values[i + 1]): i for i in range(0, len(values), RING_WIDTH)}
 
 
 def _ring(values: array[int], key: UsageKey) -> int:
@@ -195,4 +190,5 @@ def rebuilt(
 
 def keys_of(data: bytes) -> list[UsageKey]:
     """The (direction, window) rings the counters hold, in order."""
-    return list(_rings(_unpacked(data)))
+    values = _unpacked(data)
+    return [(_DIRECTIONS[values[i]], values[i + 1]) for i in range(0, len(values), RING_WIDTH)]
