@@ -42,6 +42,7 @@ from ledger import limits
 from ledger.embedded.postgres import EmbeddedPostgres
 from ledger.routing.config import ShardConfig, load_config
 from ledger.routing.ring import ShardRing
+from ledger.telemetry.card_numbers import contains_card_number
 from ledger.v1 import ledger_pb2 as pb
 from tests.process_cluster import ServiceProcess
 from tests.support import (
@@ -140,7 +141,11 @@ def _payloads(merchant_id: str, run: str) -> list[bytes]:
     template = pb.CreateTransfersRequest(
         transfers=[
             pb.Transfer(
-                id=f"{run}-@@@@@-{i:03d}",
+                # Letters between the numbers: a run id ending in digits (uid's random
+                # hex, 1 in 10) followed by digits of the call and item would read as a
+                # card number (13+ digits, dashes allowed) in 1 id of 10, and the call
+                # was refused INVALID_ARGUMENT: the test failed 1 run in 10.
+                id=f"{run}-c@@@@@-t{i:03d}",
                 debit_account=cash,
                 credit_account=wallet,
                 amount_minor=AMOUNT_MINOR,
@@ -162,6 +167,19 @@ async def _lock_waiters(watcher: asyncpg.Connection) -> int:
             " WHERE datname = current_database() AND wait_event_type = 'Lock'"
         )
     )
+
+
+async def _where_calls_are(watcher: asyncpg.Connection, run: OverloadRun) -> str:
+    """The answers so far and what every backend of the server is doing."""
+    answered: dict[str, int] = {}
+    for outcome in run.outcomes.values():
+        answered[outcome.code.name] = answered.get(outcome.code.name, 0) + 1
+    rows = await watcher.fetch(
+        "SELECT datname = current_database() AS here, state, wait_event_type, wait_event,"
+        " left(query, 80) AS query FROM pg_stat_activity WHERE backend_type = 'client backend'"
+    )
+    here = [tuple(r.values())[1:] for r in rows if r["here"]]
+    return f"answered {answered}; {len(rows)} client backends on the server, here: {here}"
 
 
 async def _health(target: str) -> tuple[Code, int | None, float]:
@@ -209,7 +227,7 @@ async def overload(service: ServiceProcess) -> AsyncIterator[OverloadRun]:
     run = OverloadRun(
         service=service,
         merchant_id=m,
-        call_ids=[f"{run_id}-{call:05d}" for call in range(CALLS)],
+        call_ids=[f"{run_id}-c{call:05d}" for call in range(CALLS)],
         rss_baseline_kib=_memory_kib(pid, "VmRSS"),
     )
     config = load_config(service.config_path)
@@ -268,8 +286,16 @@ async def overload(service: ServiceProcess) -> AsyncIterator[OverloadRun]:
         async def admitted_calls_wait_on_the_lock() -> bool:
             return await _lock_waiters(watcher) >= 1
 
-        await wait_until(all_but_the_admitted_answered, deadline_s=HOLD_S_MAX, what="refusals")
-        await wait_until(admitted_calls_wait_on_the_lock, deadline_s=HOLD_S_MAX, what="lock waits")
+        # A wait that times out says where the calls were (how they were answered,
+        # what the shard's backends did): how the card-number ids above were found.
+        for condition, what in (
+            (all_but_the_admitted_answered, "refusals"),
+            (admitted_calls_wait_on_the_lock, "lock waits"),
+        ):
+            try:
+                await wait_until(condition, deadline_s=HOLD_S_MAX, what=what)
+            except AssertionError as error:
+                raise AssertionError(f"{error}; {await _where_calls_are(watcher, run)}") from error
         # Still holding the lock.
         run.in_flight_while_held = sum(not c.done() for c in calls)
         run.lock_waiters_while_held = await _lock_waiters(watcher)
@@ -410,7 +436,7 @@ async def test_service_recovers_and_refused_calls_moved_nothing(overload: Overlo
     # And no refused call recorded a transfer (a sample: the first transfer of each refused call,
     # in lookups of at most refs_per_lookup_max references).
     refused_ids = [
-        f"{overload.call_ids[call]}-000"
+        f"{overload.call_ids[call]}-t000"
         for call, outcome in sorted(overload.outcomes.items())
         if outcome.code is not Code.OK
     ]
@@ -426,3 +452,13 @@ async def test_service_recovers_and_refused_calls_moved_nothing(overload: Overlo
             timeout=RPC_TIMEOUT_S,
         )
         assert list(found.transfers) == []
+
+
+def test_no_transfer_id_of_the_burst_reads_as_a_card_number() -> None:
+    """Whatever the run id's random digits: the worst case is a run id ending in
+    digits (see _payloads)."""
+    payloads = _payloads("m", "r000000x00000")
+    for call in (0, 9, 1234, CALLS - 1):
+        request = pb.CreateTransfersRequest.FromString(payloads[call])
+        assert len(request.transfers) == TRANSFERS_PER_CALL
+        assert not [t.id for t in request.transfers if contains_card_number(t.id)]
