@@ -328,6 +328,13 @@ async def test_bad_subscriptions_are_refused_with_the_field(service: Service) ->
         )
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "names no shard" in field_violations(caught.value)["after.positions['nope']"]
+    # A long name is not echoed whole: the details once passed gRPC's 16 KiB
+    # metadata limit and the caller got RESOURCE_EXHAUSTED (found by the fuzzer).
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await collect_until(
+            stub, pb.SubscribeEventsRequest(after=pb.EventCursor(positions={"x" * 10_000: 1})), 1
+        )
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await stub.AckEvents(pb.AckEventsRequest(), timeout=RPC_TIMEOUT_S)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -225,15 +225,20 @@ def _refusal(error: Exception) -> AbortError:
             position=str(error.position),
         )
     if isinstance(error, UnknownShard):
+        # The name as given may be long: echoed whole, it broke gRPC's metadata limit.
+        shard = error.shard[:64]
         refusal = with_reason(
-            grpc.StatusCode.INVALID_ARGUMENT, "UNKNOWN_SHARD", str(error), shard=error.shard
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "UNKNOWN_SHARD",
+            f"the cursor names no shard of this cluster: {shard!r}",
+            shard=shard,
         )
         # Bad input names its field, as every INVALID_ARGUMENT does.
         refusal.details.append(
             error_details_pb2.BadRequest(
                 field_violations=[
                     error_details_pb2.BadRequest.FieldViolation(
-                        field=f"after.positions[{error.shard[:64]!r}]",
+                        field=f"after.positions[{shard!r}]",
                         description="names no shard of this cluster",
                     )
                 ]
