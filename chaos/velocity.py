@@ -18,6 +18,8 @@ from datetime import datetime
 import asyncpg
 
 from chaos.plan import CURRENCIES, Layout, Ref, wallet_account
+from ledger.api.limits_servicer import account_limits
+from ledger.domain.limits import AccountLimits
 from ledger.domain.transfers import Direction
 from ledger.domain.velocity import VelocityMetric, VelocityRule, total_within
 from ledger.storage.limits_statements import COUNTED_MOVEMENT
@@ -66,19 +68,9 @@ def limits_request(account: Ref) -> pb.SetAccountLimitsRequest:
         account=pb.AccountRef(merchant_id=account.merchant_id, account_id=account.account_id),
         change_id="chaos-velocity",
         reason="chaos run: velocity rules under faults",
-        limits=pb.AccountLimits(
-            # The wallets are no-overdraft accounts: the flag stays set.
-            debits_must_not_exceed_credits=True,
-            velocity_rules=[
-                pb.VelocityRule(
-                    rule_id=r.rule_id,
-                    direction=int(r.direction),  # type: ignore[arg-type]
-                    metric=int(r.metric),  # type: ignore[arg-type]
-                    window_s=r.window_s,
-                    limit=r.limit,
-                )
-                for r in RULES
-            ],
+        # The wallets are no-overdraft accounts: the flag stays set.
+        limits=account_limits(
+            AccountLimits(debits_must_not_exceed_credits=True, velocity_rules=RULES)
         ),
     )
 

@@ -6,7 +6,7 @@ Velocity counters and crossings are written by WRITE_BATCH with the entries
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -165,18 +165,7 @@ class LimitsStore:
                 return None
             monitors = await conn.fetch(sql.ACTIVE_MONITORS, key.merchant_id, key.account_id)
             history = await conn.fetch(sql.HISTORY, key.merchant_id, key.account_id, history_max)
-            limits = AccountLimits(
-                debits_must_not_exceed_credits=row["debits_must_not_exceed_credits"],
-                credits_must_not_exceed_debits=row["credits_must_not_exceed_debits"],
-                velocity_rules=velocity_rules(row["velocity_rules"]),
-                monitors=tuple(
-                    BalanceMonitor(
-                        m["monitor_id"], MonitoredBalance(m["balance"]), m["threshold_minor"]
-                    )
-                    for m in monitors
-                ),
-            )
-            return limits, [_change(r) for r in history]
+            return _limits(row, monitors), [_change(r) for r in history]
 
         return await self.shard._with_connection(run)
 
@@ -215,22 +204,26 @@ def _monitors_json(monitors: Sequence[BalanceMonitor]) -> list[dict[str, Any]]:
     ]
 
 
+def _limits(row: asyncpg.Record, monitors: Iterable[Any]) -> AccountLimits:
+    """An account's limits: the flags and rules of an accounts or history row, and
+    its monitors (rows of balance_monitors, or the history's JSON)."""
+    return AccountLimits(
+        debits_must_not_exceed_credits=row["debits_must_not_exceed_credits"],
+        credits_must_not_exceed_debits=row["credits_must_not_exceed_debits"],
+        velocity_rules=velocity_rules(row["velocity_rules"]),
+        monitors=tuple(
+            BalanceMonitor(m["monitor_id"], MonitoredBalance(m["balance"]), m["threshold_minor"])
+            for m in monitors
+        ),
+    )
+
+
 def _change(row: asyncpg.Record) -> LimitsChange:
     return LimitsChange(
         account=AccountKey(row["merchant_id"], row["account_id"]),
         sequence=row["sequence"],
         change_id=row["change_id"],
-        limits=AccountLimits(
-            debits_must_not_exceed_credits=row["debits_must_not_exceed_credits"],
-            credits_must_not_exceed_debits=row["credits_must_not_exceed_debits"],
-            velocity_rules=velocity_rules(row["velocity_rules"]),
-            monitors=tuple(
-                BalanceMonitor(
-                    m["monitor_id"], MonitoredBalance(m["balance"]), m["threshold_minor"]
-                )
-                for m in row["balance_monitors"]
-            ),
-        ),
+        limits=_limits(row, row["balance_monitors"]),
         changed_by=row["changed_by"],
         reason=row["reason"],
         changed_at=row["changed_at"],
