@@ -240,6 +240,13 @@ async def _pg_ctl(action: Callable[[], None]) -> None:
 _SUMMARY_PREFIXES = ("moved ", "NOT ", "DRAINING ", "DRAINED ")
 
 
+def _run_summary(code: int, output: str) -> str:
+    """One `ledger shards rebalance` run: how it ended and what it moved."""
+    ended = "killed" if code == -signal.SIGKILL else f"exit {code}"
+    moved = [ln.split(",")[0] for ln in output.splitlines() if ln.startswith("moved ")]
+    return ended + (f" ({moved[-1]})" if moved else "")
+
+
 class ChaosCluster:
     """Three shard servers behind proxies and two replicas, all under base_dir."""
 
@@ -318,10 +325,11 @@ class ChaosCluster:
         while True:
             kill = kill_after_s if not runs else None
             code, output = await self._admin("shards", "rebalance", kill_after_s=kill)
-            moved = [line for line in output.splitlines() if line.startswith("moved ")]
-            runs.append("killed" if code == -signal.SIGKILL else f"exit {code}")
+            # Every run's moves are reported: a run that exits 1 (a merchant deferred)
+            # has moved others, and the rerun that exits 0 may move none.
+            runs.append(_run_summary(code, output))
             if code == 0:
-                return f"epoch {self.epoch}: {', '.join(runs)}; {moved[-1] if moved else ''}"
+                return f"epoch {self.epoch}: {', '.join(runs)}"
             if time.monotonic() > deadline:
                 # Merchants with holds that cannot move yet stay deferred: the next
                 # rebalance (or none) takes it from there.
@@ -347,8 +355,7 @@ class ChaosCluster:
         while True:
             code, output = await self._admin("shards", "rebalance", kill_after_s=None)
             lines = [ln for ln in output.splitlines() if ln.startswith(_SUMMARY_PREFIXES)]
-            moved = [ln.split(",")[0] for ln in lines if ln.startswith("moved ")]
-            runs.append(f"exit {code}" + (f" ({moved[-1]})" if moved else ""))
+            runs.append(_run_summary(code, output))
             last = tuple(lines) or tuple(output.strip().splitlines()[-1:])
             drained = any(ln.startswith(f"DRAINED {name}:") for ln in lines)
             if code == 0 and drained:

@@ -359,8 +359,35 @@ def test_a_drain_reruns_the_rebalance_until_it_says_drained(
     assert settled_after == [1, 2]
     assert record.violations == []
     # Drained at epoch 2, then active again (epoch 3) with merchants moved back.
-    assert "active again: epoch 3: exit 0; moved 2 merchants" in record.detail
+    assert "active again: epoch 3: exit 0 (moved 2 merchants)" in record.detail
     assert cluster.states == dict.fromkeys(cluster.shards, "active")
+
+
+@pytest.mark.timeout(10)
+def test_a_rebalance_reports_what_every_run_moved(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A first run that moves merchants and exits 1 (one deferred), then a rerun that
+    moves none and exits 0: the moves of the first run are in the report (CI once saw
+    only the last run's 0 and the drain test failed)."""
+    cluster = ChaosCluster(tmp_path)
+    monkeypatch.setattr(cluster, "write_configs", lambda: None)
+    monkeypatch.setattr(chaos_cluster, "REBALANCE_RETRY_PAUSE_S", 0.0)
+    outputs = [
+        (1, "moved 2 merchants, 10 rows copied\nNOT moved: 1 merchant deferred"),
+        (0, "moved 0 merchants, 0 rows copied"),
+    ]
+
+    async def admin(
+        *args: str, kill_after_s: float | None, direct: bool = False
+    ) -> tuple[int, str]:
+        return outputs.pop(0)
+
+    monkeypatch.setattr(cluster, "_admin", admin)
+    report = asyncio.run(cluster.rebalance(dict.fromkeys(cluster.shards, 1), kill_after_s=None))
+
+    assert report == "epoch 2: exit 1 (moved 2 merchants), exit 0 (moved 0 merchants)"
+    assert sum(int(n) for n in _MOVED.findall(report)) == 2
 
 
 @pytest.mark.timeout(10)
