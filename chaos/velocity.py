@@ -89,9 +89,7 @@ async def check_velocity(dsns: dict[str, str]) -> tuple[list[VelocityFinding], s
         conn = await asyncpg.connect(dsn, timeout=CONNECT_TIMEOUT_S)
         try:
             async with conn.transaction(isolation="repeatable_read", readonly=True):
-                await conn.set_type_codec(
-                    "jsonb", encoder=str, decoder=_json, schema="pg_catalog"
-                )
+                await conn.set_type_codec("jsonb", encoder=str, decoder=_json, schema="pg_catalog")
                 for r in await conn.fetch(_LIMITED_SQL, timeout=QUERY_TIMEOUT_S):
                     rules[Ref(r["merchant_id"], r["account_id"])] = (
                         velocity_rules(r["velocity_rules"]),
