@@ -115,7 +115,9 @@ class Shard:
         limited = self.accounts[LIMITED]
         out[LIMITED] = replace(
             limited,
-            velocity_used=velocity_counters.usage(
+            # Usage, as storage hands it: the engine checks against its bounds first
+            # and against the exact sums only when a bound would refuse.
+            velocity_used=velocity_counters.Usage(
                 self.counters, usage_keys(limited.velocity_rules), int(now.timestamp())
             ),
             velocity_read_at=now,
@@ -320,3 +322,9 @@ def test_a_ring_counts_what_a_bucket_per_index_counts(
     assert used.amount_minor == expected_minor or (
         expected_minor > saturated and used.amount_minor >= saturated
     )
+    # The bounds the engine checks first are never below what the window counts, and
+    # the sums the engine reads are get's.
+    reader = velocity_counters.Usage(counters, [key], check_s)
+    assert reader.totals(Direction.DEBIT, [window_s]) == ((used.amount_minor,), (used.count,))
+    (bound_minor,), (bound_count,) = reader.bounds(Direction.DEBIT, [window_s])
+    assert bound_minor >= used.amount_minor and bound_count >= used.count

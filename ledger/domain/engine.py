@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
+from ledger.domain import velocity_counters
 from ledger.domain.accounts import Account, AccountKey, Balances
 from ledger.domain.chain import chained_entry
 from ledger.domain.transfers import (
@@ -31,6 +32,7 @@ from ledger.domain.transfers import (
 from ledger.domain.value import value
 from ledger.domain.velocity import (
     DirectionRules,
+    UsageKey,
     VelocityUsage,
     by_direction,
 )
@@ -298,14 +300,15 @@ def _velocity_adds(run: _BatchRun) -> list[VelocityAdd]:
     adds = []
     # bucket_index() for each window, with the clock read once.
     now_s = int(run.state.now.timestamp())
-    for (account, direction), (view, amounts, counts) in run.velocity_counted.items():
+    for (account, direction), (view, batch_minor, batch_count) in run.velocity_counted.items():
         # Every movement counts once at least: no count, nothing counted here.
-        if view is None or not any(counts):
+        if view is None or not batch_count:
             continue
-        windows = zip(view.rules.windows_s, view.rules.widths_s, strict=True)
-        for i, (window_s, width_s) in enumerate(windows):
+        for window_s, width_s in zip(view.rules.windows_s, view.rules.widths_s, strict=True):
             adds.append(
-                VelocityAdd(account, direction, window_s, now_s // width_s, amounts[i], counts[i])
+                VelocityAdd(
+                    account, direction, window_s, now_s // width_s, batch_minor, batch_count
+                )
             )
     return adds
 
@@ -504,17 +507,42 @@ def _check_limits(
 @dataclass(frozen=True, slots=True)
 class _VelocityView:
     """An account's rules of one direction with its usage as loaded under its lock,
-    by window (the rules' DirectionRules order), for the per-item check."""
+    by window (the rules' DirectionRules order), for the per-item check. Not exact:
+    the bases are upper bounds of the usage (velocity_counters.Usage.bounds), and an
+    item they would refuse is checked again against the exact usage.
+
+    Every movement adds the same amount and count to each window of its direction,
+    so what the batch may add before some rule refuses is one amount and one count:
+    the least limit - base over the amount rules (over the count rules)."""
 
     rules: DirectionRules
     base_amounts: tuple[int, ...]
     base_counts: tuple[int, ...]
+    exact: bool
+    amount_room: int
+    count_room: int
 
 
-# Per (account, direction): the view, and what earlier items of the batch added
-# per window of the view (amounts, counts); no view: the direction has no rules.
-_Counted = tuple[_VelocityView | None, tuple[int, ...], tuple[int, ...]]
-_NO_RULES: _Counted = (None, (), ())
+# Room where no rule of the metric bounds it: above any sum of int64 amounts.
+_UNBOUNDED = 2**127
+
+
+def _view(
+    rules: DirectionRules, amounts: tuple[int, ...], counts: tuple[int, ...], *, exact: bool
+) -> _VelocityView:
+    amount_room = count_room = _UNBOUNDED
+    for i, is_amount, limit, _ in rules.checks:
+        if is_amount:
+            amount_room = min(amount_room, limit - amounts[i])
+        else:
+            count_room = min(count_room, limit - counts[i])
+    return _VelocityView(rules, amounts, counts, exact, amount_room, count_room)
+
+
+# Per (account, direction): the view, and what earlier items of the batch added to
+# each of its windows (amount, count); no view: the direction has no rules.
+_Counted = tuple[_VelocityView | None, int, int]
+_NO_RULES: _Counted = (None, 0, 0)
 
 
 def _velocity_view(run: _BatchRun, account: Account, direction: Direction) -> _Counted:
@@ -529,14 +557,28 @@ def _velocity_view(run: _BatchRun, account: Account, direction: Direction) -> _C
     invariant(
         account.velocity_read_at <= run.state.now, "velocity usage is read before the check's time"
     )
+    if isinstance(loaded, velocity_counters.Usage):
+        # Storage's usage: bounds first. Most movements pass far below their limits,
+        # and a whole ring's sum costs a fraction of the window's exact one.
+        amounts, counts = loaded.bounds(direction, rules.windows_s)
+        return _view(rules, amounts, counts, exact=False), 0, 0
+    return _exact_view(rules, loaded, direction), 0, 0
+
+
+def _exact_view(
+    rules: DirectionRules, loaded: Mapping[UsageKey, VelocityUsage], direction: Direction
+) -> _VelocityView:
+    if isinstance(loaded, velocity_counters.Usage):
+        amounts, counts = loaded.totals(direction, rules.windows_s)
+        return _view(rules, amounts, counts, exact=True)
     usage = [loaded.get((direction, w)) for w in rules.windows_s]
     invariant(None not in usage, "every rule's window was loaded")
-    view = _VelocityView(
-        rules=rules,
-        base_amounts=tuple(u.amount_minor for u in usage),  # type: ignore[union-attr]
-        base_counts=tuple(u.count for u in usage),  # type: ignore[union-attr]
+    return _view(
+        rules,
+        tuple(u.amount_minor for u in usage),  # type: ignore[union-attr]
+        tuple(u.count for u in usage),  # type: ignore[union-attr]
+        exact=True,
     )
-    return view, rules.zero, rules.zero
 
 
 def _count_velocity(
@@ -551,21 +593,28 @@ def _count_velocity(
     if counted is None:
         # The starting point, not a change: a rollback keeps it.
         counted = run.velocity_counted[key] = _velocity_view(run, account, direction)
-    view, amounts, counts = counted
+    view, batch_minor, batch_count = counted
     if view is None:
         return
-    base_amounts, base_counts = view.base_amounts, view.base_counts
-    for i, is_amount, limit, rule_id in view.rules.checks:
-        if is_amount:
-            if base_amounts[i] + amounts[i] + amount_minor > limit:
+    if batch_minor + amount_minor > view.amount_room or batch_count + count > view.count_room:
+        if not view.exact:
+            # Over a bound only: the exact usage decides. A refinement, not a change,
+            # so not in the undo log (a rollback to the bounds is only slower).
+            assert account.velocity_used is not None
+            exact = _exact_view(view.rules, account.velocity_used, direction)
+            run.velocity_counted[key] = (exact, batch_minor, batch_count)
+            _count_velocity(run, account, direction, amount_minor, count)
+            return
+        # Some rule refuses: the first in refusing_rule's order.
+        for i, is_amount, limit, rule_id in view.rules.checks:
+            if is_amount:
+                over = view.base_amounts[i] + batch_minor + amount_minor > limit
+            else:
+                over = view.base_counts[i] + batch_count + count > limit
+            if over:
                 raise _Refused(TransferResult.EXCEEDS_VELOCITY_LIMIT, rule_id)
-        elif base_counts[i] + counts[i] + count > limit:
-            raise _Refused(TransferResult.EXCEEDS_VELOCITY_LIMIT, rule_id)
-    run.set(
-        run.velocity_counted,
-        key,
-        (view, tuple([a + amount_minor for a in amounts]), tuple([c + count for c in counts])),
-    )
+        invariant(False, "past a view's room, one of its rules refuses")
+    run.set(run.velocity_counted, key, (view, batch_minor + amount_minor, batch_count + count))
 
 
 def _post_or_reserve(run: _BatchRun, request: TransferRequest) -> TransferRecord:

@@ -128,8 +128,6 @@ class DirectionRules:
     windows_s: tuple[int, ...]
     widths_s: tuple[int, ...]
     checks: tuple[tuple[int, bool, int, str], ...]
-    # One zero per window: the usage a batch starts from.
-    zero: tuple[int, ...]
 
 
 # Distinct rule sets whose grouping is kept: accounts mostly share a few sets (a
@@ -137,10 +135,27 @@ class DirectionRules:
 RULE_SETS_CACHED_MAX = 4096
 
 
-@functools.lru_cache(maxsize=RULE_SETS_CACHED_MAX)
+# By the rule tuple's identity: storage hands every account of one rule set the
+# same tuple (parsed once per text), and hashing the rules for the lru_cache cost
+# more than the rest of a first check. The tuple is kept, so its id stays its own.
+_BY_IDENTITY: dict[int, tuple[tuple[VelocityRule, ...], dict[Direction, DirectionRules]]] = {}
+
+
 def by_direction(rules: tuple[VelocityRule, ...]) -> dict[Direction, DirectionRules]:
     """The rules grouped by direction (refusing_rule's order kept within a direction).
     Cached: callers must not change the dict."""
+    hit = _BY_IDENTITY.get(id(rules))
+    if hit is not None and hit[0] is rules:
+        return hit[1]
+    grouped = _by_direction(rules)
+    if len(_BY_IDENTITY) >= RULE_SETS_CACHED_MAX:
+        _BY_IDENTITY.clear()
+    _BY_IDENTITY[id(rules)] = (rules, grouped)
+    return grouped
+
+
+@functools.lru_cache(maxsize=RULE_SETS_CACHED_MAX)
+def _by_direction(rules: tuple[VelocityRule, ...]) -> dict[Direction, DirectionRules]:
     grouped: dict[Direction, DirectionRules] = {}
     for direction in Direction:
         mine = [r for r in rules if r.direction is direction]
@@ -154,7 +169,6 @@ def by_direction(rules: tuple[VelocityRule, ...]) -> dict[Direction, DirectionRu
                 (windows_s.index(r.window_s), r.metric is VelocityMetric.AMOUNT, r.limit, r.rule_id)
                 for r in mine
             ),
-            zero=tuple(0 for _ in windows_s),
         )
     return grouped
 

@@ -81,6 +81,29 @@ def _sum_slots(values: array[int], start: int, first_slot: int, slots: int) -> i
     )
 
 
+def _window_sums(values: array[int], key: UsageKey, now_s: int) -> tuple[int, int]:
+    """(amount, count) a check at now_s counts in key's window: the buckets from the
+    one holding now_s - window_s (velocity.first_counted_bucket) through the head."""
+    i = _ring(values, key)
+    window_s = key[1]
+    head = values[i + 2]
+    slots = min(head - (now_s - window_s) // bucket_width_s(window_s) + 1, RING_SLOTS)
+    amounts = i + _HEADER
+    counts = amounts + RING_SLOTS
+    if slots <= 0:
+        return 0, 0
+    if slots == RING_SLOTS:
+        return (
+            sum(values[amounts : amounts + RING_SLOTS]),
+            sum(values[counts : counts + RING_SLOTS]),
+        )
+    first_slot = (head - slots + 1) % RING_SLOTS
+    return (
+        _sum_slots(values, amounts, first_slot, slots),
+        _sum_slots(values, counts, first_slot, slots),
+    )
+
+
 class Usage(Mapping[UsageKey, VelocityUsage]):
     """What each window of `keys` counts at now_s (Unix seconds): the buckets from
     the one holding now_s - window_s (velocity.first_counted_bucket) through the
@@ -108,29 +131,44 @@ class Usage(Mapping[UsageKey, VelocityUsage]):
             return found
         if key not in self._keys:
             return default
+        found = VelocityUsage(*_window_sums(self._unpacked(), key, self._now_s))
+        self._found[key] = found
+        return found
+
+    def totals(
+        self, direction: Direction, windows_s: Sequence[int]
+    ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The amounts and the counts of direction's windows_s, in that order: what
+        the engine starts a batch from, per account and direction (get, without an
+        object per window)."""
+        values = self._unpacked()
+        sums = [_window_sums(values, (direction, w), self._now_s) for w in windows_s]
+        return tuple([a for a, _ in sums]), tuple([c for _, c in sums])
+
+    def bounds(
+        self, direction: Direction, windows_s: Sequence[int]
+    ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Upper bounds of totals(): per window, the sums over its whole ring. A
+        window counts some of its ring's buckets (never one outside it), and
+        amounts and counts are never negative."""
+        values = self._unpacked()
+        amounts = []
+        counts = []
+        for window_s in windows_s:
+            start = _ring(values, (direction, window_s)) + _HEADER
+            amounts.append(sum(values[start : start + RING_SLOTS]))
+            counts.append(sum(values[start + RING_SLOTS : start + 2 * RING_SLOTS]))
+        return tuple(amounts), tuple(counts)
+
+    def counters_after(self, adds: Iterable[tuple[UsageKey, int, int, int]]) -> bytes:
+        """added() to the counters this usage was read from, parsed once for both."""
+        return _packed(_added(array("q", self._unpacked()), adds))
+
+    def _unpacked(self) -> array[int]:
         values = self._values
         if values is None:
             values = self._values = _unpacked(self._data)
-        i = _ring(values, key)
-        window_s = key[1]
-        head = values[i + 2]
-        slots = min(head - (self._now_s - window_s) // bucket_width_s(window_s) + 1, RING_SLOTS)
-        if slots <= 0:
-            found = VelocityUsage()
-        elif slots == RING_SLOTS:
-            amounts = i + _HEADER
-            found = VelocityUsage(
-                sum(values[amounts : amounts + RING_SLOTS]),
-                sum(values[amounts + RING_SLOTS : amounts + 2 * RING_SLOTS]),
-            )
-        else:
-            first_slot = (head - slots + 1) % RING_SLOTS
-            found = VelocityUsage(
-                _sum_slots(values, i + _HEADER, first_slot, slots),
-                _sum_slots(values, i + _HEADER + RING_SLOTS, first_slot, slots),
-            )
-        self._found[key] = found
-        return found
+        return values
 
     def __iter__(self) -> Iterator[UsageKey]:
         return iter(self._keys)
@@ -150,7 +188,10 @@ def added(data: bytes, adds: Iterable[tuple[UsageKey, int, int, int]]) -> bytes:
     A bucket older than the ring's head (a clock that stepped back) is added to
     the head instead: counted later, it stays in windows longer, which can only
     refuse earlier, never let more through."""
-    values = _unpacked(data)
+    return _packed(_added(_unpacked(data), adds))
+
+
+def _added(values: array[int], adds: Iterable[tuple[UsageKey, int, int, int]]) -> array[int]:
     for key, bucket, amount_minor, count in adds:
         i = _ring(values, key)
         head = values[i + 2]
@@ -162,10 +203,14 @@ def added(data: bytes, adds: Iterable[tuple[UsageKey, int, int, int]]) -> bytes:
                 values[amounts + b % RING_SLOTS] = 0
                 values[counts + b % RING_SLOTS] = 0
             values[i + 2] = head = bucket
-        slot = head % RING_SLOTS
-        values[amounts + slot] = min(values[amounts + slot] + amount_minor, AMOUNT_MINOR_MAX)
-        values[counts + slot] = min(values[counts + slot] + count, AMOUNT_MINOR_MAX)
-    return _packed(values)
+        slot = amounts + head % RING_SLOTS
+        # Saturating sums, without min(): a call costs more than the compare.
+        total = values[slot] + amount_minor
+        values[slot] = total if total < AMOUNT_MINOR_MAX else AMOUNT_MINOR_MAX
+        slot += RING_SLOTS
+        total = values[slot] + count
+        values[slot] = total if total < AMOUNT_MINOR_MAX else AMOUNT_MINOR_MAX
+    return values
 
 
 def rebuilt(

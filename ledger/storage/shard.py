@@ -1488,10 +1488,17 @@ def _velocity_counters_after(
         all(k in locked and k in changed for k in by_account),
         "velocity is counted on locked accounts whose rows are written",
     )
-    return {
-        key: velocity_counters.added(locked[key].velocity_counters, adds)
-        for key, adds in by_account.items()
-    }
+    return {key: _counters_after(locked[key], adds) for key, adds in by_account.items()}
+
+
+def _counters_after(
+    account: Account, adds: Sequence[tuple[tuple[Direction, int], int, int, int]]
+) -> bytes:
+    used = account.velocity_used
+    if isinstance(used, velocity_counters.Usage):
+        # The counters as the check parsed them, not parsed again.
+        return used.counters_after(adds)
+    return velocity_counters.added(account.velocity_counters, adds)
 
 
 def _postings_json(request: JournalRequest) -> list[dict[str, Any]]:
