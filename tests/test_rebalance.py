@@ -1087,6 +1087,55 @@ async def test_merchant_with_a_saga_of_its_own_unfinished_is_deferred_until_it_f
     await assert_reconciled(ledger4, new, "reconcile.toml", every_mirror_checked=True)
 
 
+async def test_a_deferred_move_that_the_config_takes_back_leaves_no_incoming_marker(
+    ledger4: Ledger4,
+) -> None:
+    """A merchant deferred after its rows were copied (a saga of its own in flight),
+    then the config changes back before it moves: the rerun leaves no `incoming`
+    marker on the shard it was going to (a chaos run found one left there: reconcile
+    flagged it, and no rerun cleared it), its partial copy there is an old copy that
+    cleanup deletes, and it lives on where it was."""
+    service = ledger4.service
+    old = service.cluster.config
+    new = ledger4.config(2, FIRST_SHARDS, weights={"shard-c": 3})
+    back = ledger4.config(3, FIRST_SHARDS)
+    (held,) = merchants_moving(old, new, 1, destination="shard-c")
+    source = ShardRing(old).shard_for(held)
+    assert ShardRing(back).shard_for(held) == source
+    partner = staying_merchant(old, new, on=False, shard=source)
+    await create_merchants(service, [held, partner])
+    runner, saga = await held_saga(service, held, partner)
+
+    await ledger4.switch_to(new)
+    async with opened(new) as rebalancer:
+        summary = await rebalancer.rebalance()
+        assert [(r.move.merchant_id, r.outcome) for r in summary.pending] == [
+            (held, "deferred: 1 saga(s) of its own not finished")
+        ], summary.render()
+        stale = MoveStore(rebalancer.shards["shard-c"])
+        assert await stale.state_of(held) == ("incoming", source)
+    await ledger4.switch_to(back)
+    async with opened(back) as rebalancer:
+        again = await rebalancer.rebalance()
+        print(f"\n{again.render()}")
+        assert again.finished and again.results == [], again.render()
+        for name in FIRST_SHARDS:
+            incoming = await MoveStore(rebalancer.shards[name]).merchants_in("incoming")
+            assert incoming == [], (name, incoming)
+        assert await MoveStore(rebalancer.shards[source]).state_of(held) == ("active", None)
+        # What was copied is an old copy, of a merchant that lives on its source.
+        stale = MoveStore(rebalancer.shards["shard-c"])
+        assert await stale.state_of(held) == ("moved", source)
+        assert (await stale.sizes([held]))[held][0] == 2  # its two accounts
+        merchants_cleaned, rows_deleted = await rebalancer.cleanup()
+        assert merchants_cleaned == 1 and rows_deleted > 0
+        assert (await stale.sizes([held])).get(held, (0, 0)) == (0, 0)
+    assert (await runner.drive(saga)).state is SagaState.COMPLETED
+    balances = await all_balances(service, [held, partner])
+    assert balances[(held, "cash")] == (300, 0, 0, 0)
+    await assert_reconciled(ledger4, back, "reconcile.toml", every_mirror_checked=True)
+
+
 async def test_cross_shard_holds_of_a_merchant_that_moves_settle_through_its_old_shard(
     ledger4: Ledger4,
 ) -> None:

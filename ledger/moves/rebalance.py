@@ -126,6 +126,8 @@ class ShardPinned(Exception):
 @dataclass
 class Summary:
     results: list[MoveResult] = field(default_factory=list)
+    # Moves an earlier run left unfinished that the new config no longer asks for.
+    abandoned: list[str] = field(default_factory=list)
     duration_s: float = 0.0
     # Each draining shard, and what still pins it there after this run.
     draining: dict[str, ShardPins] = field(default_factory=dict)
@@ -159,6 +161,11 @@ class Summary:
             lines.append(
                 f"NOT MOVED {result.move.merchant_id} {result.move.source} -> "
                 f"{result.move.destination}: {result.outcome} (rerun to finish)"
+            )
+        for move in self.abandoned:
+            lines.append(
+                f"ABANDONED {move}: an earlier run's move the config no longer asks for; "
+                "what it copied is an old copy (`ledger shards cleanup` deletes it)"
             )
         for name, pins in sorted(self.draining.items()):
             if pins.routable_needed:
@@ -268,7 +275,7 @@ class Rebalancer:
                     await self._store(name).set_epoch_and_claims(
                         epoch=self.new.epoch, claims_paused=False
                     )
-            summary = Summary()
+            summary = Summary(abandoned=await self._abandon_stale_moves())
             todo = list(plan.moves)
             done = 0
             for round_number in range(1, DEFER_ROUNDS_MAX + 1):
@@ -290,6 +297,33 @@ class Rebalancer:
                 summary.draining[name] = await self._store(name).pins()
         summary.duration_s = time.monotonic() - started
         return summary
+
+    async def _abandon_stale_moves(self) -> list[str]:
+        """Moves that an earlier run deferred or left cut short, to a shard the new
+        config no longer sends the merchant to: its `incoming` marker there becomes
+        `moved` to its source (the partial copy an old copy for cleanup), and a
+        fence still on a source that owns it again is lifted. Otherwise the marker
+        would stay for good: the plan only moves merchants whose owner changes."""
+        abandoned = []
+        for name in self.shards:
+            store = self._store(name)
+            for merchant_id, source in await store.merchants_in("incoming"):
+                owner = self.ring.shard_for(merchant_id)
+                if owner == name or source is None or source not in self.shards:
+                    continue
+                source_store = self._store(source)
+                source_state = await source_store.state_of(merchant_id)
+                # Active or fenced on its source: it lives there (never activated here).
+                if source_state is None or source_state[0] not in ("active", "moving"):
+                    continue
+                if not await store.abandon_incoming(
+                    merchant_id, source=source, epoch=self.new.epoch
+                ):
+                    continue
+                if source_state[0] == "moving" and owner == source:
+                    await source_store.unfence(merchant_id, epoch=self.new.epoch)
+                abandoned.append(f"{merchant_id} {source} -> {name}")
+        return abandoned
 
     async def move(self, move: Move) -> MoveResult:
         """Moves one merchant, from wherever a previous run left it."""

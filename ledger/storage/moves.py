@@ -229,6 +229,20 @@ class MoveStore:
 
         await self.shard._in_transaction(run)
 
+    async def abandon_incoming(self, merchant_id: str, *, source: str, epoch: int) -> bool:
+        """incoming -> moved (to source), for a move the config no longer asks for:
+        what was copied here becomes an old copy of a merchant that lives on its
+        source (a prefix of its history there), which cleanup deletes like any
+        other. False if it was not incoming here."""
+
+        async def run(conn: Connection) -> bool:
+            row = await conn.fetchrow(
+                sql.SET_STATE, merchant_id, "moved", source, epoch, ["incoming"]
+            )
+            return row is not None
+
+        return await self.shard._in_transaction(run)
+
     async def read_rows(self, merchant_id: str, *, since_xid: str | None) -> MerchantRows:
         """The merchant's rows; with since_xid (a previous read's horizon_xid), only
         those written since that read's snapshot (and some before: copies are
