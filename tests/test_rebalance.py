@@ -17,7 +17,7 @@ import sys
 import time
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import grpc
@@ -25,7 +25,7 @@ import pytest
 
 from ledger.domain.accounts import AccountKey, AccountSpec
 from ledger.domain.sagas import Saga, SagaState
-from ledger.domain.transfers import TransferAction, TransferRequest
+from ledger.domain.transfers import TransferAction, TransferRequest, TransferResult
 from ledger.moves.rebalance import Plan, Rebalancer, ShardPinned, Summary
 from ledger.routing.cluster import Cluster
 from ledger.routing.config import ShardConfig, load_config
@@ -917,6 +917,41 @@ async def held_saga(service: Service, payer: str, payee: str) -> tuple[SagaRunne
     )
     assert start.saga is not None and start.saga.state is SagaState.RUNNING
     return runner, start.saga
+
+
+async def test_a_replay_waits_for_its_saga_while_the_ring_points_where_the_merchant_is_unknown(
+    ledger4: Ledger4,
+) -> None:
+    """A chaos run's internal error, reproduced: a replayed cross-shard transfer
+    waits for its saga, read where the new config's ring points before the
+    rebalance has marked the merchant there (that shard does not know it). The
+    wait read no saga and raised KeyError (the call failed UNKNOWN); it now keeps
+    waiting, and the answer at its deadline is IN_PROGRESS."""
+    service = ledger4.service
+    old, new = service.cluster.config, ledger4.config(2, ALL_SHARDS)
+    (payer,) = merchants_moving(old, new, 1, destination="shard-d")
+    payee = staying_merchant(old, new, on=False, shard=ShardRing(old).shard_for(payer))
+    await create_merchants(service, [payer, payee])
+    runner = SagaRunner(service.cluster, owner="test", settings=SagaSettings(lease_s=120.0))
+    start = await runner.begin(
+        TransferRequest(
+            id=uid("rw"),
+            debit=AccountKey(payer, "cash"),
+            credit=AccountKey(payee, "sales"),
+            amount_minor=300,
+            currency="USD",
+            action=TransferAction.POST,
+        )
+    )
+    assert start.saga is not None and start.saga.state is SagaState.RUNNING
+    # shard-d set up (on the new epoch), and the config switched; nothing moved yet.
+    async with opened(new):
+        await ledger4.switch_to(new)
+        assert service.cluster.shard_for(payer).name == "shard-d"
+        replayed = replace(start, outcome=replace(start.outcome, replayed=True))
+        deadline = asyncio.get_running_loop().time() + 0.5
+        outcome = await runner.outcome_by(replayed, deadline=deadline)
+    assert outcome.result is TransferResult.IN_PROGRESS and outcome.replayed, outcome
 
 
 async def test_holds_follow_a_merchant_there_back_and_there_again(ledger4: Ledger4) -> None:

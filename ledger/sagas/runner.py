@@ -171,7 +171,7 @@ class SagaRunner:
             return start.outcome
         loop = asyncio.get_running_loop()
         if start.outcome.replayed:
-            final = await self.wait(saga.key, wait_s=max(0.0, deadline - loop.time()))
+            final = await self.wait(saga, wait_s=max(0.0, deadline - loop.time()))
         else:
             # Started even with no time left to wait: the saga moves on at once.
             task = asyncio.create_task(self.drive(saga))
@@ -188,16 +188,19 @@ class SagaRunner:
             return replace(start.outcome, result=final.result)
         return start.outcome
 
-    async def wait(self, key: SagaKey, *, wait_s: float) -> Saga:
-        """Polls a saga until it finishes or wait_s passes; returns what it last saw."""
+    async def wait(self, saga: Saga, *, wait_s: float) -> Saga:
+        """Polls a saga until it finishes or wait_s passes; returns what it last saw.
+
+        Not found is polled again too: while a rebalance hands its merchant over,
+        the shard the ring names may not know the merchant yet (no saga there),
+        and the saga was seen, so it exists."""
         loop = asyncio.get_running_loop()
         end = loop.time() + wait_s
         delay_s = 0.01
         while True:
-            found = await self.get(key)
-            if found is None:
-                raise KeyError(key)
-            saga = found[0]
+            found = await self.get(saga.key)
+            if found is not None:
+                saga = found[0]
             if saga.state is not SagaState.RUNNING or loop.time() + delay_s > end:
                 return saga
             await asyncio.sleep(delay_s)
