@@ -1475,7 +1475,7 @@ async def test_sagas_in_flight_to_a_merchant_that_moves_continue_on_its_new_shar
     for saga in (waited, late_pending, early):
         await runner.drive(saga)
     finished = [
-        await runner.wait(s.key, wait_s=SAGA_WAIT_MS / 1000) for s in (waited, late_pending, early)
+        await runner.wait(s, wait_s=SAGA_WAIT_MS / 1000) for s in (waited, late_pending, early)
     ]
     assert [(f.state, f.peer_shard) for f in finished] == [
         (SagaState.COMPLETED, "shard-d"),
