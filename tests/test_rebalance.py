@@ -31,7 +31,7 @@ from ledger.routing.cluster import Cluster
 from ledger.routing.config import ShardConfig, load_config
 from ledger.routing.ring import ShardRing
 from ledger.sagas.reconcile import ReconcileReport, reconcile
-from ledger.sagas.runner import SagaRunner, SagaSettings
+from ledger.sagas.runner import SagaRunner, SagaSettings, SagaStart
 from ledger.storage.errors import MerchantsNotOwned, StaleEpoch
 from ledger.storage.moves import AdminBusy, MoveStore
 from ledger.storage.sagas import SagaStore
@@ -904,6 +904,13 @@ def staying_merchant(old: ShardConfig, new: ShardConfig, *, on: bool, shard: str
 async def held_saga(service: Service, payer: str, payee: str) -> tuple[SagaRunner, Saga]:
     """A cross-shard transfer from payer stopped after step 1, its lease held long
     enough that no recovery worker drives it while the test does not."""
+    runner, start = await begun_saga(service, payer, payee)
+    assert start.saga is not None
+    return runner, start.saga
+
+
+async def begun_saga(service: Service, payer: str, payee: str) -> tuple[SagaRunner, SagaStart]:
+    """held_saga, with the start as begin() answered it."""
     runner = SagaRunner(service.cluster, owner="test", settings=SagaSettings(lease_s=120.0))
     start = await runner.begin(
         TransferRequest(
@@ -916,7 +923,7 @@ async def held_saga(service: Service, payer: str, payee: str) -> tuple[SagaRunne
         )
     )
     assert start.saga is not None and start.saga.state is SagaState.RUNNING
-    return runner, start.saga
+    return runner, start
 
 
 async def test_a_replay_waits_for_its_saga_while_the_ring_points_where_the_merchant_is_unknown(
@@ -932,18 +939,7 @@ async def test_a_replay_waits_for_its_saga_while_the_ring_points_where_the_merch
     (payer,) = merchants_moving(old, new, 1, destination="shard-d")
     payee = staying_merchant(old, new, on=False, shard=ShardRing(old).shard_for(payer))
     await create_merchants(service, [payer, payee])
-    runner = SagaRunner(service.cluster, owner="test", settings=SagaSettings(lease_s=120.0))
-    start = await runner.begin(
-        TransferRequest(
-            id=uid("rw"),
-            debit=AccountKey(payer, "cash"),
-            credit=AccountKey(payee, "sales"),
-            amount_minor=300,
-            currency="USD",
-            action=TransferAction.POST,
-        )
-    )
-    assert start.saga is not None and start.saga.state is SagaState.RUNNING
+    runner, start = await begun_saga(service, payer, payee)
     # shard-d set up (on the new epoch), and the config switched; nothing moved yet.
     async with opened(new):
         await ledger4.switch_to(new)
