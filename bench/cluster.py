@@ -511,14 +511,42 @@ async def drop_raw_tables(dsns: Iterable[str]) -> None:
             await connection.close()
 
 
-async def checkpoint(dsns: Iterable[str]) -> list[str]:
-    """CHECKPOINT once per PostgreSQL server; returns the servers that refused it."""
-    refused = []
+def _one_dsn_per_server(dsns: Iterable[str]) -> dict[str, str]:
     servers: dict[str, str] = {}
     for dsn in dsns:
         parts = urlsplit(dsn)
         servers.setdefault(f"{parts.hostname}:{parts.port}", dsn)
-    for server, dsn in servers.items():
+    return servers
+
+
+# Bytes of WAL written since the server started, and full-page images among them
+# (pg_stat_wal, PostgreSQL 14 on; reset only by pg_stat_reset_shared).
+WAL_WRITTEN = """
+SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint AS position,
+       (SELECT wal_fpi FROM pg_stat_wal) AS full_page_images
+"""
+
+
+async def wal_written(dsns: Iterable[str]) -> tuple[int, int]:
+    """(WAL position in bytes, full-page images so far) summed over the servers:
+    the difference across a phase is the WAL its writes cost."""
+    position = images = 0
+    for dsn in _one_dsn_per_server(dsns).values():
+        connection = await asyncpg.connect(dsn, timeout=SETUP_CALL_TIMEOUT_S)
+        try:
+            row = await connection.fetchrow(WAL_WRITTEN, timeout=SETUP_CALL_TIMEOUT_S)
+        finally:
+            await connection.close()
+        assert row is not None
+        position += row["position"]
+        images += row["full_page_images"]
+    return position, images
+
+
+async def checkpoint(dsns: Iterable[str]) -> list[str]:
+    """CHECKPOINT once per PostgreSQL server; returns the servers that refused it."""
+    refused = []
+    for server, dsn in _one_dsn_per_server(dsns).items():
         connection = await asyncpg.connect(dsn, timeout=SETUP_CALL_TIMEOUT_S)
         try:
             await connection.execute("CHECKPOINT", timeout=SETUP_CALL_TIMEOUT_S)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import datetime as dt
 import multiprocessing
 import os
@@ -29,6 +30,8 @@ from bench import cluster, events_load, pgbench, report
 from bench.worker import (
     CALL_TIMEOUT_S,
     PHASE_END_GRACE_S,
+    VELOCITY_MODES,
+    VELOCITY_SUFFIX,
     Phase,
     PhaseResult,
     WorkerSpec,
@@ -96,7 +99,9 @@ class Options:
     py_spy_dir: Path | None = None
     # Times the whole sequence of modes runs; figures are per-mode medians.
     rounds: int = 1
-    # Three loose velocity rules on every account (bench/cluster.py, VELOCITY_RULES).
+    # Also single and batch over a twin set of merchants whose accounts have three
+    # loose velocity rules (bench/cluster.py, VELOCITY_RULES), each right after its
+    # base mode, their ratio per round: what the rules cost (issue 21).
     velocity_rules: bool = False
     # The event stream's consumers measured beside single and batch (bench/events_load.py).
     events: events_load.EventsOptions = events_load.NO_EVENTS
@@ -146,7 +151,9 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     parser.add_argument(
         "--velocity-rules",
         action="store_true",
-        help="set three velocity rules (never refusing) on every account: their cost",
+        help="also measure single and batch over as many other merchants whose accounts "
+        "have three velocity rules (never refusing), each right after its base mode: "
+        "single_velocity and batch_velocity, their ratio the rules' cost",
     )
     events_load.add_arguments(parser)
     args = parser.parse_args(argv)
@@ -172,6 +179,10 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         problems.append("--workers must be 1 to 64 and --connections >= 0")
     if profile.merchants < 2:
         problems.append("--merchants must be at least 2")
+    if args.velocity_rules and args.events:
+        # Each adds modes measured right after their base mode; together neither
+        # would follow it.
+        problems.append("--velocity-rules and --events are measured in separate runs")
     modes: tuple[str, ...] = tuple(
         m for m in report.MODES if pgbench.available() or m not in pgbench.PGBENCH_MODES
     )
@@ -271,7 +282,25 @@ class ClientPool:
             pipe.close()
 
 
-def worker_specs(target: str, workload: Workload, profile: Profile) -> list[WorkerSpec]:
+def with_velocity_modes(modes: Sequence[str], *, velocity_first: bool) -> tuple[str, ...]:
+    """The modes in order, single and batch each beside its run over the limited
+    merchants (bench/worker.py, VELOCITY_MODES): after it, or before it when
+    velocity_first. Rounds alternate, because a mode measured second finds bigger
+    tables than the first (a batch phase adds ~150,000 transfers): in one order
+    only, that drift would count as the rules' cost."""
+    paired = []
+    for m in modes:
+        if m + VELOCITY_SUFFIX not in VELOCITY_MODES:
+            paired.append(m)
+            continue
+        pair = (m, m + VELOCITY_SUFFIX)
+        paired.extend(reversed(pair) if velocity_first else pair)
+    return tuple(paired)
+
+
+def worker_specs(
+    target: str, workload: Workload, profile: Profile, limited: Workload | None = None
+) -> list[WorkerSpec]:
     specs = []
     offset = 0
     for index in range(profile.clients):
@@ -287,6 +316,7 @@ def worker_specs(target: str, workload: Workload, profile: Profile) -> list[Work
                 workload=workload,
                 seed=index + 1,
                 connections=profile.connections or callers,
+                limited=limited,
             )
         )
         offset += callers
@@ -333,16 +363,28 @@ def run(options: Options) -> dict[str, Any]:
         if len({m.shard for m in workload.merchants}) < 2:
             raise RuntimeError("cross-shard transfers need merchants on at least two shards")
         asyncio.run(cluster.create_accounts(target, workload))
+        limited = None
+        measured = events_load.with_event_modes(options.modes, options.events)
         if options.velocity_rules:
-            asyncio.run(cluster.set_velocity_rules(target, workload))
-            print("set three velocity rules on every account", file=sys.stderr)
+            limited = dataclasses.replace(
+                workload,
+                merchants=place_merchants(
+                    run_id=run_id, count=profile.merchants, ring=ring, shards=names, tag="v"
+                ),
+            )
+            asyncio.run(cluster.create_accounts(target, limited))
+            asyncio.run(cluster.set_velocity_rules(target, limited))
+            print(
+                f"created {2 * len(limited.merchants)} accounts with three velocity rules each",
+                file=sys.stderr,
+            )
         dsns = [dsn for _, dsn in shards.dsns]
         asyncio.run(cluster.create_raw_tables(workload))
         if options.config_path is not None:
             stack.callback(lambda: asyncio.run(cluster.drop_raw_tables(dsns)))
         print(f"created {2 * len(workload.merchants)} accounts and the raw tables", file=sys.stderr)
 
-        clients = ClientPool(worker_specs(target, workload, profile))
+        clients = ClientPool(worker_specs(target, workload, profile, limited))
         stack.callback(clients.close)
         cpu = cluster.CpuMeter(service_pid=service.pid, postgres_pid=cluster.postmaster_pid(shards))
         cpu.client_pids = clients.pids
@@ -352,7 +394,12 @@ def run(options: Options) -> dict[str, Any]:
                 print(f"round {round_index + 1} of {options.rounds}", file=sys.stderr)
             modes: dict[str, dict[str, Any]] = {}
             rounds.append(modes)
-            for mode in events_load.with_event_modes(options.modes, options.events):
+            ordered = (
+                with_velocity_modes(measured, velocity_first=round_index % 2 == 1)
+                if limited is not None
+                else measured
+            )
+            for mode in ordered:
                 rate_per_s = None
                 if events_load.base_mode(mode) in report.HALF_PEAK_MODES:
                     rate_per_s = report.HALF_PEAK_FRACTION * modes["single"]["transfers_per_s"]
@@ -360,6 +407,7 @@ def run(options: Options) -> dict[str, Any]:
                 if refused and not notes:
                     notes.append(f"CHECKPOINT refused on {refused}; phases may share checkpoints")
                 sampler.reset()
+                wal_before = asyncio.run(cluster.wal_written(dsns))
                 spy = (
                     cluster.PySpy(
                         service.pid,
@@ -400,6 +448,9 @@ def run(options: Options) -> dict[str, Any]:
                     results, duration_s=profile.duration_s, rss_mb_peak=sampler.peak_mb()
                 )
                 modes[mode]["cpu_cores"] = cores
+                modes[mode]["wal"] = _wal_figures(
+                    wal_before, asyncio.run(cluster.wal_written(dsns)), modes[mode], profile
+                )
                 modes[mode].update(consumers.detach())
                 if rate_per_s is not None:
                     modes[mode]["target_rate_per_s"] = rate_per_s
@@ -458,6 +509,19 @@ def run(options: Options) -> dict[str, Any]:
         "service": {"rss_mb_peak": rss_mb_peak, "vmhwm_mb": vmhwm_mb},
         "targets": report.TARGETS,
         "notes": notes,
+    }
+
+
+def _wal_figures(
+    before: tuple[int, int], after: tuple[int, int], figures: dict[str, Any], profile: Profile
+) -> dict[str, float]:
+    """WAL per transfer over the phase, warm-up included (the warm-up's transfers are
+    estimated at the measured rate): what the writes cost PostgreSQL's log."""
+    transfers = figures["transfers_per_s"] * (profile.warmup_s + profile.duration_s)
+    written, images = after[0] - before[0], after[1] - before[1]
+    return {
+        "bytes_per_transfer": round(written / transfers) if transfers else 0,
+        "full_page_images": images,
     }
 
 

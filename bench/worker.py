@@ -53,6 +53,9 @@ PHASE_END_GRACE_S = 5.0
 
 GRPC_MODES = ("single", "batch", "cross", "single_half_peak")
 RAW_MODES = ("raw_single", "raw_batch", "raw_half_peak")
+# single and batch over the limited merchants (WorkerSpec.limited), by base mode.
+VELOCITY_SUFFIX = "_velocity"
+VELOCITY_MODES = {"single" + VELOCITY_SUFFIX: "single", "batch" + VELOCITY_SUFFIX: "batch"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +71,9 @@ class WorkerSpec:
     # them in turn: the kernel places connections, not calls, on the service's
     # workers (ledger/workers.py), so one connection would reach one worker.
     connections: int = 1
+    # --velocity-rules: the same load over merchants whose accounts have velocity
+    # rules, driven in the VELOCITY_MODES (the workload's twin, same shape).
+    limited: Workload | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,15 +139,18 @@ class _Client:
         # A local subchannel pool per channel: otherwise channels to one target
         # share one connection.
         self.channels = [
-            grpc.aio.insecure_channel(
-                spec.target, options=[("grpc.use_local_subchannel_pool", 1)]
-            )
+            grpc.aio.insecure_channel(spec.target, options=[("grpc.use_local_subchannel_pool", 1)])
             for _ in range(max(1, spec.connections))
         ]
         self.stubs = [ledger_pb2_grpc.LedgerServiceStub(c) for c in self.channels]
         self.raw: list[dict[str, asyncpg.Connection]] = []
-        self.pickers = [
-            Picker(spec.workload, caller_global=spec.caller_offset + i, seed=spec.seed * 1000 + i)
+        self.pickers = self._pickers(spec.workload)
+        self.limited_pickers = self._pickers(spec.limited) if spec.limited is not None else []
+
+    def _pickers(self, workload: Workload) -> list[Picker]:
+        spec = self.spec
+        return [
+            Picker(workload, caller_global=spec.caller_offset + i, seed=spec.seed * 1000 + i)
             for i in range(spec.callers)
         ]
 
@@ -198,8 +207,9 @@ async def _run_phase(client: _Client, phase: Phase) -> PhaseResult:
     slots = _Slots(t0, phase.rate_per_s)
 
     async def caller(i: int) -> None:
-        picker = client.pickers[i]
-        pick, call = _mode_functions(client, phase.mode, picker, i)
+        mode = VELOCITY_MODES.get(phase.mode)
+        picker = client.pickers[i] if mode is None else client.limited_pickers[i]
+        pick, call = _mode_functions(client, mode or phase.mode, picker, i)
         for _ in range(calls_max):
             if phase.rate_per_s is not None:
                 slot = slots.take()

@@ -52,9 +52,10 @@ class Workload:
 
 
 def place_merchants(
-    *, run_id: str, count: int, ring: ShardRing, shards: tuple[str, ...]
+    *, run_id: str, count: int, ring: ShardRing, shards: tuple[str, ...], tag: str = ""
 ) -> tuple[Merchant, ...]:
-    """count merchants with ids unique to this run, spread evenly over shards."""
+    """count merchants with ids unique to this run (and tag: another set of the same
+    run), spread evenly over shards."""
     quota = {
         name: count // len(shards) + (1 if i < count % len(shards) else 0)
         for i, name in enumerate(shards)
@@ -63,7 +64,7 @@ def place_merchants(
     for draw in range(count * PLACEMENT_DRAWS_PER_MERCHANT_MAX):
         if len(placed) == count:
             break
-        merchant_id = f"bench-{run_id}-{draw:06d}"
+        merchant_id = f"bench-{run_id}-{tag}{draw:06d}"
         shard = ring.shard_for(merchant_id)
         if quota[shard] > 0:
             quota[shard] -= 1

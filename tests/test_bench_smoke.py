@@ -158,6 +158,43 @@ def test_bench_with_an_event_subscriber_reports_its_cost_and_the_delivery_delay(
     assert "commit to delivery p50" in completed.stdout
 
 
+@pytest.mark.timeout(SMOKE_TIMEOUT_S + 30)
+def test_bench_with_velocity_rules_reports_their_cost_beside_each_base_mode(
+    tmp_path: Path,
+) -> None:
+    """--velocity-rules: single and batch again over a twin set of merchants whose
+    accounts have three rules each, each compared with the run just before it."""
+    completed = subprocess.run(
+        [
+            *(sys.executable, "-m", "bench.run", "--mode", "smoke", "--out", str(tmp_path)),
+            *("--modes", "single,batch", "--velocity-rules", "--rounds", "2"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=SMOKE_TIMEOUT_S,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+
+    figures = json.loads((tmp_path / "latest.json").read_text())
+    assert list(figures["modes"]) == ["single", "single_velocity", "batch", "batch_velocity"]
+    # The second round measured each pair the other way round.
+    assert "round 2 of 2\n  single_velocity:" in completed.stderr
+    assert figures["velocity_rules"] is True
+    for base in ("single", "batch"):
+        mode = figures["modes"][f"{base}_velocity"]
+        assert mode["transfers_per_s"] > 0 and mode["ratio_to"] == base
+        assert len(mode["ratio_rounds"]) == 2
+        assert figures["ratios"][f"{base}_velocity_vs_{base}"] == mode["ratio"] > 0
+        # What the phase wrote to PostgreSQL's log, per transfer.
+        assert mode["wal"]["bytes_per_transfer"] > 0, mode
+        # Never refused: the rules are loose, and every item was applied.
+        assert mode["failed_items"] == {} and mode["failed_calls"] == {}, mode
+    assert "with three velocity rules each" in completed.stderr
+    assert "of batch (target >= 0.85)" in completed.stdout
+
+
 def test_bench_refuses_the_publisher_without_a_broker() -> None:
     completed = subprocess.run(
         [sys.executable, "-m", "bench.run", "--events", "subscriber,publisher"],
