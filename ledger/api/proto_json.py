@@ -10,6 +10,10 @@ MessageToDict(message, preserving_proto_field_name=True) gives for those, which
 tests/test_proto_json.py checks on every kind of event; a message with a field
 of another kind (Any, Struct, wrappers, Duration, a float) is refused up front
 (ValueError), never rendered differently.
+
+The publisher no longer uses it: it renders each body straight from the stored
+row (ledger/api/event_json.py), whose tests take this, walking event()'s
+message, as the reference.
 """
 
 from __future__ import annotations
