@@ -950,6 +950,61 @@ async def test_a_replay_waits_for_its_saga_while_the_ring_points_where_the_merch
     assert outcome.result is TransferResult.IN_PROGRESS and outcome.replayed, outcome
 
 
+async def test_reads_find_a_merchant_where_it_is_while_the_ring_points_where_it_is_unknown(
+    ledger4: Ledger4,
+) -> None:
+    """Between a config change and the rebalance that moves a merchant, the new ring
+    points at a shard that has never seen it. Writes went to where the previous config
+    placed it; reads answered there was no such account, transfer or entry (a caller
+    that took NOT_FOUND at its word could pay twice). Reads now follow the merchant to
+    where it is, as writes do; a merchant that exists nowhere is still not found, at
+    once."""
+    service, stub = ledger4.service, ledger4.service.stub
+    old, new = service.cluster.config, ledger4.config(2, ALL_SHARDS)
+    (moving,) = merchants_moving(old, new, 1, destination="shard-d")
+    await create_merchants(service, [moving])
+    paid = transfer(uid("rd"), ref(moving, "cash"), ref(moving, "sales"), 250)
+    assert result_names(await transfers(stub, paid)) == ["TRANSFER_RESULT_OK"]
+    (nowhere,) = merchants_moving(old, new, 1, destination="shard-d")
+    async with opened(new):
+        await ledger4.switch_to(new)
+        assert service.cluster.shard_for(moving).name == "shard-d"
+
+        looked_up = await stub.LookupAccounts(
+            pb.LookupAccountsRequest(refs=[ref(moving, "cash"), ref(nowhere, "cash")])
+        )
+        assert [(a.ref.merchant_id, a.ref.account_id) for a in looked_up.accounts] == [
+            (moving, "cash")
+        ]
+        listed = await stub.ListAccounts(pb.ListAccountsRequest(merchant_id=moving))
+        assert sorted(a.ref.account_id for a in listed.accounts) == ["cash", "sales"]
+        got = await stub.GetBalance(pb.GetBalanceRequest(account=ref(moving, "sales")))
+        assert got.credits_posted == 250
+        entries = await stub.ListEntries(pb.ListEntriesRequest(account=ref(moving, "cash")))
+        assert [e.amount_minor for e in entries.entries] == [250]
+        found = await stub.LookupTransfers(
+            pb.LookupTransfersRequest(
+                refs=[
+                    pb.TransferRef(merchant_id=moving, transfer_id=paid.id),
+                    pb.TransferRef(merchant_id=nowhere, transfer_id=paid.id),
+                ]
+            )
+        )
+        assert [t.transfer.id for t in found.transfers] == [paid.id]
+        admin = ledger_pb2_grpc.LedgerAdminServiceStub(service.channel)
+        limits = await admin.GetAccountLimits(
+            pb.GetAccountLimitsRequest(account=ref(moving, "cash"))
+        )
+        assert limits.HasField("limits")
+
+        started = time.monotonic()
+        with pytest.raises(grpc.aio.AioRpcError) as missing:
+            await stub.GetBalance(pb.GetBalanceRequest(account=ref(nowhere, "cash")))
+        assert missing.value.code() is grpc.StatusCode.NOT_FOUND
+        # Answered, not waited out: no fence or rebalance to wait for.
+        assert time.monotonic() - started < 5.0
+
+
 async def test_holds_follow_a_merchant_there_back_and_there_again(ledger4: Ledger4) -> None:
     """A move away adds a relay; the move back folds it away (the holds span the two
     parties' shards again, directly), so moving there again is no longer held back;

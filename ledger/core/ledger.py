@@ -38,6 +38,7 @@ from ledger.storage.errors import (
     HoldInFlight,
     MerchantsMoving,
     MerchantsNotOwned,
+    MerchantsUnknown,
     SettleIsLocal,
     ShardUnavailable,
     StaleEpoch,
@@ -107,7 +108,7 @@ class Ledger:
         async def read(shard: Shard, fence: Fence) -> list[Account]:
             return await shard.list_accounts(merchant_id, after=after, limit=limit)
 
-        return await self.cluster.run_on_owner(merchant_id, read)
+        return await self.cluster.run_on_owner(merchant_id, read, unknown=list)
 
     async def set_accounts_closed(self, keys: Sequence[AccountKey], *, closed: bool) -> list[bool]:
         async def run(shard: Shard, group: list[AccountKey], fence: Fence) -> list[bool | None]:
@@ -317,11 +318,22 @@ class Ledger:
                 return_exceptions=True,
             )
             retry: list[Key] = []
-            for batch, result in zip(batches.values(), results, strict=True):
+            for (name, batch), result in zip(batches.items(), results, strict=True):
                 if isinstance(result, MerchantsNotOwned):
                     if self._learn_owners(result, owners):
                         await self.cluster.reload()
                     retry += batch
+                elif isinstance(result, MerchantsUnknown):
+                    # Where the previous config placed them (the rebalance has not
+                    # marked them here yet); where that is this shard or none,
+                    # their keys are not found. The others are read here again.
+                    self._follow_previous(result.merchant_ids, name, owners)
+                    retry += [
+                        k
+                        for k in batch
+                        if merchant_of(k) not in result.merchant_ids
+                        or owners.get(merchant_of(k), name) != name
+                    ]
                 elif isinstance(result, BaseException):
                     raise result
                 else:
@@ -375,7 +387,7 @@ class Ledger:
                 return account, account.balances
             return account, await shard.balance_as_of(key, as_of)
 
-        return await self.cluster.run_on_owner(key.merchant_id, read)
+        return await self.cluster.run_on_owner(key.merchant_id, read, unknown=_none)
 
     async def list_entries(
         self, key: AccountKey, *, after_sequence: int | None, newest_first: bool, limit: int
@@ -387,7 +399,7 @@ class Ledger:
                 key, after_sequence=after_sequence, newest_first=newest_first, limit=limit
             )
 
-        return await self.cluster.run_on_owner(key.merchant_id, read)
+        return await self.cluster.run_on_owner(key.merchant_id, read, unknown=_none)
 
     # Limits (velocity rules, overdraft flags, balance monitors).
 
@@ -407,7 +419,7 @@ class Ledger:
         ) -> tuple[AccountLimits, list[LimitsChange]] | None:
             return await LimitsStore(shard).get_limits(key, history_max=history_max)
 
-        return await self.cluster.run_on_owner(key.merchant_id, read)
+        return await self.cluster.run_on_owner(key.merchant_id, read, unknown=_none)
 
     async def monitor_crossings(
         self, merchant_id: str, *, after_sequence: int, limit: int
@@ -417,7 +429,7 @@ class Ledger:
                 merchant_id, after_sequence=after_sequence, limit=limit
             )
 
-        return await self.cluster.run_on_owner(merchant_id, read)
+        return await self.cluster.run_on_owner(merchant_id, read, unknown=list)
 
     # Routing.
 
@@ -568,6 +580,11 @@ class Ledger:
                 break
             todo = sorted(retry)
         raise ClusterUnavailable("routing did not settle: the shard config may be behind")
+
+
+def _none() -> None:
+    """A read's answer where no shard knows the merchant (Cluster.run_on_owner)."""
+    return None
 
 
 async def _all_settled(jobs: list[Awaitable[Result]]) -> list[Result | BaseException]:

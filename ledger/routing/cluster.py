@@ -15,6 +15,7 @@ from ledger.routing.ring import ShardRing
 from ledger.storage.errors import (
     MerchantsMoving,
     MerchantsNotOwned,
+    MerchantsUnknown,
     ShardUnavailable,
     StaleEpoch,
 )
@@ -199,6 +200,7 @@ class Cluster:
         *,
         shard_name: str | None = None,
         allow_moving: bool = False,
+        unknown: Callable[[], T] | None = None,
     ) -> T:
         """Runs step on the shard that owns the merchant, following redirects.
 
@@ -207,6 +209,12 @@ class Cluster:
         merchant moved there, or is still there while being copied here);
         otherwise the config is reloaded (at most redirect_attempts_max times). A
         fenced (moving) merchant is waited out (FenceWait).
+
+        unknown: for a read, its answer when no shard knows the merchant. A shard
+        that has no record of it (MerchantsUnknown: the config changed, and the
+        rebalance has not marked it there yet) sends the read where the previous
+        config placed the merchant, and where that is the same shard or none, the
+        answer is unknown().
         """
         target = self.shard_named(shard_name) or self.shard_for(merchant_id)
         redirects = 0
@@ -235,6 +243,14 @@ class Cluster:
                     await self.reload()
                     hinted = self.shard_named(error.owners.get(merchant_id))
                 target = hinted or self.shard_for(merchant_id)
+                redirects += 1
+            except MerchantsUnknown:
+                if unknown is None:
+                    raise
+                previous = self.previous_owner(merchant_id, refused_by=target.name)
+                if previous is None:
+                    return unknown()
+                target = self.shards[previous]
                 redirects += 1
             except MerchantsMoving as error:
                 previous = (

@@ -326,7 +326,7 @@ class SagaRunner:
         async def read(shard: Shard, fence: Fence) -> tuple[Saga, list[SagaStep]] | None:
             return await SagaStore(shard).get(key)
 
-        return await self._on_home(key.merchant_id, read)
+        return await self.cluster.run_on_owner(key.merchant_id, read, unknown=lambda: None)
 
     async def list(self, states: list[SagaState], *, limit: int) -> tuple[list[Saga], list[str]]:
         """Sagas in these states on every reachable shard, oldest first, and the shards

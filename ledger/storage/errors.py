@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 import asyncpg
 
@@ -48,6 +48,17 @@ class MerchantsMoving(Exception):
         super().__init__(f"shard {shard_name}: {len(merchant_ids)} merchant(s) moving")
         self.merchant_ids = merchant_ids
         self.unknown = unknown or []
+
+
+class MerchantsUnknown(Exception):
+    """A read named merchants this shard has no record of: never created, or not
+    handed over yet (the config changed; the rebalance has not marked them here).
+    The caller looks where the previous config placed them, else finds nothing."""
+
+    def __init__(self, shard_name: str, merchant_ids: Collection[str]) -> None:
+        super().__init__(f"shard {shard_name} does not know {len(merchant_ids)} merchant(s)")
+        self.shard_name = shard_name
+        self.merchant_ids = frozenset(merchant_ids)
 
 
 class SettleIsLocal(Exception):

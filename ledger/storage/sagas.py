@@ -868,7 +868,7 @@ class SagaStore:
 
         async def run(conn: Connection) -> Saga | None:
             key = saga.key
-            await self.shard._check_readable(conn, {key.merchant_id})
+            await self.shard._check_readable(conn, {key.merchant_id}, unknown_raises=False)
             row = await conn.fetchrow(
                 sql.RETRY_LATER,
                 key.merchant_id,
@@ -894,7 +894,7 @@ class SagaStore:
         """Back to RUNNING with attempts reset, leased to the caller who drives it now."""
 
         async def run(conn: Connection) -> Saga | None:
-            await self.shard._check_readable(conn, {key.merchant_id})
+            await self.shard._check_readable(conn, {key.merchant_id}, unknown_raises=False)
             row = await conn.fetchrow(
                 sql.RESET_FOR_RETRY,
                 key.merchant_id,

@@ -72,6 +72,7 @@ from ledger.storage.errors import (
     RETRYABLE_STATES,
     MerchantsMoving,
     MerchantsNotOwned,
+    MerchantsUnknown,
     RetryTransaction,
     ShardBusy,
     ShardUnavailable,
@@ -698,14 +699,21 @@ class Shard:
         if claim:
             await conn.execute(sql.CLAIM_MERCHANTS, claim, fence.epoch)
 
-    async def _check_readable(self, conn: Connection, merchant_ids: Iterable[str]) -> None:
-        """Refuses a read of merchants this shard does not own, naming the owner."""
-        rows = await conn.fetch(sql.MERCHANT_STATES, sorted(set(merchant_ids)))
+    async def _check_readable(
+        self, conn: Connection, merchant_ids: Iterable[str], *, unknown_raises: bool = True
+    ) -> None:
+        """Refuses a read of merchants this shard does not own, naming the owner, and
+        (unknown_raises) of merchants it has no record of: the caller looks where the
+        previous config placed them before it answers that nothing exists."""
+        ids = set(merchant_ids)
+        rows = await conn.fetch(sql.MERCHANT_STATES, sorted(ids))
         elsewhere = {
             r["merchant_id"]: r["moved_to"] for r in rows if r["state"] in ("moved", "incoming")
         }
         if elsewhere:
             raise MerchantsNotOwned(self.name, elsewhere)
+        if unknown_raises and len(rows) < len(ids):
+            raise MerchantsUnknown(self.name, ids - {r["merchant_id"] for r in rows})
 
     async def _lock_accounts(
         self, conn: Connection, keys: Collection[AccountKey], *, velocity_read_later: bool = False
