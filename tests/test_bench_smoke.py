@@ -35,12 +35,10 @@ class SmokeRun:
     table: str
 
 
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> SmokeRun:
-    """One smoke run shared by the tests that read its figures (it takes ~20 s)."""
-    out_dir = tmp_path_factory.mktemp("bench-smoke")
+def smoke(out_dir: Path, *options: str) -> subprocess.CompletedProcess[str]:
+    """`python -m bench.run --mode smoke` with options, which must succeed."""
     completed = subprocess.run(
-        [sys.executable, "-m", "bench.run", "--mode", "smoke", "--out", str(out_dir)],
+        [sys.executable, "-m", "bench.run", "--mode", "smoke", "--out", str(out_dir), *options],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -48,6 +46,14 @@ def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> SmokeRun:
         check=False,
     )
     assert completed.returncode == 0, completed.stdout + completed.stderr
+    return completed
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> SmokeRun:
+    """One smoke run shared by the tests that read its figures (it takes ~20 s)."""
+    out_dir = tmp_path_factory.mktemp("bench-smoke")
+    completed = smoke(out_dir)
     figures = json.loads((out_dir / "latest.json").read_text())
     return SmokeRun(out_dir, figures, completed.stdout)
 
@@ -128,18 +134,9 @@ def test_bench_with_an_event_subscriber_reports_its_cost_and_the_delivery_delay(
 ) -> None:
     """--events subscriber: single and batch again with a subscriber attached, each
     compared with the run just before it, and the delay from commit to delivery."""
-    completed = subprocess.run(
-        [
-            *(sys.executable, "-m", "bench.run", "--mode", "smoke", "--out", str(tmp_path)),
-            *("--modes", "single,batch", "--events", "subscriber", "--event-subscribers", "2"),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=SMOKE_TIMEOUT_S,
-        check=False,
+    completed = smoke(
+        tmp_path, "--modes", "single,batch", "--events", "subscriber", "--event-subscribers", "2"
     )
-    assert completed.returncode == 0, completed.stdout + completed.stderr
 
     figures = json.loads((tmp_path / "latest.json").read_text())
     assert list(figures["modes"]) == ["single", "single_events", "batch", "batch_events"]
@@ -164,18 +161,7 @@ def test_bench_with_velocity_rules_reports_their_cost_beside_each_base_mode(
 ) -> None:
     """--velocity-rules: single and batch again over a twin set of merchants whose
     accounts have three rules each, each compared with the run just before it."""
-    completed = subprocess.run(
-        [
-            *(sys.executable, "-m", "bench.run", "--mode", "smoke", "--out", str(tmp_path)),
-            *("--modes", "single,batch", "--velocity-rules", "--rounds", "2"),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=SMOKE_TIMEOUT_S,
-        check=False,
-    )
-    assert completed.returncode == 0, completed.stdout + completed.stderr
+    completed = smoke(tmp_path, "--modes", "single,batch", "--velocity-rules", "--rounds", "2")
 
     figures = json.loads((tmp_path / "latest.json").read_text())
     assert list(figures["modes"]) == ["single", "single_velocity", "batch", "batch_velocity"]
