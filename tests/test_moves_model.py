@@ -253,7 +253,17 @@ class Run:
         config = self.topology.config()
         self.log.append(f"ring: {change} (epoch {config.epoch})")
         await self.env.switch_to(config)
+        # Before the rebalance marks anything, the new ring sends reads of merchants
+        # that move to shards that have never seen them: every account is found.
+        await self.all_readable("config switched, nothing moved")
         await self.rebalance(config, kill=self.rng.random() < REBALANCE_KILL_SHARE)
+
+    async def all_readable(self, when: str) -> None:
+        try:
+            await all_balances(self.env.service, self.merchants)
+        except AssertionError as error:
+            raise AssertionError(f"{when}: {error}\n{self.describe()}") from None
+        self.counts["reads while moving"] += 1
 
     async def rebalance(self, config: ShardConfig, *, kill: bool) -> bool:
         """Rebalances to config (first killed at a random point, if kill); True when
@@ -267,6 +277,7 @@ class Run:
                 self.kills += 1
             else:
                 assert code in (0, 1), output
+            await self.all_readable(f"rebalance killed at {point}")
         for _ in range(REBALANCE_RUNS_MAX):
             async with opened(config) as rebalancer:
                 summary = await rebalancer.rebalance()
