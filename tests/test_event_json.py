@@ -1,5 +1,5 @@
 """ledger.api.event_json renders a stored event's row as the reference does (event()
-walked by proto_json.to_dict, what json_format.MessageToDict gives): on every kind of
+walked by json_format.MessageToDict): on every kind of
 real event, read back from the shards, and on edge cases; the AMQP body it makes is
 the reference's, byte for byte but for the order of a map's keys."""
 
@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from google.protobuf import json_format
 
-from ledger.api import amqp_publisher, event_json, proto_json
+from ledger.api import amqp_publisher, event_json
 from ledger.api.events import event
 from ledger.domain.events import EventKind
 from ledger.storage.events import EventRow, EventStore
@@ -55,15 +55,17 @@ def _ordered(value: Any, *, is_map: bool = False) -> Any:
 
 
 def reference(row: EventRow) -> dict[str, Any]:
-    return proto_json.to_dict(event(row, {row.shard: row.position}))
+    return json_format.MessageToDict(
+        event(row, {row.shard: row.position}), preserving_proto_field_name=True
+    )
 
 
 def assert_renders_as_reference(row: EventRow) -> None:
     rendered = event_json.to_dict(row)
     expected = reference(row)
     assert _ordered(rendered) == _ordered(expected), row
+    assert rendered == expected
     message = event(row, {row.shard: row.position})
-    assert rendered == json_format.MessageToDict(message, preserving_proto_field_name=True)
     body = amqp_publisher.amqp_body(row)
     assert _ordered(json.loads(body)) == _ordered(expected)
     # What consumers parse it into is the reference's message.

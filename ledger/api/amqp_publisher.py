@@ -103,7 +103,7 @@ def amqp_body(row: EventRow) -> bytes:
     """The body of the event's AMQP message: the proto3 JSON of pb.Event with proto
     field names, as SubscribeEvents would deliver it, except that its cursor names
     only the event's own shard (a queue mixes shards; each shard's position is its
-    own). Rendered from the row by event_json (what proto_json.to_dict of
+    own). Rendered from the row by event_json (what MessageToDict of
     ledger.api.events.event gives, without building the message: the publisher's
     CPU per event fell from about 136 to 73 us, docs/performance.md "Event stream")."""
     return _BODY_JSON.encode(event_json.to_dict(row)).encode()
@@ -137,7 +137,7 @@ _APP_ID = encode.short_string("ledger")
 class _EventHeader(ContentHeader):
     """The content header of an event's message, marshalled as
     ContentHeader(properties=amqp_properties(row)) marshals it, byte for byte
-    (tests/test_event_json.py checks), at a third of the cost: pamqp encodes each
+    (tests/test_amqp_header.py checks), at a third of the cost: pamqp encodes each
     property through a generic dispatch, about 20 us per event. An event without an
     event_id (none is) goes through pamqp, which leaves an empty property out."""
 

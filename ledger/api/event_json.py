@@ -1,7 +1,7 @@
 """A stored event's proto3 JSON, rendered straight from its row: the AMQP publisher's body.
 
 The publisher sent each event as ledger.api.events.event(row, cursor) (a pb.Event
-built from the row's JSON body) walked by proto_json.to_dict: two copies of every
+built from the row's JSON body) walked into its proto3 JSON: two copies of every
 field through protobuf's Python API, most of the publisher's CPU per event
 (docs/performance.md, "Event stream"). This builds the same dict from the row in
 one pass, by the proto3 JSON mapping of Event with proto field names:
@@ -53,7 +53,8 @@ _CROSSING_DIRECTION = _names("MonitorCrossingDirection")
 
 
 def to_dict(row: EventRow) -> dict[str, Any]:
-    """What proto_json.to_dict(event(row, {row.shard: row.position})) gives: the
+    """What json_format.MessageToDict(event(row, {row.shard: row.position}),
+    preserving_proto_field_name=True) gives: the
     event's proto3 JSON with proto field names, its cursor naming only its own shard."""
     body = row.body
     out: dict[str, Any] = {}

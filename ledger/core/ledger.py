@@ -387,7 +387,7 @@ class Ledger:
                 return account, account.balances
             return account, await shard.balance_as_of(key, as_of)
 
-        return await self.cluster.run_on_owner(key.merchant_id, read, unknown=_none)
+        return await self.cluster.run_on_owner(key.merchant_id, read, unknown=lambda: None)
 
     async def list_entries(
         self, key: AccountKey, *, after_sequence: int | None, newest_first: bool, limit: int
@@ -399,7 +399,7 @@ class Ledger:
                 key, after_sequence=after_sequence, newest_first=newest_first, limit=limit
             )
 
-        return await self.cluster.run_on_owner(key.merchant_id, read, unknown=_none)
+        return await self.cluster.run_on_owner(key.merchant_id, read, unknown=lambda: None)
 
     # Limits (velocity rules, overdraft flags, balance monitors).
 
@@ -419,7 +419,7 @@ class Ledger:
         ) -> tuple[AccountLimits, list[LimitsChange]] | None:
             return await LimitsStore(shard).get_limits(key, history_max=history_max)
 
-        return await self.cluster.run_on_owner(key.merchant_id, read, unknown=_none)
+        return await self.cluster.run_on_owner(key.merchant_id, read, unknown=lambda: None)
 
     async def monitor_crossings(
         self, merchant_id: str, *, after_sequence: int, limit: int
@@ -580,11 +580,6 @@ class Ledger:
                 break
             todo = sorted(retry)
         raise ClusterUnavailable("routing did not settle: the shard config may be behind")
-
-
-def _none() -> None:
-    """A read's answer where no shard knows the merchant (Cluster.run_on_owner)."""
-    return None
 
 
 async def _all_settled(jobs: list[Awaitable[Result]]) -> list[Result | BaseException]:

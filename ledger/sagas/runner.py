@@ -192,9 +192,7 @@ class SagaRunner:
         """Polls a saga until it finishes or wait_s passes; returns what it last saw.
 
         Not found is polled again too: the saga was seen, so it exists, and a read
-        may still miss it while a rebalance hands its merchant over (get follows a
-        merchant a shard does not know to where the previous config placed it, but
-        a merchant can be between the two reads' shards)."""
+        can still miss it while a rebalance hands its merchant between shards."""
         loop = asyncio.get_running_loop()
         end = loop.time() + wait_s
         delay_s = 0.01
