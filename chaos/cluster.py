@@ -320,6 +320,16 @@ class ChaosCluster:
         `ledger shards rebalance`, run again until it finishes (the first run killed
         after kill_after_s, if given). Returns what it took."""
         self.reconfigure(weights=weights, states=states)
+        return await self._rebalance_until_finished(kill_after_s)
+
+    async def finish_moves(self) -> str:
+        """After the run's holds are settled: `ledger shards rebalance` again until it
+        finishes, as an admin reruns one that deferred merchants whose holds could not
+        move yet, then `ledger shards cleanup` for the copies those moves leave."""
+        runs = await self._rebalance_until_finished(None)
+        return f"{runs}; cleanup: {await self.cleanup()}"
+
+    async def _rebalance_until_finished(self, kill_after_s: float | None) -> str:
         deadline = time.monotonic() + REBALANCE_DEADLINE_S
         runs: list[str] = []
         while True:

@@ -257,6 +257,7 @@ async def execute(options: Options, plan: RunPlan, result: RunResult) -> None:
             caller=setup,
             now_s=now_s,
             moved=cluster.epoch > 1,
+            after_settles=cluster.finish_moves if cluster.epoch > 1 else None,
         )
         result.history += result.report.final_settles
         if subscriber is not None:

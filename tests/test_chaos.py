@@ -391,6 +391,40 @@ def test_a_rebalance_reports_what_every_run_moved(
 
 
 @pytest.mark.timeout(10)
+def test_after_the_settles_a_deferred_move_is_finished_and_cleaned_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run's last rebalance can end with a merchant deferred for a hold that only
+    the end settles release; the admin then reruns the rebalance at the same epoch,
+    and cleans up (a chaos run once ended with the merchant `incoming` and its old
+    copy's timeouts still counted, and reported both as violations)."""
+    cluster = ChaosCluster(tmp_path)
+    monkeypatch.setattr(chaos_cluster, "REBALANCE_RETRY_PAUSE_S", 0.0)
+    outputs = [
+        (1, "moved 0 merchants, 0 rows copied\nNOT MOVED m shard-b -> shard-c: deferred"),
+        (0, "moved 1 merchants, 40 rows copied"),
+        (0, "removed old copies of 1 merchants (40 rows)"),
+    ]
+    commands: list[tuple[str, ...]] = []
+
+    async def admin(
+        *args: str, kill_after_s: float | None, direct: bool = False
+    ) -> tuple[int, str]:
+        commands.append(args)
+        return outputs.pop(0)
+
+    monkeypatch.setattr(cluster, "_admin", admin)
+    epoch = cluster.epoch
+    report = asyncio.run(cluster.finish_moves())
+
+    assert commands == [("shards", "rebalance"), ("shards", "rebalance"), ("shards", "cleanup")]
+    assert cluster.epoch == epoch
+    runs = "exit 1 (moved 0 merchants), exit 0 (moved 1 merchants)"
+    assert report.startswith(f"epoch {epoch}: {runs}")
+    assert "cleanup: removed old copies of 1 merchants" in report
+
+
+@pytest.mark.timeout(10)
 def test_a_drain_not_drained_by_its_deadline_is_a_violation(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
