@@ -3,12 +3,19 @@ acknowledged, and a consumer too far behind is told so (issue 20)."""
 
 from __future__ import annotations
 
+import json
 import os
+from typing import Any
 
+import asyncpg
 import grpc
 import pytest
 
+from ledger import limits
+from ledger.embedded.postgres import EmbeddedPostgres
+from ledger.storage import event_statements as event_sql
 from ledger.storage.events import EventStore
+from ledger.storage.migrate import apply_migrations
 from ledger.v1 import ledger_pb2 as pb
 from tests.auth_support import run_cli
 from tests.event_support import collect_until, marked
@@ -18,10 +25,12 @@ from tests.support import (
     account,
     create_accounts,
     error_reason,
+    fresh_databases,
     ref,
     transfer,
     transfers,
     uid,
+    wait_until,
 )
 
 
@@ -166,3 +175,102 @@ async def test_the_consumers_command_shows_lag_and_lapse_and_drops_a_consumer_ev
     assert f"shard-c: dropped {consumer!r}" in dropped.stdout
     assert f"shard-a: no {consumer!r}" in dropped.stdout
     assert consumer not in {c.consumer for c in await store.consumers()}
+
+
+async def test_numbering_goes_on_while_a_retention_pass_waits(
+    service: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Retention ran inside the sequencer's loop, so a slow pass held back every
+    event's numbering, hence its delivery (p99 1.5 s at half the peak)."""
+    shard = service.cluster.shards["shard-a"]
+    m = service.merchant_on("shard-a")
+    await create_accounts(service.stub, account(m, "a"), account(m, "b"))
+    monkeypatch.setattr(limits, "event_retention_interval_s", 0.0)
+    store = EventStore(shard)
+    blocker = await asyncpg.connect(shard.dsn)
+    try:
+        async with blocker.transaction():
+            # Every retention pass on this shard now waits here (it lapses consumers first).
+            await blocker.execute("LOCK TABLE event_consumers IN ACCESS EXCLUSIVE MODE")
+            await wait_until(
+                lambda: _waiting_on_lock(blocker), what="a retention pass waiting on the lock"
+            )
+            _, last_before = await store.bounds()
+            await transfers(service.stub, transfer(uid("t"), ref(m, "a"), ref(m, "b"), 5))
+
+            async def numbered() -> bool:
+                return (await store.bounds())[1] > last_before
+
+            # Well before the blocked pass's statement times out (the old loop went
+            # on only then): numbering must not wait for it at all.
+            await wait_until(
+                numbered,
+                deadline_s=limits.shard_command_timeout_s / 2,
+                what="the transfer's event numbered",
+            )
+    finally:
+        await blocker.close()
+
+
+async def _waiting_on_lock(blocker: asyncpg.Connection[asyncpg.Record]) -> bool:
+    return bool(
+        await blocker.fetchval(
+            "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = "
+            "'event_consumers'::regclass"
+        )
+    )
+
+
+def _events_read(plan: dict[str, Any]) -> int:
+    """Rows the plan's scans of `events` read: returned plus removed by their filters."""
+    read = 0
+    if plan.get("Relation Name") == "events" and "Scan" in plan["Node Type"]:
+        read += plan["Actual Rows"] * plan["Actual Loops"] + plan.get("Rows Removed by Filter", 0)
+    return read + sum(_events_read(child) for child in plan.get("Plans", ()))
+
+
+async def test_a_prune_pass_reads_a_bounded_head_of_the_stream_and_prunes_what_is_old(
+    pg_server: EmbeddedPostgres,
+) -> None:
+    """A pass read every retained event when none was old enough: a day's stream every
+    10 s, with the sequencer waiting behind it (delivery p99 1.5 s at half the peak)."""
+    (spec,) = fresh_databases(pg_server, ["prune"])
+    conn = await asyncpg.connect(spec.dsn)
+    try:
+        await apply_migrations(conn)
+        retained, old, prune_max = 3_000, 30, 100
+        # Positions in commit order; the oldest `old` are two days old, one kept
+        # departure (kind 17) among them, which no pass prunes.
+        await conn.execute(
+            """
+            INSERT INTO events (position, event_id, kind, merchant_id, merchant_ids,
+                                transfer_id, trace_id, body, committed_at)
+            SELECT g, gen_random_uuid(), CASE WHEN g = 5 THEN $3 ELSE 1 END, 'm', ARRAY['m'],
+                   't' || g, '', '{}',
+                   CASE WHEN g <= $2 THEN now() - interval '2 days' ELSE now() END
+            FROM generate_series(1, $1) AS g
+            """,
+            retained,
+            old,
+            event_sql.KEPT_KIND,
+        )
+        await conn.execute("UPDATE event_positions SET last_position = $1", retained)
+        explaining = conn.transaction()
+        await explaining.start()
+        try:  # EXPLAIN ANALYZE deletes: rolled back
+            explained = await conn.fetchval(
+                f"EXPLAIN (ANALYZE, FORMAT JSON) {event_sql.PRUNE_EVENTS}", 86_400.0, prune_max
+            )
+        finally:
+            await explaining.rollback()
+        read = _events_read(json.loads(explained)[0]["Plan"])
+        # The head (prune_max events and the kept row skipped on the way), then the
+        # doomed again by index; never the other 2,900 (before: every one, twice).
+        assert read <= prune_max + 1 + old, f"a pass read {read} events of {retained}"
+        status = await conn.execute(event_sql.PRUNE_EVENTS, 86_400.0, prune_max)
+        assert status == f"DELETE {old - 1}", "every old event but the kept departure"
+        assert await conn.fetchval("SELECT count(*) FROM events") == retained - (old - 1)
+        assert await conn.fetchval("SELECT count(*) FROM events WHERE position = 5") == 1
+        assert await conn.execute(event_sql.PRUNE_EVENTS, 86_400.0, prune_max) == "DELETE 0"
+    finally:
+        await conn.close()

@@ -35,6 +35,7 @@ class EventSequencer:
         self._poked = asyncio.Event()
         self._stopped = False
         self._task: asyncio.Task[None] | None = None
+        self._retention: asyncio.Task[None] | None = None
         self._retained_at = 0.0
         # Told after a round numbered events on a shard, with the last position given
         # (the feed wakes its readers of that shard).
@@ -55,6 +56,8 @@ class EventSequencer:
         self._poked.set()
         if self._task is not None:
             await self._task
+        if self._retention is not None:
+            await self._retention
         for shard in self.cluster.shards.values():
             shard.on_commit = None
 
@@ -104,20 +107,29 @@ class EventSequencer:
             try:
                 for name in sorted(names):
                     await self._drain(name)
-                if (
-                    not math.isinf(self.idle_poll_s)
-                    and time.monotonic() - self._retained_at >= limits.event_retention_interval_s
-                ):
-                    self._retained_at = time.monotonic()
-                    await self.retain_now()
             except Exception:
                 log.exception("event sequencing failed")
+            if (
+                not math.isinf(self.idle_poll_s)
+                and time.monotonic() - self._retained_at >= limits.event_retention_interval_s
+                and (self._retention is None or self._retention.done())
+            ):
+                # A task of its own: numbering never waits for a retention pass
+                # (its prune deletes up to event_prune_batch_max rows per shard).
+                self._retained_at = time.monotonic()
+                self._retention = asyncio.create_task(self._retain(), name="event-retention")
             # Batching, not synchronisation: commits in this gap join the next round.
             await asyncio.sleep(limits.event_sequence_round_gap_s)
 
     def lags(self) -> dict[tuple[str, str], float]:
         """(consumer, shard) -> events not acknowledged, as of the last retention pass."""
         return {(labels["consumer"], labels["shard"]): lag for lag, labels in self._lags}
+
+    async def _retain(self) -> None:
+        try:
+            await self.retain_now()
+        except Exception:
+            log.exception("event retention failed")
 
     async def retain_now(self) -> None:
         """Lapses consumers past the bound, prunes, and refreshes the lag gauges."""

@@ -120,21 +120,30 @@ WHERE c.lapsed_at IS NULL AND c.position < p.last_position
 RETURNING c.consumer, c.position
 """
 
-# Deletes up to $2 of the oldest events that every live consumer has
-# acknowledged and that are older than $1 seconds (kept that long for
-# subscribers that never registered).
+# Of the $2 oldest events that every live consumer has acknowledged, deletes
+# those older than $1 seconds (kept that long for subscribers that never
+# registered). A pass reads at most $2 events however many are retained: the
+# age is checked after the limit, not in the scan, which read every event up to
+# the floor when none was old enough (a day's stream every pass, with the
+# sequencer waiting behind it), and the doomed are deleted by position through
+# the index (`IN (SELECT ...)` could hash-join a scan of the whole table).
+# Positions follow commit order closely, so the oldest events are at the head;
+# one committed out of order waits for a later pass.
 PRUNE_EVENTS = f"""
 WITH floor AS (
     SELECT coalesce((SELECT min(position) FROM event_consumers WHERE lapsed_at IS NULL),
                     (SELECT last_position FROM event_positions)) AS position
-), doomed AS (
-    SELECT e.position FROM events AS e, floor AS f
+), head AS (
+    SELECT e.position, e.committed_at FROM events AS e, floor AS f
     WHERE e.position <= f.position AND e.kind <> {KEPT_KIND}
-      AND e.committed_at < clock_timestamp() - make_interval(secs => $1)
     ORDER BY e.position
     LIMIT $2
 )
-DELETE FROM events WHERE position IN (SELECT position FROM doomed)
+DELETE FROM events
+WHERE position = ANY (ARRAY(
+    SELECT position FROM head
+    WHERE committed_at < clock_timestamp() - make_interval(secs => $1)
+))
 """
 
 CONSUMER_LAGS = """
