@@ -414,6 +414,17 @@ EDGE_ROWS = {
         merchant_id="merchant-ñ",
         merchant_ids=("merchant-ñ", ""),
     ),
+    # The body's bytes are json.dumps's (compact, UTF-8 as is) for every character
+    # a string may hold: the controls, quotes, DEL, separators, beyond the BMP.
+    "every kind of character": _row(
+        {
+            "transfer": _transfer(
+                transfer_id="".join(map(chr, range(0x20))) + '"\\/\x7f\u2028\u2029\ufeff',
+                currency="😀𝄞\U0010ffff",
+            )
+        },
+        merchant_id="\x00\x1f\x7f\x80\u00ff\u0100\uffff\U00010000",
+    ),
 }
 
 # Times with 0, 3 and 6 fractional digits (PostgreSQL keeps microseconds, so the
