@@ -152,6 +152,12 @@ BACKGROUND_OPERATIONS = (
     "merchant_counts",
     "checkpoint",
 )
+# Every statement here is short, and the planner's row estimates for unnest()
+# arrays and for tables never analysed (a new shard's) are guesses that can
+# cross jit_above_cost: JIT compilation then costs 10-200 ms per execution of a
+# statement that runs in a few. Servers built with JIT (most packaged ones)
+# would otherwise pay it at random.
+SHARD_SERVER_SETTINGS = {"jit": "off"}
 # What ledger_shard_errors counts (its "kind" label), each exported at zero from the start.
 SHARD_ERROR_KINDS = ("busy", "unavailable", "error", "contention")
 
@@ -193,6 +199,7 @@ class Shard:
             reset=_no_reset,
             # Each shard is ours alone; prepared statements stay valid.
             max_inactive_connection_lifetime=300.0,
+            server_settings=SHARD_SERVER_SETTINGS,
         )
 
     async def close(self) -> None:
