@@ -41,6 +41,28 @@ def of(merchant_id: str, **fields: object) -> pb.SubscribeEventsRequest:
     return pb.SubscribeEventsRequest(merchant_id=merchant_id, **fields)  # type: ignore[arg-type]
 
 
+# Per transfer of merchant $1 with entries in its events (a hold and its expiry
+# share an id): whether they are, as a set, its entries rows, less the keys an
+# event leaves out.
+_EVENT_ENTRIES_AGAINST_ROWS = """
+WITH announced AS (
+    SELECT e.transfer_id, jsonb_agg(x) AS entries
+    FROM events AS e, jsonb_array_elements(e.body -> 'entries') AS x
+    WHERE e.merchant_id = $1
+    GROUP BY e.transfer_id
+)
+SELECT a.transfer_id, a.entries @> r.entries AND r.entries @> a.entries
+       AND jsonb_array_length(a.entries) = jsonb_array_length(r.entries) AS same
+FROM announced AS a, LATERAL (
+    SELECT coalesce(jsonb_agg(to_jsonb(x) - 'entry_hash' - 'transfer_merchant_id'
+                              - 'transfer_id' - 'created_at'), '[]') AS entries
+    FROM entries AS x
+    WHERE x.transfer_merchant_id = $1 AND x.transfer_id = a.transfer_id
+) AS r
+ORDER BY a.transfer_id
+"""
+
+
 async def test_every_change_to_the_books_produces_exactly_its_events(service: Service) -> None:
     stub = service.stub
     m = service.merchant_on("shard-a")
@@ -126,6 +148,11 @@ async def test_every_change_to_the_books_produces_exactly_its_events(service: Se
             stored.debits_pending,
             stored.credits_pending,
         ), account_id
+    # Each event's entries are the entries rows its change wrote, key for key.
+    async with service.cluster.shards["shard-a"].pool.acquire() as conn:
+        compared = await conn.fetch(_EVENT_ENTRIES_AGAINST_ROWS, m)
+    assert len(compared) == 8, "every transfer and journal that wrote entries"
+    assert [r["transfer_id"] for r in compared if not r["same"]] == []
 
 
 async def test_a_cross_shard_transfer_has_events_on_both_shards_and_says_how_it_ended(

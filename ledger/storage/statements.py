@@ -225,8 +225,14 @@ WITH new_transfers AS (
     LEFT JOIN (
         SELECT e.transfer_merchant_id, e.transfer_id,
             array_agg(DISTINCT e.merchant_id) AS merchants,
-            jsonb_agg(to_jsonb(e) - 'entry_hash' - 'transfer_merchant_id' - 'transfer_id'
-                      - 'created_at' - 'n' ORDER BY e.n) AS entries
+            -- Built from the columns it keeps: to_jsonb(e) and then removing five
+            -- keys (each removal a copy) cost twice as much, for the same jsonb.
+            jsonb_agg(jsonb_build_object(
+                'merchant_id', e.merchant_id, 'account_id', e.account_id,
+                'sequence', e.sequence, 'direction', e.direction, 'kind', e.kind,
+                'amount_minor', e.amount_minor, 'debits_posted', e.debits_posted,
+                'credits_posted', e.credits_posted, 'debits_pending', e.debits_pending,
+                'credits_pending', e.credits_pending) ORDER BY e.n) AS entries
         FROM unnest($2::ledger_entry_row[]) WITH ORDINALITY
             AS e(merchant_id, account_id, sequence, transfer_merchant_id, transfer_id, direction,
                  kind, amount_minor, debits_posted, credits_posted, debits_pending,
