@@ -17,7 +17,7 @@ import sys
 import tempfile
 import threading
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -82,11 +82,11 @@ class Shards:
             shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
-def start_embedded_shards() -> Shards:
+def start_embedded_shards(settings: Sequence[tuple[str, str]] = ()) -> Shards:
     temp_dir = Path(tempfile.mkdtemp(prefix="ledger-bench-"))
     shards = Shards(ShardConfig(epoch=1, shards=()), temp_dir / "shards.toml", temp_dir=temp_dir)
     try:
-        server = EmbeddedPostgres(data_dir=temp_dir / "pg", durable=True)
+        server = EmbeddedPostgres(data_dir=temp_dir / "pg", durable=True, settings=settings)
         shards.embedded = server
         server.start()
         specs = []

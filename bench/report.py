@@ -206,6 +206,13 @@ def render_table(report: Mapping[str, Any]) -> str:
                     f"{wal['full_page_images']:,} full-page images"
                 )
             lines.append(f"{'':<17}CPU cores: {split}")
+        for statement in m.get("pg_statements", ()):
+            lines.append(
+                f"{'':<17}{100 * statement['exec_share']:5.1f}% "
+                f"{statement['exec_us_per_transfer']:8.1f} us "
+                f"{statement['wal_bytes_per_transfer']:6,} B/transfer "
+                f"{statement['calls']:7,} calls  {statement['statement'][:60]}"
+            )
         if m.get("event_subscribers"):
             sub = m["event_subscribers"]
             delay = sub["delivery_delay_ms"]

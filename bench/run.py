@@ -26,7 +26,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from bench import cluster, events_load, pgbench, report
+from bench import cluster, events_load, pgbench, report, statement_stats
 from bench.worker import (
     CALL_TIMEOUT_S,
     PHASE_END_GRACE_S,
@@ -38,6 +38,7 @@ from bench.worker import (
     worker_main,
 )
 from bench.workload import Workload, place_merchants
+from ledger.embedded.postgres import EmbeddedPostgresError
 from ledger.routing.ring import ShardRing
 
 # A client process must be ready for a phase within this long; the first phase
@@ -54,6 +55,8 @@ DEFAULT_OUT_DIR = Path("bench/results")
 OTHER_CPU_CORES_NOTE_MIN = 0.15
 # A full round is about 3.5 minutes; more rounds than this is a mistake.
 ROUNDS_MAX = 9
+# More statements per mode than this is a log, not a summary.
+PG_STATEMENTS_SHOWN_MAX = 50
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +108,8 @@ class Options:
     velocity_rules: bool = False
     # The event stream's consumers measured beside single and batch (bench/events_load.py).
     events: events_load.EventsOptions = events_load.NO_EVENTS
+    # Statements shown per phase by PostgreSQL's execution time (bench/statement_stats.py).
+    pg_statements: int = 0
 
 
 def parse_args(argv: Sequence[str] | None) -> Options:
@@ -155,6 +160,15 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         "have three velocity rules (never refusing), each right after its base mode: "
         "single_velocity and batch_velocity, their ratio the rules' cost",
     )
+    parser.add_argument(
+        "--pg-statements",
+        type=int,
+        default=0,
+        metavar="N",
+        help="show per mode the N statements that took most of PostgreSQL's execution "
+        "time (pg_stat_statements: needs LEDGER_PG_BIN=/usr/lib/postgresql/15/bin or "
+        "another server with contrib modules)",
+    )
     events_load.add_arguments(parser)
     args = parser.parse_args(argv)
     base = PROFILES[args.mode]
@@ -195,6 +209,8 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         modes = tuple(m for m in report.MODES if m in wanted)
         if wanted & set(pgbench.PGBENCH_MODES) and not pgbench.available():
             problems.append("the pgbench modes need pgbench (PostgreSQL's client tools) on PATH")
+    if not 0 <= args.pg_statements <= PG_STATEMENTS_SHOWN_MAX:
+        problems.append(f"--pg-statements must be 0 to {PG_STATEMENTS_SHOWN_MAX}")
     if not 1 <= args.rounds <= ROUNDS_MAX:
         problems.append(f"--rounds must be 1 to {ROUNDS_MAX}")
     events, events_problems = events_load.options_from(args)
@@ -211,6 +227,7 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         args.rounds,
         args.velocity_rules,
         events,
+        args.pg_statements,
     )
 
 
@@ -335,10 +352,22 @@ def run(options: Options) -> dict[str, Any]:
             print(
                 "starting a durable embedded PostgreSQL with 3 shard databases...", file=sys.stderr
             )
-            shards = cluster.start_embedded_shards()
+            try:
+                shards = cluster.start_embedded_shards(
+                    statement_stats.PRELOAD_SETTINGS if options.pg_statements else ()
+                )
+            except EmbeddedPostgresError as error:
+                if options.pg_statements:
+                    # The usual cause: the server cannot load the module it was told to.
+                    raise statement_stats.StatementStatsUnavailable(
+                        f"{statement_stats.HOW_TO_ENABLE} ({error})"
+                    ) from error
+                raise
         else:
             shards = cluster.existing_shards(options.config_path)
         stack.callback(shards.close)
+        if options.pg_statements:
+            asyncio.run(statement_stats.enable(dsn for _, dsn in shards.dsns))
         log_path = options.out_dir / "service.log"
         service = cluster.ServiceProcess(shards.config_path, log_path, workers=profile.workers)
         stack.callback(service.stop)
@@ -408,6 +437,8 @@ def run(options: Options) -> dict[str, Any]:
                     notes.append(f"CHECKPOINT refused on {refused}; phases may share checkpoints")
                 sampler.reset()
                 wal_before = asyncio.run(cluster.wal_written(dsns))
+                if options.pg_statements:
+                    asyncio.run(statement_stats.reset(dsns))
                 spy = (
                     cluster.PySpy(
                         service.pid,
@@ -451,6 +482,14 @@ def run(options: Options) -> dict[str, Any]:
                 modes[mode]["wal"] = _wal_figures(
                     wal_before, asyncio.run(cluster.wal_written(dsns)), modes[mode], profile
                 )
+                if options.pg_statements:
+                    modes[mode]["pg_statements"] = asyncio.run(
+                        statement_stats.top(
+                            dsns,
+                            transfers=_phase_transfers(modes[mode], profile),
+                            limit=options.pg_statements,
+                        )
+                    )
                 modes[mode].update(consumers.detach())
                 if rate_per_s is not None:
                     modes[mode]["target_rate_per_s"] = rate_per_s
@@ -517,12 +556,17 @@ def _wal_figures(
 ) -> dict[str, float]:
     """WAL per transfer over the phase, warm-up included (the warm-up's transfers are
     estimated at the measured rate): what the writes cost PostgreSQL's log."""
-    transfers = figures["transfers_per_s"] * (profile.warmup_s + profile.duration_s)
+    transfers = _phase_transfers(figures, profile)
     written, images = after[0] - before[0], after[1] - before[1]
     return {
         "bytes_per_transfer": round(written / transfers) if transfers else 0,
         "full_page_images": images,
     }
+
+
+def _phase_transfers(figures: dict[str, Any], profile: Profile) -> float:
+    """Transfers over the phase, warm-up included (at the measured rate)."""
+    return float(figures["transfers_per_s"] * (profile.warmup_s + profile.duration_s))
 
 
 def _run_pgbench(
@@ -551,7 +595,11 @@ def _run_pgbench(
 def main(argv: Sequence[str] | None = None) -> int:
     options = parse_args(argv)
     options.out_dir.mkdir(parents=True, exist_ok=True)
-    figures = run(options)
+    try:
+        figures = run(options)
+    except statement_stats.StatementStatsUnavailable as error:
+        print(f"bench: {error}", file=sys.stderr)
+        return 2
     json_path = options.out_dir / "latest.json"
     png_path = options.out_dir / "latest.png"
     report.write_json(figures, json_path)

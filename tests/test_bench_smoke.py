@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from bench.report import median_rounds
+from ledger.embedded.postgres import PG_BIN_ENV_VAR, _find_bin_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 # The smoke run takes well under a minute; this leaves room for a loaded CI machine.
@@ -192,3 +193,59 @@ def test_bench_refuses_the_publisher_without_a_broker() -> None:
     )
     assert completed.returncode == 2, completed.stdout + completed.stderr
     assert "--events publisher needs --amqp-url" in completed.stderr
+
+
+def _postgres_bin_with_statement_stats() -> Path | None:
+    """A PostgreSQL bin/ folder whose install has pg_stat_statements (Debian's), if any."""
+    for bin_dir in sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True):
+        if (bin_dir.parent / "lib" / "pg_stat_statements.so").is_file():
+            return bin_dir
+    return None
+
+
+@pytest.mark.skipif(
+    _postgres_bin_with_statement_stats() is None,
+    reason="no PostgreSQL install with pg_stat_statements under /usr/lib/postgresql",
+)
+def test_bench_shows_the_statements_that_took_postgresqls_time_per_mode(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(PG_BIN_ENV_VAR, str(_postgres_bin_with_statement_stats()))
+    completed = smoke(tmp_path, "--modes", "raw_batch,batch", "--pg-statements", "3")
+
+    figures = json.loads((tmp_path / "latest.json").read_text())
+    for mode, writes in (
+        ("raw_batch", "INSERT INTO bench_transfers"),
+        ("batch", "INSERT INTO transfers"),
+    ):
+        statements = figures["modes"][mode]["pg_statements"]
+        assert len(statements) == 3, statements
+        # The batch's write is where PostgreSQL spends most of a batch (no other
+        # statement of the phase comes close), and it writes the WAL.
+        assert writes in statements[0]["statement"], statements
+        assert statements[0]["exec_share"] > 0.3 and statements[0]["wal_bytes_per_transfer"] > 0
+        shares = [s["exec_share"] for s in statements]
+        assert shares == sorted(shares, reverse=True) and sum(shares) <= 1.0
+        assert all(s["calls"] > 0 and s["exec_us_per_transfer"] >= 0 for s in statements)
+    assert "B/transfer" in completed.stdout and "WITH new_transfers AS" in completed.stdout
+
+
+def test_bench_says_how_to_count_statements_where_postgresql_cannot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pip-installed PostgreSQL ships no contrib modules: the run stops at once
+    and says what to do, instead of failing deep inside a server's log."""
+    monkeypatch.delenv(PG_BIN_ENV_VAR, raising=False)
+    if any(_find_bin_dir().parent.rglob("pg_stat_statements.so")):
+        pytest.skip("the pip-installed PostgreSQL has pg_stat_statements")
+    completed = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--mode", "smoke", "--out", str(tmp_path),
+         "--pg-statements", "3"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=SMOKE_TIMEOUT_S,
+        check=False,
+    )  # fmt: skip
+    assert completed.returncode == 2, completed.stdout + completed.stderr
+    assert "set LEDGER_PG_BIN" in completed.stderr

@@ -26,6 +26,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -155,9 +156,18 @@ class EmbeddedPostgres:
     runs on that data dir. Methods block; they are safe to call from inside an event loop.
     """
 
-    def __init__(self, *, data_dir: Path, port: int | None = None, durable: bool = True) -> None:
+    def __init__(
+        self,
+        *,
+        data_dir: Path,
+        port: int | None = None,
+        durable: bool = True,
+        settings: Sequence[tuple[str, str]] = (),
+    ) -> None:
         if port is not None and not _PORT_MIN <= port <= _PORT_MAX:
             raise ValueError(f"port must be in [{_PORT_MIN}, {_PORT_MAX}], got {port}")
+        # Server settings on top of the defaults (the bench's statement counting).
+        self._settings_extra: Final = tuple(settings)
         self._data_dir: Final = Path(data_dir).expanduser().resolve()
         self._port_requested: Final = port
         self._port: int | None = port
@@ -315,7 +325,7 @@ class EmbeddedPostgres:
         return port, picked_now
 
     def _start_server(self, *, port: int, deadline_s: float) -> None:
-        settings = (*_SETTINGS_ALWAYS, ("port", str(port)))
+        settings = (*_SETTINGS_ALWAYS, *self._settings_extra, ("port", str(port)))
         if not self._durable:
             settings = (*settings, *_SETTINGS_NOT_DURABLE)
         # pg_ctl hands -o to /bin/sh, so every setting is shell-quoted.
