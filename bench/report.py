@@ -211,7 +211,8 @@ def render_table(report: Mapping[str, Any]) -> str:
                 f"{'':<17}{100 * statement['exec_share']:5.1f}% "
                 f"{statement['exec_us_per_transfer']:8.1f} us "
                 f"{statement['wal_bytes_per_transfer']:6,} B/transfer "
-                f"{statement['calls']:7,} calls  {statement['statement'][:60]}"
+                f"{statement['calls']:7,} calls {statement['buffers_per_call']:8,.0f} pages/call"
+                f"  {statement['statement'][:60]}"
             )
         if m.get("event_subscribers"):
             sub = m["event_subscribers"]

@@ -32,7 +32,8 @@ CONNECT_TIMEOUT_S = 30.0
 # Per statement text, in this database only (shards may share a server).
 _STATEMENTS = """
 SELECT left(regexp_replace(query, '\\s+', ' ', 'g'), $1) AS statement,
-       calls, total_exec_time AS exec_ms, wal_bytes
+       calls, total_exec_time AS exec_ms, wal_bytes,
+       shared_blks_hit + shared_blks_read AS buffers
 FROM pg_stat_statements
 WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
 """
@@ -83,10 +84,11 @@ async def top(dsns: Iterable[str], *, transfers: float, limit: int) -> list[dict
         finally:
             await connection.close()
         for r in rows:
-            total = totals.setdefault(r["statement"], [0, 0.0, 0])
+            total = totals.setdefault(r["statement"], [0, 0.0, 0, 0])
             total[0] += r["calls"]
             total[1] += r["exec_ms"]
             total[2] += int(r["wal_bytes"])
+            total[3] += r["buffers"]
     exec_ms_all = sum(t[1] for t in totals.values()) or 1.0
     per_transfer = 1.0 / transfers if transfers else 0.0
     ranked = sorted(totals.items(), key=lambda item: -item[1][1])[:limit]
@@ -97,6 +99,8 @@ async def top(dsns: Iterable[str], *, transfers: float, limit: int) -> list[dict
             "exec_share": round(exec_ms / exec_ms_all, 3),
             "exec_us_per_transfer": round(exec_ms * 1000 * per_transfer, 1),
             "wal_bytes_per_transfer": round(wal_bytes * per_transfer),
+            # Pages read (from shared buffers or not): a scan shows here.
+            "buffers_per_call": round(buffers / calls, 1) if calls else 0.0,
         }
-        for statement, (calls, exec_ms, wal_bytes) in ranked
+        for statement, (calls, exec_ms, wal_bytes, buffers) in ranked
     ]

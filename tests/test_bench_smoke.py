@@ -227,6 +227,7 @@ def test_bench_shows_the_statements_that_took_postgresqls_time_per_mode(
         shares = [s["exec_share"] for s in statements]
         assert shares == sorted(shares, reverse=True) and sum(shares) <= 1.0
         assert all(s["calls"] > 0 and s["exec_us_per_transfer"] >= 0 for s in statements)
+        assert statements[0]["buffers_per_call"] > 0, "a write reads and writes pages"
     assert "B/transfer" in completed.stdout and "WITH new_transfers AS" in completed.stdout
 
 

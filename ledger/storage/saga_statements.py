@@ -179,10 +179,7 @@ LEFT JOIN LATERAL (
 # outcomes ($3-$5, as one jsonb array). Always one row at least (the clock's),
 # with NULL transfer columns when no transfer exists yet.
 READ_STEPS = f"""
-WITH found AS (
-    SELECT {ledger_sql.TRANSFER_COLUMNS} FROM transfers
-    WHERE (merchant_id, transfer_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))
-), credits AS (
+WITH found AS ({ledger_sql.SELECT_TRANSFERS}), credits AS (
     SELECT c.* FROM (SELECT DISTINCT * FROM unnest($3::text[], $4::text[], $5::smallint[]))
         AS k(merchant_id, transfer_id, kind)
     CROSS JOIN LATERAL (

@@ -1,0 +1,117 @@
+"""Lookups by key stay index probes as a table grows under a plan made while it was
+small. asyncpg keeps a statement's plan for its connection's life (replanned when
+the table is next analysed), and a new shard's tables start empty: the transfers
+read before every write hash-joined a sequential scan of every transfer, 38% of
+PostgreSQL's time in the single benchmark (`bench.run --pg-statements`)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+import pytest
+
+from ledger.embedded.postgres import EmbeddedPostgres
+from ledger.storage import saga_statements as saga_sql
+from ledger.storage import statements as sql
+from ledger.storage.migrate import apply_migrations
+from tests.support import fresh_databases
+
+GROWN_ROWS = 20_000
+# Enough executions for PostgreSQL to settle on a plan it keeps (it tries a
+# custom plan five times, then keeps the generic one if that costs no more).
+EXECUTIONS_WHILE_SMALL = 8
+KEYS_LOOKED_UP = 3
+
+_FILL_TRANSFERS = """
+INSERT INTO transfers (merchant_id, transfer_id, kind, action, debit_merchant_id,
+    debit_account_id, credit_merchant_id, credit_account_id, amount_minor,
+    amount_effective_minor, currency, pending_id, timeout_ms, linked, reversal_of, metadata,
+    result, created_at, trace_id)
+SELECT 'm' || (g % 100), $2 || g, 1, 1, 'm' || (g % 100), 'cash', 'm' || (g % 100), 'sales',
+       5, 5, 'USD', '', 0, false, $2 || g, '{}', 1, now(), ''
+FROM generate_series(1, $1) AS g
+"""
+_FILL_RESOLUTIONS = """
+INSERT INTO pending_resolutions (merchant_id, pending_id, state, by_transfer_id, created_at)
+SELECT 'm' || (g % 100), $2 || g, 2, 'b' || g, now() FROM generate_series(1, $1) AS g
+"""
+
+
+@dataclass(frozen=True)
+class Lookup:
+    name: str
+    statement: str
+    parameter_types: str
+    table: str
+    fill: str
+
+
+LOOKUPS = [
+    Lookup("transfers", sql.SELECT_TRANSFERS, "text[], text[]", "transfers", _FILL_TRANSFERS),
+    Lookup(
+        "transfers and the clock",
+        sql.SELECT_TRANSFERS_AND_NOW,
+        "text[], text[]",
+        "transfers",
+        _FILL_TRANSFERS,
+    ),
+    Lookup("reversals", sql.SUM_REVERSALS, "text[], text[]", "transfers", _FILL_TRANSFERS),
+    Lookup(
+        "resolutions",
+        sql.SELECT_RESOLUTIONS,
+        "text[], text[]",
+        "pending_resolutions",
+        _FILL_RESOLUTIONS,
+    ),
+    Lookup(
+        "saga steps' transfers",
+        saga_sql.READ_STEPS,
+        "text[], text[], text[], text[], smallint[]",
+        "transfers",
+        _FILL_TRANSFERS,
+    ),
+]
+
+
+def _table_reads(plan: dict[str, Any], table: str) -> tuple[int, list[str]]:
+    """Rows the plan's scans of the table returned or filtered out, and their node types."""
+    rows, scans = 0, []
+    if plan.get("Relation Name") == table and "Scan" in plan["Node Type"]:
+        rows += plan["Actual Rows"] * plan["Actual Loops"] + plan.get("Rows Removed by Filter", 0)
+        scans.append(plan["Node Type"])
+    for child in plan.get("Plans", ()):
+        child_rows, child_scans = _table_reads(child, table)
+        rows += child_rows
+        scans += child_scans
+    return rows, scans
+
+
+@pytest.mark.parametrize("lookup", LOOKUPS, ids=[lookup.name for lookup in LOOKUPS])
+async def test_a_lookup_planned_on_a_small_table_still_probes_by_key_once_it_grew(
+    pg_server: EmbeddedPostgres, lookup: Lookup
+) -> None:
+    (spec,) = fresh_databases(pg_server, ["lookup"])
+    conn = await asyncpg.connect(spec.dsn)
+    try:
+        await apply_migrations(conn)
+        # No analysis while it grows: the plan made while it was small is the one used.
+        await conn.execute(f"ALTER TABLE {lookup.table} SET (autovacuum_enabled = false)")
+        arity = lookup.parameter_types.count("[]")
+        await conn.execute(f"PREPARE lookup({lookup.parameter_types}) AS {lookup.statement}")
+        # Three keys that exist once the table grew (EXECUTE takes no bind parameters).
+        keys = "ARRAY['m1', 'm2', 'm3'], ARRAY['grown-1', 'grown-2', 'grown-3']"
+        kinds = ", ARRAY[1, 1, 1]::smallint[]"
+        execute = f"EXECUTE lookup({keys}{f', {keys}{kinds}' if arity == 5 else ''})"
+        for i in range(EXECUTIONS_WHILE_SMALL):
+            await conn.execute(lookup.fill, 2, f"small{i}-")
+            await conn.fetch(execute)
+        await conn.execute(lookup.fill, GROWN_ROWS, "grown-")
+        explained = await conn.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {execute}")
+        rows, scans = _table_reads(json.loads(explained)[0]["Plan"], lookup.table)
+        assert scans and "Seq Scan" not in scans, scans
+        assert rows <= 2 * KEYS_LOOKED_UP, f"read {rows} {lookup.table} rows for 3 keys"
+    finally:
+        await conn.close()
