@@ -71,7 +71,8 @@ class EventSequencer:
         for shard in self.cluster.shards.values():
             shard.on_commit = self.poke
 
-    async def _drain(self, name: str) -> int:
+    async def _drain(self, name: str, *, poked: bool) -> int:
+        """poked: a commit here may have written events (no need to look first)."""
         shard = self.cluster.shards.get(name)
         if shard is None:
             return 0
@@ -79,7 +80,9 @@ class EventSequencer:
         numbered = last_position = 0
         try:
             while True:
-                taken, last = await store.sequence_round(events_max=limits.event_sequence_batch_max)
+                taken, last = await store.sequence_round(
+                    events_max=limits.event_sequence_batch_max, probe=not poked and not numbered
+                )
                 numbered += taken
                 last_position = max(last_position, last)
                 if taken < limits.event_sequence_batch_max:
@@ -103,10 +106,10 @@ class EventSequencer:
                 break
             self._hook_shards()
             # Woken by commits: those shards; by the clock: every shard.
-            names, self._dirty = (self._dirty or set(self.cluster.shards)), set()
+            poked, self._dirty = self._dirty, set()
             try:
-                for name in sorted(names):
-                    await self._drain(name)
+                for name in sorted(poked or self.cluster.shards):
+                    await self._drain(name, poked=bool(poked))
             except Exception:
                 log.exception("event sequencing failed")
             if (

@@ -64,15 +64,22 @@ class EventStore:
     def __init__(self, shard: Shard) -> None:
         self.shard = shard
 
-    async def sequence_round(self, *, events_max: int) -> tuple[int, int]:
+    async def sequence_round(self, *, events_max: int, probe: bool = True) -> tuple[int, int]:
         """Numbers up to events_max committed outbox events; (how many it numbered,
         the last position given then: 0 when none).
+
+        probe: look first whether the outbox holds anything, and open no
+        transaction when it does not (a round on the clock, which nearly always
+        finds nothing). A round woken by a commit here skips it: it would nearly
+        always find rows, and the look reads every dead row at the outbox's head
+        until a vacuum (about 700 pages a round under load, 10% of PostgreSQL's
+        execution time in the single benchmark).
 
         Runs outside Shard._in_transaction: that would tell the sequencer of its
         own commit and wake it again for nothing.
         """
         async with self.shard.connection() as conn:
-            if not await conn.fetchval(sql.OUTBOX_HAS_ROWS):
+            if probe and not await conn.fetchval(sql.OUTBOX_HAS_ROWS):
                 return 0, 0
             async with conn.transaction():
                 if not await conn.fetchval(sql.TRY_SEQUENCER_LOCK):
