@@ -9,6 +9,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
@@ -246,3 +247,17 @@ async def count_rows(service: Service, table: str) -> int:
         async with shard.pool.acquire() as conn:
             total += int(await conn.fetchval(f"SELECT count(*) FROM {table}"))
     return total
+
+
+def scans_of(plan: dict[str, Any], table: str) -> tuple[int, list[str]]:
+    """In an EXPLAIN (ANALYZE, FORMAT JSON) plan: the rows its scans of the table
+    read (returned, and removed by their filters), and those scans' node types."""
+    rows, scans = 0, []
+    if plan.get("Relation Name") == table and "Scan" in plan["Node Type"]:
+        rows += plan["Actual Rows"] * plan["Actual Loops"] + plan.get("Rows Removed by Filter", 0)
+        scans.append(plan["Node Type"])
+    for child in plan.get("Plans", ()):
+        child_rows, child_scans = scans_of(child, table)
+        rows += child_rows
+        scans += child_scans
+    return rows, scans

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
 
 import asyncpg
 import grpc
@@ -27,6 +26,7 @@ from tests.support import (
     error_reason,
     fresh_databases,
     ref,
+    scans_of,
     transfer,
     transfers,
     uid,
@@ -221,14 +221,6 @@ async def _waiting_on_lock(blocker: asyncpg.Connection[asyncpg.Record]) -> bool:
     )
 
 
-def _events_read(plan: dict[str, Any]) -> int:
-    """Rows the plan's scans of `events` read: returned plus removed by their filters."""
-    read = 0
-    if plan.get("Relation Name") == "events" and "Scan" in plan["Node Type"]:
-        read += plan["Actual Rows"] * plan["Actual Loops"] + plan.get("Rows Removed by Filter", 0)
-    return read + sum(_events_read(child) for child in plan.get("Plans", ()))
-
-
 async def test_a_prune_pass_reads_a_bounded_head_of_the_stream_and_prunes_what_is_old(
     pg_server: EmbeddedPostgres,
 ) -> None:
@@ -263,7 +255,7 @@ async def test_a_prune_pass_reads_a_bounded_head_of_the_stream_and_prunes_what_i
             )
         finally:
             await explaining.rollback()
-        read = _events_read(json.loads(explained)[0]["Plan"])
+        read, _ = scans_of(json.loads(explained)[0]["Plan"], "events")
         # The head (prune_max events and the kept row skipped on the way), then the
         # doomed again by index; never the other 2,900 (before: every one, twice).
         assert read <= prune_max + 1 + old, f"a pass read {read} events of {retained}"

@@ -5,7 +5,6 @@ numbered 3,536 events/s against 5,640 transfers/s written, and did not catch up)
 from __future__ import annotations
 
 import json
-from typing import Any
 
 import asyncpg
 import pytest
@@ -14,20 +13,7 @@ from ledger.embedded.postgres import EmbeddedPostgres
 from ledger.storage import event_statements as event_sql
 from ledger.storage.migrate import apply_migrations
 from ledger.storage.shard import Shard
-from tests.support import fresh_databases
-
-
-def _outbox_reads(plan: dict[str, Any]) -> tuple[int, list[str]]:
-    """Rows the plan's scans of event_outbox returned, and those scans' node types."""
-    rows, scans = 0, []
-    if plan.get("Relation Name") == "event_outbox" and "Scan" in plan["Node Type"]:
-        rows += plan["Actual Rows"] * plan["Actual Loops"] + plan.get("Rows Removed by Filter", 0)
-        scans.append(plan["Node Type"])
-    for child in plan.get("Plans", ()):
-        child_rows, child_scans = _outbox_reads(child)
-        rows += child_rows
-        scans += child_scans
-    return rows, scans
+from tests.support import fresh_databases, scans_of
 
 
 @pytest.mark.parametrize("plan_cache_mode", ["force_custom_plan", "force_generic_plan"])
@@ -66,7 +52,7 @@ async def test_a_sequencing_round_reads_only_the_rows_it_takes(
             )
         finally:
             await explaining.rollback()
-        rows, scans = _outbox_reads(json.loads(explained)[0]["Plan"])
+        rows, scans = scans_of(json.loads(explained)[0]["Plan"], "event_outbox")
         assert "Seq Scan" not in scans, scans
         # The ids in order, then the rows by id: never the other 1,900 live rows.
         assert rows <= 2 * round_max, f"a round of {round_max} read {rows} outbox rows"

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
 
 import asyncpg
 import pytest
@@ -17,7 +16,7 @@ from ledger.embedded.postgres import EmbeddedPostgres
 from ledger.storage import saga_statements as saga_sql
 from ledger.storage import statements as sql
 from ledger.storage.migrate import apply_migrations
-from tests.support import fresh_databases
+from tests.support import fresh_databases, scans_of
 
 GROWN_ROWS = 20_000
 # Enough executions for PostgreSQL to settle on a plan it keeps (it tries a
@@ -76,19 +75,6 @@ LOOKUPS = [
 ]
 
 
-def _table_reads(plan: dict[str, Any], table: str) -> tuple[int, list[str]]:
-    """Rows the plan's scans of the table returned or filtered out, and their node types."""
-    rows, scans = 0, []
-    if plan.get("Relation Name") == table and "Scan" in plan["Node Type"]:
-        rows += plan["Actual Rows"] * plan["Actual Loops"] + plan.get("Rows Removed by Filter", 0)
-        scans.append(plan["Node Type"])
-    for child in plan.get("Plans", ()):
-        child_rows, child_scans = _table_reads(child, table)
-        rows += child_rows
-        scans += child_scans
-    return rows, scans
-
-
 @pytest.mark.parametrize("lookup", LOOKUPS, ids=[lookup.name for lookup in LOOKUPS])
 async def test_a_lookup_planned_on_a_small_table_still_probes_by_key_once_it_grew(
     pg_server: EmbeddedPostgres, lookup: Lookup
@@ -110,7 +96,7 @@ async def test_a_lookup_planned_on_a_small_table_still_probes_by_key_once_it_gre
             await conn.fetch(execute)
         await conn.execute(lookup.fill, GROWN_ROWS, "grown-")
         explained = await conn.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {execute}")
-        rows, scans = _table_reads(json.loads(explained)[0]["Plan"], lookup.table)
+        rows, scans = scans_of(json.loads(explained)[0]["Plan"], lookup.table)
         assert scans and "Seq Scan" not in scans, scans
         assert rows <= 2 * KEYS_LOOKED_UP, f"read {rows} {lookup.table} rows for 3 keys"
     finally:
