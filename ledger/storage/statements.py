@@ -84,6 +84,7 @@ pending_id, timeout_ms, linked, reversal_of, metadata, postings, result,
 failed_posting_index, expires_at, trace_id, created_at
 """
 
+
 # Lookups by key probe an index once per key ($1-$2: the keys' two columns).
 # Written as `(a, b) IN (SELECT * FROM unnest(...))`, a plan made while the
 # table was small hash-joins a sequential scan of the whole table, and asyncpg
@@ -92,7 +93,7 @@ failed_posting_index, expires_at, trace_id, created_at
 # read before every write took 9.8 ms instead of 0.05 at 50,000 transfers,
 # 38% of PostgreSQL's time in the single benchmark. OFFSET 0 keeps each
 # lateral subquery from being flattened into that join; DISTINCT keeps IN's
-# meaning when a key is given twice. (Sagas' lookups: saga_statements.py.)
+# meaning when a key is given twice. Sagas' lookups use it too.
 def probe_by_key(columns: tuple[str, str], lookup: str) -> str:
     """FROM clause: the lookup (which names the keys as k.<column>) once per key."""
     return f"""
