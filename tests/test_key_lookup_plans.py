@@ -33,6 +33,10 @@ SELECT 'm' || (g % 100), $2 || g, 1, 1, 'm' || (g % 100), 'cash', 'm' || (g % 10
        5, 5, 'USD', '', 0, false, $2 || g, '{}', 1, now(), ''
 FROM generate_series(1, $1) AS g
 """
+_FILL_MERCHANTS = """
+INSERT INTO merchants (merchant_id, state, epoch)
+SELECT $2 || g, 'active', 1 FROM generate_series(1, $1) AS g
+"""
 _FILL_RESOLUTIONS = """
 INSERT INTO pending_resolutions (merchant_id, pending_id, state, by_transfer_id, created_at)
 SELECT 'm' || (g % 100), $2 || g, 2, 'b' || g, now() FROM generate_series(1, $1) AS g
@@ -99,5 +103,61 @@ async def test_a_lookup_planned_on_a_small_table_still_probes_by_key_once_it_gre
         rows, scans = scans_of(json.loads(explained)[0]["Plan"], lookup.table)
         assert scans and "Seq Scan" not in scans, scans
         assert rows <= 2 * KEYS_LOOKED_UP, f"read {rows} {lookup.table} rows for 3 keys"
+    finally:
+        await conn.close()
+
+
+# Merchants read by id, by the fence (PL/pgSQL, migration 0015) before every write
+# and by reads: on a never-analysed table of about 1,000 merchants (under ten
+# pages, which PostgreSQL's estimate rounds up to ten) `merchant_id = ANY($1)`
+# was planned as a sequential scan of every merchant (the benchmark's shards).
+MERCHANT_READS = {"fence": sql.FENCE, "merchant states": sql.MERCHANT_STATES}
+
+
+@pytest.mark.parametrize("merchants", [1_000, GROWN_ROWS])
+@pytest.mark.parametrize("read", list(MERCHANT_READS))
+async def test_merchants_are_read_by_key_on_a_table_never_analysed(
+    pg_server: EmbeddedPostgres, read: str, merchants: int
+) -> None:
+    """Counted by the transaction's own scans of the table: EXPLAIN cannot show
+    the plans of a PL/pgSQL function."""
+    (spec,) = fresh_databases(pg_server, [f"merchants_{merchants}"])
+    conn = await asyncpg.connect(spec.dsn)
+    try:
+        await apply_migrations(conn)
+        await conn.execute(sql.INIT_META, "shard-a", 3, False)
+        await conn.execute("ALTER TABLE merchants SET (autovacuum_enabled = false)")
+        await conn.execute(_FILL_MERCHANTS, merchants, "m")
+        keys = ["m1", "m2", "m3", "unknown"]
+        scans = "SELECT seq_scan, idx_scan FROM pg_stat_xact_user_tables WHERE relname = $1"
+        async with conn.transaction():
+            before = await conn.fetchrow(scans, "merchants")
+            for _ in range(EXECUTIONS_WHILE_SMALL):
+                rows = await conn.fetch(MERCHANT_READS[read], keys)
+            after = await conn.fetchrow(scans, "merchants")
+        assert after["seq_scan"] == before["seq_scan"], f"{read} scanned every merchant"
+        assert after["idx_scan"] - before["idx_scan"] == EXECUTIONS_WHILE_SMALL * len(keys)
+        assert sorted(r["merchant_id"] for r in rows) == ["m1", "m2", "m3"]
+        assert {r["state"] for r in rows} == {"active"}
+    finally:
+        await conn.close()
+
+
+async def test_the_fence_answers_one_row_when_it_knows_no_merchant(
+    pg_server: EmbeddedPostgres,
+) -> None:
+    (spec,) = fresh_databases(pg_server, ["fence_none"])
+    conn = await asyncpg.connect(spec.dsn)
+    try:
+        await apply_migrations(conn)
+        await conn.execute(sql.INIT_META, "shard-a", 3, False)
+        for keys in ([], ["nobody"], ["nobody", "nobody"]):
+            async with conn.transaction():
+                rows = await conn.fetch(sql.FENCE, keys)
+            assert [(r["epoch"], r["merchant_id"], r["state"]) for r in rows] == [(3, None, None)]
+        await conn.execute(_FILL_MERCHANTS, 2, "m")
+        async with conn.transaction():
+            rows = await conn.fetch(sql.FENCE, ["m1", "m1", "m2"])
+        assert sorted((r["epoch"], r["merchant_id"]) for r in rows) == [(3, "m1"), (3, "m2")]
     finally:
         await conn.close()

@@ -94,10 +94,12 @@ failed_posting_index, expires_at, trace_id, created_at
 # 38% of PostgreSQL's time in the single benchmark. OFFSET 0 keeps each
 # lateral subquery from being flattened into that join; DISTINCT keeps IN's
 # meaning when a key is given twice. Sagas' lookups use it too.
-def probe_by_key(columns: tuple[str, str], lookup: str) -> str:
-    """FROM clause: the lookup (which names the keys as k.<column>) once per key."""
+def probe_by_key(columns: tuple[str, ...], lookup: str) -> str:
+    """FROM clause: the lookup (which names the keys as k.<column>) once per key;
+    the keys' columns are $1, $2, ... (text arrays)."""
+    arrays = ", ".join(f"${i}::text[]" for i in range(1, len(columns) + 1))
     return f"""
-(SELECT DISTINCT * FROM unnest($1::text[], $2::text[])) AS k({columns[0]}, {columns[1]})
+(SELECT DISTINCT * FROM unnest({arrays})) AS k({", ".join(columns)})
 CROSS JOIN LATERAL ({lookup} OFFSET 0) AS probed
 """
 
@@ -332,9 +334,12 @@ ORDER BY created_at LIMIT $2
 
 # Reads check ownership too (without locks): a merchant that moved or is only
 # being copied here is redirected, so a read never returns a stale or partial copy.
-MERCHANT_STATES = """
-SELECT merchant_id, state, moved_to FROM merchants WHERE merchant_id = ANY($1::text[])
-"""
+# By key, as the fence's read (migration 0015): `merchant_id = ANY($1)` planned a
+# sequential scan of every merchant while the table was never analysed.
+MERCHANT_STATES = "SELECT probed.* FROM " + probe_by_key(
+    ("merchant_id",),
+    "SELECT merchant_id, state, moved_to FROM merchants WHERE merchant_id = k.merchant_id",
+)
 
 RECORD_REPLICA = """
 WITH gone AS (
