@@ -7,6 +7,7 @@ PostgreSQL's time in the single benchmark (`bench.run --pg-statements`)."""
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 
 import asyncpg
@@ -159,5 +160,31 @@ async def test_the_fence_answers_one_row_when_it_knows_no_merchant(
         async with conn.transaction():
             rows = await conn.fetch(sql.FENCE, ["m1", "m1", "m2"])
         assert sorted((r["epoch"], r["merchant_id"]) for r in rows) == [(3, "m1"), (3, "m2")]
+    finally:
+        await conn.close()
+
+
+def _parameters(statement: str) -> int:
+    return max(int(n) for n in re.findall(r"\$(\d+)", statement))
+
+
+@pytest.mark.parametrize("table", ["accounts", "pending_expiries", "balance_monitors"])
+async def test_a_batch_write_planned_on_empty_tables_finds_its_rows_by_key(
+    pg_server: EmbeddedPostgres, table: str
+) -> None:
+    """The generic plan of WRITE_BATCH on a new shard's empty, never-analysed tables
+    (the plan asyncpg keeps once PostgreSQL prefers it): the rows it updates or
+    deletes, and the monitors it looks up, through an index, never a sequential
+    scan of the table (each write would read every row of it)."""
+    (spec,) = fresh_databases(pg_server, [f"write_{table}"])
+    conn = await asyncpg.connect(spec.dsn)
+    try:
+        await apply_migrations(conn)
+        await conn.execute("SET plan_cache_mode = force_generic_plan")
+        await conn.execute(f"PREPARE write_batch AS {sql.WRITE_BATCH}")
+        nulls = ", ".join(["NULL"] * _parameters(sql.WRITE_BATCH))
+        explained = await conn.fetchval(f"EXPLAIN (FORMAT JSON) EXECUTE write_batch({nulls})")
+        _, scans = scans_of(json.loads(explained)[0]["Plan"], table)
+        assert scans and "Seq Scan" not in scans, scans
     finally:
         await conn.close()

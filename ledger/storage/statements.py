@@ -140,7 +140,13 @@ SUM_REVERSALS = (
 
 # One round trip writes a whole batch: one array of rows per table, in the row
 # types of migration 0007. Data-modifying CTEs always run to completion; the
-# counts let the caller check every row landed.
+# counts let the caller check every row landed. Rows it updates or deletes,
+# and the monitors it looks up, are found by key one at a time (a lateral
+# probe with OFFSET 0, an EXISTS with OFFSET 0, which PostgreSQL does not turn
+# into a join): joined to the arrays, a plan made on a new shard's near-empty
+# tables (the generic plan asyncpg keeps) hash-joined a sequential scan of
+# every account, pending expiry and monitor into every write
+# (tests/test_key_lookup_plans.py).
 WRITE_BATCH = """
 WITH new_transfers AS (
     INSERT INTO transfers (merchant_id, transfer_id, kind, action, debit_merchant_id,
@@ -162,8 +168,12 @@ WITH new_transfers AS (
         debits_pending = u.debits_pending, credits_pending = u.credits_pending,
         entry_count = u.entry_count, entry_hash = u.entry_hash,
         velocity_counters = coalesce(u.velocity_counters, a.velocity_counters)
+    -- Each row found through the primary key (above); the accounts are
+    -- locked by this transaction already, so their row versions cannot move.
     FROM unnest($3::ledger_account_head[]) AS u
-    WHERE a.merchant_id = u.merchant_id AND a.account_id = u.account_id
+    CROSS JOIN LATERAL (SELECT ctid AS row_id FROM accounts
+        WHERE merchant_id = u.merchant_id AND account_id = u.account_id OFFSET 0) AS found
+    WHERE a.ctid = found.row_id
     RETURNING 1
 ), new_resolutions AS (
     INSERT INTO pending_resolutions (merchant_id, pending_id, state, by_transfer_id, created_at)
@@ -176,7 +186,9 @@ WITH new_transfers AS (
 ), ended_expiries AS (
     DELETE FROM pending_expiries AS x
     USING unnest($6::ledger_transfer_key[]) AS r
-    WHERE x.merchant_id = r.merchant_id AND x.transfer_id = r.transfer_id
+    CROSS JOIN LATERAL (SELECT ctid AS row_id FROM pending_expiries
+        WHERE merchant_id = r.merchant_id AND transfer_id = r.transfer_id OFFSET 0) AS found
+    WHERE x.ctid = found.row_id
     RETURNING 1
 ), monitored_changes AS (
     -- Per account with an active monitor and per transfer: the balances before
@@ -200,7 +212,7 @@ WITH new_transfers AS (
         (array_agg(e.debits_pending ORDER BY e.sequence DESC))[1] AS debits_pending_after
     FROM unnest($2::ledger_entry_row[]) AS e
     WHERE EXISTS (SELECT 1 FROM balance_monitors m WHERE m.merchant_id = e.merchant_id
-                  AND m.account_id = e.account_id AND m.active)
+                  AND m.account_id = e.account_id AND m.active OFFSET 0)
     GROUP BY e.merchant_id, e.account_id, e.transfer_merchant_id, e.transfer_id
 ), new_crossings AS (
     -- ledger/domain/monitors.py states the rule: at or above, then below, falls.
@@ -211,8 +223,8 @@ WITH new_transfers AS (
         m.balance, m.threshold_minor, v.after_minor, c.transfer_merchant_id, c.transfer_id,
         c.created_at
     FROM monitored_changes c
-    JOIN balance_monitors m ON m.merchant_id = c.merchant_id AND m.account_id = c.account_id
-        AND m.active
+    CROSS JOIN LATERAL (SELECT * FROM balance_monitors
+        WHERE merchant_id = c.merchant_id AND account_id = c.account_id AND active OFFSET 0) m
     CROSS JOIN LATERAL (SELECT
         CASE m.balance WHEN 1 THEN c.net_before
                        ELSE c.net_before - c.debits_pending_before END AS before_minor,
