@@ -168,22 +168,33 @@ def _parameters(statement: str) -> int:
     return max(int(n) for n in re.findall(r"\$(\d+)", statement))
 
 
-@pytest.mark.parametrize("table", ["accounts", "pending_expiries", "balance_monitors"])
+WRITES = {"WRITE_BATCH": sql.WRITE_BATCH, "RECORD_STEPS": saga_sql.RECORD_STEPS}
+
+
+@pytest.mark.parametrize(
+    ("write", "table"),
+    [
+        ("WRITE_BATCH", "accounts"),
+        ("WRITE_BATCH", "pending_expiries"),
+        ("WRITE_BATCH", "balance_monitors"),
+        ("RECORD_STEPS", "sagas"),
+    ],
+)
 async def test_a_batch_write_planned_on_empty_tables_finds_its_rows_by_key(
-    pg_server: EmbeddedPostgres, table: str
+    pg_server: EmbeddedPostgres, write: str, table: str
 ) -> None:
-    """The generic plan of WRITE_BATCH on a new shard's empty, never-analysed tables
-    (the plan asyncpg keeps once PostgreSQL prefers it): the rows it updates or
-    deletes, and the monitors it looks up, through an index, never a sequential
+    """The generic plan of a batch write on a new shard's empty, never-analysed
+    tables (the plan asyncpg keeps once PostgreSQL prefers it): the rows it updates
+    or deletes, and the monitors it looks up, through an index, never a sequential
     scan of the table (each write would read every row of it)."""
     (spec,) = fresh_databases(pg_server, [f"write_{table}"])
     conn = await asyncpg.connect(spec.dsn)
     try:
         await apply_migrations(conn)
         await conn.execute("SET plan_cache_mode = force_generic_plan")
-        await conn.execute(f"PREPARE write_batch AS {sql.WRITE_BATCH}")
-        nulls = ", ".join(["NULL"] * _parameters(sql.WRITE_BATCH))
-        explained = await conn.fetchval(f"EXPLAIN (FORMAT JSON) EXECUTE write_batch({nulls})")
+        await conn.execute(f"PREPARE write AS {WRITES[write]}")
+        nulls = ", ".join(["NULL"] * _parameters(WRITES[write]))
+        explained = await conn.fetchval(f"EXPLAIN (FORMAT JSON) EXECUTE write({nulls})")
         _, scans = scans_of(json.loads(explained)[0]["Plan"], table)
         assert scans and "Seq Scan" not in scans, scans
     finally:

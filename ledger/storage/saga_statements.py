@@ -113,8 +113,13 @@ WITH new_sagas AS (
     FROM unnest($26::text[], $27::text[], $28::smallint[], $29::integer[], $30::smallint[],
                 $31::smallint[], $32::smallint[], $33::text[])
         AS u(merchant_id, transfer_id, kind, version, state, result, credit_outcome, peer_shard)
-    WHERE s.merchant_id = u.merchant_id AND s.transfer_id = u.transfer_id AND s.kind = u.kind
-      AND s.version = u.version
+    -- Each saga found through its key (as WRITE_BATCH finds accounts: joined to
+    -- the array, a plan made on a new shard hash-joined a sequential scan of
+    -- every saga); LOCK_STEPS locked these rows in this transaction.
+    CROSS JOIN LATERAL (SELECT ctid AS row_id FROM sagas
+        WHERE merchant_id = u.merchant_id AND transfer_id = u.transfer_id AND kind = u.kind
+        OFFSET 0) AS found
+    WHERE s.ctid = found.row_id AND s.version = u.version
     RETURNING {", ".join("s." + c.strip() for c in SAGA_COLUMNS.split(","))}
 ), finished_steps AS (
     INSERT INTO saga_steps (merchant_id, transfer_id, kind, step, outcome, detail)
