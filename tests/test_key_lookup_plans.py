@@ -6,6 +6,7 @@ PostgreSQL's time in the single benchmark (`bench.run --pg-statements`)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from ledger.embedded.postgres import EmbeddedPostgres
 from ledger.storage import saga_statements as saga_sql
 from ledger.storage import statements as sql
 from ledger.storage.migrate import apply_migrations
-from tests.support import fresh_databases, scans_of
+from tests.support import fresh_databases, scans_of, wait_until
 
 GROWN_ROWS = 20_000
 # Enough executions for PostgreSQL to settle on a plan it keeps (it tries a
@@ -168,7 +169,12 @@ def _parameters(statement: str) -> int:
     return max(int(n) for n in re.findall(r"\$(\d+)", statement))
 
 
-WRITES = {"WRITE_BATCH": sql.WRITE_BATCH, "RECORD_STEPS": saga_sql.RECORD_STEPS}
+STATEMENTS = {
+    "WRITE_BATCH": sql.WRITE_BATCH,
+    "RECORD_STEPS": saga_sql.RECORD_STEPS,
+    "LOCK_ACCOUNTS": sql.LOCK_ACCOUNTS,
+    "SELECT_ACCOUNTS": sql.SELECT_ACCOUNTS,
+}
 
 
 @pytest.mark.parametrize(
@@ -178,24 +184,113 @@ WRITES = {"WRITE_BATCH": sql.WRITE_BATCH, "RECORD_STEPS": saga_sql.RECORD_STEPS}
         ("WRITE_BATCH", "pending_expiries"),
         ("WRITE_BATCH", "balance_monitors"),
         ("RECORD_STEPS", "sagas"),
+        ("LOCK_ACCOUNTS", "accounts"),
+        ("SELECT_ACCOUNTS", "accounts"),
     ],
 )
-async def test_a_batch_write_planned_on_empty_tables_finds_its_rows_by_key(
+async def test_a_statement_planned_on_empty_tables_finds_its_rows_by_key(
     pg_server: EmbeddedPostgres, write: str, table: str
 ) -> None:
-    """The generic plan of a batch write on a new shard's empty, never-analysed
-    tables (the plan asyncpg keeps once PostgreSQL prefers it): the rows it updates
-    or deletes, and the monitors it looks up, through an index, never a sequential
-    scan of the table (each write would read every row of it)."""
-    (spec,) = fresh_databases(pg_server, [f"write_{table}"])
+    """The generic plan of a statement of every write on a new shard's empty,
+    never-analysed tables (the plan asyncpg keeps once PostgreSQL prefers it): the
+    rows it locks, updates or deletes, and the monitors it looks up, through an
+    index, never a sequential scan of the table (each write would read every row
+    of it)."""
+    (spec,) = fresh_databases(pg_server, [f"plan_{write.lower()}_{table}"])
     conn = await asyncpg.connect(spec.dsn)
     try:
         await apply_migrations(conn)
         await conn.execute("SET plan_cache_mode = force_generic_plan")
-        await conn.execute(f"PREPARE write AS {WRITES[write]}")
-        nulls = ", ".join(["NULL"] * _parameters(WRITES[write]))
+        await conn.execute(f"PREPARE write AS {STATEMENTS[write]}")
+        nulls = ", ".join(["NULL"] * _parameters(STATEMENTS[write]))
         explained = await conn.fetchval(f"EXPLAIN (FORMAT JSON) EXECUTE write({nulls})")
         _, scans = scans_of(json.loads(explained)[0]["Plan"], table)
         assert scans and "Seq Scan" not in scans, scans
     finally:
         await conn.close()
+
+
+async def test_accounts_are_locked_in_byte_order_once_each(pg_server: EmbeddedPostgres) -> None:
+    """LOCK_ACCOUNTS probes and locks each account in one fixed order (merchant,
+    then account, byte-wise), so two writes sharing accounts never deadlock."""
+    (spec,) = fresh_databases(pg_server, ["lock_order"])
+    conn = await asyncpg.connect(spec.dsn)
+    try:
+        await apply_migrations(conn)
+        await conn.execute("SET plan_cache_mode = force_generic_plan")
+        await conn.execute(
+            "INSERT INTO merchants (merchant_id, state, epoch) "
+            "VALUES ('b', 'active', 1), ('a', 'active', 1), ('B', 'active', 1)"
+        )
+        keys = [("b", "x"), ("a", "y"), ("a", "X"), ("B", "z")]
+        for merchant_id, account_id in keys:
+            await conn.execute(
+                "INSERT INTO accounts (merchant_id, account_id, currency, "
+                "debits_must_not_exceed_credits, credits_must_not_exceed_debits, metadata, "
+                "created_at) VALUES ($1, $2, 'USD', false, false, '{}', now())",
+                merchant_id,
+                account_id,
+            )
+        asked = [*keys, ("a", "y"), ("nobody", "q")]
+        async with conn.transaction():
+            rows = await conn.fetch(sql.LOCK_ACCOUNTS, [m for m, _ in asked], [a for _, a in asked])
+            locked = await conn.fetch(
+                "SELECT merchant_id, account_id FROM accounts "
+                "WHERE xmax::text::bigint = txid_current()"
+            )
+        order = [("B", "z"), ("a", "X"), ("a", "y"), ("b", "x")]
+        assert [(r["merchant_id"], r["account_id"]) for r in rows] == order
+        assert sorted((r["merchant_id"], r["account_id"]) for r in locked) == sorted(order)
+    finally:
+        await conn.close()
+
+
+async def test_accounts_are_locked_before_the_one_that_waits(pg_server: EmbeddedPostgres) -> None:
+    """The order is the locks' order, not only the result's: while another
+    transaction holds ('b', 'x'), LOCK_ACCOUNTS asked for it first has already
+    locked ('a', 'y'), which sorts before it, when it starts to wait."""
+    (spec,) = fresh_databases(pg_server, ["lock_wait"])
+    holder, locker, observer = [await asyncpg.connect(spec.dsn) for _ in range(3)]
+    try:
+        await apply_migrations(holder)
+        await holder.execute(
+            "INSERT INTO merchants (merchant_id, state, epoch) "
+            "VALUES ('a', 'active', 1), ('b', 'active', 1)"
+        )
+        for merchant_id, account_id in (("a", "y"), ("b", "x")):
+            await holder.execute(
+                "INSERT INTO accounts (merchant_id, account_id, currency, "
+                "debits_must_not_exceed_credits, credits_must_not_exceed_debits, metadata, "
+                "created_at) VALUES ($1, $2, 'USD', false, false, '{}', now())",
+                merchant_id,
+                account_id,
+            )
+        holding = holder.transaction()
+        await holding.start()
+        await holder.execute("SELECT 1 FROM accounts WHERE merchant_id = 'b' FOR UPDATE")
+        locking = locker.transaction()
+        await locking.start()
+        waiting = asyncio.ensure_future(locker.fetch(sql.LOCK_ACCOUNTS, ["b", "a"], ["x", "y"]))
+        locker_pid = locker.get_server_pid()
+
+        async def locker_waits() -> bool:
+            return bool(
+                await observer.fetchval(
+                    "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = $1",
+                    locker_pid,
+                )
+            )
+
+        await wait_until(locker_waits, what="LOCK_ACCOUNTS waiting on ('b', 'x')")
+        async with observer.transaction():
+            with pytest.raises(asyncpg.LockNotAvailableError):
+                await observer.execute(
+                    "SELECT 1 FROM accounts WHERE merchant_id = 'a' FOR UPDATE NOWAIT"
+                )
+        await holding.rollback()
+        rows = await waiting
+        assert [(r["merchant_id"], r["account_id"]) for r in rows] == [("a", "y"), ("b", "x")]
+        await locking.rollback()
+    finally:
+        for conn in (holder, locker, observer):
+            await conn.close()

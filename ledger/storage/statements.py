@@ -20,17 +20,22 @@ velocity_rules::text AS velocity_rules, velocity_counters
 """
 
 # Row locks in one fixed order (merchant, account, byte-wise) so that any two
-# transactions lock shared accounts in the same order and never deadlock.
+# transactions lock shared accounts in the same order and never deadlock: the
+# keys are sorted, and each is probed and locked in turn (as LOCK_STEPS locks
+# sagas). Written as `IN (SELECT * FROM unnest(...))` sorted and locked on top,
+# its generic plan on a new shard's empty accounts table hash-joined a
+# sequential scan of every account into every write (see probe_by_key).
 LOCK_ACCOUNTS = f"""
-SELECT {ACCOUNT_COLUMNS} FROM accounts
-WHERE (merchant_id, account_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))
-ORDER BY merchant_id COLLATE "C", account_id COLLATE "C"
-FOR UPDATE
-"""
-
-SELECT_ACCOUNTS = f"""
-SELECT {ACCOUNT_COLUMNS} FROM accounts
-WHERE (merchant_id, account_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))
+SELECT probed.* FROM (
+    SELECT m, a FROM (SELECT DISTINCT * FROM unnest($1::text[], $2::text[])) AS d(m, a)
+    ORDER BY m COLLATE "C", a COLLATE "C"
+) AS k(merchant_id, account_id)
+CROSS JOIN LATERAL (
+    SELECT {ACCOUNT_COLUMNS} FROM accounts
+    WHERE merchant_id = k.merchant_id AND account_id = k.account_id
+    OFFSET 0
+    FOR UPDATE
+) AS probed
 """
 
 LIST_ACCOUNTS = f"""
@@ -103,6 +108,12 @@ def probe_by_key(columns: tuple[str, ...], lookup: str) -> str:
 CROSS JOIN LATERAL ({lookup} OFFSET 0) AS probed
 """
 
+
+SELECT_ACCOUNTS = "SELECT probed.* FROM " + probe_by_key(
+    ("merchant_id", "account_id"),
+    f"SELECT {ACCOUNT_COLUMNS} FROM accounts "
+    "WHERE merchant_id = k.merchant_id AND account_id = k.account_id",
+)
 
 _TRANSFERS_BY_KEY = probe_by_key(
     ("merchant_id", "transfer_id"),
