@@ -250,13 +250,11 @@ async def count_rows(service: Service, table: str) -> int:
 
 
 def scans_of(plan: dict[str, Any], table: str) -> tuple[int, list[str]]:
-    """In an EXPLAIN (FORMAT JSON) plan: the rows its scans of the table read
-    (returned, and removed by their filters; 0 without ANALYZE), and those scans'
-    node types."""
+    """In an EXPLAIN (ANALYZE, FORMAT JSON) plan: the rows its scans of the table
+    read (returned, and removed by their filters), and those scans' node types."""
     rows, scans = 0, []
     if plan.get("Relation Name") == table and "Scan" in plan["Node Type"]:
-        rows += plan.get("Actual Rows", 0) * plan.get("Actual Loops", 0)
-        rows += plan.get("Rows Removed by Filter", 0)
+        rows += plan["Actual Rows"] * plan["Actual Loops"] + plan.get("Rows Removed by Filter", 0)
         scans.append(plan["Node Type"])
     for child in plan.get("Plans", ()):
         child_rows, child_scans = scans_of(child, table)
