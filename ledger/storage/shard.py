@@ -157,7 +157,14 @@ BACKGROUND_OPERATIONS = (
 # cross jit_above_cost: JIT compilation then costs 10-200 ms per execution of a
 # statement that runs in a few. Servers built with JIT (most packaged ones)
 # would otherwise pay it at random.
-SHARD_SERVER_SETTINGS = {"jit": "off"}
+# Generic plans, made once per connection and statement: the statements are
+# written so that their generic plans find rows by key whatever the tables'
+# sizes (tests/test_key_lookup_plans.py). Left to choose, PostgreSQL kept
+# replanning a statement whose generic plan it estimated dearer than a custom
+# one, as for WRITE_BATCH (its arrays estimated at 10 rows each, against the
+# one row of a single transfer): planning it cost 0.7 ms of PostgreSQL's CPU
+# per single transfer (bench.cpu_cost: 2,283 against 1,180 us per call).
+SHARD_SERVER_SETTINGS = {"jit": "off", "plan_cache_mode": "force_generic_plan"}
 # What ledger_shard_errors counts (its "kind" label), each exported at zero from the start.
 SHARD_ERROR_KINDS = ("busy", "unavailable", "error", "contention")
 
