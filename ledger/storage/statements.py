@@ -90,7 +90,7 @@ failed_posting_index, expires_at, trace_id, created_at
 """
 
 
-# Lookups by key probe an index once per key ($1-$2: the keys' two columns).
+# Lookups by key probe an index once per key ($1, $2, ...: the keys' columns).
 # Written as `(a, b) IN (SELECT * FROM unnest(...))`, a plan made while the
 # table was small hash-joins a sequential scan of the whole table, and asyncpg
 # keeps a statement's plan for its connection's life, replanned only when the
