@@ -66,7 +66,7 @@ async def _sequenced(dsns: Sequence[tuple[str, str]]) -> dict[str, int]:
     """Waits until every shard's outbox is empty; the last positions."""
     deadline = time.monotonic() + CATCH_UP_TIMEOUT_S
     while time.monotonic() < deadline:
-        backlog = await _positions(dsns, "SELECT count(*) FROM event_outbox")
+        backlog = await _positions(dsns, "SELECT count(*) FROM event_queue")
         if not any(backlog.values()):
             return await _positions(dsns, "SELECT last_position FROM event_positions")
         await asyncio.sleep(POLL_S)

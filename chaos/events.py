@@ -305,7 +305,7 @@ WHERE merchant_id IN (SELECT merchant_id FROM merchants WHERE state IN ('active'
 """
 _EVENT_BOUNDS_SQL = """
 SELECT (SELECT last_position FROM event_positions) AS last_position,
-       (SELECT count(*) FROM event_outbox) AS outbox
+       (SELECT count(*) FROM event_queue) AS outbox
 """
 
 

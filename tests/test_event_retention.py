@@ -233,19 +233,25 @@ async def test_a_prune_pass_reads_a_bounded_head_of_the_stream_and_prunes_what_i
         retained, old, prune_max = 3_000, 30, 100
         # Positions in commit order; the oldest `old` are two days old, one kept
         # departure (kind 17) among them, which no pass prunes.
+        # Written as the sequencer leaves them (migration 0016): outbox rows, numbered.
         await conn.execute(
             """
-            INSERT INTO events (position, event_id, kind, merchant_id, merchant_ids,
-                                transfer_id, trace_id, body, committed_at)
-            SELECT g, gen_random_uuid(), CASE WHEN g = 5 THEN $3 ELSE 1 END, 'm', ARRAY['m'],
-                   't' || g, '', '{}',
-                   CASE WHEN g <= $2 THEN now() - interval '2 days' ELSE now() END
-            FROM generate_series(1, $1) AS g
+            WITH written AS (
+                INSERT INTO event_outbox (kind, merchant_id, merchant_ids, transfer_id, body,
+                                          committed_at)
+                SELECT CASE WHEN g = 5 THEN $3 ELSE 1 END, 'm', ARRAY['m'], 't' || g, '{}',
+                       CASE WHEN g <= $2 THEN now() - interval '2 days' ELSE now() END
+                FROM generate_series(1, $1) AS g
+                RETURNING id
+            )
+            INSERT INTO event_numbers (position, outbox_id)
+            SELECT row_number() OVER (ORDER BY id), id FROM written
             """,
             retained,
             old,
             event_sql.KEPT_KIND,
         )
+        await conn.execute("DELETE FROM event_queue")
         await conn.execute("UPDATE event_positions SET last_position = $1", retained)
         explaining = conn.transaction()
         await explaining.start()
@@ -255,14 +261,18 @@ async def test_a_prune_pass_reads_a_bounded_head_of_the_stream_and_prunes_what_i
             )
         finally:
             await explaining.rollback()
-        read, _ = scans_of(json.loads(explained)[0]["Plan"], "events")
+        read, _ = scans_of(json.loads(explained)[0]["Plan"], "event_numbers")
         # The head (prune_max events and the kept row skipped on the way), then the
         # doomed again by index; never the other 2,900 (before: every one, twice).
         assert read <= prune_max + 1 + old, f"a pass read {read} events of {retained}"
+        bodies, _ = scans_of(json.loads(explained)[0]["Plan"], "event_outbox")
+        assert bodies <= prune_max + 1 + old, f"a pass read {bodies} outbox rows of {retained}"
         status = await conn.execute(event_sql.PRUNE_EVENTS, 86_400.0, prune_max)
         assert status == f"DELETE {old - 1}", "every old event but the kept departure"
         assert await conn.fetchval("SELECT count(*) FROM events") == retained - (old - 1)
         assert await conn.fetchval("SELECT count(*) FROM events WHERE position = 5") == 1
+        # The numbers and the bodies go together.
+        assert await conn.fetchval("SELECT count(*) FROM event_outbox") == retained - (old - 1)
         assert await conn.execute(event_sql.PRUNE_EVENTS, 86_400.0, prune_max) == "DELETE 0"
     finally:
         await conn.close()

@@ -22,22 +22,24 @@ WHERE l.locktype = 'advisory' AND l.classid = 7307 AND l.objid = hashtext($1)::o
   AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
 """
 
-OUTBOX_HAS_ROWS = "SELECT EXISTS (SELECT 1 FROM event_outbox)"
+# Whether any outbox row waits for a number (migration 0016: the queue).
+OUTBOX_HAS_ROWS = "SELECT EXISTS (SELECT 1 FROM event_queue)"
 
-# Moves up to $1 committed outbox rows into `events`, numbered on from the last
-# position in id order (why that order keeps every account's order: migration
-# 0011). Rows of transactions still in progress are invisible here and wait for
-# a later round. Returns the last position given, or NULL when nothing moved.
-# The rows taken are deleted by id through the index: with `IN (SELECT ...)`
-# the planner hash-joined a sequential scan of the whole outbox, dead rows
-# included, so a round cost more the further behind the sequencer was (and on
-# a new shard, whose tables were never analysed, its cost estimate crossed
-# jit_above_cost: 12-200 ms of JIT compilation every round).
+# Numbers up to $1 committed outbox rows, on from the last position in id order
+# (why that order keeps every account's order: migration 0011), by reference:
+# the bodies stay in the outbox (migration 0016). Rows of transactions still in
+# progress are invisible here and wait for a later round. Returns the last
+# position given, or NULL when nothing was numbered. The ids taken are deleted
+# from the queue through its index: with `IN (SELECT ...)` the planner
+# hash-joined a sequential scan of the whole queue, dead rows included, so a
+# round cost more the further behind the sequencer was (and on a new shard,
+# whose tables were never analysed, its cost estimate crossed jit_above_cost:
+# 12-200 ms of JIT compilation every round).
 SEQUENCE_EVENTS = """
 WITH taken AS (
-    DELETE FROM event_outbox
-    WHERE id = ANY (ARRAY(SELECT id FROM event_outbox ORDER BY id LIMIT $1))
-    RETURNING *
+    DELETE FROM event_queue
+    WHERE outbox_id = ANY (ARRAY(SELECT outbox_id FROM event_queue ORDER BY outbox_id LIMIT $1))
+    RETURNING outbox_id
 ), counted AS (
     SELECT count(*) AS n FROM taken
 ), advanced AS (
@@ -45,10 +47,8 @@ WITH taken AS (
     FROM counted WHERE counted.n > 0
     RETURNING last_position - counted.n AS base, last_position
 ), inserted AS (
-    INSERT INTO events (position, event_id, kind, merchant_id, merchant_ids, transfer_id,
-                        trace_id, body, committed_at)
-    SELECT a.base + row_number() OVER (ORDER BY t.id), t.event_id, t.kind, t.merchant_id,
-           t.merchant_ids, t.transfer_id, t.trace_id, t.body, t.committed_at
+    INSERT INTO event_numbers (position, outbox_id)
+    SELECT a.base + row_number() OVER (ORDER BY t.outbox_id), t.outbox_id
     FROM taken AS t, advanced AS a
     RETURNING 1
 )
@@ -68,7 +68,8 @@ KEPT_KIND = 17  # EventKind.MERCHANT_MOVED_OUT
 
 # The oldest position still retained; last_position + 1 when none is.
 OLDEST_RETAINED = f"""
-SELECT coalesce((SELECT min(position) FROM events WHERE kind <> {KEPT_KIND}),
+SELECT coalesce((SELECT position FROM events WHERE kind <> {KEPT_KIND}
+                 ORDER BY position LIMIT 1),
                 (SELECT last_position + 1 FROM event_positions)) AS oldest
 """
 
@@ -85,9 +86,12 @@ LIMIT $2
 """
 
 # Where a merchant's departure at a move's epoch was sequenced (none yet: no row).
+# `kind IN (16, 17)` lets the generic plan use the partial index of moves
+# (event_outbox_moves), which `kind = $3` alone does not imply.
 MOVED_OUT_POSITION = """
 SELECT position FROM events
-WHERE kind = $3 AND merchant_id = $1 AND (body -> 'detail' ->> 'epoch')::bigint = $2
+WHERE kind IN (16, 17) AND kind = $3 AND merchant_id = $1
+  AND (body -> 'detail' ->> 'epoch')::bigint = $2
 ORDER BY position LIMIT 1
 """
 
@@ -127,13 +131,14 @@ RETURNING c.consumer, c.position
 
 # Of the $2 oldest events that every live consumer has acknowledged, deletes
 # those older than $1 seconds (kept that long for subscribers that never
-# registered). A pass reads at most $2 events however many are retained: the
-# age is checked after the limit, not in the scan, which read every event up to
-# the floor when none was old enough (a day's stream every pass, with the
-# sequencer waiting behind it), and the doomed are deleted by position through
-# the index (`IN (SELECT ...)` could hash-join a scan of the whole table).
-# Positions follow commit order closely, so the oldest events are at the head;
-# one committed out of order waits for a later pass.
+# registered): their numbers and their outbox rows (migration 0016), the count
+# is of the outbox rows. A pass reads at most $2 events however many are
+# retained: the age is checked after the limit, not in the scan, which read
+# every event up to the floor when none was old enough (a day's stream every
+# pass, with the sequencer waiting behind it), and the doomed are deleted by key
+# through the indexes (`IN (SELECT ...)` could hash-join a scan of the whole
+# table). Positions follow commit order closely, so the oldest events are at
+# the head; one committed out of order waits for a later pass.
 PRUNE_EVENTS = f"""
 WITH floor AS (
     SELECT coalesce((SELECT min(position) FROM event_consumers WHERE lapsed_at IS NULL),
@@ -143,12 +148,15 @@ WITH floor AS (
     WHERE e.position <= f.position AND e.kind <> {KEPT_KIND}
     ORDER BY e.position
     LIMIT $2
+), unnumbered AS (
+    DELETE FROM event_numbers
+    WHERE position = ANY (ARRAY(
+        SELECT position FROM head
+        WHERE committed_at < clock_timestamp() - make_interval(secs => $1)
+    ))
+    RETURNING outbox_id
 )
-DELETE FROM events
-WHERE position = ANY (ARRAY(
-    SELECT position FROM head
-    WHERE committed_at < clock_timestamp() - make_interval(secs => $1)
-))
+DELETE FROM event_outbox WHERE id = ANY (ARRAY(SELECT outbox_id FROM unnumbered))
 """
 
 CONSUMER_LAGS = """
@@ -161,8 +169,13 @@ FROM event_consumers AS c, event_positions AS p
 ORDER BY c.consumer
 """
 
+# The outbox rows not numbered yet.
 OUTBOX_BACKLOG = """
 SELECT count(*) AS rows,
-       coalesce(extract(epoch FROM clock_timestamp() - min(committed_at)), 0)::float8 AS oldest_s
-FROM event_outbox
+       coalesce(extract(epoch FROM clock_timestamp() - min(o.committed_at)), 0)::float8
+           AS oldest_s
+FROM event_queue AS q
+-- Each queued row's body found by key: joined, the outbox (every retained event)
+-- was hash-joined in whole.
+CROSS JOIN LATERAL (SELECT committed_at FROM event_outbox WHERE id = q.outbox_id OFFSET 0) AS o
 """
