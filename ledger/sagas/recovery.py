@@ -17,11 +17,9 @@ import logging
 import math
 
 from ledger import limits
-from ledger.domain.sagas import Saga, SagaState
+from ledger.domain.sagas import Saga
 from ledger.sagas.runner import SagaRunner, saga_attributes
-from ledger.storage.audit import ShardAudit
-from ledger.storage.errors import ShardUnavailable, is_unavailable
-from ledger.storage.moves import MoveStore
+from ledger.storage.errors import ShardUnavailable
 from ledger.storage.sagas import SagaStore
 from ledger.storage.shard import Shard
 from ledger.telemetry import metrics
@@ -131,24 +129,20 @@ class RecoveryWorker:
         ages: list[tuple[float, dict[str, str]]] = []
         for name, shard in list(self.runner.cluster.shards.items()):
             try:
-                counts = await ShardAudit(shard).saga_counts()
-                age_s = await ShardAudit(shard).oldest_running_saga_age_s()
-                states = await MoveStore(shard).merchant_counts()
-                await shard.record_replica(self.runner.owner, self.runner.cluster.epoch)
-            except Exception as error:
-                # The audit reads use the pool directly: a refused connection is an OSError.
-                if not (isinstance(error, ShardUnavailable) or is_unavailable(error)):
-                    raise
+                readings = await shard.gauge_readings(self.runner.owner, self.runner.cluster.epoch)
+            except ShardUnavailable:
                 reachable.append((0.0, {"shard": name}))
                 continue
             reachable.append((1.0, {"shard": name}))
-            ages.append((age_s, {"shard": name}))
-            for state in (SagaState.RUNNING, SagaState.DEAD):
-                total = sum(n for (s, _), n in counts.items() if s is state)
-                sagas.append((total, {"shard": name, "state": state.name.lower()}))
+            ages.append((readings.oldest_running_saga_age_s, {"shard": name}))
+            sagas.append((readings.running_sagas, {"shard": name, "state": "running"}))
+            sagas.append((readings.dead_sagas, {"shard": name, "state": "dead"}))
             for merchant_state in ("active", "moving", "incoming", "moved"):
                 merchants.append(
-                    (states.get(merchant_state, 0), {"shard": name, "state": merchant_state})
+                    (
+                        readings.merchants_by_state.get(merchant_state, 0),
+                        {"shard": name, "state": merchant_state},
+                    )
                 )
         self._gauge_values = sagas
         self._merchant_values = merchants

@@ -106,11 +106,6 @@ class ShardAudit:
             rows = await conn.fetch(sql.HOLD_ROUTE_SHARDS)
         return {r["shard"]: r["holds"] for r in rows}
 
-    async def oldest_running_saga_age_s(self) -> float:
-        async with self.shard.pool.acquire() as conn:
-            age_s = await conn.fetchval(sql.OLDEST_RUNNING_SAGA_AGE)
-        return float(age_s)
-
     async def stuck_sagas(self, *, older_than_s: float) -> list[SagaKey]:
         async with self.shard.connection() as conn:
             rows = await conn.fetch(sql.STUCK_SAGAS, older_than_s)

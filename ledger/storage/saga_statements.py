@@ -353,15 +353,6 @@ SAGA_COUNTS = """
 SELECT state, peer_shard, count(*) AS sagas FROM sagas GROUP BY state, peer_shard
 """
 
-# How long the oldest running saga has been running (0 with none), by the shard's clock:
-# the ledger_saga_oldest_running_age_seconds gauge. Only sagas of merchants owned here,
-# as CLAIM_DUE: copies a move leaves ahead or behind are not this shard's to drive.
-OLDEST_RUNNING_SAGA_AGE = """
-SELECT coalesce(extract(epoch FROM clock_timestamp() - min(created_at)), 0)::float8 AS age_s
-FROM sagas WHERE state = 1
-  AND merchant_id IN (SELECT merchant_id FROM merchants WHERE state IN ('active', 'moving'))
-"""
-
 STUCK_SAGAS = """
 SELECT merchant_id, transfer_id, kind FROM sagas
 WHERE state = 1 AND created_at < clock_timestamp() - make_interval(secs => $1)

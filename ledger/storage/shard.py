@@ -132,6 +132,14 @@ class TransferView:
 
 
 @dataclass(frozen=True, slots=True)
+class GaugeReadings:
+    running_sagas: int
+    dead_sagas: int
+    oldest_running_saga_age_s: float
+    merchants_by_state: dict[str, int]
+
+
+@dataclass(frozen=True, slots=True)
 class JournalOutcome:
     result: TransferResult
     replayed: bool
@@ -148,7 +156,7 @@ BACKGROUND_OPERATIONS = (
     "claim_due",
     "expire_due",
     "expire_due_pendings",
-    "record_replica",
+    "gauge_readings",
     "merchant_counts",
     "checkpoint",
 )
@@ -264,13 +272,21 @@ class Shard:
 
         return await self._with_connection(run)
 
-    async def record_replica(self, replica_id: str, epoch: int) -> None:
-        """Notes that a service replica uses this shard with this config epoch."""
+    async def gauge_readings(self, replica_id: str, epoch: int) -> GaugeReadings:
+        """The shard gauges' readings; notes that a service replica uses this shard
+        with this config epoch."""
 
-        async def run(conn: Connection) -> None:
-            await conn.execute(sql.RECORD_REPLICA, replica_id, epoch)
+        async def run(conn: Connection) -> GaugeReadings:
+            row = await conn.fetchrow(sql.GAUGE_READINGS, replica_id, epoch)
+            assert row is not None
+            return GaugeReadings(
+                running_sagas=row["running_sagas"],
+                dead_sagas=row["dead_sagas"],
+                oldest_running_saga_age_s=row["oldest_running_saga_age_s"],
+                merchants_by_state=row["merchants_by_state"],
+            )
 
-        await self._with_connection(run)
+        return await self._with_connection(run)
 
     async def recent_replicas(self, *, within_s: float) -> list[tuple[str, int]]:
         async def run(conn: Connection) -> list[tuple[str, int]]:

@@ -364,12 +364,31 @@ MERCHANT_STATES = "SELECT probed.* FROM " + probe_by_key(
     "SELECT merchant_id, state, moved_to FROM merchants WHERE merchant_id = k.merchant_id",
 )
 
-RECORD_REPLICA = """
+# What the shard gauges show (ledger_sagas, ledger_saga_oldest_running_age_seconds,
+# ledger_merchants), with this replica's heartbeat (`ledger shards status`), in
+# one round trip every limits.gauge_refresh_interval_s: four statements before,
+# a third of an idle replica's CPU. The sagas are counted through their state
+# index: counted by state and peer over every saga, the refresh read all of
+# them, finished ones included, every two seconds. The oldest running saga is
+# of a merchant owned here, as CLAIM_DUE: copies a move leaves ahead or behind
+# are not this shard's to drive.
+GAUGE_READINGS = """
 WITH gone AS (
     DELETE FROM replicas WHERE seen_at < clock_timestamp() - interval '1 day'
+), noted AS (
+    INSERT INTO replicas (replica_id, epoch, seen_at) VALUES ($1, $2, clock_timestamp())
+    ON CONFLICT (replica_id) DO UPDATE SET epoch = EXCLUDED.epoch, seen_at = EXCLUDED.seen_at
 )
-INSERT INTO replicas (replica_id, epoch, seen_at) VALUES ($1, $2, clock_timestamp())
-ON CONFLICT (replica_id) DO UPDATE SET epoch = EXCLUDED.epoch, seen_at = EXCLUDED.seen_at
+SELECT
+    (SELECT count(*) FROM sagas WHERE state = 1) AS running_sagas,
+    (SELECT count(*) FROM sagas WHERE state = 4) AS dead_sagas,
+    (SELECT coalesce(extract(epoch FROM clock_timestamp() - min(created_at)), 0)::float8
+     FROM sagas WHERE state = 1
+       AND merchant_id IN (SELECT merchant_id FROM merchants
+                           WHERE state IN ('active', 'moving'))) AS oldest_running_saga_age_s,
+    (SELECT coalesce(jsonb_object_agg(state, merchants), '{}')
+     FROM (SELECT state, count(*) AS merchants FROM merchants GROUP BY state) AS m)
+        AS merchants_by_state
 """
 
 RECENT_REPLICAS = """
