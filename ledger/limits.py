@@ -125,6 +125,9 @@ expiry_sweeps_per_round_max = 20
 # schedules wakes its own worker at once. Polling at the intervals above cost 14-20 ms
 # of CPU per second on an idle replica (issue 18).
 background_idle_poll_s_max = 1.0
+# Those looks, and the event sequencer's at every event_idle_poll_s, fall on the same
+# tick and share one read per shard (ledger/storage/due_probe.py) no older than this.
+due_probe_share_s = 0.25
 # The gauges the recovery worker refreshes (sagas, merchants, reachability) are this old
 # at most.
 gauge_refresh_interval_s = 2.0
@@ -289,6 +292,10 @@ assert shard_connect_timeout_s < shard_command_timeout_s
 assert max(expiry_sweep_interval_s, saga_recovery_interval_s) < shard_recovered_after_s
 assert max(expiry_sweep_interval_s, saga_recovery_interval_s) <= background_idle_poll_s_max
 assert background_idle_poll_s_max < saga_lease_s
+# The idle looks and the gauge refresh fall on one grid of ticks, to share readings.
+assert event_idle_poll_s == background_idle_poll_s_max
+assert gauge_refresh_interval_s % background_idle_poll_s_max == 0
+assert due_probe_share_s < background_idle_poll_s_max
 assert expiry_sweep_batch_max <= transfers_per_request_max
 assert saga_retry_delay_s_min < saga_retry_delay_s_max < saga_lease_s * 10
 assert saga_deadline_margin_s < saga_inline_wait_s_max

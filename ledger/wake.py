@@ -48,20 +48,33 @@ class WakeSchedule:
             # simpler than a second timer, and a poke is rare next to a call.
             self._woken.set()
 
-    async def sleep(self, sleep_s: float) -> None:
-        """Sleeps sleep_s, or less if stopped or woken for sooner work."""
+    async def sleep(self, sleep_s: float) -> bool:
+        """Sleeps sleep_s, or less if stopped or woken for sooner work; whether it was
+        woken (or stopped), not timed out."""
         if self._poked or self._stopped:
             self._poked = False
-            return
+            return True
         loop = asyncio.get_running_loop()
         self._wakes_at = loop.time() + sleep_s
         self._sleeping = True
+        woken = False
         try:
             with contextlib.suppress(TimeoutError):
                 # inf: until woken (a worker that leaves others' work to another).
                 async with asyncio.timeout(None if math.isinf(sleep_s) else sleep_s):
                     await self._woken.wait()
+                    woken = True
         finally:
             self._sleeping = False
             if not self._stopped:
                 self._woken.clear()
+        return woken or self._stopped
+
+
+def until_next_tick(period_s: float) -> float:
+    """Seconds until the event loop's clock next reaches a multiple of period_s (inf
+    stays inf). Idle workers that sleep to the same tick look at the shards together
+    and share one read per shard (ledger/storage/due_probe.py)."""
+    if math.isinf(period_s):
+        return period_s
+    return period_s - asyncio.get_running_loop().time() % period_s

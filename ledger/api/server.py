@@ -35,6 +35,7 @@ from ledger.routing.config_watch import ConfigWatcher
 from ledger.sagas.recovery import RecoveryWorker
 from ledger.sagas.runner import SagaRunner, SagaSettings
 from ledger.storage.checkpoint_export import CheckpointExport
+from ledger.storage.due_probe import DueProbes
 from ledger.storage.shard import SHARD_ERROR_KINDS
 from ledger.telemetry import metrics
 from ledger.v1 import ledger_pb2, ledger_pb2_grpc
@@ -89,7 +90,9 @@ class LedgerServer:
         # A worker that leaves others' work to worker 0 waits for its own.
         background_idle_s = limits.background_idle_poll_s_max if polls_for_others else math.inf
         events_idle_s = limits.event_idle_poll_s if polls_for_others else math.inf
-        self.sweeper = ExpirySweeper(cluster, idle_poll_s=background_idle_s)
+        # The idle workers' looks at the shards, one read per shard and tick.
+        due_probes = DueProbes()
+        self.sweeper = ExpirySweeper(cluster, idle_poll_s=background_idle_s, due_probes=due_probes)
         self.checkpointer = ChainCheckpointer(
             cluster,
             interval_s=checkpoint_interval_s,
@@ -113,8 +116,9 @@ class LedgerServer:
             self.sagas,
             idle_poll_s=background_idle_s,
             refreshes_gauges=polls_for_others,
+            due_probes=due_probes,
         )
-        self.sequencer = EventSequencer(cluster, idle_poll_s=events_idle_s)
+        self.sequencer = EventSequencer(cluster, idle_poll_s=events_idle_s, due_probes=due_probes)
         self.feed = EventFeed(cluster)
         self.sequencer.on_sequenced = self.feed.wake
         # The workers sleep until work is due; work this replica makes wakes them.

@@ -17,19 +17,29 @@ from collections.abc import Callable
 
 from ledger import limits
 from ledger.routing.cluster import Cluster
+from ledger.storage.due_probe import DueProbes
 from ledger.storage.errors import ShardUnavailable
 from ledger.storage.events import EventStore
 from ledger.telemetry import metrics
+from ledger.wake import until_next_tick
 
 log = logging.getLogger(__name__)
 
 
 class EventSequencer:
-    def __init__(self, cluster: Cluster, *, idle_poll_s: float = limits.event_idle_poll_s) -> None:
+    def __init__(
+        self,
+        cluster: Cluster,
+        *,
+        idle_poll_s: float = limits.event_idle_poll_s,
+        due_probes: DueProbes | None = None,
+    ) -> None:
         self.cluster = cluster
         # How often every shard's outbox is looked at with no commit here (inf:
         # never; another worker of the replica does it, and retention with it).
         self.idle_poll_s = idle_poll_s
+        # Readings shared with the replica's other idle workers; None: reads its own.
+        self.due_probes = due_probes
         # Shards a commit here may have written events to since the last round.
         self._dirty: set[str] = set()
         self._poked = asyncio.Event()
@@ -79,6 +89,10 @@ class EventSequencer:
         store = EventStore(shard)
         numbered = last_position = 0
         try:
+            if not poked and self.due_probes is not None:
+                if not (await self.due_probes.read(shard, shared=True)).events_waiting:
+                    return 0
+                poked = True  # the reading was the look
             while True:
                 taken, last = await store.sequence_round(
                     events_max=limits.event_sequence_batch_max, probe=not poked and not numbered
@@ -96,10 +110,11 @@ class EventSequencer:
         return numbered
 
     async def _run(self) -> None:
-        idle_timeout_s = None if math.isinf(self.idle_poll_s) else self.idle_poll_s
         while not self._stopped:
+            # On the idle workers' tick (ledger/storage/due_probe.py); inf: never.
+            idle_timeout_s = until_next_tick(self.idle_poll_s)
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(idle_timeout_s):
+                async with asyncio.timeout(None if math.isinf(idle_timeout_s) else idle_timeout_s):
                     await self._poked.wait()
             self._poked.clear()
             if self._stopped:

@@ -15,10 +15,11 @@ from collections.abc import Callable
 
 from ledger import limits
 from ledger.routing.cluster import Cluster
+from ledger.storage.due_probe import DueProbes
 from ledger.storage.errors import ShardUnavailable
 from ledger.storage.sagas import SagaStore
 from ledger.storage.shard import Shard
-from ledger.wake import WakeSchedule
+from ledger.wake import WakeSchedule, until_next_tick
 
 log = logging.getLogger(__name__)
 
@@ -27,12 +28,18 @@ class ExpirySweeper:
     """One task per service replica; shards serialise sweepers with an advisory lock."""
 
     def __init__(
-        self, cluster: Cluster, *, idle_poll_s: float = limits.background_idle_poll_s_max
+        self,
+        cluster: Cluster,
+        *,
+        idle_poll_s: float = limits.background_idle_poll_s_max,
+        due_probes: DueProbes | None = None,
     ) -> None:
         self.cluster = cluster
         # With nothing due, how long until the shards are asked again (inf: only
         # when this replica's own work wakes it; another process polls for the rest).
         self.idle_poll_s = idle_poll_s
+        # Readings shared with the replica's other idle workers; None: reads its own.
+        self.due_probes = due_probes
         self.schedule = WakeSchedule()
         # Told when a sweep started EXPIRE sagas (the recovery worker drives them), so
         # that the worker (which the server sets here) wakes for them.
@@ -54,16 +61,18 @@ class ExpirySweeper:
         self.schedule.wake_within(delay_s)
 
     async def sweep_once(self) -> int:
-        released, _ = await self._sweep_round()
+        released, _ = await self._sweep_round(shared=False)
         return released
 
-    async def _sweep_round(self) -> tuple[int, float]:
-        """(holds released, seconds until a shard needs a look again)."""
+    async def _sweep_round(self, *, shared: bool) -> tuple[int, float]:
+        """(holds released, seconds until a shard needs a look again).
+
+        shared: a round on the clock, which may take a reading another worker made."""
         released = 0
-        next_s = self.idle_poll_s
+        next_s = until_next_tick(self.idle_poll_s)
         for shard in list(self.cluster.shards.values()):
             try:
-                count, shard_next_s = await self._sweep_shard(shard)
+                count, shard_next_s = await self._sweep_shard(shard, shared=shared)
                 released += count
                 next_s = min(next_s, shard_next_s)
             except ShardUnavailable as error:
@@ -72,11 +81,14 @@ class ExpirySweeper:
                 next_s = min(next_s, limits.expiry_sweep_interval_s)
         return released, next_s
 
-    async def _sweep_shard(self, shard: Shard) -> tuple[int, float]:
+    async def _sweep_shard(self, shard: Shard, *, shared: bool) -> tuple[int, float]:
         if not shard.marked_unavailable:
-            due_s = await shard.next_expiry_due_s()
+            if self.due_probes is None:
+                due_s = await shard.next_expiry_due_s()
+            else:
+                due_s = (await self.due_probes.read(shard, shared=shared)).expiry_due_s
             if due_s is None:
-                return 0, self.idle_poll_s
+                return 0, until_next_tick(self.idle_poll_s)
             if due_s > 0:
                 return 0, due_s
         released = 0
@@ -96,11 +108,12 @@ class ExpirySweeper:
         return released, limits.expiry_sweep_interval_s
 
     async def _run(self) -> None:
+        woken = True
         while not self.schedule.stopped:
             next_s = limits.expiry_sweep_interval_s
             try:
-                _, next_s = await self._sweep_round()
+                _, next_s = await self._sweep_round(shared=not woken)
             except Exception:
                 log.exception("expiry sweep failed")
             self.rounds += 1
-            await self.schedule.sleep(next_s)
+            woken = await self.schedule.sleep(next_s)

@@ -19,12 +19,13 @@ import math
 from ledger import limits
 from ledger.domain.sagas import Saga
 from ledger.sagas.runner import SagaRunner, saga_attributes
+from ledger.storage.due_probe import DueProbes
 from ledger.storage.errors import ShardUnavailable
 from ledger.storage.sagas import SagaStore
 from ledger.storage.shard import Shard
 from ledger.telemetry import metrics
 from ledger.telemetry.tracing import context_from_traceparent, tracer
-from ledger.wake import WakeSchedule
+from ledger.wake import WakeSchedule, until_next_tick
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +39,14 @@ class RecoveryWorker:
         claims_per_round_max: int = limits.saga_claims_per_round_max,
         idle_poll_s: float = limits.background_idle_poll_s_max,
         refreshes_gauges: bool = True,
+        due_probes: DueProbes | None = None,
     ) -> None:
         self.runner = runner
         self.interval_s = interval_s
         # As ExpirySweeper.idle_poll_s; and the gauges are one process's job.
         self.idle_poll_s = idle_poll_s
+        # Readings shared with the replica's other idle workers; None: reads its own.
+        self.due_probes = due_probes
         self.refreshes_gauges = refreshes_gauges
         self.claims_per_round_max = claims_per_round_max
         self.schedule = WakeSchedule()
@@ -70,16 +74,18 @@ class RecoveryWorker:
 
     async def run_once(self) -> int:
         """Claims and drives every due saga once; returns how many it drove."""
-        driven, _ = await self._round()
+        driven, _ = await self._round(shared=False)
         return driven
 
-    async def _round(self) -> tuple[int, float]:
-        """(sagas driven, seconds until a shard needs a look again)."""
+    async def _round(self, *, shared: bool) -> tuple[int, float]:
+        """(sagas driven, seconds until a shard needs a look again).
+
+        shared: a round on the clock, which may take a reading another worker made."""
         driven = 0
-        next_s = self.idle_poll_s
+        next_s = until_next_tick(self.idle_poll_s)
         for shard in list(self.runner.cluster.shards.values()):
             try:
-                count, shard_next_s = await self._claim_on(shard)
+                count, shard_next_s = await self._claim_on(shard, shared=shared)
             except ShardUnavailable as error:
                 # The shard logs its change of state once; this runs every round.
                 log.debug("saga recovery skipped a shard: %s", error)
@@ -89,14 +95,17 @@ class RecoveryWorker:
             next_s = min(next_s, shard_next_s)
         return driven, next_s
 
-    async def _claim_on(self, shard: Shard) -> tuple[int, float]:
+    async def _claim_on(self, shard: Shard, *, shared: bool) -> tuple[int, float]:
         store = SagaStore(shard)
         # A shard marked unavailable is tried with a claim (a write) every round, as
         # before: its return is logged by a transaction that goes through.
         if not shard.marked_unavailable:
-            due_s = await store.next_due_s()
+            if self.due_probes is None:
+                due_s = await store.next_due_s()
+            else:
+                due_s = (await self.due_probes.read(shard, shared=shared)).saga_due_s
             if due_s is None:
-                return 0, self.idle_poll_s
+                return 0, until_next_tick(self.idle_poll_s)
             if due_s > 0:
                 return 0, due_s
         claimed = await store.claim_due(
@@ -151,14 +160,18 @@ class RecoveryWorker:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
+        woken = True
         while not self.schedule.stopped:
             next_s = self.interval_s
             try:
-                _, next_s = await self._round()
+                _, next_s = await self._round(shared=not woken)
                 self._rounds += 1
+                # On the idle tick, as the looks (the round before may have run a
+                # moment after its tick: a refresh is due a little early).
                 if (
                     self.refreshes_gauges
-                    and loop.time() - self._gauges_refreshed_at >= limits.gauge_refresh_interval_s
+                    and loop.time() - self._gauges_refreshed_at
+                    >= limits.gauge_refresh_interval_s - limits.due_probe_share_s
                 ):
                     self._gauges_refreshed_at = loop.time()
                     await self.refresh_gauges()
@@ -166,7 +179,5 @@ class RecoveryWorker:
                 log.exception("saga recovery round failed")
             time_to_gauges_s = math.inf
             if self.refreshes_gauges:
-                time_to_gauges_s = (
-                    self._gauges_refreshed_at + limits.gauge_refresh_interval_s - loop.time()
-                )
-            await self.schedule.sleep(min(next_s, time_to_gauges_s))
+                time_to_gauges_s = until_next_tick(limits.gauge_refresh_interval_s)
+            woken = await self.schedule.sleep(min(next_s, time_to_gauges_s))
