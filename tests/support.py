@@ -261,3 +261,39 @@ def scans_of(plan: dict[str, Any], table: str) -> tuple[int, list[str]]:
         rows += child_rows
         scans += child_scans
     return rows, scans
+
+
+async def apply_migrations_before(conn: Any, version: int) -> None:
+    """Brings a fresh database to the schema just before migration `version`, as a
+    shard of that age would be (recorded, so that apply_migrations goes on from it)."""
+    from ledger.storage.migrate import migrations
+
+    await conn.execute(
+        "CREATE TABLE schema_migrations (version integer PRIMARY KEY, name text NOT NULL,"
+        " applied_at timestamptz NOT NULL DEFAULT clock_timestamp())"
+    )
+    for migration in migrations():
+        if migration.version >= version:
+            break
+        await conn.execute(migration.sql)
+        await conn.execute(
+            "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+            migration.version,
+            migration.name,
+        )
+
+
+async def background_wake_times(server: LedgerServer) -> dict[str, float]:
+    """When the expiry sweeper and the saga recovery worker wake by themselves (loop
+    time; inf: only when woken), once both are asleep."""
+    schedules = {
+        "expiry sweeper": server.sweeper.schedule,
+        "saga recovery": server.recovery.schedule,
+    }
+
+    async def all_asleep() -> bool:
+        return all(s.sleeps_until is not None for s in schedules.values())
+
+    await wait_until(all_asleep, what="the background workers to go to sleep")
+    wakes = {name: s.sleeps_until for name, s in schedules.items()}
+    return {name: at for name, at in wakes.items() if at is not None}

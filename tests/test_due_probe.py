@@ -13,7 +13,7 @@ from ledger.embedded.postgres import EmbeddedPostgres
 from ledger.storage.due_probe import DueProbes
 from ledger.storage.migrate import apply_migrations
 from ledger.storage.shard import Shard
-from tests.support import Service, fresh_databases, wait_until
+from tests.support import Service, background_wake_times, fresh_databases
 
 
 @pytest.fixture
@@ -68,19 +68,10 @@ async def test_idle_workers_sleep_to_the_same_tick_and_share_their_probes(
     service: Service,
 ) -> None:
     server = service.server
-    schedules = {
-        "expiry sweeper": server.sweeper.schedule,
-        "saga recovery": server.recovery.schedule,
-    }
     assert server.sweeper.due_probes is server.recovery.due_probes is server.sequencer.due_probes
-
-    async def all_asleep() -> bool:
-        return all(s.sleeps_until is not None for s in schedules.values())
-
-    await wait_until(all_asleep, what="the background workers to go to sleep")
-    for name, schedule in schedules.items():
-        sleeps_until = schedule.sleeps_until
-        assert sleeps_until is not None
+    wakes = await background_wake_times(server)
+    assert len(wakes) == 2
+    for name, sleeps_until in wakes.items():
         # Nothing is due: each wakes at the next whole idle poll of the loop's clock
         # (give or take the moments between working out the sleep and starting it).
         off_tick_s = sleeps_until % limits.background_idle_poll_s_max

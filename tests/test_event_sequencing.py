@@ -11,9 +11,9 @@ import pytest
 
 from ledger.embedded.postgres import EmbeddedPostgres
 from ledger.storage import event_statements as event_sql
-from ledger.storage.migrate import apply_migrations, migrations
+from ledger.storage.migrate import apply_migrations
 from ledger.storage.shard import Shard
-from tests.support import fresh_databases, scans_of
+from tests.support import apply_migrations_before, fresh_databases, scans_of
 
 
 @pytest.mark.parametrize("plan_cache_mode", ["force_custom_plan", "force_generic_plan"])
@@ -101,17 +101,7 @@ async def test_upgrading_keeps_every_event_and_numbers_the_outbox_after_it(
     (spec,) = fresh_databases(pg_server, ["upgrade_0016"])
     conn = await asyncpg.connect(spec.dsn)
     try:
-        await conn.execute(
-            "CREATE TABLE schema_migrations (version integer PRIMARY KEY, name text NOT NULL,"
-            " applied_at timestamptz NOT NULL DEFAULT clock_timestamp())"
-        )
-        for migration in (m for m in migrations() if m.version < 16):
-            await conn.execute(migration.sql)
-            await conn.execute(
-                "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
-                migration.version,
-                migration.name,
-            )
+        await apply_migrations_before(conn, 16)
         # As the old sequencer left them: 3 events numbered (outbox rows moved,
         # ids 1-3), 2 written after and waiting in the outbox (ids 4-5).
         await conn.execute(

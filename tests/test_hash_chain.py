@@ -25,13 +25,14 @@ from ledger.embedded.postgres import EmbeddedPostgres
 from ledger.routing.config import ShardConfig
 from ledger.sagas.reconcile import reconcile
 from ledger.storage.chain import ChainStore, ChainViolation
-from ledger.storage.migrate import apply_migrations, migrations
+from ledger.storage.migrate import apply_migrations
 from ledger.storage.shard import Shard
 from ledger.v1 import ledger_pb2 as pb
 from tests.support import (
     RPC_TIMEOUT_S,
     Service,
     account,
+    apply_migrations_before,
     create_accounts,
     fresh_databases,
     ref,
@@ -282,18 +283,7 @@ async def test_the_migration_hashes_entries_written_before_it(pg_server: Embedde
     (spec,) = fresh_databases(pg_server, ["old"])
     conn = await asyncpg.connect(spec.dsn)
     try:
-        before_chain = [m for m in migrations() if m.version < 4]
-        await conn.execute(
-            "CREATE TABLE schema_migrations (version integer PRIMARY KEY, name text NOT NULL,"
-            " applied_at timestamptz NOT NULL DEFAULT clock_timestamp())"
-        )
-        for migration in before_chain:
-            await conn.execute(migration.sql)
-            await conn.execute(
-                "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
-                migration.version,
-                migration.name,
-            )
+        await apply_migrations_before(conn, 4)
         await conn.execute(
             "INSERT INTO merchants (merchant_id, state, epoch) VALUES ('old', 'active', 1);"
             "INSERT INTO accounts (merchant_id, account_id, currency,"

@@ -16,6 +16,7 @@ from tests.conftest import SHARD_NAMES
 from tests.support import (
     Service,
     account,
+    background_wake_times,
     balance,
     create_accounts,
     fresh_databases,
@@ -48,18 +49,9 @@ async def worker(
 
 async def test_only_worker_0_wakes_by_the_clock_when_nothing_is_due(worker: Service) -> None:
     polls = worker.server.sequencer.idle_poll_s != math.inf
-    schedules = {
-        "expiry sweeper": worker.server.sweeper.schedule,
-        "saga recovery": worker.server.recovery.schedule,
-    }
-
-    async def all_asleep() -> bool:
-        return all(s.sleeps_until is not None for s in schedules.values())
-
-    await wait_until(all_asleep, what="the background workers to go to sleep")
-    for name, schedule in schedules.items():
-        sleeps_until = schedule.sleeps_until
-        assert sleeps_until is not None
+    wakes = await background_wake_times(worker.server)
+    assert len(wakes) == 2
+    for name, sleeps_until in wakes.items():
         # Worker 0 wakes within the idle poll; the others only when woken.
         assert math.isinf(sleeps_until) is not polls, name
     assert worker.server.recovery.refreshes_gauges is polls
