@@ -240,11 +240,24 @@ async def _pg_ctl(action: Callable[[], None]) -> None:
 _SUMMARY_PREFIXES = ("moved ", "NOT ", "DRAINING ", "DRAINED ")
 
 
+# How much of a failed run's last line a summary keeps.
+RUN_ERROR_CHARS_MAX = 300
+
+
 def _run_summary(code: int, output: str) -> str:
     """One `ledger shards rebalance` run: how it ended and what it moved."""
     ended = "killed" if code == -signal.SIGKILL else f"exit {code}"
     moved = [ln.split(",")[0] for ln in output.splitlines() if ln.startswith("moved ")]
-    return ended + (f" ({moved[-1]})" if moved else "")
+    if moved:
+        return f"{ended} ({moved[-1]})"
+    # A run that ended without its summary (an error, such as a shard stopped under
+    # it by another fault): the merchants its progress lines say it moved before
+    # that, and what it said last. Its rerun finds those moved already.
+    progress_moved = sum(1 for ln in output.splitlines() if ": moved, " in ln)
+    said = [ln.strip() for ln in output.splitlines() if ln.strip()]
+    if not code or not said:
+        return ended
+    return f"{ended} (moved {progress_moved} merchants) [{said[-1][:RUN_ERROR_CHARS_MAX]}]"
 
 
 class ChaosCluster:

@@ -391,6 +391,44 @@ def test_a_rebalance_reports_what_every_run_moved(
 
 
 @pytest.mark.timeout(10)
+def test_a_rebalance_that_fails_after_moving_reports_its_moves_and_its_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run whose shard is stopped under it by another fault exits 1 without its
+    summary, after moving a merchant; the rerun finds it moved and moves none. The
+    drain test saw only the rerun's 0 (CI, 2026-12-05): the run's progress lines
+    say what it moved, and its last line why it stopped."""
+    cluster = ChaosCluster(tmp_path)
+    monkeypatch.setattr(cluster, "write_configs", lambda: None)
+    monkeypatch.setattr(chaos_cluster, "REBALANCE_RETRY_PAUSE_S", 0.0)
+    outputs = [
+        (
+            1,
+            "[###############               ] 1/2 0.5/s, ~2s left | m1 shard-b->shard-a: "
+            "moved, 10 rows, pause 3.0 ms\n"
+            "[##############################] 2/2 0.9/s, ~0s left | m2 shard-c->shard-a: "
+            "moved, 12 rows, pause 2.0 ms\n"
+            "ShardUnavailable: shard shard-a is unavailable: ConnectionError",
+        ),
+        (0, "moved 0 merchants, 0 rows copied"),
+    ]
+
+    async def admin(
+        *args: str, kill_after_s: float | None, direct: bool = False
+    ) -> tuple[int, str]:
+        return outputs.pop(0)
+
+    monkeypatch.setattr(cluster, "_admin", admin)
+    report = asyncio.run(cluster.rebalance(dict.fromkeys(cluster.shards, 1), kill_after_s=None))
+
+    assert report == (
+        "epoch 2: exit 1 (moved 2 merchants) [ShardUnavailable: shard shard-a is unavailable: "
+        "ConnectionError], exit 0 (moved 0 merchants)"
+    )
+    assert sum(int(n) for n in _MOVED.findall(report)) == 2
+
+
+@pytest.mark.timeout(10)
 def test_after_the_settles_a_deferred_move_is_finished_and_cleaned_up(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
