@@ -363,20 +363,14 @@ def test_a_drain_reruns_the_rebalance_until_it_says_drained(
     assert cluster.states == dict.fromkeys(cluster.shards, "active")
 
 
-@pytest.mark.timeout(10)
-def test_a_rebalance_reports_what_every_run_moved(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A first run that moves merchants and exits 1 (one deferred), then a rerun that
-    moves none and exits 0: the moves of the first run are in the report (CI once saw
-    only the last run's 0 and the drain test failed)."""
+def _rebalance_report(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, outputs: list[tuple[int, str]]
+) -> str:
+    """ChaosCluster.rebalance's report when `ledger shards rebalance` runs answer
+    (exit code, output) in turn."""
     cluster = ChaosCluster(tmp_path)
     monkeypatch.setattr(cluster, "write_configs", lambda: None)
     monkeypatch.setattr(chaos_cluster, "REBALANCE_RETRY_PAUSE_S", 0.0)
-    outputs = [
-        (1, "moved 2 merchants, 10 rows copied\nNOT moved: 1 merchant deferred"),
-        (0, "moved 0 merchants, 0 rows copied"),
-    ]
 
     async def admin(
         *args: str, kill_after_s: float | None, direct: bool = False
@@ -384,7 +378,24 @@ def test_a_rebalance_reports_what_every_run_moved(
         return outputs.pop(0)
 
     monkeypatch.setattr(cluster, "_admin", admin)
-    report = asyncio.run(cluster.rebalance(dict.fromkeys(cluster.shards, 1), kill_after_s=None))
+    return asyncio.run(cluster.rebalance(dict.fromkeys(cluster.shards, 1), kill_after_s=None))
+
+
+@pytest.mark.timeout(10)
+def test_a_rebalance_reports_what_every_run_moved(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A first run that moves merchants and exits 1 (one deferred), then a rerun that
+    moves none and exits 0: the moves of the first run are in the report (CI once saw
+    only the last run's 0 and the drain test failed)."""
+    report = _rebalance_report(
+        tmp_path,
+        monkeypatch,
+        [
+            (1, "moved 2 merchants, 10 rows copied\nNOT moved: 1 merchant deferred"),
+            (0, "moved 0 merchants, 0 rows copied"),
+        ],
+    )
 
     assert report == "epoch 2: exit 1 (moved 2 merchants), exit 0 (moved 0 merchants)"
     assert sum(int(n) for n in _MOVED.findall(report)) == 2
@@ -398,28 +409,21 @@ def test_a_rebalance_that_fails_after_moving_reports_its_moves_and_its_error(
     summary, after moving a merchant; the rerun finds it moved and moves none. The
     drain test saw only the rerun's 0 (CI, 2026-12-05): the run's progress lines
     say what it moved, and its last line why it stopped."""
-    cluster = ChaosCluster(tmp_path)
-    monkeypatch.setattr(cluster, "write_configs", lambda: None)
-    monkeypatch.setattr(chaos_cluster, "REBALANCE_RETRY_PAUSE_S", 0.0)
-    outputs = [
-        (
-            1,
-            "[###############               ] 1/2 0.5/s, ~2s left | m1 shard-b->shard-a: "
-            "moved, 10 rows, pause 3.0 ms\n"
-            "[##############################] 2/2 0.9/s, ~0s left | m2 shard-c->shard-a: "
-            "moved, 12 rows, pause 2.0 ms\n"
-            "ShardUnavailable: shard shard-a is unavailable: ConnectionError",
-        ),
-        (0, "moved 0 merchants, 0 rows copied"),
-    ]
-
-    async def admin(
-        *args: str, kill_after_s: float | None, direct: bool = False
-    ) -> tuple[int, str]:
-        return outputs.pop(0)
-
-    monkeypatch.setattr(cluster, "_admin", admin)
-    report = asyncio.run(cluster.rebalance(dict.fromkeys(cluster.shards, 1), kill_after_s=None))
+    report = _rebalance_report(
+        tmp_path,
+        monkeypatch,
+        [
+            (
+                1,
+                "[###############               ] 1/2 0.5/s, ~2s left | m1 shard-b->shard-a: "
+                "moved, 10 rows, pause 3.0 ms\n"
+                "[##############################] 2/2 0.9/s, ~0s left | m2 shard-c->shard-a: "
+                "moved, 12 rows, pause 2.0 ms\n"
+                "ShardUnavailable: shard shard-a is unavailable: ConnectionError",
+            ),
+            (0, "moved 0 merchants, 0 rows copied"),
+        ],
+    )
 
     assert report == (
         "epoch 2: exit 1 (moved 2 merchants) [ShardUnavailable: shard shard-a is unavailable: "

@@ -38,8 +38,8 @@ class EventSequencer:
         # How often every shard's outbox is looked at with no commit here (inf:
         # never; another worker of the replica does it, and retention with it).
         self.idle_poll_s = idle_poll_s
-        # Readings shared with the replica's other idle workers; None: reads its own.
-        self.due_probes = due_probes
+        # The looks on the clock: the replica's shared readings, else its own.
+        self.due_probes = due_probes or DueProbes()
         # Shards a commit here may have written events to since the last round.
         self._dirty: set[str] = set()
         self._poked = asyncio.Event()
@@ -89,14 +89,11 @@ class EventSequencer:
         store = EventStore(shard)
         numbered = last_position = 0
         try:
-            if not poked and self.due_probes is not None:
-                if not (await self.due_probes.read(shard, shared=True)).events_waiting:
-                    return 0
-                poked = True  # the reading was the look
+            # Woken by a commit here: events wait. On the clock: look first.
+            if not poked and not (await self.due_probes.read(shard, shared=True)).events_waiting:
+                return 0
             while True:
-                taken, last = await store.sequence_round(
-                    events_max=limits.event_sequence_batch_max, probe=not poked and not numbered
-                )
+                taken, last = await store.sequence_round(events_max=limits.event_sequence_batch_max)
                 numbered += taken
                 last_position = max(last_position, last)
                 if taken < limits.event_sequence_batch_max:

@@ -38,8 +38,8 @@ class ExpirySweeper:
         # With nothing due, how long until the shards are asked again (inf: only
         # when this replica's own work wakes it; another process polls for the rest).
         self.idle_poll_s = idle_poll_s
-        # Readings shared with the replica's other idle workers; None: reads its own.
-        self.due_probes = due_probes
+        # The looks at the shards: the replica's shared readings, else its own.
+        self.due_probes = due_probes or DueProbes()
         self.schedule = WakeSchedule()
         # Told when a sweep started EXPIRE sagas (the recovery worker drives them), so
         # that the worker (which the server sets here) wakes for them.
@@ -83,10 +83,7 @@ class ExpirySweeper:
 
     async def _sweep_shard(self, shard: Shard, *, shared: bool) -> tuple[int, float]:
         if not shard.marked_unavailable:
-            if self.due_probes is None:
-                due_s = await shard.next_expiry_due_s()
-            else:
-                due_s = (await self.due_probes.read(shard, shared=shared)).expiry_due_s
+            due_s = (await self.due_probes.read(shard, shared=shared)).expiry_due_s
             if due_s is None:
                 return 0, until_next_tick(self.idle_poll_s)
             if due_s > 0:

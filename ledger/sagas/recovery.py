@@ -45,8 +45,8 @@ class RecoveryWorker:
         self.interval_s = interval_s
         # As ExpirySweeper.idle_poll_s; and the gauges are one process's job.
         self.idle_poll_s = idle_poll_s
-        # Readings shared with the replica's other idle workers; None: reads its own.
-        self.due_probes = due_probes
+        # The looks at the shards: the replica's shared readings, else its own.
+        self.due_probes = due_probes or DueProbes()
         self.refreshes_gauges = refreshes_gauges
         self.claims_per_round_max = claims_per_round_max
         self.schedule = WakeSchedule()
@@ -100,10 +100,7 @@ class RecoveryWorker:
         # A shard marked unavailable is tried with a claim (a write) every round, as
         # before: its return is logged by a transaction that goes through.
         if not shard.marked_unavailable:
-            if self.due_probes is None:
-                due_s = await store.next_due_s()
-            else:
-                due_s = (await self.due_probes.read(shard, shared=shared)).saga_due_s
+            due_s = (await self.due_probes.read(shard, shared=shared)).saga_due_s
             if due_s is None:
                 return 0, until_next_tick(self.idle_poll_s)
             if due_s > 0:

@@ -64,34 +64,28 @@ class EventStore:
     def __init__(self, shard: Shard) -> None:
         self.shard = shard
 
-    async def sequence_round(self, *, events_max: int, probe: bool = True) -> tuple[int, int]:
+    async def sequence_round(self, *, events_max: int) -> tuple[int, int]:
         """Numbers up to events_max committed outbox events; (how many it numbered,
         the last position given then: 0 when none).
 
-        probe: look first whether the outbox holds anything, and open no
-        transaction when it does not (a round on the clock, which nearly always
-        finds nothing). A round woken by a commit here skips it: it would nearly
-        always find rows, and the look reads every dead row at the outbox's head
-        until a vacuum (about 700 pages a round under load, 10% of PostgreSQL's
-        execution time in the single benchmark).
+        The caller has looked first (a commit here, or a DueProbes reading that
+        says events wait): a round on the clock nearly always finds nothing, and
+        opens no transaction then.
 
         Runs outside Shard._in_transaction: that would tell the sequencer of its
         own commit and wake it again for nothing.
         """
-        async with self.shard.connection() as conn:
-            if probe and not await conn.fetchval(sql.OUTBOX_HAS_ROWS):
+        async with self.shard.connection() as conn, conn.transaction():
+            if not await conn.fetchval(sql.TRY_SEQUENCER_LOCK):
                 return 0, 0
-            async with conn.transaction():
-                if not await conn.fetchval(sql.TRY_SEQUENCER_LOCK):
-                    return 0, 0
-                row = await conn.fetchrow(sql.SEQUENCE_EVENTS, events_max)
-                assert row is not None
-                taken = int(row["taken"])
-                invariant(row["inserted"] == taken, "every event taken from the outbox is numbered")
-                if not taken:
-                    return 0, 0
-                await conn.execute(sql.NOTIFY_SEQUENCED, str(row["last_position"]))
-                return taken, int(row["last_position"])
+            row = await conn.fetchrow(sql.SEQUENCE_EVENTS, events_max)
+            assert row is not None
+            taken = int(row["taken"])
+            invariant(row["inserted"] == taken, "every event taken from the outbox is numbered")
+            if not taken:
+                return 0, 0
+            await conn.execute(sql.NOTIFY_SEQUENCED, str(row["last_position"]))
+            return taken, int(row["last_position"])
 
     async def read(self, *, after: int, limit: int, merchant_id: str | None) -> list[EventRow]:
         async with self.shard.connection() as conn:

@@ -917,15 +917,6 @@ class SagaStore:
 
         return await self.shard._in_transaction(run)
 
-    async def next_due_s(self) -> float | None:
-        """Seconds until claim_due would find a saga here (<= 0: now); None: none running."""
-
-        async def run(conn: Connection) -> float | None:
-            due_s: float | None = await conn.fetchval(sql.NEXT_SAGA_DUE_S)
-            return due_s
-
-        return await self.shard._with_connection(run)
-
     # Reads.
 
     async def get(self, key: SagaKey) -> tuple[Saga, list[SagaStep]] | None:

@@ -522,15 +522,6 @@ class Shard:
         """True from a failure as unavailable until a transaction logs it available again."""
         return self._unavailable_since is not None
 
-    async def next_expiry_due_s(self) -> float | None:
-        """Seconds until the next pending transfer here expires (<= 0: now); None: none."""
-
-        async def run(conn: Connection) -> float | None:
-            due_s: float | None = await conn.fetchval(sql.NEXT_EXPIRY_DUE_S)
-            return due_s
-
-        return await self._with_connection(run)
-
     async def expire_due_pendings(self) -> int:
         """Releases up to expiry_sweep_batch_max due pending transfers; returns how many."""
 

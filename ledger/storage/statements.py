@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ledger.storage.move_statements import MERCHANT_COUNTS
+
 FENCE = "SELECT epoch, claims_paused, merchant_id, state, moved_to FROM ledger_fence($1::text[])"
 
 CLAIM_MERCHANTS = """
@@ -372,7 +374,7 @@ MERCHANT_STATES = "SELECT probed.* FROM " + probe_by_key(
 # them, finished ones included, every two seconds. The oldest running saga is
 # of a merchant owned here, as CLAIM_DUE: copies a move leaves ahead or behind
 # are not this shard's to drive.
-GAUGE_READINGS = """
+GAUGE_READINGS = f"""
 WITH gone AS (
     DELETE FROM replicas WHERE seen_at < clock_timestamp() - interval '1 day'
 ), noted AS (
@@ -386,9 +388,8 @@ SELECT
      FROM sagas WHERE state = 1
        AND merchant_id IN (SELECT merchant_id FROM merchants
                            WHERE state IN ('active', 'moving'))) AS oldest_running_saga_age_s,
-    (SELECT coalesce(jsonb_object_agg(state, merchants), '{}')
-     FROM (SELECT state, count(*) AS merchants FROM merchants GROUP BY state) AS m)
-        AS merchants_by_state
+    (SELECT coalesce(jsonb_object_agg(state, merchants), '{{}}')
+     FROM ({MERCHANT_COUNTS}) AS m) AS merchants_by_state
 """
 
 RECENT_REPLICAS = """
