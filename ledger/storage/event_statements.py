@@ -129,31 +129,39 @@ WHERE c.lapsed_at IS NULL AND c.position < p.last_position
 RETURNING c.consumer, c.position
 """
 
-# Of the $2 oldest events that every live consumer has acknowledged, deletes
-# those older than $1 seconds (kept that long for subscribers that never
+# Of the events that every live consumer has acknowledged, deletes up to $2
+# of those older than $1 seconds (kept that long for subscribers that never
 # registered): their numbers and their outbox rows (migration 0016), the count
-# is of the outbox rows. A pass reads at most $2 events however many are
-# retained: the age is checked after the limit, not in the scan, which read
-# every event up to the floor when none was old enough (a day's stream every
-# pass, with the sequencer waiting behind it), and the doomed are deleted by key
-# through the indexes (`IN (SELECT ...)` could hash-join a scan of the whole
-# table). Positions follow commit order closely, so the oldest events are at
-# the head; one committed out of order waits for a later pass.
+# is of the outbox rows. A pass reads the events it deletes and the one after
+# them, however many are retained: it walks from the oldest event by position,
+# one key probe a step, and stops at the first that is too young or not yet
+# acknowledged. The form before took the $2 oldest and checked their age after
+# the limit; planned generically (as shard connections plan) it hash-joined
+# every retained event's number to its body, so every pass on every shard read
+# the whole stream, and deleted nothing until the stream was a day old
+# (tests/test_event_retention.py). Positions follow commit order closely, so
+# the oldest events are at the head; one committed out of order waits for a
+# later pass. The doomed are deleted by key.
 PRUNE_EVENTS = f"""
-WITH floor AS (
+WITH RECURSIVE floor AS (
     SELECT coalesce((SELECT min(position) FROM event_consumers WHERE lapsed_at IS NULL),
-                    (SELECT last_position FROM event_positions)) AS position
+                    (SELECT last_position FROM event_positions)) AS position,
+           clock_timestamp() - make_interval(secs => $1) AS cutoff
+), walk AS (
+    (SELECT e.position, e.committed_at, e.kind FROM events AS e
+     WHERE e.kind <> {KEPT_KIND} ORDER BY e.position LIMIT 1)
+    UNION ALL
+    SELECT n.position, n.committed_at, n.kind
+    FROM walk AS w CROSS JOIN floor AS f
+    CROSS JOIN LATERAL (SELECT e.position, e.committed_at, e.kind FROM events AS e
+                        WHERE e.position > w.position ORDER BY e.position LIMIT 1) AS n
+    WHERE w.committed_at < f.cutoff AND w.position < f.position
 ), head AS (
-    SELECT e.position, e.committed_at FROM events AS e, floor AS f
-    WHERE e.position <= f.position AND e.kind <> {KEPT_KIND}
-    ORDER BY e.position
+    SELECT w.position FROM walk AS w, floor AS f
+    WHERE w.committed_at < f.cutoff AND w.position <= f.position AND w.kind <> {KEPT_KIND}
     LIMIT $2
 ), unnumbered AS (
-    DELETE FROM event_numbers
-    WHERE position = ANY (ARRAY(
-        SELECT position FROM head
-        WHERE committed_at < clock_timestamp() - make_interval(secs => $1)
-    ))
+    DELETE FROM event_numbers WHERE position = ANY (ARRAY(SELECT position FROM head))
     RETURNING outbox_id
 )
 DELETE FROM event_outbox WHERE id = ANY (ARRAY(SELECT outbox_id FROM unnumbered))
