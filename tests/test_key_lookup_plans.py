@@ -17,6 +17,7 @@ import asyncpg
 import pytest
 
 from ledger.embedded.postgres import EmbeddedPostgres
+from ledger.storage import move_statements as move_sql
 from ledger.storage import saga_statements as saga_sql
 from ledger.storage import statements as sql
 from ledger.storage.migrate import apply_migrations
@@ -325,5 +326,76 @@ async def test_statements_taking_arrays_of_keys_read_rows_by_key(
                 )
         assert len(reads) >= 20, sorted(reads)
         assert {k: v for k, v in reads.items() if v} == KNOWN_WHOLE_TABLE_READS
+    finally:
+        await conn.close()
+
+
+# One transfer in a hundred pending (action 2), the rest posted, all applied, one in
+# two pending ones resolved, each with a trace id of its own: the rows a move's
+# checks and a trace lookup read.
+_FILL_PENDINGS = """
+WITH written AS (
+    INSERT INTO transfers (merchant_id, transfer_id, kind, action, debit_merchant_id,
+        debit_account_id, credit_merchant_id, credit_account_id, amount_minor,
+        amount_effective_minor, currency, pending_id, timeout_ms, linked, reversal_of,
+        metadata, result, created_at, trace_id)
+    SELECT 'm' || (g % 100), 'p' || g, 1, CASE WHEN g % 100 = 1 THEN 2 ELSE 1 END,
+           'm' || (g % 100), 'cash', 'm' || (g % 100),
+           'sales', 5, 5, 'USD', '', 0, false, '', '{}', 1, now(), md5(g::text)
+    FROM generate_series(1, $1) AS g
+    RETURNING merchant_id, transfer_id, action
+)
+INSERT INTO pending_resolutions (merchant_id, pending_id, state, by_transfer_id, created_at)
+SELECT merchant_id, transfer_id, 2, 'b' || transfer_id, now() FROM written
+WHERE action = 2 AND right(transfer_id, 3) IN ('001', '201', '401', '601', '801')
+UNION ALL
+-- Resolutions of pending transfers long gone from this shard's view: the table
+-- grows with every hold ever settled.
+SELECT 'm' || (g % 100), 'old' || g, 2, 'b' || g, now() FROM generate_series(1, $1) AS g
+"""
+_FILL_SAGAS = """
+INSERT INTO sagas (merchant_id, transfer_id, kind, state, next_step, peer_shard,
+    debit_account_id, credit_merchant_id, credit_account_id, currency, credit_action,
+    amount_minor, result, credit_outcome, next_attempt_at, trace_context, created_at,
+    updated_at)
+SELECT 'm' || (g % 100), 's' || g, 1, 2, 3, 'peer', 'cash', 'n', 'sales', 'USD', 2, 5, 1, 1,
+       now(), '', now(), now()
+FROM generate_series(1, $1) AS g
+"""
+# Reads by one merchant or one trace, with what each should cost at most in rows
+# of each grown table read (the merchant has 1% of them).
+READS_BY_MERCHANT_OR_TRACE = {
+    "TRANSFERS_BY_TRACE": (sql.TRANSFERS_BY_TRACE, "md5('1'), 10", 2),
+    "LOCAL_OPEN_PENDINGS": (move_sql.LOCAL_OPEN_PENDINGS, "'m1'", 2 * GROWN_ROWS // 100 + 10),
+    "MERCHANT_BLOCKERS": (move_sql.MERCHANT_BLOCKERS, "'m1'", 2 * GROWN_ROWS // 100 + 10),
+}
+
+
+@pytest.mark.parametrize("read", list(READS_BY_MERCHANT_OR_TRACE))
+async def test_reads_by_one_merchant_or_trace_probe_by_key_under_a_generic_plan(
+    pg_server: EmbeddedPostgres, read: str
+) -> None:
+    """Shard connections plan generically (SHARD_SERVER_SETTINGS), and a generic plan
+    cannot use a partial index whose predicate a parameter would have to imply: with
+    the action and result as parameters, a move's checks read every transfer,
+    resolution and saga of the shard for each merchant it moved, and a trace lookup
+    (`trace_id = $1` against the index's `trace_id <> ''`) every transfer."""
+    statement, arguments, rows_max = READS_BY_MERCHANT_OR_TRACE[read]
+    (spec,) = fresh_databases(pg_server, ["by_merchant"])
+    conn = await asyncpg.connect(spec.dsn)
+    try:
+        await apply_migrations(conn)
+        await conn.execute(_FILL_PENDINGS, GROWN_ROWS)
+        await conn.execute(_FILL_SAGAS, GROWN_ROWS)
+        await conn.execute(_FILL_MERCHANTS, 1_000, "m")
+        await conn.execute("ANALYZE")
+        await conn.execute("SET plan_cache_mode = force_generic_plan")
+        await conn.execute(f"PREPARE read AS {statement}")
+        explained = await conn.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE read({arguments})")
+        plan = json.loads(explained)[0]["Plan"]
+        for table in ("transfers", "pending_resolutions", "sagas", "merchants"):
+            rows, scans = scans_of(plan, table)
+            assert "Seq Scan" not in scans, f"{read} read {table} whole"
+            assert rows <= rows_max, f"{read} read {rows} {table} rows"
     finally:
         await conn.close()

@@ -85,22 +85,27 @@ LOCK_MERCHANT_EXCLUSIVE = "SELECT pg_advisory_xact_lock(7302, hashtext($1))"
 # Open local pending transfers (not made by a saga) recorded under the merchant
 # or crediting it: between its own accounts they move with it (hold, record,
 # timer); with another merchant here they become cross-shard pending
-# transfers when it moves (see MoveStore.local_holds). $2 is
-# TransferAction.PENDING, $3 TransferResult.OK.
+# transfers when it moves (see MoveStore.local_holds). Action 2 and result 1
+# (TransferAction.PENDING, TransferResult.OK) are written out, not parameters:
+# shard connections plan generically, and only literals let that plan use the
+# partial index transfers_pending_by_credit; the OFFSET 0s make the checks per
+# row probes by key. As it was, it read every transfer, resolution, saga and
+# merchant of the shard for each merchant a move checks
+# (tests/test_key_lookup_plans.py).
 LOCAL_OPEN_PENDINGS = """
 SELECT t.merchant_id, t.transfer_id, t.debit_merchant_id, t.debit_account_id,
        t.credit_merchant_id, t.credit_account_id, t.currency, t.amount_effective_minor
 FROM transfers t
 WHERE (t.merchant_id = $1 OR t.credit_merchant_id = $1) AND t.kind = 1
-  AND t.action = $2 AND t.result = $3
+  AND t.action = 2 AND t.result = 1
   AND NOT EXISTS (SELECT 1 FROM pending_resolutions r
-                  WHERE r.merchant_id = t.merchant_id AND r.pending_id = t.transfer_id)
+                  WHERE r.merchant_id = t.merchant_id AND r.pending_id = t.transfer_id OFFSET 0)
   AND NOT EXISTS (SELECT 1 FROM sagas s
                   WHERE s.merchant_id = t.merchant_id AND s.transfer_id = t.transfer_id
-                    AND s.kind = 1)
+                    AND s.kind = 1 OFFSET 0)
   -- Not the old copy of a merchant that moved away (its holds went with it).
   AND EXISTS (SELECT 1 FROM merchants m
-              WHERE m.merchant_id = t.merchant_id AND m.state <> 'moved')
+              WHERE m.merchant_id = t.merchant_id AND m.state <> 'moved' OFFSET 0)
 """
 
 
@@ -110,8 +115,11 @@ CROSS_HOLDS_AS_DEBIT = """
 SELECT s.transfer_id, s.currency, s.amount_minor, s.peer_shard FROM sagas s
 WHERE s.merchant_id = $1 AND s.kind = 1 AND s.state = 2 AND s.credit_action = 2
   AND s.result = 1
+  -- A probe by key per hold (OFFSET 0): as an anti-join it could read every
+  -- resolution of the shard.
   AND NOT EXISTS (SELECT 1 FROM pending_resolutions r
-                  WHERE r.merchant_id = s.merchant_id AND r.pending_id = s.transfer_id)
+                  WHERE r.merchant_id = s.merchant_id AND r.pending_id = s.transfer_id
+                  OFFSET 0)
 """
 
 # ... and as the credit party (in the column order of INSERT_CREDIT_HOLD).

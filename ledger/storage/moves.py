@@ -78,9 +78,7 @@ class MerchantDigest:
 
 
 async def _local_holds(conn: Connection, merchant_id: str) -> list[LocalHold]:
-    rows = await conn.fetch(
-        sql.LOCAL_OPEN_PENDINGS, merchant_id, TransferAction.PENDING, TransferResult.OK
-    )
+    rows = await conn.fetch(sql.LOCAL_OPEN_PENDINGS, merchant_id)
     return [
         LocalHold(
             key=TransferKey(r["merchant_id"], r["transfer_id"]),
@@ -360,9 +358,7 @@ class MoveStore:
         it cannot carry), or None."""
 
         async def run(conn: Connection) -> str | None:
-            row = await conn.fetchrow(
-                sql.MERCHANT_BLOCKERS, merchant_id, TransferAction.PENDING, TransferResult.OK
-            )
+            row = await conn.fetchrow(sql.MERCHANT_BLOCKERS, merchant_id)
             assert row is not None
             if row["open_sagas"]:
                 return f"{row['open_sagas']} saga(s) of its own not finished"

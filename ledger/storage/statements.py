@@ -352,8 +352,10 @@ INSERT INTO shard_meta (shard_name, epoch, claims_paused) VALUES ($1, $2, $3)
 ON CONFLICT (singleton) DO NOTHING
 """
 
+# `trace_id <> ''` lets the generic plan (shard connections plan generically) use
+# the partial index transfers_by_trace; without it every transfer was read.
 TRANSFERS_BY_TRACE = f"""
-SELECT {TRANSFER_COLUMNS} FROM transfers WHERE trace_id = $1 AND kind = 1
+SELECT {TRANSFER_COLUMNS} FROM transfers WHERE trace_id = $1 AND trace_id <> '' AND kind = 1
 ORDER BY created_at LIMIT $2
 """
 
