@@ -118,7 +118,8 @@ async def test_upgrading_keeps_every_event_and_numbers_the_outbox_after_it(
             """
         )
         before = await conn.fetch("SELECT * FROM events ORDER BY position")
-        assert await apply_migrations(conn) == ["0016_events_by_reference.sql"]
+        applied = await apply_migrations(conn)
+        assert applied[0] == "0016_events_by_reference.sql", applied
         after = await conn.fetch(f"SELECT {event_sql.EVENT_COLUMNS} FROM events ORDER BY position")
         assert [dict(r) for r in after] == [
             {k: v for k, v in dict(r).items() if k != "sequenced_at"} for r in before

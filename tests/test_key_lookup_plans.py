@@ -399,3 +399,32 @@ async def test_reads_by_one_merchant_or_trace_probe_by_key_under_a_generic_plan(
             assert rows <= rows_max, f"{read} read {rows} {table} rows"
     finally:
         await conn.close()
+
+
+async def test_every_table_a_move_reads_by_merchant_has_an_index_led_by_that_column(
+    pg_server: EmbeddedPostgres,
+) -> None:
+    """A move copies, counts and cleans up a merchant's rows table by table, by the
+    column that names the merchant (MOVED_TABLES): without an index led by it, each
+    read every row of the shard, once per merchant moved. saga_credits, named by its
+    credit side, had none until migration 0017."""
+    (spec,) = fresh_databases(pg_server, ["moved_tables"])
+    conn = await asyncpg.connect(spec.dsn)
+    try:
+        await apply_migrations(conn)
+        led_by = {
+            (r["table_name"], r["column_name"])
+            for r in await conn.fetch(
+                """
+                SELECT t.relname AS table_name, a.attname AS column_name
+                FROM pg_index i
+                JOIN pg_class t ON t.oid = i.indrelid
+                JOIN pg_attribute a ON a.attrelid = t.oid AND a.attnum = i.indkey[0]
+                WHERE i.indpred IS NULL
+                """
+            )
+        }
+        unindexed = [(t, c) for t, c, _ in move_sql.MOVED_TABLES if (t, c) not in led_by]
+        assert not unindexed, f"read whole for each merchant moved: {unindexed}"
+    finally:
+        await conn.close()
