@@ -368,6 +368,8 @@ READS_BY_MERCHANT_OR_TRACE = {
     "TRANSFERS_BY_TRACE": (sql.TRANSFERS_BY_TRACE, "md5('1'), 10", 2),
     "LOCAL_OPEN_PENDINGS": (move_sql.LOCAL_OPEN_PENDINGS, "'m1'", 2 * GROWN_ROWS // 100 + 10),
     "MERCHANT_BLOCKERS": (move_sql.MERCHANT_BLOCKERS, "'m1'", 2 * GROWN_ROWS // 100 + 10),
+    # The dead-letter list: none dead among the grown sagas.
+    "LIST_SAGAS": (saga_sql.LIST_SAGAS, "ARRAY[4, 4]::smallint[], 10", 2),
 }
 
 

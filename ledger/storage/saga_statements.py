@@ -245,10 +245,20 @@ FROM sagas WHERE state = 1
   AND merchant_id IN (SELECT merchant_id FROM merchants WHERE state IN ('active', 'moving'))
 """
 
+# The oldest sagas in the states asked for, of merchants owned here. Each state is
+# read through sagas_by_state in age order, and each saga's merchant probed by key,
+# until the page is full: with `state = ANY($1)` the generic plan (shard
+# connections plan generically) read every saga ever run to list the dead ones.
 LIST_SAGAS = f"""
-SELECT {SAGA_COLUMNS} FROM sagas WHERE state = ANY($1::smallint[])
-  AND merchant_id IN (SELECT merchant_id FROM merchants WHERE state IN ('active', 'moving'))
-ORDER BY created_at LIMIT $2
+SELECT listed.* FROM (SELECT DISTINCT unnest($1::smallint[])) AS wanted(state)
+CROSS JOIN LATERAL (
+    SELECT {SAGA_COLUMNS} FROM sagas AS s
+    WHERE s.state = wanted.state
+      AND EXISTS (SELECT 1 FROM merchants AS m WHERE m.merchant_id = s.merchant_id
+                  AND m.state IN ('active', 'moving') OFFSET 0)
+    ORDER BY s.created_at LIMIT $2
+) AS listed
+ORDER BY listed.created_at LIMIT $2
 """
 
 SELECT_CREDIT = """
