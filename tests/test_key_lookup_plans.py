@@ -260,8 +260,6 @@ async def test_accounts_are_locked_before_the_one_that_waits(pg_server: Embedded
 # with an array of keys must find its rows by key.
 KNOWN_WHOLE_TABLE_READS = {
     "statements.SET_ACCOUNTS_CLOSED": {"accounts"},
-    "saga_statements.CREDITS_FOR": {"saga_credits"},
-    "saga_statements.POSTED_DEBITS_FOR": {"entries"},
     "saga_statements.HOLD_ROUTE_SHARDS": {
         "credit_holds",
         "hold_relays",

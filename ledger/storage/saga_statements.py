@@ -377,18 +377,25 @@ ORDER BY merchant_id, transfer_id, kind
 LIMIT $4
 """
 
+# Each key probed (as statements.probe_by_key): with `IN (SELECT * FROM
+# unnest(...))` the generic plan read every saga credit, and every entry below,
+# for each page of sagas a reconciliation checks: quadratic in the shard's sagas.
 CREDITS_FOR = """
-SELECT merchant_id, transfer_id, kind, outcome FROM saga_credits
-WHERE (merchant_id, transfer_id, kind) IN
-      (SELECT * FROM unnest($1::text[], $2::text[], $3::smallint[]))
+SELECT probed.* FROM
+    (SELECT DISTINCT * FROM unnest($1::text[], $2::text[], $3::smallint[]))
+        AS k(merchant_id, transfer_id, kind)
+CROSS JOIN LATERAL (SELECT merchant_id, transfer_id, kind, outcome FROM saga_credits
+    WHERE merchant_id = k.merchant_id AND transfer_id = k.transfer_id AND kind = k.kind
+    OFFSET 0) AS probed
 """
 
 # For completed POST sagas: the debit side posted (a POSTED debit entry exists).
-POSTED_DEBITS_FOR = """
-SELECT DISTINCT transfer_merchant_id AS merchant_id, transfer_id FROM entries
-WHERE (transfer_merchant_id, transfer_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))
-  AND direction = 1 AND kind = 1 AND merchant_id <> '$settlement'
-"""
+POSTED_DEBITS_FOR = "SELECT k.merchant_id, k.transfer_id FROM " + ledger_sql.probe_by_key(
+    ("merchant_id", "transfer_id"),
+    "SELECT 1 FROM entries WHERE transfer_merchant_id = k.merchant_id"
+    " AND transfer_id = k.transfer_id AND direction = 1 AND kind = 1"
+    " AND merchant_id <> '$settlement' LIMIT 1",
+)
 
 # Reconcile: a rebalance or cleanup holds this admin lock (move_statements
 # TRY_ADMIN_LOCK) on every shard it uses; without it, no move is in progress.
