@@ -259,7 +259,6 @@ async def test_accounts_are_locked_before_the_one_that_waits(pg_server: Embedded
 # and rarer paths left for later (docs/performance.md). Any other statement
 # with an array of keys must find its rows by key.
 KNOWN_WHOLE_TABLE_READS = {
-    "statements.SET_ACCOUNTS_CLOSED": {"accounts"},
     "saga_statements.HOLD_ROUTE_SHARDS": {
         "credit_holds",
         "hold_relays",

@@ -361,14 +361,17 @@ class Shard:
     ) -> set[AccountKey]:
         async def run(conn: Connection) -> set[AccountKey]:
             await self._fence(conn, fence, {k.merchant_id for k in keys})
-            rows = await conn.fetch(
-                sql.SET_ACCOUNTS_CLOSED,
-                [k.merchant_id for k in keys],
-                [k.account_id for k in keys],
-                closed,
-                current_trace_id(),
-            )
-            return {AccountKey(r["merchant_id"], r["account_id"]) for r in rows}
+            # Locked first, in the writes' order: the update finds each row by key.
+            found = await self._accounts(conn, keys, statement=sql.LOCK_ACCOUNTS)
+            if found:
+                await conn.execute(
+                    sql.SET_ACCOUNTS_CLOSED,
+                    [k.merchant_id for k in found],
+                    [k.account_id for k in found],
+                    closed,
+                    current_trace_id(),
+                )
+            return set(found)
 
         return await self._in_transaction(run)
 

@@ -70,18 +70,21 @@ WITH changed AS (
 SELECT merchant_id, account_id FROM changed
 """
 
-# Only accounts whose state changes are written (and announced); all found are returned.
+# Only accounts whose state changes are written (and announced). The caller has
+# locked them (LOCK_ACCOUNTS, in the one byte order every write locks in), so
+# each row is found through the primary key and its row version cannot move
+# under the update, as in WRITE_BATCH; with `IN (SELECT * FROM unnest(...))` the
+# generic plan read every account of the shard (tests/test_key_lookup_plans.py).
 SET_ACCOUNTS_CLOSED = f"""
 WITH changed AS (
-    UPDATE accounts SET closed = $3
-    WHERE (merchant_id, account_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))
-      AND closed <> $3
+    UPDATE accounts AS a SET closed = $3
+    FROM (SELECT DISTINCT * FROM unnest($1::text[], $2::text[])) AS k(key_merchant, key_account)
+    CROSS JOIN LATERAL (SELECT ctid AS row_id FROM accounts
+        WHERE merchant_id = k.key_merchant AND account_id = k.key_account OFFSET 0) AS found
+    WHERE a.ctid = found.row_id AND a.closed <> $3
     RETURNING {ACCOUNT_COLUMNS}
-), announced AS (
-    {_ACCOUNT_EVENT.format(kind="CASE WHEN $3 THEN 2 ELSE 3 END", trace_id="$4")}
 )
-SELECT merchant_id, account_id FROM accounts
-WHERE (merchant_id, account_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))
+{_ACCOUNT_EVENT.format(kind="CASE WHEN $3 THEN 2 ELSE 3 END", trace_id="$4")}
 """
 
 TRANSFER_COLUMNS = """
