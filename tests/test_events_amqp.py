@@ -34,6 +34,7 @@ from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 from google.protobuf import json_format
 
 from ledger import limits
+from ledger.api.amqp_publisher import AmqpPublisher, PublisherSettings
 from ledger.storage.event_lease import ShardLease
 from ledger.storage.events import EventStore
 from ledger.telemetry.redaction import redact
@@ -440,6 +441,60 @@ async def test_every_event_reaches_the_queue_once_in_order_as_subscribers_see_it
     finally:
         if publisher.process is not None and publisher.process.poll() is None:
             await publisher.kill()
+
+
+async def test_a_publisher_that_caught_up_reads_the_stream_again_only_when_a_round_numbered_more(
+    service: Service, topology: Topology
+) -> None:
+    """A read that returned less than a batch took everything numbered: the publisher
+    then waits for the next sequencer round's notification. It used to read again at
+    once and find nothing, so every burst of events cost the shard two reads."""
+    bursts = 10
+    await topology.declare()
+    publisher = AmqpPublisher(
+        service.cluster,
+        PublisherSettings(
+            amqp_url=AMQP_URL,
+            exchange=topology.exchange,
+            consumer=uid("pub-"),
+            queue=topology.queue,
+        ),
+    )
+    running = asyncio.create_task(publisher.run())
+    merchant = service.merchant_on("shard-a")
+    try:
+        await create_accounts(service.stub, account(merchant, "cash"), account(merchant, "sales"))
+        await last_positions(service)
+
+        async def caught_up(published: int) -> bool:
+            if running.done():
+                running.result()
+                raise AssertionError("the publisher stopped")
+            return publisher.published > published and set(SHARDS) <= publisher.leases
+
+        await wait_until(
+            functools.partial(caught_up, 0), deadline_s=PUBLISHER_DEADLINE_S, what="a publisher"
+        )
+        started_s, reads_before = time.monotonic(), publisher.reads["shard-a"]
+        for _ in range(bursts):
+            published = publisher.published
+            results = await transfers(
+                service.stub, transfer(uid("t-"), ref(merchant, "cash"), ref(merchant, "sales"), 1)
+            )
+            assert result_names(results) == ["TRANSFER_RESULT_OK"]
+            await wait_until(
+                functools.partial(caught_up, published),
+                deadline_s=PUBLISHER_DEADLINE_S,
+                what="the burst published",
+            )
+        reads = publisher.reads["shard-a"] - reads_before
+        # One read per burst, and the idle look each event_idle_poll_s (a lost
+        # notification's fallback); reading again at once would be 2 per burst.
+        idle_looks = 1 + (time.monotonic() - started_s) / limits.event_idle_poll_s
+        assert bursts <= reads <= bursts + idle_looks, (reads, idle_looks)
+    finally:
+        publisher.stop()
+        await asyncio.wait_for(running, PUBLISHER_STOP_DEADLINE_S)
 
 
 def _kill_seeds() -> list[int]:
