@@ -373,6 +373,33 @@ async def test_checkpoints_seal_heads_from_the_entries_not_the_account_row(
     assert (merchant, "cash") not in sealed
 
 
+async def test_exported_heads_are_named_missing_or_differing_and_the_rest_pass(
+    anchored: Service,
+) -> None:
+    merchant, _, shard = await books(anchored)
+    async with shard.pool.acquire() as conn:
+        stored = {
+            (r["account_id"], r["sequence"]): r["entry_hash"]
+            for r in await conn.fetch(
+                "SELECT account_id, sequence, entry_hash FROM entries WHERE merchant_id = $1",
+                merchant,
+            )
+        }
+    exported = [
+        (merchant, "cash", 1, stored[("cash", 1)]),
+        (merchant, "cash", 2, b"\x02" * 32),
+        (merchant, "wallet", TRANSFERS, stored[("wallet", TRANSFERS)]),
+        (merchant, "wallet", TRANSFERS + 1, b"\x03" * 32),
+    ]
+    assert await ChainStore(shard).heads_differing(exported) == [
+        (merchant, "cash", 2, False),
+        (merchant, "wallet", TRANSFERS + 1, True),
+    ]
+    assert await ChainStore(shard).heads_differing(exported, violations_max=1) == [
+        (merchant, "cash", 2, False)
+    ]
+
+
 async def test_verify_names_a_balance_edited_in_the_account_row_alone(anchored: Service) -> None:
     merchant, _, shard = await books(anchored)
     async with shard.pool.acquire() as conn:

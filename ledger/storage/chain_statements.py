@@ -39,18 +39,29 @@ LIMIT $1
 
 # Of those accounts, the ones whose entries since the sealed head do not chain
 # from it to the new head: a checkpoint never seals a chain it cannot recompute.
+# Each account's range and each predecessor is probed by key (OFFSET 0 keeps the
+# probes apart): joined plainly, the generic plan hash-joined every entry of the
+# shard, every checkpoint round.
 UNSEALABLE = """
 SELECT DISTINCT c.merchant_id, c.account_id
 FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bytea[], $5::bigint[])
     AS c(merchant_id, account_id, sealed_sequence, sealed_hash, head_sequence)
-JOIN entries e
-    ON e.merchant_id = c.merchant_id AND e.account_id = c.account_id
-   AND e.sequence > c.sealed_sequence AND e.sequence <= c.head_sequence
-LEFT JOIN entries p
-    ON p.merchant_id = e.merchant_id AND p.account_id = e.account_id
-   AND p.sequence = e.sequence - 1 AND p.sequence > c.sealed_sequence
-WHERE e.entry_hash IS DISTINCT FROM ledger_entry_hash(
-    CASE WHEN e.sequence = c.sealed_sequence + 1 THEN c.sealed_hash ELSE p.entry_hash END, e)
+CROSS JOIN LATERAL (
+    SELECT e, e.sequence, e.entry_hash FROM entries e
+    WHERE e.merchant_id = c.merchant_id AND e.account_id = c.account_id
+      AND e.sequence > c.sealed_sequence AND e.sequence <= c.head_sequence
+    OFFSET 0
+) AS grown
+LEFT JOIN LATERAL (
+    SELECT p.entry_hash FROM entries p
+    WHERE p.merchant_id = c.merchant_id AND p.account_id = c.account_id
+      AND p.sequence = grown.sequence - 1 AND p.sequence > c.sealed_sequence
+    OFFSET 0
+) AS previous ON true
+WHERE grown.entry_hash IS DISTINCT FROM ledger_entry_hash(
+    CASE WHEN grown.sequence = c.sealed_sequence + 1 THEN c.sealed_hash
+         ELSE previous.entry_hash END,
+    grown.e)
 """
 
 INSERT_CHECKPOINT = """
@@ -135,14 +146,19 @@ SELECT merchant_id FROM merchants
 WHERE merchant_id = ANY ($1::text[]) AND state IN ('active', 'moving')
 """
 
-# Exported heads (merchant, account, sequence, hash) whose entry here is gone or differs.
+# Exported heads (merchant, account, sequence, hash) whose entry here is gone or
+# differs; each probed by key, as UNSEALABLE's entries are.
 EXPORTED_HEADS_DIFFERING = """
-SELECT x.merchant_id, x.account_id, x.sequence, e.entry_hash IS NULL AS missing
+SELECT x.merchant_id, x.account_id, x.sequence, here.entry_hash IS NULL AS missing
 FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bytea[])
     AS x(merchant_id, account_id, sequence, entry_hash)
-LEFT JOIN entries e
-    ON e.merchant_id = x.merchant_id AND e.account_id = x.account_id AND e.sequence = x.sequence
-WHERE e.entry_hash IS DISTINCT FROM x.entry_hash
+LEFT JOIN LATERAL (
+    SELECT e.entry_hash FROM entries e
+    WHERE e.merchant_id = x.merchant_id AND e.account_id = x.account_id
+      AND e.sequence = x.sequence
+    OFFSET 0
+) AS here ON true
+WHERE here.entry_hash IS DISTINCT FROM x.entry_hash
 ORDER BY x.merchant_id, x.account_id, x.sequence
 LIMIT $5
 """
