@@ -47,7 +47,7 @@ def of(merchant_id: str, **fields: object) -> pb.SubscribeEventsRequest:
 _EVENT_ENTRIES_AGAINST_ROWS = """
 WITH announced AS (
     SELECT e.transfer_id, jsonb_agg(x) AS entries
-    FROM events AS e, jsonb_array_elements(e.body -> 'entries') AS x
+    FROM events AS e, json_array_elements(e.body -> 'entries') AS x
     WHERE e.merchant_id = $1
     GROUP BY e.transfer_id
 )

@@ -1038,6 +1038,14 @@ async def init_connection(conn: asyncpg.Connection[asyncpg.Record]) -> None:
         schema="pg_catalog",
         format="binary",
     )
+    # Event bodies (migration 0018): the same JSON, without the version byte.
+    await conn.set_type_codec(
+        "json",
+        encoder=_encode_json,
+        decoder=_decode_json,
+        schema="pg_catalog",
+        format="binary",
+    )
 
 
 _JSONB_VERSION = b"\x01"
@@ -1058,16 +1066,24 @@ def _decode_jsonb(data: bytes) -> object:
         return {}
     if data == _EMPTY_JSONB_ARRAY:
         return []
+    return _decode_json(memoryview(data)[1:])
+
+
+def _encode_json(value: object) -> bytes:
+    return json.dumps(value).encode()
+
+
+def _decode_json(data: bytes | memoryview) -> object:
     # orjson takes a third of json.loads's time on an event's body, which every
     # subscriber and the publisher decode per event. Its values are json.loads's
     # for every integer from -2**63 to 2**64 - 1 (beyond, it gives a float); the
-    # ledger's jsonb holds no other: numbers come from bigint columns and int64
+    # ledger's JSON holds no other: numbers come from bigint columns and int64
     # fields, metadata values are strings. What orjson refuses (NaN, a lone
     # surrogate escape: PostgreSQL stores neither) json.loads decides.
     try:
-        return orjson.loads(memoryview(data)[1:])
+        return orjson.loads(data)
     except orjson.JSONDecodeError:
-        return json.loads(data[1:])
+        return json.loads(bytes(data))
 
 
 def _saga_settles(requests: Sequence[TransferRequest], saga_backed: set[TransferKey]) -> set[int]:
