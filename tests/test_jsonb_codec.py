@@ -1,8 +1,10 @@
-"""The shards' jsonb codec decodes with orjson where it gives what json.loads gives.
+"""The shards' jsonb and json codecs decode with orjson where it gives what
+json.loads gives.
 
-Every jsonb value the service reads (event bodies above all, per event for each
-subscriber and the publisher) goes through it, so a difference would change
-what callers see; these tests hold it to json.loads, the reference.
+Every jsonb and json value the service reads (event bodies above all, json
+since migration 0018, per event for each subscriber and the publisher) goes
+through them, so a difference would change what callers see; these tests hold
+them to json.loads, the reference.
 """
 
 from __future__ import annotations
@@ -15,7 +17,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ledger.embedded.postgres import EmbeddedPostgres
-from ledger.storage.shard import _decode_jsonb, _encode_jsonb, init_connection
+from ledger.storage.shard import (
+    _decode_json,
+    _decode_jsonb,
+    _encode_json,
+    _encode_jsonb,
+    init_connection,
+)
 
 INT64_MIN, UINT64_MAX = -(2**63), 2**64 - 1
 
@@ -55,16 +63,19 @@ def stored(text: str) -> bytes:
 def test_decoding_gives_what_json_loads_gives(value: Any, ensure_ascii: bool) -> None:
     text = json.dumps(value, ensure_ascii=ensure_ascii)
     assert typed(_decode_jsonb(stored(text))) == typed(json.loads(text))
+    assert typed(_decode_json(text.encode())) == typed(json.loads(text))
 
 
 @given(value=JSON_VALUES)
 def test_what_is_encoded_decodes_to_itself(value: Any) -> None:
     assert typed(_decode_jsonb(_encode_jsonb(value))) == typed(value)
+    assert typed(_decode_json(_encode_json(value))) == typed(value)
 
 
 def test_what_orjson_refuses_json_loads_decides() -> None:
     for text in ('{"a": NaN}', '"\\ud800"', "[Infinity, -Infinity]"):
         assert typed(_decode_jsonb(stored(text))) == typed(json.loads(text))
+        assert typed(_decode_json(text.encode())) == typed(json.loads(text))
 
 
 async def test_postgresql_jsonb_reads_back_exactly(pg_server: EmbeddedPostgres) -> None:
@@ -88,5 +99,14 @@ async def test_postgresql_jsonb_reads_back_exactly(pg_server: EmbeddedPostgres) 
         sent = {"metadata": {"order": "A-1", "note": "日本"}, "amount_minor": 2**63 - 1}
         read_back = await conn.fetchval("SELECT $1::jsonb", sent)
         assert typed(read_back, key_order=False) == typed(sent, key_order=False)
+        # json keeps the text as built: its keys in their order.
+        built = await conn.fetchval(
+            "SELECT json_build_object('max', 9223372036854775807::bigint, 'text', 'é😀\"\\',"
+            " 'list', json_build_array(0, -1, 'x', null, true, 1.5))"
+        )
+        assert typed(built) == typed(
+            {"max": 2**63 - 1, "text": 'é😀"\\', "list": [0, -1, "x", None, True, 1.5]}
+        )
+        assert typed(await conn.fetchval("SELECT $1::json", sent)) == typed(sent)
     finally:
         await conn.close()
