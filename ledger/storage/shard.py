@@ -1058,7 +1058,7 @@ def _encode_jsonb(value: object) -> bytes:
     # Most transfers and accounts carry no metadata: one constant instead of json.dumps.
     if value == {}:
         return _EMPTY_JSONB_OBJECT
-    return _JSONB_VERSION + json.dumps(value).encode()
+    return _JSONB_VERSION + _encode_json(value)
 
 
 def _decode_jsonb(data: bytes) -> object:

@@ -4,8 +4,8 @@
 -- jsonb made each write build a binary document (sorting its keys) and each
 -- read turn it back into text. Measured on PostgreSQL 15 with the hot path's
 -- body (a transfer and its two entries, docs/performance.md): building and
--- inserting it 30-39 us as jsonb, 17-26 us as json; reading it out 5-9 us
--- against 1-2 us; 1,390 against 1,194 bytes a row. Bodies written as jsonb
+-- inserting it 30-39 us as jsonb, 17-26 us as json; reading it out 6-9 us
+-- against 1.4-1.7 us; 1,390 against 1,194 bytes a row. Bodies written as jsonb
 -- elsewhere (account, crossing, saga and move events, all rare) are stored
 -- through the assignment cast, as text.
 DROP VIEW events;
