@@ -377,17 +377,15 @@ ORDER BY merchant_id, transfer_id, kind
 LIMIT $4
 """
 
-# Each key probed (as statements.probe_by_key): with `IN (SELECT * FROM
-# unnest(...))` the generic plan read every saga credit, and every entry below,
-# for each page of sagas a reconciliation checks: quadratic in the shard's sagas.
-CREDITS_FOR = """
-SELECT probed.* FROM
-    (SELECT DISTINCT * FROM unnest($1::text[], $2::text[], $3::smallint[]))
-        AS k(merchant_id, transfer_id, kind)
-CROSS JOIN LATERAL (SELECT merchant_id, transfer_id, kind, outcome FROM saga_credits
-    WHERE merchant_id = k.merchant_id AND transfer_id = k.transfer_id AND kind = k.kind
-    OFFSET 0) AS probed
-"""
+# Each key probed: with `IN (SELECT * FROM unnest(...))` the generic plan read
+# every saga credit, and every entry below, for each page of sagas a
+# reconciliation checks: quadratic in the shard's sagas.
+CREDITS_FOR = "SELECT probed.* FROM " + ledger_sql.probe_by_key(
+    ("merchant_id", "transfer_id", "kind"),
+    "SELECT merchant_id, transfer_id, kind, outcome FROM saga_credits"
+    " WHERE merchant_id = k.merchant_id AND transfer_id = k.transfer_id AND kind = k.kind",
+    types=("text", "text", "smallint"),
+)
 
 # For completed POST sagas: the debit side posted (a POSTED debit entry exists).
 POSTED_DEBITS_FOR = "SELECT k.merchant_id, k.transfer_id FROM " + ledger_sql.probe_by_key(

@@ -104,10 +104,14 @@ failed_posting_index, expires_at, trace_id, created_at
 # 38% of PostgreSQL's time in the single benchmark. OFFSET 0 keeps each
 # lateral subquery from being flattened into that join; DISTINCT keeps IN's
 # meaning when a key is given twice. Sagas' lookups use it too.
-def probe_by_key(columns: tuple[str, ...], lookup: str) -> str:
+def probe_by_key(
+    columns: tuple[str, ...], lookup: str, *, types: tuple[str, ...] | None = None
+) -> str:
     """FROM clause: the lookup (which names the keys as k.<column>) once per key;
-    the keys' columns are $1, $2, ... (text arrays)."""
-    arrays = ", ".join(f"${i}::text[]" for i in range(1, len(columns) + 1))
+    the keys' columns are $1, $2, ... (arrays of `types`, text unless given)."""
+    types = types or ("text",) * len(columns)
+    assert len(types) == len(columns), "a type per key column"
+    arrays = ", ".join(f"${i}::{t}[]" for i, t in enumerate(types, start=1))
     return f"""
 (SELECT DISTINCT * FROM unnest({arrays})) AS k({", ".join(columns)})
 CROSS JOIN LATERAL ({lookup} OFFSET 0) AS probed
