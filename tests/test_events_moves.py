@@ -3,6 +3,14 @@ shard is delivered only after the departure from the old one."""
 
 from __future__ import annotations
 
+import asyncio
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+
+from ledger.core.event_feed import Subscription
+from ledger.domain.events import EventKind
+from ledger.storage.events import EventRow
 from ledger.v1 import ledger_pb2 as pb
 from tests.event_support import balances_from, kinds, marked
 from tests.ledger4 import Ledger4
@@ -15,6 +23,7 @@ from tests.support import (
     transfer,
     transfers,
     uid,
+    wait_until,
 )
 from tests.test_moves_settle_routing import away_and_back, rebalance_to
 
@@ -68,3 +77,70 @@ async def test_a_merchant_moved_away_and_back_has_its_events_in_order(ledger4: L
             stored.debits_pending,
             stored.credits_pending,
         )
+
+
+async def test_an_arrival_read_while_its_source_shard_is_down_waits_and_the_stream_stays_open(
+    ledger4: Ledger4,
+) -> None:
+    """Reproduces chaos seed 71: a subscription read a merchant's arrival while the
+    shard it came from refused connections, and the departure lookup's
+    ShardUnavailable ended the stream (UNKNOWN to the caller). The arrival now
+    waits, as events of an unavailable shard do, and follows the departure once
+    the source answers again. The feed is followed from the start of every shard,
+    positions a subscription took while all were up."""
+    env, stub = ledger4, ledger4.service.stub
+    mover, _, home, heavier, _ = away_and_back(env)
+    await create_accounts(stub, account(mover, "cash"), account(mover, "sales"))
+    await _pay(env, mover, 2)
+    await rebalance_to(env, heavier, mover)
+    away = env.service.cluster.ring.shard_for(mover)
+    await _pay(env, mover, 2)
+    feed = env.service.server.feed
+    positions = {name: 0 for name in env.service.cluster.shards}
+    rows: list[EventRow] = []
+
+    async def follow() -> None:
+        subscription = Subscription(after=positions, merchant_id=mover)
+        async for batch, _ in feed.follow_batches(subscription, dict(positions)):
+            rows.extend(batch)
+
+    dsn = urlsplit(env.specs[home].dsn)
+    database = dsn.path.lstrip("/")
+    admin = await asyncpg.connect(urlunsplit(dsn._replace(path="/postgres")))
+    following: asyncio.Task[None] | None = None
+    try:
+        await admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS false')
+        await env.service.cluster.shards[home].pool.expire_connections()
+        away_reads = feed.shard_reads[away]
+        following = asyncio.create_task(follow())
+
+        async def read_away() -> bool:
+            return following.done() or feed.shard_reads[away] > away_reads
+
+        await wait_until(read_away, what="the feed to read the arrival's shard")
+        home_reads = feed.shard_reads[home]
+
+        async def passed_on() -> bool:
+            # A later look at the source: the arrival's read was done with by then.
+            return following.done() or feed.shard_reads[home] > home_reads
+
+        await wait_until(passed_on, what="the feed to look at the source again")
+        assert not following.done(), following.exception()
+        assert [r.shard for r in rows] == [], "nothing of the merchant before its departure"
+    finally:
+        await admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true')
+        await admin.close()
+    try:
+
+        async def all_read() -> bool:
+            if following.done():
+                following.result()
+            return sum(r.kind is EventKind.TRANSFER_POSTED for r in rows) == 4
+
+        await wait_until(all_read, what="the merchant's events once the source is back")
+    finally:
+        following.cancel()
+    moves = [(r.kind, r.shard) for r in rows if r.kind.name.startswith("MERCHANT_MOVED")]
+    assert moves == [(EventKind.MERCHANT_MOVED_OUT, home), (EventKind.MERCHANT_MOVED_IN, away)]
+    payments = [r.shard for r in rows if r.kind is EventKind.TRANSFER_POSTED]
+    assert payments == [home] * 2 + [away] * 2

@@ -252,8 +252,14 @@ class EventFeed:
         if shard is None:
             return True  # the source left the config: nothing of it can come
         # Departures are never pruned (event_statements.PRUNE_EVENTS): none found
-        # means the rebalance has not marked it yet.
-        departed_at = await EventStore(shard).moved_out_position(merchant_id, epoch)
+        # means the rebalance has not marked it yet. A source that cannot answer
+        # now holds the arrival back, as an unavailable shard's events wait
+        # (raised out of the stream, it ended the subscription with UNKNOWN).
+        try:
+            departed_at = await EventStore(shard).moved_out_position(merchant_id, epoch)
+        except ShardUnavailable as error:
+            log.debug("departure from shard %s not looked up now: %s", source, error)
+            return False
         return departed_at is not None and positions.get(source, 0) >= departed_at
 
 
