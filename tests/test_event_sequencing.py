@@ -4,7 +4,9 @@ numbered 3,536 events/s against 5,640 transfers/s written, and did not catch up)
 
 from __future__ import annotations
 
+import asyncio
 import json
+import random
 
 import asyncpg
 import pytest
@@ -13,7 +15,7 @@ from ledger.embedded.postgres import EmbeddedPostgres
 from ledger.storage import event_statements as event_sql
 from ledger.storage.migrate import apply_migrations
 from ledger.storage.shard import Shard
-from tests.support import apply_migrations_before, fresh_databases, scans_of
+from tests.support import WAIT_DEADLINE_S, apply_migrations_before, fresh_databases, scans_of
 
 
 @pytest.mark.parametrize("plan_cache_mode", ["force_custom_plan", "force_generic_plan"])
@@ -137,3 +139,105 @@ async def test_upgrading_keeps_every_event_and_numbers_the_outbox_after_it(
             await conn.execute("UPDATE event_outbox SET body = '{}' WHERE id = 4")
     finally:
         await conn.close()
+
+
+async def test_a_round_without_the_sequencer_lock_numbers_nothing_and_one_with_it_notifies(
+    pg_server: EmbeddedPostgres,
+) -> None:
+    """The round is one statement in its own transaction: the lock, the numbering
+    and the notification. One that cannot take the lock leaves the queue as it
+    is; one that can numbers it and tells the listeners the last position."""
+    (spec,) = fresh_databases(pg_server, ["sequencer_lock"])
+    conn, holder, listener = [await asyncpg.connect(spec.dsn) for _ in range(3)]
+    try:
+        await apply_migrations(conn)
+        # As on a shard's pool connections: the lock's test is in the generic plan too.
+        await conn.execute("SET plan_cache_mode = force_generic_plan")
+        await conn.execute(
+            "INSERT INTO event_outbox (kind, merchant_id, merchant_ids, body) "
+            "SELECT 4, 'm', ARRAY['m'], json_build_object('n', g) FROM generate_series(1, 3) AS g"
+        )
+        notified: asyncio.Queue[str] = asyncio.Queue()
+        await listener.add_listener(
+            event_sql.NOTIFY_CHANNEL, lambda *args: notified.put_nowait(args[-1])
+        )
+        async with holder.transaction():
+            await holder.execute("SELECT pg_advisory_xact_lock(7306, 0)")
+            row = await conn.fetchrow(event_sql.SEQUENCE_EVENTS, 100)
+            assert row is not None
+            assert (row["taken"], row["inserted"], row["notified"]) == (0, 0, 0)
+            assert row["last_position"] is None
+            assert await conn.fetchval("SELECT count(*) FROM event_queue") == 3
+        # The holder's commit released the lock.
+        row = await conn.fetchrow(event_sql.SEQUENCE_EVENTS, 100)
+        assert row is not None
+        assert (row["taken"], row["inserted"], row["notified"]) == (3, 3, 1)
+        assert row["last_position"] == 3
+        assert await asyncio.wait_for(notified.get(), timeout=WAIT_DEADLINE_S) == "3"
+        assert notified.empty()
+        assert not await conn.fetchval(event_sql.OUTBOX_HAS_ROWS)
+    finally:
+        for c in (conn, holder, listener):
+            await c.close()
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+async def test_concurrent_rounds_give_every_event_one_position_in_each_accounts_order(
+    pg_server: EmbeddedPostgres, seed: int
+) -> None:
+    """Several sequencers (replicas) run rounds while writers commit: every event
+    gets exactly one position, the positions run 1..N with no gap, and each
+    account's events are numbered in the order they were committed."""
+    rng = random.Random(seed)
+    (spec,) = fresh_databases(pg_server, [f"sequencers_{seed}"])
+    setup = await asyncpg.connect(spec.dsn)
+    await apply_migrations(setup)
+    await setup.close()
+    writers = [await asyncpg.connect(spec.dsn) for _ in range(3)]
+    sequencers = [await asyncpg.connect(spec.dsn) for _ in range(3)]
+    accounts, writes_per_account = 6, 40
+    try:
+
+        async def write(conn: asyncpg.Connection, account: int) -> None:
+            for n in range(writes_per_account):
+                await conn.execute(
+                    "INSERT INTO event_outbox (kind, merchant_id, merchant_ids, body) "
+                    "VALUES (4, $1, ARRAY[$1], json_build_object('n', $2::int))",
+                    f"a{account}",
+                    n,
+                )
+
+        async def writer(conn: asyncpg.Connection, mine: list[int]) -> None:
+            for account in mine:
+                await write(conn, account)
+
+        done = asyncio.Event()
+
+        async def sequencer(conn: asyncpg.Connection) -> int:
+            numbered = 0
+            while True:
+                finished = done.is_set()
+                row = await conn.fetchrow(event_sql.SEQUENCE_EVENTS, rng.randint(1, 25))
+                assert row is not None and row["inserted"] == row["taken"]
+                numbered += row["taken"]
+                if finished and not await conn.fetchval(event_sql.OUTBOX_HAS_ROWS):
+                    return numbered
+
+        order = list(range(accounts))
+        rng.shuffle(order)
+        running = [asyncio.create_task(sequencer(c)) for c in sequencers]
+        await asyncio.gather(*(writer(c, order[i :: len(writers)]) for i, c in enumerate(writers)))
+        done.set()
+        numbered = await asyncio.wait_for(asyncio.gather(*running), timeout=WAIT_DEADLINE_S)
+        total = accounts * writes_per_account
+        assert sum(numbered) == total
+        rows = await writers[0].fetch(
+            "SELECT position, merchant_id, (body ->> 'n')::int AS n FROM events ORDER BY position"
+        )
+        assert [r["position"] for r in rows] == list(range(1, total + 1))
+        for account in range(accounts):
+            ns = [r["n"] for r in rows if r["merchant_id"] == f"a{account}"]
+            assert ns == list(range(writes_per_account)), (account, ns)
+    finally:
+        for c in writers + sequencers:
+            await c.close()

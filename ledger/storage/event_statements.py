@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-# One sequencer at a time per shard; the others skip the round.
-TRY_SEQUENCER_LOCK = "SELECT pg_try_advisory_xact_lock(7306, 0)"
-
 # An AMQP publisher's lease on a shard, per consumer name ($1): a session-level
 # lock held on a connection of its own for as long as it publishes the shard,
 # so that one publisher of a consumer at a time publishes it; the lock goes with
@@ -22,6 +19,9 @@ WHERE l.locktype = 'advisory' AND l.classid = 7307 AND l.objid = hashtext($1)::o
   AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
 """
 
+# Readers learn of new events from this channel (one notification per round).
+NOTIFY_CHANNEL = "ledger_events"
+
 # Whether any outbox row waits for a number (migration 0016: the queue).
 OUTBOX_HAS_ROWS = "SELECT EXISTS (SELECT 1 FROM event_queue)"
 
@@ -35,10 +35,22 @@ OUTBOX_HAS_ROWS = "SELECT EXISTS (SELECT 1 FROM event_queue)"
 # round cost more the further behind the sequencer was (and on a new shard,
 # whose tables were never analysed, its cost estimate crossed jit_above_cost:
 # 12-200 ms of JIT compilation every round).
-SEQUENCE_EVENTS = """
-WITH taken AS (
+# One sequencer at a time per shard: a round that does not get the advisory
+# lock (7306, held to the statement's commit) deletes nothing.
+# The round is this one statement, run on its own (autocommit): the lock, the
+# numbering and the notification (sent at commit) in one round trip, not five
+# (BEGIN, lock, number, notify, COMMIT). The statement's snapshot may predate
+# a round that committed while this one started (the lock is only tried, never
+# waited for): rows that round took are gone when this one deletes them and are
+# skipped, and event_positions is updated from its newest version, so no
+# position is given twice and none is skipped.
+SEQUENCE_EVENTS = f"""
+WITH locked AS MATERIALIZED (
+    SELECT pg_try_advisory_xact_lock(7306, 0) AS held
+), taken AS (
     DELETE FROM event_queue
-    WHERE outbox_id = ANY (ARRAY(SELECT outbox_id FROM event_queue ORDER BY outbox_id LIMIT $1))
+    WHERE (SELECT held FROM locked)
+      AND outbox_id = ANY (ARRAY(SELECT outbox_id FROM event_queue ORDER BY outbox_id LIMIT $1))
     RETURNING outbox_id
 ), counted AS (
     SELECT count(*) AS n FROM taken
@@ -51,14 +63,13 @@ WITH taken AS (
     SELECT a.base + row_number() OVER (ORDER BY t.outbox_id), t.outbox_id
     FROM taken AS t, advanced AS a
     RETURNING 1
+), notified AS (
+    SELECT pg_notify('{NOTIFY_CHANNEL}', last_position::text) FROM advanced
 )
 SELECT (SELECT last_position FROM advanced) AS last_position,
-       (SELECT count(*) FROM inserted) AS inserted, (SELECT n FROM counted) AS taken
+       (SELECT count(*) FROM inserted) AS inserted, (SELECT n FROM counted) AS taken,
+       (SELECT count(*) FROM notified) AS notified
 """
-
-# Readers learn of new events from this channel (one notification per round).
-NOTIFY_CHANNEL = "ledger_events"
-NOTIFY_SEQUENCED = f"SELECT pg_notify('{NOTIFY_CHANNEL}', $1::text)"
 
 LAST_POSITION = "SELECT last_position FROM event_positions"
 

@@ -70,22 +70,20 @@ class EventStore:
 
         The caller has looked first (a commit here, or a DueProbes reading that
         says events wait): a round on the clock nearly always finds nothing, and
-        opens no transaction then.
+        then does not run.
 
-        Runs outside Shard._in_transaction: that would tell the sequencer of its
-        own commit and wake it again for nothing.
+        One statement, its own transaction; outside Shard._in_transaction, which
+        would tell the sequencer of its own commit and wake it again for nothing.
         """
-        async with self.shard.connection() as conn, conn.transaction():
-            if not await conn.fetchval(sql.TRY_SEQUENCER_LOCK):
-                return 0, 0
+        async with self.shard.connection() as conn:
             row = await conn.fetchrow(sql.SEQUENCE_EVENTS, events_max)
-            assert row is not None
-            taken = int(row["taken"])
-            invariant(row["inserted"] == taken, "every event taken from the outbox is numbered")
-            if not taken:
-                return 0, 0
-            await conn.execute(sql.NOTIFY_SEQUENCED, str(row["last_position"]))
-            return taken, int(row["last_position"])
+        assert row is not None
+        taken = int(row["taken"])
+        invariant(row["inserted"] == taken, "every event taken from the outbox is numbered")
+        if not taken:
+            return 0, 0
+        invariant(row["notified"] == 1, "a round that numbered events tells the readers")
+        return taken, int(row["last_position"])
 
     async def read(self, *, after: int, limit: int, merchant_id: str | None) -> list[EventRow]:
         async with self.shard.connection() as conn:
