@@ -105,9 +105,8 @@ fence_wait_s_max = 1.0
 # thousands of short-lived objects. Each gRPC call leaves five objects in a
 # reference cycle (grpc.aio's own, with or without interceptors), so a young
 # collection pauses the loop for about 0.1 us per object: at 20,000 that was
-# 7-50 ms every few seconds, and the half-peak p99 was two to three times
-# higher than at 5,000 (docs/performance.md). At 5,000 pauses are 1-4 ms, and
-# the collector's CPU per transfer is the same.
+# 7-50 ms every few seconds under load; at 5,000 pauses are 1-4 ms, and the
+# collector's CPU per transfer is the same (docs/performance.md).
 gc_young_threshold = 5_000
 # Settlement accounts are one per peer shard, currency and stripe; a shard
 # remembers this many as existing (and forgets them all past it).
