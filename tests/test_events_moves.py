@@ -10,6 +10,7 @@ import asyncpg
 
 from ledger.core.event_feed import Subscription
 from ledger.domain.events import EventKind
+from ledger.routing.config import ShardConfig
 from ledger.storage.events import EventRow
 from ledger.v1 import ledger_pb2 as pb
 from tests.event_support import balances_from, kinds, marked
@@ -37,15 +38,22 @@ async def _pay(env: Ledger4, merchant_id: str, count: int) -> None:
         assert result_names(results) == ["TRANSFER_RESULT_OK"]
 
 
-async def test_a_merchant_moved_away_and_back_has_its_events_in_order(ledger4: Ledger4) -> None:
-    env, stub = ledger4, ledger4.service.stub
+async def _paid_and_moved_away(env: Ledger4, payments: int) -> tuple[str, str, str, ShardConfig]:
+    """A merchant with accounts that paid `payments` times at home, then moved away
+    and paid as many times there: (mover, home, away, the config that moves it back)."""
     mover, _, home, heavier, restored = away_and_back(env)
-    await create_accounts(stub, account(mover, "cash"), account(mover, "sales"))
-    await _pay(env, mover, 3)
+    await create_accounts(env.service.stub, account(mover, "cash"), account(mover, "sales"))
+    await _pay(env, mover, payments)
     await rebalance_to(env, heavier, mover)
     away = env.service.cluster.ring.shard_for(mover)
     assert away != home
-    await _pay(env, mover, 3)
+    await _pay(env, mover, payments)
+    return mover, home, away, restored
+
+
+async def test_a_merchant_moved_away_and_back_has_its_events_in_order(ledger4: Ledger4) -> None:
+    env, stub = ledger4, ledger4.service.stub
+    mover, home, away, restored = await _paid_and_moved_away(env, 3)
     await rebalance_to(env, restored, mover)
     await _pay(env, mover, 3)
 
@@ -88,13 +96,8 @@ async def test_an_arrival_read_while_its_source_shard_is_down_waits_and_the_stre
     waits, as events of an unavailable shard do, and follows the departure once
     the source answers again. The feed is followed from the start of every shard,
     positions a subscription took while all were up."""
-    env, stub = ledger4, ledger4.service.stub
-    mover, _, home, heavier, _ = away_and_back(env)
-    await create_accounts(stub, account(mover, "cash"), account(mover, "sales"))
-    await _pay(env, mover, 2)
-    await rebalance_to(env, heavier, mover)
-    away = env.service.cluster.ring.shard_for(mover)
-    await _pay(env, mover, 2)
+    env = ledger4
+    mover, home, away, _ = await _paid_and_moved_away(env, 2)
     feed = env.service.server.feed
     positions = {name: 0 for name in env.service.cluster.shards}
     rows: list[EventRow] = []
