@@ -16,8 +16,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import select
+import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import IO
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -36,6 +40,46 @@ WARMUP_CALLS = 200
 BATCH_CALLS_DIVISOR = 20
 # Long enough for clock-tick (10 ms) CPU accounting to resolve a few ms per second.
 IDLE_MEASURE_S = 5.0
+# The bare gRPC server (bench/grpc_floor.py) says it listens within this long.
+FLOOR_START_TIMEOUT_S = 30.0
+
+
+@contextlib.contextmanager
+def _grpc_floor() -> Iterator[tuple[str, int]]:
+    """(target, pid) of a bare grpc.aio health server, stopped on exit."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bench.grpc_floor"],
+        cwd=cluster.ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        line = _line_within(process.stdout, FLOOR_START_TIMEOUT_S)
+        if not line.startswith("serving on "):
+            raise RuntimeError(f"bench.grpc_floor did not start: {line!r}")
+        yield f"127.0.0.1:{int(line.split()[-1])}", process.pid
+    finally:
+        process.kill()
+        process.wait()
+
+
+def _line_within(stream: IO[str], timeout_s: float) -> str:
+    """The stream's next line, or "" if it had nothing to read within timeout_s (the
+    server writes its one line whole)."""
+    readable, _, _ = select.select([stream], [], [], timeout_s)
+    return stream.readline() if readable else ""
+
+
+async def _health_us(channel: grpc.aio.Channel, pid: int, calls: int) -> float:
+    """Service CPU (the process tree of pid) per health call, after a warm-up."""
+    health = health_pb2_grpc.HealthStub(channel)
+    for _ in range(WARMUP_CALLS):
+        await health.Check(health_pb2.HealthCheckRequest(), timeout=CALL_TIMEOUT_S)
+    before = _tree_cpu_s(pid)
+    for _ in range(calls):
+        await health.Check(health_pb2.HealthCheckRequest(), timeout=CALL_TIMEOUT_S)
+    return 1e6 * (_tree_cpu_s(pid) - before) / calls
 
 
 def _tree_cpu_s(pid: int) -> float:
@@ -102,13 +146,17 @@ async def _run(
     print(f"idle    service {idle_ms_per_s:.1f} ms CPU per s", flush=True)
     async with grpc.aio.insecure_channel(target) as channel:
         stub = ledger_pb2_grpc.LedgerServiceStub(channel)
-        # The floor: a health check passes the same server and interceptors, no ledger work.
-        health = health_pb2_grpc.HealthStub(channel)
-        before = _tree_cpu_s(service.pid)
-        for _ in range(calls):
-            await health.Check(health_pb2.HealthCheckRequest(), timeout=CALL_TIMEOUT_S)
-        floor_us = 1e6 * (_tree_cpu_s(service.pid) - before) / calls
-        print(f"health  {calls:>6} calls  service {floor_us:>8.0f} us/call", flush=True)
+        # The floor: a health check passes the same server and interceptors, no
+        # ledger work; a bare grpc.aio server's, measured next, is gRPC's own share.
+        health_us = await _health_us(channel, service.pid, calls)
+        with _grpc_floor() as (floor_target, floor_pid):
+            async with grpc.aio.insecure_channel(floor_target) as floor_channel:
+                bare_us = await _health_us(floor_channel, floor_pid, calls)
+        print(
+            f"health  {calls:>6} calls  service {health_us:>8.0f} us/call   "
+            f"bare grpc.aio {bare_us:>5.0f} us/call   service/bare {health_us / bare_us:>5.2f}",
+            flush=True,
+        )
         for name, pick, count in (
             ("single", picker.local_single, calls),
             ("batch", picker.local_batch, max(1, calls // BATCH_CALLS_DIVISOR)),

@@ -27,6 +27,8 @@ RATIOS = {"single": "raw_single", "batch": "raw_batch", "cross": "single"}
 
 
 PGBENCH_RATIOS = {"single": "pgbench_single", "batch": "pgbench_batch"}
+# An exec_share rounded to 3 decimals is at most this far from its value.
+SHARE_ROUNDING_MAX = 0.0005
 
 
 @dataclass(frozen=True)
@@ -225,7 +227,10 @@ def test_bench_shows_the_statements_that_took_postgresqls_time_per_mode(
         assert writes in statements[0]["statement"], statements
         assert statements[0]["exec_share"] > 0.3 and statements[0]["wal_bytes_per_transfer"] > 0
         shares = [s["exec_share"] for s in statements]
-        assert shares == sorted(shares, reverse=True) and sum(shares) <= 1.0
+        # Each share is rounded to 3 decimals (bench/statement_stats.py), so three
+        # that sum to 1.0 may read 1.001 (0.875 + 0.118 + 0.008 did, in CI).
+        rounding_slack = SHARE_ROUNDING_MAX * len(shares)
+        assert shares == sorted(shares, reverse=True) and sum(shares) <= 1.0 + rounding_slack
         assert all(s["calls"] > 0 and s["exec_us_per_transfer"] >= 0 for s in statements)
         assert statements[0]["buffers_per_call"] > 0, "a write reads and writes pages"
     assert "B/transfer" in completed.stdout and "WITH new_transfers AS" in completed.stdout
