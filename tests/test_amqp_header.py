@@ -1,7 +1,8 @@
 """The publisher's content header of an event's message, marshalled by hand, is
 byte for byte what pamqp marshals from amqp_properties (docs/events.md, "Messages"):
 for positions at each of pamqp's integer widths, long and non-ASCII shard names, and
-commit times in any zone (one before 1970 pamqp refuses; so does the header)."""
+commit times in any zone (one before 1970 pamqp refuses; so does the header); and a
+message's frames, marshalled by hand too, are what aiormq marshals through pamqp."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
+from aiormq.abc import ChannelFrame
 from pamqp import commands as spec
 from pamqp import frame
+from pamqp.body import ContentBody
 from pamqp.header import ContentHeader
 
 from ledger.api import amqp_publisher
@@ -70,10 +73,31 @@ def test_a_commit_time_in_another_zone_is_said_as_the_same_second() -> None:
         assert _ours(row, 5) == _pamqp(row, 5)
 
 
-def test_the_publish_method_marshalled_once_is_what_pamqp_marshals() -> None:
-    for exchange in ("ledger.events", "", "x" * 127):
-        for key in ("transfer_posted.shard-a", "saga_completed.é"):
-            ours = amqp_publisher._PublishMethod(exchange, key)
-            theirs = spec.Basic.Publish(exchange=exchange, routing_key=key)
-            for channel in (1, 2047):
-                assert frame.marshal(ours, channel) == frame.marshal(theirs, channel)
+def test_an_events_frames_are_what_pamqp_marshals_from_its_method_header_and_body() -> None:
+    # Bodies split at every content limit: none, one byte short, exact, one over.
+    for name, row in EDGE_ROWS.items():
+        if isinstance(_pamqp(row, 0), type):  # refused (an unknown kind): test_the_header_*
+            continue
+        body = amqp_publisher.amqp_body(row)
+        for channel in (1, 2047):
+            for content_max in (1, 7, len(body) - 1, len(body), len(body) + 1, 131_064):
+                for exchange, key in (("ledger.events", "transfer_posted.shard-a"), ("", "é")):
+                    method = spec.Basic.Publish(exchange=exchange, routing_key=key)
+                    theirs = ChannelFrame.marshall(
+                        channel,
+                        [
+                            method,
+                            ContentHeader(
+                                properties=amqp_publisher.amqp_properties(row),
+                                body_size=len(body),
+                            ),
+                            *(
+                                ContentBody(body[at : at + content_max])
+                                for at in range(0, len(body), content_max)
+                            ),
+                        ],
+                    ).payload
+                    ours = amqp_publisher.amqp_frames(
+                        row, body, frame.marshal(method, channel), channel, content_max
+                    )
+                    assert b"".join(ours) == theirs, (name, channel, content_max, key)

@@ -2,9 +2,11 @@
 arrives, in per-shard order, as SubscribeEvents delivers it; a publisher SIGKILLed
 mid-stream (at seeded random points, checked against a model of what may repeat) or
 between a confirm and its acknowledgement loses nothing and sends again only what it
-had not acknowledged; a broker outage (through a TCP proxy) loses nothing; of two
-publishers one at a time publishes a shard, and one takes over from a dead one; a
-rejected message is dead-lettered; a refused login exits 1 without the password.
+had not acknowledged; a message the broker refuses (nack) keeps its batch
+unacknowledged until it is confirmed; a broker outage (through a TCP proxy) loses
+nothing; of two publishers one at a time publishes a shard, and one takes over from
+a dead one; a rejected message is dead-lettered; a refused login exits 1 without the
+password.
 
 The broker is RabbitMQ at 127.0.0.1:5672 (guest/guest), or $LEDGER_TEST_AMQP_URL;
 without one these tests skip and say why. The publisher runs as a real process
@@ -807,6 +809,60 @@ class BrokerProxy:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
+
+
+# The refusing queue of the nack test holds this many messages and refuses the rest.
+REFUSING_QUEUE_LENGTH = 3
+
+
+async def test_messages_the_broker_refuses_are_never_acknowledged_and_go_again(
+    service: Service, topology: Topology, tmp_path: Path
+) -> None:
+    # Account events also go to a queue that holds REFUSING_QUEUE_LENGTH messages and
+    # refuses the rest (x-overflow reject-publish): the broker nacks each message it
+    # refuses. Each shard's stream ends with a transfer, which the broker takes: so a
+    # batch's nacks are in its middle, and its last message is confirmed.
+    queue = await topology.declare()
+    await topology.consume(queue)
+    refusing = await topology.channel.declare_queue(
+        f"{topology.queue}.refusing",
+        durable=True,
+        arguments={"x-max-length": REFUSING_QUEUE_LENGTH, "x-overflow": "reject-publish"},
+    )
+    publisher = Publisher(service, topology, tmp_path / "publisher.log", consumer=uid("pub-"))
+    try:
+        await refusing.bind(topology.exchange, routing_key="account_created.#")
+        tails = [service.merchant_on(name) for name in SHARDS]
+        await create_accounts(
+            service.stub, *(account(m, name) for m in tails for name in ("cash", "sales"))
+        )
+        await books_workload(service)
+        last = await last_positions(service)  # after 3 more account events
+        results = await transfers(
+            service.stub,
+            *(transfer(uid("tail-"), ref(m, "cash"), ref(m, "sales"), 1) for m in tails),
+        )
+        assert result_names(results) == ["TRANSFER_RESULT_OK"] * len(SHARDS)
+        publisher.start()
+
+        async def nacked() -> bool:
+            publisher.assert_running()
+            return "not confirmed (DeliveryError" in publisher.log()
+
+        await wait_until(nacked, deadline_s=PUBLISHER_DEADLINE_S, what="the broker to nack")
+        # A shard whose batch had a refused message stays where it was: here, at least
+        # one, as more account events than the queue holds were published.
+        acked = await acknowledged(service, publisher.consumer)
+        assert any(acked.get(name, 0) < last[name] for name in SHARDS), (acked, last)
+        # With the refusing queue gone, the batch goes again and everything arrives.
+        await refusing.delete(if_unused=False, if_empty=False)
+        await wait_received(topology, last, [publisher])
+        assert await publisher.stop() == 0
+    finally:
+        if publisher.process is not None and publisher.process.poll() is None:
+            await publisher.kill()
+        await topology.channel.queue_delete(f"{topology.queue}.refusing")
+    assert_duplicates_are_true_copies(topology)
 
 
 async def test_a_broker_outage_loses_nothing_and_the_publisher_reconnects_by_itself(

@@ -33,11 +33,11 @@ import aio_pika.abc
 import aiormq.abc
 import aiormq.exceptions
 import orjson
+import pamqp.frame
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 from aiormq.abc import ChannelFrame
 from pamqp import commands as spec
 from pamqp import encode
-from pamqp.body import ContentBody
 from pamqp.header import ContentHeader
 
 from ledger import faults, limits
@@ -187,21 +187,36 @@ _POSITION_KEY = encode.short_string("position")
 _SHARD_KEY = encode.short_string("shard")
 
 
-class _PublishMethod(spec.Basic.Publish):
-    """Basic.Publish to an exchange with a routing key, marshalled once: every event
-    of a kind and shard has the same (pamqp's generic marshal costs ~6 us a time)."""
-
-    def __init__(self, exchange: str, routing_key: str) -> None:
-        super().__init__(exchange=exchange, routing_key=routing_key)
-        self.marshalled = super().marshal()
-
-    def marshal(self) -> bytes:
-        return self.marshalled
-
-
 def amqp_header(row: EventRow, body_size: int) -> ContentHeader:
     """The content header frame of the event's message (its properties: amqp_properties)."""
     return _EventHeader(row, body_size)
+
+
+# A frame: type, channel, payload size, payload, frame end (AMQP 0-9-1, 2.3.5).
+_FRAME_START = struct.Struct(">BHI")
+_FRAME_HEADER = 2
+_FRAME_BODY = 3
+_FRAME_END = b"\xce"
+
+
+def amqp_frames(
+    row: EventRow, body: bytes, publish_frame: bytes, channel_number: int, content_max: int
+) -> list[bytes]:
+    """The frames of the event's message, marshalled as pamqp.frame.marshal marshals
+    publish_frame's method, amqp_header(row, len(body)) and body in pieces of at most
+    content_max bytes (tests/test_amqp_header.py checks, byte for byte): pamqp's
+    dispatch by frame type, three times per event, was a tenth of the publisher's CPU."""
+    header = _EventHeader(row, len(body)).marshal()
+    frames = [
+        publish_frame,
+        _FRAME_START.pack(_FRAME_HEADER, channel_number, len(header)),
+        header,
+        _FRAME_END,
+    ]
+    for at in range(0, len(body), content_max):
+        piece = body[at : at + content_max]
+        frames += (_FRAME_START.pack(_FRAME_BODY, channel_number, len(piece)), piece, _FRAME_END)
+    return frames
 
 
 def amqp_message(row: EventRow) -> aio_pika.Message:
@@ -381,9 +396,9 @@ class AmqpPublisher:
         self._fatal: BaseException | None = None
         # The lease connections' application_name (PostgreSQL keeps 63 bytes of it).
         self.holder = f"ledger-publisher pid {os.getpid()} {settings.consumer}"[:63]
-        # Basic.Publish per routing key, marshalled once: at most a kind per shard of
-        # the config read at start, so bounded by construction.
-        self._publish_methods: dict[str, _PublishMethod] = {}
+        # Basic.Publish's frame per routing key and channel, marshalled once: at most a
+        # kind per shard of the config read at start, times the channels reopened.
+        self._publish_frames: dict[tuple[str, int], bytes] = {}
 
     def stop(self) -> None:
         """Finish each shard's batch in flight (its confirms and acknowledgement), then end."""
@@ -538,59 +553,73 @@ class AmqpPublisher:
         """Publishes rows in order and returns once the broker confirmed every one.
 
         One write for the whole batch: the Basic.Publish, header and body frames of
-        every event, in order, marshalled together and queued on the connection
-        under the channel's lock, each with its delivery tag's confirmation
-        registered as aiormq's basic_publish registers it. Publishing them one by
-        one through aio-pika (a task, a lock, a socket write and a drain each) cost
+        every event, in order, marshalled together (amqp_frames) and queued on the
+        connection under the channel's lock, each with its delivery tag's
+        confirmation registered in the channel's confirmations. Publishing them one
+        by one through aio-pika (a task, a lock, a socket write and a drain each) cost
         about 300 us of CPU per message on the development machine, this about 65;
         the publisher's CPU per event fell from about 370 to 200 us (bench.event_cost,
         docs/performance.md "Event stream"; later 136 to 73 us with the body rendered
         from the row, the header encoded by hand and the method marshalled once per
-        routing key). Not mandatory: an event no queue is bound for is
+        routing key, then about 61 to 50 with the frames marshalled by hand and plain
+        futures for confirmations). Not mandatory: an event no queue is bound for is
         dropped by the broker, as with any topic exchange (declare queues before
         publishing; --queue does).
         """
-        exchange = self.settings.exchange
         content_max = channel.max_content_size  # type: ignore[attr-defined]
-        frames: list[Any] = []
+        number = channel.number
+        frames: list[bytes] = []
         confirmations: list[asyncio.Future[Any]] = []
         for row in rows:
-            body = amqp_body(row)
             key = routing_key(row)
-            method = self._publish_methods.get(key)
-            if method is None:
-                method = self._publish_methods[key] = _PublishMethod(exchange, key)
-            frames.append(method)
-            frames.append(amqp_header(row, len(body)))
-            frames.extend(
-                ContentBody(body[at : at + content_max]) for at in range(0, len(body), content_max)
-            )
+            publish_frame = self._publish_frames.get((key, number))
+            if publish_frame is None:
+                publish_frame = self._publish_frames[key, number] = pamqp.frame.marshal(
+                    spec.Basic.Publish(exchange=self.settings.exchange, routing_key=key), number
+                )
+            frames += amqp_frames(row, amqp_body(row), publish_frame, number, content_max)
         raw: Any = channel  # aiormq.Channel: its confirmations and write queue
+        loop = asyncio.get_running_loop()
         async with raw.lock:
             if channel.is_closed:
                 raise aiormq.exceptions.ChannelInvalidStateError(f"{channel!r} closed")
-            for _ in rows:
+            for _ in rows[:-1]:
                 raw.delivery_tag += 1
-                confirmation = raw.create_future()
+                confirmation = loop.create_future()
                 raw.confirmations[raw.delivery_tag] = confirmation
                 confirmations.append(confirmation)
-            await raw.write_queue.put(
-                ChannelFrame.marshall(channel_number=channel.number, frames=frames)
-            )
+            # Only the last tag's future is in aiormq's store, which fails it when the
+            # channel or connection closes; the others are plain futures (a store's
+            # future costs two sets, three callbacks and their removal: about a sixth
+            # of the publisher's CPU per event). A closed channel ends the wait below
+            # through that one; an earlier tag the broker has still not answered by
+            # then waits out the timeout, and the batch goes again either way.
+            raw.delivery_tag += 1
+            last = raw.create_future()
+            raw.confirmations[raw.delivery_tag] = last
+            confirmations.append(last)
+            await raw.write_queue.put(ChannelFrame(payload=b"".join(frames), should_close=False))
         try:
             async with asyncio.timeout(limits.event_publish_confirm_timeout_s):
-                await asyncio.wait(confirmations)
+                # The broker confirms in order as a rule: once the last tag is
+                # answered the rest are too, and each await below finds it done.
+                await asyncio.wait((last,))
+                if not last.cancelled() and last.exception() is None:
+                    for confirmation in confirmations:
+                        if not confirmation.done():
+                            await asyncio.wait((confirmation,))
         finally:
             for confirmation in confirmations:
                 if not confirmation.done():
                     confirmation.cancel()
-        for confirmation in confirmations:
-            if confirmation.cancelled():
-                raise aiormq.exceptions.ChannelInvalidStateError(
-                    "a confirmation was cancelled: the channel closed"
-                )
-            if (error := confirmation.exception()) is not None:
-                raise error
+        # Every error read, so that none is logged as never retrieved.
+        errors = [c.exception() for c in confirmations if not c.cancelled()]
+        if (error := next((e for e in errors if e is not None), None)) is not None:
+            raise error
+        if len(errors) < len(confirmations):
+            raise aiormq.exceptions.ChannelInvalidStateError(
+                "a confirmation was cancelled: the channel closed"
+            )
 
 
 class _EventsMissing(Exception):
