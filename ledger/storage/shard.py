@@ -172,7 +172,19 @@ BACKGROUND_OPERATIONS = (
 # one, as for WRITE_BATCH (its arrays estimated at 10 rows each, against the
 # one row of a single transfer): planning it cost 0.7 ms of PostgreSQL's CPU
 # per single transfer (bench.cpu_cost: 2,283 against 1,180 us per call).
-SHARD_SERVER_SETTINGS = {"jit": "off", "plan_cache_mode": "force_generic_plan"}
+# Sequential scans only where no index serves: a generic plan made just after a
+# table was analysed while small (a new shard's first autoanalyze, or an
+# operator's VACUUM ANALYZE) read the whole table once per key, since a scan of
+# one page costs less than an index probe; the plan then stayed while the table
+# grew, until the next analysis. The benchmark's batches, its shards analysed
+# empty, fell from 11,000 to 2,300 transfers/s, PostgreSQL reading 90,000 pages
+# a call (docs/performance.md). Every statement of the service finds its rows by
+# key or by a range of a key.
+SHARD_SERVER_SETTINGS = {
+    "jit": "off",
+    "plan_cache_mode": "force_generic_plan",
+    "enable_seqscan": "off",
+}
 # What ledger_shard_errors counts (its "kind" label), each exported at zero from the start.
 SHARD_ERROR_KINDS = ("busy", "unavailable", "error", "contention")
 
