@@ -24,7 +24,8 @@ from ledger.domain.transfers import Direction, EntryKind, TransferKey
 from ledger.embedded.postgres import EmbeddedPostgres
 from ledger.routing.config import ShardConfig
 from ledger.sagas.reconcile import reconcile
-from ledger.storage.chain import ChainStore, ChainViolation
+from ledger.storage import chain_statements as chain_sql
+from ledger.storage.chain import ChainStore, ChainViolation, verification_snapshot
 from ledger.storage.migrate import apply_migrations
 from ledger.storage.shard import Shard
 from ledger.v1 import ledger_pb2 as pb
@@ -116,6 +117,25 @@ async def test_untouched_history_verifies_and_reconcile_includes_the_chains(
         )
     assert count == TRANSFERS
     assert head == last and head != GENESIS_HASH
+
+
+async def test_verification_plans_its_whole_table_reads_as_sequential_scans(
+    fresh: Service,
+) -> None:
+    # Shard connections plan without sequential scans (SHARD_SERVER_SETTINGS), but
+    # verification reads every entry, for which one is the cheaper plan.
+    _, shard = await books(fresh)
+    plan = "EXPLAIN " + chain_sql.BROKEN_LINKS
+
+    async def scans_entries_whole(conn: asyncpg.Connection) -> bool:
+        lines = [r[0] for r in await conn.fetch(plan, 10, GENESIS_HASH)]
+        return any("Seq Scan on entries" in line for line in lines)
+
+    async with shard.pool.acquire() as conn:
+        async with conn.transaction():
+            assert not await scans_entries_whole(conn)
+        async with verification_snapshot(conn):
+            assert await scans_entries_whole(conn)
 
 
 async def test_an_edited_amount_is_named_by_account_and_sequence(fresh: Service) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING
@@ -61,6 +63,14 @@ class CheckpointRound:
 
     checkpoint: Checkpoint | None
     unsealable: list[tuple[str, str]]
+
+
+@contextlib.asynccontextmanager
+async def verification_snapshot(conn: Connection) -> AsyncIterator[None]:
+    """The read-only snapshot verification reads in, planned for whole tables."""
+    async with conn.transaction(isolation="repeatable_read", readonly=True):
+        await conn.execute(sql.VERIFY_SCANS_WHOLE_TABLES)
+        yield
 
 
 class ChainStore:
@@ -217,9 +227,8 @@ class ChainStore:
         """Every chain link, every head, every checkpoint and every account's balances
         against its entries, in one snapshot; with the checkpoint key, every
         checkpoint's MAC too."""
-        async with self.shard._acquire() as conn:
-            async with conn.transaction(isolation="repeatable_read", readonly=True):
-                return await self._verify(conn, violations_max, key)
+        async with self.shard._acquire() as conn, verification_snapshot(conn):
+            return await self._verify(conn, violations_max, key)
 
     async def _verify(
         self, conn: Connection, violations_max: int, key: bytes | None
