@@ -206,7 +206,7 @@ def amqp_frames(
     publish_frame's method, amqp_header(row, len(body)) and body in pieces of at most
     content_max bytes (tests/test_amqp_header.py checks, byte for byte): pamqp's
     dispatch by frame type, three times per event, was a tenth of the publisher's CPU."""
-    header = _EventHeader(row, len(body)).marshal()
+    header = amqp_header(row, len(body)).marshal()
     frames = [
         publish_frame,
         _FRAME_START.pack(_FRAME_HEADER, channel_number, len(header)),

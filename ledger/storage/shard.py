@@ -179,7 +179,8 @@ BACKGROUND_OPERATIONS = (
 # grew, until the next analysis. The benchmark's batches, its shards analysed
 # empty, fell from 11,000 to 2,300 transfers/s, PostgreSQL reading 90,000 pages
 # a call (docs/performance.md). Every statement of the service finds its rows by
-# key or by a range of a key.
+# key or by a range of a key; verification, which reads whole tables, turns
+# sequential scans back on in its snapshot (chain_statements.VERIFY_SCANS_WHOLE_TABLES).
 SHARD_SERVER_SETTINGS = {
     "jit": "off",
     "plan_cache_mode": "force_generic_plan",
