@@ -114,18 +114,19 @@ async def _read_all(
     got = 0
     request = pb.SubscribeEventsRequest()
     if batches:
-        call = stub.SubscribeEventBatches(request)
-        async for batch in call:
+        batch_call = stub.SubscribeEventBatches(request)
+        async for batch in batch_call:
             got += len(batch.events)
             if got >= total:
                 break
+        batch_call.cancel()
     else:
-        call = stub.SubscribeEvents(request)
-        async for _ in call:
+        event_call = stub.SubscribeEvents(request)
+        async for _ in event_call:
             got += 1
             if got >= total:
                 break
-    call.cancel()
+        event_call.cancel()
     return got
 
 

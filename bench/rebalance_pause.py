@@ -61,7 +61,7 @@ class Load:
     failures: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
 
-async def caller(stub: ledger_pb2_grpc.LedgerServiceStub, load: Load, index: int) -> None:
+async def caller(stub: ledger_pb2_grpc.LedgerServiceAsyncStub, load: Load, index: int) -> None:
     sequence = 0
     while not load.stop.is_set():
         merchant = load.merchants[(index + sequence * 7919) % len(load.merchants)]

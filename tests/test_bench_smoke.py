@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from bench.report import median_rounds
-from ledger.embedded.postgres import PG_BIN_ENV_VAR, _find_bin_dir
+from ledger.embedded.postgres import PG_BIN_ENV_VAR, find_bin_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 # The smoke run takes well under a minute; this leaves room for a loaded CI machine.
@@ -242,7 +242,7 @@ def test_bench_says_how_to_count_statements_where_postgresql_cannot(
     """The pip-installed PostgreSQL ships no contrib modules: the run stops at once
     and says what to do, instead of failing deep inside a server's log."""
     monkeypatch.delenv(PG_BIN_ENV_VAR, raising=False)
-    if any(_find_bin_dir().parent.rglob("pg_stat_statements.so")):
+    if any(find_bin_dir().parent.rglob("pg_stat_statements.so")):
         pytest.skip("the pip-installed PostgreSQL has pg_stat_statements")
     completed = subprocess.run(
         [sys.executable, "-m", "bench.run", "--mode", "smoke", "--out", str(tmp_path),

@@ -26,7 +26,7 @@ import pytest
 from google.protobuf.message import Message
 from opentelemetry.proto.trace.v1 import trace_pb2
 
-from ledger.embedded.postgres import EmbeddedPostgres, _find_bin_dir
+from ledger.embedded.postgres import EmbeddedPostgres, find_bin_dir
 from ledger.routing.config import ShardConfig
 from ledger.settings import Settings
 from ledger.v1 import ledger_pb2 as pb
@@ -222,7 +222,7 @@ def every_field(payer: str, payee: str, v: str) -> list[Call]:
 
 def dump_database(server: EmbeddedPostgres, database: str) -> str:
     done = subprocess.run(
-        [str(_find_bin_dir() / "pg_dump"), "--dbname", server.dsn(database)],
+        [str(find_bin_dir() / "pg_dump"), "--dbname", server.dsn(database)],
         capture_output=True,
         text=True,
         timeout=DUMP_TIMEOUT_S,

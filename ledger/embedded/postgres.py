@@ -36,6 +36,7 @@ __all__ = [
     "PG_BIN_ENV_VAR",
     "EmbeddedPostgres",
     "EmbeddedPostgresError",
+    "find_bin_dir",
 ]
 
 # --- Limits: every wait is bounded; each says why it is as long as it is. ---
@@ -172,7 +173,7 @@ class EmbeddedPostgres:
         self._port_requested: Final = port
         self._port: int | None = port
         self._durable: Final = durable
-        self._bin_dir: Final = _find_bin_dir()
+        self._bin_dir: Final = find_bin_dir()
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -532,7 +533,9 @@ def _validate_identifier(name: str, *, what: str) -> None:
         raise ValueError(f"{what} must match {_IDENTIFIER_RE.pattern}, got {name!r}")
 
 
-def _find_bin_dir() -> Path:
+def find_bin_dir() -> Path:
+    """The PostgreSQL server binaries the embedded servers run: $LEDGER_PG_BIN, else
+    pgserver's (tools such as pg_dump are found beside them)."""
     override = os.environ.get(PG_BIN_ENV_VAR, "")
     if override:
         bin_dir = Path(override).expanduser().resolve()
