@@ -897,7 +897,6 @@ def _ref(text: str) -> pb.AccountRef:
     return pb.AccountRef(merchant_id=merchant_id, account_id=account_id)
 
 
-
 # Spending controls: an account's limits (ledger.v1 SetAccountLimits) and monitor crossings.
 
 limits_app = typer.Typer(

@@ -27,6 +27,7 @@ def checkpoint_key_from_env(env: dict[str, str] | None = None) -> bytes | None:
         )
     return key
 
+
 CARD_METADATA_CHOICES = ("refuse", "mask")
 
 

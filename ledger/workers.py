@@ -228,9 +228,7 @@ def _replica_keys(env: Mapping[str, str]) -> dict[str, str]:
     keys = {}
     for name in (PAGE_TOKEN_KEY_ENV, PSEUDONYM_KEY_ENV):
         if not env.get(name):
-            log.warning(
-                "%s is not set: the workers share a random key made for this replica", name
-            )
+            log.warning("%s is not set: the workers share a random key made for this replica", name)
             keys[name] = secrets.token_hex(32)
     return keys
 

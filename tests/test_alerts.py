@@ -417,9 +417,7 @@ async def _check_everything_answers(server: Prometheus) -> None:
             if not await server.has_data(recording["record"]):
                 return False
         # A rate() over the dashboard's interval needs two scrapes after the traffic.
-        return await server.has_data(
-            f"rate(ledger_transfers_total[{RATE_INTERVAL}])"
-        ) and all(
+        return await server.has_data(f"rate(ledger_transfers_total[{RATE_INTERVAL}])") and all(
             [
                 await server.has_data(name)
                 for name in (

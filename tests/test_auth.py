@@ -1132,22 +1132,25 @@ async def test_subscribing_to_events_needs_a_token_and_a_restricted_one_names_it
     """SubscribeEvents and SubscribeEventBatches stream, so the raw unary calls above
     leave them out: their refusals."""
     stub = ledger_pb2_grpc.LedgerServiceStub(secured.channel)
-    for (request, metadata, code, reason), subscribe in itertools.product((
-        (pb.SubscribeEventsRequest(), (), grpc.StatusCode.UNAUTHENTICATED, "UNAUTHENTICATED"),
-        # Every merchant's events: not for a token restricted to some.
+    for (request, metadata, code, reason), subscribe in itertools.product(
         (
-            pb.SubscribeEventsRequest(),
-            secured.auth("only_a"),
-            grpc.StatusCode.PERMISSION_DENIED,
-            "MERCHANT_RESTRICTED_TOKEN",
+            (pb.SubscribeEventsRequest(), (), grpc.StatusCode.UNAUTHENTICATED, "UNAUTHENTICATED"),
+            # Every merchant's events: not for a token restricted to some.
+            (
+                pb.SubscribeEventsRequest(),
+                secured.auth("only_a"),
+                grpc.StatusCode.PERMISSION_DENIED,
+                "MERCHANT_RESTRICTED_TOKEN",
+            ),
+            (
+                pb.SubscribeEventsRequest(merchant_id=secured.b),
+                secured.auth("only_a"),
+                grpc.StatusCode.PERMISSION_DENIED,
+                "MERCHANT_NOT_PERMITTED",
+            ),
         ),
-        (
-            pb.SubscribeEventsRequest(merchant_id=secured.b),
-            secured.auth("only_a"),
-            grpc.StatusCode.PERMISSION_DENIED,
-            "MERCHANT_NOT_PERMITTED",
-        ),
-    ), (stub.SubscribeEvents, stub.SubscribeEventBatches)):
+        (stub.SubscribeEvents, stub.SubscribeEventBatches),
+    ):
         call = subscribe(request, metadata=metadata, timeout=RPC_TIMEOUT_S)
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await call.read()

@@ -83,9 +83,12 @@ async def test_every_change_to_the_books_produces_exactly_its_events(service: Se
         transfer("t-back", sales, cash, 200, reversal_of="t-post"),
         transfer("t-expires", cash, sales, 40, action=pb.TRANSFER_ACTION_PENDING, timeout_ms=1),
     )  # fmt: skip
-    assert result_names(results) == ["TRANSFER_RESULT_OK"] * 3 + [
-        "TRANSFER_RESULT_EXCEEDS_CREDITS"
-    ] + ["TRANSFER_RESULT_OK"] * 4
+    assert (
+        result_names(results)
+        == ["TRANSFER_RESULT_OK"] * 3
+        + ["TRANSFER_RESULT_EXCEEDS_CREDITS"]
+        + ["TRANSFER_RESULT_OK"] * 4
+    )
 
     async def expired() -> bool:
         return (await balance(stub, m, "cash")).debits_pending == 0
@@ -219,9 +222,7 @@ async def test_a_consumer_resumed_by_cursor_sees_each_event_once_in_shard_order(
     pieces: list[pb.Event] = []
     cursor = pb.EventCursor()
     while missing := len(wanted - {e.event_id for e in pieces}):
-        piece = await collect_until(
-            stub, pb.SubscribeEventsRequest(after=cursor), min(7, missing)
-        )
+        piece = await collect_until(stub, pb.SubscribeEventsRequest(after=cursor), min(7, missing))
         pieces += piece
         cursor = piece[-1].cursor
     assert len({e.event_id for e in pieces}) == len(pieces), "no event came twice"
@@ -387,8 +388,7 @@ async def test_a_subscriber_reads_again_only_the_shards_that_numbered_new_events
                 event = await call.read()  # the history before it
             # The idle shards' history too (order is per shard: it may come after).
             lasts = {
-                name: (await EventStore(service.cluster.shards[name]).bounds())[1]
-                for name in idle
+                name: (await EventStore(service.cluster.shards[name]).bounds())[1] for name in idle
             }
             while any(event.cursor.positions.get(n, 0) < lasts[n] for n in idle):
                 event = await call.read()

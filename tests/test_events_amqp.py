@@ -423,7 +423,8 @@ async def test_every_event_reaches_the_queue_once_in_order_as_subscribers_see_it
                 "delivery_mode": 2,
                 # AMQP timestamps are whole seconds.
                 "timestamp": datetime.fromtimestamp(
-                    expected.committed_at.seconds, tz=got.properties["timestamp"].tzinfo  # type: ignore[union-attr]
+                    expected.committed_at.seconds,
+                    tz=got.properties["timestamp"].tzinfo,  # type: ignore[union-attr]
                 ),
                 "type": kind,
                 "app_id": "ledger",

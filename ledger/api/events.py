@@ -324,10 +324,7 @@ class EventStreams:
         acknowledged: dict[str, int] = {}
         try:
             for name, position in sorted(positions.items()):
-                acknowledged[name] = await EventStore(shards[name]).acknowledge(
-                    consumer, position
-                )
+                acknowledged[name] = await EventStore(shards[name]).acknowledge(consumer, position)
         except (ConsumerLapsed, ShardUnavailable) as error:
             raise _refusal(error) from error
         return pb.AckEventsResponse(acknowledged=pb.EventCursor(positions=acknowledged))
-
