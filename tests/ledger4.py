@@ -8,10 +8,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ledger.routing.config import ShardConfig, ShardSpec
-from tests.support import Service, wait_until, write_config
+from ledger.routing.ring import ShardRing
+from tests.support import Service, uid, wait_until, write_config
 
 ALL_SHARDS = ("shard-a", "shard-b", "shard-c", "shard-d")
 FIRST_SHARDS = ALL_SHARDS[:3]
+
+
+def merchant_on(config: ShardConfig, shard: str) -> str:
+    """A fresh merchant id that the config's ring places on shard."""
+    ring = ShardRing(config)
+    return next(m for m in (uid("m") for _ in range(3000)) if ring.shard_for(m) == shard)
 
 
 @dataclass

@@ -23,7 +23,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -42,6 +42,7 @@ from ledger.storage.events import EventStore
 from ledger.telemetry.redaction import redact
 from ledger.v1 import ledger_pb2 as pb
 from tests.event_support import collect_until
+from tests.ledger4 import ALL_SHARDS, Ledger4, merchant_on
 from tests.support import (
     Service,
     account,
@@ -53,6 +54,7 @@ from tests.support import (
     uid,
     wait_until,
 )
+from tests.test_moves_settle_routing import rebalance_to
 
 AMQP_URL = os.environ.get("LEDGER_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 ROOT = Path(__file__).resolve().parent.parent
@@ -200,6 +202,8 @@ class Publisher:
     consumer: str
     queue: bool = True
     amqp_url: str = AMQP_URL
+    # The shard config it reads (default: the service's).
+    config_path: Path | None = None
     process: subprocess.Popen[bytes] | None = None
 
     def start(self, **extra_env: str) -> None:
@@ -207,7 +211,7 @@ class Publisher:
         command = [
             sys.executable, "-m", "ledger.cli", "events", "publish",
             "--amqp", self.amqp_url,
-            "--config", str(self.service.config_path),
+            "--config", str(self.config_path or self.service.config_path),
             "--exchange", self.topology.exchange,
             "--consumer", self.consumer,
         ]  # fmt: skip
@@ -261,13 +265,28 @@ class Publisher:
         )
 
 
-async def lease_holders(service: Service, consumer: str) -> dict[str, int | None]:
+async def lease_holders(
+    service: Service, consumer: str, shards: Sequence[str] = SHARDS
+) -> dict[str, int | None]:
     """Per shard, the pid of the publisher holding consumer's lease (None: nobody)."""
     holders: dict[str, int | None] = {}
-    for name in SHARDS:
+    for name in shards:
         holder = await ShardLease.holder(service.cluster.shards[name], consumer)
         holders[name] = int(holder.split()[2]) if holder else None
     return holders
+
+
+async def wait_holding(publisher: Publisher, shards: Sequence[str] = SHARDS) -> None:
+    """Waits until the publisher (running throughout) holds the shards' leases."""
+
+    async def holding() -> bool:
+        publisher.assert_running()
+        holders = await lease_holders(publisher.service, publisher.consumer, shards)
+        return set(holders.values()) == {publisher.pid}
+
+    await wait_until(
+        holding, deadline_s=PUBLISHER_DEADLINE_S, what=f"the publisher holding {shards}"
+    )
 
 
 async def acknowledged(service: Service, consumer: str) -> dict[str, int]:
@@ -917,3 +936,81 @@ async def test_a_publisher_the_broker_refuses_exits_1_and_never_shows_the_passwo
     output = publisher.log()
     assert "refused" in output, output
     assert secret not in output, output
+
+
+async def test_a_running_publisher_publishes_a_shard_added_to_the_config(
+    ledger4: Ledger4, topology: Topology, tmp_path: Path
+) -> None:
+    """The publisher follows the config file as replicas do: a shard an admin adds
+    (and the merchants a rebalance moves onto it) is published without a restart."""
+    env, stub = ledger4, ledger4.service.stub
+    queue = await topology.declare()
+    await topology.consume(queue)
+    grown = env.config(2, ALL_SHARDS)
+    mover = merchant_on(grown, "shard-d")
+    await create_accounts(stub, account(mover, "cash"), account(mover, "sales"))
+    publisher = Publisher(env.service, topology, tmp_path / "publisher.log", consumer=uid("pub-"))
+    publisher.start()
+    try:
+        await wait_holding(publisher)
+        await rebalance_to(env, grown, mover)
+        paid_there = uid("there")
+        results = await transfers(
+            stub, transfer(paid_there, ref(mover, "cash"), ref(mover, "sales"), 5)
+        )
+        assert result_names(results) == ["TRANSFER_RESULT_OK"]
+
+        async def arrived() -> bool:
+            publisher.assert_running()
+            return any(r.event.transfer.id == paid_there for r in topology.received)
+
+        await wait_until(
+            arrived, deadline_s=PUBLISHER_DEADLINE_S, what="the new shard's transfer published"
+        )
+        from_new = [r for r in topology.received if r.event.shard == "shard-d"]
+        assert [r.routing_key for r in from_new][-2:] == [
+            "merchant_moved_in.shard-d",
+            "transfer_posted.shard-d",
+        ]
+        assert [r.event.position for r in from_new] == list(range(1, len(from_new) + 1))
+        assert await publisher.stop() == 0
+        states = await EventStore(env.service.cluster.shards["shard-d"]).consumers()
+        assert publisher.consumer in {c.consumer for c in states}
+    finally:
+        if publisher.process is not None and publisher.process.poll() is None:
+            await publisher.kill()
+
+
+async def test_a_publisher_waits_for_a_shard_its_config_names_before_it_is_set_up(
+    ledger4: Ledger4, topology: Topology, tmp_path: Path
+) -> None:
+    """An admin's new config may reach the publisher before any replica or rebalance
+    has set the new shard up: the publisher used to exit 1 (no `events` table there).
+    It publishes the other shards meanwhile and takes the new one once it is set up."""
+    env = ledger4
+    await topology.declare()
+    grown = env.config(2, ALL_SHARDS)
+    publisher = Publisher(
+        env.service,
+        topology,
+        tmp_path / "publisher.log",
+        consumer=uid("pub-"),
+        config_path=env.copy_of(grown, "grown.toml"),
+    )
+    publisher.start()
+    try:
+
+        async def not_set_up_said() -> bool:
+            publisher.assert_running()
+            return "shard shard-d is not set up yet" in publisher.log()
+
+        await wait_until(
+            not_set_up_said, deadline_s=PUBLISHER_DEADLINE_S, what="the publisher to wait"
+        )
+        await wait_holding(publisher)
+        await env.switch_to(grown)  # the service sets shard-d up
+        await wait_holding(publisher, ("shard-d",))
+        assert await publisher.stop() == 0
+    finally:
+        if publisher.process is not None and publisher.process.poll() is None:
+            await publisher.kill()

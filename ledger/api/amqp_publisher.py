@@ -32,6 +32,7 @@ import aio_pika
 import aio_pika.abc
 import aiormq.abc
 import aiormq.exceptions
+import asyncpg
 import orjson
 import pamqp.frame
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS
@@ -43,6 +44,7 @@ from pamqp.header import ContentHeader
 from ledger import faults, limits
 from ledger.api import event_json
 from ledger.routing.cluster import Cluster
+from ledger.routing.config_watch import CONFIG_POLL_INTERVAL_S, ConfigWatcher
 from ledger.storage.errors import ShardUnavailable
 from ledger.storage.event_lease import ShardLease
 from ledger.storage.events import ConsumerLapsed, EventRow, EventStore
@@ -74,6 +76,10 @@ class PublisherSettings:
 
 class PublisherRefused(Exception):
     """The broker or the shards refuse this publisher for good: retrying will not help."""
+
+
+# What a shard answers before its migrations ran (see Cluster.migrate).
+_NOT_SET_UP = (asyncpg.exceptions.UndefinedTableError, asyncpg.exceptions.UndefinedFunctionError)
 
 
 class _Stopping(Exception):
@@ -413,23 +419,34 @@ class AmqpPublisher:
             redacted_url(self.settings.amqp_url),
             self.settings.consumer,
         )
-        tasks: list[asyncio.Task[None]] = []
+        tasks: dict[str, asyncio.Task[None]] = {}
+        # The config as replicas follow it: a shard an admin adds is published from
+        # the next look on, without a restart (its events wait for this consumer:
+        # the rebalance that fills it registers it there, see ledger/moves/rebalance.py).
+        watcher = ConfigWatcher(self.cluster)
         try:
             # Queues (--queue) exist before the first event is published: the broker
             # drops what no queue is bound for.
             await self._broker.connect()
-            tasks = [
-                asyncio.create_task(self._serve(name), name=f"publish-{name}")
-                for name in self.cluster.shards
-            ]
-            await asyncio.gather(*tasks)
+            watcher.start()
+            while True:
+                for name in self.cluster.shards:
+                    if name not in tasks or tasks[name].done():
+                        tasks[name] = asyncio.create_task(self._serve(name), name=f"publish-{name}")
+                try:
+                    await self._pause(CONFIG_POLL_INTERVAL_S)
+                except _Stopping:
+                    break
+            # Each shard's task finishes its batch in flight, then ends.
+            await asyncio.gather(*tasks.values())
         except _Stopping:
             pass
         finally:
             self._stopping.set()
-            for task in tasks:
+            await watcher.stop()
+            for task in tasks.values():
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(*tasks.values(), return_exceptions=True)
             await self._broker.close()
         if self._fatal is not None:
             raise self._fatal
@@ -462,10 +479,15 @@ class AmqpPublisher:
 
     async def _serve_shard(self, name: str) -> None:
         """Takes the shard's lease when free and publishes while it holds it."""
-        shard = self.cluster.shards[name]
         sequenced = asyncio.Event()
         said_taken = said_unavailable = False
         while not self._stopping.is_set():
+            # Looked up each time: a config reload replaces a shard whose DSN
+            # changed, and ends one the config no longer names.
+            shard = self.cluster.shards.get(name)
+            if shard is None:
+                log.info("shard %s left the config; no longer publishing it", name)
+                return
             try:
                 lease = await ShardLease.try_take(
                     shard,
@@ -497,6 +519,9 @@ class AmqpPublisher:
                 continue
             except ShardUnavailable as error:
                 log.warning("shard %s stopped answering: %s; taking its lease again", name, error)
+            except _NOT_SET_UP as error:
+                # A shard the config names before any replica or rebalance set it up.
+                log.warning("shard %s is not set up yet (%s); asking again", name, error)
             finally:
                 self.leases.discard(name)
                 await lease.release()

@@ -132,8 +132,11 @@ class EventFeed:
 
     async def start_positions(self, subscription: Subscription) -> dict[str, int]:
         """Where the subscription starts on each shard; refuses a pruned or unknown one."""
+        # A retired shard's stream has ended: a cursor may still name it (its
+        # consumers acknowledged all of it before it left, see MoveStore.leave_refused).
+        retired = {spec.name for spec in self.cluster.config.shards if not spec.routable}
         for name in subscription.after:
-            if name not in self.cluster.shards:
+            if name not in self.cluster.shards and name not in retired:
                 raise UnknownShard(name)
         positions: dict[str, int] = {}
         for name, shard in list(self.cluster.shards.items()):
@@ -185,6 +188,7 @@ class EventFeed:
         read_at = -limits.event_read_gap_s
         while not self._closed:
             await self._listen()
+            await self._join_new_shards(subscription, positions)
             # Batching, not synchronisation: what is numbered meanwhile joins this read.
             gap_s = read_at + limits.event_read_gap_s - loop.time()
             if gap_s > 0:
@@ -244,6 +248,25 @@ class EventFeed:
                         await changed.wait()
                 except TimeoutError:
                     full_pass = True
+
+    async def _join_new_shards(self, subscription: Subscription, positions: dict[str, int]) -> None:
+        """Adds the shards a config change added since the subscription started, from
+        their oldest kept event: merchants move onto a new shard with the rebalance
+        that follows the change, and their arrivals and what follows must reach a
+        subscription that was open already (it read the shards of its start only)."""
+        for name, shard in list(self.cluster.shards.items()):
+            if name in positions:
+                continue
+            try:
+                store = EventStore(shard)
+                oldest, _ = await store.bounds()
+                if subscription.consumer is not None:
+                    await store.register(subscription.consumer, position=oldest - 1)
+            except ShardUnavailable as error:
+                log.debug("shard %s not joined to a subscription now: %s", name, error)
+                continue
+            positions[name] = oldest - 1
+            log.info("a subscription follows shard %s from position %d", name, oldest)
 
     async def _departed(self, arrival: tuple[str, str, int], positions: Mapping[str, int]) -> bool:
         """Whether the source's departure matching an arrival has been delivered."""

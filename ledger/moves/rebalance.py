@@ -45,6 +45,7 @@ from ledger.domain.moves import CrossHold
 from ledger.invariant import InvariantViolation
 from ledger.routing.config import ShardConfig, ShardSpec
 from ledger.routing.ring import ShardRing
+from ledger.storage.events import EventStore
 from ledger.storage.moves import MoveDeferred, MoveStore, ShardPins
 from ledger.storage.shard import Shard
 from ledger.telemetry.pseudonym import pseudonymise
@@ -131,6 +132,8 @@ class Summary:
     duration_s: float = 0.0
     # Each draining shard, and what still pins it there after this run.
     draining: dict[str, ShardPins] = field(default_factory=dict)
+    # (shard, consumer): event consumers registered on a shard that lacked them.
+    consumers_carried: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def finished(self) -> bool:
@@ -161,6 +164,10 @@ class Summary:
             lines.append(
                 f"NOT MOVED {result.move.merchant_id} {result.move.source} -> "
                 f"{result.move.destination}: {result.outcome} (rerun to finish)"
+            )
+        for name, consumer in self.consumers_carried:
+            lines.append(
+                f"registered event consumer {consumer!r} on shard {name}, as on the others"
             )
         for move in self.abandoned:
             lines.append(
@@ -264,6 +271,7 @@ class Rebalancer:
                     epoch=self.new.epoch, claims_paused=True
                 )
             try:
+                carried = await self._carry_consumers()
                 plan = await self.plan()
                 for move in plan.moves:
                     await self._store(move.destination).mark_incoming(
@@ -275,7 +283,9 @@ class Rebalancer:
                     await self._store(name).set_epoch_and_claims(
                         epoch=self.new.epoch, claims_paused=False
                     )
-            summary = Summary(abandoned=await self._abandon_stale_moves())
+            summary = Summary(
+                abandoned=await self._abandon_stale_moves(), consumers_carried=carried
+            )
             todo = list(plan.moves)
             done = 0
             for round_number in range(1, DEFER_ROUNDS_MAX + 1):
@@ -297,6 +307,30 @@ class Rebalancer:
                 summary.draining[name] = await self._store(name).pins()
         summary.duration_s = time.monotonic() - started
         return summary
+
+    async def _carry_consumers(self) -> list[tuple[str, str]]:
+        """Registers every live event consumer on each routed shard that lacks it (a
+        shard this config adds), from the shard's oldest event, while claims are paused
+        and before any merchant moves in: events are pruned only up to what every
+        consumer registered on their shard acknowledged, so without this a consumer
+        offline while the shard filled could find its first events pruned (a cursor
+        that does not name a shard starts at its oldest kept event). Returns
+        (shard, consumer) for each registration made."""
+        stores = {name: EventStore(shard) for name, shard in self.shards.items()}
+        registered = {name: await store.consumers() for name, store in stores.items()}
+        live = {c.consumer for states in registered.values() for c in states if not c.lapsed}
+        carried: list[tuple[str, str]] = []
+        for name, store in stores.items():
+            if name in self.deleted or name in self.retired:
+                continue
+            missing = live - {c.consumer for c in registered[name]}
+            if not missing:
+                continue
+            oldest, _ = await store.bounds()
+            for consumer in sorted(missing):
+                await store.register(consumer, position=oldest - 1)
+                carried.append((name, consumer))
+        return carried
 
     async def _abandon_stale_moves(self) -> list[str]:
         """Moves that an earlier run deferred or left cut short, to a shard the new

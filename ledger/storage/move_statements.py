@@ -312,6 +312,22 @@ SELECT
      AND debits_posted <> credits_posted) AS positions
 """
 
+# What keeps a shard's event stream from ending while consumers are registered:
+# events not numbered yet, and the live (not lapsed) consumers that have not
+# acknowledged it to its last position. A shard that stops being routed is no
+# longer read by the replicas' streams, so it leaves only once every registered
+# consumer has all of its events.
+STREAM_PINS = """
+SELECT (SELECT count(*) FROM event_consumers WHERE lapsed_at IS NULL) AS live,
+       (SELECT count(*) FROM event_queue) AS unnumbered,
+       coalesce((SELECT array_agg(c.consumer || ':' || (p.last_position - c.position)
+                                  ORDER BY c.consumer)
+                 FROM event_consumers AS c
+                 WHERE c.lapsed_at IS NULL AND c.position < p.last_position), '{}')
+           AS behind
+FROM event_positions AS p
+"""
+
 # A merchant's arrival on or departure from a shard, in the event stream
 # (migration 0011): readers order the merchant's events across the move by it.
 INSERT_MOVE_EVENT = """

@@ -413,6 +413,34 @@ class MoveStore:
                 'the other shards\' (reconcile needs both sides): set `state = "retired"` '
                 "instead of deleting its entry"
             )
+        return await self._stream_refused()
+
+    async def _stream_refused(self) -> str | None:
+        """Why the shard's event stream cannot end yet (see STREAM_PINS), or None."""
+
+        async def run(conn: Connection) -> asyncpg.Record | None:
+            return await conn.fetchrow(sql.STREAM_PINS)
+
+        row = await self.shard._with_connection(run)
+        assert row is not None
+        name = self.shard.name
+        if not row["live"]:
+            return None  # no consumer to deliver the rest of the stream to
+        if row["unnumbered"]:
+            return (
+                f"shard {name} has {row['unnumbered']} event(s) not numbered yet: run a "
+                "replica until its sequencer numbers them, then try again"
+            )
+        if row["behind"]:
+            behind = ", ".join(
+                f"{consumer!r} ({count} events)"
+                for consumer, _, count in (b.rpartition(":") for b in row["behind"])
+            )
+            return (
+                f"shard {name}'s event stream is not acknowledged to its end by {behind}: "
+                "let them catch up (or drop a consumer gone for good, `ledger events "
+                "consumers --drop NAME`), then try again"
+            )
         return None
 
     async def pins(self) -> ShardPins:

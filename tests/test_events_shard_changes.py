@@ -1,0 +1,143 @@
+"""The event stream as an admin grows and shrinks the cluster (issue 20): a live
+subscription follows a shard added after it opened; the rebalance that fills a new
+shard registers every live consumer there; a shard leaves routing only once every
+registered consumer acknowledged its stream to the end, and cursors that name it
+still resume afterwards."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from ledger.moves.rebalance import ShardPinned
+from ledger.routing.ring import ShardRing
+from ledger.storage.events import EventStore
+from ledger.v1 import ledger_pb2 as pb
+from tests.event_support import collect_until, kinds
+from tests.ledger4 import ALL_SHARDS, Ledger4, merchant_on
+from tests.support import (
+    WAIT_DEADLINE_S,
+    account,
+    create_accounts,
+    ref,
+    transfer,
+    transfers,
+    uid,
+    wait_until,
+)
+from tests.test_moves_settle_routing import rebalance_to
+from tests.test_rebalance import opened
+
+
+async def test_a_live_subscription_follows_a_merchant_onto_a_shard_added_after_it_opened(
+    ledger4: Ledger4,
+) -> None:
+    env, stub = ledger4, ledger4.service.stub
+    grown = env.config(2, ALL_SHARDS)
+    mover = merchant_on(grown, "shard-d")
+    home = ShardRing(env.service.cluster.config).shard_for(mover)
+    await create_accounts(stub, account(mover, "cash"), account(mover, "sales"))
+    got: list[pb.Event] = []
+    call = stub.SubscribeEvents(pb.SubscribeEventsRequest(merchant_id=mover, from_now=True))
+    paid_there = uid("there")
+
+    async def follow() -> None:
+        async for event in call:
+            got.append(event)
+            if event.transfer.id == paid_there:
+                return
+
+    following = asyncio.create_task(follow())
+    try:
+        await rebalance_to(env, grown, mover)
+        assert env.service.cluster.ring.shard_for(mover) == "shard-d"
+        await transfers(stub, transfer(paid_there, ref(mover, "cash"), ref(mover, "sales"), 5))
+        await asyncio.wait_for(following, WAIT_DEADLINE_S)
+    finally:
+        call.cancel()
+    assert kinds(got) == ["MERCHANT_MOVED_OUT", "MERCHANT_MOVED_IN", "TRANSFER_POSTED"]
+    assert [e.shard for e in got] == [home, "shard-d", "shard-d"]
+
+
+async def test_a_rebalance_registers_every_live_consumer_on_the_shard_it_adds(
+    ledger4: Ledger4,
+) -> None:
+    """Retention keeps a shard's events only for the consumers registered there: one
+    that was offline while a new shard filled must find its events all kept."""
+    env, stub = ledger4, ledger4.service.stub
+    first = {name: 0 for name in env.service.cluster.shards}
+    await stub.AckEvents(
+        pb.AckEventsRequest(consumer="books", cursor=pb.EventCursor(positions=first))
+    )
+    grown = env.config(2, ALL_SHARDS)
+    await env.switch_to(grown)
+    async with opened(grown) as rebalancer:
+        summary = await rebalancer.rebalance()
+    assert summary.consumers_carried == [("shard-d", "books")]
+    assert "registered event consumer 'books' on shard shard-d" in summary.render()
+    states = await EventStore(env.service.cluster.shards["shard-d"]).consumers()
+    assert [(c.consumer, c.position, c.lapsed) for c in states] == [("books", 0, False)]
+    # Nothing on shard-d is acknowledged: every event there waits for the consumer.
+    async with opened(grown) as again:
+        assert (await again.rebalance()).consumers_carried == []
+
+
+async def test_a_shard_retires_only_once_every_consumer_has_its_whole_stream(
+    ledger4: Ledger4,
+) -> None:
+    """Replicas stop reading a retired shard: events a registered consumer had not
+    acknowledged there would never reach it. Retiring waits for the consumers, and a
+    cursor naming the retired shard resumes (it used to be refused: UNKNOWN_SHARD)."""
+    env, stub = ledger4, ledger4.service.stub
+    four = env.config(2, ALL_SHARDS)
+    await env.switch_to(four)
+    async with opened(four) as rebalancer:
+        assert (await rebalancer.rebalance()).results == []
+    on_d = next(
+        m for m in (uid("rd") for _ in range(3000)) if ShardRing(four).shard_for(m) == "shard-d"
+    )
+    await create_accounts(stub, account(on_d, "cash"), account(on_d, "sales"))
+    await transfers(stub, transfer(uid("t"), ref(on_d, "cash"), ref(on_d, "sales"), 9))
+    everywhere = pb.EventCursor(positions={name: 0 for name in ALL_SHARDS})
+    await stub.AckEvents(pb.AckEventsRequest(consumer="books", cursor=everywhere))
+
+    draining = env.config(3, ALL_SHARDS, states={"shard-d": "draining"})
+    await env.switch_to(draining)
+    async with opened(draining) as rebalancer:
+        summary = await rebalancer.rebalance()
+    assert summary.finished and "DRAINED shard-d" in summary.render(), summary.render()
+
+    retired = env.config(4, ALL_SHARDS, states={"shard-d": "retired"})
+    shard_d = env.service.cluster.shards["shard-d"]
+
+    async def numbered() -> bool:
+        return (await EventStore(shard_d).outbox_backlog())[0] == 0
+
+    await wait_until(numbered, what="shard-d's events numbered")
+    async with opened(retired) as rebalancer:
+        with pytest.raises(ShardPinned, match="not acknowledged to its end by 'books'"):
+            await rebalancer.rebalance()
+    # The consumer reads shard-d to its end (its last event: the merchant's departure).
+    _, last_d = await EventStore(shard_d).bounds()
+    events = await collect_until(
+        stub,
+        pb.SubscribeEventsRequest(after=everywhere, consumer="books"),
+        lambda e: e.shard == "shard-d" and e.position == last_d,
+    )
+    assert kinds(events)[-1] == "MERCHANT_MOVED_OUT"
+    await stub.AckEvents(pb.AckEventsRequest(consumer="books", cursor=events[-1].cursor))
+
+    await env.switch_to(retired)
+    async with opened(retired) as rebalancer:
+        assert (await rebalancer.rebalance()).results == []
+    assert "shard-d" not in env.service.cluster.shards
+    # The consumer's cursor still names shard-d: it resumes, and sees new events.
+    marker = uid("after")
+    await create_accounts(stub, account(on_d, marker))
+    resumed = await collect_until(
+        stub,
+        pb.SubscribeEventsRequest(after=events[-1].cursor, consumer="books"),
+        lambda e: e.kind == pb.EVENT_KIND_ACCOUNT_CREATED and e.account.ref.account_id == marker,
+    )
+    assert "shard-d" not in {e.shard for e in resumed}
