@@ -131,7 +131,7 @@ class Replica:
     log_path: Path
     process: subprocess.Popen[bytes] | None = None
     port: int = 0
-    stub: ledger_pb2_grpc.LedgerServiceStub | None = None
+    stub: ledger_pb2_grpc.LedgerServiceAsyncStub | None = None
     admin: ledger_pb2_grpc.LedgerAdminServiceStub | None = None
     starts: int = 0
     # Starts that ended before serving, with the reason each gave.
@@ -333,16 +333,27 @@ class ChaosCluster:
         `ledger shards rebalance`, run again until it finishes (the first run killed
         after kill_after_s, if given). Returns what it took."""
         self.reconfigure(weights=weights, states=states)
-        return await self._rebalance_until_finished(kill_after_s)
+        _, runs = await self._rebalance_until_finished(kill_after_s)
+        return runs
+
+    async def retire(self, name: str) -> tuple[bool, str]:
+        """A drained shard's last step: `state = "retired"` (next epoch), then `ledger
+        shards rebalance` until it exits 0. It is refused (exit 2) until every event
+        consumer registered there has acknowledged the shard's stream to its end.
+        Returns whether it finished, and what it took."""
+        self.reconfigure(states={**self.states, name: "retired"})
+        return await self._rebalance_until_finished(None)
 
     async def finish_moves(self) -> str:
         """After the run's holds are settled: `ledger shards rebalance` again until it
         finishes, as an admin reruns one that deferred merchants whose holds could not
         move yet, then `ledger shards cleanup` for the copies those moves leave."""
-        runs = await self._rebalance_until_finished(None)
+        _, runs = await self._rebalance_until_finished(None)
         return f"{runs}; cleanup: {await self.cleanup()}"
 
-    async def _rebalance_until_finished(self, kill_after_s: float | None) -> str:
+    async def _rebalance_until_finished(self, kill_after_s: float | None) -> tuple[bool, str]:
+        """Runs `ledger shards rebalance` until it exits 0 or the deadline passes:
+        (finished, what the runs did)."""
         deadline = time.monotonic() + REBALANCE_DEADLINE_S
         runs: list[str] = []
         while True:
@@ -352,12 +363,12 @@ class ChaosCluster:
             # has moved others, and the rerun that exits 0 may move none.
             runs.append(_run_summary(code, output))
             if code == 0:
-                return f"epoch {self.epoch}: {', '.join(runs)}"
+                return True, f"epoch {self.epoch}: {', '.join(runs)}"
             if time.monotonic() > deadline:
                 # Merchants with holds that cannot move yet stay deferred: the next
                 # rebalance (or none) takes it from there.
                 last = [ln for ln in output.splitlines() if ln.startswith(("moved", "NOT"))]
-                return f"epoch {self.epoch}: {', '.join(runs)}; unfinished: {last}"
+                return False, f"epoch {self.epoch}: {', '.join(runs)}; unfinished: {last}"
             await asyncio.sleep(REBALANCE_RETRY_PAUSE_S)
 
     async def drain(

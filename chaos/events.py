@@ -57,6 +57,12 @@ CATCH_UP_POLL_S = 0.2
 # A stream that delivers nothing for this long while the shards have events it has
 # not delivered is called again (a stuck call would otherwise only hit the deadline).
 STALLED_STREAM_S = 10.0
+# The subscriber is a registered consumer, so that a drained shard retires only
+# once it has that shard's whole stream (MoveStore.leave_refused); it acknowledges
+# what it took this often (on whichever replica runs).
+CONSUMER = "chaos-books"
+ACK_INTERVAL_S = 0.5
+ACK_TIMEOUT_S = 5.0
 # Problems printed per kind in the summary's notes; the violations hold all.
 PROBLEMS_PER_CHECK_MAX = 1000
 
@@ -188,15 +194,53 @@ class EventSubscriber:
         # in the reader, which is a break to resume from, not the task's end.
         self._restarting = False
         self._last_event_at = time.monotonic()
+        self._acker: asyncio.Task[None] | None = None
+        self.acks = 0
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="chaos-event-subscriber")
+        self._acker = asyncio.create_task(self._acknowledge(), name="chaos-event-acks")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for task in (self._task, self._acker):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    async def _acknowledge(self) -> None:
+        """Acknowledges the cursor every ACK_INTERVAL_S once it moved, through a running
+        replica; a failed call is tried again at the next interval."""
+        acked: dict[str, int] = {}
+        while True:
+            await asyncio.sleep(ACK_INTERVAL_S)
+            cursor = dict(self.cursor)
+            if cursor == acked:
+                continue
+            for replica in self.replicas:
+                if replica.stub is None or not replica.running:
+                    continue
+                try:
+                    await replica.stub.AckEvents(
+                        pb.AckEventsRequest(
+                            consumer=CONSUMER, cursor=pb.EventCursor(positions=cursor)
+                        ),
+                        timeout=ACK_TIMEOUT_S,
+                    )
+                except grpc.aio.AioRpcError as error:
+                    if error.code() in (
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        grpc.StatusCode.FAILED_PRECONDITION,
+                    ):
+                        self.state.problem(
+                            "events stream",
+                            "AckEvents",
+                            f"unexpected {error.code().name}: {error.details()}",
+                        )
+                    continue
+                acked = cursor
+                self.acks += 1
+                break
 
     async def _run(self) -> None:
         replica = 0
@@ -212,7 +256,9 @@ class EventSubscriber:
 
     async def _follow(self, stub: Any) -> bool:
         """Follows one call until it breaks; whether it delivered anything."""
-        request = pb.SubscribeEventsRequest(after=pb.EventCursor(positions=self.cursor))
+        request = pb.SubscribeEventsRequest(
+            after=pb.EventCursor(positions=self.cursor), consumer=CONSUMER
+        )
         self.calls += 1
         delivered = False
         call = stub.SubscribeEvents(request)
@@ -284,6 +330,7 @@ class EventSubscriber:
             "per_shard": dict(sorted(self.state.positions.items())),
             "duplicates_dropped": self.state.duplicates,
             "calls": self.calls,
+            "acks": self.acks,
             "breaks": dict(self.breaks.most_common()),
             "kinds": dict(self.state.kinds.most_common()),
             "accounts_rebuilt": len(self.state.accounts),

@@ -91,8 +91,8 @@ class Nemesis:
                 record.error = f"{type(error).__name__}: {error}"
 
     async def _drain(self, record: FaultRecord) -> str:
-        """Drains the target until DRAINED (or the deadline), keeps it drained for the
-        fault's duration, then makes it active again and rebalances back."""
+        """Drains the target until DRAINED (or the deadline), retires it, keeps it out
+        for the fault's duration, then makes it active again and rebalances back."""
         fault = record.fault
         index = self.records.index(record)
         cluster = self.cluster
@@ -109,13 +109,23 @@ class Nemesis:
                     f"not DRAINED within the deadline: {drained.describe()}",
                 )
             )
+        retired = ""
+        if drained.finished:
+            # Retired once the event subscriber (a registered consumer) has the
+            # shard's whole stream; made active again below, as a shard added.
+            finished, runs = await cluster.retire(fault.target)
+            retired = f"; retired: {runs}"
+            if not finished:
+                record.violations.append(
+                    (f"retire {fault.target}", f"not retired within the deadline: {runs}")
+                )
         await asyncio.sleep(fault.duration_s)
         back = await cluster.rebalance(
             dict.fromkeys(SHARD_NAMES, 1),
             kill_after_s=None,
             states=dict.fromkeys(SHARD_NAMES, "active"),
         )
-        return f"{drained.describe()}; active again: {back}"
+        return f"{drained.describe()}{retired}; active again: {back}"
 
     async def _settle_relayed(self, record: FaultRecord, index: int, round_number: int) -> str:
         """Settles the holds the draining shard still relays (what pins it once its

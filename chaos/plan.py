@@ -84,8 +84,9 @@ FAULT_DURATION_S = {
     # How long one shard's raised weight stands before it is put back (each end
     # of it is a whole `ledger shards rebalance`, retried until it finishes).
     "rebalance": (1.0, 6.0),
-    # How long a drained shard stays out of the ring once DRAINED, before it is made
-    # active again (the drain itself, until DRAINED, comes before and takes longer).
+    # How long a drained shard stays out of the ring once DRAINED and retired, before
+    # it is made active again (the drain itself, until DRAINED, comes before and
+    # takes longer).
     "drain": (1.0, 6.0),
 }
 # A rebalance raises one shard's weight to this (merchants move to it) and then
@@ -108,7 +109,8 @@ SHARD_RECOVERY_ALLOWANCE_S = 1.0
 REBALANCE_LANE = "rebalance"
 REBALANCE_ALLOWANCE_S = 5.0
 # A drain (--drains) takes the same lane: its shard is drained until the rebalance
-# says DRAINED (settling the holds it relays on the way), stays so for its planned
+# says DRAINED (settling the holds it relays on the way), is retired (once the run's
+# event subscriber acknowledged its stream to the end), stays so for its planned
 # length, and is made active again. Emptying it takes far longer than a weight change.
 DRAIN_ALLOWANCE_S = 15.0
 # Operations per client that a plan digest covers (the run reports it; a test

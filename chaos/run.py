@@ -37,7 +37,7 @@ import grpc
 from chaos.checker import CheckReport, check_all
 from chaos.clients import Caller, OpRecord, run_client, send_operation
 from chaos.cluster import ChaosCluster, HarnessError
-from chaos.events import EventSubscriber, check_event_stream
+from chaos.events import CONSUMER, EventSubscriber, check_event_stream
 from chaos.nemesis import FaultRecord, Nemesis
 from chaos.plan import (
     PLAN_DIGEST_OPS_PER_CLIENT,
@@ -108,7 +108,7 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     parser.add_argument(
         "--drains",
         action="store_true",
-        help="also plan drains (a shard set draining until DRAINED, then active again)",
+        help="also plan drains (a shard set draining until DRAINED, retired, then active again)",
     )
     parser.add_argument(
         "--no-events",
@@ -400,7 +400,8 @@ def render(summary: dict[str, Any]) -> str:
         lines.append(
             f"event subscriber: {events['events']} events over {events['calls']} calls "
             f"(breaks: {', '.join(f'{k} {n}' for k, n in events['breaks'].items()) or 'none'}), "
-            f"{events['duplicates_dropped']} duplicates dropped; commit to receipt "
+            f"{events['duplicates_dropped']} duplicates dropped, {events['acks']} acknowledgements "
+            f"as consumer {CONSUMER}; commit to receipt "
             f"p50 {events['delivery_delay_ms_p50']} ms, p99 {events['delivery_delay_ms_p99']} ms"
         )
     lines.append("checks:")

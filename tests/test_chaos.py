@@ -309,20 +309,36 @@ _DRAINING = (
 _DRAINED = "moved 0 merchants, 0 rows copied\nDRAINED shard-a: holds nothing"
 
 
+_RETIRED = "moved 0 merchants, 0 rows copied"
+_CONSUMER_BEHIND = (
+    "error: shard shard-a's event stream is not acknowledged to its end by "
+    "'chaos-books' (3 events): let them catch up"
+)
+
+
 def _scripted_drain(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, drained_on_run: int | None
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    *,
+    drained_on_run: int | None,
+    retire_answers: list[tuple[int, str]] | None = None,
 ) -> tuple[FaultRecord, ChaosCluster, list[int]]:
     """Runs one drain fault of shard-a against a cluster whose rebalance says DRAINED
-    on run drained_on_run (never if None); returns its record, the cluster, and the
-    rounds after which the drain settled what the shard relays."""
+    on run drained_on_run (never if None) and answers the retire with retire_answers
+    in turn (default: at once); returns its record, the cluster, and the rounds after
+    which the drain settled what the shard relays."""
     cluster = ChaosCluster(tmp_path)
     monkeypatch.setattr(cluster, "write_configs", lambda: None)
+    monkeypatch.setattr(chaos_cluster, "REBALANCE_RETRY_PAUSE_S", 0.0)
     drain_runs = 0
+    retiring = list(retire_answers or [(0, _RETIRED)])
 
     async def admin(
         *args: str, kill_after_s: float | None, direct: bool = False
     ) -> tuple[int, str]:
         nonlocal drain_runs
+        if "retired" in cluster.states.values():
+            return retiring.pop(0) if len(retiring) > 1 else retiring[0]
         if "draining" not in cluster.states.values():
             return 0, "moved 2 merchants, 10 rows copied"  # moving back
         drain_runs += 1
@@ -358,8 +374,42 @@ def test_a_drain_reruns_the_rebalance_until_it_says_drained(
     )
     assert settled_after == [1, 2]
     assert record.violations == []
-    # Drained at epoch 2, then active again (epoch 3) with merchants moved back.
-    assert "active again: epoch 3: exit 0 (moved 2 merchants)" in record.detail
+    # Drained at epoch 2, retired (epoch 3), then active again (epoch 4) with
+    # merchants moved back.
+    assert "; retired: epoch 3: exit 0 (moved 0 merchants);" in record.detail
+    assert "active again: epoch 4: exit 0 (moved 2 merchants)" in record.detail
+    assert cluster.states == dict.fromkeys(cluster.shards, "active")
+
+
+@pytest.mark.timeout(10)
+def test_a_drained_shard_retires_once_the_event_consumer_has_its_stream(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The retire is refused (exit 2) while the run's event subscriber has not
+    acknowledged the shard's stream to its end; it is run again until it passes."""
+    record, cluster, _ = _scripted_drain(
+        tmp_path,
+        monkeypatch,
+        drained_on_run=1,
+        retire_answers=[(2, _CONSUMER_BEHIND), (2, _CONSUMER_BEHIND), (0, _RETIRED)],
+    )
+    assert record.error == "" and record.violations == []
+    assert "; retired: epoch 3: exit 2" in record.detail
+    assert "exit 0 (moved 0 merchants); active again: epoch 4" in record.detail
+    assert cluster.states == dict.fromkeys(cluster.shards, "active")
+
+
+@pytest.mark.timeout(10)
+def test_a_shard_never_retired_is_a_violation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(chaos_cluster, "REBALANCE_DEADLINE_S", 0.0)
+    record, cluster, _ = _scripted_drain(
+        tmp_path, monkeypatch, drained_on_run=1, retire_answers=[(2, _CONSUMER_BEHIND)]
+    )
+    assert [v[0] for v in record.violations] == ["retire shard-a"]
+    assert "not retired within the deadline" in record.violations[0][1]
+    # It is made active again all the same, as the run's end expects.
     assert cluster.states == dict.fromkeys(cluster.shards, "active")
 
 

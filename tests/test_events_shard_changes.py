@@ -15,7 +15,7 @@ from ledger.routing.ring import ShardRing
 from ledger.storage.events import EventStore
 from ledger.v1 import ledger_pb2 as pb
 from tests.event_support import collect_until, kinds
-from tests.ledger4 import ALL_SHARDS, Ledger4, merchant_on
+from tests.ledger4 import ALL_SHARDS, FIRST_SHARDS, Ledger4, merchant_on
 from tests.support import (
     WAIT_DEADLINE_S,
     account,
@@ -141,3 +141,28 @@ async def test_a_shard_retires_only_once_every_consumer_has_its_whole_stream(
         lambda e: e.kind == pb.EVENT_KIND_ACCOUNT_CREATED and e.account.ref.account_id == marker,
     )
     assert "shard-d" not in {e.shard for e in resumed}
+    # A consumer acknowledges the cursors it is given: shard-d's part is passed over.
+    acked = await stub.AckEvents(pb.AckEventsRequest(consumer="books", cursor=resumed[-1].cursor))
+    assert set(acked.acknowledged.positions) == set(FIRST_SHARDS)
+    # The cursors given keep naming it where the consumer left it, so a stream open
+    # when the shard is made active again goes on there, after what it had read.
+    assert resumed[-1].cursor.positions["shard-d"] == last_d
+    back_on_d: list[pb.Event] = []
+    call = stub.SubscribeEvents(pb.SubscribeEventsRequest(after=resumed[-1].cursor))
+
+    async def follow() -> None:
+        async for event in call:
+            if event.shard == "shard-d":
+                back_on_d.append(event)
+                return
+
+    following = asyncio.create_task(follow())
+    try:
+        active = env.config(5, ALL_SHARDS)
+        await env.switch_to(active)
+        async with opened(active) as rebalancer:
+            assert on_d in {r.move.merchant_id for r in (await rebalancer.rebalance()).moved}
+        await asyncio.wait_for(following, WAIT_DEADLINE_S)
+    finally:
+        call.cancel()
+    assert [(e.position, kinds([e])) for e in back_on_d] == [(last_d + 1, ["MERCHANT_MOVED_IN"])]

@@ -315,15 +315,17 @@ class EventStreams:
         v = Violations()
         consumer = _consumer(v, "consumer", request.consumer, required=True)
         positions = _cursor(v, "cursor", request.cursor)
-        shards = self.feed.cluster.shards
+        shards, retired = self.feed.cluster.shards, self.feed.cluster.retired
         for name in positions:
-            if name not in shards:
+            if name not in shards and name not in retired:
                 v.add(f"cursor.positions[{name[:64]!r}]", "names no shard of this cluster")
         v.raise_if_any()
         assert consumer is not None
         acknowledged: dict[str, int] = {}
         try:
             for name, position in sorted(positions.items()):
+                if name in retired:
+                    continue  # its stream ended, acknowledged to its end before it did
                 acknowledged[name] = await EventStore(shards[name]).acknowledge(consumer, position)
         except (ConsumerLapsed, ShardUnavailable) as error:
             raise _refusal(error) from error

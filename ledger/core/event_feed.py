@@ -134,11 +134,15 @@ class EventFeed:
         """Where the subscription starts on each shard; refuses a pruned or unknown one."""
         # A retired shard's stream has ended: a cursor may still name it (its
         # consumers acknowledged all of it before it left, see MoveStore.leave_refused).
-        retired = {spec.name for spec in self.cluster.config.shards if not spec.routable}
-        for name in subscription.after:
-            if name not in self.cluster.shards and name not in retired:
-                raise UnknownShard(name)
+        # Its position is kept, so that the cursors given keep it and, should the
+        # shard be made active again, the subscription goes on from there.
+        retired = self.cluster.retired
         positions: dict[str, int] = {}
+        for name, position in subscription.after.items():
+            if name in retired:
+                positions[name] = position
+            elif name not in self.cluster.shards:
+                raise UnknownShard(name)
         for name, shard in list(self.cluster.shards.items()):
             store = EventStore(shard)
             oldest, last = await store.bounds()

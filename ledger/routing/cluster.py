@@ -82,6 +82,14 @@ class Cluster:
     def epoch(self) -> int:
         return self.config.epoch
 
+    @property
+    def retired(self) -> frozenset[str]:
+        """Shards the config keeps but no longer routes, not opened here: their event
+        streams have ended (a cursor may still name them)."""
+        return frozenset(
+            s.name for s in self.config.shards if not s.routable and s.name not in self.shards
+        )
+
     def _opened(self, config: ShardConfig) -> list[ShardSpec]:
         return [spec for spec in config.shards if spec.routable or self.audit]
 

@@ -2095,7 +2095,9 @@ class EventCursor(_message.Message):
     @_builtins.property
     def positions(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
         """Shard name -> position; at most 64 shards. Every name must be a shard of
-        this cluster (INVALID_ARGUMENT otherwise).
+        this cluster's config (INVALID_ARGUMENT otherwise). A retired shard's
+        stream has ended: its position is kept as given, and AckEvents passes it
+        over.
         """
 
     def __init__(
