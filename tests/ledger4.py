@@ -3,9 +3,13 @@ cluster of the rebalance and move tests (the fixture `ledger4` is in conftest.py
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
 
 from ledger.routing.config import ShardConfig, ShardSpec
 from ledger.routing.ring import ShardRing
@@ -64,3 +68,18 @@ class Ledger4:
             return self.service.cluster.epoch == config.epoch
 
         await wait_until(loaded, what=f"the service to load config epoch {config.epoch}")
+
+    @contextlib.asynccontextmanager
+    async def refusing_connections(self, name: str) -> AsyncIterator[None]:
+        """Shard name's database refuses connections (the service's pooled ones are
+        closed) until the block ends: the shard is unavailable, its server up."""
+        dsn = urlsplit(self.specs[name].dsn)
+        database = dsn.path.lstrip("/")
+        admin = await asyncpg.connect(urlunsplit(dsn._replace(path="/postgres")))
+        try:
+            await admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS false')
+            await self.service.cluster.shards[name].pool.expire_connections()
+            yield
+        finally:
+            await admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true')
+            await admin.close()

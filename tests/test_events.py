@@ -4,6 +4,7 @@ resumable by cursor (issue 20)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import grpc
@@ -409,3 +410,53 @@ async def test_a_subscriber_reads_again_only_the_shards_that_numbered_new_events
     for name in idle:
         assert feed.shard_reads[name] - reads_before[name] <= reads_max, (name, elapsed_s)
     assert feed.shard_reads["shard-a"] >= writes
+
+
+async def test_a_shard_whose_notifications_are_lost_is_read_while_other_shards_stay_busy(
+    service: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A subscription reads a shard again when told it numbered more (this replica's
+    sequencer, or a NOTIFY from another's), and every shard on the idle poll. Under
+    steady traffic elsewhere it was never idle, so a shard whose word was lost (another
+    replica numbered it, and the LISTEN connection was half-dead behind a partition)
+    went unread for as long as the traffic lasted: chaos saw a drained shard's last
+    56 events withheld from a consumer for 30 s. Every shard is now read at least
+    once per event_idle_poll_s, busy or not."""
+    stub, feed = service.stub, service.server.feed
+    busy, quiet = service.merchant_on("shard-a"), service.merchant_on("shard-b")
+    await create_accounts(stub, account(busy, "cash"), account(busy, "sales"))
+    told = feed.wake
+
+    def lose_shard_b(shard_name: str = "", last_position: int = 0) -> None:
+        if shard_name != "shard-b":
+            told(shard_name, last_position)
+
+    monkeypatch.setattr(service.server.sequencer, "on_sequenced", lose_shard_b)
+    monkeypatch.setattr(feed, "wake", lose_shard_b)
+    after = {n: (await EventStore(s).bounds())[1] for n, s in service.cluster.shards.items()}
+    stop = asyncio.Event()
+
+    async def keep_busy() -> None:
+        while not stop.is_set():
+            await transfers(stub, transfer(uid("busy"), ref(busy, "cash"), ref(busy, "sales"), 1))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.05)
+
+    busy_task = asyncio.create_task(keep_busy())
+    try:
+        marker = uid("quiet")
+        await create_accounts(stub, account(quiet, marker))
+        started = time.monotonic()
+        await collect_until(
+            stub,
+            pb.SubscribeEventsRequest(after=pb.EventCursor(positions=after)),
+            lambda e: (
+                e.kind == pb.EVENT_KIND_ACCOUNT_CREATED and e.account.ref.account_id == marker
+            ),
+            deadline_s=5 * limits.event_idle_poll_s,
+        )
+        waited_s = time.monotonic() - started
+    finally:
+        stop.set()
+        await busy_task
+    assert waited_s < 3 * limits.event_idle_poll_s, waited_s

@@ -4,9 +4,6 @@ shard is delivered only after the departure from the old one."""
 from __future__ import annotations
 
 import asyncio
-from urllib.parse import urlsplit, urlunsplit
-
-import asyncpg
 
 from ledger.core.event_feed import Subscription
 from ledger.domain.events import EventKind
@@ -107,13 +104,8 @@ async def test_an_arrival_read_while_its_source_shard_is_down_waits_and_the_stre
         async for batch, _ in feed.follow_batches(subscription, dict(positions)):
             rows.extend(batch)
 
-    dsn = urlsplit(env.specs[home].dsn)
-    database = dsn.path.lstrip("/")
-    admin = await asyncpg.connect(urlunsplit(dsn._replace(path="/postgres")))
     following: asyncio.Task[None] | None = None
-    try:
-        await admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS false')
-        await env.service.cluster.shards[home].pool.expire_connections()
+    async with env.refusing_connections(home):
         away_reads = feed.shard_reads[away]
         following = asyncio.create_task(follow())
 
@@ -130,9 +122,6 @@ async def test_an_arrival_read_while_its_source_shard_is_down_waits_and_the_stre
         await wait_until(passed_on, what="the feed to look at the source again")
         assert not following.done(), following.exception()
         assert [r.shard for r in rows] == [], "nothing of the merchant before its departure"
-    finally:
-        await admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true')
-        await admin.close()
     try:
 
         async def all_read() -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 
+import grpc
 import pytest
 
 from ledger.moves.rebalance import ShardPinned
@@ -166,3 +167,36 @@ async def test_a_shard_retires_only_once_every_consumer_has_its_whole_stream(
     finally:
         call.cancel()
     assert [(e.position, kinds([e])) for e in back_on_d] == [(last_d + 1, ["MERCHANT_MOVED_IN"])]
+
+
+async def test_a_shard_down_does_not_hold_back_acknowledgements_on_the_others(
+    ledger4: Ledger4,
+) -> None:
+    """AckEvents went shard by shard and stopped at the first that could not be
+    reached, so a consumer's progress on the shards after it was not recorded: one
+    shard down held back retention, and retiring a shard, everywhere (chaos: a drained
+    shard could not retire while the acknowledgements kept failing on another)."""
+    env, stub = ledger4, ledger4.service.stub
+    for name in FIRST_SHARDS:
+        m = env.service.merchant_on(name)
+        await create_accounts(stub, account(m, "cash"))
+    lasts: dict[str, int] = {}
+
+    async def numbered() -> bool:
+        for name, shard in env.service.cluster.shards.items():
+            lasts[name] = (await EventStore(shard).bounds())[1]
+        return all(lasts.values())
+
+    await wait_until(numbered, what="an event numbered on every shard")
+    start = pb.EventCursor(positions=dict.fromkeys(FIRST_SHARDS, 0))
+    await stub.AckEvents(pb.AckEventsRequest(consumer="books", cursor=start))
+    async with env.refusing_connections("shard-a"):
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.AckEvents(
+                pb.AckEventsRequest(consumer="books", cursor=pb.EventCursor(positions=lasts))
+            )
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "shard-a" in (refused.value.details() or "")
+    for name in ("shard-b", "shard-c"):
+        states = await EventStore(env.service.cluster.shards[name]).consumers()
+        assert [(c.consumer, c.position) for c in states] == [("books", lasts[name])], name

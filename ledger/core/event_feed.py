@@ -184,12 +184,15 @@ class EventFeed:
         held: dict[str, tuple[str, str, int]] = {}
         # Per shard, a position up to which this subscription has read everything
         # (of its filter): a shard is read again once more was numbered there, and
-        # every shard on a full pass (the first, and each idle poll: a NOTIFY may
-        # have been lost, or come from a shard not listened to yet).
+        # every shard on a full pass (the first, and then at least once per
+        # event_idle_poll_s, busy or not: a NOTIFY may have been lost, or come from
+        # a shard not listened to yet, and traffic on other shards used to keep
+        # such a shard unread for as long as it lasted).
         read_up_to: dict[str, int] = {}
         full_pass = True
         loop = asyncio.get_running_loop()
         read_at = -limits.event_read_gap_s
+        full_pass_at = loop.time()
         while not self._closed:
             await self._listen()
             await self._join_new_shards(subscription, positions)
@@ -198,6 +201,10 @@ class EventFeed:
             if gap_s > 0:
                 await asyncio.sleep(gap_s)
             read_at = loop.time()
+            if read_at - full_pass_at >= limits.event_idle_poll_s:
+                full_pass = True
+            if full_pass:
+                full_pass_at = read_at
             changed = self._changed
             delivered = False
             for name in list(positions):

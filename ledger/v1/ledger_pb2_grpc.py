@@ -200,7 +200,9 @@ class LedgerServiceServicer:
 
     def AckEvents(self, request, context):
         """Records how far a registered consumer has processed events: events are
-        pruned only up to what every registered consumer acknowledged.
+        pruned only up to what every registered consumer acknowledged. A shard that
+        cannot be reached answers UNAVAILABLE (naming it) after every other shard
+        took its position: send the same cursor again.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

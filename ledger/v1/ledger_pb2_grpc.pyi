@@ -116,7 +116,9 @@ class LedgerServiceStub:
     """
     AckEvents: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.AckEventsRequest, _ledger_pb2.AckEventsResponse]
     """Records how far a registered consumer has processed events: events are
-    pruned only up to what every registered consumer acknowledged.
+    pruned only up to what every registered consumer acknowledged. A shard that
+    cannot be reached answers UNAVAILABLE (naming it) after every other shard
+    took its position: send the same cursor again.
     """
 
 @_typing.type_check_only
@@ -173,7 +175,9 @@ class LedgerServiceAsyncStub(LedgerServiceStub):
     """
     AckEvents: _aio.UnaryUnaryMultiCallable[_ledger_pb2.AckEventsRequest, _ledger_pb2.AckEventsResponse]  # type: ignore[assignment]
     """Records how far a registered consumer has processed events: events are
-    pruned only up to what every registered consumer acknowledged.
+    pruned only up to what every registered consumer acknowledged. A shard that
+    cannot be reached answers UNAVAILABLE (naming it) after every other shard
+    took its position: send the same cursor again.
     """
 
 class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -299,7 +303,9 @@ class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_ledger_pb2.AckEventsResponse, _abc.Awaitable[_ledger_pb2.AckEventsResponse]]:
         """Records how far a registered consumer has processed events: events are
-        pruned only up to what every registered consumer acknowledged.
+        pruned only up to what every registered consumer acknowledged. A shard that
+        cannot be reached answers UNAVAILABLE (naming it) after every other shard
+        took its position: send the same cursor again.
         """
 
 def add_LedgerServiceServicer_to_server(servicer: LedgerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
