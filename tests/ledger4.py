@@ -4,16 +4,14 @@ cluster of the rebalance and move tests (the fixture `ledger4` is in conftest.py
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-import asyncpg
-
 from ledger.routing.config import ShardConfig, ShardSpec
 from ledger.routing.ring import ShardRing
-from tests.support import Service, uid, wait_until, write_config
+from tests.support import Service, refusing_connections, uid, wait_until, write_config
 
 ALL_SHARDS = ("shard-a", "shard-b", "shard-c", "shard-d")
 FIRST_SHARDS = ALL_SHARDS[:3]
@@ -69,17 +67,7 @@ class Ledger4:
 
         await wait_until(loaded, what=f"the service to load config epoch {config.epoch}")
 
-    @contextlib.asynccontextmanager
-    async def refusing_connections(self, name: str) -> AsyncIterator[None]:
-        """Shard name's database refuses connections (the service's pooled ones are
-        closed) until the block ends: the shard is unavailable, its server up."""
-        dsn = urlsplit(self.specs[name].dsn)
-        database = dsn.path.lstrip("/")
-        admin = await asyncpg.connect(urlunsplit(dsn._replace(path="/postgres")))
-        try:
-            await admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS false')
-            await self.service.cluster.shards[name].pool.expire_connections()
-            yield
-        finally:
-            await admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true')
-            await admin.close()
+    def refusing_connections(self, name: str) -> contextlib.AbstractAsyncContextManager[None]:
+        """Shard name refuses connections while its server runs (tests.support)."""
+        admin_dsn = urlunsplit(urlsplit(self.specs[name].dsn)._replace(path="/postgres"))
+        return refusing_connections(self.service, name, admin_dsn)

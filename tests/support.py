@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
+import asyncpg
 import grpc
 from google.rpc import error_details_pb2, status_pb2
 
@@ -297,3 +300,21 @@ async def background_wake_times(server: LedgerServer) -> dict[str, float]:
     await wait_until(all_asleep, what="the background workers to go to sleep")
     wakes = {name: s.sleeps_until for name, s in schedules.items()}
     return {name: at for name, at in wakes.items() if at is not None}
+
+
+@contextlib.asynccontextmanager
+async def refusing_connections(service: Service, name: str, admin_dsn: str) -> AsyncIterator[None]:
+    """Shard name's database refuses new connections (ALTER DATABASE ... ALLOW_CONNECTIONS
+    false, as during maintenance: SQLSTATE 55000) while its server keeps running, and
+    the service's pooled connections to it are closed, until the block ends.
+    admin_dsn: the shard's server, any other database of it."""
+    database = urlsplit(service.cluster.config.shard(name).dsn).path.lstrip("/")
+    admin = await asyncpg.connect(admin_dsn)
+    try:
+        await admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS false')
+        # The pool's open connections would still work: make it connect anew.
+        await service.cluster.shards[name].pool.expire_connections()
+        yield
+    finally:
+        await admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true')
+        await admin.close()

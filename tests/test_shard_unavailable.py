@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -27,6 +28,7 @@ from tests.support import (
     balance,
     create_accounts,
     ref,
+    refusing_connections,
     result_names,
     start_service,
     status_details,
@@ -249,19 +251,11 @@ async def logged_back(caplog: pytest.LogCaptureFixture, shard: str) -> bool:
     return any(f"shard {shard} is available again" in r.getMessage() for r in caplog.records)
 
 
-@asynccontextmanager
-async def shard_refusing_connections(cluster: Cluster3, name: str) -> AsyncIterator[None]:
-    """The shard's database refuses new connections (ALTER DATABASE ... ALLOW_CONNECTIONS
-    false, as during maintenance: SQLSTATE 55000) while its server keeps running."""
-    admin = await asyncpg.connect(cluster.servers[name].dsn("postgres"))
-    try:
-        await admin.execute(f"ALTER DATABASE {DATABASE} ALLOW_CONNECTIONS false")
-        # The pool's open connections would still work: make it connect anew.
-        await cluster.service.cluster.shards[name].pool.expire_connections()
-        yield
-    finally:
-        await admin.execute(f"ALTER DATABASE {DATABASE} ALLOW_CONNECTIONS true")
-        await admin.close()
+def shard_refusing_connections(
+    cluster: Cluster3, name: str
+) -> contextlib.AbstractAsyncContextManager[None]:
+    """The shard's database refuses new connections while its server keeps running."""
+    return refusing_connections(cluster.service, name, cluster.servers[name].dsn("postgres"))
 
 
 async def test_a_shard_refusing_connections_is_unavailable_with_retry_info_logged_once(
