@@ -480,7 +480,7 @@ class AmqpPublisher:
     async def _serve_shard(self, name: str) -> None:
         """Takes the shard's lease when free and publishes while it holds it."""
         sequenced = asyncio.Event()
-        said_taken = said_unavailable = False
+        said_taken = said_unavailable = said_not_set_up = False
         while not self._stopping.is_set():
             # Looked up each time: a config reload replaces a shard whose DSN
             # changed, and ends one the config no longer names.
@@ -521,7 +521,9 @@ class AmqpPublisher:
                 log.warning("shard %s stopped answering: %s; taking its lease again", name, error)
             except _NOT_SET_UP as error:
                 # A shard the config names before any replica or rebalance set it up.
-                log.warning("shard %s is not set up yet (%s); asking again", name, error)
+                if not said_not_set_up:
+                    log.warning("shard %s is not set up yet (%s); asking again", name, error)
+                    said_not_set_up = True
             finally:
                 self.leases.discard(name)
                 await lease.release()
