@@ -95,9 +95,7 @@ async def test_a_shard_retires_only_once_every_consumer_has_its_whole_stream(
     await env.switch_to(four)
     async with opened(four) as rebalancer:
         assert (await rebalancer.rebalance()).results == []
-    on_d = next(
-        m for m in (uid("rd") for _ in range(3000)) if ShardRing(four).shard_for(m) == "shard-d"
-    )
+    on_d = merchant_on(four, "shard-d")
     await create_accounts(stub, account(on_d, "cash"), account(on_d, "sales"))
     await transfers(stub, transfer(uid("t"), ref(on_d, "cash"), ref(on_d, "sales"), 9))
     everywhere = pb.EventCursor(positions={name: 0 for name in ALL_SHARDS})

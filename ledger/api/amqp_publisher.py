@@ -32,7 +32,6 @@ import aio_pika
 import aio_pika.abc
 import aiormq.abc
 import aiormq.exceptions
-import asyncpg
 import orjson
 import pamqp.frame
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS
@@ -45,7 +44,7 @@ from ledger import faults, limits
 from ledger.api import event_json
 from ledger.routing.cluster import Cluster
 from ledger.routing.config_watch import CONFIG_POLL_INTERVAL_S, ConfigWatcher
-from ledger.storage.errors import ShardUnavailable
+from ledger.storage.errors import NOT_SET_UP_ERRORS, ShardUnavailable
 from ledger.storage.event_lease import ShardLease
 from ledger.storage.events import ConsumerLapsed, EventRow, EventStore
 from ledger.telemetry.redaction import redact
@@ -76,10 +75,6 @@ class PublisherSettings:
 
 class PublisherRefused(Exception):
     """The broker or the shards refuse this publisher for good: retrying will not help."""
-
-
-# What a shard answers before its migrations ran (see Cluster.migrate).
-_NOT_SET_UP = (asyncpg.exceptions.UndefinedTableError, asyncpg.exceptions.UndefinedFunctionError)
 
 
 class _Stopping(Exception):
@@ -519,7 +514,7 @@ class AmqpPublisher:
                 continue
             except ShardUnavailable as error:
                 log.warning("shard %s stopped answering: %s; taking its lease again", name, error)
-            except _NOT_SET_UP as error:
+            except NOT_SET_UP_ERRORS as error:
                 # A shard the config names before any replica or rebalance set it up.
                 if not said_not_set_up:
                     log.warning("shard %s is not set up yet (%s); asking again", name, error)

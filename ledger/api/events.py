@@ -323,20 +323,17 @@ class EventStreams:
         assert consumer is not None
         acknowledged: dict[str, int] = {}
         unavailable: ShardUnavailable | None = None
-        try:
-            for name, position in sorted(positions.items()):
-                if name in retired:
-                    continue  # its stream ended, acknowledged to its end before it did
-                try:
-                    acknowledged[name] = await EventStore(shards[name]).acknowledge(
-                        consumer, position
-                    )
-                except ShardUnavailable as error:
-                    # The others still take theirs: a shard down must not hold back
-                    # what the consumer processed elsewhere (retention, retiring).
-                    unavailable = unavailable or error
-        except ConsumerLapsed as error:
-            raise _refusal(error) from error
+        for name, position in sorted(positions.items()):
+            if name in retired:
+                continue  # its stream ended, acknowledged to its end before it did
+            try:
+                acknowledged[name] = await EventStore(shards[name]).acknowledge(consumer, position)
+            except ConsumerLapsed as error:
+                raise _refusal(error) from error
+            except ShardUnavailable as error:
+                # The others still take theirs: a shard down must not hold back what
+                # the consumer processed elsewhere (retention, retiring).
+                unavailable = unavailable or error
         if unavailable is not None:
             # Acknowledgements are idempotent: the caller sends the cursor again.
             raise _refusal(unavailable) from unavailable

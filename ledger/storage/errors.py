@@ -6,6 +6,13 @@ from collections.abc import Collection, Mapping
 
 import asyncpg
 
+# What a shard answers before its migrations ran (Cluster.migrate): a shard just
+# added to the config and not set up yet, to be waited for, never written around.
+NOT_SET_UP_ERRORS = (
+    asyncpg.exceptions.UndefinedFunctionError,
+    asyncpg.exceptions.UndefinedTableError,
+)
+
 
 class ShardUnavailable(Exception):
     """The shard could not be reached or stopped answering; retrying later is safe."""

@@ -70,6 +70,7 @@ from ledger.invariant import invariant
 from ledger.storage import saga_statements as saga_sql
 from ledger.storage import statements as sql
 from ledger.storage.errors import (
+    NOT_SET_UP_ERRORS,
     RETRYABLE_STATES,
     MerchantsMoving,
     MerchantsNotOwned,
@@ -695,9 +696,8 @@ class Shard:
         ids = sorted(set(merchant_ids))
         try:
             rows = await conn.fetch(sql.FENCE, ids)
-        except (asyncpg.exceptions.UndefinedFunctionError, asyncpg.exceptions.UndefinedTableError):
-            # A shard just added to the config and not set up yet: like a shard on
-            # an older epoch, it is waited for (retryably), never written around.
+        except NOT_SET_UP_ERRORS:
+            # Like a shard on an older epoch, it is waited for (retryably).
             raise StaleEpoch(self.name, 0, fence.epoch) from None
         invariant(len(rows) >= 1, "shard_meta has its row")
         shard_epoch = int(rows[0]["epoch"])
