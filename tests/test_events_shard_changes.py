@@ -84,6 +84,41 @@ async def test_a_rebalance_registers_every_live_consumer_on_the_shard_it_adds(
         assert (await again.rebalance()).consumers_carried == []
 
 
+async def test_a_consumer_dropped_while_a_rebalance_carries_it_does_not_come_back(
+    ledger4: Ledger4, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An admin drops a consumer on every shard between the rebalance's read of the
+    consumers and its registration on the new shard: the registration must not
+    resurrect it there, where it would hold every event and refuse retirement."""
+    env, stub = ledger4, ledger4.service.stub
+    first = {name: 0 for name in env.service.cluster.shards}
+    for consumer in ("books", "gone"):
+        await stub.AckEvents(
+            pb.AckEventsRequest(consumer=consumer, cursor=pb.EventCursor(positions=first))
+        )
+    grown = env.config(2, ALL_SHARDS)
+    await env.switch_to(grown)
+    register = EventStore.register
+    dropped: list[str] = []
+
+    async def drop_first(self: EventStore, consumer: str, *, position: int) -> int:
+        if not dropped:
+            # The drop of `ledger events consumers --drop gone`, on every shard.
+            for shard in env.service.cluster.shards.values():
+                await EventStore(shard).drop("gone")
+            dropped.append("gone")
+        return await register(self, consumer, position=position)
+
+    monkeypatch.setattr(EventStore, "register", drop_first)
+    async with opened(grown) as rebalancer:
+        summary = await rebalancer.rebalance()
+    assert dropped == ["gone"]
+    assert summary.consumers_carried == [("shard-d", "books")]
+    for shard in env.service.cluster.shards.values():
+        states = await EventStore(shard).consumers()
+        assert [c.consumer for c in states] == ["books"], shard.name
+
+
 async def test_a_shard_retires_only_once_every_consumer_has_its_whole_stream(
     ledger4: Ledger4,
 ) -> None:

@@ -330,7 +330,27 @@ class Rebalancer:
             for consumer in sorted(missing):
                 await store.register(consumer, position=oldest - 1)
                 carried.append((name, consumer))
-        return carried
+        if not carried:
+            return carried
+        # A consumer dropped (`ledger events consumers --drop`, on every shard of the
+        # config) after the read above would otherwise come back here, holding this
+        # shard's events and refusing its retirement until it lapsed. A drop after
+        # this second read reaches the new shard too: the config names it.
+        targets = {name for name, _ in carried}
+        still_live = {
+            c.consumer
+            for name, store in stores.items()
+            if name not in targets
+            for c in await store.consumers()
+            if not c.lapsed
+        }
+        kept: list[tuple[str, str]] = []
+        for name, consumer in carried:
+            if consumer in still_live:
+                kept.append((name, consumer))
+            else:
+                await stores[name].drop(consumer)
+        return kept
 
     async def _abandon_stale_moves(self) -> list[str]:
         """Moves that an earlier run deferred or left cut short, to a shard the new
