@@ -16,17 +16,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import select
-import subprocess
 import sys
-from collections.abc import Iterator, Sequence
-from typing import IO
+from collections.abc import Sequence
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from bench import cluster
+from bench import cluster, grpc_floor
 from bench.worker import CALL_TIMEOUT_S, _to_proto
 from bench.workload import Picker
 from ledger.v1 import ledger_pb2 as pb
@@ -40,35 +36,6 @@ WARMUP_CALLS = 200
 BATCH_CALLS_DIVISOR = 20
 # Long enough for clock-tick (10 ms) CPU accounting to resolve a few ms per second.
 IDLE_MEASURE_S = 5.0
-# The bare gRPC server (bench/grpc_floor.py) says it listens within this long.
-FLOOR_START_TIMEOUT_S = 30.0
-
-
-@contextlib.contextmanager
-def _grpc_floor() -> Iterator[tuple[str, int]]:
-    """(target, pid) of a bare grpc.aio health server, stopped on exit."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "bench.grpc_floor"],
-        cwd=cluster.ROOT,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert process.stdout is not None
-        line = _line_within(process.stdout, FLOOR_START_TIMEOUT_S)
-        if not line.startswith("serving on "):
-            raise RuntimeError(f"bench.grpc_floor did not start: {line!r}")
-        yield f"127.0.0.1:{int(line.split()[-1])}", process.pid
-    finally:
-        process.kill()
-        process.wait()
-
-
-def _line_within(stream: IO[str], timeout_s: float) -> str:
-    """The stream's next line, or "" if it had nothing to read within timeout_s (the
-    server writes its one line whole)."""
-    readable, _, _ = select.select([stream], [], [], timeout_s)
-    return stream.readline() if readable else ""
 
 
 async def _health_us(channel: grpc.aio.Channel, pid: int, calls: int) -> float:
@@ -149,7 +116,7 @@ async def _run(
         # The floor: a health check passes the same server and interceptors, no
         # ledger work; a bare grpc.aio server's, measured next, is gRPC's own share.
         health_us = await _health_us(channel, service.pid, calls)
-        with _grpc_floor() as (floor_target, floor_pid):
+        with grpc_floor.started() as (floor_target, floor_pid):
             async with grpc.aio.insecure_channel(floor_target) as floor_channel:
                 bare_us = await _health_us(floor_channel, floor_pid, calls)
         print(

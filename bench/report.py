@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from bench.budget import budgets
 from bench.worker import PhaseResult
 
 # The order modes are measured and shown in: each raw limit right before the
@@ -17,9 +18,11 @@ MODES = (
     "raw_single",
     "pgbench_single",
     "single",
+    "floor_single",
     "raw_batch",
     "pgbench_batch",
     "batch",
+    "floor_batch",
     "cross",
     "raw_half_peak",
     "single_half_peak",
@@ -43,6 +46,12 @@ RATIO_TO_PGBENCH = {"single": "pgbench_single", "batch": "pgbench_batch"}
 _RATIOS = [(m, b, "ratio") for m, b in RATIO_TO.items()] + [
     (m, b, "ratio_pgbench") for m, b in RATIO_TO_PGBENCH.items()
 ]
+# The same callers against a bare grpc.aio server that does no work
+# (bench/grpc_floor.py): what gRPC and the callers cost, which no change to the
+# ledger can remove (bench/budget.py), by the calls the client processes make.
+FLOOR_MODES = {"floor_single": "single", "floor_batch": "batch"}
+# Modes whose rows no service process served: no service memory to show.
+NOT_THE_SERVICE = ("raw_", "pgbench_", "floor_")
 HALF_PEAK_FRACTION = 0.5
 # Modes paced (open loop) to HALF_PEAK_FRACTION of what `single` reached: the
 # service, and raw PostgreSQL doing the same writes at the same offered rate
@@ -192,7 +201,7 @@ def render_table(report: Mapping[str, Any]) -> str:
             ratio = f"at {m['target_rate_per_s']:,.0f}/s offered: PostgreSQL alone"
         if mode in HALF_PEAK_MODES and len(m.get("p99_ms_rounds", ())) > 1:
             ratio += " p99 rounds " + ", ".join(f"{p:.1f}" for p in m["p99_ms_rounds"])
-        rss = "" if mode.startswith(("raw_", "pgbench_")) else f"{m['service_rss_mb_peak']:.0f}"
+        rss = "" if mode.startswith(NOT_THE_SERVICE) else f"{m['service_rss_mb_peak']:.0f}"
         lines.append(
             f"{mode:<17}{m['transfers_per_s']:>12,.0f}{lat['p50']:>9.2f}{lat['p95']:>9.2f}"
             f"{lat['p99']:>9.2f}{rss:>9}  {ratio}"
@@ -240,6 +249,10 @@ def render_table(report: Mapping[str, Any]) -> str:
         f"VmHWM {service['vmhwm_mb']:.0f} MB "
         f"(target < {TARGETS['service_rss_mb_max']:g} MB)",
     ]
+    found = budgets(report)
+    if found:
+        lines += ["", "what each target leaves the ledger's own work (bench/budget.py):"]
+        lines += [b.render() for b in found]
     if report.get("notes"):
         lines += [f"note: {n}" for n in report["notes"]]
     return "\n".join(lines)
@@ -259,7 +272,14 @@ def write_chart(report: Mapping[str, Any], path: Path) -> None:
     modes = report["modes"]
     names = list(modes)
     tps = [modes[n]["transfers_per_s"] for n in names]
-    colors = ["#9aa5b1" if n.startswith(("raw_", "pgbench_")) else "#2f6db3" for n in names]
+    colors = [
+        "#9aa5b1"
+        if n.startswith(("raw_", "pgbench_"))
+        else "#d9b44a"
+        if n.startswith("floor_")
+        else "#2f6db3"
+        for n in names
+    ]
     figure, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
     bars = left.bar(names, tps, color=colors)
     for bar, name in zip(bars, names, strict=True):
@@ -274,7 +294,7 @@ def write_chart(report: Mapping[str, Any], path: Path) -> None:
             fontsize=8,
         )
     left.set_ylabel("transfers per second")
-    left.set_title("Throughput (grey: raw PostgreSQL limit)")
+    left.set_title("Throughput (grey: raw PostgreSQL limit; gold: gRPC with no work)")
     left.tick_params(axis="x", rotation=30)
     left.margins(y=0.2)
 

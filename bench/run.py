@@ -26,7 +26,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from bench import cluster, events_load, pgbench, report, statement_stats
+from bench import cluster, events_load, grpc_floor, pgbench, report, statement_stats
 from bench.worker import (
     CALL_TIMEOUT_S,
     PHASE_END_GRACE_S,
@@ -446,7 +446,7 @@ def run(options: Options) -> dict[str, Any]:
                         seconds=profile.warmup_s + profile.duration_s,
                     )
                     if options.py_spy_dir is not None
-                    and not mode.startswith(("raw_", "pgbench_"))
+                    and not mode.startswith(report.NOT_THE_SERVICE)
                     and round_index == 0
                     else None
                 )
@@ -462,6 +462,8 @@ def run(options: Options) -> dict[str, Any]:
                     results, cores = _run_pgbench(
                         workload, mode, profile, cpu, run_tag=f"{run_id}-{round_index}"
                     )
+                elif mode in report.FLOOR_MODES:
+                    results, cores = _run_floor(workload, mode, profile)
                 else:
                     results = clients.run_phase(
                         Phase(
@@ -479,9 +481,10 @@ def run(options: Options) -> dict[str, Any]:
                     results, duration_s=profile.duration_s, rss_mb_peak=sampler.peak_mb()
                 )
                 modes[mode]["cpu_cores"] = cores
-                modes[mode]["wal"] = _wal_figures(
-                    wal_before, asyncio.run(cluster.wal_written(dsns)), modes[mode], profile
-                )
+                if mode not in report.FLOOR_MODES:
+                    modes[mode]["wal"] = _wal_figures(
+                        wal_before, asyncio.run(cluster.wal_written(dsns)), modes[mode], profile
+                    )
                 if options.pg_statements:
                     modes[mode]["pg_statements"] = asyncio.run(
                         statement_stats.top(
@@ -510,7 +513,7 @@ def run(options: Options) -> dict[str, Any]:
         rss_mb_peak = max(
             m["service_rss_mb_peak"]
             for k, m in every_phase
-            if not k.startswith(("raw_", "pgbench_"))
+            if not k.startswith(report.NOT_THE_SERVICE)
         )
         vmhwm_mb = sampler.hwm_mb()
     return {
@@ -590,6 +593,26 @@ def _run_pgbench(
         cores["clients"] = round(cores.get("clients", 0.0) + pgbench_cores, 2)
         cores["other"] = round(max(0.0, cores.get("other", 0.0) - pgbench_cores), 2)
     return results, cores
+
+
+def _run_floor(
+    workload: Workload, mode: str, profile: Profile
+) -> tuple[list[PhaseResult], dict[str, float]]:
+    """A floor mode: client processes of their own, the same callers, against a bare
+    server doing no work; its CPU is shown as the service's."""
+    with grpc_floor.started() as (floor_target, floor_pid):
+        clients = ClientPool(worker_specs(floor_target, workload, profile))
+        try:
+            cpu = cluster.CpuMeter(service_pid=floor_pid, postgres_pid=None)
+            cpu.client_pids = clients.pids
+            phase = Phase(
+                mode=report.FLOOR_MODES[mode],
+                warmup_s=profile.warmup_s,
+                duration_s=profile.duration_s,
+            )
+            return clients.run_phase(phase, cpu), cpu.cores()
+        finally:
+            clients.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

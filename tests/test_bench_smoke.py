@@ -22,7 +22,10 @@ from ledger.embedded.postgres import PG_BIN_ENV_VAR, find_bin_dir
 ROOT = Path(__file__).resolve().parent.parent
 # The smoke run takes well under a minute; this leaves room for a loaded CI machine.
 SMOKE_TIMEOUT_S = 180.0
-MODES = ("single", "batch", "cross", "raw_single", "raw_batch", "raw_half_peak", "single_half_peak")
+MODES = (
+    *("single", "batch", "cross", "raw_single", "raw_batch", "raw_half_peak", "single_half_peak"),
+    *("floor_single", "floor_batch"),
+)
 RATIOS = {"single": "raw_single", "batch": "raw_batch", "cross": "single"}
 
 
@@ -80,6 +83,19 @@ def test_bench_smoke_run_writes_figures_for_every_mode(smoke_run: SmokeRun) -> N
         figures["modes"]["raw_half_peak"]["target_rate_per_s"]
         == figures["modes"]["single_half_peak"]["target_rate_per_s"]
     ), "raw PostgreSQL is offered the same rate as the service"
+
+    # The floor modes ran against the bare server, no service and no database: their
+    # CPU is the bare server's, PostgreSQL's is not read, and no WAL is counted.
+    for mode in ("floor_single", "floor_batch"):
+        assert "postgres" not in figures["modes"][mode]["cpu_cores"], mode
+        assert "wal" not in figures["modes"][mode], mode
+    # Each ratio target's budget is printed from the run's own floor.
+    _, _, budgets = smoke_run.table.partition("what each target leaves the ledger's own work")
+    starts = [line.split(":")[0] for line in budgets.splitlines()[1:] if " at " in line]
+    assert [s.split(" (")[0] for s in starts if "pgbench" not in s] == [
+        "single at 0.8 of raw_single",
+        "batch  at 0.75 of raw_batch",
+    ]
 
     chart = tmp_path / "latest.png"
     assert chart.stat().st_size > 0
