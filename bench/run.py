@@ -463,7 +463,7 @@ def run(options: Options) -> dict[str, Any]:
                         workload, mode, profile, cpu, run_tag=f"{run_id}-{round_index}"
                     )
                 elif mode in report.FLOOR_MODES:
-                    results, cores = _run_floor(workload, mode, profile)
+                    results, cores = _run_floor(workload, mode, profile, cpu.postgres_pid)
                 else:
                     results = clients.run_phase(
                         Phase(
@@ -596,14 +596,15 @@ def _run_pgbench(
 
 
 def _run_floor(
-    workload: Workload, mode: str, profile: Profile
+    workload: Workload, mode: str, profile: Profile, postgres_pid: int | None
 ) -> tuple[list[PhaseResult], dict[str, float]]:
     """A floor mode: client processes of their own, the same callers, against a bare
-    server doing no work; its CPU is shown as the service's."""
+    server doing no work; its CPU is shown as the service's. PostgreSQL's stays
+    its own (its background work after the phases before), not other work's."""
     with grpc_floor.started() as (floor_target, floor_pid):
         clients = ClientPool(worker_specs(floor_target, workload, profile))
         try:
-            cpu = cluster.CpuMeter(service_pid=floor_pid, postgres_pid=None)
+            cpu = cluster.CpuMeter(service_pid=floor_pid, postgres_pid=postgres_pid)
             cpu.client_pids = clients.pids
             phase = Phase(
                 mode=report.FLOOR_MODES[mode],
