@@ -8,9 +8,10 @@
   against gRPC's in the same minutes (this machine's speed moves a health call
   by 20% between hours);
 - ledger.v1.LedgerService's CreateTransfers, answering OK for every item with
-  no work at all: bench.stack_floor drives it with the benchmark's callers to
-  measure what gRPC and the benchmark's own clients cost per transfer under
-  load, the part of a call no change to the ledger can remove.
+  no work at all: the bench's floor modes (`floor_single`, `floor_batch`)
+  drive it with the benchmark's callers to measure what gRPC and the callers
+  cost per transfer under load, the part of a call no change to the ledger can
+  remove (bench/budget.py).
 
 It prints `serving on PORT` once it listens.
 """
