@@ -34,8 +34,10 @@ WARMUP_CALLS = 200
 # Batch calls are this many times fewer than single calls: enough transfers
 # (calls / 20 x B) for clock-tick CPU accounting to settle per transfer.
 BATCH_CALLS_DIVISOR = 20
-# Long enough for clock-tick (10 ms) CPU accounting to resolve a few ms per second.
-IDLE_MEASURE_S = 5.0
+# CPU time is counted in clock ticks (10 ms): over 15 s the idle figure reads in
+# steps of 0.67 ms/s (over 5 s it read in steps of 2, so 3.3 could show as 6.0
+# against a target of 5).
+IDLE_MEASURE_S = 15.0
 
 
 async def _health_us(channel: grpc.aio.Channel, pid: int, calls: int) -> float:
