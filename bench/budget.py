@@ -38,6 +38,12 @@ TARGETS = {
 }
 # The floor mode measured beside each service mode.
 FLOOR_OF = {"single": "floor_single", "batch": "floor_batch"}
+# Issue 20: a mode with the event stream's consumers attached (--events), the
+# mode it is compared with and the key of its target.
+WITH_CONSUMERS = {
+    "single_events": ("single", "single_events_vs_single_min"),
+    "batch_events": ("batch", "batch_events_vs_batch_min"),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,3 +175,84 @@ def budget(figures: Mapping[str, Any], target: Target, floor: FloorPhase) -> Bud
         postgres_us_baseline=1e6 * base["cpu_cores"]["postgres"] / base["transfers_per_s"],
         ledger_us_today=1e6 * per_transfer["service"] - floor.server_us_per_transfer,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryBudget:
+    """Issue 20's cost target as CPU per event: at `ratio` of the mode's rate without
+    consumers, what the machine has left for delivering the stream, against what
+    delivering it cost in the run (everything the mode with consumers spent beyond
+    the mode's own CPU per transfer: publisher, broker, subscriber, and the
+    service's and PostgreSQL's reading and streaming).
+
+    Cores to spare are necessary, not sufficient: where the service's one event
+    loop bounds the mode (single transfers), the stream's share of that loop
+    costs throughput even while another core idles."""
+
+    mode: str
+    base: str
+    ratio: float
+    rate_per_s: float
+    # Cores the base mode's own work takes at rate_per_s.
+    ledger_cores: float
+    cores_total: int
+    events_per_transfer: float
+    delivery_us_today: float
+
+    @property
+    def cores_left(self) -> float:
+        return self.cores_total - self.ledger_cores
+
+    @property
+    def delivery_us_allowed(self) -> float:
+        return 1e6 * self.cores_left / (self.rate_per_s * self.events_per_transfer)
+
+    def render(self) -> str:
+        head = (
+            f"{self.mode} at {self.ratio:g} of {self.base} ({self.rate_per_s:,.0f}/s, "
+            f"{self.events_per_transfer:.2f} events per transfer): {self.base}'s own work "
+            f"takes {self.ledger_cores:.2f} of {self.cores_total} cores"
+        )
+        if self.cores_left <= 0:
+            return f"{head}: nothing left to deliver the stream"
+        return (
+            f"{head}: {self.cores_left:.2f} left, {self.delivery_us_allowed:,.0f} us per event "
+            f"to deliver it; delivering cost {self.delivery_us_today:,.0f} "
+            f"({self.delivery_us_today / self.delivery_us_allowed:.1f}x)"
+        )
+
+
+def delivery_budgets(figures: Mapping[str, Any]) -> list[DeliveryBudget]:
+    """Issue 20's targets of a run with consumers (`--events`) beside their base modes."""
+    modes = figures["modes"]
+    cores_total = int(figures["machine"]["cpus"])
+    found: list[DeliveryBudget] = []
+    for mode, (base, target_key) in WITH_CONSUMERS.items():
+        ratio = figures["targets"].get(target_key)
+        subscribers = modes.get(mode, {}).get("event_subscribers")
+        if base not in modes or ratio is None or not subscribers:
+            continue
+        with_consumers, alone = modes[mode], modes[base]
+
+        def busy(figures: Mapping[str, Any]) -> float:
+            return cores_total - float(figures["cpu_cores"].get("idle", 0.0))
+
+        busy_per_transfer = busy(alone) / alone["transfers_per_s"]
+        rate = ratio * alone["transfers_per_s"]
+        events_per_s = subscribers["events_per_s"]
+        spent_on_delivery = (
+            busy(with_consumers) - busy_per_transfer * with_consumers["transfers_per_s"]
+        )
+        found.append(
+            DeliveryBudget(
+                mode=mode,
+                base=base,
+                ratio=ratio,
+                rate_per_s=rate,
+                ledger_cores=busy_per_transfer * rate,
+                cores_total=cores_total,
+                events_per_transfer=events_per_s / with_consumers["transfers_per_s"],
+                delivery_us_today=1e6 * spent_on_delivery / events_per_s,
+            )
+        )
+    return found

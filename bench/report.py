@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.budget import budgets
+from bench.budget import budgets, delivery_budgets
 from bench.worker import PhaseResult
 
 # The order modes are measured and shown in: each raw limit right before the
@@ -253,6 +253,10 @@ def render_table(report: Mapping[str, Any]) -> str:
     if found:
         lines += ["", "what each target leaves the ledger's own work (bench/budget.py):"]
         lines += [b.render() for b in found]
+    delivery = delivery_budgets(report)
+    if delivery:
+        lines += ["", "what each target leaves delivering the event stream (bench/budget.py):"]
+        lines += [d.render() for d in delivery]
     if report.get("notes"):
         lines += [f"note: {n}" for n in report["notes"]]
     return "\n".join(lines)

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from bench.budget import FloorPhase, budget, budgets, targets
+from bench.budget import FloorPhase, budget, budgets, delivery_budgets, targets
 
 
 def _mode(transfers_per_s: float, **cores: float) -> dict[str, Any]:
@@ -84,3 +84,28 @@ def test_a_runs_budgets_take_each_floor_from_its_floor_mode() -> None:
     assert found.floor.server_us_per_transfer == pytest.approx(300)
     assert found.floor.clients_us_per_transfer == pytest.approx(300)
     assert found.cores_left == pytest.approx(0.08)
+
+
+def test_delivery_is_what_the_consumers_cost_beyond_the_modes_own_cpu_per_transfer() -> None:
+    figures = _figures(
+        batch=_mode(8000, service=0.8, postgres=0.9, idle=0.2),
+        batch_events=_mode(4000, service=0.6, postgres=0.8, clients=0.5, idle=0.0),
+    )
+    figures["targets"]["batch_events_vs_batch_min"] = 0.9
+    figures["modes"]["batch_events"]["event_subscribers"] = {"events_per_s": 4000.0}
+    (found,) = delivery_budgets(figures)
+    # Alone: 1.8 busy cores at 8,000/s, 225 us per transfer; at 0.9 (7,200/s) 1.62
+    # cores, leaving 0.38 for 7,200 events/s. With consumers: 2.0 busy at 4,000/s,
+    # 0.9 of it the transfers' own, 1.1 cores for 4,000 events/s.
+    assert found.rate_per_s == pytest.approx(7200)
+    assert found.ledger_cores == pytest.approx(1.62)
+    assert found.delivery_us_allowed == pytest.approx(0.38e6 / 7200)
+    assert found.delivery_us_today == pytest.approx(275)
+    assert found.render() == (
+        "batch_events at 0.9 of batch (7,200/s, 1.00 events per transfer): batch's own "
+        "work takes 1.62 of 2 cores: 0.38 left, 53 us per event to deliver it; "
+        "delivering cost 275 (5.2x)"
+    )
+    # Without a subscriber's figures there is no stream to price.
+    del figures["modes"]["batch_events"]["event_subscribers"]
+    assert delivery_budgets(figures) == []

@@ -172,6 +172,12 @@ def test_bench_with_an_event_subscriber_reports_its_cost_and_the_delivery_delay(
         assert 0 < delay["p50"] <= delay["p99"] <= delay["max"], delay
         assert "event_subscribers" not in figures["modes"][base]
     assert "commit to delivery p50" in completed.stdout
+    # Issue 20's targets as CPU per event, from the run's own figures.
+    _, _, delivery = completed.stdout.partition("what each target leaves delivering the event")
+    assert [line.split(" (")[0] for line in delivery.splitlines()[1:3]] == [
+        "single_events at 0.9 of single",
+        "batch_events at 0.9 of batch",
+    ]
 
 
 @pytest.mark.timeout(SMOKE_TIMEOUT_S + 30)
