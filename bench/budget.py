@@ -233,15 +233,12 @@ def delivery_budgets(figures: Mapping[str, Any]) -> list[DeliveryBudget]:
         if base not in modes or ratio is None or not subscribers:
             continue
         with_consumers, alone = modes[mode], modes[base]
-
-        def busy(figures: Mapping[str, Any]) -> float:
-            return cores_total - float(figures["cpu_cores"].get("idle", 0.0))
-
-        busy_per_transfer = busy(alone) / alone["transfers_per_s"]
+        busy_per_transfer = _busy_cores(alone, cores_total) / alone["transfers_per_s"]
         rate = ratio * alone["transfers_per_s"]
         events_per_s = subscribers["events_per_s"]
         spent_on_delivery = (
-            busy(with_consumers) - busy_per_transfer * with_consumers["transfers_per_s"]
+            _busy_cores(with_consumers, cores_total)
+            - busy_per_transfer * with_consumers["transfers_per_s"]
         )
         found.append(
             DeliveryBudget(
@@ -256,3 +253,8 @@ def delivery_budgets(figures: Mapping[str, Any]) -> list[DeliveryBudget]:
             )
         )
     return found
+
+
+def _busy_cores(mode_figures: Mapping[str, Any], cores_total: int) -> float:
+    """Every core the phase kept busy, whoever used it."""
+    return cores_total - float(mode_figures["cpu_cores"].get("idle", 0.0))
