@@ -26,6 +26,7 @@ from tests.support import (
     transfers,
     uid,
     wait_until,
+    write_config,
 )
 from tests.test_moves_settle_routing import rebalance_to
 from tests.test_rebalance import opened
@@ -50,7 +51,15 @@ async def test_a_live_subscription_follows_a_merchant_onto_a_shard_added_after_i
                 return
 
     following = asyncio.create_task(follow())
+    feed = env.service.server.feed
+
+    async def started() -> bool:
+        return feed.subscriptions > 0
+
+    # "Now" is when the service starts the subscription, not when the call is made: a
+    # move begun before that left MERCHANT_MOVED_OUT behind "now" (failed once, cold).
     try:
+        await wait_until(started, what="the subscription to start")
         await rebalance_to(env, grown, mover)
         assert env.service.cluster.ring.shard_for(mover) == "shard-d"
         await transfers(stub, transfer(paid_there, ref(mover, "cash"), ref(mover, "sales"), 5))
@@ -233,3 +242,45 @@ async def test_a_shard_down_does_not_hold_back_acknowledgements_on_the_others(
     for name in ("shard-b", "shard-c"):
         states = await EventStore(env.service.cluster.shards[name]).consumers()
         assert [(c.consumer, c.position) for c in states] == [("books", lasts[name])], name
+
+
+async def test_a_cursor_naming_a_shard_being_retired_is_acknowledged_while_its_pool_closes(
+    ledger4: Ledger4,
+) -> None:
+    """A replica loading the config that retires a shard took the shard out of its pools
+    and then awaited the pool's close before it took the new config: meanwhile the shard
+    was neither served nor retired, so AckEvents refused a cursor naming it as naming no
+    shard of the cluster (chaos seed 35, CI). The pool's close waits for a connection
+    held here, which keeps the replica in that window for as long as the test needs."""
+    env, stub = ledger4, ledger4.service.stub
+    four = env.config(2, ALL_SHARDS)
+    await env.switch_to(four)
+    async with opened(four) as rebalancer:
+        assert (await rebalancer.rebalance()).results == []
+    draining = env.config(3, ALL_SHARDS, states={"shard-d": "draining"})
+    await env.switch_to(draining)
+    async with opened(draining) as rebalancer:
+        summary = await rebalancer.rebalance()
+    assert summary.finished and "DRAINED shard-d" in summary.render(), summary.render()
+    cluster = env.service.cluster
+    pool = cluster.shards["shard-d"].pool
+    held = await pool.acquire()
+    retired = env.config(4, ALL_SHARDS, states={"shard-d": "retired"})
+    write_config(env.config_path, retired)
+    try:
+
+        async def closing() -> bool:
+            return "shard-d" not in cluster.shards
+
+        await wait_until(closing, what="the replica to close shard-d's pool")
+        everywhere = pb.EventCursor(positions={name: 0 for name in ALL_SHARDS})
+        acked = await stub.AckEvents(pb.AckEventsRequest(consumer="books", cursor=everywhere))
+        assert set(acked.acknowledged.positions) == set(FIRST_SHARDS)
+    finally:
+        await pool.release(held)
+
+    async def loaded() -> bool:
+        return cluster.epoch == retired.epoch
+
+    await wait_until(loaded, what="the replica to load the retiring config")
+    assert cluster.retired == {"shard-d"}

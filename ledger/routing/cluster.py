@@ -178,6 +178,29 @@ class Cluster:
                 return refused
         return None
 
+    async def _open_changed(self, config: ShardConfig) -> dict[str, Shard]:
+        """Pools for the shards config adds or points elsewhere, set up and not yet
+        routed; closed again if one of them cannot be opened."""
+        opened: dict[str, Shard] = {}
+        try:
+            for spec in self._opened(config):
+                current = self.shards.get(spec.name)
+                if current is not None and current.dsn == spec.dsn:
+                    continue
+                shard = Shard(
+                    name=spec.name, dsn=spec.dsn, pool_connections_max=self.pool_connections_max
+                )
+                opened[spec.name] = shard
+                await shard.open()
+                if current is None:
+                    # A shard added by this config change: set it up with claims
+                    # paused until the rebalance decides which merchants move in.
+                    await shard.migrate(epoch=config.epoch, claims_paused_if_new=True)
+        except BaseException:
+            await asyncio.gather(*(shard.close() for shard in opened.values()))
+            raise
+        return opened
+
     async def close(self) -> None:
         shards, self.shards = list(self.shards.values()), {}
         await asyncio.gather(*(s.close() for s in shards))
@@ -292,26 +315,18 @@ class Cluster:
                 self._refused_reload = refused
                 return False
             self._refused_reload = None
-            for spec in self._opened(config):
-                current = self.shards.get(spec.name)
-                if current is None or current.dsn != spec.dsn:
-                    shard = Shard(
-                        name=spec.name,
-                        dsn=spec.dsn,
-                        pool_connections_max=self.pool_connections_max,
-                    )
-                    await shard.open()
-                    if current is None:
-                        # A shard added by this config change: set it up with claims
-                        # paused until the rebalance decides which merchants move in.
-                        await shard.migrate(epoch=config.epoch, claims_paused_if_new=True)
-                    self.shards[spec.name] = shard
-                    if current is not None:
-                        await current.close()
-            removed = [n for n in self.shards if n not in {s.name for s in self._opened(config)}]
-            for name in removed:
-                await self.shards.pop(name).close()
+            opened = await self._open_changed(config)
+            kept = {spec.name for spec in self._opened(config)}
+            closing = [s for n, s in self.shards.items() if n not in kept or n in opened]
+            # No await from here until the config is swapped: a reader sees the old
+            # config with its pools or the new one with its pools, never a shard that
+            # is neither served nor retired (AckEvents refused a cursor naming a shard
+            # whose pool was closing: chaos seed 35).
+            for shard in closing:
+                del self.shards[shard.name]
+            self.shards.update(opened)
             self.config = config
             self.previous_ring, self.ring = self.ring, ShardRing(config)
+            await asyncio.gather(*(shard.close() for shard in closing))
             log.info("loaded shard config epoch %d from %s", config.epoch, self.config_path)
             return True
