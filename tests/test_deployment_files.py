@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import pytest
 
@@ -29,6 +29,12 @@ SHARD_CONFIG_DIR = ROOT / "shard_config"
 DOCKER_CONFIG_PATH = SHARD_CONFIG_DIR / "docker.toml"
 
 SHARD_SERVICES = ("shard-a", "shard-b", "shard-c")
+# Where RabbitMQ listens for AMQP inside its container (the image's default).
+AMQP_PORT = 5672
+RABBITMQ_UI_PORT = 15672
+RABBITMQ_DATA_DIR = "/var/lib/rabbitmq"
+# Compose's own stop_grace_period when a service sets none.
+COMPOSE_DEFAULT_STOP_GRACE_S = 10.0
 CONTAINER_CONFIG_DIR = "/app/shard_config"
 PROBE_ADDRESS = "127.0.0.1:50051"
 # The probe's own deadline is 2 s; this bounds the whole interpreter start plus probe so
@@ -64,6 +70,38 @@ def _postgres_services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
     }
 
 
+def _rabbitmq_services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {
+        name: service
+        for name, service in _services(compose).items()
+        if str(service.get("image", "")).startswith("rabbitmq:")
+    }
+
+
+def _option(argv: list[str], option: str) -> str:
+    assert option in argv, f"{option} missing from {argv}"
+    return argv[argv.index(option) + 1]
+
+
+def _duration_s(value: str | int | float) -> float:
+    """A compose duration ("45s", "1m30s", "500ms") in seconds."""
+    units = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+    text = str(value)
+    parts = re.findall(r"(\d+(?:\.\d+)?)(us|ms|s|m|h)", text)
+    assert parts and "".join(n + u for n, u in parts) == text, f"not a duration: {value!r}"
+    return sum(float(number) * units[unit] for number, unit in parts)
+
+
+def _named_volume_at(compose: dict[str, Any], service: dict[str, Any], container_path: str) -> str:
+    """The declared named volume a service mounts at container_path."""
+    mounts = [str(volume) for volume in service.get("volumes") or []]
+    data_mounts = [m for m in mounts if m.split(":")[1] == container_path]
+    assert len(data_mounts) == 1, f"nothing mounted at {container_path}: {mounts}"
+    source = data_mounts[0].split(":")[0]
+    assert source in set(compose.get("volumes") or {}), f"{source} is not a named volume"
+    return source
+
+
 def _environment(service: dict[str, Any]) -> dict[str, str]:
     """Compose allows environment as a mapping or as a list of KEY=VALUE strings."""
     environment = service.get("environment") or {}
@@ -81,6 +119,19 @@ def _container_ports(service: dict[str, Any]) -> set[int]:
         else:
             ports.add(int(str(entry).split("/", 1)[0].rsplit(":", 1)[-1]))
     return ports
+
+
+def _host_port(service: dict[str, Any], container_port: int) -> int:
+    """The host port `ports:` publishes container_port on (short or long syntax)."""
+    for entry in service.get("ports") or []:
+        if isinstance(entry, dict):
+            if int(entry["target"]) == container_port:
+                return int(entry.get("published", container_port))
+            continue
+        *host, target = str(entry).split("/", 1)[0].split(":")
+        if int(target) == container_port:
+            return int(host[-1]) if host else container_port
+    raise AssertionError(f"port {container_port} is not published")
 
 
 def _healthcheck_argv(test: list[str] | str) -> list[str]:
@@ -198,12 +249,15 @@ def test_ledger_has_fixed_pseudonym_and_page_token_keys_so_restarts_keep_them(
     assert environment["LEDGER_PSEUDONYM_KEY"] != environment["LEDGER_PAGE_TOKEN_KEY"]
 
 
-def test_deploy_readme_describes_the_compose_stack_as_it_is() -> None:
+def test_deploy_readme_describes_the_compose_stack_as_it_is(compose: dict[str, Any]) -> None:
     """Prometheus and Grafana are in docker-compose.yml: the README must not tell a
-    reader to add them."""
+    reader to add them. It names every service but the shards, so one added to the
+    stack (as rabbitmq and publisher were) is described there too."""
     readme = (ROOT / "deploy" / "README.md").read_text()
     assert "Adding it to docker-compose.yml" not in readme
     assert "LEDGER_PSEUDONYM_KEY" in readme
+    for name in set(_services(compose)) - set(_postgres_services(compose)):
+        assert f"`{name}`" in readme, name
 
 
 def test_ledger_reads_its_shard_map_from_a_read_only_mount_of_shard_config(
@@ -235,6 +289,136 @@ def test_every_shard_host_in_the_docker_shard_map_is_a_compose_shard_with_matchi
         hosts.append(dsn.hostname)
     # Two map entries on one database would put two ring positions on the same books.
     assert sorted(hosts) == sorted(shards)
+
+
+def test_compose_runs_one_rabbitmq_with_amqp_and_its_ui_published_and_a_healthcheck(
+    compose: dict[str, Any],
+) -> None:
+    brokers = _rabbitmq_services(compose)
+    assert sorted(brokers) == ["rabbitmq"]
+    rabbitmq = brokers["rabbitmq"]
+    # The management UI is where the README sends a reader to look at the events.
+    assert rabbitmq["image"].endswith("-management"), rabbitmq["image"]
+    assert {AMQP_PORT, RABBITMQ_UI_PORT} <= _container_ports(rabbitmq)
+    healthcheck = rabbitmq.get("healthcheck") or {}
+    assert not healthcheck.get("disable", False)
+    argv = _healthcheck_argv(healthcheck["test"])
+    assert argv[0] == "rabbitmq-diagnostics", argv
+    assert argv[-1] in ("ping", "check_port_connectivity"), argv
+    # The image's guest user may log in from localhost only, which neither the
+    # publisher's container nor the host (through a published port) is.
+    environment = _environment(rabbitmq)
+    assert environment.get("RABBITMQ_DEFAULT_USER", "guest") != "guest"
+    assert environment.get("RABBITMQ_DEFAULT_PASS")
+
+
+def test_rabbitmq_keeps_its_data_in_a_named_volume_under_a_fixed_node_name(
+    compose: dict[str, Any],
+) -> None:
+    services = _services(compose)
+    rabbitmq = services["rabbitmq"]
+    volume = _named_volume_at(compose, rabbitmq, RABBITMQ_DATA_DIR)
+    others = [
+        name
+        for name, service in services.items()
+        if name != "rabbitmq"
+        and any(str(v).split(":")[0] == volume for v in service.get("volumes") or [])
+    ]
+    assert not others, f"{volume} is shared with {others}"
+    # The node (rabbit@HOSTNAME) keeps its data under its name; compose's default
+    # hostname is the container id, new with every recreated container.
+    assert rabbitmq.get("hostname"), "rabbitmq needs a fixed hostname to find its data again"
+
+
+def test_publisher_runs_ledger_events_publish_from_the_ledger_image_with_the_shard_map_read_only(
+    compose: dict[str, Any],
+) -> None:
+    services = _services(compose)
+    publisher, ledger = services["publisher"], services["ledger"]
+    # One image, built once by the ledger service.
+    assert publisher["image"] == ledger["image"]
+    assert "build" not in publisher
+    argv = publisher["command"]
+    assert argv[:3] == ["ledger", "events", "publish"], argv
+    # The same shard map as the service, from the same read-only mount.
+    assert _option(argv, "--config") == _option(ledger["command"], "--config")
+    assert f"./shard_config:{CONTAINER_CONFIG_DIR}:ro" in publisher["volumes"]
+    # A queue bound to every event, so the stack's events can be read at once.
+    assert _option(argv, "--queue")
+    # The password stays out of the command line (ps shows it to every local user).
+    assert "--amqp" not in argv
+    assert "LEDGER_AMQP_URL" in _environment(publisher)
+
+
+def test_publisher_amqp_url_names_rabbitmq_on_its_port_with_its_credentials(
+    compose: dict[str, Any],
+) -> None:
+    services = _services(compose)
+    url = urlsplit(_environment(services["publisher"])["LEDGER_AMQP_URL"])
+    assert url.scheme == "amqp"
+    assert url.hostname in _rabbitmq_services(compose), url.hostname
+    broker = services[url.hostname]
+    assert (url.port or AMQP_PORT) == AMQP_PORT
+    assert AMQP_PORT in _container_ports(broker)
+    environment = _environment(broker)
+    assert unquote(url.username or "") == environment["RABBITMQ_DEFAULT_USER"]
+    assert unquote(url.password or "") == environment["RABBITMQ_DEFAULT_PASS"]
+    # aiormq reads an empty path or "/" as the default vhost "/".
+    assert (unquote(url.path[1:]) or "/") == environment.get("RABBITMQ_DEFAULT_VHOST", "/")
+
+
+def test_publisher_starts_only_after_rabbitmq_and_the_ledger_are_healthy(
+    compose: dict[str, Any],
+) -> None:
+    """The ledger migrates the shards at start-up and the publisher reads their event
+    tables; the broker must accept connections before the queue can be declared."""
+    services = _services(compose)
+    depends_on = services["publisher"]["depends_on"]
+    assert isinstance(depends_on, dict), "depends_on needs the long form to carry conditions"
+    broker = urlsplit(_environment(services["publisher"])["LEDGER_AMQP_URL"]).hostname
+    for name in (broker, "ledger"):
+        assert depends_on.get(name, {}).get("condition") == "service_healthy", name
+        # service_healthy on a service without a healthcheck never comes true.
+        healthcheck = services[name].get("healthcheck") or {}
+        assert healthcheck.get("test") and not healthcheck.get("disable", False), name
+
+
+def test_publisher_restarts_and_has_time_to_confirm_its_batch_in_flight_when_stopped(
+    compose: dict[str, Any],
+) -> None:
+    """SIGTERM is the publisher's clean stop: it awaits the broker's confirms for the
+    batch in flight (at most the confirm timeout) and acknowledges it. Killed before,
+    it publishes that batch again on the next start."""
+    limits = pytest.importorskip("ledger.limits")
+    publisher = _services(compose)["publisher"]
+    # It exits 1 for its supervisor to restart (a broker gone for ten minutes).
+    assert publisher.get("restart") in ("unless-stopped", "always", "on-failure")
+    assert publisher.get("stop_signal", "SIGTERM") in ("SIGTERM", "SIGINT")
+    grace_s = _duration_s(publisher.get("stop_grace_period", f"{COMPOSE_DEFAULT_STOP_GRACE_S}s"))
+    assert grace_s > limits.event_publish_confirm_timeout_s
+
+
+def test_publisher_does_not_inherit_the_images_grpc_health_probe(compose: dict[str, Any]) -> None:
+    """The image's HEALTHCHECK asks the gRPC port, where only the service listens: the
+    publisher would be unhealthy for ever."""
+    assert PROBE_ADDRESS in " ".join(_dockerfile_healthcheck_argv()), "nothing to inherit"
+    healthcheck = _services(compose)["publisher"].get("healthcheck")
+    assert healthcheck, "the publisher inherits the Dockerfile's gRPC HEALTHCHECK"
+    if not healthcheck.get("disable", False):
+        assert PROBE_ADDRESS not in " ".join(_healthcheck_argv(healthcheck["test"]))
+
+
+def test_readme_reads_the_compose_events_from_the_publishers_queue_with_rabbitmqs_user(
+    compose: dict[str, Any],
+) -> None:
+    services = _services(compose)
+    argv = services["publisher"]["command"]
+    environment = _environment(services["rabbitmq"])
+    readme = (ROOT / "README.md").read_text()
+    assert f'"{_option(argv, "--queue")}"' in readme
+    user, password = environment["RABBITMQ_DEFAULT_USER"], environment["RABBITMQ_DEFAULT_PASS"]
+    port = _host_port(services["rabbitmq"], AMQP_PORT)
+    assert f"amqp://{user}:{password}@127.0.0.1:{port}/" in readme
 
 
 # --- Dockerfile ---------------------------------------------------------------------
