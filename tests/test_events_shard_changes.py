@@ -284,3 +284,38 @@ async def test_a_cursor_naming_a_shard_being_retired_is_acknowledged_while_its_p
 
     await wait_until(loaded, what="the replica to load the retiring config")
     assert cluster.retired == {"shard-d"}
+
+
+@pytest.mark.parametrize("rpc", ["SubscribeEvents", "AckEvents"])
+async def test_a_replica_behind_on_the_config_takes_a_cursor_naming_the_shard_it_adds(
+    ledger4: Ledger4, rpc: str
+) -> None:
+    """A cursor given by a replica that loaded a config adding a shard names that shard;
+    a replica that had not looked at the file yet (it does once a second) refused it as
+    naming no shard of the cluster, INVALID_ARGUMENT, which a client does not retry. It
+    reloads the config first now. This replica's watcher is stopped, so it lags for as
+    long as the test needs."""
+    env, stub = ledger4, ledger4.service.stub
+    await env.service.server.config_watch.stop()
+    write_config(env.config_path, env.config(2, ALL_SHARDS))
+    assert env.service.cluster.epoch == 1
+    cursor = pb.EventCursor(positions=dict.fromkeys(ALL_SHARDS, 0))
+    if rpc == "AckEvents":
+        acked = await stub.AckEvents(pb.AckEventsRequest(consumer="books", cursor=cursor))
+        assert set(acked.acknowledged.positions) == set(ALL_SHARDS)
+    else:
+        m = env.service.merchant_on("shard-a")
+        await create_accounts(stub, account(m, "cash"))
+        events = await collect_until(
+            stub,
+            pb.SubscribeEventsRequest(after=cursor),
+            lambda e: e.kind == pb.EVENT_KIND_ACCOUNT_CREATED and e.account.ref.merchant_id == m,
+        )
+        assert "shard-d" in events[-1].cursor.positions
+    assert env.service.cluster.epoch == 2
+    # A shard no config names is still refused, with its field.
+    unknown = pb.EventCursor(positions={"shard-z": 0})
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await stub.AckEvents(pb.AckEventsRequest(consumer="books", cursor=unknown))
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "shard-z" in (refused.value.details() or "")

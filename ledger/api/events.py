@@ -315,6 +315,10 @@ class EventStreams:
         v = Violations()
         consumer = _consumer(v, "consumer", request.consumer, required=True)
         positions = _cursor(v, "cursor", request.cursor)
+        try:
+            await self.feed.know_shards(positions)
+        except ShardUnavailable as error:  # a shard the new config adds, not up yet
+            raise _refusal(error) from error
         shards, retired = self.feed.cluster.shards, self.feed.cluster.retired
         for name in positions:
             if name not in shards and name not in retired:

@@ -27,7 +27,7 @@ import contextlib
 import functools
 import logging
 from collections import Counter
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
 
 import asyncpg
@@ -36,6 +36,7 @@ from ledger import limits
 from ledger.domain.accounts import AccountKey
 from ledger.domain.events import EventKind
 from ledger.routing.cluster import Cluster
+from ledger.routing.config import ConfigError
 from ledger.storage import event_statements as sql
 from ledger.storage.errors import ShardUnavailable
 from ledger.storage.events import EventRow, EventStore
@@ -130,12 +131,27 @@ class EventFeed:
             return
         self.wake(shard_name, last_position)
 
+    async def know_shards(self, names: Iterable[str]) -> None:
+        """Reloads the config if names has a shard this replica neither serves nor knows
+        retired: a cursor may come from a replica that loaded a config adding a shard
+        before this one looked at the file (within a second), and a client does not
+        retry the INVALID_ARGUMENT an unknown shard gets."""
+        cluster = self.cluster
+        if not any(n not in cluster.shards and n not in cluster.retired for n in names):
+            return
+        try:
+            await cluster.reload()
+        except (ConfigError, OSError) as error:
+            # The file is mid-edit or broken: the watcher reports it; the shard stays unknown.
+            log.warning("config not reloaded for a cursor's shard: %s", error)
+
     async def start_positions(self, subscription: Subscription) -> dict[str, int]:
         """Where the subscription starts on each shard; refuses a pruned or unknown one."""
         # A retired shard's stream has ended: a cursor may still name it (its
         # consumers acknowledged all of it before it left, see MoveStore.leave_refused).
         # Its position is kept, so that the cursors given keep it and, should the
         # shard be made active again, the subscription goes on from there.
+        await self.know_shards(subscription.after)
         retired = self.cluster.retired
         positions: dict[str, int] = {}
         for name, position in subscription.after.items():
