@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 
+import asyncpg
 import grpc
 import pytest
 
@@ -319,3 +320,48 @@ async def test_a_replica_behind_on_the_config_takes_a_cursor_naming_the_shard_it
         await stub.AckEvents(pb.AckEventsRequest(consumer="books", cursor=unknown))
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "shard-z" in (refused.value.details() or "")
+
+
+async def test_a_replica_keeps_no_connection_to_a_shard_it_retired(ledger4: Ledger4) -> None:
+    """Replicas close a retired shard's pool, but the event feed's LISTEN connection to
+    it, outside the pool, stayed open until the replica restarted: the admin could not
+    drop the shard's database ("being accessed by other users"). The subscription that
+    made the feed listen ended before the retirement, so nothing but the reload can
+    let the connection go."""
+    env, stub = ledger4, ledger4.service.stub
+    four = env.config(2, ALL_SHARDS)
+    await env.switch_to(four)
+    async with opened(four) as rebalancer:
+        assert (await rebalancer.rebalance()).results == []
+    listens = await asyncpg.connect(env.specs["shard-d"].dsn)
+    try:
+
+        async def listeners_on_d() -> int:
+            found = await listens.fetchval(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND query ILIKE 'LISTEN%'"
+            )
+            return int(found)
+
+        async def listening() -> bool:
+            return await listeners_on_d() > 0
+
+        call = stub.SubscribeEvents(pb.SubscribeEventsRequest(from_now=True))
+        try:
+            await wait_until(listening, what="the replica to listen on shard-d")
+        finally:
+            call.cancel()
+        draining = env.config(3, ALL_SHARDS, states={"shard-d": "draining"})
+        await env.switch_to(draining)
+        async with opened(draining) as rebalancer:
+            assert (await rebalancer.rebalance()).finished
+        assert await listeners_on_d() == 1, "still served while draining"
+        retired = env.config(4, ALL_SHARDS, states={"shard-d": "retired"})
+        await env.switch_to(retired)
+
+        async def let_go() -> bool:
+            return await listeners_on_d() == 0
+
+        await wait_until(let_go, what="the replica to close its LISTEN connection to shard-d")
+    finally:
+        await listens.close()

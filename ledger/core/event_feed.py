@@ -84,9 +84,22 @@ class EventFeed:
         # Reads of each shard's events by every subscription: lets a test see that
         # a shard with nothing new is not read on every round of another.
         self.shard_reads: Counter[str] = Counter()
-        self._listeners: dict[str, asyncpg.Connection[asyncpg.Record]] = {}
+        # Per shard, the DSN listened to and the LISTEN connection (outside the pool).
+        self._listeners: dict[str, tuple[str, asyncpg.Connection[asyncpg.Record]]] = {}
         self.subscriptions = 0
         self._closed = False
+        cluster.on_reload(self._drop_unserved_listeners)
+
+    def _drop_unserved_listeners(self) -> None:
+        """Closes the LISTEN connection of each shard this replica no longer serves
+        (retired, deleted, or at another DSN): a replica keeps no connection to a
+        shard it let go, whose server an admin may then stop or whose database drop
+        (one lingered until the next restart)."""
+        for name, (dsn, conn) in list(self._listeners.items()):
+            shard = self.cluster.shards.get(name)
+            if shard is None or shard.dsn != dsn:
+                del self._listeners[name]
+                conn.terminate()  # no round trip: it only ever listened
 
     def wake(self, shard_name: str = "", last_position: int = 0) -> None:
         """New events were numbered on shard_name up to last_position (with no shard:
@@ -101,7 +114,7 @@ class EventFeed:
     async def close(self) -> None:
         """Ends every subscription (at an event boundary) and stops listening."""
         self._closed = True
-        for conn in list(self._listeners.values()):
+        for _, conn in list(self._listeners.values()):
             with contextlib.suppress(Exception):
                 await conn.close()
         self._listeners.clear()
@@ -110,13 +123,16 @@ class EventFeed:
     async def _listen(self) -> None:
         """LISTEN on every shard not yet listened to (other replicas' rounds)."""
         for name, shard in list(self.cluster.shards.items()):
-            conn = self._listeners.get(name)
-            if conn is not None and not conn.is_closed():
+            listening = self._listeners.get(name)
+            if listening is not None and not listening[1].is_closed():
                 continue
             try:
                 conn = await asyncpg.connect(shard.dsn, timeout=limits.shard_connect_timeout_s)
                 await conn.add_listener(sql.NOTIFY_CHANNEL, functools.partial(self._notified, name))
-                self._listeners[name] = conn
+                if self.cluster.shards.get(name) is not shard:
+                    conn.terminate()  # let go while connecting (a reload)
+                    continue
+                self._listeners[name] = (shard.dsn, conn)
             except (OSError, asyncpg.PostgresError, TimeoutError) as error:
                 log.debug("cannot listen for events on shard %s: %s", name, error)
 

@@ -77,6 +77,14 @@ class Cluster:
         self._reload_lock = asyncio.Lock()
         # The last reason a config reload was refused (logged once per reason).
         self._refused_reload: str | None = None
+        # Run after each reload that took a new config (on_reload).
+        self._reloaded: list[Callable[[], None]] = []
+
+    def on_reload(self, callback: Callable[[], None]) -> None:
+        """Runs callback after every reload that takes a new config, once the new
+        pools serve and before the old ones close (for what holds a shard's
+        connections outside its pool)."""
+        self._reloaded.append(callback)
 
     @property
     def epoch(self) -> int:
@@ -327,6 +335,8 @@ class Cluster:
             self.shards.update(opened)
             self.config = config
             self.previous_ring, self.ring = self.ring, ShardRing(config)
+            for callback in self._reloaded:
+                callback()
             await asyncio.gather(*(shard.close() for shard in closing))
             log.info("loaded shard config epoch %d from %s", config.epoch, self.config_path)
             return True
