@@ -39,6 +39,7 @@ from ledger import limits
 from ledger.api.amqp_publisher import AmqpPublisher, PublisherSettings
 from ledger.storage.event_lease import ShardLease
 from ledger.storage.events import EventStore
+from ledger.storage.shard import Shard
 from ledger.telemetry.redaction import redact
 from ledger.v1 import ledger_pb2 as pb
 from tests.event_support import collect_until
@@ -55,6 +56,7 @@ from tests.support import (
     wait_until,
 )
 from tests.test_moves_settle_routing import rebalance_to
+from tests.test_rebalance import opened
 
 AMQP_URL = os.environ.get("LEDGER_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 ROOT = Path(__file__).resolve().parent.parent
@@ -1012,5 +1014,43 @@ async def test_a_publisher_waits_for_a_shard_its_config_names_before_it_is_set_u
         await wait_holding(publisher, ("shard-d",))
         assert await publisher.stop() == 0
     finally:
+        if publisher.process is not None and publisher.process.poll() is None:
+            await publisher.kill()
+
+
+async def test_a_running_publisher_gives_up_a_shard_deleted_from_the_config(
+    ledger4: Ledger4, topology: Topology, tmp_path: Path
+) -> None:
+    """A publisher holding a shard's lease went on holding it, and reading the shard,
+    after the config no longer named it (it looked the shard up only between leases):
+    a server the admin let go stayed in use, and a shard pointed at a new server would
+    never have been published from there. It gives the lease up within a poll now."""
+    env = ledger4
+    await topology.declare()
+    grown = env.config(2, ALL_SHARDS)
+    await env.switch_to(grown)
+    async with opened(grown) as rebalancer:
+        assert (await rebalancer.rebalance()).results == []
+    publisher = Publisher(env.service, topology, tmp_path / "publisher.log", consumer=uid("pub-"))
+    publisher.start()
+    shard_d = Shard(name="shard-d", dsn=env.specs["shard-d"].dsn)
+    await shard_d.open()
+    try:
+        await wait_holding(publisher, ALL_SHARDS)
+        # shard-d holds nothing (no merchant was placed there), so its entry may go.
+        await env.switch_to(env.config(3, SHARDS))
+
+        async def given_up() -> bool:
+            publisher.assert_running()
+            return await ShardLease.holder(shard_d, publisher.consumer) is None
+
+        await wait_until(
+            given_up, deadline_s=PUBLISHER_DEADLINE_S, what="the publisher to give up shard-d"
+        )
+        assert "shard shard-d left the config" in publisher.log()
+        await wait_holding(publisher, SHARDS)
+        assert await publisher.stop() == 0
+    finally:
+        await shard_d.close()
         if publisher.process is not None and publisher.process.poll() is None:
             await publisher.kill()

@@ -533,6 +533,12 @@ class AmqpPublisher:
         position = await store.register(self.settings.consumer, position=oldest - 1)
         log.info("publishing shard %s after position %d", name, position)
         while not self._stopping.is_set():
+            if self.cluster.shards.get(name) is not lease.shard:
+                # A reload let the shard go (its entry deleted) or points it at another
+                # server: publishing on here would hold a lease on, and read, a server
+                # the config no longer names, for ever (the new one never published).
+                log.info("shard %s left the config or moved; giving up its lease", name)
+                return
             sequenced.clear()  # before reading: a round numbered after this read wakes us
             # On the lease's session: that it answers is the check that the lease is held.
             rows = await lease.read(after=position, limit=limits.event_publish_batch_max)
