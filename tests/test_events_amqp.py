@@ -55,8 +55,8 @@ from tests.support import (
     uid,
     wait_until,
 )
+from tests.test_events_shard_changes import grow_to_four
 from tests.test_moves_settle_routing import rebalance_to
-from tests.test_rebalance import opened
 
 AMQP_URL = os.environ.get("LEDGER_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 ROOT = Path(__file__).resolve().parent.parent
@@ -1027,10 +1027,7 @@ async def test_a_running_publisher_gives_up_a_shard_deleted_from_the_config(
     never have been published from there. It gives the lease up within a poll now."""
     env = ledger4
     await topology.declare()
-    grown = env.config(2, ALL_SHARDS)
-    await env.switch_to(grown)
-    async with opened(grown) as rebalancer:
-        assert (await rebalancer.rebalance()).results == []
+    await grow_to_four(env)
     publisher = Publisher(env.service, topology, tmp_path / "publisher.log", consumer=uid("pub-"))
     publisher.start()
     shard_d = Shard(name="shard-d", dsn=env.specs["shard-d"].dsn)

@@ -13,6 +13,7 @@ import grpc
 import pytest
 
 from ledger.moves.rebalance import ShardPinned
+from ledger.routing.config import ShardConfig
 from ledger.routing.ring import ShardRing
 from ledger.storage.events import EventStore
 from ledger.v1 import ledger_pb2 as pb
@@ -31,6 +32,25 @@ from tests.support import (
 )
 from tests.test_moves_settle_routing import rebalance_to
 from tests.test_rebalance import opened
+
+
+async def grow_to_four(env: Ledger4) -> ShardConfig:
+    """Epoch 2 adds shard-d, loaded and rebalanced; no merchant of the test is placed
+    there yet, so nothing moves."""
+    four = env.config(2, ALL_SHARDS)
+    await env.switch_to(four)
+    async with opened(four) as rebalancer:
+        assert (await rebalancer.rebalance()).results == []
+    return four
+
+
+async def drain_shard_d(env: Ledger4) -> None:
+    """Epoch 3 marks shard-d draining, loaded and rebalanced until it is DRAINED."""
+    draining = env.config(3, ALL_SHARDS, states={"shard-d": "draining"})
+    await env.switch_to(draining)
+    async with opened(draining) as rebalancer:
+        summary = await rebalancer.rebalance()
+    assert summary.finished and "DRAINED shard-d" in summary.render(), summary.render()
 
 
 async def test_a_live_subscription_follows_a_merchant_onto_a_shard_added_after_it_opened(
@@ -136,21 +156,14 @@ async def test_a_shard_retires_only_once_every_consumer_has_its_whole_stream(
     acknowledged there would never reach it. Retiring waits for the consumers, and a
     cursor naming the retired shard resumes (it used to be refused: UNKNOWN_SHARD)."""
     env, stub = ledger4, ledger4.service.stub
-    four = env.config(2, ALL_SHARDS)
-    await env.switch_to(four)
-    async with opened(four) as rebalancer:
-        assert (await rebalancer.rebalance()).results == []
+    four = await grow_to_four(env)
     on_d = merchant_on(four, "shard-d")
     await create_accounts(stub, account(on_d, "cash"), account(on_d, "sales"))
     await transfers(stub, transfer(uid("t"), ref(on_d, "cash"), ref(on_d, "sales"), 9))
     everywhere = pb.EventCursor(positions={name: 0 for name in ALL_SHARDS})
     await stub.AckEvents(pb.AckEventsRequest(consumer="books", cursor=everywhere))
 
-    draining = env.config(3, ALL_SHARDS, states={"shard-d": "draining"})
-    await env.switch_to(draining)
-    async with opened(draining) as rebalancer:
-        summary = await rebalancer.rebalance()
-    assert summary.finished and "DRAINED shard-d" in summary.render(), summary.render()
+    await drain_shard_d(env)
 
     retired = env.config(4, ALL_SHARDS, states={"shard-d": "retired"})
     shard_d = env.service.cluster.shards["shard-d"]
@@ -254,15 +267,8 @@ async def test_a_cursor_naming_a_shard_being_retired_is_acknowledged_while_its_p
     shard of the cluster (chaos seed 35, CI). The pool's close waits for a connection
     held here, which keeps the replica in that window for as long as the test needs."""
     env, stub = ledger4, ledger4.service.stub
-    four = env.config(2, ALL_SHARDS)
-    await env.switch_to(four)
-    async with opened(four) as rebalancer:
-        assert (await rebalancer.rebalance()).results == []
-    draining = env.config(3, ALL_SHARDS, states={"shard-d": "draining"})
-    await env.switch_to(draining)
-    async with opened(draining) as rebalancer:
-        summary = await rebalancer.rebalance()
-    assert summary.finished and "DRAINED shard-d" in summary.render(), summary.render()
+    await grow_to_four(env)
+    await drain_shard_d(env)
     cluster = env.service.cluster
     pool = cluster.shards["shard-d"].pool
     held = await pool.acquire()
@@ -329,10 +335,7 @@ async def test_a_replica_keeps_no_connection_to_a_shard_it_retired(ledger4: Ledg
     made the feed listen ended before the retirement, so nothing but the reload can
     let the connection go."""
     env, stub = ledger4, ledger4.service.stub
-    four = env.config(2, ALL_SHARDS)
-    await env.switch_to(four)
-    async with opened(four) as rebalancer:
-        assert (await rebalancer.rebalance()).results == []
+    await grow_to_four(env)
     listens = await asyncpg.connect(env.specs["shard-d"].dsn)
     try:
 
@@ -351,10 +354,7 @@ async def test_a_replica_keeps_no_connection_to_a_shard_it_retired(ledger4: Ledg
             await wait_until(listening, what="the replica to listen on shard-d")
         finally:
             call.cancel()
-        draining = env.config(3, ALL_SHARDS, states={"shard-d": "draining"})
-        await env.switch_to(draining)
-        async with opened(draining) as rebalancer:
-            assert (await rebalancer.rebalance()).finished
+        await drain_shard_d(env)
         assert await listeners_on_d() == 1, "still served while draining"
         retired = env.config(4, ALL_SHARDS, states={"shard-d": "retired"})
         await env.switch_to(retired)

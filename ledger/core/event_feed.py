@@ -40,6 +40,7 @@ from ledger.routing.config import ConfigError
 from ledger.storage import event_statements as sql
 from ledger.storage.errors import ShardUnavailable
 from ledger.storage.events import EventRow, EventStore
+from ledger.storage.shard import Shard
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +85,8 @@ class EventFeed:
         # Reads of each shard's events by every subscription: lets a test see that
         # a shard with nothing new is not read on every round of another.
         self.shard_reads: Counter[str] = Counter()
-        # Per shard, the DSN listened to and the LISTEN connection (outside the pool).
-        self._listeners: dict[str, tuple[str, asyncpg.Connection[asyncpg.Record]]] = {}
+        # Per shard, the Shard listened to and the LISTEN connection (outside the pool).
+        self._listeners: dict[str, tuple[Shard, asyncpg.Connection[asyncpg.Record]]] = {}
         self.subscriptions = 0
         self._closed = False
         cluster.on_reload(self._drop_unserved_listeners)
@@ -95,9 +96,8 @@ class EventFeed:
         (retired, deleted, or at another DSN): a replica keeps no connection to a
         shard it let go, whose server an admin may then stop or whose database drop
         (one lingered until the next restart)."""
-        for name, (dsn, conn) in list(self._listeners.items()):
-            shard = self.cluster.shards.get(name)
-            if shard is None or shard.dsn != dsn:
+        for name, (shard, conn) in list(self._listeners.items()):
+            if self.cluster.shards.get(name) is not shard:
                 del self._listeners[name]
                 conn.terminate()  # no round trip: it only ever listened
 
@@ -132,7 +132,7 @@ class EventFeed:
                 if self.cluster.shards.get(name) is not shard:
                     conn.terminate()  # let go while connecting (a reload)
                     continue
-                self._listeners[name] = (shard.dsn, conn)
+                self._listeners[name] = (shard, conn)
             except (OSError, asyncpg.PostgresError, TimeoutError) as error:
                 log.debug("cannot listen for events on shard %s: %s", name, error)
 
