@@ -61,6 +61,14 @@ async def test_a_live_subscription_follows_a_merchant_onto_a_shard_added_after_i
     mover = merchant_on(grown, "shard-d")
     home = ShardRing(env.service.cluster.config).shard_for(mover)
     await create_accounts(stub, account(mover, "cash"), account(mover, "sales"))
+    home_shard = env.service.cluster.shards[home]
+
+    async def numbered() -> bool:
+        return (await EventStore(home_shard).outbox_backlog())[0] == 0
+
+    # "Now" is the last event numbered: the accounts' creations, committed but numbered
+    # a sequencer round later, came after it (failed twice in full runs).
+    await wait_until(numbered, what="the accounts' creations numbered")
     got: list[pb.Event] = []
     call = stub.SubscribeEvents(pb.SubscribeEventsRequest(merchant_id=mover, from_now=True))
     paid_there = uid("there")
@@ -77,8 +85,8 @@ async def test_a_live_subscription_follows_a_merchant_onto_a_shard_added_after_i
     async def started() -> bool:
         return feed.subscriptions > 0
 
-    # "Now" is when the service starts the subscription, not when the call is made: a
-    # move begun before that left MERCHANT_MOVED_OUT behind "now" (failed once, cold).
+    # And "now" is when the service starts the subscription, not when the call is
+    # made: the move must begin after that.
     try:
         await wait_until(started, what="the subscription to start")
         await rebalance_to(env, grown, mover)
