@@ -13,14 +13,15 @@ import grpc
 import pytest
 
 from ledger.domain.accounts import AccountKey
-from ledger.domain.sagas import SagaState
+from ledger.domain.sagas import CreditOutcome, SagaState
 from ledger.domain.transfers import TransferAction, TransferRequest
 from ledger.routing.config import ShardConfig
 from ledger.routing.ring import ShardRing
 from ledger.sagas.runner import SagaRunner, SagaSettings
 from ledger.storage.errors import SettleIsLocal
+from ledger.storage.sagas import SagaStore
 from ledger.v1 import ledger_pb2 as pb
-from tests.ledger4 import FIRST_SHARDS, Ledger4
+from tests.ledger4 import ALL_SHARDS, FIRST_SHARDS, Ledger4
 from tests.support import ref, result_names, transfer, transfers, uid
 from tests.test_rebalance import (
     all_balances,
@@ -28,8 +29,10 @@ from tests.test_rebalance import (
     create_merchants,
     held_saga,
     lookup_final,
+    merchants_moving,
     opened,
     send_accepted,
+    staying_merchant,
     wait_for_balances,
 )
 
@@ -233,3 +236,59 @@ async def test_settle_of_a_hold_whose_saga_is_still_running_is_retryable_not_sto
         {(payer, "cash"): (0, 0, 0, 0), (payee, "sales"): (0, 0, 0, 0)},
         what="the void to release both sides",
     )
+
+
+async def test_settle_whose_credit_landed_before_its_credit_party_moved_finishes(
+    ledger4: Ledger4,
+) -> None:
+    """Chaos seed 35 (a drain test): a settle's step 2 committed on the credit shard
+    but its answer was lost (that replica's other shard stopped), then the credit
+    party moved on, its settled hold needing no relay. Every retry of step 2 asked
+    the old shard, which answered MerchantsNotOwned, until the saga was dead-lettered
+    with the hold settled on both sides. The outcome step 2 recorded moved with the
+    merchant: the retry finds it there and the saga completes."""
+    service = ledger4.service
+    old, new = service.cluster.config, ledger4.config(2, ALL_SHARDS)
+    (payee,) = merchants_moving(old, new, 1, destination="shard-d")
+    payer = staying_merchant(old, new, on=False, shard=ShardRing(old).shard_for(payee))
+    await create_merchants(service, [payer, payee])
+    hold = transfer(uid("ch"), ref(payer, "cash"), ref(payee, "sales"), 500, action=PENDING)
+    await send_accepted(service, hold)
+    assert (await lookup_final(service, [(payer, hold.id)]))[
+        (payer, hold.id)
+    ].result == pb.TRANSFER_RESULT_OK
+
+    runner = SagaRunner(service.cluster, owner="test", settings=SagaSettings(lease_s=120.0))
+    start = await runner.begin(
+        TransferRequest(
+            id=uid("cp"),
+            debit=AccountKey(payer, "cash"),
+            credit=AccountKey(payee, "sales"),
+            amount_minor=300,
+            currency="",
+            action=TransferAction.POST_PENDING,
+            pending_id=hold.id,
+        )
+    )
+    assert start.saga is not None and start.saga.state is SagaState.RUNNING
+    saga = start.saga
+    credit_shard = service.cluster.shard_named(saga.peer_shard)
+    assert credit_shard is not None
+    landed = await SagaStore(credit_shard).credit(
+        saga,
+        home_shard=saga.home_shard,
+        fence=service.cluster.fence(credit_shard, {payee}),
+    )
+    assert landed.outcome is CreditOutcome.APPLIED and not landed.relayed_to
+
+    await rebalance_to(ledger4, new, payee)
+    assert service.cluster.shard_for(payee).name == "shard-d"
+
+    finished = await runner.drive(saga)
+    assert finished.state is SagaState.COMPLETED, (finished.state, finished.last_error)
+    await wait_for_balances(
+        service,
+        {(payer, "cash"): (300, 0, 0, 0), (payee, "sales"): (0, 300, 0, 0)},
+        what="the post to settle both sides of the hold once",
+    )
+    await assert_reconciled(ledger4, new, "reconcile.toml", every_mirror_checked=True)

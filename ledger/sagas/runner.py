@@ -269,11 +269,20 @@ class SagaRunner:
                 peer = self.cluster.shard_named(name)
             if peer is None:
                 raise ClusterUnavailable("a saga's credit shard is not in the shard config")
-            record = await self._step(
-                peer,
-                self.cluster.fence(peer, {saga.credit.merchant_id}),
-                SagaCredit(saga, home, abort),
-            )
+            try:
+                record = await self._step(
+                    peer,
+                    self.cluster.fence(peer, {saga.credit.merchant_id}),
+                    SagaCredit(saga, home, abort),
+                )
+            except MerchantsNotOwned:
+                # No relay here, and the credit merchant gone: the hold was settled
+                # here before it left (one open when it left would have left a relay),
+                # and the outcome recorded then moved with it.
+                recorded = await self._credit_recorded(saga)
+                if recorded is None:
+                    raise
+                return recorded
             assert isinstance(record, CreditRecord)
             if not record.relayed_to:
                 return record
@@ -379,11 +388,10 @@ class SagaRunner:
         return await self._finish(saga, credit, allow_dead=True)
 
     async def _credit_recorded(self, saga: Saga) -> CreditRecord | None:
-        """What step 2 recorded, read where the credit merchant is now (its outcomes
-        move with it)."""
-        name = saga.peer_shard
-        if saga.key.kind is SagaKind.TRANSFER:
-            name = await self._credit_owner(saga.credit.merchant_id)
+        """What step 2 recorded, read where the credit merchant is now: step 2 is
+        decided where the merchant is, and its outcome moves with it (a relay hop
+        records none)."""
+        name = await self._credit_owner(saga.credit.merchant_id)
         shard = self.cluster.shard_named(name)
         if shard is None:
             raise ClusterUnavailable("the saga's credit shard is not in the shard config")
