@@ -5,8 +5,10 @@ move merchants away and back, draining a shard and making it active again),
 each applied as an admin does (the live config, then `ledger shards rebalance`,
 sometimes SIGKILLed at a random crash point and run again), interleaved with
 local and cross-shard holds, full and partial posts and voids (naming the credit
-account or not) and holds left to time out. A simple model predicts every
-account's balances. After the sequence every open hold must settle when asked,
+account or not), settles of cross-shard holds stopped after their credit step
+(as when the replica driving one dies: its answer lost) and driven again steps
+later, and holds left to time out. A simple model predicts every account's
+balances. After the sequence every open hold must settle when asked,
 a final rebalance must finish (every draining shard DRAINED), the balances must
 be the model's and reconcile must be clean.
 
@@ -29,7 +31,13 @@ from pathlib import Path
 import pytest
 
 from ledger import faults
+from ledger.domain.accounts import AccountKey
+from ledger.domain.sagas import SagaKey, SagaState
+from ledger.domain.transfers import TransferAction, TransferRequest
 from ledger.routing.config import ShardConfig
+from ledger.sagas.runner import SagaRunner, SagaSettings
+from ledger.storage.errors import SettleIsLocal
+from ledger.storage.sagas import SagaStore
 from ledger.v1 import ledger_pb2 as pb
 from tests.ledger4 import ALL_SHARDS, FIRST_SHARDS, Ledger4
 from tests.support import ref, transfer, uid, write_config
@@ -67,6 +75,13 @@ HOLD_TIMEOUT_MS = 6_000
 # A rebalance is run again at most this often to finish after deferrals.
 REBALANCE_RUNS_MAX = 4
 REBALANCE_CRASH_POINTS = tuple(p for p in faults.POINTS if p.startswith(("rebalance.", "move.")))
+# A share of settles of cross-shard holds stops after step 2's first hop (the
+# saga's lease held, so no recovery worker drives it); a share of later steps
+# drives one of them on, each at most this often, and it must complete.
+INTERRUPTED_SETTLE_SHARE = 0.3
+INTERRUPTED_DRIVE_SHARE = 0.3
+INTERRUPTED_DRIVES_MAX = 5
+INTERRUPTED_LEASE_S = 3_600.0
 
 
 @dataclass
@@ -191,6 +206,12 @@ class Run:
         self.log: list[str] = []
         self.kills = 0
         self.counts: Counter[str] = Counter()
+        self.runner = SagaRunner(
+            env.service.cluster,
+            owner="moves-model",
+            settings=SagaSettings(lease_s=INTERRUPTED_LEASE_S),
+        )
+        self.interrupted: list[SagaKey] = []
 
     def describe(self) -> str:
         return "\n".join(self.log[-40:])
@@ -227,11 +248,66 @@ class Run:
         if self.rng.random() < 0.5:
             item.credit_account.CopyFrom(ref(hold.credit, "sales"))
         verb = f"post {posted_minor}" if post else "void"
+        if self.rng.random() < INTERRUPTED_SETTLE_SHARE and await self.interrupt(
+            hold, item, what=f"{verb} {hold.id}"
+        ):
+            self.model.settle(hold.id, posted_minor)
+            self.counts["settles interrupted"] += 1
+            return
         await self.send(
             item, what=f"{verb} {hold.id} (credit named: {item.HasField('credit_account')})"
         )
         self.model.settle(hold.id, posted_minor)
         self.counts["posts" if post else "voids"] += 1
+
+    async def interrupt(self, hold: Hold, item: pb.Transfer, *, what: str) -> bool:
+        """Runs the settle's saga to its credit step's first hop and leaves it there;
+        False for a local hold (nothing written: it settles through the service)."""
+        request = TransferRequest(
+            id=item.id,
+            debit=AccountKey(hold.debit, "cash"),
+            credit=AccountKey(hold.credit, "sales"),
+            amount_minor=item.amount_minor,
+            currency="",
+            action=TransferAction(item.action),
+            pending_id=hold.id,
+        )
+        try:
+            start = await self.runner.begin(request)
+        except SettleIsLocal:
+            return False
+        saga = start.saga
+        assert saga is not None and saga.state is SagaState.RUNNING, (what, start)
+        cluster = self.env.service.cluster
+        peer = cluster.shard_named(saga.peer_shard)
+        assert peer is not None, saga.peer_shard
+        record = await SagaStore(peer).credit(
+            saga, home_shard=saga.home_shard, fence=cluster.fence(peer, {hold.credit})
+        )
+        onward = f", relayed to {record.relayed_to}" if record.relayed_to else ""
+        self.log.append(
+            f"{what}: stopped after step 2 on {peer.name} ({record.outcome.name}{onward})"
+        )
+        self.interrupted.append(saga.key)
+        return True
+
+    async def drive_interrupted(self, key: SagaKey) -> None:
+        """Drives an interrupted settle on from wherever its merchants are now: it
+        completes, at most a few retryable failures later."""
+        for _ in range(INTERRUPTED_DRIVES_MAX):
+            found = await self.runner.get(key)
+            assert found is not None, f"{key}: saga not found\n{self.describe()}"
+            saga = found[0]
+            if not saga.finished:
+                saga = await self.runner.drive(saga)
+            if saga.finished:
+                break
+        assert saga.state is SagaState.COMPLETED, (
+            f"interrupted settle {key.transfer_id}: {saga.state.name} after "
+            f"{saga.attempts} attempts, last error {saga.last_error!r}\n{self.describe()}"
+        )
+        self.log.append(f"interrupted settle {key.transfer_id} driven: COMPLETED")
+        self.counts["interrupted settles completed"] += 1
 
     async def send(self, item: pb.Transfer, *, what: str) -> None:
         """Sends until answered (retryable failures again, same id); it must end OK."""
@@ -293,6 +369,11 @@ class Run:
         return False
 
     async def step(self) -> None:
+        if self.interrupted and self.rng.random() < INTERRUPTED_DRIVE_SHARE:
+            await self.drive_interrupted(
+                self.interrupted.pop(self.rng.randrange(len(self.interrupted)))
+            )
+            return
         if self.rng.random() < RING_CHANGE_SHARE:
             await self.change_ring()
             return
@@ -307,6 +388,8 @@ class Run:
         rebalance finishes; the books are the model's and reconcile is clean."""
         for hold in [h for h in self.model.open_holds.values() if not h.expires]:
             await self.settle(hold)
+        while self.interrupted:
+            await self.drive_interrupted(self.interrupted.pop(0))
         for hold in [h for h in self.model.open_holds.values() if h.expires]:
             self.model.settle(hold.id, 0)
             self.counts["expired"] += 1

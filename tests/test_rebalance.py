@@ -32,6 +32,8 @@ from ledger.routing.config import ShardConfig, load_config
 from ledger.routing.ring import ShardRing
 from ledger.sagas.reconcile import ReconcileReport, reconcile
 from ledger.sagas.runner import SagaRunner, SagaSettings, SagaStart
+from ledger.storage import chain_statements as chain_sql
+from ledger.storage import saga_statements as saga_sql
 from ledger.storage.errors import MerchantsNotOwned, StaleEpoch
 from ledger.storage.moves import AdminBusy, MoveStore
 from ledger.storage.sagas import SagaStore
@@ -1693,3 +1695,25 @@ async def test_cli_plans_rebalances_reports_status_and_cleans_up(ledger4: Ledger
     assert code == 0 and out.startswith("moved 0 merchants"), out + err
 
     assert await all_balances(service, merchant_ids) == before
+
+
+async def test_a_checkpoint_in_progress_is_not_taken_for_a_rebalance(ledger4: Ledger4) -> None:
+    """Chaos seed 242: `ledger shards cleanup` after a run failed with "another
+    `ledger shards rebalance` or `cleanup` is running (it holds shard-c)" while
+    none was: a replica's hash-chain checkpoint was in progress there, and its
+    lock had the admin lock's key. Reconcile took it for a move in progress too."""
+    service = ledger4.service
+    config = service.cluster.config
+    shard = service.cluster.shards["shard-c"]
+    async with shard.pool.acquire() as checkpointer, shard.pool.acquire() as reader:
+        async with checkpointer.transaction():
+            assert await checkpointer.fetchval(chain_sql.TRY_CHECKPOINT_LOCK)
+            assert not await reader.fetchval(saga_sql.ADMIN_LOCK_HELD)
+            async with opened(config) as rebalancer:
+                summary = await rebalancer.rebalance()
+                assert summary.finished, summary.render()
+                await rebalancer.cleanup()
+                # The admin lock and the checkpoint's are told apart while both are held.
+                assert await reader.fetchval(saga_sql.ADMIN_LOCK_HELD) is False
+                async with rebalancer.exclusive():
+                    assert await reader.fetchval(saga_sql.ADMIN_LOCK_HELD)

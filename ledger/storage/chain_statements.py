@@ -12,7 +12,10 @@ from __future__ import annotations
 VERIFY_SCANS_WHOLE_TABLES = "SET LOCAL enable_seqscan = on"
 
 # One checkpointer per shard at a time; a replica that finds it taken skips the round.
-TRY_CHECKPOINT_LOCK = "SELECT pg_try_advisory_xact_lock(7305, 0)"
+# Its own key: it once shared the admin lock's (7305, 0), so a rebalance or cleanup
+# started during a checkpoint was refused as if another were running, and
+# reconcile took a checkpoint for a move in progress (chaos seed 242).
+TRY_CHECKPOINT_LOCK = "SELECT pg_try_advisory_xact_lock(7308, 0)"
 
 LAST_CHECKPOINT = """
 SELECT checkpoint_id, digest FROM chain_checkpoints ORDER BY checkpoint_id DESC LIMIT 1

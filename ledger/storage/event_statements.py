@@ -8,8 +8,8 @@ from __future__ import annotations
 # the connection when the process dies, and another publisher takes the shard
 # over. Publishers of different consumers (other brokers, other exchanges) do
 # not wait for each other. (Other keys: 7300 migrations, 7301-7302 moves, 7303
-# expiry sweeper, 7304 saga credits, 7305 checkpoints and the admin lock, 7306
-# the sequencer.)
+# expiry sweeper, 7304 saga credits, 7305 the admin lock, 7306 the sequencer,
+# 7308 checkpoints.)
 TRY_PUBLISHER_LEASE = "SELECT pg_try_advisory_lock(7307, hashtext($1))"
 # Who holds the lease of consumer $1 (the holder's application_name), if anyone.
 PUBLISHER_LEASE_HOLDER = """
