@@ -9,6 +9,8 @@ local hold whose parties the ring places apart.
 
 from __future__ import annotations
 
+import signal
+
 import grpc
 import pytest
 
@@ -23,6 +25,7 @@ from ledger.storage.sagas import SagaStore
 from ledger.v1 import ledger_pb2 as pb
 from tests.ledger4 import ALL_SHARDS, FIRST_SHARDS, Ledger4
 from tests.support import ref, result_names, transfer, transfers, uid
+from tests.test_moves_model import rebalance_cli
 from tests.test_rebalance import (
     all_balances,
     assert_reconciled,
@@ -291,4 +294,73 @@ async def test_settle_whose_credit_landed_before_its_credit_party_moved_finishes
         {(payer, "cash"): (300, 0, 0, 0), (payee, "sales"): (0, 300, 0, 0)},
         what="the post to settle both sides of the hold once",
     )
+    await assert_reconciled(ledger4, new, "reconcile.toml", every_mirror_checked=True)
+
+
+async def test_settle_reaching_the_shard_its_debit_party_is_handing_over_waits_for_the_relay(
+    ledger4: Ledger4,
+) -> None:
+    """Chaos seed 253 (a shard that never drained): a hold made as a saga between two
+    merchants on one shard (the ring placed them apart, the owners were the same),
+    whose debit party then moved on. Its expiry, started on the debit party's new
+    shard, reached the old shard between the move's activation there and the hand-over
+    here, which makes this shard a relay; the step decided 'no relay' and settled the
+    hold as its last hop, leaving both legs of this shard's own settlement account
+    pending for good. A settle arriving while the hold's debit party is being handed
+    over now waits for the hand-over, then passes the relay."""
+    service = ledger4.service
+    old, new = service.cluster.config, ledger4.config(2, ALL_SHARDS)
+    (payer,) = merchants_moving(old, new, 1, destination="shard-d")
+    home = ShardRing(old).shard_for(payer)
+    payee = staying_merchant(old, new, on=True, shard=home)
+    await create_merchants(service, [payer, payee])
+    runner = SagaRunner(service.cluster, owner="test", settings=SagaSettings(lease_s=120.0))
+    made = await runner.begin(
+        TransferRequest(
+            id=uid("sh"),
+            debit=AccountKey(payer, "cash"),
+            credit=AccountKey(payee, "sales"),
+            amount_minor=700,
+            currency="USD",
+            action=TransferAction.PENDING,
+        )
+    )
+    assert made.saga is not None and made.saga.peer_shard == made.saga.home_shard == home
+    assert (await runner.drive(made.saga)).state is SagaState.COMPLETED
+
+    # The move activated on shard-d and stopped before its hand-over here.
+    await ledger4.switch_to(new)
+    path = ledger4.copy_of(new, "new.toml")
+    code, output = await rebalance_cli(path, crash_point="move.after_activate")
+    assert code == -signal.SIGKILL, output
+
+    start = await runner.begin(
+        TransferRequest(
+            id=uid("sv"),
+            debit=AccountKey(payer, "cash"),
+            credit=AccountKey(payee, "sales"),
+            amount_minor=0,
+            currency="",
+            action=TransferAction.VOID_PENDING,
+            pending_id=made.saga.key.transfer_id,
+        )
+    )
+    assert start.saga is not None and start.saga.home_shard == "shard-d"
+    waiting = await runner.drive(start.saga)
+    assert waiting.state is SagaState.RUNNING, (waiting.state, waiting.last_error)
+    # A wait, not a failure: it used to fail an invariant here.
+    assert waiting.last_error.startswith("MerchantsMoving"), waiting.last_error
+
+    await rebalance_to(ledger4, new, payer)
+    found = await runner.get(waiting.key)
+    assert found is not None
+    assert (await runner.drive(found[0])).state is SagaState.COMPLETED
+    await wait_for_balances(
+        service,
+        {(payer, "cash"): (0, 0, 0, 0), (payee, "sales"): (0, 0, 0, 0)},
+        what="the void to release both sides",
+    )
+    async with opened(new) as rebalancer:
+        pins = await rebalancer._store(home).pins()
+    assert pins.holding == 0, pins.render()
     await assert_reconciled(ledger4, new, "reconcile.toml", every_mirror_checked=True)

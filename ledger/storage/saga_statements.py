@@ -275,8 +275,19 @@ ON CONFLICT (merchant_id, transfer_id, kind) DO NOTHING
 
 
 # Where this shard passes on the hold of a pending transfer arriving from a shard.
-SELECT_RELAY = """
-SELECT to_shard FROM hold_relays WHERE merchant_id = $1 AND transfer_id = $2 AND from_shard = $3
+# A settle's step 2 asks, under the held transfer's debit party's lock (shared,
+# HOLD_PARTIES_LOCK), whether that party is being handed over here and where this
+# shard relays the hold on to. A move's hand-over (MoveStore.mark_moved) makes this
+# shard a relay under that lock held exclusively: a step that looked for the relay
+# before the hand-over committed, and waited for its settlement rows after, settled
+# the hold as its last hop (chaos seed 253: a shard that never drained).
+HOLD_PARTIES_LOCK = """
+SELECT count(pg_advisory_xact_lock_shared(7302, hashtext(m))) FROM unnest($1::text[]) AS m
+"""
+HOLD_ROUTE = """
+SELECT (SELECT state FROM merchants WHERE merchant_id = $1) AS debit_party_state,
+       (SELECT to_shard FROM hold_relays
+        WHERE merchant_id = $1 AND transfer_id = $2 AND from_shard = $3) AS relay_to
 """
 
 INSERT_CREDIT_HOLD = """

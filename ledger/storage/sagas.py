@@ -62,7 +62,7 @@ from ledger.domain.value import value
 from ledger.invariant import invariant
 from ledger.storage import saga_statements as sql
 from ledger.storage import statements as ledger_sql
-from ledger.storage.errors import HoldInFlight, RetryTransaction, SettleIsLocal
+from ledger.storage.errors import HoldInFlight, MerchantsMoving, RetryTransaction, SettleIsLocal
 from ledger.storage.saga_rows import saga_from_row
 from ledger.storage.shard import (
     Fence,
@@ -302,10 +302,16 @@ class SagaStore:
         if not settles:
             return None
         await self.shard._fence(conn, fence, {SETTLEMENT_MERCHANT_ID})
+        await conn.execute(sql.HOLD_PARTIES_LOCK, sorted({c.held.merchant_id for c in settles}))
         for c in settles:
-            relay_to = await conn.fetchval(
-                sql.SELECT_RELAY, c.held.merchant_id, c.held.transfer_id, c.home_shard
+            route = await conn.fetchrow(
+                sql.HOLD_ROUTE, c.held.merchant_id, c.held.transfer_id, c.home_shard
             )
+            assert route is not None  # a row of scalar subqueries, always
+            if route["debit_party_state"] in ("moving", "incoming"):
+                # Its hand-over decides whether this shard relays the hold: wait for it.
+                raise MerchantsMoving(self.shard.name, [c.held.merchant_id])
+            relay_to = route["relay_to"]
             if relay_to is None:
                 continue
             if steps > 1:
