@@ -89,6 +89,27 @@ def settle(debit: str, pending_id: str, *, action: int, credit: str | None) -> p
     )
 
 
+def saga_request(
+    payer: str,
+    payee: str,
+    action: TransferAction,
+    *,
+    amount_minor: int = 0,
+    pending_id: str = "",
+) -> TransferRequest:
+    """A request from payer's cash to payee's sales, as the saga runner takes it (a
+    settle names its currency through the hold)."""
+    return TransferRequest(
+        id=uid("rq"),
+        debit=AccountKey(payer, "cash"),
+        credit=AccountKey(payee, "sales"),
+        amount_minor=amount_minor,
+        currency="" if pending_id else "USD",
+        action=action,
+        pending_id=pending_id,
+    )
+
+
 @pytest.mark.parametrize("credit_named", [True, False], ids=["credit-named", "credit-omitted"])
 async def test_hold_made_across_shards_settles_after_its_debit_party_moves_back(
     ledger4: Ledger4, credit_named: bool
@@ -166,15 +187,7 @@ async def test_local_hold_whose_parties_the_ring_places_apart_settles_naming_its
 
     # A settle that reaches the saga path for a local hold is handed back unwritten.
     runner = SagaRunner(service.cluster, owner="test")
-    request = TransferRequest(
-        id=uid("sg"),
-        debit=AccountKey(mover, "cash"),
-        credit=AccountKey(stayer, "sales"),
-        amount_minor=0,
-        currency="",
-        action=TransferAction.VOID_PENDING,
-        pending_id=holds[2].id,
-    )
+    request = saga_request(mover, stayer, TransferAction.VOID_PENDING, pending_id=holds[2].id)
     with pytest.raises(SettleIsLocal):
         await runner.begin(request)
     assert (await lookup_final(service, [(mover, request.id)])) == {}, "nothing recorded"
@@ -212,16 +225,7 @@ async def test_settle_of_a_hold_whose_saga_is_still_running_is_retryable_not_sto
     )
     await create_merchants(service, [payer, payee])
     runner = SagaRunner(service.cluster, owner="test", settings=SagaSettings(lease_s=120.0))
-    start = await runner.begin(
-        TransferRequest(
-            id=uid("hf"),
-            debit=AccountKey(payer, "cash"),
-            credit=AccountKey(payee, "sales"),
-            amount_minor=60,
-            currency="USD",
-            action=TransferAction.PENDING,
-        )
-    )
+    start = await runner.begin(saga_request(payer, payee, TransferAction.PENDING, amount_minor=60))
     assert start.saga is not None and start.saga.state is SagaState.RUNNING
     void = settle(
         payer, start.saga.key.transfer_id, action=pb.TRANSFER_ACTION_VOID_PENDING, credit=None
@@ -263,14 +267,8 @@ async def test_settle_whose_credit_landed_before_its_credit_party_moved_finishes
 
     runner = SagaRunner(service.cluster, owner="test", settings=SagaSettings(lease_s=120.0))
     start = await runner.begin(
-        TransferRequest(
-            id=uid("cp"),
-            debit=AccountKey(payer, "cash"),
-            credit=AccountKey(payee, "sales"),
-            amount_minor=300,
-            currency="",
-            action=TransferAction.POST_PENDING,
-            pending_id=hold.id,
+        saga_request(
+            payer, payee, TransferAction.POST_PENDING, amount_minor=300, pending_id=hold.id
         )
     )
     assert start.saga is not None and start.saga.state is SagaState.RUNNING
@@ -315,16 +313,7 @@ async def test_settle_reaching_the_shard_its_debit_party_is_handing_over_waits_f
     payee = staying_merchant(old, new, on=True, shard=home)
     await create_merchants(service, [payer, payee])
     runner = SagaRunner(service.cluster, owner="test", settings=SagaSettings(lease_s=120.0))
-    made = await runner.begin(
-        TransferRequest(
-            id=uid("sh"),
-            debit=AccountKey(payer, "cash"),
-            credit=AccountKey(payee, "sales"),
-            amount_minor=700,
-            currency="USD",
-            action=TransferAction.PENDING,
-        )
-    )
+    made = await runner.begin(saga_request(payer, payee, TransferAction.PENDING, amount_minor=700))
     assert made.saga is not None and made.saga.peer_shard == made.saga.home_shard == home
     assert (await runner.drive(made.saga)).state is SagaState.COMPLETED
 
@@ -335,14 +324,8 @@ async def test_settle_reaching_the_shard_its_debit_party_is_handing_over_waits_f
     assert code == -signal.SIGKILL, output
 
     start = await runner.begin(
-        TransferRequest(
-            id=uid("sv"),
-            debit=AccountKey(payer, "cash"),
-            credit=AccountKey(payee, "sales"),
-            amount_minor=0,
-            currency="",
-            action=TransferAction.VOID_PENDING,
-            pending_id=made.saga.key.transfer_id,
+        saga_request(
+            payer, payee, TransferAction.VOID_PENDING, pending_id=made.saga.key.transfer_id
         )
     )
     assert start.saga is not None and start.saga.home_shard == "shard-d"
