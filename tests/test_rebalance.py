@@ -1618,6 +1618,38 @@ async def test_merchant_deferred_by_a_move_still_transacts_and_its_sagas_stay_vi
     assert (await runner.drive(unfinished)).state is SagaState.COMPLETED
 
 
+async def test_reconcile_counts_the_sagas_of_merchants_a_shard_owns_not_copies(
+    ledger4: Ledger4,
+) -> None:
+    """A move deferred for the merchant's own saga leaves the copy it made on the
+    destination (`incoming`), saga rows included, until a rerun (or, abandoned, as an
+    old copy until cleanup). Reconcile counted that copy's saga as running after the
+    saga itself finished, and skipped every settlement pair with the destination."""
+    service = ledger4.service
+    old, new = service.cluster.config, ledger4.config(2, ALL_SHARDS)
+    held, mover = merchants_moving(old, new, 2, destination="shard-d")
+    stayer = staying_merchant(old, new, on=False, shard=ShardRing(old).shard_for(held))
+    await create_merchants(service, [held, mover, stayer])
+    # The mover's balance makes a settlement pair with shard-d when it moves there.
+    await send_accepted(service, transfer(uid("mp"), ref(stayer, "cash"), ref(mover, "sales"), 50))
+    runner, unfinished = await held_saga(service, held, stayer)
+    await ledger4.switch_to(new)
+    async with opened(new) as rebalancer:
+        summary = await rebalancer.rebalance()
+    assert [r.move.merchant_id for r in summary.pending] == [held], summary.render()
+    assert mover in [r.move.merchant_id for r in summary.moved], summary.render()
+    assert (await runner.drive(unfinished)).state is SagaState.COMPLETED
+    await wait_for_balances(
+        service, {(mover, "sales"): (0, 50, 0, 0)}, what="the payment to the mover"
+    )
+
+    report = await reconcile_report(ledger4, new, "reconcile.toml")
+    skipped = [f for f in report.findings if "skipped" in f.detail]
+    failed = [f.check for f in report.findings if not f.ok]
+    # What it does report: the deferred move, for a rerun.
+    assert not skipped and failed == ["move markers shard-d"], report.render()
+
+
 async def run_cli(*args: str) -> tuple[int, str, str]:
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "GRPC_ENABLE_FORK_SUPPORT": "false"}
     process = await asyncio.create_subprocess_exec(

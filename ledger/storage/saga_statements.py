@@ -276,8 +276,8 @@ ON CONFLICT (merchant_id, transfer_id, kind) DO NOTHING
 
 # Where this shard passes on the hold of a pending transfer arriving from a shard.
 # A settle's step 2 asks, under the held transfer's debit party's lock (shared,
-# HOLD_PARTIES_LOCK), whether that party is being handed over here and where this
-# shard relays the hold on to. A move's hand-over (MoveStore.mark_moved) makes this
+# HOLD_PARTIES_LOCK), whether that party is being handed over from here (`moving`)
+# and where this shard relays the hold on to. A move's hand-over (MoveStore.mark_moved) makes this
 # shard a relay under that lock held exclusively: a step that looked for the relay
 # before the hand-over committed, and waited for its settlement rows after, settled
 # the hold as its last hop (chaos seed 253: a shard that never drained).
@@ -370,12 +370,21 @@ SELECT account_id, debits_posted, credits_posted, debits_pending, credits_pendin
 FROM accounts WHERE merchant_id = '$settlement'
 """
 
-SAGA_COUNTS = """
-SELECT state, peer_shard, count(*) AS sagas FROM sagas GROUP BY state, peer_shard
+# Sagas of the merchants this shard owns: a copy a move left (a deferred or
+# abandoned move's `incoming` one, or the old one until cleanup) keeps its saga
+# rows as they were when copied, and counting them kept a finished saga running
+# here for reconcile, which then skipped this shard's settlement pairs.
+OWNED_SAGAS = """
+SELECT s.* FROM sagas AS s JOIN merchants AS m
+  ON m.merchant_id = s.merchant_id AND m.state IN ('active', 'moving')
 """
 
-STUCK_SAGAS = """
-SELECT merchant_id, transfer_id, kind FROM sagas
+SAGA_COUNTS = f"""
+SELECT state, peer_shard, count(*) AS sagas FROM ({OWNED_SAGAS}) AS s GROUP BY state, peer_shard
+"""
+
+STUCK_SAGAS = f"""
+SELECT merchant_id, transfer_id, kind FROM ({OWNED_SAGAS}) AS s
 WHERE state = 1 AND created_at < clock_timestamp() - make_interval(secs => $1)
 ORDER BY created_at LIMIT 20
 """

@@ -308,8 +308,11 @@ class SagaStore:
                 sql.HOLD_ROUTE, c.held.merchant_id, c.held.transfer_id, c.home_shard
             )
             assert route is not None  # a row of scalar subqueries, always
-            if route["debit_party_state"] in ("moving", "incoming"):
+            if route["debit_party_state"] == "moving":
                 # Its hand-over decides whether this shard relays the hold: wait for it.
+                # (Arriving here, `incoming`, it may fold this shard's relay away; the
+                # lock orders the two, and a fold is refused once a settle has passed.
+                # Waiting on it would wait on its move, which waits on its own sagas.)
                 raise MerchantsMoving(self.shard.name, [c.held.merchant_id])
             relay_to = route["relay_to"]
             if relay_to is None:
