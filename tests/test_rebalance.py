@@ -1745,7 +1745,8 @@ async def test_a_checkpoint_in_progress_is_not_taken_for_a_rebalance(ledger4: Le
                 summary = await rebalancer.rebalance()
                 assert summary.finished, summary.render()
                 await rebalancer.cleanup()
-                # The admin lock and the checkpoint's are told apart while both are held.
+                # Reconcile sees the admin lock while a rebalance or cleanup holds it,
+                # and never the checkpoint's.
                 assert await reader.fetchval(saga_sql.ADMIN_LOCK_HELD) is False
                 async with rebalancer.exclusive():
                     assert await reader.fetchval(saga_sql.ADMIN_LOCK_HELD)

@@ -274,13 +274,14 @@ ON CONFLICT (merchant_id, transfer_id, kind) DO NOTHING
 """
 
 
-# Where this shard passes on the hold of a pending transfer arriving from a shard.
-# A settle's step 2 asks, under the held transfer's debit party's lock (shared,
-# HOLD_PARTIES_LOCK), whether that party is being handed over from here (`moving`)
-# and where this shard relays the hold on to. A move's hand-over (MoveStore.mark_moved) makes this
-# shard a relay under that lock held exclusively: a step that looked for the relay
-# before the hand-over committed, and waited for its settlement rows after, settled
-# the hold as its last hop (chaos seed 253: a shard that never drained).
+# A settle's step 2 on a shard: whether the held transfer's debit party is being
+# handed over from here (`moving`), and where this shard passes on the hold arriving
+# from $3. A move's hand-over (MoveStore.mark_moved) and an arrival's fold change
+# both under that party's lock held exclusively, so the step takes it shared first
+# (HOLD_PARTIES_LOCK) and reads after, in a statement of its own whose snapshot is
+# taken once the lock is held. A step that looked for the relay before a hand-over
+# committed, and waited for its settlement rows after, settled the hold as its last
+# hop (chaos seed 253: a shard that never drained).
 HOLD_PARTIES_LOCK = """
 SELECT count(pg_advisory_xact_lock_shared(7302, hashtext(m))) FROM unnest($1::text[]) AS m
 """
