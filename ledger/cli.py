@@ -622,10 +622,23 @@ async def _admin(target: str | None, method: str, request: Any) -> Any:
 async def _with_rebalancer(
     config: Path, old: Path | None, work: Callable[[Rebalancer], Awaitable[R]]
 ) -> R:
-    rebalancer = Rebalancer(load_config(config), old=load_config(old) if old else None)
+    def on_starting(shard_name: str) -> None:
+        typer.echo(
+            f"shard {shard_name} is starting up; waiting up to "
+            f"{limits.shard_starting_wait_s:.0f} s for it",
+            err=True,
+        )
+
+    rebalancer = Rebalancer(
+        load_config(config), old=load_config(old) if old else None, on_starting=on_starting
+    )
     try:
         await rebalancer.open()
         return await work(rebalancer)
+    except ShardUnavailable as unavailable:
+        # Every step is idempotent: a rerun once the shard answers picks up here.
+        typer.echo(f"{unavailable}; nothing is lost: run this again once it answers", err=True)
+        raise typer.Exit(1) from None
     except AdminBusy as busy:
         typer.echo(
             f"another `ledger shards rebalance` or `cleanup` is running (it holds {busy}); "

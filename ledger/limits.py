@@ -74,6 +74,12 @@ pool_connections_max = 16
 # Fail fast on a dead shard so its merchants get UNAVAILABLE quickly while the
 # other shards keep serving.
 shard_connect_timeout_s = 2.0
+# An admin command (`ledger shards ...`) that finds a shard starting up (it
+# answers "cannot connect now" while it replays WAL after a restart or crash)
+# waits this long for it before failing, checking at this interval: recovery
+# of a shard's WAL takes seconds; a minute leaves a loaded machine its margin.
+shard_starting_wait_s = 60.0
+shard_starting_poll_s = 0.2
 # Waiting this long for a free pool connection means the shard is busy (not
 # down): the call fails with a retryable overload status.
 pool_acquire_timeout_s = 5.0

@@ -45,6 +45,7 @@ from ledger.domain.moves import CrossHold
 from ledger.invariant import InvariantViolation
 from ledger.routing.config import ShardConfig, ShardSpec
 from ledger.routing.ring import ShardRing
+from ledger.storage.errors import ShardUnavailable, cannot_connect_now
 from ledger.storage.events import EventStore
 from ledger.storage.moves import MoveDeferred, MoveStore, ShardPins
 from ledger.storage.shard import Shard
@@ -193,8 +194,16 @@ Progress = Callable[[int, int, MoveResult, float], None]
 class Rebalancer:
     """Moves merchants from the shards of old (and new) to their owners under new."""
 
-    def __init__(self, new: ShardConfig, *, old: ShardConfig | None = None) -> None:
+    def __init__(
+        self,
+        new: ShardConfig,
+        *,
+        old: ShardConfig | None = None,
+        on_starting: Callable[[str], None] | None = None,
+    ) -> None:
         self.new = new
+        # Told the name of a shard found starting up, once, before waiting for it.
+        self.on_starting = on_starting
         self.ring = ShardRing(new)
         names = {s.name for s in new.shards}
         extra = [s for s in (old.shards if old else ()) if s.name not in names]
@@ -211,10 +220,28 @@ class Rebalancer:
             shard = Shard(name=spec.name, dsn=spec.dsn)
             await shard.open()
             self.shards[spec.name] = shard
-            # A shard set up here is being added: claims stay paused until the
-            # rebalance has marked the merchants that move in (plan alone leaves
-            # them paused; writes for new merchants there wait for the rebalance).
-            await shard.migrate(epoch=self.new.epoch, claims_paused_if_new=True)
+            await self._migrate_once_started(shard)
+
+    async def _migrate_once_started(self, shard: Shard) -> None:
+        """Sets the shard up, first waiting (bounded) while it starts up: an admin
+        rerunning a rebalance just after restarting a shard should not have to
+        rerun it again for the seconds the shard replays its WAL."""
+        deadline = time.monotonic() + limits.shard_starting_wait_s
+        told = False
+        while True:
+            try:
+                # A shard set up here is being added: claims stay paused until the
+                # rebalance has marked the merchants that move in (plan alone leaves
+                # them paused; writes for new merchants there wait for the rebalance).
+                await shard.migrate(epoch=self.new.epoch, claims_paused_if_new=True)
+                return
+            except ShardUnavailable as error:
+                if not cannot_connect_now(error) or time.monotonic() >= deadline:
+                    raise
+                if not told and self.on_starting is not None:
+                    self.on_starting(shard.name)
+                told = True
+            await asyncio.sleep(limits.shard_starting_poll_s)
 
     async def close(self) -> None:
         await asyncio.gather(*(s.close() for s in self.shards.values()))

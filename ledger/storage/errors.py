@@ -92,6 +92,14 @@ _UNAVAILABLE_STATES = frozenset({"57P01", "57P02", "57P03", "53300", "58000", "5
 RETRYABLE_STATES = frozenset({"40001", "40P01"})
 
 
+def cannot_connect_now(error: BaseException) -> bool:
+    """The server answered but takes no connections yet (57P03): it is starting up
+    or replaying WAL after a crash, and will take them without anyone acting. (A
+    server shutting down answers the same; a wait on this must be bounded.)"""
+    cause = error.__cause__ if isinstance(error, ShardUnavailable) else error
+    return getattr(cause, "sqlstate", None) == "57P03"
+
+
 def is_unavailable(error: BaseException) -> bool:
     if isinstance(error, OSError | TimeoutError | asyncpg.exceptions.InterfaceError):
         return True
