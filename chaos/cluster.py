@@ -409,8 +409,15 @@ class ChaosCluster:
             await asyncio.sleep(REBALANCE_RETRY_PAUSE_S)
 
     async def cleanup(self) -> str:
-        """`ledger shards cleanup`: old copies of moved merchants go."""
-        code, output = await self._admin("shards", "cleanup", kill_after_s=None, direct=True)
+        """`ledger shards cleanup`: old copies of moved merchants go. Run again while
+        another admin run holds the lock (exit 2), as an admin would, until the
+        deadline: a killed rebalance's lock lasts until its server notices."""
+        deadline = time.monotonic() + REBALANCE_DEADLINE_S
+        while True:
+            code, output = await self._admin("shards", "cleanup", kill_after_s=None, direct=True)
+            if code != 2 or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(REBALANCE_RETRY_PAUSE_S)
         if code != 0:
             raise HarnessError(f"cleanup failed ({code}): {output[-800:]}")
         return output.strip().splitlines()[-1] if output.strip() else ""

@@ -547,6 +547,30 @@ def test_after_the_settles_a_deferred_move_is_finished_and_cleaned_up(
 
 
 @pytest.mark.timeout(10)
+def test_a_cleanup_that_finds_the_admin_lock_held_is_run_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`ledger shards cleanup` exits 2 while another admin run holds the lock (a
+    killed rebalance's, until its server notices); the harness raised at once."""
+    cluster = ChaosCluster(tmp_path)
+    monkeypatch.setattr(chaos_cluster, "REBALANCE_RETRY_PAUSE_S", 0.0)
+    outputs = [
+        (2, "another `ledger shards rebalance` or `cleanup` is running (it holds shard-a)"),
+        (0, "removed old copies of 2 merchants (50 rows)"),
+    ]
+
+    async def admin(
+        *args: str, kill_after_s: float | None, direct: bool = False
+    ) -> tuple[int, str]:
+        assert args == ("shards", "cleanup")
+        return outputs.pop(0)
+
+    monkeypatch.setattr(cluster, "_admin", admin)
+    assert asyncio.run(cluster.cleanup()) == "removed old copies of 2 merchants (50 rows)"
+    assert outputs == []
+
+
+@pytest.mark.timeout(10)
 def test_a_drain_not_drained_by_its_deadline_is_a_violation(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
