@@ -372,12 +372,13 @@ class ChaosCluster:
             await asyncio.sleep(REBALANCE_RETRY_PAUSE_S)
 
     async def drain(
-        self, name: str, *, between_runs: Callable[[int], Awaitable[str]]
+        self, name: str, *, between_runs: Callable[[int, tuple[str, ...]], Awaitable[str]]
     ) -> DrainResult:
         """The admin's drain: `state = "draining"` for shard name (next epoch), then
         `ledger shards rebalance` until it says DRAINED, or the deadline
-        passes. between_runs(round) runs after each unfinished run (the callers
-        settling what the shard still relays) and says what it did."""
+        passes. between_runs(round, summary) runs after each unfinished run, with
+        that run's summary lines (the callers settling what the shard still relays
+        and the holds its merchants' moves wait for) and says what it did."""
         if self.states[name] != "active":
             raise HarnessError(f"{name} is {self.states[name]}, not active: nothing to drain")
         self.reconfigure(states={**self.states, name: "draining"})
@@ -402,7 +403,7 @@ class ChaosCluster:
                 return DrainResult(
                     False, self.epoch, tuple(runs), last, tuple(steps), time.monotonic() - started
                 )
-            step = await between_runs(len(runs))
+            step = await between_runs(len(runs), last)
             if step:
                 steps.append(step)
             # Paces the reruns, as REBALANCE_RETRY_PAUSE_S does for rebalances.

@@ -14,6 +14,7 @@ calls pending must succeed (or find it settled or expired just before).
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -148,6 +149,22 @@ async def open_holds(caller: Caller, keys: Sequence[tuple[str, str]]) -> tuple[l
 _RELAYED_SQL = "SELECT DISTINCT merchant_id, transfer_id FROM hold_relays"
 SHARD_CONNECT_TIMEOUT_S = 10.0
 SHARD_QUERY_TIMEOUT_S = 30.0
+
+
+# A rebalance's line for a move that waits for a hold whose path would repeat a
+# relay step (ledger/moves/rebalance.py, Rebalancer._holds_refused); the harness's
+# merchant and transfer ids have no spaces.
+_WAITING_FOR_HOLD = re.compile(
+    r"^NOT MOVED \S+ (?P<source>\S+) -> \S+: deferred: "
+    r"cross-shard hold (?P<transfer>\S+) of (?P<merchant>\S+): "
+)
+
+
+def holds_moves_wait_for(lines: Sequence[str], *, source: str) -> list[tuple[str, str]]:
+    """The holds (debit merchant, transfer id) that a rebalance's summary says moves
+    off source wait for: settling them is what lets those merchants go."""
+    found = (_WAITING_FOR_HOLD.match(line) for line in lines)
+    return [(m["merchant"], m["transfer"]) for m in found if m and m["source"] == source]
 
 
 async def relayed_holds(dsn: str) -> list[tuple[str, str]]:

@@ -15,7 +15,13 @@ import asyncpg
 
 from chaos.clients import Caller, OpRecord
 from chaos.cluster import ChaosCluster, DrainResult
-from chaos.holds import open_holds, relayed_holds, settle_failure, settle_holds
+from chaos.holds import (
+    holds_moves_wait_for,
+    open_holds,
+    relayed_holds,
+    settle_failure,
+    settle_holds,
+)
 from chaos.plan import REBALANCE_WEIGHT, SHARD_NAMES, Fault, FaultKind, admin_lane
 
 
@@ -97,10 +103,10 @@ class Nemesis:
         index = self.records.index(record)
         cluster = self.cluster
 
-        async def settle_relayed(round_number: int) -> str:
-            return await self._settle_relayed(record, index, round_number)
+        async def settle_pinning(round_number: int, summary: tuple[str, ...]) -> str:
+            return await self._settle_pinning(record, index, round_number, summary)
 
-        drained = await cluster.drain(fault.target, between_runs=settle_relayed)
+        drained = await cluster.drain(fault.target, between_runs=settle_pinning)
         record.drain = drained
         if not drained.finished:
             record.violations.append(
@@ -127,15 +133,21 @@ class Nemesis:
         )
         return f"{drained.describe()}{retired}; active again: {back}"
 
-    async def _settle_relayed(self, record: FaultRecord, index: int, round_number: int) -> str:
-        """Settles the holds the draining shard still relays (what pins it once its
-        merchants have moved), through the service."""
+    async def _settle_pinning(
+        self, record: FaultRecord, index: int, round_number: int, summary: tuple[str, ...]
+    ) -> str:
+        """Settles, through the service, the holds that keep the draining shard: those
+        it still relays (what pins it once its merchants have moved), and those the
+        last run's summary names as what its merchants' moves wait for (a hold whose
+        path would repeat a relay step: chaos seed 272), as their callers would
+        when the admin asks them to."""
         target = record.fault.target
+        waited_for = holds_moves_wait_for(summary, source=target)
         try:
             keys = await relayed_holds(self.cluster.shards[target].direct_dsn)
         except (OSError, asyncpg.PostgresError) as error:
             return f"relays of {target} unreadable: {type(error).__name__}"
-        holds, unlooked = await open_holds(self.caller, keys)
+        holds, unlooked = await open_holds(self.caller, [*keys, *waited_for])
         records = await settle_holds(
             self.caller,
             holds,
@@ -149,11 +161,14 @@ class Nemesis:
             why = settle_failure(settle)
             if why.startswith(("answered", "error")):
                 record.violations.append(
-                    (f"drain {target}: settle {settle.op.op_id}", f"a relayed hold {why}")
+                    (f"drain {target}: settle {settle.op.op_id}", f"a hold pinning the drain {why}")
                 )
             answer = settle.answers[0].result_name if settle.answers else settle.outcome
             answers[answer.removeprefix("TRANSFER_RESULT_")] += 1
-        text = f"{len(records)} of {len(keys)} relayed hold(s) open, settled"
+        text = f"{len(records)} of {len(keys)} relayed hold(s)"
+        if waited_for:
+            text += f" and {len(waited_for)} a move waits for"
+        text += " open, settled"
         if answers:
             text += " (" + ", ".join(f"{a} {n}" for a, n in answers.most_common()) + ")"
         return text + (f"; {unlooked}" if unlooked else "")

@@ -31,7 +31,7 @@ from chaos.checker import (
 from chaos.clients import Caller, ItemAnswer, OpRecord
 from chaos.cluster import DRAIN_DEADLINE_S, REBALANCE_DEADLINE_S, ChaosCluster
 from chaos.events import StreamState, compare_books
-from chaos.holds import settle_operation
+from chaos.holds import holds_moves_wait_for, settle_operation
 from chaos.nemesis import FaultRecord, Nemesis
 from chaos.plan import Action, Fault, FaultKind, Operation, Ref, TransferSpec, plan_run
 from ledger.domain.transfers import PendingState
@@ -331,14 +331,18 @@ def _scripted_drain(
     drained_on_run: int | None,
     drained_answer: tuple[int, str] = (0, _DRAINED),
     retire_answers: list[tuple[int, str]] | None = None,
+    draining_answer: str = _DRAINING,
+    waiting: dict[int, list[tuple[str, str]]] | None = None,
 ) -> tuple[FaultRecord, ChaosCluster, list[int]]:
     """Runs one drain fault of shard-a against a cluster whose rebalance says DRAINED
-    on run drained_on_run (never if None) and answers the retire with retire_answers
-    in turn (default: at once); returns its record, the cluster, and the rounds after
-    which the drain settled what the shard relays."""
+    on run drained_on_run (never if None; draining_answer before) and answers the
+    retire with retire_answers in turn (default: at once); returns its record, the
+    cluster, and the rounds after which the drain settled what pins the shard
+    (waiting, if given, gets per round the holds the summary said moves wait for)."""
     cluster = ChaosCluster(tmp_path)
     monkeypatch.setattr(cluster, "write_configs", lambda: None)
     monkeypatch.setattr(chaos_cluster, "REBALANCE_RETRY_PAUSE_S", 0.0)
+    waiting = {} if waiting is None else waiting
     drain_runs = 0
     retiring = list(retire_answers or [(0, _RETIRED)])
 
@@ -351,7 +355,7 @@ def _scripted_drain(
         if "draining" not in cluster.states.values():
             return 0, "moved 2 merchants, 10 rows copied"  # moving back
         drain_runs += 1
-        return drained_answer if drain_runs == drained_on_run else (1, _DRAINING)
+        return drained_answer if drain_runs == drained_on_run else (1, draining_answer)
 
     monkeypatch.setattr(cluster, "_admin", admin)
     nemesis = Nemesis(
@@ -361,11 +365,14 @@ def _scripted_drain(
     )
     settled_after: list[int] = []
 
-    async def settle_relayed(record: FaultRecord, index: int, round_number: int) -> str:
+    async def settle_pinning(
+        record: FaultRecord, index: int, round_number: int, summary: tuple[str, ...]
+    ) -> str:
         settled_after.append(round_number)
+        waiting[round_number] = holds_moves_wait_for(summary, source="shard-a")
         return "settled"
 
-    monkeypatch.setattr(nemesis, "_settle_relayed", settle_relayed)
+    monkeypatch.setattr(nemesis, "_settle_pinning", settle_pinning)
     asyncio.run(nemesis._inject(nemesis.records[0]))
     return nemesis.records[0], cluster, settled_after
 
@@ -409,6 +416,44 @@ def test_a_drain_is_done_when_its_shard_is_drained_though_another_move_waits(
     assert settled_after == [1]
     assert "; retired: epoch 3: exit 0 (moved 0 merchants);" in record.detail
     assert cluster.states == dict.fromkeys(cluster.shards, "active")
+
+
+# Chaos seed 272: two of the draining shard's merchants waited for holds whose
+# paths would repeat a relay step; the drain settled only the holds the shard
+# relays, and was not DRAINED in 80 s.
+_DRAINING_MOVES_WAIT_FOR_HOLDS = (
+    "moved 0 merchants, 4526 rows copied\n"
+    "NOT MOVED s272-m0 shard-a -> shard-c: deferred: cross-shard hold c0-1347 of s272-m0: "
+    "its path would repeat a relay step or pass 16 relays; it moves once that hold settles "
+    "(rerun to finish)\n"
+    "NOT MOVED s272-m2 shard-a -> shard-c: deferred: cross-shard hold c5-664 of s272-m9: "
+    "its path would repeat a relay step or pass 16 relays; it moves once that hold settles "
+    "(rerun to finish)\n"
+    "NOT MOVED s272-m5 shard-b -> shard-c: deferred: cross-shard hold c1-1 of s272-m5: "
+    "its path would repeat a relay step or pass 16 relays; it moves once that hold settles "
+    "(rerun to finish)\n"
+    "DRAINING shard-a: still holds 2 merchant(s), 22 settlement account(s) with money "
+    "pending for holds in flight or relayed through it; rerun once they settle"
+)
+
+
+@pytest.mark.timeout(10)
+def test_a_drain_settles_the_holds_its_merchants_moves_wait_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    waiting: dict[int, list[tuple[str, str]]] = {}
+    record, _, settled_after = _scripted_drain(
+        tmp_path,
+        monkeypatch,
+        drained_on_run=2,
+        draining_answer=_DRAINING_MOVES_WAIT_FOR_HOLDS,
+        waiting=waiting,
+    )
+
+    assert record.drain is not None and record.drain.finished
+    assert settled_after == [1]
+    # The holds the draining shard's moves wait for; not the other shard's.
+    assert waiting == {1: [("s272-m0", "c0-1347"), ("s272-m9", "c5-664")]}
 
 
 @pytest.mark.timeout(10)

@@ -540,9 +540,12 @@ class Rebalancer:
             # from, the last one too (to find it has none).
             hops = [(longer[i], longer[i - 1]) for i in range(1, len(longer))]
             if len(set(hops)) != len(hops) or len(hops) > limits.hold_relay_hops_max:
+                # Named, so that the admin can have that hold settled (posted or
+                # voided by its caller) when the move cannot wait for its timeout.
                 return (
-                    "a cross-shard hold's path would repeat a relay step or pass "
-                    f"{limits.hold_relay_hops_max} relays; it moves once the hold settles"
+                    f"cross-shard hold {hold.key.transfer_id} of {hold.key.merchant_id}: "
+                    "its path would repeat a relay step or pass "
+                    f"{limits.hold_relay_hops_max} relays; it moves once that hold settles"
                 )
         return None
 

@@ -1,0 +1,112 @@
+"""A move that would make a cross-shard hold's path take the same relay step twice
+waits for that hold, names it, and goes once it settles.
+
+A relay and each pass through it are found by the shard the hold arrives from,
+so a path may take each step (shard, arriving from) once. A debit party moved
+round three shards (a, b, c, a, b) while its hold to a fourth stays open would
+need the step "b from a" twice. Chaos seed 272 drained a shard for 80 s while
+two of its merchants waited so: the summary said only "a cross-shard hold's
+path", and nobody could tell which hold to settle.
+"""
+
+from __future__ import annotations
+
+import random
+
+from ledger.moves.rebalance import Summary
+from ledger.routing.config import ShardConfig
+from ledger.routing.ring import ShardRing
+from ledger.v1 import ledger_pb2 as pb
+from tests.ledger4 import ALL_SHARDS, Ledger4
+from tests.support import ref, transfer, uid
+from tests.test_rebalance import (
+    DEFERRED_CALL_ATTEMPTS_MAX,
+    all_balances,
+    assert_reconciled,
+    create_merchants,
+    opened,
+    send_retrying,
+    settled,
+    wait_for_balances,
+)
+
+# Where the debit party lives at each step: the last move would repeat "b from a".
+ROUTE = ("shard-a", "shard-b", "shard-c", "shard-a", "shard-b")
+PARTNER_SHARD = "shard-d"
+CANDIDATES = 20_000
+HOLD_MINOR = 250
+
+
+def heavy(env: Ledger4, epoch: int, shard: str) -> ShardConfig:
+    return env.config(epoch, ALL_SHARDS, weights={shard: 6})
+
+
+async def test_a_move_that_would_repeat_a_relay_step_waits_for_the_named_hold(
+    ledger4: Ledger4,
+) -> None:
+    service = ledger4.service
+    configs = [heavy(ledger4, 2 + i, shard) for i, shard in enumerate(ROUTE)]
+    rings = [ShardRing(c) for c in configs]
+    candidates = [uid("rp") for _ in range(CANDIDATES)]
+    mover = next(m for m in candidates if [r.shard_for(m) for r in rings] == list(ROUTE))
+    partner = next(m for m in candidates if {r.shard_for(m) for r in rings} == {PARTNER_SHARD})
+
+    async def rebalance_to(config: ShardConfig) -> Summary:
+        await ledger4.switch_to(config)
+        async with opened(config) as rebalancer:
+            summary = await rebalancer.rebalance()
+        print(f"\n{summary.render()}")
+        return summary
+
+    # Created on the first config's owners: nothing to move yet.
+    assert (await rebalance_to(configs[0])).results == []
+    await create_merchants(service, [mover, partner])
+    hold = transfer(
+        uid("hp"),
+        ref(mover, "cash"),
+        ref(partner, "sales"),
+        HOLD_MINOR,
+        action=pb.TRANSFER_ACTION_PENDING,
+    )
+    await send_retrying(service, hold, random.Random(1), attempts_max=DEFERRED_CALL_ATTEMPTS_MAX)
+    assert (await settled(service, [(mover, hold.id)])) == {(mover, hold.id): pb.TRANSFER_RESULT_OK}
+    held = await all_balances(service, [mover, partner])
+
+    # a -> b -> c -> a: each move adds a relay step (none folds), the hold open.
+    for config in configs[1:4]:
+        summary = await rebalance_to(config)
+        assert [(r.move.merchant_id, r.outcome) for r in summary.results] == [(mover, "moved")]
+        assert await all_balances(service, [mover, partner]) == held
+
+    # a -> b again: the path would take "b from a" twice; the hold is named.
+    summary = await rebalance_to(configs[4])
+    assert not summary.finished
+    [result] = summary.results
+    assert result.outcome.startswith(
+        f"deferred: cross-shard hold {hold.id} of {mover}: its path would repeat a relay step"
+    ), result.outcome
+    assert f"NOT MOVED {mover} shard-a -> shard-b: deferred: cross-shard hold {hold.id}" in (
+        summary.render()
+    )
+
+    # Its caller voids it (through the three relays); the rerun moves the merchant.
+    void = pb.Transfer(
+        id=uid("hv"),
+        debit_account=ref(mover, "cash"),
+        action=pb.TRANSFER_ACTION_VOID_PENDING,
+        pending_id=hold.id,
+    )
+    await send_retrying(service, void, random.Random(2), attempts_max=DEFERRED_CALL_ATTEMPTS_MAX)
+    released = {
+        (mover, "cash"): (0, 0, 0, 0),
+        (mover, "sales"): (0, 0, 0, 0),
+        (partner, "cash"): (0, 0, 0, 0),
+        (partner, "sales"): (0, 0, 0, 0),
+    }
+    await wait_for_balances(service, released, what="the void to pass every relay")
+    async with opened(configs[4]) as rebalancer:
+        rerun = await rebalancer.rebalance()
+    assert rerun.finished, rerun.render()
+    assert [(r.move.merchant_id, r.outcome) for r in rerun.results] == [(mover, "moved")]
+    assert await all_balances(service, [mover, partner]) == released
+    await assert_reconciled(ledger4, configs[4], "reconcile.toml", every_mirror_checked=True)
