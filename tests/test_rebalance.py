@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import asyncpg
 import grpc
 import pytest
 
@@ -34,7 +35,7 @@ from ledger.sagas.reconcile import ReconcileReport, reconcile
 from ledger.sagas.runner import SagaRunner, SagaSettings, SagaStart
 from ledger.storage import chain_statements as chain_sql
 from ledger.storage import saga_statements as saga_sql
-from ledger.storage.errors import MerchantsNotOwned, StaleEpoch
+from ledger.storage.errors import MerchantsNotOwned, ShardUnavailable, StaleEpoch
 from ledger.storage.moves import AdminBusy, MoveStore
 from ledger.storage.sagas import SagaStore
 from ledger.storage.shard import Fence, Shard
@@ -834,6 +835,35 @@ async def test_a_second_rebalance_refuses_to_start_while_one_runs(ledger4: Ledge
                 await second.cleanup()
         # Released with the first run: the second goes ahead.
         assert (await second.rebalance()).finished
+
+
+async def test_a_run_whose_admin_lock_connection_is_cut_says_why_it_stopped(
+    ledger4: Ledger4,
+) -> None:
+    """A shard cut off under a rebalance took the admin lock's connection with it;
+    unlocking then raised "connection has been released back to the pool" over the
+    run's ShardUnavailable (chaos), and the admin got a traceback, not the reason."""
+    new = ledger4.config(2, ALL_SHARDS)
+    shard_b = ledger4.specs["shard-b"]
+    async with opened(new) as rebalancer:
+        with pytest.raises(ShardUnavailable) as stopped:
+            async with rebalancer.exclusive():
+                killer = await asyncpg.connect(shard_b.dsn)
+                try:
+                    cut = await killer.fetchval(
+                        "SELECT count(pg_terminate_backend(l.pid)) FROM pg_locks AS l"
+                        " WHERE l.locktype = 'advisory' AND l.classid = 7305"
+                        " AND l.database = (SELECT oid FROM pg_database"
+                        " WHERE datname = current_database())"
+                    )
+                finally:
+                    await killer.close()
+                assert cut == 1
+                # What the run's next statement says when the whole shard is cut off.
+                raise ShardUnavailable("shard-b", ConnectionResetError())
+        assert stopped.value.shard_name == "shard-b"
+        # The lock went with the connection: the next run takes it.
+        assert (await rebalancer.rebalance()).finished
 
 
 async def test_merchant_moves_back_to_a_shard_it_once_left(ledger4: Ledger4) -> None:

@@ -94,7 +94,7 @@ class ShardAudit:
     async def stale_move_markers(self) -> list[str]:
         """Merchants marked incoming or moving while no rebalance runs (a killed run
         left them: a moving merchant's writes wait until a rerun finishes the move)."""
-        async with self.shard.pool.acquire() as conn:
+        async with self.shard.connection() as conn:
             if await conn.fetchval(sql.ADMIN_LOCK_HELD):
                 return []
             rows = await conn.fetch(sql.MOVE_MARKERS)
@@ -102,7 +102,7 @@ class ShardAudit:
 
     async def hold_route_shards(self) -> dict[str, int]:
         """The shards open cross-shard holds need, to settle, and how many need each."""
-        async with self.shard.pool.acquire() as conn:
+        async with self.shard.connection() as conn:
             rows = await conn.fetch(sql.HOLD_ROUTE_SHARDS)
         return {r["shard"]: r["holds"] for r in rows}
 

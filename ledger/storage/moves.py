@@ -32,6 +32,7 @@ from ledger.invariant import invariant
 from ledger.storage import move_statements as sql
 from ledger.storage import saga_statements as saga_sql
 from ledger.storage import statements as ledger_sql
+from ledger.storage.errors import is_unavailable
 from ledger.storage.shard import Shard, write_plan
 
 if TYPE_CHECKING:
@@ -159,14 +160,23 @@ class MoveStore:
 
     @contextlib.asynccontextmanager
     async def admin_lock(self) -> AsyncIterator[None]:
-        """Holds the shard's admin lock on a connection of its own; AdminBusy if taken."""
-        async with self.shard.pool.acquire() as conn:
+        """Holds the shard's admin lock on a connection of its own; AdminBusy if taken,
+        ShardUnavailable if the shard cannot be reached."""
+        async with self.shard.connection() as conn:
             if not await conn.fetchval(sql.TRY_ADMIN_LOCK):
                 raise AdminBusy(self.shard.name)
             try:
                 yield
             finally:
-                await conn.fetchval(sql.ADMIN_UNLOCK)
+                try:
+                    await conn.fetchval(sql.ADMIN_UNLOCK)
+                except BaseException as error:
+                    # The connection was lost (a shard stopped or cut off under the
+                    # run): its session lock went with it, and the unlock's error
+                    # would hide why the run stopped (chaos: "connection has been
+                    # released back to the pool" over ShardUnavailable).
+                    if not is_unavailable(error):
+                        raise
 
     # Cluster-wide switches.
 
