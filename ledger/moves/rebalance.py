@@ -214,6 +214,9 @@ class Rebalancer:
         self.retired = frozenset(s.name for s in new.shards if not s.routable)
         self.draining = frozenset(s.name for s in new.shards if s.state == "draining")
         self.shards: dict[str, Shard] = {}
+        # Merchants deferred in this run for a hold only its settling releases: a
+        # later round looks again before copying them once more.
+        self._waiting_for_hold: set[str] = set()
 
     async def open(self) -> None:
         for spec in self.specs:
@@ -445,6 +448,11 @@ class Rebalancer:
         horizon_xid: str | None = None
         fenced_at = time.monotonic()
         if source_state is not None and source_state[0] == "active":
+            if m in self._waiting_for_hold:
+                refused = await self._holds_refused(source, m, destination=move.destination)
+                if refused is not None:
+                    return MoveResult(move, f"deferred: {refused}", rows_copied)
+                self._waiting_for_hold.discard(m)
             with tracer.start_as_current_span("move copy"):
                 first = await source.read_rows(m, since_xid=None)
                 rows_copied += await destination.write_rows(m, first)
@@ -513,6 +521,8 @@ class Rebalancer:
             reason = await source.blockers(merchant_id)
             if reason is None:
                 reason = await self._holds_refused(source, merchant_id, destination=destination)
+                if reason is not None:
+                    self._waiting_for_hold.add(merchant_id)
             if reason is None or loop.time() + delay_s > end:
                 return reason
             await asyncio.sleep(delay_s)
