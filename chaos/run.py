@@ -48,6 +48,7 @@ from chaos.plan import (
     RunPlan,
     plan_run,
 )
+from chaos.publisher import ChaosPublisher, check_published
 from chaos.velocity import limited_accounts, limits_request
 from ledger.v1 import ledger_pb2 as pb
 from ledger.v1 import ledger_pb2_grpc
@@ -83,6 +84,8 @@ class Options:
     drains: bool = False
     # An event subscriber follows the whole run and its events must rebuild the books.
     events: bool = True
+    # The broker for `ledger events publish` (chaos/publisher.py); None: no publisher.
+    amqp_url: str | None = None
 
 
 def parse_args(argv: Sequence[str] | None) -> Options:
@@ -115,7 +118,15 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         action="store_true",
         help="run without the event subscriber (and without its check)",
     )
+    parser.add_argument(
+        "--amqp",
+        metavar="URL",
+        help="also run `ledger events publish` to this RabbitMQ (SIGKILLed now and then) "
+        "and check that its queue holds every event of the run",
+    )
     args = parser.parse_args(argv)
+    if args.amqp and args.no_events:
+        parser.error("--amqp is checked against the event subscriber: drop --no-events")
     if not DURATION_S_MIN <= args.duration_s <= DURATION_S_MAX:
         parser.error(f"--duration-s must be {DURATION_S_MIN} to {DURATION_S_MAX}")
     if not 1 <= args.clients <= CLIENTS_MAX:
@@ -130,6 +141,7 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         args.rebalances,
         args.drains,
         not args.no_events,
+        args.amqp,
     )
 
 
@@ -150,6 +162,8 @@ class RunResult:
     shard_states: dict[str, str] = field(default_factory=dict)
     # The event subscriber's figures (chaos/events.py); empty without it.
     events: dict[str, Any] = field(default_factory=dict)
+    # The AMQP publisher's figures (chaos/publisher.py); empty without it.
+    published: dict[str, Any] = field(default_factory=dict)
     elapsed_s: float = 0.0
 
 
@@ -193,6 +207,7 @@ async def execute(options: Options, plan: RunPlan, result: RunResult) -> None:
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
     cluster = ChaosCluster(result.work_dir)
     subscriber: EventSubscriber | None = None
+    publisher: ChaosPublisher | None = None
     try:
         await cluster.start()
         if options.events:
@@ -201,6 +216,15 @@ async def execute(options: Options, plan: RunPlan, result: RunResult) -> None:
                 cluster.replicas, jitter=random.Random(f"chaos/{plan.seed}/jitter/events")
             )
             subscriber.start()
+        if options.amqp_url is not None:
+            publisher = ChaosPublisher(
+                amqp_url=options.amqp_url,
+                config_path=cluster.service_config_path,
+                log_path=result.work_dir / "publisher.log",
+                seed=plan.seed,
+                duration_s=options.duration_s,
+            )
+            await publisher.start()
         setup = Caller(cluster.replicas, jitter=random.Random(f"chaos/{plan.seed}/jitter/setup"))
         await create_accounts(setup, plan.layout)
         loop = asyncio.get_running_loop()
@@ -227,6 +251,8 @@ async def execute(options: Options, plan: RunPlan, result: RunResult) -> None:
         histories: list[list[OpRecord]] = [[] for _ in range(options.clients)]
         async with asyncio.TaskGroup() as group:
             group.create_task(nemesis.run(start=start))
+            if publisher is not None:
+                group.create_task(publisher.run_kills(start=start))
             for client in range(options.clients):
                 group.create_task(
                     run_client(
@@ -267,6 +293,13 @@ async def execute(options: Options, plan: RunPlan, result: RunResult) -> None:
                 {name: shard.direct_dsn for name, shard in cluster.shards.items()},
                 result.report,
             )
+            if publisher is not None:
+                result.published = await check_published(
+                    publisher,
+                    subscriber.state.seen,
+                    {name: shard.direct_dsn for name, shard in cluster.shards.items()},
+                    result.report,
+                )
         # What the faults found about the service: a drain that did not finish, a
         # hold it relayed that would not settle.
         for fault in result.faults:
@@ -276,6 +309,9 @@ async def execute(options: Options, plan: RunPlan, result: RunResult) -> None:
         if subscriber is not None:
             await subscriber.stop()
             result.events = subscriber.summary()
+        if publisher is not None:
+            await publisher.stop()
+            await publisher.delete_topology()
         result.failed_starts = [
             f"{r.name}: {reason}" for r in cluster.replicas for reason in r.failed_starts
         ]
@@ -348,6 +384,7 @@ def summarize(result: RunResult) -> dict[str, Any]:
         "dead_sagas": report.dead_sagas if report else [],
         "checks": report.notes if report else [],
         "events": result.events,
+        "published": result.published,
         "reconcile": report.reconcile_findings if report else [],
         "violations": [asdict(v) for v in report.violations] if report else [],
         "harness_errors": result.harness_errors + fault_errors,
@@ -403,6 +440,14 @@ def render(summary: dict[str, Any]) -> str:
             f"{events['duplicates_dropped']} duplicates dropped, {events['acks']} acknowledgements "
             f"as consumer {CONSUMER}; commit to receipt "
             f"p50 {events['delivery_delay_ms_p50']} ms, p99 {events['delivery_delay_ms_p99']} ms"
+        )
+    published = summary["published"]
+    if published:
+        lines.append(
+            f"amqp publisher: {published['messages']} messages, "
+            f"{published['duplicates_dropped']} duplicates dropped, "
+            f"{published['kills']} SIGKILLs, {published['starts']} starts, "
+            f"exit codes {published['exit_codes']}"
         )
     lines.append("checks:")
     lines += [f"  {note}" for note in summary["checks"]]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import os
 import random
 import re
 import signal
@@ -15,7 +16,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import aio_pika
 import pytest
+from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 
 from chaos import cluster as chaos_cluster
 from chaos.checker import (
@@ -34,7 +37,9 @@ from chaos.events import StreamState, compare_books
 from chaos.holds import holds_moves_wait_for, settle_operation
 from chaos.nemesis import FaultRecord, Nemesis
 from chaos.plan import Action, Fault, FaultKind, Operation, Ref, TransferSpec, plan_run
+from chaos.publisher import Published, compare_published
 from ledger.domain.transfers import PendingState
+from ledger.telemetry.redaction import redact
 from ledger.v1 import ledger_pb2 as pb
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -241,6 +246,34 @@ def test_event_check_flags_gaps_reordering_and_balances_the_shard_does_not_hold(
     assert [(v.check, v.where) for v in report.violations] == [
         ("events balances", "m1/cash"),
         ("events complete", "m1/sales"),  # stored, but never created in the stream
+    ]
+
+
+def test_published_check_passes_every_event_at_least_once_and_flags_the_rest() -> None:
+    seen = {"e1": ("shard-a", 1), "e2": ("shard-a", 2), "e3": ("shard-b", 1)}
+    complete = [
+        Published("e1", "shard-a", 1),
+        Published("e3", "shard-b", 1),
+        Published("e2", "shard-a", 2),
+        Published("e2", "shard-a", 2),  # sent again after a kill: dropped by id
+    ]
+    report = CheckReport()
+    assert compare_published(complete, seen, report) == 1
+    assert report.violations == []
+
+    wrong = [
+        Published("e1", "shard-a", 1),
+        Published("e1", "shard-b", 7),  # a known id at another place
+        Published("e2", "shard-a", 3),  # not where the stream delivered it
+        Published("e9", "shard-a", 9),  # never in the stream
+    ]  # e3 never published
+    report = CheckReport()
+    compare_published(wrong, seen, report)
+    assert [(v.where, v.detail.split(",")[0]) for v in report.violations] == [
+        ("event e1", "published as shard-b#7"),
+        ("event e2", "published as shard-a#3"),
+        ("event e9", "published as shard-a#9"),
+        ("shard shard-b", "event e3 (#1) never published"),
     ]
 
 
@@ -635,6 +668,7 @@ def _run_chaos(
     seed: int,
     rebalances: bool = False,
     drains: bool = False,
+    amqp_url: str | None = None,
     run_timeout_s: float = RUN_TIMEOUT_S,
 ) -> dict[str, Any]:
     """Runs chaos.run as an operator would and returns its summary, having checked
@@ -649,6 +683,7 @@ def _run_chaos(
             *("--clients", str(CLIENTS), "--json", str(summary_path)),
             *(("--rebalances",) if rebalances else ()),
             *(("--drains",) if drains else ()),
+            *(("--amqp", amqp_url) if amqp_url else ()),
         ],
         cwd=ROOT,
         stdout=subprocess.PIPE,
@@ -789,3 +824,43 @@ def test_short_chaos_run_drains_a_shard_under_load_and_settles_every_hold(
     _assert_events_checked(summary, both_replicas_killed=False)
     kinds = summary["events"]["kinds"]
     assert kinds.get("MERCHANT_MOVED_OUT", 0) > 0 and kinds.get("MOVE_BOOKED", 0) > 0, kinds
+
+
+AMQP_URL = os.environ.get("LEDGER_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+BROKER_CONNECT_TIMEOUT_S = 5.0
+
+
+def _broker_or_skip() -> None:
+    async def connect() -> None:
+        connection = await aio_pika.connect(AMQP_URL, timeout=BROKER_CONNECT_TIMEOUT_S)
+        await connection.close()
+
+    try:
+        asyncio.run(connect())
+    except CONNECTION_EXCEPTIONS as error:
+        pytest.skip(f"no RabbitMQ at {redact(AMQP_URL)} (set LEDGER_TEST_AMQP_URL): {error!r}")
+
+
+@pytest.mark.timeout(MOVES_RUN_TIMEOUT_S + CLEANUP_TIMEOUT_S + 10)
+def test_short_chaos_run_with_the_amqp_publisher_publishes_every_event(tmp_path: Path) -> None:
+    """`ledger events publish` rides out the faults of the drain run (a shard stopped,
+    one drained, retired once the publisher, a registered consumer, has published
+    its stream, and made active again), SIGKILLed twice on the way: its queue
+    holds every event the subscriber took, at the same shard and position."""
+    _broker_or_skip()
+    summary = _run_chaos(
+        tmp_path,
+        seed=DRAIN_SEED,
+        rebalances=True,
+        drains=True,
+        amqp_url=AMQP_URL,
+        run_timeout_s=MOVES_RUN_TIMEOUT_S,
+    )
+
+    assert summary["drains"]["finished"] == 1, summary["faults"]
+    published = summary["published"]
+    assert published["kills"] == 2 and published["starts"] == 3, published
+    # Stopped at the end with SIGTERM (the killed ones are not waited for).
+    assert published["exit_codes"] == [0], published
+    # Every event at least once (_run_chaos checked no violation: nothing missing).
+    assert published["messages"] - published["duplicates_dropped"] == summary["events"]["events"]

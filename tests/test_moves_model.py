@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import re
 import signal
 import sys
 from collections import Counter
@@ -86,6 +87,8 @@ INTERRUPTED_SETTLE_SHARE = 0.3
 INTERRUPTED_DRIVE_SHARE = 0.3
 INTERRUPTED_DRIVES_MAX = 5
 INTERRUPTED_LEASE_S = 3_600.0
+# A move deferred for a hold whose path would repeat a relay step names the hold.
+WAITING_FOR_HOLD = re.compile(r"deferred: cross-shard hold (?P<hold>\S+) of \S+: ")
 
 
 @dataclass
@@ -220,6 +223,9 @@ class Run:
             settings=SagaSettings(lease_s=INTERRUPTED_LEASE_S),
         )
         self.interrupted: list[SagaKey] = []
+        # The holds of interrupted settles (settled in the model, still open here
+        # until driven), by the settle's transfer id.
+        self.settling: dict[str, str] = {}
 
     def next_id(self, prefix: str) -> str:
         self.ids += 1
@@ -301,6 +307,7 @@ class Run:
             f"{what}: stopped after step 2 on {peer.name} ({record.outcome.name}{onward})"
         )
         self.interrupted.append(saga.key)
+        self.settling[saga.key.transfer_id] = hold.id
         return True
 
     async def drive_interrupted(self, key: SagaKey) -> None:
@@ -318,6 +325,7 @@ class Run:
             f"interrupted settle {key.transfer_id}: {saga.state.name} after "
             f"{saga.attempts} attempts, last error {saga.last_error!r}\n{self.describe()}"
         )
+        del self.settling[key.transfer_id]
         self.log.append(f"interrupted settle {key.transfer_id} driven: COMPLETED")
         self.counts["interrupted settles completed"] += 1
 
@@ -374,6 +382,13 @@ class Run:
             self.counts["moves deferred"] += sum(
                 r.outcome.startswith("deferred") for r in summary.results
             )
+            for result in summary.results:
+                # A move waiting for a hold names one that is still open.
+                named = WAITING_FOR_HOLD.match(result.outcome)
+                if named:
+                    open_here = {*self.model.open_holds, *self.settling.values()}
+                    assert named["hold"] in open_here, f"{result.outcome}\n{self.describe()}"
+                    self.counts["moves waiting for a named hold"] += 1
             if summary.finished:
                 return True
             if any(r.outcome.startswith("failed") for r in summary.results):
