@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import random
 
-from ledger.moves.rebalance import Summary
 from ledger.routing.config import ShardConfig
 from ledger.routing.ring import ShardRing
 from ledger.v1 import ledger_pb2 as pb
 from tests.ledger4 import ALL_SHARDS, Ledger4
 from tests.support import ref, transfer, uid
+from tests.test_moves_settle_routing import settle
 from tests.test_rebalance import (
     DEFERRED_CALL_ATTEMPTS_MAX,
     all_balances,
@@ -27,6 +27,7 @@ from tests.test_rebalance import (
     opened,
     send_retrying,
     settled,
+    switch_and_rebalance,
     wait_for_balances,
 )
 
@@ -51,15 +52,8 @@ async def test_a_move_that_would_repeat_a_relay_step_waits_for_the_named_hold(
     mover = next(m for m in candidates if [r.shard_for(m) for r in rings] == list(ROUTE))
     partner = next(m for m in candidates if {r.shard_for(m) for r in rings} == {PARTNER_SHARD})
 
-    async def rebalance_to(config: ShardConfig) -> Summary:
-        await ledger4.switch_to(config)
-        async with opened(config) as rebalancer:
-            summary = await rebalancer.rebalance()
-        print(f"\n{summary.render()}")
-        return summary
-
     # Created on the first config's owners: nothing to move yet.
-    assert (await rebalance_to(configs[0])).results == []
+    assert (await switch_and_rebalance(ledger4, configs[0])).results == []
     await create_merchants(service, [mover, partner])
     hold = transfer(
         uid("hp"),
@@ -74,12 +68,12 @@ async def test_a_move_that_would_repeat_a_relay_step_waits_for_the_named_hold(
 
     # a -> b -> c -> a: each move adds a relay step (none folds), the hold open.
     for config in configs[1:4]:
-        summary = await rebalance_to(config)
+        summary = await switch_and_rebalance(ledger4, config)
         assert [(r.move.merchant_id, r.outcome) for r in summary.results] == [(mover, "moved")]
         assert await all_balances(service, [mover, partner]) == held
 
     # a -> b again: the path would take "b from a" twice; the hold is named.
-    summary = await rebalance_to(configs[4])
+    summary = await switch_and_rebalance(ledger4, configs[4])
     assert not summary.finished
     [result] = summary.results
     assert result.outcome.startswith(
@@ -92,19 +86,11 @@ async def test_a_move_that_would_repeat_a_relay_step_waits_for_the_named_hold(
     assert result.rows_copied == 0
 
     # Its caller voids it (through the three relays); the rerun moves the merchant.
-    void = pb.Transfer(
-        id=uid("hv"),
-        debit_account=ref(mover, "cash"),
-        action=pb.TRANSFER_ACTION_VOID_PENDING,
-        pending_id=hold.id,
-    )
+    void = settle(mover, hold.id, action=pb.TRANSFER_ACTION_VOID_PENDING, credit=None)
     await send_retrying(service, void, random.Random(2), attempts_max=DEFERRED_CALL_ATTEMPTS_MAX)
-    released = {
-        (mover, "cash"): (0, 0, 0, 0),
-        (mover, "sales"): (0, 0, 0, 0),
-        (partner, "cash"): (0, 0, 0, 0),
-        (partner, "sales"): (0, 0, 0, 0),
-    }
+    released = dict.fromkeys(
+        [(m, account) for m in (mover, partner) for account in ("cash", "sales")], (0, 0, 0, 0)
+    )
     await wait_for_balances(service, released, what="the void to pass every relay")
     async with opened(configs[4]) as rebalancer:
         rerun = await rebalancer.rebalance()

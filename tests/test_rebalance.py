@@ -95,6 +95,15 @@ SUBPROCESS_TIMEOUT_S = 60.0
 # --- The cluster of a test (tests/ledger4.py; the fixture is in conftest.py). ---
 
 
+async def switch_and_rebalance(env: Ledger4, config: ShardConfig) -> Summary:
+    """The service switched to config, then one rebalance to it (its summary printed)."""
+    await env.switch_to(config)
+    async with opened(config) as rebalancer:
+        summary = await rebalancer.rebalance()
+    print(f"\n{summary.render()}")
+    return summary
+
+
 @contextlib.asynccontextmanager
 async def opened(new: ShardConfig, *, old: ShardConfig | None = None) -> AsyncIterator[Rebalancer]:
     rebalancer = Rebalancer(new, old=old)
@@ -1073,17 +1082,10 @@ async def test_holds_follow_a_merchant_there_back_and_there_again(ledger4: Ledge
     assert set((await settled(service, keys)).values()) == {pb.TRANSFER_RESULT_OK}
     before = await all_balances(service, [held, partner])
 
-    async def rebalance_to(config: ShardConfig) -> Summary:
-        await ledger4.switch_to(config)
-        async with opened(config) as rebalancer:
-            summary = await rebalancer.rebalance()
-        print(f"\n{summary.render()}")
-        return summary
-
     again = ledger4.config(4, ALL_SHARDS)
     relays_by_step = []
     for config in (there, back, again):
-        summary = await rebalance_to(config)
+        summary = await switch_and_rebalance(ledger4, config)
         assert [(r.move.merchant_id, r.outcome) for r in summary.results] == [(held, "moved")]
         assert await all_balances(service, [held, partner]) == before
         relays_by_step.append(await relays_of(ledger4, [h.id for h in (out_hold, in_hold)]))
