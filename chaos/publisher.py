@@ -147,9 +147,8 @@ class ChaosPublisher:
         the shards it has not, as (acknowledged, last) (empty when caught up)."""
         deadline = time.monotonic() + CAUGHT_UP_DEADLINE_S
         while True:
-            if self._process is None or self._process.returncode is not None:
-                # It exited on its own: nothing more will be published.
-                deadline = 0.0
+            # A publisher that exited on its own publishes nothing more: no waiting.
+            exited = self._process is None or self._process.returncode is not None
             behind: dict[str, tuple[int, int]] = {}
             for name, dsn in sorted(dsns.items()):
                 connection = await asyncpg.connect(dsn, timeout=SHARD_CONNECT_TIMEOUT_S)
@@ -163,7 +162,7 @@ class ChaosPublisher:
                 acknowledged = -1 if row["position"] is None else int(row["position"])
                 if acknowledged < row["last_position"]:
                     behind[name] = (acknowledged, int(row["last_position"]))
-            if not behind or time.monotonic() > deadline:
+            if not behind or exited or time.monotonic() > deadline:
                 return behind
             await asyncio.sleep(CAUGHT_UP_POLL_S)
 

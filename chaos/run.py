@@ -288,17 +288,11 @@ async def execute(options: Options, plan: RunPlan, result: RunResult) -> None:
         result.history += result.report.final_settles
         if subscriber is not None:
             # After the final settles and the wait for quiet: the books no longer move.
-            await check_event_stream(
-                subscriber,
-                {name: shard.direct_dsn for name, shard in cluster.shards.items()},
-                result.report,
-            )
+            dsns = {name: shard.direct_dsn for name, shard in cluster.shards.items()}
+            await check_event_stream(subscriber, dsns, result.report)
             if publisher is not None:
                 result.published = await check_published(
-                    publisher,
-                    subscriber.state.seen,
-                    {name: shard.direct_dsn for name, shard in cluster.shards.items()},
-                    result.report,
+                    publisher, subscriber.state.seen, dsns, result.report
                 )
         # What the faults found about the service: a drain that did not finish, a
         # hold it relayed that would not settle.
