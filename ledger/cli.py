@@ -42,7 +42,7 @@ from ledger.routing.ring import ShardRing
 from ledger.sagas.reconcile import ReconcileReport
 from ledger.sagas.reconcile import reconcile as run_reconcile
 from ledger.sagas.runner import SagaSettings
-from ledger.settings import Settings, SettingsError, checkpoint_key_from_env
+from ledger.settings import Settings, SettingsError, checkpoint_keys_from_env
 from ledger.storage.chain import ChainStore
 from ledger.storage.checkpoint_export import CheckpointExport
 from ledger.storage.errors import ShardUnavailable
@@ -294,7 +294,7 @@ async def _serve(
         tokens=tokens,
         tls=tls,
         checkpoint_interval_s=settings.checkpoint_interval_s,
-        checkpoint_key=settings.checkpoint_key,
+        checkpoint_keys=settings.checkpoint_keys,
         checkpoint_export_dir=settings.checkpoint_export_dir,
         mask_card_metadata=settings.mask_card_metadata,
         page_token_key=settings.page_token_key,
@@ -408,7 +408,7 @@ def reconcile(
     started_s = time.monotonic()
 
     try:
-        key = checkpoint_key_from_env()
+        keys = checkpoint_keys_from_env()
     except SettingsError as error:
         raise typer.BadParameter(str(error)) from None
 
@@ -417,7 +417,7 @@ def reconcile(
         try:
             await cluster.open(migrate=False)
             # With LEDGER_CHECKPOINT_KEY, the hash-chain check includes the checkpoint MACs.
-            return await run_reconcile(cluster, checkpoint_key=key)
+            return await run_reconcile(cluster, checkpoint_keys=keys)
         finally:
             await cluster.close()
 
@@ -464,13 +464,14 @@ def verify(
     ] = None,
 ) -> None:
     """Has anyone touched the books? Checks every shard's hash chains, account balances
-    against their entries, checkpoint MACs (with LEDGER_CHECKPOINT_KEY) and, with
-    --against, the exported checkpoints. Names each edited, inserted or deleted entry."""
+    against their entries, checkpoint MACs (with LEDGER_CHECKPOINT_KEY and any
+    LEDGER_CHECKPOINT_KEYS_RETIRED) and, with --against, the exported checkpoints.
+    Names each edited, inserted or deleted entry."""
     try:
-        key = checkpoint_key_from_env()
+        keys = checkpoint_keys_from_env()
     except SettingsError as error:
         raise typer.BadParameter(str(error)) from None
-    if key is None:
+    if keys is None:
         typer.echo("note: LEDGER_CHECKPOINT_KEY is not set; checkpoint MACs are not checked")
     config_path = _config(config)
 
@@ -484,11 +485,11 @@ def verify(
                 await ChainCheckpointer(
                     cluster,
                     interval_s=limits.chain_checkpoint_interval_s,
-                    key=key,
+                    keys=keys,
                     export=CheckpointExport(export_dir) if export_dir else None,
                 ).checkpoint_once()
             for name, shard in cluster.shards.items():
-                report = await ChainStore(shard).verify(key=key)
+                report = await ChainStore(shard).verify(keys=keys)
                 for violation in report.violations:
                     typer.echo(f"FAIL {name} {violation.render()}")
                 last = report.last_checkpoint
@@ -502,7 +503,7 @@ def verify(
                 intact = intact and not report.violations
             if against is not None:
                 for check in await verify_against_export(
-                    cluster, CheckpointExport(against), key=key
+                    cluster, CheckpointExport(against), keys=keys
                 ):
                     for violation in check.violations:
                         typer.echo(f"FAIL {check.shard} export: {violation.render()}")

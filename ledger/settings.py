@@ -8,24 +8,45 @@ from pathlib import Path
 
 from ledger import limits
 from ledger.domain.chain import CHECKPOINT_KEY_BYTES_MIN
+from ledger.domain.checkpoint_keys import RETIRED_KEYS_MAX, CheckpointKeys
 
 
 class SettingsError(ValueError):
     """A setting that cannot be used; the message names the variable."""
 
 
-def checkpoint_key_from_env(env: dict[str, str] | None = None) -> bytes | None:
-    """LEDGER_CHECKPOINT_KEY as bytes (UTF-8), or None when unset; refuses a short key."""
-    value = (env if env is not None else dict(os.environ)).get("LEDGER_CHECKPOINT_KEY", "")
-    if not value:
+def checkpoint_keys_from_env(env: dict[str, str] | None = None) -> CheckpointKeys | None:
+    """LEDGER_CHECKPOINT_KEY (signs) and LEDGER_CHECKPOINT_KEYS_RETIRED (still vouch for
+    what they signed: keys separated by white space, most recently retired first) as
+    UTF-8 bytes; None when no key is set. Refuses short, repeated or orphaned keys."""
+    values = env if env is not None else dict(os.environ)
+    current = values.get("LEDGER_CHECKPOINT_KEY", "")
+    retired = values.get("LEDGER_CHECKPOINT_KEYS_RETIRED", "").split()
+    if not current:
+        if retired:
+            raise SettingsError(
+                "LEDGER_CHECKPOINT_KEYS_RETIRED is set without LEDGER_CHECKPOINT_KEY, "
+                "without the key that signs now"
+            )
         return None
-    key = value.encode()
-    if len(key) < CHECKPOINT_KEY_BYTES_MIN:
+    for name, key in [("LEDGER_CHECKPOINT_KEY", current)] + [
+        ("LEDGER_CHECKPOINT_KEYS_RETIRED", k) for k in retired
+    ]:
+        if len(key.encode()) < CHECKPOINT_KEY_BYTES_MIN:
+            raise SettingsError(
+                f"{name}: every key must be at least {CHECKPOINT_KEY_BYTES_MIN} bytes "
+                "(e.g. `python3 -c 'import secrets; print(secrets.token_urlsafe(32))'`)"
+            )
+    if len(set(retired) | {current}) != len(retired) + 1:
         raise SettingsError(
-            f"LEDGER_CHECKPOINT_KEY must be at least {CHECKPOINT_KEY_BYTES_MIN} bytes "
-            "(e.g. `python3 -c 'import secrets; print(secrets.token_urlsafe(32))'`)"
+            "LEDGER_CHECKPOINT_KEYS_RETIRED lists a key twice, or the current key as retired"
         )
-    return key
+    if len(retired) > RETIRED_KEYS_MAX:
+        raise SettingsError(
+            f"LEDGER_CHECKPOINT_KEYS_RETIRED lists {len(retired)} keys, more than "
+            f"{RETIRED_KEYS_MAX}: drop the oldest once every checkpoint they signed is exported"
+        )
+    return CheckpointKeys(current.encode(), tuple(k.encode() for k in retired))
 
 
 CARD_METADATA_CHOICES = ("refuse", "mask")
@@ -78,9 +99,10 @@ class Settings:
     tls_client_ca_file: Path | None = None
     # How often each shard's hash-chain heads are checkpointed.
     checkpoint_interval_s: float = limits.chain_checkpoint_interval_s
-    # The HMAC key of checkpoints, a secret the shard databases never see; None
-    # makes checkpoints without a MAC (and the service warns at start-up).
-    checkpoint_key: bytes | None = field(default=None, repr=False)
+    # The HMAC keys of checkpoints, secrets the shard databases never see: the one that
+    # signs and retired ones; None makes checkpoints without a MAC (and the service
+    # warns at start-up).
+    checkpoint_keys: CheckpointKeys | None = field(default=None, repr=False)
     # Where checkpoints are exported as they are made (one JSON-lines file per shard).
     checkpoint_export_dir: Path | None = None
     # LEDGER_CARD_METADATA: "refuse" (default) refuses metadata values holding a card
@@ -127,7 +149,7 @@ class Settings:
             checkpoint_interval_s=float(
                 env.get("LEDGER_CHECKPOINT_INTERVAL_S", str(limits.chain_checkpoint_interval_s))
             ),
-            checkpoint_key=checkpoint_key_from_env(dict(env)),
+            checkpoint_keys=checkpoint_keys_from_env(dict(env)),
             checkpoint_export_dir=path("LEDGER_CHECKPOINT_EXPORT_DIR"),
             page_token_key=_page_token_key(env.get("LEDGER_PAGE_TOKEN_KEY", "")),
             card_metadata=_choice(

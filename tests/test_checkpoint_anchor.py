@@ -21,11 +21,12 @@ import pytest
 from ledger.api.server import LedgerServer
 from ledger.core.checkpoints import ChainCheckpointer, verify_against_export
 from ledger.domain.chain import GENESIS_HASH, checkpoint_digest, checkpoint_mac
+from ledger.domain.checkpoint_keys import CheckpointKeys
 from ledger.embedded.postgres import EmbeddedPostgres
 from ledger.routing.cluster import Cluster
 from ledger.routing.config import ShardConfig, load_config
 from ledger.sagas.reconcile import reconcile
-from ledger.settings import SettingsError, checkpoint_key_from_env
+from ledger.settings import SettingsError, checkpoint_keys_from_env
 from ledger.storage.chain import ChainStore
 from ledger.storage.checkpoint_export import CheckpointExport
 from ledger.storage.shard import Shard
@@ -47,7 +48,8 @@ from tests.support import (
 )
 
 SHARDS = ("shard-a", "shard-b")
-KEY = b"test checkpoint key, 32 bytes ok"
+KEY = b"test-checkpoint-key-32-bytes-ok!"
+KEYS = CheckpointKeys(KEY)
 TRANSFERS = 4
 FORGED_AMOUNT_MINOR = 99_999
 
@@ -65,7 +67,7 @@ async def anchored(
     server = LedgerServer(
         cluster,
         listen="127.0.0.1:0",
-        checkpoint_key=KEY,
+        checkpoint_keys=KEYS,
         checkpoint_export_dir=directory / "export",
     )
     await server.start()
@@ -218,21 +220,21 @@ async def test_a_consistent_forgery_passes_the_plain_chain_but_not_the_key_or_th
     assert looked_up.transfer.amount_minor == FORGED_AMOUNT_MINOR
     assert (await ChainStore(shard).verify()).violations == []
     assert (await reconcile(anchored.cluster)).ok, "the books still balance: only amounts moved"
-    keyed_reconcile = await reconcile(anchored.cluster, checkpoint_key=KEY)
+    keyed_reconcile = await reconcile(anchored.cluster, checkpoint_keys=KEYS)
     assert not keyed_reconcile.ok
-    assert "checkpoint 1 has a MAC that does not match" in keyed_reconcile.render()
+    assert "checkpoint 1 has a MAC that matches none of the keys held" in keyed_reconcile.render()
 
     # With the key: the checkpoint's MAC no longer matches its (recomputed) digest.
-    keyed = await ChainStore(shard).verify(key=KEY)
+    keyed = await ChainStore(shard).verify(keys=KEYS)
     assert [v.problem for v in keyed.violations] == [
-        "checkpoint 1 has a MAC that does not match under the checkpoint key "
-        "(forged, altered, or made without the key)"
+        "checkpoint 1 has a MAC that matches none of the keys held (the current checkpoint "
+        "key and 0 retired): forged, altered, or signed by a key not given to this check"
     ]
 
     # Against the export: the checkpoint and each rewritten head are named.
     checks = {
         c.shard: c
-        for c in await verify_against_export(anchored.cluster, export_of(anchored), key=KEY)
+        for c in await verify_against_export(anchored.cluster, export_of(anchored), keys=KEYS)
     }
     rendered = [v.render() for v in checks["shard-a"].violations]
     assert rendered[0] == (
@@ -267,7 +269,9 @@ async def test_ledger_verify_against_the_export_fails_on_the_forgery(
     assert f"FAIL shard-a export: {merchant}/cash entry {TRANSFERS}: entry differs" in (
         forged.stdout
     )
-    assert "FAIL shard-a checkpoint 1 has a MAC that does not match" in forged.stdout
+    assert "FAIL shard-a checkpoint 1 has a MAC that matches none of the keys held" in (
+        forged.stdout
+    )
 
 
 async def test_cross_shard_history_and_settlement_accounts_verify_against_the_export(
@@ -286,7 +290,7 @@ async def test_cross_shard_history_and_settlement_accounts_verify_against_the_ex
     assert set(made) == {"shard-a", "shard-b"}
     settlement = {h[0] for c in made.values() for h in c.head_list if h[0].startswith("$")}
     assert settlement == {"$settlement"}
-    checks = await verify_against_export(anchored.cluster, export_of(anchored), key=KEY)
+    checks = await verify_against_export(anchored.cluster, export_of(anchored), keys=KEYS)
     assert [v.render() for c in checks for v in c.violations] == []
     assert {c.shard: c.exported_through for c in checks} == {"shard-a": 1, "shard-b": 1}
 
@@ -300,7 +304,7 @@ async def test_an_altered_export_line_is_refused_and_does_not_anchor_anything(
     record = json.loads(path.read_text())
     record["heads"][0][3] = "00" * 32
     path.write_text(json.dumps(record) + "\n")
-    checks = await verify_against_export(anchored.cluster, export_of(anchored), key=KEY)
+    checks = await verify_against_export(anchored.cluster, export_of(anchored), keys=KEYS)
     assert [v.problem for c in checks for v in c.violations] == [
         "export line 1 (checkpoint 1) does not add up: the export itself was altered",
         "none of the 1 checkpoint(s) in the database was exported",
@@ -312,7 +316,7 @@ async def test_checkpoints_missed_by_the_export_are_exported_on_the_next_round(
 ) -> None:
     """A replica without an export (or a crash before exporting) leaves a gap; it closes."""
     merchant, _, _ = await books(anchored)
-    other = ChainCheckpointer(anchored.cluster, interval_s=60.0, key=KEY)
+    other = ChainCheckpointer(anchored.cluster, interval_s=60.0, keys=KEYS)
     assert (await other.checkpoint_once())["shard-a"].checkpoint_id == 1
     assert export_of(anchored).read("shard-a") == []
     answer = await transfers(
@@ -322,18 +326,21 @@ async def test_checkpoints_missed_by_the_export_are_exported_on_the_next_round(
     await anchored.server.checkpointer.checkpoint_once()
     exported = [r.checkpoint.checkpoint_id for r in export_of(anchored).read("shard-a")]
     assert exported == [1, 2]
-    checks = await verify_against_export(anchored.cluster, export_of(anchored), key=KEY)
+    checks = await verify_against_export(anchored.cluster, export_of(anchored), keys=KEYS)
     assert [v.render() for c in checks for v in c.violations] == []
     assert {c.shard: c.exported_through for c in checks}["shard-a"] == 2
 
 
 async def test_a_checkpoint_without_a_valid_mac_is_not_exported(anchored: Service) -> None:
     """A checkpoint row forged in the database must not become the exported anchor."""
-    await books(anchored)
-    keyless = ChainCheckpointer(anchored.cluster, interval_s=60.0, key=None)
+    _, _, shard = await books(anchored)
+    keyless = ChainCheckpointer(anchored.cluster, interval_s=60.0, keys=None)
     assert (await keyless.checkpoint_once())["shard-a"].mac is None
     await anchored.server.checkpointer.checkpoint_once()
     assert export_of(anchored).read("shard-a") == []
+    assert [v.problem for v in (await ChainStore(shard).verify(keys=KEYS)).violations] == [
+        "checkpoint 1 has no MAC: made without a key, or forged"
+    ]
 
 
 async def test_checkpoints_seal_heads_from_the_entries_not_the_account_row(
@@ -358,7 +365,7 @@ async def test_checkpoints_seal_heads_from_the_entries_not_the_account_row(
             merchant,
             TRANSFERS,
         )
-    done = await ChainStore(shard).checkpoint_round(key=KEY)
+    done = await ChainStore(shard).checkpoint_round(keys=KEYS)
     assert done.unsealable == [(merchant, "cash")]
     assert done.checkpoint is not None
     sealed = {(m, a): (seq, h) for m, a, seq, h in done.checkpoint.head_list}
@@ -435,5 +442,147 @@ async def test_a_cli_checkpoint_is_exported_with_its_mac(anchored: Service) -> N
 
 def test_a_short_checkpoint_key_is_refused() -> None:
     with pytest.raises(SettingsError, match="at least 16 bytes"):
-        checkpoint_key_from_env({"LEDGER_CHECKPOINT_KEY": "short"})
-    assert checkpoint_key_from_env({}) is None
+        checkpoint_keys_from_env({"LEDGER_CHECKPOINT_KEY": "short"})
+    assert checkpoint_keys_from_env({}) is None
+
+
+# Key rotation: NEW signs from the rotation on; KEY, retired, still vouches for
+# the checkpoints it signed before.
+NEW_KEY = b"the-rotated-checkpoint-key-32-b!"
+ROTATED = CheckpointKeys(NEW_KEY, (KEY,))
+
+
+async def transfer_once(service: Service, merchant: str) -> None:
+    answer = await transfers(
+        service.stub, transfer(uid("t"), ref(merchant, "cash"), ref(merchant, "wallet"), 1)
+    )
+    assert result_names(answer) == ["TRANSFER_RESULT_OK"]
+
+
+async def rotated_round(service: Service, merchant: str) -> int:
+    """A transfer, then a checkpoint of shard-a by a replica holding the rotated keys
+    and the export; the checkpoint's id."""
+    await transfer_once(service, merchant)
+    rotated = ChainCheckpointer(
+        service.cluster, interval_s=60.0, keys=ROTATED, export=export_of(service)
+    )
+    made = (await rotated.checkpoint_once())["shard-a"]
+    assert made.mac == checkpoint_mac(
+        NEW_KEY, shard="shard-a", checkpoint_id=made.checkpoint_id, digest=made.digest
+    )
+    return made.checkpoint_id
+
+
+async def test_after_a_rotation_checkpoints_verify_under_the_new_key_and_the_retired_one(
+    anchored: Service,
+) -> None:
+    merchant, _, shard = await books(anchored)
+    await anchored.server.checkpointer.checkpoint_once()  # checkpoint 1, signed by KEY
+    assert await rotated_round(anchored, merchant) == 2
+    assert [r.checkpoint.checkpoint_id for r in export_of(anchored).read("shard-a")] == [1, 2]
+
+    assert (await ChainStore(shard).verify(keys=ROTATED)).violations == []
+    checks = await verify_against_export(anchored.cluster, export_of(anchored), keys=ROTATED)
+    assert [v.render() for c in checks for v in c.violations] == []
+    assert (await reconcile(anchored.cluster, checkpoint_keys=ROTATED)).ok
+    # Without the retired key the old checkpoint is named, and without the new one the new.
+    only_new = await ChainStore(shard).verify(keys=CheckpointKeys(NEW_KEY))
+    assert [v.problem[:60] for v in only_new.violations] == [
+        "checkpoint 1 has a MAC that matches none of the keys held (t"
+    ]
+    only_old = await ChainStore(shard).verify(keys=KEYS)
+    assert [v.problem[:60] for v in only_old.violations] == [
+        "checkpoint 2 has a MAC that matches none of the keys held (t"
+    ]
+
+    args = ["verify", "--config", str(anchored.config_path), "--against"]
+    env = child_env(
+        {"LEDGER_CHECKPOINT_KEY": NEW_KEY.decode(), "LEDGER_CHECKPOINT_KEYS_RETIRED": KEY.decode()}
+    )
+    rotated = await run_cli([*args, str(export_of(anchored).directory)], env)
+    assert rotated.returncode == 0, rotated.stdout + rotated.stderr
+    assert "ok   shard-a export: 0 violation(s); matches exported checkpoints through 2" in (
+        rotated.stdout
+    )
+    env["LEDGER_CHECKPOINT_KEYS_RETIRED"] = "another-retired-key-of-32-bytes!"
+    wrong = await run_cli([*args, str(export_of(anchored).directory)], env)
+    assert wrong.returncode == 1, wrong.stdout + wrong.stderr
+    assert "FAIL shard-a checkpoint 1 has a MAC that matches none of the keys held (the " in (
+        wrong.stdout
+    )
+
+
+async def test_a_replica_without_the_new_key_makes_and_exports_no_checkpoint_after_it(
+    anchored: Service,
+) -> None:
+    """A rolling rotation: a replica still on the old key meets a checkpoint it cannot
+    vouch for, and waits for its keys instead of signing after it with an older one."""
+    merchant, _, shard = await books(anchored)
+    await anchored.server.checkpointer.checkpoint_once()
+    assert await rotated_round(anchored, merchant) == 2
+    await transfer_once(anchored, merchant)
+    old_replica = anchored.server.checkpointer
+    assert old_replica.keys == KEYS
+    assert "shard-a" not in await old_replica.checkpoint_once()
+    done = await ChainStore(shard).checkpoint_round(keys=KEYS)
+    assert (done.checkpoint, done.unknown_key_at) == (None, 2)
+    assert [r.checkpoint.checkpoint_id for r in export_of(anchored).read("shard-a")] == [1, 2]
+    # The replica given the rotated keys goes on where it stopped.
+    assert await rotated_round(anchored, merchant) == 3
+    assert (await ChainStore(shard).verify(keys=ROTATED)).violations == []
+
+
+async def test_a_retired_key_signing_after_the_rotation_is_named_and_not_exported(
+    anchored: Service,
+) -> None:
+    """A retired key may have leaked: a checkpoint it signs after one signed by the new
+    key is a forgery, in the database and in the export."""
+    merchant, _, shard = await books(anchored)
+    await anchored.server.checkpointer.checkpoint_once()
+    assert await rotated_round(anchored, merchant) == 2
+    await transfer_once(anchored, merchant)
+    # The leaked key signs (a key set naming the new key passes the replicas' wait).
+    leaked = await ChainStore(shard).checkpoint_round(keys=CheckpointKeys(KEY, (NEW_KEY,)))
+    assert leaked.checkpoint is not None and leaked.checkpoint.checkpoint_id == 3
+    found = [v.problem for v in (await ChainStore(shard).verify(keys=ROTATED)).violations]
+    assert found == [
+        "checkpoint 3 is signed by retired key 1 after checkpoint 2 signed by a newer one "
+        "(the current key): a retired key signed it after the rotation (leaked?)"
+    ]
+    # The rotated replica's next round seals on top, but exports neither.
+    assert await rotated_round(anchored, merchant) == 4
+    assert [r.checkpoint.checkpoint_id for r in export_of(anchored).read("shard-a")] == [1, 2]
+    # An export that took it anyway (an old exporter) is named line by line.
+    export_of(anchored).append("shard-a", [leaked.checkpoint])
+    checks = {
+        c.shard: c
+        for c in await verify_against_export(anchored.cluster, export_of(anchored), keys=ROTATED)
+    }
+    assert [v.problem for v in checks["shard-a"].violations] == [
+        "export line 3 (checkpoint 3): checkpoint 3 is signed by retired key 1 after "
+        "checkpoint 2 signed by a newer one (the current key): a retired key signed it after "
+        "the rotation (leaked?)"
+    ]
+
+
+def test_retired_checkpoint_keys_are_read_in_order_and_checked() -> None:
+    current, old, older = "c" * 16, "o" * 16, "p" * 16
+    keys = checkpoint_keys_from_env(
+        {"LEDGER_CHECKPOINT_KEY": current, "LEDGER_CHECKPOINT_KEYS_RETIRED": f" {old}\n{older} "}
+    )
+    assert keys == CheckpointKeys(current.encode(), (old.encode(), older.encode()))
+    assert current not in repr(keys) and old not in repr(keys)
+    retired = "LEDGER_CHECKPOINT_KEYS_RETIRED"
+    refused = {
+        "without the key that signs now": {retired: old},
+        "at least 16 bytes": {"LEDGER_CHECKPOINT_KEY": current, retired: "short"},
+        "lists a key twice": {"LEDGER_CHECKPOINT_KEY": current, retired: f"{old} {old}"},
+        "the current key as retired": {"LEDGER_CHECKPOINT_KEY": current, retired: current},
+        "more than 16": {
+            "LEDGER_CHECKPOINT_KEY": current,
+            retired: " ".join(f"{n:016d}" for n in range(17)),
+        },
+    }
+    for reason, env in refused.items():
+        with pytest.raises(SettingsError, match=reason):
+            checkpoint_keys_from_env(env)

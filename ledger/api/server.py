@@ -29,6 +29,7 @@ from ledger.core.event_feed import EventFeed
 from ledger.core.event_sequencer import EventSequencer
 from ledger.core.expiry import ExpirySweeper
 from ledger.core.ledger import Ledger
+from ledger.domain.checkpoint_keys import CheckpointKeys
 from ledger.domain.sagas import SagaKind, SagaState
 from ledger.routing.cluster import Cluster
 from ledger.routing.config_watch import ConfigWatcher
@@ -72,7 +73,7 @@ class LedgerServer:
         tokens: TokenTable | None = None,
         tls: ServerTls | None = None,
         checkpoint_interval_s: float = limits.chain_checkpoint_interval_s,
-        checkpoint_key: bytes | None = None,
+        checkpoint_keys: CheckpointKeys | None = None,
         checkpoint_export_dir: Path | None = None,
         request_receive_timeout_s: float = limits.request_receive_timeout_s,
         mask_card_metadata: bool = False,
@@ -96,10 +97,10 @@ class LedgerServer:
         self.checkpointer = ChainCheckpointer(
             cluster,
             interval_s=checkpoint_interval_s,
-            key=checkpoint_key,
+            keys=checkpoint_keys,
             export=CheckpointExport(checkpoint_export_dir) if checkpoint_export_dir else None,
         )
-        if checkpoint_key is None:
+        if checkpoint_keys is None:
             log.warning(
                 "LEDGER_CHECKPOINT_KEY is not set: checkpoints carry no MAC, so someone who "
                 "can write a shard database can rewrite history and its checkpoints unseen "

@@ -11,7 +11,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from ledger import limits
-from ledger.domain.chain import checkpoint_digest, mac_matches
+from ledger.domain.chain import checkpoint_digest
+from ledger.domain.checkpoint_keys import CheckpointKeys, KeyOrder
 from ledger.routing.cluster import Cluster
 from ledger.storage.chain import ChainStore, ChainViolation, Checkpoint, Head
 from ledger.storage.checkpoint_export import CheckpointExport, ExportError
@@ -28,12 +29,12 @@ class ChainCheckpointer:
         cluster: Cluster,
         *,
         interval_s: float,
-        key: bytes | None = None,
+        keys: CheckpointKeys | None = None,
         export: CheckpointExport | None = None,
     ) -> None:
         self.cluster = cluster
         self.interval_s = interval_s
-        self.key = key
+        self.keys = keys
         self.export = export
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -52,8 +53,17 @@ class ChainCheckpointer:
             store = ChainStore(shard)
             try:
                 done = await store.checkpoint_round(
-                    heads_max=limits.chain_checkpoint_heads_max, key=self.key
+                    heads_max=limits.chain_checkpoint_heads_max, keys=self.keys
                 )
+                if done.unknown_key_at is not None:
+                    log.warning(
+                        "chain checkpoint skipped on %s: checkpoint %d is signed by none of "
+                        "this replica's checkpoint keys (a newer key: give this replica the "
+                        "rotated keys; else forged: run `ledger verify`)",
+                        name,
+                        done.unknown_key_at,
+                    )
+                    continue
                 for merchant_id, account_id in done.unsealable:
                     log.error(
                         "chain of %s/%s on %s does not link up to its sealed head; "
@@ -84,7 +94,8 @@ class ChainCheckpointer:
         one made before a crash), then the one just made."""
         export = self.export
         assert export is not None
-        last_id = await asyncio.to_thread(export.last_exported_id, name)
+        last = await asyncio.to_thread(export.last_exported, name)
+        last_id = last.checkpoint_id if last is not None else 0
         upto = made.checkpoint_id if made is not None else None
         pending: list[Checkpoint] = []
         if upto is None or upto > last_id + 1:
@@ -95,21 +106,19 @@ class ChainCheckpointer:
         next_id = (pending[-1].checkpoint_id if pending else last_id) + 1
         if made is not None and made.checkpoint_id == next_id:
             pending.append(made)
+        order = _export_order(self.keys, name, last)
         trusted: list[Checkpoint] = []
         for checkpoint in pending:
-            # A checkpoint read back from the database is exported only if the key
-            # vouches for it: an insider's forged row must not become the anchor.
-            if self.key is not None and not mac_matches(
-                self.key,
-                checkpoint.mac,
-                shard=name,
-                checkpoint_id=checkpoint.checkpoint_id,
-                digest=checkpoint.digest,
-            ):
+            # A checkpoint read back from the database is exported only if the keys
+            # vouch for it: an insider's forged row must not become the anchor.
+            problem = (
+                order.check(checkpoint.checkpoint_id, checkpoint.mac, checkpoint.digest)
+                if order is not None
+                else None
+            )
+            if problem is not None:
                 log.error(
-                    "checkpoint %d on %s fails its MAC; not exported (run `ledger verify`)",
-                    checkpoint.checkpoint_id,
-                    name,
+                    "checkpoint not exported from %s: %s (run `ledger verify`)", name, problem
                 )
                 break
             trusted.append(checkpoint)
@@ -127,6 +136,18 @@ class ChainCheckpointer:
                 log.exception("chain checkpoint failed")
 
 
+def _export_order(
+    keys: CheckpointKeys | None, shard: str, last: Checkpoint | None
+) -> KeyOrder | None:
+    """The key order an export goes on with: after its last line's key."""
+    if keys is None:
+        return None
+    if last is None:
+        return KeyOrder(keys, shard)
+    rank = keys.rank(last.mac, shard=shard, checkpoint_id=last.checkpoint_id, digest=last.digest)
+    return KeyOrder(keys, shard, newest_rank=rank, newest_at=last.checkpoint_id)
+
+
 @dataclass
 class ExportCheck:
     """One shard's history held against its exported checkpoints."""
@@ -142,7 +163,7 @@ class ExportCheck:
 
 
 async def verify_against_export(
-    cluster: Cluster, export: CheckpointExport, *, key: bytes | None
+    cluster: Cluster, export: CheckpointExport, *, keys: CheckpointKeys | None
 ) -> list[ExportCheck]:
     """Fails on any exported checkpoint the databases no longer match, entry by entry.
 
@@ -161,16 +182,16 @@ async def verify_against_export(
             continue
         recorded = await ChainStore(shard).recorded_checkpoints()
         seen: dict[int, Checkpoint] = {}
+        order = KeyOrder(keys, name) if keys is not None else None
         for record in records:
             c, line = record.checkpoint, record.line
             where = f"export line {line} (checkpoint {c.checkpoint_id})"
             if checkpoint_digest(c.previous_digest, c.head_list) != c.digest:
                 check.note(f"{where} does not add up: the export itself was altered")
                 continue
-            if key is not None and not mac_matches(
-                key, c.mac, shard=name, checkpoint_id=c.checkpoint_id, digest=c.digest
-            ):
-                check.note(f"{where} fails its MAC under the checkpoint key")
+            problem = order.check(c.checkpoint_id, c.mac, c.digest) if order is not None else None
+            if problem is not None:
+                check.note(f"{where}: {problem}")
                 continue
             earlier = seen.get(c.checkpoint_id)
             if earlier is not None:

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 
 from ledger import limits
+from ledger.domain.checkpoint_keys import CheckpointKeys
 from ledger.domain.sagas import CreditAction, CreditOutcome, SagaKind, SagaState
 from ledger.routing.cluster import Cluster
 from ledger.storage.audit import SAGA_PAGE_SIZE, FinishedSaga, ShardAudit
@@ -66,7 +67,7 @@ async def reconcile(
     cluster: Cluster,
     *,
     stuck_after_s: float = limits.saga_stuck_after_s,
-    checkpoint_key: bytes | None = None,
+    checkpoint_keys: CheckpointKeys | None = None,
 ) -> ReconcileReport:
     report = ReconcileReport()
     audits = {name: ShardAudit(shard) for name, shard in cluster.shards.items()}
@@ -113,7 +114,7 @@ async def reconcile(
                     True,
                     f"{count} saga(s) in the dead-letter list, funds pending",
                 )
-        chains = await ChainStore(audit.shard).verify(key=checkpoint_key)
+        chains = await ChainStore(audit.shard).verify(keys=checkpoint_keys)
         report.add(
             f"hash chains {name}",
             not chains.violations,

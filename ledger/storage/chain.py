@@ -10,7 +10,8 @@ from datetime import datetime
 from typing import TYPE_CHECKING
 
 from ledger import limits
-from ledger.domain.chain import GENESIS_HASH, checkpoint_digest, checkpoint_mac, mac_matches
+from ledger.domain.chain import GENESIS_HASH, checkpoint_digest
+from ledger.domain.checkpoint_keys import CheckpointKeys, KeyOrder
 from ledger.storage import chain_statements as sql
 from ledger.storage.shard import Shard
 
@@ -63,6 +64,10 @@ class CheckpointRound:
 
     checkpoint: Checkpoint | None
     unsealable: list[tuple[str, str]]
+    # The last checkpoint's MAC matches none of the keys held: a newer key signed it
+    # (a rotation not yet rolled out to this replica) or it is forged. No checkpoint
+    # is made on top of it, so the keys along the chain never go back to an older one.
+    unknown_key_at: int | None = None
 
 
 @contextlib.asynccontextmanager
@@ -81,17 +86,17 @@ class ChainStore:
         self,
         *,
         heads_max: int = limits.chain_checkpoint_heads_max,
-        key: bytes | None = None,
+        keys: CheckpointKeys | None = None,
     ) -> Checkpoint | None:
         """Seals the heads that grew since the last checkpoint; None if nothing grew
         or another replica is checkpointing this shard right now."""
-        return (await self.checkpoint_round(heads_max=heads_max, key=key)).checkpoint
+        return (await self.checkpoint_round(heads_max=heads_max, keys=keys)).checkpoint
 
     async def checkpoint_round(
         self,
         *,
         heads_max: int = limits.chain_checkpoint_heads_max,
-        key: bytes | None = None,
+        keys: CheckpointKeys | None = None,
     ) -> CheckpointRound:
         """As checkpoint(), and names the chains it refused to seal.
 
@@ -104,6 +109,20 @@ class ChainStore:
         async def run(conn: Connection) -> CheckpointRound:
             if not await conn.fetchval(sql.TRY_CHECKPOINT_LOCK):
                 return CheckpointRound(None, [])
+            last = await conn.fetchrow(sql.LAST_CHECKPOINT)
+            if (
+                keys is not None
+                and last is not None
+                and last["mac"] is not None
+                and keys.rank(
+                    last["mac"],
+                    shard=self.shard.name,
+                    checkpoint_id=last["checkpoint_id"],
+                    digest=last["digest"],
+                )
+                is None
+            ):
+                return CheckpointRound(None, [], unknown_key_at=last["checkpoint_id"])
             grown = await conn.fetch(sql.CHANGED_HEADS, heads_max, GENESIS_HASH)
             if not grown:
                 return CheckpointRound(None, [])
@@ -126,16 +145,13 @@ class ChainStore:
             unsealable = sorted(broken)
             if not rows:
                 return CheckpointRound(None, unsealable)
-            last = await conn.fetchrow(sql.LAST_CHECKPOINT)
             checkpoint_id = last["checkpoint_id"] + 1 if last else 1
             previous = last["digest"] if last else GENESIS_HASH
             digest = checkpoint_digest(previous, rows)
             mac = (
                 None
-                if key is None
-                else checkpoint_mac(
-                    key, shard=self.shard.name, checkpoint_id=checkpoint_id, digest=digest
-                )
+                if keys is None
+                else keys.sign(shard=self.shard.name, checkpoint_id=checkpoint_id, digest=digest)
             )
             created_at = await conn.fetchval(
                 sql.INSERT_CHECKPOINT, checkpoint_id, len(rows), digest, mac
@@ -222,16 +238,16 @@ class ChainStore:
         self,
         *,
         violations_max: int = limits.chain_violations_max,
-        key: bytes | None = None,
+        keys: CheckpointKeys | None = None,
     ) -> ChainReport:
         """Every chain link, every head, every checkpoint and every account's balances
-        against its entries, in one snapshot; with the checkpoint key, every
-        checkpoint's MAC too."""
+        against its entries, in one snapshot; with the checkpoint keys, every
+        checkpoint's MAC too, and that no retired key signed after a newer one."""
         async with self.shard._acquire() as conn, verification_snapshot(conn):
-            return await self._verify(conn, violations_max, key)
+            return await self._verify(conn, violations_max, keys)
 
     async def _verify(
-        self, conn: Connection, violations_max: int, key: bytes | None
+        self, conn: Connection, violations_max: int, keys: CheckpointKeys | None
     ) -> ChainReport:
         found: list[ChainViolation] = []
         for r in await conn.fetch(sql.ACCOUNTS_OFF_THEIR_ENTRIES, violations_max):
@@ -280,6 +296,7 @@ class ChainStore:
             )
         previous = GENESIS_HASH
         last: Checkpoint | None = None
+        order = KeyOrder(keys, self.shard.name) if keys is not None else None
         for c in await conn.fetch(sql.CHECKPOINTS):
             heads = heads_of[c["checkpoint_id"]]
             digest = checkpoint_digest(previous, heads)
@@ -289,23 +306,10 @@ class ChainStore:
                         "", "", 0, f"checkpoint {c['checkpoint_id']} was altered (digest mismatch)"
                     )
                 )
-            if key is not None and not mac_matches(
-                key,
-                c["mac"],
-                shard=self.shard.name,
-                checkpoint_id=c["checkpoint_id"],
-                digest=c["digest"],
-            ):
-                why = "has no MAC" if c["mac"] is None else "has a MAC that does not match"
-                found.append(
-                    ChainViolation(
-                        "",
-                        "",
-                        0,
-                        f"checkpoint {c['checkpoint_id']} {why} under the checkpoint key "
-                        "(forged, altered, or made without the key)",
-                    )
-                )
+            if order is not None:
+                key_problem = order.check(c["checkpoint_id"], c["mac"], c["digest"])
+                if key_problem is not None:
+                    found.append(ChainViolation("", "", 0, key_problem))
             previous = c["digest"]
             last = Checkpoint(c["checkpoint_id"], c["heads"], c["digest"], c["created_at"])
         return ChainReport(found[:violations_max], last)

@@ -18,7 +18,7 @@ VERIFY_SCANS_WHOLE_TABLES = "SET LOCAL enable_seqscan = on"
 TRY_CHECKPOINT_LOCK = "SELECT pg_try_advisory_xact_lock(7308, 0)"
 
 LAST_CHECKPOINT = """
-SELECT checkpoint_id, digest FROM chain_checkpoints ORDER BY checkpoint_id DESC LIMIT 1
+SELECT checkpoint_id, digest, mac FROM chain_checkpoints ORDER BY checkpoint_id DESC LIMIT 1
 """
 
 # Heads of owned accounts whose chains grew since they were last sealed, read

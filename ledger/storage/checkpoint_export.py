@@ -42,18 +42,20 @@ class CheckpointExport:
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
-        # Last exported id per shard, read from the file once, then kept.
-        self._last_id: dict[str, int] = {}
+        # The last checkpoint exported per shard, read from the file once, then kept.
+        self._last: dict[str, Checkpoint | None] = {}
 
     def path_for(self, shard: str) -> Path:
         assert _SHARD_FILE_NAME.match(shard), f"shard name unsafe as a file name: {shard!r}"
         return self.directory / f"{shard}.jsonl"
 
-    def last_exported_id(self, shard: str) -> int:
-        if shard not in self._last_id:
+    def last_exported(self, shard: str) -> Checkpoint | None:
+        if shard not in self._last:
             records = self.read(shard)
-            self._last_id[shard] = max((r.checkpoint.checkpoint_id for r in records), default=0)
-        return self._last_id[shard]
+            self._last[shard] = max(
+                (r.checkpoint for r in records), key=lambda c: c.checkpoint_id, default=None
+            )
+        return self._last[shard]
 
     def append(self, shard: str, checkpoints: list[Checkpoint]) -> None:
         """Appends in one write and syncs it, so a line is either whole or absent."""
@@ -69,7 +71,7 @@ class CheckpointExport:
             os.fsync(fd)
         finally:
             os.close(fd)
-        self._last_id[shard] = checkpoints[-1].checkpoint_id
+        self._last[shard] = checkpoints[-1]
 
     def read(self, shard: str) -> list[ExportedCheckpoint]:
         path = self.path_for(shard)
