@@ -21,6 +21,7 @@ from typing import Literal
 
 import grpc
 
+from chaos.checkpoints import CheckpointKeyring
 from chaos.plan import REPLICA_NAMES, SHARD_NAMES
 from chaos.proxy import TcpProxy
 from ledger.embedded.postgres import EmbeddedPostgres, EmbeddedPostgresError
@@ -134,6 +135,11 @@ class Replica:
     stub: ledger_pb2_grpc.LedgerServiceAsyncStub | None = None
     admin: ledger_pb2_grpc.LedgerAdminServiceStub | None = None
     starts: int = 0
+    # Settings given to every start on top of SERVICE_ENV (the cluster's checkpoint
+    # keys: one dict shared by the replicas, changed when the key is rotated), and
+    # what the current process got.
+    env: dict[str, str] = field(default_factory=dict)
+    started_env: dict[str, str] = field(default_factory=dict)
     # Starts that ended before serving, with the reason each gave.
     failed_starts: list[str] = field(default_factory=list)
     # Every channel ever opened; the old ones fail fast after a kill and are closed
@@ -147,7 +153,8 @@ class Replica:
     async def start(self) -> None:
         if self.running:
             raise HarnessError(f"{self.name} is already running")
-        env = {**os.environ, **SERVICE_ENV}
+        self.started_env = dict(self.env)
+        env = {**os.environ, **SERVICE_ENV, **self.started_env}
         self.process, offset = spawn_service(self.config_path, self.log_path, env=env, cwd=ROOT)
         try:
             self.port = await wait_serving(
@@ -271,8 +278,9 @@ class ChaosCluster:
         }
         self.service_config_path = base_dir / "service.toml"
         self.direct_config_path = base_dir / "direct.toml"
+        self.keyring = CheckpointKeyring(base_dir / "checkpoints")
         self.replicas = [
-            Replica(name, self.service_config_path, base_dir / f"{name}.log")
+            Replica(name, self.service_config_path, base_dir / f"{name}.log", env=self.keyring.env)
             for name in REPLICA_NAMES
         ]
         # The cluster's config: rebalances raise the epoch and change weights,
@@ -497,6 +505,17 @@ class ChaosCluster:
                 await replica.start_supervised()
                 repaired.append(f"{replica.name} started")
         return repaired
+
+    async def restart_with_current_keys(self) -> list[str]:
+        """The end of a rolling key rotation: each replica still on older checkpoint
+        settings is stopped and started again, one after the other."""
+        restarted = []
+        for replica in self.replicas:
+            if replica.started_env != self.keyring.env:
+                await replica.stop()
+                await replica.start_supervised()
+                restarted.append(f"{replica.name} restarted with the rotated checkpoint key")
+        return restarted
 
     async def close(self) -> list[str]:
         """Stops everything, whatever state it is in; returns what could not be stopped."""

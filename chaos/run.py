@@ -35,6 +35,7 @@ from typing import Any, cast
 import grpc
 
 from chaos.checker import CheckReport, check_all
+from chaos.checkpoints import ROTATION_AT_FRACTION, check_checkpoints
 from chaos.clients import Caller, OpRecord, run_client, send_operation
 from chaos.cluster import ChaosCluster, HarnessError
 from chaos.events import CONSUMER, EventSubscriber, check_event_stream
@@ -164,6 +165,9 @@ class RunResult:
     events: dict[str, Any] = field(default_factory=dict)
     # The AMQP publisher's figures (chaos/publisher.py); empty without it.
     published: dict[str, Any] = field(default_factory=dict)
+    # Per shard, checkpoints signed before and after the key rotation, and how far
+    # the export goes (chaos/checkpoints.py).
+    checkpoints: dict[str, dict[str, int]] = field(default_factory=dict)
     elapsed_s: float = 0.0
 
 
@@ -251,6 +255,9 @@ async def execute(options: Options, plan: RunPlan, result: RunResult) -> None:
         histories: list[list[OpRecord]] = [[] for _ in range(options.clients)]
         async with asyncio.TaskGroup() as group:
             group.create_task(nemesis.run(start=start))
+            group.create_task(
+                rotate_checkpoint_key(cluster, at=start + options.duration_s * ROTATION_AT_FRACTION)
+            )
             if publisher is not None:
                 group.create_task(publisher.run_kills(start=start))
             for client in range(options.clients):
@@ -271,6 +278,7 @@ async def execute(options: Options, plan: RunPlan, result: RunResult) -> None:
             (r for h in (*histories, nemesis.settles) for r in h), key=lambda r: r.started_s
         )
         result.healed = await cluster.heal()
+        result.healed += await cluster.restart_with_current_keys()
         if cluster.epoch > 1:
             # Old copies of moved merchants go, as an admin removes them after a
             # rebalance; the checker then reads what each shard owns.
@@ -294,6 +302,9 @@ async def execute(options: Options, plan: RunPlan, result: RunResult) -> None:
                 result.published = await check_published(
                     publisher, subscriber.state.seen, dsns, result.report
                 )
+        result.checkpoints = await check_checkpoints(
+            cluster.direct_config_path, cluster.keyring.export_dir, result.report
+        )
         # What the faults found about the service: a drain that did not finish, a
         # hold it relayed that would not settle.
         for fault in result.faults:
@@ -311,6 +322,14 @@ async def execute(options: Options, plan: RunPlan, result: RunResult) -> None:
         ]
         result.shard_states = dict(cluster.states)
         result.harness_errors += await cluster.close()
+
+
+async def rotate_checkpoint_key(cluster: ChaosCluster, *, at: float) -> None:
+    """Rotates the checkpoint key at event loop time at: replicas started from then
+    on sign with the new key (the rest are restarted after the run)."""
+    # A scheduled step of the run, like the nemesis's faults: it waits for the time.
+    await asyncio.sleep(max(0.0, at - asyncio.get_running_loop().time()))
+    cluster.keyring.rotate()
 
 
 # The summary.
@@ -379,6 +398,7 @@ def summarize(result: RunResult) -> dict[str, Any]:
         "checks": report.notes if report else [],
         "events": result.events,
         "published": result.published,
+        "checkpoints": result.checkpoints,
         "reconcile": report.reconcile_findings if report else [],
         "violations": [asdict(v) for v in report.violations] if report else [],
         "harness_errors": result.harness_errors + fault_errors,

@@ -182,17 +182,21 @@ async def verify_against_export(
             continue
         recorded = await ChainStore(shard).recorded_checkpoints()
         seen: dict[int, Checkpoint] = {}
-        order = KeyOrder(keys, name) if keys is not None else None
+        # Which key signed each exported checkpoint: their order is checked by id, as
+        # replicas sharing the export may append a line after a newer one.
+        ranks: dict[int, int] = {}
         for record in records:
             c, line = record.checkpoint, record.line
             where = f"export line {line} (checkpoint {c.checkpoint_id})"
             if checkpoint_digest(c.previous_digest, c.head_list) != c.digest:
                 check.note(f"{where} does not add up: the export itself was altered")
                 continue
-            problem = order.check(c.checkpoint_id, c.mac, c.digest) if order is not None else None
-            if problem is not None:
-                check.note(f"{where}: {problem}")
-                continue
+            if keys is not None:
+                rank = keys.rank(c.mac, shard=name, checkpoint_id=c.checkpoint_id, digest=c.digest)
+                if rank is None:
+                    check.note(f"{where}: {keys.unmatched(c.checkpoint_id, c.mac)}")
+                    continue
+                ranks[c.checkpoint_id] = rank
             earlier = seen.get(c.checkpoint_id)
             if earlier is not None:
                 if earlier.digest != c.digest:
@@ -214,6 +218,12 @@ async def verify_against_export(
                 )
             for head in c.head_list:
                 heads_by_merchant[head[0]].append((name, c.checkpoint_id, head))
+        if keys is not None:
+            order = KeyOrder(keys, name)
+            for checkpoint_id in sorted(ranks):
+                problem = order.follow(checkpoint_id, ranks[checkpoint_id])
+                if problem is not None:
+                    check.note(f"exported {problem}")
         check.exported_through = max(seen, default=0)
         check.unexported = sum(1 for i in recorded if i > check.exported_through)
         if not seen and recorded:

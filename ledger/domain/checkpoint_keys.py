@@ -49,6 +49,16 @@ class CheckpointKeys:
                 return rank
         return None
 
+    def unmatched(self, checkpoint_id: int, mac: bytes | None) -> str:
+        """Why a checkpoint that no key held vouches for fails."""
+        if mac is None:
+            return f"checkpoint {checkpoint_id} has no MAC: made without a key, or forged"
+        return (
+            f"checkpoint {checkpoint_id} has a MAC that matches none of the keys held (the "
+            f"current checkpoint key and {len(self.retired)} retired): forged, altered, or "
+            "signed by a key not given to this check"
+        )
+
     def describe(self, rank: int) -> str:
         return "the current key" if rank == 0 else f"retired key {rank}"
 
@@ -76,13 +86,11 @@ class KeyOrder:
         """What is wrong with this checkpoint's MAC, if anything."""
         rank = self.keys.rank(mac, shard=self.shard, checkpoint_id=checkpoint_id, digest=digest)
         if rank is None:
-            if mac is None:
-                return f"checkpoint {checkpoint_id} has no MAC: made without a key, or forged"
-            return (
-                f"checkpoint {checkpoint_id} has a MAC that matches none of the keys held (the "
-                f"current checkpoint key and {len(self.keys.retired)} retired): forged, "
-                "altered, or signed by a key not given to this check"
-            )
+            return self.keys.unmatched(checkpoint_id, mac)
+        return self.follow(checkpoint_id, rank)
+
+    def follow(self, checkpoint_id: int, rank: int) -> str | None:
+        """The next checkpoint (by id), signed by the key of this rank."""
         newest = self.newest_rank
         if newest is not None and rank > newest:
             return (
