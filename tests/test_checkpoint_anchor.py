@@ -30,6 +30,7 @@ from ledger.settings import SettingsError, checkpoint_keys_from_env
 from ledger.storage.chain import ChainStore
 from ledger.storage.checkpoint_export import CheckpointExport
 from ledger.storage.shard import Shard
+from ledger.telemetry import metrics
 from ledger.v1 import ledger_pb2 as pb
 from ledger.v1 import ledger_pb2_grpc
 from tests.auth_support import child_env, run_cli
@@ -378,6 +379,11 @@ async def test_checkpoints_seal_heads_from_the_entries_not_the_account_row(
         )
     assert sealed[(merchant, "wallet")] == (TRANSFERS, wallet_head)
     assert (merchant, "cash") not in sealed
+    # The service's rounds count it each time, for LedgerHistoryTampered.
+    unsealable = {"shard": "shard-a", "kind": "chain_unsealable"}
+    before = metrics.checkpoint_problems.total(unsealable)
+    await anchored.server.checkpointer.checkpoint_once()
+    assert metrics.checkpoint_problems.total(unsealable) == before + 1
 
 
 async def test_exported_heads_are_named_missing_or_differing_and_the_rest_pass(
@@ -523,7 +529,10 @@ async def test_a_replica_without_the_new_key_makes_and_exports_no_checkpoint_aft
     await transfer_once(anchored, merchant)
     old_replica = anchored.server.checkpointer
     assert old_replica.keys == KEYS
+    unknown = {"shard": "shard-a", "kind": "unknown_key"}
+    before = metrics.checkpoint_problems.total(unknown)
     assert "shard-a" not in await old_replica.checkpoint_once()
+    assert metrics.checkpoint_problems.total(unknown) == before + 1  # LedgerCheckpointKeyUnknown
     done = await ChainStore(shard).checkpoint_round(keys=KEYS)
     assert (done.checkpoint, done.unknown_key_at) == (None, 2)
     assert [r.checkpoint.checkpoint_id for r in export_of(anchored).read("shard-a")] == [1, 2]
@@ -550,7 +559,10 @@ async def test_a_retired_key_signing_after_the_rotation_is_named_and_not_exporte
         "(the current key): a retired key signed it after the rotation (leaked?)"
     ]
     # The rotated replica's next round seals on top, but exports neither.
+    refused = {"shard": "shard-a", "kind": "export_refused"}
+    before = metrics.checkpoint_problems.total(refused)
     assert await rotated_round(anchored, merchant) == 4
+    assert metrics.checkpoint_problems.total(refused) == before + 1  # LedgerHistoryTampered
     assert [r.checkpoint.checkpoint_id for r in export_of(anchored).read("shard-a")] == [1, 2]
     # An export that took it anyway (an old exporter) is named line by line.
     export_of(anchored).append("shard-a", [leaked.checkpoint])

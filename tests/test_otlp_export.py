@@ -60,6 +60,7 @@ EXPORTED_METRICS = (
     "ledger_shard_reachable",
     "ledger_saga_oldest_running_age_seconds",
     "ledger_events_sequenced_total",
+    "ledger_checkpoint_problems_total",
 )
 # The event stream's series that exist only with their subject: a subscriber
 # (delivery delay), a registered consumer (lag), a retention pass every 10 s

@@ -17,6 +17,7 @@ from ledger.routing.cluster import Cluster
 from ledger.storage.chain import ChainStore, ChainViolation, Checkpoint, Head
 from ledger.storage.checkpoint_export import CheckpointExport, ExportError
 from ledger.storage.errors import ShardBusy, ShardUnavailable
+from ledger.telemetry import metrics
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,9 @@ class ChainCheckpointer:
         self.interval_s = interval_s
         self.keys = keys
         self.export = export
+        for name in cluster.shards:
+            for kind in metrics.CHECKPOINT_PROBLEM_KINDS:
+                metrics.checkpoint_problems.exported_at_zero({"shard": name, "kind": kind})
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -56,6 +60,7 @@ class ChainCheckpointer:
                     heads_max=limits.chain_checkpoint_heads_max, keys=self.keys
                 )
                 if done.unknown_key_at is not None:
+                    metrics.checkpoint_problems.add(1, {"shard": name, "kind": "unknown_key"})
                     log.warning(
                         "chain checkpoint skipped on %s: checkpoint %d is signed by none of "
                         "this replica's checkpoint keys (a newer key: give this replica the "
@@ -64,6 +69,10 @@ class ChainCheckpointer:
                         done.unknown_key_at,
                     )
                     continue
+                if done.unsealable:
+                    metrics.checkpoint_problems.add(
+                        len(done.unsealable), {"shard": name, "kind": "chain_unsealable"}
+                    )
                 for merchant_id, account_id in done.unsealable:
                     log.error(
                         "chain of %s/%s on %s does not link up to its sealed head; "
@@ -117,6 +126,7 @@ class ChainCheckpointer:
                 else None
             )
             if problem is not None:
+                metrics.checkpoint_problems.add(1, {"shard": name, "kind": "export_refused"})
                 log.error(
                     "checkpoint not exported from %s: %s (run `ledger verify`)", name, problem
                 )

@@ -38,6 +38,9 @@ class SummedCounter:
         key = tuple(attributes.items())
         self._totals[key] = self._totals.get(key, 0) + amount
 
+    def total(self, attributes: Mapping[str, str]) -> int:
+        return self._totals.get(tuple(attributes.items()), 0)
+
     def exported_at_zero(self, attributes: Mapping[str, str]) -> None:
         """Makes the series with these attributes exist (at 0) before its first event."""
         self.add(0, attributes)
@@ -164,6 +167,17 @@ event_delivery_delay = SummedHistogram(
     description="From an event's commit to its delivery to a subscriber",
     bounds=LATENCY_BUCKETS_S,
 )
+# What a checkpoint round found wrong, by shard and kind: chain_unsealable (an
+# account's entries do not link up to its sealed head), export_refused (a
+# checkpoint in the database the keys do not vouch for, so not exported) and
+# unknown_key (the last checkpoint is signed by no key this replica holds).
+checkpoint_problems = SummedCounter(
+    "ledger_checkpoint_problems",
+    unit="1",
+    description="Checkpoint rounds that found history or a checkpoint not vouched for, by "
+    "shard and kind",
+)
+CHECKPOINT_PROBLEM_KINDS = ("chain_unsealable", "export_refused", "unknown_key")
 # Balance monitor crossings (ledger/domain/monitors.py), by monitor id and direction.
 # Monitor ids are admin-chosen names of a bounded set (8 per account), no merchant ids.
 monitor_crossings = SummedCounter(
