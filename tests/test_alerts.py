@@ -80,7 +80,13 @@ _METRICS_LINE = re.compile(r"metrics on http://([\d.]+):(\d+)/metrics")
 # Panel queries that select only failure counters: they are exported at zero from
 # start-up, and on a healthy cluster nothing has failed, so every value they return
 # is 0 (and a failure in this test would show).
-FAILURE_ONLY_METRICS = frozenset({"ledger_saga_attempts_failed_total", "ledger_shard_errors_total"})
+FAILURE_ONLY_METRICS = frozenset(
+    {
+        "ledger_saga_attempts_failed_total",
+        "ledger_shard_errors_total",
+        "ledger_checkpoint_problems_total",
+    }
+)
 
 
 def _yaml() -> Any:
