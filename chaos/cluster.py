@@ -346,11 +346,16 @@ class ChaosCluster:
 
     async def retire(self, name: str) -> tuple[bool, str]:
         """A drained shard's last step: `state = "retired"` (next epoch), then `ledger
-        shards rebalance` until it exits 0. It is refused (exit 2) until every event
-        consumer registered there has acknowledged the shard's stream to its end.
+        shards rebalance` until it says the shard is RETIRED. It is refused (exit 2)
+        until every event consumer registered there has acknowledged the shard's stream
+        to its end. A run may say RETIRED and exit 1 for a move between other shards
+        that waits for a hold (chaos seed 294): the shard is retired all the same.
         Returns whether it finished, and what it took."""
         self.reconfigure(states={**self.states, name: "retired"})
-        return await self._rebalance_until_finished(None)
+        said = f"RETIRED {name}:"
+        return await self._rebalance_until_finished(
+            None, done=lambda code, output: any(ln.startswith(said) for ln in output.splitlines())
+        )
 
     async def finish_moves(self) -> str:
         """After the run's holds are settled: `ledger shards rebalance` again until it
@@ -359,9 +364,14 @@ class ChaosCluster:
         _, runs = await self._rebalance_until_finished(None)
         return f"{runs}; cleanup: {await self.cleanup()}"
 
-    async def _rebalance_until_finished(self, kill_after_s: float | None) -> tuple[bool, str]:
-        """Runs `ledger shards rebalance` until it exits 0 or the deadline passes:
-        (finished, what the runs did)."""
+    async def _rebalance_until_finished(
+        self,
+        kill_after_s: float | None,
+        *,
+        done: Callable[[int, str], bool] = lambda code, output: code == 0,
+    ) -> tuple[bool, str]:
+        """Runs `ledger shards rebalance` until done(exit code, output) (by default:
+        it exits 0) or the deadline passes: (finished, what the runs did)."""
         deadline = time.monotonic() + REBALANCE_DEADLINE_S
         runs: list[str] = []
         while True:
@@ -370,7 +380,7 @@ class ChaosCluster:
             # Every run's moves are reported: a run that exits 1 (a merchant deferred)
             # has moved others, and the rerun that exits 0 may move none.
             runs.append(_run_summary(code, output))
-            if code == 0:
+            if done(code, output):
                 return True, f"epoch {self.epoch}: {', '.join(runs)}"
             if time.monotonic() > deadline:
                 # Merchants with holds that cannot move yet stay deferred: the next

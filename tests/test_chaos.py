@@ -350,7 +350,21 @@ _DRAINED_OTHER_MOVE_DEFERRED = (
 )
 
 
-_RETIRED = "moved 0 merchants, 0 rows copied"
+_RETIRED = (
+    "moved 0 merchants, 0 rows copied\n"
+    "RETIRED shard-a: holds nothing and every event consumer has its stream; the service "
+    "routes nothing to it"
+)
+# Chaos seed 294: the retiring run exits 1 for a merchant moving between two other
+# shards that waits for a hold; shard-a is retired all the same.
+_RETIRED_OTHER_MOVE_DEFERRED = (
+    "moved 0 merchants, 0 rows copied\n"
+    "NOT MOVED s294-m3 shard-c -> shard-b: deferred: cross-shard hold c4-1675 of s294-m1: "
+    "its path would repeat a relay step or pass 16 relays; it moves once that hold settles "
+    "(rerun to finish)\n"
+    "RETIRED shard-a: holds nothing and every event consumer has its stream; the service "
+    "routes nothing to it"
+)
 _CONSUMER_BEHIND = (
     "error: shard shard-a's event stream is not acknowledged to its end by "
     "'chaos-books' (3 events): let them catch up"
@@ -504,6 +518,20 @@ def test_a_drained_shard_retires_once_the_event_consumer_has_its_stream(
     assert record.error == "" and record.violations == []
     assert "; retired: epoch 3: exit 2" in record.detail
     assert "exit 0 (moved 0 merchants); active again: epoch 4" in record.detail
+    assert cluster.states == dict.fromkeys(cluster.shards, "active")
+
+
+@pytest.mark.timeout(10)
+def test_a_shard_is_retired_when_the_run_says_so_though_another_move_waits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A deadline already passed: the first run must count, or it is a violation.
+    monkeypatch.setattr(chaos_cluster, "REBALANCE_DEADLINE_S", 0.0)
+    record, cluster, _ = _scripted_drain(
+        tmp_path, monkeypatch, drained_on_run=1, retire_answers=[(1, _RETIRED_OTHER_MOVE_DEFERRED)]
+    )
+    assert record.error == "" and record.violations == []
+    assert "; retired: epoch 3: exit 1 (moved 0 merchants); active again" in record.detail
     assert cluster.states == dict.fromkeys(cluster.shards, "active")
 
 

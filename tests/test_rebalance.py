@@ -731,7 +731,9 @@ async def test_draining_a_shard_moves_every_merchant_off_it_and_keeps_balances(
     await ledger4.switch_to(retired)
     assert "shard-d" not in service.cluster.shards, "a retired shard is not served"
     async with opened(retired) as rebalancer:
-        assert (await rebalancer.rebalance()).results == []
+        summary = await rebalancer.rebalance()
+        assert summary.results == []
+        assert "RETIRED shard-d: holds nothing" in summary.render(), summary.render()
     assert await all_balances(service, merchant_ids) == before
     await assert_reconciled(ledger4, retired, "reconcile-after-cleanup.toml")
 

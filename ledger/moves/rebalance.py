@@ -135,6 +135,11 @@ class Summary:
     draining: dict[str, ShardPins] = field(default_factory=dict)
     # (shard, consumer): event consumers registered on a shard that lacked them.
     consumers_carried: list[tuple[str, str]] = field(default_factory=list)
+    # Shards this config retires, or no longer lists, that were let go (nothing pins
+    # them): said whatever else the run leaves to do, since a rerun for a deferred
+    # merchant elsewhere exits 1 with the shard gone all the same (chaos seed 294).
+    retired: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
 
     @property
     def finished(self) -> bool:
@@ -175,6 +180,13 @@ class Summary:
                 f"ABANDONED {move}: an earlier run's move the config no longer asks for; "
                 "what it copied is an old copy (`ledger shards cleanup` deletes it)"
             )
+        for name in self.retired:
+            lines.append(
+                f"RETIRED {name}: holds nothing and every event consumer has its stream; "
+                "the service routes nothing to it"
+            )
+        for name in self.removed:
+            lines.append(f"REMOVED {name}: holds nothing; it is no longer part of the cluster")
         for name, pins in sorted(self.draining.items()):
             if pins.routable_needed:
                 lines.append(
@@ -314,7 +326,10 @@ class Rebalancer:
                         epoch=self.new.epoch, claims_paused=False
                     )
             summary = Summary(
-                abandoned=await self._abandon_stale_moves(), consumers_carried=carried
+                abandoned=await self._abandon_stale_moves(),
+                consumers_carried=carried,
+                retired=sorted(self.retired),
+                removed=sorted(self.deleted),
             )
             todo = list(plan.moves)
             done = 0
