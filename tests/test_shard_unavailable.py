@@ -17,8 +17,13 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2
 
+from ledger.domain.accounts import AccountKey, AccountSpec
 from ledger.embedded.postgres import EmbeddedPostgres, EmbeddedPostgresError
-from ledger.routing.config import ShardConfig, ShardSpec
+from ledger.routing.cluster import Cluster
+from ledger.routing.config import ShardConfig, ShardSpec, load_config
+from ledger.storage.errors import ShardUnavailable, StaleEpoch
+from ledger.storage.migrate import apply_migrations
+from ledger.storage.shard import Shard
 from ledger.v1 import ledger_pb2 as pb
 from tests.process_cluster import ProcessCluster
 from tests.support import (
@@ -245,6 +250,53 @@ async def test_a_replica_starts_while_a_never_set_up_shard_is_down_and_sets_it_u
         assert (await cluster.reconcile()).ok
     finally:
         await cluster.close()
+
+
+async def test_a_shard_that_answers_before_it_is_set_up_serves_nothing_until_it_is(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """The test above failed once with INTERNAL ("internal invariant violated": shard_meta
+    has its row): shard-c answered, its tables half made, before the replica's set-up of
+    it ran. Here that moment is held still: nothing but the set-up may use the shard
+    until it is done, and a shard in that state seen without this replica's set-up is
+    waited for like one on an older epoch, never an invariant broken."""
+    processes = ProcessCluster(tmp_path_factory.mktemp("half-set-up"))
+    cluster: Cluster | None = None
+    try:
+        processes.start_shards()
+        processes.shards.stop("shard-c")
+        cluster = Cluster(load_config(processes.config_path), config_path=processes.config_path)
+        await cluster.open()
+        assert cluster.unreached == {"shard-c"}
+        await asyncio.to_thread(processes.shards.start_one, "shard-c")
+        half_made = await asyncpg.connect(processes.shards.servers["shard-c"].dsn("ledger"))
+        try:
+            await apply_migrations(half_made)  # the tables, not yet the shard's name and epoch
+        finally:
+            await half_made.close()
+        shard = cluster.shards["shard-c"]
+        merchant = processes.merchant_on("shard-c")
+        specs = [AccountSpec(AccountKey(merchant, "cash"), "EUR")]
+
+        with pytest.raises(ShardUnavailable, match="NotSetUp"):
+            await shard.create_accounts(specs, cluster.fence(shard, {merchant}))
+        # The same database reached by a Shard that was never told (the fence's own check).
+        bare = Shard(name="shard-c", dsn=shard.dsn)
+        await bare.open()
+        try:
+            with pytest.raises(StaleEpoch):
+                await bare.create_accounts(specs, cluster.fence(shard, {merchant}))
+        finally:
+            await bare.close()
+
+        await cluster.migrate_unreached()
+        assert cluster.unreached == set()
+        (created,) = await shard.create_accounts(specs, cluster.fence(shard, {merchant}))
+        assert created.created
+    finally:
+        if cluster is not None:
+            await cluster.close()
+        processes.shards.stop_all()
 
 
 async def logged_back(caplog: pytest.LogCaptureFixture, shard: str) -> bool:

@@ -133,7 +133,7 @@ class Cluster:
                 recorded[shard.name] = await shard.recorded_epoch()
             except ShardUnavailable as error:
                 log.warning("shard %s not set up yet: %s", shard.name, error)
-                self.unreached.add(shard.name)
+                self._unreached(shard)
         # Shards already at an older epoch: this config awaits a rebalance, so a
         # shard set up now is one being added and starts with claims paused.
         # (A shard set up later, after being down, goes by what the others showed.)
@@ -149,9 +149,10 @@ class Cluster:
                 )
             except ShardUnavailable as error:
                 log.warning("shard %s not set up yet: %s", shard.name, error)
-                self.unreached.add(shard.name)
+                self._unreached(shard)
                 continue
             self.unreached.discard(shard.name)
+            shard.set_up = True
             if applied:
                 log.info("shard %s: applied %s", shard.name, ", ".join(applied))
             # A shard set up just now took this config's epoch.
@@ -169,6 +170,11 @@ class Cluster:
                     shard_epoch,
                     self.epoch,
                 )
+
+    def _unreached(self, shard: Shard) -> None:
+        """Set-up of shard failed: it serves nothing until migrate_unreached sets it up."""
+        self.unreached.add(shard.name)
+        shard.set_up = False
 
     async def _leave_refused(self, config: ShardConfig) -> str | None:
         """Why config may not stop routing a shard this replica serves, or None: a

@@ -22,6 +22,11 @@ class ShardUnavailable(Exception):
         self.shard_name = shard_name
 
 
+class NotSetUp(Exception):
+    """The shard answers but has not been set up yet (migrations, its name and epoch):
+    it was down when the replica started, and set-up is being retried."""
+
+
 class ShardBusy(ShardUnavailable):
     """Every pool connection stayed busy past the acquire timeout: overload, not an outage."""
 

@@ -75,6 +75,7 @@ from ledger.storage.errors import (
     MerchantsMoving,
     MerchantsNotOwned,
     MerchantsUnknown,
+    NotSetUp,
     RetryTransaction,
     ShardBusy,
     ShardUnavailable,
@@ -213,6 +214,11 @@ class Shard:
         # Told after every committed transaction: the event sequencer wakes for the
         # events it may have written (ledger/core/event_sequencer.py).
         self.on_commit: Callable[[str], None] | None = None
+        # False while a shard that was down at start-up is not set up yet: everything
+        # but the set-up itself gets ShardUnavailable, not the half-made schema (a
+        # call in the moment between the server answering and its migrations ran
+        # into a missing shard_meta row: INTERNAL instead of UNAVAILABLE).
+        self.set_up = True
 
     async def open(self) -> None:
         invariant(self._pool is None, "a shard is opened once")
@@ -269,7 +275,7 @@ class Shard:
                 )
             return applied
 
-        return await self._with_connection(run)
+        return await self._with_connection(run, setting_up=True)
 
     async def owner_of(self, merchant_id: str) -> str:
         """The shard that owns the merchant now, as this shard knows it: itself, or
@@ -318,7 +324,7 @@ class Shard:
             value = await conn.fetchval("SELECT epoch FROM shard_meta")
             return int(value) if value is not None else None
 
-        return await self._with_connection(run)
+        return await self._with_connection(run, setting_up=True)
 
     async def create_accounts(
         self, specs: Sequence[AccountSpec], fence: Fence
@@ -699,7 +705,10 @@ class Shard:
         except NOT_SET_UP_ERRORS:
             # Like a shard on an older epoch, it is waited for (retryably).
             raise StaleEpoch(self.name, 0, fence.epoch) from None
-        invariant(len(rows) >= 1, "shard_meta has its row")
+        if not rows:
+            # Its tables made but its name and epoch not recorded yet: set-up is
+            # under way (Shard.migrate records them last). Waited for, as above.
+            raise StaleEpoch(self.name, 0, fence.epoch)
         shard_epoch = int(rows[0]["epoch"])
         if shard_epoch > fence.epoch:
             raise StaleEpoch(self.name, shard_epoch, fence.epoch)
@@ -871,10 +880,12 @@ class Shard:
             TransferKey(r["merchant_id"], r["reversal_of"]): int(r["reversed_minor"]) for r in rows
         }
 
-    async def _with_connection(self, fn: Callable[[Connection], Awaitable[T]]) -> T:
+    async def _with_connection(
+        self, fn: Callable[[Connection], Awaitable[T]], *, setting_up: bool = False
+    ) -> T:
         with self._span(fn, transaction=False) as span:
             try:
-                async with self._acquire() as conn:
+                async with self._acquire(setting_up=setting_up) as conn:
                     # A read changes nothing: as background work it is never worth a span.
                     return await fn(conn)
             except ShardBusy:
@@ -943,7 +954,7 @@ class Shard:
             raise
 
     @contextlib.asynccontextmanager
-    async def _acquire(self) -> AsyncIterator[Connection]:
+    async def _acquire(self, *, setting_up: bool = False) -> AsyncIterator[Connection]:
         """A pool connection; a wait for one that times out on a full pool is ShardBusy.
 
         A server that answers but refuses to let us connect (SQLSTATE 55000 "database
@@ -951,6 +962,8 @@ class Shard:
         53300 too many connections, ...) is unavailable, whatever the SQLSTATE: any
         database error while connecting means the shard cannot be used now.
         """
+        if not self.set_up and not setting_up:
+            raise ShardUnavailable(self.name, NotSetUp(self.name))
         pool = self.pool
         try:
             conn = await pool.acquire(timeout=limits.pool_acquire_timeout_s)
