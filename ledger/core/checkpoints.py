@@ -59,16 +59,6 @@ class ChainCheckpointer:
                 done = await store.checkpoint_round(
                     heads_max=limits.chain_checkpoint_heads_max, keys=self.keys
                 )
-                if done.unknown_key_at is not None:
-                    metrics.checkpoint_problems.add(1, {"shard": name, "kind": "unknown_key"})
-                    log.warning(
-                        "chain checkpoint skipped on %s: checkpoint %d is signed by none of "
-                        "this replica's checkpoint keys (a newer key: give this replica the "
-                        "rotated keys; else forged: run `ledger verify`)",
-                        name,
-                        done.unknown_key_at,
-                    )
-                    continue
                 if done.unsealable:
                     metrics.checkpoint_problems.add(
                         len(done.unsealable), {"shard": name, "kind": "chain_unsealable"}
@@ -81,6 +71,16 @@ class ChainCheckpointer:
                         account_id,
                         name,
                     )
+                if done.unknown_key_at is not None:
+                    metrics.checkpoint_problems.add(1, {"shard": name, "kind": "unknown_key"})
+                    log.warning(
+                        "chain checkpoint skipped on %s: checkpoint %d is signed by none of "
+                        "this replica's checkpoint keys (a newer key: give this replica the "
+                        "rotated keys; else forged: run `ledger verify`)",
+                        name,
+                        done.unknown_key_at,
+                    )
+                    continue
                 if self.export is not None:
                     await self._export(name, store, done.checkpoint)
             except (ShardUnavailable, ShardBusy) as error:

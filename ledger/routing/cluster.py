@@ -70,9 +70,6 @@ class Cluster:
         # this ring put it (see previous_owner).
         self.previous_ring: ShardRing | None = None
         self.shards: dict[str, Shard] = {}
-        # Shards that could not be reached to set up at start-up: their merchants
-        # get UNAVAILABLE meanwhile, and set-up is retried (migrate_unreached).
-        self.unreached: set[str] = set()
         self._rebalance_pending = False
         self._reload_lock = asyncio.Lock()
         # The last reason a config reload was refused (logged once per reason).
@@ -121,9 +118,12 @@ class Cluster:
         await self._migrate(list(self.shards.values()))
 
     async def migrate_unreached(self) -> None:
-        """Sets up the shards that were down at start-up, once they answer."""
-        if self.unreached:
-            await self._migrate([s for n, s in self.shards.items() if n in self.unreached])
+        """Sets up the shards that could not be reached to set up at start-up, once they
+        answer: they serve nothing meanwhile (Shard.set_up; their merchants get
+        UNAVAILABLE)."""
+        unset = [shard for shard in self.shards.values() if not shard.set_up]
+        if unset:
+            await self._migrate(unset)
 
     async def _migrate(self, shards: list[Shard]) -> None:
         # One shard down must not keep a replica from serving the others.
@@ -133,7 +133,7 @@ class Cluster:
                 recorded[shard.name] = await shard.recorded_epoch()
             except ShardUnavailable as error:
                 log.warning("shard %s not set up yet: %s", shard.name, error)
-                self._unreached(shard)
+                shard.set_up = False
         # Shards already at an older epoch: this config awaits a rebalance, so a
         # shard set up now is one being added and starts with claims paused.
         # (A shard set up later, after being down, goes by what the others showed.)
@@ -149,9 +149,8 @@ class Cluster:
                 )
             except ShardUnavailable as error:
                 log.warning("shard %s not set up yet: %s", shard.name, error)
-                self._unreached(shard)
+                shard.set_up = False
                 continue
-            self.unreached.discard(shard.name)
             shard.set_up = True
             if applied:
                 log.info("shard %s: applied %s", shard.name, ", ".join(applied))
@@ -170,11 +169,6 @@ class Cluster:
                     shard_epoch,
                     self.epoch,
                 )
-
-    def _unreached(self, shard: Shard) -> None:
-        """Set-up of shard failed: it serves nothing until migrate_unreached sets it up."""
-        self.unreached.add(shard.name)
-        shard.set_up = False
 
     async def _leave_refused(self, config: ShardConfig) -> str | None:
         """Why config may not stop routing a shard this replica serves, or None: a

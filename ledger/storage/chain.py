@@ -109,20 +109,6 @@ class ChainStore:
         async def run(conn: Connection) -> CheckpointRound:
             if not await conn.fetchval(sql.TRY_CHECKPOINT_LOCK):
                 return CheckpointRound(None, [])
-            last = await conn.fetchrow(sql.LAST_CHECKPOINT)
-            if (
-                keys is not None
-                and last is not None
-                and last["mac"] is not None
-                and keys.rank(
-                    last["mac"],
-                    shard=self.shard.name,
-                    checkpoint_id=last["checkpoint_id"],
-                    digest=last["digest"],
-                )
-                is None
-            ):
-                return CheckpointRound(None, [], unknown_key_at=last["checkpoint_id"])
             grown = await conn.fetch(sql.CHANGED_HEADS, heads_max, GENESIS_HASH)
             if not grown:
                 return CheckpointRound(None, [])
@@ -145,6 +131,20 @@ class ChainStore:
             unsealable = sorted(broken)
             if not rows:
                 return CheckpointRound(None, unsealable)
+            last = await conn.fetchrow(sql.LAST_CHECKPOINT)
+            if (
+                keys is not None
+                and last is not None
+                and last["mac"] is not None
+                and keys.rank(
+                    last["mac"],
+                    shard=self.shard.name,
+                    checkpoint_id=last["checkpoint_id"],
+                    digest=last["digest"],
+                )
+                is None
+            ):
+                return CheckpointRound(None, unsealable, unknown_key_at=last["checkpoint_id"])
             checkpoint_id = last["checkpoint_id"] + 1 if last else 1
             previous = last["digest"] if last else GENESIS_HASH
             digest = checkpoint_digest(previous, rows)
