@@ -88,6 +88,8 @@ LOOKUP_BATCH_MAX = 500
 # A hold between a merchant's own accounts that must outlive its move (well
 # under a second here) and then expire on its new shard.
 OWN_HOLD_TIMEOUT_MS = 4000
+# A call expected to wait for a merchant a rebalance has not marked yet gives up after this.
+SHORT_CALL_TIMEOUT_S = 3.0
 # A CLI subprocess must finish within this, or the test fails instead of hanging.
 SUBPROCESS_TIMEOUT_S = 60.0
 
@@ -904,6 +906,70 @@ async def test_merchant_moves_back_to_a_shard_it_once_left(ledger4: Ledger4) -> 
         )
     assert await all_balances(service, movers) == before
     await assert_reconciled(ledger4, back, "reconcile.toml")
+
+
+async def test_a_rebalance_that_fails_before_marking_its_moves_leaves_no_merchant_to_be_claimed(
+    ledger4: Ledger4,
+) -> None:
+    """Chaos seed 298 (drains, 10 clients): a run raised every shard's epoch with claims
+    paused, then its plan failed (the source shard was cut off), and it resumed claims
+    on the way out. Replicas on the new config then wrote the movers on their new shard,
+    which took them on as new merchants (active there, without their accounts) while
+    they stayed active on the old one: a merchant owned twice, its transfers answered
+    DEBIT_ACCOUNT_NOT_FOUND there. Claims now resume only once the moves are marked."""
+    service = ledger4.service
+    three, four = service.cluster.config, ledger4.config(2, ALL_SHARDS)
+    [mover] = merchants_moving(three, four, 1, destination="shard-d")
+    source = ShardRing(three).shard_for(mover)
+    await create_merchants(service, [mover])
+    [funded] = await transfers(
+        service.stub, transfer(uid("t"), ref(mover, "cash"), ref(mover, "sales"), 5)
+    )
+    assert funded.result == pb.TRANSFER_RESULT_OK
+    await ledger4.switch_to(four)
+    async with opened(four) as rebalancer:
+        planned = rebalancer.plan
+
+        async def plan_with_the_source_cut_off() -> Plan:
+            async with ledger4.refusing_connections(source):
+                await rebalancer.shards[source].pool.expire_connections()
+                return await planned()
+
+        rebalancer.plan = plan_with_the_source_cut_off  # type: ignore[method-assign]
+        with pytest.raises(ShardUnavailable):
+            await rebalancer.rebalance()
+        destination = MoveStore(rebalancer.shards["shard-d"])
+        # A write for the mover meanwhile: waited for (retryable) or written where the
+        # mover is, never taken on by its new shard.
+        answered: object
+        try:
+            response = await service.stub.CreateTransfers(
+                pb.CreateTransfersRequest(
+                    transfers=[transfer(uid("t"), ref(mover, "cash"), ref(mover, "sales"), 7)]
+                ),
+                timeout=SHORT_CALL_TIMEOUT_S,
+            )
+            answered = result_names(response.results)
+        except grpc.aio.AioRpcError as error:
+            answered = error.code()
+        assert await destination.state_of(mover) is None, answered
+        written_before = answered == ["TRANSFER_RESULT_OK"]
+        assert written_before or answered in RETRYABLE_CODES | {
+            grpc.StatusCode.DEADLINE_EXCEEDED
+        }, answered
+        assert await MoveStore(rebalancer.shards[source]).state_of(mover) == ("active", None)
+
+        rebalancer.plan = planned  # type: ignore[method-assign]
+        summary = await rebalancer.rebalance()
+        assert [r.move.merchant_id for r in summary.moved] == [mover], summary.render()
+        assert await destination.state_of(mover) == ("active", None)
+    [after] = await transfers(
+        service.stub, transfer(uid("t"), ref(mover, "cash"), ref(mover, "sales"), 7)
+    )
+    assert after.result == pb.TRANSFER_RESULT_OK
+    sales = (await all_balances(service, [mover]))[(mover, "sales")]
+    assert sales[1] == (19 if written_before else 12), sales
+    await assert_reconciled(ledger4, four, "reconcile.toml")
 
 
 async def test_raising_a_weight_moves_merchants_only_towards_that_shard(ledger4: Ledger4) -> None:

@@ -341,6 +341,119 @@ async def test_linked_chain_across_shards_is_refused_and_nothing_is_written(
     assert await _history_rows(service) == before
 
 
+async def test_open_linked_chain_across_shards_at_the_batch_end_is_refused_and_nothing_is_written(
+    service: Service,
+) -> None:
+    # Found by tests/test_ledger_model.py: a chain left open at the end of the batch
+    # was not checked, and each shard stored its part as LINKED_EVENT_CHAIN_OPEN.
+    on_a, on_b = service.merchant_on("shard-a"), service.merchant_on("shard-b")
+    await create_accounts(
+        service.stub,
+        account(on_a, "cash"),
+        account(on_a, "wallet"),
+        account(on_b, "cash"),
+        account(on_b, "wallet"),
+    )
+    before = await _history_rows(service)
+    for second in (
+        transfer(uid("t"), ref(on_a, "cash"), ref(on_b, "wallet"), 7, linked=True),
+        transfer(uid("t"), ref(on_b, "cash"), ref(on_b, "wallet"), 7, linked=True),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await transfers(
+                service.stub,
+                transfer(uid("t"), ref(on_a, "cash"), ref(on_a, "wallet"), 5, linked=True),
+                second,
+            )
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert error_reason(refused.value) == "LINKED_CHAIN_SPANS_SHARDS"
+        assert _precondition_subjects(refused.value) == ["transfers[0]", "transfers[1]"]
+    assert await _history_rows(service) == before
+
+
+async def test_a_reversal_across_shards_is_refused_and_moves_nothing(service: Service) -> None:
+    # Found by tests/test_ledger_model.py: the saga dropped reversal_of and posted a
+    # plain transfer, so a "reversal" could move back more than the original, or
+    # reverse nothing at all. Reversing across shards is documented as not
+    # supported (REVERSAL_TARGET_NOT_FOUND; docs/sagas.md).
+    on_a, on_b = service.merchant_on("shard-a"), service.merchant_on("shard-b")
+    await create_accounts(service.stub, account(on_a, "cash"), account(on_b, "sales"))
+    original = uid("t")
+    [sent] = await transfers(
+        service.stub, transfer(original, ref(on_a, "cash"), ref(on_b, "sales"), 10)
+    )
+    assert sent.result == pb.TRANSFER_RESULT_OK
+    reversals = [
+        transfer(uid("r"), ref(on_b, "sales"), ref(on_a, "cash"), 1_000, reversal_of=original),
+        transfer(uid("r"), ref(on_b, "sales"), ref(on_a, "cash"), 4, reversal_of=original),
+        transfer(uid("r"), ref(on_b, "sales"), ref(on_a, "cash"), 4, reversal_of=uid("none")),
+    ]
+    for item in reversals:
+        assert result_names(await transfers(service.stub, item)) == [
+            "TRANSFER_RESULT_REVERSAL_TARGET_NOT_FOUND"
+        ]
+    sales, cash = (
+        await balance(service.stub, on_b, "sales"),
+        await balance(service.stub, on_a, "cash"),
+    )
+    assert (sales.credits_posted, sales.debits_posted, sales.debits_pending) == (10, 0, 0)
+    assert (cash.debits_posted, cash.credits_posted, cash.credits_pending) == (10, 0, 0)
+
+
+async def test_items_of_a_batch_that_depend_on_a_cross_shard_item_are_applied_after_it(
+    service: Service,
+) -> None:
+    # Found by tests/test_ledger_model.py: a batch's sagas ran beside its local items,
+    # so an item was decided before an earlier cross-shard item it depends on.
+    on_a, on_b = service.merchant_on("shard-a"), service.merchant_on("shard-b")
+    await create_accounts(
+        service.stub,
+        account(on_a, "bank"),
+        account(on_a, "wallet", no_overdraft=True),
+        account(on_a, "sales"),
+        account(on_b, "cash"),
+        account(on_b, "sales"),
+    )
+    [funded] = await transfers(
+        service.stub, transfer(uid("t"), ref(on_a, "bank"), ref(on_a, "wallet"), 400)
+    )
+    assert funded.result == pb.TRANSFER_RESULT_OK
+    hold = uid("h")
+    results = await transfers(
+        service.stub,
+        # Spends the wallet's 400 across shards: the local spend after it must fail.
+        transfer(uid("t"), ref(on_a, "wallet"), ref(on_b, "sales"), 400),
+        transfer(uid("t"), ref(on_a, "wallet"), ref(on_a, "sales"), 400),
+        # A hold across shards, then its post in the same call.
+        transfer(
+            hold, ref(on_b, "cash"), ref(on_a, "sales"), 100, action=pb.TRANSFER_ACTION_PENDING
+        ),
+        transfer(
+            uid("t"),
+            ref(on_b, "cash"),
+            None,
+            100,
+            action=pb.TRANSFER_ACTION_POST_PENDING,
+            pending_id=hold,
+        ),
+        # Credits the empty wallet across shards, then spends it locally.
+        transfer(uid("t"), ref(on_b, "cash"), ref(on_a, "wallet"), 250),
+        transfer(uid("t"), ref(on_a, "wallet"), ref(on_a, "sales"), 250),
+    )
+    assert result_names(results) == [
+        "TRANSFER_RESULT_OK",
+        "TRANSFER_RESULT_EXCEEDS_CREDITS",
+        "TRANSFER_RESULT_OK",
+        "TRANSFER_RESULT_OK",
+        "TRANSFER_RESULT_OK",
+        "TRANSFER_RESULT_OK",
+    ]
+    wallet = await balance(service.stub, on_a, "wallet")
+    assert (wallet.credits_posted, wallet.debits_posted) == (650, 650)
+    sales = await balance(service.stub, on_a, "sales")
+    assert (sales.credits_posted, sales.credits_pending) == (350, 0)
+
+
 async def test_batch_over_all_three_shards_gets_per_item_results_in_request_order(
     service: Service,
 ) -> None:

@@ -21,6 +21,11 @@ from ledger.core.errors import (
     LinkedChainSpansShards,
 )
 from ledger.domain.accounts import Account, AccountKey, AccountSpec, Balances
+from ledger.domain.batch_order import (
+    settles_of_batch_sagas,
+    settles_with_later_dependents,
+    waves,
+)
 from ledger.domain.engine import ItemOutcome
 from ledger.domain.limits import AccountLimits, LimitsChange, LimitsChangeRequest
 from ledger.domain.transfers import (
@@ -140,9 +145,13 @@ class Ledger:
         saga too; the saga path hands back a settle whose hold is local after all
         (SettleIsLocal). Each item changes path at most once each way; a topology
         still changing after that gets SHARD_UNAVAILABLE (retryable, nothing
-        written), never a stored result."""
+        written), never a stored result.
+
+        A batch is applied in order: one that holds sagas runs in waves
+        (ledger/domain/batch_order.py), each item after the earlier items it
+        depends on, so that a saga has finished (or the call's deadline passed)
+        before an item that shares an account with it, or settles it, runs."""
         cross = await self._cross_shard(requests)
-        local = [i for i in range(len(requests)) if i not in cross]
         results: dict[int, ItemOutcome] = {}
 
         async def run(
@@ -186,41 +195,53 @@ class Ledger:
                 return
             results[index] = await self.sagas.outcome_by(start, deadline=deadline)
 
-        deadline = deadline_from_now() if cross else None
-        if deadline is not None:
-            # A batch of only cross-shard transfers has no local route: its sagas get the
-            # request's one route span instead (a mixed batch has one from run_local).
-            route = (
-                contextlib.nullcontext()
-                if local
-                else start_as_current_span(
-                    "route", attributes={"ledger.items": len(requests), "ledger.sagas": len(cross)}
+        deadline: float | None = None
+
+        async def run_wave(wave: list[int]) -> None:
+            nonlocal deadline
+            local = [i for i in wave if i not in cross]
+            sagas = [i for i in wave if i in cross]
+            if sagas:
+                if deadline is None:
+                    deadline = deadline_from_now()
+                # A wave of only cross-shard transfers has no local route: its sagas get
+                # one route span instead (a mixed wave has one from run_local).
+                route = (
+                    contextlib.nullcontext()
+                    if local
+                    else start_as_current_span(
+                        "route", attributes={"ledger.items": len(wave), "ledger.sagas": len(sagas)}
+                    )
                 )
-            )
-            with route:
+                with route:
+                    await asyncio.gather(
+                        *([run_local(local)] if local else []),
+                        *(run_saga(i, deadline) for i in sagas),
+                    )
+            else:
+                # The common call: no task to create for a lone coroutine.
+                await run_local(local)
+            handed_back = [i for i in local if results[i].index == RUN_AS_SAGA]
+            if handed_back:
+                if deadline is None:
+                    deadline = deadline_from_now()
+                chained = _chained(requests)
+                for i in handed_back:
+                    if i in chained:
+                        # A chain may hold no saga: routed whole again, it is refused.
+                        results[i] = _retry_later(requests[i])
                 await asyncio.gather(
-                    *([run_local(local)] if local else []),
-                    *(run_saga(i, deadline) for i in sorted(cross)),
+                    *(run_saga(i, deadline) for i in handed_back if i not in chained)
                 )
-        elif local:
-            # The common call: no task to create for a lone coroutine.
-            await run_local(local)
-        handed_back = [i for i in local if results[i].index == RUN_AS_SAGA]
-        if handed_back:
-            if deadline is None:
-                deadline = deadline_from_now()
-            chained = _chained(requests)
-            for i in handed_back:
-                if i in chained:
-                    # A chain may hold no saga: routed whole again, it is refused.
-                    results[i] = _retry_later(requests[i])
-            await asyncio.gather(*(run_saga(i, deadline) for i in handed_back if i not in chained))
-        to_local = sorted(i for i, o in results.items() if o.index == _RUN_LOCALLY)
-        if to_local:
-            await run_local(to_local)
-            for i in to_local:
-                if results[i].index == RUN_AS_SAGA:
-                    results[i] = _retry_later(requests[i])
+            to_local = [i for i in wave if results[i].index == _RUN_LOCALLY]
+            if to_local:
+                await run_local(to_local)
+                for i in to_local:
+                    if results[i].index == RUN_AS_SAGA:
+                        results[i] = _retry_later(requests[i])
+
+        for wave in waves(requests, cross):
+            await run_wave(wave)
         for result, count in Counter(o.result.name for o in results.values()).items():
             metrics.transfers.add(count, {"result": result})
         if self.on_hold_timeout is not None:
@@ -244,7 +265,9 @@ class Ledger:
         account: only that shard knows whether a saga carries the transfer, and hands
         the settle back if one does. In a linked chain, which must live on one shard
         and hold no saga, settles are looked up first, so that such a call is refused
-        whole before anything is written.
+        whole before anything is written; so are settles that a later item of the
+        batch depends on, so that they run in their place in the batch's order. A
+        settle of a hold that a saga earlier in the batch makes is a saga.
         """
         ring = self.cluster.ring
         homes = [ring.shard_for(r.debit.merchant_id) for r in requests]
@@ -255,8 +278,16 @@ class Ledger:
             and not r.settles_pending
             and ring.shard_for(r.credit.merchant_id) != homes[i]
         }
-        chains = [c for c in linked_chains(requests) if not requests[c[-1]].linked]
-        settles = [i for chain in chains for i in chain if requests[i].settles_pending]
+        # An open chain at the end counts too: it is refused whole, but on one shard.
+        chains = linked_chains(requests)
+        placed: set[int] = set()
+        # Only a batch with a settle and something else has a settle to place.
+        if len(requests) > 1 and any(r.settles_pending for r in requests):
+            cross |= settles_of_batch_sagas(requests, cross)
+            placed = settles_with_later_dependents(requests)
+        settles = sorted(
+            ({i for chain in chains for i in chain if requests[i].settles_pending} | placed) - cross
+        )
         if settles:
             keys = [
                 TransferKey(requests[i].debit.merchant_id, requests[i].pending_id) for i in settles

@@ -108,8 +108,9 @@ class TransferRequest:
 
 
 def linked_chains(requests: Sequence[TransferRequest]) -> list[range]:
-    """The positions of each linked chain of more than one transfer (consecutive
-    linked items closed by an unlinked one; an open chain at the end counts too)."""
+    """The positions of each linked chain: consecutive linked items closed by an
+    unlinked one, and the open chain at the end, even of one linked item (a chain
+    all the same: refused whole, and bound by the rules of chains)."""
     chains: list[range] = []
     start = 0
     for i, r in enumerate(requests):
@@ -117,7 +118,7 @@ def linked_chains(requests: Sequence[TransferRequest]) -> list[range]:
             if i > start:
                 chains.append(range(start, i + 1))
             start = i + 1
-    if start < len(requests) - 1:
+    if start < len(requests):
         chains.append(range(start, len(requests)))
     return chains
 

@@ -312,19 +312,22 @@ class Rebalancer:
                 await self._store(name).set_epoch_and_claims(
                     epoch=self.new.epoch, claims_paused=True
                 )
-            try:
-                carried = await self._carry_consumers()
-                plan = await self.plan()
-                for move in plan.moves:
-                    await self._store(move.destination).mark_incoming(
-                        move.merchant_id, source=move.source, epoch=self.new.epoch
-                    )
-                faults.crash_point("rebalance.after_plan")
-            finally:
-                for name in self.shards:
-                    await self._store(name).set_epoch_and_claims(
-                        epoch=self.new.epoch, claims_paused=False
-                    )
+            carried = await self._carry_consumers()
+            plan = await self.plan()
+            for move in plan.moves:
+                await self._store(move.destination).mark_incoming(
+                    move.merchant_id, source=move.source, epoch=self.new.epoch
+                )
+            faults.crash_point("rebalance.after_plan")
+            # Claims resume only once every move is marked. A run that fails before
+            # (a shard cut off while it plans) leaves them paused, as a killed run
+            # does, until a rerun marks its moves: resumed, a shard at the new epoch
+            # would take a mover that a replica on the new config writes there as a
+            # new merchant, while it is still active where it was (chaos seed 298).
+            for name in self.shards:
+                await self._store(name).set_epoch_and_claims(
+                    epoch=self.new.epoch, claims_paused=False
+                )
             summary = Summary(
                 abandoned=await self._abandon_stale_moves(),
                 consumers_carried=carried,

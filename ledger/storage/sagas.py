@@ -368,6 +368,9 @@ class SagaStore:
         # An item marked linked ends an open chain here (chains never hold a saga):
         # refused as such, without joining the next item's chain.
         applying = [(i, b) for i, b in fresh if not b.request.linked]
+        # reversal_of is kept: reversing across shards is not supported (docs/sagas.md),
+        # and with no reversal targets in the state the rules refuse such an item
+        # REVERSAL_TARGET_NOT_FOUND, in their order of checks, before it reserves.
         plan = apply_transfers(
             [
                 replace(
@@ -375,7 +378,6 @@ class SagaStore:
                     credit=b.settlement,
                     action=TransferAction.PENDING,
                     timeout_ms=0,
-                    reversal_of="",
                 )
                 for _, b in applying
             ],
