@@ -280,6 +280,17 @@ async def _history_rows(service: Service) -> tuple[int, int]:
     return await count_rows(service, "transfers"), await count_rows(service, "entries")
 
 
+async def _refused_whole(service: Service, *items: pb.Transfer) -> grpc.aio.AioRpcError:
+    """Sends a batch whose chain spans shards: refused whole, nothing written."""
+    before = await _history_rows(service)
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await transfers(service.stub, *items)
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert error_reason(refused.value) == "LINKED_CHAIN_SPANS_SHARDS"
+    assert await _history_rows(service) == before
+    return refused.value
+
+
 async def test_cross_shard_item_in_a_batch_runs_as_a_saga_beside_the_local_items(
     service: Service,
 ) -> None:
@@ -305,17 +316,12 @@ async def test_cross_shard_transfer_inside_a_linked_chain_is_refused_and_nothing
     await create_accounts(
         service.stub, account(on_a, "cash"), account(on_a, "wallet"), account(on_b, "wallet")
     )
-    before = await _history_rows(service)
-    with pytest.raises(grpc.aio.AioRpcError) as refused:
-        await transfers(
-            service.stub,
-            transfer(uid("t"), ref(on_a, "cash"), ref(on_a, "wallet"), 5, linked=True),
-            transfer(uid("t"), ref(on_a, "cash"), ref(on_b, "wallet"), 7),
-        )
-    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert error_reason(refused.value) == "LINKED_CHAIN_SPANS_SHARDS"
-    assert _precondition_subjects(refused.value) == ["transfers[0]", "transfers[1]"]
-    assert await _history_rows(service) == before
+    refused = await _refused_whole(
+        service,
+        transfer(uid("t"), ref(on_a, "cash"), ref(on_a, "wallet"), 5, linked=True),
+        transfer(uid("t"), ref(on_a, "cash"), ref(on_b, "wallet"), 7),
+    )
+    assert _precondition_subjects(refused) == ["transfers[0]", "transfers[1]"]
 
 
 async def test_linked_chain_across_shards_is_refused_and_nothing_is_written(
@@ -329,16 +335,11 @@ async def test_linked_chain_across_shards_is_refused_and_nothing_is_written(
         account(on_c, "cash"),
         account(on_c, "wallet"),
     )
-    before = await _history_rows(service)
-    with pytest.raises(grpc.aio.AioRpcError) as refused:
-        await transfers(
-            service.stub,
-            transfer(uid("t"), ref(on_a, "cash"), ref(on_a, "wallet"), 5, linked=True),
-            transfer(uid("t"), ref(on_c, "cash"), ref(on_c, "wallet"), 5),
-        )
-    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert error_reason(refused.value) == "LINKED_CHAIN_SPANS_SHARDS"
-    assert await _history_rows(service) == before
+    await _refused_whole(
+        service,
+        transfer(uid("t"), ref(on_a, "cash"), ref(on_a, "wallet"), 5, linked=True),
+        transfer(uid("t"), ref(on_c, "cash"), ref(on_c, "wallet"), 5),
+    )
 
 
 async def test_open_linked_chain_across_shards_at_the_batch_end_is_refused_and_nothing_is_written(
@@ -354,21 +355,16 @@ async def test_open_linked_chain_across_shards_at_the_batch_end_is_refused_and_n
         account(on_b, "cash"),
         account(on_b, "wallet"),
     )
-    before = await _history_rows(service)
     for second in (
         transfer(uid("t"), ref(on_a, "cash"), ref(on_b, "wallet"), 7, linked=True),
         transfer(uid("t"), ref(on_b, "cash"), ref(on_b, "wallet"), 7, linked=True),
     ):
-        with pytest.raises(grpc.aio.AioRpcError) as refused:
-            await transfers(
-                service.stub,
-                transfer(uid("t"), ref(on_a, "cash"), ref(on_a, "wallet"), 5, linked=True),
-                second,
-            )
-        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-        assert error_reason(refused.value) == "LINKED_CHAIN_SPANS_SHARDS"
-        assert _precondition_subjects(refused.value) == ["transfers[0]", "transfers[1]"]
-    assert await _history_rows(service) == before
+        refused = await _refused_whole(
+            service,
+            transfer(uid("t"), ref(on_a, "cash"), ref(on_a, "wallet"), 5, linked=True),
+            second,
+        )
+        assert _precondition_subjects(refused) == ["transfers[0]", "transfers[1]"]
 
 
 async def test_a_reversal_across_shards_is_refused_and_moves_nothing(service: Service) -> None:

@@ -46,18 +46,17 @@ def depends_on_all_sagas(request: TransferRequest) -> bool:
 def settles_with_later_dependents(requests: Sequence[TransferRequest]) -> set[int]:
     """Settles that a later item of the batch depends on: whether a saga carries
     their hold decides whether they run before it, so it is looked up first."""
+    keys = [order_keys(r) for r in requests]
     last_touch: dict[OrderKey, int] = {}
     last_open_settle = -1
     for i, request in enumerate(requests):
-        for key in order_keys(request):
-            last_touch[key] = i
+        last_touch.update(dict.fromkeys(keys[i], i))
         if depends_on_all_sagas(request):
             last_open_settle = i
     return {
         i
         for i, r in enumerate(requests)
-        if r.settles_pending
-        and (last_open_settle > i or any(last_touch[k] > i for k in order_keys(r)))
+        if r.settles_pending and (last_open_settle > i or any(last_touch[k] > i for k in keys[i]))
     }
 
 
@@ -90,8 +89,7 @@ def waves(requests: Sequence[TransferRequest], sagas: set[int]) -> list[list[int
     position = 0
     while position < len(requests):
         unit = chains.get(position, range(position, position + 1))
-        keys = [order_keys(requests[i]) for i in unit]
-        flat = set().union(*keys)
+        flat = set().union(*(order_keys(requests[i]) for i in unit))
         if position in sagas:
             # A saga goes after everything earlier that shares a key with it.
             wave = _after(touched, flat, strictly=True)
