@@ -35,6 +35,7 @@ from ledger.sagas.reconcile import ReconcileReport, reconcile
 from ledger.sagas.runner import SagaRunner, SagaSettings, SagaStart
 from ledger.storage import chain_statements as chain_sql
 from ledger.storage import saga_statements as saga_sql
+from ledger.storage.audit import CLAIMS_PAUSED_WARNING
 from ledger.storage.errors import MerchantsNotOwned, ShardUnavailable, StaleEpoch
 from ledger.storage.moves import AdminBusy, MoveStore
 from ledger.storage.sagas import SagaStore
@@ -958,11 +959,19 @@ async def test_a_rebalance_that_fails_before_marking_its_moves_leaves_no_merchan
             grpc.StatusCode.DEADLINE_EXCEEDED
         }, answered
         assert await MoveStore(rebalancer.shards[source]).state_of(mover) == ("active", None)
+        # Operators are told claims stay paused until a rerun (status and reconcile).
+        warning = f"  WARNING: {CLAIMS_PAUSED_WARNING}"
+        status = await rebalancer.status()
+        assert status.count(warning) == len(ALL_SHARDS), status
+        report = await reconcile_report(ledger4, four, "reconcile.toml")
+        assert report.ok, report.render()
+        assert f"ok   claims {source}: {CLAIMS_PAUSED_WARNING}" in report.render()
 
         rebalancer.plan = planned  # type: ignore[method-assign]
         summary = await rebalancer.rebalance()
         assert [r.move.merchant_id for r in summary.moved] == [mover], summary.render()
         assert await destination.state_of(mover) == ("active", None)
+        assert warning not in await rebalancer.status()
     [after] = await transfers(
         service.stub, transfer(uid("t"), ref(mover, "cash"), ref(mover, "sales"), 7)
     )
@@ -1785,6 +1794,16 @@ async def test_cli_plans_rebalances_reports_status_and_cleans_up(ledger4: Ledger
 
     await ledger4.switch_to(new)
     config = str(ledger4.config_path)
+    # The added shard waits for a run with claims paused; status says what to do.
+    code, out, err = await run_cli("shards", "status", "--config", config)
+    assert code == 0, err
+    assert re.search(
+        r"^shard-d: epoch \d+ \(claims paused\).*\n  WARNING: claims of new merchants paused "
+        r"and no rebalance running: .*`ledger shards rebalance` runs \(again\)$",
+        out,
+        re.M,
+    ), out
+    assert out.count("WARNING") == 1, out
     started = time.monotonic()
     code, out, err = await run_cli("shards", "plan", "--config", config)
     assert code == 0, err
@@ -1816,7 +1835,7 @@ async def test_cli_plans_rebalances_reports_status_and_cleans_up(ledger4: Ledger
     assert all(re.match(r"shard-[a-d]: epoch 2, merchants ", line) for line in shard_lines), out
     replica_lines = [line for line in out.splitlines() if line.startswith("  replica ")]
     assert replica_lines and all(line.endswith("config epoch 2") for line in replica_lines), out
-    assert "in progress" not in out, out
+    assert "in progress" not in out and "WARNING" not in out, out
 
     code, out, err = await run_cli("shards", "cleanup", "--config", config)
     assert code == 0, err

@@ -45,6 +45,7 @@ from ledger.domain.moves import CrossHold
 from ledger.invariant import InvariantViolation
 from ledger.routing.config import ShardConfig, ShardSpec
 from ledger.routing.ring import ShardRing
+from ledger.storage.audit import CLAIMS_PAUSED_WARNING, ShardAudit
 from ledger.storage.errors import ShardUnavailable, cannot_connect_now
 from ledger.storage.events import EventStore
 from ledger.storage.moves import MoveDeferred, MoveStore, ShardPins
@@ -638,6 +639,8 @@ class Rebalancer:
                 + ", ".join(f"{state} {count}" for state, count in sorted(counts.items()))
                 + (f", {len(in_flight)} move(s) in progress" if in_flight else "")
             )
+            if paused and await ShardAudit(shard).claims_paused_without_a_run():
+                lines.append(f"  WARNING: {CLAIMS_PAUSED_WARNING}")
             for replica_id, replica_epoch in await shard.recent_replicas(
                 within_s=REPLICA_SEEN_WITHIN_S
             ):

@@ -33,6 +33,13 @@ class FinishedSaga:
     peer_shard: str
 
 
+# What reconcile and `ledger shards status` say of claims_paused_without_a_run.
+CLAIMS_PAUSED_WARNING = (
+    "claims of new merchants paused and no rebalance running: merchants no shard "
+    "has seen wait (UNAVAILABLE) until `ledger shards rebalance` runs (again)"
+)
+
+
 class ShardAudit:
     def __init__(self, shard: Shard) -> None:
         self.shard = shard
@@ -99,6 +106,15 @@ class ShardAudit:
                 return []
             rows = await conn.fetch(sql.MOVE_MARKERS)
         return [f"{r['merchant_id']} {r['state']}" for r in rows]
+
+    async def claims_paused_without_a_run(self) -> bool:
+        """Claims of new merchants paused while no rebalance runs: a run failed before
+        marking its moves, or the config gained a shard and no run has started. New
+        merchants routed here wait (UNAVAILABLE) until a rebalance runs."""
+        async with self.shard.connection() as conn:
+            return bool(await conn.fetchval(sql.CLAIMS_PAUSED)) and not bool(
+                await conn.fetchval(sql.ADMIN_LOCK_HELD)
+            )
 
     async def hold_route_shards(self) -> dict[str, int]:
         """The shards open cross-shard holds need, to settle, and how many need each."""

@@ -423,6 +423,8 @@ SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND classid = 
                AND objid = 0 AND objsubid = 2 AND granted)
 """
 
+CLAIMS_PAUSED = "SELECT claims_paused FROM shard_meta"
+
 MOVE_MARKERS = """
 SELECT merchant_id, state FROM merchants WHERE state IN ('incoming', 'moving')
 ORDER BY merchant_id LIMIT 20
