@@ -33,6 +33,9 @@ from tests.support import (
 from tests.test_moves_settle_routing import rebalance_to
 from tests.test_rebalance import opened
 
+# Calls at once with a cursor naming a shard no config has.
+BOGUS_CURSOR_BURST = 20
+
 
 async def grow_to_four(env: Ledger4) -> ShardConfig:
     """Epoch 2 adds shard-d, loaded and rebalanced; no merchant of the test is placed
@@ -328,12 +331,29 @@ async def test_a_replica_behind_on_the_config_takes_a_cursor_naming_the_shard_it
         )
         assert "shard-d" in events[-1].cursor.positions
     assert env.service.cluster.epoch == 2
-    # A shard no config names is still refused, with its field.
+    # A shard no config names is still refused, with its field; such cursors make the
+    # replica parse the file again only once it changed, however many come at once.
+    feed = env.service.server.feed
+    reloads = feed.cursor_reloads
     unknown = pb.EventCursor(positions={"shard-z": 0})
-    with pytest.raises(grpc.aio.AioRpcError) as refused:
-        await stub.AckEvents(pb.AckEventsRequest(consumer="books", cursor=unknown))
-    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "shard-z" in (refused.value.details() or "")
+
+    async def refused_bursts() -> None:
+        calls = [
+            stub.AckEvents(pb.AckEventsRequest(consumer="books", cursor=unknown))
+            for _ in range(BOGUS_CURSOR_BURST)
+        ]
+        answers = await asyncio.gather(*calls, return_exceptions=True)
+        for answer in answers:
+            assert isinstance(answer, grpc.aio.AioRpcError), answer
+            assert answer.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "shard-z" in (answer.details() or "")
+
+    await refused_bursts()
+    assert feed.cursor_reloads == reloads
+    write_config(env.config_path, env.config(3, ALL_SHARDS))
+    await refused_bursts()
+    assert feed.cursor_reloads == reloads + 1
+    assert env.service.cluster.epoch == 3
 
 
 async def test_a_replica_keeps_no_connection_to_a_shard_it_retired(ledger4: Ledger4) -> None:

@@ -88,6 +88,12 @@ class EventFeed:
         # Per shard, the Shard listened to and the LISTEN connection (outside the pool).
         self._listeners: dict[str, tuple[Shard, asyncpg.Connection[asyncpg.Record]]] = {}
         self.subscriptions = 0
+        # know_shards: one reload at a time, and the config file's modification time
+        # when it last reloaded.
+        self._cursor_reload_gate = asyncio.Lock()
+        self._cursor_reload_mtime_ns: int | None = None
+        # Reloads a cursor's unknown shard caused: lets a test see they are bounded.
+        self.cursor_reloads = 0
         self._closed = False
         cluster.on_reload(self._drop_unserved_listeners)
 
@@ -153,13 +159,31 @@ class EventFeed:
         before this one looked at the file (within a second), and a client does not
         retry the INVALID_ARGUMENT an unknown shard gets."""
         cluster = self.cluster
-        if not any(n not in cluster.shards and n not in cluster.retired for n in names):
+        names = list(names)
+
+        def unknown() -> bool:
+            return any(n not in cluster.shards and n not in cluster.retired for n in names)
+
+        if not unknown() or cluster.config_path is None:
             return
-        try:
-            await cluster.reload()
-        except (ConfigError, OSError) as error:
-            # The file is mid-edit or broken: the watcher reports it; the shard stays unknown.
-            log.warning("config not reloaded for a cursor's shard: %s", error)
+        async with self._cursor_reload_gate:
+            # Parsed again only when the file changed since this last parsed it: a
+            # stream of bogus cursors costs a stat each, and callers at once share one
+            # reload. (Like the config watcher, this trusts the modification time.)
+            try:
+                mtime_ns: int | None = cluster.config_path.stat().st_mtime_ns
+            except OSError:
+                mtime_ns = None
+            if not unknown() or mtime_ns == self._cursor_reload_mtime_ns:
+                return
+            self._cursor_reload_mtime_ns = mtime_ns
+            self.cursor_reloads += 1
+            try:
+                await cluster.reload()
+            except (ConfigError, OSError) as error:
+                # The file is mid-edit or broken: the watcher reports it; the shard
+                # stays unknown.
+                log.warning("config not reloaded for a cursor's shard: %s", error)
 
     async def start_positions(self, subscription: Subscription) -> dict[str, int]:
         """Where the subscription starts on each shard; refuses a pruned or unknown one."""
