@@ -157,7 +157,9 @@ class _TransferResultEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Transf
     TRANSFER_RESULT_EXCEEDS_DEBITS: _TransferResult.ValueType  # 12
     """The credit account has credits_must_not_exceed_debits and would exceed it."""
     TRANSFER_RESULT_OVERFLOW: _TransferResult.ValueType  # 13
-    """A balance would exceed 2^63-1."""
+    """A balance would exceed 2^63-1: any of the four, or one side's posted plus
+    pending (debits_posted + debits_pending, credits_posted + credits_pending).
+    """
     TRANSFER_RESULT_PENDING_TRANSFER_NOT_FOUND: _TransferResult.ValueType  # 14
     """pending_id names no transfer."""
     TRANSFER_RESULT_PENDING_TRANSFER_NOT_PENDING: _TransferResult.ValueType  # 15
@@ -175,7 +177,10 @@ class _TransferResultEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Transf
     TRANSFER_RESULT_PENDING_TRANSFER_HAS_DIFFERENT_ACCOUNTS: _TransferResult.ValueType  # 20
     """The accounts or currency given differ from the pending transfer's."""
     TRANSFER_RESULT_REVERSAL_TARGET_NOT_FOUND: _TransferResult.ValueType  # 21
-    """reversal_of names no transfer."""
+    """reversal_of names no transfer that succeeded (a failed transfer counts as
+    none), or the reversal's accounts are on two shards (reversing a
+    cross-shard transfer is not supported: post an ordinary transfer back).
+    """
     TRANSFER_RESULT_REVERSAL_ACCOUNTS_MISMATCH: _TransferResult.ValueType  # 22
     """The reversal's accounts are not the target's, swapped, or the target
     moved no posted money.
@@ -254,7 +259,9 @@ overdrawn (debits posted + pending > credits posted).
 TRANSFER_RESULT_EXCEEDS_DEBITS: TransferResult.ValueType  # 12
 """The credit account has credits_must_not_exceed_debits and would exceed it."""
 TRANSFER_RESULT_OVERFLOW: TransferResult.ValueType  # 13
-"""A balance would exceed 2^63-1."""
+"""A balance would exceed 2^63-1: any of the four, or one side's posted plus
+pending (debits_posted + debits_pending, credits_posted + credits_pending).
+"""
 TRANSFER_RESULT_PENDING_TRANSFER_NOT_FOUND: TransferResult.ValueType  # 14
 """pending_id names no transfer."""
 TRANSFER_RESULT_PENDING_TRANSFER_NOT_PENDING: TransferResult.ValueType  # 15
@@ -272,7 +279,10 @@ TRANSFER_RESULT_EXCEEDS_PENDING_AMOUNT: TransferResult.ValueType  # 19
 TRANSFER_RESULT_PENDING_TRANSFER_HAS_DIFFERENT_ACCOUNTS: TransferResult.ValueType  # 20
 """The accounts or currency given differ from the pending transfer's."""
 TRANSFER_RESULT_REVERSAL_TARGET_NOT_FOUND: TransferResult.ValueType  # 21
-"""reversal_of names no transfer."""
+"""reversal_of names no transfer that succeeded (a failed transfer counts as
+none), or the reversal's accounts are on two shards (reversing a
+cross-shard transfer is not supported: post an ordinary transfer back).
+"""
 TRANSFER_RESULT_REVERSAL_ACCOUNTS_MISMATCH: TransferResult.ValueType  # 22
 """The reversal's accounts are not the target's, swapped, or the target
 moved no posted money.
