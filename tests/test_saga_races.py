@@ -33,7 +33,7 @@ from ledger.routing.cluster import Cluster
 from ledger.routing.config import load_config
 from ledger.sagas.reconcile import reconcile
 from ledger.sagas.recovery import RecoveryWorker
-from ledger.sagas.runner import SagaRunner
+from ledger.sagas.runner import SagaRunner, SagaSettings
 from ledger.storage.sagas import SagaRaced, SagaStore
 from ledger.storage.shard import Shard
 from ledger.v1 import ledger_pb2 as pb
@@ -627,3 +627,41 @@ async def test_concurrent_first_sagas_of_a_currency_all_find_their_settlement_ac
         "TRANSFER_RESULT_OK",
         "TRANSFER_RESULT_IN_PROGRESS",
     }
+
+
+async def test_a_saga_waiting_for_its_merchant_to_move_is_never_dead_lettered(
+    service: Service,
+) -> None:
+    """Chaos seed 300 (drains, 10 clients): a hold's expiry waited for its credit
+    merchant, fenced by a move that failed reruns kept unfinished, and ran out of
+    attempts in 40 s (the run caps back-off at 1 s): dead-lettered, its merchant could
+    never move again, and the drain that needed it could not finish. A wait for a
+    placement to settle is not a failed attempt: the saga backs off and goes on."""
+    pair = await new_pair(service)
+    saga = await begin(service, pair)
+    # Back-off long enough that the service's own recovery worker stays off it.
+    settings = SagaSettings(attempts_max=2, retry_delay_s_min=30.0, retry_delay_s_max=60.0)
+    runner = SagaRunner(service.cluster, owner="test", settings=settings)
+    async with pair.credit_shard.pool.acquire() as conn:
+        await conn.execute(
+            "UPDATE merchants SET state = 'moving' WHERE merchant_id = $1", pair.payee
+        )
+    try:
+        for _ in range(settings.attempts_max + 2):
+            waited = await runner.drive(saga)
+            assert waited.state is SagaState.RUNNING, (waited.state, waited.last_error)
+            assert "moving" in waited.last_error, waited.last_error
+            assert waited.attempts == 0
+            backoff_s = (waited.next_attempt_at - waited.updated_at).total_seconds()
+            assert backoff_s >= settings.retry_delay_s_min / 2 - 1, backoff_s
+            saga = waited
+    finally:
+        async with pair.credit_shard.pool.acquire() as conn:
+            await conn.execute(
+                "UPDATE merchants SET state = 'active' WHERE merchant_id = $1", pair.payee
+            )
+    found = await SagaStore(pair.debit_shard).get(saga.key)
+    assert found is not None
+    assert [s.outcome for s in found[1] if s.step == 2] == ["wait"] * (settings.attempts_max + 2)
+    assert (await runner.drive(saga)).state is SagaState.COMPLETED
+    assert await balances(service, pair) == ((AMOUNT_MINOR, 0, 0, 0), (0, AMOUNT_MINOR, 0, 0))

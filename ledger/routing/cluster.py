@@ -10,7 +10,7 @@ from typing import TypeVar
 
 from ledger import limits
 from ledger.routing.config import ShardConfig, ShardSpec, load_config
-from ledger.routing.errors import ClusterUnavailable
+from ledger.routing.errors import RoutingUnsettled
 from ledger.routing.ring import ShardRing
 from ledger.storage.errors import (
     MerchantsMoving,
@@ -303,7 +303,7 @@ class Cluster:
                 elif not await fenced.wait():
                     break
         # No merchant id in the message: it ends up in logs and saga rows.
-        raise ClusterUnavailable("routing did not settle: the merchant may be moving")
+        raise RoutingUnsettled("routing did not settle: the merchant may be moving")
 
     async def reload(self) -> bool:
         """Re-reads the config file; returns True if the epoch changed."""

@@ -8,3 +8,8 @@ class ClusterUnavailable(Exception):
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
+
+
+class RoutingUnsettled(ClusterUnavailable):
+    """A merchant stayed fenced by a move (or its owner kept changing) for longer than
+    a call waits: its placement is changing, and a later attempt follows it."""

@@ -2,9 +2,9 @@
 
 Every step resolves its shard from the live ring at the moment of use and is
 fenced there, so a merchant that moved is followed, never written behind.
-A step that cannot run now (a shard down, a move in progress) is recorded as
-a failed attempt with back-off; the recovery worker of any replica picks the
-saga up again when it is due. Nothing here ever gives up on money: a saga
+A step that cannot run now is recorded with back-off: a shard down as a failed
+attempt, a move in progress as a wait; the recovery worker of any replica picks
+the saga up again when it is due. Nothing here ever gives up on money: a saga
 that runs out of attempts goes to the dead-letter list with its funds still
 visibly reserved.
 """
@@ -31,7 +31,7 @@ from ledger.domain.sagas import (
 )
 from ledger.domain.transfers import TransferRequest, TransferResult
 from ledger.routing.cluster import Cluster, FenceWait
-from ledger.routing.errors import ClusterUnavailable
+from ledger.routing.errors import ClusterUnavailable, RoutingUnsettled
 from ledger.sagas.step_batcher import StepBatcher
 from ledger.storage.errors import MerchantsMoving, MerchantsNotOwned, ShardUnavailable, StaleEpoch
 from ledger.storage.sagas import (
@@ -55,6 +55,19 @@ T = TypeVar("T")
 
 # Errors after which a later attempt may succeed.
 RETRYABLE = (ShardUnavailable, MerchantsMoving, MerchantsNotOwned, StaleEpoch, ClusterUnavailable)
+# Of those, the ones that say a merchant's placement is changing (a move in
+# progress, a replica behind on the config): the saga waits for it, with back-off,
+# and the wait does not count towards the dead-letter list. A move left
+# unfinished by a killed rebalance lasts until an admin reruns it; its sagas
+# dead-lettered meanwhile (chaos seed 300: an expiry, 30 attempts in 40 s with a
+# 1 s back-off cap) kept their merchant from ever moving again, so the drain
+# that needed it could not finish. A wait that lasts is shown by
+# LedgerSagasUnfinished and reconcile's move markers instead.
+PLACEMENT_WAITS = (MerchantsMoving, MerchantsNotOwned, StaleEpoch, RoutingUnsettled)
+# A wait's back-off is this share of how long the saga has existed (between the
+# min and max retry delays): it grows about 1.5 times per wait, as attempts
+# would, without an attempt count to grow from.
+WAIT_DELAY_SHARE_OF_AGE = 0.5
 
 
 class SagaResolutionRefused(Exception):
@@ -232,7 +245,11 @@ class SagaRunner:
             found = await self.get(saga.key)
             return found[0] if found else saga
         except RETRYABLE as error:
-            return await self._retry_later(saga, f"{type(error).__name__}: {error}")
+            return await self._retry_later(
+                saga,
+                f"{type(error).__name__}: {error}",
+                counted=not isinstance(error, PLACEMENT_WAITS),
+            )
         except Exception as error:
             log.exception(
                 "saga for transfer %s (%s) failed unexpectedly",
@@ -299,16 +316,24 @@ class SagaRunner:
 
         return await self.cluster.run_on_owner(saga.key.merchant_id, finish, allow_moving=True)
 
-    async def _retry_later(self, saga: Saga, error: str) -> Saga:
-        delay_s = min(
-            self.settings.retry_delay_s_max,
-            self.settings.retry_delay_s_min * 2 ** min(saga.attempts, 30),
-        )
+    async def _retry_later(self, saga: Saga, error: str, *, counted: bool = True) -> Saga:
+        settings = self.settings
+        if counted:
+            delay_s = settings.retry_delay_s_min * 2 ** min(saga.attempts, 30)
+        else:
+            # updated_at is when this pass claimed the saga (or began it).
+            age_s = (saga.updated_at - saga.created_at).total_seconds()
+            delay_s = max(settings.retry_delay_s_min, age_s * WAIT_DELAY_SHARE_OF_AGE)
+        delay_s = min(settings.retry_delay_s_max, delay_s)
         delay_s = random.uniform(delay_s / 2, delay_s)
 
         async def record(shard: Shard, fence: Fence) -> Saga | None:
             return await SagaStore(shard).retry_later(
-                saga, error=error, attempts_max=self.settings.attempts_max, delay_s=delay_s
+                saga,
+                error=error,
+                attempts_max=settings.attempts_max,
+                delay_s=delay_s,
+                counted=counted,
             )
 
         try:

@@ -194,9 +194,11 @@ FROM (SELECT 1) AS one LEFT JOIN found ON true
 
 # One failed attempt: back off, or move to the dead-letter list when the
 # attempts run out. The version check keeps a stale worker from writing.
+# $8: whether the attempt counts towards the dead-letter list (a wait for a
+# merchant's placement to settle does not: see SagaRunner.drive).
 RETRY_LATER = f"""
-UPDATE sagas SET attempts = attempts + 1,
-    state = CASE WHEN attempts + 1 >= $5 THEN 4 ELSE 1 END,
+UPDATE sagas SET attempts = attempts + CASE WHEN $8 THEN 1 ELSE 0 END,
+    state = CASE WHEN $8 AND attempts + 1 >= $5 THEN 4 ELSE 1 END,
     next_attempt_at = clock_timestamp() + make_interval(secs => $6),
     last_error = $7, version = version + 1, lease_owner = '', lease_until = NULL,
     updated_at = clock_timestamp()

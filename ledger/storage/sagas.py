@@ -873,9 +873,10 @@ class SagaStore:
         return answer
 
     async def retry_later(
-        self, saga: Saga, *, error: str, attempts_max: int, delay_s: float
+        self, saga: Saga, *, error: str, attempts_max: int, delay_s: float, counted: bool = True
     ) -> Saga | None:
-        """Records a failed attempt; None if another worker moved the saga on."""
+        """Records a failed attempt (counted towards attempts_max), or a wait that is
+        not one; None if another worker moved the saga on."""
 
         async def run(conn: Connection) -> Saga | None:
             key = saga.key
@@ -889,11 +890,15 @@ class SagaStore:
                 attempts_max,
                 delay_s,
                 error[:500],
+                counted,
             )
             if row is None:
                 return None
             updated = saga_from_row(row, self.shard.name)
-            outcome = "dead" if updated.state is SagaState.DEAD else "retry"
+            if updated.state is SagaState.DEAD:
+                outcome = "dead"
+            else:
+                outcome = "retry" if counted else "wait"
             await self._step(conn, key, saga.next_step, outcome, error[:500])
             return updated
 
