@@ -85,6 +85,21 @@ def test_a_settle_naming_no_credit_account_goes_after_every_earlier_saga() -> No
     assert waves(batch, {0}) == [[0], [1]]
 
 
+def test_every_later_item_goes_after_a_settle_naming_no_credit_account() -> None:
+    """Found by tests/test_ledger_model.py: an item spending what such a settle credits
+    (the hold's account, unknown here) ran before it, and was refused as overdrawn."""
+    batch = [
+        _item("t1", "a/payer", "b/shop"),  # a saga, sharing nothing with the rest
+        _item("s1", "a/cash", None, action=TransferAction.POST_PENDING, pending_id="h1"),
+        _item("t2", "a/wallet", "a/sales"),  # may spend what s1 credits: same wave, after
+        _item("t3", "a/wallet", "c/shop"),  # a saga that may too: the wave after
+    ]
+    assert waves(batch, {0, 3}) == [[0], [1, 2], [3]]
+    assert settles_with_later_dependents(batch) == {1}
+    # When the settle is a saga itself, later local items wait for it too.
+    assert waves(batch, {0, 1, 3}) == [[0], [1], [2], [3]]
+
+
 def test_settles_that_a_later_item_depends_on_are_looked_up_first() -> None:
     batch = [
         _item("s1", "a/x", None, action=TransferAction.VOID_PENDING, pending_id="h1"),

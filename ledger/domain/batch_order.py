@@ -10,7 +10,10 @@ at once, as before; a batch without sagas is one wave.
 An item depends on an earlier one when they name the same account, or when it
 settles or reverses the earlier one (its pending_id or reversal_of is the
 earlier item's id). A settle that names no credit account may touch any
-account its hold credits, unknown here: it goes after every earlier saga.
+account its hold credits, unknown here: it goes after every earlier saga, and
+every later item goes after it (a later local item may share its wave, where
+its shard orders them, unless the settle is a saga; as a saga it also goes after
+every earlier item).
 """
 
 from __future__ import annotations
@@ -53,10 +56,16 @@ def settles_with_later_dependents(requests: Sequence[TransferRequest]) -> set[in
         last_touch.update(dict.fromkeys(keys[i], i))
         if depends_on_all_sagas(request):
             last_open_settle = i
+    last = len(requests) - 1
     return {
         i
         for i, r in enumerate(requests)
-        if r.settles_pending and (last_open_settle > i or any(last_touch[k] > i for k in keys[i]))
+        if r.settles_pending
+        and (
+            last_open_settle > i
+            or (depends_on_all_sagas(r) and i < last)
+            or any(last_touch[k] > i for k in keys[i])
+        )
     }
 
 
@@ -84,30 +93,43 @@ def waves(requests: Sequence[TransferRequest], sagas: set[int]) -> list[list[int
     touched: dict[OrderKey, int] = {}
     saga_touched: dict[OrderKey, int] = {}
     last_saga_wave = -1
+    # The earliest wave a later local item, and a later saga, may take: after a
+    # settle naming no credit account, which may touch any account.
+    floor_local = floor_saga = 0
     wave_of: list[int] = [0] * len(requests)
     chains = {chain.start: chain for chain in linked_chains(requests)}
     position = 0
     while position < len(requests):
         unit = chains.get(position, range(position, position + 1))
         flat = set().union(*(order_keys(requests[i]) for i in unit))
-        if position in sagas:
-            # A saga goes after everything earlier that shares a key with it.
-            wave = _after(touched, flat, strictly=True)
+        is_saga = position in sagas
+        open_settle = any(depends_on_all_sagas(requests[i]) for i in unit)
+        if is_saga:
+            # A saga goes after everything earlier that shares a key with it; one
+            # settling with no credit account named, after everything earlier.
+            wave = max(_after(touched, flat, strictly=True), floor_saga)
+            if open_settle:
+                wave = max(wave, max(wave_of[:position], default=-1) + 1)
         else:
             # A local item may share a wave with earlier local items on its keys (its
             # shard orders them), never with a saga on them.
             wave = max(
-                _after(touched, flat, strictly=False), _after(saga_touched, flat, strictly=True)
+                _after(touched, flat, strictly=False),
+                _after(saga_touched, flat, strictly=True),
+                floor_local,
             )
-            if any(depends_on_all_sagas(requests[i]) for i in unit):
+            if open_settle:
                 wave = max(wave, last_saga_wave + 1)
+        if open_settle:
+            floor_local = max(floor_local, wave + (1 if is_saga else 0))
+            floor_saga = max(floor_saga, wave + 1)
         for i in unit:
             wave_of[i] = wave
         for key in flat:
             touched[key] = max(touched.get(key, 0), wave)
-            if position in sagas:
+            if is_saga:
                 saga_touched[key] = max(saga_touched.get(key, 0), wave)
-        if position in sagas:
+        if is_saga:
             last_saga_wave = max(last_saga_wave, wave)
         position = unit.stop
     grouped: list[list[int]] = [[] for _ in range(max(wave_of) + 1)]
