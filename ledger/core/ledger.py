@@ -267,7 +267,8 @@ class Ledger:
         and hold no saga, settles are looked up first, so that such a call is refused
         whole before anything is written; so are settles that a later item of the
         batch depends on, so that they run in their place in the batch's order. A
-        settle of a hold that a saga earlier in the batch makes is a saga.
+        settle of a hold that a saga earlier in the batch makes is a saga, unless
+        the hold is recorded already (that saga resends its id and makes nothing).
         """
         ring = self.cluster.ring
         homes = [ring.shard_for(r.debit.merchant_id) for r in requests]
@@ -281,12 +282,15 @@ class Ledger:
         # An open chain at the end counts too: it is refused whole, but on one shard.
         chains = linked_chains(requests)
         placed: set[int] = set()
+        of_batch_sagas: set[int] = set()
         # Only a batch with a settle and something else has a settle to place.
         if len(requests) > 1 and any(r.settles_pending for r in requests):
-            cross |= settles_of_batch_sagas(requests, cross)
+            of_batch_sagas = settles_of_batch_sagas(requests, cross)
             placed = settles_with_later_dependents(requests)
         settles = sorted(
-            ({i for chain in chains for i in chain if requests[i].settles_pending} | placed) - cross
+            {i for chain in chains for i in chain if requests[i].settles_pending}
+            | placed
+            | of_batch_sagas
         )
         if settles:
             keys = [
@@ -295,7 +299,9 @@ class Ledger:
             found = {v.record.key: v for v in await self.lookup_transfers(keys)}
             for i, key in zip(settles, keys, strict=True):
                 view = found.get(key)
-                if view is not None and view.saga is not None:
+                # A hold already recorded is what it was: an earlier item of the batch
+                # under its id (a resend) makes nothing. Else an earlier saga makes it.
+                if (view.saga is not None) if view is not None else i in of_batch_sagas:
                     cross.add(i)
         for chain in chains:
             if len({homes[j] for j in chain}) > 1 or any(j in cross for j in chain):
