@@ -39,6 +39,14 @@ def _item(
     )
 
 
+def _shards(batch: list[TransferRequest]) -> list[frozenset[str]]:
+    """Each merchant on a shard of its own name."""
+    return [
+        frozenset({r.debit.merchant_id, *([r.credit.merchant_id] if r.credit else [])})
+        for r in batch
+    ]
+
+
 def test_a_batch_without_sagas_is_one_wave() -> None:
     batch = [_item("t1", "a/x", "a/y"), _item("t2", "a/y", "a/x"), _item("t3", "b/x", "b/y")]
     assert waves(batch, set()) == [[0, 1, 2]]
@@ -95,9 +103,19 @@ def test_every_later_item_goes_after_a_settle_naming_no_credit_account() -> None
         _item("t3", "a/wallet", "c/shop"),  # a saga that may too: the wave after
     ]
     assert waves(batch, {0, 3}) == [[0], [1, 2], [3]]
-    assert settles_with_later_dependents(batch) == {1}
+    assert settles_with_later_dependents(batch, _shards(batch)) == {1}
     # When the settle is a saga itself, later local items wait for it too.
     assert waves(batch, {0, 1, 3}) == [[0], [1], [2], [3]]
+
+
+def test_a_settle_naming_no_credit_account_is_looked_up_only_for_another_shard() -> None:
+    """Later items on the settle's own shard run after it in its transaction, and a
+    hold a saga carries credits an account elsewhere: no look-up for them."""
+    settle = _item("s1", "a/cash", None, action=TransferAction.POST_PENDING, pending_id="h1")
+    batch = [settle, _item("t1", "a/wallet", "a/sales")]
+    assert settles_with_later_dependents(batch, _shards(batch)) == set()
+    batch = [settle, _item("t1", "b/wallet", "b/sales")]
+    assert settles_with_later_dependents(batch, _shards(batch)) == {0}
 
 
 def test_settles_that_a_later_item_depends_on_are_looked_up_first() -> None:
@@ -106,4 +124,4 @@ def test_settles_that_a_later_item_depends_on_are_looked_up_first() -> None:
         _item("t1", "a/x", "a/y"),  # spends what the void may release
         _item("s2", "c/x", None, action=TransferAction.VOID_PENDING, pending_id="h2"),
     ]
-    assert settles_with_later_dependents(batch) == {0}
+    assert settles_with_later_dependents(batch, _shards(batch)) == {0}

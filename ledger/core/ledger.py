@@ -286,7 +286,13 @@ class Ledger:
         # Only a batch with a settle and something else has a settle to place.
         if len(requests) > 1 and any(r.settles_pending for r in requests):
             of_batch_sagas = settles_of_batch_sagas(requests, cross)
-            placed = settles_with_later_dependents(requests)
+            shards = [
+                frozenset((homes[i], ring.shard_for(r.credit.merchant_id)))
+                if r.credit is not None
+                else frozenset((homes[i],))
+                for i, r in enumerate(requests)
+            ]
+            placed = settles_with_later_dependents(requests, shards)
         settles = sorted(
             {i for chain in chains for i in chain if requests[i].settles_pending}
             | placed

@@ -46,9 +46,17 @@ def depends_on_all_sagas(request: TransferRequest) -> bool:
     return request.settles_pending and request.credit is None
 
 
-def settles_with_later_dependents(requests: Sequence[TransferRequest]) -> set[int]:
+def settles_with_later_dependents(
+    requests: Sequence[TransferRequest], shards: Sequence[frozenset[str]]
+) -> set[int]:
     """Settles that a later item of the batch depends on: whether a saga carries
-    their hold decides whether they run before it, so it is looked up first."""
+    their hold decides whether they run before it, so it is looked up first.
+
+    shards: the shards each item's named accounts live on. A settle naming no
+    credit account depends on a later item only on another shard than its own: on
+    its own shard they run in order in one transaction, and a hold a saga carries
+    credits an account on another shard. So a batch settling many holds of one
+    shard is looked up only where it must be."""
     keys = [order_keys(r) for r in requests]
     last_touch: dict[OrderKey, int] = {}
     last_open_settle = -1
@@ -56,14 +64,19 @@ def settles_with_later_dependents(requests: Sequence[TransferRequest]) -> set[in
         last_touch.update(dict.fromkeys(keys[i], i))
         if depends_on_all_sagas(request):
             last_open_settle = i
-    last = len(requests) - 1
+    # Per item, the shards of every item after it.
+    later_shards: list[frozenset[str]] = [frozenset()] * len(requests)
+    after: frozenset[str] = frozenset()
+    for i in range(len(requests) - 1, -1, -1):
+        later_shards[i] = after
+        after = after | shards[i]
     return {
         i
         for i, r in enumerate(requests)
         if r.settles_pending
         and (
             last_open_settle > i
-            or (depends_on_all_sagas(r) and i < last)
+            or (depends_on_all_sagas(r) and bool(later_shards[i] - shards[i]))
             or any(last_touch[k] > i for k in keys[i])
         )
     }
