@@ -1906,7 +1906,8 @@ class Run:
             metric = rng.choice([AMOUNT, COUNT])
             moved_minor, moved_count = b.moved(direction)
             limit = (
-                moved_minor + rng.randint(0, 3 * AMOUNT_MINOR_MAX)
+                # An account of balances near 2^63-1 has moved nearly that much.
+                min(BALANCE_MAX, moved_minor + rng.randint(0, 3 * AMOUNT_MINOR_MAX))
                 if metric == AMOUNT
                 else moved_count + rng.randint(0, 4)
             )
