@@ -24,6 +24,23 @@ OK = "TRANSFER_RESULT_OK"
 HOLD_MINOR = 100
 
 
+async def _made_hold(service: Service, debit: pb.AccountRef, credit: pb.AccountRef) -> str:
+    hold = uid("h")
+    made = await transfers(
+        service.stub,
+        transfer(hold, debit, credit, HOLD_MINOR, action=pb.TRANSFER_ACTION_PENDING),
+    )
+    assert result_names(made) == [OK]
+    return hold
+
+
+def _post_whole(debit: pb.AccountRef, hold: str) -> pb.Transfer:
+    """Posts the hold whole, naming no credit account."""
+    return transfer(
+        uid("s"), debit, None, 0, "", action=pb.TRANSFER_ACTION_POST_PENDING, pending_id=hold
+    )
+
+
 async def test_a_settle_naming_no_credit_account_is_applied_before_later_items_of_the_batch(
     service: Service,
 ) -> None:
@@ -43,32 +60,13 @@ async def test_a_settle_naming_no_credit_account_is_applied_before_later_items_o
         account(home, "wallet", no_overdraft=True),
         account(away, "shop"),
     )
-    hold = uid("h")
-    made = await transfers(
-        service.stub,
-        transfer(
-            hold,
-            ref(home, "cash"),
-            ref(home, "wallet"),
-            HOLD_MINOR,
-            action=pb.TRANSFER_ACTION_PENDING,
-        ),
-    )
-    assert result_names(made) == [OK]
+    hold = await _made_hold(service, ref(home, "cash"), ref(home, "wallet"))
     results = await transfers(
         service.stub,
         # A saga (its accounts have nothing to do with the rest).
         transfer(uid("x"), ref(home, "payer"), ref(away, "shop"), 1),
         # Posts the hold: credits the wallet HOLD_MINOR.
-        transfer(
-            uid("s"),
-            ref(home, "cash"),
-            None,
-            0,
-            "",
-            action=pb.TRANSFER_ACTION_POST_PENDING,
-            pending_id=hold,
-        ),
+        _post_whole(ref(home, "cash"), hold),
         # Spends what the settle credited.
         transfer(uid("t"), ref(home, "wallet"), ref(home, "sales"), HOLD_MINOR),
     )
@@ -99,29 +97,10 @@ async def test_a_settle_of_a_cross_shard_hold_naming_no_credit_account_runs_afte
         account(payee, "wallet", no_overdraft=True),
         account(payee, "sales"),
     )
-    hold = uid("h")
-    made = await transfers(
-        service.stub,
-        transfer(
-            hold,
-            ref(payer, "cash"),
-            ref(payee, "wallet"),
-            HOLD_MINOR,
-            action=pb.TRANSFER_ACTION_PENDING,
-        ),
-    )
-    assert result_names(made) == [OK]
+    hold = await _made_hold(service, ref(payer, "cash"), ref(payee, "wallet"))
     results = await transfers(
         service.stub,
-        transfer(
-            uid("s"),
-            ref(payer, "cash"),
-            None,
-            0,
-            "",
-            action=pb.TRANSFER_ACTION_POST_PENDING,
-            pending_id=hold,
-        ),
+        _post_whole(ref(payer, "cash"), hold),
         transfer(uid("t"), ref(payee, "wallet"), ref(payee, "sales"), HOLD_MINOR),
     )
     assert result_names(results) == [OK, OK]
@@ -146,18 +125,7 @@ async def test_a_chain_settling_a_local_hold_is_not_refused_for_a_resend_of_its_
         account(home, "sales"),
         account(away, "shop"),
     )
-    hold = uid("h")
-    made = await transfers(
-        service.stub,
-        transfer(
-            hold,
-            ref(home, "cash"),
-            ref(home, "wallet"),
-            HOLD_MINOR,
-            action=pb.TRANSFER_ACTION_PENDING,
-        ),
-    )
-    assert result_names(made) == [OK]
+    hold = await _made_hold(service, ref(home, "cash"), ref(home, "wallet"))
     results = await transfers(
         service.stub,
         # The hold's id again, another credit account (on another shard): makes nothing.
