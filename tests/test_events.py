@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import time
 
+import asyncpg
 import grpc
 import pytest
 
@@ -460,3 +461,51 @@ async def test_a_shard_whose_notifications_are_lost_is_read_while_other_shards_s
         stop.set()
         await busy_task
     assert waited_s < 3 * limits.event_idle_poll_s, waited_s
+
+
+# Subscriptions opened at once, then cancelled, in the listener test.
+CONCURRENT_SUBSCRIPTIONS = 6
+
+
+async def test_subscriptions_at_once_share_one_listen_connection_per_shard(
+    service: Service,
+) -> None:
+    """CI: a replica showed no LISTEN connection to a shard where it had kept one
+    (tests/test_events_shard_changes.py, once): a subscription cancelled while it
+    connected left the connection listening but unknown to the feed (closed when
+    collected), and subscriptions at once each made one. The feed makes each shard's
+    connection once, in a task of its own, whoever waits for it. (The cancellation's
+    moment is too narrow to hit on purpose: this checks the sharing.)"""
+    shard = service.cluster.shards["shard-a"]
+    probe = await asyncpg.connect(shard.dsn)
+    try:
+
+        async def listeners() -> int:
+            found = await probe.fetchval(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND query ILIKE 'LISTEN%'"
+            )
+            return int(found)
+
+        async def listening() -> bool:
+            return await listeners() > 0
+
+        calls = [
+            service.stub.SubscribeEvents(pb.SubscribeEventsRequest(from_now=True))
+            for _ in range(CONCURRENT_SUBSCRIPTIONS)
+        ]
+        try:
+            await wait_until(listening, what="the replica to listen on shard-a")
+        finally:
+            for call in calls:
+                call.cancel()
+        feed = service.server.feed
+
+        async def subscriptions_ended() -> bool:
+            return feed.subscriptions == 0
+
+        await wait_until(subscriptions_ended, what="the subscriptions to end")
+        assert await listeners() == 1
+        assert "shard-a" in feed._listeners
+    finally:
+        await probe.close()

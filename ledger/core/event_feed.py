@@ -87,6 +87,8 @@ class EventFeed:
         self.shard_reads: Counter[str] = Counter()
         # Per shard, the Shard listened to and the LISTEN connection (outside the pool).
         self._listeners: dict[str, tuple[Shard, asyncpg.Connection[asyncpg.Record]]] = {}
+        # Per shard, the task making its LISTEN connection (see _listen).
+        self._listening: dict[str, asyncio.Task[None]] = {}
         self.subscriptions = 0
         # know_shards: one reload at a time, and the config file's modification time
         # when it last reloaded.
@@ -120,6 +122,9 @@ class EventFeed:
     async def close(self) -> None:
         """Ends every subscription (at an event boundary) and stops listening."""
         self._closed = True
+        for task in self._listening.values():
+            task.cancel()
+        await asyncio.gather(*self._listening.values(), return_exceptions=True)
         for _, conn in list(self._listeners.values()):
             with contextlib.suppress(Exception):
                 await conn.close()
@@ -127,20 +132,40 @@ class EventFeed:
         self.wake()
 
     async def _listen(self) -> None:
-        """LISTEN on every shard not yet listened to (other replicas' rounds)."""
+        """LISTEN on every shard not yet listened to (other replicas' rounds).
+
+        Each shard's connection is made by one task of the feed's, which the
+        subscriptions wait for: a subscription cancelled while it connected left
+        the connection listening but unknown to the feed, and two subscriptions at
+        once each made one (CI: a shard showed no listener where one was kept)."""
+        waiting = []
         for name, shard in list(self.cluster.shards.items()):
             listening = self._listeners.get(name)
             if listening is not None and not listening[1].is_closed():
                 continue
-            try:
-                conn = await asyncpg.connect(shard.dsn, timeout=limits.shard_connect_timeout_s)
-                await conn.add_listener(sql.NOTIFY_CHANNEL, functools.partial(self._notified, name))
-                if self.cluster.shards.get(name) is not shard:
-                    conn.terminate()  # let go while connecting (a reload)
-                    continue
+            task = self._listening.get(name)
+            if task is None or task.done():
+                task = asyncio.create_task(self._listen_on(name, shard), name=f"listen-{name}")
+                self._listening[name] = task
+            waiting.append(task)
+        if waiting:
+            # Cancelling this wait leaves the tasks to finish.
+            await asyncio.wait(waiting)
+
+    async def _listen_on(self, name: str, shard: Shard) -> None:
+        conn: asyncpg.Connection[asyncpg.Record] | None = None
+        try:
+            conn = await asyncpg.connect(shard.dsn, timeout=limits.shard_connect_timeout_s)
+            await conn.add_listener(sql.NOTIFY_CHANNEL, functools.partial(self._notified, name))
+            # Kept unless the feed closed or a reload let the shard go meanwhile.
+            if not self._closed and self.cluster.shards.get(name) is shard:
                 self._listeners[name] = (shard, conn)
-            except (OSError, asyncpg.PostgresError, TimeoutError) as error:
-                log.debug("cannot listen for events on shard %s: %s", name, error)
+                conn = None
+        except (OSError, asyncpg.PostgresError, TimeoutError) as error:
+            log.debug("cannot listen for events on shard %s: %s", name, error)
+        finally:
+            if conn is not None:
+                conn.terminate()  # no round trip: it only ever listened
 
     def _notified(self, shard_name: str, *args: object) -> None:
         # add_listener's callback gets (connection, pid, channel, payload); the
