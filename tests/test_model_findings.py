@@ -47,9 +47,9 @@ async def test_a_settle_naming_no_credit_account_is_applied_before_later_items_o
     """CreateTransfers applies a batch's transfers in order (ledger.proto: "Creates
     transfers, in order"; CreateTransfersRequest: "applied in order"). A batch holding a
     saga runs in waves; a POST_PENDING that names no credit account waits for the
-    batch's sagas, but the account its hold credits is not counted as one it touches,
-    so a later item on that account runs first: here the wallet is debited before the
-    settle credits it, and is refused as overdrawn."""
+    batch's sagas, but the account its hold credits was not counted as one it touches,
+    so a later item on that account ran first: the wallet was debited before the
+    settle credited it, and was refused as overdrawn."""
     home = service.merchant_on("shard-a")
     away = service.merchant_on("shard-b")
     await create_accounts(
@@ -87,8 +87,8 @@ async def test_a_settle_of_a_cross_shard_hold_naming_no_credit_account_runs_afte
     service: Service,
 ) -> None:
     """The same defect where the hold itself crosses shards: the batch looks like one
-    wave of local items, the settle's shard hands it back as a saga, and it runs only
-    after the wave's other items, so the item after it finds the wallet unfunded."""
+    wave of local items, the settle's shard handed it back as a saga, and it ran only
+    after the wave's other items, so the item after it found the wallet unfunded."""
     payer = service.merchant_on("shard-a")
     payee = service.merchant_on("shard-b")
     await create_accounts(
@@ -114,8 +114,8 @@ async def test_a_chain_settling_a_local_hold_is_not_refused_for_a_resend_of_its_
     not contain a cross-shard transfer; otherwise the whole call fails"). Here the
     chain settles a hold that lives on one shard; an earlier item resends the hold's
     id with a credit account on another shard, which makes nothing (the id exists with
-    other content). The service takes that item for a saga making the hold, takes the
-    chain's settle for a settle of it, and refuses the call."""
+    other content). The service took that item for a saga making the hold, took the
+    chain's settle for a settle of it, and refused the call."""
     home = service.merchant_on("shard-a")
     away = service.merchant_on("shard-b")
     await create_accounts(

@@ -109,6 +109,7 @@ def waves(requests: Sequence[TransferRequest], sagas: set[int]) -> list[list[int
     # The earliest wave a later local item, and a later saga, may take: after a
     # settle naming no credit account, which may touch any account.
     floor_local = floor_saga = 0
+    latest_wave = -1
     wave_of: list[int] = [0] * len(requests)
     chains = {chain.start: chain for chain in linked_chains(requests)}
     position = 0
@@ -122,7 +123,7 @@ def waves(requests: Sequence[TransferRequest], sagas: set[int]) -> list[list[int
             # settling with no credit account named, after everything earlier.
             wave = max(_after(touched, flat, strictly=True), floor_saga)
             if open_settle:
-                wave = max(wave, max(wave_of[:position], default=-1) + 1)
+                wave = max(wave, latest_wave + 1)
         else:
             # A local item may share a wave with earlier local items on its keys (its
             # shard orders them), never with a saga on them.
@@ -138,6 +139,7 @@ def waves(requests: Sequence[TransferRequest], sagas: set[int]) -> list[list[int
             floor_saga = max(floor_saga, wave + 1)
         for i in unit:
             wave_of[i] = wave
+        latest_wave = max(latest_wave, wave)
         for key in flat:
             touched[key] = max(touched.get(key, 0), wave)
             if is_saga:
