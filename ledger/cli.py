@@ -630,8 +630,18 @@ async def _with_rebalancer(
             err=True,
         )
 
+    def on_lost(lost: ShardUnavailable) -> None:
+        typer.echo(
+            f"{lost} under the run; waiting up to {limits.rebalance_shard_lost_wait_s:.0f} s "
+            "for it, then resuming the move where it stopped",
+            err=True,
+        )
+
     rebalancer = Rebalancer(
-        load_config(config), old=load_config(old) if old else None, on_starting=on_starting
+        load_config(config),
+        old=load_config(old) if old else None,
+        on_starting=on_starting,
+        on_lost=on_lost,
     )
     try:
         await rebalancer.open()

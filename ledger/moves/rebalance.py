@@ -20,6 +20,10 @@ The protocol, per rebalance:
    its own in flight past a short drain is deferred and retried; a failed
    verification unfences it.
 
+A shard lost while merchants move (stopped, restarted, cut off) is waited for
+(bounded), the run's admin lock there taken again if its session went with it,
+and the move under way resumed from the merchant's states, as a rerun would.
+
 Draining (a shard's `state = "draining"`): the shard is off the ring, so all its
 merchants move, while it stays routable for what it still holds (it may relay
 holds). The summary says what still pins it, or that it is DRAINED; only then
@@ -35,10 +39,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import statistics
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from ledger import faults, limits
 from ledger.domain.moves import CrossHold
@@ -48,7 +54,7 @@ from ledger.routing.ring import ShardRing
 from ledger.storage.audit import CLAIMS_PAUSED_WARNING, ShardAudit
 from ledger.storage.errors import ShardUnavailable, cannot_connect_now
 from ledger.storage.events import EventStore
-from ledger.storage.moves import MoveDeferred, MoveStore, ShardPins
+from ledger.storage.moves import AdminBusy, MoveDeferred, MoveStore, ShardPins
 from ledger.storage.shard import Shard
 from ledger.telemetry.pseudonym import pseudonymise
 from ledger.telemetry.tracing import tracer
@@ -202,6 +208,7 @@ class Summary:
 
 
 Progress = Callable[[int, int, MoveResult, float], None]
+T = TypeVar("T")
 
 
 class Rebalancer:
@@ -213,10 +220,13 @@ class Rebalancer:
         *,
         old: ShardConfig | None = None,
         on_starting: Callable[[str], None] | None = None,
+        on_lost: Callable[[ShardUnavailable], None] | None = None,
     ) -> None:
         self.new = new
         # Told the name of a shard found starting up, once, before waiting for it.
         self.on_starting = on_starting
+        # Told each time a shard is lost under a run, before waiting for it.
+        self.on_lost = on_lost
         self.ring = ShardRing(new)
         names = {s.name for s in new.shards}
         extra = [s for s in (old.shards if old else ()) if s.name not in names]
@@ -230,6 +240,9 @@ class Rebalancer:
         # Merchants deferred in this run for a hold only its settling releases: a
         # later round looks again before copying them once more.
         self._waiting_for_hold: set[str] = set()
+        # While exclusive: the admin locks held, and each one's backend pid per shard.
+        self._locks: contextlib.AsyncExitStack | None = None
+        self._lock_pids: dict[str, int] = {}
 
     async def open(self) -> None:
         for spec in self.specs:
@@ -298,8 +311,15 @@ class Rebalancer:
         Raises AdminBusy (naming a shard) when another run holds one."""
         async with contextlib.AsyncExitStack() as stack:
             for name in sorted(self.shards):
-                await stack.enter_async_context(self._store(name).admin_lock())
-            yield
+                self._lock_pids[name] = await stack.enter_async_context(
+                    self._store(name).admin_lock()
+                )
+            self._locks = stack
+            try:
+                yield
+            finally:
+                self._locks = None
+                self._lock_pids.clear()
 
     async def rebalance(self, *, progress: Progress | None = None) -> Summary:
         async with self.exclusive():
@@ -340,7 +360,7 @@ class Rebalancer:
             for round_number in range(1, DEFER_ROUNDS_MAX + 1):
                 deferred: list[Move] = []
                 for move in todo:
-                    result = await self.move(move)
+                    result = await self._riding_out_losses(functools.partial(self.move, move))
                     if result.outcome.startswith("deferred") and round_number < DEFER_ROUNDS_MAX:
                         deferred.append(move)
                         continue
@@ -353,9 +373,49 @@ class Rebalancer:
                 todo = deferred
                 await asyncio.sleep(DEFER_ROUND_PAUSE_S)
             for name in sorted(self.draining):
-                summary.draining[name] = await self._store(name).pins()
+                summary.draining[name] = await self._riding_out_losses(self._store(name).pins)
         summary.duration_s = time.monotonic() - started
         return summary
+
+    async def _riding_out_losses(self, work: Callable[[], Awaitable[T]]) -> T:
+        """work(), again after each shard lost under it is back (a bounded number of
+        times): every step of a move is decided by the states on its shards, so
+        work cut short anywhere resumes where it stopped."""
+        losses = 0
+        while True:
+            try:
+                return await work()
+            except ShardUnavailable as lost:
+                losses += 1
+                if losses > limits.rebalance_shard_losses_per_move_max:
+                    raise
+                if self.on_lost is not None:
+                    self.on_lost(lost)
+                await self._regain(lost)
+
+    async def _regain(self, lost: ShardUnavailable) -> None:
+        """Waits (bounded) for a lost shard to answer, and makes sure this run still
+        holds its admin lock: taken again when the outage ended the session that
+        held it. Raises AdminBusy when another run took it meanwhile (that run went
+        no further: it takes every shard's lock first, and this run kept the others),
+        and the loss itself once the wait is over."""
+        name = lost.shard_name
+        store = self._store(name)
+        deadline = time.monotonic() + limits.rebalance_shard_lost_wait_s
+        while True:
+            try:
+                holder = await store.admin_lock_holder()
+                if holder is not None and holder == self._lock_pids.get(name):
+                    return
+                if holder is not None:
+                    raise AdminBusy(name)
+                assert self._locks is not None, "a move runs under exclusive()"
+                self._lock_pids[name] = await self._locks.enter_async_context(store.admin_lock())
+                return
+            except ShardUnavailable:
+                if time.monotonic() >= deadline:
+                    raise lost from None
+            await asyncio.sleep(limits.shard_starting_poll_s)
 
     async def _carry_consumers(self) -> list[tuple[str, str]]:
         """Registers every live event consumer on each routed shard that lacks it (a

@@ -263,6 +263,13 @@ FROM accounts WHERE merchant_id = $1 GROUP BY currency ORDER BY currency
 # crashed run's lock goes with its connection.
 TRY_ADMIN_LOCK = "SELECT pg_try_advisory_lock(7305, 0)"
 ADMIN_UNLOCK = "SELECT pg_advisory_unlock(7305, 0)"
+# The backend holding that lock in this shard's database (advisory locks are per
+# database; pg_locks lists the whole server's), or no row.
+ADMIN_LOCK_HOLDER = """
+SELECT pid FROM pg_locks
+WHERE locktype = 'advisory' AND classid = 7305 AND objid = 0 AND objsubid = 2 AND granted
+  AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+"""
 
 # Lets this transaction remove the history of one merchant that moved away or is
 # being copied here (migration 0009); a session setting can no longer do it.

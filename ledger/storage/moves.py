@@ -159,14 +159,15 @@ class MoveStore:
         self.shard = shard
 
     @contextlib.asynccontextmanager
-    async def admin_lock(self) -> AsyncIterator[None]:
-        """Holds the shard's admin lock on a connection of its own; AdminBusy if taken,
-        ShardUnavailable if the shard cannot be reached."""
+    async def admin_lock(self) -> AsyncIterator[int]:
+        """Holds the shard's admin lock on a connection of its own, and gives that
+        connection's backend pid; AdminBusy if taken, ShardUnavailable if the shard
+        cannot be reached."""
         async with self.shard.connection() as conn:
             if not await conn.fetchval(sql.TRY_ADMIN_LOCK):
                 raise AdminBusy(self.shard.name)
             try:
-                yield
+                yield conn.get_server_pid()
             finally:
                 try:
                     await conn.fetchval(sql.ADMIN_UNLOCK)
@@ -177,6 +178,15 @@ class MoveStore:
                     # released back to the pool" over ShardUnavailable).
                     if not is_unavailable(error):
                         raise
+
+    async def admin_lock_holder(self) -> int | None:
+        """The backend pid holding the shard's admin lock, or None."""
+
+        async def run(conn: Connection) -> int | None:
+            pid = await conn.fetchval(sql.ADMIN_LOCK_HOLDER)
+            return None if pid is None else int(pid)
+
+        return await self.shard._with_connection(run)
 
     # Cluster-wide switches.
 

@@ -420,9 +420,12 @@ POSTED_DEBITS_FOR = "SELECT k.merchant_id, k.transfer_id FROM " + ledger_sql.pro
 
 # Reconcile: a rebalance or cleanup holds this admin lock (move_statements
 # TRY_ADMIN_LOCK) on every shard it uses; without it, no move is in progress.
+# Advisory locks are per database, and pg_locks lists the whole server's: shards
+# sharing a server (the embedded default) each look at their own.
 ADMIN_LOCK_HELD = """
 SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND classid = 7305
-               AND objid = 0 AND objsubid = 2 AND granted)
+               AND objid = 0 AND objsubid = 2 AND granted
+               AND database = (SELECT oid FROM pg_database WHERE datname = current_database()))
 """
 
 CLAIMS_PAUSED = "SELECT claims_paused FROM shard_meta"
