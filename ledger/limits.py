@@ -80,11 +80,11 @@ shard_connect_timeout_s = 2.0
 # of a shard's WAL takes seconds; a minute leaves a loaded machine its margin.
 shard_starting_wait_s = 60.0
 shard_starting_poll_s = 0.2
-# A shard lost under `ledger shards rebalance` while merchants move (stopped,
-# restarted or cut off: such faults last seconds) is waited for this long, at the
-# interval above, and the move under way resumed; at most this many times per
-# move (a shard that answers its check but fails the move again and again is not
-# waited for without end). A run that gives up fails as before, to be rerun.
+# A shard lost under `ledger shards rebalance` (stopped, restarted or cut off:
+# such faults last seconds) is waited for this long, at the interval above, and
+# the step under way (the plan, a merchant's move) run again; at most this many
+# times per step (a shard that answers its check but fails the step again and
+# again is not waited for without end). A run that gives up fails, to be rerun.
 rebalance_shard_lost_wait_s = 20.0
 rebalance_shard_losses_per_move_max = 3
 # Waiting this long for a free pool connection means the shard is busy (not

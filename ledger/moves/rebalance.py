@@ -20,9 +20,9 @@ The protocol, per rebalance:
    its own in flight past a short drain is deferred and retried; a failed
    verification unfences it.
 
-A shard lost while merchants move (stopped, restarted, cut off) is waited for
-(bounded), the run's admin lock there taken again if its session went with it,
-and the move under way resumed from the merchant's states, as a rerun would.
+A shard lost under a run (stopped, restarted, cut off) is waited for (bounded),
+the run's admin lock there taken again if its session went with it, and the
+step under way resumed (a move from the merchant's states), as a rerun would.
 
 Draining (a shard's `state = "draining"`): the shard is off the ring, so all its
 merchants move, while it stays routable for what it still holds (it may relay
@@ -329,32 +329,8 @@ class Rebalancer:
         await self.check_leaving()
         started = time.monotonic()
         with tracer.start_as_current_span("rebalance", attributes={"ledger.epoch": self.new.epoch}):
-            for name in self.shards:
-                await self._store(name).set_epoch_and_claims(
-                    epoch=self.new.epoch, claims_paused=True
-                )
-            carried = await self._carry_consumers()
-            plan = await self.plan()
-            for move in plan.moves:
-                await self._store(move.destination).mark_incoming(
-                    move.merchant_id, source=move.source, epoch=self.new.epoch
-                )
-            faults.crash_point("rebalance.after_plan")
-            # Claims resume only once every move is marked. A run that fails before
-            # (a shard cut off while it plans) leaves them paused, as a killed run
-            # does, until a rerun marks its moves: resumed, a shard at the new epoch
-            # would take a mover that a replica on the new config writes there as a
-            # new merchant, while it is still active where it was (chaos seed 298).
-            for name in self.shards:
-                await self._store(name).set_epoch_and_claims(
-                    epoch=self.new.epoch, claims_paused=False
-                )
-            summary = Summary(
-                abandoned=await self._abandon_stale_moves(),
-                consumers_carried=carried,
-                retired=sorted(self.retired),
-                removed=sorted(self.deleted),
-            )
+            summary = Summary(retired=sorted(self.retired), removed=sorted(self.deleted))
+            plan = await self._riding_out_losses(functools.partial(self._prepare, summary))
             todo = list(plan.moves)
             done = 0
             for round_number in range(1, DEFER_ROUNDS_MAX + 1):
@@ -377,10 +353,33 @@ class Rebalancer:
         summary.duration_s = time.monotonic() - started
         return summary
 
+    async def _prepare(self, summary: Summary) -> Plan:
+        """Raises every shard's epoch, plans and marks the moves, and resumes claims;
+        notes on summary the consumers carried and the moves abandoned."""
+        for name in self.shards:
+            await self._store(name).set_epoch_and_claims(epoch=self.new.epoch, claims_paused=True)
+        summary.consumers_carried += await self._carry_consumers()
+        plan = await self.plan()
+        for move in plan.moves:
+            await self._store(move.destination).mark_incoming(
+                move.merchant_id, source=move.source, epoch=self.new.epoch
+            )
+        faults.crash_point("rebalance.after_plan")
+        # Claims resume only once every move is marked. A run that fails before
+        # (a shard cut off while it plans) leaves them paused, as a killed run
+        # does, until a rerun marks its moves: resumed, a shard at the new epoch
+        # would take a mover that a replica on the new config writes there as a
+        # new merchant, while it is still active where it was (chaos seed 298).
+        for name in self.shards:
+            await self._store(name).set_epoch_and_claims(epoch=self.new.epoch, claims_paused=False)
+        summary.abandoned += await self._abandon_stale_moves()
+        return plan
+
     async def _riding_out_losses(self, work: Callable[[], Awaitable[T]]) -> T:
         """work(), again after each shard lost under it is back (a bounded number of
-        times): every step of a move is decided by the states on its shards, so
-        work cut short anywhere resumes where it stopped."""
+        times): every step of a run is idempotent and every step of a move is
+        decided by the states on its shards, so work cut short anywhere resumes
+        where it stopped."""
         losses = 0
         while True:
             try:
