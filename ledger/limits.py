@@ -86,7 +86,7 @@ shard_starting_poll_s = 0.2
 # times per step (a shard that answers its check but fails the step again and
 # again is not waited for without end). A run that gives up fails, to be rerun.
 rebalance_shard_lost_wait_s = 20.0
-rebalance_shard_losses_per_move_max = 3
+rebalance_shard_losses_per_step_max = 3
 # Waiting this long for a free pool connection means the shard is busy (not
 # down): the call fails with a retryable overload status.
 pool_acquire_timeout_s = 5.0

@@ -386,7 +386,7 @@ class Rebalancer:
                 return await work()
             except ShardUnavailable as lost:
                 losses += 1
-                if losses > limits.rebalance_shard_losses_per_move_max:
+                if losses > limits.rebalance_shard_losses_per_step_max:
                     raise
                 if self.on_lost is not None:
                     self.on_lost(lost)
@@ -408,7 +408,7 @@ class Rebalancer:
                     return
                 if holder is not None:
                     raise AdminBusy(name)
-                assert self._locks is not None, "a move runs under exclusive()"
+                assert self._locks is not None, "a run's steps run under exclusive()"
                 self._lock_pids[name] = await self._locks.enter_async_context(store.admin_lock())
                 return
             except ShardUnavailable:
