@@ -621,7 +621,11 @@ async def _admin(target: str | None, method: str, request: Any) -> Any:
 
 
 async def _with_rebalancer(
-    config: Path, old: Path | None, work: Callable[[Rebalancer], Awaitable[R]]
+    config: Path,
+    old: Path | None,
+    work: Callable[[Rebalancer], Awaitable[R]],
+    *,
+    riding_out_losses: bool = False,
 ) -> R:
     def on_starting(shard_name: str) -> None:
         typer.echo(
@@ -632,8 +636,8 @@ async def _with_rebalancer(
 
     def on_lost(lost: ShardUnavailable) -> None:
         typer.echo(
-            f"{lost} under the run; waiting up to {limits.rebalance_shard_lost_wait_s:.0f} s "
-            "for it, then resuming the move where it stopped",
+            f"{lost}; waiting up to {limits.rebalance_shard_lost_wait_s:.0f} s for it, "
+            "then going on where the run stopped",
             err=True,
         )
 
@@ -644,7 +648,7 @@ async def _with_rebalancer(
         on_lost=on_lost,
     )
     try:
-        await rebalancer.open()
+        await rebalancer.open(riding_out_losses=riding_out_losses)
         return await work(rebalancer)
     except ShardUnavailable as unavailable:
         # Every step is idempotent: a rerun once the shard answers picks up here.
@@ -689,7 +693,12 @@ def shards_rebalance(config: _NewConfig = None, old: _OldConfig = None) -> None:
         )
 
     summary = asyncio.run(
-        _with_rebalancer(_config(config), old, lambda r: r.rebalance(progress=progress))
+        _with_rebalancer(
+            _config(config),
+            old,
+            lambda r: r.rebalance(progress=progress),
+            riding_out_losses=True,
+        )
     )
     typer.echo(summary.render())
     if not summary.finished:
@@ -706,7 +715,9 @@ def shards_status(config: _NewConfig = None, old: _OldConfig = None) -> None:
 @shards_app.command("cleanup")
 def shards_cleanup(config: _NewConfig = None, old: _OldConfig = None) -> None:
     """Delete old copies of merchants that moved, after checking the new owner has them."""
-    merchants, rows = asyncio.run(_with_rebalancer(_config(config), old, lambda r: r.cleanup()))
+    merchants, rows = asyncio.run(
+        _with_rebalancer(_config(config), old, lambda r: r.cleanup(), riding_out_losses=True)
+    )
     typer.echo(f"removed old copies of {merchants} merchants ({rows} rows)")
 
 

@@ -12,6 +12,7 @@ states on its shards.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 from urllib.parse import urlsplit, urlunsplit
 
@@ -209,6 +210,46 @@ async def test_a_shard_lost_while_the_run_plans_is_waited_for_and_the_plan_made_
             assert await MoveStore(rebalancer.shards[name]).meta() == (four.epoch, False)
     finally:
         await rebalancer.close()
+    assert await all_balances(ledger4.service, movers) == before
+    await assert_reconciled(ledger4, four, "reconcile.toml")
+
+
+async def test_a_shard_lost_as_the_run_opens_and_takes_its_locks_is_waited_for(
+    ledger4: Ledger4,
+) -> None:
+    movers, before = await movers_with_history(ledger4)
+    four = ledger4.service.cluster.config
+    outage = Outage(ledger4, "shard-b")
+    lost: list[str] = []
+    ended: list[asyncio.Task[None]] = []
+
+    def on_lost(error: ShardUnavailable) -> None:
+        lost.append(error.shard_name)
+        ended.append(asyncio.get_running_loop().create_task(outage.end()))
+
+    rebalancer = Rebalancer(four, on_lost=on_lost)
+    try:
+        await outage.begin()
+        await rebalancer.open(riding_out_losses=True)
+        await asyncio.gather(*ended)
+        assert lost == ["shard-b"]
+        # Cut off again after shard-a's lock and before its own is taken.
+        real_take = rebalancer._take_admin_lock
+
+        async def take(stack: contextlib.AsyncExitStack, name: str) -> int:
+            if name == "shard-b" and len(lost) == 1:
+                await outage.begin()
+            return await real_take(stack, name)
+
+        rebalancer._take_admin_lock = take  # type: ignore[method-assign]
+        summary = await rebalancer.rebalance()
+        await asyncio.gather(*ended)
+        assert lost == ["shard-b", "shard-b"]
+        assert summary.finished, summary.render()
+        assert sorted(r.move.merchant_id for r in summary.moved) == sorted(movers)
+    finally:
+        await rebalancer.close()
+    assert await outage.lock_holders() == []
     assert await all_balances(ledger4.service, movers) == before
     await assert_reconciled(ledger4, four, "reconcile.toml")
 

@@ -244,19 +244,23 @@ class Rebalancer:
         self._locks: contextlib.AsyncExitStack | None = None
         self._lock_pids: dict[str, int] = {}
 
-    async def open(self) -> None:
+    async def open(self, *, riding_out_losses: bool = False) -> None:
+        """Opens and sets up every shard. riding_out_losses (for a run that changes
+        things): a shard that cannot be reached is waited for as under a run."""
+        lost_wait_s = limits.rebalance_shard_lost_wait_s if riding_out_losses else 0.0
         for spec in self.specs:
             shard = Shard(name=spec.name, dsn=spec.dsn)
             await shard.open()
             self.shards[spec.name] = shard
-            await self._migrate_once_started(shard)
+            await self._migrate_once_started(shard, lost_wait_s=lost_wait_s)
 
-    async def _migrate_once_started(self, shard: Shard) -> None:
+    async def _migrate_once_started(self, shard: Shard, *, lost_wait_s: float) -> None:
         """Sets the shard up, first waiting (bounded) while it starts up: an admin
         rerunning a rebalance just after restarting a shard should not have to
-        rerun it again for the seconds the shard replays its WAL."""
-        deadline = time.monotonic() + limits.shard_starting_wait_s
-        told = False
+        rerun it again for the seconds the shard replays its WAL. A shard that
+        cannot be reached is waited for lost_wait_s."""
+        started = time.monotonic()
+        told: set[bool] = set()
         while True:
             try:
                 # A shard set up here is being added: claims stay paused until the
@@ -265,11 +269,16 @@ class Rebalancer:
                 await shard.migrate(epoch=self.new.epoch, claims_paused_if_new=True)
                 return
             except ShardUnavailable as error:
-                if not cannot_connect_now(error) or time.monotonic() >= deadline:
+                starting = cannot_connect_now(error)
+                wait_s = limits.shard_starting_wait_s if starting else lost_wait_s
+                if time.monotonic() - started >= wait_s:
                     raise
-                if not told and self.on_starting is not None:
-                    self.on_starting(shard.name)
-                told = True
+                if starting not in told:
+                    if starting and self.on_starting is not None:
+                        self.on_starting(shard.name)
+                    if not starting and self.on_lost is not None:
+                        self.on_lost(error)
+                told.add(starting)
             await asyncio.sleep(limits.shard_starting_poll_s)
 
     async def close(self) -> None:
@@ -311,9 +320,8 @@ class Rebalancer:
         Raises AdminBusy (naming a shard) when another run holds one."""
         async with contextlib.AsyncExitStack() as stack:
             for name in sorted(self.shards):
-                self._lock_pids[name] = await stack.enter_async_context(
-                    self._store(name).admin_lock()
-                )
+                lock = functools.partial(self._take_admin_lock, stack, name)
+                self._lock_pids[name] = await self._riding_out_losses(lock, locked=False)
             self._locks = stack
             try:
                 yield
@@ -321,12 +329,14 @@ class Rebalancer:
                 self._locks = None
                 self._lock_pids.clear()
 
+    async def _take_admin_lock(self, stack: contextlib.AsyncExitStack, name: str) -> int:
+        return await stack.enter_async_context(self._store(name).admin_lock())
+
     async def rebalance(self, *, progress: Progress | None = None) -> Summary:
         async with self.exclusive():
             return await self._rebalance(progress)
 
     async def _rebalance(self, progress: Progress | None) -> Summary:
-        await self.check_leaving()
         started = time.monotonic()
         with tracer.start_as_current_span("rebalance", attributes={"ledger.epoch": self.new.epoch}):
             summary = Summary(retired=sorted(self.retired), removed=sorted(self.deleted))
@@ -356,6 +366,7 @@ class Rebalancer:
     async def _prepare(self, summary: Summary) -> Plan:
         """Raises every shard's epoch, plans and marks the moves, and resumes claims;
         notes on summary the consumers carried and the moves abandoned."""
+        await self.check_leaving()
         for name in self.shards:
             await self._store(name).set_epoch_and_claims(epoch=self.new.epoch, claims_paused=True)
         summary.consumers_carried += await self._carry_consumers()
@@ -375,11 +386,13 @@ class Rebalancer:
         summary.abandoned += await self._abandon_stale_moves()
         return plan
 
-    async def _riding_out_losses(self, work: Callable[[], Awaitable[T]]) -> T:
+    async def _riding_out_losses(
+        self, work: Callable[[], Awaitable[T]], *, locked: bool = True
+    ) -> T:
         """work(), again after each shard lost under it is back (a bounded number of
         times): every step of a run is idempotent and every step of a move is
         decided by the states on its shards, so work cut short anywhere resumes
-        where it stopped."""
+        where it stopped. locked: work runs under the run's admin locks (kept)."""
         losses = 0
         while True:
             try:
@@ -390,12 +403,12 @@ class Rebalancer:
                     raise
                 if self.on_lost is not None:
                     self.on_lost(lost)
-                await self._regain(lost)
+                await self._regain(lost, locked=locked)
 
-    async def _regain(self, lost: ShardUnavailable) -> None:
-        """Waits (bounded) for a lost shard to answer, and makes sure this run still
-        holds its admin lock: taken again when the outage ended the session that
-        held it. Raises AdminBusy when another run took it meanwhile (that run went
+    async def _regain(self, lost: ShardUnavailable, *, locked: bool) -> None:
+        """Waits (bounded) for a lost shard to answer and, if locked, makes sure this
+        run still holds its admin lock: taken again when the outage ended the session
+        that held it. Raises AdminBusy when another run took it meanwhile (that run went
         no further: it takes every shard's lock first, and this run kept the others),
         and the loss itself once the wait is over."""
         name = lost.shard_name
@@ -404,6 +417,8 @@ class Rebalancer:
         while True:
             try:
                 holder = await store.admin_lock_holder()
+                if not locked:
+                    return
                 if holder is not None and holder == self._lock_pids.get(name):
                     return
                 if holder is not None:
