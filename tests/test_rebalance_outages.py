@@ -92,6 +92,24 @@ class Outage:
             await admin.close()
 
 
+class EndedOnLoss:
+    """Outages of every ledger4 shard, each ended as soon as a run says it lost that
+    shard (its on_lost): a run that waits for a lost shard must then go on."""
+
+    def __init__(self, env: Ledger4) -> None:
+        self.outages = {name: Outage(env, name) for name in ALL_SHARDS}
+        self.lost: list[str] = []
+        self._ending: list[asyncio.Task[None]] = []
+
+    def on_lost(self, error: ShardUnavailable) -> None:
+        self.lost.append(error.shard_name)
+        outage = self.outages[error.shard_name]
+        self._ending.append(asyncio.get_running_loop().create_task(outage.end()))
+
+    async def ended(self) -> None:
+        await asyncio.gather(*self._ending)
+
+
 async def movers_with_history(
     ledger4: Ledger4,
 ) -> tuple[list[str], dict[tuple[str, str], tuple[int, int, int, int]]]:
@@ -127,27 +145,19 @@ async def test_a_shard_lost_under_a_move_is_waited_for_and_the_move_resumes(
 ) -> None:
     movers, before = await movers_with_history(ledger4)
     four = ledger4.service.cluster.config
-    outages = {name: Outage(ledger4, name) for name in ALL_SHARDS}
-    lost: list[str] = []
-    ended: list[asyncio.Task[None]] = []
-
-    def on_lost(error: ShardUnavailable) -> None:
-        # The outage ends once the run is waiting for it: the run must not give up.
-        lost.append(error.shard_name)
-        ended.append(asyncio.get_running_loop().create_task(outages[error.shard_name].end()))
-
-    rebalancer = Rebalancer(four, on_lost=on_lost)
+    outages = EndedOnLoss(ledger4)
+    rebalancer = Rebalancer(four, on_lost=outages.on_lost)
     try:
         await rebalancer.open()
-        cut = cut_after_the_fence(rebalancer, outages)
+        cut = cut_after_the_fence(rebalancer, outages.outages)
         summary = await rebalancer.rebalance()
-        await asyncio.gather(*ended)
+        await outages.ended()
         print(f"\n{summary.render()}")
         assert summary.finished, summary.render()
         assert sorted(r.move.merchant_id for r in summary.moved) == sorted(movers)
         [cut_merchant] = cut
         source = ShardRing(ledger4.config(1, ALL_SHARDS[:3])).shard_for(cut_merchant)
-        assert lost == [source]
+        assert outages.lost == [source]
         # Handed over, after the fence the outage interrupted.
         assert await MoveStore(rebalancer.shards["shard-d"]).state_of(cut_merchant) == (
             "active",
@@ -160,7 +170,7 @@ async def test_a_shard_lost_under_a_move_is_waited_for_and_the_move_resumes(
     finally:
         await rebalancer.close()
     # The run let go of every lock, the one it took again too.
-    for outage in outages.values():
+    for outage in outages.outages.values():
         assert await outage.lock_holders() == []
     assert await all_balances(ledger4.service, movers) == before
     [after] = await transfers(
@@ -176,16 +186,9 @@ async def test_a_shard_lost_while_the_run_plans_is_waited_for_and_the_plan_made_
 ) -> None:
     movers, before = await movers_with_history(ledger4)
     four = ledger4.service.cluster.config
-    outages = {name: Outage(ledger4, name) for name in ALL_SHARDS}
-    lost: list[str] = []
-    ended: list[asyncio.Task[None]] = []
-
-    def on_lost(error: ShardUnavailable) -> None:
-        lost.append(error.shard_name)
-        ended.append(asyncio.get_running_loop().create_task(outages[error.shard_name].end()))
-
+    outages = EndedOnLoss(ledger4)
     source = ShardRing(ledger4.config(1, ALL_SHARDS[:3])).shard_for(movers[0])
-    rebalancer = Rebalancer(four, on_lost=on_lost)
+    rebalancer = Rebalancer(four, on_lost=outages.on_lost)
     try:
         await rebalancer.open()
         real_plan = rebalancer.plan
@@ -196,15 +199,15 @@ async def test_a_shard_lost_while_the_run_plans_is_waited_for_and_the_plan_made_
             # seed 298 left, when a run failed here and resumed claims.
             plans.append(len(plans))
             if len(plans) == 1:
-                await outages[source].begin()
+                await outages.outages[source].begin()
             return await real_plan()
 
         rebalancer.plan = plan_with_a_source_lost  # type: ignore[method-assign]
         summary = await rebalancer.rebalance()
-        await asyncio.gather(*ended)
+        await outages.ended()
         assert summary.finished, summary.render()
         assert sorted(r.move.merchant_id for r in summary.moved) == sorted(movers)
-        assert lost == [source]
+        assert outages.lost == [source]
         assert plans == [0, 1]
         for name in ALL_SHARDS:
             assert await MoveStore(rebalancer.shards[name]).meta() == (four.epoch, False)
@@ -219,32 +222,26 @@ async def test_a_shard_lost_as_the_run_opens_and_takes_its_locks_is_waited_for(
 ) -> None:
     movers, before = await movers_with_history(ledger4)
     four = ledger4.service.cluster.config
-    outage = Outage(ledger4, "shard-b")
-    lost: list[str] = []
-    ended: list[asyncio.Task[None]] = []
-
-    def on_lost(error: ShardUnavailable) -> None:
-        lost.append(error.shard_name)
-        ended.append(asyncio.get_running_loop().create_task(outage.end()))
-
-    rebalancer = Rebalancer(four, on_lost=on_lost)
+    outages = EndedOnLoss(ledger4)
+    outage = outages.outages["shard-b"]
+    rebalancer = Rebalancer(four, on_lost=outages.on_lost)
     try:
         await outage.begin()
         await rebalancer.open(riding_out_losses=True)
-        await asyncio.gather(*ended)
-        assert lost == ["shard-b"]
+        await outages.ended()
+        assert outages.lost == ["shard-b"]
         # Cut off again after shard-a's lock and before its own is taken.
         real_take = rebalancer._take_admin_lock
 
         async def take(stack: contextlib.AsyncExitStack, name: str) -> int:
-            if name == "shard-b" and len(lost) == 1:
+            if name == "shard-b" and len(outages.lost) == 1:
                 await outage.begin()
             return await real_take(stack, name)
 
         rebalancer._take_admin_lock = take  # type: ignore[method-assign]
         summary = await rebalancer.rebalance()
-        await asyncio.gather(*ended)
-        assert lost == ["shard-b", "shard-b"]
+        await outages.ended()
+        assert outages.lost == ["shard-b", "shard-b"]
         assert summary.finished, summary.render()
         assert sorted(r.move.merchant_id for r in summary.moved) == sorted(movers)
     finally:
