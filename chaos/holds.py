@@ -151,20 +151,26 @@ SHARD_CONNECT_TIMEOUT_S = 10.0
 SHARD_QUERY_TIMEOUT_S = 30.0
 
 
-# A rebalance's line for a move that waits for a hold whose path would repeat a
-# relay step (ledger/moves/rebalance.py, Rebalancer._holds_refused); the harness's
-# merchant and transfer ids have no spaces.
-_WAITING_FOR_HOLD = re.compile(
+# A rebalance's line for a move that waits for holds whose paths would repeat a
+# relay step (ledger/moves/rebalance.py, Rebalancer._holds_refused): "hold T of M"
+# or "holds T1 of M1, T2 of M2 (and maybe others)"; the harness's merchant and
+# transfer ids have no spaces or commas.
+_WAITING_FOR_HOLDS = re.compile(
     r"^NOT MOVED \S+ (?P<source>\S+) -> \S+: deferred: "
-    r"cross-shard hold (?P<transfer>\S+) of (?P<merchant>\S+): "
+    r"cross-shard holds? (?P<holds>\S+ of \S+?(?:, \S+ of \S+?)*)(?: \(and maybe others\))?: "
 )
 
 
 def holds_moves_wait_for(lines: Sequence[str], *, source: str) -> list[tuple[str, str]]:
     """The holds (debit merchant, transfer id) that a rebalance's summary says moves
     off source wait for: settling them is what lets those merchants go."""
-    found = (_WAITING_FOR_HOLD.match(line) for line in lines)
-    return [(m["merchant"], m["transfer"]) for m in found if m and m["source"] == source]
+    found = (_WAITING_FOR_HOLDS.match(line) for line in lines)
+    return [
+        (merchant, transfer)
+        for m in found
+        if m and m["source"] == source
+        for transfer, merchant in (named.split(" of ") for named in m["holds"].split(", "))
+    ]
 
 
 async def relayed_holds(dsn: str) -> list[tuple[str, str]]:

@@ -479,6 +479,10 @@ _DRAINING_MOVES_WAIT_FOR_HOLDS = (
     "NOT MOVED s272-m5 shard-b -> shard-c: deferred: cross-shard hold c1-1 of s272-m5: "
     "its path would repeat a relay step or pass 16 relays; it moves once that hold settles "
     "(rerun to finish)\n"
+    # Chaos seed 305: a move waiting for several holds names them all.
+    "NOT MOVED s305-m3 shard-a -> shard-c: deferred: cross-shard holds c4-1199 of s305-m6, "
+    "c4-1178 of s305-m3: their paths would repeat a relay step or pass 16 relays; it moves "
+    "once those holds settle (rerun to finish)\n"
     "DRAINING shard-a: still holds 2 merchant(s), 22 settlement account(s) with money "
     "pending for holds in flight or relayed through it; rerun once they settle"
 )
@@ -500,7 +504,14 @@ def test_a_drain_settles_the_holds_its_merchants_moves_wait_for(
     assert record.drain is not None and record.drain.finished
     assert settled_after == [1]
     # The holds the draining shard's moves wait for; not the other shard's.
-    assert waiting == {1: [("s272-m0", "c0-1347"), ("s272-m9", "c5-664")]}
+    assert waiting == {
+        1: [
+            ("s272-m0", "c0-1347"),
+            ("s272-m9", "c5-664"),
+            ("s305-m6", "c4-1199"),
+            ("s305-m3", "c4-1178"),
+        ]
+    }
 
 
 @pytest.mark.timeout(10)

@@ -87,8 +87,12 @@ INTERRUPTED_SETTLE_SHARE = 0.3
 INTERRUPTED_DRIVE_SHARE = 0.3
 INTERRUPTED_DRIVES_MAX = 5
 INTERRUPTED_LEASE_S = 3_600.0
-# A move deferred for a hold whose path would repeat a relay step names the hold.
-WAITING_FOR_HOLD = re.compile(r"deferred: cross-shard hold (?P<hold>\S+) of \S+: ")
+# A move deferred for holds whose paths would repeat a relay step names them:
+# "hold T of M" or "holds T1 of M1, T2 of M2 (and maybe others)".
+WAITING_FOR_HOLDS = re.compile(
+    r"deferred: cross-shard holds? (?P<holds>\S+ of \S+?(?:, \S+ of \S+?)*)"
+    r"(?: \(and maybe others\))?: "
+)
 
 
 @dataclass
@@ -383,11 +387,13 @@ class Run:
                 r.outcome.startswith("deferred") for r in summary.results
             )
             for result in summary.results:
-                # A move waiting for a hold names one that is still open.
-                named = WAITING_FOR_HOLD.match(result.outcome)
+                # A move waiting for holds names ones that are still open.
+                named = WAITING_FOR_HOLDS.match(result.outcome)
                 if named:
                     open_here = {*self.model.open_holds, *self.settling.values()}
-                    assert named["hold"] in open_here, f"{result.outcome}\n{self.describe()}"
+                    for hold in named["holds"].split(", "):
+                        hold_id = hold.split(" of ")[0]
+                        assert hold_id in open_here, f"{result.outcome}\n{self.describe()}"
                     self.counts["moves waiting for a named hold"] += 1
             if summary.finished:
                 return True

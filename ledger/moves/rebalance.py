@@ -68,6 +68,9 @@ REPLICA_SEEN_WITHIN_S = 60.0
 # Copy-and-verify rounds under the fence before a move gives up (a saga step
 # under way at the fence may land between a copy and its check).
 VERIFY_ATTEMPTS_MAX = 3
+# A move waiting for holds that would make their paths repeat a relay step names at
+# most this many of them.
+HOLDS_NAMED_MAX = 10
 # Fenced, a merchant's sagas in flight get this long to settle before the
 # move gives up for this round (new writes for it wait meanwhile).
 DRAIN_WAIT_S = 2.0
@@ -634,7 +637,8 @@ class Rebalancer:
         (MoveStore.activate): the path gets shorter.
         """
         holds = await source.holds(merchant_id)
-        for hold in holds.cross:
+        waited_for: list[CrossHold] = []
+        for hold in sorted(holds.cross, key=lambda h: (h.key.merchant_id, h.key.transfer_id)):
             path = await self._hold_path(hold, source.shard.name)
             if path is None:
                 return "a cross-shard hold's path could not be read"
@@ -643,14 +647,27 @@ class Rebalancer:
             # from, the last one too (to find it has none).
             hops = [(longer[i], longer[i - 1]) for i in range(1, len(longer))]
             if len(set(hops)) != len(hops) or len(hops) > limits.hold_relay_hops_max:
-                # Named, so that the admin can have that hold settled (posted or
-                # voided by its caller) when the move cannot wait for its timeout.
-                return (
-                    f"cross-shard hold {hold.key.transfer_id} of {hold.key.merchant_id}: "
-                    "its path would repeat a relay step or pass "
-                    f"{limits.hold_relay_hops_max} relays; it moves once that hold settles"
-                )
-        return None
+                waited_for.append(hold)
+                if len(waited_for) == HOLDS_NAMED_MAX:
+                    break
+        if not waited_for:
+            return None
+        # Named, all of them (up to a bound), so that the admin can have them settled
+        # (posted or voided by their callers) in one go when the move cannot wait for
+        # their timeouts: naming one per run took a drain a round per hold (chaos
+        # seed 305: 5 rounds, past its deadline).
+        named = ", ".join(f"{h.key.transfer_id} of {h.key.merchant_id}" for h in waited_for)
+        bound = f"pass {limits.hold_relay_hops_max} relays"
+        if len(waited_for) == 1:
+            return (
+                f"cross-shard hold {named}: its path would repeat a relay step or {bound}; "
+                "it moves once that hold settles"
+            )
+        others = " (and maybe others)" if len(waited_for) == HOLDS_NAMED_MAX else ""
+        return (
+            f"cross-shard holds {named}{others}: their paths would repeat a relay step or "
+            f"{bound}; it moves once those holds settle"
+        )
 
     async def _hold_path(self, hold: CrossHold, here: str) -> list[str] | None:
         """The shards a cross-shard hold passes, from its debit party's to its credit
