@@ -14,7 +14,12 @@ such hold per run, so a drain settled one per merchant per rerun (chaos seed
 from __future__ import annotations
 
 import random
+from collections import Counter
 
+import pytest
+
+from ledger.domain.moves import CrossHold
+from ledger.moves.rebalance import Rebalancer
 from ledger.routing.config import ShardConfig
 from ledger.routing.ring import ShardRing
 from ledger.v1 import ledger_pb2 as pb
@@ -47,7 +52,7 @@ def heavy(env: Ledger4, epoch: int, shard: str) -> ShardConfig:
 
 
 async def test_a_move_that_would_repeat_a_relay_step_waits_for_the_named_holds(
-    ledger4: Ledger4,
+    ledger4: Ledger4, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     service = ledger4.service
     configs = [heavy(ledger4, 2 + i, shard) for i, shard in enumerate(ROUTE)]
@@ -86,7 +91,19 @@ async def test_a_move_that_would_repeat_a_relay_step_waits_for_the_named_holds(
         assert await all_balances(service, [mover, partner]) == held
 
     # a -> b again: the paths would take "b from a" twice; the holds are named.
+    # Each path is walked once, under the fence of the first round: not again while
+    # fenced, nor in later rounds while the holds named stay open (a walk reads
+    # every shard of the path, seconds on slow shards: chaos seed 305).
+    walks: Counter[str] = Counter()
+    walk = Rebalancer._hold_path
+
+    async def counted(self: Rebalancer, hold: CrossHold, here: str) -> list[str] | None:
+        walks[hold.key.transfer_id] += 1
+        return await walk(self, hold, here)
+
+    monkeypatch.setattr(Rebalancer, "_hold_path", counted)
     summary = await switch_and_rebalance(ledger4, configs[4])
+    assert walks == dict.fromkeys((h.id for h in holds), 1)
     assert not summary.finished
     [result] = summary.results
     named = ", ".join(f"{h.id} of {mover}" for h in holds)

@@ -240,9 +240,9 @@ class Rebalancer:
         self.retired = frozenset(s.name for s in new.shards if not s.routable)
         self.draining = frozenset(s.name for s in new.shards if s.state == "draining")
         self.shards: dict[str, Shard] = {}
-        # Merchants deferred in this run for a hold only its settling releases: a
-        # later round looks again before copying them once more.
-        self._waiting_for_hold: set[str] = set()
+        # Merchants deferred in this run for holds only their settling releases,
+        # and the holds named: a later round looks again before copying them once more.
+        self._waiting_for_hold: dict[str, WaitedFor] = {}
         # While exclusive: the admin locks held, and each one's backend pid per shard.
         self._locks: contextlib.AsyncExitStack | None = None
         self._lock_pids: dict[str, int] = {}
@@ -545,10 +545,9 @@ class Rebalancer:
         fenced_at = time.monotonic()
         if source_state is not None and source_state[0] == "active":
             if m in self._waiting_for_hold:
-                refused = await self._holds_refused(source, m, destination=move.destination)
+                refused = await self._still_waiting(source, m, destination=move.destination)
                 if refused is not None:
                     return MoveResult(move, f"deferred: {refused}", rows_copied)
-                self._waiting_for_hold.discard(m)
             with tracer.start_as_current_span("move copy"):
                 first = await source.read_rows(m, since_xid=None)
                 rows_copied += await destination.write_rows(m, first)
@@ -616,10 +615,10 @@ class Rebalancer:
         while True:
             reason = await source.blockers(merchant_id)
             if reason is None:
-                reason = await self._holds_refused(source, merchant_id, destination=destination)
-                if reason is not None:
-                    self._waiting_for_hold.add(merchant_id)
-            if reason is None or loop.time() + delay_s > end:
+                # Not waited for under the fence: such holds settle when their callers
+                # settle them, and the walk is slow (every shard of every path).
+                return await self._holds_refused(source, merchant_id, destination=destination)
+            if loop.time() + delay_s > end:
                 return reason
             await asyncio.sleep(delay_s)
             delay_s = min(delay_s * 2, 0.2)
@@ -638,7 +637,7 @@ class Rebalancer:
         """
         holds = await source.holds(merchant_id)
         waited_for: list[CrossHold] = []
-        for hold in sorted(holds.cross, key=lambda h: (h.key.merchant_id, h.key.transfer_id)):
+        for hold in sorted(holds.cross, key=_named_order):
             path = await self._hold_path(hold, source.shard.name)
             if path is None:
                 return "a cross-shard hold's path could not be read"
@@ -651,23 +650,26 @@ class Rebalancer:
                 if len(waited_for) == HOLDS_NAMED_MAX:
                     break
         if not waited_for:
+            self._waiting_for_hold.pop(merchant_id, None)
             return None
-        # Named, all of them (up to a bound), so that the admin can have them settled
-        # (posted or voided by their callers) in one go when the move cannot wait for
-        # their timeouts: naming one per run took a drain a round per hold (chaos
-        # seed 305: 5 rounds, past its deadline).
-        named = ", ".join(f"{h.key.transfer_id} of {h.key.merchant_id}" for h in waited_for)
-        bound = f"pass {limits.hold_relay_hops_max} relays"
-        if len(waited_for) == 1:
-            return (
-                f"cross-shard hold {named}: its path would repeat a relay step or {bound}; "
-                "it moves once that hold settles"
-            )
-        others = " (and maybe others)" if len(waited_for) == HOLDS_NAMED_MAX else ""
-        return (
-            f"cross-shard holds {named}{others}: their paths would repeat a relay step or "
-            f"{bound}; it moves once those holds settle"
-        )
+        waiting = WaitedFor(waited_for, capped=len(waited_for) == HOLDS_NAMED_MAX)
+        self._waiting_for_hold[merchant_id] = waiting
+        return waiting.reason()
+
+    async def _still_waiting(
+        self, source: MoveStore, merchant_id: str, *, destination: str
+    ) -> str | None:
+        """Why a merchant deferred for holds earlier in this run still waits, or None.
+        While a hold named then is open, the move still waits for it: that is read
+        on the source alone, without walking the paths again (only the hold's other
+        party moving could have shortened its path since: the next run looks
+        again). Once they have all settled, every path is looked at again."""
+        named = {h.key for h in self._waiting_for_hold[merchant_id].holds}
+        open_now = [h for h in (await source.holds(merchant_id)).cross if h.key in named]
+        if open_now:
+            capped = self._waiting_for_hold[merchant_id].capped
+            return WaitedFor(sorted(open_now, key=_named_order), capped=capped).reason()
+        return await self._holds_refused(source, merchant_id, destination=destination)
 
     async def _hold_path(self, hold: CrossHold, here: str) -> list[str] | None:
         """The shards a cross-shard hold passes, from its debit party's to its credit
@@ -770,6 +772,36 @@ class Rebalancer:
                     rows += deleted
                     merchants += 1
         return merchants, rows
+
+
+@dataclass(frozen=True, slots=True)
+class WaitedFor:
+    """Cross-shard holds a move waits for: their paths would repeat a relay step."""
+
+    holds: list[CrossHold]
+    # HOLDS_NAMED_MAX were found: there may be others.
+    capped: bool
+
+    def reason(self) -> str:
+        """Names them all, so that the admin can have them settled (posted or voided
+        by their callers) in one go when the move cannot wait for their timeouts:
+        naming one per run took a drain a round per hold (chaos seed 305)."""
+        named = ", ".join(f"{h.key.transfer_id} of {h.key.merchant_id}" for h in self.holds)
+        bound = f"pass {limits.hold_relay_hops_max} relays"
+        if len(self.holds) == 1:
+            return (
+                f"cross-shard hold {named}: its path would repeat a relay step or {bound}; "
+                "it moves once that hold settles"
+            )
+        others = " (and maybe others)" if self.capped else ""
+        return (
+            f"cross-shard holds {named}{others}: their paths would repeat a relay step or "
+            f"{bound}; it moves once those holds settle"
+        )
+
+
+def _named_order(hold: CrossHold) -> tuple[str, str]:
+    return (hold.key.merchant_id, hold.key.transfer_id)
 
 
 def moved_path(path: list[str], *, destination: str, debit_party: bool) -> list[str]:
