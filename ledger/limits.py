@@ -83,8 +83,9 @@ shard_starting_poll_s = 0.2
 # A shard lost under `ledger shards rebalance` (stopped, restarted or cut off:
 # such faults last seconds) is waited for this long, at the interval above, and
 # the step under way (the plan, a merchant's move) run again; at most this many
-# times per step (a shard that answers its check but fails the step again and
-# again is not waited for without end). A run that gives up fails, to be rerun.
+# times per shard and step (a shard that answers its check but fails the step
+# again and again is not waited for without end). A run that gives up fails, to
+# be rerun.
 rebalance_shard_lost_wait_s = 20.0
 rebalance_shard_losses_per_step_max = 3
 # Waiting this long for a free pool connection means the shard is busy (not
