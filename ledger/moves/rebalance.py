@@ -667,11 +667,11 @@ class Rebalancer:
         on the source alone, without walking the paths again (only the hold's other
         party moving could have shortened its path since: the next run looks
         again). Once they have all settled, every path is looked at again."""
-        named = {h.key for h in self._waiting_for_hold[merchant_id].holds}
+        waiting = self._waiting_for_hold[merchant_id]
+        named = {h.key for h in waiting.holds}
         open_now = [h for h in (await source.holds(merchant_id)).cross if h.key in named]
         if open_now:
-            capped = self._waiting_for_hold[merchant_id].capped
-            return WaitedFor(sorted(open_now, key=_named_order), capped=capped).reason()
+            return WaitedFor(sorted(open_now, key=_named_order), waiting.capped).reason()
         return await self._holds_refused(source, merchant_id, destination=destination)
 
     async def _hold_path(self, hold: CrossHold, here: str) -> list[str] | None:

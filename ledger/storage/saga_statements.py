@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ledger.storage import move_statements as move_sql
 from ledger.storage import statements as ledger_sql
 
 SAGA_COLUMNS = """
@@ -418,15 +419,9 @@ POSTED_DEBITS_FOR = "SELECT k.merchant_id, k.transfer_id FROM " + ledger_sql.pro
     " AND merchant_id <> '$settlement' LIMIT 1",
 )
 
-# Reconcile: a rebalance or cleanup holds this admin lock (move_statements
-# TRY_ADMIN_LOCK) on every shard it uses; without it, no move is in progress.
-# Advisory locks are per database, and pg_locks lists the whole server's: shards
-# sharing a server (the embedded default) each look at their own.
-ADMIN_LOCK_HELD = """
-SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND classid = 7305
-               AND objid = 0 AND objsubid = 2 AND granted
-               AND database = (SELECT oid FROM pg_database WHERE datname = current_database()))
-"""
+# Reconcile: a rebalance or cleanup holds the admin lock on every shard it uses;
+# without it, no move is in progress.
+ADMIN_LOCK_HELD = f"SELECT EXISTS ({move_sql.ADMIN_LOCK_HOLDER})"
 
 CLAIMS_PAUSED = "SELECT claims_paused FROM shard_meta"
 
