@@ -21,6 +21,15 @@ from tests.support import Service, fresh_databases, start_service, write_config
 
 SHARD_NAMES = ("shard-a", "shard-b", "shard-c")
 
+# Workers for `-n auto` (pytest-xdist): each starts its own PostgreSQL servers and
+# services, so a big machine gains little past a few, and the tests' own waits
+# have deadlines sized for a small one.
+TEST_WORKERS_MAX = 4
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    return max(1, min(os.cpu_count() or 1, TEST_WORKERS_MAX))
+
 
 @pytest.fixture(scope="session")
 def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedPostgres]:
