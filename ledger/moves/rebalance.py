@@ -302,9 +302,6 @@ class Rebalancer:
     async def plan(self) -> Plan:
         """What moves where, from the merchants' states on the shards now; changes nothing."""
         await self.check_leaving()
-        return await self._planned_moves()
-
-    async def _planned_moves(self) -> Plan:
         moves: list[Move] = []
         total = 0
         for name in self.shards:
@@ -377,7 +374,7 @@ class Rebalancer:
         for name in self.shards:
             await self._store(name).set_epoch_and_claims(epoch=self.new.epoch, claims_paused=True)
         summary.consumers_carried += await self._carry_consumers()
-        plan = await self._planned_moves()
+        plan = await self.plan()
         for move in plan.moves:
             await self._store(move.destination).mark_incoming(
                 move.merchant_id, source=move.source, epoch=self.new.epoch
