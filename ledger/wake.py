@@ -48,20 +48,19 @@ class WakeSchedule:
             # simpler than a second timer, and a poke is rare next to a call.
             self._woken.set()
 
-    async def sleep(self, sleep_s: float) -> bool:
-        """Sleeps sleep_s, or less if stopped or woken for sooner work; whether it was
-        woken (or stopped), not timed out."""
+    async def sleep_until(self, wake_at: float) -> bool:
+        """Sleeps until event-loop time wake_at, or less if stopped or woken for sooner
+        work; whether it was woken (or stopped), not timed out."""
         if self._poked or self._stopped:
             self._poked = False
             return True
-        loop = asyncio.get_running_loop()
-        self._wakes_at = loop.time() + sleep_s
+        self._wakes_at = wake_at
         self._sleeping = True
         woken = False
         try:
             with contextlib.suppress(TimeoutError):
                 # inf: until woken (a worker that leaves others' work to another).
-                async with asyncio.timeout(None if math.isinf(sleep_s) else sleep_s):
+                async with asyncio.timeout_at(None if math.isinf(wake_at) else wake_at):
                     await self._woken.wait()
                     woken = True
         finally:
@@ -71,10 +70,18 @@ class WakeSchedule:
         return woken or self._stopped
 
 
-def until_next_tick(period_s: float) -> float:
-    """Seconds until the event loop's clock next reaches a multiple of period_s (inf
+def next_tick_at(period_s: float) -> float:
+    """Event-loop time at which the clock next reaches a multiple of period_s (inf
     stays inf). Idle workers that sleep to the same tick look at the shards together
-    and share one read per shard (ledger/storage/due_probe.py)."""
+    and share one read per shard (ledger/storage/due_probe.py). A time, not a delay:
+    one worked out before a round's reads still names the tick after them (as a
+    delay it slid by the reads' time, 14 ms on a loaded machine)."""
     if math.isinf(period_s):
         return period_s
-    return period_s - asyncio.get_running_loop().time() % period_s
+    now = asyncio.get_running_loop().time()
+    return now - now % period_s + period_s
+
+
+def in_s(delay_s: float) -> float:
+    """Event-loop time delay_s from now."""
+    return asyncio.get_running_loop().time() + delay_s

@@ -72,7 +72,8 @@ async def test_idle_workers_sleep_to_the_same_tick_and_share_their_probes(
     wakes = await background_wake_times(server)
     assert len(wakes) == 2
     for name, sleeps_until in wakes.items():
-        # Nothing is due: each wakes at the next whole idle poll of the loop's clock
-        # (give or take the moments between working out the sleep and starting it).
+        # Nothing is due: each wakes at the next whole idle poll of the loop's clock,
+        # exactly. It slept a delay worked out before its round's reads, so it woke
+        # that long after the tick (14 ms under load, where 10 ms was allowed).
         off_tick_s = sleeps_until % limits.background_idle_poll_s_max
-        assert min(off_tick_s, limits.background_idle_poll_s_max - off_tick_s) < 0.01, name
+        assert min(off_tick_s, limits.background_idle_poll_s_max - off_tick_s) < 1e-6, name

@@ -21,7 +21,7 @@ from ledger.storage.due_probe import DueProbes
 from ledger.storage.errors import ShardUnavailable
 from ledger.storage.events import EventStore
 from ledger.telemetry import metrics
-from ledger.wake import until_next_tick
+from ledger.wake import next_tick_at
 
 log = logging.getLogger(__name__)
 
@@ -109,9 +109,9 @@ class EventSequencer:
     async def _run(self) -> None:
         while not self._stopped:
             # On the idle workers' tick (ledger/storage/due_probe.py); inf: never.
-            idle_timeout_s = until_next_tick(self.idle_poll_s)
+            idle_until = next_tick_at(self.idle_poll_s)
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(None if math.isinf(idle_timeout_s) else idle_timeout_s):
+                async with asyncio.timeout_at(None if math.isinf(idle_until) else idle_until):
                     await self._poked.wait()
             self._poked.clear()
             if self._stopped:

@@ -19,7 +19,7 @@ from ledger.storage.due_probe import DueProbes
 from ledger.storage.errors import ShardUnavailable
 from ledger.storage.sagas import SagaStore
 from ledger.storage.shard import Shard
-from ledger.wake import WakeSchedule, until_next_tick
+from ledger.wake import WakeSchedule, in_s, next_tick_at
 
 log = logging.getLogger(__name__)
 
@@ -65,29 +65,29 @@ class ExpirySweeper:
         return released
 
     async def _sweep_round(self, *, shared: bool) -> tuple[int, float]:
-        """(holds released, seconds until a shard needs a look again).
+        """(holds released, event-loop time a shard needs a look again).
 
         shared: a round on the clock, which may take a reading another worker made."""
         released = 0
-        next_s = until_next_tick(self.idle_poll_s)
+        wake_at = next_tick_at(self.idle_poll_s)
         for shard in list(self.cluster.shards.values()):
             try:
-                count, shard_next_s = await self._sweep_shard(shard, shared=shared)
+                count, shard_wake_at = await self._sweep_shard(shard, shared=shared)
                 released += count
-                next_s = min(next_s, shard_next_s)
+                wake_at = min(wake_at, shard_wake_at)
             except ShardUnavailable as error:
                 # The shard logs its change of state once; this runs every round.
                 log.debug("expiry sweep skipped: %s", error)
-                next_s = min(next_s, limits.expiry_sweep_interval_s)
-        return released, next_s
+                wake_at = min(wake_at, in_s(limits.expiry_sweep_interval_s))
+        return released, wake_at
 
     async def _sweep_shard(self, shard: Shard, *, shared: bool) -> tuple[int, float]:
         if not shard.marked_unavailable:
             due_s = (await self.due_probes.read(shard, shared=shared)).expiry_due_s
             if due_s is None:
-                return 0, until_next_tick(self.idle_poll_s)
+                return 0, next_tick_at(self.idle_poll_s)
             if due_s > 0:
-                return 0, due_s
+                return 0, in_s(due_s)
         released = 0
         # Drain due expiries in bounded steps so one shard cannot hog a round.
         for _ in range(limits.expiry_sweeps_per_round_max):
@@ -102,15 +102,15 @@ class ExpirySweeper:
         released += sagas_started
         # Due holds may remain that cannot be released yet (a saga still running, a
         # merchant moving): look again at the old interval, not in a busy loop.
-        return released, limits.expiry_sweep_interval_s
+        return released, in_s(limits.expiry_sweep_interval_s)
 
     async def _run(self) -> None:
         woken = True
         while not self.schedule.stopped:
-            next_s = limits.expiry_sweep_interval_s
+            wake_at = in_s(limits.expiry_sweep_interval_s)
             try:
-                _, next_s = await self._sweep_round(shared=not woken)
+                _, wake_at = await self._sweep_round(shared=not woken)
             except Exception:
                 log.exception("expiry sweep failed")
             self.rounds += 1
-            woken = await self.schedule.sleep(next_s)
+            woken = await self.schedule.sleep_until(wake_at)

@@ -25,7 +25,7 @@ from ledger.storage.sagas import SagaStore
 from ledger.storage.shard import Shard
 from ledger.telemetry import metrics
 from ledger.telemetry.tracing import context_from_traceparent, tracer
-from ledger.wake import WakeSchedule, until_next_tick
+from ledger.wake import WakeSchedule, in_s, next_tick_at
 
 log = logging.getLogger(__name__)
 
@@ -78,22 +78,22 @@ class RecoveryWorker:
         return driven
 
     async def _round(self, *, shared: bool) -> tuple[int, float]:
-        """(sagas driven, seconds until a shard needs a look again).
+        """(sagas driven, event-loop time a shard needs a look again).
 
         shared: a round on the clock, which may take a reading another worker made."""
         driven = 0
-        next_s = until_next_tick(self.idle_poll_s)
+        wake_at = next_tick_at(self.idle_poll_s)
         for shard in list(self.runner.cluster.shards.values()):
             try:
-                count, shard_next_s = await self._claim_on(shard, shared=shared)
+                count, shard_wake_at = await self._claim_on(shard, shared=shared)
             except ShardUnavailable as error:
                 # The shard logs its change of state once; this runs every round.
                 log.debug("saga recovery skipped a shard: %s", error)
-                next_s = min(next_s, self.interval_s)
+                wake_at = min(wake_at, in_s(self.interval_s))
                 continue
             driven += count
-            next_s = min(next_s, shard_next_s)
-        return driven, next_s
+            wake_at = min(wake_at, shard_wake_at)
+        return driven, wake_at
 
     async def _claim_on(self, shard: Shard, *, shared: bool) -> tuple[int, float]:
         store = SagaStore(shard)
@@ -102,9 +102,9 @@ class RecoveryWorker:
         if not shard.marked_unavailable:
             due_s = (await self.due_probes.read(shard, shared=shared)).saga_due_s
             if due_s is None:
-                return 0, until_next_tick(self.idle_poll_s)
+                return 0, next_tick_at(self.idle_poll_s)
             if due_s > 0:
-                return 0, due_s
+                return 0, in_s(due_s)
         claimed = await store.claim_due(
             owner=self.runner.owner,
             limit=self.claims_per_round_max,
@@ -114,7 +114,7 @@ class RecoveryWorker:
             await asyncio.gather(*(self._resume(saga) for saga in claimed))
         # Due sagas may remain (more than one round's claims, or held by another
         # worker): look again after interval_s, not in a busy loop.
-        return len(claimed), self.interval_s
+        return len(claimed), in_s(self.interval_s)
 
     async def _resume(self, saga: Saga) -> Saga:
         """Drives a claimed saga inside the trace of the request that started it."""
@@ -159,9 +159,9 @@ class RecoveryWorker:
         loop = asyncio.get_running_loop()
         woken = True
         while not self.schedule.stopped:
-            next_s = self.interval_s
+            wake_at = in_s(self.interval_s)
             try:
-                _, next_s = await self._round(shared=not woken)
+                _, wake_at = await self._round(shared=not woken)
                 self._rounds += 1
                 # On the idle tick, as the looks (the round before may have run a
                 # moment after its tick: a refresh is due a little early).
@@ -174,7 +174,7 @@ class RecoveryWorker:
                     await self.refresh_gauges()
             except Exception:
                 log.exception("saga recovery round failed")
-            time_to_gauges_s = math.inf
+            gauges_at = math.inf
             if self.refreshes_gauges:
-                time_to_gauges_s = until_next_tick(limits.gauge_refresh_interval_s)
-            woken = await self.schedule.sleep(min(next_s, time_to_gauges_s))
+                gauges_at = next_tick_at(limits.gauge_refresh_interval_s)
+            woken = await self.schedule.sleep_until(min(wake_at, gauges_at))

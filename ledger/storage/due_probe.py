@@ -5,7 +5,7 @@ With nothing to do, the expiry sweeper, the saga recovery worker and the event
 sequencer each looked at every shard once a second with a statement of its own:
 three statements per shard and second, most of an idle replica's CPU (issue 18:
 idle at most 5 ms of CPU per s). They now sleep to the same tick
-(ledger.wake.until_next_tick) and share one reading per shard: the first to look
+(ledger.wake.next_tick_at) and share one reading per shard: the first to look
 reads all three answers in one statement, the others take that reading while it
 is at most limits.due_probe_share_s old. Only looks on the clock share: a worker
 woken for work of its own (a hold made here, a retry, a commit) reads afresh, so
