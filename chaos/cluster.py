@@ -58,6 +58,9 @@ PG_CTL_ATTEMPTS_MAX = 2
 # until it finishes or this deadline passes.
 REBALANCE_RETRY_PAUSE_S = 0.5
 REBALANCE_DEADLINE_S = 30.0
+# How a fault's detail marks a rebalance left unfinished at that deadline (counted in
+# the run's summary: moves deferred by holds that nobody settled meanwhile).
+UNFINISHED_MARK = "; unfinished: "
 # A drain reruns `ledger shards rebalance` (settling the holds its shard relays
 # between runs) until it says DRAINED, or this passes: then the drain did not
 # finish, which the run reports as a violation. Each run moves the shard's
@@ -386,7 +389,7 @@ class ChaosCluster:
                 # Merchants with holds that cannot move yet stay deferred: the next
                 # rebalance (or none) takes it from there.
                 last = [ln for ln in output.splitlines() if ln.startswith(("moved", "NOT"))]
-                return False, f"epoch {self.epoch}: {', '.join(runs)}; unfinished: {last}"
+                return False, f"epoch {self.epoch}: {', '.join(runs)}{UNFINISHED_MARK}{last}"
             await asyncio.sleep(REBALANCE_RETRY_PAUSE_S)
 
     async def drain(

@@ -38,6 +38,7 @@ from chaos.holds import holds_moves_wait_for, settle_operation
 from chaos.nemesis import FaultRecord, Nemesis
 from chaos.plan import Action, Fault, FaultKind, Operation, Ref, TransferSpec, plan_run
 from chaos.publisher import Published, compare_published
+from chaos.run import unfinished_rebalances
 from ledger.domain.transfers import PendingState
 from ledger.telemetry.redaction import redact
 from ledger.v1 import ledger_pb2 as pb
@@ -596,6 +597,29 @@ def test_a_rebalance_reports_what_every_run_moved(
 
     assert report == "epoch 2: exit 1 (moved 2 merchants), exit 0 (moved 0 merchants)"
     assert sum(int(n) for n in _MOVED.findall(report)) == 2
+
+
+@pytest.mark.timeout(10)
+def test_rebalances_left_unfinished_at_their_deadline_are_counted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rebalance whose moves wait for holds past its deadline is a liveness finding
+    that the run's summary counts (chaos seeds 311 and 313: a rebalance back left
+    unfinished behind a hold with no timeout), not only words in a fault's detail."""
+    monkeypatch.setattr(chaos_cluster, "REBALANCE_DEADLINE_S", 0.0)
+    deferred = (
+        "moved 0 merchants, 0 rows copied\nNOT MOVED m2 shard-a -> shard-b: deferred: "
+        "cross-shard hold c2-2069 of m6: its path would repeat a relay step"
+    )
+    unfinished = _rebalance_report(tmp_path, monkeypatch, [(1, deferred)])
+    finished = _rebalance_report(tmp_path, monkeypatch, [(0, "moved 1 merchants, 5 rows")])
+    rebalance = Fault(1.0, FaultKind.REBALANCE, "shard-b", 1.0)
+    records = [
+        FaultRecord(rebalance, detail=f"{finished}; back: {unfinished}"),
+        FaultRecord(rebalance, detail=f"{unfinished}; back: {unfinished}"),
+        FaultRecord(rebalance, detail=f"{finished}; back: {finished}"),
+    ]
+    assert unfinished_rebalances(records) == 3
 
 
 @pytest.mark.timeout(10)
