@@ -336,9 +336,10 @@ async def rotate_checkpoint_key(cluster: ChaosCluster, *, at: float) -> None:
 
 
 def unfinished_rebalances(faults: Sequence[FaultRecord]) -> int:
-    """Rebalances (to a fault's config and back, or a drained shard's return) left
-    unfinished at their deadline: a liveness finding, not a violation, as the next
-    rebalance takes the deferred moves on."""
+    """Rebalances (to a fault's config and back, a drained shard's retirement and
+    return) left unfinished at their deadline: moves deferred by holds are a liveness
+    finding, not a violation, as the next rebalance takes them on (a retirement left
+    unfinished is also a `retire` violation of its own)."""
     return sum(f.detail.count(UNFINISHED_MARK) for f in faults)
 
 
