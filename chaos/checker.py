@@ -161,6 +161,9 @@ class SagaRow:
     result: int
     attempts: int
     last_error: str
+    # A hold a move folded into a local one (migration 0019): it settles and
+    # expires as a local hold.
+    settles_locally: bool
 
     def describe(self) -> str:
         return (
@@ -284,7 +287,7 @@ FROM transfers WHERE merchant_id IN ({_OWNED})
 _SAGAS_SQL = f"""
 SELECT merchant_id, transfer_id, kind, state, peer_shard, credit_merchant_id,
        credit_account_id, credit_action, amount_minor, pending_minor, pending_id,
-       result, attempts, last_error
+       result, attempts, last_error, settles_locally
 FROM sagas WHERE merchant_id IN ({_OWNED})
 """
 _CREDITS_SQL = f"""
@@ -407,6 +410,7 @@ def _merge(snapshot: Snapshot, shard: str, rows: dict[str, list[Any]]) -> None:
             r["result"],
             r["attempts"],
             r["last_error"],
+            r["settles_locally"],
         )
     for r in rows["credits"]:
         snapshot.credits[((r["merchant_id"], r["transfer_id"]), SagaKind(r["kind"]))] = (
@@ -573,7 +577,11 @@ def _expect_cross_shard(
         else:
             add(saga.credit, row.key, Effect(credits_pending=amount))
             expired = snapshot.credits.get((row.key, SagaKind.EXPIRE))
-            if expired is CreditOutcome.APPLIED:
+            # Folded into a local hold, it expires in one step on its one shard.
+            expired_locally = (
+                saga.settles_locally and snapshot.resolutions.get(row.key) is PendingState.EXPIRED
+            )
+            if expired is CreditOutcome.APPLIED or expired_locally:
                 add(saga.credit, row.key, Effect(credits_pending=-amount))
 
 

@@ -565,6 +565,7 @@ class Rebalancer:
                 # The merchant's writes wait from here until it is handed over.
                 fenced_at = time.monotonic()
                 if refused is None:
+                    await source.localise_holds(m, epoch=epoch, destination=move.destination)
                     refused = await self._drain(source, m, destination=move.destination)
                     if refused is not None:
                         await source.unfence(m, epoch=epoch)
@@ -810,8 +811,12 @@ def _named_order(hold: CrossHold) -> tuple[str, str]:
 def moved_path(path: list[str], *, destination: str, debit_party: bool) -> list[str]:
     """A hold's path (debit party's shard first, credit party's last) once one of
     its parties moves to destination: folded where destination is the shard the
-    path passes next from that party's end and relays there (MoveStore.activate
-    folds exactly then), else one step longer."""
+    path passes next from that party's end and relays there, or holds the other
+    end (the hold becomes local: one shard); MoveStore.activate folds exactly
+    then, unless the other party is busy (then one step longer, as here
+    otherwise)."""
+    if len(path) == 2 and destination == (path[1] if debit_party else path[0]):
+        return [destination]
     if debit_party:
         if len(path) >= 3 and path[1] == destination:
             return path[1:]

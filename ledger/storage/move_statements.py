@@ -92,6 +92,9 @@ LOCK_MERCHANT_EXCLUSIVE = "SELECT pg_advisory_xact_lock(7302, hashtext($1))"
 # row probes by key. As it was, it read every transfer, resolution, saga and
 # merchant of the shard for each merchant a move checks
 # (tests/test_key_lookup_plans.py).
+# A saga's hold that a move folded back into a local one (migration 0019) is one
+# too; its record reads IN_PROGRESS (its saga's result is the hold's), so it is
+# found through its saga row, by the partial indexes of that migration.
 LOCAL_OPEN_PENDINGS = """
 SELECT t.merchant_id, t.transfer_id, t.debit_merchant_id, t.debit_account_id,
        t.credit_merchant_id, t.credit_account_id, t.currency, t.amount_effective_minor
@@ -102,8 +105,19 @@ WHERE (t.merchant_id = $1 OR t.credit_merchant_id = $1) AND t.kind = 1
                   WHERE r.merchant_id = t.merchant_id AND r.pending_id = t.transfer_id OFFSET 0)
   AND NOT EXISTS (SELECT 1 FROM sagas s
                   WHERE s.merchant_id = t.merchant_id AND s.transfer_id = t.transfer_id
-                    AND s.kind = 1 OFFSET 0)
+                    AND s.kind = 1 AND NOT s.settles_locally OFFSET 0)
   -- Not the old copy of a merchant that moved away (its holds went with it).
+  AND EXISTS (SELECT 1 FROM merchants m
+              WHERE m.merchant_id = t.merchant_id AND m.state <> 'moved' OFFSET 0)
+UNION ALL
+SELECT t.merchant_id, t.transfer_id, t.debit_merchant_id, t.debit_account_id,
+       t.credit_merchant_id, t.credit_account_id, t.currency, t.amount_effective_minor
+FROM sagas s
+JOIN transfers t ON t.merchant_id = s.merchant_id AND t.transfer_id = s.transfer_id
+WHERE (s.merchant_id = $1 OR s.credit_merchant_id = $1) AND s.settles_locally
+  AND s.kind = 1 AND s.state = 2 AND s.result = 1 AND t.kind = 1 AND t.result <> 1
+  AND NOT EXISTS (SELECT 1 FROM pending_resolutions r
+                  WHERE r.merchant_id = t.merchant_id AND r.pending_id = t.transfer_id OFFSET 0)
   AND EXISTS (SELECT 1 FROM merchants m
               WHERE m.merchant_id = t.merchant_id AND m.state <> 'moved' OFFSET 0)
 """
@@ -114,7 +128,7 @@ WHERE (t.merchant_id = $1 OR t.credit_merchant_id = $1) AND t.kind = 1
 CROSS_HOLDS_AS_DEBIT = """
 SELECT s.transfer_id, s.currency, s.amount_minor, s.peer_shard FROM sagas s
 WHERE s.merchant_id = $1 AND s.kind = 1 AND s.state = 2 AND s.credit_action = 2
-  AND s.result = 1
+  AND s.result = 1 AND NOT s.settles_locally
   -- A probe by key per hold (OFFSET 0): as an anti-join it could read every
   -- resolution of the shard.
   AND NOT EXISTS (SELECT 1 FROM pending_resolutions r
@@ -173,12 +187,69 @@ SELECT
 
 # A cross-shard pending transfer that a move made of a local one, as if its
 # saga had run: completed, its credit applied, settled later by a settle saga.
+# A saga's hold that an earlier move folded into a local one has its row: the
+# hold is cross-shard again, by way of the shard named.
 INSERT_CARRIED_SAGA = """
 INSERT INTO sagas (merchant_id, transfer_id, kind, state, next_step, peer_shard,
     debit_account_id, credit_merchant_id, credit_account_id, currency, credit_action,
     amount_minor, result, credit_outcome, next_attempt_at, trace_context, created_at,
     updated_at)
 VALUES ($1, $2, 1, 2, 3, $3, $4, $5, $6, $7, 2, $8, 1, 1, $9, $10, $9, $9)
+ON CONFLICT (merchant_id, transfer_id, kind) DO UPDATE
+SET peer_shard = excluded.peer_shard, settles_locally = false, updated_at = excluded.updated_at
+WHERE sagas.settles_locally
+"""
+
+# A hold of the merchant arriving here that may fold into a local one: its saga
+# and its credit side are both here (one arrived with the merchant), it is open
+# (a settle or an expiry under way resolved its debit side first), and no relay
+# here passes it (its path is the two shards of the move). Read under the
+# settlement locks that a settle's or an expiry's first step takes too.
+FOLDABLE_HOLD = """
+SELECT s.peer_shard, s.credit_merchant_id, c.from_shard
+FROM sagas s
+JOIN credit_holds c ON c.merchant_id = s.merchant_id AND c.transfer_id = s.transfer_id
+WHERE s.merchant_id = $1 AND s.transfer_id = $2 AND s.kind = 1 AND s.state = 2
+  AND s.credit_action = 2 AND s.result = 1 AND NOT s.settles_locally
+  AND NOT EXISTS (SELECT 1 FROM pending_resolutions r
+                  WHERE r.merchant_id = $1 AND r.pending_id = $2)
+  AND NOT EXISTS (SELECT 1 FROM hold_relays h WHERE h.merchant_id = $1 AND h.transfer_id = $2)
+"""
+
+# The hold's other party, kept where it is while the fold commits; never waited
+# for (a fence or another arrival may hold it, and may wait for the merchant
+# arriving here): not taken, the hold stays cross-shard.
+TRY_LOCK_MERCHANT_SHARED = "SELECT pg_try_advisory_xact_lock_shared(7302, hashtext($1))"
+
+SETTLE_LOCALLY = """
+UPDATE sagas SET settles_locally = true, updated_at = clock_timestamp()
+WHERE merchant_id = $1 AND transfer_id = $2 AND kind = 1
+"""
+
+# Open holds of the merchant that a saga carries though both their ends are on
+# this shard ($2): the saga's peer and the credit's source are this shard (a
+# transfer routed across shards while one party was being moved here, or a
+# path folded back to it). Moving either party would make this shard relay the
+# hold to itself. As the debit party, then as the credit party.
+_SELF_HOLD_COLUMNS = (
+    "s.merchant_id, s.transfer_id, s.currency, s.amount_minor, s.credit_merchant_id"
+)
+_SELF_HOLD_CHECKS = """
+  AND s.kind = 1 AND s.state = 2 AND s.credit_action = 2 AND s.result = 1
+  AND NOT s.settles_locally AND s.peer_shard = $2 AND c.from_shard = $2
+  AND NOT EXISTS (SELECT 1 FROM pending_resolutions r
+                  WHERE r.merchant_id = s.merchant_id AND r.pending_id = s.transfer_id OFFSET 0)
+  AND NOT EXISTS (SELECT 1 FROM hold_relays h
+                  WHERE h.merchant_id = s.merchant_id AND h.transfer_id = s.transfer_id OFFSET 0)
+"""
+SELF_HOLDS_OF = f"""
+SELECT {_SELF_HOLD_COLUMNS} FROM sagas s
+JOIN credit_holds c ON c.merchant_id = s.merchant_id AND c.transfer_id = s.transfer_id
+WHERE s.merchant_id = $1 {_SELF_HOLD_CHECKS}
+UNION
+SELECT {_SELF_HOLD_COLUMNS} FROM credit_holds c
+JOIN sagas s ON s.merchant_id = c.merchant_id AND s.transfer_id = c.transfer_id AND s.kind = 1
+WHERE c.credit_merchant_id = $1 {_SELF_HOLD_CHECKS}
 """
 
 SET_STATE = """

@@ -121,6 +121,24 @@ async def _holds(conn: Connection, merchant_id: str) -> Holds:
     )
 
 
+async def _make_local(
+    conn: Connection, k: TransferKey, merchant_id: str, *, credit_merchant_id: str
+) -> bool:
+    """Marks the cross-shard hold k of merchant_id local (its saga settles locally,
+    its credit side's record goes), if its other party is active here and free;
+    False, changing nothing, if not. The caller releases its settlement legs."""
+    other = credit_merchant_id if k.merchant_id == merchant_id else k.merchant_id
+    invariant(other != merchant_id, "a cross-shard hold has two parties")
+    if not await conn.fetchval(sql.TRY_LOCK_MERCHANT_SHARED, other):
+        return False
+    state = await conn.fetchrow(sql.MERCHANT_ROW, other)
+    if state is None or state["state"] != "active":
+        return False
+    await conn.execute(sql.SETTLE_LOCALLY, k.merchant_id, k.transfer_id)
+    await conn.execute(saga_sql.DELETE_CREDIT_HOLD, k.merchant_id, k.transfer_id)
+    return True
+
+
 @dataclass(frozen=True, slots=True)
 class ShardPins:
     """What keeps a shard routable (see SHARD_PINS)."""
@@ -711,6 +729,8 @@ class MoveStore:
         aims onward directly. Credit party: this shard relays it from an earlier
         shard to the source; the credit now arrives from that earlier shard. The
         relay is removed and the fold recorded for the source's half of the switch.
+        Where this shard holds the hold's other end instead, the hold becomes local
+        (_fold_to_local).
         """
         here = self.shard.name
         folds: set[TransferKey] = set()
@@ -727,6 +747,8 @@ class MoveStore:
                 onward = before[0]["from_shard"] if len(before) == 1 else None
                 relay_from = onward or ""
             if onward is None:
+                if await self._fold_to_local(conn, k, merchant_id, source=source, epoch=epoch):
+                    folds.add(k)
                 continue
             if await conn.fetchval(sql.RELAY_PASSED, k.merchant_id, k.transfer_id):
                 raise MoveDeferred(
@@ -743,6 +765,93 @@ class MoveStore:
             )
             folds.add(k)
         return folds
+
+    async def _fold_to_local(
+        self, conn: Connection, k: TransferKey, merchant_id: str, *, source: str, epoch: int
+    ) -> bool:
+        """Makes a cross-shard hold local where the merchant arriving from source
+        joins the hold's other party here; False, changing nothing, where it cannot.
+
+        The hold's path is then source and here alone: each shard's settlement
+        account for the other holds both sides of it, which net to zero, so the
+        switch releases them on both (the source reads the fold recorded here). The
+        saga that made the hold keeps its row, marked as settling locally; the
+        credit side's record goes. A settle or an expiry that looked before this
+        commits reads the mark again under the settlement lock and goes local.
+        """
+        here = self.shard.name
+        row = await conn.fetchrow(sql.FOLDABLE_HOLD, k.merchant_id, k.transfer_id)
+        if row is None or {row["peer_shard"], row["from_shard"]} != {source, here}:
+            return False
+        if not await _make_local(
+            conn, k, merchant_id, credit_merchant_id=row["credit_merchant_id"]
+        ):
+            return False
+        await conn.execute(
+            sql.INSERT_HOLD_FOLD, k.merchant_id, k.transfer_id, merchant_id, epoch, source, here
+        )
+        return True
+
+    async def localise_holds(self, merchant_id: str, *, epoch: int, destination: str) -> int:
+        """Makes local the merchant's cross-shard holds whose two ends are both here
+        (SELF_HOLDS_OF), before it moves to destination at epoch; returns how many.
+
+        Such a hold's settlement account for this shard holds both its sides, which
+        net to zero: they are released, and the hold is carried as a local one, not
+        relayed by this shard to itself (which made its path grow with each later
+        move of either party: chaos seed 315). Under the settlement locks that a
+        settle's or an expiry's first step takes too, as MoveStore._fold_to_local.
+        """
+        here = self.shard.name
+
+        async def run(conn: Connection) -> int:
+            seen = await conn.fetch(sql.SELF_HOLDS_OF, merchant_id, here)
+            if not seen:
+                return 0
+            settlements = {settlement_account(here, r["currency"], r["transfer_id"]) for r in seen}
+            accounts = dict(await self.shard._lock_accounts(conn, settlements))
+            now: datetime = await conn.fetchval(ledger_sql.NOW)
+            entries: list[Entry] = []
+            changed: dict[AccountKey, AccountState] = {}
+            # Read again under the locks: a settle may have resolved one meanwhile.
+            for r in await conn.fetch(sql.SELF_HOLDS_OF, merchant_id, here):
+                k = TransferKey(r["merchant_id"], r["transfer_id"])
+                key = settlement_account(here, r["currency"], k.transfer_id)
+                if key not in accounts or not await _make_local(
+                    conn, k, merchant_id, credit_merchant_id=r["credit_merchant_id"]
+                ):
+                    continue
+                for debit in (True, False):
+                    entry, state = carried_hold_booking(
+                        accounts[key],
+                        amount_minor=r["amount_minor"],
+                        debit=debit,
+                        key=k,
+                        now=now,
+                        folded=True,
+                    )
+                    entries.append(entry)
+                    changed[key] = state
+                    accounts[key] = advanced(accounts[key], state)
+            if entries:
+                await write_plan(
+                    conn,
+                    records=[],
+                    entries=entries,
+                    accounts=changed,
+                    resolutions=[],
+                    expiring=[],
+                    change=EventKind.MOVE_BOOKED,
+                    change_detail={
+                        "merchant_id": merchant_id,
+                        "epoch": epoch,
+                        "from_shard": here,
+                        "to_shard": destination,
+                    },
+                )
+            return len(entries) // 2
+
+        return await self.shard._in_transaction(run)
 
     async def _carry_cross_hold(
         self, conn: Connection, hold: CrossHold, *, peer: str, leaving: bool
@@ -774,7 +883,7 @@ class MoveStore:
         left them: the saga on the debit party's shard, the credit outcome on the
         credit party's."""
         if (hold.debit.merchant_id == merchant_id) != leaving:
-            await conn.execute(
+            status = await conn.execute(
                 sql.INSERT_CARRIED_SAGA,
                 hold.key.merchant_id,
                 hold.key.transfer_id,
@@ -786,6 +895,10 @@ class MoveStore:
                 hold.amount_minor,
                 now,
                 "",
+            )
+            invariant(
+                status == "INSERT 0 1",
+                "a carried hold's saga is new, or made it and was folded into a local hold",
             )
             await conn.execute(
                 saga_sql.INSERT_STEP,

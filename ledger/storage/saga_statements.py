@@ -321,7 +321,18 @@ LOCK_CREDIT = "SELECT pg_advisory_xact_lock(7304, hashtext($1 || '/' || $2 || '/
 SELECT_SAGA_KEYS_FOR = "SELECT probed.* FROM " + ledger_sql.probe_by_key(
     ("merchant_id", "transfer_id"),
     "SELECT merchant_id, transfer_id FROM sagas "
-    "WHERE merchant_id = k.merchant_id AND transfer_id = k.transfer_id AND kind = 1",
+    "WHERE merchant_id = k.merchant_id AND transfer_id = k.transfer_id AND kind = 1 "
+    "AND NOT settles_locally",
+)
+
+# Of these pending transfers, the ones a move folded back into local holds
+# (migration 0019): read again under the settlement locks a fold takes, so a
+# settle or an expiry that looked before the fold committed hands them back.
+SETTLING_LOCALLY = "SELECT probed.* FROM " + ledger_sql.probe_by_key(
+    ("merchant_id", "transfer_id"),
+    "SELECT merchant_id, transfer_id FROM sagas "
+    "WHERE merchant_id = k.merchant_id AND transfer_id = k.transfer_id AND kind = 1 "
+    "AND settles_locally",
 )
 
 # Due pending transfers that a saga carries (cross-shard); the plain sweeper
@@ -330,7 +341,8 @@ DUE_CROSS_SHARD_EXPIRIES = """
 SELECT e.merchant_id, e.transfer_id FROM pending_expiries e
 WHERE e.expires_at <= clock_timestamp()
   AND EXISTS (SELECT 1 FROM sagas s WHERE s.merchant_id = e.merchant_id
-              AND s.transfer_id = e.transfer_id AND s.kind = 1 AND s.state = 2)
+              AND s.transfer_id = e.transfer_id AND s.kind = 1 AND s.state = 2
+              AND NOT s.settles_locally)
 ORDER BY e.expires_at
 LIMIT $1
 """
@@ -438,7 +450,7 @@ HOLD_ROUTE_SHARDS = """
 SELECT shard, count(*) AS holds FROM (
     SELECT s.peer_shard AS shard FROM sagas s
     JOIN merchants m ON m.merchant_id = s.merchant_id AND m.state IN ('active', 'moving')
-    WHERE s.kind = 1 AND s.credit_action = 2 AND s.state = 2
+    WHERE s.kind = 1 AND s.credit_action = 2 AND s.state = 2 AND NOT s.settles_locally
       AND NOT EXISTS (SELECT 1 FROM pending_resolutions r
                       WHERE r.merchant_id = s.merchant_id AND r.pending_id = s.transfer_id)
     UNION ALL

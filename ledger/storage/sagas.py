@@ -633,6 +633,9 @@ class SagaStore:
             accounts = await self.shard._lock_accounts(
                 conn, {view.request.debit, view.request.credit}
             )
+            if await self.shard._keys_found(conn, sql.SETTLING_LOCALLY, {pending_key}):
+                # A move folded it into a local hold after it was read above.
+                raise SettleIsLocal()
             states = await self.shard._pending_states(conn, {pending_key})
             now: datetime = await conn.fetchval(ledger_sql.NOW)
             given_credit = request.credit
@@ -728,6 +731,10 @@ class SagaStore:
                 assert view.request.credit is not None
                 locked |= {view.request.debit, view.request.credit}
             accounts = dict(await self.shard._lock_accounts(conn, locked))
+            # Folded into local holds by a move after they were read: the local
+            # sweeper expires them.
+            for key in await self.shard._keys_found(conn, sql.SETTLING_LOCALLY, set(views)):
+                del views[key]
             states = await self.shard._pending_states(conn, set(views))
             now: datetime = await conn.fetchval(ledger_sql.NOW)
             expired = 0

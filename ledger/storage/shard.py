@@ -847,13 +847,15 @@ class Shard:
     async def _saga_backed(
         self, conn: Connection, keys: Collection[TransferKey]
     ) -> set[TransferKey]:
+        return await self._keys_found(conn, saga_sql.SELECT_SAGA_KEYS_FOR, keys)
+
+    async def _keys_found(
+        self, conn: Connection, probe: str, keys: Collection[TransferKey]
+    ) -> set[TransferKey]:
+        """The keys that probe (a probe_by_key statement over transfer keys) finds."""
         if not keys:
             return set()
-        rows = await conn.fetch(
-            saga_sql.SELECT_SAGA_KEYS_FOR,
-            [k.merchant_id for k in keys],
-            [k.transfer_id for k in keys],
-        )
+        rows = await conn.fetch(probe, [k.merchant_id for k in keys], [k.transfer_id for k in keys])
         return {TransferKey(r["merchant_id"], r["transfer_id"]) for r in rows}
 
     async def _pending_states(

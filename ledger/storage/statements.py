@@ -307,12 +307,14 @@ SELECT (SELECT count(*) FROM new_transfers) AS transfers,
        (SELECT array_agg(monitor_id || ':' || direction) FROM new_crossings) AS crossings
 """
 
-# Local pending transfers only; those a saga carries expire through a saga.
+# Local pending transfers only (a saga's hold folded back into a local one too);
+# those a saga carries expire through a saga.
 DUE_EXPIRIES = """
 SELECT e.merchant_id, e.transfer_id FROM pending_expiries e
 WHERE e.expires_at <= clock_timestamp()
   AND NOT EXISTS (SELECT 1 FROM sagas s WHERE s.merchant_id = e.merchant_id
-                  AND s.transfer_id = e.transfer_id AND s.kind = 1)
+                  AND s.transfer_id = e.transfer_id AND s.kind = 1
+                  AND NOT s.settles_locally)
 ORDER BY e.expires_at
 LIMIT $1
 """
