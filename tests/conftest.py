@@ -17,7 +17,7 @@ from ledger.embedded.postgres import EmbeddedPostgres
 from ledger.routing.config import ShardConfig
 from tests.ledger4 import ALL_SHARDS, FIRST_SHARDS, Ledger4
 from tests.process_cluster import ProcessCluster
-from tests.support import Service, fresh_databases, start_service, write_config
+from tests.support import Service, databases_made, fresh_databases, start_service, write_config
 
 SHARD_NAMES = ("shard-a", "shard-b", "shard-c")
 
@@ -29,6 +29,27 @@ TEST_WORKERS_MAX = 4
 
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     return max(1, min(os.cpu_count() or 1, TEST_WORKERS_MAX))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def drop_module_databases(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Drops the databases a test module made once it is done (its services are
+    stopped first: this fixture is set up before them), unless one of its tests
+    failed, to leave them to look into. Kept, a whole suite left 3 GB on each
+    worker's session server."""
+    failed_before = request.session.testsfailed
+    made_before = len(databases_made)
+    yield
+    made = databases_made[made_before:]
+    del databases_made[made_before:]
+    if request.session.testsfailed != failed_before:
+        return
+    by_server: dict[int, tuple[EmbeddedPostgres, list[str]]] = {}
+    for server, name in made:
+        by_server.setdefault(id(server), (server, []))[1].append(name)
+    for server, names in by_server.values():
+        if server.is_running():
+            server.drop_databases(names)
 
 
 @pytest.fixture(scope="session")

@@ -45,6 +45,11 @@ def write_config(path: Path, config: ShardConfig) -> Path:
     return path
 
 
+# Every database fresh_databases made, with its server: conftest drops a test
+# module's when the module is done.
+databases_made: list[tuple[EmbeddedPostgres, str]] = []
+
+
 def fresh_databases(server: EmbeddedPostgres, names: Sequence[str]) -> list[ShardSpec]:
     """Creates one empty database per shard name on server (unique per call)."""
     specs = []
@@ -52,6 +57,7 @@ def fresh_databases(server: EmbeddedPostgres, names: Sequence[str]) -> list[Shar
     for name in names:
         database = f"t{run}_{uuid.uuid4().hex[:6]}_{name.replace('-', '_')}"
         server.create_database(database)
+        databases_made.append((server, database))
         specs.append(ShardSpec(name=name, dsn=server.dsn(database), weight=1))
     return specs
 

@@ -185,7 +185,29 @@ def test_start_failure_reports_tail_of_postgres_log(
     assert not server.is_running()
 
 
+async def test_drop_databases_drops_each_named_one_even_with_connections_open(
+    server: EmbeddedPostgres,
+) -> None:
+    server.start()
+    for name in ("ledger_a", "ledger_b", "ledger_c"):
+        server.create_database(name)
+    held = await asyncpg.connect(server.dsn("ledger_a"), timeout=CONNECT_TIMEOUT_S)
+    try:
+        # One missing: dropped where they exist.
+        server.drop_databases(["ledger_a", "ledger_b", "ledger_missing"])
+    finally:
+        await held.close(timeout=CONNECT_TIMEOUT_S)
+    names = await _fetch_value(
+        server,
+        "SELECT string_agg(datname, ',' ORDER BY datname) FROM pg_database"
+        " WHERE datname LIKE 'ledger%'",
+    )
+    assert names == "ledger_c"
+
+
 def test_invalid_database_names_are_rejected_before_any_sql(server: EmbeddedPostgres) -> None:
     for name in ("Ledger", "1ledger", "ledger-a", 'x"; DROP', "a" * 64, ""):
         with pytest.raises(ValueError, match="database name"):
             server.create_database(name)
+        with pytest.raises(ValueError, match="database name"):
+            server.drop_databases([name])
