@@ -6,7 +6,7 @@ import contextlib
 from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
@@ -118,6 +118,35 @@ async def _holds(conn: Connection, merchant_id: str) -> Holds:
             )
             for r in as_credit
         ],
+    )
+
+
+def _move_detail(merchant_id: str, epoch: int, *, from_shard: str, to_shard: str) -> dict[str, Any]:
+    """A move's record in its events (MOVE_BOOKED, MERCHANT_MOVED_IN/OUT)."""
+    return {
+        "merchant_id": merchant_id,
+        "epoch": epoch,
+        "from_shard": from_shard,
+        "to_shard": to_shard,
+    }
+
+
+async def _write_booking(
+    conn: Connection,
+    entries: Sequence[Entry],
+    accounts: Mapping[AccountKey, AccountState],
+    detail: Mapping[str, Any],
+) -> None:
+    """A move's settlement entries, with their MOVE_BOOKED event."""
+    await write_plan(
+        conn,
+        records=[],
+        entries=entries,
+        accounts=accounts,
+        resolutions=[],
+        expiring=[],
+        change=EventKind.MOVE_BOOKED,
+        change_detail=detail,
     )
 
 
@@ -656,12 +685,12 @@ class MoveStore:
                     accounts[key] = advanced(accounts[key], booked[1])
 
             move = move_key(merchant_id, epoch)
-            move_detail = {
-                "merchant_id": merchant_id,
-                "epoch": epoch,
-                "from_shard": self.shard.name if leaving else peer,
-                "to_shard": peer if leaving else self.shard.name,
-            }
+            move_detail = _move_detail(
+                merchant_id,
+                epoch,
+                from_shard=self.shard.name if leaving else peer,
+                to_shard=peer if leaving else self.shard.name,
+            )
             for position in positions:
                 key = settlement_account(peer, position["currency"], merchant_id)
                 net_posted = int(position["net_posted"])
@@ -691,16 +720,7 @@ class MoveStore:
             for cross in carried.cross:
                 if cross.key not in folds:
                     await self._carry_cross_hold(conn, cross, peer=peer, leaving=leaving)
-            await write_plan(
-                conn,
-                records=[],
-                entries=entries,
-                accounts=changed,
-                resolutions=[],
-                expiring=[],
-                change=EventKind.MOVE_BOOKED,
-                change_detail=move_detail,
-            )
+            await _write_booking(conn, entries, changed, move_detail)
             # The last event of the merchant on the shard it leaves, or the first on
             # the one it joins: readers order its events across the move by them.
             await conn.execute(
@@ -834,21 +854,8 @@ class MoveStore:
                     changed[key] = state
                     accounts[key] = advanced(accounts[key], state)
             if entries:
-                await write_plan(
-                    conn,
-                    records=[],
-                    entries=entries,
-                    accounts=changed,
-                    resolutions=[],
-                    expiring=[],
-                    change=EventKind.MOVE_BOOKED,
-                    change_detail={
-                        "merchant_id": merchant_id,
-                        "epoch": epoch,
-                        "from_shard": here,
-                        "to_shard": destination,
-                    },
-                )
+                detail = _move_detail(merchant_id, epoch, from_shard=here, to_shard=destination)
+                await _write_booking(conn, entries, changed, detail)
             return len(entries) // 2
 
         return await self.shard._in_transaction(run)
