@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections import defaultdict
 from pathlib import Path
 
 # The tests fork PostgreSQL tools from a process that runs gRPC threads; gRPC's
@@ -44,10 +45,10 @@ def drop_module_databases(request: pytest.FixtureRequest) -> Iterator[None]:
     del databases_made[made_before:]
     if request.session.testsfailed != failed_before:
         return
-    by_server: dict[int, tuple[EmbeddedPostgres, list[str]]] = {}
+    by_server: dict[EmbeddedPostgres, list[str]] = defaultdict(list)
     for server, name in made:
-        by_server.setdefault(id(server), (server, []))[1].append(name)
-    for server, names in by_server.values():
+        by_server[server].append(name)
+    for server, names in by_server.items():
         if server.is_running():
             server.drop_databases(names)
 

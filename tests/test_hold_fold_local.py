@@ -224,7 +224,7 @@ async def held(env: Ledger4, payer: str, payee: str, prefix: str) -> pb.Transfer
 
 
 def fold_once_a_write_waits(
-    env: Ledger4, monkeypatch: pytest.MonkeyPatch, *, begin: Callable[[], None] = lambda: None
+    env: Ledger4, monkeypatch: pytest.MonkeyPatch, *, begin: Callable[[], None]
 ) -> None:
     """Holds the payee's arrival on shard-b after it has locked the settlement
     accounts and before it folds, until a write there waits for one of those locks:

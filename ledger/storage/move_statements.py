@@ -200,20 +200,27 @@ SET peer_shard = excluded.peer_shard, settles_locally = false, updated_at = excl
 WHERE sagas.settles_locally
 """
 
+# A saga's hold (s) with its credit side (c) on this shard that could become
+# local: open (a settle or an expiry under way resolved its debit side first),
+# not local already, and no relay here passes it.
+_OPEN_SAGA_HOLD_HERE = """
+  AND s.kind = 1 AND s.state = 2 AND s.credit_action = 2 AND s.result = 1
+  AND NOT s.settles_locally
+  AND NOT EXISTS (SELECT 1 FROM pending_resolutions r
+                  WHERE r.merchant_id = s.merchant_id AND r.pending_id = s.transfer_id OFFSET 0)
+  AND NOT EXISTS (SELECT 1 FROM hold_relays h
+                  WHERE h.merchant_id = s.merchant_id AND h.transfer_id = s.transfer_id OFFSET 0)
+"""
+
 # A hold of the merchant arriving here that may fold into a local one: its saga
-# and its credit side are both here (one arrived with the merchant), it is open
-# (a settle or an expiry under way resolved its debit side first), and no relay
-# here passes it (its path is the two shards of the move). Read under the
-# settlement locks that a settle's or an expiry's first step takes too.
-FOLDABLE_HOLD = """
+# and its credit side are both here (one arrived with the merchant), and its
+# path is the two shards of the move (the caller checks the shards). Read under
+# the settlement locks that a settle's or an expiry's first step takes too.
+FOLDABLE_HOLD = f"""
 SELECT s.peer_shard, s.credit_merchant_id, c.from_shard
 FROM sagas s
 JOIN credit_holds c ON c.merchant_id = s.merchant_id AND c.transfer_id = s.transfer_id
-WHERE s.merchant_id = $1 AND s.transfer_id = $2 AND s.kind = 1 AND s.state = 2
-  AND s.credit_action = 2 AND s.result = 1 AND NOT s.settles_locally
-  AND NOT EXISTS (SELECT 1 FROM pending_resolutions r
-                  WHERE r.merchant_id = $1 AND r.pending_id = $2)
-  AND NOT EXISTS (SELECT 1 FROM hold_relays h WHERE h.merchant_id = $1 AND h.transfer_id = $2)
+WHERE s.merchant_id = $1 AND s.transfer_id = $2 {_OPEN_SAGA_HOLD_HERE}
 """
 
 # The hold's other party, kept where it is while the fold commits; never waited
@@ -234,13 +241,8 @@ WHERE merchant_id = $1 AND transfer_id = $2 AND kind = 1
 _SELF_HOLD_COLUMNS = (
     "s.merchant_id, s.transfer_id, s.currency, s.amount_minor, s.credit_merchant_id"
 )
-_SELF_HOLD_CHECKS = """
-  AND s.kind = 1 AND s.state = 2 AND s.credit_action = 2 AND s.result = 1
-  AND NOT s.settles_locally AND s.peer_shard = $2 AND c.from_shard = $2
-  AND NOT EXISTS (SELECT 1 FROM pending_resolutions r
-                  WHERE r.merchant_id = s.merchant_id AND r.pending_id = s.transfer_id OFFSET 0)
-  AND NOT EXISTS (SELECT 1 FROM hold_relays h
-                  WHERE h.merchant_id = s.merchant_id AND h.transfer_id = s.transfer_id OFFSET 0)
+_SELF_HOLD_CHECKS = f"""
+  AND s.peer_shard = $2 AND c.from_shard = $2 {_OPEN_SAGA_HOLD_HERE}
 """
 SELF_HOLDS_OF = f"""
 SELECT {_SELF_HOLD_COLUMNS} FROM sagas s
