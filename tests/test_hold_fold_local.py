@@ -22,6 +22,7 @@ from typing import Any
 import asyncpg
 import pytest
 
+from ledger.core.ledger import Ledger
 from ledger.domain.accounts import AccountKey
 from ledger.domain.sagas import SagaState
 from ledger.domain.transfers import TransferAction, TransferRequest
@@ -34,7 +35,7 @@ from ledger.storage.sagas import SagaStore
 from ledger.v1 import ledger_pb2 as pb
 from tests.ledger4 import FIRST_SHARDS, Ledger4
 from tests.support import ref, transfer, uid, wait_until
-from tests.test_moves_settle_routing import settle
+from tests.test_moves_settle_routing import saga_on_one_shard, settle
 from tests.test_rebalance import (
     DEFERRED_CALL_ATTEMPTS_MAX,
     all_balances,
@@ -345,30 +346,87 @@ async def test_a_fold_that_cannot_take_the_other_party_leaves_the_hold_cross_sha
     await assert_reconciled(ledger4, configs[-1], "reconcile.toml", every_mirror_checked=True)
 
 
-async def test_a_saga_hold_with_both_ends_on_one_shard_moves_as_a_local_one(
-    ledger4: Ledger4,
+def routed_across_shards(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every transfer starts on the saga path, as one does when the ring the call
+    reads places its parties apart while a move has put them together."""
+
+    async def all_cross(self: Ledger, requests: Sequence[TransferRequest]) -> set[int]:
+        return {i for i, r in enumerate(requests) if not r.settles_pending}
+
+    monkeypatch.setattr(Ledger, "_cross_shard", all_cross)
+
+
+async def test_a_transfer_routed_across_shards_whose_parties_share_one_runs_locally(
+    ledger4: Ledger4, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A hold a saga made though both parties are on one shard (a transfer routed
-    across shards while one was being moved there, as chaos seed 315 made): moving
-    either party first makes it local there, so it is carried as a local hold, not
-    relayed by the shard to itself, and folds into a local hold again when the other
-    follows (before, that path grew c, b, b, c and a later move waited for it)."""
+    """Step 1 finds the credit party's owner is its own shard: the transfer is handed
+    back to the local path and moved in one local transaction, with no saga (before,
+    a saga reserved and credited it through the shard's settlement account for
+    itself, and its hold had to be made local before either party could move: 580
+    such sagas in chaos seed 315's run). A resend replays it, still without one."""
+    service = ledger4.service
+    _configs, payer, payee = await placed(ledger4, 1)
+    routed_across_shards(monkeypatch)
+    hold = transfer(
+        uid("pl"),
+        ref(payer, "cash"),
+        ref(payee, "sales"),
+        OUT_MINOR,
+        action=pb.TRANSFER_ACTION_PENDING,
+    )
+    post = transfer(uid("pl"), ref(payer, "cash"), ref(payee, "sales"), IN_MINOR)
+    for _ in range(2):
+        response = await service.stub.CreateTransfers(
+            pb.CreateTransfersRequest(transfers=[hold, post])
+        )
+        assert [r.result for r in response.results] == [pb.TRANSFER_RESULT_OK] * 2, response
+    assert response.results[0].replayed and response.results[1].replayed
+    assert (
+        await per_shard(
+            ledger4,
+            "SELECT count(*) FROM sagas WHERE transfer_id = ANY($1::text[])",
+            [hold.id, post.id],
+        )
+        == {}
+    )
+    assert await settlement_pending(ledger4) == {}
+    done = {
+        (payer, "cash"): (IN_MINOR, 0, OUT_MINOR, 0),
+        (payee, "sales"): (0, IN_MINOR, 0, OUT_MINOR),
+    }
+    assert {
+        k: v for k, v in (await all_balances(service, [payer, payee])).items() if k in done
+    } == done
+
+
+async def test_a_saga_hold_with_both_ends_on_one_shard_moves_as_a_local_one(
+    ledger4: Ledger4, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hold a saga made though both parties are on one shard (before such transfers
+    were handed back to the local path, above, chaos seed 315 made 580; a move racing
+    step 1 still can): a resend replays the saga; moving either party first makes the
+    hold local there, so it is carried as a local hold, not relayed by the shard to
+    itself, and folds into a local hold again when the other follows (before, that
+    path grew c, b, b, c and a later move waited for it)."""
     service = ledger4.service
     configs, payer, payee = await placed(ledger4, 3)
     # Both on shard-a: the saga's credit shard is its own.
     runner = SagaRunner(service.cluster, owner="test", settings=SagaSettings(lease_s=120.0))
     hold_id = uid("fs")
-    start = await runner.begin(
-        TransferRequest(
-            id=hold_id,
-            debit=AccountKey(payer, "cash"),
-            credit=AccountKey(payee, "sales"),
-            amount_minor=OUT_MINOR,
-            currency="USD",
-            action=TransferAction.PENDING,
-        )
+    request = TransferRequest(
+        id=hold_id,
+        debit=AccountKey(payer, "cash"),
+        credit=AccountKey(payee, "sales"),
+        amount_minor=OUT_MINOR,
+        currency="USD",
+        action=TransferAction.PENDING,
     )
+    with saga_on_one_shard(monkeypatch):
+        start = await runner.begin(request)
     assert start.saga is not None and start.saga.peer_shard == "shard-a"
+    resent = await runner.begin(request)
+    assert resent.outcome.replayed and resent.saga is not None
+    assert resent.saga.key == start.saga.key
     saga = start.saga
     for _ in range(SAGA_DRIVES_MAX):
         saga = await runner.drive(saga)

@@ -44,7 +44,7 @@ from ledger.storage.errors import (
     MerchantsMoving,
     MerchantsNotOwned,
     MerchantsUnknown,
-    SettleIsLocal,
+    RunsLocally,
     ShardUnavailable,
     StaleEpoch,
 )
@@ -143,7 +143,8 @@ class Ledger:
         hands back a settle whose pending transfer a saga carries (RUN_AS_SAGA), and
         a merchant found moved apart from its partner while routing makes an item a
         saga too; the saga path hands back a settle whose hold is local after all
-        (SettleIsLocal). Each item changes path at most once each way; a topology
+        (SettleIsLocal), and a transfer whose parties turn out to share a shard
+        (PartiesShareShard). Each item changes path at most once each way; a topology
         still changing after that gets SHARD_UNAVAILABLE (retryable, nothing
         written), never a stored result.
 
@@ -187,7 +188,7 @@ class Ledger:
                 log.warning("saga for %s not started: %s", request.id, error)
                 results[index] = ItemOutcome(-1, request.id, TransferResult.SHARD_UNAVAILABLE)
                 return
-            except SettleIsLocal:
+            except RunsLocally:
                 results[index] = ItemOutcome(_RUN_LOCALLY, request.id, TransferResult.IN_PROGRESS)
                 return
             except HoldInFlight:

@@ -33,7 +33,13 @@ from ledger.domain.transfers import TransferRequest, TransferResult
 from ledger.routing.cluster import Cluster, FenceWait
 from ledger.routing.errors import ClusterUnavailable, RoutingUnsettled
 from ledger.sagas.step_batcher import StepBatcher
-from ledger.storage.errors import MerchantsMoving, MerchantsNotOwned, ShardUnavailable, StaleEpoch
+from ledger.storage.errors import (
+    MerchantsMoving,
+    MerchantsNotOwned,
+    PartiesShareShard,
+    ShardUnavailable,
+    StaleEpoch,
+)
 from ledger.storage.sagas import (
     SagaBegin,
     SagaCredit,
@@ -105,7 +111,10 @@ class SagaRunner:
     # Starting.
 
     async def begin(self, request: TransferRequest) -> SagaStart:
-        """Step 1 on the debit shard (or the replay of an earlier step 1)."""
+        """Step 1 on the debit shard (or the replay of an earlier step 1).
+
+        Raises SettleIsLocal or PartiesShareShard (both RunsLocally) for an item that
+        needs no saga after all."""
         trace_context = current_traceparent()
 
         peer_shard = ""
@@ -143,7 +152,7 @@ class SagaRunner:
 
     async def _step(self, shard: Shard, fence: Fence, step: StepRequest) -> StepAnswer:
         answer = await self._steps.submit(shard, fence, step)
-        if isinstance(answer, SagaRaced):
+        if isinstance(answer, (SagaRaced, PartiesShareShard)):
             raise answer
         return answer
 

@@ -73,9 +73,21 @@ class MerchantsUnknown(Exception):
         self.merchant_ids = frozenset(merchant_ids)
 
 
-class SettleIsLocal(Exception):
+class RunsLocally(Exception):
+    """An item reached the saga path but needs no saga: it runs as a local transfer
+    instead (nothing was written)."""
+
+
+class SettleIsLocal(RunsLocally):
     """A settle reached the saga path, but no saga carries its pending transfer: it is
     a local hold and settles in one local transaction (nothing was written)."""
+
+
+class PartiesShareShard(RunsLocally):
+    """A transfer routed across shards whose two parties are on one shard now (a move
+    put them together since the ring was read): one local transaction moves it, where
+    a saga would reserve and credit through that shard's settlement account for
+    itself, and its hold would have to be made local before either party could move."""
 
 
 class HoldInFlight(Exception):

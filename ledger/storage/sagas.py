@@ -62,7 +62,13 @@ from ledger.domain.value import value
 from ledger.invariant import invariant
 from ledger.storage import saga_statements as sql
 from ledger.storage import statements as ledger_sql
-from ledger.storage.errors import HoldInFlight, MerchantsMoving, RetryTransaction, SettleIsLocal
+from ledger.storage.errors import (
+    HoldInFlight,
+    MerchantsMoving,
+    PartiesShareShard,
+    RetryTransaction,
+    SettleIsLocal,
+)
 from ledger.storage.saga_rows import saga_from_row
 from ledger.storage.shard import (
     Fence,
@@ -140,9 +146,17 @@ class SagaFinish:
     allow_dead: bool = False
 
 
-# One saga step for run_steps, and its answer.
+def parties_share_shard(begin: SagaBegin, shard_name: str) -> bool:
+    """Step 1 of a transfer whose credit party is on the debit shard too (a move put
+    them together since the ring was read): a new one runs as a local transfer, with
+    nothing written here; a saga made so before replays as it is."""
+    return begin.peer_shard == shard_name
+
+
+# One saga step for run_steps, and its answer (an exception answer is raised by the
+# step's caller: PartiesShareShard hands a transfer back to the local path).
 StepRequest: TypeAlias = SagaBegin | SagaCredit | SagaFinish
-StepAnswer: TypeAlias = SagaStart | CreditRecord | Saga | SagaRaced
+StepAnswer: TypeAlias = SagaStart | CreditRecord | Saga | SagaRaced | PartiesShareShard
 
 
 class SagaStore:
@@ -241,7 +255,8 @@ class SagaStore:
             settlements: dict[AccountKey, str] = {}
             for _, b in begins:
                 wanted.add(b.request.debit)
-                settlements[b.settlement] = b.request.currency
+                if not parties_share_shard(b, self.shard.name):
+                    settlements[b.settlement] = b.request.currency
             for _, c in credits:
                 if not c.abort:
                     wanted.add(c.saga.credit)
@@ -356,15 +371,18 @@ class SagaStore:
         books: _Books,
         answers: dict[int, StepAnswer],
     ) -> list[tuple[int, SagaBegin]]:
-        """Step 1: answers replays; reserves (or refuses) the rest and records each
-        transfer. Returns the reserved ones, whose sagas are still to insert."""
+        """Step 1: answers replays; hands back new transfers whose parties share this
+        shard; reserves (or refuses) the rest and records each transfer. Returns the
+        reserved ones, whose sagas are still to insert."""
         found = await self._replays(conn, [b.request for _, b in begins], records, journals)
         fresh: list[tuple[int, SagaBegin]] = []
         for (i, b), known in zip(begins, found, strict=True):
-            if known is None:
-                fresh.append((i, b))
-            else:
+            if known is not None:
                 answers[i] = known
+            elif parties_share_shard(b, self.shard.name):
+                answers[i] = PartiesShareShard()
+            else:
+                fresh.append((i, b))
         # An item marked linked ends an open chain here (chains never hold a saga):
         # refused as such, without joining the next item's chain.
         applying = [(i, b) for i, b in fresh if not b.request.linked]
