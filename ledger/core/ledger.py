@@ -353,6 +353,7 @@ class Ledger:
         values in key order, missing ones left out."""
         found: dict[Key, Found] = {}
         owners: dict[str, str] = {}
+        asked_previous: set[str] = set()
         todo = list(keys)
         for _ in range(limits.redirect_attempts_max):
             groups = self._group(todo, merchant_of, owners)
@@ -378,6 +379,16 @@ class Ledger:
                         if merchant_of(k) not in result.merchant_ids
                         or owners.get(merchant_of(k), name) != name
                     ]
+                elif isinstance(result, ShardUnavailable):
+                    merchants = {merchant_of(k) for k in batch}
+                    followed = {
+                        m
+                        for m in merchants
+                        if self._follow_previous_if_down(m, name, owners, asked_previous)
+                    }
+                    if followed != merchants:
+                        raise result
+                    retry += batch
                 elif isinstance(result, BaseException):
                     raise result
                 else:
@@ -514,6 +525,20 @@ class Ledger:
                 followed = True
         return followed
 
+    def _follow_previous_if_down(
+        self, merchant_id: str, down: str, owners: dict[str, str], asked: set[str]
+    ) -> bool:
+        """Routes a merchant whose shard is down to where the previous config put it,
+        under a config change (it may not have moved yet: Cluster.previous_owner_if_down);
+        True if it was. Once per merchant (in asked): an owner naming the shard down
+        again ends it."""
+        previous = self.cluster.previous_owner_if_down(merchant_id, down)
+        if previous is None or merchant_id in asked:
+            return False
+        asked.add(merchant_id)
+        owners[merchant_id] = previous
+        return True
+
     async def _route(
         self,
         items: Sequence[Item],
@@ -529,7 +554,9 @@ class Ledger:
         A group refused for routing (stale epoch, merchant not owned) is sent
         again after a config reload, at most redirect_attempts_max times; a
         group whose shard is down gets unavailable(item) per item while the
-        other shards' groups go through.
+        other shards' groups go through (unless a config change is under way and
+        the previous config places the item's home merchant on another shard: it
+        is sent there).
         """
         with start_as_current_span("route", attributes={"ledger.items": len(items)}) as span:
             return await self._route_attempts(
@@ -556,6 +583,7 @@ class Ledger:
         results: dict[int, Result] = {}
         todo = list(range(len(items)))
         owners: dict[str, str] = {}
+        asked_previous: set[str] = set()
         redirects = 0
         fenced = FenceWait()
         for attempt in itertools.count(1):
@@ -579,7 +607,14 @@ class Ledger:
                 if isinstance(outcome, ShardUnavailable):
                     # The shard logs its change of state once; this would log every call.
                     log.debug("shard %s unavailable: %s", shard.name, outcome)
-                    results.update({i: unavailable(items[i]) for i in indexes})
+                    for i in indexes:
+                        if self._follow_previous_if_down(
+                            home_of(items[i]), shard.name, owners, asked_previous
+                        ):
+                            redirected = True
+                            retry.append(i)
+                        else:
+                            results[i] = unavailable(items[i])
                 elif isinstance(outcome, StaleEpoch):
                     # Newer shard: this replica's config is behind, so reload. Older
                     # shard: a rebalance to this config is about to start; merchants

@@ -225,6 +225,13 @@ class Cluster:
         name = self.previous_ring.shard_for(merchant_id)
         return name if name != refused_by and name in self.shards else None
 
+    def previous_owner_if_down(self, merchant_id: str, down: str) -> str | None:
+        """Where the previous config placed the merchant, when the shard this config
+        places it on (down) cannot be reached: the merchant may not have moved yet."""
+        if down != self.ring.shard_for(merchant_id):
+            return None
+        return self.previous_owner(merchant_id, refused_by=down)
+
     def fence(self, shard: Shard, merchant_ids: set[str], *, allow_moving: bool = False) -> Fence:
         claimable = frozenset(m for m in merchant_ids if self.ring.shard_for(m) == shard.name)
         return Fence(epoch=self.epoch, claimable=claimable, allow_moving=allow_moving)
@@ -258,10 +265,22 @@ class Cluster:
         target = self.shard_named(shard_name) or self.shard_for(merchant_id)
         redirects = 0
         fenced = FenceWait()
+        asked_previous = False
         while redirects < limits.redirect_attempts_max:
             fence = self.fence(target, {merchant_id}, allow_moving=allow_moving)
             try:
                 return await step(target, fence)
+            except ShardUnavailable:
+                # Under a config change the merchant may not be on its new shard yet:
+                # while that shard is down, its old owner may still serve it (fenced
+                # as ever; one that does not names the owner or refuses it). Asked
+                # once: an owner that names the shard down again ends it.
+                previous = self.previous_owner_if_down(merchant_id, target.name)
+                if previous is None or asked_previous:
+                    raise
+                asked_previous = True
+                target = self.shards[previous]
+                redirects += 1
             except StaleEpoch as error:
                 if error.shard_epoch < self.epoch:
                     # A rebalance to this config is about to start: the merchant is

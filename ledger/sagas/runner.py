@@ -159,12 +159,13 @@ class SagaRunner:
     async def _credit_owner(self, merchant_id: str) -> str:
         """The credit merchant's owner now (a move may have it elsewhere than the ring
         says): step 2 runs there, and its settlement account mirrors the debit shard's.
-        A merchant being handed over is waited for, briefly."""
+        A merchant being handed over is waited for, briefly. Where no shard asked
+        knows it, the ring's shard (which claims a merchant it does not know yet)."""
 
-        async def owner(shard: Shard, fence: Fence) -> str:
+        async def owner(shard: Shard, fence: Fence) -> str | None:
             return await shard.owner_of(merchant_id)
 
-        shard = self.cluster.shard_for(merchant_id)
+        ring_shard = shard = self.cluster.shard_for(merchant_id)
         fenced = FenceWait()
         redirects = 0
         while redirects < limits.redirect_attempts_max:
@@ -175,9 +176,18 @@ class SagaRunner:
                     break
                 continue
             except ShardUnavailable:
-                # The credit shard is down: reserve now anyway (step 1 needs only the
-                # debit shard); step 2 waits on that shard until it is back.
-                return shard.name
+                # Under a config change, a merchant whose new shard is down may still
+                # be on its old one (asked once, from the ring's shard only).
+                previous = self.cluster.previous_owner_if_down(merchant_id, shard.name)
+                if previous is None or redirects:
+                    # The credit shard is down: reserve now anyway (step 1 needs only
+                    # the debit shard); step 2 waits on that shard until it is back.
+                    return shard.name
+                shard = self.cluster.shards[previous]
+                redirects += 1
+                continue
+            if name is None:
+                return ring_shard.name
             named = self.cluster.shard_named(name)
             if named is None or named is shard:
                 return name

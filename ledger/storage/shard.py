@@ -277,15 +277,18 @@ class Shard:
 
         return await self._with_connection(run, setting_up=True)
 
-    async def owner_of(self, merchant_id: str) -> str:
+    async def owner_of(self, merchant_id: str) -> str | None:
         """The shard that owns the merchant now, as this shard knows it: itself, or
-        the shard a move handed it to (or is taking it from)."""
+        the shard a move handed it to (or is taking it from); None if this shard has
+        no record of it."""
 
-        async def run(conn: Connection) -> str:
+        async def run(conn: Connection) -> str | None:
             rows = await conn.fetch(sql.MERCHANT_STATES, [merchant_id])
-            if rows and rows[0]["state"] in ("moved", "incoming"):
+            if not rows:
+                return None
+            if rows[0]["state"] in ("moved", "incoming"):
                 return str(rows[0]["moved_to"])
-            if rows and rows[0]["state"] == "moving":
+            if rows[0]["state"] == "moving":
                 # No new saga may aim at a merchant while it is being handed over.
                 raise MerchantsMoving(self.name, [merchant_id])
             return self.name
