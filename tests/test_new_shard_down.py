@@ -61,15 +61,56 @@ async def test_a_merchant_not_moved_yet_is_served_by_its_old_shard_while_its_new
     assert payee in {r.move.merchant_id for r in summary.results if r.outcome == "moved"}
     await assert_reconciled(ledger4, new, "reconcile.toml", every_mirror_checked=True)
 
-    # Moved: its old shard refuses it and names the shard down, which ends it
-    # (UNAVAILABLE, retryable, nothing written), without a ping-pong between the two.
+
+async def test_a_merchant_on_its_new_shard_is_unavailable_while_that_shard_is_down_never_missing(
+    ledger4: Ledger4,
+) -> None:
+    """One moved to the new shard, and one created there after the config change: the
+    old shard refuses the first with its owner's name and has no record of the
+    second. Either way the call ends UNAVAILABLE (retryable, nothing written), with
+    no ping-pong between the two shards, and a read never answers that the merchant's
+    accounts or transfers do not exist (a caller could take that at its word)."""
+    service = ledger4.service
+    old, new = service.cluster.config, ledger4.config(2, ALL_SHARDS)
+    moved, created = merchants_moving(old, new, 2, destination="shard-d")
+    await create_merchants(service, [moved])
+    summary = await switch_and_rebalance(ledger4, new)
+    assert [(r.move.merchant_id, r.outcome) for r in summary.results] == [(moved, "moved")]
+    await create_merchants(service, [created])
+    made: dict[str, pb.Transfer] = {}
+    for merchant in (moved, created):
+        made[merchant] = transfer(uid("nd"), ref(merchant, "cash"), ref(merchant, "sales"), 1)
+        response = await service.stub.CreateTransfers(
+            pb.CreateTransfersRequest(transfers=[made[merchant]]), timeout=RPC_TIMEOUT_S
+        )
+        assert [r.result for r in response.results] == [pb.TRANSFER_RESULT_OK], response
+
     async with ledger4.refusing_connections("shard-d"):
-        again = transfer(uid("nd"), ref(payee, "cash"), ref(payee, "sales"), LOCAL_MINOR)
-        for call in (
-            service.stub.CreateTransfers(pb.CreateTransfersRequest(transfers=[again])),
-            service.stub.LookupAccounts(pb.LookupAccountsRequest(refs=[ref(payee, "cash")])),
-        ):
-            with pytest.raises(grpc.aio.AioRpcError) as refused:
-                await call
-            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, refused.value
-    assert (await all_balances(service, [payee]))[(payee, "cash")] == (LOCAL_MINOR, 0, 0, 0)
+        for merchant in (moved, created):
+            again = transfer(uid("nd"), ref(merchant, "cash"), ref(merchant, "sales"), 1)
+            calls = {
+                "CreateTransfers": service.stub.CreateTransfers(
+                    pb.CreateTransfersRequest(transfers=[again]), timeout=RPC_TIMEOUT_S
+                ),
+                "LookupAccounts": service.stub.LookupAccounts(
+                    pb.LookupAccountsRequest(refs=[ref(merchant, "cash")]), timeout=RPC_TIMEOUT_S
+                ),
+                "GetBalance": service.stub.GetBalance(
+                    pb.GetBalanceRequest(account=ref(merchant, "cash")), timeout=RPC_TIMEOUT_S
+                ),
+                "LookupTransfers": service.stub.LookupTransfers(
+                    pb.LookupTransfersRequest(
+                        refs=[pb.TransferRef(merchant_id=merchant, transfer_id=made[merchant].id)]
+                    ),
+                    timeout=RPC_TIMEOUT_S,
+                ),
+            }
+            for name, call in calls.items():
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await call
+                assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, (name, refused.value)
+    balances = await all_balances(service, [moved, created])
+    assert {m: balances[(m, "cash")] for m in (moved, created)} == {
+        moved: (1, 0, 0, 0),
+        created: (1, 0, 0, 0),
+    }

@@ -353,7 +353,7 @@ class Ledger:
         values in key order, missing ones left out."""
         found: dict[Key, Found] = {}
         owners: dict[str, str] = {}
-        asked_previous: set[str] = set()
+        down: dict[str, ShardUnavailable] = {}
         todo = list(keys)
         for _ in range(limits.redirect_attempts_max):
             groups = self._group(todo, merchant_of, owners)
@@ -369,6 +369,10 @@ class Ledger:
                         await self.cluster.reload()
                     retry += batch
                 elif isinstance(result, MerchantsUnknown):
+                    for m in result.merchant_ids:
+                        if m in down:
+                            # Not on its old shard: it lives on the shard that is down.
+                            raise down[m] from result
                     # Where the previous config placed them (the rebalance has not
                     # marked them here yet); where that is this shard or none,
                     # their keys are not found. The others are read here again.
@@ -384,7 +388,7 @@ class Ledger:
                     followed = {
                         m
                         for m in merchants
-                        if self._follow_previous_if_down(m, name, owners, asked_previous)
+                        if self._follow_previous_if_down(m, result, owners, down)
                     }
                     if followed != merchants:
                         raise result
@@ -526,16 +530,20 @@ class Ledger:
         return followed
 
     def _follow_previous_if_down(
-        self, merchant_id: str, down: str, owners: dict[str, str], asked: set[str]
+        self,
+        merchant_id: str,
+        error: ShardUnavailable,
+        owners: dict[str, str],
+        down: dict[str, ShardUnavailable],
     ) -> bool:
-        """Routes a merchant whose shard is down to where the previous config put it,
-        under a config change (it may not have moved yet: Cluster.previous_owner_if_down);
-        True if it was. Once per merchant (in asked): an owner naming the shard down
-        again ends it."""
-        previous = self.cluster.previous_owner_if_down(merchant_id, down)
-        if previous is None or merchant_id in asked:
+        """Routes a merchant whose shard is down (error) to where the previous config
+        put it, under a config change (it may not have moved yet:
+        Cluster.previous_owner_if_down); True if it was. Once per merchant, recorded
+        in down: where the old shard does not have it, the shard down answers."""
+        previous = self.cluster.previous_owner_if_down(merchant_id, error.shard_name)
+        if previous is None or merchant_id in down:
             return False
-        asked.add(merchant_id)
+        down[merchant_id] = error
         owners[merchant_id] = previous
         return True
 
@@ -583,7 +591,7 @@ class Ledger:
         results: dict[int, Result] = {}
         todo = list(range(len(items)))
         owners: dict[str, str] = {}
-        asked_previous: set[str] = set()
+        down: dict[str, ShardUnavailable] = {}
         redirects = 0
         fenced = FenceWait()
         for attempt in itertools.count(1):
@@ -608,9 +616,7 @@ class Ledger:
                     # The shard logs its change of state once; this would log every call.
                     log.debug("shard %s unavailable: %s", shard.name, outcome)
                     for i in indexes:
-                        if self._follow_previous_if_down(
-                            home_of(items[i]), shard.name, owners, asked_previous
-                        ):
+                        if self._follow_previous_if_down(home_of(items[i]), outcome, owners, down):
                             redirected = True
                             retry.append(i)
                         else:
@@ -630,8 +636,16 @@ class Ledger:
                     redirected = True
                     retry += indexes
                 elif isinstance(outcome, MerchantsMoving):
-                    redirected |= self._follow_previous(outcome.unknown, shard.name, owners)
-                    retry += indexes
+                    # Not on its old shard either: it lives on the shard that is down.
+                    lost = {m for m in outcome.unknown if m in down}
+                    for i in indexes:
+                        if merchants_of(items[i]) & lost:
+                            results[i] = unavailable(items[i])
+                        else:
+                            retry.append(i)
+                    redirected |= self._follow_previous(
+                        [m for m in outcome.unknown if m not in lost], shard.name, owners
+                    )
                 elif isinstance(outcome, BaseException):
                     raise outcome
                 else:

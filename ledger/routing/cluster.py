@@ -265,20 +265,20 @@ class Cluster:
         target = self.shard_named(shard_name) or self.shard_for(merchant_id)
         redirects = 0
         fenced = FenceWait()
-        asked_previous = False
+        # Set once the merchant's shard was down and its previous owner is asked.
+        down: ShardUnavailable | None = None
         while redirects < limits.redirect_attempts_max:
             fence = self.fence(target, {merchant_id}, allow_moving=allow_moving)
             try:
                 return await step(target, fence)
-            except ShardUnavailable:
+            except ShardUnavailable as error:
                 # Under a config change the merchant may not be on its new shard yet:
                 # while that shard is down, its old owner may still serve it (fenced
-                # as ever; one that does not names the owner or refuses it). Asked
-                # once: an owner that names the shard down again ends it.
+                # as ever). Asked once: where it does not, the shard down answers.
                 previous = self.previous_owner_if_down(merchant_id, target.name)
-                if previous is None or asked_previous:
+                if previous is None or down is not None:
                     raise
-                asked_previous = True
+                down = error
                 target = self.shards[previous]
                 redirects += 1
             except StaleEpoch as error:
@@ -289,6 +289,8 @@ class Cluster:
                     if previous is not None:
                         target = self.shards[previous]
                         redirects += 1
+                    elif down is not None:
+                        raise down from error
                     elif not await fenced.wait():
                         break
                 else:
@@ -302,7 +304,10 @@ class Cluster:
                     hinted = self.shard_named(error.owners.get(merchant_id))
                 target = hinted or self.shard_for(merchant_id)
                 redirects += 1
-            except MerchantsUnknown:
+            except MerchantsUnknown as error:
+                if down is not None:
+                    # Not on its old shard: it lives on the one that is down.
+                    raise down from error
                 if unknown is None:
                     raise
                 previous = self.previous_owner(merchant_id, refused_by=target.name)
@@ -311,6 +316,8 @@ class Cluster:
                 target = self.shards[previous]
                 redirects += 1
             except MerchantsMoving as error:
+                if down is not None and merchant_id in error.unknown:
+                    raise down from error
                 previous = (
                     self.previous_owner(merchant_id, refused_by=target.name)
                     if merchant_id in error.unknown
