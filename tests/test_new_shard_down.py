@@ -52,9 +52,20 @@ async def test_a_merchant_not_moved_yet_is_served_by_its_old_shard_while_its_new
                 pb.CreateTransfersRequest(transfers=[item]), timeout=RPC_TIMEOUT_S
             )
             assert [r.result for r in response.results] == [pb.TRANSFER_RESULT_OK], response
+        # A linked chain goes to the old shard whole (chaos seed 322: its items went
+        # one by one, the first alone, and only it was stored).
+        chain = [
+            transfer(uid("nd"), ref(payee, "cash"), ref(payee, "sales"), LOCAL_MINOR),
+            transfer(uid("nd"), ref(payee, "sales"), ref(payee, "cash"), LOCAL_MINOR),
+        ]
+        chain[0].linked = True
+        response = await service.stub.CreateTransfers(
+            pb.CreateTransfersRequest(transfers=chain), timeout=RPC_TIMEOUT_S
+        )
+        assert [r.result for r in response.results] == [pb.TRANSFER_RESULT_OK] * 2, response
         balances = await all_balances(service, [payer, payee])
-        assert balances[(payee, "sales")] == (0, CROSS_MINOR + LOCAL_MINOR, 0, 0)
-        assert balances[(payee, "cash")] == (LOCAL_MINOR, 0, 0, 0)
+        assert balances[(payee, "sales")] == (LOCAL_MINOR, CROSS_MINOR + 2 * LOCAL_MINOR, 0, 0)
+        assert balances[(payee, "cash")] == (2 * LOCAL_MINOR, LOCAL_MINOR, 0, 0)
         assert balances[(payer, "cash")] == (CROSS_MINOR, 0, 0, 0)
 
     summary = await switch_and_rebalance(ledger4, new)

@@ -385,12 +385,7 @@ class Ledger:
                     ]
                 elif isinstance(result, ShardUnavailable):
                     merchants = {merchant_of(k) for k in batch}
-                    followed = {
-                        m
-                        for m in merchants
-                        if self._follow_previous_if_down(m, result, owners, down)
-                    }
-                    if followed != merchants:
+                    if not self._follow_previous_if_down(merchants, result, owners, down):
                         raise result
                     retry += batch
                 elif isinstance(result, BaseException):
@@ -531,20 +526,26 @@ class Ledger:
 
     def _follow_previous_if_down(
         self,
-        merchant_id: str,
+        merchant_ids: set[str],
         error: ShardUnavailable,
         owners: dict[str, str],
         down: dict[str, ShardUnavailable],
     ) -> bool:
-        """Routes a merchant whose shard is down (error) to where the previous config
-        put it, under a config change (it may not have moved yet:
-        Cluster.previous_owner_if_down); True if it was. Once per merchant, recorded
-        in down: where the old shard does not have it, the shard down answers."""
-        previous = self.cluster.previous_owner_if_down(merchant_id, error.shard_name)
-        if previous is None or merchant_id in down:
+        """Routes merchants whose shard is down (error) to where the previous config
+        put them, under a config change (they may not have moved yet:
+        Cluster.previous_owner_if_down); True if it did. All of them to one shard or
+        none, so that what went to the shard together (a linked chain) stays
+        together; once per merchant, recorded in down: where the old shard does not
+        have one, the shard down answers."""
+        previous = {self.cluster.previous_owner_if_down(m, error.shard_name) for m in merchant_ids}
+        if len(previous) != 1 or any(m in down for m in merchant_ids):
             return False
-        down[merchant_id] = error
-        owners[merchant_id] = previous
+        (shard_name,) = previous
+        if shard_name is None:
+            return False
+        for m in merchant_ids:
+            down[m] = error
+            owners[m] = shard_name
         return True
 
     async def _route(
@@ -615,12 +616,12 @@ class Ledger:
                 if isinstance(outcome, ShardUnavailable):
                     # The shard logs its change of state once; this would log every call.
                     log.debug("shard %s unavailable: %s", shard.name, outcome)
-                    for i in indexes:
-                        if self._follow_previous_if_down(home_of(items[i]), outcome, owners, down):
-                            redirected = True
-                            retry.append(i)
-                        else:
-                            results[i] = unavailable(items[i])
+                    homes = {home_of(items[i]) for i in indexes}
+                    if self._follow_previous_if_down(homes, outcome, owners, down):
+                        redirected = True
+                        retry += indexes
+                    else:
+                        results.update({i: unavailable(items[i]) for i in indexes})
                 elif isinstance(outcome, StaleEpoch):
                     # Newer shard: this replica's config is behind, so reload. Older
                     # shard: a rebalance to this config is about to start; merchants
@@ -636,16 +637,13 @@ class Ledger:
                     redirected = True
                     retry += indexes
                 elif isinstance(outcome, MerchantsMoving):
-                    # Not on its old shard either: it lives on the shard that is down.
-                    lost = {m for m in outcome.unknown if m in down}
-                    for i in indexes:
-                        if merchants_of(items[i]) & lost:
-                            results[i] = unavailable(items[i])
-                        else:
-                            retry.append(i)
-                    redirected |= self._follow_previous(
-                        [m for m in outcome.unknown if m not in lost], shard.name, owners
-                    )
+                    if any(m in down for m in outcome.unknown):
+                        # Not on its old shard either: it lives on the shard that is
+                        # down, which answers for the group (kept whole, as above).
+                        results.update({i: unavailable(items[i]) for i in indexes})
+                        continue
+                    redirected |= self._follow_previous(outcome.unknown, shard.name, owners)
+                    retry += indexes
                 elif isinstance(outcome, BaseException):
                     raise outcome
                 else:
