@@ -161,13 +161,15 @@ class Ledger:
             return await self.batcher.submit(shard, group, fence)
 
         async def run_local(indexes: list[int]) -> None:
+            local = [requests[i] for i in indexes]
             outcomes = await self._route(
-                [requests[i] for i in indexes],
+                local,
                 home_of=lambda r: r.debit.merchant_id,
                 merchants_of=transfer_merchants,
                 run=run,
                 unavailable=lambda r: ItemOutcome(-1, r.id, TransferResult.SHARD_UNAVAILABLE),
                 split=lambda r: ItemOutcome(RUN_AS_SAGA, r.id, TransferResult.IN_PROGRESS),
+                whole=linked_chains(local),
             )
             results.update(zip(indexes, outcomes, strict=True))
 
@@ -557,8 +559,15 @@ class Ledger:
         run: Callable[[Shard, list[Item], Fence], Awaitable[list[Result]]],
         unavailable: Callable[[Item], Result],
         split: Callable[[Item], Result] | None = None,
+        whole: Sequence[Sequence[int]] = (),
     ) -> list[Result]:
         """Sends each item to its home merchant's shard, all shards at once.
+
+        whole: positions of items that go to one shard together or not at all
+        (linked chains). The ring is read as the call starts; where a refusal teaches
+        routing that such items' merchants are apart now (a config reloaded, an owner
+        named), they get unavailable(item), nothing written: sent again, the call
+        finds them apart from the start and is refused whole.
 
         A group refused for routing (stale epoch, merchant not owned) is sent
         again after a config reload, at most redirect_attempts_max times; a
@@ -575,6 +584,7 @@ class Ledger:
                 run=run,
                 unavailable=unavailable,
                 split=split,
+                whole=whole,
                 span=span,
             )
 
@@ -587,6 +597,7 @@ class Ledger:
         run: Callable[[Shard, list[Item], Fence], Awaitable[list[Result]]],
         unavailable: Callable[[Item], Result],
         split: Callable[[Item], Result] | None,
+        whole: Sequence[Sequence[int]],
         span: Span,
     ) -> list[Result]:
         results: dict[int, Result] = {}
@@ -598,6 +609,20 @@ class Ledger:
         for attempt in itertools.count(1):
             span.set_attribute("ledger.route.attempts", attempt)
             groups = self._group([items[i] for i in todo], home_of, owners)
+            shard_of = {todo[p]: name for name, positions in groups.items() for p in positions}
+            parted = {
+                i
+                for kept in whole
+                if len({shard_of[j] for j in kept if j in shard_of}) > 1
+                for i in kept
+                if i in shard_of
+            }
+            if parted:
+                results.update({i: unavailable(items[i]) for i in parted})
+                todo = [i for i in todo if i not in parted]
+                if not todo:
+                    return [results[i] for i in range(len(items))]
+                groups = self._group([items[i] for i in todo], home_of, owners)
             span.set_attribute("ledger.route.shards", sorted(groups))
             jobs = []
             for name, positions in groups.items():
@@ -658,6 +683,12 @@ class Ledger:
                     if len(shards) > 1:
                         results[i] = split(items[i])
                         retry.remove(i)
+                for kept in whole:
+                    # A member split off: the rest are not sent without it.
+                    waiting = [i for i in kept if i in retry]
+                    if waiting and len(waiting) < len(kept):
+                        results.update({i: unavailable(items[i]) for i in waiting})
+                        retry = [i for i in retry if i not in waiting]
             if not retry:
                 return [results[i] for i in range(len(items))]
             if reload_needed or redirected:
