@@ -157,6 +157,14 @@ class Caller:
         return result
 
 
+def _chain_of_merchants(op: Operation) -> bool:
+    """A linked chain (a paired one, or its replay) naming more than one merchant."""
+    merchants = {t.debit.merchant_id for t in op.transfers} | {
+        t.credit.merchant_id for t in op.transfers if t.credit is not None
+    }
+    return any(t.linked for t in op.transfers) and len(merchants) > 1
+
+
 def _unavailable_items(response: pb.CreateTransfersResponse) -> str:
     unavailable = any(r.result == SHARD_UNAVAILABLE for r in response.results)
     return "SHARD_UNAVAILABLE" if unavailable else ""
@@ -172,6 +180,10 @@ async def send_operation(caller: Caller, op: Operation, *, now_s: Callable[[], f
     record.attempts = call.attempts
     record.failures = call.failures
     if call.error:
+        if call.error.startswith("FAILED_PRECONDITION") and _chain_of_merchants(op):
+            # Its merchants were apart (a rebalance moved one): refused whole.
+            record.outcome = "refused"
+            return record
         record.outcome, record.error = "error", call.error
         return record
     response = call.response

@@ -54,6 +54,11 @@ RESETTLE_SHARE = 0.2
 CHAIN_LENGTH_MIN = 2
 CHAIN_LENGTH_MAX = 4
 DOOMED_CHAIN_SHARE = 0.3
+# A share of chains span two merchants of one shard (as the first layout places
+# them): a rebalance may part the two, and then the call is refused whole
+# (LINKED_CHAIN_SPANS_SHARDS), or, learned mid-call, answered SHARD_UNAVAILABLE
+# whole; never applied in part.
+PAIRED_CHAIN_SHARE = 0.3
 # Replays pick among this many of the client's latest operations (bounded memory).
 REPLAY_WINDOW_OPS = 200
 PENDING_WINDOW_OPS = 100
@@ -485,18 +490,21 @@ class ClientPlanner:
         return f"settle_{how}_{'cross' if cross else 'local'}", (transfer,)
 
     def _chain(self, op_id: str) -> tuple[str, tuple[TransferSpec, ...]]:
-        """A linked chain of one merchant; a doomed chain holds one overdraft member."""
+        """A linked chain of one merchant, or of two on one shard (paired: a member's
+        debit and credit merchants are either); a doomed chain holds one overdraft
+        member."""
         shard = self._shard()
         length = self._rng.randint(CHAIN_LENGTH_MIN, CHAIN_LENGTH_MAX)
         doomed_at = self._rng.randrange(length) if self._rng.random() < DOOMED_CHAIN_SHARE else -1
-        # One merchant: a linked chain must live on one shard, and a rebalance may
-        # split two merchants that shared one.
-        merchant = self._merchant(shard)
+        merchants = [self._merchant(shard)]
+        others = [m for m in self.layout.merchants_on(shard) if m != merchants[0]]
+        if others and self._rng.random() < PAIRED_CHAIN_SHARE:
+            merchants.append(self._rng.choice(others))
         transfers = []
         for member in range(length):
             currency = self._rng.choice(CURRENCIES)
-            debit = self._wallet(merchant, currency)
-            credit = self._wallet(merchant, currency)
+            debit = self._wallet(self._rng.choice(merchants), currency)
+            credit = self._wallet(self._rng.choice(merchants), currency)
             credit = _apart(credit, debit, currency)
             amount = (
                 self._rng.randint(OVERDRAFT_AMOUNT_MINOR_MIN, OVERDRAFT_AMOUNT_MINOR_MAX)
@@ -514,7 +522,8 @@ class ClientPlanner:
                     linked=member < length - 1,
                 )
             )
-        return ("chain_refused" if doomed_at >= 0 else "chain"), tuple(transfers)
+        kind = "chain_pair" if len(merchants) > 1 else "chain"
+        return (f"{kind}_refused" if doomed_at >= 0 else kind), tuple(transfers)
 
 
 def _apart(credit: Ref, debit: Ref, currency: str) -> Ref:

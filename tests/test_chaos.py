@@ -13,6 +13,7 @@ import re
 import signal
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,14 @@ from chaos.checker import (
     check_history,
     open_holds_in,
 )
-from chaos.clients import Caller, ItemAnswer, OpRecord
+from chaos.clients import (
+    Caller,
+    CallResult,
+    ItemAnswer,
+    OpRecord,
+    _chain_of_merchants,
+    send_operation,
+)
 from chaos.cluster import DRAIN_DEADLINE_S, REBALANCE_DEADLINE_S, ChaosCluster
 from chaos.events import StreamState, compare_books
 from chaos.holds import holds_moves_wait_for, settle_operation
@@ -80,10 +88,11 @@ def test_same_seed_plans_the_same_faults_and_operations() -> None:
 
 
 # The digests of seed 33's plan and of seed 2's with --rebalances (the two runs
-# below), as planned before drains existed: --drains must leave them as they were.
+# below), as planned without drains: --drains must leave them as they are. (Renewed
+# when the workload changed: chains over two merchants of one shard, 2026-12-07.)
 PLAN_DIGESTS_BEFORE_DRAINS = {
-    (33, False): "cf14ed09a10b99c2328e3cb6a89d917339322124f512bb7015773109f056589b",
-    (2, True): "772f6450151e0b9391bdf7bfc7c8b9c471f136b374c3831f130924327bf27a20",
+    (33, False): "a7813894bb0e2284b0794afd07bf67d2534ff1857ba0ff99441be54fec70961c",
+    (2, True): "36efce0a9a46471353a3d702d78795314edf12d354fbfb29ececf53ff59cf192",
 }
 
 
@@ -98,6 +107,56 @@ def test_plans_without_drains_are_those_planned_before_drains_existed() -> None:
     assert {FaultKind.REBALANCE, FaultKind.DRAIN} <= {f.fault for f in admin}
     for earlier, later in itertools.pairwise(admin):
         assert earlier.at_s + earlier.duration_s < later.at_s, (earlier, later)
+
+
+def test_plans_hold_chains_over_two_merchants_of_one_shard() -> None:
+    """A rebalance may part them: such a chain must be refused or fail whole, never be
+    applied in part (the checker's linked-chain check)."""
+    plan = plan_run(seed=SEED, duration_s=DURATION_S, clients=CLIENTS, rebalances=True)
+    paired = [o for client in plan.operations for o in client if o.kind.startswith("chain_pair")]
+    assert paired
+    for operation in paired:
+        refs = [r for t in operation.transfers for r in (t.debit, t.credit) if r is not None]
+        merchants = {r.merchant_id for r in refs}
+        assert len(merchants) == 2, operation
+        assert len({plan.layout.shard_of(m) for m in merchants}) == 1, operation
+        assert [t.linked for t in operation.transfers][-1] is False, operation
+        assert all(t.linked for t in operation.transfers[:-1]), operation
+        assert _chain_of_merchants(operation)
+
+
+class _RefusingCaller(Caller):
+    """Answers every call as the service refuses a chain whose merchants are apart."""
+
+    def __init__(self) -> None:
+        super().__init__([], jitter=random.Random(0))
+
+    async def call(self, method: str, request: Any, **_: Any) -> CallResult:
+        return CallResult(
+            attempts=1, error="FAILED_PRECONDITION: all transfers of a linked chain must live..."
+        )
+
+
+async def test_a_chain_over_two_merchants_refused_whole_is_a_refusal_not_an_error() -> None:
+    """FAILED_PRECONDITION (LINKED_CHAIN_SPANS_SHARDS) is the answer to a chain whose
+    merchants are apart (or its replay); for a chain of one merchant it is an error."""
+    second = replace(_SPEC, id="t2")
+    apart = replace(second, credit=Ref("m2", "usd-wallet-0"))
+    outcomes = {}
+    for kind, transfers in (
+        ("chain", (replace(_SPEC, linked=True), second)),
+        ("chain_pair", (replace(_SPEC, linked=True), apart)),
+        ("replay", (replace(_SPEC, linked=True), apart)),
+    ):
+        record = await send_operation(
+            _RefusingCaller(), Operation("c0-1", 0, kind, transfers, 0), now_s=lambda: 0.0
+        )
+        outcomes[kind] = (record.outcome, bool(record.error))
+    assert outcomes == {
+        "chain": ("error", True),
+        "chain_pair": ("refused", False),
+        "replay": ("refused", False),
+    }
 
 
 # The checker, on hand-made books: one local transfer of 100 from a to b.
