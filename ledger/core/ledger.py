@@ -609,14 +609,7 @@ class Ledger:
         for attempt in itertools.count(1):
             span.set_attribute("ledger.route.attempts", attempt)
             groups = self._group([items[i] for i in todo], home_of, owners)
-            shard_of = {todo[p]: name for name, positions in groups.items() for p in positions}
-            parted = {
-                i
-                for kept in whole
-                if len({shard_of[j] for j in kept if j in shard_of}) > 1
-                for i in kept
-                if i in shard_of
-            }
+            parted = _parted(whole, todo, groups) if whole and len(groups) > 1 else set()
             if parted:
                 results.update({i: unavailable(items[i]) for i in parted})
                 todo = [i for i in todo if i not in parted]
@@ -702,6 +695,20 @@ class Ledger:
                 break
             todo = sorted(retry)
         raise ClusterUnavailable("routing did not settle: the shard config may be behind")
+
+
+def _parted(
+    whole: Sequence[Sequence[int]], todo: Sequence[int], groups: Mapping[str, list[int]]
+) -> set[int]:
+    """The items still to send (todo) of each kept-whole set that groups part."""
+    shard_of = {todo[p]: name for name, positions in groups.items() for p in positions}
+    return {
+        i
+        for kept in whole
+        if len({shard_of[j] for j in kept if j in shard_of}) > 1
+        for i in kept
+        if i in shard_of
+    }
 
 
 async def _all_settled(jobs: list[Awaitable[Result]]) -> list[Result | BaseException]:
