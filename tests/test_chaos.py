@@ -42,7 +42,13 @@ from chaos.clients import (
 )
 from chaos.cluster import DRAIN_DEADLINE_S, REBALANCE_DEADLINE_S, ChaosCluster
 from chaos.events import StreamState, compare_books
-from chaos.holds import holds_moves_wait_for, settle_operation
+from chaos.holds import (
+    SETTLES_IN_FLIGHT_MAX,
+    Hold,
+    holds_moves_wait_for,
+    settle_holds,
+    settle_operation,
+)
 from chaos.nemesis import FaultRecord, Nemesis
 from chaos.plan import Action, Fault, FaultKind, Operation, Ref, TransferSpec, plan_run
 from chaos.publisher import Published, compare_published
@@ -157,6 +163,42 @@ async def test_a_chain_over_two_merchants_refused_whole_is_a_refusal_not_an_erro
         "chain_pair": ("refused", False),
         "replay": ("refused", False),
     }
+
+
+# How long a gated call waits for the others (the settles arrive at once).
+GATE_WAIT_S = 10.0
+
+
+class _GatedCaller(Caller):
+    """Answers OK once SETTLES_IN_FLIGHT_MAX calls are in flight at once."""
+
+    def __init__(self) -> None:
+        super().__init__([], jitter=random.Random(0))
+        self.in_flight = self.most = 0
+        self.full = asyncio.Event()
+
+    async def call(self, method: str, request: Any, **_: Any) -> CallResult:
+        self.in_flight += 1
+        self.most = max(self.most, self.in_flight)
+        if self.in_flight == SETTLES_IN_FLIGHT_MAX:
+            self.full.set()
+        # Fails (TimeoutError) if the settles were sent one at a time.
+        await asyncio.wait_for(self.full.wait(), timeout=GATE_WAIT_S)
+        self.in_flight -= 1
+        results = [pb.CreateTransferResult(result=OK) for _ in request.transfers]
+        return CallResult(response=pb.CreateTransfersResponse(results=results), attempts=1)
+
+
+async def test_settles_run_several_at_once_and_are_recorded_in_the_holds_order() -> None:
+    holds = [
+        Hold(f"t{n:02d}", Ref("m1", "usd-wallet-0"), Ref("m2", "usd-wallet-0"), "USD")
+        for n in reversed(range(2 * SETTLES_IN_FLIGHT_MAX + 3))
+    ]
+    caller = _GatedCaller()
+    records = await settle_holds(caller, holds, suffix="s", kind="end_settle", now_s=lambda: 0.0)
+    assert caller.most == SETTLES_IN_FLIGHT_MAX
+    assert [r.op.transfers[0].pending_id for r in records] == sorted(h.transfer_id for h in holds)
+    assert {r.outcome for r in records} == {"ok"}
 
 
 # The checker, on hand-made books: one local transfer of 100 from a to b.
