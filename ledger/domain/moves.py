@@ -19,7 +19,9 @@ held: the shard it leaves keeps its settlement position for the shard beyond,
 and its settlement account for the merchant's new shard takes the leaving
 side (pairing with the new shard's account for it). That shard becomes a
 relay: a later settle passes through it, settling the hold between its two
-settlement accounts, once per settle, on the way to the merchant.
+settlement accounts, once per settle, on the way to the merchant. The stops
+of a hold's path are numbered in path order (CrossHold.path_position), so a
+path may pass one shard more than once, each time by a relay of its own.
 
 Unless the merchant moves back to the shard its hold's path passes next (away
 and back while the hold stays open): then the move folds that step away. The
@@ -71,6 +73,10 @@ class CrossHold:
     # The shard whose settlement account for this one holds the other side: the
     # saga's peer (debit party) or the shard the credit came from (credit party).
     beyond: str
+    # The number of the moving party's end on the hold's path (migration 0020:
+    # growing from the debit party's end to the credit party's); None on a path
+    # made before numbers.
+    path_position: int | None
 
 
 @value

@@ -91,8 +91,10 @@ class CreditRecord:
     result: TransferResult
     credited_on: str
     # Set when this shard only relayed a settle of a hold whose party moved on:
-    # the shard that continues it (see ledger/domain/moves.py).
+    # the shard that continues it (see ledger/domain/moves.py), and the number
+    # of the relay passed on the hold's path (None on an unnumbered path).
     relayed_to: str = ""
+    relayed_position: int | None = None
 
 
 # Each (peer shard, currency) has this many settlement accounts, so concurrent
@@ -151,6 +153,10 @@ class Saga:
     trace_context: str
     created_at: datetime
     updated_at: datetime
+    # The number of the debit party's end on its hold's path (a settle's and an
+    # expiry's: the hold's at their start); None on a path made before numbers
+    # (migration 0020).
+    path_position: int | None = 0
 
     @property
     def finished(self) -> bool:

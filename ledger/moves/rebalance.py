@@ -69,7 +69,7 @@ REPLICA_SEEN_WITHIN_S = 60.0
 # Copy-and-verify rounds under the fence before a move gives up (a saga step
 # under way at the fence may land between a copy and its check).
 VERIFY_ATTEMPTS_MAX = 3
-# A move waiting for holds that would make their paths repeat a relay step names at
+# A move waiting for holds whose paths it would make too long (or repeat a step) names at
 # most this many of them.
 HOLDS_NAMED_MAX = 10
 # Fenced, a merchant's sagas in flight get this long to settle before the
@@ -633,11 +633,12 @@ class Rebalancer:
         """Why the merchant's holds with others cannot move with it now, or None.
 
         A cross-shard hold's path (debit party's shard, relays, credit party's
-        shard) passes each relay from a given shard at most once (that is how a
-        relay and each pass through it are found): a move that would break this,
-        or make the path longer than a settle may go, waits for the hold to settle.
-        A move back to the shard the path passes next folds that step away
-        (MoveStore.activate): the path gets shorter.
+        shard) may not grow longer than a settle may go: a move that would make it
+        so waits for the hold to settle. A path made before relays were numbered
+        (migration 0020) passes each relay from a given shard at most once (that
+        is how its relays and each pass through them are found), and a move that
+        would break this waits too. A move back to the shard the path passes next
+        folds that step away (MoveStore.activate): the path gets shorter.
         """
         holds = await source.holds(merchant_id)
         waited_for: list[CrossHold] = []
@@ -645,11 +646,15 @@ class Rebalancer:
             path = await self._hold_path(hold, source.shard.name)
             if path is None:
                 return "a cross-shard hold's path could not be read"
-            longer = moved_path(path, destination=destination, debit_party=hold.debit_party)
+            numbered = hold.path_position is not None
+            longer = moved_path(
+                path, destination=destination, debit_party=hold.debit_party, numbered=numbered
+            )
             # Every shard after the first looks its relay up by where the hold came
-            # from, the last one too (to find it has none).
+            # from (by number, on a numbered path), the last one too (to find none).
             hops = [(longer[i], longer[i - 1]) for i in range(1, len(longer))]
-            if len(set(hops)) != len(hops) or len(hops) > limits.hold_relay_hops_max:
+            repeats = not numbered and len(set(hops)) != len(hops)
+            if repeats or len(hops) > limits.hold_relay_hops_max:
                 waited_for.append(hold)
                 if len(waited_for) == HOLDS_NAMED_MAX:
                     break
@@ -680,29 +685,33 @@ class Rebalancer:
         party's (a shard may appear more than once); None if it cannot be followed
         (a shard not known to this run, or longer than a settle may go).
 
-        Walked forward, as a settle goes: each relay is found by where the hold
-        arrives from (looked up backwards, two relays on one shard may lead to
+        Walked forward, as a settle goes: each relay is found by the number of
+        the stop the hold arrives from, or by that stop's shard on a path made
+        before numbers (looked up backwards, two relays on one shard may lead to
         the same next one)."""
         if hold.debit_party:
-            return await self._walk(hold, start=here, first=hold.beyond)
+            return await self._walk(hold, start=here, first=hold.beyond, at=hold.path_position)
         home = await self._owner(hold.key.merchant_id)
-        peer = await self._store(home).saga_peer(hold.key) if home is not None else None
-        if home is None or peer is None:
+        saga = await self._store(home).saga_peer(hold.key) if home is not None else None
+        if home is None or saga is None:
             return None
-        path = await self._walk(hold, start=home, first=peer)
+        peer, position = saga
+        path = await self._walk(hold, start=home, first=peer, at=position)
         return path if path is not None and path[-1] == here else None
 
-    async def _walk(self, hold: CrossHold, *, start: str, first: str) -> list[str] | None:
+    async def _walk(
+        self, hold: CrossHold, *, start: str, first: str, at: int | None
+    ) -> list[str] | None:
         path = [start]
         previous, current = start, first
         for _ in range(limits.hold_relay_hops_max + 1):
             if current not in self.shards:
                 return None
             path.append(current)
-            onward = await self._store(current).relay_next(hold.key, came_from=previous)
+            onward = await self._store(current).relay_next(hold.key, came_from=previous, after=at)
             if onward is None:
                 return path
-            previous, current = current, onward
+            previous, (current, at) = current, onward
         return None
 
     async def _owner(self, merchant_id: str) -> str | None:
@@ -780,7 +789,8 @@ class Rebalancer:
 
 @dataclass(frozen=True, slots=True)
 class WaitedFor:
-    """Cross-shard holds a move waits for: their paths would repeat a relay step."""
+    """Cross-shard holds a move waits for: their paths would pass more relays than a
+    settle may, or (made before relays were numbered) repeat a relay step."""
 
     holds: list[CrossHold]
     # HOLDS_NAMED_MAX were found: there may be others.
@@ -808,20 +818,23 @@ def _named_order(hold: CrossHold) -> tuple[str, str]:
     return (hold.key.merchant_id, hold.key.transfer_id)
 
 
-def moved_path(path: list[str], *, destination: str, debit_party: bool) -> list[str]:
+def moved_path(
+    path: list[str], *, destination: str, debit_party: bool, numbered: bool = True
+) -> list[str]:
     """A hold's path (debit party's shard first, credit party's last) once one of
     its parties moves to destination: folded where destination is the shard the
     path passes next from that party's end and relays there, or holds the other
     end (the hold becomes local: one shard); MoveStore.activate folds exactly
     then, unless the other party is busy (then one step longer, as here
-    otherwise)."""
+    otherwise). On a path made before relays were numbered (numbered False), a
+    credit party's fold needs the one relay there that ends at its shard."""
     if len(path) == 2 and destination == (path[1] if debit_party else path[0]):
         return [destination]
     if debit_party:
         if len(path) >= 3 and path[1] == destination:
             return path[1:]
         return [destination, *path]
-    if len(path) >= 3 and path[-2] == destination and path.count(destination) == 1:
+    if len(path) >= 3 and path[-2] == destination and (numbered or path.count(destination) == 1):
         return path[:-1]
     return [*path, destination]
 

@@ -298,6 +298,9 @@ class SagaRunner:
         # move's fence: a fenced merchant makes it wait.
         home = saga.home_shard
         name = saga.peer_shard
+        # Where on the hold's path the settle is (migration 0020): a path may pass
+        # a shard more than once, each time by a relay of its own number.
+        position = saga.path_position
         for _ in range(limits.hold_relay_hops_max):
             peer = self.cluster.shard_named(name)
             if peer is None:
@@ -309,7 +312,7 @@ class SagaRunner:
                 record = await self._step(
                     peer,
                     self.cluster.fence(peer, {saga.credit.merchant_id}),
-                    SagaCredit(saga, home, abort),
+                    SagaCredit(saga, home, abort, after_position=position),
                 )
             except MerchantsNotOwned:
                 # No relay here, and the credit merchant gone: the hold was settled
@@ -322,7 +325,7 @@ class SagaRunner:
             assert isinstance(record, CreditRecord)
             if not record.relayed_to:
                 return record
-            home, name = peer.name, record.relayed_to
+            home, name, position = peer.name, record.relayed_to, record.relayed_position
         raise ClusterUnavailable("a held credit was relayed more often than the limit")
 
     async def _finish(self, saga: Saga, credit: CreditRecord, *, allow_dead: bool = False) -> Saga:

@@ -126,7 +126,7 @@ WHERE (s.merchant_id = $1 OR s.credit_merchant_id = $1) AND s.settles_locally
 # Open cross-shard holds the merchant is a party of: as the debit party (its
 # own completed pending-transfer sagas not yet settled here) ...
 CROSS_HOLDS_AS_DEBIT = """
-SELECT s.transfer_id, s.currency, s.amount_minor, s.peer_shard FROM sagas s
+SELECT s.transfer_id, s.currency, s.amount_minor, s.peer_shard, s.path_position FROM sagas s
 WHERE s.merchant_id = $1 AND s.kind = 1 AND s.state = 2 AND s.credit_action = 2
   AND s.result = 1 AND NOT s.settles_locally
   -- A probe by key per hold (OFFSET 0): as an anti-join it could read every
@@ -138,34 +138,34 @@ WHERE s.merchant_id = $1 AND s.kind = 1 AND s.state = 2 AND s.credit_action = 2
 
 # ... and as the credit party (in the column order of INSERT_CREDIT_HOLD).
 CREDIT_HOLDS_OF = """
-SELECT merchant_id, transfer_id, credit_merchant_id, currency, amount_minor, from_shard
+SELECT merchant_id, transfer_id, credit_merchant_id, currency, amount_minor, from_shard,
+       path_position
 FROM credit_holds WHERE credit_merchant_id = $1
 """
 
 DELETE_CREDIT_HOLDS_OF = "DELETE FROM credit_holds WHERE credit_merchant_id = $1"
 
 # The credit side of a hold arrived with its merchant: held against the
-# settlement account for the shard it came from.
+# settlement account for the shard it came from, its end renumbered ($4).
 MOVE_CREDIT_HOLD = """
-UPDATE credit_holds SET from_shard = $3 WHERE merchant_id = $1 AND transfer_id = $2
+UPDATE credit_holds SET from_shard = $3, path_position = $4
+WHERE merchant_id = $1 AND transfer_id = $2
 """
 
-# The debit party of a hold arrived: its saga's peer is now the shard it left.
+# The debit party of a hold arrived: its saga's peer is now the shard it left,
+# its end renumbered ($4).
 MOVE_SAGA_PEER = """
-UPDATE sagas SET peer_shard = $3, updated_at = clock_timestamp()
+UPDATE sagas SET peer_shard = $3, path_position = $4, updated_at = clock_timestamp()
 WHERE merchant_id = $1 AND transfer_id = $2 AND kind = 1
 """
 
-RELAY_ONWARD = """
-SELECT to_shard FROM hold_relays WHERE merchant_id = $1 AND transfer_id = $2 AND from_shard = $3
-"""
-
 SAGA_PEER = """
-SELECT peer_shard FROM sagas WHERE merchant_id = $1 AND transfer_id = $2 AND kind = 1
+SELECT peer_shard, path_position FROM sagas WHERE merchant_id = $1 AND transfer_id = $2 AND kind = 1
 """
 
 INSERT_HOLD_RELAY = """
-INSERT INTO hold_relays (merchant_id, transfer_id, from_shard, to_shard) VALUES ($1, $2, $3, $4)
+INSERT INTO hold_relays (merchant_id, transfer_id, from_shard, to_shard, path_position)
+VALUES ($1, $2, $3, $4, $5)
 """
 
 # What keeps a merchant from moving now: money pending that no hold above
@@ -196,7 +196,8 @@ INSERT INTO sagas (merchant_id, transfer_id, kind, state, next_step, peer_shard,
     updated_at)
 VALUES ($1, $2, 1, 2, 3, $3, $4, $5, $6, $7, 2, $8, 1, 1, $9, $10, $9, $9)
 ON CONFLICT (merchant_id, transfer_id, kind) DO UPDATE
-SET peer_shard = excluded.peer_shard, settles_locally = false, updated_at = excluded.updated_at
+SET peer_shard = excluded.peer_shard, settles_locally = false, updated_at = excluded.updated_at,
+    path_position = excluded.path_position
 WHERE sagas.settles_locally
 """
 
@@ -348,10 +349,17 @@ WHERE locktype = 'advisory' AND classid = 7305 AND objid = 0 AND objsubid = 2 AN
 # being copied here (migration 0009); a session setting can no longer do it.
 ALLOW_HISTORY_CLEANUP = "SELECT ledger_allow_history_cleanup($1)"
 
-# Folding a hold's path as a party arrives back (migration 0010): the relay here
-# that ends at the shard the credit party leaves.
-RELAYS_TO = """
-SELECT from_shard FROM hold_relays WHERE merchant_id = $1 AND transfer_id = $2 AND to_shard = $3
+# Folding a hold's path as its credit party arrives back (migration 0010): the
+# relay here that ends at the shard the credit party leaves ($3). On a numbered
+# path (migration 0020), the one here with the greatest number below the credit
+# party's end ($4; the caller checks it ends at $3); on an unnumbered one, every
+# relay here ending at $3 (the caller folds only one).
+RELAYS_BEFORE = """
+SELECT from_shard, to_shard, path_position FROM hold_relays
+WHERE merchant_id = $1 AND transfer_id = $2
+  AND CASE WHEN $4::bigint IS NULL THEN path_position IS NULL AND to_shard = $3
+           ELSE path_position < $4 END
+ORDER BY path_position DESC LIMIT 2
 """
 
 # A settle of this hold has passed a relay here: the relay's legs are settled.
@@ -363,6 +371,7 @@ ALLOW_RELAY_FOLDS = "SELECT ledger_allow_relay_fold($1, $2::text[], $3::text[])"
 
 DELETE_HOLD_RELAY = """
 DELETE FROM hold_relays WHERE merchant_id = $1 AND transfer_id = $2 AND from_shard = $3
+  AND path_position IS NOT DISTINCT FROM $4
 """
 
 INSERT_HOLD_FOLD = """

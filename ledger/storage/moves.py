@@ -105,6 +105,7 @@ async def _holds(conn: Connection, merchant_id: str) -> Holds:
                 r["amount_minor"],
                 debit_party=True,
                 beyond=r["peer_shard"],
+                path_position=r["path_position"],
             )
             for r in as_debit
         ]
@@ -115,6 +116,7 @@ async def _holds(conn: Connection, merchant_id: str) -> Holds:
                 r["amount_minor"],
                 debit_party=False,
                 beyond=r["from_shard"],
+                path_position=r["path_position"],
             )
             for r in as_credit
         ],
@@ -444,23 +446,30 @@ class MoveStore:
 
         return await self.shard._with_connection(run)
 
-    async def relay_next(self, hold: TransferKey, *, came_from: str) -> str | None:
-        """Where this shard passes the hold on when it arrives from came_from, if it relays it."""
+    async def relay_next(
+        self, hold: TransferKey, *, came_from: str, after: int | None
+    ) -> tuple[str, int | None] | None:
+        """Where this shard passes the hold on, and the number of that relay, when
+        it arrives from came_from, the stop numbered after; None if it ends here."""
 
-        async def run(conn: Connection) -> str | None:
-            found = await conn.fetchval(
-                sql.RELAY_ONWARD, hold.merchant_id, hold.transfer_id, came_from
+        async def run(conn: Connection) -> tuple[str, int | None] | None:
+            found = await conn.fetchrow(
+                saga_sql.RELAY_AFTER, hold.merchant_id, hold.transfer_id, came_from, after
             )
-            return str(found) if found is not None else None
+            if found is None:
+                return None
+            invariant(found["from_shard"] == came_from, "a relay passes on from the stop before")
+            return str(found["to_shard"]), found["path_position"]
 
         return await self.shard._with_connection(run)
 
-    async def saga_peer(self, hold: TransferKey) -> str | None:
-        """The peer of the saga that made a cross-shard hold, if its row is here."""
+    async def saga_peer(self, hold: TransferKey) -> tuple[str, int | None] | None:
+        """The peer of the saga that made a cross-shard hold and the number of its
+        end on the hold's path, if its row is here."""
 
-        async def run(conn: Connection) -> str | None:
-            found = await conn.fetchval(sql.SAGA_PEER, hold.merchant_id, hold.transfer_id)
-            return str(found) if found is not None else None
+        async def run(conn: Connection) -> tuple[str, int | None] | None:
+            found = await conn.fetchrow(sql.SAGA_PEER, hold.merchant_id, hold.transfer_id)
+            return (str(found["peer_shard"]), found["path_position"]) if found else None
 
         return await self.shard._with_connection(run)
 
@@ -758,15 +767,18 @@ class MoveStore:
             if hold.beyond != here:
                 continue
             k = hold.key
-            onward: str | None
+            relay: asyncpg.Record | None
             if hold.debit_party:
-                onward = await conn.fetchval(sql.RELAY_ONWARD, k.merchant_id, k.transfer_id, source)
-                relay_from = source
+                relay = await conn.fetchrow(
+                    saga_sql.RELAY_AFTER, k.merchant_id, k.transfer_id, source, hold.path_position
+                )
             else:
-                before = await conn.fetch(sql.RELAYS_TO, k.merchant_id, k.transfer_id, source)
-                onward = before[0]["from_shard"] if len(before) == 1 else None
-                relay_from = onward or ""
-            if onward is None:
+                before = await conn.fetch(
+                    sql.RELAYS_BEFORE, k.merchant_id, k.transfer_id, source, hold.path_position
+                )
+                numbered = hold.path_position is not None
+                relay = before[0] if len(before) == 1 or (before and numbered) else None
+            if relay is None:
                 if await self._fold_to_local(conn, k, merchant_id, source=source, epoch=epoch):
                     folds.add(k)
                 continue
@@ -774,11 +786,25 @@ class MoveStore:
                 raise MoveDeferred(
                     f"a settle of a hold is passing {here}; it moves once the hold settles"
                 )
-            await conn.execute(sql.DELETE_HOLD_RELAY, k.merchant_id, k.transfer_id, relay_from)
+            # The stop next to the moving party's end, on this shard.
+            invariant(
+                relay["from_shard" if hold.debit_party else "to_shard"] == source,
+                "a fold removes the relay next to the moving party's end",
+            )
+            onward = relay["to_shard" if hold.debit_party else "from_shard"]
+            position = relay["path_position"]
+            await conn.execute(
+                sql.DELETE_HOLD_RELAY, k.merchant_id, k.transfer_id, relay["from_shard"], position
+            )
+            # The moving party's end takes the number of the relay folded away.
             if hold.debit_party:
-                await conn.execute(sql.MOVE_SAGA_PEER, k.merchant_id, k.transfer_id, onward)
+                await conn.execute(
+                    sql.MOVE_SAGA_PEER, k.merchant_id, k.transfer_id, onward, position
+                )
             else:
-                await conn.execute(sql.MOVE_CREDIT_HOLD, k.merchant_id, k.transfer_id, onward)
+                await conn.execute(
+                    sql.MOVE_CREDIT_HOLD, k.merchant_id, k.transfer_id, onward, position
+                )
             await conn.execute(
                 sql.INSERT_HOLD_FOLD,
                 *(k.merchant_id, k.transfer_id, merchant_id, epoch, source, onward),
@@ -866,15 +892,20 @@ class MoveStore:
         """The shard left becomes a relay between the shard beyond and the new one;
         the new one records which shard holds the other side for it."""
         k = hold.key
+        # The relay takes the number the moving party's end had; the end moves one
+        # further out (migration 0020), so the numbers keep the path's order.
+        position = hold.path_position
         if leaving:
             came_from, goes_to = (peer, hold.beyond) if hold.debit_party else (hold.beyond, peer)
             await conn.execute(
-                sql.INSERT_HOLD_RELAY, k.merchant_id, k.transfer_id, came_from, goes_to
+                sql.INSERT_HOLD_RELAY, k.merchant_id, k.transfer_id, came_from, goes_to, position
             )
         elif hold.debit_party:
-            await conn.execute(sql.MOVE_SAGA_PEER, k.merchant_id, k.transfer_id, peer)
+            outward = None if position is None else position - 1
+            await conn.execute(sql.MOVE_SAGA_PEER, k.merchant_id, k.transfer_id, peer, outward)
         else:
-            await conn.execute(sql.MOVE_CREDIT_HOLD, k.merchant_id, k.transfer_id, peer)
+            outward = None if position is None else position + 1
+            await conn.execute(sql.MOVE_CREDIT_HOLD, k.merchant_id, k.transfer_id, peer, outward)
 
     async def _carry_local_hold(
         self,
@@ -936,6 +967,7 @@ class MoveStore:
                 hold.currency,
                 hold.amount_minor,
                 peer,
+                1,  # the credit party's end, after the saga's (INSERT_CARRIED_SAGA: 0)
             )
 
     # Cleaning up (source, on command).

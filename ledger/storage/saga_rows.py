@@ -32,4 +32,5 @@ def saga_from_row(row: asyncpg.Record, home_shard: str) -> Saga:
         trace_context=row["trace_context"],
         created_at=row["created_at"],
         updated_at=row["updated_at"],
+        path_position=row["path_position"],
     )

@@ -9,7 +9,7 @@ SAGA_COLUMNS = """
 merchant_id, transfer_id, kind, state, next_step, peer_shard, debit_account_id,
 credit_merchant_id, credit_account_id, currency, credit_action, amount_minor,
 pending_minor, pending_id, result, credit_outcome, attempts, next_attempt_at, last_error,
-version, trace_context, created_at, updated_at
+version, trace_context, created_at, updated_at, path_position
 """
 
 ENSURE_SETTLEMENT_ACCOUNT = """
@@ -27,13 +27,14 @@ pending_minor, pending_id, next_attempt_at, lease_owner, lease_until, trace_cont
 created_at, updated_at
 """
 
-# The saga and its step 1 in the log, in one round trip.
+# The saga and its step 1 in the log, in one round trip. A settle's or an
+# expiry's saga starts where the hold's path starts ($18: its saga's position).
 INSERT_SAGA = f"""
 WITH saga AS (
-    INSERT INTO sagas ({_NEW_SAGA_COLUMNS})
+    INSERT INTO sagas ({_NEW_SAGA_COLUMNS}, path_position)
     VALUES ($1, $2, $3, 1, 2, $4, $5, $6, $7, $8, $9, $10, $11, $12,
         $13::timestamptz + make_interval(secs => $15), $14,
-        $13::timestamptz + make_interval(secs => $15), $16, $13, $13)
+        $13::timestamptz + make_interval(secs => $15), $16, $13, $13, $18)
     RETURNING {SAGA_COLUMNS}
 ), step AS (
     INSERT INTO saga_steps (merchant_id, transfer_id, kind, step, outcome, detail)
@@ -288,29 +289,41 @@ ON CONFLICT (merchant_id, transfer_id, kind) DO NOTHING
 HOLD_PARTIES_LOCK = """
 SELECT count(pg_advisory_xact_lock_shared(7302, hashtext(m))) FROM unnest($1::text[]) AS m
 """
-HOLD_ROUTE = """
+# The relay a hold arriving here from shard $3 passes next: on a numbered path
+# (migration 0020), the one here with the least number above the stop it
+# arrives from ($4); on an unnumbered one (NULL), the one relaying from $3.
+RELAY_AFTER = """
+SELECT from_shard, to_shard, path_position FROM hold_relays
+WHERE merchant_id = $1 AND transfer_id = $2
+  AND CASE WHEN $4::bigint IS NULL THEN path_position IS NULL AND from_shard = $3
+           ELSE path_position > $4 END
+ORDER BY path_position LIMIT 1
+"""
+HOLD_ROUTE = f"""
 SELECT (SELECT state FROM merchants WHERE merchant_id = $1) AS debit_party_state,
-       (SELECT to_shard FROM hold_relays
-        WHERE merchant_id = $1 AND transfer_id = $2 AND from_shard = $3) AS relay_to
+       relay.from_shard, relay.to_shard AS relay_to, relay.path_position
+FROM (SELECT 1) AS one LEFT JOIN LATERAL ({RELAY_AFTER}) AS relay ON true
 """
 
 INSERT_CREDIT_HOLD = """
 INSERT INTO credit_holds (merchant_id, transfer_id, credit_merchant_id, currency, amount_minor,
-                          from_shard)
-VALUES ($1, $2, $3, $4, $5, $6)
+                          from_shard, path_position)
+VALUES ($1, $2, $3, $4, $5, $6, $7)
 """
 
 DELETE_CREDIT_HOLD = "DELETE FROM credit_holds WHERE merchant_id = $1 AND transfer_id = $2"
 
 SELECT_RELAY_PASS = """
 SELECT to_shard FROM relay_passes
-WHERE merchant_id = $1 AND transfer_id = $2 AND kind = $3 AND from_shard = $4
+WHERE merchant_id = $1 AND transfer_id = $2 AND kind = $3
+  AND CASE WHEN $5::bigint IS NULL THEN path_position IS NULL AND from_shard = $4
+           ELSE path_position = $5 END
 """
 
 INSERT_RELAY_PASS = """
 INSERT INTO relay_passes (merchant_id, transfer_id, kind, from_shard, to_shard,
-    pending_transfer_id)
-VALUES ($1, $2, $3, $4, $5, $6)
+    pending_transfer_id, path_position)
+VALUES ($1, $2, $3, $4, $5, $6, $7)
 """
 
 # Serialises step 2 of one saga on the credit shard, so a concurrent duplicate

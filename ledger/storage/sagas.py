@@ -123,6 +123,9 @@ class SagaCredit:
     saga: Saga
     home_shard: str
     abort: bool = False
+    # Settling a hold: the number of the stop it arrives from on the hold's path
+    # (the saga's end, then each relay passed; None on an unnumbered path).
+    after_position: int | None = None
 
     @property
     def held(self) -> TransferKey:
@@ -320,7 +323,11 @@ class SagaStore:
         await conn.execute(sql.HOLD_PARTIES_LOCK, sorted({c.held.merchant_id for c in settles}))
         for c in settles:
             route = await conn.fetchrow(
-                sql.HOLD_ROUTE, c.held.merchant_id, c.held.transfer_id, c.home_shard
+                sql.HOLD_ROUTE,
+                c.held.merchant_id,
+                c.held.transfer_id,
+                c.home_shard,
+                c.after_position,
             )
             assert route is not None  # a row of scalar subqueries, always
             if route["debit_party_state"] == "moving":
@@ -332,9 +339,15 @@ class SagaStore:
             relay_to = route["relay_to"]
             if relay_to is None:
                 continue
+            invariant(
+                route["from_shard"] == c.home_shard,
+                "a settle arrives at a relay from the stop before it on the hold's path",
+            )
             if steps > 1:
                 raise RunAlone()
-            return await self._relay(conn, c.saga, c.settlement, c.home_shard, relay_to)
+            return await self._relay(
+                conn, c.saga, c.settlement, c.home_shard, relay_to, route["path_position"]
+            )
         return None
 
     def _finishing(
@@ -600,6 +613,8 @@ class SagaStore:
                     saga.currency,
                     saga.amount_minor,
                     c.home_shard,
+                    # The credit party's end, after the saga's (both unnumbered before 0020).
+                    None if saga.path_position is None else saga.path_position + 1,
                 )
             elif saga.key.kind is not SagaKind.TRANSFER:
                 await conn.execute(sql.DELETE_CREDIT_HOLD, c.held.merchant_id, c.held.transfer_id)
@@ -693,6 +708,7 @@ class SagaStore:
                 conn,
                 key=SagaKey(request.debit.merchant_id, request.id, SagaKind.SETTLE),
                 peer_shard=origin.peer_shard,
+                path_position=origin.path_position,
                 debit=origin.debit,
                 credit=origin.credit,
                 currency=origin.currency,
@@ -776,6 +792,7 @@ class SagaStore:
                     conn,
                     key=SagaKey(key.merchant_id, key.transfer_id, SagaKind.EXPIRE),
                     peer_shard=origin.peer_shard,
+                    path_position=origin.path_position,
                     debit=origin.debit,
                     credit=origin.credit,
                     currency=origin.currency,
@@ -800,8 +817,11 @@ class SagaStore:
         self, saga: Saga, *, home_shard: str, fence: Fence, abort: bool = False
     ) -> CreditRecord:
         """Applies or refuses the credit side, or records an abort, exactly once; or,
-        settling a hold whose credit party moved on, passes it on (relayed_to)."""
-        step = SagaCredit(saga, home_shard, abort)
+        settling a hold whose credit party moved on, passes it on (relayed_to). The
+        first stop after the saga's own shard (home_shard): a settle arrives from
+        the saga's end of the hold's path."""
+        invariant(home_shard == saga.home_shard, "step 2 arrives from the saga's shard")
+        step = SagaCredit(saga, home_shard, abort, after_position=saga.path_position)
         (record,) = await self.run_steps([step], fence=fence, lease_owner="", lease_s=0.0)
         invariant(isinstance(record, CreditRecord), "step 2 answers with the saga's outcome")
         assert isinstance(record, CreditRecord)
@@ -814,13 +834,15 @@ class SagaStore:
         settlement: AccountKey,
         home_shard: str,
         relay_to: str,
+        position: int | None,
     ) -> CreditRecord:
         """One relay hop of a settle: this shard's settlement accounts for the shard
-        before and the shard after settle the hold between them, once."""
+        before and the shard after settle the hold between them, once (the relay
+        numbered position on the hold's path, or the one from home_shard)."""
         key = saga.key
         await conn.execute(sql.LOCK_CREDIT, key.merchant_id, key.transfer_id, int(key.kind))
         passed = await conn.fetchval(
-            sql.SELECT_RELAY_PASS, key.merchant_id, key.transfer_id, key.kind, home_shard
+            sql.SELECT_RELAY_PASS, key.merchant_id, key.transfer_id, key.kind, home_shard, position
         )
         if passed is None:
             onward = settlement_account(relay_to, saga.currency, saga.pending_id)
@@ -852,9 +874,14 @@ class SagaStore:
                 home_shard,
                 relay_to,
                 saga.pending_id,
+                position,
             )
         return CreditRecord(
-            CreditOutcome.APPLIED, TransferResult.OK, self.shard.name, relayed_to=relay_to
+            CreditOutcome.APPLIED,
+            TransferResult.OK,
+            self.shard.name,
+            relayed_to=relay_to,
+            relayed_position=position,
         )
 
     async def credit_outcome(self, key: SagaKey) -> CreditRecord | None:
@@ -1064,6 +1091,7 @@ class SagaStore:
         *,
         key: SagaKey,
         peer_shard: str,
+        path_position: int | None,
         debit: AccountKey,
         credit: AccountKey,
         currency: str,
@@ -1096,6 +1124,7 @@ class SagaStore:
             lease_s,
             trace_context,
             outcome,
+            path_position,
         )
         assert row is not None
         return saga_from_row(row, self.shard.name)
