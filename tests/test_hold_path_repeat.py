@@ -30,7 +30,6 @@ from ledger.domain.moves import CrossHold
 from ledger.moves.rebalance import Rebalancer, moved_path
 from ledger.routing.config import ShardConfig
 from ledger.routing.ring import ShardRing
-from ledger.storage.shard import Shard
 from ledger.v1 import ledger_pb2 as pb
 from tests.ledger4 import ALL_SHARDS, Ledger4
 from tests.support import ref, transfer, uid
@@ -40,6 +39,7 @@ from tests.test_rebalance import (
     all_balances,
     assert_reconciled,
     create_merchants,
+    on_every_shard,
     opened,
     send_retrying,
     settled,
@@ -56,6 +56,8 @@ HOLD_MINOR = 250
 # Open holds whose paths would repeat a step: every one is named.
 HOLDS = 2
 UNTOUCHED = (0, 0, 0, 0)
+RELAYS = "SELECT count(*) FROM hold_relays WHERE transfer_id = ANY($1::text[])"
+NUMBERED_RELAYS = RELAYS + " AND path_position IS NOT NULL"
 
 
 def heavy(env: Ledger4, epoch: int, shard: str) -> ShardConfig:
@@ -109,22 +111,6 @@ async def staged_holds(
     return Staged(configs, mover, partner, debit, holds, held)
 
 
-async def on_every_shard(env: Ledger4, query: str, *args: object) -> dict[str, int]:
-    """A count that query reads on each shard (shards where it is 0 left out)."""
-    found: dict[str, int] = {}
-    for name, spec in env.specs.items():
-        shard = Shard(name=name, dsn=spec.dsn)
-        await shard.open()
-        try:
-            async with shard.pool.acquire() as conn:
-                count = await conn.fetchval(query, *args)
-        finally:
-            await shard.close()
-        if count:
-            found[name] = count
-    return found
-
-
 async def settle_holds(env: Ledger4, staged: Staged) -> None:
     """Posts the first hold and voids the rest, through every relay of their paths."""
     for number, hold in enumerate(staged.holds):
@@ -164,9 +150,7 @@ async def test_a_party_moved_round_three_shards_passes_shards_twice_and_its_hold
         assert await all_balances(ledger4.service, [staged.mover, staged.partner]) == staged.held
     # Each path: d and c, b, a, c, b, a (debit party) or a, b, c, a, b, c (credit
     # party): relays twice on a and on b, once on c (the moving party is on c).
-    relays = await on_every_shard(
-        ledger4, "SELECT count(*) FROM hold_relays WHERE transfer_id = ANY($1::text[])", ids
-    )
+    relays = await on_every_shard(ledger4, RELAYS, ids)
     assert relays == {"shard-a": 2 * HOLDS, "shard-b": 2 * HOLDS, "shard-c": HOLDS}
     numbered = await on_every_shard(
         ledger4,
@@ -228,13 +212,7 @@ async def test_a_move_that_would_repeat_a_step_of_an_unnumbered_path_waits_for_t
         summary = await switch_and_rebalance(ledger4, config)
         assert [(r.move.merchant_id, r.outcome) for r in summary.results] == [(mover, "moved")]
         assert await all_balances(ledger4.service, [mover, staged.partner]) == staged.held
-    numbered = await on_every_shard(
-        ledger4,
-        "SELECT count(*) FROM hold_relays"
-        " WHERE transfer_id = ANY($1::text[]) AND path_position IS NOT NULL",
-        ids,
-    )
-    assert numbered == {}
+    assert await on_every_shard(ledger4, NUMBERED_RELAYS, ids) == {}
 
     # a -> b again: the paths would take "b from a" twice; the holds are named.
     # Each path is walked once, under the fence of the first round: not again while
@@ -300,24 +278,17 @@ async def test_an_unnumbered_path_still_relays_folds_and_settles_as_before(
     staged = await staged_holds(ledger4, debit_party_moves=debit_party_moves, route=route)
     ids = [h.id for h in staged.holds]
     await made_before_numbers(ledger4, staged)
-    relays_query = "SELECT count(*) FROM hold_relays WHERE transfer_id = ANY($1::text[])"
     for config in staged.configs[1:3]:
         summary = await switch_and_rebalance(ledger4, config)
         assert summary.finished, summary.render()
-    assert await on_every_shard(ledger4, relays_query, ids) == {
+    assert await on_every_shard(ledger4, RELAYS, ids) == {
         "shard-a": HOLDS,
         "shard-b": HOLDS,
     }
     summary = await switch_and_rebalance(ledger4, staged.configs[3])
     assert summary.finished, summary.render()
-    assert await on_every_shard(ledger4, relays_query, ids) == {"shard-a": HOLDS}
-    numbered = await on_every_shard(
-        ledger4,
-        "SELECT count(*) FROM hold_relays"
-        " WHERE transfer_id = ANY($1::text[]) AND path_position IS NOT NULL",
-        ids,
-    )
-    assert numbered == {}
+    assert await on_every_shard(ledger4, RELAYS, ids) == {"shard-a": HOLDS}
+    assert await on_every_shard(ledger4, NUMBERED_RELAYS, ids) == {}
     assert await all_balances(ledger4.service, [staged.mover, staged.partner]) == staged.held
 
     await settle_holds(ledger4, staged)

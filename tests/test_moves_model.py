@@ -40,6 +40,7 @@ from ledger.domain.accounts import AccountKey
 from ledger.domain.sagas import SagaKey, SagaState
 from ledger.domain.transfers import TransferAction, TransferRequest
 from ledger.routing.config import ShardConfig
+from ledger.routing.ring import ShardRing
 from ledger.sagas.runner import SagaRunner, SagaSettings
 from ledger.storage.errors import SettleIsLocal
 from ledger.storage.sagas import SagaStore
@@ -54,6 +55,7 @@ from tests.test_rebalance import (
     assert_reconciled,
     create_merchants,
     lookup_final,
+    on_every_shard,
     opened,
     send_retrying,
     wait_for_balances,
@@ -74,6 +76,14 @@ RING_CHANGE_SHARE = 0.3
 # A share of rebalances is SIGKILLed at a random crash point first, then run again.
 REBALANCE_KILL_SHARE = 0.4
 WEIGHTS = (1, 3, 6)
+# A share of ring changes is a tour of up to TOUR_LEGS_MAX legs: weights found
+# that move one party of an open cross-shard hold on to an active shard other
+# than the one it came from, so that its hold's path comes to pass a shard
+# twice (a, b, c, a, b).
+TOUR_SHARE = 0.3
+TOUR_LEGS_MAX = 4
+TOUR_WEIGHTS_TRIED_MAX = 200
+TOUR_AGAIN_SHARE = 0.8
 AMOUNT_MINOR_MAX = 1_000
 # Holds left to expire: long enough to outlive a few moves, short enough to end.
 HOLD_TIMEOUT_MS = 6_000
@@ -87,7 +97,11 @@ INTERRUPTED_SETTLE_SHARE = 0.3
 INTERRUPTED_DRIVE_SHARE = 0.3
 INTERRUPTED_DRIVES_MAX = 5
 INTERRUPTED_LEASE_S = 3_600.0
-# A move deferred for holds whose paths would repeat a relay step names them:
+RELAYED_TWICE_BY_THIS_SHARD = """
+SELECT count(*) FROM (SELECT 1 FROM hold_relays GROUP BY merchant_id, transfer_id
+                      HAVING count(*) > 1) AS twice
+"""
+# A move deferred for holds whose paths it would make too long names them:
 # "hold T of M" or "holds T1 of M1, T2 of M2 (and maybe others)".
 WAITING_FOR_HOLDS = re.compile(
     r"deferred: cross-shard holds? (?P<holds>\S+ of \S+?(?:, \S+ of \S+?)*)"
@@ -145,6 +159,22 @@ class Topology:
 
     def config(self) -> ShardConfig:
         return self.env.config(self.epoch, self.names, weights=self.weights, states=self.states)
+
+    def tour(self, rng: random.Random, merchant: str, *, avoid: set[str]) -> str | None:
+        """Weights of the active shards that place merchant on an active shard
+        not in avoid (the next epoch), or None, changing nothing, if none found."""
+        active = [n for n in self.names if self.states.get(n, "active") == "active"]
+        for _ in range(TOUR_WEIGHTS_TRIED_MAX):
+            weights = {**self.weights, **{n: rng.choice(WEIGHTS) for n in active}}
+            config = self.env.config(
+                self.epoch + 1, self.names, weights=weights, states=self.states
+            )
+            destination = ShardRing(config).shard_for(merchant)
+            if destination in active and destination not in avoid:
+                self.epoch += 1
+                self.weights = weights
+                return f"tour {merchant} -> {destination}"
+        return None
 
     def change(self, rng: random.Random) -> str:
         """One random ring change that keeps at least two shards active."""
@@ -227,9 +257,48 @@ class Run:
             settings=SagaSettings(lease_s=INTERRUPTED_LEASE_S),
         )
         self.interrupted: list[SagaKey] = []
+        # The shard each merchant toured away from last (Run.tour), the one
+        # toured last at the end.
+        self.came_from: dict[str, str] = {}
         # The holds of interrupted settles (settled in the model, still open here
         # until driven), by the settle's transfer id.
         self.settling: dict[str, str] = {}
+
+    async def relayed_twice_by_a_shard(self) -> int:
+        """Holds whose paths came to pass one shard twice as a relay (numbered
+        paths, migration 0020): how often a run met what moves once waited for."""
+        # Only the shards the ring has had: a shard never added is not set up.
+        counts = await on_every_shard(
+            self.env, RELAYED_TWICE_BY_THIS_SHARD, shards=self.topology.names
+        )
+        return sum(counts.values())
+
+    def tour(self) -> str | None:
+        """A ring change moving a party of an open cross-shard hold on, away from
+        both its shard and the one it came from (so not folding back), or None."""
+        ring = ShardRing(self.topology.config())
+        parties = sorted(
+            {
+                m
+                for h in self.model.open_holds.values()
+                if ring.shard_for(h.debit) != ring.shard_for(h.credit)
+                for m in (h.debit, h.credit)
+            }
+        )
+        if not parties:
+            return None
+        # The same one again while it can go on: a path grows by a step per move.
+        toured = list(self.came_from)
+        keep_on = toured and toured[-1] in parties and self.rng.random() < TOUR_AGAIN_SHARE
+        merchant = toured[-1] if keep_on else self.rng.choice(parties)
+        here = ring.shard_for(merchant)
+        change = self.topology.tour(
+            self.rng, merchant, avoid={here, self.came_from.get(merchant, here)}
+        )
+        if change is not None:
+            self.came_from.pop(merchant, None)
+            self.came_from[merchant] = here
+        return change
 
     def next_id(self, prefix: str) -> str:
         self.ids += 1
@@ -348,7 +417,20 @@ class Run:
             )
 
     async def change_ring(self) -> None:
-        change = self.topology.change(self.rng)
+        if self.rng.random() < TOUR_SHARE:
+            # A tour of several legs, one rebalance each, while the holds stay open.
+            toured = False
+            for _ in range(TOUR_LEGS_MAX):
+                leg = self.tour()
+                if leg is None:
+                    break
+                await self.apply(leg)
+                toured = True
+            if toured:
+                return
+        await self.apply(self.topology.change(self.rng))
+
+    async def apply(self, change: str) -> None:
         self.counts[f"ring {change.split()[0]}"] += 1
         config = self.topology.config()
         self.log.append(f"ring: {change} (epoch {config.epoch})")
@@ -419,6 +501,7 @@ class Run:
     async def finish(self) -> None:
         """Every open hold settles when asked; the ones left to expire do; a final
         rebalance finishes; the books are the model's and reconcile is clean."""
+        self.counts["holds relayed twice by a shard"] = await self.relayed_twice_by_a_shard()
         for hold in [h for h in self.model.open_holds.values() if not h.expires]:
             await self.settle(hold)
         while self.interrupted:

@@ -16,7 +16,7 @@ import re
 import sys
 import time
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Collection, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -1199,23 +1199,34 @@ async def test_holds_follow_a_merchant_there_back_and_there_again(ledger4: Ledge
     await assert_reconciled(ledger4, again, "reconcile.toml", every_mirror_checked=True)
 
 
-async def relays_of(env: Ledger4, transfer_ids: Sequence[str]) -> dict[str, int]:
-    """How many relays each shard keeps for these holds (shards with none left out)."""
+async def on_every_shard(
+    env: Ledger4, query: str, *args: object, shards: Collection[str] | None = None
+) -> dict[str, int]:
+    """A count that query reads on each shard, or on those named (shards where it is
+    0 left out)."""
     found: dict[str, int] = {}
     for name, spec in env.specs.items():
+        if shards is not None and name not in shards:
+            continue
         shard = Shard(name=name, dsn=spec.dsn)
         await shard.open()
         try:
             async with shard.pool.acquire() as conn:
-                count = await conn.fetchval(
-                    "SELECT count(*) FROM hold_relays WHERE transfer_id = ANY($1::text[])",
-                    list(transfer_ids),
-                )
+                count = await conn.fetchval(query, *args)
         finally:
             await shard.close()
         if count:
             found[name] = count
     return found
+
+
+async def relays_of(env: Ledger4, transfer_ids: Sequence[str]) -> dict[str, int]:
+    """How many relays each shard keeps for these holds (shards with none left out)."""
+    return await on_every_shard(
+        env,
+        "SELECT count(*) FROM hold_relays WHERE transfer_id = ANY($1::text[])",
+        list(transfer_ids),
+    )
 
 
 async def test_sagas_copied_ahead_of_a_move_are_not_driven_where_the_merchant_is_not_owned(
