@@ -329,7 +329,7 @@ class SagaStore:
                 c.home_shard,
                 c.after_position,
             )
-            assert route is not None  # a row of scalar subqueries, always
+            assert route is not None  # one row always (the relay joined to it, or NULLs)
             if route["debit_party_state"] == "moving":
                 # Its hand-over decides whether this shard relays the hold: wait for it.
                 # (Arriving here, `incoming`, it may fold this shard's relay away; the
