@@ -257,9 +257,10 @@ class Run:
             settings=SagaSettings(lease_s=INTERRUPTED_LEASE_S),
         )
         self.interrupted: list[SagaKey] = []
-        # The shard each merchant toured away from last (Run.tour), the one
-        # toured last at the end.
+        # The shard each merchant toured away from last, and the merchant toured
+        # last (Run.tour).
         self.came_from: dict[str, str] = {}
+        self.last_toured: str | None = None
         # The holds of interrupted settles (settled in the model, still open here
         # until driven), by the settle's transfer id.
         self.settling: dict[str, str] = {}
@@ -288,16 +289,18 @@ class Run:
         if not parties:
             return None
         # The same one again while it can go on: a path grows by a step per move.
-        toured = list(self.came_from)
-        keep_on = toured and toured[-1] in parties and self.rng.random() < TOUR_AGAIN_SHARE
-        merchant = toured[-1] if keep_on else self.rng.choice(parties)
+        last = self.last_toured
+        if last is not None and last in parties and self.rng.random() < TOUR_AGAIN_SHARE:
+            merchant = last
+        else:
+            merchant = self.rng.choice(parties)
         here = ring.shard_for(merchant)
         change = self.topology.tour(
             self.rng, merchant, avoid={here, self.came_from.get(merchant, here)}
         )
         if change is not None:
-            self.came_from.pop(merchant, None)
             self.came_from[merchant] = here
+            self.last_toured = merchant
         return change
 
     def next_id(self, prefix: str) -> str:
