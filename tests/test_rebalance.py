@@ -1556,10 +1556,15 @@ async def test_local_holds_with_a_merchant_that_stays_become_cross_shard_when_it
         print(f"\n{summary.render()}")
         assert [(r.move.merchant_id, r.outcome) for r in summary.results] == [(held, "moved")]
         # The partner's holds with it are cross-shard now (the old copy left behind
-        # does not count), and would move with it too.
+        # does not count), and would move with it too. The two with a timeout may
+        # have expired by now on a slow machine (the end checks their balances).
         stays = MoveStore(rebalancer.shards[source])
         partner_holds = await stays.holds(partner)
-        assert partner_holds.local == [] and len(partner_holds.cross) == 4, partner_holds
+        open_ids = {h.key.transfer_id for h in partner_holds.cross}
+        assert partner_holds.local == [], partner_holds
+        assert {out_post, in_void} <= open_ids <= {out_post, out_expire, in_void, in_expire}, (
+            partner_holds
+        )
         assert await stays.blockers(partner) is None
     assert await all_balances(service, [held, partner]) == before
 
