@@ -71,7 +71,7 @@ CREATE TABLE bench_transfers (
 );
 
 CREATE INDEX bench_transfers_reversals ON bench_transfers (credit_merchant_id, reversal_of)
-    WHERE reversal_of <> '' AND result = 1;
+    WHERE reversal_of <> '';
 
 CREATE TABLE bench_entries (
     merchant_id           text NOT NULL,

@@ -540,11 +540,15 @@ class Model:
         self._count(credit, CREDIT, x)
         if t.action == PENDING:
             self.state.pending_state[(debit[0], t.id)] = "pending"
-        if t.reversal_of:
-            target_key = (credit[0], t.reversal_of)
-            self.state.reversed_minor[target_key] = self.state.reversed_minor.get(target_key, 0) + x
+        self._reversed(t, credit)
         self._record_ok(t, debit, credit)
         return Expected(OK, False)
+
+    def _reversed(self, t: pb.Transfer, credit: Key) -> None:
+        if t.reversal_of:
+            target_key = (credit[0], t.reversal_of)
+            reversed_minor = self.state.reversed_minor.get(target_key, 0)
+            self.state.reversed_minor[target_key] = reversed_minor + t.amount_minor
 
     def _saga(self, t: pb.Transfer, debit: Key, credit: Key) -> Expected:
         """A POST or PENDING between shards (docs/sagas.md): step 1 reserves on the debit
@@ -552,16 +556,20 @@ class Model:
         credit side, step 3 posts the reservation (or, when step 2 refused: releases
         it, and the transfer's result is step 2's refusal)."""
         # Step 1 decides on the debit side alone, step 2 on the credit side, so any
-        # refusal of the debit side comes before any of the credit side. Reversing
-        # across shards is not supported: step 1 refuses it after the debit account's
-        # checks, before its limits (the local order).
+        # refusal of the debit side comes before any of the credit side. A reversal
+        # is checked on each side after the account's checks, before its limits (the
+        # local order; docs/sagas.md, "Reversals across shards"): step 1 by what the
+        # original posted to the debit account, step 2 by the original's record.
         refusal = self._side_refusal(t, debit, debit=True, limits=False)
         if not refusal and t.reversal_of:
-            refusal = pb.TRANSFER_RESULT_REVERSAL_TARGET_NOT_FOUND
+            refusal = self._reversal_room_refusal(t, debit, credit)
         refusal = refusal or self._side_refusal(t, debit, debit=True)
         if refusal:
             return Expected(refusal, False)
-        refusal = self._side_refusal(t, credit, debit=False)
+        refusal = self._side_refusal(t, credit, debit=False, limits=False)
+        if not refusal and t.reversal_of:
+            refusal = self._reversal_refusal(t, debit, credit, amount=False)
+        refusal = refusal or self._side_refusal(t, credit, debit=False)
         if refusal:
             self.compensated = t
             return Expected(refusal, False)
@@ -577,6 +585,7 @@ class Model:
             self._book(credit, transfer, CREDIT, HELD, x)
             self.state.pending_state[transfer] = "pending"
         self._count(credit, CREDIT, x)
+        self._reversed(t, credit)
         self._record_ok(t, debit, credit)
         return Expected(OK, False)
 
@@ -656,7 +665,26 @@ class Model:
             return pb.TRANSFER_RESULT_EXCEEDS_VELOCITY_LIMIT
         return 0
 
-    def _reversal_refusal(self, t: pb.Transfer, debit: Key, credit: Key) -> int:
+    def _reversal_room_refusal(self, t: pb.Transfer, debit: Key, credit: Key) -> int:
+        """Step 1 of a reversal between shards, where the original's record is not: what
+        the original posted to the reversal's debit account bounds its reversals."""
+        target_key = (credit[0], t.reversal_of)
+        credited = sum(
+            e.amount_minor
+            for e in self.state.entries.get(debit, [])
+            if e.transfer == target_key and e.direction == CREDIT and e.kind == POSTED
+        )
+        if credited == 0:
+            return pb.TRANSFER_RESULT_REVERSAL_TARGET_NOT_FOUND
+        if self.state.reversed_minor.get(target_key, 0) + t.amount_minor > credited:
+            return pb.TRANSFER_RESULT_REVERSAL_EXCEEDS_ORIGINAL
+        return 0
+
+    def _reversal_refusal(
+        self, t: pb.Transfer, debit: Key, credit: Key, *, amount: bool = True
+    ) -> int:
+        """A reversal on one shard (amount: the sum checked here too), or step 2 of one
+        between shards, where the original's record is (amount checked by step 1)."""
         if not t.reversal_of:
             return 0
         # The original belongs to the reversal's credit merchant.
@@ -668,7 +696,9 @@ class Model:
             return pb.TRANSFER_RESULT_REVERSAL_TARGET_NOT_FOUND
         if target.posted_minor == 0 or (target.debit, target.credit) != (credit, debit):
             return pb.TRANSFER_RESULT_REVERSAL_ACCOUNTS_MISMATCH
-        if self.state.reversed_minor.get(target_key, 0) + t.amount_minor > target.posted_minor:
+        if amount and (
+            self.state.reversed_minor.get(target_key, 0) + t.amount_minor > target.posted_minor
+        ):
             return pb.TRANSFER_RESULT_REVERSAL_EXCEEDS_ORIGINAL
         return 0
 

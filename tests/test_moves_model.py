@@ -5,7 +5,8 @@ move merchants away and back, draining a shard and making it active again),
 each applied as an admin does (the live config, then `ledger shards rebalance`,
 sometimes SIGKILLed at a random crash point and run again), interleaved with
 local and cross-shard holds, full and partial posts and voids (naming the credit
-account or not), settles of cross-shard holds stopped after their credit step
+account or not), reversals of posts (in parts, and one unit too many, wherever
+the moves have put the two merchants), settles of cross-shard holds stopped after their credit step
 (as when the replica driving one dies: its answer lost) and driven again steps
 later, and holds left to time out. A simple model predicts every account's
 balances. After the sequence every open hold must settle when asked,
@@ -97,6 +98,8 @@ INTERRUPTED_SETTLE_SHARE = 0.3
 INTERRUPTED_DRIVE_SHARE = 0.3
 INTERRUPTED_DRIVES_MAX = 5
 INTERRUPTED_LEASE_S = 3_600.0
+# A share of hold operations reverses a post made earlier, once there is one.
+REVERSAL_SHARE = 0.25
 RELAYED_TWICE_BY_THIS_SHARD = """
 SELECT count(*) FROM (SELECT 1 FROM hold_relays GROUP BY merchant_id, transfer_id
                       HAVING count(*) > 1) AS twice
@@ -116,6 +119,17 @@ class Hold:
     credit: str
     amount_minor: int
     expires: bool
+
+
+@dataclass
+class Posted:
+    """A hold's post, sent and answered: what it moved, and what reversals moved back."""
+
+    id: str
+    debit: str
+    credit: str
+    posted_minor: int
+    reversed_minor: int = 0
 
 
 @dataclass
@@ -142,6 +156,11 @@ class Model:
         self.balances[(hold.credit, "sales")][3] -= hold.amount_minor
         self.balances[(hold.debit, "cash")][0] += posted_minor
         self.balances[(hold.credit, "sales")][1] += posted_minor
+
+    def reverse(self, posted: Posted, amount_minor: int) -> None:
+        posted.reversed_minor += amount_minor
+        self.balances[(posted.credit, "sales")][0] += amount_minor
+        self.balances[(posted.debit, "cash")][1] += amount_minor
 
     def expected(self) -> dict[tuple[str, str], tuple[int, int, int, int]]:
         return {k: (v[0], v[1], v[2], v[3]) for k, v in self.balances.items()}
@@ -264,6 +283,8 @@ class Run:
         # The holds of interrupted settles (settled in the model, still open here
         # until driven), by the settle's transfer id.
         self.settling: dict[str, str] = {}
+        # Posts a reversal may name (sent and answered, so their credit landed).
+        self.posted: list[Posted] = []
 
     async def relayed_twice_by_a_shard(self) -> int:
         """Holds whose paths came to pass one shard twice as a relay (numbered
@@ -353,6 +374,35 @@ class Run:
         )
         self.model.settle(hold.id, posted_minor)
         self.counts["posts" if post else "voids"] += 1
+        if post:
+            self.posted.append(Posted(item.id, hold.debit, hold.credit, posted_minor))
+
+    async def reverse(self) -> None:
+        """A reversal of a post: all that is left of it, a part, or one unit too many."""
+        posted = self.rng.choice(self.posted)
+        left_minor = posted.posted_minor - posted.reversed_minor
+        amount_minor = max(
+            1,
+            self.rng.choice([left_minor, self.rng.randint(1, max(1, left_minor)), left_minor + 1]),
+        )
+        item = transfer(
+            self.next_id("r"),
+            ref(posted.credit, "sales"),
+            ref(posted.debit, "cash"),
+            amount_minor,
+            reversal_of=posted.id,
+        )
+        fits = amount_minor <= left_minor
+        await self.send(
+            item,
+            what=f"reverse {amount_minor} of {posted.id} ({left_minor} left)",
+            expected=(
+                pb.TRANSFER_RESULT_OK if fits else pb.TRANSFER_RESULT_REVERSAL_EXCEEDS_ORIGINAL
+            ),
+        )
+        if fits:
+            self.model.reverse(posted, amount_minor)
+        self.counts["reversals" if fits else "reversals refused"] += 1
 
     async def interrupt(self, hold: Hold, item: pb.Transfer, *, what: str) -> bool:
         """Runs the settle's saga to its credit step's first hop and leaves it there;
@@ -405,17 +455,20 @@ class Run:
         self.log.append(f"interrupted settle {key.transfer_id} driven: COMPLETED")
         self.counts["interrupted settles completed"] += 1
 
-    async def send(self, item: pb.Transfer, *, what: str) -> None:
-        """Sends until answered (retryable failures again, same id); it must end OK."""
+    async def send(
+        self, item: pb.Transfer, *, what: str, expected: int = pb.TRANSFER_RESULT_OK
+    ) -> None:
+        """Sends until answered (retryable failures again, same id); it must end with
+        the expected result (OK unless told)."""
         self.log.append(what)
         answer = await send_retrying(
             self.env.service, item, self.rng, attempts_max=DEFERRED_CALL_ATTEMPTS_MAX
         )
         key = (item.debit_account.merchant_id, item.id)
         assert answer.result is not None, f"{what}: {answer.describe()}\n{self.describe()}"
-        if answer.result != pb.TRANSFER_RESULT_OK:
+        if answer.result != expected:
             final = (await lookup_final(self.env.service, [key]))[key]
-            assert final.result == pb.TRANSFER_RESULT_OK, (
+            assert final.result == expected, (
                 f"{what}: {pb.TransferResult.Name(final.result)}\n{self.describe()}"
             )
 
@@ -498,6 +551,8 @@ class Run:
         settleable = [h for h in self.model.open_holds.values() if not h.expires]
         if settleable and self.rng.random() < 0.5:
             await self.settle(self.rng.choice(settleable))
+        elif self.posted and self.rng.random() < REVERSAL_SHARE:
+            await self.reverse()
         else:
             await self.hold()
 

@@ -367,35 +367,6 @@ async def test_open_linked_chain_across_shards_at_the_batch_end_is_refused_and_n
         assert _precondition_subjects(refused) == ["transfers[0]", "transfers[1]"]
 
 
-async def test_a_reversal_across_shards_is_refused_and_moves_nothing(service: Service) -> None:
-    # Found by tests/test_ledger_model.py: the saga dropped reversal_of and posted a
-    # plain transfer, so a "reversal" could move back more than the original, or
-    # reverse nothing at all. Reversing across shards is documented as not
-    # supported (REVERSAL_TARGET_NOT_FOUND; docs/sagas.md).
-    on_a, on_b = service.merchant_on("shard-a"), service.merchant_on("shard-b")
-    await create_accounts(service.stub, account(on_a, "cash"), account(on_b, "sales"))
-    original = uid("t")
-    [sent] = await transfers(
-        service.stub, transfer(original, ref(on_a, "cash"), ref(on_b, "sales"), 10)
-    )
-    assert sent.result == pb.TRANSFER_RESULT_OK
-    reversals = [
-        transfer(uid("r"), ref(on_b, "sales"), ref(on_a, "cash"), 1_000, reversal_of=original),
-        transfer(uid("r"), ref(on_b, "sales"), ref(on_a, "cash"), 4, reversal_of=original),
-        transfer(uid("r"), ref(on_b, "sales"), ref(on_a, "cash"), 4, reversal_of=uid("none")),
-    ]
-    for item in reversals:
-        assert result_names(await transfers(service.stub, item)) == [
-            "TRANSFER_RESULT_REVERSAL_TARGET_NOT_FOUND"
-        ]
-    sales, cash = (
-        await balance(service.stub, on_b, "sales"),
-        await balance(service.stub, on_a, "cash"),
-    )
-    assert (sales.credits_posted, sales.debits_posted, sales.debits_pending) == (10, 0, 0)
-    assert (cash.debits_posted, cash.credits_posted, cash.credits_pending) == (10, 0, 0)
-
-
 async def test_items_of_a_batch_that_depend_on_a_cross_shard_item_are_applied_after_it(
     service: Service,
 ) -> None:

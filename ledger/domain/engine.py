@@ -134,6 +134,23 @@ class PendingView:
 
 
 @value
+class FarReversal:
+    """One side of a reversal whose parties are on two shards (docs/sagas.md), as
+    that side's shard knows it; a settlement account stands in the request for the
+    other party's account.
+
+    On the debit shard (step 1), where every reversal of the original is, what the
+    original posted to the reversal's debit account bounds them (credited_minor);
+    on the credit shard (step 2, credited_minor None), where the original's record
+    is, the original must be a posted transfer between these two accounts.
+    """
+
+    debit: AccountKey
+    credit: AccountKey
+    credited_minor: int | None = None
+
+
+@value
 class TransferBatchState:
     """Everything the rules read, loaded under the batch's locks."""
 
@@ -144,6 +161,8 @@ class TransferBatchState:
     reversal_targets: Mapping[TransferKey, TransferRecord]
     reversed_minor: Mapping[TransferKey, int]
     now: datetime
+    # By the key of the request that carries it (a saga step's).
+    far_reversals: Mapping[TransferKey, FarReversal] = field(default_factory=dict)
 
 
 @value
@@ -454,25 +473,36 @@ def _check_accounts(run: _BatchRun, request: TransferRequest) -> tuple[Account, 
 
 
 def _check_reversal(run: _BatchRun, request: TransferRequest) -> TransferKey | None:
+    """The original this reversal reverses, if the rules allow it; None if it is none
+    (or, on a reversal's credit shard, if the amount is its debit shard's to check)."""
     if not request.reversal_of:
         return None
-    credit = request.credit
+    far = run.state.far_reversals.get(request.key)
+    debit, credit = (far.debit, far.credit) if far else (request.debit, request.credit)
     assert credit is not None
     # The original debited this reversal's credit merchant: that is its home.
     target_key = TransferKey(credit.merchant_id, request.reversal_of)
-    target = run.record(target_key)
-    if target is None or target.result is not TransferResult.OK:
-        raise _Refused(TransferResult.REVERSAL_TARGET_NOT_FOUND)
-    posted_minor = target.amount_effective_minor
-    t = target.request
-    if (
-        t.action not in (TransferAction.POST, TransferAction.POST_PENDING)
-        or posted_minor == 0
-        or request.debit != t.credit
-        or request.credit != t.debit
-        or request.currency != t.currency
-    ):
-        raise _Refused(TransferResult.REVERSAL_ACCOUNTS_MISMATCH)
+    if far is not None and far.credited_minor is not None:
+        # The original's record is on the credit shard (step 2 checks it there).
+        if far.credited_minor == 0:
+            raise _Refused(TransferResult.REVERSAL_TARGET_NOT_FOUND)
+        posted_minor = far.credited_minor
+    else:
+        target = run.record(target_key)
+        if target is None or target.result is not TransferResult.OK:
+            raise _Refused(TransferResult.REVERSAL_TARGET_NOT_FOUND)
+        posted_minor = target.amount_effective_minor
+        t = target.request
+        if (
+            t.action not in (TransferAction.POST, TransferAction.POST_PENDING)
+            or posted_minor == 0
+            or debit != t.credit
+            or credit != t.debit
+            or request.currency != t.currency
+        ):
+            raise _Refused(TransferResult.REVERSAL_ACCOUNTS_MISMATCH)
+        if far is not None:
+            return None
     reversed_minor = run.state.reversed_minor.get(target_key, 0) + run.reversed_extra.get(
         target_key, 0
     )

@@ -23,6 +23,7 @@ from ledger.domain.accounts import Account, AccountKey
 from ledger.domain.chain import chained_entry
 from ledger.domain.engine import (
     AccountState,
+    FarReversal,
     PendingView,
     TransferBatchPlan,
     TransferBatchState,
@@ -157,6 +158,8 @@ class Saga:
     # expiry's: the hold's at their start); None on a path made before numbers
     # (migration 0020).
     path_position: int | None = 0
+    # A reversal's original (its credit merchant's transfer); '' for any other saga.
+    reversal_of: str = ""
 
     @property
     def finished(self) -> bool:
@@ -223,11 +226,16 @@ def credit_plan(
     pending_id: str,
     accounts: Mapping[AccountKey, Account],
     now: datetime,
+    reversal: FarReversal | None = None,
+    reversal_of: str = "",
+    originals: Mapping[TransferKey, TransferRecord] | None = None,
 ) -> TransferBatchPlan:
     """Step 2 on the credit shard: settlement account -> destination, by the usual rules.
 
-    POST and PENDING can be refused (no account, closed, currency, a limit);
-    settling a pending credit cannot, because the funds are already held.
+    POST and PENDING can be refused (no account, closed, currency, a limit; a
+    reversal whose original, found in originals, is not a posted transfer between
+    the reversal's accounts); settling a pending credit cannot, because the funds
+    are already held.
     """
     empty = TransferBatchState(accounts, {}, frozenset(), {}, {}, {}, now)
     if action in (CreditAction.POST, CreditAction.PENDING):
@@ -238,8 +246,19 @@ def credit_plan(
             amount_minor=amount_minor,
             currency=currency,
             action=TransferAction.POST if action is CreditAction.POST else TransferAction.PENDING,
+            reversal_of=reversal_of,
         )
-        return rekey(apply_transfers([request], empty), key, accounts)
+        state = empty
+        if reversal_of:
+            invariant(
+                reversal is not None and reversal.credit == destination,
+                "a reversal's step 2 knows the reversal's accounts",
+            )
+            assert reversal is not None
+            state = replace(
+                empty, reversal_targets=originals or {}, far_reversals={request.key: reversal}
+            )
+        return rekey(apply_transfers([request], state), key, accounts)
     held = TransferRecord(
         request=TransferRequest(
             id=pending_id,

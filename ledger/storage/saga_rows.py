@@ -33,4 +33,5 @@ def saga_from_row(row: asyncpg.Record, home_shard: str) -> Saga:
         created_at=row["created_at"],
         updated_at=row["updated_at"],
         path_position=row["path_position"],
+        reversal_of=row["reversal_of"],
     )

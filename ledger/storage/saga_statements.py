@@ -9,7 +9,7 @@ SAGA_COLUMNS = """
 merchant_id, transfer_id, kind, state, next_step, peer_shard, debit_account_id,
 credit_merchant_id, credit_account_id, currency, credit_action, amount_minor,
 pending_minor, pending_id, result, credit_outcome, attempts, next_attempt_at, last_error,
-version, trace_context, created_at, updated_at, path_position
+version, trace_context, created_at, updated_at, path_position, reversal_of
 """
 
 ENSURE_SETTLEMENT_ACCOUNT = """
@@ -77,23 +77,24 @@ ORDER BY id
 # recorded first makes credits_recorded fall short); the sagas step 3 finishes
 # ($26-$33: key, version, state, result, credit outcome, peer shard; a saga
 # whose version moved on is left out), with steps 2 and 3 joining each one's log
-# ($34-$39: (step 2, step 3) per saga, in order). peer_shard becomes the shard
+# ($34-$39: (step 2, step 3) per saga, in order); $40: each new saga's
+# reversal_of, beside $1-$13. peer_shard becomes the shard
 # that applied the credit (step 2 follows a credit merchant that moved), so a
 # later settle or expiry finds the hold there. Always one row at least (with
 # credits_recorded); one per saga started (is_new) or finished.
 RECORD_STEPS = f"""
 WITH new_sagas AS (
-    INSERT INTO sagas ({_NEW_SAGA_COLUMNS})
+    INSERT INTO sagas ({_NEW_SAGA_COLUMNS}, reversal_of)
     SELECT u.merchant_id, u.transfer_id, u.kind, 1, 2, u.peer_shard, u.debit_account_id,
         u.credit_merchant_id, u.credit_account_id, u.currency, u.credit_action, u.amount_minor,
         u.pending_minor, u.pending_id, $15::timestamptz + make_interval(secs => $17), $16,
-        $15::timestamptz + make_interval(secs => $17), u.trace_context, $15, $15
+        $15::timestamptz + make_interval(secs => $17), u.trace_context, $15, $15, u.reversal_of
     FROM unnest($1::text[], $2::text[], $3::smallint[], $4::text[], $5::text[], $6::text[],
                 $7::text[], $8::text[], $9::smallint[], $10::bigint[], $11::bigint[],
-                $12::text[], $13::text[])
+                $12::text[], $13::text[], $40::text[])
         AS u(merchant_id, transfer_id, kind, peer_shard, debit_account_id, credit_merchant_id,
              credit_account_id, currency, credit_action, amount_minor, pending_minor,
-             pending_id, trace_context)
+             pending_id, trace_context, reversal_of)
     RETURNING {SAGA_COLUMNS}
 ), new_steps AS (
     INSERT INTO saga_steps (merchant_id, transfer_id, kind, step, outcome, detail)
@@ -193,6 +194,18 @@ SELECT clock_timestamp() AS now,
     found.*
 FROM (SELECT 1) AS one LEFT JOIN found ON true
 """
+
+# Step 1 of a reversal between shards: what each original ($3-$4: its debit
+# merchant and id) posted to the account the reversal debits ($1-$2), from that
+# account's entries (they live with it; the original's record is on the other
+# shard). A cross-shard original's credit entries name its transfer too.
+CREDITED_BY_ORIGINALS = "SELECT k.*, probed.credited_minor FROM " + ledger_sql.probe_by_key(
+    ("account_merchant_id", "account_id", "merchant_id", "transfer_id"),
+    "SELECT coalesce(sum(amount_minor), 0)::bigint AS credited_minor FROM entries "
+    "WHERE transfer_merchant_id = k.merchant_id AND transfer_id = k.transfer_id "
+    "AND merchant_id = k.account_merchant_id AND account_id = k.account_id "
+    "AND direction = 2 AND kind = 1",
+)
 
 # One failed attempt: back off, or move to the dead-letter list when the
 # attempts run out. The version check keeps a stale worker from writing.

@@ -20,6 +20,7 @@ from ledger import faults, limits
 from ledger.domain.accounts import Account, AccountKey
 from ledger.domain.engine import (
     AccountState,
+    FarReversal,
     ItemOutcome,
     PendingView,
     TransferBatchState,
@@ -270,9 +271,16 @@ class SagaStore:
             # Locks first (a replayed step takes them needlessly, and rarely): ids,
             # recorded outcomes and the clock are then read after them.
             accounts = await self._lock_with_settlements(conn, wanted, settlements)
-            transfer_keys = [b.request.key for _, b in begins] + [
-                t.saga.key.transfer for t in settling
-            ]
+            # Steps 1 and 3 read their own transfers; a reversal's step 2, its original.
+            transfer_keys = (
+                [b.request.key for _, b in begins]
+                + [t.saga.key.transfer for t in settling]
+                + [
+                    TransferKey(c.saga.credit.merchant_id, c.saga.reversal_of)
+                    for _, c in credits
+                    if c.saga.reversal_of and not c.abort
+                ]
+            )
             read = await conn.fetch(
                 sql.READ_STEPS,
                 [k.merchant_id for k in transfer_keys],
@@ -284,7 +292,7 @@ class SagaStore:
             with_velocity_usage(accounts, now)
             books = _Books(dict(accounts), now)
             reserved = await self._plan_begins(conn, begins, records, journals, books, answers)
-            decided = self._plan_credits(credits, read[0]["credits"], books, answers)
+            decided = self._plan_credits(credits, read[0]["credits"], records, books, answers)
             self._plan_finishes(settling, records, books)
             if books.records or books.entries or books.resolutions:
                 await write_plan(
@@ -399,9 +407,9 @@ class SagaStore:
         # An item marked linked ends an open chain here (chains never hold a saga):
         # refused as such, without joining the next item's chain.
         applying = [(i, b) for i, b in fresh if not b.request.linked]
-        # reversal_of is kept: reversing across shards is not supported (docs/sagas.md),
-        # and with no reversal targets in the state the rules refuse such an item
-        # REVERSAL_TARGET_NOT_FOUND, in their order of checks, before it reserves.
+        far_reversals, reversed_minor = await self._reversal_rooms(
+            conn, [b.request for _, b in applying if b.request.reversal_of]
+        )
         plan = apply_transfers(
             [
                 replace(
@@ -412,7 +420,16 @@ class SagaStore:
                 )
                 for _, b in applying
             ],
-            TransferBatchState(books.accounts, {}, frozenset(), {}, {}, {}, books.now),
+            TransferBatchState(
+                books.accounts,
+                {},
+                frozenset(),
+                {},
+                {},
+                reversed_minor,
+                books.now,
+                far_reversals=far_reversals,
+            ),
         )
         books.book(plan.entries, plan.accounts, velocity=plan.velocity)
         results = dict.fromkeys((i for i, _ in fresh), TransferResult.LINKED_EVENT_CHAIN_OPEN)
@@ -446,10 +463,43 @@ class SagaStore:
             )
         return reserved
 
+    async def _reversal_rooms(
+        self, conn: Connection, reversals: Sequence[TransferRequest]
+    ) -> tuple[dict[TransferKey, FarReversal], dict[TransferKey, int]]:
+        """Step 1 of reversals between shards, read under their debit accounts' locks:
+        what each original posted to the account its reversals debit, and what they
+        have reversed of it so far (docs/sagas.md, "Reversals across shards")."""
+        if not reversals:
+            return {}, {}
+        targets = [TransferKey(_credit_of(r).merchant_id, r.reversal_of) for r in reversals]
+        rows = await conn.fetch(
+            sql.CREDITED_BY_ORIGINALS,
+            [r.debit.merchant_id for r in reversals],
+            [r.debit.account_id for r in reversals],
+            [t.merchant_id for t in targets],
+            [t.transfer_id for t in targets],
+        )
+        credited = {
+            (r["account_merchant_id"], r["account_id"], r["merchant_id"], r["transfer_id"]): int(
+                r["credited_minor"]
+            )
+            for r in rows
+        }
+        far = {
+            r.key: FarReversal(
+                r.debit,
+                _credit_of(r),
+                credited[(r.debit.merchant_id, r.debit.account_id, t.merchant_id, t.transfer_id)],
+            )
+            for r, t in zip(reversals, targets, strict=True)
+        }
+        return far, await self.shard._reversed(conn, targets)
+
     def _plan_credits(
         self,
         credits: Sequence[tuple[int, SagaCredit]],
         recorded_outcomes: Sequence[Mapping[str, Any]],
+        records: Mapping[TransferKey, TransferRecord],
         books: _Books,
         answers: dict[int, StepAnswer],
     ) -> list[tuple[int, SagaCredit, CreditOutcome, TransferResult]]:
@@ -479,6 +529,9 @@ class SagaStore:
                 pending_id=saga.pending_id,
                 accounts=books.accounts,
                 now=books.now,
+                reversal=FarReversal(saga.debit, saga.credit) if saga.reversal_of else None,
+                reversal_of=saga.reversal_of,
+                originals=records,
             )
             result = plan.outcomes[0].result
             if result is TransferResult.OK:
@@ -572,6 +625,7 @@ class SagaStore:
             [n for _, n, _, _ in log],
             [o for _, _, o, _ in log],
             [d for _, _, _, d in log],
+            [r.reversal_of for r in requests],
         )
         if rows[0]["credits_recorded"] != len(decided):
             # Another step 2 recorded first (the locks make this rare); its outcome
@@ -1209,6 +1263,12 @@ def _finishing(index: int, saga: Saga, credit: CreditRecord) -> _Finishing:
         final,
         ((2, outcome.name.lower(), credited), (3, state.name.lower(), detail)),
     )
+
+
+def _credit_of(request: TransferRequest) -> AccountKey:
+    invariant(request.credit is not None, "a cross-shard transfer names its credit account")
+    assert request.credit is not None
+    return request.credit
 
 
 def _key_columns(keys: Sequence[SagaKey]) -> tuple[list[str], list[str], list[int]]:

@@ -146,14 +146,20 @@ SELECT_RESOLUTIONS = "SELECT probed.* FROM " + probe_by_key(
 )
 
 # Reversals credit the original's debit merchant, so they are found by that merchant.
+# Each one's row is where its debit merchant is, under the lock of the account it
+# debits (the original's credit account): every reversal of one original is there.
+# A reversal between shards counts from its step 1 (result 26, in progress; its
+# saga's row holds the final result) unless its saga was compensated (state 3).
 SUM_REVERSALS = (
     "SELECT k.merchant_id, k.reversal_of, probed.reversed_minor FROM "
     + probe_by_key(
         ("merchant_id", "reversal_of"),
-        "SELECT sum(amount_effective_minor)::bigint AS reversed_minor FROM transfers "
+        "SELECT sum(t.amount_effective_minor)::bigint AS reversed_minor FROM transfers t "
         # reversal_of <> '' (no key is empty) lets the partial index serve.
-        "WHERE credit_merchant_id = k.merchant_id AND reversal_of = k.reversal_of "
-        "AND reversal_of <> '' AND result = 1",
+        "WHERE t.credit_merchant_id = k.merchant_id AND t.reversal_of = k.reversal_of "
+        "AND t.reversal_of <> '' AND (t.result = 1 OR (t.result = 26 AND NOT EXISTS ("
+        "SELECT 1 FROM sagas s WHERE s.merchant_id = t.merchant_id "
+        "AND s.transfer_id = t.transfer_id AND s.kind = 1 AND s.state = 3 OFFSET 0)))",
     )
     + "WHERE probed.reversed_minor IS NOT NULL"
 )

@@ -177,9 +177,9 @@ class _TransferResultEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Transf
     TRANSFER_RESULT_PENDING_TRANSFER_HAS_DIFFERENT_ACCOUNTS: _TransferResult.ValueType  # 20
     """The accounts or currency given differ from the pending transfer's."""
     TRANSFER_RESULT_REVERSAL_TARGET_NOT_FOUND: _TransferResult.ValueType  # 21
-    """reversal_of names no transfer that succeeded (a failed transfer counts as
-    none), or the reversal's accounts are on two shards (reversing a
-    cross-shard transfer is not supported: post an ordinary transfer back).
+    """reversal_of names no transfer that succeeded (a failed transfer, or one
+    whose saga is still running, counts as none). Between shards: the
+    original posted nothing to the reversal's debit account.
     """
     TRANSFER_RESULT_REVERSAL_ACCOUNTS_MISMATCH: _TransferResult.ValueType  # 22
     """The reversal's accounts are not the target's, swapped, or the target
@@ -279,9 +279,9 @@ TRANSFER_RESULT_EXCEEDS_PENDING_AMOUNT: TransferResult.ValueType  # 19
 TRANSFER_RESULT_PENDING_TRANSFER_HAS_DIFFERENT_ACCOUNTS: TransferResult.ValueType  # 20
 """The accounts or currency given differ from the pending transfer's."""
 TRANSFER_RESULT_REVERSAL_TARGET_NOT_FOUND: TransferResult.ValueType  # 21
-"""reversal_of names no transfer that succeeded (a failed transfer counts as
-none), or the reversal's accounts are on two shards (reversing a
-cross-shard transfer is not supported: post an ordinary transfer back).
+"""reversal_of names no transfer that succeeded (a failed transfer, or one
+whose saga is still running, counts as none). Between shards: the
+original posted nothing to the reversal's debit account.
 """
 TRANSFER_RESULT_REVERSAL_ACCOUNTS_MISMATCH: TransferResult.ValueType  # 22
 """The reversal's accounts are not the target's, swapped, or the target
@@ -1124,8 +1124,10 @@ class Transfer(_message.Message):
     """Makes this a reversal of the transfer with this id. The original belongs
     to this transfer's credit merchant (it debited that merchant); the
     accounts must be the original's, swapped, and the amounts of all
-    reversals may not exceed the original's posted amount. 1 to 128 bytes
-    when set.
+    reversals may not exceed the original's posted amount. A reversal whose
+    accounts are on two shards is a saga like any cross-shard transfer: a
+    refusal by the original's side (ACCOUNTS_MISMATCH) comes at its step 2
+    and releases what step 1 reserved. 1 to 128 bytes when set.
     """
     trace_id: _builtins.str
     """The W3C trace id (32 hex digits) of the request that recorded the
