@@ -21,6 +21,9 @@ LookupAccounts), the checker proves:
   outcome calls for (so nothing applied twice, nothing half applied), and each
   account's balances are the sum of its entries;
 - linked chains are all or nothing;
+- reversals: each applied one reverses a posted transfer between its accounts,
+  swapped, and the ones applied of one original never exceed what it posted,
+  whether each ran on one shard or as a saga, wherever moves had put them;
 - sagas: every saga is completed, compensated, or in the dead-letter list with
   its funds still pending; finished sagas agree with the credit shard's record;
 - ledger.sagas.reconcile passes;
@@ -144,6 +147,7 @@ class TransferRow:
     timeout_ms: int
     linked: bool
     result: int
+    reversal_of: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -281,7 +285,7 @@ FROM accounts WHERE merchant_id IN ({_OWNED})
 _TRANSFERS_SQL = f"""
 SELECT merchant_id, transfer_id, kind, action, debit_merchant_id, debit_account_id,
        credit_merchant_id, credit_account_id, amount_minor, amount_effective_minor,
-       currency, pending_id, timeout_ms, linked, result
+       currency, pending_id, timeout_ms, linked, result, reversal_of
 FROM transfers WHERE merchant_id IN ({_OWNED})
 """
 _SAGAS_SQL = f"""
@@ -386,6 +390,7 @@ def _merge(snapshot: Snapshot, shard: str, rows: dict[str, list[Any]]) -> None:
             r["timeout_ms"],
             r["linked"],
             r["result"],
+            r["reversal_of"],
         )
     for r in rows["sagas"]:
         key = (r["merchant_id"], r["transfer_id"])
@@ -669,6 +674,41 @@ def check_sagas(snapshot: Snapshot, report: CheckReport) -> None:
     report.sagas_by_state = dict(sorted(states.items()))
 
 
+def check_reversals(snapshot: Snapshot, report: CheckReport) -> None:
+    reversed_minor: Counter[TKey] = Counter()
+    outcomes: Counter[str] = Counter()
+    for key, row in sorted(snapshot.transfers.items()):
+        if not row.reversal_of:
+            continue
+        final = snapshot.final_result(key)
+        outcomes[pb.TransferResult.Name(final) if final is not None else "unfinished"] += 1  # type: ignore[arg-type]
+        if final != TransferResult.OK:
+            continue
+        target_key = (row.credit.merchant_id, row.reversal_of)
+        target = snapshot.transfers.get(target_key)
+        where = f"reversal {key[0]}/{key[1]} of {target_key[1]}"
+        if target is None or snapshot.final_result(target_key) != TransferResult.OK:
+            report.add("reversals", where, "applied, but its original is missing or failed")
+            continue
+        if target.action not in (TransferAction.POST, TransferAction.POST_PENDING) or (
+            target.debit,
+            target.credit,
+        ) != (row.credit, row.debit):
+            report.add("reversals", where, "applied to an original between other accounts")
+            continue
+        reversed_minor[target_key] += row.amount_effective_minor
+        if reversed_minor[target_key] > target.amount_effective_minor:
+            report.add(
+                "reversals",
+                where,
+                f"reversals applied total {reversed_minor[target_key]}, "
+                f"the original posted {target.amount_effective_minor}",
+            )
+    report.notes.append(
+        f"reversals: {dict(sorted(outcomes.items()))}, of {len(reversed_minor)} originals"
+    )
+
+
 def _check_dead_saga_holds(snapshot: Snapshot, saga: SagaRow, report: CheckReport) -> None:
     """A dead saga's money is still visibly pending where its next step would move it."""
     if saga.kind is SagaKind.TRANSFER:
@@ -710,6 +750,7 @@ def _differing_field(row: TransferRow, spec: TransferSpec) -> str:
         ("pending_id", row.pending_id, spec.pending_id),
         ("timeout_ms", row.timeout_ms, spec.timeout_ms),
         ("linked", row.linked, spec.linked),
+        ("reversal_of", row.reversal_of, spec.reversal_of),
     )
     for name, stored, sent in checks:
         if stored != sent:
@@ -1022,6 +1063,7 @@ async def check_all(
     report.notes.append(note)
     check_entries(snapshot, report)
     check_sagas(snapshot, report)
+    check_reversals(snapshot, report)
     answered = check_history(snapshot, history, report)
     await check_through_service(snapshot, layout, answered, caller, report)
     await check_reconcile(direct_config_path, report)

@@ -99,6 +99,7 @@ def to_pb(spec: TransferSpec) -> pb.Transfer:
         pending_id=spec.pending_id,
         timeout_ms=spec.timeout_ms,
         linked=spec.linked,
+        reversal_of=spec.reversal_of,
     )
 
 

@@ -62,6 +62,13 @@ PAIRED_CHAIN_SHARE = 0.3
 # Replays pick among this many of the client's latest operations (bounded memory).
 REPLAY_WINDOW_OPS = 200
 PENDING_WINDOW_OPS = 100
+# Reversals pick among this many of the client's latest posts, local or cross-shard
+# (the reversal is then local or a saga as the merchants lie when it runs).
+POSTED_WINDOW_OPS = 100
+# Reversals: the whole original, a part, or one unit more than the original (which
+# must be refused, as must any that together with earlier ones exceed it).
+REVERSAL_PART_SHARE = 0.4
+REVERSAL_EXCESS_SHARE = 0.2
 # What a client does next, by weight.
 OPERATION_WEIGHTS = (
     ("local", 22),
@@ -70,6 +77,7 @@ OPERATION_WEIGHTS = (
     ("settle", 16),
     ("chain", 12),
     ("replay", 10),
+    ("reverse", 8),
 )
 # Merchant placement draws ids in order until every shard has its share; a shard
 # takes about a third of the ids, so this bound is never reached in practice.
@@ -202,6 +210,7 @@ class TransferSpec:
     pending_id: str = ""
     timeout_ms: int = 0
     linked: bool = False
+    reversal_of: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -354,6 +363,7 @@ class ClientPlanner:
         self._sequence = 0
         self._recent: list[Operation] = []
         self._pendings: list[TransferSpec] = []
+        self._posted: list[TransferSpec] = []
         self._kinds = [name for name, _ in OPERATION_WEIGHTS]
         self._weights = [weight for _, weight in OPERATION_WEIGHTS]
 
@@ -369,6 +379,8 @@ class ClientPlanner:
             )
         if choice == "settle" and self._pendings:
             kind, transfers = self._settle(op_id)
+        elif choice == "reverse" and self._posted:
+            kind, transfers = self._reverse(op_id)
         elif choice == "pending":
             kind, transfers = self._pending(op_id)
         elif choice == "cross":
@@ -380,6 +392,9 @@ class ClientPlanner:
         operation = Operation(op_id, self.client, kind, transfers, replica)
         self._recent.append(operation)
         del self._recent[:-REPLAY_WINDOW_OPS]
+        if kind in ("local", "cross"):
+            self._posted.extend(transfers)
+            del self._posted[:-POSTED_WINDOW_OPS]
         return operation
 
     # Accounts.
@@ -489,6 +504,31 @@ class ClientPlanner:
         )
         return f"settle_{how}_{'cross' if cross else 'local'}", (transfer,)
 
+    def _reverse(self, op_id: str) -> tuple[str, tuple[TransferSpec, ...]]:
+        """Reverse one of this client's earlier posts (which may have been refused)."""
+        original = self._rng.choice(self._posted)
+        assert original.credit is not None
+        roll = self._rng.random()
+        if roll < REVERSAL_PART_SHARE:
+            amount = self._rng.randint(1, original.amount_minor)
+        elif roll < REVERSAL_PART_SHARE + REVERSAL_EXCESS_SHARE:
+            amount = original.amount_minor + 1
+        else:
+            amount = original.amount_minor
+        transfer = TransferSpec(
+            op_id,
+            original.credit,
+            original.debit,
+            amount,
+            original.currency,
+            Action.POST,
+            reversal_of=original.id,
+        )
+        cross = self.layout.shard_of(original.debit.merchant_id) != self.layout.shard_of(
+            original.credit.merchant_id
+        )
+        return f"reverse_{'cross' if cross else 'local'}", (transfer,)
+
     def _chain(self, op_id: str) -> tuple[str, tuple[TransferSpec, ...]]:
         """A linked chain of one merchant, or of two on one shard (paired: a member's
         debit and credit merchants are either); a doomed chain holds one overdraft
@@ -503,8 +543,15 @@ class ClientPlanner:
         transfers = []
         for member in range(length):
             currency = self._rng.choice(CURRENCIES)
-            debit = self._wallet(self._rng.choice(merchants), currency)
-            credit = self._wallet(self._rng.choice(merchants), currency)
+            # A paired chain's first member runs from one merchant to the other, so
+            # the chain names both (whatever the others draw).
+            payer, payee = (
+                (merchants[0], merchants[-1])
+                if member == 0
+                else (self._rng.choice(merchants), self._rng.choice(merchants))
+            )
+            debit = self._wallet(payer, currency)
+            credit = self._wallet(payee, currency)
             credit = _apart(credit, debit, currency)
             amount = (
                 self._rng.randint(OVERDRAFT_AMOUNT_MINOR_MIN, OVERDRAFT_AMOUNT_MINOR_MAX)

@@ -30,6 +30,7 @@ from chaos.checker import (
     check_entries,
     check_final_settles,
     check_history,
+    check_reversals,
     open_holds_in,
 )
 from chaos.clients import (
@@ -95,10 +96,11 @@ def test_same_seed_plans_the_same_faults_and_operations() -> None:
 
 # The digests of seed 33's plan and of seed 2's with --rebalances (the two runs
 # below), as planned without drains: --drains must leave them as they are. (Renewed
-# when the workload changed: chains over two merchants of one shard, 2026-12-07.)
+# when the workload changed: chains over two merchants of one shard, 2026-12-07;
+# reversals, and a paired chain's first member naming both merchants, 2026-12-07.)
 PLAN_DIGESTS_BEFORE_DRAINS = {
-    (33, False): "a7813894bb0e2284b0794afd07bf67d2534ff1857ba0ff99441be54fec70961c",
-    (2, True): "36efce0a9a46471353a3d702d78795314edf12d354fbfb29ececf53ff59cf192",
+    (33, False): "6ffb424eed3808f3444b07a46529d869dd83f1289a5d42a3525609051b9f9be8",
+    (2, True): "acfe8a5d0a99290b04f6866ff772f43d1b21efd60f619b2c8cb0691dc2e1ce62",
 }
 
 
@@ -247,6 +249,46 @@ def test_checker_flags_an_acknowledged_transfer_that_is_lost_or_different() -> N
     refused = CheckReport()
     check_history(_books(), [_answered(_SPEC, pb.TRANSFER_RESULT_EXCEEDS_CREDITS)], refused)
     assert [v.check for v in refused.violations] == ["acknowledged"]
+
+
+def _reversal(transfer_id: str, amount_minor: int, *, credit: Ref = _A) -> TransferRow:
+    """m1's usd-wallet-1 -> credit, reversing t1 (usd-wallet-0 -> usd-wallet-1, 100)."""
+    key = ("m1", transfer_id)
+    return TransferRow(
+        "shard-a",
+        key,
+        1,
+        1,
+        _B,
+        credit,
+        amount_minor,
+        amount_minor,
+        "USD",
+        "",
+        0,
+        False,
+        OK,
+        reversal_of="t1",
+    )
+
+
+def test_checker_flags_reversals_beyond_the_original_or_between_other_accounts() -> None:
+    snapshot = _books()
+    for row in (_reversal("r1", 60), _reversal("r2", 40)):
+        snapshot.transfers[row.key] = row
+    report = CheckReport()
+    check_reversals(snapshot, report)
+    assert report.violations == []
+    assert report.notes == ["reversals: {'TRANSFER_RESULT_OK': 2}, of 1 originals"]
+
+    for row in (_reversal("r3", 1), _reversal("r4", 1, credit=Ref("m1", "usd-wallet-2"))):
+        snapshot.transfers[row.key] = row
+    report = CheckReport()
+    check_reversals(snapshot, report)
+    assert [(v.check, v.where) for v in report.violations] == [
+        ("reversals", "reversal m1/r3 of t1"),
+        ("reversals", "reversal m1/r4 of t1"),
+    ]
 
 
 def test_checker_flags_a_linked_chain_applied_in_part() -> None:
