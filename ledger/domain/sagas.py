@@ -226,16 +226,16 @@ def credit_plan(
     pending_id: str,
     accounts: Mapping[AccountKey, Account],
     now: datetime,
-    reversal: FarReversal | None = None,
     reversal_of: str = "",
+    debit: AccountKey | None = None,
     originals: Mapping[TransferKey, TransferRecord] | None = None,
 ) -> TransferBatchPlan:
     """Step 2 on the credit shard: settlement account -> destination, by the usual rules.
 
     POST and PENDING can be refused (no account, closed, currency, a limit; a
-    reversal whose original, found in originals, is not a posted transfer between
-    the reversal's accounts); settling a pending credit cannot, because the funds
-    are already held.
+    reversal whose original, found in originals, is not a posted transfer from
+    destination to debit, the saga's debit account); settling a pending credit
+    cannot, because the funds are already held.
     """
     empty = TransferBatchState(accounts, {}, frozenset(), {}, {}, {}, now)
     if action in (CreditAction.POST, CreditAction.PENDING):
@@ -250,13 +250,12 @@ def credit_plan(
         )
         state = empty
         if reversal_of:
-            invariant(
-                reversal is not None and reversal.credit == destination,
-                "a reversal's step 2 knows the reversal's accounts",
-            )
-            assert reversal is not None
+            invariant(debit is not None, "a reversal's step 2 knows the saga's debit account")
+            assert debit is not None
             state = replace(
-                empty, reversal_targets=originals or {}, far_reversals={request.key: reversal}
+                empty,
+                reversal_targets=originals or {},
+                far_reversals={request.key: FarReversal(debit, destination)},
             )
         return rekey(apply_transfers([request], state), key, accounts)
     held = TransferRecord(

@@ -529,8 +529,8 @@ class SagaStore:
                 pending_id=saga.pending_id,
                 accounts=books.accounts,
                 now=books.now,
-                reversal=FarReversal(saga.debit, saga.credit) if saga.reversal_of else None,
                 reversal_of=saga.reversal_of,
+                debit=saga.debit,
                 originals=records,
             )
             result = plan.outcomes[0].result
