@@ -22,8 +22,12 @@ from collections.abc import AsyncIterator
 
 import asyncpg
 
+from ledger.domain.accounts import AccountKey
+from ledger.domain.sagas import SagaState
+from ledger.domain.transfers import TransferAction, TransferRequest, TransferResult
 from ledger.routing.config import ShardConfig
 from ledger.routing.ring import ShardRing
+from ledger.sagas.runner import SagaRunner, SagaSettings
 from ledger.v1 import ledger_pb2 as pb
 from tests.event_support import collect_until
 from tests.ledger4 import ALL_SHARDS, FIRST_SHARDS, Ledger4, merchant_on
@@ -43,6 +47,9 @@ CONCURRENT_REVERSALS = 12
 # A call whose saga is held up at step 2 answers IN_PROGRESS within this deadline.
 SHORT_RPC_TIMEOUT_S = 1.5
 CANDIDATES = 20_000
+# A saga this test starts is leased to it for longer than the test, so no recovery
+# worker drives it on behind the test's back.
+HELD_LEASE_S = 3_600.0
 
 
 def first_config(env: Ledger4) -> ShardConfig:
@@ -298,5 +305,49 @@ async def test_a_reversal_refused_at_step_two_releases_its_reservation_and_reads
     ]
     assert await all_balances(ledger4.service, [payer, payee]) == reversed_balances(
         payer, payee, ORIGINAL_MINOR, ORIGINAL_MINOR
+    )
+    await assert_reconciled(ledger4, config, "reconcile.toml", every_mirror_checked=True)
+
+
+async def test_a_hold_posted_across_shards_is_reversed_only_once_its_credit_landed(
+    ledger4: Ledger4,
+) -> None:
+    """A cross-shard post of a hold is recorded on the payer's shard (step 1) before
+    its credit lands on the payee's (step 2). In between, the original reads as a
+    good post where the reversal's step 2 would look, so step 1 must refuse it: the
+    payee's account holds nothing posted by it yet to bound the reversal by."""
+    config = first_config(ledger4)
+    payer, payee = merchant_on(config, "shard-a"), merchant_on(config, "shard-b")
+    await create_merchants(ledger4.service, [payer, payee])
+    hold = transfer(
+        uid("h"), ref(payer, "cash"), ref(payee, "sales"), 10, action=pb.TRANSFER_ACTION_PENDING
+    )
+    assert await sent(ledger4, hold) == ["TRANSFER_RESULT_OK"]
+    # The post's step 1 alone, its saga leased to this test so nothing drives it on.
+    runner = SagaRunner(
+        ledger4.service.cluster, owner="test", settings=SagaSettings(lease_s=HELD_LEASE_S)
+    )
+    post = TransferRequest(
+        id=uid("p"),
+        debit=AccountKey(payer, "cash"),
+        credit=None,
+        amount_minor=6,
+        currency="",
+        action=TransferAction.POST_PENDING,
+        pending_id=hold.id,
+    )
+    start = await runner.begin(post)
+    assert start.saga is not None and start.saga.state is SagaState.RUNNING
+    assert start.outcome.result is TransferResult.OK
+
+    assert await sent(ledger4, reversal(post.id, payer, payee, 6)) == [
+        "TRANSFER_RESULT_REVERSAL_TARGET_NOT_FOUND"
+    ]
+    assert (await runner.drive(start.saga)).state is SagaState.COMPLETED
+    assert await sent(
+        ledger4, reversal(post.id, payer, payee, 7), reversal(post.id, payer, payee, 6)
+    ) == ["TRANSFER_RESULT_REVERSAL_EXCEEDS_ORIGINAL", "TRANSFER_RESULT_OK"]
+    assert await all_balances(ledger4.service, [payer, payee]) == reversed_balances(
+        payer, payee, 6, 6
     )
     await assert_reconciled(ledger4, config, "reconcile.toml", every_mirror_checked=True)
