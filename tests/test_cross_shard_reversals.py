@@ -7,7 +7,9 @@ credit merchant is, bounds it by what the original posted to that account and
 by every reversal of it (all of them debit that account, so all are there, under
 its lock); step 2, where the original's record is, checks that the original is a
 posted transfer between the reversal's two accounts, or refuses it and step 3
-releases the reservation.
+releases the reservation. A cross-shard post of a hold is recorded before its
+credit lands: in between, step 1 finds nothing to bound a reversal by and
+refuses it.
 
 Before, reversing across shards was refused REVERSAL_TARGET_NOT_FOUND whatever
 the original (and before that, found by tests/test_ledger_model.py, the saga
@@ -44,8 +46,9 @@ ORIGINAL_MINOR = 10
 # Reversals of one unit each, sent at once against an original of CONCURRENT_MINOR.
 CONCURRENT_MINOR = 5
 CONCURRENT_REVERSALS = 12
-# A call whose saga is held up at step 2 answers IN_PROGRESS within this deadline.
-SHORT_RPC_TIMEOUT_S = 1.5
+# A call whose saga is held up at step 2 answers IN_PROGRESS within this deadline
+# (the service waits for the saga until limits.saga_deadline_margin_s before it).
+SHORT_RPC_TIMEOUT_S = 3.0
 CANDIDATES = 20_000
 # A saga this test starts is leased to it for longer than the test, so no recovery
 # worker drives it on behind the test's back.

@@ -99,7 +99,7 @@ INTERRUPTED_DRIVE_SHARE = 0.3
 INTERRUPTED_DRIVES_MAX = 5
 INTERRUPTED_LEASE_S = 3_600.0
 # A share of hold operations reverses a post made earlier, once there is one.
-REVERSAL_SHARE = 0.25
+REVERSAL_SHARE = 0.4
 RELAYED_TWICE_BY_THIS_SHARD = """
 SELECT count(*) FROM (SELECT 1 FROM hold_relays GROUP BY merchant_id, transfer_id
                       HAVING count(*) > 1) AS twice
