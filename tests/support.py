@@ -309,6 +309,29 @@ async def background_wake_times(server: LedgerServer) -> dict[str, float]:
 
 
 @contextlib.asynccontextmanager
+async def account_row_locked(dsn: str, merchant_id: str, account_id: str) -> AsyncIterator[None]:
+    """Holds FOR UPDATE on one account row of the shard database at dsn, so a saga
+    step (or any write) that needs it waits until the block ends."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        tx = conn.transaction()
+        await tx.start()
+        try:
+            locked = await conn.fetchval(
+                "SELECT account_id FROM accounts WHERE merchant_id = $1 AND account_id = $2"
+                " FOR UPDATE",
+                merchant_id,
+                account_id,
+            )
+            assert locked == account_id
+            yield
+        finally:
+            await tx.rollback()
+    finally:
+        await conn.close()
+
+
+@contextlib.asynccontextmanager
 async def refusing_connections(service: Service, name: str, admin_dsn: str) -> AsyncIterator[None]:
     """Shard name's database refuses new connections (ALTER DATABASE ... ALLOW_CONNECTIONS
     false, as during maintenance: SQLSTATE 55000) while its server keeps running, and

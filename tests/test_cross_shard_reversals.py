@@ -19,10 +19,6 @@ dropped reversal_of and posted a plain transfer).
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator
-
-import asyncpg
 
 from ledger.domain.accounts import AccountKey
 from ledger.domain.sagas import SagaState
@@ -33,7 +29,15 @@ from ledger.sagas.runner import SagaRunner, SagaSettings
 from ledger.v1 import ledger_pb2 as pb
 from tests.event_support import collect_until
 from tests.ledger4 import ALL_SHARDS, FIRST_SHARDS, Ledger4, merchant_on
-from tests.support import RPC_TIMEOUT_S, ref, result_names, transfer, transfers, uid
+from tests.support import (
+    RPC_TIMEOUT_S,
+    account_row_locked,
+    ref,
+    result_names,
+    transfer,
+    transfers,
+    uid,
+)
 from tests.test_rebalance import (
     all_balances,
     assert_reconciled,
@@ -57,6 +61,14 @@ HELD_LEASE_S = 3_600.0
 
 def first_config(env: Ledger4) -> ShardConfig:
     return env.config(1, FIRST_SHARDS)
+
+
+async def parties_apart(env: Ledger4) -> tuple[ShardConfig, str, str]:
+    """The first config, and a payer on shard-a and a payee on shard-b with accounts."""
+    config = first_config(env)
+    payer, payee = merchant_on(config, "shard-a"), merchant_on(config, "shard-b")
+    await create_merchants(env.service, [payer, payee])
+    return config, payer, payee
 
 
 def reversal(
@@ -86,24 +98,30 @@ async def original_between(env: Ledger4, payer: str, payee: str, amount_minor: i
     return original
 
 
-def reversed_balances(
-    payer: str, payee: str, posted_minor: int, reversed_minor: int
-) -> dict[tuple[str, str], tuple[int, int, int, int]]:
-    """(debits posted, credits posted, debits pending, credits pending) per account."""
-    return {
+async def assert_reversed(
+    env: Ledger4,
+    config: ShardConfig,
+    payer: str,
+    payee: str,
+    posted_minor: int,
+    reversed_minor: int,
+) -> None:
+    """The books once payer cash -> payee sales posted posted_minor in all and its
+    reversals moved reversed_minor back, nothing pending; reconcile is clean."""
+    # (debits posted, credits posted, debits pending, credits pending) per account.
+    assert await all_balances(env.service, [payer, payee]) == {
         (payer, "cash"): (posted_minor, reversed_minor, 0, 0),
         (payer, "sales"): (0, 0, 0, 0),
         (payee, "cash"): (0, 0, 0, 0),
         (payee, "sales"): (reversed_minor, posted_minor, 0, 0),
     }
+    await assert_reconciled(env, config, "reconcile.toml", every_mirror_checked=True)
 
 
 async def test_a_transfer_between_shards_is_reversed_in_parts_up_to_its_amount(
     ledger4: Ledger4,
 ) -> None:
-    config = first_config(ledger4)
-    payer, payee = merchant_on(config, "shard-a"), merchant_on(config, "shard-b")
-    await create_merchants(ledger4.service, [payer, payee])
+    config, payer, payee = await parties_apart(ledger4)
     original = await original_between(ledger4, payer, payee, ORIGINAL_MINOR)
 
     first = reversal(original, payer, payee, 4)
@@ -141,18 +159,13 @@ async def test_a_transfer_between_shards_is_reversed_in_parts_up_to_its_amount(
         ledger4, reversal(original, payer, payee, 6), reversal(original, payer, payee, 1)
     ) == ["TRANSFER_RESULT_OK", "TRANSFER_RESULT_REVERSAL_EXCEEDS_ORIGINAL"]
 
-    assert await all_balances(ledger4.service, [payer, payee]) == reversed_balances(
-        payer, payee, ORIGINAL_MINOR, ORIGINAL_MINOR
-    )
-    await assert_reconciled(ledger4, config, "reconcile.toml", every_mirror_checked=True)
+    await assert_reversed(ledger4, config, payer, payee, ORIGINAL_MINOR, ORIGINAL_MINOR)
 
 
 async def test_reversals_sent_at_once_never_reverse_more_than_the_original(
     ledger4: Ledger4,
 ) -> None:
-    config = first_config(ledger4)
-    payer, payee = merchant_on(config, "shard-a"), merchant_on(config, "shard-b")
-    await create_merchants(ledger4.service, [payer, payee])
+    config, payer, payee = await parties_apart(ledger4)
     original = await original_between(ledger4, payer, payee, CONCURRENT_MINOR)
 
     answers = await asyncio.gather(
@@ -162,47 +175,21 @@ async def test_reversals_sent_at_once_never_reverse_more_than_the_original(
     assert names == ["TRANSFER_RESULT_OK"] * CONCURRENT_MINOR + [
         "TRANSFER_RESULT_REVERSAL_EXCEEDS_ORIGINAL"
     ] * (CONCURRENT_REVERSALS - CONCURRENT_MINOR)
-    assert await all_balances(ledger4.service, [payer, payee]) == reversed_balances(
-        payer, payee, CONCURRENT_MINOR, CONCURRENT_MINOR
-    )
 
     # In one batch, in order: the first reversal of a fresh original takes its room.
     second = await original_between(ledger4, payer, payee, 3)
     assert await sent(
         ledger4, reversal(second, payer, payee, 3), reversal(second, payer, payee, 3)
     ) == ["TRANSFER_RESULT_OK", "TRANSFER_RESULT_REVERSAL_EXCEEDS_ORIGINAL"]
-    await assert_reconciled(ledger4, config, "reconcile.toml", every_mirror_checked=True)
-
-
-@contextlib.asynccontextmanager
-async def row_locked(
-    env: Ledger4, shard: str, merchant_id: str, account_id: str
-) -> AsyncIterator[None]:
-    """Holds FOR UPDATE on one account row, so a saga step that needs it waits."""
-    conn = await asyncpg.connect(env.specs[shard].dsn)
-    tx = conn.transaction()
-    await tx.start()
-    try:
-        locked = await conn.fetchval(
-            "SELECT account_id FROM accounts WHERE merchant_id = $1 AND account_id = $2 FOR UPDATE",
-            merchant_id,
-            account_id,
-        )
-        assert locked == account_id
-        yield
-    finally:
-        await tx.rollback()
-        await conn.close()
+    await assert_reversed(ledger4, config, payer, payee, CONCURRENT_MINOR + 3, CONCURRENT_MINOR + 3)
 
 
 async def test_a_reversal_still_in_flight_counts_until_its_saga_ends(ledger4: Ledger4) -> None:
-    config = first_config(ledger4)
-    payer, payee = merchant_on(config, "shard-a"), merchant_on(config, "shard-b")
-    await create_merchants(ledger4.service, [payer, payee])
+    config, payer, payee = await parties_apart(ledger4)
     original = await original_between(ledger4, payer, payee, ORIGINAL_MINOR)
 
     held_up = reversal(original, payer, payee, 8)
-    async with row_locked(ledger4, "shard-a", payer, "cash"):
+    async with account_row_locked(ledger4.specs["shard-a"].dsn, payer, "cash"):
         response = await ledger4.service.stub.CreateTransfers(
             pb.CreateTransfersRequest(transfers=[held_up]), timeout=SHORT_RPC_TIMEOUT_S
         )
@@ -217,10 +204,7 @@ async def test_a_reversal_still_in_flight_counts_until_its_saga_ends(ledger4: Le
     assert await sent(
         ledger4, reversal(original, payer, payee, 3), reversal(original, payer, payee, 2)
     ) == ["TRANSFER_RESULT_REVERSAL_EXCEEDS_ORIGINAL", "TRANSFER_RESULT_OK"]
-    assert await all_balances(ledger4.service, [payer, payee]) == reversed_balances(
-        payer, payee, ORIGINAL_MINOR, ORIGINAL_MINOR
-    )
-    await assert_reconciled(ledger4, config, "reconcile.toml", every_mirror_checked=True)
+    await assert_reversed(ledger4, config, payer, payee, ORIGINAL_MINOR, ORIGINAL_MINOR)
 
 
 async def test_reversals_count_wherever_moves_have_put_the_two_parties(ledger4: Ledger4) -> None:
@@ -278,18 +262,13 @@ async def test_reversals_count_wherever_moves_have_put_the_two_parties(ledger4: 
         "TRANSFER_RESULT_REVERSAL_EXCEEDS_ORIGINAL",
         "TRANSFER_RESULT_OK",
     ]
-    assert await all_balances(ledger4.service, [payer, payee]) == reversed_balances(
-        payer, payee, 12 + 7, 12 + 7
-    )
-    await assert_reconciled(ledger4, configs[2], "reconcile.toml", every_mirror_checked=True)
+    await assert_reversed(ledger4, configs[2], payer, payee, 12 + 7, 12 + 7)
 
 
 async def test_a_reversal_refused_at_step_two_releases_its_reservation_and_reads_as_refused(
     ledger4: Ledger4,
 ) -> None:
-    config = first_config(ledger4)
-    payer, payee = merchant_on(config, "shard-a"), merchant_on(config, "shard-b")
-    await create_merchants(ledger4.service, [payer, payee])
+    config, payer, payee = await parties_apart(ledger4)
     original = await original_between(ledger4, payer, payee, ORIGINAL_MINOR)
     mismatched = reversal(original, payer, payee, ORIGINAL_MINOR, credit="sales")
     assert await sent(ledger4, mismatched) == ["TRANSFER_RESULT_REVERSAL_ACCOUNTS_MISMATCH"]
@@ -306,10 +285,7 @@ async def test_a_reversal_refused_at_step_two_releases_its_reservation_and_reads
     assert await sent(ledger4, reversal(original, payer, payee, ORIGINAL_MINOR)) == [
         "TRANSFER_RESULT_OK"
     ]
-    assert await all_balances(ledger4.service, [payer, payee]) == reversed_balances(
-        payer, payee, ORIGINAL_MINOR, ORIGINAL_MINOR
-    )
-    await assert_reconciled(ledger4, config, "reconcile.toml", every_mirror_checked=True)
+    await assert_reversed(ledger4, config, payer, payee, ORIGINAL_MINOR, ORIGINAL_MINOR)
 
 
 async def test_a_hold_posted_across_shards_is_reversed_only_once_its_credit_landed(
@@ -319,9 +295,7 @@ async def test_a_hold_posted_across_shards_is_reversed_only_once_its_credit_land
     its credit lands on the payee's (step 2). In between, the original reads as a
     good post where the reversal's step 2 would look, so step 1 must refuse it: the
     payee's account holds nothing posted by it yet to bound the reversal by."""
-    config = first_config(ledger4)
-    payer, payee = merchant_on(config, "shard-a"), merchant_on(config, "shard-b")
-    await create_merchants(ledger4.service, [payer, payee])
+    config, payer, payee = await parties_apart(ledger4)
     hold = transfer(
         uid("h"), ref(payer, "cash"), ref(payee, "sales"), 10, action=pb.TRANSFER_ACTION_PENDING
     )
@@ -350,7 +324,4 @@ async def test_a_hold_posted_across_shards_is_reversed_only_once_its_credit_land
     assert await sent(
         ledger4, reversal(post.id, payer, payee, 7), reversal(post.id, payer, payee, 6)
     ) == ["TRANSFER_RESULT_REVERSAL_EXCEEDS_ORIGINAL", "TRANSFER_RESULT_OK"]
-    assert await all_balances(ledger4.service, [payer, payee]) == reversed_balances(
-        payer, payee, 6, 6
-    )
-    await assert_reconciled(ledger4, config, "reconcile.toml", every_mirror_checked=True)
+    await assert_reversed(ledger4, config, payer, payee, 6, 6)

@@ -24,6 +24,7 @@ from tests.process_cluster import ProcessCluster
 from tests.support import (
     RPC_TIMEOUT_S,
     account,
+    account_row_locked,
     balance,
     create_accounts,
     ref,
@@ -411,20 +412,9 @@ async def row_locked(
     cluster: ProcessCluster, shard: str, merchant_id: str, account_id: str
 ) -> AsyncIterator[None]:
     """Holds FOR UPDATE on one account row, so a saga step that needs it waits."""
-    async with shard_connection(cluster, shard) as conn:
-        tx = conn.transaction()
-        await tx.start()
-        try:
-            locked = await conn.fetchval(
-                "SELECT account_id FROM accounts WHERE merchant_id = $1 AND account_id = $2"
-                " FOR UPDATE",
-                merchant_id,
-                account_id,
-            )
-            assert locked == account_id
-            yield
-        finally:
-            await tx.rollback()
+    dsn = cluster.shards.servers[shard].dsn("ledger")
+    async with account_row_locked(dsn, merchant_id, account_id):
+        yield
 
 
 async def test_replay_before_during_and_after_the_saga_moves_money_once(
