@@ -1267,8 +1267,22 @@ class Run:
         item.amount_minor = max(1, min(amount, BALANCE_MAX))
         if rng.random() < 0.1:
             debit, credit = credit, debit
-        elif rng.random() < 0.05:
-            credit = self.pick_account(currency=currency)
+        elif rng.random() < 0.1:
+            # Another account, half the time of the original's debit merchant: across
+            # shards only step 2, where the original is, can tell it is not the one.
+            accounts = state.accounts
+            same_merchant = [
+                k
+                for k in accounts
+                if k[0] == credit[0]
+                and k != credit
+                and k[1] not in BIG_ACCOUNTS
+                and accounts[k].currency == currency
+            ]
+            if same_merchant and rng.random() < 0.5:
+                credit = rng.choice(same_merchant)
+            else:
+                credit = self.pick_account(currency=currency)
         item.debit_account.CopyFrom(ref(*debit))
         item.credit_account.CopyFrom(ref(*credit))
         item.currency = currency
