@@ -48,6 +48,17 @@ INSERT INTO pending_resolutions (merchant_id, pending_id, state, by_transfer_id,
 SELECT 'm' || (g % 100), $2 || g, 2, 'b' || g, now() FROM generate_series(1, $1) AS g
 """
 
+# An entry per account (the transfer's key as the account's: the lookups below
+# name both with the same keys).
+_FILL_ENTRIES = """
+INSERT INTO entries (merchant_id, account_id, sequence, transfer_merchant_id, transfer_id,
+    direction, kind, amount_minor, debits_posted, credits_posted, debits_pending,
+    credits_pending, created_at, entry_hash)
+SELECT 'm' || (g % 100), $2 || g, 1, 'm' || (g % 100), $2 || g, 2, 1, 5, 0, 5, 0, 0, now(),
+       sha256(($2 || g)::bytea)
+FROM generate_series(1, $1) AS g
+"""
+
 
 @dataclass(frozen=True)
 class Lookup:
@@ -74,6 +85,13 @@ LOOKUPS = [
         "text[], text[]",
         "pending_resolutions",
         _FILL_RESOLUTIONS,
+    ),
+    Lookup(
+        "what originals posted to a reversal's account",
+        saga_sql.CREDITED_BY_ORIGINALS,
+        "text[], text[], text[], text[]",
+        "entries",
+        _FILL_ENTRIES,
     ),
     Lookup(
         "saga steps' transfers",
@@ -107,7 +125,8 @@ async def test_a_lookup_planned_on_a_small_table_still_probes_by_key_once_it_gre
         # Three keys that exist once the table grew (EXECUTE takes no bind parameters).
         keys = "ARRAY['m1', 'm2', 'm3'], ARRAY['grown-1', 'grown-2', 'grown-3']"
         kinds = ", ARRAY[1, 1, 1]::smallint[]"
-        execute = f"EXECUTE lookup({keys}{f', {keys}{kinds}' if arity == 5 else ''})"
+        more = {2: "", 4: f", {keys}", 5: f", {keys}{kinds}"}[arity]
+        execute = f"EXECUTE lookup({keys}{more})"
         for i in range(EXECUTIONS_WHILE_SMALL):
             await conn.execute(lookup.fill, 2, f"small{i}-")
             await conn.fetch(execute)
