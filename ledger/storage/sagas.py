@@ -471,7 +471,11 @@ class SagaStore:
         have reversed of it so far (docs/sagas.md, "Reversals across shards")."""
         if not reversals:
             return {}, {}
-        targets = [TransferKey(_credit_of(r).merchant_id, r.reversal_of) for r in reversals]
+        credits = [_credit_of(r) for r in reversals]
+        targets = [
+            TransferKey(c.merchant_id, r.reversal_of)
+            for r, c in zip(reversals, credits, strict=True)
+        ]
         rows = await conn.fetch(
             sql.CREDITED_BY_ORIGINALS,
             [r.debit.merchant_id for r in reversals],
@@ -480,18 +484,15 @@ class SagaStore:
             [t.transfer_id for t in targets],
         )
         credited = {
-            (r["account_merchant_id"], r["account_id"], r["merchant_id"], r["transfer_id"]): int(
-                r["credited_minor"]
-            )
+            (
+                AccountKey(r["account_merchant_id"], r["account_id"]),
+                TransferKey(r["merchant_id"], r["transfer_id"]),
+            ): int(r["credited_minor"])
             for r in rows
         }
         far = {
-            r.key: FarReversal(
-                r.debit,
-                _credit_of(r),
-                credited[(r.debit.merchant_id, r.debit.account_id, t.merchant_id, t.transfer_id)],
-            )
-            for r, t in zip(reversals, targets, strict=True)
+            r.key: FarReversal(r.debit, c, credited[(r.debit, t)])
+            for r, c, t in zip(reversals, credits, targets, strict=True)
         }
         return far, await self.shard._reversed(conn, targets)
 
