@@ -125,6 +125,10 @@ gc_young_threshold = 5_000
 # Settlement accounts are one per peer shard, currency and stripe; a shard
 # remembers this many as existing (and forgets them all past it).
 settlement_accounts_remembered_max = 4096
+# A move books a merchant's position on the first of these numbered accounts per
+# peer and currency with room (ledger/domain/moves.py, position_account); each
+# takes AMOUNT_MINOR_MAX a side, so this many outlast any real history.
+position_generations_max = 1024
 # A settle of a cross-shard hold whose credit merchant moved passes through
 # at most this many relay shards (one per move of a party while it was held).
 hold_relay_hops_max = 16

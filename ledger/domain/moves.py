@@ -2,10 +2,11 @@
 
 A merchant's accounts carry a net position per currency (credits minus debits
 posted). When they leave shard S for shard D, S would be left with the
-opposite of that position and D with the position itself. One entry on each
-side's settlement account for the other carries the difference, exactly as a
-cross-shard transfer would: S's settlement account for D takes the merchant's
-net position, D's settlement account for S its opposite, and the two mirror.
+opposite of that position and D with the position itself. Entries on each
+side's settlement accounts for the other carry the difference, as a
+cross-shard transfer would: S's position accounts for D take the merchant's
+net position, D's for S its opposite, and the two mirror (position_account:
+numbered, so a position always finds room).
 Pending transfers between the merchant's own accounts move with it (their
 holds cancel out). A local pending transfer between it and another merchant
 that stays becomes a cross-shard one, as if a saga had made it: on the side
@@ -39,8 +40,10 @@ from datetime import datetime
 from ledger.domain.accounts import Account, AccountKey, Balances
 from ledger.domain.chain import chained_entry
 from ledger.domain.engine import AccountState, booked, state_of
+from ledger.domain.sagas import SETTLEMENT_MERCHANT_ID
 from ledger.domain.transfers import Direction, Entry, EntryKind, TransferKey
 from ledger.domain.value import value
+from ledger.limits import AMOUNT_MINOR_MAX
 
 MOVE_MERCHANT_ID = "$move"
 
@@ -130,33 +133,60 @@ def move_key(merchant_id: str, epoch: int) -> TransferKey:
     return TransferKey(MOVE_MERCHANT_ID, f"{merchant_id}@{epoch}")
 
 
-def settlement_booking(
-    settlement: Account, *, net_posted: int, leaving: bool, key: TransferKey, now: datetime
-) -> tuple[Entry, AccountState] | None:
-    """The entry on one side's settlement account for a merchant with net_posted.
+def position_account(peer_shard: str, currency: str, generation: int) -> AccountKey:
+    """This shard's account for peer_shard that moves book merchants' positions on.
+
+    Kept apart from the transfers' striped settlement accounts, and numbered: an
+    account takes at most AMOUNT_MINOR_MAX a side, and a move books what one
+    generation cannot take on the next. So neither a transfer that filled a
+    stripe nor a position larger than one account can hold stops a merchant
+    from moving (tests/test_settlement_capacity.py). Nothing settles against
+    these later; reconcile sums every settlement account per peer and currency.
+    """
+    return AccountKey(SETTLEMENT_MERCHANT_ID, f"{peer_shard}/{currency}/moves-{generation}")
+
+
+def position_minor(net_posted: int, *, leaving: bool) -> int:
+    """What one side's settlement account for the other takes for a merchant with
+    net_posted: credited when positive, debited when negative.
 
     leaving: this is the shard the merchant leaves (it takes the merchant's
     position); otherwise the shard it arrives on (it takes the opposite).
     """
-    amount = net_posted if leaving else -net_posted
-    if amount == 0:
-        return None
+    return net_posted if leaving else -net_posted
+
+
+def position_room_minor(settlement: Account, *, credit: bool) -> int:
+    """How much more the settlement account's side (credit, else debit) may take."""
     b = settlement.balances
-    if amount > 0:
-        direction = Direction.CREDIT
-        after: Balances = replace(b, credits_posted=b.credits_posted + amount)
+    used = b.credits_posted + b.credits_pending if credit else b.debits_posted + b.debits_pending
+    return AMOUNT_MINOR_MAX - used
+
+
+def position_booking(
+    settlement: Account, *, position_minor: int, key: TransferKey, now: datetime
+) -> tuple[tuple[Entry, AccountState] | None, int]:
+    """The entry booking as much of position_minor as the settlement account has
+    room for on its side (None if it has none), and what is left to book."""
+    credit = position_minor > 0
+    b = settlement.balances
+    part = min(abs(position_minor), position_room_minor(settlement, credit=credit))
+    if part <= 0:
+        return None, position_minor
+    if credit:
+        after: Balances = replace(b, credits_posted=b.credits_posted + part)
     else:
-        direction = Direction.DEBIT
-        after = replace(b, debits_posted=b.debits_posted - amount)
+        after = replace(b, debits_posted=b.debits_posted + part)
     entry = chained_entry(
         settlement.head_hash,
         account=settlement.key,
         sequence=settlement.entry_count + 1,
         transfer=key,
-        direction=direction,
+        direction=Direction.CREDIT if credit else Direction.DEBIT,
         kind=EntryKind.POSTED,
-        amount_minor=abs(amount),
+        amount_minor=part,
         balances_after=after,
         created_at=now,
     )
-    return entry, AccountState(after, entry.sequence, entry.hash)
+    left = position_minor - part if credit else position_minor + part
+    return (entry, AccountState(after, entry.sequence, entry.hash)), left

@@ -326,9 +326,10 @@ SELECT
   )) AS limits_md5
 """
 
+# numeric, not bigint: a merchant's accounts together may hold more than one can.
 NET_POSITIONS = """
-SELECT currency, sum(credits_posted::numeric - debits_posted)::bigint AS net_posted,
-       sum(credits_pending::numeric - debits_pending)::bigint AS net_pending
+SELECT currency, sum(credits_posted::numeric - debits_posted) AS net_posted,
+       sum(credits_pending::numeric - debits_pending) AS net_pending
 FROM accounts WHERE merchant_id = $1 GROUP BY currency ORDER BY currency
 """
 

@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
-from ledger.domain.accounts import AccountKey
+from ledger import limits
+from ledger.domain.accounts import Account, AccountKey
 from ledger.domain.engine import AccountState, advanced
 from ledger.domain.events import EventKind
 from ledger.domain.moves import (
@@ -19,7 +20,10 @@ from ledger.domain.moves import (
     LocalHold,
     carried_hold_booking,
     move_key,
-    settlement_booking,
+    position_account,
+    position_booking,
+    position_minor,
+    position_room_minor,
 )
 from ledger.domain.sagas import (
     SETTLEMENT_MERCHANT_ID,
@@ -647,16 +651,13 @@ class MoveStore:
             if switched is None:
                 return False
             positions = await conn.fetch(sql.NET_POSITIONS, merchant_id)
-            now: datetime = await conn.fetchval(ledger_sql.NOW)
             held_minor = carried.net_pending_minor(merchant_id)
-            settlements: dict[AccountKey, str] = {}
             for position in positions:
                 invariant(
                     position["net_pending"] == held_minor.get(position["currency"], 0),
                     "a merchant moves only with pending transfers it can carry",
                 )
-                currency = position["currency"]
-                settlements[settlement_account(peer, currency, merchant_id)] = currency
+            settlements: dict[AccountKey, str] = {}
             # The settlement account for the other shard takes the side the moving
             # merchant leaves here (or, arriving, the side it left behind).
             sides: list[tuple[LocalHold | CrossHold, bool]] = [
@@ -676,6 +677,15 @@ class MoveStore:
                     currency,
                 )
             accounts = dict(await self.shard._lock_accounts(conn, set(settlements)))
+            # After every other lock, in (currency, generation) order: no other
+            # transaction locks position accounts but a move, so none waits in a cycle.
+            positioned = await self._lock_position_accounts(
+                conn, peer, {p["currency"]: int(p["net_posted"]) for p in positions}, leaving
+            )
+            for locked in positioned.values():
+                accounts.update((a.key, a) for a in locked)
+            # Read after the locks: entries' times rise with their sequence on every account.
+            now: datetime = await conn.fetchval(ledger_sql.NOW)
             # Decided under the settlement locks that a relay pass takes too.
             folds = (
                 set(folded)
@@ -701,14 +711,13 @@ class MoveStore:
                 to_shard=peer if leaving else self.shard.name,
             )
             for position in positions:
-                key = settlement_account(peer, position["currency"], merchant_id)
-                net_posted = int(position["net_posted"])
-                book(
-                    key,
-                    settlement_booking(
-                        accounts[key], net_posted=net_posted, leaving=leaving, key=move, now=now
-                    ),
-                )
+                left = position_minor(int(position["net_posted"]), leaving=leaving)
+                for account in positioned.get(position["currency"], []):
+                    booking, left = position_booking(
+                        account, position_minor=left, key=move, now=now
+                    )
+                    book(account.key, booking)
+                invariant(left == 0, "a move books a merchant's whole position")
             for hold, debit in sides:
                 key = settlement_account(peer, hold.currency, hold.key.transfer_id)
                 book(
@@ -741,6 +750,31 @@ class MoveStore:
             return True
 
         return await self.shard._in_transaction(run)
+
+    async def _lock_position_accounts(
+        self, conn: Connection, peer: str, net_posted: Mapping[str, int], leaving: bool
+    ) -> dict[str, list[Account]]:
+        """Per currency, the position accounts for peer (made on first use) that
+        take the merchant's position between them, locked in generation order:
+        the first with room on the position's side, and as many after it as the
+        rest needs (ledger/domain/moves.py, position_account)."""
+        found: dict[str, list[Account]] = {}
+        for currency in sorted(net_posted):
+            left = position_minor(net_posted[currency], leaving=leaving)
+            for generation in range(limits.position_generations_max):
+                if left == 0:
+                    break
+                key = position_account(peer, currency, generation)
+                await conn.execute(
+                    saga_sql.ENSURE_SETTLEMENT_ACCOUNT, key.merchant_id, key.account_id, currency
+                )
+                account = (await self.shard._lock_accounts(conn, {key}))[key]
+                part = min(abs(left), position_room_minor(account, credit=left > 0))
+                if part > 0:
+                    found.setdefault(currency, []).append(account)
+                    left -= part if left > 0 else -part
+            invariant(left == 0, "a position finds room within position_generations_max")
+        return found
 
     async def _fold_arrivals(
         self,
