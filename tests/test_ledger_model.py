@@ -49,12 +49,9 @@ applied in order around a settle naming no credit account (a later item on its
 hold's credit account ran first); an item resending a recorded id with a credit
 account on another shard (it makes nothing) was taken for a saga making that
 hold, so a chain on one shard settling the id refused the call
-(tests/test_model_findings.py).
-
-A known service defect, kept out of the batches unless
-LEDGER_LEDGER_MODEL_KNOWN_DEFECTS=1 (then the run fails on it): a huge transfer
-across shards fills a hidden settlement account, and later sagas of any
-merchant booked on that stripe are refused with OVERFLOW.
+(tests/test_model_findings.py); a huge transfer across shards filled a hidden
+settlement stripe, and later sagas of any merchant booked on it were refused
+with OVERFLOW (tests/test_settlement_capacity.py).
 
 Short in the suite (a few seeds); long on demand, for example:
     LEDGER_LEDGER_MODEL_SEEDS=1-40 LEDGER_LEDGER_MODEL_STEPS=120 \
@@ -143,9 +140,6 @@ ENTRIES_PAGE_LARGE = 50
 # GetBalance as_of checks per account at the end of a run.
 AS_OF_CHECKS_AT_END = 2
 MICROS_PER_S = 1_000_000
-# Set to 1 to also send what the known service defect (module docstring) gets wrong,
-# checked against the contract: the run then fails on it.
-KNOWN_DEFECTS = os.environ.get("LEDGER_LEDGER_MODEL_KNOWN_DEFECTS") == "1"
 
 OK = pb.TRANSFER_RESULT_OK
 POST = pb.TRANSFER_ACTION_POST
@@ -1132,14 +1126,9 @@ class Run:
             amount = rng.choice([BALANCE_MAX, BALANCE_MAX // 2, BALANCE_MAX - amount, amount])
             if rng.random() < 0.3:
                 # Another account onto them (a limited one: its limit and their overflow
-                # at once). Huge amounts stay on one shard: across shards they would also
-                # fill the hidden settlement accounts, which every later saga books against.
-                same_shard = [
-                    m
-                    for m in self.merchants
-                    if KNOWN_DEFECTS or self.shard_of[m] == self.shard_of[m0]
-                ]
-                debit = (rng.choice(same_shard), rng.choice(["wallet", "wallet", "cash"]))
+                # at once), on any shard: across shards a huge amount fills a hidden
+                # settlement stripe, which later sagas between the shards pass.
+                debit = (rng.choice(self.merchants), rng.choice(["wallet", "wallet", "cash"]))
                 amount = rng.choice([amount, AMOUNT_MINOR_MAX])
         action = PENDING if rng.random() < 0.35 else POST
         item = pb.Transfer(

@@ -61,6 +61,7 @@ from tests.test_rebalance import (
     send_retrying,
     wait_for_balances,
 )
+from tests.test_settlement_capacity import fill_every_stripe
 
 
 def _seeds() -> list[int]:
@@ -103,6 +104,10 @@ REVERSAL_SHARE = 0.4
 RELAYED_TWICE_BY_THIS_SHARD = """
 SELECT count(*) FROM (SELECT 1 FROM hold_relays GROUP BY merchant_id, transfer_id
                       HAVING count(*) > 1) AS twice
+"""
+# Entries on settlement accounts of one transfer's own (docs/sagas.md, "Stripes that fill").
+ENTRIES_ON_OWN_SETTLEMENT_ACCOUNTS = """
+SELECT count(*) FROM entries WHERE merchant_id = '$settlement' AND account_id LIKE '%/t-%'
 """
 # A move deferred for holds whose paths it would make too long names them:
 # "hold T of M" or "holds T1 of M1, T2 of M2 (and maybe others)".
@@ -590,16 +595,29 @@ class Run:
 
 
 @pytest.mark.timeout(900)
+@pytest.mark.parametrize("full_stripes", [False, True], ids=["stripes", "full-stripes"])
 @pytest.mark.parametrize("seed", _seeds())
 async def test_random_moves_and_holds_keep_every_hold_settleable(
-    ledger4: Ledger4, seed: int
+    ledger4: Ledger4, seed: int, full_stripes: bool
 ) -> None:
+    """full_stripes: every settlement stripe between the first shards is filled
+    first (both sides), so their sagas', holds' and moves' legs are booked on
+    accounts of their own and every step after finds them there."""
     run = Run(ledger4, seed)
+    if full_stripes:
+        await fill_every_stripe(ledger4, run.topology.config(), f"fw{seed}")
     await create_merchants(ledger4.service, run.merchants)
     for _ in range(STEPS):
         await run.step()
     await run.finish()
+    if full_stripes:
+        own = await on_every_shard(
+            ledger4, ENTRIES_ON_OWN_SETTLEMENT_ACCOUNTS, shards=run.topology.names
+        )
+        run.counts["entries on own settlement accounts"] = sum(own.values())
+        assert own, "no leg went to an account of its own past the filled stripes"
     print(
-        f"\nseed {seed}: {STEPS} steps, {run.kills} rebalances killed, "
+        f"\nseed {seed}{' (full stripes)' if full_stripes else ''}: {STEPS} steps, "
+        f"{run.kills} rebalances killed, "
         f"epoch {run.topology.epoch}, {dict(sorted(run.counts.items()))}"
     )

@@ -158,9 +158,7 @@ def position_minor(net_posted: int, *, leaving: bool) -> int:
 
 def position_room_minor(settlement: Account, *, credit: bool) -> int:
     """How much more the settlement account's side (credit, else debit) may take."""
-    b = settlement.balances
-    used = b.credits_posted + b.credits_pending if credit else b.debits_posted + b.debits_pending
-    return AMOUNT_MINOR_MAX - used
+    return AMOUNT_MINOR_MAX - settlement.balances.side_minor(debit=not credit)
 
 
 def position_booking(

@@ -13,6 +13,7 @@ first, where the decision is made once, then T's side, which cannot refuse.
 
 from __future__ import annotations
 
+import hashlib
 import zlib
 from collections.abc import Mapping
 from dataclasses import replace
@@ -103,6 +104,10 @@ class CreditRecord:
 SETTLEMENT_STRIPES = 16
 
 
+# Hex digits of a transfer key's digest in its own settlement account's id (128 bits).
+OWN_DIGEST_HEX = 32
+
+
 def settlement_stripe(transfer_id: str) -> int:
     """The stripe a transfer's money goes through; stable, so every step agrees."""
     return zlib.crc32(transfer_id.encode()) % SETTLEMENT_STRIPES
@@ -116,6 +121,17 @@ def settlement_account(peer_shard: str, currency: str, transfer_id: str) -> Acco
     """
     stripe = settlement_stripe(transfer_id)
     return AccountKey(SETTLEMENT_MERCHANT_ID, f"{peer_shard}/{currency}/{stripe}")
+
+
+def own_settlement_account(peer_shard: str, currency: str, key: TransferKey) -> AccountKey:
+    """This shard's settlement account for peer_shard that holds one transfer's
+    money alone: made only when the transfer's stripe has no room for it
+    (ledger/storage/settlement_legs.py). Named by a digest of the transfer's key,
+    so any merchant and transfer id fit an account id."""
+    digest = hashlib.sha256(f"{key.merchant_id}\0{key.transfer_id}".encode()).hexdigest()
+    return AccountKey(
+        SETTLEMENT_MERCHANT_ID, f"{peer_shard}/{currency}/t-{digest[:OWN_DIGEST_HEX]}"
+    )
 
 
 @value(order=True)
@@ -174,15 +190,10 @@ class SagaStep:
     at: datetime
 
 
-def local_view(record: TransferRecord, peer_shard: str) -> TransferRecord:
-    """A cross-shard transfer as its debit shard books it: credited to settlement."""
-    request = record.request
-    return replace(
-        record,
-        request=replace(
-            request, credit=settlement_account(peer_shard, request.currency, request.id)
-        ),
-    )
+def local_view(record: TransferRecord, settlement: AccountKey) -> TransferRecord:
+    """A cross-shard transfer as its debit shard books it: credited to the
+    settlement account that holds its leg (ledger/storage/settlement_legs.py)."""
+    return replace(record, request=replace(record.request, credit=settlement))
 
 
 def rekey(

@@ -29,7 +29,6 @@ from ledger.domain.sagas import (
     SETTLEMENT_MERCHANT_ID,
     CreditOutcome,
     SagaKind,
-    settlement_account,
 )
 from ledger.domain.transfers import Entry, TransferAction, TransferKey, TransferResult
 from ledger.invariant import invariant
@@ -37,6 +36,7 @@ from ledger.storage import move_statements as sql
 from ledger.storage import saga_statements as saga_sql
 from ledger.storage import statements as ledger_sql
 from ledger.storage.errors import is_unavailable
+from ledger.storage.settlement_legs import Leg, NewLeg, candidates, open_legs, resolved
 from ledger.storage.shard import Shard, write_plan
 
 if TYPE_CHECKING:
@@ -657,7 +657,6 @@ class MoveStore:
                     position["net_pending"] == held_minor.get(position["currency"], 0),
                     "a merchant moves only with pending transfers it can carry",
                 )
-            settlements: dict[AccountKey, str] = {}
             # The settlement account for the other shard takes the side the moving
             # merchant leaves here (or, arriving, the side it left behind).
             sides: list[tuple[LocalHold | CrossHold, bool]] = [
@@ -665,18 +664,36 @@ class MoveStore:
                 for local in carried.local
             ]
             sides += [(cross, cross.debit_party == leaving) for cross in carried.cross]
-            for hold, _ in sides:
-                settlements[settlement_account(peer, hold.currency, hold.key.transfer_id)] = (
-                    hold.currency
-                )
-            for settlement, currency in settlements.items():
+            legs = {hold.key: Leg(peer, hold.currency, hold.key) for hold, _ in sides}
+            for stripe, currency in {leg.stripe: leg.currency for leg in legs.values()}.items():
                 await conn.execute(
                     saga_sql.ENSURE_SETTLEMENT_ACCOUNT,
                     SETTLEMENT_MERCHANT_ID,
-                    settlement.account_id,
+                    stripe.account_id,
                     currency,
                 )
-            accounts = dict(await self.shard._lock_accounts(conn, set(settlements)))
+            accounts = dict(await self.shard._lock_accounts(conn, candidates(legs.values())))
+            # Decided under the settlement locks that a relay pass takes too.
+            folds = (
+                set(folded)
+                if folded is not None
+                else await self._fold_arrivals(
+                    conn, carried.cross, merchant_id, source=peer, epoch=epoch
+                )
+            )
+            # A hold carried (not folded) opens its leg for peer here; its path may
+            # have passed here and peer before, so it stays where entries of it are.
+            opened = await open_legs(
+                conn,
+                self.shard,
+                accounts,
+                [
+                    NewLeg(legs[hold.key], debit=debit, amount_minor=hold.amount_minor)
+                    for hold, debit in sides
+                    if hold.key not in folds
+                ],
+                may_have_entries=True,
+            )
             # After every other lock, in (currency, generation) order: no other
             # transaction locks position accounts but a move, so none waits in a cycle.
             positioned = await self._lock_position_accounts(
@@ -686,14 +703,6 @@ class MoveStore:
                 accounts.update((a.key, a) for a in locked)
             # Read after the locks: entries' times rise with their sequence on every account.
             now: datetime = await conn.fetchval(ledger_sql.NOW)
-            # Decided under the settlement locks that a relay pass takes too.
-            folds = (
-                set(folded)
-                if folded is not None
-                else await self._fold_arrivals(
-                    conn, carried.cross, merchant_id, source=peer, epoch=epoch
-                )
-            )
             entries: list[Entry] = []
             changed: dict[AccountKey, AccountState] = {}
 
@@ -719,7 +728,8 @@ class MoveStore:
                     book(account.key, booking)
                 invariant(left == 0, "a move books a merchant's whole position")
             for hold, debit in sides:
-                key = settlement_account(peer, hold.currency, hold.key.transfer_id)
+                leg = legs[hold.key]
+                key = opened[leg] if leg in opened else resolved(leg, accounts)
                 book(
                     key,
                     carried_hold_booking(
@@ -888,16 +898,20 @@ class MoveStore:
             seen = await conn.fetch(sql.SELF_HOLDS_OF, merchant_id, here)
             if not seen:
                 return 0
-            settlements = {settlement_account(here, r["currency"], r["transfer_id"]) for r in seen}
-            accounts = dict(await self.shard._lock_accounts(conn, settlements))
+            legs: dict[TransferKey, Leg] = {}
+            for r in seen:
+                k = TransferKey(r["merchant_id"], r["transfer_id"])
+                legs[k] = Leg(here, r["currency"], k)
+            accounts = dict(await self.shard._lock_accounts(conn, candidates(legs.values())))
             now: datetime = await conn.fetchval(ledger_sql.NOW)
             entries: list[Entry] = []
             changed: dict[AccountKey, AccountState] = {}
             # Read again under the locks: a settle may have resolved one meanwhile.
             for r in await conn.fetch(sql.SELF_HOLDS_OF, merchant_id, here):
                 k = TransferKey(r["merchant_id"], r["transfer_id"])
-                key = settlement_account(here, r["currency"], k.transfer_id)
-                if key not in accounts or not await _make_local(
+                leg = legs.get(k)
+                key = resolved(leg, accounts) if leg is not None else None
+                if key is None or key not in accounts or not await _make_local(
                     conn, k, merchant_id, credit_merchant_id=r["credit_merchant_id"]
                 ):
                     continue

@@ -19,6 +19,12 @@ VALUES ($1, $2, $3, false, false, '{}'::jsonb, clock_timestamp())
 ON CONFLICT (merchant_id, account_id) DO NOTHING
 """
 
+# Whether a transfer has any entry on a settlement account (entries_by_transfer).
+HAS_LEG_ENTRIES = """
+SELECT EXISTS (SELECT 1 FROM entries WHERE transfer_merchant_id = $3 AND transfer_id = $4
+               AND merchant_id = $1 AND account_id = $2)
+"""
+
 # What a new saga row is given (the rest take their defaults).
 _NEW_SAGA_COLUMNS = """
 merchant_id, transfer_id, kind, state, next_step, peer_shard, debit_account_id,

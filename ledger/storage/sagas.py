@@ -46,7 +46,6 @@ from ledger.domain.sagas import (
     local_view,
     relay_plan,
     reservation_settle_plan,
-    settlement_account,
 )
 from ledger.domain.transfers import (
     Entry,
@@ -71,6 +70,7 @@ from ledger.storage.errors import (
     SettleIsLocal,
 )
 from ledger.storage.saga_rows import saga_from_row
+from ledger.storage.settlement_legs import Leg, NewLeg, candidates, open_legs, resolved
 from ledger.storage.shard import (
     Fence,
     Shard,
@@ -112,9 +112,9 @@ class SagaBegin:
     trace_context: str
 
     @property
-    def settlement(self) -> AccountKey:
-        """This (debit) shard's settlement account towards the credit merchant's shard."""
-        return settlement_account(self.peer_shard, self.request.currency, self.request.id)
+    def leg(self) -> Leg:
+        """The transfer's money on this (debit) shard towards the credit merchant's."""
+        return Leg(self.peer_shard, self.request.currency, self.request.key)
 
 
 @value
@@ -135,9 +135,15 @@ class SagaCredit:
         return TransferKey(key.merchant_id, self.saga.pending_id or key.transfer_id)
 
     @property
-    def settlement(self) -> AccountKey:
-        """This shard's settlement account mirroring the shard the money comes from."""
-        return settlement_account(self.home_shard, self.saga.currency, self.held.transfer_id)
+    def leg(self) -> Leg:
+        """The held money on this shard, mirroring the shard the money comes from."""
+        return Leg(self.home_shard, self.saga.currency, self.held)
+
+    @property
+    def opens_leg(self) -> bool:
+        """A transfer saga's credit books its leg here for the first time (a settle's
+        or an expiry's finds the leg its transfer's credit booked)."""
+        return self.saga.key.kind is SagaKind.TRANSFER
 
 
 @value
@@ -256,18 +262,22 @@ class SagaStore:
                 finishing = self._finishing(finishes, locked, answers)
             settling = [t for t in finishing if t.settles]
             wanted: set[AccountKey] = set()
-            settlements: dict[AccountKey, str] = {}
+            # The stripes (made on first use) of every leg a step books, and each
+            # leg's own account, locked if it exists (settlement_legs.py).
+            legs: list[Leg] = []
             for _, b in begins:
                 wanted.add(b.request.debit)
                 if not parties_share_shard(b, self.shard.name):
-                    settlements[b.settlement] = b.request.currency
+                    legs.append(b.leg)
             for _, c in credits:
                 if not c.abort:
                     wanted.add(c.saga.credit)
-                    settlements[c.settlement] = c.saga.currency
+                    legs.append(c.leg)
             for t in settling:
-                wanted |= {t.saga.debit, t.settlement(t.saga.peer_shard)}
-                settlements[t.settlement(t.peer_shard)] = t.saga.currency
+                wanted.add(t.saga.debit)
+                legs += {t.leg(t.saga.peer_shard), t.leg(t.peer_shard)}
+            wanted |= candidates(legs)
+            settlements = {leg.stripe: leg.currency for leg in legs}
             # Locks first (a replayed step takes them needlessly, and rarely): ids,
             # recorded outcomes and the clock are then read after them.
             accounts = await self._lock_with_settlements(conn, wanted, settlements)
@@ -292,8 +302,10 @@ class SagaStore:
             with_velocity_usage(accounts, now)
             books = _Books(dict(accounts), now)
             reserved = await self._plan_begins(conn, begins, records, journals, books, answers)
-            decided = self._plan_credits(credits, read[0]["credits"], records, books, answers)
-            self._plan_finishes(settling, records, books)
+            decided = await self._plan_credits(
+                conn, credits, read[0]["credits"], records, books, answers
+            )
+            await self._plan_finishes(conn, settling, records, books)
             if books.records or books.entries or books.resolutions:
                 await write_plan(
                     conn,
@@ -354,7 +366,7 @@ class SagaStore:
             if steps > 1:
                 raise RunAlone()
             return await self._relay(
-                conn, c.saga, c.settlement, c.home_shard, relay_to, route["path_position"]
+                conn, c.saga, c.leg, c.home_shard, relay_to, route["path_position"]
             )
         return None
 
@@ -410,11 +422,18 @@ class SagaStore:
         far_reversals, reversed_minor = await self._reversal_rooms(
             conn, [b.request for _, b in applying if b.request.reversal_of]
         )
+        # Each reserves on the credit side of its leg, for the first time.
+        legs = await open_legs(
+            conn,
+            self.shard,
+            books.accounts,
+            [NewLeg(b.leg, debit=False, amount_minor=b.request.amount_minor) for _, b in applying],
+        )
         plan = apply_transfers(
             [
                 replace(
                     b.request,
-                    credit=b.settlement,
+                    credit=legs[b.leg],
                     action=TransferAction.PENDING,
                     timeout_ms=0,
                 )
@@ -496,8 +515,9 @@ class SagaStore:
         }
         return far, await self.shard._reversed(conn, targets)
 
-    def _plan_credits(
+    async def _plan_credits(
         self,
+        conn: Connection,
         credits: Sequence[tuple[int, SagaCredit]],
         recorded_outcomes: Sequence[Mapping[str, Any]],
         records: Mapping[TransferKey, TransferRecord],
@@ -511,18 +531,31 @@ class SagaStore:
             for r in recorded_outcomes
         }
         decided: list[tuple[int, SagaCredit, CreditOutcome, TransferResult]] = []
+        applying: list[tuple[int, SagaCredit]] = []
         for i, c in credits:
-            saga = c.saga
-            if saga.key in recorded:
-                answers[i] = self._credit_record(recorded[saga.key])
-                continue
-            if c.abort:
+            if c.saga.key in recorded:
+                answers[i] = self._credit_record(recorded[c.saga.key])
+            elif c.abort:
                 decided.append((i, c, CreditOutcome.ABORTED, TransferResult.ABORTED))
-                continue
+            else:
+                applying.append((i, c))
+        # A transfer's credit debits its leg here for the first time.
+        legs = await open_legs(
+            conn,
+            self.shard,
+            books.accounts,
+            [
+                NewLeg(c.leg, debit=True, amount_minor=c.saga.amount_minor)
+                for _, c in applying
+                if c.opens_leg
+            ],
+        )
+        for i, c in applying:
+            saga = c.saga
             plan = credit_plan(
                 key=saga.key.transfer,
                 action=saga.credit_action,
-                settlement=c.settlement,
+                settlement=legs.get(c.leg) or resolved(c.leg, books.accounts),
                 destination=saga.credit,
                 currency=saga.currency,
                 amount_minor=saga.amount_minor,
@@ -540,10 +573,11 @@ class SagaStore:
                 decided.append((i, c, CreditOutcome.APPLIED, result))
             else:
                 decided.append((i, c, CreditOutcome.REFUSED, result))
-        return decided
+        return sorted(decided, key=lambda d: d[0])
 
-    def _plan_finishes(
+    async def _plan_finishes(
         self,
+        conn: Connection,
         settling: Sequence[_Finishing],
         records: Mapping[TransferKey, TransferRecord],
         books: _Books,
@@ -551,18 +585,34 @@ class SagaStore:
         """Step 3's entries for transfer sagas: each moves its hold first if the credit
         landed on another shard than step 1 reserved towards, then posts or releases
         its reservation (a cross-shard pending transfer keeps its hold)."""
+        # A hold moving to the shard that credited opens its leg for that shard.
+        moved_to = await open_legs(
+            conn,
+            self.shard,
+            books.accounts,
+            [
+                NewLeg(
+                    t.leg(t.peer_shard),
+                    debit=False,
+                    amount_minor=records[t.saga.key.transfer].amount_effective_minor,
+                )
+                for t in settling
+                if t.moves_hold
+            ],
+        )
         for t in settling:
-            view = local_view(records[t.saga.key.transfer], t.peer_shard)
+            held_by = resolved(t.leg(t.saga.peer_shard), books.accounts)
+            held_on = moved_to[t.leg(t.peer_shard)] if t.moves_hold else held_by
+            view = local_view(records[t.saga.key.transfer], held_on)
             invariant(
-                view.request.debit == t.saga.debit
-                and view.request.credit == t.settlement(t.peer_shard),
+                view.request.debit == t.saga.debit,
                 "a saga's reservation is booked on the accounts its saga names",
             )
             if t.moves_hold:
                 entries, states = hold_moved_plan(
                     key=t.saga.key.transfer,
-                    held_by=books.accounts[t.settlement(t.saga.peer_shard)],
-                    moved_to=books.accounts[t.settlement(t.peer_shard)],
+                    held_by=books.accounts[held_by],
+                    moved_to=books.accounts[held_on],
                     amount_minor=view.amount_effective_minor,
                     now=books.now,
                 )
@@ -713,14 +763,14 @@ class SagaStore:
             if origin.state is SagaState.RUNNING:
                 # Its saga may still make it: a transient state, never a stored result.
                 raise HoldInFlight()
-            view = local_view(pending, origin.peer_shard)
+            leg = Leg(origin.peer_shard, origin.currency, pending_key)
+            accounts = await self.shard._lock_accounts(
+                conn, {pending.request.debit, *candidates([leg])}
+            )
+            view = local_view(pending, resolved(leg, accounts))
             if origin.result is not TransferResult.OK:
                 # Refused: there is nothing to settle.
                 view = replace(view, result=TransferResult.PENDING_TRANSFER_NOT_FOUND)
-            assert view.request.credit is not None
-            accounts = await self.shard._lock_accounts(
-                conn, {view.request.debit, view.request.credit}
-            )
             if await self.shard._keys_found(conn, sql.SETTLING_LOCALLY, {pending_key}):
                 # A move folded it into a local hold after it was read above.
                 raise SettleIsLocal()
@@ -810,16 +860,17 @@ class SagaStore:
                 for s in (saga_from_row(r, self.shard.name) for r in origin_rows)
                 if s.key.kind is SagaKind.TRANSFER
             }
-            views = {
-                k: local_view(records[k], origins[k].peer_shard)
+            legs = {
+                k: Leg(origins[k].peer_shard, origins[k].currency, k)
                 for k in keys
                 if k in origins and origins[k].result is TransferResult.OK
             }
-            locked: set[AccountKey] = set()
-            for view in views.values():
-                assert view.request.credit is not None
-                locked |= {view.request.debit, view.request.credit}
-            accounts = dict(await self.shard._lock_accounts(conn, locked))
+            accounts = dict(
+                await self.shard._lock_accounts(
+                    conn, {records[k].request.debit for k in legs} | candidates(legs.values())
+                )
+            )
+            views = {k: local_view(records[k], resolved(leg, accounts)) for k, leg in legs.items()}
             # Folded into local holds by a move after they were read: the local
             # sweeper expires them.
             for key in await self.shard._keys_found(conn, sql.SETTLING_LOCALLY, set(views)):
@@ -886,7 +937,7 @@ class SagaStore:
         self,
         conn: Connection,
         saga: Saga,
-        settlement: AccountKey,
+        leg: Leg,
         home_shard: str,
         relay_to: str,
         position: int | None,
@@ -900,14 +951,14 @@ class SagaStore:
             sql.SELECT_RELAY_PASS, key.merchant_id, key.transfer_id, key.kind, home_shard, position
         )
         if passed is None:
-            onward = settlement_account(relay_to, saga.currency, saga.pending_id)
-            accounts = await self.shard._lock_accounts(conn, {settlement, onward})
+            onward = replace(leg, peer_shard=relay_to)
+            accounts = await self.shard._lock_accounts(conn, candidates((leg, onward)))
             now: datetime = await conn.fetchval(ledger_sql.NOW)
             posting = saga.credit_action is CreditAction.POST_PENDING
             entries, states = relay_plan(
                 key=key.transfer,
-                incoming=accounts[settlement],
-                outgoing=accounts[onward],
+                incoming=accounts[resolved(leg, accounts)],
+                outgoing=accounts[resolved(onward, accounts)],
                 pending_minor=saga.pending_minor,
                 posted_minor=saga.amount_minor if posting else 0,
                 now=now,
@@ -1216,9 +1267,9 @@ class _Finishing:
     # Steps 2 and 3 for the saga's log: (step, outcome, detail) each.
     log: tuple[tuple[int, str, str], tuple[int, str, str]]
 
-    def settlement(self, peer_shard: str) -> AccountKey:
-        """This (debit) shard's settlement account for the saga towards peer_shard."""
-        return settlement_account(peer_shard, self.saga.currency, self.saga.key.transfer_id)
+    def leg(self, peer_shard: str) -> Leg:
+        """The saga's money on this (debit) shard towards peer_shard."""
+        return Leg(peer_shard, self.saga.currency, self.saga.key.transfer)
 
     @property
     def moves_hold(self) -> bool:
