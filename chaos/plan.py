@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import hashlib
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from enum import IntEnum, StrEnum
 
+from ledger.domain.sagas import SETTLEMENT_STRIPES, settlement_stripe
+from ledger.limits import AMOUNT_MINOR_MAX as BALANCE_MAX
 from ledger.routing.config import ShardConfig, ShardSpec
 from ledger.routing.ring import ShardRing
 
@@ -31,6 +33,8 @@ WALLETS_PER_CURRENCY = 2
 WALLET_FUNDING_MINOR = 50_000
 # Ordinary amounts stay well below a wallet's funding, so most transfers succeed;
 # an "overdraft" amount is above any funding, so it is mostly refused.
+# Ids tried per stripe for a fill transfer's id (with_full_stripes).
+STRIPE_DRAWS_MAX = 10_000
 AMOUNT_MINOR_MAX = 3_000
 OVERDRAFT_AMOUNT_MINOR_MIN = 2 * WALLET_FUNDING_MINOR
 OVERDRAFT_AMOUNT_MINOR_MAX = 20 * WALLET_FUNDING_MINOR
@@ -259,6 +263,9 @@ class Layout:
     merchants: tuple[tuple[str, tuple[str, ...]], ...]
     accounts: tuple[AccountSpec, ...]
     funding: tuple[Operation, ...]
+    # Merchants the clients never use (with_full_stripes), by shard; out of repr, so
+    # a plan's digest is the same without them.
+    whales: tuple[tuple[str, str], ...] = field(default=(), repr=False)
 
     def merchants_on(self, shard: str) -> tuple[str, ...]:
         for name, merchants in self.merchants:
@@ -269,6 +276,9 @@ class Layout:
     def shard_of(self, merchant_id: str) -> str:
         for name, merchants in self.merchants:
             if merchant_id in merchants:
+                return name
+        for name, whale in self.whales:
+            if whale == merchant_id:
                 return name
         raise KeyError(merchant_id)
 
@@ -351,6 +361,71 @@ def plan_layout(seed: int) -> Layout:
                         )
                     )
     return Layout(merchants=merchants, accounts=tuple(accounts), funding=tuple(funding))
+
+
+def with_full_stripes(layout: Layout, seed: int) -> Layout:
+    """The layout with a whale merchant on each shard and funding that fills both
+    sides of every settlement stripe between every two shards in every currency:
+    for each ordered pair, currency and stripe, one transfer of 2^63-1 between
+    accounts of their own. Every leg of the run's sagas, holds and moves between
+    the shards then goes to a settlement account of its transfer's own
+    (docs/sagas.md, "Stripes that fill"), and the whales' huge positions move on
+    numbered position accounts when a rebalance moves them."""
+    ring = planning_ring()
+    whales = tuple(
+        (
+            name,
+            next(
+                m
+                for m in (f"s{seed}-w{i}" for i in range(MERCHANT_DRAWS_MAX))
+                if ring.shard_for(m) == name
+            ),
+        )
+        for name in SHARD_NAMES
+    )
+    whale_on = dict(whales)
+    accounts = list(layout.accounts)
+    funding = list(layout.funding)
+    for x in SHARD_NAMES:
+        for y in SHARD_NAMES:
+            if x == y:
+                continue
+            for currency in CURRENCIES:
+                transfers = []
+                for stripe in range(SETTLEMENT_STRIPES):
+                    debit = Ref(whale_on[x], f"{currency.lower()}-to-{y}-{stripe}")
+                    credit = Ref(whale_on[y], f"{currency.lower()}-from-{x}-{stripe}")
+                    accounts += [
+                        AccountSpec(debit, currency, no_overdraft=False),
+                        AccountSpec(credit, currency, no_overdraft=False),
+                    ]
+                    transfer_id = next(
+                        i
+                        for i in (
+                            f"fill-{x}-{y}-{currency}-{stripe}-{n}" for n in range(STRIPE_DRAWS_MAX)
+                        )
+                        if settlement_stripe(i) == stripe
+                    )
+                    transfers.append(
+                        TransferSpec(
+                            id=transfer_id,
+                            debit=debit,
+                            credit=credit,
+                            amount_minor=BALANCE_MAX,
+                            currency=currency,
+                            action=Action.POST,
+                        )
+                    )
+                funding.append(
+                    Operation(
+                        op_id=f"fill-{x}-{y}-{currency}",
+                        client=-1,
+                        kind="fund",
+                        transfers=tuple(transfers),
+                        replica=0,
+                    )
+                )
+    return replace(layout, accounts=tuple(accounts), funding=tuple(funding), whales=whales)
 
 
 class ClientPlanner:
@@ -649,10 +724,13 @@ def plan_run(
     ops_per_client: int = PLAN_DIGEST_OPS_PER_CLIENT,
     rebalances: bool = False,
     drains: bool = False,
+    full_stripes: bool = False,
 ) -> RunPlan:
     """The whole plan of a run: what the runner executes (it draws more operations from
     the same planners while time remains)."""
     layout = plan_layout(seed)
+    if full_stripes:
+        layout = with_full_stripes(layout, seed)
     operations = []
     for client in range(clients):
         planner = ClientPlanner(seed=seed, client=client, layout=layout)

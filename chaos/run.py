@@ -87,6 +87,8 @@ class Options:
     events: bool = True
     # The broker for `ledger events publish` (chaos/publisher.py); None: no publisher.
     amqp_url: str | None = None
+    # Every settlement stripe filled first (chaos/plan.py, with_full_stripes).
+    full_stripes: bool = False
 
 
 def parse_args(argv: Sequence[str] | None) -> Options:
@@ -125,6 +127,12 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         help="also run `ledger events publish` to this RabbitMQ (SIGKILLed now and then) "
         "and check that its queue holds every event of the run",
     )
+    parser.add_argument(
+        "--full-stripes",
+        action="store_true",
+        help="fill every settlement stripe between the shards first (one transfer of "
+        "2^63-1 each), so every leg goes to a settlement account of its own",
+    )
     args = parser.parse_args(argv)
     if args.amqp and args.no_events:
         parser.error("--amqp is checked against the event subscriber: drop --no-events")
@@ -143,6 +151,7 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         args.drains,
         not args.no_events,
         args.amqp,
+        args.full_stripes,
     )
 
 
@@ -538,6 +547,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         clients=options.clients,
         rebalances=options.rebalances,
         drains=options.drains,
+        full_stripes=options.full_stripes,
     )
     work_dir = options.work_dir or Path(tempfile.mkdtemp(prefix=f"ledger-chaos-{options.seed}-"))
     result = RunResult(plan=plan, options=options, work_dir=work_dir)

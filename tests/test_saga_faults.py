@@ -126,7 +126,7 @@ async def _restart(cluster: ProcessCluster, **env: str) -> None:
     await cluster.service.start(**env)
 
 
-async def _payer_and_payee(cluster: ProcessCluster) -> tuple[str, str]:
+async def payer_and_payee(cluster: ProcessCluster) -> tuple[str, str]:
     """A fresh merchant on the debit shard and one on the credit shard, with accounts."""
     assert cluster.service.stub is not None
     payer = cluster.merchant_on(DEBIT_SHARD, "payer")
@@ -361,10 +361,16 @@ async def _run_cli(*args: str) -> tuple[int, str]:
 async def test_transfer_converges_to_ok_exactly_once_after_the_service_crashes_at(
     saga_cluster: ProcessCluster, point: str
 ) -> None:
-    cluster = saga_cluster
-    payer, payee = await _payer_and_payee(cluster)
+    payer, payee = await payer_and_payee(saga_cluster)
+    await converges_after_a_crash_at(saga_cluster, point, payer, payee, uid("t"))
+
+
+async def converges_after_a_crash_at(
+    cluster: ProcessCluster, point: str, payer: str, payee: str, transfer_id: str
+) -> None:
+    """A transfer payer -> payee (debit shard -> credit shard) sent while the service
+    crashes at point ends OK exactly once after a restart and a caller's retry."""
     amount_minor = 1234
-    transfer_id = uid("t")
     item = transfer(transfer_id, ref(payer, "cash"), ref(payee, "sales"), amount_minor)
     await _no_running_sagas(cluster)
     await _restart(cluster, **{faults.CRASH_POINT_ENV: point})
@@ -412,7 +418,7 @@ async def test_transfer_is_in_progress_while_the_credit_shard_is_down_and_comple
     saga_cluster: ProcessCluster,
 ) -> None:
     cluster = saga_cluster
-    payer, payee = await _payer_and_payee(cluster)
+    payer, payee = await payer_and_payee(cluster)
     amount_minor = 777
     transfer_id = uid("t")
     item = transfer(transfer_id, ref(payer, "cash"), ref(payee, "sales"), amount_minor)
@@ -469,7 +475,7 @@ async def test_dead_saga_keeps_funds_pending_stays_dead_and_completes_when_retri
     try:
         assert cluster.service.stub is not None
         stub = cluster.service.stub
-        payer, payee = await _payer_and_payee(cluster)
+        payer, payee = await payer_and_payee(cluster)
         amount_minor = 5_000
         transfer_id = uid("t")
         item = transfer(transfer_id, ref(payer, "cash"), ref(payee, "sales"), amount_minor)
@@ -541,7 +547,7 @@ async def test_dead_letter_list_is_readable_while_the_credit_shard_is_down(
     await _restart(cluster, **DEAD_LETTER_ENV)
     try:
         assert cluster.service.admin is not None
-        payer, payee = await _payer_and_payee(cluster)
+        payer, payee = await payer_and_payee(cluster)
         transfer_id = uid("t")
         item = transfer(transfer_id, ref(payer, "cash"), ref(payee, "sales"), 321)
         listing_error: grpc.aio.AioRpcError | None = None
@@ -574,7 +580,7 @@ async def test_dead_saga_resolved_as_compensated_records_the_abort_and_releases_
     try:
         assert cluster.service.stub is not None and cluster.service.admin is not None
         stub, admin = cluster.service.stub, cluster.service.admin
-        payer, payee = await _payer_and_payee(cluster)
+        payer, payee = await payer_and_payee(cluster)
         amount_minor = 6_000
         transfer_id = uid("t")
         item = transfer(transfer_id, ref(payer, "cash"), ref(payee, "sales"), amount_minor)
@@ -653,7 +659,7 @@ async def test_saga_cli_lists_and_shows_a_dead_saga_and_reconcile_cli_finds_a_co
     await _restart(cluster, LEDGER_SAGA_ATTEMPTS_MAX="1")
     try:
         target = f"127.0.0.1:{cluster.service.port}"
-        payer, payee = await _payer_and_payee(cluster)
+        payer, payee = await payer_and_payee(cluster)
         transfer_id = uid("t")
         item = transfer(transfer_id, ref(payer, "cash"), ref(payee, "sales"), 250)
         async with _credit_shard_down(cluster):

@@ -555,7 +555,7 @@ class SagaStore:
             plan = credit_plan(
                 key=saga.key.transfer,
                 action=saga.credit_action,
-                settlement=legs.get(c.leg) or resolved(c.leg, books.accounts),
+                settlement=legs[c.leg] if c.opens_leg else resolved(c.leg, books.accounts),
                 destination=saga.credit,
                 currency=saga.currency,
                 amount_minor=saga.amount_minor,
