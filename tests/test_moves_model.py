@@ -101,6 +101,8 @@ INTERRUPTED_DRIVES_MAX = 5
 INTERRUPTED_LEASE_S = 3_600.0
 # A share of hold operations reverses a post made earlier, once there is one.
 REVERSAL_SHARE = 0.4
+# A share of reversals draws from every post, fully reversed ones included.
+FULLY_REVERSED_DRAW_SHARE = 0.2
 RELAYED_TWICE_BY_THIS_SHARD = """
 SELECT count(*) FROM (SELECT 1 FROM hold_relays GROUP BY merchant_id, transfer_id
                       HAVING count(*) > 1) AS twice
@@ -383,8 +385,14 @@ class Run:
             self.posted.append(Posted(item.id, hold.debit, hold.credit, posted_minor))
 
     async def reverse(self) -> None:
-        """A reversal of a post: all that is left of it, a part, or one unit too many."""
-        posted = self.rng.choice(self.posted)
+        """A reversal of a post: all that is left of it, a part, or one unit too many.
+        Mostly of a post with something left (before, most draws came to fully
+        reversed posts, and every one of them was one unit too many)."""
+        with_room = [p for p in self.posted if p.reversed_minor < p.posted_minor]
+        if with_room and self.rng.random() >= FULLY_REVERSED_DRAW_SHARE:
+            posted = self.rng.choice(with_room)
+        else:
+            posted = self.rng.choice(self.posted)
         left_minor = posted.posted_minor - posted.reversed_minor
         amount_minor = max(
             1,

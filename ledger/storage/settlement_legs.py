@@ -14,9 +14,16 @@ So the own account must exist only if every entry of the transfer for that peer
 is on it: it is made only where nothing of the transfer is on the stripe yet (a
 new saga's first step, the credit of its second, a hold's move to another peer
 at its third; a move carrying a hold checks the stripe's entries, since a hold's
-path may come back to a peer). No step resolves a leg while another makes its
-own account: the first steps run before any settle of their transfer can, and a
-move holds its merchant's lock, which every settle of its holds here waits for.
+path may come back to a peer).
+
+And no step may resolve a leg while another makes its own account: a lock taken
+before the account's row commits does not see it. A saga's first steps run
+before any settle of their transfer can start (a settle waits for the saga to
+finish). A move books a carried hold's new leg for the shard its merchant
+leaves or joins: a settle step on that merchant waits for the move's lock on
+it, and a relay pass here passes between the path's neighbours of this shard,
+which are the shard the merchant comes from only when the move folds the step
+instead (a release, not a new leg).
 """
 
 from __future__ import annotations
