@@ -910,8 +910,10 @@ class MoveStore:
             for r in await conn.fetch(sql.SELF_HOLDS_OF, merchant_id, here):
                 k = TransferKey(r["merchant_id"], r["transfer_id"])
                 leg = legs.get(k)
-                key = resolved(leg, accounts) if leg is not None else None
-                if key is None or key not in accounts or not await _make_local(
+                if leg is None:
+                    continue
+                key = resolved(leg, accounts)
+                if key not in accounts or not await _make_local(
                     conn, k, merchant_id, credit_merchant_id=r["credit_merchant_id"]
                 ):
                     continue
