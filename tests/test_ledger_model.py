@@ -51,7 +51,9 @@ account on another shard (it makes nothing) was taken for a saga making that
 hold, so a chain on one shard settling the id refused the call
 (tests/test_model_findings.py); a huge transfer across shards filled a hidden
 settlement stripe, and later sagas of any merchant booked on it were refused
-with OVERFLOW (tests/test_settlement_capacity.py).
+with OVERFLOW (tests/test_settlement_capacity.py). Fills (2^63-1 between two
+shards, on FILL_ACCOUNTS) now come now and then, and a share of later
+transfers takes an id on a stripe a fill went through.
 
 Short in the suite (a few seeds); long on demand, for example:
     LEDGER_LEDGER_MODEL_SEEDS=1-40 LEDGER_LEDGER_MODEL_STEPS=120 \
@@ -74,6 +76,7 @@ import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 from google.rpc import error_details_pb2
 
+from ledger.domain.sagas import settlement_stripe
 from ledger.v1 import ledger_pb2 as pb
 from ledger.v1 import ledger_pb2_grpc
 from tests.support import (
@@ -85,6 +88,7 @@ from tests.support import (
     field_violations,
     ref,
     status_details,
+    transfer,
     wait_until,
 )
 
@@ -166,6 +170,15 @@ ACCOUNTS: dict[str, tuple[str, str]] = {
 }
 # Two accounts of the first merchant only, for balances near 2^63-1.
 BIG_ACCOUNTS = ("big1", "big2")
+# Every merchant's accounts that fill hidden settlement stripes: one transfer of
+# 2^63-1 from one's "fill_out" to another shard's "fill_in" fills its stripe there.
+FILL_ACCOUNTS = ("fill_out", "fill_in")
+# Accounts random operations leave alone.
+SET_ASIDE = (*BIG_ACCOUNTS, *FILL_ACCOUNTS)
+# A share of transfers takes an id on a stripe a fill was sent through, and the ids
+# drawn for one at most.
+FILLED_STRIPE_SHARE = 0.3
+FILLED_STRIPE_DRAWS_MAX = 10_000
 # An account id no merchant has.
 GHOST = "ghost"
 
@@ -1041,6 +1054,15 @@ class Run:
         # the request that made it.
         self.limit_changes: dict[Key, list[pb.AccountLimitsChange]] = {}
         self.limit_requests: list[pb.SetAccountLimitsRequest] = []
+        # Stripes fill transfers went through (whether they were applied or not), and
+        # the pairs of merchants a fill may go between.
+        self.filled_stripes: set[int] = set()
+        self.pairs_apart = [
+            (x, y)
+            for x in self.merchants
+            for y in self.merchants
+            if self.shard_of[x] != self.shard_of[y]
+        ]
 
     # ---- set-up -------------------------------------------------------------
 
@@ -1048,6 +1070,7 @@ class Run:
         accounts = []
         for i, m in enumerate(self.merchants):
             names = dict(ACCOUNTS)
+            names.update({n: ("USD", "") for n in FILL_ACCOUNTS})
             if i == 0:
                 names.update({n: ("USD", "") for n in BIG_ACCOUNTS})
             for name, (currency, limit) in names.items():
@@ -1070,6 +1093,17 @@ class Run:
         self.ids += 1
         return f"{prefix}{self.seed}x{self.ids}"
 
+    def transfer_id(self) -> str:
+        """A new transfer's id: now and then one on a stripe a fill went through, so
+        sagas pass full stripes (docs/sagas.md, "Stripes that fill")."""
+        if not self.filled_stripes or self.rng.random() >= FILLED_STRIPE_SHARE:
+            return self.next_id()
+        for _ in range(FILLED_STRIPE_DRAWS_MAX):
+            transfer_id = self.next_id()
+            if settlement_stripe(transfer_id) in self.filled_stripes:
+                return transfer_id
+        raise AssertionError("no id on a filled stripe")
+
     def unknown_merchant(self) -> str | None:
         """Now and then a merchant nobody created anything for."""
         return self.rng.choice(self.unknown) if self.rng.random() < 0.3 else None
@@ -1080,7 +1114,7 @@ class Run:
         keys = [
             k
             for k, b in accounts.items()
-            if k[1] not in BIG_ACCOUNTS
+            if k[1] not in SET_ASIDE
             and k != other_than
             and (currency is None or b.currency == currency)
         ]
@@ -1130,9 +1164,15 @@ class Run:
                 # settlement stripe, which later sagas between the shards pass.
                 debit = (rng.choice(self.merchants), rng.choice(["wallet", "wallet", "cash"]))
                 amount = rng.choice([amount, AMOUNT_MINOR_MAX])
+        elif twist < 0.19 and self.pairs_apart:
+            # A fill: 2^63-1 between two shards, on accounts of their own.
+            x, y = rng.choice(self.pairs_apart)
+            item = transfer(self.next_id(), ref(x, "fill_out"), ref(y, "fill_in"), BALANCE_MAX)
+            self.filled_stripes.add(settlement_stripe(item.id))
+            return item
         action = PENDING if rng.random() < 0.35 else POST
         item = pb.Transfer(
-            id=self.next_id(),
+            id=self.transfer_id(),
             debit_account=ref(*debit),
             credit_account=ref(*credit),
             amount_minor=amount,
@@ -1265,7 +1305,7 @@ class Run:
                 for k in accounts
                 if k[0] == credit[0]
                 and k != credit
-                and k[1] not in BIG_ACCOUNTS
+                and k[1] not in SET_ASIDE
                 and accounts[k].currency == currency
             ]
             if same_merchant and rng.random() < 0.5:
@@ -1806,7 +1846,7 @@ class Run:
             keys = [
                 k
                 for k, b in state.accounts.items()
-                if k[0] in local and b.currency == currency and k[1] not in BIG_ACCOUNTS
+                if k[0] in local and b.currency == currency and k[1] not in SET_ASIDE
             ]
             if direction is not None and rng.random() < 0.8:
                 accounts = state.accounts
