@@ -50,12 +50,12 @@ class Balances:
     debits_pending: int = 0
     credits_pending: int = 0
 
-    def side_minor(self, *, debit: bool) -> int:
-        """Posted and pending on one side: what the side may not take past
+    def room_minor(self, *, debit: bool) -> int:
+        """How much more one side may take: posted and pending together may not pass
         AMOUNT_MINOR_MAX (a pending amount posts onto it)."""
         if debit:
-            return self.debits_posted + self.debits_pending
-        return self.credits_posted + self.credits_pending
+            return AMOUNT_MINOR_MAX - self.debits_posted - self.debits_pending
+        return AMOUNT_MINOR_MAX - self.credits_posted - self.credits_pending
 
     def fits(self) -> bool:
         # Each must fit a bigint; spelled out, not a loop: this runs twice per entry written.

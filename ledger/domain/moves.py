@@ -43,7 +43,6 @@ from ledger.domain.engine import AccountState, booked, state_of
 from ledger.domain.sagas import SETTLEMENT_MERCHANT_ID
 from ledger.domain.transfers import Direction, Entry, EntryKind, TransferKey
 from ledger.domain.value import value
-from ledger.limits import AMOUNT_MINOR_MAX
 
 MOVE_MERCHANT_ID = "$move"
 
@@ -156,11 +155,6 @@ def position_minor(net_posted: int, *, leaving: bool) -> int:
     return net_posted if leaving else -net_posted
 
 
-def position_room_minor(settlement: Account, *, credit: bool) -> int:
-    """How much more the settlement account's side (credit, else debit) may take."""
-    return AMOUNT_MINOR_MAX - settlement.balances.side_minor(debit=not credit)
-
-
 def position_booking(
     settlement: Account, *, position_minor: int, key: TransferKey, now: datetime
 ) -> tuple[tuple[Entry, AccountState] | None, int]:
@@ -168,7 +162,7 @@ def position_booking(
     room for on its side (None if it has none), and what is left to book."""
     credit = position_minor > 0
     b = settlement.balances
-    part = min(abs(position_minor), position_room_minor(settlement, credit=credit))
+    part = min(abs(position_minor), b.room_minor(debit=not credit))
     if part <= 0:
         return None, position_minor
     if credit:

@@ -23,7 +23,6 @@ from ledger.domain.moves import (
     position_account,
     position_booking,
     position_minor,
-    position_room_minor,
 )
 from ledger.domain.sagas import (
     SETTLEMENT_MERCHANT_ID,
@@ -770,20 +769,21 @@ class MoveStore:
         rest needs (ledger/domain/moves.py, position_account)."""
         found: dict[str, list[Account]] = {}
         for currency in sorted(net_posted):
-            left = position_minor(net_posted[currency], leaving=leaving)
+            position = position_minor(net_posted[currency], leaving=leaving)
+            left_minor = abs(position)
             for generation in range(limits.position_generations_max):
-                if left == 0:
+                if left_minor == 0:
                     break
                 key = position_account(peer, currency, generation)
                 await conn.execute(
                     saga_sql.ENSURE_SETTLEMENT_ACCOUNT, key.merchant_id, key.account_id, currency
                 )
                 account = (await self.shard._lock_accounts(conn, {key}))[key]
-                part = min(abs(left), position_room_minor(account, credit=left > 0))
-                if part > 0:
+                room_minor = account.balances.room_minor(debit=position < 0)
+                if room_minor > 0:
                     found.setdefault(currency, []).append(account)
-                    left -= part if left > 0 else -part
-            invariant(left == 0, "a position finds room within position_generations_max")
+                    left_minor -= min(room_minor, left_minor)
+            invariant(left_minor == 0, "a position finds room within position_generations_max")
         return found
 
     async def _fold_arrivals(

@@ -35,7 +35,6 @@ from ledger.domain.accounts import Account, AccountKey
 from ledger.domain.sagas import own_settlement_account, settlement_account
 from ledger.domain.transfers import TransferKey
 from ledger.domain.value import value
-from ledger.limits import AMOUNT_MINOR_MAX
 from ledger.storage import saga_statements as sql
 
 if TYPE_CHECKING:
@@ -102,9 +101,9 @@ async def open_legs(
             chosen[leg] = leg.own
             continue
         side = (leg.stripe, n.debit)
-        used = accounts[leg.stripe].balances.side_minor(debit=n.debit)
+        room_minor = accounts[leg.stripe].balances.room_minor(debit=n.debit)
         before_minor = booked_minor.get(side, 0)
-        if used + before_minor + n.amount_minor <= AMOUNT_MINOR_MAX or (
+        if before_minor + n.amount_minor <= room_minor or (
             may_have_entries and await _has_entries(conn, leg)
         ):
             booked_minor[side] = before_minor + n.amount_minor
