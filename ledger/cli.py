@@ -28,6 +28,7 @@ from ledger.api.amqp_publisher import (
     redacted_url,
 )
 from ledger.api.auth import Scope, TokenFileError, TokenTable, new_token, token_entry
+from ledger.api.connections import raise_file_limit
 from ledger.api.server import LedgerServer
 from ledger.api.tls import ServerTls
 from ledger.cli_defaults import DEFAULT_ADDRESS, NoConfigFound, resolve_address, resolve_config
@@ -171,6 +172,8 @@ def serve(
     if not 1 <= count <= limits.workers_max:
         raise typer.BadParameter(f"--workers must be 1 to {limits.workers_max}, got {count}")
     listen = listen or env.listen
+    # Before the workers and the embedded cluster start: they inherit it.
+    raise_file_limit()
     tokens = _tokens(auth_file or env.auth_file, listen, env.allow_unauthenticated)
     tls = None
     if env.tls_cert_file is not None or env.tls_key_file is not None:
@@ -286,6 +289,7 @@ async def _serve(
         cluster,
         listen=listen,
         concurrent_rpcs_max=settings.concurrent_rpcs_max,
+        incoming_connections_max=settings.incoming_connections_max,
         saga_settings=SagaSettings(
             attempts_max=settings.saga_attempts_max,
             retry_delay_s_max=settings.saga_retry_delay_s_max,

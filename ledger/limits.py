@@ -59,6 +59,18 @@ concurrent_rpcs_max = 256
 # channel would fail. Silent or unauthenticated streams hold no concurrency
 # slot (ledger/api/admission.py), so this bound does not let them starve others.
 streams_per_connection_max = 256
+# Callers' connections the server holds at once; gRPC closes the ones past it
+# as they arrive. Each is a file descriptor, as is each connection to a shard:
+# unbounded, a flood of connections (no token needed) used the process's last
+# descriptors and the shard pools could open none (ledger/api/connections.py).
+# An idle connection costs about 20 KB, so 4,096 cost about 80 MB.
+incoming_connections_max = 4096
+# Callers' connections may take at most this share of the process's file
+# limit: the rest is the service's own (shard pools, listeners, files).
+incoming_connections_file_share_percent = 50
+# A connection must finish its TLS and HTTP/2 handshake within this long or be
+# closed (gRPC's default is 120 s), so a silent socket holds a slot no longer.
+connection_handshake_timeout_ms = 10_000
 # An admitted call's request must arrive within this long of its headers, or
 # the call ends DEADLINE_EXCEEDED: a caller that sends headers and then nothing
 # holds a stream this long at most. 8 MiB (the largest request) takes under a

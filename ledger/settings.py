@@ -82,6 +82,9 @@ class Settings:
     # Where the embedded cluster keeps its PostgreSQL data.
     data_dir: Path = Path(".ledger-data")
     concurrent_rpcs_max: int = limits.concurrent_rpcs_max
+    # Callers' connections held at once (at most half the file limit, which
+    # `ledger serve` raises to its hard value).
+    incoming_connections_max: int = limits.incoming_connections_max
     # Saga retries: attempts before the dead-letter list, and the back-off cap.
     saga_attempts_max: int = limits.saga_attempts_max
     saga_retry_delay_s_max: float = limits.saga_retry_delay_s_max
@@ -131,6 +134,9 @@ class Settings:
             data_dir=Path(env.get("LEDGER_DATA_DIR", str(cls.data_dir))),
             concurrent_rpcs_max=int(
                 env.get("LEDGER_CONCURRENT_RPCS_MAX", str(limits.concurrent_rpcs_max))
+            ),
+            incoming_connections_max=int(
+                env.get("LEDGER_INCOMING_CONNECTIONS_MAX", str(limits.incoming_connections_max))
             ),
             saga_attempts_max=int(
                 env.get("LEDGER_SAGA_ATTEMPTS_MAX", str(limits.saga_attempts_max))

@@ -15,6 +15,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from ledger import limits
+from ledger.api import connections
 from ledger.api.admin_servicer import LedgerAdminServicer
 from ledger.api.admission import AdmissionInterceptor
 from ledger.api.auth import Authenticator, TokenTable
@@ -80,6 +81,7 @@ class LedgerServer:
         page_token_key: bytes | None = None,
         reuse_port: bool = False,
         polls_for_others: bool = True,
+        incoming_connections_max: int = limits.incoming_connections_max,
     ) -> None:
         """polls_for_others: this process looks for work other processes left
         (holds due, sagas due, outboxes) and refreshes the shard gauges; a
@@ -157,6 +159,13 @@ class LedgerServer:
                 # random; one value for both makes the limit exact.
                 ("grpc.max_metadata_size", limits.request_metadata_bytes_max),
                 ("grpc.absolute_max_metadata_size", limits.request_metadata_bytes_max),
+                # Callers' connections within their share of the file limit, and
+                # none silent for long (ledger/api/connections.py).
+                (
+                    "grpc.max_allowed_incoming_connections",
+                    connections.incoming_connections_max(incoming_connections_max),
+                ),
+                ("grpc.server_handshake_timeout_ms", limits.connection_handshake_timeout_ms),
             ]
             # Several service processes listen on one port (ledger/workers.py); the
             # kernel spreads incoming connections, not calls, over them.
