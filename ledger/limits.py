@@ -71,6 +71,12 @@ incoming_connections_file_share_percent = 50
 # A connection must finish its TLS and HTTP/2 handshake within this long or be
 # closed (gRPC's default is 120 s), so a silent socket holds a slot no longer.
 connection_handshake_timeout_ms = 10_000
+# The metrics endpoint serves a thread per connection: it holds this many at
+# once (a scraper needs one) and closes the rest as they arrive, and a
+# connection must send its request within the timeout, so a flood on that port
+# cannot take the file descriptors the shard pools need either.
+metrics_connections_max = 8
+metrics_request_timeout_s = 5.0
 # An admitted call's request must arrive within this long of its headers, or
 # the call ends DEADLINE_EXCEEDED: a caller that sends headers and then nothing
 # holds a stream this long at most. 8 MiB (the largest request) takes under a

@@ -8,17 +8,23 @@ they already held failed UNAVAILABLE ("shard ... is unavailable (OSError)":
 35 of 64 calls on a process with 400 descriptors and 1,500 connections). Now
 callers' connections are bounded by a share of the file limit (gRPC closes
 the ones past it as they arrive), and a connection that does not finish its
-handshake is closed after a deadline (ledger/api/connections.py).
+handshake is closed after a deadline (ledger/api/connections.py). The metrics
+endpoint, a thread per connection, did the same with its own flood; it now
+holds a few connections at once, each with a read deadline
+(ledger/telemetry/metrics_server.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import socket
 import subprocess
 import sys
+import urllib.request
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -43,10 +49,30 @@ FLOOD_CONNECTIONS = 400
 # More calls at once than the shard pools hold open at start: they must grow.
 CALLS = 64
 SERVICE_START_DEADLINE_S = 60.0
+# A connect the server does not take in this long fails the test (its accept queue
+# stays full while it has no descriptor left to accept with).
+CONNECT_TIMEOUT_S = 10.0
 # Connections past the bound are closed as gRPC accepts them.
 REFUSED_WITHIN_S = 10.0
-# A connection that sends nothing is closed once its handshake deadline passes.
-SILENT_CLOSED_WITHIN_S = limits.connection_handshake_timeout_ms / 1000 + 20.0
+# A connection that sends nothing is closed this long after its deadline.
+SILENT_CLOSED_MARGIN_S = 20.0
+METRICS_SERVING = re.compile(r"metrics on http://[\d.]+:(\d+)/metrics")
+
+
+@dataclass(frozen=True)
+class Target:
+    """A port the flood is aimed at: how many connections it holds at once, and how
+    long a silent one keeps its slot."""
+
+    name: str
+    connections_max: int
+    silent_deadline_s: float
+
+
+TARGETS = (
+    Target("grpc", CALLERS_CONNECTIONS_MAX, limits.connection_handshake_timeout_ms / 1000),
+    Target("metrics", limits.metrics_connections_max, limits.metrics_request_timeout_s),
+)
 
 # Sets the file limit, then runs the command in this process (argv[2:]).
 WITH_FILE_LIMIT = (
@@ -61,16 +87,23 @@ def spawn_with_file_limit(config: Path, log_path: Path) -> subprocess.Popen[byte
     command = [sys.executable, "-c", WITH_FILE_LIMIT, str(FILE_LIMIT), *serve_command(config)]
     with log_path.open("ab") as log:
         return subprocess.Popen(
-            command, env=child_env(), stdin=subprocess.DEVNULL, stdout=log, stderr=log
+            command,
+            env=child_env({"LEDGER_METRICS_LISTEN": "127.0.0.1:0"}),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
         )
 
 
 @contextlib.asynccontextmanager
-async def service_with_file_limit(config: Path, log_path: Path) -> AsyncIterator[int]:
-    """`ledger serve` with FILE_LIMIT descriptors; yields its port."""
+async def service_with_file_limit(config: Path, log_path: Path) -> AsyncIterator[dict[str, int]]:
+    """`ledger serve` with FILE_LIMIT descriptors; yields its ports by target name."""
     process = spawn_with_file_limit(config, log_path)
     try:
-        yield await wait_serving(process, log_path, 0, deadline_s=SERVICE_START_DEADLINE_S)
+        port = await wait_serving(process, log_path, 0, deadline_s=SERVICE_START_DEADLINE_S)
+        metrics = METRICS_SERVING.search(await asyncio.to_thread(log_path.read_text))
+        assert metrics is not None, "the service serves metrics"
+        yield {"grpc": port, "metrics": int(metrics.group(1))}
     finally:
         process.kill()
         process.wait()
@@ -82,7 +115,7 @@ def flood(port: int, count: int) -> Iterator[list[socket.socket]]:
     sockets: list[socket.socket] = []
     try:
         for _ in range(count):
-            s = socket.create_connection(("127.0.0.1", port))
+            s = socket.create_connection(("127.0.0.1", port), timeout=CONNECT_TIMEOUT_S)
             s.setblocking(False)
             sockets.append(s)
         yield sockets
@@ -115,9 +148,28 @@ async def create_account(stub: ledger_pb2_grpc.LedgerServiceStub, merchant_id: s
     return pb.AccountResult.Name(response.results[0].result)
 
 
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=RPC_TIMEOUT_S) as r:
+        return str(r.read().decode())
+
+
+async def served_anew(target: Target, ports: dict[str, int]) -> None:
+    """A caller that connects now is served."""
+    if target.name == "metrics":
+        assert "ledger_" in await asyncio.to_thread(scrape, ports["metrics"])
+        return
+    late = grpc.aio.insecure_channel(f"127.0.0.1:{ports['grpc']}")
+    try:
+        outcome = await create_account(ledger_pb2_grpc.LedgerServiceStub(late), uid("late"))
+        assert outcome == "ACCOUNT_RESULT_OK"
+    finally:
+        await late.close()
+
+
 @pytest.mark.timeout(180)
+@pytest.mark.parametrize("target", TARGETS, ids=[t.name for t in TARGETS])
 async def test_a_connection_flood_leaves_valid_callers_served(
-    pg_server: EmbeddedPostgres, tmp_path: Path
+    pg_server: EmbeddedPostgres, tmp_path: Path, target: Target
 ) -> None:
     config = shard_config(pg_server, tmp_path)
     ring = ShardRing(load_config(config))
@@ -125,15 +177,15 @@ async def test_a_connection_flood_leaves_valid_callers_served(
     # Every shard's pool must open connections during the flood.
     assert {ring.shard_for(m) for m in merchants} == {s.name for s in load_config(config).shards}
     log_path = tmp_path / "service.log"
-    async with service_with_file_limit(config, log_path) as port:
-        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    async with service_with_file_limit(config, log_path) as ports:
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{ports['grpc']}")
         stub = ledger_pb2_grpc.LedgerServiceStub(channel)
         assert await create_account(stub, uid("before")) == "ACCOUNT_RESULT_OK"
-        with flood(port, FLOOD_CONNECTIONS) as sockets:
+        with flood(ports[target.name], FLOOD_CONNECTIONS) as sockets:
 
             async def refused_past_the_bound() -> bool:
                 closed = sum(closed_by_server(s) for s in sockets)
-                return closed >= FLOOD_CONNECTIONS - CALLERS_CONNECTIONS_MAX
+                return closed >= FLOOD_CONNECTIONS - target.connections_max
 
             await wait_until(
                 refused_past_the_bound,
@@ -149,16 +201,11 @@ async def test_a_connection_flood_leaves_valid_callers_served(
 
             await wait_until(
                 silent_ones_closed,
-                deadline_s=SILENT_CLOSED_WITHIN_S,
-                what="the silent connections closed after their handshake deadline",
+                deadline_s=target.silent_deadline_s + SILENT_CLOSED_MARGIN_S,
+                what="the silent connections closed after their deadline",
             )
             # The flood still holds its sockets open, but none holds a slot.
-            late = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-            try:
-                outcome = await create_account(ledger_pb2_grpc.LedgerServiceStub(late), uid("late"))
-                assert outcome == "ACCOUNT_RESULT_OK"
-            finally:
-                await late.close()
+            await served_anew(target, ports)
         await channel.close()
     log = log_path.read_text(errors="replace")
     assert "is unavailable" not in log

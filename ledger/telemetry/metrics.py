@@ -272,12 +272,14 @@ def setup_metrics(*, host: str, port: int) -> int:
     """Serves /metrics for Prometheus on host:port (0 picks a port); returns the port."""
     from opentelemetry.exporter.prometheus import PrometheusMetricReader
     from opentelemetry.sdk.metrics import MeterProvider
-    from prometheus_client import REGISTRY, start_http_server
+    from prometheus_client import REGISTRY
+
+    from ledger.telemetry.metrics_server import serve_metrics
 
     global _collector_registered
     if not _collector_registered:
         REGISTRY.register(_HistogramCollector())
         _collector_registered = True
-    server, _thread = start_http_server(port=port, addr=host)
+    bound = serve_metrics(host, port)
     metrics.set_meter_provider(MeterProvider(metric_readers=[PrometheusMetricReader()]))
-    return int(server.server_port)
+    return bound
