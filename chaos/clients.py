@@ -134,7 +134,7 @@ class Caller:
         delay_s = RETRY_DELAY_S_MIN
         for attempt in range(1, ATTEMPTS_MAX + 1):
             result.attempts = attempt
-            stub = self.replicas[replica].stub
+            stub = self.replicas[replica].any_stub()
             assert stub is not None, "replicas serve before clients start"
             try:
                 response = await getattr(stub, method)(request, timeout=ATTEMPT_DEADLINE_S)

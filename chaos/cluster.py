@@ -8,6 +8,7 @@ the shards directly (direct.toml), so a fault never hides what is stored.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import signal
@@ -70,6 +71,9 @@ UNFINISHED_MARK = "; unfinished: "
 DRAIN_DEADLINE_S = 60.0
 # One run of an admin command is killed past this.
 ADMIN_COMMAND_DEADLINE_S = 120.0
+# Connections a replica's start opens per worker when it runs several: the kernel
+# places each on a worker by its address, so a few per worker give every worker calls.
+CHANNELS_PER_WORKER = 3
 SERVICE_ENV = {
     "GRPC_ENABLE_FORK_SUPPORT": "false",
     "LEDGER_METRICS_LISTEN": "off",
@@ -126,6 +130,15 @@ class ReplicaExited(HarnessError):
         self.reason = reason
 
 
+def _children(pid: int) -> list[int]:
+    """The child processes of pid (Linux)."""
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(p) for p in text.split()]
+
+
 @dataclass
 class Replica:
     """`python -m ledger.cli serve` in a child process, and a stub for its current port."""
@@ -145,6 +158,12 @@ class Replica:
     started_env: dict[str, str] = field(default_factory=dict)
     # Starts that ended before serving, with the reason each gave.
     failed_starts: list[str] = field(default_factory=list)
+    # Service processes on the replica's port (`ledger serve --workers`): the kernel
+    # spreads connections over them, so each start opens CHANNELS_PER_WORKER
+    # connections per worker and clients take them in turn.
+    workers: int = 1
+    stubs: list[ledger_pb2_grpc.LedgerServiceAsyncStub] = field(default_factory=list)
+    _next_stub: int = 0
     # Every channel ever opened; the old ones fail fast after a kill and are closed
     # only at the end, so a client mid-call never sees its channel closed under it.
     _channels: list[grpc.aio.Channel] = field(default_factory=list)
@@ -158,7 +177,9 @@ class Replica:
             raise HarnessError(f"{self.name} is already running")
         self.started_env = dict(self.env)
         env = {**os.environ, **SERVICE_ENV, **self.started_env}
-        self.process, offset = spawn_service(self.config_path, self.log_path, env=env, cwd=ROOT)
+        self.process, offset = spawn_service(
+            self.config_path, self.log_path, env=env, cwd=ROOT, workers=self.workers
+        )
         try:
             self.port = await wait_serving(
                 self.process, self.log_path, offset, deadline_s=SERVICE_START_DEADLINE_S
@@ -171,11 +192,25 @@ class Replica:
             raise HarnessError(
                 f"{self.name} not serving after {SERVICE_START_DEADLINE_S}s"
             ) from None
-        channel = grpc.aio.insecure_channel(f"127.0.0.1:{self.port}")
-        self._channels.append(channel)
-        self.stub = ledger_pb2_grpc.LedgerServiceStub(channel)
-        self.admin = ledger_pb2_grpc.LedgerAdminServiceStub(channel)
+        # A channel argument of its own keeps each channel on a connection of its own.
+        channels = [
+            grpc.aio.insecure_channel(
+                f"127.0.0.1:{self.port}", options=[("chaos.connection", self.starts * 1000 + i)]
+            )
+            for i in range(self.workers * CHANNELS_PER_WORKER if self.workers > 1 else 1)
+        ]
+        self._channels.extend(channels)
+        self.stubs = [ledger_pb2_grpc.LedgerServiceStub(c) for c in channels]
+        self.stub = self.stubs[0]
+        self.admin = ledger_pb2_grpc.LedgerAdminServiceStub(channels[0])
         self.starts += 1
+
+    def any_stub(self) -> ledger_pb2_grpc.LedgerServiceAsyncStub | None:
+        """The next of the current start's stubs, in turn (None before the first start)."""
+        if not self.stubs:
+            return None
+        self._next_stub = (self._next_stub + 1) % len(self.stubs)
+        return self.stubs[self._next_stub]
 
     async def start_supervised(self) -> None:
         """Starts the replica, and again after each exit at start, until the deadline."""
@@ -192,8 +227,12 @@ class Replica:
             await asyncio.sleep(REPLICA_RESTART_PAUSE_S)
 
     async def kill(self) -> None:
-        """SIGKILL, as a crash would."""
+        """SIGKILL, as a crash would: the replica's every process (its workers first,
+        which would otherwise stop gracefully once their parent is gone)."""
         if self.process is not None and self.process.poll() is None:
+            for pid in _children(self.process.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             self.process.send_signal(signal.SIGKILL)
         await self._wait_exit()
 
@@ -273,7 +312,7 @@ def _run_summary(code: int, output: str) -> str:
 class ChaosCluster:
     """Three shard servers behind proxies and two replicas, all under base_dir."""
 
-    def __init__(self, base_dir: Path) -> None:
+    def __init__(self, base_dir: Path, *, workers: int = 1) -> None:
         self.base_dir = base_dir
         self.shards = {
             name: ShardServer(name, EmbeddedPostgres(data_dir=base_dir / "pg" / name, durable=True))
@@ -283,7 +322,13 @@ class ChaosCluster:
         self.direct_config_path = base_dir / "direct.toml"
         self.keyring = CheckpointKeyring(base_dir / "checkpoints")
         self.replicas = [
-            Replica(name, self.service_config_path, base_dir / f"{name}.log", env=self.keyring.env)
+            Replica(
+                name,
+                self.service_config_path,
+                base_dir / f"{name}.log",
+                env=self.keyring.env,
+                workers=workers,
+            )
             for name in REPLICA_NAMES
         ]
         # The cluster's config: rebalances raise the epoch and change weights,

@@ -51,6 +51,7 @@ from chaos.plan import (
 )
 from chaos.publisher import ChaosPublisher, check_published
 from chaos.velocity import limited_accounts, limits_request
+from ledger import limits
 from ledger.v1 import ledger_pb2 as pb
 from ledger.v1 import ledger_pb2_grpc
 
@@ -89,6 +90,8 @@ class Options:
     amqp_url: str | None = None
     # Every settlement stripe filled first (chaos/plan.py, with_full_stripes).
     full_stripes: bool = False
+    # Service processes per replica (`ledger serve --workers`).
+    workers: int = 1
 
 
 def parse_args(argv: Sequence[str] | None) -> Options:
@@ -133,7 +136,16 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         help="fill every settlement stripe between the shards first (one transfer of "
         "2^63-1 each), so every leg goes to a settlement account of its own",
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="service processes per replica (`ledger serve --workers`, as in production "
+        "where it defaults to the cores); a kill takes them all",
+    )
     args = parser.parse_args(argv)
+    if not 1 <= args.workers <= limits.workers_max:
+        parser.error(f"--workers must be 1 to {limits.workers_max}")
     if args.amqp and args.no_events:
         parser.error("--amqp is checked against the event subscriber: drop --no-events")
     if not DURATION_S_MIN <= args.duration_s <= DURATION_S_MAX:
@@ -152,6 +164,7 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         not args.no_events,
         args.amqp,
         args.full_stripes,
+        args.workers,
     )
 
 
@@ -218,7 +231,7 @@ async def execute(options: Options, plan: RunPlan, result: RunResult) -> None:
     main_task = asyncio.current_task()
     assert main_task is not None
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
-    cluster = ChaosCluster(result.work_dir)
+    cluster = ChaosCluster(result.work_dir, workers=options.workers)
     subscriber: EventSubscriber | None = None
     publisher: ChaosPublisher | None = None
     try:

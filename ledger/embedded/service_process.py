@@ -52,14 +52,14 @@ def serve_command(config_path: Path, *, workers: int = 1) -> list[str]:
 
 
 def spawn_service(
-    config_path: Path, log_path: Path, *, env: Mapping[str, str], cwd: Path
+    config_path: Path, log_path: Path, *, env: Mapping[str, str], cwd: Path, workers: int = 1
 ) -> tuple[subprocess.Popen[bytes], int]:
-    """Starts the service with its output appended to log_path; returns the process and
-    the log offset its output starts at."""
+    """Starts the service with its output appended to log_path; returns the process (with
+    workers > 1, the parent of the workers) and the log offset its output starts at."""
     offset = log_path.stat().st_size if log_path.exists() else 0
     with log_path.open("ab") as log:
         process = subprocess.Popen(
-            serve_command(config_path),
+            serve_command(config_path, workers=workers),
             cwd=cwd,
             env=dict(env),
             stdin=subprocess.DEVNULL,
