@@ -22,6 +22,7 @@ from ledger.embedded.postgres import EmbeddedPostgres
 from ledger.routing.cluster import Cluster
 from ledger.routing.config import ShardConfig, ShardSpec, load_config, render_config
 from ledger.routing.ring import ShardRing
+from ledger.storage.move_statements import ADMIN_LOCK_HOLDER
 from ledger.v1 import ledger_pb2 as pb
 from ledger.v1 import ledger_pb2_grpc
 
@@ -135,6 +136,26 @@ async def wait_until(
             raise AssertionError(f"timed out after {deadline_s}s waiting for {what}")
         await asyncio.sleep(delay_s)
         delay_s = min(delay_s * 2, 0.2)
+
+
+async def wait_admin_locks_released(config_path: Path) -> None:
+    """Waits until no session holds the admin lock of a shard of the config. A
+    SIGKILLed rebalance's backends end, and free its locks, only once they read the
+    closed sockets, a moment after the process: a rerun at once could find the
+    shards busy (AdminBusy: the moves model's seed 280 once, on a busy machine)."""
+    shards = load_config(config_path).shards
+
+    async def released() -> bool:
+        for spec in shards:
+            conn = await asyncpg.connect(spec.dsn)
+            try:
+                if await conn.fetchval(ADMIN_LOCK_HOLDER) is not None:
+                    return False
+            finally:
+                await conn.close()
+        return True
+
+    await wait_until(released, what="the killed run's admin locks released")
 
 
 def ref(merchant_id: str, account_id: str) -> pb.AccountRef:

@@ -44,11 +44,10 @@ from ledger.routing.config import ShardConfig
 from ledger.routing.ring import ShardRing
 from ledger.sagas.runner import SagaRunner, SagaSettings
 from ledger.storage.errors import SettleIsLocal
-from ledger.storage.move_statements import ADMIN_LOCK_HOLDER
 from ledger.storage.sagas import SagaStore
 from ledger.v1 import ledger_pb2 as pb
 from tests.ledger4 import ALL_SHARDS, FIRST_SHARDS, Ledger4
-from tests.support import ref, transfer, wait_until, write_config
+from tests.support import ref, transfer, wait_admin_locks_released, wait_until, write_config
 from tests.test_rebalance import (
     DEFERRED_CALL_ATTEMPTS_MAX,
     REPO_ROOT,
@@ -261,6 +260,8 @@ async def rebalance_cli(config_path: Path, *, crash_point: str | None) -> tuple[
         await process.wait()
         raise AssertionError("a rebalance ran past its deadline") from None
     assert process.returncode is not None
+    if process.returncode == -signal.SIGKILL:
+        await wait_admin_locks_released(config_path)
     return process.returncode, output.decode(errors="replace")
 
 
@@ -517,10 +518,6 @@ class Run:
             raise AssertionError(f"{when}: {error}\n{self.describe()}") from None
         self.counts["reads while moving"] += 1
 
-    async def admin_locks_free(self) -> bool:
-        """No session holds a shard's admin lock (a rebalance's or a cleanup's)."""
-        return not await on_every_shard(self.env, ADMIN_LOCK_HOLDER, shards=self.topology.names)
-
     async def rebalance(self, config: ShardConfig, *, kill: bool) -> bool:
         """Rebalances to config (first killed at a random point, if kill); True when
         finished (nothing deferred, every draining shard empty)."""
@@ -533,11 +530,6 @@ class Run:
                 self.kills += 1
             else:
                 assert code in (0, 1), output
-            # Its sessions end when their backends read the closed sockets, a moment
-            # after the process: until then its admin lock stands, and the rerun
-            # below would find the shards busy (AdminBusy; seed 280 once, on a busy
-            # machine).
-            await wait_until(self.admin_locks_free, what="the killed rebalance's admin locks to go")
             await self.all_readable(f"rebalance killed at {point}")
         for _ in range(REBALANCE_RUNS_MAX):
             async with opened(config) as rebalancer:

@@ -54,6 +54,7 @@ from tests.support import (
     transfer,
     transfers,
     uid,
+    wait_admin_locks_released,
     wait_until,
     write_config,
 )
@@ -278,7 +279,10 @@ async def _run_cli(*args: str, env: Mapping[str, str] | None = None) -> tuple[in
 
 async def _rebalance(config_path: Path, *, crash_point: str | None = None) -> tuple[int, str]:
     env = {faults.CRASH_POINT_ENV: crash_point} if crash_point else {}
-    return await _run_cli("shards", "rebalance", "--config", str(config_path), env=env)
+    code, output = await _run_cli("shards", "rebalance", "--config", str(config_path), env=env)
+    if code == -signal.SIGKILL:
+        await wait_admin_locks_released(config_path)
+    return code, output
 
 
 def _moved_count(output: str) -> int:
