@@ -875,6 +875,7 @@ def _run_chaos(
     rebalances: bool = False,
     drains: bool = False,
     amqp_url: str | None = None,
+    workers: int = 1,
     run_timeout_s: float = RUN_TIMEOUT_S,
 ) -> dict[str, Any]:
     """Runs chaos.run as an operator would and returns its summary, having checked
@@ -890,6 +891,7 @@ def _run_chaos(
             *(("--rebalances",) if rebalances else ()),
             *(("--drains",) if drains else ()),
             *(("--amqp", amqp_url) if amqp_url else ()),
+            *("--workers", str(workers)),
         ],
         cwd=ROOT,
         stdout=subprocess.PIPE,
@@ -924,7 +926,8 @@ def _run_chaos(
 
 @pytest.mark.timeout(RUN_TIMEOUT_S + CLEANUP_TIMEOUT_S + 10)
 def test_short_chaos_run_finds_no_violation(tmp_path: Path) -> None:
-    summary = _run_chaos(tmp_path, seed=SEED)
+    # Each replica as production runs it by default on this machine: a worker a core.
+    summary = _run_chaos(tmp_path, seed=SEED, workers=2)
 
     # The workload did real work of every kind while the faults ran.
     for kind in ("local", "cross", "pending_local", "pending_cross", "chain", "replay"):
