@@ -43,7 +43,8 @@ from tests.support import RPC_TIMEOUT_S, account, uid, wait_until
 # The service's file limit, soft and hard (so it cannot raise it).
 FILE_LIMIT = 256
 # What the bound lets callers hold at once (ledger/api/connections.py).
-CALLERS_CONNECTIONS_MAX = FILE_LIMIT * limits.incoming_connections_file_share_percent // 100
+SHARE_PERCENT = limits.incoming_connections_file_share_percent
+CALLERS_CONNECTIONS_MAX = FILE_LIMIT * SHARE_PERCENT // 100
 # Well past the file limit.
 FLOOD_CONNECTIONS = 400
 # More calls at once than the shard pools hold open at start: they must grow.
@@ -210,3 +211,20 @@ async def test_a_connection_flood_leaves_valid_callers_served(
     log = log_path.read_text(errors="replace")
     assert "is unavailable" not in log
     assert f"leaves callers {CALLERS_CONNECTIONS_MAX} connections" in log
+
+
+def test_serve_raises_its_soft_file_limit_to_the_hard_one() -> None:
+    """The callers' share grows with the soft limit, so `ledger serve` raises it first
+    (a shell's default soft limit, 1,024, is often far below the hard one)."""
+    probe = (
+        "import resource; "
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (300, 600)); "
+        "from ledger.api.connections import incoming_connections_max, raise_file_limit; "
+        "print(raise_file_limit(), resource.getrlimit(resource.RLIMIT_NOFILE)[0], "
+        "incoming_connections_max())"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert done.stdout.split() == ["600", "600", str(600 * SHARE_PERCENT // 100)], done
+    assert "the file limit (600) leaves callers 300 connections" in done.stderr, done.stderr
