@@ -51,6 +51,9 @@ STOP_TIMEOUT_S: Final = 60.0
 INITDB_TIMEOUT_S: Final = 120.0
 # psql here runs catalogue lookups and CREATE DATABASE, which copies the small template1.
 PSQL_TIMEOUT_S: Final = 30.0
+# Databases one psql call drops: each drop waits for a checkpoint (a second or two on
+# a loaded machine), so a few fit well inside PSQL_TIMEOUT_S.
+DROP_DATABASES_PER_PSQL_MAX: Final = 4
 # libpq's connect_timeout takes whole seconds; a local server answers in milliseconds.
 PSQL_CONNECT_TIMEOUT_S: Final = 10
 # pg_isready's own timeout, in whole seconds, for one readiness probe of a local server.
@@ -273,8 +276,12 @@ class EmbeddedPostgres:
         suite's clean-up: its servers' data would grow with every database made)."""
         for name in names:
             _validate_identifier(name, what="database name")
-        if names:
-            self._psql(*(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)' for name in names))
+        # A few per psql, each call within PSQL_TIMEOUT_S: every DROP DATABASE waits
+        # for a checkpoint, and 80 at once (a long moves-model run's module) took
+        # longer than that on a loaded machine.
+        for start in range(0, len(names), DROP_DATABASES_PER_PSQL_MAX):
+            chunk = names[start : start + DROP_DATABASES_PER_PSQL_MAX]
+            self._psql(*(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)' for name in chunk))
 
     def __enter__(self) -> Self:
         self.start()
