@@ -218,17 +218,24 @@ class MoveStore:
         async with self.shard.connection() as conn:
             if not await conn.fetchval(sql.TRY_ADMIN_LOCK):
                 raise AdminBusy(self.shard.name)
+            stopped = True
             try:
                 yield conn.get_server_pid()
+                stopped = False
             finally:
                 try:
                     await conn.fetchval(sql.ADMIN_UNLOCK)
                 except BaseException as error:
                     # The connection was lost (a shard stopped or cut off under the
-                    # run): its session lock went with it, and the unlock's error
-                    # would hide why the run stopped (chaos: "connection has been
-                    # released back to the pool" over ShardUnavailable).
-                    if not is_unavailable(error):
+                    # run), or is half-way through learning it was (asyncpg: "another
+                    # operation is in progress" after its backend was terminated).
+                    # Closed now, its session and its lock end with it, so it never
+                    # goes back to the pool (which does not reset sessions) holding
+                    # the lock. The unlock's error must not hide why the run stopped
+                    # (chaos: "connection has been released back to the pool" over
+                    # ShardUnavailable; the suite once: the protocol error).
+                    conn.terminate()
+                    if not stopped and not is_unavailable(error):
                         raise
 
     async def admin_lock_holder(self) -> int | None:
