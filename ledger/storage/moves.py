@@ -233,8 +233,10 @@ class MoveStore:
                     # goes back to the pool (which does not reset sessions) holding
                     # the lock. The unlock's error must not hide why the run stopped
                     # (chaos: "connection has been released back to the pool" over
-                    # ShardUnavailable; the suite once: the protocol error).
-                    conn.terminate()
+                    # ShardUnavailable; the suite once: the protocol error). A
+                    # connection the pool already took back is closed.
+                    with contextlib.suppress(asyncpg.InterfaceError):
+                        conn.terminate()
                     if not stopped and not is_unavailable(error):
                         raise
 
